@@ -1,0 +1,39 @@
+/**
+ * The `vmvault` command line. Every repository operation works standalone, with
+ * no Redis and no API, so a brand-new host can restore with only the repository
+ * and the key.
+ */
+import { Command, CommanderError } from 'commander';
+import { VmvaultError } from '../errors.js';
+import type { GlobalOptions } from './context.js';
+import { registerKeyCommands } from './commands/keys.js';
+import { registerBackupCommands } from './commands/backups.js';
+
+export function buildProgram(): Command {
+  const program = new Command('vmvault')
+    .description('encrypted, deduplicated backups of virtual machines')
+    .option('-r, --repo <url>', 'repository: a directory, or s3://BUCKET/PREFIX?endpoint=URL (env VMVAULT_REPOSITORY)')
+    .option('--password-file <file>', 'file holding the repository passphrase (env VMVAULT_PASSWORD)')
+    .showHelpAfterError()
+    .exitOverride();
+  const globals = () => program.opts<GlobalOptions>();
+  registerKeyCommands(program, globals);
+  registerBackupCommands(program, globals);
+  return program;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
+  } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
+    if (err instanceof VmvaultError) {
+      process.stderr.write(`vmvault: error: ${err.message}\n`);
+      return 1;
+    }
+    process.stderr.write(`vmvault: unexpected error: ${(err as Error)?.stack ?? String(err)}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,99 @@
+/**
+ * Keys. One 32-byte master secret per repository; every working key is derived from
+ * it with libsodium's crypto_kdf (BLAKE2b), so the paper backup is a single secret.
+ * The master secret is stored sealed by each passphrase (Argon2id) in `keys/<id>`.
+ */
+import { randomBytes } from 'node:crypto';
+import { z } from 'zod';
+import { sodium } from './sodium.js';
+import { xchachaDecrypt, xchachaEncrypt, NONCE_BYTES } from './seal.js';
+
+export interface RepoKeys {
+  /** Keys BLAKE2b for chunk ids. */
+  idKey: Uint8Array;
+  /** XChaCha20-Poly1305 key for every object. */
+  encKey: Uint8Array;
+  /** Keys the MAC over the plaintext config (detects tampering, checks paper keys). */
+  macKey: Uint8Array;
+}
+
+export const MASTER_BYTES = 32;
+const KDF_CONTEXT = 'vmvault_';
+
+export function generateMaster(): Uint8Array {
+  return new Uint8Array(randomBytes(MASTER_BYTES));
+}
+
+export function deriveKeys(master: Uint8Array): RepoKeys {
+  const derive = (id: number) => sodium.crypto_kdf_derive_from_key(32, id, KDF_CONTEXT, master);
+  return { idKey: derive(1), encKey: derive(2), macKey: derive(3) };
+}
+
+/** Argon2id cost. `moderate` is the default; `weak` exists for tests only. */
+export const KDF_PRESETS = {
+  moderate: { opsLimit: 3, memLimit: 64 * 1024 * 1024 },
+  strong: { opsLimit: 4, memLimit: 256 * 1024 * 1024 },
+  weak: { opsLimit: 1, memLimit: 8 * 1024 },
+} as const;
+export type KdfPreset = keyof typeof KDF_PRESETS;
+
+export const keyFileSchema = z.object({
+  version: z.literal(1),
+  created: z.string(),
+  label: z.string().optional(),
+  kdf: z.object({
+    algorithm: z.literal('argon2id13'),
+    opsLimit: z.number().int().positive(),
+    memLimit: z.number().int().positive(),
+    salt: z.string(),
+  }),
+  nonce: z.string(),
+  sealed: z.string(),
+});
+export type KeyFile = z.infer<typeof keyFileSchema>;
+
+const b64 = (b: Uint8Array) => Buffer.from(b).toString('base64');
+const unb64 = (s: string) => new Uint8Array(Buffer.from(s, 'base64'));
+const adFor = (repoId: string) => new TextEncoder().encode(`vmvault/v1\0${repoId}\0keyfile`);
+
+function passKey(passphrase: string, salt: Uint8Array, opsLimit: number, memLimit: number): Uint8Array {
+  return sodium.crypto_pwhash(32, passphrase, salt, opsLimit, memLimit, sodium.crypto_pwhash_ALG_ARGON2ID13);
+}
+
+export function sealMaster(master: Uint8Array, passphrase: string, repoId: string, preset: KdfPreset, label?: string): KeyFile {
+  const { opsLimit, memLimit } = KDF_PRESETS[preset];
+  const salt = new Uint8Array(randomBytes(sodium.crypto_pwhash_SALTBYTES));
+  const nonce = new Uint8Array(randomBytes(NONCE_BYTES));
+  const key = passKey(passphrase, salt, opsLimit, memLimit);
+  const sealed = xchachaEncrypt(key, nonce, master, adFor(repoId));
+  return {
+    version: 1,
+    created: new Date().toISOString(),
+    ...(label ? { label } : {}),
+    kdf: { algorithm: 'argon2id13', opsLimit, memLimit, salt: b64(salt) },
+    nonce: b64(nonce),
+    sealed: b64(sealed),
+  };
+}
+
+/** The master secret, or undefined when the passphrase does not open this key file. */
+export function openMaster(file: KeyFile, passphrase: string, repoId: string): Uint8Array | undefined {
+  const key = passKey(passphrase, unb64(file.kdf.salt), file.kdf.opsLimit, file.kdf.memLimit);
+  const plain = xchachaDecrypt(key, unb64(file.nonce), unb64(file.sealed), adFor(repoId));
+  return plain && plain.length === MASTER_BYTES ? new Uint8Array(plain) : undefined;
+}
+
+/** Keyed BLAKE2b-256 of `data`, as lowercase hex: the chunk id. */
+export function chunkId(idKey: Uint8Array, data: Uint8Array): string {
+  return sodium.crypto_generichash(32, data, idKey, 'hex');
+}
+
+/** MAC of a string under macKey, hex. */
+export function mac(macKey: Uint8Array, text: string): string {
+  return sodium.crypto_generichash(32, new TextEncoder().encode(text), macKey, 'hex');
+}
+
+export function constantTimeEqualHex(a: string, b: string): boolean {
+  if (a.length !== b.length) return false;
+  return sodium.memcmp(sodium.from_hex(a), sodium.from_hex(b));
+}

@@ -1,0 +1,66 @@
+/**
+ * Named errors with a stable `code` and a message an operator can act on.
+ * Every layer throws these; the CLI prints `error: <message>` and exits non-zero,
+ * the API maps codes to HTTP statuses.
+ */
+export type ErrorCode =
+  | 'NOT_FOUND'
+  | 'ALREADY_EXISTS'
+  | 'BAD_REPOSITORY_URL'
+  | 'NO_REPOSITORY'
+  | 'WRONG_PASSWORD'
+  | 'BAD_INPUT'
+  | 'INTEGRITY'
+  | 'IMAGE_LOCKED'
+  | 'UNSUPPORTED'
+  | 'STORAGE'
+  | 'NBD'
+  | 'QEMU'
+  | 'AMBIGUOUS';
+
+export class VmvaultError extends Error {
+  readonly code: ErrorCode;
+  /** True when retrying the same operation may succeed (network, throttling, 5xx). */
+  readonly retriable: boolean;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; retriable?: boolean }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'VmvaultError';
+    this.code = code;
+    this.retriable = options?.retriable ?? false;
+  }
+}
+
+/** An object (storage key, backup, disk, VM…) does not exist. */
+export class NotFoundError extends VmvaultError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('NOT_FOUND', message, options);
+    this.name = 'NotFoundError';
+  }
+}
+
+/** Stored data failed authentication or its id did not match its content. */
+export class IntegrityError extends VmvaultError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('INTEGRITY', message, options);
+    this.name = 'IntegrityError';
+  }
+}
+
+/** The one place that decides whether an error is worth retrying. */
+export function isRetriable(err: unknown): boolean {
+  if (err instanceof VmvaultError) return err.retriable;
+  const e = err as { code?: unknown; name?: unknown; $metadata?: { httpStatusCode?: number }; $retryable?: unknown } | null;
+  if (!e || typeof e !== 'object') return false;
+  const status = e.$metadata?.httpStatusCode;
+  if (typeof status === 'number' && (status >= 500 || status === 429)) return true;
+  if (e.$retryable) return true;
+  const code = typeof e.code === 'string' ? e.code : '';
+  const name = typeof e.name === 'string' ? e.name : '';
+  const transient = ['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'EAI_AGAIN', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_SOCKET'];
+  if (transient.includes(code)) return true;
+  return ['SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout', 'RequestTimeTooSkewed', 'InternalError', 'ServiceUnavailable', 'TimeoutError'].includes(name);
+}
+
+export function errorMessage(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}

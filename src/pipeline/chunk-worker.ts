@@ -1,0 +1,43 @@
+/**
+ * Worker thread: the CPU work of the data path (hashing, zero detection,
+ * compression, encryption, and the reverse) so that every core is used.
+ */
+import { parentPort, workerData } from 'node:worker_threads';
+import { chunkId, deriveKeys } from '../crypto/keys.js';
+import { openChunk, sealChunk } from '../repo/chunk.js';
+import type { PoolInit, PoolRequest, PoolResponse } from './pool.js';
+
+const init = workerData as PoolInit;
+const keys = deriveKeys(new Uint8Array(init.master));
+let zeros = Buffer.alloc(0);
+
+function isZero(data: Buffer): boolean {
+  if (zeros.length < data.length) zeros = Buffer.alloc(data.length);
+  return data.equals(zeros.subarray(0, data.length));
+}
+
+parentPort!.on('message', (req: PoolRequest) => {
+  let res: PoolResponse;
+  const transfer: ArrayBuffer[] = [];
+  try {
+    const data = Buffer.from(req.data.buffer, req.data.byteOffset, req.data.byteLength);
+    if (req.op === 'hash') {
+      const zero = isZero(data);
+      res = { seq: req.seq, ok: true, id: zero ? null : chunkId(keys.idKey, data), data: req.data };
+      transfer.push(req.data.buffer as ArrayBuffer);
+    } else if (req.op === 'seal') {
+      const sealed = sealChunk(keys, init.repoId, req.id, data, init.level);
+      res = { seq: req.seq, ok: true, data: sealed };
+    } else {
+      const plain = openChunk(keys, init.repoId, req.id, data);
+      res = { seq: req.seq, ok: true, data: plain };
+    }
+    if (res.data.byteOffset === 0 && res.data.byteLength === res.data.buffer.byteLength && !transfer.length) {
+      transfer.push(res.data.buffer as ArrayBuffer);
+    }
+  } catch (err) {
+    const e = err as Error & { code?: string };
+    res = { seq: req.seq, ok: false, name: e.name, code: e.code, message: e.message };
+  }
+  parentPort!.postMessage(res, transfer);
+});

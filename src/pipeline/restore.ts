@@ -1,0 +1,141 @@
+/**
+ * Restore of a backup into a directory: each disk is created with qemu-img in the
+ * requested format, filled through qemu-nbd with every non-zero chunk (zero chunks
+ * are skipped, so the result is sparse), flushed, and renamed into place only when
+ * every disk and file has been written. A failed restore leaves nothing behind.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { NotFoundError, VmvaultError } from '../errors.js';
+import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
+import type { Repository } from '../repo/repository.js';
+import type { DiskEntry, Manifest } from '../repo/manifest.js';
+import { ChunkPool } from './pool.js';
+import { TaskWindow } from './window.js';
+import { ProgressMeter, type ProgressFn } from './progress.js';
+import { FORMAT_EXT, pathInside } from './names.js';
+
+export interface RestoreRequest {
+  backupId: string;
+  to: string;
+  /** Target format for every disk; each disk's own format by default. */
+  format?: ImageFormat;
+  /** Restore only these disks (by name); all by default. */
+  disks?: string[];
+  /** Replace existing files. */
+  force?: boolean;
+  onProgress?: ProgressFn;
+  inFlight?: number;
+}
+
+export interface RestoredFile { kind: 'disk' | 'config'; name: string; path: string; format?: string; virtualSize?: number }
+export interface RestoreResult { backup: string; vm: string; files: RestoredFile[]; stats: { bytesWritten: number; chunksWritten: number; seconds: number } }
+
+export async function restore(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
+  const started = Date.now();
+  const manifest = await repo.loadManifest(req.backupId);
+  const disks = selectDisks(manifest, req.disks);
+  const dir = req.to;
+  const planned: (RestoredFile & { tmp: string; disk?: DiskEntry })[] = [];
+  for (const d of disks) {
+    const format = req.format ?? (d.format as ImageFormat);
+    const path = pathInside(dir, `${d.name}.${FORMAT_EXT[format]}`, 'disk name');
+    planned.push({ kind: 'disk', name: d.name, path, format, virtualSize: d.virtualSize, tmp: tmpName(path), disk: d });
+  }
+  for (const c of req.disks ? [] : manifest.configs) {
+    const path = pathInside(dir, c.name, 'config file name');
+    planned.push({ kind: 'config', name: c.name, path, tmp: tmpName(path) });
+  }
+  const taken = await existing(planned.map((p) => p.path));
+  if (taken.length && !req.force) {
+    throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or pass --force to replace; nothing was written`);
+  }
+  await mkdir(dir, { recursive: true });
+
+  const stats = { bytesWritten: 0, chunksWritten: 0, seconds: 0 };
+  const meter = new ProgressMeter('restore', disks.reduce((n, d) => n + d.chunks.filter(Boolean).length * manifest.chunkSize, 0), req.onProgress);
+  const pool = new ChunkPool(repo.workerInit());
+  try {
+    for (const p of planned) {
+      if (p.disk) {
+        meter.disk = p.name;
+        await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8);
+      } else {
+        const c = manifest.configs.find((x) => x.name === p.name)!;
+        await writeFile(p.tmp, Buffer.from(c.data, 'base64'), { mode: 0o600 });
+      }
+    }
+    for (const p of planned) await rename(p.tmp, p.path);
+  } catch (err) {
+    await Promise.all(planned.map((p) => rm(p.tmp, { force: true })));
+    throw err;
+  } finally {
+    await pool.close();
+  }
+  meter.finish();
+  stats.seconds = (Date.now() - started) / 1000;
+  return {
+    backup: manifest.id,
+    vm: manifest.vm,
+    files: planned.map(({ tmp: _t, disk: _d, ...f }) => f),
+    stats,
+  };
+}
+
+function selectDisks(m: Manifest, wanted: string[] | undefined): DiskEntry[] {
+  if (!wanted?.length) return m.disks;
+  return wanted.map((name) => {
+    const d = m.disks.find((x) => x.name === name);
+    if (!d) throw new NotFoundError(`backup ${m.id.slice(0, 12)} has no disk "${name}"; its disks are: ${m.disks.map((x) => x.name).join(', ')}`);
+    return d;
+  });
+}
+
+function tmpName(path: string): string {
+  const base = path.slice(dirname(path).length + 1);
+  return join(dirname(path), `.${base}.vmvault-tmp-${randomBytes(4).toString('hex')}`);
+}
+
+async function existing(paths: string[]): Promise<string[]> {
+  const out: string[] = [];
+  for (const p of paths) {
+    try {
+      await stat(p);
+      out.push(p);
+    } catch {
+      /* does not exist */
+    }
+  }
+  return out;
+}
+
+async function restoreDisk(
+  repo: Repository, pool: ChunkPool, m: Manifest, disk: DiskEntry, tmp: string, format: ImageFormat,
+  stats: RestoreResult['stats'], meter: ProgressMeter, inFlight: number,
+): Promise<void> {
+  await createImage(tmp, format, disk.virtualSize);
+  const exp = await exportImage(tmp, { format, readOnly: false });
+  try {
+    const window = new TaskWindow(inFlight);
+    for (const [index, id] of disk.chunks.entries()) {
+      if (id === null) continue;
+      await window.add(async () => {
+        const plain = await pool.open(id, await repo.getChunkSealed(id));
+        const offset = index * m.chunkSize;
+        const expected = Math.min(m.chunkSize, disk.virtualSize - offset);
+        if (plain.length !== expected) {
+          throw new VmvaultError('INTEGRITY', `chunk ${id.slice(0, 16)} of disk "${disk.name}" holds ${plain.length} bytes where ${expected} were expected`);
+        }
+        await exp.client.write(offset, plain);
+        stats.bytesWritten += plain.length;
+        stats.chunksWritten++;
+        meter.add(m.chunkSize);
+      });
+    }
+    await window.drain();
+    await exp.client.flush();
+  } finally {
+    await exp.close();
+  }
+}

@@ -1,0 +1,55 @@
+/**
+ * One chunk object: the plaintext is compressed with zstd (or stored as is when it
+ * does not shrink), prefixed with a one-byte codec tag, and sealed with the chunk id
+ * as additional data. Opening re-computes the id from the plaintext, so a chunk can
+ * neither be damaged nor swapped for another without being noticed.
+ * These functions are pure CPU work and run in the worker threads of pipeline/pool.ts.
+ */
+import { compress, decompress } from 'zstd-napi';
+import { IntegrityError } from '../errors.js';
+import { chunkId, type RepoKeys } from '../crypto/keys.js';
+import { additionalData, open, seal } from '../crypto/seal.js';
+
+const CODEC_RAW = 0;
+const CODEC_ZSTD = 1;
+
+export function chunkName(id: string): string {
+  return `chunks/${id.slice(0, 2)}/${id}`;
+}
+
+export function isChunkId(s: string): boolean {
+  return /^[0-9a-f]{64}$/.test(s);
+}
+
+export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uint8Array, level: number): Buffer {
+  let body: Uint8Array = plain;
+  let codec = CODEC_RAW;
+  if (level > 0) {
+    const packed = compress(plain, { compressionLevel: level });
+    if (packed.length < plain.length) {
+      body = packed;
+      codec = CODEC_ZSTD;
+    }
+  }
+  const framed = Buffer.allocUnsafe(body.length + 1);
+  framed[0] = codec;
+  framed.set(body, 1);
+  return seal(keys.encKey, 'chunk', framed, additionalData(repoId, 'chunk', id));
+}
+
+/** Decrypts, decompresses and re-hashes; throws IntegrityError naming the chunk. */
+export function openChunk(keys: RepoKeys, repoId: string, id: string, sealed: Uint8Array): Buffer {
+  const what = `chunk ${chunkName(id)}`;
+  const framed = open(keys.encKey, 'chunk', sealed, additionalData(repoId, 'chunk', id), what);
+  let plain: Buffer;
+  if (framed[0] === CODEC_RAW) plain = framed.subarray(1);
+  else if (framed[0] === CODEC_ZSTD) {
+    try {
+      plain = decompress(framed.subarray(1));
+    } catch (err) {
+      throw new IntegrityError(`${what} does not decompress: ${(err as Error).message}`);
+    }
+  } else throw new IntegrityError(`${what} uses unknown codec ${framed[0]}`);
+  if (chunkId(keys.idKey, plain) !== id) throw new IntegrityError(`${what} does not match its id: its content is not what was backed up`);
+  return plain;
+}

@@ -1,0 +1,80 @@
+/**
+ * The manifest of one backup: everything needed to restore it. Stored sealed at
+ * `backups/<id>`; written last, so a backup exists if and only if its manifest does.
+ * Names in it (VM, disks, config files) live only inside the encrypted manifest.
+ */
+import { z } from 'zod';
+import { IMAGE_FORMATS } from '../disk/qemu.js';
+
+const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
+
+export const diskSchema = z.object({
+  name: z.string().min(1),
+  format: z.enum(IMAGE_FORMATS as unknown as [string, ...string[]]),
+  virtualSize: z.number().int().nonnegative(),
+  sourcePath: z.string(),
+  /** One entry per chunk of the virtual disk: the chunk id, or null for all zeros. */
+  chunks: z.array(hex64.nullable()),
+});
+
+export const configFileSchema = z.object({
+  name: z.string().min(1),
+  sourcePath: z.string(),
+  data: z.string(), // base64
+});
+
+export const statsSchema = z.object({
+  bytesRead: z.number(),
+  bytesUploaded: z.number(),
+  chunksNew: z.number(),
+  chunksReused: z.number(),
+  chunksZero: z.number(),
+  seconds: z.number(),
+});
+
+export const manifestSchema = z.object({
+  version: z.literal(1),
+  id: hex64,
+  vm: z.string().min(1),
+  host: z.string(),
+  time: z.string(),
+  labels: z.array(z.string()),
+  policy: z.string().optional(),
+  chunkSize: z.number().int().positive(),
+  disks: z.array(diskSchema),
+  configs: z.array(configFileSchema),
+  stats: statsSchema,
+});
+
+export type Manifest = z.infer<typeof manifestSchema>;
+export type DiskEntry = z.infer<typeof diskSchema>;
+export type BackupStats = z.infer<typeof statsSchema>;
+
+/** What listings print: the manifest without chunk lists and file contents. */
+export interface BackupSummary {
+  id: string;
+  vm: string;
+  host: string;
+  time: string;
+  labels: string[];
+  policy?: string;
+  disks: { name: string; format: string; virtualSize: number }[];
+  configs: string[];
+}
+
+export function summarise(m: Manifest): BackupSummary {
+  return {
+    id: m.id,
+    vm: m.vm,
+    host: m.host,
+    time: m.time,
+    labels: m.labels,
+    ...(m.policy ? { policy: m.policy } : {}),
+    disks: m.disks.map((d) => ({ name: d.name, format: d.format, virtualSize: d.virtualSize })),
+    configs: m.configs.map((c) => c.name),
+  };
+}
+
+export function backupName(id: string): string {
+  return `backups/${id}`;
+}

@@ -1,0 +1,188 @@
+/**
+ * A Storage over a local directory (a disk, NFS mount, USB drive…). Object `a/b/c`
+ * is the file `<root>/a/b/c`.
+ */
+import { randomBytes } from 'node:crypto';
+import type { Dirent } from 'node:fs';
+import { mkdir, open, opendir, readFile, rename, stat, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import { NotFoundError, VmvaultError, isRetriable } from '../errors.js';
+import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
+import type { Storage } from './storage.js';
+
+/** Files are sealed data and keys: readable by the owner only, as restic does. */
+const FILE_MODE = 0o600;
+const DIR_MODE = 0o700;
+
+/** errno codes whose fix is on the operator's side, with what to tell them. */
+const ADVICE: Record<string, string> = {
+  ENOSPC: 'the file system is full: free some space or move the repository',
+  EDQUOT: 'the disk quota is exhausted: free some space or raise the quota',
+  EROFS: 'the file system is read-only: remount it read-write or use another directory',
+  EACCES: 'permission denied: fix the permissions of the repository directory',
+  EPERM: 'operation not permitted: fix the permissions (or attributes) of the repository directory',
+  ENOTDIR: 'a component of the path is a regular file, not a directory: check the repository path',
+  EEXIST: 'a component of the path is a regular file, not a directory: check the repository path',
+  EISDIR: 'the object path is a directory: check the repository directory for stray directories',
+  ENAMETOOLONG: 'the path is too long for this file system: use a shorter repository path',
+};
+
+/**
+ * LocalStorage implements the Storage contract on a directory.
+ *
+ * - `put` writes `<dir>/.tmp-<random>`, fsyncs it, renames it over the final name and
+ *   fsyncs the directory, so a crash leaves the old object, the new one, or a `.tmp-`
+ *   file that `list` never shows (and that a later cleanup may remove).
+ * - Parent directories are created on demand, including the root itself.
+ * - `list` of a root that does not exist yields nothing; `get` throws NotFoundError.
+ */
+export class LocalStorage implements Storage {
+  readonly location: string;
+  /** Absolute path of the repository directory. */
+  readonly root: string;
+
+  constructor(root: string) {
+    this.root = path.resolve(root);
+    this.location = this.root;
+  }
+
+  async get(name: string): Promise<Uint8Array> {
+    const file = this.pathOf(name);
+    try {
+      const buf = await readFile(file);
+      return new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength);
+    } catch (err) {
+      if (isMissing(err)) throw new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}`, { cause: err });
+      throw this.fail('read', name, file, err);
+    }
+  }
+
+  async put(name: string, data: Uint8Array): Promise<void> {
+    const file = this.pathOf(name);
+    const dir = path.dirname(file);
+    await this.makeDirs(name, dir);
+    const tmp = path.join(dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
+    try {
+      const fh = await open(tmp, 'wx', FILE_MODE);
+      try {
+        await fh.writeFile(data);
+        await fh.sync(); // the data must be on disk before the rename makes it visible
+      } finally {
+        await fh.close();
+      }
+      await rename(tmp, file);
+    } catch (err) {
+      await unlink(tmp).catch(() => undefined);
+      throw this.fail('write', name, dir, err);
+    }
+    await fsyncDir(dir).catch((err: unknown) => {
+      throw this.fail('write', name, dir, err);
+    });
+  }
+
+  async stat(name: string): Promise<{ size: number } | undefined> {
+    const file = this.pathOf(name);
+    try {
+      const st = await stat(file);
+      return st.isFile() ? { size: st.size } : undefined;
+    } catch (err) {
+      if (isMissing(err)) return undefined;
+      throw this.fail('stat', name, file, err);
+    }
+  }
+
+  async delete(name: string): Promise<void> {
+    const file = this.pathOf(name);
+    try {
+      await unlink(file);
+    } catch (err) {
+      if (isMissing(err)) return;
+      throw this.fail('delete', name, file, err);
+    }
+  }
+
+  async *list(prefix: string): AsyncIterable<{ name: string; size: number }> {
+    checkPrefix(prefix);
+    // Start at the deepest directory the prefix names in full: `chunks/ab` → `chunks/`.
+    const cut = prefix.lastIndexOf('/') + 1;
+    yield* this.walk(prefix.slice(0, cut), prefix);
+  }
+
+  async close(): Promise<void> {
+    // No handles stay open between calls.
+  }
+
+  /** Yields the files under directory `rel` (a name prefix ending in "/" or "") that start with `prefix`. */
+  private async *walk(rel: string, prefix: string): AsyncGenerator<{ name: string; size: number }> {
+    const dirPath = path.join(this.root, rel);
+    let entries: Dirent[];
+    try {
+      entries = [];
+      for await (const entry of await opendir(dirPath)) entries.push(entry);
+    } catch (err) {
+      if (isMissing(err)) return; // nothing stored under this prefix yet
+      throw this.fail('list', rel || '(root)', dirPath, err);
+    }
+    for (const entry of entries) {
+      if (entry.name.startsWith(TEMP_PREFIX)) continue; // an unfinished or crashed put
+      const name = rel + entry.name;
+      if (entry.isDirectory()) {
+        // Descend only where names can still match the prefix.
+        if (name.startsWith(prefix) || prefix.startsWith(name + '/')) yield* this.walk(name + '/', prefix);
+      } else if (entry.isFile() && name.startsWith(prefix)) {
+        const size = await this.stat(name);
+        if (size) yield { name, size: size.size }; // undefined: deleted meanwhile
+      }
+    }
+  }
+
+  private pathOf(name: string): string {
+    checkName(name);
+    return path.join(this.root, name);
+  }
+
+  /** mkdir -p, then fsync the parents of every directory it created, so they survive a crash. */
+  private async makeDirs(name: string, dir: string): Promise<void> {
+    try {
+      const first = await mkdir(dir, { recursive: true, mode: DIR_MODE });
+      if (first === undefined) return;
+      for (let d = dir; d.length >= first.length; d = path.dirname(d)) await fsyncDir(path.dirname(d));
+    } catch (err) {
+      throw this.fail('write', name, dir, err);
+    }
+  }
+
+  /** An error that says what failed, where, and what to do about it. */
+  private fail(op: string, name: string, where: string, err: unknown): VmvaultError {
+    if (err instanceof VmvaultError) return err;
+    const code = (err as { code?: unknown }).code;
+    const reason = typeof code === 'string' ? ADVICE[code] : undefined;
+    const detail = err instanceof Error ? err.message : String(err);
+    const message = reason
+      ? `cannot ${op} object ${JSON.stringify(name)} in ${where}: ${reason} (${detail})`
+      : `cannot ${op} object ${JSON.stringify(name)} in ${where}: ${detail}`;
+    return new VmvaultError('STORAGE', message, { cause: err, retriable: isRetriable(err) });
+  }
+}
+
+/**
+ * Errors meaning "no such object": the file is absent, a parent is a file (`config/x`),
+ * or the name is a directory (`chunks`), which in S3 terms is not an object either.
+ */
+function isMissing(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return code === 'ENOENT' || code === 'ENOTDIR' || code === 'EISDIR';
+}
+
+/** fsync a directory so a rename or a new entry in it is durable. */
+async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } catch (err) {
+    // Some file systems (and platforms) cannot fsync a directory; the rename still happened.
+    if ((err as { code?: unknown }).code !== 'EINVAL') throw err;
+  } finally {
+    await fh.close();
+  }
+}

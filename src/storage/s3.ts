@@ -1,0 +1,241 @@
+/**
+ * A Storage on an S3 bucket (AWS, MinIO, Ceph, R2, s3rver…): object `a/b` is the key
+ * `<prefix>/a/b`. The only module that imports @aws-sdk.
+ */
+import { Agent as HttpAgent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
+import {
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  PutObjectCommand,
+  S3Client,
+} from '@aws-sdk/client-s3';
+import { NotFoundError, VmvaultError, errorMessage, isRetriable } from '../errors.js';
+import { checkName, checkPrefix } from './names.js';
+import type { Storage } from './storage.js';
+
+export interface S3StorageOptions {
+  bucket: string;
+  /** Key prefix without leading or trailing "/"; '' for the bucket's root. */
+  prefix?: string;
+  /** Default: AWS_REGION, else 'us-east-1'. */
+  region?: string;
+  /** e.g. http://127.0.0.1:9000 for MinIO; default: AWS. */
+  endpoint?: string;
+  /** Bucket in the path (http://host/bucket/key) instead of the host name. */
+  forcePathStyle?: boolean;
+  /** Sockets kept per host: room for ~16 parallel uploads plus reads. Default 32. */
+  maxSockets?: number;
+  /** Give up connecting after this long, so a black-holed endpoint fails (then retries). Default 10 s. */
+  connectionTimeoutMs?: number;
+  /** Give up on a socket idle this long mid-request. Default 120 s. */
+  socketTimeoutMs?: number;
+}
+
+/** Network error codes that mean "the endpoint cannot be reached", with a short reason. */
+const UNREACHABLE: Record<string, string> = {
+  ECONNREFUSED: 'connection refused',
+  ENOTFOUND: 'host name not found (DNS)',
+  EAI_AGAIN: 'temporary DNS failure',
+  ETIMEDOUT: 'connection timed out',
+  EHOSTUNREACH: 'host unreachable',
+  ENETUNREACH: 'network unreachable',
+};
+
+const ACCESS_DENIED = ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'Forbidden', 'InvalidToken', 'ExpiredToken'];
+
+/**
+ * S3Storage implements the Storage contract with single-request PutObject (objects are
+ * at most a few MiB), so a put is atomic by S3's own guarantee.
+ *
+ * The SDK's own retries are off (maxAttempts 1): wrap with withRetry (openStorage does).
+ * Flexible checksums are sent and checked only when required: S3-compatible servers
+ * reject or mishandle the SDK's default ones, and the data is authenticated by the
+ * repository's encryption anyway.
+ */
+export class S3Storage implements Storage {
+  readonly location: string;
+  readonly bucket: string;
+  readonly prefix: string;
+  /** The endpoint, as printed in messages. */
+  readonly endpoint: string;
+  private readonly client: S3Client;
+  private readonly keyPrefix: string;
+  private readonly agents: Array<HttpAgent | HttpsAgent>;
+  /** Set once the bucket is known to exist, see `stat`. */
+  private bucketChecked: Promise<void> | undefined;
+
+  constructor(opts: S3StorageOptions) {
+    this.bucket = opts.bucket;
+    this.prefix = (opts.prefix ?? '').replace(/^\/+|\/+$/g, '');
+    if (this.prefix) checkName(this.prefix);
+    this.keyPrefix = this.prefix ? `${this.prefix}/` : '';
+    const region = opts.region ?? process.env['AWS_REGION'] ?? 'us-east-1';
+    this.endpoint = opts.endpoint ? redactUrl(opts.endpoint) : `https://s3.${region}.amazonaws.com`;
+    this.location = `s3://${this.bucket}${this.prefix ? `/${this.prefix}` : ''}` + (opts.endpoint ? ` at ${this.endpoint}` : '');
+    const agentOptions = { keepAlive: true, maxSockets: opts.maxSockets ?? 32 };
+    const httpAgent = new HttpAgent(agentOptions);
+    const httpsAgent = new HttpsAgent(agentOptions);
+    this.agents = [httpAgent, httpsAgent];
+    this.client = new S3Client({
+      region,
+      ...(opts.endpoint ? { endpoint: opts.endpoint } : {}),
+      forcePathStyle: opts.forcePathStyle ?? false,
+      maxAttempts: 1,
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      // Options rather than a NodeHttpHandler instance: the SDK builds the handler
+      // itself, so we need not import @smithy/node-http-handler (not our dependency).
+      requestHandler: {
+        httpAgent,
+        httpsAgent,
+        connectionTimeout: opts.connectionTimeoutMs ?? 10_000,
+        socketTimeout: opts.socketTimeoutMs ?? 120_000,
+      },
+    });
+  }
+
+  async get(name: string): Promise<Uint8Array> {
+    const Key = this.key(name);
+    try {
+      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }));
+      if (!res.Body) return new Uint8Array(0);
+      return await res.Body.transformToByteArray();
+    } catch (err) {
+      throw this.translate(err, 'get', name);
+    }
+  }
+
+  async put(name: string, data: Uint8Array): Promise<void> {
+    const Key = this.key(name);
+    try {
+      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.byteLength }));
+    } catch (err) {
+      throw this.translate(err, 'put', name);
+    }
+  }
+
+  async stat(name: string): Promise<{ size: number } | undefined> {
+    const Key = this.key(name);
+    try {
+      const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key }));
+      return { size: res.ContentLength ?? 0 };
+    } catch (err) {
+      const e = this.translate(err, 'stat', name);
+      if (!(e instanceof NotFoundError)) throw e;
+      // A HEAD response has no body, so a missing bucket looks like a missing key:
+      // check the bucket once, or a typo in the bucket name would read as "empty".
+      this.bucketChecked ??= this.checkBucket().catch((checkErr: unknown) => {
+        this.bucketChecked = undefined;
+        throw checkErr;
+      });
+      await this.bucketChecked;
+      return undefined;
+    }
+  }
+
+  async delete(name: string): Promise<void> {
+    const Key = this.key(name);
+    try {
+      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key })); // 204 when absent too
+    } catch (err) {
+      const e = this.translate(err, 'delete', name);
+      if (!(e instanceof NotFoundError)) throw e;
+    }
+  }
+
+  async *list(prefix: string): AsyncIterable<{ name: string; size: number }> {
+    checkPrefix(prefix);
+    let token: string | undefined;
+    do {
+      let page;
+      try {
+        page = await this.client.send(
+          new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.keyPrefix + prefix, ContinuationToken: token }),
+        );
+      } catch (err) {
+        throw this.translate(err, 'list', prefix);
+      }
+      for (const obj of page.Contents ?? []) {
+        if (!obj.Key) continue;
+        const name = obj.Key.slice(this.keyPrefix.length);
+        // "folder/" placeholders made by S3 consoles are not objects of ours.
+        if (name === '' || name.endsWith('/')) continue;
+        yield { name, size: obj.Size ?? 0 };
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async close(): Promise<void> {
+    this.client.destroy();
+    for (const agent of this.agents) agent.destroy();
+  }
+
+  private key(name: string): string {
+    checkName(name);
+    return this.keyPrefix + name;
+  }
+
+  private async checkBucket(): Promise<void> {
+    try {
+      await this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.keyPrefix, MaxKeys: 1 }));
+    } catch (err) {
+      throw this.translate(err, 'list', '');
+    }
+  }
+
+  /** Turns an SDK or network error into a VmvaultError that says what to do. */
+  private translate(err: unknown, op: string, name: string): VmvaultError {
+    if (err instanceof VmvaultError) return err;
+    const e = err as { name?: unknown; code?: unknown; $metadata?: { httpStatusCode?: number } };
+    const errName = typeof e.name === 'string' ? e.name : '';
+    const code = typeof e.code === 'string' ? e.code : '';
+    const status = e.$metadata?.httpStatusCode;
+    const what = op === 'list' ? `list ${JSON.stringify(this.keyPrefix + name)}` : `${op} ${JSON.stringify(this.keyPrefix + name)}`;
+    const where = `bucket "${this.bucket}" at ${this.endpoint}`;
+
+    if (errName === 'NoSuchBucket') {
+      return new VmvaultError('NO_REPOSITORY',
+        `S3 bucket "${this.bucket}" does not exist at ${this.endpoint}: create the bucket (vmvault does not create buckets) or fix the bucket name, endpoint or region in the repository URL`,
+        { cause: err });
+    }
+    if (errName === 'NoSuchKey' || errName === 'NotFound' || (status === 404 && op !== 'list')) {
+      return new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}`, { cause: err });
+    }
+    if (ACCESS_DENIED.includes(errName) || status === 403) {
+      return new VmvaultError('STORAGE',
+        `S3 ${what} in ${where}: access denied (${errName || status}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they grant s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on this bucket`,
+        { cause: err });
+    }
+    if (errName === 'CredentialsProviderError') {
+      return new VmvaultError('STORAGE',
+        `S3 ${what} in ${where}: no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) (${errorMessage(err)})`,
+        { cause: err });
+    }
+    const unreachable = UNREACHABLE[code];
+    if (unreachable || errName === 'TimeoutError') {
+      return new VmvaultError('STORAGE',
+        `cannot reach S3 endpoint ${this.endpoint}: ${unreachable ?? 'timed out'} (${errorMessage(err)}): check the endpoint URL and port, and that the server is running and reachable from this host`,
+        { cause: err, retriable: isRetriable(err) });
+    }
+    const detail = [errName, status && `HTTP ${status}`].filter(Boolean).join(', ');
+    return new VmvaultError('STORAGE', `S3 ${what} in ${where} failed: ${errorMessage(err)}${detail ? ` (${detail})` : ''}`,
+      { cause: err, retriable: isRetriable(err) });
+  }
+}
+
+/** The URL without user name or password, for messages. */
+function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (!u.username && !u.password) return url.replace(/\/+$/, '');
+    u.username = '';
+    u.password = '';
+    return u.toString().replace(/\/+$/, '');
+  } catch {
+    return url;
+  }
+}

@@ -1,0 +1,26 @@
+/**
+ * The storage seam: a flat namespace of immutable objects addressed by
+ * slash-separated names such as `config`, `keys/<id>`, `chunks/ab/<id>`,
+ * `backups/<id>`. Every backend passes test/storage/conformance.ts.
+ *
+ * Contract:
+ * - `put` is atomic: a reader sees either the whole object or none of it, never a
+ *   partial one, even when the writer is killed. Writing an existing name replaces it.
+ * - `get` of a missing name throws `NotFoundError`.
+ * - `delete` of a missing name succeeds (idempotent).
+ * - `list(prefix)` yields every object whose name starts with `prefix`, each once,
+ *   in no particular order; temporary files of interrupted writes are never listed.
+ * - Every method may be retried: wrappers (see retry.ts) call them more than once.
+ */
+export interface Storage {
+  /** Where this storage points, safe to print (no credentials). */
+  readonly location: string;
+  get(name: string): Promise<Uint8Array>;
+  put(name: string, data: Uint8Array): Promise<void>;
+  /** Size in bytes, or undefined when the object does not exist. */
+  stat(name: string): Promise<{ size: number } | undefined>;
+  delete(name: string): Promise<void>;
+  list(prefix: string): AsyncIterable<{ name: string; size: number }>;
+  /** Release sockets and handles. */
+  close(): Promise<void>;
+}
