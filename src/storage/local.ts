@@ -4,6 +4,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { Dirent } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
 import { mkdir, open, opendir, readFile, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { NotFoundError, VmvaultError, isRetriable } from '../errors.js';
@@ -60,10 +61,9 @@ export class LocalStorage implements Storage {
   async put(name: string, data: Uint8Array): Promise<void> {
     const file = this.pathOf(name);
     const dir = path.dirname(file);
-    await this.makeDirs(name, dir);
     const tmp = path.join(dir, `${TEMP_PREFIX}${randomBytes(8).toString('hex')}`);
     try {
-      const fh = await open(tmp, 'wx', FILE_MODE);
+      const fh = await this.createTemp(tmp);
       try {
         await fh.writeFile(data);
         await fh.sync(); // the data must be on disk before the rename makes it visible
@@ -71,13 +71,11 @@ export class LocalStorage implements Storage {
         await fh.close();
       }
       await rename(tmp, file);
+      await fsyncDir(dir); // make the rename itself durable
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw this.fail('write', name, dir, err);
     }
-    await fsyncDir(dir).catch((err: unknown) => {
-      throw this.fail('write', name, dir, err);
-    });
   }
 
   async stat(name: string): Promise<{ size: number } | undefined> {
@@ -141,15 +139,18 @@ export class LocalStorage implements Storage {
     return path.join(this.root, name);
   }
 
-  /** mkdir -p, then fsync the parents of every directory it created, so they survive a crash. */
-  private async makeDirs(name: string, dir: string): Promise<void> {
+  /** Opens a new temporary file, creating its directory (and parents) when missing. */
+  private async createTemp(tmp: string): Promise<FileHandle> {
     try {
-      const first = await mkdir(dir, { recursive: true, mode: DIR_MODE });
-      if (first === undefined) return;
-      for (let d = dir; d.length >= first.length; d = path.dirname(d)) await fsyncDir(path.dirname(d));
+      return await open(tmp, 'wx', FILE_MODE);
     } catch (err) {
-      throw this.fail('write', name, dir, err);
+      if ((err as { code?: unknown }).code !== 'ENOENT') throw err;
     }
+    const created: string[] = [];
+    await mkdirs(path.dirname(tmp), created);
+    // New directory entries must survive a crash too: fsync each one's parent.
+    for (const d of created) await fsyncDir(path.dirname(d));
+    return open(tmp, 'wx', FILE_MODE);
   }
 
   /** An error that says what failed, where, and what to do about it. */
@@ -172,6 +173,25 @@ export class LocalStorage implements Storage {
 function isMissing(err: unknown): boolean {
   const code = (err as { code?: unknown }).code;
   return code === 'ENOENT' || code === 'ENOTDIR' || code === 'EISDIR';
+}
+
+/**
+ * mkdir -p that reports the real errno: Node's `mkdir(…, { recursive: true })` says
+ * ENOENT on a read-only file system instead of EROFS. Pushes what it created to
+ * `created`, parents first. A directory created meanwhile by a concurrent put is fine.
+ */
+async function mkdirs(dir: string, created: string[]): Promise<void> {
+  try {
+    await mkdir(dir, DIR_MODE);
+    created.push(dir);
+    return;
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    if (code === 'EEXIST' && (await stat(dir)).isDirectory()) return;
+    if (code !== 'ENOENT' || path.dirname(dir) === dir) throw err;
+  }
+  await mkdirs(path.dirname(dir), created);
+  await mkdirs(dir, created);
 }
 
 /** fsync a directory so a rename or a new entry in it is durable. */

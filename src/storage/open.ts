@@ -54,11 +54,15 @@ export function parseRepositoryUrl(url: string): RepositoryLocation {
   const scheme = /^([a-zA-Z][a-zA-Z0-9+.-]*):/.exec(url)?.[1];
   if (scheme === undefined) return { kind: 'local', path: url };
 
-  const parser = SCHEMES[scheme.toLowerCase()];
-  if (!parser) throw bad(`unknown scheme "${scheme}:" (a local path containing ":" can be written ./${url})`);
+  const parser = Object.hasOwn(SCHEMES, scheme.toLowerCase()) ? SCHEMES[scheme.toLowerCase()] : undefined;
+  if (!parser) {
+    const hint = url.startsWith(`${scheme}://`) ? '' : ` (a local path containing ":" can be written ./${maskCredentials(url)})`;
+    throw bad(`unknown scheme "${scheme}:"${hint}`);
+  }
   if (!url.startsWith(`${scheme}://`)) {
     const rest = url.slice(scheme.length + 1).replace(/^\/+/, '');
-    throw bad(`it must start with "${scheme.toLowerCase()}://" (did you mean "${maskCredentials(`${scheme.toLowerCase()}://${rest}`)}"?)`);
+    const fixed = `${scheme.toLowerCase()}://${scheme.toLowerCase() === 'file' ? '/' : ''}${rest}`;
+    throw bad(`it must start with "${scheme.toLowerCase()}://" (did you mean "${maskCredentials(fixed)}"?)`);
   }
   return parser(url.slice(scheme.length + 3), bad);
 }
@@ -123,10 +127,13 @@ function parseEndpoint(value: string, bad: (why: string) => VmvaultError): strin
   return value.replace(/\/+$/, '');
 }
 
-/** Replaces `user:password@` in any URL inside `text` (also URL-encoded ones) by `***@`. */
+/**
+ * Replaces `user:password@` in any URL inside `text` by `***@`, also after a mistyped
+ * `s3:/` or `s3:` and in URL-encoded form (an endpoint given as `http%3A%2F%2F…`).
+ */
 export function maskCredentials(text: string): string {
   return text
-    .replace(/\/\/[^/?#@\s]*@/g, '//***@')
+    .replace(/([/:])[^/?#@\s]*@/g, '$1***@')
     .replace(/%2F%2F(?:(?!%2F)[^/?#&\s])*?%40/gi, '%2F%2F***%40');
 }
 

@@ -11,6 +11,10 @@
  * - `list(prefix)` yields every object whose name starts with `prefix`, each once,
  *   in no particular order; temporary files of interrupted writes are never listed.
  * - Every method may be retried: wrappers (see retry.ts) call them more than once.
+ * - Names follow names.ts (relative, no empty, `.` or `..` segment, no backslash or
+ *   NUL, no `.tmp-` segment); every method throws VmvaultError('BAD_INPUT') otherwise.
+ *   A name is never also a "directory" of other names (`a` and `a/b` cannot both
+ *   exist): a directory-backed storage cannot hold both.
  */
 export interface Storage {
   /** Where this storage points, safe to print (no credentials). */

@@ -2,33 +2,26 @@
  * Starts a real S3-protocol server (s3rver) for tests: no mocks of S3. When it cannot
  * start, startS3Server throws, so the tests that need it fail rather than skip.
  *
- * s3rver quirks seen with @aws-sdk/client-s3 v3 (and handled in src/storage/s3.ts):
+ * s3rver runs in a child process started with `--openssl-legacy-provider`: it makes its
+ * ListObjectsV2 continuation tokens with DES, which OpenSSL 3 (Node ≥ 17) disables, so
+ * in-process every listing of more than 1000 keys fails with a 500 InternalError.
+ * A child process also keeps its Koa/winston machinery out of the test process.
+ *
+ * Other s3rver quirks seen with @aws-sdk/client-s3 v3:
  * - It works with requestChecksumCalculation/responseChecksumValidation WHEN_REQUIRED
- *   (the defaults send flexible checksums that old servers don't know).
+ *   (the SDK's defaults send flexible checksums that old servers don't know).
  * - HEAD of a key in a missing bucket answers 404 without a body, so the SDK reports
- *   `NotFound`, like a missing key (real S3 does the same for HEAD).
- * - It accepts any signature with the key pair S3RVER/S3RVER.
+ *   `NotFound`, like a missing key (real S3 does the same); S3Storage checks the bucket.
+ * - It checks the access key id (S3RVER) but not SigV4 signatures: a wrong secret key
+ *   is accepted, a wrong access key id gives InvalidAccessKeyId.
  * - Its default `address` is 'localhost'; we bind 127.0.0.1 to avoid IPv6/IPv4 surprises.
  */
-import { createRequire } from 'node:module';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import type { AddressInfo } from 'node:net';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
+import type { Socket } from 'node:net';
 import path from 'node:path';
-
-/** The part of s3rver's (untyped, CommonJS) API we use. */
-interface S3rverInstance {
-  run(): Promise<AddressInfo>;
-  close(): Promise<void>;
-  httpServer?: { closeAllConnections?(): void };
-}
-type S3rverConstructor = new (options: {
-  address: string;
-  port: number;
-  silent: boolean;
-  directory: string;
-  configureBuckets: Array<{ name: string }>;
-}) => S3rverInstance;
 
 export interface S3Server {
   /** e.g. http://127.0.0.1:39211 */
@@ -41,25 +34,49 @@ export interface S3Server {
   stop(): Promise<void>;
 }
 
+/** Runs in the child: starts s3rver, reports the bound port over IPC, exits with its parent. */
+const CHILD_SCRIPT = `
+const [modulePath, directory, bucket] = process.argv.slice(1);
+const S3rver = require(modulePath);
+const server = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory, configureBuckets: [{ name: bucket }] });
+server.run().then(
+  (address) => process.send({ port: address.port }),
+  (err) => { console.error(err && err.stack || String(err)); process.exit(1); },
+);
+process.on('disconnect', () => process.exit(0));
+`;
+
+const START_TIMEOUT_MS = 20_000;
+
 export async function startS3Server(): Promise<S3Server> {
-  const S3rver = createRequire(import.meta.url)('s3rver') as S3rverConstructor;
+  const modulePath = createRequire(import.meta.url).resolve('s3rver');
   const directory = await mkdtemp(path.join(tmpdir(), 'vmvault-s3rver-'));
   const bucket = 'vmvault-test';
-  const server = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory, configureBuckets: [{ name: bucket }] });
-  let address: AddressInfo;
+  const child = spawn(process.execPath, ['--openssl-legacy-provider', '-e', CHILD_SCRIPT, modulePath, directory, bucket], {
+    stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+  });
+  let port: number;
   try {
-    address = await server.run();
+    port = await waitForPort(child);
   } catch (err) {
+    child.kill('SIGKILL');
     await rm(directory, { recursive: true, force: true });
-    throw new Error(`cannot start s3rver for the S3 tests: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+    throw err;
   }
-  const endpoint = `http://127.0.0.1:${address.port}`;
+  // The test process must be free to exit even if a test forgets stop(); the child
+  // then sees its IPC channel close and exits too.
+  child.unref();
+  child.channel?.unref();
+  (child.stderr as Socket | null)?.unref();
+  const endpoint = `http://127.0.0.1:${port}`;
   const env: Record<string, string> = {
     AWS_ACCESS_KEY_ID: 'S3RVER',
     AWS_SECRET_ACCESS_KEY: 'S3RVER',
     AWS_REGION: 'us-east-1',
     // Never wait on the EC2 metadata service when looking for credentials.
     AWS_EC2_METADATA_DISABLED: 'true',
+    // The SDK warns on every process start under Node < 22: noise in child processes' stderr.
+    AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true',
   };
   Object.assign(process.env, env);
   return {
@@ -68,11 +85,33 @@ export async function startS3Server(): Promise<S3Server> {
     env,
     repoUrl: (prefix) => `s3://${bucket}/${prefix}?endpoint=${endpoint}`,
     stop: async () => {
-      // Idle keep-alive sockets of clients not closed would hold close() for seconds.
-      const closing = server.close();
-      server.httpServer?.closeAllConnections?.();
-      await closing;
+      if (child.exitCode === null && child.signalCode === null) {
+        const exited = new Promise((resolve) => child.once('exit', resolve));
+        child.ref(); // or the process may end before the child's exit is seen (it was unref'd)
+        child.kill('SIGTERM');
+        await exited;
+      }
       await rm(directory, { recursive: true, force: true });
     },
   };
+}
+
+/** The port the child reports, or an error with its stderr when it exits or hangs. */
+function waitForPort(child: ChildProcess): Promise<number> {
+  return new Promise((resolve, reject) => {
+    let stderr = '';
+    child.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    const fail = (why: string): void => {
+      clearTimeout(timer);
+      reject(new Error(`cannot start s3rver for the S3 tests: ${why}${stderr ? `\n${stderr}` : ''}`));
+    };
+    const timer = setTimeout(() => fail(`no port reported within ${START_TIMEOUT_MS} ms`), START_TIMEOUT_MS);
+    child.once('error', (err) => fail(err.message));
+    child.once('exit', (code, signal) => fail(`it exited (${signal ?? `code ${code}`})`));
+    child.once('message', (msg: { port?: unknown }) => {
+      clearTimeout(timer);
+      if (typeof msg.port === 'number') resolve(msg.port);
+      else fail(`unexpected message ${JSON.stringify(msg)}`);
+    });
+  });
 }

@@ -115,8 +115,9 @@ describe('S3Storage', () => {
   });
 
   test('bad credentials give an access error, not a missing object', async () => {
-    const saved = process.env['AWS_SECRET_ACCESS_KEY'];
-    process.env['AWS_SECRET_ACCESS_KEY'] = 'wrong';
+    // s3rver checks the access key id but not the signature (so not the secret key).
+    const saved = process.env['AWS_ACCESS_KEY_ID'];
+    process.env['AWS_ACCESS_KEY_ID'] = 'WRONGKEY';
     const storage = withRetry(new S3Storage({ bucket: server.bucket, endpoint: server.endpoint, forcePathStyle: true }), { attempts: 1 });
     try {
       await assert.rejects(storage.get('config'), (err: unknown) => {
@@ -126,7 +127,7 @@ describe('S3Storage', () => {
         return true;
       });
     } finally {
-      process.env['AWS_SECRET_ACCESS_KEY'] = saved;
+      process.env['AWS_ACCESS_KEY_ID'] = saved;
       await storage.close();
     }
   });

@@ -1,0 +1,167 @@
+/**
+ * Exporting an image with qemu-nbd on a private unix socket, connected to our
+ * NbdClient.
+ *
+ * Process lifetime (verified by test/disk/qemu.test.ts):
+ * - qemu-nbd runs without --fork and without --persistent, with --shared=1: it
+ *   serves exactly one client and exits by itself as soon as that client
+ *   disconnects. So once connected, a SIGKILLed node process (whose socket the
+ *   kernel closes) takes qemu-nbd down with it.
+ * - Before the connection exists there is a window where nothing would stop it;
+ *   when util-linux `setpriv` is available qemu-nbd is started under
+ *   `setpriv --pdeathsig TERM`, so the kernel signals it when node dies. SIGTERM, not
+ *   KILL: qemu-nbd then closes the image cleanly. (pdeathsig follows the thread that
+ *   spawned it: spawn exports from a long-lived thread.)
+ * - execa's `cleanup` kills it when node exits normally or on SIGINT/SIGTERM.
+ */
+import { execa } from 'execa';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { VmvaultError } from '../errors.js';
+import { checkFormat, type ImageFormat } from './image-format.js';
+import { NbdClient } from './nbd.js';
+import { mustExist, optValue, qemuFailure } from './qemu-run.js';
+
+export interface ExportOptions {
+  format: ImageFormat;
+  readOnly: boolean;
+  /** Name of a qcow2 internal snapshot to export instead of the live image (read-only). */
+  snapshot?: string;
+}
+
+export interface NbdExport {
+  client: NbdClient;
+  /** qemu-nbd's process id, for diagnostics and tests. */
+  readonly pid: number;
+  readonly socketPath: string;
+  /** Disconnect, wait for qemu-nbd to exit (SIGTERM after 5 s, SIGKILL 5 s later), remove the socket directory. Idempotent. */
+  close(): Promise<void>;
+}
+
+const START_TIMEOUT_MS = 30_000;
+const EXIT_GRACE_MS = 5_000;
+
+let pdeathsig: Promise<boolean> | undefined;
+function havePdeathsig(): Promise<boolean> {
+  pdeathsig ??= execa('setpriv', ['--pdeathsig', 'TERM', '--', 'true'], { reject: false, stdin: 'ignore' })
+    .then((r) => r.exitCode === 0, () => false);
+  return pdeathsig;
+}
+
+/** Not async on purpose: execa's subprocess is a thenable, which an async function would await. */
+function launch(args: string[], withPdeathsig: boolean) {
+  const [file, argv] = withPdeathsig ? ['setpriv', ['--pdeathsig', 'TERM', '--', 'qemu-nbd', ...args]] : ['qemu-nbd', args];
+  return execa(file, argv, {
+    reject: false, stdin: 'ignore', stdout: 'ignore', encoding: 'utf8', cleanup: true, forceKillAfterDelay: false,
+  });
+}
+type Proc = ReturnType<typeof launch>;
+type Exit = Awaited<Proc>;
+
+/** A short directory for the socket: unix socket paths are limited to 107 bytes. */
+function socketParent(): string {
+  const tmp = os.tmpdir();
+  return tmp.length <= 60 ? tmp : '/tmp';
+}
+
+/**
+ * Serve an image with qemu-nbd and connect an NbdClient to it.
+ *
+ * Cache mode: `--cache=none` (O_DIRECT, host write cache still flushed on NBD flush).
+ * Measured on 2 GiB here it read cold data ~20% faster than writeback and wrote
+ * ~3x faster, and a backup does not evict the host's page cache. Filesystems
+ * without O_DIRECT fall back to writeback. Writable exports get `--discard=unmap`
+ * so writeZeroes can leave holes.
+ *
+ * Errors: NotFoundError (no such image or snapshot), UNSUPPORTED (format, or a
+ * snapshot of a non-qcow2 image), IMAGE_LOCKED (a running VM or another program
+ * holds the image), QEMU (anything else qemu-nbd said).
+ */
+export async function exportImage(file: string, opts: ExportOptions): Promise<NbdExport> {
+  const abs = path.resolve(file);
+  checkFormat(opts.format, abs);
+  if (opts.snapshot !== undefined) {
+    if (opts.format !== 'qcow2') throw new VmvaultError('UNSUPPORTED', `cannot export snapshot "${opts.snapshot}" of ${abs}: internal snapshots exist only in qcow2 images, this one is ${opts.format}`);
+    if (!opts.readOnly) throw new VmvaultError('BAD_INPUT', `cannot export snapshot "${opts.snapshot}" of ${abs} writable: snapshots are exported read-only`);
+  }
+  await mustExist(abs);
+  const dir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-')); // mkdtemp creates it 0700
+  try {
+    const first = await start(abs, opts, dir, 'none');
+    if (first !== 'no-o-direct') return first;
+    return await start(abs, opts, dir, 'writeback') as NbdExport;
+  } catch (err) {
+    await fs.rm(dir, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none' | 'writeback'): Promise<NbdExport | 'no-o-direct'> {
+  const socketPath = path.join(dir, 'nbd.sock');
+  const args = ['-f', opts.format, '--shared=1', '-k', socketPath, `--cache=${cache}`];
+  args.push(...(opts.readOnly ? ['--read-only'] : ['--discard=unmap']));
+  // snapshot.name= rather than a bare name, which qemu would also match against snapshot ids.
+  if (opts.snapshot !== undefined) args.push('-l', `snapshot.name=${optValue(opts.snapshot)}`);
+  args.push(abs);
+  const proc = launch(args, await havePdeathsig());
+  let exited: Exit | undefined;
+  const exit = proc.then((r) => (exited = r));
+  const failed = (r: Exit): VmvaultError => r.exitCode === undefined
+    ? new VmvaultError('QEMU', `qemu-nbd could not be started for ${abs}: ${r.shortMessage}`, { cause: r.cause })
+    : qemuFailure('qemu-nbd', abs, r.stderr);
+
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  for (;;) {
+    if (exited) {
+      if (cache === 'none' && /Invalid argument/.test(exited.stderr)) return 'no-o-direct';
+      throw failed(exited);
+    }
+    try {
+      const client = await NbdClient.connect(socketPath);
+      return makeExport(proc, exit, client, dir, socketPath, abs);
+    } catch (err) {
+      const code = ((err as VmvaultError).cause as NodeJS.ErrnoException | undefined)?.code;
+      if (code !== 'ENOENT' && code !== 'ECONNREFUSED') {
+        // The handshake failed: if qemu-nbd is on its way out, its stderr says why.
+        const r = await Promise.race([exit, sleep(1000, undefined, { ref: false })]);
+        if (r) throw failed(r);
+        await stop(proc, exit, 0);
+        throw err;
+      }
+    }
+    if (Date.now() > deadline) {
+      await stop(proc, exit, 0);
+      throw new VmvaultError('QEMU', `qemu-nbd did not start serving ${abs} within ${START_TIMEOUT_MS / 1000} s`);
+    }
+    await Promise.race([sleep(10), exit]); // Not listening yet: poll, or notice the exit at once.
+  }
+}
+
+function makeExport(proc: Proc, exit: Promise<Exit>, client: NbdClient, dir: string, socketPath: string, abs: string): NbdExport {
+  let closing: Promise<void> | undefined;
+  const close = async (): Promise<void> => {
+    await client.close();
+    const { result, killed } = await stop(proc, exit, EXIT_GRACE_MS);
+    await fs.rm(dir, { recursive: true, force: true });
+    if (!killed && result.exitCode !== 0) throw qemuFailure('qemu-nbd', abs, result.stderr);
+  };
+  return {
+    client,
+    pid: proc.pid!,
+    socketPath,
+    close: () => (closing ??= close()),
+  };
+}
+
+/** Wait up to `graceMs` for qemu-nbd to exit by itself; then SIGTERM, and SIGKILL if that is ignored. */
+async function stop(proc: Proc, exit: Promise<Exit>, graceMs: number): Promise<{ result: Exit; killed: boolean }> {
+  const within = (ms: number) => Promise.race([exit, sleep(ms, undefined, { ref: false })]);
+  let result = await within(graceMs);
+  if (result) return { result, killed: false };
+  proc.kill('SIGTERM');
+  result = await within(EXIT_GRACE_MS);
+  if (!result) proc.kill('SIGKILL');
+  return { result: await exit, killed: true };
+}

@@ -1,0 +1,72 @@
+/**
+ * Running qemu tools and turning their failures into errors an operator can act on.
+ * qemu reports everything on stderr as "tool: message"; the message is kept verbatim
+ * in the error so nothing qemu said is lost.
+ */
+import { execa } from 'execa';
+import fs from 'node:fs/promises';
+import { NotFoundError, VmvaultError } from '../errors.js';
+
+/** qemu's wording when an image's OFD lock is held (file-posix raw_check_lock_bytes). */
+const LOCKED = /Failed to get (?:shared )?"[a-z ]+" lock|Is another process using the image/;
+const MISSING_FILE = /No such file or directory/;
+const MISSING_SNAPSHOT = /snapshot not found|Can't find snapshot/i;
+
+/** The lines of qemu's stderr worth showing, joined on one line. */
+export function stderrText(stderr: string): string {
+  const lines = stderr.split('\n').map((l) => l.trim()).filter((l) => l.length > 0);
+  return lines.join(' ').slice(0, 2000) || '(no message)';
+}
+
+/**
+ * The error for a qemu tool that failed on `image`:
+ * IMAGE_LOCKED when another process holds the image, NotFoundError for a missing
+ * file or snapshot, QEMU (with qemu's own words) for anything else.
+ */
+export function qemuFailure(tool: string, image: string, stderr: string): VmvaultError {
+  const said = stderrText(stderr);
+  if (LOCKED.test(stderr)) {
+    return new VmvaultError('IMAGE_LOCKED',
+      `disk image ${image} is in use: a running VM or another program holds its lock (${tool}: ${said}). ` +
+      'Stop the VM (or the other program) first, or back the VM up through the running-QEMU driver.');
+  }
+  if (MISSING_SNAPSHOT.test(stderr)) return new NotFoundError(`snapshot not found in disk image ${image} (${tool}: ${said})`);
+  if (MISSING_FILE.test(stderr)) return new NotFoundError(`disk image ${image} does not exist (${tool}: ${said})`);
+  return new VmvaultError('QEMU', `${tool} failed on ${image}: ${said}`);
+}
+
+export interface RunResult { exitCode: number; stdout: string; stderr: string }
+
+/** Run a qemu tool to completion; rejects with VmvaultError('QEMU') only when it could not start. */
+export async function runTool(tool: string, args: string[]): Promise<RunResult> {
+  const r = await execa(tool, args, { reject: false, stdin: 'ignore', encoding: 'utf8' });
+  if (r.exitCode === undefined) {
+    const missing = (r.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT';
+    throw new VmvaultError('QEMU', missing
+      ? `${tool} is not installed (install qemu-utils)`
+      : `${tool} could not be run: ${r.shortMessage}`, { cause: r.cause });
+  }
+  return { exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** Run a qemu tool on `image` and return its stdout; any non-zero exit becomes `qemuFailure`. */
+export async function runOn(tool: string, image: string, args: string[]): Promise<string> {
+  const r = await runTool(tool, args);
+  if (r.exitCode !== 0) throw qemuFailure(tool, image, r.stderr);
+  return r.stdout;
+}
+
+/** NotFoundError("disk image … does not exist") unless `file` exists. */
+export async function mustExist(file: string): Promise<void> {
+  try {
+    await fs.stat(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new NotFoundError(`disk image ${file} does not exist`, { cause: err });
+    throw new VmvaultError('QEMU', `cannot access disk image ${file}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** A value inside qemu's key=value,… option syntax: commas are doubled. */
+export function optValue(value: string): string {
+  return value.replaceAll(',', ',,');
+}

@@ -1,0 +1,148 @@
+/**
+ * qemu-img and qemu-nbd: inspecting, creating and snapshotting disk images, and
+ * exporting them over NBD to our own client.
+ *
+ * Rules kept everywhere here (see DESIGN.md, "Known pitfalls"):
+ * - the format is always given (`-f FORMAT` or `driver=FORMAT`); only imageInfo
+ *   lets qemu detect it, once, and callers pass the result on;
+ * - never `-U`/force-share: a locked image fails with IMAGE_LOCKED instead;
+ * - paths are made absolute before qemu sees them, so a name like `nbd:x` or
+ *   `json:{…}` is never taken for a protocol prefix.
+ */
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { NotFoundError, VmvaultError } from '../errors.js';
+import { checkFormat, type ImageFormat } from './image-format.js';
+import { mustExist, optValue, qemuFailure, runOn, runTool } from './qemu-run.js';
+
+export { IMAGE_FORMATS, isImageFormat, type ImageFormat } from './image-format.js';
+export { exportImage, type ExportOptions, type NbdExport } from './qemu-nbd.js';
+
+export interface ImageInfo {
+  /** Absolute path of the image. */
+  path: string;
+  format: ImageFormat;
+  virtualSize: number;
+  /** Bytes the image occupies on its filesystem. */
+  actualSize: number;
+  backingFile?: string;
+  /** Internal snapshots (qcow2). */
+  snapshots: { id: string; name: string }[];
+}
+
+interface QemuImgInfoJson {
+  format: string;
+  'virtual-size': number;
+  'actual-size'?: number;
+  'backing-filename'?: string;
+  'full-backing-filename'?: string;
+  snapshots?: { id: string | number; name: string }[];
+}
+
+async function infoJson(abs: string, format?: ImageFormat): Promise<QemuImgInfoJson> {
+  const args = ['info', '--output=json', ...(format ? ['-f', format] : []), abs];
+  const out = await runOn('qemu-img', abs, args);
+  try {
+    return JSON.parse(out) as QemuImgInfoJson;
+  } catch (err) {
+    throw new VmvaultError('QEMU', `qemu-img info printed something other than JSON for ${abs}`, { cause: err });
+  }
+}
+
+/**
+ * Inspect an image, detecting its format (the one place qemu is allowed to probe).
+ * NotFoundError when it does not exist, UNSUPPORTED for a format outside
+ * IMAGE_FORMATS, IMAGE_LOCKED when a running VM or another program holds it.
+ */
+export async function imageInfo(file: string): Promise<ImageInfo> {
+  const abs = path.resolve(file);
+  await mustExist(abs);
+  const j = await infoJson(abs);
+  checkFormat(j.format, abs);
+  const backing = j['full-backing-filename'] ?? j['backing-filename'];
+  return {
+    path: abs,
+    format: j.format,
+    virtualSize: j['virtual-size'],
+    actualSize: j['actual-size'] ?? 0,
+    ...(backing !== undefined ? { backingFile: backing } : {}),
+    snapshots: (j.snapshots ?? []).map((s) => ({ id: String(s.id), name: s.name })),
+  };
+}
+
+/**
+ * Create a sparse image with no backing file. Refuses to overwrite an existing file
+ * (qemu-img would, silently): ALREADY_EXISTS. `virtualSize` must be a multiple of
+ * 512 (qemu would round it up).
+ */
+export async function createImage(file: string, format: ImageFormat, virtualSize: number): Promise<void> {
+  const abs = path.resolve(file);
+  checkFormat(format, abs);
+  if (!Number.isSafeInteger(virtualSize) || virtualSize < 0 || virtualSize % 512 !== 0) {
+    throw new VmvaultError('BAD_INPUT', `cannot create ${abs}: virtual size ${virtualSize} is not a non-negative multiple of 512 bytes`);
+  }
+  const exists = await fs.lstat(abs).then(() => true, () => false);
+  if (exists) throw new VmvaultError('ALREADY_EXISTS', `cannot create disk image ${abs}: the file already exists`);
+  const dir = path.dirname(abs);
+  if (!(await fs.stat(dir).then((s) => s.isDirectory(), () => false))) throw new NotFoundError(`cannot create disk image ${abs}: directory ${dir} does not exist`);
+  // preallocation=off is qcow2's default, stated so a changed default cannot bloat restores;
+  // vmdk defaults to monolithicSparse and vdi to dynamic, raw files are created sparse.
+  const opts = format === 'qcow2' ? ['-o', 'preallocation=off'] : [];
+  await runOn('qemu-img', abs, ['create', '-q', '-f', format, ...opts, abs, String(virtualSize)]);
+}
+
+/** `--image-opts` spec for a qcow2 file: qemu-img snapshot has no -f in QEMU 7.2. */
+function qcow2Opts(abs: string): string {
+  return `driver=qcow2,file.filename=${optValue(abs)}`;
+}
+
+function checkSnapshotName(name: string, abs: string): void {
+  // qemu-img snapshot -d and -l accept an id or a name: an all-digit name could hit another snapshot's id.
+  if (name.length === 0 || /^\d+$/.test(name) || name.length > 128) {
+    throw new VmvaultError('BAD_INPUT', `invalid snapshot name "${name}" for ${abs}: use 1-128 characters, not only digits`);
+  }
+}
+
+/** Create a qcow2 internal snapshot. ALREADY_EXISTS when one of that name exists (qemu would add a duplicate). */
+export async function snapshotCreate(file: string, name: string): Promise<void> {
+  const abs = path.resolve(file);
+  checkSnapshotName(name, abs);
+  await mustExist(abs);
+  const j = await infoJson(abs, 'qcow2');
+  if ((j.snapshots ?? []).some((s) => s.name === name)) {
+    throw new VmvaultError('ALREADY_EXISTS', `snapshot "${name}" already exists in disk image ${abs}`);
+  }
+  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', '-c', name, qcow2Opts(abs)]);
+}
+
+/** Delete a qcow2 internal snapshot. NotFoundError when there is none of that name. */
+export async function snapshotDelete(file: string, name: string): Promise<void> {
+  const abs = path.resolve(file);
+  checkSnapshotName(name, abs);
+  await mustExist(abs);
+  const j = await infoJson(abs, 'qcow2');
+  if (!(j.snapshots ?? []).some((s) => s.name === name)) {
+    throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
+  }
+  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', '-d', name, qcow2Opts(abs)]);
+}
+
+/**
+ * Compare the guest-visible contents of two images (qemu-img compare, not strict:
+ * unallocated and zero regions are equal, and a shorter image counts as zero-extended).
+ * Formats not given are detected with imageInfo.
+ */
+export async function compareImages(a: string, b: string, fa?: ImageFormat, fb?: ImageFormat): Promise<{ identical: boolean; output: string }> {
+  const absA = path.resolve(a);
+  const absB = path.resolve(b);
+  const formatA = fa ?? (await imageInfo(absA)).format;
+  const formatB = fb ?? (await imageInfo(absB)).format;
+  checkFormat(formatA, absA);
+  checkFormat(formatB, absB);
+  await mustExist(absA);
+  await mustExist(absB);
+  const r = await runTool('qemu-img', ['compare', '-f', formatA, '-F', formatB, absA, absB]);
+  // Exit status: 0 identical, 1 different, anything else an error.
+  if (r.exitCode !== 0 && r.exitCode !== 1) throw qemuFailure('qemu-img compare', `${absA} or ${absB}`, r.stderr);
+  return { identical: r.exitCode === 0, output: r.stdout.trim() };
+}

@@ -1,0 +1,124 @@
+/**
+ * Real disk images for tests: created with qemu-img, filled through qemu's own
+ * format drivers with qemu-io, and locked by real qemu processes. No mocks.
+ */
+import { execa } from 'execa';
+import fs from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { ImageFormat } from '../../src/disk/qemu.js';
+
+export interface PatternWrite {
+  offset: number;
+  length: number;
+  /** Byte value written everywhere in the range (0x00–0xff). */
+  pattern: number;
+}
+
+export interface TempDir {
+  path: string;
+  cleanup(): Promise<void>;
+}
+
+/** A fresh private directory; `cleanup` removes it with everything inside. */
+export async function tempDir(prefix = 'vmvault-test-'): Promise<TempDir> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), prefix));
+  return { path: dir, cleanup: () => fs.rm(dir, { recursive: true, force: true }) };
+}
+
+function hex(pattern: number): string {
+  if (!Number.isInteger(pattern) || pattern < 0 || pattern > 0xff) throw new Error(`pattern ${pattern} is not a byte`);
+  return `0x${pattern.toString(16).padStart(2, '0')}`;
+}
+
+/** Run qemu-io commands on an image (format given, never probed); throws with qemu-io's output on failure. */
+export async function qemuIo(file: string, format: string, commands: string[]): Promise<string> {
+  const args = ['-f', format];
+  for (const c of commands) args.push('-c', c);
+  args.push(file);
+  const r = await execa('qemu-io', args, { reject: false });
+  // qemu-io reports some failures (e.g. a pattern mismatch) on stdout, exiting 1.
+  if (r.exitCode !== 0) throw new Error(`qemu-io ${commands.join('; ')} on ${file} failed: ${r.stderr}${r.stdout}`);
+  return r.stdout;
+}
+
+/** Write `length` bytes of `pattern` at `offset` through qemu's driver for `format`. */
+export async function writePattern(file: string, format: string, offset: number, length: number, pattern: number): Promise<void> {
+  await qemuIo(file, format, [`write -P ${hex(pattern)} ${offset} ${length}`]);
+}
+
+/** Create `dir/name` (sparse, `size` bytes) in `format` and apply `writes` in order. Returns its path. */
+export async function makeImage(dir: string, name: string, format: string, size: number, writes: PatternWrite[] = []): Promise<string> {
+  const file = path.join(dir, name);
+  await execa('qemu-img', ['create', '-q', '-f', format, file, String(size)]);
+  if (writes.length > 0) await qemuIo(file, format, writes.map((w) => `write -P ${hex(w.pattern)} ${w.offset} ${w.length}`));
+  return file;
+}
+
+/** Throws unless every write's range reads back its pattern (qemu-io read -P). */
+export async function verifyPatterns(file: string, format: string, writes: PatternWrite[]): Promise<void> {
+  await qemuIo(file, format, writes.map((w) => `read -P ${hex(w.pattern)} ${w.offset} ${w.length}`));
+}
+
+/** What [offset, offset+length) of an image made by makeImage(…, writes) contains: later writes win, the rest is zero. */
+export function expectedContent(writes: PatternWrite[], offset: number, length: number): Buffer {
+  const out = Buffer.alloc(length);
+  for (const w of writes) {
+    const start = Math.max(w.offset, offset);
+    const end = Math.min(w.offset + w.length, offset + length);
+    if (start < end) out.fill(w.pattern, start - offset, end - offset);
+  }
+  return out;
+}
+
+/** True while a process with this pid exists (and is not a zombie we could still reap). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  return true;
+}
+
+/** Poll until `pid` is gone; false if it is still there after `ms`. */
+export async function waitForExit(pid: number, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (!processAlive(pid)) return true;
+    await sleep(20);
+  }
+  return !processAlive(pid);
+}
+
+/**
+ * Start a process that holds the image's write lock, as a running VM does:
+ * a writable qemu-nbd (default) or a paused qemu-system-x86_64 with the disk attached.
+ * Resolves once qemu-img really sees the lock; the returned function releases it.
+ */
+export async function holdImageLock(file: string, format: ImageFormat, opts: { by?: 'qemu-nbd' | 'vm' } = {}): Promise<() => Promise<void>> {
+  const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vmvault-lock-'));
+  const proc = opts.by === 'vm'
+    ? execa('qemu-system-x86_64', ['-nodefaults', '-display', 'none', '-S', '-machine', 'pc,accel=tcg', '-m', '32',
+      '-drive', `file=${file.replaceAll(',', ',,')},format=${format},if=virtio`], { reject: false, stdin: 'ignore' })
+    : execa('qemu-nbd', ['-f', format, '--shared=1', '-k', path.join(dir, 'lock.sock'), file], { reject: false, stdin: 'ignore' });
+  let exited = false;
+  void proc.then(() => { exited = true; });
+  const release = async (): Promise<void> => {
+    proc.kill('SIGTERM');
+    await proc;
+    await fs.rm(dir, { recursive: true, force: true });
+  };
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    const r = await execa('qemu-img', ['info', '-f', format, file], { reject: false });
+    if (r.exitCode !== 0 && /lock/.test(r.stderr)) return release;
+    if (exited || Date.now() > deadline) {
+      await release();
+      const result = await proc;
+      throw new Error(`could not hold the lock of ${file}: ${result.stderr || 'timed out'}`);
+    }
+    await sleep(50);
+  }
+}
