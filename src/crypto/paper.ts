@@ -78,9 +78,9 @@ export function toPaper(master: Uint8Array, repoId: string): string {
  */
 export function fromPaper(text: string): { master: Uint8Array; repoId: string } {
   const bad = (msg: string) => new VmvaultError('BAD_INPUT', `paper key: ${msg}`);
-  const repo = /^\s*repository\s+([0-9a-f]{32,64})\s*$/im.exec(text);
+  const repo = /^\s*repository\s+([0-9a-filo]{32,64})\s*$/im.exec(text);
   if (!repo) throw bad('the "repository <id>" line is missing');
-  const repoId = repo[1]!.toLowerCase();
+  const repoId = repo[1]!.toLowerCase().replace(/o/g, '0').replace(/[il]/g, '1');
   let body = '';
   let expected = 1;
   for (const raw of text.split('\n')) {

@@ -111,8 +111,6 @@ export function errnoName(errno: number): string {
   return ERRNO_NAMES[errno] ?? `error ${errno}`;
 }
 
-export const NBD_EPERM = 1;
-
 /**
  * When the server sends no NBD_INFO_BLOCK_SIZE, the spec tells clients not to send
  * payloads above 32 MiB; qemu-nbd's own limit (NBD_MAX_BUFFER_SIZE) is the same.

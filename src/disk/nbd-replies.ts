@@ -6,7 +6,7 @@
  */
 import { VmvaultError } from '../errors.js';
 import {
-  COMMAND_NAMES, NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
+  COMMAND_NAMES, NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_ERROR_BIT, NBD_REPLY_TYPE_ERROR_OFFSET, NBD_REPLY_TYPE_NONE, NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_SIMPLE_REPLY_SIZE, NBD_STRUCTURED_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_SIZE, errnoName, readU64,
@@ -289,6 +289,7 @@ export function requestError(p: Pending, readOnly: boolean): VmvaultError {
   const e = p.error!;
   let text = `NBD ${cmd} of ${p.length} bytes at offset ${p.offset} failed: ${errnoName(e.errno)}`;
   if (e.message) text += `: ${e.message}`;
-  if (e.errno === 1 && readOnly) text += ' (the export is read-only)';
+  const writes = p.cmd === NBD_CMD_WRITE || p.cmd === NBD_CMD_WRITE_ZEROES;
+  if (writes && readOnly && !/read-only/i.test(e.message)) text += ' (the export is read-only)';
   return new VmvaultError('NBD', text);
 }

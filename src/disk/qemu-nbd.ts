@@ -22,7 +22,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { VmvaultError } from '../errors.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
 import { NbdClient } from './nbd.js';
-import { mustExist, optValue, qemuFailure } from './qemu-run.js';
+import { mustExist, optValue, probeRawWriters, qemuFailure } from './qemu-run.js';
 
 export interface ExportOptions {
   format: ImageFormat;
@@ -87,6 +87,8 @@ export async function exportImage(file: string, opts: ExportOptions): Promise<Nb
     if (!opts.readOnly) throw new VmvaultError('BAD_INPUT', `cannot export snapshot "${opts.snapshot}" of ${abs} writable: snapshots are exported read-only`);
   }
   await mustExist(abs);
+  // A read-only export of a raw image would not notice a VM writing it (see probeRawWriters).
+  if (opts.format === 'raw' && opts.readOnly) await probeRawWriters(abs);
   const dir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-')); // mkdtemp creates it 0700
   try {
     const first = await start(abs, opts, dir, 'none');

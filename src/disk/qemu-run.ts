@@ -70,3 +70,18 @@ export async function mustExist(file: string): Promise<void> {
 export function optValue(value: string): string {
   return value.replaceAll(',', ',,');
 }
+
+/**
+ * IMAGE_LOCKED if a running VM (or anything else) has a raw image open for writing.
+ *
+ * qemu-img info and a read-only qemu-nbd do not notice that for raw images: only
+ * format drivers with metadata (qcow2, vmdk, vdi) refuse to share writes, and a raw
+ * read-only export shares everything. `qemu-img convert` opens its source without
+ * sharing writes, so converting zero bytes of it to /dev/null is a lock probe that
+ * reads and writes nothing. It sees writers present now; it cannot stop a VM that
+ * starts later (a raw image then needs the running-QEMU driver).
+ */
+export async function probeRawWriters(abs: string): Promise<void> {
+  const spec = `driver=raw,size=0,file.filename=${optValue(abs)}`;
+  await runOn('qemu-img', abs, ['convert', '-q', '-n', '--image-opts', spec, '-O', 'raw', '/dev/null']);
+}

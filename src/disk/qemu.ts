@@ -13,7 +13,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
-import { mustExist, optValue, qemuFailure, runOn, runTool } from './qemu-run.js';
+import { mustExist, optValue, probeRawWriters, qemuFailure, runOn, runTool } from './qemu-run.js';
 
 export { IMAGE_FORMATS, isImageFormat, type ImageFormat } from './image-format.js';
 export { exportImage, type ExportOptions, type NbdExport } from './qemu-nbd.js';
@@ -59,6 +59,7 @@ export async function imageInfo(file: string): Promise<ImageInfo> {
   await mustExist(abs);
   const j = await infoJson(abs);
   checkFormat(j.format, abs);
+  if (j.format === 'raw') await probeRawWriters(abs); // qemu-img info alone misses writers of raw images.
   const backing = j['full-backing-filename'] ?? j['backing-filename'];
   return {
     path: abs,

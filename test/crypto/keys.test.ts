@@ -26,7 +26,11 @@ test('paper key round trip, with sloppy typing', () => {
   const repoId = '0123456789abcdef0123456789abcdef';
   const paper = toPaper(master, repoId);
   assert.deepEqual(fromPaper(paper), { master, repoId });
-  const sloppy = paper.toLowerCase().replace(/-/g, ' ').replace(/0/g, 'o').replace(/1/g, 'l');
+  const sloppy = paper
+    .split('\n')
+    .map((l) => l.replace(/^(\d+): (.*)$/, (_m, n: string, rest: string) => `${n}: ${rest.toLowerCase().replace(/-/g, ' ').replace(/0/g, 'o').replace(/1/g, 'l')}`))
+    .join('\n');
+  assert.notEqual(sloppy, paper);
   assert.deepEqual(fromPaper(sloppy).master, master);
 });
 

@@ -96,6 +96,7 @@ export async function waitForExit(pid: number, ms: number): Promise<boolean> {
  * Start a process that holds the image's write lock, as a running VM does:
  * a writable qemu-nbd (default) or a paused qemu-system-x86_64 with the disk attached.
  * Resolves once qemu-img really sees the lock; the returned function releases it.
+ * (For raw images qemu-img info ignores locks, so a zero-byte qemu-img convert probes.)
  */
 export async function holdImageLock(file: string, format: ImageFormat, opts: { by?: 'qemu-nbd' | 'vm' } = {}): Promise<() => Promise<void>> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vmvault-lock-'));
@@ -112,7 +113,10 @@ export async function holdImageLock(file: string, format: ImageFormat, opts: { b
   };
   const deadline = Date.now() + 15_000;
   for (;;) {
-    const r = await execa('qemu-img', ['info', '-f', format, file], { reject: false });
+    const probe = format === 'raw'
+      ? ['convert', '-q', '-n', '--image-opts', `driver=raw,size=0,file.filename=${file.replaceAll(',', ',,')}`, '-O', 'raw', '/dev/null']
+      : ['info', '-f', format, file];
+    const r = await execa('qemu-img', probe, { reject: false });
     if (r.exitCode !== 0 && /lock/.test(r.stderr)) return release;
     if (exited || Date.now() > deadline) {
       await release();

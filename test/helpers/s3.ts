@@ -14,6 +14,8 @@
  *   `NotFound`, like a missing key (real S3 does the same); S3Storage checks the bucket.
  * - It checks the access key id (S3RVER) but not SigV4 signatures: a wrong secret key
  *   is accepted, a wrong access key id gives InvalidAccessKeyId.
+ * - It writes objects in place, so a PUT cut off half-way leaves a truncated object where
+ *   real S3 leaves none: the child patches its store to write, then rename.
  * - Its default `address` is 'localhost'; we bind 127.0.0.1 to avoid IPv6/IPv4 surprises.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -38,6 +40,40 @@ export interface S3Server {
 const CHILD_SCRIPT = `
 const [modulePath, directory, bucket] = process.argv.slice(1);
 const S3rver = require(modulePath);
+// Real S3 makes an object visible only once its whole body has arrived; s3rver writes
+// straight into the object's file, so a client killed mid-upload leaves a truncated
+// object. Write to a temporary file and rename it at the end, as S3 behaves.
+const fs = require('fs'), path = require('path'), crypto = require('crypto');
+const Store = require(path.join(path.dirname(modulePath), 'stores', 'filesystem.js'));
+const putObject = Store.prototype.putObject;
+Store.prototype.putObject = async function (object) {
+  if (Buffer.isBuffer(object.content)) return putObject.call(this, object);
+  const objectPath = this.getResourcePath(object.bucket, object.key, 'object');
+  await fs.promises.mkdir(path.dirname(objectPath), { recursive: true });
+  const tmp = objectPath + '.upload-' + crypto.randomBytes(6).toString('hex');
+  let size = 0;
+  const hash = crypto.createHash('md5');
+  try {
+    await new Promise((resolve, reject) => {
+      let ended = false;
+      const out = fs.createWriteStream(tmp);
+      object.content.on('data', (c) => { hash.update(c); size += c.length; });
+      object.content.on('end', () => { ended = true; });
+      object.content.on('error', reject);
+      object.content.on('close', () => { if (!ended) reject(new Error('request body ended early')); });
+      out.on('error', reject);
+      out.on('finish', () => (ended ? resolve() : reject(new Error('request body ended early'))));
+      object.content.pipe(out);
+    });
+  } catch (err) {
+    await fs.promises.rm(tmp, { force: true });
+    throw err;
+  }
+  await fs.promises.rename(tmp, objectPath);
+  const md5 = hash.digest('hex');
+  await this.putMetadata(object.bucket, object.key, object.metadata, md5);
+  return { size, md5 };
+};
 const server = new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory, configureBuckets: [{ name: bucket }] });
 server.run().then(
   (address) => process.send({ port: address.port }),

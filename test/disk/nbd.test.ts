@@ -1,0 +1,311 @@
+/**
+ * NbdClient against real qemu-nbd exports of real images in every format.
+ * The images are filled by qemu-io, so the expected bytes come from qemu's own
+ * format drivers, not from our client.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import path from 'node:path';
+import net from 'node:net';
+import { NbdClient, type Extent } from '../../src/disk/nbd.js';
+import { compareImages, exportImage, IMAGE_FORMATS, type ImageFormat, type NbdExport } from '../../src/disk/qemu.js';
+import { VmvaultError } from '../../src/errors.js';
+import { expectedContent, makeImage, tempDir, verifyPatterns, waitForExit, type PatternWrite, type TempDir } from '../helpers/images.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const SIZE = 80 * MiB;
+
+/** Aligned to 64 KiB so qcow2/vmdk clusters match them exactly; one is larger than qemu-nbd's 32 MiB request limit. */
+const WRITES: PatternWrite[] = [
+  { offset: 1 * MiB, length: 256 * KiB, pattern: 0x11 },
+  { offset: 5 * MiB, length: 40 * MiB, pattern: 0x22 },
+  { offset: 5 * MiB + 64 * KiB, length: 64 * KiB, pattern: 0x33 },
+  { offset: 60 * MiB, length: 64 * KiB, pattern: 0x44 },
+  { offset: SIZE - 64 * KiB, length: 64 * KiB, pattern: 0x55 },
+];
+
+/** The unit each format allocates in: the data extents qemu reports are the writes rounded out to it. */
+const ALLOCATION_UNIT: Record<ImageFormat, number> = { qcow2: 64 * KiB, vmdk: 64 * KiB, vdi: 1 * MiB, raw: 4 * KiB };
+
+function isNbdError(pattern: RegExp) {
+  return (err: unknown): boolean => {
+    assert.ok(err instanceof VmvaultError, `expected a VmvaultError, got ${String(err)}`);
+    assert.equal(err.code, 'NBD');
+    assert.match(err.message, pattern);
+    return true;
+  };
+}
+
+/** Byte ranges (as [start, end) pairs) that the writes touch, rounded out to `unit`. */
+function roundedRanges(writes: PatternWrite[], unit: number): [number, number][] {
+  return writes.map((w) => [Math.floor(w.offset / unit) * unit, Math.ceil((w.offset + w.length) / unit) * unit]);
+}
+
+const inAny = (ranges: [number, number][], start: number, end: number): boolean => ranges.some(([s, e]) => start >= s && end <= e);
+
+function checkTiling(extents: Extent[], offset: number, length: number): void {
+  assert.ok(extents.length > 0);
+  let cur = offset;
+  extents.forEach((e, i) => {
+    assert.equal(e.offset, cur, `extent ${i} starts where the previous ended`);
+    assert.ok(e.length > 0);
+    const prev = extents[i - 1];
+    if (prev) assert.ok(prev.zero !== e.zero || prev.hole !== e.hole, `extents ${i - 1} and ${i} have the same flags but were not merged`);
+    cur += e.length;
+  });
+  assert.equal(cur, offset + length, 'extents cover exactly the range asked for');
+}
+
+/** Deterministic pseudo-random numbers, so a failure reproduces. */
+function lcg(seed: number): () => number {
+  let s = seed;
+  return () => (s = (s * 1103515245 + 12345) % 2147483648) / 2147483648;
+}
+
+for (const format of IMAGE_FORMATS) {
+  describe(`NbdClient on a read-only ${format} export`, { timeout: 120_000 }, () => {
+    let dir: TempDir;
+    let exp: NbdExport;
+    let client: NbdClient;
+    before(async () => {
+      dir = await tempDir();
+      const image = await makeImage(dir.path, `disk.${format}`, format, SIZE, WRITES);
+      exp = await exportImage(image, { format, readOnly: true });
+      client = exp.client;
+    });
+    after(async () => {
+      await exp?.close();
+      await dir?.cleanup();
+    });
+
+    test('reports the export size, read-only, and a request limit', () => {
+      assert.equal(client.size, SIZE);
+      assert.equal(client.readOnly, true);
+      assert.ok(client.maxRequest > 0 && client.maxRequest <= 32 * MiB, `maxRequest ${client.maxRequest}`);
+    });
+
+    test('extents show the written ranges as data and the rest as zero holes', async () => {
+      const extents = await client.extents(0, SIZE);
+      checkTiling(extents, 0, SIZE);
+      const written = roundedRanges(WRITES, 1);
+      const allocated = roundedRanges(WRITES, ALLOCATION_UNIT[format]);
+      // A new raw file has its first 4 KiB allocated by qemu-img create (for O_DIRECT alignment probing).
+      if (format === 'raw') allocated.push([0, 4 * KiB]);
+      for (const e of extents) {
+        const end = e.offset + e.length;
+        if (e.zero) {
+          assert.equal(e.hole, true, `zero extent at ${e.offset} is a hole in a sparse image`);
+          for (const [s, we] of written) assert.ok(end <= s || e.offset >= we, `zero extent [${e.offset}, ${end}) overlaps written data at ${s}`);
+        } else {
+          assert.equal(e.hole, false);
+          // Data extents may span several writes; check each allocation unit inside.
+          const unit = format === 'raw' ? 4 * KiB : ALLOCATION_UNIT[format];
+          for (let at = e.offset; at < end; at += unit) {
+            assert.ok(inAny(allocated, at, Math.min(at + unit, end)), `data extent at ${at} lies outside what was written`);
+          }
+        }
+      }
+      for (const [s, we] of written) {
+        const covering = extents.filter((e) => e.offset < we && e.offset + e.length > s);
+        assert.ok(covering.every((e) => !e.zero && !e.hole), `written range [${s}, ${we}) is reported as data`);
+      }
+    });
+
+    test('extents of an unaligned sub-range cover exactly that range', async () => {
+      const offset = 1 * MiB + 1000;
+      const length = 5 * MiB;
+      const extents = await client.extents(offset, length);
+      checkTiling(extents, offset, length);
+      assert.equal(extents[0]!.zero, false, 'starts inside the 0x11 write');
+      assert.deepEqual(await client.extents(offset, 0), []);
+    });
+
+    test('read returns the written bytes, zeros in holes, in one call larger than maxRequest', async () => {
+      const all = await client.read(0, SIZE);
+      assert.ok(SIZE > client.maxRequest);
+      assert.ok(all.equals(expectedContent(WRITES, 0, SIZE)), 'whole-image read matches what qemu-io wrote');
+    });
+
+    test('zero extents really read as zeros', async () => {
+      const zeroExtents = (await client.extents(0, SIZE)).filter((e) => e.zero);
+      assert.ok(zeroExtents.length > 0);
+      for (const e of zeroExtents) {
+        assert.ok((await client.read(e.offset, e.length)).equals(Buffer.alloc(e.length)), `zero extent at ${e.offset}`);
+      }
+    });
+
+    test('64 concurrent reads at odd offsets all return the right bytes', async () => {
+      const rand = lcg(42);
+      const reads = Array.from({ length: 64 }, () => {
+        const length = 1 + Math.floor(rand() * 3 * MiB);
+        const offset = Math.floor(rand() * (SIZE - length));
+        return { offset, length };
+      });
+      const results = await Promise.all(reads.map((r) => client.read(r.offset, r.length)));
+      results.forEach((data, i) => {
+        const r = reads[i]!;
+        assert.ok(data.equals(expectedContent(WRITES, r.offset, r.length)), `read ${i} [${r.offset}, +${r.length})`);
+      });
+    });
+
+    test('readInto fills a caller buffer across request boundaries', async () => {
+      const target = new Uint8Array(client.maxRequest * 2 + 12345);
+      await client.readInto(4 * MiB + 7, target);
+      assert.ok(Buffer.from(target).equals(expectedContent(WRITES, 4 * MiB + 7, target.length)));
+    });
+
+    test('reading past the end fails clearly, and the connection stays usable', async () => {
+      await assert.rejects(client.read(SIZE - 512, 1024), isNbdError(/past the end of the export \(83886080 bytes\)/));
+      await assert.rejects(client.read(SIZE, 1), isNbdError(/past the end/));
+      await assert.rejects(client.extents(SIZE - 512, 1024), isNbdError(/past the end/));
+      const tail = await client.read(SIZE - 512, 512);
+      assert.ok(tail.equals(Buffer.alloc(512, 0x55)));
+    });
+
+    test('a write to a read-only export is refused by the server, and the connection stays usable', async () => {
+      await assert.rejects(client.write(0, Buffer.alloc(4096, 1)), isNbdError(/^NBD write of 4096 bytes at offset 0 failed: .*read-only/));
+      assert.ok((await client.read(1 * MiB, 4096)).equals(Buffer.alloc(4096, 0x11)));
+    });
+  });
+
+  describe(`NbdClient on a writable ${format} export`, { timeout: 120_000 }, () => {
+    let dir: TempDir;
+    before(async () => { dir = await tempDir(); });
+    after(async () => { await dir?.cleanup(); });
+
+    test('write, writeZeroes and flush land in the image as qemu sees it', async () => {
+      const image = await makeImage(dir.path, `target.${format}`, format, SIZE);
+      const exp = await exportImage(image, { format, readOnly: false });
+      try {
+        assert.equal(exp.client.readOnly, false);
+        // All in flight at once; later writes overlap earlier ones, so order them as WRITES does.
+        await Promise.all(WRITES.slice(0, 2).map((w) => exp.client.write(w.offset, Buffer.alloc(w.length, w.pattern))));
+        await Promise.all(WRITES.slice(2).map((w) => exp.client.write(w.offset, Buffer.alloc(w.length, w.pattern))));
+        await exp.client.writeZeroes(20 * MiB, 2 * MiB);
+        await exp.client.flush();
+        const back = await exp.client.read(0, SIZE);
+        const expected: PatternWrite[] = [...WRITES, { offset: 20 * MiB, length: 2 * MiB, pattern: 0 }];
+        assert.ok(back.equals(expectedContent(expected, 0, SIZE)), 'reads back what was written');
+      } finally {
+        await exp.close();
+      }
+      // Independent checks through qemu itself.
+      await verifyPatterns(image, format, [...WRITES.slice(2), { offset: 20 * MiB, length: 2 * MiB, pattern: 0 }]);
+      const reference = await makeImage(dir.path, `reference.${format}`, 'qcow2', SIZE, [...WRITES, { offset: 20 * MiB, length: 2 * MiB, pattern: 0 }]);
+      const cmp = await compareImages(image, reference, format, 'qcow2');
+      assert.equal(cmp.identical, true, cmp.output);
+    });
+  });
+}
+
+describe('NbdClient failures', { timeout: 120_000 }, () => {
+  let dir: TempDir;
+  let image: string;
+  before(async () => {
+    dir = await tempDir();
+    image = await makeImage(dir.path, 'disk.qcow2', 'qcow2', 256 * MiB, [{ offset: 0, length: 256 * MiB, pattern: 0x77 }]);
+  });
+  after(async () => { await dir?.cleanup(); });
+
+  test('qemu-nbd dying mid-transfer rejects every request in flight, and later ones', async () => {
+    const exp = await exportImage(image, { format: 'qcow2', readOnly: true });
+    try {
+      const reads = Array.from({ length: 8 }, (_, i) => exp.client.read(i * 32 * MiB, 32 * MiB));
+      process.kill(exp.pid, 'SIGKILL');
+      const settled = await Promise.allSettled(reads);
+      let rejected = 0;
+      for (const s of settled) {
+        if (s.status === 'fulfilled') {
+          assert.ok(s.value.equals(Buffer.alloc(32 * MiB, 0x77))); // Finished before the kill: still correct.
+        } else {
+          rejected++;
+          isNbdError(/closed the connection|ECONNRESET/)(s.reason);
+        }
+      }
+      assert.ok(rejected > 0, 'some reads were cut off');
+      await assert.rejects(exp.client.read(0, 512), isNbdError(/closed the connection|ECONNRESET/));
+    } finally {
+      await exp.close().catch(() => undefined); // qemu-nbd was killed: close reports nothing useful.
+    }
+  });
+
+  test('close() waits for requests in flight, then later calls fail', async () => {
+    const exp = await exportImage(image, { format: 'qcow2', readOnly: true });
+    const read = exp.client.read(0, 8 * MiB);
+    const closed = exp.close();
+    assert.ok((await read).equals(Buffer.alloc(8 * MiB, 0x77)));
+    await closed;
+    await assert.rejects(exp.client.read(0, 512), isNbdError(/is closed/));
+    assert.equal(await waitForExit(exp.pid, 1000), true);
+  });
+
+  test('an unknown export name is refused with the server\'s reason', async () => {
+    const sock = path.join(dir.path, 'multi.sock');
+    const server = execa('qemu-nbd', ['--read-only', '-f', 'qcow2', '--persistent', '--shared=2', '-k', sock, image], { reject: false });
+    try {
+      let client: NbdClient | undefined;
+      for (let i = 0; i < 200 && !client; i++) {
+        client = await NbdClient.connect(sock).catch(async () => { await new Promise((r) => setTimeout(r, 20)); return undefined; });
+      }
+      assert.ok(client, 'qemu-nbd started');
+      await client.close();
+      await assert.rejects(NbdClient.connect(sock, { exportName: 'no-such-export' }), isNbdError(/refused export "no-such-export": NBD_REP_ERR_UNKNOWN/));
+    } finally {
+      server.kill('SIGTERM');
+      await server;
+    }
+  });
+
+  test('a connection to a missing socket fails with NBD', async () => {
+    await assert.rejects(NbdClient.connect(path.join(dir.path, 'none.sock')), isNbdError(/cannot connect.*ENOENT/));
+  });
+
+  test('a protocol violation rejects every pending request and drops the connection', async () => {
+    // qemu-nbd never misbehaves, so a scripted server plays one: a correct
+    // handshake, then garbage in reply to the first requests.
+    const sock = path.join(dir.path, 'bad.sock');
+    const server = net.createServer((s) => scriptedServer(s)).listen(sock);
+    await new Promise((r) => server.once('listening', r));
+    try {
+      const client = await NbdClient.connect(sock);
+      assert.equal(client.size, 1 * MiB);
+      const reads = [client.read(0, 4096), client.read(4096, 4096)];
+      for (const r of reads) await assert.rejects(r, isNbdError(/protocol violation.*bad reply magic/));
+      await assert.rejects(client.read(0, 512), isNbdError(/protocol violation/));
+      await client.close();
+    } finally {
+      server.close();
+    }
+  });
+});
+
+/** Just enough of an NBD server: handshake as qemu-nbd does, then reply garbage once two requests arrived. */
+function scriptedServer(s: net.Socket): void {
+  const u32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
+  const reply = (opt: number, type: number, data = Buffer.alloc(0)) =>
+    Buffer.concat([Buffer.from('0003e889045565a9', 'hex'), u32(opt), u32(type), u32(data.length), data]);
+  s.write(Buffer.concat([Buffer.from('NBDMAGICIHAVEOPT'), Buffer.from([0, 3])]));
+  let buf = Buffer.alloc(0);
+  let phase: 'flags' | 'options' | 'transmission' = 'flags';
+  s.on('data', (d) => {
+    buf = Buffer.concat([buf, d]);
+    if (phase === 'flags' && buf.length >= 4) { buf = buf.subarray(4); phase = 'options'; }
+    while (phase === 'options' && buf.length >= 16 && buf.length >= 16 + buf.readUInt32BE(12)) {
+      const opt = buf.readUInt32BE(8);
+      buf = buf.subarray(16 + buf.readUInt32BE(12));
+      if (opt === 10) s.write(Buffer.concat([reply(opt, 4, Buffer.concat([u32(1), Buffer.from('base:allocation')])), reply(opt, 1)]));
+      else if (opt === 7) {
+        const info = Buffer.alloc(12);
+        info.writeUInt16BE(0, 0);
+        info.writeUInt32BE(1 * MiB, 6);
+        info.writeUInt16BE(0b11, 10);
+        s.write(Buffer.concat([reply(opt, 3, info), reply(opt, 1)]));
+        phase = 'transmission';
+      } else s.write(reply(opt, 1));
+    }
+    if (phase === 'transmission' && buf.length >= 56) s.write(Buffer.from('this is not an NBD reply header'));
+  });
+  s.on('error', () => undefined);
+}
