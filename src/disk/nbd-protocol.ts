@@ -19,7 +19,6 @@ export const NBD_FLAG_C_NO_ZEROES = 1 << 1;
 
 // Options.
 export const NBD_OPT_EXPORT_NAME = 1;
-export const NBD_OPT_ABORT = 2;
 export const NBD_OPT_GO = 7;
 export const NBD_OPT_STRUCTURED_REPLY = 8;
 export const NBD_OPT_SET_META_CONTEXT = 10;
@@ -116,9 +115,6 @@ export function errnoName(errno: number): string {
  * payloads above 32 MiB; qemu-nbd's own limit (NBD_MAX_BUFFER_SIZE) is the same.
  */
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
-
-/** Largest value of a u32 length field. */
-export const U32_MAX = 0xffffffff;
 
 /** Write a u64 that is a JS number (< 2^53) in network order, without BigInt. */
 export function writeU64(buf: Buffer, value: number, at: number): void {

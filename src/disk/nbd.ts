@@ -3,9 +3,10 @@
  * replies, base:allocation block status, and any number of requests in flight on
  * one connection. It is how vmvault reads and writes disk images through qemu-nbd.
  *
- * Errors: everything rejects with VmvaultError('NBD'). A failed request (the server
- * reported an error for it) rejects only that request; a protocol violation or a
- * dropped connection rejects every request in flight and every later one.
+ * Errors: everything rejects with VmvaultError('NBD') (BAD_INPUT for a negative or
+ * fractional offset/length). A failed request (the server reported an error for it)
+ * rejects only that request; a protocol violation or a dropped connection rejects
+ * every request in flight and every later one.
  */
 import net from 'node:net';
 import { VmvaultError } from '../errors.js';
@@ -44,7 +45,7 @@ const MAX_STATUS_REQUEST = 2 ** 31;
 /** One write-zeroes request covers at most this much. */
 const MAX_ZEROES_REQUEST = 2 ** 30;
 
-export class NbdClient implements ReplySink {
+export class NbdClient {
   /** Export size in bytes. */
   readonly size: number;
   readonly readOnly: boolean;
@@ -73,7 +74,12 @@ export class NbdClient implements ReplySink {
     const max = Math.min(negotiated.maxBlock || DEFAULT_MAX_PAYLOAD, DEFAULT_MAX_PAYLOAD);
     this.maxRequest = Math.max(min, Math.floor(max / min) * min);
     this.blockSize = { minimum: negotiated.minBlock, preferred: negotiated.preferredBlock, maximum: negotiated.maxBlock };
-    this.parser = new ReplyParser(this, negotiated.allocationContext);
+    const sink: ReplySink = {
+      lookup: (handle) => this.pending.get(handle),
+      finish: (p) => this.finish(p),
+      violation: (message) => this.violation(message),
+    };
+    this.parser = new ReplyParser(sink, negotiated.allocationContext);
     this.socketClosed = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.on('error', (err) => {
       this.fail(new VmvaultError('NBD', `NBD connection to ${describe} failed: ${err.message}`, { cause: err }));
@@ -83,7 +89,7 @@ export class NbdClient implements ReplySink {
       const inFlight = n > 0 ? ` with ${n} request${n === 1 ? '' : 's'} in flight` : '';
       this.fail(this.closing
         ? new VmvaultError('NBD', `NBD client for ${describe} is closed`)
-        : new VmvaultError('NBD', `NBD server ${describe} closed the connection${inFlight}`, { retriable: true }));
+        : new VmvaultError('NBD', `NBD server ${describe} closed the connection${inFlight}`));
     });
   }
 
@@ -99,8 +105,14 @@ export class NbdClient implements ReplySink {
     });
     try {
       await new Promise<void>((resolve, reject) => {
-        socket.once('connect', resolve);
-        socket.once('error', reject);
+        const settle = (err?: Error): void => {
+          socket.off('connect', settle);
+          socket.off('error', settle);
+          if (err) reject(err);
+          else resolve();
+        };
+        socket.once('connect', settle);
+        socket.once('error', settle);
       });
     } catch (err) {
       socket.destroy();
@@ -239,20 +251,16 @@ export class NbdClient implements ReplySink {
     clearTimeout(timer);
   }
 
-  // --- ReplySink, used by the parser -------------------------------------------
+  // --- called by the reply parser ----------------------------------------------
 
-  lookup(handle: number): Pending | undefined {
-    return this.pending.get(handle);
-  }
-
-  finish(p: Pending): void {
+  private finish(p: Pending): void {
     this.pending.delete(p.handle);
     if (p.error) p.reject(requestError(p, this.readOnly));
     else p.resolve();
     if (this.pending.size === 0) this.idle();
   }
 
-  violation(message: string): void {
+  private violation(message: string): void {
     this.fail(new VmvaultError('NBD', `protocol violation from NBD server ${this.describe}: ${message}; connection dropped`));
     this.socket.destroy();
   }

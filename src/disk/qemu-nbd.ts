@@ -87,8 +87,9 @@ export async function exportImage(file: string, opts: ExportOptions): Promise<Nb
     if (!opts.readOnly) throw new VmvaultError('BAD_INPUT', `cannot export snapshot "${opts.snapshot}" of ${abs} writable: snapshots are exported read-only`);
   }
   await mustExist(abs);
-  // A read-only export of a raw image would not notice a VM writing it (see probeRawWriters).
-  if (opts.format === 'raw' && opts.readOnly) await probeRawWriters(abs);
+  // qemu-nbd shares every permission, and raw has no metadata to protect: without this
+  // probe it would serve a raw image that a VM (or another qemu-nbd) is writing.
+  if (opts.format === 'raw') await probeRawWriters(abs);
   const dir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-')); // mkdtemp creates it 0700
   try {
     const first = await start(abs, opts, dir, 'none');

@@ -50,14 +50,17 @@ async function infoJson(abs: string, format?: ImageFormat): Promise<QemuImgInfoJ
 }
 
 /**
- * Inspect an image, detecting its format (the one place qemu is allowed to probe).
- * NotFoundError when it does not exist, UNSUPPORTED for a format outside
- * IMAGE_FORMATS, IMAGE_LOCKED when a running VM or another program holds it.
+ * Inspect an image. Without `format`, qemu detects it (the one place it may probe;
+ * a guest can make a raw disk look like qcow2, so pass the format when the VM's
+ * configuration states it). NotFoundError when it does not exist, UNSUPPORTED for a
+ * format outside IMAGE_FORMATS, IMAGE_LOCKED when a running VM or another program
+ * holds it.
  */
-export async function imageInfo(file: string): Promise<ImageInfo> {
+export async function imageInfo(file: string, format?: ImageFormat): Promise<ImageInfo> {
   const abs = path.resolve(file);
+  if (format !== undefined) checkFormat(format, abs);
   await mustExist(abs);
-  const j = await infoJson(abs);
+  const j = await infoJson(abs, format);
   checkFormat(j.format, abs);
   if (j.format === 'raw') await probeRawWriters(abs); // qemu-img info alone misses writers of raw images.
   const backing = j['full-backing-filename'] ?? j['backing-filename'];

@@ -156,6 +156,13 @@ for (const format of IMAGE_FORMATS) {
       assert.ok(Buffer.from(target).equals(expectedContent(WRITES, 4 * MiB + 7, target.length)));
     });
 
+    test('holes overwrite whatever the caller\'s buffer held with zeros', async () => {
+      const offset = 44 * MiB; // 1 MiB of the 0x22 write, then a hole in every format.
+      const target = new Uint8Array(8 * MiB).fill(0xee);
+      await client.readInto(offset, target);
+      assert.ok(Buffer.from(target).equals(expectedContent(WRITES, offset, target.length)));
+    });
+
     test('reading past the end fails clearly, and the connection stays usable', async () => {
       await assert.rejects(client.read(SIZE - 512, 1024), isNbdError(/past the end of the export \(83886080 bytes\)/));
       await assert.rejects(client.read(SIZE, 1), isNbdError(/past the end/));
@@ -261,32 +268,132 @@ describe('NbdClient failures', { timeout: 120_000 }, () => {
   test('a connection to a missing socket fails with NBD', async () => {
     await assert.rejects(NbdClient.connect(path.join(dir.path, 'none.sock')), isNbdError(/cannot connect.*ENOENT/));
   });
+});
 
-  test('a protocol violation rejects every pending request and drops the connection', async () => {
-    // qemu-nbd never misbehaves, so a scripted server plays one: a correct
-    // handshake, then garbage in reply to the first requests.
-    const sock = path.join(dir.path, 'bad.sock');
-    const server = net.createServer((s) => scriptedServer(s)).listen(sock);
-    await new Promise((r) => server.once('listening', r));
+describe('NbdClient over more than one block-status request', { timeout: 60_000 }, () => {
+  test('extents of a 5 GiB image are merged where 2 GiB requests meet', async () => {
+    const dir = await tempDir();
+    const GiB = 1024 * MiB;
+    const writes: PatternWrite[] = [{ offset: 2 * GiB - 64 * KiB, length: 128 * KiB, pattern: 1 }, { offset: 4 * GiB + 64 * KiB, length: 64 * KiB, pattern: 2 }];
+    const exp = await exportImage(await makeImage(dir.path, 'big.qcow2', 'qcow2', 5 * GiB, writes), { format: 'qcow2', readOnly: true });
     try {
-      const client = await NbdClient.connect(sock);
-      assert.equal(client.size, 1 * MiB);
-      const reads = [client.read(0, 4096), client.read(4096, 4096)];
-      for (const r of reads) await assert.rejects(r, isNbdError(/protocol violation.*bad reply magic/));
-      await assert.rejects(client.read(0, 512), isNbdError(/protocol violation/));
-      await client.close();
+      const flags = (e: Extent) => ({ offset: e.offset, length: e.length, zero: e.zero });
+      assert.deepEqual((await exp.client.extents(0, 5 * GiB)).map(flags), [
+        { offset: 0, length: 2 * GiB - 64 * KiB, zero: true },
+        { offset: 2 * GiB - 64 * KiB, length: 128 * KiB, zero: false }, // Spans the first seam.
+        { offset: 2 * GiB + 64 * KiB, length: 2 * GiB, zero: true }, // Spans the second.
+        { offset: 4 * GiB + 64 * KiB, length: 64 * KiB, zero: false },
+        { offset: 4 * GiB + 128 * KiB, length: GiB - 128 * KiB, zero: true },
+      ]);
     } finally {
-      server.close();
+      await exp.close();
+      await dir.cleanup();
     }
   });
 });
 
-/** Just enough of an NBD server: handshake as qemu-nbd does, then reply garbage once two requests arrived. */
-function scriptedServer(s: net.Socket): void {
-  const u32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
-  const reply = (opt: number, type: number, data = Buffer.alloc(0)) =>
+/**
+ * Replies qemu-nbd never sends (out-of-order chunks, error chunks, oversized block
+ * status, garbage) come from a scripted peer: a correct handshake, then `respond`
+ * answers each request.
+ */
+describe('NbdClient against a scripted server', { timeout: 60_000 }, () => {
+  let dir: TempDir;
+  before(async () => { dir = await tempDir(); });
+  after(async () => { await dir?.cleanup(); });
+
+  async function withServer(respond: Responder, body: (client: NbdClient) => Promise<void>, structured = true): Promise<void> {
+    const sock = path.join(dir.path, `scripted-${Math.random().toString(36).slice(2)}.sock`);
+    const server = net.createServer((s) => scriptedServer(s, respond, structured)).listen(sock);
+    await new Promise((r) => server.once('listening', r));
+    const client = await NbdClient.connect(sock);
+    try {
+      await body(client);
+    } finally {
+      await client.close();
+      server.close();
+    }
+  }
+
+  test('read chunks in any order are reassembled, holes zeroed', () => withServer((req, send) => {
+    const q = req.length / 4;
+    send(chunk(0, 1, req.handle, Buffer.concat([u64(req.offset + 2 * q), Buffer.alloc(2 * q, 0xbb)])));
+    send(chunk(0, 2, req.handle, Buffer.concat([u64(req.offset), u32(q)])));
+    send(chunk(0, 1, req.handle, Buffer.concat([u64(req.offset + q), Buffer.alloc(q, 0xaa)])));
+    send(chunk(1, 0, req.handle));
+  }, async (client) => {
+    const target = new Uint8Array(4096).fill(0xee);
+    await client.readInto(8192, target);
+    assert.ok(Buffer.from(target).equals(Buffer.concat([Buffer.alloc(1024), Buffer.alloc(1024, 0xaa), Buffer.alloc(2048, 0xbb)])));
+  }));
+
+  test('an error chunk fails only its request, with the server\'s message', () => withServer((req, send) => {
+    if (req.offset === 0) {
+      const msg = Buffer.from('disk on fire');
+      send(chunk(1, 0x8002, req.handle, Buffer.concat([u32(5), u16(msg.length), msg, u64(512)])));
+    } else {
+      send(chunk(1, 1, req.handle, Buffer.concat([u64(req.offset), Buffer.alloc(req.length, 7)])));
+    }
+  }, async (client) => {
+    await assert.rejects(client.read(0, 4096), isNbdError(/^NBD read of 4096 bytes at offset 0 failed: EIO \(input\/output error\): disk on fire \(at offset 512\)$/));
+    assert.ok((await client.read(4096, 100)).equals(Buffer.alloc(100, 7)));
+  }));
+
+  test('block status: same flags merged, a descriptor past the request clipped, short replies continued', () => withServer((req, send) => {
+    const descriptors = req.offset === 0 && req.length === 4096
+      ? [[300, 3], [212, 3], [1_000_000, 0]] // The last runs far past the request.
+      : [[Math.min(req.length, 4096), 0]]; // Short replies: the client must ask again.
+    send(chunk(1, 5, req.handle, Buffer.concat([u32(1), ...descriptors.map(([l, f]) => Buffer.concat([u32(l!), u32(f!)]))])));
+  }, async (client) => {
+    assert.deepEqual(await client.extents(0, 4096), [{ offset: 0, length: 512, zero: true, hole: true }, { offset: 512, length: 3584, zero: false, hole: false }]);
+    assert.deepEqual(await client.extents(8192, 100_000), [{ offset: 8192, length: 100_000, zero: false, hole: false }]);
+  }));
+
+  test('a server without structured replies: simple replies carry reads and errors, extents say all data', () => withServer((req, send) => {
+    const simple = (errno: number) => Buffer.concat([u32(0x67446698), u32(errno), req.handle]);
+    if (req.offset === 0) send(simple(22));
+    else send(Buffer.concat([simple(0), Buffer.alloc(req.length, 9)]));
+  }, async (client) => {
+    await assert.rejects(client.read(0, 512), isNbdError(/EINVAL/));
+    const reads = await Promise.all([client.read(512, 1000), client.read(4096, 3 * 4096)]);
+    assert.ok(reads[0].equals(Buffer.alloc(1000, 9)) && reads[1].equals(Buffer.alloc(3 * 4096, 9)));
+    assert.deepEqual(await client.extents(0, 1 * MiB), [{ offset: 0, length: 1 * MiB, zero: false, hole: false }]);
+  }, false));
+
+  for (const [what, respond, message] of [
+    ['garbage instead of a reply', (_req: Request, send: (b: Buffer) => void) => send(Buffer.from('this is not an NBD reply header')), /bad reply magic/],
+    ['overlapping read chunks', (req: Request, send: (b: Buffer) => void) => {
+      send(chunk(0, 1, req.handle, Buffer.concat([u64(req.offset), Buffer.alloc(req.length / 2)])));
+      send(chunk(1, 1, req.handle, Buffer.concat([u64(req.offset + req.length / 4), Buffer.alloc(req.length / 2)])));
+    }, /overlapping/],
+    ['a read reply missing data', (req: Request, send: (b: Buffer) => void) => {
+      send(chunk(1, 1, req.handle, Buffer.concat([u64(req.offset), Buffer.alloc(req.length / 2)])));
+    }, /ended with 2048 of 4096 bytes/],
+    ['a reply to a handle never sent', (req: Request, send: (b: Buffer) => void) => send(chunk(1, 0, Buffer.from('ffffffffffffffff', 'hex'))), /no request in flight/],
+  ] as const) {
+    test(`${what} is a protocol violation that fails every pending request`, () => withServer(respond, async (client) => {
+      const reads = [client.read(0, 4096), client.read(4096, 4096)];
+      for (const r of reads) await assert.rejects(r, isNbdError(new RegExp(`protocol violation.*${message.source}`)));
+      await assert.rejects(client.read(0, 512), isNbdError(/protocol violation/));
+    }));
+  }
+});
+
+interface Request { type: number; handle: Buffer; offset: number; length: number }
+type Responder = (req: Request, send: (b: Buffer) => void) => void;
+
+const u16 = (n: number) => { const b = Buffer.alloc(2); b.writeUInt16BE(n); return b; };
+const u32 = (n: number) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; };
+const u64 = (n: number) => { const b = Buffer.alloc(8); b.writeBigUInt64BE(BigInt(n)); return b; };
+/** A structured reply chunk: magic, flags (1 = DONE), type, handle, length, payload. */
+const chunk = (flags: number, type: number, handle: Buffer, payload = Buffer.alloc(0)) =>
+  Buffer.concat([u32(0x668e33ef), u16(flags), u16(type), handle, u32(payload.length), payload]);
+
+/** Just enough of an NBD server: the fixed newstyle handshake as qemu-nbd does it (1 MiB export), then `respond`. */
+function scriptedServer(s: net.Socket, respond: Responder, structured: boolean): void {
+  const optionReply = (opt: number, type: number, data = Buffer.alloc(0)) =>
     Buffer.concat([Buffer.from('0003e889045565a9', 'hex'), u32(opt), u32(type), u32(data.length), data]);
-  s.write(Buffer.concat([Buffer.from('NBDMAGICIHAVEOPT'), Buffer.from([0, 3])]));
+  s.write(Buffer.concat([Buffer.from('NBDMAGICIHAVEOPT'), u16(3)]));
   let buf = Buffer.alloc(0);
   let phase: 'flags' | 'options' | 'transmission' = 'flags';
   s.on('data', (d) => {
@@ -295,17 +402,19 @@ function scriptedServer(s: net.Socket): void {
     while (phase === 'options' && buf.length >= 16 && buf.length >= 16 + buf.readUInt32BE(12)) {
       const opt = buf.readUInt32BE(8);
       buf = buf.subarray(16 + buf.readUInt32BE(12));
-      if (opt === 10) s.write(Buffer.concat([reply(opt, 4, Buffer.concat([u32(1), Buffer.from('base:allocation')])), reply(opt, 1)]));
+      if (opt === 8 && !structured) s.write(optionReply(opt, 0x80000001)); // NBD_REP_ERR_UNSUP
+      else if (opt === 10) s.write(Buffer.concat([optionReply(opt, 4, Buffer.concat([u32(1), Buffer.from('base:allocation')])), optionReply(opt, 1)]));
       else if (opt === 7) {
-        const info = Buffer.alloc(12);
-        info.writeUInt16BE(0, 0);
-        info.writeUInt32BE(1 * MiB, 6);
-        info.writeUInt16BE(0b11, 10);
-        s.write(Buffer.concat([reply(opt, 3, info), reply(opt, 1)]));
+        s.write(Buffer.concat([optionReply(opt, 3, Buffer.concat([u16(0), u64(1 * MiB), u16(0b11)])), optionReply(opt, 1)]));
         phase = 'transmission';
-      } else s.write(reply(opt, 1));
+      } else s.write(optionReply(opt, 1));
     }
-    if (phase === 'transmission' && buf.length >= 56) s.write(Buffer.from('this is not an NBD reply header'));
+    while (phase === 'transmission' && buf.length >= 28) {
+      const req = { type: buf.readUInt16BE(6), handle: Buffer.from(buf.subarray(8, 16)), offset: Number(buf.readBigUInt64BE(16)), length: buf.readUInt32BE(24) };
+      buf = buf.subarray(28);
+      if (req.type === 2) s.end(); // NBD_CMD_DISC
+      else respond(req, (b) => s.write(b));
+    }
   });
   s.on('error', () => undefined);
 }

@@ -10,7 +10,7 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
-  compareImages, createImage, exportImage, IMAGE_FORMATS, imageInfo, snapshotCreate, snapshotDelete, type ImageFormat,
+  compareImages, createImage, exportImage, IMAGE_FORMATS, imageInfo, snapshotCreate, snapshotDelete, type ImageFormat, type NbdExport,
 } from '../../src/disk/qemu.js';
 import { NotFoundError, VmvaultError, type ErrorCode } from '../../src/errors.js';
 import {
@@ -26,6 +26,14 @@ function isError(code: ErrorCode, pattern: RegExp) {
     assert.match(err.message, pattern);
     return true;
   };
+}
+
+/** For assert.rejects: an export that wrongly succeeds is closed first, so the failure cannot hang the run. */
+function exporting(p: Promise<NbdExport>): Promise<never> {
+  return p.then(async (exp) => {
+    await exp.close();
+    assert.fail('exportImage succeeded where it should have failed');
+  });
 }
 
 let dir: TempDir;
@@ -45,6 +53,14 @@ describe('imageInfo', { timeout: 60_000 }, () => {
       assert.deepEqual(info.snapshots, []);
     });
   }
+
+  test('with a format given, qemu does not probe: a qcow2 file read as raw is raw', async () => {
+    const image = await makeImage(dir.path, 'looks-like.qcow2', 'qcow2', 16 * MiB);
+    const info = await imageInfo(image, 'raw');
+    assert.equal(info.format, 'raw');
+    assert.equal(info.virtualSize, Math.ceil((await fs.stat(image)).size / 512) * 512);
+    await assert.rejects(imageInfo(image, 'qed' as ImageFormat), isError('UNSUPPORTED', /"qed"/));
+  });
 
   test('reports a backing file', async () => {
     const base = await makeImage(dir.path, 'base.qcow2', 'qcow2', 8 * MiB);
@@ -81,8 +97,8 @@ describe('locked images', { timeout: 120_000 }, () => {
       const release = await holdImageLock(image, format);
       try {
         await assert.rejects(imageInfo(image), isError('IMAGE_LOCKED', lockedMessage(image)));
-        await assert.rejects(exportImage(image, { format, readOnly: true }), isError('IMAGE_LOCKED', lockedMessage(image)));
-        await assert.rejects(exportImage(image, { format, readOnly: false }), isError('IMAGE_LOCKED', lockedMessage(image)));
+        await assert.rejects(exporting(exportImage(image, { format, readOnly: true })), isError('IMAGE_LOCKED', lockedMessage(image)));
+        await assert.rejects(exporting(exportImage(image, { format, readOnly: false })), isError('IMAGE_LOCKED', lockedMessage(image)));
         if (format === 'qcow2') await assert.rejects(snapshotCreate(image, 'while-locked'), isError('IMAGE_LOCKED', lockedMessage(image)));
       } finally {
         await release();
@@ -97,7 +113,7 @@ describe('locked images', { timeout: 120_000 }, () => {
       const release = await holdImageLock(image, format, { by: 'vm' });
       try {
         await assert.rejects(imageInfo(image), isError('IMAGE_LOCKED', lockedMessage(image)));
-        await assert.rejects(exportImage(image, { format, readOnly: true }), isError('IMAGE_LOCKED', /Failed to get shared "write" lock/));
+        await assert.rejects(exporting(exportImage(image, { format, readOnly: true })), isError('IMAGE_LOCKED', /Failed to get shared "write" lock/));
       } finally {
         await release();
       }
@@ -132,14 +148,14 @@ describe('snapshots', { timeout: 60_000 }, () => {
     await snapshotDelete(image, 'before-update');
     assert.deepEqual((await imageInfo(image)).snapshots, []);
     await assert.rejects(snapshotDelete(image, 'before-update'), (err: unknown) => err instanceof NotFoundError);
-    await assert.rejects(exportImage(image, { format: 'qcow2', readOnly: true, snapshot: 'before-update' }), (err: unknown) => err instanceof NotFoundError);
+    await assert.rejects(exporting(exportImage(image, { format: 'qcow2', readOnly: true, snapshot: 'before-update' })), (err: unknown) => err instanceof NotFoundError);
   });
 
   test('snapshot misuse is refused before qemu runs', async () => {
     const raw = await makeImage(dir.path, 'nosnap.raw', 'raw', 1 * MiB);
     const qcow2 = await makeImage(dir.path, 'snap2.qcow2', 'qcow2', 1 * MiB);
-    await assert.rejects(exportImage(raw, { format: 'raw', readOnly: true, snapshot: 's' }), isError('UNSUPPORTED', /only in qcow2/));
-    await assert.rejects(exportImage(qcow2, { format: 'qcow2', readOnly: false, snapshot: 's' }), isError('BAD_INPUT', /read-only/));
+    await assert.rejects(exporting(exportImage(raw, { format: 'raw', readOnly: true, snapshot: 's' })), isError('UNSUPPORTED', /only in qcow2/));
+    await assert.rejects(exporting(exportImage(qcow2, { format: 'qcow2', readOnly: false, snapshot: 's' })), isError('BAD_INPUT', /read-only/));
     await assert.rejects(snapshotCreate(qcow2, '1'), isError('BAD_INPUT', /not only digits/));
     await assert.rejects(snapshotCreate(raw, 'x'), isError('QEMU', /Image is not in qcow2 format/));
     await assert.rejects(snapshotCreate(path.join(dir.path, 'nope.qcow2'), 'x'), (err: unknown) => err instanceof NotFoundError);
@@ -149,10 +165,10 @@ describe('snapshots', { timeout: 60_000 }, () => {
 describe('exportImage', { timeout: 60_000 }, () => {
   test('refuses missing files and unsupported formats', async () => {
     const missing = path.join(dir.path, 'missing.raw');
-    await assert.rejects(exportImage(missing, { format: 'raw', readOnly: true }), (err: unknown) =>
+    await assert.rejects(exporting(exportImage(missing, { format: 'raw', readOnly: true })), (err: unknown) =>
       err instanceof NotFoundError && err.message === `disk image ${missing} does not exist`);
     const qed = await makeImage(dir.path, 'x.qed', 'qed', 1 * MiB);
-    await assert.rejects(exportImage(qed, { format: 'qed' as ImageFormat, readOnly: true }), isError('UNSUPPORTED', /"qed"/));
+    await assert.rejects(exporting(exportImage(qed, { format: 'qed' as ImageFormat, readOnly: true })), isError('UNSUPPORTED', /"qed"/));
   });
 
   test('passes the format explicitly: a raw file is not taken for the qcow2 it pretends to be', async () => {
@@ -186,16 +202,20 @@ describe('exportImage', { timeout: 60_000 }, () => {
     const mod = existsSync(js) ? js : js.replace(/\.js$/, '.ts');
     const script = `const { exportImage } = await import(${JSON.stringify(mod)});
       const exp = await exportImage(${JSON.stringify(image)}, { format: 'qcow2', readOnly: true });
-      console.log(exp.pid); setInterval(() => {}, 1000);`;
+      console.log(exp.pid, exp.socketPath); setInterval(() => {}, 1000);`;
     const child = execa(process.execPath, [...(mod.endsWith('.ts') ? ['--import', 'tsx'] : []), '--input-type=module', '-e', script], { reject: false });
-    const pid = await new Promise<number>((resolve, reject) => {
-      child.stdout!.once('data', (d: Buffer) => resolve(Number(d.toString().trim())));
+    const [pidText, socketPath] = await new Promise<string[]>((resolve, reject) => {
+      child.stdout!.once('data', (d: Buffer) => resolve(d.toString().trim().split(' ')));
       void child.then((r) => reject(new Error(`child exited early: ${r.stderr}`)));
     });
+    const pid = Number(pidText);
     assert.equal(processAlive(pid), true);
     child.kill('SIGKILL');
     await child;
     assert.equal(await waitForExit(pid, 5000), true, `qemu-nbd ${pid} exited after its parent was killed`);
+    // The killed parent could not remove its socket directory (qemu-nbd removed the socket).
+    assert.equal(existsSync(socketPath!), false);
+    await fs.rm(path.dirname(socketPath!), { recursive: true, force: true });
   });
 });
 

@@ -3,6 +3,7 @@
  * format drivers with qemu-io, and locked by real qemu processes. No mocks.
  */
 import { execa } from 'execa';
+import { readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -72,14 +73,19 @@ export function expectedContent(writes: PatternWrite[], offset: number, length: 
   return out;
 }
 
-/** True while a process with this pid exists (and is not a zombie we could still reap). */
+/**
+ * True while a process with this pid runs. A zombie counts as gone: it has exited,
+ * and an orphan's zombie lingers until init reaps it (here, about a second).
+ */
 export function processAlive(pid: number): boolean {
+  let stat: string;
   try {
-    process.kill(pid, 0);
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
   } catch {
     return false;
   }
-  return true;
+  const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3); // After "pid (comm) ".
+  return state !== 'Z' && state !== 'X';
 }
 
 /** Poll until `pid` is gone; false if it is still there after `ms`. */
