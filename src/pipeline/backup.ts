@@ -183,14 +183,8 @@ async function readChunks(
 
 /** Reads a chunk's data ranges; the rest of the chunk is zeros. */
 async function readPlan(client: NbdClient, plan: ChunkPlan): Promise<Buffer> {
-  const only = plan.data[0]!;
-  if (plan.data.length === 1 && only.offset === plan.offset && only.length === plan.length) {
-    return client.read(plan.offset, plan.length);
-  }
-  const buf = Buffer.alloc(plan.length);
-  await Promise.all(plan.data.map(async (r) => {
-    const part = await client.read(r.offset, r.length);
-    part.copy(buf, r.offset - plan.offset);
-  }));
+  const whole = plan.data.length === 1 && plan.data[0]!.length === plan.length;
+  const buf = whole ? Buffer.allocUnsafe(plan.length) : Buffer.alloc(plan.length);
+  await Promise.all(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
   return buf;
 }
