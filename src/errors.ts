@@ -16,7 +16,8 @@ export type ErrorCode =
   | 'STORAGE'
   | 'NBD'
   | 'QEMU'
-  | 'AMBIGUOUS';
+  | 'AMBIGUOUS'
+  | 'LOCKED';
 
 export class VmvaultError extends Error {
   readonly code: ErrorCode;

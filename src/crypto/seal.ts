@@ -17,9 +17,9 @@ import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { IntegrityError } from '../errors.js';
 import { sodium } from './sodium.js';
 
-export type ObjectType = 'chunk' | 'manifest' | 'keyfile';
+export type ObjectType = 'chunk' | 'manifest' | 'keyfile' | 'lock';
 
-const TYPE_TAG: Record<ObjectType, number> = { chunk: 1, manifest: 2, keyfile: 3 };
+const TYPE_TAG: Record<ObjectType, number> = { chunk: 1, manifest: 2, keyfile: 3, lock: 4 };
 const HEADER = 4;
 export const NONCE_BYTES = 24;
 const TAG_BYTES = 16;

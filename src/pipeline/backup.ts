@@ -16,6 +16,7 @@ import { dataBytes, planChunks, type ChunkPlan } from './plan.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { assertSafeName, diskNameFromPath, uniqueNames } from './names.js';
+import { withLock } from '../repo/locks.js';
 
 export interface BackupRequest {
   vm: string;
@@ -49,6 +50,11 @@ export async function backup(repo: Repository, req: BackupRequest): Promise<Back
   names.forEach((n) => assertSafeName(n, 'disk name'));
   const configs = await readConfigs(req.configs ?? []);
 
+  // A shared lock: garbage collection (exclusive) cannot delete the chunks this backup reuses.
+  return withLock(repo, 'shared', { purpose: `backup of ${req.vm}` }, () => run(repo, req, infos, names, configs, started));
+}
+
+async function run(repo: Repository, req: BackupRequest, infos: ImageInfo[], names: string[], configs: Manifest['configs'], started: number): Promise<BackupResult> {
   const id = randomBytes(32).toString('hex');
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, seconds: 0 };
   const known = await repo.chunkIds();

@@ -15,6 +15,7 @@ import { ChunkPool } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, pathInside } from './names.js';
+import { withLock } from '../repo/locks.js';
 
 export interface RestoreRequest {
   backupId: string;
@@ -32,7 +33,11 @@ export interface RestoreRequest {
 export interface RestoredFile { kind: 'disk' | 'config'; name: string; path: string; format?: string; virtualSize?: number }
 export interface RestoreResult { backup: string; vm: string; files: RestoredFile[]; stats: { bytesWritten: number; chunksWritten: number; seconds: number } }
 
-export async function restore(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
+export function restore(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
+  return withLock(repo, 'shared', { purpose: 'restore' }, () => run(repo, req));
+}
+
+async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
   const started = Date.now();
   const manifest = await repo.loadManifest(req.backupId);
   const disks = selectDisks(manifest, req.disks);

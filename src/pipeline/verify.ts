@@ -11,11 +11,19 @@ import type { Repository } from '../repo/repository.js';
 import { ChunkPool } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
+import { withLock } from '../repo/locks.js';
 
 export interface VerifyProblem { object: string; problem: string; backups: string[] }
 export interface VerifyReport { ok: boolean; backupsChecked: number; chunksChecked: number; readData: boolean; problems: VerifyProblem[] }
 
-export async function verify(repo: Repository, opts: { backupIds?: string[]; readData?: boolean; onProgress?: ProgressFn } = {}): Promise<VerifyReport> {
+export interface VerifyOptions { backupIds?: string[]; readData?: boolean; onProgress?: ProgressFn }
+
+/** Under a shared lock, so that garbage collection does not make chunks vanish mid-check. */
+export function verify(repo: Repository, opts: VerifyOptions = {}): Promise<VerifyReport> {
+  return withLock(repo, 'shared', { purpose: 'verify' }, () => run(repo, opts));
+}
+
+async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport> {
   const problems: VerifyProblem[] = [];
   const manifests: Manifest[] = [];
   for (const id of opts.backupIds ?? (await repo.backupIds())) {
