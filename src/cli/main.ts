@@ -8,6 +8,8 @@ import { VmvaultError } from '../errors.js';
 import type { GlobalOptions } from './context.js';
 import { registerKeyCommands } from './commands/keys.js';
 import { registerBackupCommands } from './commands/backups.js';
+import { registerMaintenanceCommands } from './commands/maintenance.js';
+import { registerPolicyCommands } from './commands/policy.js'; // policy validate / simulate (issue 3)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -19,6 +21,8 @@ export function buildProgram(): Command {
   const globals = () => program.opts<GlobalOptions>();
   registerKeyCommands(program, globals);
   registerBackupCommands(program, globals);
+  registerMaintenanceCommands(program, globals);
+  registerPolicyCommands(program); // policy validate / simulate (issue 3)
   return program;
 }
 

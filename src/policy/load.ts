@@ -1,0 +1,162 @@
+/**
+ * Reading policy files: YAML → zod, with every problem reported as
+ * `FILE:LINE:COL: key.path: message` (all of them, not just the first), so an
+ * operator can fix a file in one go and an editor can jump to each line.
+ */
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { isAlias, isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, type Document, type Node } from 'yaml';
+import type { z } from 'zod';
+import { VmvaultError } from '../errors.js';
+import { POLICY_KEYS, policySchema, type Policy } from './schema.js';
+
+/** One problem in one file; `line` and `col` are 1-based. */
+export interface PolicyProblem { file: string; line: number; col: number; path: string; message: string }
+
+export const formatProblem = (p: PolicyProblem): string => `${p.file}:${p.line}:${p.col}: ${p.path}: ${p.message}`;
+
+/** A policy file that cannot be used; `problems` lists every error, the message prints them one per line. */
+export class PolicyFileError extends VmvaultError {
+  readonly problems: PolicyProblem[];
+  constructor(problems: PolicyProblem[]) {
+    super('BAD_INPUT', problems.map(formatProblem).join('\n'));
+    this.name = 'PolicyFileError';
+    this.problems = problems;
+  }
+}
+
+export interface LoadedPolicy { file: string; policy: Policy }
+
+/** `select.vms[1]`, `retention.byLabel.pre-update.keepWithin`; the document itself is `(policy)`. */
+function formatPath(path: readonly PropertyKey[]): string {
+  let s = '';
+  for (const k of path) s += typeof k === 'number' ? `[${k}]` : `${s ? '.' : ''}${String(k)}`;
+  return s || '(policy)';
+}
+
+const keyOf = (node: unknown): string => (isScalar(node) ? String(node.value) : String(node));
+
+/** The node at `path` (or the nearest ancestor that exists), and the pair's key node when the last step is a map key. */
+function locate(doc: Document, path: readonly PropertyKey[]): { node: Node | null; key: Node | null; found: boolean } {
+  let node = doc.contents as Node | null;
+  let key: Node | null = null;
+  for (const step of path) {
+    if (isAlias(node)) node = (node.resolve(doc) as Node | undefined) ?? node; // point into the anchored value
+    if (isMap(node)) {
+      const pair = node.items.find((p) => isPair(p) && keyOf(p.key) === String(step));
+      if (!pair) return { node, key: null, found: false };
+      key = pair.key as Node;
+      node = (pair.value as Node | null) ?? key;
+    } else if (isSeq(node) && typeof step === 'number' && node.items[step]) {
+      node = node.items[step] as Node;
+      key = null;
+    } else {
+      return { node, key: null, found: false };
+    }
+  }
+  return { node, key, found: true };
+}
+
+function suggestion(unknown: string): string {
+  const norm = (k: string) => k.toLowerCase().replace(/[-_ ]/g, '');
+  const match = POLICY_KEYS.find((k) => norm(k) === norm(unknown));
+  return match ? ` (did you mean "${match}"?)` : '';
+}
+
+/** Every zod issue as problems pointing into the YAML (one per unknown key). */
+function problemsOf(file: string, doc: Document, lines: LineCounter, issues: z.core.$ZodIssue[]): PolicyProblem[] {
+  const at = (offset: number | undefined, path: readonly PropertyKey[], message: string): PolicyProblem => {
+    const { line, col } = lines.linePos(offset ?? 0);
+    return { file, line, col, path: formatPath(path), message };
+  };
+  const out: PolicyProblem[] = [];
+  for (const issue of issues) {
+    const where = locate(doc, issue.path);
+    if (issue.code === 'unrecognized_keys') {
+      for (const k of issue.keys) {
+        const key = locate(doc, [...issue.path, k]).key;
+        out.push(at(key?.range?.[0] ?? where.node?.range?.[0], [...issue.path, k], `unknown key${suggestion(k)}`));
+      }
+    } else if (!where.found) {
+      const missing = String(issue.path[issue.path.length - 1]);
+      out.push(at(where.node?.range?.[0], issue.path, `missing: "${missing}" is required`));
+    } else if (issue.code === 'invalid_key') {
+      out.push(at(where.key?.range?.[0] ?? where.node?.range?.[0], issue.path, issue.issues[0]?.message ?? issue.message));
+    } else {
+      out.push(at(where.node?.range?.[0], issue.path, issue.message));
+    }
+  }
+  return out.sort((a, b) => a.line - b.line || a.col - b.col);
+}
+
+/**
+ * Parses and validates one policy file's text. `file` is only used in messages.
+ * Throws PolicyFileError (BAD_INPUT) listing every problem.
+ */
+export function parsePolicy(text: string, file: string): Policy {
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
+  if (doc.errors.length > 0) {
+    throw new PolicyFileError(doc.errors.map((e) => {
+      const { line, col } = lines.linePos(e.pos[0]);
+      return { file, line, col, path: 'YAML', message: e.message.split('\n')[0]! };
+    }));
+  }
+  if (doc.contents === null) {
+    throw new PolicyFileError([{ file, line: 1, col: 1, path: '(policy)', message: 'the file is empty: expected name, schedule, select and retention' }]);
+  }
+  const result = policySchema.safeParse(doc.toJS({ maxAliasCount: 100 }));
+  if (!result.success) throw new PolicyFileError(problemsOf(file, doc, lines, result.error.issues));
+  return result.data;
+}
+
+async function readPolicyText(file: string): Promise<string> {
+  try {
+    return await readFile(file, 'utf8');
+  } catch (err) {
+    throw new VmvaultError('BAD_INPUT', `${file}: cannot read policy file: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** Reads and validates one policy file. Throws PolicyFileError, or BAD_INPUT when it cannot be read. */
+export async function loadPolicyFile(file: string): Promise<Policy> {
+  return parsePolicy(await readPolicyText(file), file);
+}
+
+/** Where the value at `path` starts in a (valid) YAML text, 1-based. */
+function positionOf(text: string, path: readonly PropertyKey[]): { line: number; col: number } {
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines });
+  return lines.linePos(locate(doc, path).node?.range?.[0] ?? 0);
+}
+
+/**
+ * Every `*.yaml` / `*.yml` policy in `dir`, sorted by file name. A bad file does not
+ * stop the others: its problems are returned beside the good policies (so a service
+ * goes on with the valid ones). A policy name used by an earlier file is a problem.
+ */
+export async function loadPolicies(dir: string): Promise<{ policies: LoadedPolicy[]; problems: PolicyProblem[] }> {
+  const names = (await readdir(dir)).filter((n) => /\.ya?ml$/.test(n)).sort();
+  const policies: LoadedPolicy[] = [];
+  const problems: PolicyProblem[] = [];
+  const byName = new Map<string, string>();
+  for (const n of names) {
+    const file = join(dir, n);
+    try {
+      const text = await readPolicyText(file);
+      const policy = parsePolicy(text, file);
+      const first = byName.get(policy.name);
+      if (first) {
+        problems.push({ file, ...positionOf(text, ['name']), path: 'name', message: `policy "${policy.name}" is already defined in ${first}` });
+        continue;
+      }
+      byName.set(policy.name, file);
+      policies.push({ file, policy });
+    } catch (err) {
+      if (err instanceof PolicyFileError) problems.push(...err.problems);
+      else if (err instanceof VmvaultError) problems.push({ file, line: 1, col: 1, path: '(file)', message: err.message });
+      else throw err;
+    }
+  }
+  return { policies, problems };
+}

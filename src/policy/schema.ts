@@ -1,0 +1,107 @@
+/**
+ * The policy file (one per file in `policies/*.yaml`), as a zod schema.
+ *
+ * ```yaml
+ * name: nightly                 # letters, digits, . _ - (it becomes part of job ids)
+ * schedule: "30 1 * * *"        # 5- or 6-field cron (node-cron syntax)
+ * timezone: Europe/Paris        # optional IANA zone: of the schedule and of retention's periods
+ * select: { tags: [production] }  # vms: [names] and/or tags: [tags]; a VM matching either is selected
+ * retention:                    # restic's forget --keep-* rules (see retention.ts)
+ *   keepDaily: 7
+ *   byLabel:                    # backups with this label follow these rules instead
+ *     pre-update: { keepWithin: 14d }
+ * enabled: true                 # default true
+ * labels: [nightly]             # optional labels put on the backups this policy makes
+ * ```
+ * Unknown keys are errors (a typo must not silently keep or delete backups).
+ */
+import { validateDetailed } from 'node-cron';
+import { z } from 'zod';
+import { isValidTimeZone, parseDuration } from './retention.js';
+
+/** Policy names and labels end up in job ids and file names: no `:`, no spaces. */
+export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const nameRule = 'letters, digits, ".", "_" or "-", starting with a letter or digit, at most 64 characters';
+
+const count = z
+  .custom<number | 'unlimited'>((v) => v === 'unlimited' || (Number.isInteger(v) && (v as number) >= -1), 'expected a whole number ≥ 0, or -1 / "unlimited" for no limit')
+  .transform((v) => (v === 'unlimited' ? -1 : v));
+
+const duration = z.string({ error: 'expected a duration such as 14d, 12h, 1y6m' }).superRefine((text, ctx) => {
+  try {
+    parseDuration(text);
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: (err as Error).message });
+  }
+});
+
+const ruleShape = {
+  keepLast: count.optional(),
+  keepHourly: count.optional(),
+  keepDaily: count.optional(),
+  keepWeekly: count.optional(),
+  keepMonthly: count.optional(),
+  keepYearly: count.optional(),
+  keepWithin: duration.optional(),
+};
+
+/** One set of rules; absent rules and 0 do nothing, and no rule at all keeps everything. */
+export const retentionRulesSchema = z.strictObject(ruleShape);
+
+export const labelSchema = z.string({ error: 'expected a label' }).regex(NAME_RE, `a label is ${nameRule}`);
+
+/** The rules for unlabelled backups, plus rules per label (a backup with several labels follows the first listed here). */
+export const retentionSchema = z.strictObject({
+  ...ruleShape,
+  byLabel: z.record(labelSchema, retentionRulesSchema).optional(),
+});
+
+const cronSchedule = z.string({ error: 'expected a cron expression such as "30 1 * * *"' }).superRefine((expr, ctx) => {
+  const v = validateDetailed(expr);
+  if (v.valid) return;
+  const why = v.errors.map((e) => e.message).join('; ') || 'not a valid cron expression';
+  ctx.addIssue({ code: 'custom', message: `"${expr}" is not a valid 5- or 6-field cron expression: ${why}` });
+});
+
+const nonEmpty = (what: string) => z.string({ error: `expected a ${what}` }).min(1, `a ${what} cannot be empty`);
+
+const selectSchema = z
+  .strictObject({
+    vms: z.array(nonEmpty('VM name'), { error: 'expected a list of VM names' }).min(1, 'list at least one VM, or leave vms out').optional(),
+    tags: z.array(nonEmpty('tag'), { error: 'expected a list of tags' }).min(1, 'list at least one tag, or leave tags out').optional(),
+  }, { error: 'expected vms: [names] and/or tags: [tags]' })
+  .refine((s) => s.vms !== undefined || s.tags !== undefined, 'choose VMs with vms: [names] and/or tags: [tags]');
+
+export const policySchema = z.strictObject({
+  name: z.string({ error: 'expected a policy name' }).regex(NAME_RE, `a policy name is ${nameRule}`),
+  schedule: cronSchedule,
+  timezone: z
+    .string({ error: 'expected an IANA time zone such as Europe/Paris' })
+    .refine(isValidTimeZone, { error: (iss) => `unknown time zone "${String(iss.input)}": expected an IANA name such as Europe/Paris or UTC` })
+    .optional(),
+  select: selectSchema,
+  retention: retentionSchema,
+  enabled: z.boolean({ error: 'expected true or false' }).default(true),
+  labels: z.array(labelSchema, { error: 'expected a list of labels' }).optional(),
+}, { error: 'expected a policy: a mapping with name, schedule, select and retention' });
+
+export type RetentionPolicyRules = z.output<typeof retentionRulesSchema>;
+export type PolicyRetention = z.output<typeof retentionSchema>;
+export type Policy = z.output<typeof policySchema>;
+
+/** Every key a policy file may use at any level, to suggest a fix for a typo. */
+export const POLICY_KEYS: readonly string[] = [...Object.keys(policySchema.shape), 'vms', 'tags', ...Object.keys(ruleShape), 'byLabel'];
+
+/**
+ * Which rules a backup with these labels follows: those of the first label (in the
+ * order of `byLabel`) it carries, else the policy's own rules. Backups are planned
+ * in groups with the same `label` (undefined for the policy's own rules), so a
+ * `pre-update` backup expires on its own clock and never counts against nightly ones.
+ */
+export function retentionFor(retention: PolicyRetention, labels: readonly string[]): { label?: string; rules: RetentionPolicyRules } {
+  for (const [label, rules] of Object.entries(retention.byLabel ?? {})) {
+    if (labels.includes(label)) return { label, rules };
+  }
+  const { byLabel: _byLabel, ...rules } = retention;
+  return { rules };
+}
