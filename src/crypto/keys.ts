@@ -4,6 +4,7 @@
  * The master secret is stored sealed by each passphrase (Argon2id) in `keys/<id>`.
  */
 import { randomBytes } from 'node:crypto';
+import { Worker } from 'node:worker_threads';
 import { z } from 'zod';
 import { sodium } from './sodium.js';
 import { xchachaDecrypt, xchachaEncrypt, NONCE_BYTES } from './seal.js';
@@ -56,15 +57,27 @@ const b64 = (b: Uint8Array) => Buffer.from(b).toString('base64');
 const unb64 = (s: string) => new Uint8Array(Buffer.from(s, 'base64'));
 const adFor = (repoId: string) => new TextEncoder().encode(`vmvault/v1\0${repoId}\0keyfile`);
 
-function passKey(passphrase: string, salt: Uint8Array, opsLimit: number, memLimit: number): Uint8Array {
-  return sodium.crypto_pwhash(32, passphrase, salt, opsLimit, memLimit, sodium.crypto_pwhash_ALG_ARGON2ID13);
+/**
+ * Argon2id, in a short-lived worker thread: WebAssembly memory never shrinks, so
+ * running it on the main thread would keep memLimit bytes for the whole process.
+ */
+function passKey(passphrase: string, salt: Uint8Array, opsLimit: number, memLimit: number): Promise<Uint8Array> {
+  return new Promise((resolve, reject) => {
+    const worker = new Worker(new URL('./kdf-worker.js', import.meta.url), { workerData: { passphrase, salt, opsLimit, memLimit } });
+    worker.once('message', (key: Uint8Array) => {
+      resolve(key);
+      void worker.terminate();
+    });
+    worker.once('error', reject);
+    worker.once('exit', (code) => reject(new Error(`key derivation worker exited with code ${code}`)));
+  });
 }
 
-export function sealMaster(master: Uint8Array, passphrase: string, repoId: string, preset: KdfPreset, label?: string): KeyFile {
+export async function sealMaster(master: Uint8Array, passphrase: string, repoId: string, preset: KdfPreset, label?: string): Promise<KeyFile> {
   const { opsLimit, memLimit } = KDF_PRESETS[preset];
   const salt = new Uint8Array(randomBytes(sodium.crypto_pwhash_SALTBYTES));
   const nonce = new Uint8Array(randomBytes(NONCE_BYTES));
-  const key = passKey(passphrase, salt, opsLimit, memLimit);
+  const key = await passKey(passphrase, salt, opsLimit, memLimit);
   const sealed = xchachaEncrypt(key, nonce, master, adFor(repoId));
   return {
     version: 1,
@@ -77,8 +90,8 @@ export function sealMaster(master: Uint8Array, passphrase: string, repoId: strin
 }
 
 /** The master secret, or undefined when the passphrase does not open this key file. */
-export function openMaster(file: KeyFile, passphrase: string, repoId: string): Uint8Array | undefined {
-  const key = passKey(passphrase, unb64(file.kdf.salt), file.kdf.opsLimit, file.kdf.memLimit);
+export async function openMaster(file: KeyFile, passphrase: string, repoId: string): Promise<Uint8Array | undefined> {
+  const key = await passKey(passphrase, unb64(file.kdf.salt), file.kdf.opsLimit, file.kdf.memLimit);
   const plain = xchachaDecrypt(key, unb64(file.nonce), unb64(file.sealed), adFor(repoId));
   return plain && plain.length === MASTER_BYTES ? new Uint8Array(plain) : undefined;
 }

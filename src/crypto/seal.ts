@@ -70,16 +70,28 @@ export function xchachaDecrypt(key: Uint8Array, nonce: Uint8Array, sealed: Uint8
   }
 }
 
-export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array, ad: Uint8Array): Buffer {
+/**
+ * Seals the concatenation of `parts` (e.g. a one-byte codec tag and a body) without
+ * first copying them into one buffer: the bulk path makes one ciphertext and one
+ * output buffer per object, which keeps worker threads' memory churn low.
+ */
+export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array | Uint8Array[], ad: Uint8Array): Buffer {
+  const parts = Array.isArray(plaintext) ? plaintext : [plaintext];
+  const length = parts.reduce((n, p) => n + p.length, 0);
   const nonce = randomBytes(NONCE_BYTES);
-  const ct = xchachaEncrypt(key, nonce, plaintext, ad);
-  const out = Buffer.allocUnsafe(HEADER + NONCE_BYTES + ct.length);
+  const { subkey, iv } = subkeyAndNonce(key, nonce);
+  const cipher = createCipheriv('chacha20-poly1305', subkey, iv, { authTagLength: TAG_BYTES });
+  cipher.setAAD(ad, { plaintextLength: length });
+  const out = Buffer.allocUnsafeSlow(SEAL_OVERHEAD + length);
   out[0] = 0x56; // V
   out[1] = 0x56; // V
   out[2] = 1;
   out[3] = TYPE_TAG[type];
   nonce.copy(out, HEADER);
-  ct.copy(out, HEADER + NONCE_BYTES);
+  let at = HEADER + NONCE_BYTES;
+  for (const p of parts) at += cipher.update(p).copy(out, at);
+  at += cipher.final().copy(out, at);
+  cipher.getAuthTag().copy(out, at);
   return out;
 }
 

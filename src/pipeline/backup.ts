@@ -14,6 +14,7 @@ import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
 import { ChunkPool } from './pool.js';
 import { dataBytes, planChunks, type ChunkPlan } from './plan.js';
 import { TaskWindow } from './window.js';
+import { BufferPool } from './buffers.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { assertSafeName, diskNameFromPath, uniqueNames } from './names.js';
 import { withLock } from '../repo/locks.js';
@@ -140,24 +141,29 @@ async function readChunks(
   const uploading = new Map<string, Promise<void>>();
   const window = new TaskWindow(inFlight);
 
+  const buffers = new BufferPool(chunkSize, inFlight);
+
   const one = async (plan: ChunkPlan) => {
-    const data = await readPlan(client, plan);
+    const data = await readPlan(client, plan, buffers);
     stats.bytesRead += dataBytes(plan);
     const { id, data: plain } = await pool.hash(data);
     meter.add(plan.length);
     if (id === null) {
       stats.chunksZero++;
+      buffers.give(plain);
       return;
     }
     ids[plan.index] = id;
     const pendingUpload = uploading.get(id);
     if (known.has(id) || pendingUpload) {
       stats.chunksReused++;
+      buffers.give(plain);
       await pendingUpload;
       return;
     }
     const upload = (async () => {
-      const sealed = await pool.seal(id, plain);
+      const { sealed, plain: back } = await pool.seal(id, plain);
+      buffers.give(back);
       await repo.putChunk(id, sealed);
       stats.bytesUploaded += sealed.length;
       stats.chunksNew++;
@@ -187,10 +193,10 @@ async function readChunks(
   return ids;
 }
 
-/** Reads a chunk's data ranges; the rest of the chunk is zeros. */
-async function readPlan(client: NbdClient, plan: ChunkPlan): Promise<Buffer> {
-  const whole = plan.data.length === 1 && plan.data[0]!.length === plan.length;
-  const buf = whole ? Buffer.allocUnsafe(plan.length) : Buffer.alloc(plan.length);
+/** Reads a chunk's data ranges into a pooled buffer; the rest of the chunk is zeros. */
+async function readPlan(client: NbdClient, plan: ChunkPlan, buffers: BufferPool): Promise<Buffer> {
+  const buf = buffers.take(plan.length);
+  if (plan.data.length !== 1 || plan.data[0]!.length !== plan.length) buf.fill(0);
   await Promise.all(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
   return buf;
 }

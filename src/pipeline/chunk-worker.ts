@@ -27,12 +27,14 @@ parentPort!.on('message', (req: PoolRequest) => {
       transfer.push(req.data.buffer as ArrayBuffer);
     } else if (req.op === 'seal') {
       const sealed = sealChunk(keys, init.repoId, req.id, data, init.level);
-      res = { seq: req.seq, ok: true, data: sealed };
+      // The plaintext buffer goes back too, so the main thread can reuse it.
+      res = { seq: req.seq, ok: true, data: sealed, plain: req.data };
+      transfer.push(req.data.buffer as ArrayBuffer);
     } else {
       const plain = openChunk(keys, init.repoId, req.id, data);
       res = { seq: req.seq, ok: true, data: plain };
     }
-    if (res.data.byteOffset === 0 && res.data.byteLength === res.data.buffer.byteLength && !transfer.length) {
+    if (res.data.byteOffset === 0 && res.data.byteLength === res.data.buffer.byteLength && !transfer.includes(res.data.buffer as ArrayBuffer)) {
       transfer.push(res.data.buffer as ArrayBuffer);
     }
   } catch (err) {

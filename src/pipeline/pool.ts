@@ -12,7 +12,7 @@ export type PoolRequest =
   | { seq: number; op: 'seal'; id: string; data: Uint8Array }
   | { seq: number; op: 'open'; id: string; data: Uint8Array };
 export type PoolResponse =
-  | { seq: number; ok: true; id?: string | null; data: Uint8Array }
+  | { seq: number; ok: true; id?: string | null; data: Uint8Array; plain?: Uint8Array }
   | { seq: number; ok: false; name: string; code: string | undefined; message: string };
 
 type Pending = { resolve: (r: PoolResponse & { ok: true }) => void; reject: (e: Error) => void };
@@ -42,9 +42,10 @@ export class ChunkPool {
     return { id: r.id ?? null, data: asBuffer(r.data) };
   }
 
-  /** Compresses and encrypts; `data` is handed over (transferred) and must not be used afterwards. */
-  async seal(id: string, data: Buffer): Promise<Buffer> {
-    return asBuffer((await this.submit({ seq: 0, op: 'seal', id, data: data })).data);
+  /** Compresses and encrypts; `data` is handed over and comes back as `plain` for reuse. */
+  async seal(id: string, data: Buffer): Promise<{ sealed: Buffer; plain: Buffer }> {
+    const r = await this.submit({ seq: 0, op: 'seal', id, data });
+    return { sealed: asBuffer(r.data), plain: asBuffer(r.plain ?? new Uint8Array(0)) };
   }
 
   /** Decrypts, decompresses and checks the id; rejects with IntegrityError. */

@@ -5,13 +5,32 @@
  * neither be damaged nor swapped for another without being noticed.
  * These functions are pure CPU work and run in the worker threads of pipeline/pool.ts.
  */
-import { compress, decompress } from 'zstd-napi';
+import { Compressor, Decompressor } from 'zstd-napi';
 import { IntegrityError } from '../errors.js';
 import { chunkId, type RepoKeys } from '../crypto/keys.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 
 const CODEC_RAW = 0;
 const CODEC_ZSTD = 1;
+
+// One (de)compression context per thread, reused: a fresh context per chunk costs
+// megabytes of native allocation each time.
+let compressor: { level: number; ctx: Compressor } | undefined;
+let decompressor: Decompressor | undefined;
+
+function compress(plain: Uint8Array, level: number): Buffer {
+  if (compressor?.level !== level) {
+    const ctx = new Compressor();
+    ctx.setParameters({ compressionLevel: level });
+    compressor = { level, ctx };
+  }
+  return compressor.ctx.compress(plain);
+}
+
+function decompress(packed: Uint8Array): Buffer {
+  decompressor ??= new Decompressor();
+  return decompressor.decompress(packed);
+}
 
 export function chunkName(id: string): string {
   return `chunks/${id.slice(0, 2)}/${id}`;
@@ -25,16 +44,13 @@ export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uin
   let body: Uint8Array = plain;
   let codec = CODEC_RAW;
   if (level > 0) {
-    const packed = compress(plain, { compressionLevel: level });
+    const packed = compress(plain, level);
     if (packed.length < plain.length) {
       body = packed;
       codec = CODEC_ZSTD;
     }
   }
-  const framed = Buffer.allocUnsafe(body.length + 1);
-  framed[0] = codec;
-  framed.set(body, 1);
-  return seal(keys.encKey, 'chunk', framed, additionalData(repoId, 'chunk', id));
+  return seal(keys.encKey, 'chunk', [Uint8Array.of(codec), body], additionalData(repoId, 'chunk', id));
 }
 
 /** Decrypts, decompresses and re-hashes; throws IntegrityError naming the chunk. */

@@ -68,7 +68,7 @@ export class Repository {
       throw new VmvaultError('BAD_INPUT', `invalid repository settings: ${config.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
     }
     const keyId = randomBytes(8).toString('hex');
-    await storage.put(`keys/${keyId}`, encodeJson(sealMaster(master, passphrase, body.id, opts.kdf ?? 'moderate', opts.label)));
+    await storage.put(`keys/${keyId}`, encodeJson(await sealMaster(master, passphrase, body.id, opts.kdf ?? 'moderate', opts.label)));
     // The config is written last: a repository exists once its config does.
     await storage.put('config', encodeJson(config.data));
     return new Repository(storage, config.data, keys, master, keyId);
@@ -93,7 +93,7 @@ export class Repository {
     const config = await Repository.readConfig(storage);
     const keyFiles = await Repository.readKeyFiles(storage);
     for (const [keyId, file] of keyFiles) {
-      const master = openMaster(file, passphrase, config.id);
+      const master = await openMaster(file, passphrase, config.id);
       if (master) return Repository.withMaster(storage, config, master, keyId);
     }
     throw new VmvaultError('WRONG_PASSWORD', `wrong passphrase: it opens none of the ${keyFiles.size} key(s) of the repository at ${storage.location}; nothing was changed`);
@@ -133,7 +133,7 @@ export class Repository {
 
   async addKey(passphrase: string, kdf: KdfPreset = 'moderate', label?: string): Promise<string> {
     const keyId = randomBytes(8).toString('hex');
-    await this.storage.put(`keys/${keyId}`, encodeJson(sealMaster(this.master, passphrase, this.id, kdf, label)));
+    await this.storage.put(`keys/${keyId}`, encodeJson(await sealMaster(this.master, passphrase, this.id, kdf, label)));
     return keyId;
   }
 

@@ -3,12 +3,12 @@ import assert from 'node:assert/strict';
 import { chunkId, deriveKeys, generateMaster, openMaster, sealMaster } from '../../src/crypto/keys.js';
 import { fromPaper, toPaper } from '../../src/crypto/paper.js';
 
-test('a key file opens with its passphrase only, and only for its repository', () => {
+test('a key file opens with its passphrase only, and only for its repository', async () => {
   const master = generateMaster();
-  const file = sealMaster(master, 'correct horse', 'repo-a', 'weak');
-  assert.deepEqual(openMaster(file, 'correct horse', 'repo-a'), master);
-  assert.equal(openMaster(file, 'correct horsf', 'repo-a'), undefined);
-  assert.equal(openMaster(file, 'correct horse', 'repo-b'), undefined);
+  const file = await sealMaster(master, 'correct horse', 'repo-a', 'weak');
+  assert.deepEqual(await openMaster(file, 'correct horse', 'repo-a'), master);
+  assert.equal(await openMaster(file, 'correct horsf', 'repo-a'), undefined);
+  assert.equal(await openMaster(file, 'correct horse', 'repo-b'), undefined);
   assert.equal(file.kdf.algorithm, 'argon2id13');
 });
 

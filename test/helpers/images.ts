@@ -3,7 +3,7 @@
  * format drivers with qemu-io, and locked by real qemu processes. No mocks.
  */
 import { execa } from 'execa';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -106,29 +106,42 @@ export async function waitForExit(pid: number, ms: number): Promise<boolean> {
  */
 export async function holdImageLock(file: string, format: ImageFormat, opts: { by?: 'qemu-nbd' | 'vm' } = {}): Promise<() => Promise<void>> {
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'vmvault-lock-'));
-  const proc = opts.by === 'vm'
+  const socket = path.join(dir, 'lock.sock');
+  const start = () => opts.by === 'vm'
     ? execa('qemu-system-x86_64', ['-nodefaults', '-display', 'none', '-S', '-machine', 'pc,accel=tcg', '-m', '32',
       '-drive', `file=${file.replaceAll(',', ',,')},format=${format},if=virtio`], { reject: false, stdin: 'ignore' })
-    : execa('qemu-nbd', ['-f', format, '--shared=1', '-k', path.join(dir, 'lock.sock'), file], { reject: false, stdin: 'ignore' });
-  let exited = false;
-  void proc.then(() => { exited = true; });
-  const release = async (): Promise<void> => {
-    proc.kill('SIGTERM');
-    await proc;
-    await fs.rm(dir, { recursive: true, force: true });
-  };
+    : execa('qemu-nbd', ['-f', format, '--shared=1', '-k', socket, file], { reject: false, stdin: 'ignore' });
   const deadline = Date.now() + 15_000;
   for (;;) {
-    const probe = format === 'raw'
-      ? ['convert', '-q', '-n', '--image-opts', `driver=raw,size=0,file.filename=${file.replaceAll(',', ',,')}`, '-O', 'raw', '/dev/null']
-      : ['info', '-f', format, file];
-    const r = await execa('qemu-img', probe, { reject: false });
-    if (r.exitCode !== 0 && /lock/.test(r.stderr)) return release;
-    if (exited || Date.now() > deadline) {
-      await release();
-      const result = await proc;
-      throw new Error(`could not hold the lock of ${file}: ${result.stderr || 'timed out'}`);
+    const proc = start();
+    let exited = false;
+    void proc.then(() => { exited = true; });
+    const release = async (): Promise<void> => {
+      proc.kill('SIGTERM');
+      await proc;
+      await fs.rm(dir, { recursive: true, force: true });
+    };
+    while (!exited && Date.now() < deadline) {
+      // qemu-nbd creates its socket only once it holds the image: probing before that
+      // would race with it (the probe's own shared lock can make qemu-nbd fail).
+      if (opts.by !== 'vm' && !existsSync(socket)) {
+        await sleep(20);
+        continue;
+      }
+      const probe = format === 'raw'
+        ? ['convert', '-q', '-n', '--image-opts', `driver=raw,size=0,file.filename=${file.replaceAll(',', ',,')}`, '-O', 'raw', '/dev/null']
+        : ['info', '-f', format, file];
+      const r = await execa('qemu-img', probe, { reject: false });
+      if (r.exitCode !== 0 && /lock/.test(r.stderr)) return release;
+      await sleep(50);
     }
-    await sleep(50);
+    const result = await proc;
+    // Lost a race with a probe or a process that just let go: start again.
+    if (exited && /lock/.test(String(result.stderr)) && Date.now() < deadline) {
+      await sleep(100);
+      continue;
+    }
+    await release();
+    throw new Error(`could not hold the lock of ${file}: ${result.stderr || 'timed out'}`);
   }
 }
