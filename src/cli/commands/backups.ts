@@ -34,14 +34,15 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--config <file>', 'configuration file to store with the backup (repeatable)', collect)
     .option('--label <label>', 'label (repeatable)', collect)
     .option('--host <name>', 'host name recorded in the backup')
+    .option('--policy <name>', 'policy name recorded in the backup (its retention will govern it)')
     .option('--json', 'print the result as JSON')
-    .action(async (o: { vm: string; disk?: string[]; config?: string[]; label?: string[]; host?: string; json?: boolean }) => {
+    .action(async (o: { vm: string; disk?: string[]; config?: string[]; label?: string[]; host?: string; policy?: string; json?: boolean }) => {
       if (!o.disk?.length) throw new VmvaultError('BAD_INPUT', 'no disk given: pass --disk PATH (repeatable)');
       const repo = await openRepository(globals());
       const bar = progressBar(!o.json);
       const { manifest, stats } = await backup(repo, {
         vm: o.vm, disks: o.disk.map(parseDisk), configs: o.config ?? [], labels: o.label ?? [],
-        ...(o.host ? { host: o.host } : {}), onProgress: bar.update,
+        ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update,
       });
       bar.done();
       print(o.json, { ...listing(manifest), stats }, () =>
