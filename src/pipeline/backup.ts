@@ -31,6 +31,11 @@ export interface BackupRequest {
   onProgress?: ProgressFn;
   /** Chunks processed at once; bounds memory to about 2 × inFlight × chunk size. */
   inFlight?: number;
+  /**
+   * Called just before the manifest is written; throwing aborts the backup without
+   * committing it (a queue worker checks here that it still owns its job).
+   */
+  beforeCommit?: () => Promise<void>;
 }
 
 export interface BackupResult { manifest: Manifest; stats: BackupStats }
@@ -78,6 +83,7 @@ async function run(repo: Repository, req: BackupRequest, infos: ImageInfo[], nam
     labels: [...new Set(req.labels ?? [])], ...(req.policy ? { policy: req.policy } : {}),
     chunkSize: repo.chunkSize, disks, configs, stats,
   };
+  await req.beforeCommit?.();
   await repo.saveManifest(manifest);
   return { manifest, stats };
 }
