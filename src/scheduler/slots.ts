@@ -1,0 +1,35 @@
+/**
+ * Schedule slots: pure functions over cron expressions. A slot is the instant a
+ * cron expression fires; the job of a scheduled backup is named after its policy,
+ * VM and slot, so every scheduler replica, and every restart, enqueues the same id
+ * and BullMQ keeps one job per slot.
+ */
+import { CronExpressionParser } from 'cron-parser';
+
+/** BullMQ job id of a scheduled backup: `policy+vm+<slot epoch seconds>` (ids must not contain ':'). */
+export function scheduledJobId(policy: string, vm: string, slot: Date): string {
+  return `${policy}+${vm}+${Math.floor(slot.getTime() / 1000)}`;
+}
+
+function parse(schedule: string, currentDate: Date, timeZone?: string) {
+  return CronExpressionParser.parse(schedule, { currentDate, ...(timeZone ? { tz: timeZone } : {}) });
+}
+
+/** The last slot at or before `now`, and the length of the period that ends there. */
+export function previousSlot(schedule: string, now: Date, timeZone?: string): { slot: Date; periodMs: number } {
+  // cron-parser's prev() is strictly before currentDate: start a millisecond later so a slot at `now` counts.
+  const expr = parse(schedule, new Date(now.getTime() + 1), timeZone);
+  const slot = expr.prev().toDate();
+  const before = expr.prev().toDate();
+  return { slot, periodMs: slot.getTime() - before.getTime() };
+}
+
+/**
+ * Whether a VM missed its last slot: its newest backup under the policy is older
+ * than the slot by more than one period (or it has none).
+ */
+export function missedSlot(schedule: string, now: Date, lastBackup: Date | undefined, timeZone?: string): Date | undefined {
+  const { slot, periodMs } = previousSlot(schedule, now, timeZone);
+  if (!lastBackup) return slot;
+  return slot.getTime() - lastBackup.getTime() > periodMs ? slot : undefined;
+}
