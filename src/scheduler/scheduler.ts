@@ -1,0 +1,121 @@
+/**
+ * The scheduler: one node-cron task per enabled policy; each firing enqueues one
+ * backup job per selected VM, on the queue of that VM's host, under a job id
+ * derived from policy, VM and slot (slots.ts), so replicas and restarts never
+ * make a second backup for the same slot. It never does the work itself.
+ *
+ * A malformed policy file, an unknown VM or a bad cron expression is reported
+ * (file:line:col) and skipped; the other policies keep running. Policies reload
+ * when their files change.
+ */
+import { watch, type FSWatcher } from 'node:fs';
+import cron, { type ScheduledTask } from 'node-cron';
+import { loadPolicies, formatProblem } from '../policy/load.js';
+import type { Policy } from '../policy/schema.js';
+import { missedSlot, scheduledJobId } from './slots.js';
+
+export interface ScheduledVm { name: string; host: string }
+
+export interface SchedulerLog {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+  error(obj: object, msg: string): void;
+}
+
+export interface BackupJobRequest { jobId: string; host: string; vm: string; policy: Policy; slot: Date }
+
+export interface SchedulerDeps {
+  policiesDir: string;
+  /** The VMs a policy selects, and the names or tags it mentions that match none. */
+  select(policy: Policy): { vms: ScheduledVm[]; unknown: string[] };
+  enqueueBackup(job: BackupJobRequest): Promise<void>;
+  /** Newest backup of `vm` under `policy`, for catching up a missed slot at start. */
+  lastBackup?(policy: string, vm: string): Promise<Date | undefined>;
+  /** Catch up missed slots at start (default true when lastBackup is given). */
+  catchUp?: boolean;
+  log: SchedulerLog;
+}
+
+export class Scheduler {
+  private tasks = new Map<string, { task: ScheduledTask; file: string; policy: Policy }>();
+  private watcher: FSWatcher | undefined;
+  private reloadTimer: NodeJS.Timeout | undefined;
+
+  constructor(private readonly deps: SchedulerDeps) {}
+
+  async start(): Promise<void> {
+    await this.reload();
+    if (this.deps.catchUp ?? !!this.deps.lastBackup) await this.catchUp();
+    this.watcher = watch(this.deps.policiesDir, () => {
+      clearTimeout(this.reloadTimer);
+      this.reloadTimer = setTimeout(() => void this.reload().catch((err) => this.deps.log.error({ err }, 'policy reload failed')), 200);
+    });
+  }
+
+  async stop(): Promise<void> {
+    this.watcher?.close();
+    clearTimeout(this.reloadTimer);
+    await Promise.all([...this.tasks.values()].map(({ task }) => task.destroy()));
+    this.tasks.clear();
+  }
+
+  /** Policies scheduled now, with their next run. */
+  scheduled(): { name: string; file: string; schedule: string; nextRun: Date | null }[] {
+    return [...this.tasks.values()].map(({ task, file, policy }) => ({ name: policy.name, file, schedule: policy.schedule, nextRun: task.getNextRun() }));
+  }
+
+  /** Re-reads every policy file; replaces the tasks of the ones that changed. */
+  async reload(): Promise<void> {
+    const { policies, problems } = await loadPolicies(this.deps.policiesDir);
+    for (const p of problems) this.deps.log.error({ file: p.file, line: p.line, col: p.col, key: p.path }, `policy skipped: ${formatProblem(p)}`);
+    const wanted = new Map(policies.filter((l) => l.policy.enabled).map((l) => [l.policy.name, l]));
+    for (const [name, t] of this.tasks) {
+      const next = wanted.get(name);
+      if (!next || JSON.stringify(next.policy) !== JSON.stringify(t.policy)) {
+        await t.task.destroy();
+        this.tasks.delete(name);
+      }
+    }
+    for (const [name, { file, policy }] of wanted) {
+      if (this.tasks.has(name)) continue;
+      const task = cron.schedule(policy.schedule, (ctx) => this.fire(policy, ctx.date), {
+        name: `policy-${name}`,
+        ...(policy.timezone ? { timezone: policy.timezone } : {}),
+      });
+      this.tasks.set(name, { task, file, policy });
+      this.deps.log.info({ policy: name, file, nextRun: task.getNextRun() }, 'policy scheduled');
+    }
+  }
+
+  /** Enqueues one backup per selected VM for `slot`. Safe to call twice for a slot. */
+  async fire(policy: Policy, slot: Date): Promise<void> {
+    const { vms, unknown } = this.deps.select(policy);
+    for (const u of unknown) this.deps.log.warn({ policy: policy.name, name: u }, `policy ${policy.name} selects unknown VM or tag "${u}": skipped`);
+    const at = new Date(Math.floor(slot.getTime() / 1000) * 1000);
+    for (const vm of vms) {
+      try {
+        await this.fireOne(policy, vm, at);
+      } catch (err) {
+        this.deps.log.error({ err, policy: policy.name, vm: vm.name }, 'could not enqueue a scheduled backup');
+      }
+    }
+  }
+
+  private async catchUp(): Promise<void> {
+    const now = new Date();
+    for (const { policy } of this.tasks.values()) {
+      for (const vm of this.deps.select(policy).vms) {
+        const last = await this.deps.lastBackup?.(policy.name, vm.name);
+        const slot = missedSlot(policy.schedule, now, last, policy.timezone);
+        if (!slot) continue;
+        this.deps.log.info({ policy: policy.name, vm: vm.name, slot }, 'catching up a missed slot');
+        await this.fireOne(policy, vm, slot);
+      }
+    }
+  }
+
+  private async fireOne(policy: Policy, vm: ScheduledVm, slot: Date): Promise<void> {
+    const jobId = scheduledJobId(policy.name, vm.name, slot);
+    await this.deps.enqueueBackup({ jobId, host: vm.host, vm: vm.name, policy, slot });
+  }
+}

@@ -1,0 +1,95 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Scheduler, type BackupJobRequest, type SchedulerLog } from '../../src/scheduler/scheduler.js';
+import type { Policy } from '../../src/policy/schema.js';
+
+const inventory: Record<string, string> = { a: 'host1', b: 'host2' };
+const select = (p: Policy) => {
+  const names = p.select.vms ?? [];
+  return { vms: names.filter((n) => inventory[n]).map((n) => ({ name: n, host: inventory[n]! })), unknown: names.filter((n) => !inventory[n]) };
+};
+
+function recorder() {
+  const lines: { level: string; msg: string; obj: object }[] = [];
+  const log: SchedulerLog = {
+    info: (obj, msg) => lines.push({ level: 'info', msg, obj }),
+    warn: (obj, msg) => lines.push({ level: 'warn', msg, obj }),
+    error: (obj, msg) => lines.push({ level: 'error', msg, obj }),
+  };
+  return { lines, log };
+}
+
+test('per-second policy: two schedulers enqueue the same job ids; bad files and unknown VMs are reported, the rest runs; edits reload', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'vmvault-sched-'));
+  await writeFile(join(dir, 'every-second.yaml'), 'name: every-second\nschedule: "* * * * * *"\nselect:\n  vms: [a, b, ghost]\nretention:\n  keepLast: 3\n');
+  await writeFile(join(dir, 'broken.yaml'), 'name: broken\nschedule: "* * * * * *"\nselect: [\n');
+  await writeFile(join(dir, 'badcron.yaml'), 'name: badcron\nschedule: "61 * * * *"\nselect:\n  vms: [a]\nretention:\n  keepLast: 1\n');
+  const jobs = new Map<string, BackupJobRequest[]>();
+  const enqueueBackup = async (j: BackupJobRequest) => void jobs.set(j.jobId, [...(jobs.get(j.jobId) ?? []), j]);
+  const r1 = recorder();
+  const r2 = recorder();
+  const s1 = new Scheduler({ policiesDir: dir, select, enqueueBackup, log: r1.log });
+  const s2 = new Scheduler({ policiesDir: dir, select, enqueueBackup, log: r2.log });
+  try {
+    await s1.start();
+    await s2.start();
+    assert.deepEqual(s1.scheduled().map((p) => p.name), ['every-second']);
+    await sleep(2600);
+    const all = [...jobs.values()];
+    assert.ok(all.length >= 4, `jobs: ${[...jobs.keys()].join(' ')}`);
+    for (const [id, reqs] of jobs) {
+      assert.match(id, /^every-second\+(a|b)\+\d+$/);
+      assert.equal(reqs.length, 2, `${id} enqueued by each scheduler under the same id`);
+      assert.equal(reqs[0]!.host, inventory[reqs[0]!.vm]);
+    }
+    const slotsA = all.filter((r) => r[0]!.vm === 'a').map((r) => r[0]!.slot.getTime());
+    assert.equal(new Set(slotsA).size, slotsA.length, 'one job per VM per slot');
+    assert.ok(r1.lines.some((l) => l.level === 'warn' && /unknown VM or tag "ghost"/.test(l.msg)));
+    assert.ok(r1.lines.some((l) => l.level === 'error' && /broken\.yaml:\d+:\d+/.test(l.msg)));
+    assert.ok(r1.lines.some((l) => l.level === 'error' && /badcron\.yaml:2:\d+: schedule/.test(l.msg)));
+
+    await writeFile(join(dir, 'badcron.yaml'), 'name: badcron\nschedule: "0 3 * * *"\nselect:\n  vms: [a]\nretention:\n  keepLast: 1\n');
+    for (let i = 0; i < 50 && s1.scheduled().length < 2; i++) await sleep(100);
+    assert.deepEqual(s1.scheduled().map((p) => p.name).sort(), ['badcron', 'every-second']);
+  } finally {
+    await s1.stop();
+    await s2.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+  const count = jobs.size;
+  await sleep(1200);
+  assert.equal(jobs.size, count, 'nothing is enqueued after stop');
+});
+
+test('catch-up enqueues a missed slot once, only for VMs whose last backup is more than a period old', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'vmvault-sched-'));
+  await writeFile(join(dir, 'nightly.yaml'), 'name: nightly\nschedule: "30 1 * * *"\nselect:\n  vms: [a, b]\nretention:\n  keepDaily: 7\n');
+  const jobs: BackupJobRequest[] = [];
+  const last: Record<string, Date | undefined> = { a: new Date(Date.now() - 3 * 86400e3), b: new Date() };
+  const s = new Scheduler({
+    policiesDir: dir, select, log: recorder().log,
+    enqueueBackup: async (j) => void jobs.push(j),
+    lastBackup: async (_p, vm) => last[vm],
+  });
+  try {
+    await s.start();
+    assert.deepEqual(jobs.map((j) => j.vm), ['a']);
+    assert.match(jobs[0]!.jobId, /^nightly\+a\+\d+$/);
+  } finally {
+    await s.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+  // With catch-up switched off, nothing is enqueued at start.
+  const dir2 = await mkdtemp(join(tmpdir(), 'vmvault-sched-'));
+  await writeFile(join(dir2, 'nightly.yaml'), 'name: nightly\nschedule: "30 1 * * *"\nselect:\n  vms: [a]\nretention:\n  keepDaily: 7\n');
+  const none: BackupJobRequest[] = [];
+  const off = new Scheduler({ policiesDir: dir2, select, log: recorder().log, enqueueBackup: async (j) => void none.push(j), lastBackup: async () => undefined, catchUp: false });
+  await off.start();
+  await off.stop();
+  await rm(dir2, { recursive: true, force: true });
+  assert.deepEqual(none, []);
+});
