@@ -27,11 +27,20 @@ export class PolicyFileError extends VmvaultError {
 
 export interface LoadedPolicy { file: string; policy: Policy }
 
-/** `select.vms[1]`, `retention.byLabel.pre-update.keepWithin`; the document itself is `(policy)`. */
-function formatPath(path: readonly PropertyKey[]): string {
+/**
+ * How problems in one kind of YAML file (a policy, the service configuration) are
+ * worded: the name of the whole document, what an empty file lacks, and every key the
+ * file may use at any level (to suggest a fix for a typo).
+ */
+export interface YamlFileKind { root: string; empty: string; keys: readonly string[] }
+
+const POLICY_FILE: YamlFileKind = { root: '(policy)', empty: 'the file is empty: expected name, schedule, select and retention', keys: POLICY_KEYS };
+
+/** `select.vms[1]`, `retention.byLabel.pre-update.keepWithin`; the document itself is `root`. */
+export function formatPath(path: readonly PropertyKey[], root: string): string {
   let s = '';
   for (const k of path) s += typeof k === 'number' ? `[${k}]` : `${s ? '.' : ''}${String(k)}`;
-  return s || '(policy)';
+  return s || root;
 }
 
 const keyOf = (node: unknown): string => (isScalar(node) ? String(node.value) : String(node));
@@ -57,30 +66,54 @@ function locate(doc: Document, path: readonly PropertyKey[]): { node: Node | nul
   return { node, key, found: true };
 }
 
-function suggestion(unknown: string): string {
-  const norm = (k: string) => k.toLowerCase().replace(/[-_ ]/g, '');
-  const match = POLICY_KEYS.find((k) => norm(k) === norm(unknown));
-  return match ? ` (did you mean "${match}"?)` : '';
+/** Edit distance with transpositions (optimal string alignment), for near misses such as polciesDir. */
+function distance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array<number>(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) d[0]![j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      let v = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) v = Math.min(v, d[i - 2]![j - 2]! + 1);
+      d[i]![j] = v;
+    }
+  }
+  return d[a.length]![b.length]!;
 }
 
+/** The closest known key: same letters ignoring case and `-_ `, else at most one edit per four characters. */
+function suggestion(unknown: string, keys: readonly string[]): string {
+  const norm = (k: string) => k.toLowerCase().replace(/[-_ ]/g, '');
+  let best: { key: string; d: number } | undefined;
+  for (const key of keys) {
+    const d = distance(norm(key), norm(unknown));
+    if (d <= Math.max(1, Math.floor(key.length / 4)) && (!best || d < best.d)) best = { key, d };
+  }
+  return best ? ` (did you mean "${best.key}"?)` : '';
+}
+
+/** A rule across keys, checked beside the schema; `path` is where the problem is shown. */
+export interface YamlIssue { path: readonly PropertyKey[]; message: string }
+
 /** Every zod issue as problems pointing into the YAML (one per unknown key). */
-function problemsOf(file: string, doc: Document, lines: LineCounter, issues: z.core.$ZodIssue[]): PolicyProblem[] {
+function problemsOf(file: string, doc: Document, lines: LineCounter, issues: readonly (z.core.$ZodIssue | YamlIssue)[], kind: YamlFileKind): PolicyProblem[] {
   const at = (offset: number | undefined, path: readonly PropertyKey[], message: string): PolicyProblem => {
     const { line, col } = lines.linePos(offset ?? 0);
-    return { file, line, col, path: formatPath(path), message };
+    return { file, line, col, path: formatPath(path, kind.root), message };
   };
   const out: PolicyProblem[] = [];
   for (const issue of issues) {
     const where = locate(doc, issue.path);
-    if (issue.code === 'unrecognized_keys') {
+    const code = 'code' in issue ? issue.code : undefined;
+    if (code === 'unrecognized_keys' && 'keys' in issue) {
       for (const k of issue.keys) {
         const key = locate(doc, [...issue.path, k]).key;
-        out.push(at(key?.range?.[0] ?? where.node?.range?.[0], [...issue.path, k], `unknown key${suggestion(k)}`));
+        out.push(at(key?.range?.[0] ?? where.node?.range?.[0], [...issue.path, k], `unknown key${suggestion(k, kind.keys)}`));
       }
-    } else if (!where.found) {
+    } else if (!where.found && code !== undefined) { // a YamlIssue says itself what is missing
       const missing = String(issue.path[issue.path.length - 1]);
       out.push(at(where.node?.range?.[0], issue.path, `missing: "${missing}" is required`));
-    } else if (issue.code === 'invalid_key') {
+    } else if (code === 'invalid_key' && 'issues' in issue) {
       out.push(at(where.key?.range?.[0] ?? where.node?.range?.[0], issue.path, issue.issues[0]?.message ?? issue.message));
     } else {
       out.push(at(where.node?.range?.[0], issue.path, issue.message));
@@ -89,25 +122,44 @@ function problemsOf(file: string, doc: Document, lines: LineCounter, issues: z.c
   return out.sort((a, b) => a.line - b.line || a.col - b.col);
 }
 
+/** Where a key path points in a YAML file, 1-based (given to `check` to name another occurrence). */
+export type YamlPosition = (path: readonly PropertyKey[]) => { line: number; col: number };
+
+const positionIn = (doc: Document, lines: LineCounter): YamlPosition => (path) => lines.linePos(locate(doc, path).node?.range?.[0] ?? 0);
+
+/**
+ * Parses YAML text and validates it with `schema` and with `check` (rules across
+ * keys; it gets the raw value, whatever its shape, and runs even when the schema
+ * fails, so every problem is reported at once). `file` is only used in messages.
+ */
+export function validateYaml<T>(
+  text: string, file: string, schema: z.ZodType<T>, kind: YamlFileKind,
+  check?: (raw: unknown, position: YamlPosition) => YamlIssue[],
+): { ok: true; value: T } | { ok: false; problems: PolicyProblem[] } {
+  const lines = new LineCounter();
+  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
+  if (doc.errors.length > 0) {
+    return { ok: false, problems: doc.errors.map((e) => {
+      const { line, col } = lines.linePos(e.pos[0]);
+      return { file, line, col, path: 'YAML', message: e.message.split('\n')[0]! };
+    }) };
+  }
+  if (doc.contents === null) return { ok: false, problems: [{ file, line: 1, col: 1, path: kind.root, message: kind.empty }] };
+  const raw: unknown = doc.toJS({ maxAliasCount: 100 });
+  const result = schema.safeParse(raw);
+  const extra = check?.(raw, positionIn(doc, lines)) ?? [];
+  if (result.success && extra.length === 0) return { ok: true, value: result.data };
+  return { ok: false, problems: problemsOf(file, doc, lines, [...(result.error?.issues ?? []), ...extra], kind) };
+}
+
 /**
  * Parses and validates one policy file's text. `file` is only used in messages.
  * Throws PolicyFileError (BAD_INPUT) listing every problem.
  */
 export function parsePolicy(text: string, file: string): Policy {
-  const lines = new LineCounter();
-  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
-  if (doc.errors.length > 0) {
-    throw new PolicyFileError(doc.errors.map((e) => {
-      const { line, col } = lines.linePos(e.pos[0]);
-      return { file, line, col, path: 'YAML', message: e.message.split('\n')[0]! };
-    }));
-  }
-  if (doc.contents === null) {
-    throw new PolicyFileError([{ file, line: 1, col: 1, path: '(policy)', message: 'the file is empty: expected name, schedule, select and retention' }]);
-  }
-  const result = policySchema.safeParse(doc.toJS({ maxAliasCount: 100 }));
-  if (!result.success) throw new PolicyFileError(problemsOf(file, doc, lines, result.error.issues));
-  return result.data;
+  const result = validateYaml(text, file, policySchema, POLICY_FILE);
+  if (!result.ok) throw new PolicyFileError(result.problems);
+  return result.value;
 }
 
 async function readPolicyText(file: string): Promise<string> {
@@ -126,8 +178,7 @@ export async function loadPolicyFile(file: string): Promise<Policy> {
 /** Where the value at `path` starts in a (valid) YAML text, 1-based. */
 function positionOf(text: string, path: readonly PropertyKey[]): { line: number; col: number } {
   const lines = new LineCounter();
-  const doc = parseDocument(text, { lineCounter: lines });
-  return lines.linePos(locate(doc, path).node?.range?.[0] ?? 0);
+  return positionIn(parseDocument(text, { lineCounter: lines }), lines)(path);
 }
 
 /**

@@ -21,7 +21,7 @@ import { isValidTimeZone, parseDuration } from './retention.js';
 
 /** Policy names and labels end up in job ids and file names: no `:`, no spaces. */
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-const nameRule = 'letters, digits, ".", "_" or "-", starting with a letter or digit, at most 64 characters';
+export const nameRule = 'letters, digits, ".", "_" or "-", starting with a letter or digit, at most 64 characters';
 
 const count = z
   .custom<number | 'unlimited'>((v) => v === 'unlimited' || (Number.isInteger(v) && (v as number) >= -1), 'expected a whole number ≥ 0, or -1 / "unlimited" for no limit')

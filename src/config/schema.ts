@@ -1,0 +1,192 @@
+/**
+ * The service configuration file (`vmvault.yaml`), as a zod schema. Rules that span
+ * several keys (unique names, known hosts, the QMP socket of a qemu VM) are in
+ * `checkConfig`, which runs on the raw value even when the schema fails, so that
+ * an operator sees every problem of a file at once. See `vmvault.example.yaml`.
+ *
+ * Unknown keys are errors: a typo must not silently leave a VM out of its backups.
+ */
+import { hostname } from 'node:os';
+import { isAbsolute } from 'node:path';
+import { z } from 'zod';
+import { IMAGE_FORMATS } from '../disk/image-format.js';
+import { diskNameFromPath } from '../pipeline/names.js';
+import { formatPath, type YamlIssue, type YamlPosition } from '../policy/load.js';
+import { NAME_RE, nameRule } from '../policy/schema.js';
+import { parseRepositoryUrl } from '../storage/open.js';
+
+export const DEFAULT_STATE_DIR = '/var/lib/vmvault';
+export const DEFAULT_POLICIES_DIR = 'policies';
+export const DEFAULT_LISTEN = '127.0.0.1:8740';
+export const DEFAULT_PASSWORD_ENV = 'VMVAULT_PASSWORD';
+
+/** VM and host names end up in job ids and queue names (BullMQ forbids ":"). */
+const name = (what: string) => z.string({ error: `expected a ${what}` }).regex(NAME_RE, `a ${what} is ${nameRule}`);
+const nonEmpty = (what: string) => z.string({ error: `expected ${what}` }).min(1, `${what} cannot be empty`);
+const absolutePath = (what: string) =>
+  z.string({ error: `expected ${what} (an absolute path)` }).refine((p) => isAbsolute(p), `${what} must be an absolute path (it is read on the VM's host)`);
+const list = <T extends z.ZodType>(item: T, what: string) => z.array(item, { error: `expected a list of ${what}` }).default([]);
+
+/** `host:port` or `[v6]:port`; undefined when malformed. */
+export function parseListen(listen: string): { host: string; port: number } | undefined {
+  const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\s[\]]+)):(\d{1,5})$/.exec(listen);
+  const port = Number(m?.[3]);
+  if (!m || !(port >= 1 && port <= 65535)) return undefined;
+  return { host: (m[1] ?? m[2])!, port };
+}
+
+const repositoryUrl = z.string({ error: 'expected a repository URL' }).superRefine((url, ctx) => {
+  try {
+    parseRepositoryUrl(url);
+  } catch (err) {
+    const why = (err as Error).message.split('\n')[0]!;
+    ctx.addIssue({ code: 'custom', message: `${why}; expected s3://BUCKET[/PREFIX][?endpoint=URL&region=R], file:///abs/path or a directory path` });
+  }
+});
+
+const repositorySchema = z
+  .strictObject({
+    url: repositoryUrl,
+    passwordFile: nonEmpty('a password file path').optional(),
+    passwordEnv: z.string({ error: 'expected an environment variable name' }).regex(/^[A-Za-z_][A-Za-z0-9_]*$/, 'expected an environment variable name such as VMVAULT_PASSWORD').optional(),
+  }, { error: 'expected url and passwordFile or passwordEnv' })
+  .superRefine((r, ctx) => {
+    if (r.passwordFile !== undefined && r.passwordEnv !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['passwordEnv'], message: 'the password comes from passwordFile or passwordEnv, not both: remove one' });
+    }
+  })
+  .transform((r) => (r.passwordFile !== undefined
+    ? { url: r.url, passwordFile: r.passwordFile }
+    : { url: r.url, passwordEnv: r.passwordEnv ?? DEFAULT_PASSWORD_ENV }));
+
+const redisUrl = z.string({ error: 'expected a Redis URL' }).refine((url) => {
+  try {
+    const u = new URL(url);
+    if (u.protocol === 'unix:') return u.host === '' && u.pathname.length > 1;
+    return (u.protocol === 'redis:' || u.protocol === 'rediss:') && u.hostname !== '';
+  } catch {
+    return false;
+  }
+}, 'expected redis://HOST[:PORT][/DB], rediss://HOST[:PORT] or unix:///path/to/redis.sock');
+
+const diskSchema = z.strictObject({
+  path: absolutePath('a disk path'),
+  name: name('disk name').optional(),
+  format: z.enum(IMAGE_FORMATS as readonly ['qcow2', 'raw', 'vmdk', 'vdi'], { error: `expected one of ${IMAGE_FORMATS.join(', ')}` }).optional(),
+}, { error: 'expected a disk: { path, name?, format? }' });
+
+export const DRIVERS = ['image', 'qemu', 'libvirt'] as const;
+
+const vmSchema = z.strictObject({
+  name: name('VM name'),
+  /** Default: the configuration's own `host`. */
+  host: name('host name').optional(),
+  driver: z.enum(DRIVERS, { error: `expected a driver: ${DRIVERS.join(', ')}` }).default('image'),
+  disks: list(diskSchema, 'disks: [{ path, name? }]'),
+  configFiles: list(absolutePath('a configuration file path'), 'configuration file paths'),
+  tags: list(nonEmpty('a tag'), 'tags'),
+  qmpSocket: absolutePath('a QMP socket path').optional(),
+  guestAgentSocket: absolutePath('a guest agent socket path').optional(),
+}, { error: 'expected a VM: { name, host, disks, ... }' });
+
+const TOKEN_HINT = 'tokens are stored as hashes only: remove token and put its SHA-256 in sha256 (printf %s TOKEN | sha256sum)';
+
+const tokenSchema = z.strictObject({
+  name: nonEmpty('a token name'),
+  role: z.enum(['viewer', 'operator', 'admin'], { error: 'expected a role: viewer, operator or admin' }),
+  sha256: z.string({ error: 'expected the SHA-256 of the token in hex (printf %s TOKEN | sha256sum)' })
+    .regex(/^[0-9A-Fa-f]{64}$/, 'expected 64 hex digits: the SHA-256 of the token (printf %s TOKEN | sha256sum)')
+    .transform((h) => h.toLowerCase()),
+  /** Present only to say what to do instead: a plain token is always an error. */
+  token: z.never({ error: TOKEN_HINT }).optional(),
+}, { error: 'expected a token: { name, role, sha256 }' });
+
+const apiSchema = z.strictObject({
+  listen: z.string({ error: 'expected host:port' }).refine((l) => parseListen(l) !== undefined, 'expected host:port such as 127.0.0.1:8740 or [::1]:8740').default(DEFAULT_LISTEN),
+  tokens: list(tokenSchema, 'tokens: [{ name, role, sha256 }]'),
+}, { error: 'expected listen and tokens' });
+
+const hostSchema = z.strictObject({
+  restoreRoots: list(absolutePath('a restore root'), 'restore roots (absolute paths)'),
+}, { error: 'expected { restoreRoots: [absolute paths] }' });
+
+export const configSchema = z.strictObject({
+  repository: repositorySchema.optional(),
+  redis: z.strictObject({ url: redisUrl.optional() }, { error: 'expected { url }' }).default({}),
+  stateDir: nonEmpty('a directory').default(DEFAULT_STATE_DIR),
+  host: name('host name').default(() => hostname()),
+  policiesDir: nonEmpty('a directory').default(DEFAULT_POLICIES_DIR),
+  vms: list(vmSchema, 'VMs'),
+  api: apiSchema.prefault({}),
+  hosts: z.record(name('host name'), hostSchema, { error: 'expected a mapping from host name to { restoreRoots }' }).default({}),
+}, { error: 'expected a mapping with repository, redis, host, vms, api, hosts…' });
+
+type Parsed = z.output<typeof configSchema>;
+export type RepositoryConfig = NonNullable<Parsed['repository']>;
+export type DiskConfig = z.output<typeof diskSchema> & { name: string };
+export type VmConfig = Omit<z.output<typeof vmSchema>, 'host' | 'disks'> & { host: string; disks: DiskConfig[] };
+export type ApiToken = Omit<z.output<typeof tokenSchema>, 'token'>;
+export type Role = ApiToken['role'];
+/** A loaded configuration: defaults applied, every VM with its host and disk names, paths absolute. */
+export type Config = Omit<Parsed, 'vms' | 'api'> & { vms: VmConfig[]; api: { listen: string; tokens: ApiToken[] } };
+
+/** Every key the file may use at any level, to suggest a fix for a typo. */
+export const CONFIG_KEYS: readonly string[] = [
+  ...Object.keys(configSchema.shape), 'url', 'passwordFile', 'passwordEnv',
+  ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots',
+];
+
+const asObject = (v: unknown): Record<string, unknown> => (v !== null && typeof v === 'object' && !Array.isArray(v) ? v as Record<string, unknown> : {});
+const asArray = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
+
+/** Each repeated value of `key` among `items`, pointing at the later one and naming the earlier. */
+function duplicates(items: unknown[], key: string, base: readonly PropertyKey[], what: string, position: YamlPosition): YamlIssue[] {
+  const first = new Map<unknown, number>();
+  const out: YamlIssue[] = [];
+  items.forEach((item, i) => {
+    const value = asObject(item)[key];
+    if (typeof value !== 'string') return;
+    const j = first.get(value);
+    if (j === undefined) first.set(value, i);
+    else out.push({ path: [...base, i, key], message: `${what} "${value}" is already used by ${formatPath([...base, j], '(config)')} (line ${position([...base, j, key]).line})` });
+  });
+  return out;
+}
+
+/** Rules across keys, on the raw (possibly invalid) value; see the file comment. */
+export function checkConfig(raw: unknown, position: YamlPosition, defaultHost: string): YamlIssue[] {
+  const top = asObject(raw);
+  const self = typeof top.host === 'string' ? top.host : defaultHost;
+  const hosts = asObject(top.hosts);
+  const vms = asArray(top.vms);
+  const out = duplicates(vms, 'name', ['vms'], 'VM name', position);
+  vms.forEach((v, i) => {
+    const vm = asObject(v);
+    const label = typeof vm.name === 'string' ? `VM "${vm.name}"` : `vms[${i}]`;
+    if (typeof vm.host === 'string' && vm.host !== self && !Object.hasOwn(hosts, vm.host)) {
+      out.push({ path: ['vms', i, 'host'], message: `${label} is on host "${vm.host}", which is neither this host ("${self}") nor listed under hosts` });
+    }
+    const driver = vm.driver ?? 'image';
+    const disks = asArray(vm.disks);
+    if ((driver === 'image' || driver === 'qemu') && disks.length === 0) {
+      out.push({ path: ['vms', i, 'disks'], message: `${label} needs at least one disk with the ${String(driver)} driver: disks: [{ path: /var/lib/libvirt/images/NAME.qcow2 }]` });
+    }
+    if (driver === 'qemu' && vm.qmpSocket === undefined) {
+      out.push({ path: ['vms', i, 'qmpSocket'], message: `${label} uses the qemu driver, which needs qmpSocket: the path of the running QEMU's QMP socket` });
+    }
+    const named = disks.map((d) => ({ name: effectiveDiskName(asObject(d)) }));
+    for (const dup of duplicates(named, 'name', ['vms', i, 'disks'], 'disk name', position)) {
+      const at = dup.path[3] as number;
+      const explicit = asObject(disks[at]).name !== undefined;
+      out.push({ path: explicit ? dup.path : ['vms', i, 'disks', at, 'path'], message: explicit ? dup.message : `${dup.message}: give the disks distinct name: keys` });
+    }
+  });
+  out.push(...duplicates(asArray(asObject(top.api).tokens), 'name', ['api', 'tokens'], 'token name', position));
+  return out;
+}
+
+/** A disk's name in backups: its `name`, else its file name without extension. */
+export function effectiveDiskName(disk: { name?: unknown; path?: unknown }): string | undefined {
+  if (typeof disk.name === 'string') return disk.name;
+  return typeof disk.path === 'string' ? diskNameFromPath(disk.path) : undefined;
+}
