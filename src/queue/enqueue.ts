@@ -1,0 +1,79 @@
+/**
+ * Adding jobs. Payloads are validated here, so a bad request fails its caller, not
+ * a worker later. A deterministic job id deduplicates: BullMQ ignores an add whose
+ * id it already holds (waiting, running, or kept in history), so two scheduler
+ * replicas or a retried enqueue make one job. History is bounded, so deduplication
+ * lasts as long as a finished job is kept (JOB_HISTORY: 7 days).
+ */
+import { Queue, type Job, type JobsOptions } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { VmvaultError } from '../errors.js';
+import { assertJobId, hostQueueName, MAINTENANCE_QUEUE } from './names.js';
+import {
+  backupPayloadSchema, describeIssues, maintenancePayloadSchema, restorePayloadSchema,
+  type BackupPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput,
+} from './payloads.js';
+import type { z } from 'zod';
+
+/** Completed and failed jobs kept: at most 1000, at most 7 days (BullMQ counts age in seconds). */
+export const JOB_HISTORY = { count: 1000, age: 7 * 24 * 3600 } as const;
+
+export const DEFAULT_ATTEMPTS = 5;
+export const DEFAULT_BACKOFF_MS = 30_000;
+
+export interface EnqueueOptions {
+  /** Deterministic id (no ':'); a second add with the same id is a no-op. */
+  jobId?: string;
+  /** Runs in total, first one included (default 5). */
+  attempts?: number;
+  /** First retry delay; doubles at each retry (default 30 s). */
+  backoffMs?: number;
+  delayMs?: number;
+  priority?: number;
+}
+
+/** The queue of one host, sharing `connection` (the caller closes both). */
+export function hostQueue(connection: Redis, host: string): Queue {
+  return new Queue(hostQueueName(host), { connection });
+}
+
+export function maintenanceQueue(connection: Redis): Queue {
+  return new Queue(MAINTENANCE_QUEUE, { connection });
+}
+
+export function jobOptions(opts: EnqueueOptions = {}): JobsOptions {
+  if (opts.jobId !== undefined) assertJobId(opts.jobId);
+  const attempts = opts.attempts ?? DEFAULT_ATTEMPTS;
+  if (!Number.isInteger(attempts) || attempts < 1) throw new VmvaultError('BAD_INPUT', `attempts must be a whole number ≥ 1, not ${attempts}`);
+  return {
+    attempts,
+    backoff: { type: 'exponential', delay: opts.backoffMs ?? DEFAULT_BACKOFF_MS },
+    removeOnComplete: JOB_HISTORY,
+    removeOnFail: JOB_HISTORY,
+    ...(opts.jobId !== undefined ? { jobId: opts.jobId } : {}),
+    ...(opts.delayMs ? { delay: opts.delayMs } : {}),
+    ...(opts.priority ? { priority: opts.priority } : {}),
+  };
+}
+
+function validate<S extends z.ZodType>(schema: S, what: string, payload: unknown): z.output<S> {
+  const r = schema.safeParse(payload);
+  if (!r.success) throw new VmvaultError('BAD_INPUT', `invalid ${what} request: ${describeIssues(r.error)}`);
+  return r.data;
+}
+
+/** Enqueues a backup on a host queue. Resolves to the job (the existing one when the id was already there). */
+export function enqueueBackup(queue: Queue, payload: BackupPayloadInput, opts?: EnqueueOptions): Promise<Job> {
+  return queue.add('backup', validate(backupPayloadSchema, 'backup', payload), jobOptions(opts));
+}
+
+/** Enqueues a restore onto the host whose queue this is. */
+export function enqueueRestore(queue: Queue, payload: RestorePayloadInput, opts?: EnqueueOptions): Promise<Job> {
+  return queue.add('restore', validate(restorePayloadSchema, 'restore', payload), jobOptions(opts));
+}
+
+/** Enqueues prune, gc or verify on the shared maintenance queue; the job is named after its kind. */
+export function enqueueMaintenance(queue: Queue, payload: MaintenancePayloadInput, opts?: EnqueueOptions): Promise<Job> {
+  const p = validate(maintenancePayloadSchema, 'maintenance', payload);
+  return queue.add(p.kind, p, jobOptions(opts));
+}

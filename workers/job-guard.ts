@@ -1,0 +1,87 @@
+/**
+ * BullMQ is at-least-once: a worker that stalls (or is partitioned from Redis) loses
+ * its job lock, and another worker runs the job again. The guard makes sure such a
+ * worker stops and never commits: it wraps the Repository so that every chunk upload
+ * checks the job is still ours, and the manifest write — a backup's commit — first
+ * re-checks ownership in Redis (extending the job lock, which fails if another
+ * worker took the job) and the VM lock. This is wrapping rather than a hook in
+ * src/pipeline: the pipeline writes exactly one manifest, last, via saveManifest.
+ */
+import type { Job } from 'bullmq';
+import { VmvaultError } from '../src/errors.js';
+import type { Repository } from '../src/repo/repository.js';
+import type { Manifest } from '../src/repo/manifest.js';
+import type { VmLock } from '../src/queue/vm-lock.js';
+
+export class JobGuard {
+  private readonly controller = new AbortController();
+
+  constructor(
+    private readonly job: Job,
+    private readonly token: string,
+    private readonly vmLock: VmLock,
+    private readonly jobLockMs: number,
+  ) {}
+
+  get signal(): AbortSignal { return this.controller.signal; }
+
+  /** Stops the job at its next repository write. `reason` says why (shown in the error). */
+  abort(reason: AbortReason): void {
+    if (!this.controller.signal.aborted) this.controller.abort(reason);
+  }
+
+  /** Throws when the job was aborted (lost lock, shutdown, cancel). */
+  check(): void {
+    if (this.controller.signal.aborted) throw abortError(this.controller.signal.reason as AbortReason);
+  }
+
+  /** Right before a commit: the job and the VM must still be ours, in Redis, now. */
+  async confirmOwnership(): Promise<void> {
+    this.check();
+    const extended = await this.job.extendLock(this.token, this.jobLockMs);
+    if (Number(extended) !== 1) this.abort({ kind: 'lost', message: `job ${this.job.id} is no longer owned by this worker (its lock expired or another worker took it)` });
+    else if (!(await this.vmLock.refresh())) this.abort({ kind: 'lost', message: `the lock of VM "${this.vmLock.vm}" was lost` });
+    this.check();
+  }
+
+  /** A view of `repo` whose writes honour this guard; `beforeCommit` runs after ownership is confirmed. */
+  wrap(repo: Repository, beforeCommit: (m: Manifest) => Promise<void>): Repository {
+    const guarded = Object.create(repo) as Repository;
+    Object.defineProperties(guarded, {
+      putChunk: {
+        value: async (id: string, sealed: Uint8Array) => {
+          this.check();
+          return repo.putChunk(id, sealed);
+        },
+      },
+      getChunkSealed: {
+        value: async (id: string) => {
+          this.check();
+          return repo.getChunkSealed(id);
+        },
+      },
+      saveManifest: {
+        value: async (m: Manifest) => {
+          await this.confirmOwnership();
+          await beforeCommit(m);
+          return repo.saveManifest(m);
+        },
+      },
+    });
+    return guarded;
+  }
+}
+
+export type AbortReason = { kind: 'lost' | 'shutdown' | 'cancelled'; message: string };
+
+export class JobAbortedError extends VmvaultError {
+  constructor(readonly reason: AbortReason) {
+    // Retriable: the job is another worker's now (lost), or comes back after a restart (shutdown).
+    super('LOCKED', `stopped before commit: ${reason.message}`, { retriable: true });
+    this.name = 'JobAbortedError';
+  }
+}
+
+function abortError(reason: AbortReason | undefined): JobAbortedError {
+  return new JobAbortedError(reason ?? { kind: 'cancelled', message: 'cancelled' });
+}
