@@ -39,6 +39,8 @@ export interface HostWorkerOptions {
   logger?: Logger;
   /** BullMQ job lock: a worker that stops renewing it loses the job after this long (default 30 s). */
   jobLockMs?: number;
+  /** How often the queue looks for jobs of crashed workers (BullMQ's stalledInterval, default 30 s). */
+  stalledIntervalMs?: number;
   /** VM lock lifetime without refresh (default 60 s). */
   vmLockTtlMs?: number;
   /** Upper bound of the wait before a job whose VM is busy is tried again (default 15 s). */
@@ -100,6 +102,7 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
     busyRetryMs: options.busyRetryMs ?? 15_000,
     progressIntervalMs: options.progressIntervalMs ?? 1000,
     closeTimeoutMs: options.closeTimeoutMs ?? 60_000,
+    stalledIntervalMs: options.stalledIntervalMs ?? 30_000,
     restoreRoots: options.restoreRoots?.map((r) => path.resolve(r)),
   };
 
@@ -120,7 +123,9 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
   const ctx: Context = { opts, queueName, repo, locks, log, guards: new Map() };
   const worker = new Worker(queueName, (job, token, signal) => processJob(ctx, job, token, signal), {
     connection, concurrency: options.concurrency ?? 1, lockDuration: opts.jobLockMs, autorun: false,
+    stalledInterval: opts.stalledIntervalMs,
   });
+  worker.on('stalled', (id) => log.warn({ job: id }, 'job of a crashed worker handed back to the queue'));
   worker.on('error', (err) => log.error({ err: err.message }, 'worker error'));
   worker.on('lockRenewalFailed', (ids) => {
     for (const id of ids) ctx.guards.get(id)?.abort({ kind: 'lost', message: `the lock of job ${id} could not be renewed` });

@@ -10,6 +10,7 @@ import { registerKeyCommands } from './commands/keys.js';
 import { registerBackupCommands } from './commands/backups.js';
 import { registerMaintenanceCommands } from './commands/maintenance.js';
 import { registerPolicyCommands } from './commands/policy.js'; // policy validate / simulate (issue 3)
+import { registerServiceCommands } from './commands/service.js'; // up / serve / worker (issue 3)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -23,6 +24,7 @@ export function buildProgram(): Command {
   registerBackupCommands(program, globals);
   registerMaintenanceCommands(program, globals);
   registerPolicyCommands(program); // policy validate / simulate (issue 3)
+  registerServiceCommands(program); // up / serve / worker (issue 3)
   return program;
 }
 

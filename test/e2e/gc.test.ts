@@ -66,7 +66,14 @@ for (const b of all) {
 
       const child = spawnCli(['backup', '--vm', 'big', '--disk', raw, '--json'], env);
       for (let i = 0; i < 400 && chunkNames(await objects(repo)).length < 4; i++) await new Promise((r) => setTimeout(r, 25));
-      const during = await cli(['gc'], env);
+      // Freeze the backup half-way, so gc certainly starts while it runs, however loaded the machine.
+      assert.ok(child.kill('SIGSTOP'));
+      let during;
+      try {
+        during = await cli(['gc'], env);
+      } finally {
+        child.kill('SIGCONT');
+      }
       assert.notEqual(during.code, 0, 'gc refuses while a backup holds its shared lock');
       assert.match(during.stderr, /locked.*backup of big/);
       const done = await child;

@@ -1,0 +1,258 @@
+/**
+ * The long-running parts of vmvault, wired together:
+ * - runScheduler(config): the Scheduler (node-cron) enqueuing backups on BullMQ host queues;
+ * - runWorker(config, {host}): the host agent (workers/host-agent.ts) of one host;
+ * - up(config): both in one process for this host, plus (when the configuration
+ *   names none) its own redis-server on a unix socket and a directory repository,
+ *   both in the state directory.
+ *
+ * Tuning for tests and special setups, from the environment (milliseconds):
+ *   VMVAULT_JOB_LOCK_MS        BullMQ job lock of the worker (default 30000)
+ *   VMVAULT_STALLED_INTERVAL_MS how often a crashed worker's jobs are looked for (default 30000, BullMQ's)
+ *   VMVAULT_VM_LOCK_TTL_MS     per-VM lock lifetime without refresh (default 60000)
+ *   VMVAULT_CLOSE_TIMEOUT_MS   how long a stopping worker lets its running job finish (default 60000)
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { chmod, mkdir, readdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Queue } from 'bullmq';
+import { pino, type Logger } from 'pino';
+import { passphrase as readPassphrase } from '../cli/context.js';
+import { parseConfig, selectVms } from '../config/load.js';
+import type { Config } from '../config/schema.js';
+import { errorMessage, VmvaultError } from '../errors.js';
+import { checkNoEviction, closeRedis, createRedis } from '../queue/connection.js';
+import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
+import { enqueueBackup, hostQueue } from '../queue/enqueue.js';
+import { Repository } from '../repo/repository.js';
+import { Scheduler } from '../scheduler/scheduler.js';
+import { openStorage } from '../storage/open.js';
+import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
+
+export interface Service { stop(): Promise<void> }
+
+export interface ServiceOptions {
+  logger?: Logger;
+  env?: NodeJS.ProcessEnv;
+}
+
+/** Logs go to stderr, as JSON lines (pino): stdout is left to what the operator must read. */
+export function serviceLogger(name: string): Logger {
+  return pino({ name, level: process.env.VMVAULT_LOG_LEVEL ?? 'info' }, pino.destination(2));
+}
+
+function envMs(env: NodeJS.ProcessEnv, name: string): number | undefined {
+  const v = env[name];
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0) throw new VmvaultError('BAD_INPUT', `${name}=${v}: expected a whole number of milliseconds > 0`);
+  return n;
+}
+
+/** Where the repository is and its passphrase, from config.repository. */
+export async function repositoryFrom(config: Config): Promise<{ url: string; passphrase: string }> {
+  const r = config.repository;
+  if (!r) throw new VmvaultError('BAD_INPUT', 'no repository in the configuration: add repository: { url, passwordFile } (or run "vmvault up", which makes one in its state directory)');
+  const pass = 'passwordFile' in r && r.passwordFile !== undefined
+    ? await readPassphrase(r.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ')
+    : await readPassphrase(undefined, (r as { passwordEnv: string }).passwordEnv, 'repository passphrase: ');
+  return { url: r.url, passphrase: pass };
+}
+
+function redisFrom(config: Config): string {
+  if (!config.redis.url) throw new VmvaultError('BAD_INPUT', 'no Redis in the configuration: add redis: { url: redis://HOST:PORT } (or run "vmvault up", which starts its own)');
+  return config.redis.url;
+}
+
+/** The scheduler, enqueuing on BullMQ. Resolves once policies are loaded and missed slots caught up. */
+export async function runScheduler(
+  config: Config,
+  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string } } = {},
+): Promise<Service> {
+  const log = opts.logger ?? serviceLogger('vmvault-scheduler');
+  const redisUrl = opts.redisUrl ?? redisFrom(config);
+  const where = opts.repository ?? await repositoryFrom(config);
+  const repo = await Repository.open(openStorage(where.url), where.passphrase);
+  const connection = createRedis(redisUrl, 'producer');
+  connection.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
+  const queues = new Map<string, Queue>();
+  const queueOf = (host: string) => {
+    let q = queues.get(host);
+    if (!q) queues.set(host, q = hostQueue(connection, host));
+    return q;
+  };
+  const byName = new Map(config.vms.map((vm) => [vm.name, vm]));
+  const scheduler = new Scheduler({
+    policiesDir: config.policiesDir,
+    log,
+    select: (policy) => {
+      const { vms, unknown } = selectVms(config, policy.select);
+      return { vms: vms.map((vm) => ({ name: vm.name, host: vm.host })), unknown };
+    },
+    enqueueBackup: async ({ jobId, host, vm, policy, slot }) => {
+      const v = byName.get(vm);
+      if (!v) throw new VmvaultError('NOT_FOUND', `VM "${vm}" is not in the inventory`);
+      const job = await enqueueBackup(queueOf(host), {
+        vm, disks: v.disks.map((d) => ({ path: d.path, name: d.name })), configs: v.configFiles,
+        labels: policy.labels ?? [], policy: policy.name, slot: slot.toISOString(),
+      }, { jobId });
+      log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'backup enqueued');
+    },
+    lastBackup: async (policy, vm) => {
+      const times = (await repo.manifests()).filter((m) => m.policy === policy && m.vm === vm).map((m) => Date.parse(m.time));
+      return times.length ? new Date(Math.max(...times)) : undefined;
+    },
+    catchUp: (opts.env ?? process.env).VMVAULT_NO_CATCH_UP ? false : true,
+  });
+  try {
+    await scheduler.start();
+  } catch (err) {
+    await scheduler.stop().catch(() => {});
+    await closeRedis(connection);
+    throw err;
+  }
+  log.info({ policiesDir: config.policiesDir, policies: scheduler.scheduled().map((p) => p.name) }, 'scheduler started');
+  let stopping: Promise<void> | undefined;
+  return {
+    stop: () => (stopping ??= (async () => {
+      await scheduler.stop();
+      await Promise.all([...queues.values()].map((q) => q.close().catch(() => {})));
+      await closeRedis(connection);
+      log.info({}, 'scheduler stopped');
+    })()),
+  };
+}
+
+/** The host agent of `host` (default: config.host). */
+export async function runWorker(
+  config: Config,
+  opts: ServiceOptions & { host?: string; redisUrl?: string; repository?: { url: string; passphrase: string } } = {},
+): Promise<Service> {
+  const env = opts.env ?? process.env;
+  const host = opts.host ?? config.host;
+  const log = opts.logger ?? serviceLogger('vmvault-worker');
+  const redisUrl = opts.redisUrl ?? redisFrom(config);
+  const where = opts.repository ?? await repositoryFrom(config);
+  const jobLockMs = envMs(env, 'VMVAULT_JOB_LOCK_MS');
+  const vmLockTtlMs = envMs(env, 'VMVAULT_VM_LOCK_TTL_MS');
+  const closeTimeoutMs = envMs(env, 'VMVAULT_CLOSE_TIMEOUT_MS');
+  const stalledMs = envMs(env, 'VMVAULT_STALLED_INTERVAL_MS');
+  const restoreRoots = config.hosts[host]?.restoreRoots;
+  const worker: HostWorker = await startHostWorker({
+    host, redisUrl, repoUrl: where.url, passphrase: where.passphrase, logger: log,
+    ...(jobLockMs ? { jobLockMs } : {}), ...(vmLockTtlMs ? { vmLockTtlMs } : {}), ...(closeTimeoutMs ? { closeTimeoutMs } : {}),
+    ...(restoreRoots && restoreRoots.length ? { restoreRoots } : {}), ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
+  });
+  let stopping: Promise<void> | undefined;
+  return {
+    stop: () => (stopping ??= (async () => {
+      await worker.close();
+      log.info({ host }, 'worker stopped');
+    })()),
+  };
+}
+
+export interface UpOptions extends ServiceOptions {
+  /** Overrides config.stateDir (--state-dir, VMVAULT_STATE_DIR). */
+  stateDir?: string;
+  /** Told to the operator (stdout). */
+  say?: (line: string) => void;
+}
+
+export interface UpService extends Service {
+  stateDir: string;
+  redisUrl: string;
+  repositoryUrl: string;
+  /** Set when up started its own redis-server. */
+  redis?: EmbeddedRedis;
+}
+
+/**
+ * The configuration `vmvault up` uses when there is no configuration file: this
+ * host, no VMs, policies in `<stateDir>/policies` (created empty), the state
+ * directory's own Redis and repository.
+ */
+export function defaultConfig(stateDir: string): Config {
+  const text = `stateDir: ${JSON.stringify(stateDir)}\npoliciesDir: ${JSON.stringify(join(stateDir, 'policies'))}\nvms: []\n`;
+  return parseConfig(text, join(stateDir, '(built-in configuration)'));
+}
+
+/** The directory repository of the state directory; created with a new random passphrase on first start. */
+async function stateRepository(stateDir: string, say: (line: string) => void): Promise<{ url: string; passphrase: string }> {
+  const url = join(stateDir, 'repository');
+  const passFile = join(stateDir, 'passphrase');
+  const exists = existsSync(url) && (await readdir(url)).length > 0;
+  if (exists) {
+    if (!existsSync(passFile)) throw new VmvaultError('BAD_INPUT', `${url} exists but its passphrase file ${passFile} is missing: restore the file, or configure repository: { url, passwordFile } in vmvault.yaml`);
+    return { url, passphrase: await readPassphrase(passFile, 'VMVAULT_PASSWORD', '') };
+  }
+  const pass = randomBytes(32).toString('base64url');
+  await writeFile(passFile, `${pass}\n`, { mode: 0o600, flag: 'w' });
+  await chmod(passFile, 0o600);
+  const repo = await Repository.init(openStorage(url), pass);
+  say(`vmvault: created the repository ${url} (id ${repo.id})`);
+  say(`vmvault: its passphrase is in ${passFile} (mode 0600); without it or a paper key no backup can be restored.`);
+  say('vmvault: keep a paper copy of the key offline, printed by:');
+  say(`  vmvault --repo ${url} --password-file ${passFile} key export --paper`);
+  return { url, passphrase: pass };
+}
+
+/** Scheduler and this host's worker in one process, with Redis and a repository of its own when none is configured. */
+export async function up(config: Config, opts: UpOptions = {}): Promise<UpService> {
+  const say = opts.say ?? ((line: string) => process.stdout.write(`${line}\n`));
+  const log = opts.logger ?? serviceLogger('vmvault');
+  const stateDir = opts.stateDir ?? config.stateDir;
+  await mkdir(stateDir, { recursive: true, mode: 0o700 });
+  await mkdir(config.policiesDir, { recursive: true });
+  const cleanups: Array<() => Promise<void>> = [];
+  const unwind = async () => {
+    for (const c of cleanups.reverse()) await c().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'cleanup failed'));
+  };
+  try {
+    let redis: EmbeddedRedis | undefined;
+    let redisUrl = config.redis.url;
+    if (!redisUrl) {
+      redis = await startEmbeddedRedis({ dir: join(stateDir, 'redis'), socketPath: join(stateDir, 'redis.sock') });
+      cleanups.push(() => redis!.stop());
+      redisUrl = redis.url;
+      log.info({ socket: redis.socketPath, pid: redis.pid }, 'started redis-server');
+    } else {
+      const c = createRedis(redisUrl, 'producer');
+      c.on('error', () => {});
+      try { await checkNoEviction(c); } finally { await closeRedis(c); }
+    }
+    const repository = config.repository ? await repositoryFrom(config) : await stateRepository(stateDir, say);
+    const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository });
+    cleanups.push(() => scheduler.stop());
+    const worker = await runWorker(config, { ...opts, logger: log, redisUrl, repository, host: config.host });
+    cleanups.push(() => worker.stop());
+    say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}`);
+    let stopping: Promise<void> | undefined;
+    return {
+      stateDir, redisUrl, repositoryUrl: repository.url, ...(redis ? { redis } : {}),
+      // Scheduler first (no new jobs), then the worker (hands back its running job), then Redis.
+      stop: () => (stopping ??= (async () => {
+        await scheduler.stop();
+        await worker.stop();
+        if (redis) await redis.stop();
+      })()),
+    };
+  } catch (err) {
+    await unwind();
+    throw err;
+  }
+}
+
+/** Resolves on the first SIGTERM or SIGINT. */
+export function untilSignal(): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    const on = (sig: NodeJS.Signals) => {
+      process.off('SIGTERM', on);
+      process.off('SIGINT', on);
+      resolve(sig);
+    };
+    process.on('SIGTERM', on);
+    process.on('SIGINT', on);
+  });
+}
