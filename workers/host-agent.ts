@@ -9,7 +9,7 @@
  * every time, and a job queued behind a long backup of the same VM would run out of
  * attempts without ever having failed.
  */
-import { DelayedError, UnrecoverableError, Worker, type Job } from 'bullmq';
+import { DelayedError, UnrecoverableError, Worker, type Job, type Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import path from 'node:path';
 import { pino, type Logger } from 'pino';
@@ -21,9 +21,9 @@ import { Repository } from '../src/repo/repository.js';
 import { summarise, type BackupStats, type BackupSummary as ManifestSummary } from '../src/repo/manifest.js';
 import { openStorage } from '../src/storage/open.js';
 import { checkNoEviction, closeRedis, createRedis } from '../src/queue/connection.js';
-import { hostQueueName } from '../src/queue/names.js';
+import { deterministicJobId, hostQueueName } from '../src/queue/names.js';
 import { parseHostJob, type BackupPayload, type RestorePayload } from '../src/queue/payloads.js';
-import { JOB_HISTORY } from '../src/queue/enqueue.js';
+import { enqueueMaintenance, JOB_HISTORY, maintenanceQueue } from '../src/queue/enqueue.js';
 import { DEFAULT_VM_LOCK_TTL_MS, tryAcquireVmLock, vmLockRemainingMs } from '../src/queue/vm-lock.js';
 import { JobAbortedError, JobGuard } from './job-guard.js';
 import { toJobError } from './job-errors.js';
@@ -83,6 +83,8 @@ interface Context {
   repo: Repository;
   /** Fast-failing connection for VM locks and commit markers (a refresh must notice Redis is gone). */
   locks: Redis;
+  /** The shared maintenance queue: a policy's backup enqueues that VM's prune there. */
+  maintenance: Queue;
   log: Logger;
   guards: Map<string, JobGuard>;
 }
@@ -120,7 +122,7 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
     throw err;
   }
 
-  const ctx: Context = { opts, queueName, repo, locks, log, guards: new Map() };
+  const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map() };
   const worker = new Worker(queueName, (job, token, signal) => processJob(ctx, job, token, signal), {
     connection, concurrency: options.concurrency ?? 1, lockDuration: opts.jobLockMs, autorun: false,
     stalledInterval: opts.stalledIntervalMs,
@@ -154,6 +156,7 @@ async function closeWorker(ctx: Context, worker: Worker, connections: Redis[]): 
   }
   clearTimeout(timer);
   await graceful;
+  await ctx.maintenance.close();
   await Promise.all(connections.map(closeRedis));
 }
 
@@ -241,6 +244,11 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
     ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report,
   });
   await progress.flush();
+  if (p.policy) {
+    // The policy's retention now has a new backup to count: prune this VM (one job per backup, deduplicated by id).
+    await enqueueMaintenance(ctx.maintenance, { kind: 'prune', policy: p.policy, vms: [p.vm] }, { jobId: deterministicJobId(['prune', p.policy, p.vm, manifest.id]) })
+      .catch((err: unknown) => ctx.log.warn({ err: errorMessage(err), policy: p.policy, vm: p.vm }, 'could not enqueue the prune that follows a backup'));
+  }
   return { ...summarise(manifest), stats, ...(p.slot ? { slot: p.slot } : {}), startedAt, finishedAt: Date.now() };
 }
 

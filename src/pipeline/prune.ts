@@ -30,12 +30,15 @@ export interface PruneDecision {
 export interface PruneOptions {
   /** VMs the policy selects (by name or tag, resolved by the caller); default: policy.select.vms. */
   vms?: readonly string[];
+  /** Plan only these VMs' backups (e.g. the VM whose backup just finished). */
+  onlyVms?: readonly string[];
   now?: Date;
 }
 
 export function planPrune(backups: readonly BackupSummary[], policy: Policy, opts: PruneOptions = {}): PruneDecision[] {
   const selected = new Set(opts.vms ?? policy.select.vms ?? []);
-  const governed = backups.filter((b) => b.policy === policy.name || (b.policy === undefined && selected.has(b.vm)));
+  const only = opts.onlyVms ? new Set(opts.onlyVms) : undefined;
+  const governed = backups.filter((b) => (b.policy === policy.name || (b.policy === undefined && selected.has(b.vm))) && (!only || only.has(b.vm)));
   const groups = new Map<string, { ruleLabel?: string; rules: ReturnType<typeof retentionFor>['rules']; items: BackupSummary[] }>();
   for (const b of governed) {
     const { label, rules } = retentionFor(policy.retention, b.labels);

@@ -29,6 +29,7 @@ import { Repository } from '../repo/repository.js';
 import { Scheduler } from '../scheduler/scheduler.js';
 import { openStorage } from '../storage/open.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
+import { startMaintenanceWorker } from '../../workers/maintenance.js';
 
 export interface Service { stop(): Promise<void> }
 
@@ -144,10 +145,18 @@ export async function runWorker(
     ...(jobLockMs ? { jobLockMs } : {}), ...(vmLockTtlMs ? { vmLockTtlMs } : {}), ...(closeTimeoutMs ? { closeTimeoutMs } : {}),
     ...(restoreRoots && restoreRoots.length ? { restoreRoots } : {}), ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
   });
+  // Every host agent also serves the shared maintenance queue (prune, gc, verify).
+  const maintenance = await startMaintenanceWorker({
+    redisUrl, repoUrl: where.url, passphrase: where.passphrase, policiesDir: config.policiesDir, logger: log,
+    ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
+  }).catch(async (err: unknown) => {
+    await worker.close();
+    throw err;
+  });
   let stopping: Promise<void> | undefined;
   return {
     stop: () => (stopping ??= (async () => {
-      await worker.close();
+      await Promise.all([worker.close(), maintenance.close()]);
       log.info({ host }, 'worker stopped');
     })()),
   };

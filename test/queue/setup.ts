@@ -12,7 +12,7 @@ import { pino } from 'pino';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
-import { hostQueue } from '../../src/queue/enqueue.js';
+import { hostQueue, maintenanceQueue } from '../../src/queue/enqueue.js';
 import { makeImage } from '../helpers/images.js';
 
 export const PASSWORD = 'queue test passphrase';
@@ -52,12 +52,20 @@ export interface Watched {
   close(): Promise<void>;
 }
 
-export async function watchQueue(redisUrl: string, host: string): Promise<Watched> {
+export function watchQueue(redisUrl: string, host: string): Promise<Watched> {
+  return watch(redisUrl, (connection) => hostQueue(connection, host));
+}
+
+export function watchMaintenance(redisUrl: string): Promise<Watched> {
+  return watch(redisUrl, maintenanceQueue);
+}
+
+async function watch(redisUrl: string, open: (connection: Redis) => Queue): Promise<Watched> {
   const connection = createRedis(redisUrl, 'producer');
   const eventsConnection = createRedis(redisUrl, 'worker');
   connection.on('error', () => {});
   eventsConnection.on('error', () => {});
-  const queue = hostQueue(connection, host);
+  const queue = open(connection);
   const events = new QueueEvents(queue.name, { connection: eventsConnection });
   await events.waitUntilReady();
   return {

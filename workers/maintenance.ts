@@ -1,0 +1,90 @@
+/**
+ * The maintenance worker: consumes the shared queue (prune, gc, verify), which any
+ * host may run. Prune finds its policy by name in the policies directory. GC takes
+ * the repository's exclusive lock; while backups hold shared ones it fails with a
+ * retriable LOCKED error and BullMQ tries again later with backoff. A verify that
+ * finds problems fails the job, naming them, so that it shows in job history.
+ */
+import { UnrecoverableError, Worker } from 'bullmq';
+import { pino, type Logger } from 'pino';
+import { NotFoundError } from '../src/errors.js';
+import { loadPolicies } from '../src/policy/load.js';
+import type { Policy } from '../src/policy/schema.js';
+import { prune } from '../src/pipeline/prune.js';
+import { verify } from '../src/pipeline/verify.js';
+import { collectGarbage } from '../src/repo/gc.js';
+import { Repository } from '../src/repo/repository.js';
+import { openStorage } from '../src/storage/open.js';
+import { checkNoEviction, closeRedis, createRedis } from '../src/queue/connection.js';
+import { MAINTENANCE_QUEUE } from '../src/queue/names.js';
+import { parseMaintenancePayload, type MaintenancePayload } from '../src/queue/payloads.js';
+import { toJobError } from './job-errors.js';
+
+export interface MaintenanceWorkerOptions {
+  redisUrl: string;
+  repoUrl: string;
+  passphrase: string;
+  policiesDir: string;
+  logger?: Logger;
+  stalledIntervalMs?: number;
+}
+
+export interface MaintenanceWorker { close(): Promise<void> }
+
+export async function startMaintenanceWorker(options: MaintenanceWorkerOptions): Promise<MaintenanceWorker> {
+  const log = (options.logger ?? pino({ name: 'vmvault-maintenance' })).child({ queue: MAINTENANCE_QUEUE });
+  const connection = createRedis(options.redisUrl, 'worker');
+  connection.on('error', (err: Error) => log.warn({ err: err.message }, 'redis connection error'));
+  let repo: Repository;
+  try {
+    await checkNoEviction(connection);
+    repo = await Repository.open(openStorage(options.repoUrl), options.passphrase);
+  } catch (err) {
+    await closeRedis(connection);
+    throw err;
+  }
+  const worker = new Worker(MAINTENANCE_QUEUE, async (job) => {
+    try {
+      const payload = parseMaintenancePayload(job.data);
+      log.info({ job: job.id, kind: payload.kind }, 'maintenance job started');
+      return await run(repo, options.policiesDir, payload);
+    } catch (err) {
+      throw toJobError(err);
+    }
+  }, { connection, concurrency: 1, autorun: false, ...(options.stalledIntervalMs ? { stalledInterval: options.stalledIntervalMs } : {}) });
+  worker.on('error', (err) => log.error({ err: err.message }, 'worker error'));
+  worker.on('failed', (job, err) => log.warn({ job: job?.id, err: err.message }, 'maintenance job failed'));
+  void worker.run();
+  return {
+    close: async () => {
+      await worker.close();
+      await closeRedis(connection);
+    },
+  };
+}
+
+async function run(repo: Repository, policiesDir: string, p: MaintenancePayload): Promise<unknown> {
+  switch (p.kind) {
+    case 'prune': {
+      const policy = await findPolicy(policiesDir, p.policy);
+      const plan = await prune(repo, policy, { dryRun: p.dryRun, ...(p.vms ? { onlyVms: p.vms } : {}) });
+      return { policy: policy.name, dryRun: p.dryRun, kept: plan.filter((d) => d.keep).length, removed: plan.filter((d) => !d.keep).map((d) => d.id) };
+    }
+    case 'gc':
+      return collectGarbage(repo, { dryRun: p.dryRun });
+    case 'verify': {
+      const report = await verify(repo, { readData: p.readData, ...(p.backups ? { backupIds: p.backups } : {}) });
+      if (!report.ok) {
+        throw new UnrecoverableError(`verify found ${report.problems.length} problem(s): ${report.problems.map((x) => `${x.object}: ${x.problem} (backups ${x.backups.join(', ')})`).join('; ')}`);
+      }
+      return report;
+    }
+  }
+}
+
+async function findPolicy(dir: string, name: string): Promise<Policy> {
+  const { policies } = await loadPolicies(dir);
+  const found = policies.find((l) => l.policy.name === name);
+  if (!found) throw new NotFoundError(`policy "${name}" is not among the valid policies in ${dir}`);
+  return found.policy;
+}
