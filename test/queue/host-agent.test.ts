@@ -2,36 +2,24 @@
  * The host agent against a real redis-server and a real directory repository:
  * routing by host, permanent failures, deduplication, the per-VM lock, progress.
  */
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { startHostWorker, type BackupJobResult, type HostWorker } from '../../workers/host-agent.js';
 import { enqueueBackup } from '../../src/queue/enqueue.js';
 import { deterministicJobId } from '../../src/queue/names.js';
-import { fixture, silent, uniqueHost, watchQueue, PASSWORD, type Fixture } from './setup.js';
+import { queueHarness, silent, uniqueHost, watchQueue, PASSWORD } from './setup.js';
 
 describe('host agent', () => {
-  let redis: TestRedis;
-  let fx: Fixture;
-  const cleanups: (() => Promise<void>)[] = [];
-
-  before(async () => {
-    redis = await startRedis();
-    fx = await fixture();
-  });
-  after(async () => {
-    for (const c of cleanups.reverse()) await c();
-    await redis.stop();
-    await fx.cleanup();
-  });
+  const h = queueHarness();
+  const cleanups = { push: h.cleanup };
 
   async function worker(host: string, extra: { concurrency?: number; busyRetryMs?: number } = {}): Promise<HostWorker> {
-    const w = await startHostWorker({ host, redisUrl: redis.url, repoUrl: fx.repoUrl, passphrase: PASSWORD, logger: silent, progressIntervalMs: 0, ...extra });
+    const w = await startHostWorker({ host, redisUrl: h.redis.url, repoUrl: h.fx.repoUrl, passphrase: PASSWORD, logger: silent, progressIntervalMs: 0, ...extra });
     cleanups.push(() => w.close());
     return w;
   }
   async function watch(host: string) {
-    const q = await watchQueue(redis.url, host);
+    const q = await watchQueue(h.redis.url, host);
     cleanups.push(() => q.close());
     return q;
   }
@@ -41,8 +29,8 @@ describe('host agent', () => {
     const [qa, qb] = await Promise.all([watch(hostA), watch(hostB)]);
     await Promise.all([worker(hostA), worker(hostB)]);
     const jobs = await Promise.all([
-      ...['a1', 'a2'].map(async (vm) => ({ host: hostA, vm: `${hostA}-${vm}`, q: qa, job: await enqueueBackup(qa.queue, { vm: `${hostA}-${vm}`, disks: [{ path: await fx.image(`${hostA}-${vm}`) }], labels: ['test'] }) })),
-      ...['b1', 'b2'].map(async (vm) => ({ host: hostB, vm: `${hostB}-${vm}`, q: qb, job: await enqueueBackup(qb.queue, { vm: `${hostB}-${vm}`, disks: [{ path: await fx.image(`${hostB}-${vm}`) }] }) })),
+      ...['a1', 'a2'].map(async (vm) => ({ host: hostA, vm: `${hostA}-${vm}`, q: qa, job: await enqueueBackup(qa.queue, { vm: `${hostA}-${vm}`, disks: [{ path: await h.fx.image(`${hostA}-${vm}`) }], labels: ['test'] }) })),
+      ...['b1', 'b2'].map(async (vm) => ({ host: hostB, vm: `${hostB}-${vm}`, q: qb, job: await enqueueBackup(qb.queue, { vm: `${hostB}-${vm}`, disks: [{ path: await h.fx.image(`${hostB}-${vm}`) }] }) })),
     ]);
     for (const j of jobs) {
       const done = await j.q.finished(j.job);
@@ -53,7 +41,7 @@ describe('host agent', () => {
       assert.match(r.id, /^[0-9a-f]{64}$/);
       assert.equal(done.progress && (done.progress as { phase: string }).phase, 'backup');
     }
-    const manifests = await fx.repo.manifests();
+    const manifests = await h.fx.repo.manifests();
     for (const j of jobs) {
       const mine = manifests.filter((m) => m.vm === j.vm);
       assert.equal(mine.length, 1);
@@ -65,7 +53,7 @@ describe('host agent', () => {
     const host = uniqueHost();
     const q = await watch(host);
     await worker(host);
-    const missing = `${fx.dir}/no-such-disk.qcow2`;
+    const missing = `${h.fx.dir}/no-such-disk.qcow2`;
     const job = await enqueueBackup(q.queue, { vm: 'ghost', disks: [{ path: missing }] }, { backoffMs: 10 });
     const done = await q.finished(job);
     assert.equal(await done.getState(), 'failed');
@@ -92,7 +80,7 @@ describe('host agent', () => {
     const host = uniqueHost();
     const q = await watch(host);
     const vm = `dedup-${host}`;
-    const disk = await fx.image(vm);
+    const disk = await h.fx.image(vm);
     const jobId = deterministicJobId(['nightly', vm, '2025-01-01T02:00:00.000Z']);
     const payload = { vm, disks: [{ path: disk }], policy: 'nightly', slot: '2025-01-01T02:00:00.000Z' };
     const [j1, j2] = await Promise.all([enqueueBackup(q.queue, payload, { jobId }), enqueueBackup(q.queue, payload, { jobId })]);
@@ -107,7 +95,7 @@ describe('host agent', () => {
     assert.equal(j3.id, jobId);
     const counts = await q.queue.getJobCounts('waiting', 'active', 'delayed', 'completed');
     assert.deepEqual(counts, { waiting: 0, active: 0, delayed: 0, completed: 1 });
-    const mine = (await fx.repo.manifests()).filter((m) => m.vm === vm);
+    const mine = (await h.fx.repo.manifests()).filter((m) => m.vm === vm);
     assert.equal(mine.length, 1);
     assert.equal(mine[0]!.policy, 'nightly');
   });
@@ -116,8 +104,8 @@ describe('host agent', () => {
     const host = uniqueHost();
     const q = await watch(host);
     const vm = `busy-${host}`;
-    const disk = await fx.image(vm);
-    const other = await fx.image(`other-${host}`);
+    const disk = await h.fx.image(vm);
+    const other = await h.fx.image(`other-${host}`);
     const jobs = [];
     for (let i = 0; i < 3; i++) jobs.push(await enqueueBackup(q.queue, { vm, disks: [{ path: disk }], labels: [`run-${i}`] }));
     jobs.push(await enqueueBackup(q.queue, { vm: `other-${host}`, disks: [{ path: other }] }));
@@ -131,6 +119,6 @@ describe('host agent', () => {
     // Postponing a busy VM does not spend attempts.
     for (const d of done) assert.equal(d.attemptsMade, 1);
     assert.ok(done.slice(0, 3).some((d) => d.attemptsStarted > 1), 'no job found its VM busy: the test did not exercise the lock');
-    assert.equal((await fx.repo.manifests()).filter((m) => m.vm === vm).length, 3);
+    assert.equal((await h.fx.repo.manifests()).filter((m) => m.vm === vm).length, 3);
   });
 });

@@ -3,32 +3,22 @@
  * repository: a policy's backup enqueues that VM's prune, then gc and verify run as
  * jobs; a damaged chunk fails verify with its name; an unknown policy fails at once.
  */
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { startHostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
 import { enqueueBackup, enqueueMaintenance } from '../../src/queue/enqueue.js';
 import { LocalStorage } from '../../src/storage/local.js';
-import { fixture, silent, uniqueHost, watchMaintenance, watchQueue, PASSWORD, type Fixture } from './setup.js';
+import { queueHarness, silent, uniqueHost, watchMaintenance, watchQueue, PASSWORD } from './setup.js';
 
-let redis: TestRedis;
-let fx: Fixture;
-const cleanups: (() => Promise<void>)[] = [];
-before(async () => {
-  redis = await startRedis();
-  fx = await fixture();
-});
-after(async () => {
-  for (const c of cleanups.reverse()) await c();
-  await redis.stop();
-  await fx.cleanup();
-});
+const h = queueHarness();
 
 test('backups under a policy are pruned by maintenance jobs; gc and verify run as jobs and fail clearly', async () => {
+  const { redis, fx } = h;
+  const cleanups = { push: h.cleanup };
   const policies = join(fx.dir, 'policies');
   await mkdir(policies);
   await writeFile(join(policies, 'keep1.yaml'), 'name: keep1\nschedule: "0 3 * * *"\nselect:\n  vms: [m1]\nretention:\n  keepLast: 1\n');

@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { after, before } from 'node:test';
 import { Job, Queue, QueueEvents } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { pino } from 'pino';
@@ -14,6 +15,7 @@ import { LocalStorage } from '../../src/storage/local.js';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
 import { hostQueue, maintenanceQueue } from '../../src/queue/enqueue.js';
 import { makeImage } from '../helpers/images.js';
+import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 export const PASSWORD = 'queue test passphrase';
 export const silent = pino({ level: process.env.VMVAULT_TEST_LOG ?? 'silent' });
@@ -87,5 +89,29 @@ async function watch(redisUrl: string, open: (connection: Redis) => Queue): Prom
       await closeRedis(eventsConnection);
       await closeRedis(connection);
     },
+  };
+}
+
+/**
+ * Registers before/after hooks that start a real redis-server and a repository
+ * fixture, and run `cleanup` callbacks (last added first) before stopping them.
+ */
+export function queueHarness(): { readonly redis: TestRedis; readonly fx: Fixture; cleanup(fn: () => Promise<void>): void } {
+  let redis: TestRedis | undefined;
+  let fx: Fixture | undefined;
+  const cleanups: (() => Promise<void>)[] = [];
+  before(async () => {
+    redis = await startRedis();
+    fx = await fixture();
+  });
+  after(async () => {
+    for (const c of cleanups.reverse()) await c();
+    await redis?.stop();
+    await fx?.cleanup();
+  });
+  return {
+    get redis() { return redis!; },
+    get fx() { return fx!; },
+    cleanup: (fn) => void cleanups.push(fn),
   };
 }
