@@ -17,7 +17,7 @@ import { TaskWindow } from './window.js';
 import { BufferPool } from './buffers.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { assertSafeName, diskNameFromPath, uniqueNames } from './names.js';
-import { withLock } from '../repo/locks.js';
+import { withLock, type HeldLock } from '../repo/locks.js';
 
 export interface BackupRequest {
   vm: string;
@@ -57,10 +57,12 @@ export async function backup(repo: Repository, req: BackupRequest): Promise<Back
   const configs = await readConfigs(req.configs ?? []);
 
   // A shared lock: garbage collection (exclusive) cannot delete the chunks this backup reuses.
-  return withLock(repo, 'shared', { purpose: `backup of ${req.vm}` }, () => run(repo, req, infos, names, configs, started));
+  return withLock(repo, 'shared', { purpose: `backup of ${req.vm}` }, (lock) => run(repo, req, infos, names, configs, started, lock));
 }
 
-async function run(repo: Repository, req: BackupRequest, infos: ImageInfo[], names: string[], configs: Manifest['configs'], started: number): Promise<BackupResult> {
+async function run(
+  repo: Repository, req: BackupRequest, infos: ImageInfo[], names: string[], configs: Manifest['configs'], started: number, lock: HeldLock,
+): Promise<BackupResult> {
   const id = randomBytes(32).toString('hex');
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, seconds: 0 };
   const known = await repo.chunkIds();
@@ -84,6 +86,7 @@ async function run(repo: Repository, req: BackupRequest, infos: ImageInfo[], nam
     chunkSize: repo.chunkSize, disks, configs, stats,
   };
   await req.beforeCommit?.();
+  await lock.confirm();
   await repo.saveManifest(manifest);
   return { manifest, stats };
 }

@@ -42,6 +42,13 @@ export interface HeldLock {
   readonly id: string;
   /** Extends the expiry; called automatically every ttl/4 until release. */
   refresh(): Promise<void>;
+  /**
+   * Before a commit: throws (LOCKED, retriable) unless the lock is still ours and
+   * live — refreshed within its lifetime and not removed as stale by another
+   * process — then refreshes it. A backup whose lock lapsed may have had chunks
+   * collected under it, so it must not write its manifest.
+   */
+  confirm(): Promise<void>;
   release(): Promise<void>;
 }
 
@@ -70,9 +77,12 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   const now = opts.now ?? Date.now;
   const id = randomBytes(16).toString('hex');
   const created = new Date(now()).toISOString();
+  let lastWritten = 0;
   const write = async () => {
-    const body: LockBody = { kind, host: hostname(), pid: process.pid, purpose: opts.purpose, created, expires: new Date(now() + ttl).toISOString() };
+    const at = now();
+    const body: LockBody = { kind, host: hostname(), pid: process.pid, purpose: opts.purpose, created, expires: new Date(at + ttl).toISOString() };
     await repo.storage.put(lockName(id), seal(repo.keys.encKey, 'lock', Buffer.from(JSON.stringify(body)), additionalData(repo.id, 'lock', id)));
+    lastWritten = at;
   };
   await write();
   let conflicts: Awaited<ReturnType<typeof readLocks>>;
@@ -92,9 +102,15 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   let released = false;
   const timer = setInterval(() => void write().catch(() => undefined), Math.max(1000, ttl / 4));
   timer.unref();
+  const lost = (why: string) => new VmvaultError('LOCKED', `the ${kind} lock for ${opts.purpose} was lost (${why}): nothing was committed; run it again`, { retriable: true });
   return {
     id,
     refresh: write,
+    confirm: async () => {
+      if (now() - lastWritten >= ttl) throw lost(`not refreshed for ${Math.round((now() - lastWritten) / 1000)} s`);
+      if (!(await repo.storage.stat(lockName(id)))) throw lost('another process removed it as stale');
+      await write();
+    },
     release: async () => {
       if (released) return;
       released = true;
@@ -105,10 +121,10 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
 }
 
 /** Runs `fn` under a lock, releasing it whatever happens. */
-export async function withLock<T>(repo: Repository, kind: LockKind, opts: LockOptions, fn: () => Promise<T>): Promise<T> {
+export async function withLock<T>(repo: Repository, kind: LockKind, opts: LockOptions, fn: (lock: HeldLock) => Promise<T>): Promise<T> {
   const lock = await acquireLock(repo, kind, opts);
   try {
-    return await fn();
+    return await fn(lock);
   } finally {
     await lock.release();
   }

@@ -84,6 +84,12 @@ export async function runScheduler(
     return q;
   };
   const byName = new Map(config.vms.map((vm) => [vm.name, vm]));
+  // Catch-up asks for every (policy, VM): read the manifests once per minute, not once per question.
+  let cached: { at: number; list: ReturnType<Repository['manifests']> } | undefined;
+  const manifests = () => {
+    if (!cached || Date.now() - cached.at > 60_000) cached = { at: Date.now(), list: repo.manifests() };
+    return cached.list;
+  };
   const scheduler = new Scheduler({
     policiesDir: config.policiesDir,
     log,
@@ -101,7 +107,7 @@ export async function runScheduler(
       log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'backup enqueued');
     },
     lastBackup: async (policy, vm) => {
-      const times = (await repo.manifests()).filter((m) => m.policy === policy && m.vm === vm).map((m) => Date.parse(m.time));
+      const times = (await manifests()).filter((m) => m.policy === policy && m.vm === vm).map((m) => Date.parse(m.time));
       return times.length ? new Date(Math.max(...times)) : undefined;
     },
     catchUp: (opts.env ?? process.env).VMVAULT_NO_CATCH_UP ? false : true,

@@ -62,3 +62,21 @@ test('refresh extends a lock', async () => {
     await cleanup();
   }
 });
+
+test('confirm() passes for a live lock, and fails when it lapsed or was removed as stale', async () => {
+  const { repo: r, cleanup } = await repo();
+  try {
+    let clock = Date.now();
+    const held = await acquireLock(r, 'shared', { purpose: 'backup x', ttlMs: 60_000, now: () => clock });
+    await held.confirm();
+    clock += 61_000; // no refresh for longer than the lock lives: gc may have run
+    await assert.rejects(held.confirm(), (e: any) => e.code === 'LOCKED' && e.retriable && /backup x was lost \(not refreshed/.test(e.message));
+    await held.refresh();
+    await held.confirm();
+    await r.storage.delete(`locks/${held.id}`); // as the next acquirer does with a stale lock
+    await assert.rejects(held.confirm(), /removed it as stale/);
+    await held.release();
+  } finally {
+    await cleanup();
+  }
+});
