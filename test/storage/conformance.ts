@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { NotFoundError, VmvaultError } from '../../src/errors.js';
 import type { Storage } from '../../src/storage/storage.js';
+import { mapLimit } from '../../src/repo/repository.js';
 
 export interface StorageFixture {
   storage: Storage;
@@ -27,15 +28,6 @@ export async function listNames(storage: Storage, prefix: string): Promise<strin
   const names = (await collect(storage.list(prefix))).map((i) => i.name).sort();
   assert.equal(new Set(names).size, names.length, `list(${JSON.stringify(prefix)}) yielded a name twice`);
   return names;
-}
-
-/** Runs `fn` on every item with at most `limit` calls in flight. */
-export async function mapLimit<T>(items: T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  const worker = async (): Promise<void> => {
-    while (next < items.length) await fn(items[next++] as T);
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
 }
 
 const isBadInput = (err: unknown): boolean => err instanceof VmvaultError && err.code === 'BAD_INPUT';
