@@ -18,7 +18,7 @@ import { chmod, mkdir, readdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Queue } from 'bullmq';
 import { pino, type Logger } from 'pino';
-import { passphrase as readPassphrase } from '../cli/context.js';
+import { passphrase as readPassphrase } from '../config/passphrase.js';
 import { parseConfig, selectVms } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import { errorMessage, VmvaultError } from '../errors.js';
