@@ -6,6 +6,7 @@
 import { z } from 'zod';
 import { IMAGE_FORMATS, isImageFormat, type ImageFormat } from '../disk/image-format.js';
 import { VmvaultError } from '../errors.js';
+import type { VmConfig } from '../config/schema.js';
 
 const nonEmpty = z.string().trim().min(1);
 
@@ -35,6 +36,22 @@ export const maintenancePayloadSchema = z.discriminatedUnion('kind', [
   z.strictObject({ kind: z.literal('gc'), dryRun: z.boolean().default(false) }),
   z.strictObject({ kind: z.literal('verify'), readData: z.boolean().default(false), backups: z.array(nonEmpty).optional() }),
 ]);
+
+/**
+ * The backup payload of an inventory VM: its disks and configuration files, plus
+ * what the caller adds. The one place that maps the inventory to a backup job, for
+ * the scheduler and the API alike.
+ */
+export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; policy?: string; slot?: string } = {}): BackupPayloadInput {
+  return {
+    vm: vm.name,
+    disks: vm.disks.map((d) => ({ path: d.path, name: d.name })),
+    configs: vm.configFiles,
+    labels: extra.labels ?? [],
+    ...(extra.policy ? { policy: extra.policy } : {}),
+    ...(extra.slot ? { slot: extra.slot } : {}),
+  };
+}
 
 /** Job names on a host queue, each with its payload schema. */
 export const HOST_JOBS = { backup: backupPayloadSchema, restore: restorePayloadSchema } as const;

@@ -25,6 +25,7 @@ import { errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createRedis } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
 import { enqueueBackup, hostQueue } from '../queue/enqueue.js';
+import { backupPayloadFor } from '../queue/payloads.js';
 import { Repository } from '../repo/repository.js';
 import { Scheduler } from '../scheduler/scheduler.js';
 import { openStorage } from '../storage/open.js';
@@ -100,10 +101,9 @@ export async function runScheduler(
     enqueueBackup: async ({ jobId, host, vm, policy, slot }) => {
       const v = byName.get(vm);
       if (!v) throw new VmvaultError('NOT_FOUND', `VM "${vm}" is not in the inventory`);
-      const job = await enqueueBackup(queueOf(host), {
-        vm, disks: v.disks.map((d) => ({ path: d.path, name: d.name })), configs: v.configFiles,
+      const job = await enqueueBackup(queueOf(host), backupPayloadFor(v, {
         labels: policy.labels ?? [], policy: policy.name, slot: slot.toISOString(),
-      }, { jobId });
+      }), { jobId });
       log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'backup enqueued');
     },
     lastBackup: async (policy, vm) => {
