@@ -11,6 +11,7 @@ import { registerBackupCommands } from './commands/backups.js';
 import { registerMaintenanceCommands } from './commands/maintenance.js';
 import { registerPolicyCommands } from './commands/policy.js'; // policy validate / simulate (issue 3)
 import { registerServiceCommands } from './commands/service.js'; // up / serve / worker (issue 3)
+import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot create / list / revert / delete (issue 5)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -25,6 +26,7 @@ export function buildProgram(): Command {
   registerMaintenanceCommands(program, globals);
   registerPolicyCommands(program); // policy validate / simulate (issue 3)
   registerServiceCommands(program); // up / serve / worker (issue 3)
+  registerSnapshotCommands(program, globals); // snapshot create / list / revert / delete (issue 5)
   return program;
 }
 

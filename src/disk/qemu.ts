@@ -36,7 +36,7 @@ interface QemuImgInfoJson {
   'actual-size'?: number;
   'backing-filename'?: string;
   'full-backing-filename'?: string;
-  snapshots?: { id: string | number; name: string }[];
+  snapshots?: { id: string | number; name: string; 'date-sec'?: number; 'vm-state-size'?: number }[];
 }
 
 async function infoJson(abs: string, format?: ImageFormat): Promise<QemuImgInfoJson> {
@@ -129,6 +129,43 @@ export async function snapshotDelete(file: string, name: string): Promise<void> 
     throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
   }
   await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', '-d', name, qcow2Opts(abs)]);
+}
+
+/** One internal snapshot of a qcow2 image, as qemu-img reports it. */
+export interface InternalSnapshot {
+  id: string;
+  name: string;
+  /** When it was taken (qemu stores whole seconds). */
+  date: Date;
+  /** Bytes of saved VM state: 0 for a disk-only snapshot (qemu-img snapshot -c). */
+  vmStateSize: number;
+}
+
+/** The internal snapshots of a qcow2 image. IMAGE_LOCKED when a running VM holds it. */
+export async function snapshotList(file: string): Promise<InternalSnapshot[]> {
+  const abs = path.resolve(file);
+  await mustExist(abs);
+  const j = await infoJson(abs, 'qcow2');
+  checkFormat(j.format, abs);
+  return (j.snapshots ?? []).map((s) => ({
+    id: String(s.id), name: s.name, date: new Date((s['date-sec'] ?? 0) * 1000), vmStateSize: s['vm-state-size'] ?? 0,
+  }));
+}
+
+/**
+ * Revert a qcow2 image to an internal snapshot (qemu-img snapshot -a). qemu-img opens
+ * the image for writing, so an image a running VM holds fails with IMAGE_LOCKED and
+ * is left unchanged. NotFoundError when there is no snapshot of that name.
+ */
+export async function snapshotApply(file: string, name: string): Promise<void> {
+  const abs = path.resolve(file);
+  checkSnapshotName(name, abs);
+  await mustExist(abs);
+  const j = await infoJson(abs, 'qcow2');
+  if (!(j.snapshots ?? []).some((s) => s.name === name)) {
+    throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
+  }
+  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', '-a', name, qcow2Opts(abs)]);
 }
 
 /**

@@ -1,0 +1,206 @@
+/**
+ * Two ways to reach a VM's qcow2 internal snapshots, behind one small interface:
+ * - offline: qemu-img on the image files (the VM is not running);
+ * - running: the VM's own QEMU over QMP (snapshot-save / snapshot-load /
+ *   snapshot-delete jobs), which also saves and restores the VM's RAM and devices.
+ *
+ * Contract of every SnapshotDriver:
+ * - `list` reports, per inventory disk, the internal snapshots it holds;
+ * - `create` takes one snapshot of every disk under one name, or none: a disk that
+ *   fails makes the others' snapshots be removed again;
+ * - `revert` checks every disk before changing any; offline, an image a process
+ *   holds (a running VM) is refused with IMAGE_LOCKED: qemu-img must never write an
+ *   image in use, and reverting a running VM's disks under it would corrupt it;
+ * - `remove` deletes the snapshot from the disks that have it.
+ */
+import path from 'node:path';
+import { NotFoundError, VmvaultError } from '../errors.js';
+import {
+  imageInfo, snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
+} from '../disk/qemu.js';
+import { QmpClient } from './qmp.js';
+
+/** What snapshot operations need to know of an inventory VM. */
+export interface SnapshotTarget {
+  vm: string;
+  driver: 'image' | 'qemu' | 'libvirt';
+  disks: { path: string; name: string; format?: ImageFormat }[];
+  /** QMP socket of the running QEMU (driver qemu). */
+  qmpSocket?: string;
+}
+
+export interface SnapshotDriver {
+  readonly kind: 'offline' | 'running';
+  /** Per inventory disk (same order), the snapshots it holds. */
+  list(): Promise<InternalSnapshot[][]>;
+  create(name: string): Promise<void>;
+  revert(name: string): Promise<void>;
+  /** Deletes `name` from the disks (indexes into target.disks) that hold it. */
+  remove(name: string, disks: number[]): Promise<void>;
+  close(): Promise<void>;
+}
+
+/**
+ * The driver for `target` now: over QMP when the VM has a QMP socket and a QEMU
+ * answers on it; with qemu-img otherwise (a stopped VM's images are plain files,
+ * and qemu-img's lock probe still refuses one that something else holds).
+ */
+export async function openSnapshotDriver(target: SnapshotTarget): Promise<SnapshotDriver> {
+  if (target.disks.length === 0) throw new VmvaultError('BAD_INPUT', `VM "${target.vm}" has no disks in the inventory: add disks: [{ path: ... }]`);
+  if (target.driver === 'qemu' && target.qmpSocket) {
+    const qmp = await connectIfRunning(target.qmpSocket);
+    if (qmp) return new RunningDriver(target, qmp);
+  }
+  return new OfflineDriver(target);
+}
+
+/** The QMP client, or undefined when no QEMU runs on the socket (missing, or connection refused). */
+async function connectIfRunning(socket: string): Promise<QmpClient | undefined> {
+  try {
+    return await QmpClient.connect(socket);
+  } catch (err) {
+    const cause = (err as { cause?: NodeJS.ErrnoException }).cause;
+    if (err instanceof NotFoundError || cause?.code === 'ECONNREFUSED' || cause?.code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+class OfflineDriver implements SnapshotDriver {
+  readonly kind = 'offline';
+  private checked = false;
+  constructor(private readonly target: SnapshotTarget) {}
+
+  /** Every disk must be a qcow2 image nobody holds: IMAGE_LOCKED or UNSUPPORTED before anything changes. */
+  private async inspect(): Promise<void> {
+    if (this.checked) return;
+    for (const d of this.target.disks) {
+      const info = await imageInfo(d.path, d.format);
+      if (info.format !== 'qcow2') {
+        throw new VmvaultError('UNSUPPORTED', `disk "${d.name}" of VM "${this.target.vm}" (${info.path}) is ${info.format}: internal snapshots need qcow2 images (convert it with qemu-img convert -O qcow2)`);
+      }
+    }
+    this.checked = true;
+  }
+
+  async list(): Promise<InternalSnapshot[][]> {
+    await this.inspect();
+    const out: InternalSnapshot[][] = [];
+    for (const d of this.target.disks) out.push(await snapshotList(d.path));
+    return out;
+  }
+
+  async create(name: string): Promise<void> {
+    await this.inspect();
+    const done: string[] = [];
+    try {
+      for (const d of this.target.disks) {
+        await snapshotCreate(d.path, name);
+        done.push(d.path);
+      }
+    } catch (err) {
+      for (const p of done) await snapshotDelete(p, name).catch(() => {});
+      throw err;
+    }
+  }
+
+  async revert(name: string): Promise<void> {
+    try {
+      await this.inspect();
+    } catch (err) {
+      if (err instanceof VmvaultError && err.code === 'IMAGE_LOCKED') {
+        throw new VmvaultError('IMAGE_LOCKED',
+          `cannot revert VM "${this.target.vm}" to snapshot "${name}": ${err.message} Nothing was changed. ` +
+          'A running VM is never reverted through qemu-img: stop it first, or give it driver: qemu and its qmpSocket so QEMU itself reverts it.',
+          { cause: err });
+      }
+      throw err;
+    }
+    for (const d of this.target.disks) await snapshotApply(d.path, name);
+  }
+
+  async remove(name: string, disks: number[]): Promise<void> {
+    await this.inspect();
+    for (const i of disks) await snapshotDelete(this.target.disks[i]!.path, name);
+  }
+
+  async close(): Promise<void> {}
+}
+
+interface BlockInfo {
+  device: string;
+  qdev?: string;
+  inserted?: {
+    file: string;
+    'node-name'?: string;
+    drv: string;
+    ro?: boolean;
+    image?: { filename: string; format: string; snapshots?: { id: string; name: string; 'date-sec': number; 'vm-state-size': number }[] };
+  };
+}
+
+/** Snapshot jobs save the VM's RAM: allow them time (a big VM on a slow disk). */
+const JOB_TIMEOUT_MS = 30 * 60_000;
+
+class RunningDriver implements SnapshotDriver {
+  readonly kind = 'running';
+  private jobs = 0;
+  constructor(private readonly target: SnapshotTarget, private readonly qmp: QmpClient) {}
+
+  /** The block node of every inventory disk, matched by image path, with its snapshots. */
+  private async nodes(): Promise<{ node: string; snapshots: InternalSnapshot[] }[]> {
+    const blocks = await this.qmp.execute<BlockInfo[]>('query-block');
+    return this.target.disks.map((d) => {
+      const want = path.resolve(d.path);
+      const b = blocks.find((x) => x.inserted && (path.resolve(x.inserted.image?.filename ?? '') === want || path.resolve(x.inserted.file) === want));
+      if (!b?.inserted) {
+        const attached = blocks.flatMap((x) => (x.inserted ? [x.inserted.image?.filename ?? x.inserted.file] : []));
+        throw new NotFoundError(`disk "${d.name}" of VM "${this.target.vm}" (${want}) is not attached to the QEMU on ${this.target.qmpSocket} (attached: ${attached.join(', ') || 'none'}): fix the inventory's disk paths`);
+      }
+      if (b.inserted.drv !== 'qcow2') {
+        throw new VmvaultError('UNSUPPORTED', `disk "${d.name}" of VM "${this.target.vm}" is ${b.inserted.drv} in the running QEMU: internal snapshots need qcow2 images`);
+      }
+      const node = b.inserted['node-name'];
+      if (!node) throw new VmvaultError('QEMU', `QEMU reports no node name for disk "${d.name}" of VM "${this.target.vm}"`);
+      const snapshots = (b.inserted.image?.snapshots ?? []).map((s) => ({
+        id: String(s.id), name: s.name, date: new Date(s['date-sec'] * 1000), vmStateSize: s['vm-state-size'],
+      }));
+      return { node, snapshots };
+    });
+  }
+
+  private jobId(op: string): string {
+    return `vmvault-${op}-${process.pid}-${Date.now()}-${this.jobs++}`;
+  }
+
+  async list(): Promise<InternalSnapshot[][]> {
+    return (await this.nodes()).map((n) => n.snapshots);
+  }
+
+  async create(name: string): Promise<void> {
+    const nodes = await this.nodes();
+    const devices = nodes.map((n) => n.node);
+    // The VM's RAM goes into the first disk; snapshot-save stops the VM meanwhile and resumes it after.
+    await this.qmp.runJob('snapshot-save', { 'job-id': this.jobId('save'), tag: name, vmstate: devices[0]!, devices }, JOB_TIMEOUT_MS);
+  }
+
+  async revert(name: string): Promise<void> {
+    const nodes = await this.nodes();
+    const holder = nodes.find((n) => n.snapshots.some((s) => s.name === name && s.vmStateSize > 0));
+    if (!holder) {
+      throw new VmvaultError('UNSUPPORTED',
+        `snapshot "${name}" of VM "${this.target.vm}" holds no VM state (it was taken while the VM was stopped): QEMU cannot load it into the running VM. ` +
+        'Stop the VM, then revert it (the images are then reverted offline).');
+    }
+    await this.qmp.runJob('snapshot-load', { 'job-id': this.jobId('load'), tag: name, vmstate: holder.node, devices: nodes.map((n) => n.node) }, JOB_TIMEOUT_MS);
+  }
+
+  async remove(name: string, disks: number[]): Promise<void> {
+    const nodes = await this.nodes();
+    const devices = disks.map((i) => nodes[i]!.node);
+    if (devices.length > 0) await this.qmp.runJob('snapshot-delete', { 'job-id': this.jobId('delete'), tag: name, devices }, JOB_TIMEOUT_MS);
+  }
+
+  async close(): Promise<void> {
+    await this.qmp.close();
+  }
+}
