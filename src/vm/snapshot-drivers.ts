@@ -104,17 +104,7 @@ class OfflineDriver implements SnapshotDriver {
   }
 
   async revert(name: string): Promise<void> {
-    try {
-      await this.inspect();
-    } catch (err) {
-      if (err instanceof VmvaultError && err.code === 'IMAGE_LOCKED') {
-        throw new VmvaultError('IMAGE_LOCKED',
-          `cannot revert VM "${this.target.vm}" to snapshot "${name}": ${err.message} Nothing was changed. ` +
-          'A running VM is never reverted through qemu-img: stop it first, or give it driver: qemu and its qmpSocket so QEMU itself reverts it.',
-          { cause: err });
-      }
-      throw err;
-    }
+    await this.inspect(); // Every image, before any is changed: IMAGE_LOCKED when a VM runs on one.
     for (const d of this.target.disks) await snapshotApply(d.path, name);
   }
 

@@ -210,13 +210,24 @@ export async function createSnapshot(target: SnapshotTarget, req: CreateSnapshot
 export async function revertSnapshot(target: SnapshotTarget, name: string, opts: SnapshotOptions): Promise<SnapshotInfo> {
   assertSnapshotName(name);
   return withVmSnapshotLock(opts.stateDir, target.vm, () => withDriver(target, async (d) => {
-    const { list } = await current(target, d, opts);
-    const s = find(target, list, name);
-    if (s.missingDisks.length > 0) {
-      throw new VmvaultError('INTEGRITY', `snapshot "${name}" of VM "${target.vm}" is missing on disk(s) ${s.missingDisks.join(', ')}: reverting only some disks would mix two points in time, so nothing was changed`);
+    try {
+      const { list } = await current(target, d, opts);
+      const s = find(target, list, name);
+      if (s.missingDisks.length > 0) {
+        throw new VmvaultError('INTEGRITY', `snapshot "${name}" of VM "${target.vm}" is missing on disk(s) ${s.missingDisks.join(', ')}: reverting only some disks would mix two points in time, so nothing was changed`);
+      }
+      await d.revert(name);
+      return s;
+    } catch (err) {
+      // The offline driver inspects every image before changing any: a lock means a running VM, and nothing changed.
+      if (d.kind === 'offline' && err instanceof VmvaultError && err.code === 'IMAGE_LOCKED') {
+        throw new VmvaultError('IMAGE_LOCKED',
+          `cannot revert VM "${target.vm}" to snapshot "${name}": ${err.message.replace(/ Stop the VM .*$/, '')} Nothing was changed. ` +
+          'A running VM is never reverted through qemu-img: stop it first, or give it driver: qemu and its qmpSocket so that its QEMU reverts it.',
+          { cause: err });
+      }
+      throw err;
     }
-    await d.revert(name);
-    return s;
   }));
 }
 
@@ -239,6 +250,17 @@ export interface ExpiryReport {
   deleted: SnapshotInfo[];
   /** Expired snapshots that could not be deleted now (e.g. the image is in use); the next sweep tries again. */
   failed: { vm: string; name: string; error: string }[];
+  /** VMs with expired snapshots left for the next sweep because `exclusive` found them busy. */
+  busy: string[];
+}
+
+export interface ExpiryOptions {
+  /**
+   * Runs one VM's deletions under a lock shared with other work on that VM (the
+   * service passes the queue's VM lock, so a sweep never runs beside a backup of
+   * the same VM); resolves undefined, without calling `fn`, when the VM is busy.
+   */
+  exclusive?: <T>(vm: string, fn: () => Promise<T>) => Promise<T | undefined>;
 }
 
 /**
@@ -246,8 +268,11 @@ export interface ExpiryReport {
  * expiry is at or before `now`, and keeps the others. A VM whose metadata names no
  * expired snapshot is not touched at all (its disks are not even opened).
  */
-export async function expireSnapshots(config: Pick<Config, 'vms' | 'stateDir'>, host: string, now: Date = new Date()): Promise<ExpiryReport> {
-  const report: ExpiryReport = { deleted: [], failed: [] };
+export async function expireSnapshots(
+  config: Pick<Config, 'vms' | 'stateDir'>, host: string, now: Date = new Date(), options: ExpiryOptions = {},
+): Promise<ExpiryReport> {
+  const report: ExpiryReport = { deleted: [], failed: [], busy: [] };
+  const exclusive = options.exclusive ?? (<T>(_vm: string, fn: () => Promise<T>) => fn());
   for (const vm of vmsOnHost(config, host)) {
     let due: string[];
     try {
@@ -260,7 +285,7 @@ export async function expireSnapshots(config: Pick<Config, 'vms' | 'stateDir'>, 
     const target = snapshotTargetOf(vm);
     const opts = { stateDir: config.stateDir, now: () => now };
     try {
-      await withVmSnapshotLock(config.stateDir, vm.name, () => withDriver(target, async (d) => {
+      const ran = await exclusive(vm.name, () => withVmSnapshotLock(config.stateDir, vm.name, () => withDriver(target, async (d) => {
         for (const name of due) {
           try {
             report.deleted.push(await deleteLocked(target, d, name, opts));
@@ -269,11 +294,15 @@ export async function expireSnapshots(config: Pick<Config, 'vms' | 'stateDir'>, 
             report.failed.push({ vm: vm.name, name, error: errorMessage(err) });
           }
         }
+        if (report.failed.some((f) => f.vm === vm.name)) return true; // The disks said why already.
+        // Entries of snapshots that vanished by other means (deleted by hand) go too.
         const meta = await readSnapshotMeta(config.stateDir, vm.name);
         const list = describe(target, await d.list(), meta);
         const kept = new Map([...meta].filter(([n]) => list.some((s) => s.name === n)));
         if (kept.size !== meta.size) await writeSnapshotMeta(config.stateDir, vm.name, kept);
-      }));
+        return true;
+      })));
+      if (ran === undefined) report.busy.push(vm.name);
     } catch (err) {
       for (const name of due) report.failed.push({ vm: vm.name, name, error: errorMessage(err) });
     }
