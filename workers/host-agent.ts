@@ -23,10 +23,12 @@ import { openStorage } from '../src/storage/open.js';
 import { checkNoEviction, closeRedis, createRedis } from '../src/queue/connection.js';
 import { deterministicJobId, hostQueueName } from '../src/queue/names.js';
 import { parseHostJob, type BackupPayload, type RestorePayload } from '../src/queue/payloads.js';
+import { DEFAULT_STATE_DIR } from '../src/config/schema.js';
 import { enqueueMaintenance, JOB_HISTORY, maintenanceQueue } from '../src/queue/enqueue.js';
 import { DEFAULT_VM_LOCK_TTL_MS, tryAcquireVmLock, vmLockRemainingMs } from '../src/queue/vm-lock.js';
 import { JobAbortedError, JobGuard } from './job-guard.js';
 import { toJobError } from './job-errors.js';
+import { runSnapshotJob, type SnapshotJobResult } from './snapshot-job.js';
 
 export interface HostWorkerOptions {
   /** This host's name; the worker consumes `vmvault-host-<host>`. */
@@ -51,6 +53,8 @@ export interface HostWorkerOptions {
   closeTimeoutMs?: number;
   /** When set, restores may write only inside these directories. */
   restoreRoots?: string[];
+  /** The host's state directory, where snapshot labels and expiry are kept (default /var/lib/vmvault). */
+  stateDir?: string;
 }
 
 export interface HostWorker {
@@ -72,7 +76,7 @@ export interface BackupJobResult extends ManifestSummary {
 
 export interface RestoreJobResult extends RestoreResult { directory: string; startedAt: number; finishedAt: number }
 
-export type HostJobResult = BackupJobResult | RestoreJobResult;
+export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResult;
 
 /** Commit markers live as long as job history: a retry within that time finds them. */
 const MARKER_TTL_S = JOB_HISTORY.age;
@@ -106,6 +110,7 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
     closeTimeoutMs: options.closeTimeoutMs ?? 60_000,
     stalledIntervalMs: options.stalledIntervalMs ?? 30_000,
     restoreRoots: options.restoreRoots?.map((r) => path.resolve(r)),
+    stateDir: path.resolve(options.stateDir ?? DEFAULT_STATE_DIR),
   };
 
   const connection = createRedis(opts.redisUrl, 'worker');
@@ -172,7 +177,7 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
   try {
     const done = await earlierResult(ctx, marker);
     if (done) return done;
-    const vm = parsed.name === 'backup' ? parsed.payload.vm : await vmOfBackup(ctx, parsed.payload);
+    const vm = parsed.name === 'restore' ? await vmOfBackup(ctx, parsed.payload) : parsed.payload.vm;
     let guard: JobGuard | undefined;
     const lock = await tryAcquireVmLock(ctx.locks, vm, {
       ttlMs: ctx.opts.vmLockTtlMs, holder: `${ctx.opts.host}/${job.id}`,
@@ -184,6 +189,12 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
     signal?.addEventListener('abort', onCancel);
     ctx.guards.set(job.id!, guard);
     try {
+      if (parsed.name === 'snapshot') {
+        const result = await runSnapshotJob({ host: ctx.opts.host, stateDir: ctx.opts.stateDir, repo: guard.wrap(ctx.repo, async () => {}) }, parsed.payload);
+        // A create or revert must not run again if this job is handed to another worker after finishing.
+        await ctx.locks.set(marker, JSON.stringify({ result, startedAt: result.startedAt }), 'EX', MARKER_TTL_S);
+        return result;
+      }
       return parsed.name === 'backup'
         ? await runBackup(ctx, job, guard, parsed.payload, marker)
         : await runRestore(ctx, job, guard, parsed.payload, marker);

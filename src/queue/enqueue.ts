@@ -10,8 +10,8 @@ import type { Redis } from 'ioredis';
 import { VmvaultError } from '../errors.js';
 import { assertJobId, hostQueueName, MAINTENANCE_QUEUE } from './names.js';
 import {
-  backupPayloadSchema, describeIssues, maintenancePayloadSchema, restorePayloadSchema,
-  type BackupPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput,
+  backupPayloadSchema, describeIssues, maintenancePayloadSchema, restorePayloadSchema, snapshotPayloadSchema,
+  type BackupPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput, type SnapshotPayloadInput,
 } from './payloads.js';
 import type { z } from 'zod';
 
@@ -70,6 +70,15 @@ export function enqueueBackup(queue: Queue, payload: BackupPayloadInput, opts?: 
 /** Enqueues a restore onto the host whose queue this is. */
 export function enqueueRestore(queue: Queue, payload: RestorePayloadInput, opts?: EnqueueOptions): Promise<Job> {
   return queue.add('restore', validate(restorePayloadSchema, 'restore', payload), jobOptions(opts));
+}
+
+/**
+ * Enqueues a snapshot operation (create, list, revert, delete) on the queue of the
+ * VM's host. One attempt unless told otherwise: these are quick, and a create or
+ * revert run twice is not what the caller asked for; the caller sees the failure.
+ */
+export function enqueueSnapshot(queue: Queue, payload: SnapshotPayloadInput, opts?: EnqueueOptions): Promise<Job> {
+  return queue.add('snapshot', validate(snapshotPayloadSchema, 'snapshot', payload), jobOptions({ attempts: 1, ...opts }));
 }
 
 /** Enqueues prune, gc or verify on the shared maintenance queue; the job is named after its kind. */

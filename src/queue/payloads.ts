@@ -6,7 +6,7 @@
 import { z } from 'zod';
 import { IMAGE_FORMATS, isImageFormat, type ImageFormat } from '../disk/image-format.js';
 import { VmvaultError } from '../errors.js';
-import type { VmConfig } from '../config/schema.js';
+import { DRIVERS, type VmConfig } from '../config/schema.js';
 
 const nonEmpty = z.string().trim().min(1);
 
@@ -37,6 +37,55 @@ export const maintenancePayloadSchema = z.discriminatedUnion('kind', [
   z.strictObject({ kind: z.literal('verify'), readData: z.boolean().default(false), backups: z.array(nonEmpty).optional() }),
 ]);
 
+export const SNAPSHOT_OPS = ['create', 'list', 'revert', 'delete'] as const;
+
+/**
+ * A snapshot operation on one VM of the worker's host. It carries the VM's
+ * inventory fields the worker needs (disks, driver, QMP socket), like a backup
+ * payload does, so the worker needs no inventory of its own.
+ */
+export const snapshotPayloadSchema = z.strictObject({
+  op: z.enum(SNAPSHOT_OPS),
+  vm: nonEmpty,
+  driver: z.enum(DRIVERS).default('image'),
+  disks: z.array(z.strictObject({
+    path: nonEmpty, name: nonEmpty,
+    format: z.string().refine(isImageFormat, `one of ${IMAGE_FORMATS.join(', ')}`).transform((f) => f as ImageFormat).optional(),
+  })).min(1, 'at least one disk is needed'),
+  qmpSocket: nonEmpty.optional(),
+  /** Configuration files stored with an exported backup. */
+  configs: z.array(nonEmpty).default([]),
+  /** The snapshot (all ops but list). */
+  name: nonEmpty.optional(),
+  label: nonEmpty.optional(),
+  /** create: a duration such as 7d or 12h after which the expiry sweep deletes it. */
+  expireIn: nonEmpty.optional(),
+  /** create: also back the VM up, labelled like the snapshot. */
+  export: z.boolean().default(false),
+}).superRefine((p, ctx) => {
+  if (p.op !== 'list' && p.name === undefined) ctx.addIssue({ code: 'custom', path: ['name'], message: `a snapshot name is needed to ${p.op} a snapshot` });
+  if (p.op !== 'create' && (p.label !== undefined || p.expireIn !== undefined || p.export)) {
+    ctx.addIssue({ code: 'custom', path: ['op'], message: 'label, expireIn and export apply to create only' });
+  }
+});
+
+/** The snapshot payload of an inventory VM: the one place that maps the inventory to a snapshot job. */
+export function snapshotPayloadFor(
+  vm: VmConfig,
+  req: { op: SnapshotPayload['op']; name?: string; label?: string; expireIn?: string; export?: boolean },
+): SnapshotPayloadInput {
+  return {
+    op: req.op, vm: vm.name, driver: vm.driver,
+    disks: vm.disks.map((d) => ({ path: d.path, name: d.name, ...(d.format ? { format: d.format } : {}) })),
+    ...(vm.qmpSocket ? { qmpSocket: vm.qmpSocket } : {}),
+    configs: vm.configFiles,
+    ...(req.name !== undefined ? { name: req.name } : {}),
+    ...(req.label !== undefined ? { label: req.label } : {}),
+    ...(req.expireIn !== undefined ? { expireIn: req.expireIn } : {}),
+    ...(req.export ? { export: true } : {}),
+  };
+}
+
 /**
  * The backup payload of an inventory VM: its disks and configuration files, plus
  * what the caller adds. The one place that maps the inventory to a backup job, for
@@ -54,24 +103,29 @@ export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; polic
 }
 
 /** Job names on a host queue, each with its payload schema. */
-export const HOST_JOBS = { backup: backupPayloadSchema, restore: restorePayloadSchema } as const;
+export const HOST_JOBS = { backup: backupPayloadSchema, restore: restorePayloadSchema, snapshot: snapshotPayloadSchema } as const;
 export type HostJobName = keyof typeof HOST_JOBS;
 
 export type BackupPayloadInput = z.input<typeof backupPayloadSchema>;
 export type BackupPayload = z.output<typeof backupPayloadSchema>;
 export type RestorePayloadInput = z.input<typeof restorePayloadSchema>;
 export type RestorePayload = z.output<typeof restorePayloadSchema>;
+export type SnapshotPayloadInput = z.input<typeof snapshotPayloadSchema>;
+export type SnapshotPayload = z.output<typeof snapshotPayloadSchema>;
 export type MaintenancePayloadInput = z.input<typeof maintenancePayloadSchema>;
 export type MaintenancePayload = z.output<typeof maintenancePayloadSchema>;
 
-export type HostJob = { name: 'backup'; payload: BackupPayload } | { name: 'restore'; payload: RestorePayload };
+export type HostJob =
+  | { name: 'backup'; payload: BackupPayload }
+  | { name: 'restore'; payload: RestorePayload }
+  | { name: 'snapshot'; payload: SnapshotPayload };
 
 /** Parses a host job, throwing VmvaultError('BAD_INPUT') naming each bad field. */
 export function parseHostJob(name: string, data: unknown): HostJob {
-  if (name !== 'backup' && name !== 'restore') {
+  if (!Object.hasOwn(HOST_JOBS, name)) {
     throw new VmvaultError('BAD_INPUT', `unknown job "${name}" on a host queue (known: ${Object.keys(HOST_JOBS).join(', ')})`);
   }
-  const schema = HOST_JOBS[name];
+  const schema = HOST_JOBS[name as HostJobName];
   const r = schema.safeParse(data);
   if (!r.success) throw new VmvaultError('BAD_INPUT', `invalid ${name} job payload: ${describeIssues(r.error)}`);
   return { name, payload: r.data } as HostJob;

@@ -11,6 +11,7 @@
  *   VMVAULT_STALLED_INTERVAL_MS how often a crashed worker's jobs are looked for (default 30000, BullMQ's)
  *   VMVAULT_VM_LOCK_TTL_MS     per-VM lock lifetime without refresh (default 60000)
  *   VMVAULT_CLOSE_TIMEOUT_MS   how long a stopping worker lets its running job finish (default 60000)
+ *   VMVAULT_SNAPSHOT_SWEEP_MS  how often a worker deletes its host's expired snapshots (default 300000)
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
@@ -31,6 +32,7 @@ import { Scheduler } from '../scheduler/scheduler.js';
 import { openStorage } from '../storage/open.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
+import { startSnapshotSweep } from './snapshot-sweep.js';
 
 export interface Service { stop(): Promise<void> }
 
@@ -150,6 +152,7 @@ export async function runWorker(
     host, redisUrl, repoUrl: where.url, passphrase: where.passphrase, logger: log,
     ...(jobLockMs ? { jobLockMs } : {}), ...(vmLockTtlMs ? { vmLockTtlMs } : {}), ...(closeTimeoutMs ? { closeTimeoutMs } : {}),
     ...(restoreRoots && restoreRoots.length ? { restoreRoots } : {}), ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
+    stateDir: config.stateDir,
   });
   // Every host agent also serves the shared maintenance queue (prune, gc, verify).
   const maintenance = await startMaintenanceWorker({
@@ -159,10 +162,13 @@ export async function runWorker(
     await worker.close();
     throw err;
   });
+  // Expired on-demand snapshots of this host's VMs: once now, then periodically.
+  const sweepMs = envMs(env, 'VMVAULT_SNAPSHOT_SWEEP_MS');
+  const sweep = startSnapshotSweep(config, host, { redisUrl, logger: log, ...(sweepMs ? { intervalMs: sweepMs } : {}) });
   let stopping: Promise<void> | undefined;
   return {
     stop: () => (stopping ??= (async () => {
-      await Promise.all([worker.close(), maintenance.close()]);
+      await Promise.all([worker.close(), maintenance.close(), sweep.stop()]);
       log.info({ host }, 'worker stopped');
     })()),
   };
