@@ -11,10 +11,12 @@ import { enqueueSnapshot } from '../../src/queue/enqueue.js';
 import { parseHostJob, snapshotPayloadFor } from '../../src/queue/payloads.js';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
 import { tryAcquireVmLock } from '../../src/queue/vm-lock.js';
+import { runWorker } from '../../src/service/service.js';
 import { startSnapshotSweep } from '../../src/service/snapshot-sweep.js';
 import { createSnapshot, snapshotTargetOf } from '../../src/vm/snapshots.js';
 import { startHostWorker } from '../../workers/host-agent.js';
 import type { SnapshotJobResult } from '../../workers/snapshot-job.js';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { verifyPatterns, writePattern } from '../helpers/images.js';
 import { queueHarness, silent, uniqueHost, watchQueue, PASSWORD } from '../queue/setup.js';
 
@@ -106,6 +108,34 @@ describe('snapshot jobs and the expiry sweep', () => {
       assert.deepEqual((await snapshotList(a)).map((s) => s.name), ['young']);
     } finally {
       await sweep.stop();
+    }
+  });
+
+  test('the worker service sweeps at start and then periodically', async () => {
+    const host = uniqueHost('svc');
+    const { a, config, vm } = await inventory(host);
+    const target = snapshotTargetOf(vm);
+    const past = new Date(Date.now() - 3 * 3600_000);
+    await createSnapshot(target, { name: 'stale', expireIn: '1h' }, { stateDir: config.stateDir, now: () => past });
+    await createSnapshot(target, { name: 'kept', expireIn: '1d' }, { stateDir: config.stateDir });
+    const service = await runWorker(config, {
+      logger: silent, redisUrl: h.redis.url, repository: { url: h.fx.repoUrl, passphrase: PASSWORD },
+      env: { VMVAULT_SNAPSHOT_SWEEP_MS: '200' },
+    });
+    try {
+      // The sweep's qemu-img may hold the image for a moment: then look again.
+      const names = async () => (await snapshotList(a).catch(() => [{ name: '(busy)' }])).map((s) => s.name).sort().join(',');
+      const until = async (want: string) => {
+        const deadline = Date.now() + 15_000;
+        while ((await names()) !== want && Date.now() < deadline) await sleep(50);
+        assert.equal(await names(), want);
+      };
+      await until('kept');
+      // Expired while the worker runs: the next periodic sweep takes it.
+      await createSnapshot(target, { name: 'later', expireIn: '1h' }, { stateDir: config.stateDir, now: () => past });
+      await until('kept');
+    } finally {
+      await service.stop();
     }
   });
 });
