@@ -36,6 +36,12 @@ export interface BackupRequest {
    * committing it (a queue worker checks here that it still owns its job).
    */
   beforeCommit?: () => Promise<void>;
+  /**
+   * The disk paths already are one point in time that nothing writes to while the
+   * backup reads them (a running VM's base images under overlays, see src/vm/live.ts):
+   * they are read as they are, without an internal snapshot.
+   */
+  frozen?: boolean;
 }
 
 export interface BackupResult { manifest: Manifest; stats: BackupStats }
@@ -72,7 +78,7 @@ async function run(
   try {
     for (const [i, info] of infos.entries()) {
       meter.disk = names[i]!;
-      const chunks = await backupDisk(repo, pool, info, id, known, stats, meter, req.inFlight ?? 10);
+      const chunks = await backupDisk(repo, pool, info, id, known, stats, meter, req.inFlight ?? 10, req.frozen ?? false);
       disks.push({ name: names[i]!, format: info.format, virtualSize: info.virtualSize, sourcePath: info.path, chunks });
     }
   } finally {
@@ -111,13 +117,13 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
   return out;
 }
 
-/** Point in time for one image: an internal snapshot for qcow2, the file itself otherwise. */
+/** Point in time for one image: an internal snapshot for qcow2, the file itself otherwise (or when the caller froze it). */
 async function backupDisk(
   repo: Repository, pool: ChunkPool, info: ImageInfo, backupId: string, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number,
+  stats: BackupStats, meter: ProgressMeter, inFlight: number, frozen: boolean,
 ): Promise<(string | null)[]> {
   let snapshot: string | undefined;
-  if (info.format === 'qcow2') {
+  if (info.format === 'qcow2' && !frozen) {
     await removeStaleSnapshots(info);
     snapshot = `${SNAPSHOT_PREFIX}${backupId.slice(0, 16)}`;
     await snapshotCreate(info.path, snapshot);

@@ -30,10 +30,10 @@ interface Pending {
 }
 
 interface EventWaiter {
-  name: string;
+  names: Set<string>;
   after: number;
   match: (data: any) => boolean;
-  resolve(data: any): void;
+  resolve(ev: QmpEvent): void;
   reject(err: Error): void;
   timer: NodeJS.Timeout;
 }
@@ -115,17 +115,26 @@ export class QmpClient {
    * when the connection closes.
    */
   waitEvent(name: string, match: (data: any) => boolean = () => true, timeoutMs = DEFAULT_TIMEOUT_MS, opts: { after?: number } = {}): Promise<any> {
+    return this.waitAnyEvent([name], match, timeoutMs, opts).then((ev) => ev.data);
+  }
+
+  /**
+   * Like waitEvent, for the first of several events (e.g. a block job's READY or
+   * COMPLETED, whichever comes): resolves with the whole event.
+   */
+  waitAnyEvent(names: string[], match: (data: any) => boolean = () => true, timeoutMs = DEFAULT_TIMEOUT_MS, opts: { after?: number } = {}): Promise<QmpEvent> {
     const after = opts.after ?? -1;
+    const wanted = new Set(names);
     this.trimBacklog();
-    const i = this.backlog.findIndex((b) => b.seq > after && b.ev.event === name && safeMatch(match, b.ev.data));
-    if (i >= 0) return Promise.resolve(this.backlog.splice(i, 1)[0]!.ev.data);
+    const i = this.backlog.findIndex((b) => b.seq > after && wanted.has(b.ev.event) && safeMatch(match, b.ev.data));
+    if (i >= 0) return Promise.resolve(this.backlog.splice(i, 1)[0]!.ev);
     if (this.closed) return Promise.reject(this.closeReason ?? new VmvaultError('QEMU', `QMP connection to ${this.socketPath} is closed`));
     return new Promise((resolve, reject) => {
       const w: EventWaiter = {
-        name, after, match, resolve, reject,
+        names: wanted, after, match, resolve, reject,
         timer: setTimeout(() => {
           this.waiters.delete(w);
-          reject(new VmvaultError('QEMU', `QEMU on ${this.socketPath} sent no ${name} event within ${timeoutMs} ms`));
+          reject(new VmvaultError('QEMU', `QEMU on ${this.socketPath} sent no ${names.join(' or ')} event within ${timeoutMs} ms`));
         }, timeoutMs),
       };
       this.waiters.add(w);
@@ -215,10 +224,10 @@ export class QmpClient {
   private onEvent(ev: QmpEvent): void {
     const seq = ++this.seq;
     for (const w of this.waiters) {
-      if (seq > w.after && w.name === ev.event && safeMatch(w.match, ev.data)) {
+      if (seq > w.after && w.names.has(ev.event) && safeMatch(w.match, ev.data)) {
         this.waiters.delete(w);
         clearTimeout(w.timer);
-        w.resolve(ev.data);
+        w.resolve(ev);
         return;
       }
     }

@@ -17,6 +17,8 @@ import { QmpClient } from '../../src/vm/qmp.js';
 export interface TestVm {
   /** The QMP socket for the code under test. */
   qmpSocket: string;
+  /** With `guestAgent`: the host side of a guest-agent channel (no agent answers: there is no guest OS). */
+  guestAgentSocket?: string;
   pid: number;
   /** Guest device ids, one per disk, in order (`vd0`, `vd1`, …). */
   devices: string[];
@@ -38,6 +40,8 @@ export interface TestVmOptions {
   formats?: string[];
   /** Leave the VM paused in prelaunch (default: it runs, with nothing to boot). */
   paused?: boolean;
+  /** Add a virtio-serial guest-agent channel on a socket. */
+  guestAgent?: boolean;
 }
 
 const hex = (n: number) => `0x${n.toString(16).padStart(2, '0')}`;
@@ -52,6 +56,11 @@ export async function startTestVm(disks: string[], opts: TestVmOptions = {}): Pr
     '-machine', 'q35,accel=tcg', '-nodefaults', '-no-user-config', '-display', 'none', '-m', '64', '-S',
     '-qmp', `unix:${qmpSocket},server=on,wait=off`, '-qmp', `unix:${harnessSocket},server=on,wait=off`,
   ];
+  const guestAgentSocket = opts.guestAgent ? path.join(dir, 'qga.sock') : undefined;
+  if (guestAgentSocket) {
+    args.push('-device', 'virtio-serial-pci,id=ser0', '-chardev', `socket,path=${guestAgentSocket},server=on,wait=off,id=qga0`,
+      '-device', 'virtserialport,chardev=qga0,name=org.qemu.guest_agent.0');
+  }
   disks.forEach((file, i) => {
     const format = opts.formats?.[i] ?? 'qcow2';
     args.push('-blockdev', `driver=file,filename=${file.replaceAll(',', ',,')},node-name=file${i}`);
@@ -93,7 +102,7 @@ export async function startTestVm(disks: string[], opts: TestVmOptions = {}): Pr
   };
   let stopped: Promise<void> | undefined;
   return {
-    qmpSocket, pid: proc.pid!, devices, qmp,
+    qmpSocket, ...(guestAgentSocket ? { guestAgentSocket } : {}), pid: proc.pid!, devices, qmp,
     write: async (index, offset, length, pattern) => { await io(index, `write -P ${hex(pattern)} ${offset} ${length}`); },
     expect: async (index, offset, length, pattern) => { await io(index, `read -P ${hex(pattern)} ${offset} ${length}`); },
     status: async () => (await qmp.execute<{ status: string }>('query-status')).status,

@@ -4,6 +4,7 @@ import { VmvaultError } from '../../errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../../disk/qemu.js';
 import { summarise, type Manifest } from '../../repo/manifest.js';
 import { backup } from '../../pipeline/backup.js';
+import { backupRunningVm } from '../../vm/live.js';
 import { restore } from '../../pipeline/restore.js';
 import { verify } from '../../pipeline/verify.js';
 import { openRepository, type GlobalOptions } from '../context.js';
@@ -35,15 +36,25 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--label <label>', 'label (repeatable)', collect)
     .option('--host <name>', 'host name recorded in the backup')
     .option('--policy <name>', 'policy name recorded in the backup (its retention will govern it)')
+    .option('--qmp <socket>', "the VM is running: reach it through this QMP socket (the disks are its images, all taken at one instant)")
+    .option('--guest-agent <socket>', "with --qmp: freeze the guest's filesystems through this guest-agent socket")
+    .option('--overlay-dir <dir>', 'with --qmp: where the temporary overlays go (default: next to each image)')
     .option('--json', 'print the result as JSON')
-    .action(async (o: { vm: string; disk?: string[]; config?: string[]; label?: string[]; host?: string; policy?: string; json?: boolean }) => {
+    .action(async (o: {
+      vm: string; disk?: string[]; config?: string[]; label?: string[]; host?: string; policy?: string; json?: boolean;
+      qmp?: string; guestAgent?: string; overlayDir?: string;
+    }) => {
       if (!o.disk?.length) throw new VmvaultError('BAD_INPUT', 'no disk given: pass --disk PATH (repeatable)');
+      if (!o.qmp && (o.guestAgent || o.overlayDir)) throw new VmvaultError('BAD_INPUT', '--guest-agent and --overlay-dir apply to a running VM only: pass --qmp SOCKET too');
       const repo = await openRepository(globals());
       const bar = progressBar(!o.json);
-      const { manifest, stats } = await backup(repo, {
+      const req = {
         vm: o.vm, disks: o.disk.map(parseDisk), configs: o.config ?? [], labels: o.label ?? [],
         ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update,
-      });
+      };
+      const { manifest, stats } = o.qmp
+        ? await backupRunningVm(repo, { ...req, qmpSocket: o.qmp, ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}) })
+        : await backup(repo, req);
       bar.done();
       print(o.json, { ...listing(manifest), stats }, () =>
         `backup ${manifest.id} of ${manifest.vm}: ${manifest.disks.length} disk(s), read ${formatBytes(stats.bytesRead)}, ` +

@@ -1,0 +1,164 @@
+/**
+ * External qcow2 overlays on a running VM's disks: the instant of a live backup.
+ *
+ * - One QMP `transaction` of `blockdev-snapshot-sync` for every disk: QEMU switches
+ *   all of them to new overlays between two guest requests, so the base images hold
+ *   one instant across disks, and from then on nothing writes to them.
+ * - An active `block-commit` merges each overlay back: QEMU copies the overlay into
+ *   the base and mirrors new writes until READY, `block-job-complete` pivots the
+ *   device onto the base, BLOCK_JOB_COMPLETED says how it ended. Only then is the
+ *   overlay file deleted: until the pivot it holds the guest's latest writes.
+ * - A run killed anywhere in between leaves an overlay active (or a commit job
+ *   running, or an orphan file); `recoverOverlays` finishes that work first.
+ */
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs/promises';
+import path from 'node:path';
+import { VmvaultError, errorMessage } from '../errors.js';
+import { OVERLAY_MARK, attachedDisks, filesInUse, isOverlayFile, nodeOfFile, overlayPath, type AttachedDisk } from './qemu-blocks.js';
+import type { QmpClient } from './qmp.js';
+import type { Warn } from './guest-agent.js';
+
+export interface Overlay {
+  /** The inventory disk path (the base image). */
+  path: string;
+  device: string;
+  file: string;
+  node: string;
+  /** The base's node, the commit's target. */
+  baseNode: string;
+}
+
+/** Block jobs this tool starts have ids with this prefix. */
+export const COMMIT_JOB_PREFIX = 'vmvault-commit-';
+const DEFAULT_COMMIT_TIMEOUT_MS = 60 * 60_000;
+
+/** A short random id for one run's overlays and jobs. */
+export function runId(): string {
+  return randomBytes(4).toString('hex');
+}
+
+/**
+ * Puts every disk on a new overlay in one transaction. All or nothing: when QEMU
+ * refuses, no device has changed, and the overlay files it may have created are
+ * removed.
+ */
+export async function createOverlays(qmp: QmpClient, disks: AttachedDisk[], id: string, dir?: string): Promise<Overlay[]> {
+  const overlays = disks.map((d, i): Overlay => ({
+    path: d.path, device: d.device, file: overlayPath(d.path, id, dir), node: `vmvault-ov-${id}-${i}`, baseNode: d.topNode,
+  }));
+  const actions = overlays.map((o) => ({
+    type: 'blockdev-snapshot-sync',
+    data: { 'node-name': o.baseNode, 'snapshot-file': o.file, 'snapshot-node-name': o.node, format: 'qcow2', mode: 'absolute-paths' },
+  }));
+  try {
+    await qmp.execute('transaction', { actions });
+  } catch (err) {
+    await Promise.all(overlays.map((o) => fs.rm(o.file, { force: true })));
+    throw new VmvaultError('QEMU', `could not put the VM's disks on overlays (${errorMessage(err)}); the VM runs on as before`, { cause: err });
+  }
+  return overlays;
+}
+
+/**
+ * Merges an overlay back into its base and deletes it. On failure the VM stays on
+ * the overlay (which holds its newest data) and the error says so; the next run's
+ * recovery tries again.
+ */
+export async function commitOverlay(qmp: QmpClient, o: Overlay, warn: Warn, timeoutMs = DEFAULT_COMMIT_TIMEOUT_MS): Promise<void> {
+  const job = `${COMMIT_JOB_PREFIX}${o.node}`;
+  const mark = qmp.eventMark();
+  try {
+    await qmp.execute('block-commit', { 'job-id': job, device: o.node, 'base-node': o.baseNode });
+  } catch (err) {
+    throw stuck(o, err);
+  }
+  await finishCommitJob(qmp, job, o, timeoutMs, mark);
+  await deleteOverlay(qmp, o, warn);
+}
+
+/** Waits for READY, completes, waits for the end; throws when the job failed or was cancelled. */
+async function finishCommitJob(qmp: QmpClient, job: string, o: Overlay, timeoutMs: number, mark: number, ready = false): Promise<void> {
+  const ours = (d: any) => d?.device === job;
+  try {
+    if (!ready) {
+      const ev = await qmp.waitAnyEvent(['BLOCK_JOB_READY', 'BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED'], ours, timeoutMs, { after: mark });
+      if (ev.event === 'BLOCK_JOB_COMPLETED') throw new VmvaultError('QEMU', ev.data?.error ?? 'the commit job ended before it was ready');
+      if (ev.event === 'BLOCK_JOB_CANCELLED') throw new VmvaultError('QEMU', 'the commit job was cancelled');
+    }
+    const done = qmp.eventMark();
+    await qmp.execute('block-job-complete', { device: job });
+    const ev = await qmp.waitAnyEvent(['BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED'], ours, timeoutMs, { after: ready ? -1 : done });
+    if (ev.event === 'BLOCK_JOB_CANCELLED') throw new VmvaultError('QEMU', 'the commit job was cancelled');
+    if (ev.data?.error) throw new VmvaultError('QEMU', ev.data.error);
+  } catch (err) {
+    throw stuck(o, err);
+  }
+}
+
+function stuck(o: Overlay, err: unknown): VmvaultError {
+  return new VmvaultError('QEMU',
+    `could not merge overlay ${o.file} back into ${o.path} (device ${o.device}): ${errorMessage(err)}. ` +
+    'The VM keeps running on the overlay, which holds its newest writes: do not delete it. ' +
+    'The next backup of this VM tries the merge again.', { cause: err });
+}
+
+/** Deletes the overlay file once the device no longer uses it. */
+async function deleteOverlay(qmp: QmpClient, o: Overlay, warn: Warn): Promise<void> {
+  const inUse = await filesInUse(qmp);
+  const real = await fs.realpath(o.file).catch(() => path.resolve(o.file));
+  if (inUse.has(real)) throw stuck(o, new Error('QEMU still uses the overlay after the commit completed'));
+  await fs.rm(o.file, { force: true }).catch((err: unknown) => warn(`could not delete overlay ${o.file}: ${errorMessage(err)}`));
+}
+
+/**
+ * Finishes what a crashed run left behind on these disks: commit jobs still running
+ * (completed), overlays still active (committed) and overlay files no device uses
+ * (deleted). Returns how many overlays were merged back.
+ */
+export async function recoverOverlays(qmp: QmpClient, paths: string[], warn: Warn, dir?: string): Promise<number> {
+  let merged = 0;
+  const disks = await attachedDisks(qmp, paths);
+  const jobs = await qmp.execute<{ device: string; type: string; ready: boolean; status: string }[]>('query-block-jobs');
+  for (const d of disks.filter((x) => x.leftover)) {
+    const o = await leftoverOverlay(qmp, d);
+    const running = jobs.find((j) => j.device === `${COMMIT_JOB_PREFIX}${o.node}`);
+    warn(`recovering from an earlier run that stopped before merging overlay ${o.file} into ${o.path}`, { device: o.device, job: running?.device });
+    if (running) {
+      await finishCommitJob(qmp, running.device, o, DEFAULT_COMMIT_TIMEOUT_MS, -1, running.ready || running.status === 'ready');
+      await deleteOverlay(qmp, o, warn);
+    } else {
+      await commitOverlay(qmp, o, warn);
+    }
+    merged++;
+  }
+  await removeOrphans(qmp, paths, warn, dir);
+  return merged;
+}
+
+async function leftoverOverlay(qmp: QmpClient, d: AttachedDisk): Promise<Overlay> {
+  const baseNode = await nodeOfFile(qmp, d.path, d.format);
+  if (!baseNode) {
+    throw new VmvaultError('QEMU', `overlay ${d.leftover!.file} is still active on ${d.path} (device ${d.device}), but QEMU has no single node for ${d.path}: ` +
+      `merge it by hand (block-commit with base-node) before backing up`);
+  }
+  return { path: d.path, device: d.device, file: d.leftover!.file, node: d.leftover!.node, baseNode };
+}
+
+/** Overlay files of these disks that no device uses: a run that crashed after its commit, or a refused transaction. */
+async function removeOrphans(qmp: QmpClient, paths: string[], warn: Warn, dir?: string): Promise<void> {
+  const inUse = await filesInUse(qmp);
+  for (const p of paths) {
+    const where = dir ?? path.dirname(path.resolve(p));
+    const prefix = `${path.basename(p)}${OVERLAY_MARK}`;
+    const names = await fs.readdir(where).catch(() => [] as string[]);
+    for (const n of names) {
+      const file = path.join(where, n);
+      if (!n.startsWith(prefix) || !isOverlayFile(n)) continue;
+      const real = await fs.realpath(file).catch(() => file);
+      if (inUse.has(real)) continue;
+      warn(`deleting overlay ${file} left by an earlier run (no device uses it)`);
+      await fs.rm(file, { force: true });
+    }
+  }
+}
