@@ -170,7 +170,14 @@ class RunningDriver implements SnapshotDriver {
     const nodes = await this.nodes();
     const devices = nodes.map((n) => n.node);
     // The VM's RAM goes into the first disk; snapshot-save stops the VM meanwhile and resumes it after.
-    await this.qmp.runJob('snapshot-save', { 'job-id': this.jobId('save'), tag: name, vmstate: devices[0]!, devices }, JOB_TIMEOUT_MS);
+    try {
+      await this.qmp.runJob('snapshot-save', { 'job-id': this.jobId('save'), tag: name, vmstate: devices[0]!, devices }, JOB_TIMEOUT_MS);
+    } catch (err) {
+      // QEMU does not remove what it created on the other disks when one fails; the name was free before, so any of it is ours.
+      const left = (await this.nodes().catch(() => [])).filter((n) => n.snapshots.some((s) => s.name === name)).map((n) => n.node);
+      if (left.length) await this.qmp.runJob('snapshot-delete', { 'job-id': this.jobId('undo'), tag: name, devices: left }, JOB_TIMEOUT_MS).catch(() => {});
+      throw err;
+    }
   }
 
   async revert(name: string): Promise<void> {

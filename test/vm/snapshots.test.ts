@@ -271,6 +271,41 @@ describe('snapshots of a running VM (QMP)', () => {
     await qemuIo(a, 'qcow2', ['read -P 0xa1 0 1M']);
   });
 
+  test('through the CLI: the qemu driver reverts a running VM; the image driver refuses to', async () => {
+    const dir = join(tmp.path, 'running-cli');
+    await execa('mkdir', ['-p', dir]);
+    const a = await makeImage(dir, 'a.qcow2', 'qcow2', 4 * MiB);
+    const vm = await startTestVm([a]);
+    try {
+      const yaml = [
+        `stateDir: ${dir}/state`, 'vms:',
+        `  - { name: live, driver: qemu, qmpSocket: ${vm.qmpSocket}, disks: [{ path: ${a} }] }`,
+        `  - { name: same-as-image, disks: [{ path: ${a} }] }`,
+      ].join('\n');
+      await writeFile(join(dir, 'vmvault.yaml'), yaml);
+      const env: Env = { PATH: process.env.PATH, VMVAULT_CONFIG: join(dir, 'vmvault.yaml') };
+      await vm.write(0, 0, MiB, 0x5e);
+      const created = await cliJson<SnapshotInfo>(['snapshot', 'create', 'live', '--name', 'pre', '--expire-in', '12h'], env);
+      assert.deepEqual([created.vmState, created.label], [true, 'pre-update']);
+      await vm.write(0, 0, MiB, 0x77);
+
+      // The same disk seen as an offline image: qemu-img must not touch it while the VM runs.
+      const refused = await cli(['snapshot', 'revert', 'same-as-image', 'pre'], env);
+      assert.equal(refused.code, 1);
+      assert.match(refused.stderr, /cannot revert VM "same-as-image" to snapshot "pre": disk image .* is in use.*Nothing was changed/);
+      await vm.expect(0, 0, MiB, 0x77);
+
+      const reverted = await cli(['snapshot', 'revert', 'live', 'pre'], env);
+      assert.equal(reverted.code, 0, reverted.stderr);
+      await vm.expect(0, 0, MiB, 0x5e);
+      assert.equal(await vm.status(), 'running');
+      const listed = await cliJson<SnapshotInfo[]>(['snapshot', 'list', 'live'], env);
+      assert.deepEqual(listed.map((x) => [x.name, x.expiresAt]), [['pre', created.expiresAt]]);
+    } finally {
+      await vm.stop();
+    }
+  });
+
   test('a stopped qemu-driver VM is handled with qemu-img; its disk-only snapshot is not loaded into a running VM', async () => {
     const dir = join(tmp.path, 'stopped-qemu');
     await execa('mkdir', ['-p', dir]);
