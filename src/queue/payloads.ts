@@ -53,6 +53,7 @@ export const snapshotPayloadSchema = z.strictObject({
     format: z.string().refine(isImageFormat, `one of ${IMAGE_FORMATS.join(', ')}`).transform((f) => f as ImageFormat).optional(),
   })).min(1, 'at least one disk is needed'),
   qmpSocket: nonEmpty.optional(),
+  guestAgentSocket: nonEmpty.optional(),
   /** Configuration files stored with an exported backup. */
   configs: z.array(nonEmpty).default([]),
   /** The snapshot (all ops but list). */
@@ -78,6 +79,7 @@ export function snapshotPayloadFor(
     op: req.op, vm: vm.name, driver: vm.driver,
     disks: vm.disks.map((d) => ({ path: d.path, name: d.name, ...(d.format ? { format: d.format } : {}) })),
     ...(vm.qmpSocket ? { qmpSocket: vm.qmpSocket } : {}),
+    ...(vm.guestAgentSocket ? { guestAgentSocket: vm.guestAgentSocket } : {}),
     configs: vm.configFiles,
     ...(req.name !== undefined ? { name: req.name } : {}),
     ...(req.label !== undefined ? { label: req.label } : {}),

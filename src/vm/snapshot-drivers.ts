@@ -27,6 +27,8 @@ export interface SnapshotTarget {
   disks: { path: string; name: string; format?: ImageFormat }[];
   /** QMP socket of the running QEMU (driver qemu). */
   qmpSocket?: string;
+  /** Guest agent socket: an exported backup of the running VM freezes its filesystems through it. */
+  guestAgentSocket?: string;
 }
 
 export interface SnapshotDriver {
@@ -55,7 +57,7 @@ export async function openSnapshotDriver(target: SnapshotTarget): Promise<Snapsh
 }
 
 /** The QMP client, or undefined when no QEMU runs on the socket (missing, or connection refused). */
-async function connectIfRunning(socket: string): Promise<QmpClient | undefined> {
+export async function connectIfRunning(socket: string): Promise<QmpClient | undefined> {
   try {
     return await QmpClient.connect(socket);
   } catch (err) {

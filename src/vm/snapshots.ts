@@ -67,6 +67,7 @@ export function snapshotTargetOf(vm: VmConfig): SnapshotTarget {
     vm: vm.name, driver: vm.driver,
     disks: vm.disks.map((d) => ({ path: d.path, name: d.name, ...(d.format ? { format: d.format } : {}) })),
     ...(vm.qmpSocket ? { qmpSocket: vm.qmpSocket } : {}),
+    ...(vm.guestAgentSocket ? { guestAgentSocket: vm.guestAgentSocket } : {}),
   };
 }
 

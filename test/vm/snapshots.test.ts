@@ -271,22 +271,33 @@ describe('snapshots of a running VM (QMP)', () => {
     await qemuIo(a, 'qcow2', ['read -P 0xa1 0 1M']);
   });
 
-  test('through the CLI: the qemu driver reverts a running VM; the image driver refuses to', async () => {
+  test('through the CLI: create --export of a running VM, revert through its QEMU; the image driver refuses to revert it', async () => {
     const dir = join(tmp.path, 'running-cli');
     await execa('mkdir', ['-p', dir]);
     const a = await makeImage(dir, 'a.qcow2', 'qcow2', 4 * MiB);
     const vm = await startTestVm([a]);
     try {
+      await writeFile(join(dir, 'password'), `${PASSWORD}\n`);
       const yaml = [
-        `stateDir: ${dir}/state`, 'vms:',
+        `stateDir: ${dir}/state`, `repository: { url: ${dir}/repo, passwordFile: ${dir}/password }`, 'vms:',
         `  - { name: live, driver: qemu, qmpSocket: ${vm.qmpSocket}, disks: [{ path: ${a} }] }`,
         `  - { name: same-as-image, disks: [{ path: ${a} }] }`,
       ].join('\n');
       await writeFile(join(dir, 'vmvault.yaml'), yaml);
       const env: Env = { PATH: process.env.PATH, VMVAULT_CONFIG: join(dir, 'vmvault.yaml') };
+      const repoFlags = ['--repo', `${dir}/repo`, '--password-file', `${dir}/password`];
+      assert.equal((await cli([...repoFlags, 'init', '--kdf', 'weak'], env)).code, 0);
       await vm.write(0, 0, MiB, 0x5e);
-      const created = await cliJson<SnapshotInfo>(['snapshot', 'create', 'live', '--name', 'pre', '--expire-in', '12h'], env);
+      const created = await cliJson<SnapshotInfo>(['snapshot', 'create', 'live', '--name', 'pre', '--expire-in', '12h', '--export'], env);
       assert.deepEqual([created.vmState, created.label], [true, 'pre-update']);
+      // The export went through the running QEMU (overlay, backup, commit): the VM runs on its own image again.
+      assert.equal(await vm.status(), 'running');
+      assert.deepEqual(await vm.activeFiles(), [a]);
+      const backups = await cliJson<{ id: string; vm: string; labels: string[] }[]>([...repoFlags, 'backups'], env);
+      assert.deepEqual(backups.map((b) => [b.id, b.vm, b.labels]), [[created.backup, 'live', ['pre-update']]]);
+      const restored = await cli([...repoFlags, 'restore', created.backup!, '--to', `${dir}/restored`], env);
+      assert.equal(restored.code, 0, restored.stderr);
+      await qemuIo(`${dir}/restored/a.qcow2`, 'qcow2', ['read -P 0x5e 0 1M']);
       await vm.write(0, 0, MiB, 0x77);
 
       // The same disk seen as an offline image: qemu-img must not touch it while the VM runs.

@@ -9,13 +9,13 @@ import type { Command } from 'commander';
 import { configPathFrom, loadConfig } from '../../config/load.js';
 import type { Config, VmConfig } from '../../config/schema.js';
 import { VmvaultError } from '../../errors.js';
-import { backup } from '../../pipeline/backup.js';
 import { Repository } from '../../repo/repository.js';
 import { repositoryFrom } from '../../service/service.js';
 import { openStorage } from '../../storage/open.js';
 import {
   createSnapshot, deleteSnapshot, findVm, listSnapshots, revertSnapshot, snapshotTargetOf, type SnapshotInfo,
 } from '../../vm/snapshots.js';
+import { exportSnapshotBackup } from '../../vm/snapshot-export.js';
 import { openRepository, type GlobalOptions } from '../context.js';
 import { table } from '../format.js';
 import { print } from '../output.js';
@@ -64,16 +64,11 @@ export function registerSnapshotCommands(program: Command, globals: () => Global
     .option('--json', 'print the snapshot as JSON')
     .action(async (vmName: string, o: Flags & { name: string; label: string; expireIn?: string; export?: boolean }) => {
       const { config, vm } = await inventoryVm(o, vmName);
+      const target = snapshotTargetOf(vm);
       const exportBackup = o.export
-        ? async (label: string) => {
-          const repo = await exportRepository(globals(), config);
-          const { manifest } = await backup(repo, {
-            vm: vm.name, disks: vm.disks.map((d) => ({ path: d.path, name: d.name })), configs: vm.configFiles, labels: [label], host: config.host,
-          });
-          return manifest.id;
-        }
+        ? async (label: string) => exportSnapshotBackup(await exportRepository(globals(), config), target, { label, host: config.host, configs: vm.configFiles })
         : undefined;
-      const s = await createSnapshot(snapshotTargetOf(vm), {
+      const s = await createSnapshot(target, {
         name: o.name, label: o.label, ...(o.expireIn !== undefined ? { expireIn: o.expireIn } : {}), ...(exportBackup ? { exportBackup } : {}),
       }, { stateDir: config.stateDir });
       print(o.json, s, () => `created snapshot ${s.name} of ${s.vm} (${s.disks.length} disk(s), label ${s.label ?? '-'}, ` +
