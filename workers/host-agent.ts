@@ -190,7 +190,10 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
     ctx.guards.set(job.id!, guard);
     try {
       if (parsed.name === 'snapshot') {
-        const result = await runSnapshotJob({ host: ctx.opts.host, stateDir: ctx.opts.stateDir, repo: guard.wrap(ctx.repo, async () => {}) }, parsed.payload);
+        const result = await runSnapshotJob({
+          host: ctx.opts.host, stateDir: ctx.opts.stateDir, repo: guard.wrap(ctx.repo, async () => {}),
+          warn: (message, fields) => ctx.log.warn({ job: job.id, ...fields }, message),
+        }, parsed.payload);
         // A create or revert must not run again if this job is handed to another worker after finishing.
         await ctx.locks.set(marker, JSON.stringify({ result, startedAt: result.startedAt }), 'EX', MARKER_TTL_S);
         return result;
