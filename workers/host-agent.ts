@@ -14,7 +14,9 @@ import type { Redis } from 'ioredis';
 import path from 'node:path';
 import { pino, type Logger } from 'pino';
 import { errorMessage } from '../src/errors.js';
-import { backup } from '../src/pipeline/backup.js';
+import { backup, type BackupRequest, type BackupResult } from '../src/pipeline/backup.js';
+import { backupRunningVm } from '../src/vm/live.js';
+import { backupLibvirtVm } from '../src/vm/libvirt.js';
 import { restore, type RestoreResult } from '../src/pipeline/restore.js';
 import type { Progress } from '../src/pipeline/progress.js';
 import { Repository } from '../src/repo/repository.js';
@@ -253,10 +255,21 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
   const repo = guard.wrap(ctx.repo, async (m) => {
     await ctx.locks.set(marker, JSON.stringify({ backup: m.id, startedAt }), 'EX', MARKER_TTL_S);
   });
-  const { manifest, stats } = await backup(repo, {
+  const req: BackupRequest = {
     vm: p.vm, disks: p.disks, configs: p.configs, labels: p.labels, host: ctx.opts.host,
     ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report,
-  });
+  };
+  // The driver decides how the point in time is taken (DESIGN.md, data path step 1).
+  const warn = (message: string, fields?: Record<string, unknown>) => ctx.log.warn({ job: job.id, vm: p.vm, ...fields }, message);
+  let done: BackupResult;
+  if (p.driver === 'qemu') {
+    done = await backupRunningVm(repo, { ...req, qmpSocket: p.qmpSocket!, ...(p.guestAgentSocket ? { guestAgentSocket: p.guestAgentSocket } : {}), warn });
+  } else if (p.driver === 'libvirt') {
+    done = await backupLibvirtVm(repo, { ...req, domain: p.libvirtDomain!, warn });
+  } else {
+    done = await backup(repo, req);
+  }
+  const { manifest, stats } = done;
   await progress.flush();
   if (p.policy) {
     // The policy's retention now has a new backup to count: prune this VM (one job per backup, deduplicated by id).

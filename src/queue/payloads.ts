@@ -12,13 +12,26 @@ const nonEmpty = z.string().trim().min(1);
 
 export const backupPayloadSchema = z.strictObject({
   vm: nonEmpty,
-  disks: z.array(z.strictObject({ path: nonEmpty, name: nonEmpty.optional() })).min(1, 'at least one disk is needed'),
+  /** The VM's disk images; a libvirt VM may leave them out (they then come from virsh domblklist). */
+  disks: z.array(z.strictObject({ path: nonEmpty, name: nonEmpty.optional() })).default([]),
   /** Configuration files stored with the backup. */
   configs: z.array(nonEmpty).default([]),
   labels: z.array(nonEmpty).default([]),
   policy: nonEmpty.optional(),
   /** The scheduled slot (ISO-8601) this backup is for; informational, the job id carries deduplication. */
   slot: nonEmpty.optional(),
+  /** How the point in time is taken: offline image (when absent), running QEMU over QMP, or a libvirt domain. */
+  driver: z.enum(DRIVERS).optional(),
+  /** qemu driver: the running QEMU's QMP socket. */
+  qmpSocket: nonEmpty.optional(),
+  /** qemu driver: the guest agent's socket, for a filesystem freeze at the instant. */
+  guestAgentSocket: nonEmpty.optional(),
+  /** libvirt driver: the domain's name. */
+  libvirtDomain: nonEmpty.optional(),
+}).superRefine((p, ctx) => {
+  if (p.driver !== 'libvirt' && p.disks.length === 0) ctx.addIssue({ code: 'custom', path: ['disks'], message: 'at least one disk is needed' });
+  if (p.driver === 'qemu' && p.qmpSocket === undefined) ctx.addIssue({ code: 'custom', path: ['qmpSocket'], message: 'the qemu driver needs the QMP socket of the running VM' });
+  if (p.driver === 'libvirt' && p.libvirtDomain === undefined) ctx.addIssue({ code: 'custom', path: ['libvirtDomain'], message: 'the libvirt driver needs the domain name' });
 });
 
 export const restorePayloadSchema = z.strictObject({
@@ -89,9 +102,10 @@ export function snapshotPayloadFor(
 }
 
 /**
- * The backup payload of an inventory VM: its disks and configuration files, plus
- * what the caller adds. The one place that maps the inventory to a backup job, for
- * the scheduler and the API alike.
+ * The backup payload of an inventory VM: its disks, configuration files and driver
+ * (with the sockets a running VM is reached through), plus what the caller adds.
+ * The one place that maps the inventory to a backup job, for the scheduler and the
+ * API alike.
  */
 export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; policy?: string; slot?: string } = {}): BackupPayloadInput {
   return {
@@ -101,6 +115,11 @@ export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; polic
     labels: extra.labels ?? [],
     ...(extra.policy ? { policy: extra.policy } : {}),
     ...(extra.slot ? { slot: extra.slot } : {}),
+    ...(vm.driver !== 'image' ? { driver: vm.driver } : {}),
+    ...(vm.driver === 'qemu' && vm.qmpSocket ? { qmpSocket: vm.qmpSocket } : {}),
+    ...(vm.driver === 'qemu' && vm.guestAgentSocket ? { guestAgentSocket: vm.guestAgentSocket } : {}),
+    // A libvirt domain is named like the VM in the inventory.
+    ...(vm.driver === 'libvirt' ? { libvirtDomain: vm.name } : {}),
   };
 }
 
