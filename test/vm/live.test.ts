@@ -186,6 +186,30 @@ describe('qemu driver (running VM)', () => {
     await verifyPatterns(disks[0]!, 'qcow2', [{ offset: 8 * MiB, length: MiB, pattern: B }, { offset: 9 * MiB, length: MiB, pattern: B + 1 }]);
   });
 
+  it('finishes a commit job a killed run left waiting, and deletes overlay files nothing uses', async () => {
+    const { vm, disks } = await vmWith(['job.qcow2'], 8 * MiB);
+    const where = path.dirname(disks[0]!);
+    await vm.write(0, 0, MiB, A);
+    // The state of a run killed after it had started the commit: overlay active, job READY, never completed.
+    const overlay = path.join(where, 'job.qcow2.vmvault-overlay-0badc0de.qcow2');
+    await vm.qmp.execute('transaction', { actions: [{ type: 'blockdev-snapshot-sync', data: { 'node-name': 'disk0', 'snapshot-file': overlay, 'snapshot-node-name': 'vmvault-ov-0badc0de-0', format: 'qcow2' } }] });
+    await vm.write(0, MiB, MiB, B);
+    const mark = vm.qmp.eventMark();
+    await vm.qmp.execute('block-commit', { 'job-id': 'vmvault-commit-vmvault-ov-0badc0de-0', device: 'vmvault-ov-0badc0de-0', 'base-node': 'disk0' });
+    await vm.qmp.waitEvent('BLOCK_JOB_READY', (d) => d.device === 'vmvault-commit-vmvault-ov-0badc0de-0', 30_000, { after: mark });
+    // And an overlay file of an even older run that no device uses.
+    const orphan = path.join(where, 'job.qcow2.vmvault-overlay-deadbeef.qcow2');
+    await fs.writeFile(orphan, 'left behind');
+
+    const result = await backupRunningVm(repo, { vm: 'job', disks: [{ path: disks[0]! }], qmpSocket: vm.qmpSocket, warn });
+    assert.equal(result.recovered, 1);
+    assert.deepEqual(await vm.activeFiles(), disks);
+    assert.deepEqual(await overlaysIn(where), []);
+    assert.deepEqual(await vm.qmp.execute('query-block-jobs'), []);
+    const to = await restoreTo(result.manifest.id);
+    await verifyPatterns(path.join(to, 'job.qcow2'), 'qcow2', [{ offset: 0, length: MiB, pattern: A }, { offset: MiB, length: MiB, pattern: B }]);
+  });
+
   it('says which QMP socket is missing and which disk is not attached', async () => {
     const missing = path.join(dir.path, 'no-such-vm.sock');
     await assert.rejects(backupRunningVm(repo, { vm: 'x', disks: [{ path: '/nowhere.qcow2' }], qmpSocket: missing, warn }), (err: unknown) =>
