@@ -283,13 +283,10 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
   const startedAt = Date.now();
   const directory = path.resolve(p.directory);
   const roots = ctx.opts.restoreRoots;
-  if (roots && !roots.some((r) => directory === r || directory.startsWith(r + path.sep))) {
-    throw new UnrecoverableError(`restore directory ${directory} is outside this host's restore roots (${roots.join(', ')})`);
-  }
   const progress = progressReporter(ctx, job);
   const backupId = await ctx.repo.resolveBackupId(p.backupId);
   const r = await restore(guard.wrap(ctx.repo, async () => {}), {
-    backupId, to: directory, force: p.overwrite, onProgress: progress.report,
+    backupId, to: directory, force: p.overwrite, onProgress: progress.report, ...(roots ? { roots } : {}),
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),
   });
   await guard.confirmOwnership();

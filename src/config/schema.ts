@@ -31,7 +31,8 @@ const list = <T extends z.ZodType>(item: T, what: string) => z.array(item, { err
 export function parseListen(listen: string): { host: string; port: number } | undefined {
   const m = /^(?:\[([0-9A-Fa-f:.]+)\]|([^:\s[\]]+)):(\d{1,5})$/.exec(listen);
   const port = Number(m?.[3]);
-  if (!m || !(port >= 1 && port <= 65535)) return undefined;
+  // Port 0: any free port (tests, several services on one machine); the service logs the one it got.
+  if (!m || !(port >= 0 && port <= 65535)) return undefined;
   return { host: (m[1] ?? m[2])!, port };
 }
 

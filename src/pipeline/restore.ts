@@ -3,10 +3,12 @@
  * requested format, filled through qemu-nbd with every non-zero chunk (zero chunks
  * are skipped, so the result is sparse), flushed, and renamed into place only when
  * every disk and file has been written. A failed restore leaves nothing behind.
+ * Configuration files come back beside the disks; a libvirt domain XML has its disk
+ * paths and formats rewritten to the restored images.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, rename, rm, stat, writeFile } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { mkdir, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { basename, dirname, join, resolve, sep } from 'node:path';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
 import type { Repository } from '../repo/repository.js';
@@ -16,6 +18,7 @@ import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, pathInside } from './names.js';
 import { withLock } from '../repo/locks.js';
+import { rewriteLibvirtDiskPaths, type DiskTarget } from '../vm/libvirt-xml.js';
 
 export interface RestoreRequest {
   backupId: string;
@@ -26,6 +29,11 @@ export interface RestoreRequest {
   disks?: string[];
   /** Replace existing files. */
   force?: boolean;
+  /**
+   * When set, `to` must lie inside one of these directories once every symlink is
+   * resolved (a restore for a remote requester: the API's restore onto a host).
+   */
+  roots?: string[];
   onProgress?: ProgressFn;
   inFlight?: number;
 }
@@ -52,11 +60,13 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     const path = pathInside(dir, c.name, 'config file name');
     planned.push({ kind: 'config', name: c.name, path, tmp: tmpName(path) });
   }
+  if (req.roots) await assertInsideRoots(dir, req.roots);
   const taken = await existing(planned.map((p) => p.path));
   if (taken.length && !req.force) {
     throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or pass --force to replace; nothing was written`);
   }
   await mkdir(dir, { recursive: true });
+  if (req.roots) await assertInsideRoots(dir, req.roots); // Again: a symlink may have appeared meanwhile.
 
   const stats = { bytesWritten: 0, chunksWritten: 0, seconds: 0 };
   const meter = new ProgressMeter('restore', disks.reduce((n, d) => n + d.chunks.filter(Boolean).length * manifest.chunkSize, 0), req.onProgress);
@@ -68,7 +78,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
         await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8);
       } else {
         const c = manifest.configs.find((x) => x.name === p.name)!;
-        await writeFile(p.tmp, Buffer.from(c.data, 'base64'), { mode: 0o600 });
+        await writeFile(p.tmp, adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned), { mode: 0o600 });
       }
     }
     for (const p of planned) await rename(p.tmp, p.path);
@@ -95,6 +105,53 @@ function selectDisks(m: Manifest, wanted: string[] | undefined): DiskEntry[] {
     if (!d) throw new NotFoundError(`backup ${m.id.slice(0, 12)} has no disk "${name}"; its disks are: ${m.disks.map((x) => x.name).join(', ')}`);
     return d;
   });
+}
+
+/**
+ * A configuration file as it goes to the new place: a libvirt domain XML gets its
+ * disks' `<source file=…>` (and `<driver type=…>`) pointed at the restored images;
+ * anything else is copied as it is.
+ */
+function adjustConfig(name: string, data: Buffer, planned: readonly (RestoredFile & { disk?: DiskEntry })[]): Buffer {
+  if (!/\.xml$/i.test(name) || !/<domain[\s>]/.test(data.toString('utf8', 0, Math.min(data.length, 4096)))) return data;
+  const map = new Map<string, DiskTarget>();
+  for (const p of planned) {
+    if (p.disk) map.set(p.disk.sourcePath, { path: p.path, ...(p.format ? { format: p.format } : {}) });
+  }
+  try {
+    return Buffer.from(rewriteLibvirtDiskPaths(data.toString('utf8'), map));
+  } catch {
+    return data; // Not a domain after all (or not XML libvirt would read): the file as it was is the honest copy.
+  }
+}
+
+/**
+ * Throws BAD_INPUT unless `dir`, with every symlink resolved, is one of `roots` or
+ * lies below one. Resolves the deepest part of `dir` that exists, so a directory
+ * still to be created is judged by where its parent really is.
+ */
+export async function assertInsideRoots(dir: string, roots: readonly string[]): Promise<void> {
+  const wanted = resolve(dir);
+  let existingPart = wanted;
+  let rest = '';
+  for (;;) {
+    try {
+      existingPart = await realpath(existingPart);
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      const parent = dirname(existingPart);
+      rest = join(basename(existingPart), rest);
+      if (parent === existingPart) break;
+      existingPart = parent;
+    }
+  }
+  const real = join(existingPart, rest);
+  for (const r of roots) {
+    const root = await realpath(r).catch(() => resolve(r));
+    if (real === root || real.startsWith(root.endsWith(sep) ? root : root + sep)) return;
+  }
+  throw new VmvaultError('BAD_INPUT', `restore directory ${dir} ${real === wanted ? 'is' : `resolves to ${real}, which is`} outside this host's restore roots (${roots.join(', ')}); nothing was written`);
 }
 
 function tmpName(path: string): string {

@@ -152,12 +152,17 @@ export function validateYaml<T>(
   return { ok: false, problems: problemsOf(file, doc, lines, [...(result.error?.issues ?? []), ...extra], kind) };
 }
 
+/** Validates one policy file's text, returning the policy or every problem (with its line). */
+export function checkPolicyText(text: string, file: string): ReturnType<typeof validateYaml<Policy>> {
+  return validateYaml(text, file, policySchema, POLICY_FILE);
+}
+
 /**
  * Parses and validates one policy file's text. `file` is only used in messages.
  * Throws PolicyFileError (BAD_INPUT) listing every problem.
  */
 export function parsePolicy(text: string, file: string): Policy {
-  const result = validateYaml(text, file, policySchema, POLICY_FILE);
+  const result = checkPolicyText(text, file);
   if (!result.ok) throw new PolicyFileError(result.problems);
   return result.value;
 }

@@ -12,6 +12,7 @@
  *   VMVAULT_VM_LOCK_TTL_MS     per-VM lock lifetime without refresh (default 60000)
  *   VMVAULT_CLOSE_TIMEOUT_MS   how long a stopping worker lets its running job finish (default 60000)
  *   VMVAULT_SNAPSHOT_SWEEP_MS  how often a worker deletes its host's expired snapshots (default 300000)
+ * and VMVAULT_API_LISTEN (host:port) overrides api.listen.
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
@@ -30,6 +31,7 @@ import { backupPayloadFor } from '../queue/payloads.js';
 import { Repository } from '../repo/repository.js';
 import { Scheduler } from '../scheduler/scheduler.js';
 import { openStorage } from '../storage/open.js';
+import { startApiServer } from '../api/server.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
@@ -131,6 +133,24 @@ export async function runScheduler(
       log.info({}, 'scheduler stopped');
     })()),
   };
+}
+
+/** `vmvault serve`: the scheduler and the HTTP API. */
+export async function runServe(
+  config: Config,
+  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string } } = {},
+): Promise<Service> {
+  const log = opts.logger ?? serviceLogger('vmvault');
+  const redisUrl = opts.redisUrl ?? redisFrom(config);
+  const repository = opts.repository ?? await repositoryFrom(config);
+  const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository });
+  const listen = (opts.env ?? process.env).VMVAULT_API_LISTEN;
+  const api = await startApiServer(config, { redisUrl, repository, logger: log, ...(listen ? { listen } : {}) }).catch(async (err: unknown) => {
+    await scheduler.stop();
+    throw err;
+  });
+  let stopping: Promise<void> | undefined;
+  return { stop: () => (stopping ??= (async () => { await api.stop(); await scheduler.stop(); })()) };
 }
 
 /** The host agent of `host` (default: config.host). */
@@ -248,12 +268,16 @@ export async function up(config: Config, opts: UpOptions = {}): Promise<UpServic
     cleanups.push(() => scheduler.stop());
     const worker = await runWorker(config, { ...opts, logger: log, redisUrl, repository, host: config.host });
     cleanups.push(() => worker.stop());
-    say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}`);
+    const listen = (opts.env ?? process.env).VMVAULT_API_LISTEN;
+    const api = await startApiServer(config, { redisUrl, repository, logger: log, ...(listen ? { listen } : {}) });
+    cleanups.push(() => api.stop());
+    say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}, API on ${api.url}`);
     let stopping: Promise<void> | undefined;
     return {
       stateDir, redisUrl, repositoryUrl: repository.url, ...(redis ? { redis } : {}),
-      // Scheduler first (no new jobs), then the worker (hands back its running job), then Redis.
+      // API and scheduler first (no new jobs), then the worker (hands back its running job), then Redis.
       stop: () => (stopping ??= (async () => {
+        await api.stop();
         await scheduler.stop();
         await worker.stop();
         if (redis) await redis.stop();

@@ -18,43 +18,15 @@ import { enqueueBackup, hostQueue } from '../../src/queue/enqueue.js';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { spawnCli } from '../helpers/cli.js';
+import { BASE_ENV, start, stopProc, waitFor, type Proc } from '../helpers/procs.js';
 import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const PASSWORD = 'service test passphrase';
-const BASE_ENV = { PATH: process.env.PATH, HOME: process.env.HOME, VMVAULT_LOG_LEVEL: 'info' };
-
-type Proc = ReturnType<typeof spawnCli> & { output(): string };
-
-function start(args: string[], env: Record<string, string | undefined> = {}): Proc {
-  const p = spawnCli(args, { ...BASE_ENV, ...env }) as Proc;
-  let out = '';
-  p.stdout?.on('data', (d: Buffer) => { out += d.toString(); });
-  p.stderr?.on('data', (d: Buffer) => { out += d.toString(); });
-  p.output = () => out;
-  return p;
-}
-
-async function waitFor<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 20_000, diag?: () => string): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${diag ? `\n${diag()}` : ''}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
 /** Snapshot names of an image, read with -U (force-share): a running backup holds the image's lock. */
 async function snapshotsOf(disk: string): Promise<string[]> {
   const r = await execa('qemu-img', ['info', '-U', '--output=json', disk]);
   return ((JSON.parse(r.stdout) as { snapshots?: Array<{ name: string }> }).snapshots ?? []).map((x) => x.name);
-}
-
-async function stopProc(p: Proc, signal: NodeJS.Signals = 'SIGTERM'): Promise<number | undefined> {
-  if (p.exitCode === null && p.signalCode === null) p.kill(signal);
-  const r = await p;
-  return r.exitCode;
 }
 
 interface Setup { dir: TempDir; repoUrl: string; passFile: string; policiesDir: string; configFile: string; repo: Repository }
@@ -75,6 +47,8 @@ async function setup(host: string, vms: Array<{ name: string; disk: string }>): 
     `host: ${host}`,
     `policiesDir: ${JSON.stringify(policiesDir)}`,
     `stateDir: ${JSON.stringify(join(dir.path, 'state'))}`,
+    // Any free port: several serve processes run at once here.
+    'api: { listen: "127.0.0.1:0" }',
     'vms:',
     vmLines,
   ].join('\n'));
@@ -248,9 +222,9 @@ describe('vmvault up', () => {
     const dir = await tempDir('vmvault-up-');
     const stateDir = join(dir.path, 'state');
     const socket = join(stateDir, 'redis.sock');
-    const upProc = start(['up'], { VMVAULT_STATE_DIR: stateDir });
+    const upProc = start(['up'], { VMVAULT_STATE_DIR: stateDir, VMVAULT_API_LISTEN: '127.0.0.1:0' });
     try {
-      await waitFor('up to be running', () => upProc.output().includes('worker started'), 40_000, () => upProc.output());
+      await waitFor('up to be running', () => upProc.output().includes('vmvault: up:'), 40_000, () => upProc.output());
       const out = upProc.output();
       assert.ok(existsSync(join(stateDir, 'repository', 'config')) || existsSync(join(stateDir, 'repository')), 'repository created');
       const passFile = join(stateDir, 'passphrase');
@@ -258,6 +232,13 @@ describe('vmvault up', () => {
       assert.match(out, new RegExp(`passphrase is in ${passFile.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
       assert.match(out, /key export --paper/);
       assert.ok(await pingSocket(socket), 'its redis-server answers PING');
+      // It serves the HTTP API: health needs no token, anything else does.
+      const api = /API on (http:\/\/\S+)/.exec(upProc.output())?.[1];
+      assert.ok(api, upProc.output());
+      const health = await fetch(`${api}/v1/health`);
+      assert.equal(health.status, 200, await health.clone().text());
+      assert.deepEqual(await health.json(), { status: 'ok', redis: 'ok', repository: 'ok' });
+      assert.equal((await fetch(`${api}/v1/vms`)).status, 401);
       // The repository opens with the stored passphrase.
       const r = await spawnCli(['--repo', join(stateDir, 'repository'), '--password-file', passFile, 'key', 'list'], BASE_ENV);
       assert.equal(r.exitCode, 0, String(r.stderr));

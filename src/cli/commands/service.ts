@@ -1,13 +1,13 @@
 /**
- * `vmvault up` (scheduler + this host's worker, with its own Redis and repository
- * when none is configured), `vmvault serve` (the scheduler) and `vmvault worker`.
+ * `vmvault up` (scheduler, API and this host's worker, with its own Redis and repository
+ * when none is configured), `vmvault serve` (the scheduler and the API) and `vmvault worker`.
  * Each runs until SIGTERM or SIGINT, then stops cleanly and exits 0.
  */
 import type { Command } from 'commander';
 import { configPathFrom, loadConfig } from '../../config/load.js';
 import type { Config } from '../../config/schema.js';
 import { VmvaultError } from '../../errors.js';
-import { defaultConfig, runScheduler, runWorker, serviceLogger, untilSignal, up, type Service } from '../../service/service.js';
+import { defaultConfig, runServe, runWorker, serviceLogger, untilSignal, up, type Service } from '../../service/service.js';
 
 interface ServiceFlags { config?: string; host?: string; stateDir?: string }
 
@@ -28,7 +28,7 @@ async function runUntilSignal(start: () => Promise<Service>, log: ReturnType<typ
 export function registerServiceCommands(program: Command): void {
   program
     .command('up')
-    .description('run the scheduler and this host\'s worker in one process; with no Redis or repository configured, starts its own in the state directory')
+    .description('run the scheduler, the HTTP API and this host\'s worker in one process; with no Redis or repository configured, starts its own in the state directory')
     .option('-c, --config <file>', 'configuration file (env VMVAULT_CONFIG); without one, an empty inventory and policies in STATE_DIR/policies')
     .option('--state-dir <dir>', 'state directory (env VMVAULT_STATE_DIR; default: the configuration\'s stateDir, /var/lib/vmvault)')
     .action(async (flags: ServiceFlags) => {
@@ -41,12 +41,12 @@ export function registerServiceCommands(program: Command): void {
 
   program
     .command('serve')
-    .description('run the scheduler: enqueue the backups of every enabled policy on the queues of the VMs\' hosts')
+    .description('run the scheduler (enqueue the backups of every enabled policy on the queues of the VMs\' hosts) and the HTTP API')
     .option('-c, --config <file>', 'configuration file (env VMVAULT_CONFIG)')
     .action(async (flags: ServiceFlags) => {
       const config = await requireConfig(flags);
-      const log = serviceLogger('vmvault-scheduler');
-      await runUntilSignal(() => runScheduler(config, { logger: log }), log);
+      const log = serviceLogger('vmvault');
+      await runUntilSignal(() => runServe(config, { logger: log }), log);
     });
 
   program

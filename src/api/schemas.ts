@@ -1,0 +1,150 @@
+/**
+ * Request and response schemas of the HTTP API. The same zod schemas validate
+ * requests and generate the OpenAPI document (`GET /v1/openapi.json`).
+ */
+import { z } from '@hono/zod-openapi';
+import { IMAGE_FORMATS } from '../disk/image-format.js';
+import { NAME_RE } from '../policy/schema.js';
+import { JOB_STATES } from './jobs.js';
+import { DEFAULT_LINK_SECONDS, MAX_LINK_SECONDS } from './links.js';
+
+export const ErrorSchema = z.object({
+  error: z.object({
+    code: z.string().openapi({ example: 'NOT_FOUND' }),
+    message: z.string(),
+    details: z.unknown().optional(),
+  }),
+}).openapi('Error');
+
+export const PageQuery = z.object({
+  limit: z.coerce.number().int().min(1).max(1000).default(100).openapi({ description: 'items per page (1–1000)' }),
+  cursor: z.string().regex(/^\d{1,9}$/, 'a cursor returned as nextCursor').optional().openapi({ description: 'nextCursor of the previous page' }),
+});
+
+const page = <T extends z.ZodType>(item: T, name: string) => z.object({
+  items: z.array(item),
+  nextCursor: z.string().nullable().openapi({ description: 'pass as cursor for the next page; null on the last page' }),
+}).openapi(name);
+
+export const StatsSchema = z.object({
+  bytesRead: z.number(), bytesUploaded: z.number(), chunksNew: z.number(), chunksReused: z.number(), chunksZero: z.number(), seconds: z.number(),
+});
+
+export const BackupSchema = z.object({
+  id: z.string().regex(/^[0-9a-f]{64}$/),
+  vm: z.string(),
+  host: z.string(),
+  time: z.string().openapi({ format: 'date-time' }),
+  labels: z.array(z.string()),
+  policy: z.string().optional(),
+  disks: z.array(z.object({ name: z.string(), format: z.string(), virtualSize: z.number() })),
+  configs: z.array(z.string()),
+  stats: StatsSchema,
+}).openapi('Backup');
+
+export const BackupPage = page(BackupSchema, 'BackupPage');
+
+export const JobSchema = z.object({
+  id: z.string(),
+  queue: z.string(),
+  name: z.string(),
+  state: z.string().openapi({ description: `one of ${JOB_STATES.join(', ')}, or unknown` }),
+  data: z.unknown(),
+  progress: z.unknown().openapi({ description: 'while running: { phase, disk?, bytesDone, bytesTotal, bytesPerSecond }' }),
+  result: z.unknown().openapi({ description: 'when completed: the job\'s result (a restore lists the files written)' }),
+  error: z.string().nullable(),
+  attemptsMade: z.number(),
+  attempts: z.number(),
+  createdAt: z.string(),
+  startedAt: z.string().nullable(),
+  finishedAt: z.string().nullable(),
+}).openapi('Job');
+
+export const JobPage = page(JobSchema, 'JobPage');
+
+export const VmSchema = z.object({
+  name: z.string(),
+  host: z.string(),
+  driver: z.string(),
+  disks: z.array(z.object({ name: z.string(), path: z.string(), format: z.string().optional() })),
+  configFiles: z.array(z.string()),
+  tags: z.array(z.string()),
+}).openapi('Vm');
+
+export const VmPage = page(VmSchema, 'VmPage');
+
+export const VmDetailSchema = VmSchema.extend({
+  state: z.enum(['idle', 'queued', 'running']).openapi({ description: 'whether a job of this VM is running or waiting on its host' }),
+  lastBackup: BackupSchema.nullable(),
+  backups: z.number().openapi({ description: 'backups of this VM in the repository' }),
+  jobs: z.array(JobSchema).openapi({ description: 'unfinished jobs of this VM' }),
+}).openapi('VmDetail');
+
+const nameParam = (what: string) => z.string().min(1).max(200).openapi({ description: what });
+export const VmParam = z.object({ vm: nameParam('VM name') });
+export const BackupParam = z.object({ id: z.string().regex(/^[0-9a-fA-F]{4,64}$/, 'a backup id or a unique prefix of at least 4 hex digits').openapi({ description: 'backup id or unique prefix' }) });
+export const DiskParam = BackupParam.extend({ disk: nameParam('disk name') });
+export const JobParam = z.object({ id: z.string().min(1).max(512) });
+export const LinkParam = z.object({ token: z.string().min(1).max(4096) });
+
+export const BackupQuery = PageQuery.extend({
+  vm: z.string().optional(),
+  label: z.string().optional(),
+  host: z.string().optional(),
+  since: z.iso.datetime({ offset: true }).or(z.iso.date()).optional().openapi({ description: 'only backups at or after this time (ISO 8601 date or date-time)' }),
+});
+
+export const JobQuery = PageQuery.extend({
+  state: z.enum(JOB_STATES).optional(),
+  queue: z.string().optional(),
+});
+
+const label = z.string().regex(NAME_RE, 'a label: letters, digits, ".", "_" or "-"');
+
+export const BackupRequest = z.strictObject({
+  labels: z.array(label).max(32).default([]),
+}).openapi('BackupRequest');
+
+export const RestoreRequest = z.strictObject({
+  host: z.string().min(1).openapi({ description: 'the host whose worker writes the restore' }),
+  directory: z.string().min(1).max(4096).openapi({ description: 'absolute directory on that host, inside its restoreRoots' }),
+  format: z.enum(IMAGE_FORMATS as unknown as [string, ...string[]]),
+  disks: z.array(z.string().min(1).max(200)).min(1).max(64).optional().openapi({ description: 'restore only these disks (by name)' }),
+  overwrite: z.boolean().default(false),
+}).openapi('RestoreRequest');
+
+export const LinkRequest = z.strictObject({
+  expiresIn: z.number().int().min(1).max(MAX_LINK_SECONDS).default(DEFAULT_LINK_SECONDS).openapi({ description: 'seconds the link stays valid' }),
+}).openapi('LinkRequest');
+
+export const LinkSchema = z.object({
+  url: z.string().openapi({ description: 'GET or HEAD it without a bearer header; supports Range' }),
+  expiresAt: z.string(),
+}).openapi('Link');
+
+export const PruneRequest = z.strictObject({ policy: z.string().min(1), vms: z.array(z.string().min(1)).optional(), dryRun: z.boolean().default(false) }).openapi('PruneRequest');
+export const GcRequest = z.strictObject({ dryRun: z.boolean().default(false) }).openapi('GcRequest');
+export const VerifyRequest = z.strictObject({ readData: z.boolean().default(false), backups: z.array(z.string().min(1)).optional() }).openapi('VerifyRequest');
+
+export const PolicyProblemSchema = z.object({ file: z.string(), line: z.number(), col: z.number(), path: z.string(), message: z.string() }).openapi('PolicyProblem');
+export const PoliciesSchema = z.object({
+  items: z.array(z.object({ file: z.string(), policy: z.record(z.string(), z.unknown()) })),
+  problems: z.array(PolicyProblemSchema),
+}).openapi('Policies');
+export const PolicyValidateRequest = z.strictObject({
+  yaml: z.string().max(256 * 1024).openapi({ description: 'the text of one policy file' }),
+  file: z.string().max(200).default('policy.yaml').openapi({ description: 'the name used in problem messages' }),
+}).openapi('PolicyValidateRequest');
+export const PolicyValidateResult = z.object({
+  valid: z.boolean(),
+  policy: z.record(z.string(), z.unknown()).nullable(),
+  problems: z.array(PolicyProblemSchema),
+}).openapi('PolicyValidateResult');
+
+export const HealthSchema = z.object({
+  status: z.enum(['ok', 'degraded']),
+  redis: z.enum(['ok', 'unreachable']),
+  repository: z.enum(['ok', 'unreachable']),
+}).openapi('Health');
+
+export const JobAccepted = z.object({ job: JobSchema }).openapi('JobAccepted');
