@@ -18,8 +18,9 @@ import { bodyLimit } from 'hono/body-limit';
 import type { Logger } from 'pino';
 import type { Config, VmConfig } from '../config/schema.js';
 import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
-import { enqueueBackup, enqueueMaintenance, enqueueRestore, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
-import { backupPayloadFor } from '../queue/payloads.js';
+import { enqueueBackup, enqueueMaintenance, enqueueRestore, enqueueSnapshot, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { backupPayloadFor, snapshotPayloadFor } from '../queue/payloads.js';
+import { assertSnapshotName, expiryFrom } from '../vm/snapshots.js';
 import { MAINTENANCE_QUEUE } from '../queue/names.js';
 import { Catalogue, type CatalogueEntry } from '../repo/catalogue.js';
 import type { Repository } from '../repo/repository.js';
@@ -49,6 +50,12 @@ export interface Api {
 }
 
 type Env = { Variables: { principal?: Principal } };
+
+/** Ranges up to this size are read whole before the response starts. */
+const WHOLE_RESPONSE_BYTES = 16 * 1024 * 1024;
+
+/** How long GET …/snapshots waits for the host to answer. */
+const LIST_WAIT_MS = 30_000;
 
 /** Largest request body: policies are the biggest thing anyone sends. */
 export const MAX_BODY_BYTES = 256 * 1024;
@@ -87,6 +94,10 @@ const R = {
   listVms: route({ method: 'get', path: '/v1/vms', role: 'viewer', summary: 'VMs of the inventory', request: { query: S.PageQuery }, responses: { 200: json(S.VmPage, 'VMs'), ...errors } }),
   getVm: route({ method: 'get', path: '/v1/vms/{vm}', role: 'viewer', summary: 'A VM with its last backup and its unfinished jobs', request: { params: S.VmParam }, responses: { 200: json(S.VmDetailSchema, 'the VM'), ...errors } }),
   backupVm: route({ method: 'post', path: '/v1/vms/{vm}/backups', role: 'operator', summary: 'Back up a VM now', request: { params: S.VmParam, ...body(S.BackupRequest, false) }, responses: { 202: json(S.JobAccepted, 'the backup job'), ...errors } }),
+  createSnapshot: route({ method: 'post', path: '/v1/vms/{vm}/snapshots', role: 'operator', summary: 'Take a snapshot of a VM on its host (qcow2 internal when stopped, QMP snapshot-save when running)', request: { params: S.VmParam, ...body(S.SnapshotRequest) }, responses: { 202: json(S.JobAccepted, 'the snapshot job; its result is the snapshot'), ...errors } }),
+  listSnapshots: route({ method: 'get', path: '/v1/vms/{vm}/snapshots', role: 'viewer', summary: 'Snapshots of a VM, as its host sees them', request: { params: S.VmParam }, responses: { 200: json(S.SnapshotList, 'the snapshots'), 504: json(S.ErrorSchema, 'the host did not answer in time (its worker is down or busy with this VM)'), ...errors } }),
+  revertSnapshot: route({ method: 'post', path: '/v1/vms/{vm}/snapshots/{name}/revert', role: 'operator', summary: 'Revert a VM to a snapshot', request: { params: S.SnapshotParam }, responses: { 202: json(S.JobAccepted, 'the revert job'), ...errors } }),
+  deleteSnapshot: route({ method: 'delete', path: '/v1/vms/{vm}/snapshots/{name}', role: 'operator', summary: 'Delete a snapshot', request: { params: S.SnapshotParam }, responses: { 202: json(S.JobAccepted, 'the delete job'), ...errors } }),
   listBackups: route({ method: 'get', path: '/v1/backups', role: 'viewer', summary: 'Backups, newest first', request: { query: S.BackupQuery }, responses: { 200: json(S.BackupPage, 'backups'), ...errors } }),
   getBackup: route({ method: 'get', path: '/v1/backups/{id}', role: 'viewer', summary: 'One backup', request: { params: S.BackupParam }, responses: { 200: json(S.BackupSchema, 'the backup'), ...errors } }),
   restore: route({ method: 'post', path: '/v1/backups/{id}/restore', role: 'operator', summary: 'Restore a backup onto a host (its worker writes the files)', request: { params: S.BackupParam, ...body(S.RestoreRequest) }, responses: { 202: json(S.JobAccepted, 'the restore job'), ...errors } }),
@@ -249,6 +260,34 @@ export function createApi(deps: ApiDeps): Api {
     return c.json(await accepted(job), 202);
   });
 
+  const snapshotJob = async (vm: VmConfig, req: Parameters<typeof snapshotPayloadFor>[1]) => {
+    if (req.name !== undefined) assertSnapshotName(req.name);
+    if (req.expireIn !== undefined) expiryFrom(req.expireIn, new Date());
+    return enqueueSnapshot(queueOf(vm.host), snapshotPayloadFor(vm, req), { jobId: newJobId(`snapshot-${req.op}`) });
+  };
+  app.openapi(R.createSnapshot, async (c) => {
+    const vm = vmOf(c.req.valid('param').vm);
+    const req = c.req.valid('json');
+    return c.json(await accepted(await snapshotJob(vm, { op: 'create', ...req })), 202);
+  });
+  app.openapi(R.listSnapshots, async (c) => {
+    const vm = vmOf(c.req.valid('param').vm);
+    const job = await snapshotJob(vm, { op: 'list' });
+    const done = await jobs.wait(queueOf(vm.host), job.id!, LIST_WAIT_MS);
+    if (!done) throw new ApiError(504, 'TIMEOUT', `host "${vm.host}" did not list the snapshots within ${LIST_WAIT_MS / 1000} s: is its worker running? (job ${job.id})`, { job: job.id });
+    if (done.state === 'failed') throw new ApiError(502, 'JOB_FAILED', done.error ?? 'the list job failed', { job: job.id });
+    const result = done.result as { snapshots: z.output<typeof S.SnapshotSchema>[] };
+    return c.json({ items: result.snapshots, job: job.id! }, 200);
+  });
+  app.openapi(R.revertSnapshot, async (c) => {
+    const p = c.req.valid('param');
+    return c.json(await accepted(await snapshotJob(vmOf(p.vm), { op: 'revert', name: p.name })), 202);
+  });
+  app.openapi(R.deleteSnapshot, async (c) => {
+    const p = c.req.valid('param');
+    return c.json(await accepted(await snapshotJob(vmOf(p.vm), { op: 'delete', name: p.name })), 202);
+  });
+
   app.openapi(R.listBackups, async (c) => {
     const q = c.req.valid('query');
     const since = q.since ? Date.parse(q.since) : undefined;
@@ -296,6 +335,9 @@ export function createApi(deps: ApiDeps): Api {
     headers['Content-Length'] = String(size === 0 ? 0 : end - start + 1);
     if (range) headers['Content-Range'] = `bytes ${start}-${end}/${size}`;
     if (c.req.method === 'HEAD' || size === 0) return new Response(null, { status, headers });
+    // Block-device clients (QEMU's curl driver) read a few MiB per request: answer those in one piece,
+    // headers and body together, and stream only large ranges.
+    if (end - start + 1 <= WHOLE_RESPONSE_BYTES) return new Response(await reader.read(disk, manifest.chunkSize, start, end), { status, headers });
     return new Response(reader.stream(disk, manifest.chunkSize, start, end), { status, headers });
   };
 

@@ -32,12 +32,19 @@ export function newJobId(kind: string): string {
 
 const iso = (ms: number | undefined) => (ms ? new Date(ms).toISOString() : null);
 
-export async function jobView(job: Job, state?: string): Promise<JobView> {
+/**
+ * A job's view. The job's fields and its state are two reads: a job read while
+ * running and found finished a moment later is read again, so a finished job
+ * always shows its result.
+ */
+export async function jobView(job: Job, state?: string, reload?: () => Promise<Job | undefined>): Promise<JobView> {
+  state ??= await job.getState();
+  if ((state === 'completed' || state === 'failed') && !job.finishedOn && reload) job = (await reload()) ?? job;
   return {
     id: job.id!,
     queue: job.queueName,
     name: job.name,
-    state: state ?? await job.getState(),
+    state,
     data: job.data,
     progress: typeof job.progress === 'object' || (typeof job.progress === 'number' && job.progress > 0) ? job.progress : null,
     result: job.returnvalue ?? null,
@@ -56,7 +63,7 @@ export class JobIndex {
   async get(id: string): Promise<JobView> {
     for (const q of this.queues()) {
       const job = await q.getJob(id);
-      if (job) return jobView(job);
+      if (job) return jobView(job, undefined, () => q.getJob(id));
     }
     throw new NotFoundError(`no job "${id}" in any queue (finished jobs are kept 7 days, at most 1000 per queue)`);
   }
@@ -65,20 +72,33 @@ export class JobIndex {
   async list(opts: { states?: JobState[]; queue?: string; offset: number; limit: number }): Promise<{ items: JobView[]; more: boolean }> {
     const states = (opts.states?.length ? opts.states : JOB_STATES) as JobType[];
     const want = opts.offset + opts.limit + 1;
-    const all: { job: Job }[] = [];
+    const all: { job: Job; queue: Queue }[] = [];
     for (const q of this.queues()) {
       if (opts.queue && q.name !== opts.queue) continue;
-      for (const job of await q.getJobs(states, 0, want - 1, false)) if (job) all.push({ job });
+      for (const job of await q.getJobs(states, 0, want - 1, false)) if (job) all.push({ job, queue: q });
     }
     all.sort((a, b) => b.job.timestamp - a.job.timestamp || String(b.job.id).localeCompare(String(a.job.id)));
     const page = all.slice(opts.offset, opts.offset + opts.limit);
-    return { items: await Promise.all(page.map((j) => jobView(j.job))), more: all.length > opts.offset + opts.limit };
+    return { items: await Promise.all(page.map((j) => jobView(j.job, undefined, () => j.queue.getJob(j.job.id!)))), more: all.length > opts.offset + opts.limit };
+  }
+
+  /** The job once it has finished, polled; undefined when it has not within `timeoutMs`. */
+  async wait(queue: Queue, id: string, timeoutMs: number): Promise<JobView | undefined> {
+    const deadline = Date.now() + timeoutMs;
+    for (let delay = 20; ; delay = Math.min(delay * 2, 250)) {
+      const job = await queue.getJob(id);
+      if (!job) return undefined;
+      const state = await job.getState();
+      if (state === 'completed' || state === 'failed') return jobView(job, state, () => queue.getJob(id));
+      if (Date.now() > deadline) return undefined;
+      await new Promise((r) => setTimeout(r, delay));
+    }
   }
 
   /** Jobs not yet finished whose payload names `vm` (backups) on `queue`. */
   async pendingFor(queue: Queue, vm: string): Promise<JobView[]> {
     const jobs = await queue.getJobs(['active', 'waiting', 'delayed', 'prioritized'], 0, 999, true);
     const mine = jobs.filter((j): j is Job => !!j && (j.data as { vm?: unknown })?.vm === vm);
-    return Promise.all(mine.map((j) => jobView(j)));
+    return Promise.all(mine.map((j) => jobView(j, undefined, () => queue.getJob(j.id!))));
   }
 }

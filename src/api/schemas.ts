@@ -148,3 +148,26 @@ export const HealthSchema = z.object({
 }).openapi('Health');
 
 export const JobAccepted = z.object({ job: JobSchema }).openapi('JobAccepted');
+
+export const SnapshotParam = VmParam.extend({ name: z.string().min(1).max(64).openapi({ description: 'snapshot name' }) });
+
+export const SnapshotRequest = z.strictObject({
+  name: z.string().min(1).max(64),
+  label: label.optional().openapi({ description: 'default pre-update' }),
+  expireIn: z.string().regex(/^\d+[a-zA-Z]+(\d+[a-zA-Z]+)*$/, 'a duration such as 7d, 12h or 1w').optional().openapi({ description: 'after this the scheduler deletes it, e.g. 7d' }),
+  export: z.boolean().default(false).openapi({ description: 'also take a backup into the repository, labelled like the snapshot' }),
+}).openapi('SnapshotRequest');
+
+export const SnapshotSchema = z.object({
+  vm: z.string(),
+  name: z.string(),
+  label: z.string().optional(),
+  created: z.string(),
+  expiresAt: z.string().optional(),
+  backup: z.string().optional(),
+  vmState: z.boolean(),
+  disks: z.array(z.string()),
+  missingDisks: z.array(z.string()),
+}).openapi('Snapshot');
+
+export const SnapshotList = z.object({ items: z.array(SnapshotSchema), job: z.string() }).openapi('SnapshotList');

@@ -42,6 +42,18 @@ export class DiskReader {
     }, { highWaterMark: 0 });
   }
 
+  /** The bytes [start, end] (inclusive) of `disk` in one buffer: for ranges of a few chunks. */
+  async read(disk: DiskEntry, chunkSize: number, start: number, end: number): Promise<Buffer> {
+    const parts: Uint8Array[] = [];
+    const reader = this.stream(disk, chunkSize, start, end).getReader();
+    for (;;) {
+      const r = await reader.read();
+      if (r.done) break;
+      parts.push(r.value);
+    }
+    return Buffer.concat(parts);
+  }
+
   private async chunk(disk: DiskEntry, index: number, chunkSize: number): Promise<Buffer> {
     const id = disk.chunks[index];
     const length = Math.min(chunkSize, disk.virtualSize - index * chunkSize);

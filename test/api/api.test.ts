@@ -34,6 +34,7 @@ let source: string;
 let rootA: string;
 let rootB: string;
 let backupId: string;
+let dbDisk: string;
 const procs: Proc[] = [];
 const output = () => procs.map((p) => p.output()).join('\n');
 
@@ -91,7 +92,7 @@ before(async () => {
   await execa('truncate', ['-s', `${256 * MiB}`, raw]);
   source = join(dir.path, 'web.qcow2');
   await execa('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, source]);
-  await makeImage(dir.path, 'unused', 'qcow2', MiB); // makes sure qemu-img works before anything else
+  dbDisk = await makeImage(dir.path, 'db', 'qcow2', 16 * MiB, [{ offset: 0, length: MiB, pattern: 0x11 }]);
   const xml = join(dir.path, 'web.xml');
   await writeFile(xml, `<domain type='kvm'>\n  <name>web</name>\n  <devices>\n    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='${source}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n  </devices>\n</domain>\n`);
   const configFile = join(dir.path, 'vmvault.yaml');
@@ -110,6 +111,7 @@ before(async () => {
     `  hostb: { restoreRoots: [${JSON.stringify(rootB)}] }`,
     'vms:',
     `  - { name: web, host: hosta, disks: [{ path: ${JSON.stringify(source)}, name: root }], configFiles: [${JSON.stringify(xml)}] }`,
+    `  - { name: db, host: hostb, disks: [{ path: ${JSON.stringify(dbDisk)} }] }`,
     '',
   ].join('\n'));
   const env = { VMVAULT_CONFIG: configFile, VMVAULT_NO_CATCH_UP: '1' };
@@ -138,7 +140,7 @@ describe('HTTP API', () => {
     assert.equal((await call('GET', '/v1/vms', { headers: { authorization: `Basic ${TOKENS.admin}` } })).status, 401);
     const vms = await call('GET', '/v1/vms', { role: 'viewer' });
     assert.equal(vms.status, 200);
-    assert.deepEqual(vms.body.items.map((v: any) => v.name), ['web']);
+    assert.deepEqual(vms.body.items.map((v: any) => v.name), ['web', 'db']);
     const viewerBackup = await call('POST', '/v1/vms/web/backups', { role: 'viewer', body: {} });
     assert.equal(viewerBackup.status, 403);
     assert.equal(viewerBackup.body.error.code, 'FORBIDDEN');
@@ -330,6 +332,42 @@ describe('HTTP API', () => {
     const gc = await call('POST', '/v1/maintenance/gc', { role: 'admin', body: { dryRun: true } });
     assert.equal((await finished(gc.body.job.id)).state, 'completed');
     assert.equal((await call('POST', '/v1/maintenance/prune', { role: 'admin', body: { policy: 'nightly', bogus: 1 } })).status, 400);
+  });
+
+  test('snapshots through the API run on the VM\'s host: create, list, revert, delete; clear refusals', async () => {
+    assert.equal((await call('POST', '/v1/vms/db/snapshots', { role: 'viewer', body: { name: 'before' } })).status, 403);
+    assert.equal((await call('POST', '/v1/vms/nope/snapshots', { role: 'operator', body: { name: 'before' } })).status, 404);
+    for (const name of ['vmvault-x', '123', '../x']) {
+      const r = await call('POST', '/v1/vms/db/snapshots', { role: 'operator', body: { name } });
+      assert.equal(r.status, 400, `${name}: ${JSON.stringify(r.body)}`);
+    }
+    assert.equal((await call('POST', '/v1/vms/db/snapshots', { role: 'operator', body: { name: 'x', expireIn: 'soon' } })).status, 400);
+
+    const created = await call('POST', '/v1/vms/db/snapshots', { role: 'operator', body: { name: 'before-upgrade', expireIn: '7d' } });
+    assert.equal(created.status, 202, JSON.stringify(created.body));
+    assert.equal(created.body.job.queue, 'vmvault-host-hostb');
+    const c = await finished(created.body.job.id);
+    assert.equal(c.state, 'completed', c.error);
+    const list = await call('GET', '/v1/vms/db/snapshots', { role: 'viewer' });
+    assert.equal(list.status, 200, JSON.stringify(list.body));
+    assert.deepEqual(list.body.items.map((x: any) => [x.name, x.label]), [['before-upgrade', 'pre-update']]);
+    assert.ok(list.body.items[0].expiresAt);
+
+    const dup = await finished((await call('POST', '/v1/vms/db/snapshots', { role: 'operator', body: { name: 'before-upgrade' } })).body.job.id);
+    assert.equal(dup.state, 'failed');
+    assert.match(dup.error, /already/);
+
+    const copy = join(dir.path, 'db-at-snapshot.qcow2');
+    await execa('qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', dbDisk, copy]);
+    await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 0 2M', dbDisk]);
+    assert.equal((await compareImages(dbDisk, copy, 'qcow2', 'qcow2')).identical, false);
+    const reverted = await finished((await call('POST', '/v1/vms/db/snapshots/before-upgrade/revert', { role: 'operator' })).body.job.id);
+    assert.equal(reverted.state, 'completed', reverted.error);
+    assert.equal((await compareImages(dbDisk, copy, 'qcow2', 'qcow2')).identical, true, 'the disk is back to the snapshot');
+
+    const deleted = await finished((await call('DELETE', '/v1/vms/db/snapshots/before-upgrade', { role: 'operator' })).body.job.id);
+    assert.equal(deleted.state, 'completed', deleted.error);
+    assert.deepEqual((await call('GET', '/v1/vms/db/snapshots', { role: 'viewer' })).body.items, []);
   });
 
   test('the OpenAPI document validates and lists every route', async () => {

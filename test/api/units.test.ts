@@ -1,0 +1,93 @@
+/** Pure parts of the API: Range parsing, signed links, tokens, restore directory checks. */
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { mkdir, symlink } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { checkRestoreDirectory } from '../../src/api/app.js';
+import { TokenTable, allows } from '../../src/api/auth.js';
+import { ApiError } from '../../src/api/errors.js';
+import { linkKey, signLink, verifyLink } from '../../src/api/links.js';
+import { parseRange } from '../../src/api/range.js';
+import { assertInsideRoots } from '../../src/pipeline/restore.js';
+import { tempDir } from '../helpers/images.js';
+
+describe('Range header', () => {
+  test('single ranges, suffixes, open ends; unsatisfiable and ignored forms', () => {
+    assert.deepEqual(parseRange('bytes=0-99', 1000), { start: 0, end: 99 });
+    assert.deepEqual(parseRange('bytes=900-', 1000), { start: 900, end: 999 });
+    assert.deepEqual(parseRange('bytes=-100', 1000), { start: 900, end: 999 });
+    assert.deepEqual(parseRange('bytes=-5000', 1000), { start: 0, end: 999 });
+    assert.deepEqual(parseRange('bytes=990-5000', 1000), { start: 990, end: 999 });
+    assert.equal(parseRange('bytes=1000-', 1000), 'unsatisfiable');
+    assert.equal(parseRange('bytes=-0', 1000), 'unsatisfiable');
+    assert.equal(parseRange(undefined, 1000), undefined);
+    assert.equal(parseRange('bytes=5-3', 1000), undefined);
+    assert.equal(parseRange('bytes=0-1,5-6', 1000), undefined);
+    assert.equal(parseRange('items=0-1', 1000), undefined);
+    assert.equal(parseRange('bytes=-', 1000), undefined);
+  });
+});
+
+describe('signed links', () => {
+  const key = linkKey(new Uint8Array(32).fill(7));
+  const claims = { backup: 'ab'.repeat(32), disk: 'root', expires: 2000 };
+  test('round trip, expiry, and any altered byte refused', () => {
+    const t = signLink(key, claims);
+    assert.deepEqual(verifyLink(key, t, 1999), claims);
+    assert.throws(() => verifyLink(key, t, 2000), (e: unknown) => e instanceof ApiError && e.status === 403 && /expired/.test(e.message));
+    for (let i = 0; i < t.length; i += 7) {
+      if (t[i] === '.') continue;
+      const bad = t.slice(0, i) + (t[i] === 'A' ? 'B' : 'A') + t.slice(i + 1);
+      assert.throws(() => verifyLink(key, bad, 1000), (e: unknown) => e instanceof ApiError && e.status === 403, `position ${i}`);
+    }
+    assert.throws(() => verifyLink(linkKey(new Uint8Array(32).fill(8)), t, 1000), /signature/);
+    assert.throws(() => verifyLink(key, 'nonsense', 1000), /not a valid signed link/);
+  });
+});
+
+describe('bearer tokens', () => {
+  const sha = (s: string) => createHash('sha256').update(s).digest('hex');
+  const table = new TokenTable([{ name: 'ci', role: 'operator', sha256: sha('secret-1') }, { name: 'dash', role: 'viewer', sha256: sha('secret-2') }]);
+  test('known tokens map to their owner; anything else to nobody', () => {
+    assert.deepEqual(table.authenticate('Bearer secret-1'), { name: 'ci', role: 'operator' });
+    assert.deepEqual(table.authenticate('bearer  secret-2'), { name: 'dash', role: 'viewer' });
+    for (const h of [undefined, '', 'Bearer', 'Bearer secret-3', 'Basic secret-1', 'Bearer secret-1 extra', 'Bearer secret-1\n']) {
+      assert.equal(table.authenticate(h), undefined, String(h));
+    }
+  });
+  test('roles are ordered', () => {
+    assert.ok(allows('admin', 'operator') && allows('operator', 'viewer') && allows('viewer', 'viewer'));
+    assert.ok(!allows('viewer', 'operator') && !allows('operator', 'admin'));
+  });
+});
+
+describe('restore directories', () => {
+  test('the API refuses anything but a clean absolute path inside the host\'s roots', () => {
+    const roots = ['/srv/restore'];
+    checkRestoreDirectory('/srv/restore', roots, 'b');
+    checkRestoreDirectory('/srv/restore/web/1', roots, 'b');
+    for (const d of ['/srv/restore/../etc', '/srv/restore/./x', '/srv/restore//x', '/srv/restore/x/', 'srv/restore', '/srv/restored', '/etc', '/srv/restore/x\0y']) {
+      assert.throws(() => checkRestoreDirectory(d, roots, 'b'), (e: unknown) => e instanceof ApiError && e.status === 400, d);
+    }
+    assert.throws(() => checkRestoreDirectory('/srv/restore/x', [], 'b'), /no restoreRoots/);
+  });
+
+  test('the worker resolves symlinks before it writes', async () => {
+    const dir = await tempDir();
+    try {
+      const root = join(dir.path, 'root');
+      const outside = join(dir.path, 'outside');
+      await mkdir(root);
+      await mkdir(outside);
+      await symlink(outside, join(root, 'link'));
+      await symlink(root, join(dir.path, 'root-alias'));
+      await assertInsideRoots(join(root, 'new', 'deeper'), [root]);
+      await assertInsideRoots(join(dir.path, 'root-alias', 'x'), [root]);
+      await assert.rejects(assertInsideRoots(join(root, 'link', 'x'), [root]), /resolves to .*outside/);
+      await assert.rejects(assertInsideRoots(join(root, '..', 'outside'), [root]), /outside/);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+});
