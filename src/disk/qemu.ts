@@ -120,7 +120,12 @@ export async function snapshotCreate(file: string, name: string): Promise<void> 
 }
 
 /** Delete a qcow2 internal snapshot. NotFoundError when there is none of that name. */
-export async function snapshotDelete(file: string, name: string): Promise<void> {
+export function snapshotDelete(file: string, name: string): Promise<void> {
+  return onExistingSnapshot(file, name, '-d');
+}
+
+/** `qemu-img snapshot -d|-a NAME` once the snapshot is known to exist (NotFoundError otherwise). */
+async function onExistingSnapshot(file: string, name: string, op: '-d' | '-a'): Promise<void> {
   const abs = path.resolve(file);
   checkSnapshotName(name, abs);
   await mustExist(abs);
@@ -128,7 +133,7 @@ export async function snapshotDelete(file: string, name: string): Promise<void> 
   if (!(j.snapshots ?? []).some((s) => s.name === name)) {
     throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
   }
-  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', '-d', name, qcow2Opts(abs)]);
+  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', op, name, qcow2Opts(abs)]);
 }
 
 /** One internal snapshot of a qcow2 image, as qemu-img reports it. */
@@ -157,15 +162,8 @@ export async function snapshotList(file: string): Promise<InternalSnapshot[]> {
  * the image for writing, so an image a running VM holds fails with IMAGE_LOCKED and
  * is left unchanged. NotFoundError when there is no snapshot of that name.
  */
-export async function snapshotApply(file: string, name: string): Promise<void> {
-  const abs = path.resolve(file);
-  checkSnapshotName(name, abs);
-  await mustExist(abs);
-  const j = await infoJson(abs, 'qcow2');
-  if (!(j.snapshots ?? []).some((s) => s.name === name)) {
-    throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
-  }
-  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', '-a', name, qcow2Opts(abs)]);
+export function snapshotApply(file: string, name: string): Promise<void> {
+  return onExistingSnapshot(file, name, '-a');
 }
 
 /**
