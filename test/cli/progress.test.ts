@@ -1,15 +1,16 @@
 /** The progress bar shows on a terminal only, and never with --json. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { makeImage } from '../helpers/images.js';
 import { BIN, cli } from '../helpers/cli.js';
 
-test('backup and restore show bytes, rate and ETA on a terminal, and nothing otherwise', async () => {
+test('backup and restore show bytes, rate and ETA on a terminal, and nothing otherwise', async (t) => {
   const work = await mkdtemp(join(tmpdir(), 'vmvault-progress-'));
+  t.after(() => rm(work, { recursive: true, force: true }));
   const env = { PATH: process.env.PATH, HOME: process.env.HOME, VMVAULT_REPOSITORY: join(work, 'repo'), VMVAULT_PASSWORD: 'pw' };
   assert.equal((await cli(['init', '--kdf', 'weak'], env)).code, 0);
   const img = await makeImage(work, 'p', 'qcow2', 64 * 1024 * 1024, [{ offset: 0, length: 8 << 20, pattern: 3 }]);

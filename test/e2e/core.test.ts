@@ -5,7 +5,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readdir, stat } from 'node:fs/promises';
+import { mkdtemp, readdir, stat, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -18,7 +18,10 @@ import { backends, backupJson, envFor, initRepo, objects, type Backend } from '.
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 const all = await backends();
-after(() => Promise.all(all.map((b) => b.stop())));
+after(async () => {
+  await Promise.all(all.map((b) => b.stop()));
+  if (work) await rm(work, { recursive: true, force: true });
+});
 
 let work: string;
 before(async () => {

@@ -1,7 +1,7 @@
 /** Garbage collection end to end, on both backends. */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -12,7 +12,10 @@ import { backends, backupJson, initRepo, objects } from './harness.js';
 
 const MiB = 1024 * 1024;
 const all = await backends();
-after(() => Promise.all(all.map((b) => b.stop())));
+after(async () => {
+  await Promise.all(all.map((b) => b.stop()));
+  if (work) await rm(work, { recursive: true, force: true });
+});
 let work: string;
 before(async () => {
   work = await mkdtemp(join(tmpdir(), 'vmvault-gc-'));

@@ -1,7 +1,7 @@
 /** Prune then garbage collection, end to end, on both backends. */
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, writeFile } from 'node:fs/promises';
+import { mkdtemp, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { makeImage, writePattern } from '../helpers/images.js';
@@ -15,8 +15,9 @@ const chunkNames = (objs: Map<string, number>) => [...objs.keys()].filter((n) =>
 
 for (const b of all) {
   describe(`prune on the ${b.name} backend`, () => {
-    test('prune then gc reclaims the removed backups\' chunks, keeps every chunk of the kept ones, and verify passes', async () => {
+    test('prune then gc reclaims the removed backups\' chunks, keeps every chunk of the kept ones, and verify passes', async (t) => {
       const work = await mkdtemp(join(tmpdir(), 'vmvault-prune-'));
+      t.after(() => rm(work, { recursive: true, force: true }));
       const { repo, env } = await initRepo(b);
       const policyFile = join(work, 'p.yaml');
       await writeFile(policyFile, 'name: nightly\nschedule: "30 1 * * *"\nselect:\n  vms: [web1]\nretention:\n  keepLast: 2\n  byLabel:\n    pre-update:\n      keepLast: 1\n');
