@@ -9,6 +9,7 @@
  * It reads the repository itself to list backups and to stream a backed-up disk to
  * a client that has no worker (e.g. `qemu-img convert -f raw http://…`).
  */
+import type { ServerResponse } from 'node:http';
 import { posix } from 'node:path';
 import { OpenAPIHono, createRoute, z, type RouteConfig } from '@hono/zod-openapi';
 import type { Queue } from 'bullmq';
@@ -24,11 +25,13 @@ import { assertSnapshotName, expiryFrom } from '../vm/snapshots.js';
 import { MAINTENANCE_QUEUE } from '../queue/names.js';
 import { Catalogue, type CatalogueEntry } from '../repo/catalogue.js';
 import type { Repository } from '../repo/repository.js';
+import type { Manifest } from '../repo/manifest.js';
 import { DiskReader } from '../pipeline/disk-reader.js';
 import { assertSafeName } from '../pipeline/names.js';
 import { checkPolicyText, loadPolicies } from '../policy/load.js';
 import { allows, TokenTable, type Principal, type Role } from './auth.js';
 import { ApiError, errorBody, sendError, toApiError } from './errors.js';
+import { Limiter, PromiseLru } from './bounded.js';
 import { JobIndex, jobView, newJobId } from './jobs.js';
 import { linkKey, signLink, verifyLink } from './links.js';
 import { parseRange } from './range.js';
@@ -53,6 +56,20 @@ type Env = { Variables: { principal?: Principal } };
 
 /** Ranges up to this size are read whole before the response starts. */
 const WHOLE_RESPONSE_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Whole responses in memory at once, from assembly until the client has read them.
+ * More would let a burst of Range requests, from one link holder, exhaust the memory
+ * of the process that also runs the scheduler (150 at once took 2 GB); the rest wait.
+ * QEMU's curl driver has at most 8 requests in flight.
+ */
+const WHOLE_RESPONSES_AT_ONCE = 8;
+
+/** Longest a whole response keeps its slot while the client reads it (a safety net: 'close' normally frees it). */
+const SLOT_HOLD_MAX_MS = 120_000;
+
+/** Manifests kept decoded for the disk routes (a 1 TiB disk's weighs about 30 MB in memory). */
+const MANIFESTS_KEPT = 4;
 
 /** How long GET …/snapshots waits for the host to answer. */
 const LIST_WAIT_MS = 30_000;
@@ -162,6 +179,8 @@ export function createApi(deps: ApiDeps): Api {
   const key = linkKey(repo.keys.macKey);
   const catalogue = new Catalogue(repo);
   const reader = new DiskReader(repo);
+  const wholeResponses = new Limiter(WHOLE_RESPONSES_AT_ONCE);
+  const manifests = new PromiseLru<Manifest>(MANIFESTS_KEPT);
   const vms = new Map(config.vms.map((v) => [v.name, v]));
   const hosts = [...new Set([config.host, ...Object.keys(config.hosts), ...config.vms.map((v) => v.host)])].sort();
   const queues = new Map<string, Queue>();
@@ -255,7 +274,7 @@ export function createApi(deps: ApiDeps): Api {
 
   app.openapi(R.backupVm, async (c) => {
     const vm = vmOf(c.req.valid('param').vm);
-    const req = (c.req.valid('json') as z.output<typeof S.BackupRequest> | undefined) ?? { labels: [] };
+    const req = S.BackupRequest.parse(c.req.valid('json') ?? {});
     const job = await enqueueBackup(queueOf(vm.host), backupPayloadFor(vm, { labels: req.labels }), { jobId: newJobId('backup') });
     return c.json(await accepted(job), 202);
   });
@@ -318,14 +337,16 @@ export function createApi(deps: ApiDeps): Api {
   });
 
   const serveDisk = async (c: Parameters<Parameters<typeof app.openapi>[1]>[0], backupId: string, diskName: string): Promise<Response> => {
+    // The catalogue first: a pruned backup is refused even while its manifest is still kept.
     const b = await catalogue.get(backupId);
-    const manifest = await repo.loadManifest(b.id);
+    const manifest = await manifests.get(b.id, () => repo.loadManifest(b.id));
     const disk = manifest.disks.find((d) => d.name === diskName);
     if (!disk) throw new NotFoundError(`backup ${b.id.slice(0, 12)} has no disk "${diskName}"; its disks are: ${manifest.disks.map((d) => d.name).join(', ')}`);
     const size = disk.virtualSize;
+    const file = headerSafeName(disk.name);
     const headers: Record<string, string> = {
       'Accept-Ranges': 'bytes', 'Content-Type': 'application/octet-stream', 'Cache-Control': 'no-store',
-      ETag: `"${b.id.slice(0, 16)}-${disk.name}"`, 'Content-Disposition': `attachment; filename="${disk.name}.raw"`,
+      ETag: `"${b.id.slice(0, 16)}-${file}"`, 'Content-Disposition': `attachment; filename="${file}.raw"`,
     };
     const range = parseRange(c.req.header('range'), size);
     if (range === 'unsatisfiable') {
@@ -337,7 +358,25 @@ export function createApi(deps: ApiDeps): Api {
     if (c.req.method === 'HEAD' || size === 0) return new Response(null, { status, headers });
     // Block-device clients (QEMU's curl driver) read a few MiB per request: answer those in one piece,
     // headers and body together, and stream only large ranges.
-    if (end - start + 1 <= WHOLE_RESPONSE_BYTES) return new Response(await reader.read(disk, manifest.chunkSize, start, end), { status, headers });
+    if (end - start + 1 <= WHOLE_RESPONSE_BYTES) {
+      const release = await wholeResponses.acquire();
+      let data: Buffer;
+      try {
+        data = await reader.read(disk, manifest.chunkSize, start, end);
+      } catch (err) {
+        release();
+        throw err;
+      }
+      // The slot is held until the answer has left (or the client is gone): a slow reader keeps its buffer, so it counts.
+      const outgoing = (c.env as { outgoing?: ServerResponse } | undefined)?.outgoing;
+      if (outgoing && !outgoing.destroyed && !outgoing.writableFinished) {
+        const timer = setTimeout(release, SLOT_HOLD_MAX_MS).unref();
+        outgoing.once('close', () => { clearTimeout(timer); release(); });
+      } else {
+        release();
+      }
+      return new Response(data, { status, headers });
+    }
     return new Response(reader.stream(disk, manifest.chunkSize, start, end), { status, headers });
   };
 
@@ -348,7 +387,8 @@ export function createApi(deps: ApiDeps): Api {
 
   app.openapi(R.diskLink, async (c) => {
     const p = c.req.valid('param');
-    const req = (c.req.valid('json') as z.output<typeof S.LinkRequest> | undefined) ?? { expiresIn: 900 };
+    // Parsed again: without a Content-Type the validator passes {} through, without the defaults.
+    const req = S.LinkRequest.parse(c.req.valid('json') ?? {});
     const b = await catalogue.get(p.id);
     if (!b.disks.some((d) => d.name === p.disk)) throw new NotFoundError(`backup ${b.id.slice(0, 12)} has no disk "${p.disk}"; its disks are: ${b.disks.map((d) => d.name).join(', ')}`);
     const expires = Math.floor(now()) + req.expiresIn;
@@ -413,9 +453,17 @@ function rawPath(url: string): string {
   return url.slice(start, q < 0 ? undefined : q);
 }
 
-/** A path fit for logs and messages: signed-link tokens are credentials. */
-function redact(path: string): string {
-  return path.replace(/^\/v1\/links\/[^/]+/, '/v1/links/(redacted)');
+/**
+ * A path fit for logs and messages: signed-link tokens are credentials. Any spelling
+ * (`//v1/links/…`, `/V1/links/…`) is redacted, since a refused one still carries the token.
+ */
+export function redact(path: string): string {
+  return path.replace(/(\/links\/)[^/]+/gi, '$1(redacted)');
+}
+
+/** A disk name as it may appear in a header: anything but safe characters becomes "_". */
+export function headerSafeName(name: string): string {
+  return name.replace(/[^A-Za-z0-9._+-]/g, '_');
 }
 
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {

@@ -43,9 +43,14 @@ export function toApiError(err: unknown): ApiError {
   return new ApiError(500, 'INTERNAL', 'internal error: see the service log');
 }
 
+/**
+ * ioredis's own words for a lost connection. A bare ENOENT or ECONNREFUSED is not
+ * enough: a missing file (e.g. the policies directory) would be reported as Redis
+ * being down, with the file's path shown to the client.
+ */
 function isRedisDown(err: unknown): boolean {
   const m = errorMessage(err);
-  return /ECONNREFUSED|ENOENT|Connection is closed|MaxRetriesPerRequest|Stream isn't writeable/i.test(m);
+  return /^connect (ECONNREFUSED|ENOENT|ETIMEDOUT)\b|Connection is closed|max retries per request|Stream isn't writeable/i.test(m);
 }
 
 export function errorBody(e: ApiError): { error: { code: string; message: string; details?: unknown } } {

@@ -260,6 +260,12 @@ describe('HTTP API', () => {
     const url: string = link.body.url;
     assert.match(url, /^http:\/\/127\.0\.0\.1:\d+\/v1\/links\/[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$/);
     assert.equal((await call('POST', `/v1/backups/${backupId}/disks/root/links`, { role: 'viewer', body: {} })).status, 403);
+    // The body is optional: without one the link lasts the default 15 minutes.
+    const bare = await call('POST', `/v1/backups/${backupId}/disks/root/links`, { role: 'operator' });
+    assert.equal(bare.status, 201, JSON.stringify(bare.body));
+    const lasts = Date.parse(bare.body.expiresAt) - Date.now();
+    assert.ok(lasts > 800_000 && lasts <= 900_000, bare.body.expiresAt);
+    assert.equal((await fetch(bare.body.url, { method: 'HEAD' })).status, 200);
 
     const head = await fetch(url, { method: 'HEAD' });
     assert.equal(head.status, 200);
@@ -274,6 +280,12 @@ describe('HTTP API', () => {
     assert.equal(part.headers.get('content-range'), `bytes ${4 * MiB - 10}-${4 * MiB + 9}/${256 * MiB}`);
     assert.deepEqual(Buffer.from(await part.arrayBuffer()), want);
     assert.equal((await fetch(url, { headers: { range: `bytes=${256 * MiB}-` } })).status, 416);
+    // A burst of whole-response ranges is served in turn, every one complete.
+    const burst = await Promise.all(Array.from({ length: 24 }, async (_, i) => {
+      const r = await fetch(url, { headers: { range: `bytes=${i * MiB}-${i * MiB + 16 * MiB - 1}` } });
+      return [r.status, (await r.arrayBuffer()).byteLength];
+    }));
+    assert.ok(burst.every(([status, n]) => status === 206 && n === 16 * MiB), JSON.stringify(burst));
 
     // Where no worker runs: stock qemu-img through QEMU's curl driver.
     const out = join(dir.path, 'via-link.qcow2');

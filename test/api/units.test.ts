@@ -4,9 +4,10 @@ import { createHash } from 'node:crypto';
 import { mkdir, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { checkRestoreDirectory } from '../../src/api/app.js';
+import { checkRestoreDirectory, headerSafeName, redact } from '../../src/api/app.js';
 import { TokenTable, allows } from '../../src/api/auth.js';
-import { ApiError } from '../../src/api/errors.js';
+import { Limiter, PromiseLru } from '../../src/api/bounded.js';
+import { ApiError, toApiError } from '../../src/api/errors.js';
 import { linkKey, signLink, verifyLink } from '../../src/api/links.js';
 import { parseRange } from '../../src/api/range.js';
 import { assertInsideRoots } from '../../src/pipeline/restore.js';
@@ -89,5 +90,87 @@ describe('restore directories', () => {
     } finally {
       await dir.cleanup();
     }
+  });
+});
+
+describe('secrets and errors', () => {
+  test('a link token is redacted from logged paths, however the path is spelled', () => {
+    for (const p of ['/v1/links/SECRET', '//v1/links/SECRET', '/V1/links/SECRET', '/v1/LINKS/SECRET/x', '/v1//links/SECRET']) {
+      assert.ok(!redact(p).includes('SECRET'), p);
+    }
+    assert.equal(redact('/v1/links/abc.def'), '/v1/links/(redacted)');
+    assert.equal(redact('/v1/vms/web'), '/v1/vms/web');
+  });
+
+  test('only a lost Redis connection is reported as Redis being down; a missing file is an internal error', () => {
+    const fsErr = Object.assign(new Error("ENOENT: no such file or directory, scandir '/etc/vmvault/policies'"), { code: 'ENOENT' });
+    const e = toApiError(fsErr);
+    assert.equal(e.status, 500);
+    assert.ok(!e.message.includes('/etc/vmvault'), e.message);
+    for (const m of ['connect ECONNREFUSED 127.0.0.1:6379', 'connect ENOENT /run/redis.sock', 'Connection is closed.',
+      'Reached the max retries per request limit (which is 3). Refer to "maxRetriesPerRequest" option for details.']) {
+      assert.equal(toApiError(new Error(m)).status, 503, m);
+    }
+  });
+
+  test('disk names in headers keep to safe characters', () => {
+    assert.equal(headerSafeName('root'), 'root');
+    assert.equal(headerSafeName('a"b\u20acc d'), 'a_b_c_d');
+    assert.doesNotThrow(() => new Headers({ 'content-disposition': `attachment; filename="${headerSafeName('\u20ac"\r\n')}.raw"` }));
+  });
+});
+
+describe('bounds on concurrent requests', () => {
+  test('a Limiter runs at most max at once and every task in turn', async () => {
+    const limiter = new Limiter(3);
+    let running = 0;
+    let peak = 0;
+    const results = await Promise.all(Array.from({ length: 20 }, (_, i) => limiter.run(async () => {
+      running++;
+      peak = Math.max(peak, running);
+      await new Promise((r) => setTimeout(r, 1 + (i % 3)));
+      running--;
+      if (i === 5) throw new Error('task 5 fails');
+      return i;
+    }).catch(() => -1)));
+    assert.equal(peak, 3);
+    assert.equal(results.filter((r) => r === -1).length, 1);
+    assert.equal(running, 0);
+    assert.equal(await limiter.run(async () => 'free again'), 'free again');
+  });
+
+  test('a slot given back twice frees one slot, not two', async () => {
+    const limiter = new Limiter(1);
+    const first = await limiter.acquire();
+    let second: (() => void) | undefined;
+    const waiting = limiter.acquire().then((r) => { second = r; });
+    const third = limiter.acquire();
+    first();
+    first();
+    await waiting;
+    let thirdGot = false;
+    void third.then(() => { thirdGot = true; });
+    await new Promise((r) => setTimeout(r, 10));
+    assert.equal(thirdGot, false, 'the third waits for the second');
+    second!();
+    (await third)();
+  });
+
+  test('a PromiseLru shares one load per key, keeps the most recent, forgets failures', async () => {
+    const lru = new PromiseLru<string>(2);
+    let loads = 0;
+    const load = (v: string) => async () => { loads++; return v; };
+    assert.deepEqual(await Promise.all([lru.get('a', load('A')), lru.get('a', load('A'))]), ['A', 'A']);
+    assert.equal(loads, 1);
+    await lru.get('b', load('B'));
+    await lru.get('a', load('A')); // a is now the most recent
+    await lru.get('c', load('C')); // evicts b
+    assert.equal(loads, 3);
+    await lru.get('a', load('A'));
+    await lru.get('b', load('B'));
+    assert.equal(loads, 4);
+    await assert.rejects(lru.get('x', () => Promise.reject(new Error('gone'))));
+    await new Promise((r) => setImmediate(r));
+    assert.equal(await lru.get('x', load('X')), 'X');
   });
 });
