@@ -65,8 +65,12 @@ const WHOLE_RESPONSE_BYTES = 16 * 1024 * 1024;
  */
 const WHOLE_RESPONSES_AT_ONCE = 8;
 
-/** Longest a whole response keeps its slot while the client reads it (a safety net: 'close' normally frees it). */
-const SLOT_HOLD_MAX_MS = 120_000;
+/**
+ * Longest a whole response keeps its slot while the client reads it ('close' normally
+ * frees it sooner). Short, so that clients which stop reading cannot hold every slot
+ * for long; QEMU gives up on a request after 5 s by default anyway.
+ */
+const SLOT_HOLD_MAX_MS = 30_000;
 
 /** Manifests kept decoded for the disk routes (a 1 TiB disk's weighs about 30 MB in memory). */
 const MANIFESTS_KEPT = 4;

@@ -13,6 +13,13 @@ import { Repository } from '../repo/repository.js';
 import { openStorage } from '../storage/open.js';
 import { createApi } from './app.js';
 
+/**
+ * A connection on which nothing moves for this long is closed: a client that stops
+ * reading a disk answer would otherwise keep it, and its buffers, for ever. Longer
+ * than the 30 s GET …/snapshots may wait for its host.
+ */
+const IDLE_SOCKET_MS = 120_000;
+
 export interface ApiServer {
   /** Where it listens, e.g. http://127.0.0.1:8740 */
   url: string;
@@ -46,6 +53,7 @@ export async function startApiServer(
     await closeRedis(redis);
     throw err;
   }
+  server.setTimeout(IDLE_SOCKET_MS);
   const addr = server.address() as AddressInfo;
   const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
   const url = `http://${host}:${addr.port}`;
