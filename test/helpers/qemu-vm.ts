@@ -84,8 +84,26 @@ export async function startTestVm(disks: string[], opts: TestVmOptions = {}): Pr
     }
     await sleep(20);
   }
-  const qmp = await QmpClient.connect(harnessSocket);
-  if (!opts.paused) await qmp.execute('cont');
+  // QEMU binds its sockets a moment before it listens on them: connection refused means "not yet".
+  // Whatever fails from here on, the VM must not outlive it: a stray QEMU keeps the test process alive.
+  let qmp: QmpClient;
+  try {
+    for (;;) {
+      try {
+        qmp = await QmpClient.connect(harnessSocket);
+        break;
+      } catch (err) {
+        if (exited || Date.now() > deadline || !/connection refused/.test(String((err as Error).message))) throw err;
+        await sleep(20);
+      }
+    }
+    if (!opts.paused) await qmp.execute('cont');
+  } catch (err) {
+    proc.kill('SIGKILL');
+    await proc;
+    await fs.rm(dir, { recursive: true, force: true });
+    throw err;
+  }
 
   const io = async (index: number, command: string) => {
     const from = stdout.length;
