@@ -13,7 +13,7 @@ import { DelayedError, UnrecoverableError, Worker, type Job, type Queue } from '
 import type { Redis } from 'ioredis';
 import path from 'node:path';
 import { pino, type Logger } from 'pino';
-import { errorMessage } from '../src/errors.js';
+import { errorMessage, VmvaultError } from '../src/errors.js';
 import { backup, type BackupRequest, type BackupResult } from '../src/pipeline/backup.js';
 import { backupRunningVm } from '../src/vm/live.js';
 import { backupLibvirtVm } from '../src/vm/libvirt.js';
@@ -283,10 +283,14 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
   const startedAt = Date.now();
   const directory = path.resolve(p.directory);
   const roots = ctx.opts.restoreRoots;
+  // A queued restore comes from someone else (the API): it writes only inside the roots this host allows.
+  if (!roots?.length) {
+    throw new VmvaultError('BAD_INPUT', `host "${ctx.opts.host}" has no restoreRoots in its configuration, so it takes no restore jobs: add hosts: { ${ctx.opts.host}: { restoreRoots: [/var/lib/vmvault/restore] } } (or restore with the vmvault CLI on this host); nothing was written`);
+  }
   const progress = progressReporter(ctx, job);
   const backupId = await ctx.repo.resolveBackupId(p.backupId);
   const r = await restore(guard.wrap(ctx.repo, async () => {}), {
-    backupId, to: directory, force: p.overwrite, onProgress: progress.report, ...(roots ? { roots } : {}),
+    backupId, to: directory, force: p.overwrite, onProgress: progress.report, roots,
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),
   });
   await guard.confirmOwnership();

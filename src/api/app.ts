@@ -75,6 +75,9 @@ const SLOT_HOLD_MAX_MS = 30_000;
 /** Manifests kept decoded for the disk routes (a 1 TiB disk's weighs about 30 MB in memory). */
 const MANIFESTS_KEPT = 4;
 
+/** Snapshot lists asked within this window share one host job. */
+const LIST_SHARE_MS = 5000;
+
 /** How long GET …/snapshots waits for the host to answer. */
 const LIST_WAIT_MS = 30_000;
 
@@ -283,10 +286,12 @@ export function createApi(deps: ApiDeps): Api {
     return c.json(await accepted(job), 202);
   });
 
-  const snapshotJob = async (vm: VmConfig, req: Parameters<typeof snapshotPayloadFor>[1]) => {
+  const snapshotGeneration = new Map<string, number>();
+  const snapshotJob = async (vm: VmConfig, req: Parameters<typeof snapshotPayloadFor>[1], jobId = newJobId(`snapshot-${req.op}`)) => {
     if (req.name !== undefined) assertSnapshotName(req.name);
     if (req.expireIn !== undefined) expiryFrom(req.expireIn, new Date());
-    return enqueueSnapshot(queueOf(vm.host), snapshotPayloadFor(vm, req), { jobId: newJobId(`snapshot-${req.op}`) });
+    if (req.op !== 'list') snapshotGeneration.set(vm.name, (snapshotGeneration.get(vm.name) ?? 0) + 1);
+    return enqueueSnapshot(queueOf(vm.host), snapshotPayloadFor(vm, req), { jobId });
   };
   app.openapi(R.createSnapshot, async (c) => {
     const vm = vmOf(c.req.valid('param').vm);
@@ -295,7 +300,10 @@ export function createApi(deps: ApiDeps): Api {
   });
   app.openapi(R.listSnapshots, async (c) => {
     const vm = vmOf(c.req.valid('param').vm);
-    const job = await snapshotJob(vm, { op: 'list' });
+    // Lists asked within the same few seconds share one job, so a viewer cannot flood the host's queue;
+    // a change made through this API starts a new generation, so it is never answered by an older list.
+    const gen = snapshotGeneration.get(vm.name) ?? 0;
+    const job = await snapshotJob(vm, { op: 'list' }, `api-snapshot-list-${vm.name}-${gen}-${Math.floor(Date.now() / LIST_SHARE_MS)}`);
     const done = await jobs.wait(queueOf(vm.host), job.id!, LIST_WAIT_MS);
     if (!done) throw new ApiError(504, 'TIMEOUT', `host "${vm.host}" did not list the snapshots within ${LIST_WAIT_MS / 1000} s: is its worker running? (job ${job.id})`, { job: job.id });
     if (done.state === 'failed') throw new ApiError(502, 'JOB_FAILED', done.error ?? 'the list job failed', { job: job.id });
