@@ -92,6 +92,9 @@ const errors = {
   404: json(S.ErrorSchema, 'not found'),
   503: json(S.ErrorSchema, 'Redis or the repository is unreachable'),
 };
+const binary = (description: string) => ({ content: { 'application/octet-stream': { schema: z.string().openapi({ format: 'binary' }) } }, description });
+/** The answers of a raw disk route (HEAD and Range supported). */
+const rawDisk = { 200: binary('the whole raw disk'), 206: binary('the requested range'), 416: json(S.ErrorSchema, 'range not satisfiable') };
 const body = <T extends z.ZodType>(schema: T, required = true) => ({ body: { content: { 'application/json': { schema } }, required } });
 
 function route<R extends RouteConfig>(r: R & { role: Role | 'none' }): R {
@@ -128,23 +131,16 @@ const R = {
   disk: route({
     method: 'get', path: '/v1/backups/{id}/disks/{disk}', role: 'operator', summary: 'The raw image of one disk (HEAD and Range supported)',
     request: { params: S.DiskParam },
-    responses: {
-      200: { content: { 'application/octet-stream': { schema: z.string().openapi({ format: 'binary' }) } }, description: 'the whole raw disk' },
-      206: { content: { 'application/octet-stream': { schema: z.string().openapi({ format: 'binary' }) } }, description: 'the requested range' },
-      416: json(S.ErrorSchema, 'range not satisfiable'),
-      ...errors,
-    },
+    responses: { ...rawDisk, ...errors },
   }),
   diskLink: route({ method: 'post', path: '/v1/backups/{id}/disks/{disk}/links', role: 'operator', summary: 'A short-lived signed URL to the raw image of one disk, usable without a bearer header', request: { params: S.DiskParam, ...body(S.LinkRequest, false) }, responses: { 201: json(S.LinkSchema, 'the link'), ...errors } }),
   link: route({
     method: 'get', path: '/v1/links/{token}', role: 'none', summary: 'A disk through a signed link (HEAD and Range supported)',
     request: { params: S.LinkParam },
     responses: {
-      200: { content: { 'application/octet-stream': { schema: z.string().openapi({ format: 'binary' }) } }, description: 'the whole raw disk' },
-      206: { content: { 'application/octet-stream': { schema: z.string().openapi({ format: 'binary' }) } }, description: 'the requested range' },
+      ...rawDisk,
       403: json(S.ErrorSchema, 'expired or altered link'),
       404: json(S.ErrorSchema, 'the backup or disk is gone'),
-      416: json(S.ErrorSchema, 'range not satisfiable'),
     },
   }),
   listJobs: route({ method: 'get', path: '/v1/jobs', role: 'viewer', summary: 'Jobs of every queue, newest first', request: { query: S.JobQuery }, responses: { 200: json(S.JobPage, 'jobs'), ...errors } }),
