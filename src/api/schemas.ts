@@ -37,6 +37,7 @@ export const BackupSchema = z.object({
   time: z.string().openapi({ format: 'date-time' }),
   labels: z.array(z.string()),
   policy: z.string().optional(),
+  consistency: z.enum(['offline', 'crash', 'application']).optional().openapi({ description: 'offline images, a running VM at one instant (crash), or with its filesystems frozen (application)' }),
   disks: z.array(z.object({ name: z.string(), format: z.string(), virtualSize: z.number() })),
   configs: z.array(z.string()),
   stats: StatsSchema,

@@ -42,6 +42,8 @@ export interface BackupRequest {
    * they are read as they are, without an internal snapshot.
    */
   frozen?: boolean;
+  /** Recorded in the manifest; default `offline` (frozen: the caller says `crash` or `application`). */
+  consistency?: Manifest['consistency'];
 }
 
 export interface BackupResult { manifest: Manifest; stats: BackupStats }
@@ -89,6 +91,7 @@ async function run(
   const manifest: Manifest = {
     version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),
     labels: [...new Set(req.labels ?? [])], ...(req.policy ? { policy: req.policy } : {}),
+    consistency: req.consistency ?? 'offline',
     chunkSize: repo.chunkSize, disks, configs, stats,
   };
   await req.beforeCommit?.();

@@ -40,6 +40,12 @@ export const manifestSchema = z.object({
   time: z.string(),
   labels: z.array(z.string()),
   policy: z.string().optional(),
+  /**
+   * What the point in time guarantees: `offline` (images no VM had open), `crash`
+   * (a running VM's disks at one instant, as after a power cut) or `application`
+   * (the same with the guest's filesystems frozen by its agent). Absent in older backups.
+   */
+  consistency: z.enum(['offline', 'crash', 'application']).optional(),
   chunkSize: z.number().int().positive(),
   disks: z.array(diskSchema),
   configs: z.array(configFileSchema),
@@ -58,6 +64,7 @@ export interface BackupSummary {
   time: string;
   labels: string[];
   policy?: string;
+  consistency?: 'offline' | 'crash' | 'application';
   disks: { name: string; format: string; virtualSize: number }[];
   configs: string[];
 }
@@ -70,6 +77,7 @@ export function summarise(m: Manifest): BackupSummary {
     time: m.time,
     labels: m.labels,
     ...(m.policy ? { policy: m.policy } : {}),
+    ...(m.consistency ? { consistency: m.consistency } : {}),
     disks: m.disks.map((d) => ({ name: d.name, format: d.format, virtualSize: d.virtualSize })),
     configs: m.configs.map((c) => c.name),
   };

@@ -134,7 +134,7 @@ async function backupRunningDomain(
   let result: BackupResult | undefined;
   let failure: unknown;
   try {
-    result = await backup(repo, { ...req, frozen: true });
+    result = await backup(repo, { ...req, frozen: true, consistency: guestFrozen ? 'application' : 'crash' });
   } catch (err) {
     failure = err;
   }

@@ -70,7 +70,7 @@ export async function backupRunningVm(repo: Repository, req: LiveBackupRequest):
     try {
       await req.onPointInTime?.(overlays);
       const { qmpSocket: _q, guestAgentSocket: _g, guestAgent: _a, overlayDir: _d, warn: _w, onPointInTime: _p, commitTimeoutMs: _c, ...plain } = req;
-      result = await backup(repo, { ...plain, frozen: true });
+      result = await backup(repo, { ...plain, frozen: true, consistency: frozen ? 'application' : 'crash' });
     } catch (err) {
       failure = err;
     }

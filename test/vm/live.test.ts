@@ -86,6 +86,7 @@ describe('qemu driver (running VM)', () => {
     assert.ok((await bWritten) <= finished, 'pattern B was written while the backup ran');
     assert.ok(progressAtB < 64 * MiB, 'pattern B went in before the backup had read everything');
     assert.equal(result.guestFrozen, false);
+    assert.equal((await repo.loadManifest(result.manifest.id)).consistency, 'crash', 'the manifest says what the instant guarantees');
     assert.equal(result.recovered, 0);
     assert.equal(result.manifest.disks[0]!.sourcePath, disks[0]);
 

@@ -87,6 +87,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       print(o.json, s, () => [
         `backup   ${s.id}`, `vm       ${s.vm}`, `host     ${s.host}`, `time     ${s.time}`,
         `labels   ${s.labels.join(', ') || '-'}`, ...(s.policy ? [`policy   ${s.policy}`] : []),
+        ...(s.consistency ? [`instant  ${s.consistency}-consistent`] : []),
         ...m.disks.map((d) => `disk     ${d.name}: ${d.format}, ${formatBytes(d.virtualSize)}, ${d.chunks.filter(Boolean).length}/${d.chunks.length} chunks with data, from ${d.sourcePath}`),
         ...m.configs.map((c) => `config   ${c.name} (from ${c.sourcePath})`),
       ].join('\n'));
