@@ -401,7 +401,8 @@ export function createApi(deps: ApiDeps): Api {
     if (!b.disks.some((d) => d.name === p.disk)) throw new NotFoundError(`backup ${b.id.slice(0, 12)} has no disk "${p.disk}"; its disks are: ${b.disks.map((d) => d.name).join(', ')}`);
     const expires = Math.floor(now()) + req.expiresIn;
     const token = signLink(key, { backup: b.id, disk: p.disk, expires });
-    const origin = new URL(c.req.url).origin;
+    // Behind a proxy the request's own origin is the inside one: api.publicUrl says what clients use.
+    const origin = config.api.publicUrl ? new URL(config.api.publicUrl).origin : new URL(c.req.url).origin;
     return c.json({ url: `${origin}/v1/links/${token}`, expiresAt: new Date(expires * 1000).toISOString() }, 201);
   });
 

@@ -58,7 +58,7 @@ export function parseConfig(text: string, file: string, options: { host?: string
       host: vm.host ?? parsed.host,
       disks: vm.disks.map((d) => ({ ...d, name: effectiveDiskName(d)! })),
     })),
-    api: { listen: parsed.api.listen, tokens: parsed.api.tokens.map(({ token: _token, ...t }) => t) },
+    api: { listen: parsed.api.listen, tokens: parsed.api.tokens.map(({ token: _token, ...t }) => t), ...(parsed.api.publicUrl ? { publicUrl: parsed.api.publicUrl } : {}) },
   };
 }
 

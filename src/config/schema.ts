@@ -105,7 +105,16 @@ const tokenSchema = z.strictObject({
 const apiSchema = z.strictObject({
   listen: z.string({ error: 'expected host:port' }).refine((l) => parseListen(l) !== undefined, 'expected host:port such as 127.0.0.1:8740 or [::1]:8740').default(DEFAULT_LISTEN),
   tokens: list(tokenSchema, 'tokens: [{ name, role, sha256 }]'),
-}, { error: 'expected listen and tokens' });
+  /** The API's address as clients reach it (behind a TLS proxy): signed disk links are made with it. */
+  publicUrl: z.string({ error: 'expected a URL' }).refine((u) => {
+    try {
+      const url = new URL(u);
+      return (url.protocol === 'https:' || url.protocol === 'http:') && (url.pathname === '/' || url.pathname === '') && !url.search && !url.hash;
+    } catch {
+      return false;
+    }
+  }, 'expected the API\'s public origin, such as https://backup.example.com (no path)').optional(),
+}, { error: 'expected listen, tokens and publicUrl' });
 
 const hostSchema = z.strictObject({
   restoreRoots: list(absolutePath('a restore root'), 'restore roots (absolute paths)'),
@@ -129,7 +138,7 @@ export type VmConfig = Omit<z.output<typeof vmSchema>, 'host' | 'disks'> & { hos
 export type ApiToken = Omit<z.output<typeof tokenSchema>, 'token'>;
 export type Role = ApiToken['role'];
 /** A loaded configuration: defaults applied, every VM with its host and disk names, paths absolute. */
-export type Config = Omit<Parsed, 'vms' | 'api'> & { vms: VmConfig[]; api: { listen: string; tokens: ApiToken[] } };
+export type Config = Omit<Parsed, 'vms' | 'api'> & { vms: VmConfig[]; api: { listen: string; tokens: ApiToken[]; publicUrl?: string } };
 
 /** Every key the file may use at any level, to suggest a fix for a typo. */
 export const CONFIG_KEYS: readonly string[] = [

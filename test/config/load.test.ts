@@ -160,6 +160,14 @@ describe('problems, each at its FILE:LINE:COL', () => {
     ]);
   });
 
+  test('API public URL: an http(s) origin, nothing more', () => {
+    assert.equal(parseConfig('api: { publicUrl: "https://backup.example.com" }\n', 'c.yaml', { host: 'hv1' }).api.publicUrl, 'https://backup.example.com');
+    assert.equal(parseConfig('api: {}\n', 'c.yaml', { host: 'hv1' }).api.publicUrl, undefined);
+    for (const bad of ['backup.example.com', 'ftp://x', 'https://x/api', 'https://x/?a=1']) {
+      assert.deepEqual(problems(`api: { publicUrl: "${bad}" }\n`), [`c.yaml:1:19: api.publicUrl: expected the API's public origin, such as https://backup.example.com (no path)`], bad);
+    }
+  });
+
   test('repository and Redis URLs, and both password sources at once', () => {
     assert.deepEqual(problems('repository:\n  url: s4://bucket\n  passwordFile: /pw\n  passwordEnv: PW\nredis:\n  url: http://localhost\n'), [
       'c.yaml:2:8: repository.url: bad repository URL "s4://bucket": unknown scheme "s4:"; expected s3://BUCKET[/PREFIX][?endpoint=URL&region=R], file:///abs/path or a directory path',
