@@ -15,7 +15,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { VmvaultError, errorMessage } from '../errors.js';
-import { OVERLAY_MARK, attachedDisks, filesInUse, isOverlayFile, nodeOfFile, overlayPath, type AttachedDisk } from './qemu-blocks.js';
+import { attachedDisks, filesInUse, isOverlayFile, nodeOfFile, overlayPath, overlayPrefix, type AttachedDisk } from './qemu-blocks.js';
 import type { QmpClient } from './qmp.js';
 import type { Warn } from './guest-agent.js';
 
@@ -54,7 +54,27 @@ export async function createOverlays(qmp: QmpClient, disks: AttachedDisk[], id: 
   try {
     await qmp.execute('transaction', { actions });
   } catch (err) {
-    await Promise.all(overlays.map((o) => fs.rm(o.file, { force: true })));
+    // No reply in time, or a dropped connection, does not mean QEMU refused: the
+    // transaction may have been applied, and then the VM writes to these files.
+    // QEMU is asked which of them it uses before any is deleted.
+    let inUse: Set<string>;
+    try {
+      inUse = await filesInUse(qmp);
+    } catch (again) {
+      throw new VmvaultError('QEMU',
+        `could not put the VM's disks on overlays (${errorMessage(err)}), and QEMU could not be asked whether it did (${errorMessage(again)}). ` +
+        `The VM may be running on ${overlays.map((o) => o.file).join(', ')}: do not delete them; the next backup of this VM merges them back.`, { cause: err });
+    }
+    const active: Overlay[] = [];
+    for (const o of overlays) if (inUse.has(await fs.realpath(o.file).catch(() => path.resolve(o.file)))) active.push(o);
+    // The transaction applied after all (it is all or nothing): the instant is taken.
+    if (active.length === overlays.length) return overlays;
+    await Promise.all(overlays.filter((o) => !active.includes(o)).map((o) => fs.rm(o.file, { force: true })));
+    if (active.length > 0) {
+      throw new VmvaultError('QEMU',
+        `could not put the VM's disks on overlays (${errorMessage(err)}), yet QEMU uses ${active.map((o) => o.file).join(', ')}: ` +
+        'do not delete them; the next backup of this VM merges them back.', { cause: err });
+    }
     throw new VmvaultError('QEMU', `could not put the VM's disks on overlays (${errorMessage(err)}); the VM runs on as before`, { cause: err });
   }
   return overlays;
@@ -150,7 +170,7 @@ async function removeOrphans(qmp: QmpClient, paths: string[], warn: Warn, dir?: 
   const inUse = await filesInUse(qmp);
   for (const p of paths) {
     const where = dir ?? path.dirname(path.resolve(p));
-    const prefix = `${path.basename(p)}${OVERLAY_MARK}`;
+    const prefix = overlayPrefix(p, dir);
     const names = await fs.readdir(where).catch(() => [] as string[]);
     for (const n of names) {
       const file = path.join(where, n);

@@ -5,6 +5,7 @@
  * anything else means the inventory and the VM disagree, and backing up would read
  * the wrong image.
  */
+import { createHash } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NotFoundError, VmvaultError } from '../errors.js';
@@ -18,9 +19,22 @@ export function isOverlayFile(file: string): boolean {
   return OVERLAY_RE.test(file);
 }
 
+/**
+ * How the names of `image`'s overlays start. Next to the image, its file name is
+ * enough; in a directory given for overlays, which several VMs may share, a hash of
+ * the image's absolute path keeps apart images with the same file name (two VMs'
+ * disk0.qcow2): otherwise one run's clean-up would take the other's overlay for its
+ * own leftover and delete it while QEMU still writes to it.
+ */
+export function overlayPrefix(image: string, dir?: string): string {
+  if (dir === undefined) return `${path.basename(image)}${OVERLAY_MARK}`;
+  const hash = createHash('sha256').update(path.resolve(image)).digest('hex').slice(0, 12);
+  return `${path.basename(image)}.${hash}${OVERLAY_MARK}`;
+}
+
 /** Where the overlay of `image` for run `id` goes: next to the image unless a directory is given. */
 export function overlayPath(image: string, id: string, dir?: string): string {
-  return path.join(dir ?? path.dirname(image), `${path.basename(image)}${OVERLAY_MARK}${id}.qcow2`);
+  return path.join(dir ?? path.dirname(image), `${overlayPrefix(image, dir)}${id}.qcow2`);
 }
 
 interface ImageChain { filename: string; format: string; 'backing-image'?: ImageChain }
