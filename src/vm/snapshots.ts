@@ -289,6 +289,11 @@ export async function expireSnapshots(
       const ran = await exclusive(vm.name, () => withVmSnapshotLock(config.stateDir, vm.name, () => withDriver(target, async (d) => {
         for (const name of due) {
           try {
+            // `due` was read before the lock: the snapshot may have been deleted and taken
+            // again under the same name, or given a later expiry, since. Only the
+            // metadata read under the lock decides.
+            const m = (await readSnapshotMeta(config.stateDir, vm.name)).get(name);
+            if (!m?.expiresAt || Date.parse(m.expiresAt) > now.getTime()) continue;
             report.deleted.push(await deleteLocked(target, d, name, opts));
           } catch (err) {
             if (err instanceof NotFoundError && /has no snapshot/.test(err.message)) continue; // Gone already: current() dropped its entry.

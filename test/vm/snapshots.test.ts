@@ -207,6 +207,23 @@ describe('snapshots of a stopped VM (qemu-img)', () => {
     assert.deepEqual(Object.keys(meta.snapshots), ['forever']);
   });
 
+  test('the sweep does not delete a snapshot taken again under an expired name while it waited for the VM', async () => {
+    const s = await setup();
+    const t0 = new Date('2026-01-10T12:00:00Z');
+    await createSnapshot(s.web, { name: 'pre', expireIn: '1h' }, { stateDir: s.stateDir, now: () => t0 });
+    const later = new Date(t0.getTime() + 2 * 3600_000);
+    // Between the sweep's first look and its lock on the VM, an operator replaces "pre" with one kept for good.
+    const exclusive = async <T>(_vm: string, fn: () => Promise<T>): Promise<T | undefined> => {
+      await deleteSnapshot(s.web, 'pre', { stateDir: s.stateDir });
+      await createSnapshot(s.web, { name: 'pre' }, { stateDir: s.stateDir, now: () => later });
+      return fn();
+    };
+    const r = await expireSnapshots(s.config, s.config.host, later, { exclusive });
+    assert.deepEqual(r, { deleted: [], failed: [], busy: [] });
+    const listed = await listSnapshots(s.web, { stateDir: s.stateDir });
+    assert.deepEqual(listed.map((x) => [x.name, x.expiresAt, x.disks.length]), [['pre', undefined, 2]]);
+  });
+
   test('an expired snapshot whose image is in use is kept and reported; the next sweep deletes it', async () => {
     const s = await setup();
     const t0 = new Date('2026-01-10T12:00:00Z');
