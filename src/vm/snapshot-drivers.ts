@@ -18,6 +18,7 @@ import { NotFoundError, VmvaultError } from '../errors.js';
 import {
   imageInfo, snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
 } from '../disk/qemu.js';
+import { isOverlayFile } from './qemu-blocks.js';
 import { QmpClient } from './qmp.js';
 
 /** What snapshot operations need to know of an inventory VM. */
@@ -126,7 +127,7 @@ interface BlockInfo {
     'node-name'?: string;
     drv: string;
     ro?: boolean;
-    image?: { filename: string; format: string; snapshots?: { id: string; name: string; 'date-sec': number; 'vm-state-size': number }[] };
+    image?: { filename: string; format: string; 'backing-image'?: { filename: string }; snapshots?: { id: string; name: string; 'date-sec': number; 'vm-state-size': number }[] };
   };
 }
 
@@ -145,6 +146,15 @@ class RunningDriver implements SnapshotDriver {
       const want = path.resolve(d.path);
       const b = blocks.find((x) => x.inserted && (path.resolve(x.inserted.image?.filename ?? '') === want || path.resolve(x.inserted.file) === want));
       if (!b?.inserted) {
+        // A backup killed before its commit leaves the disk running on a vmvault overlay. Saying
+        // "not attached" would invite pointing the inventory at the overlay, which no backup then merges.
+        const over = blocks.find((x) => x.inserted?.image && isOverlayFile(x.inserted.image.filename) &&
+          path.resolve(x.inserted.image['backing-image']?.filename ?? '') === want);
+        if (over) {
+          throw new VmvaultError('QEMU', `disk "${d.name}" of VM "${this.target.vm}" (${want}) runs on overlay ${over.inserted!.image!.filename}, ` +
+            `left by a backup that stopped before merging it back: back the VM up once (vmvault backup, or its next scheduled backup), which merges it first, then try again. ` +
+            'Do not delete the overlay or change the inventory to it: it holds the VM\'s newest writes');
+        }
         const attached = blocks.flatMap((x) => (x.inserted ? [x.inserted.image?.filename ?? x.inserted.file] : []));
         throw new NotFoundError(`disk "${d.name}" of VM "${this.target.vm}" (${want}) is not attached to the QEMU on ${this.target.qmpSocket} (attached: ${attached.join(', ') || 'none'}): fix the inventory's disk paths`);
       }

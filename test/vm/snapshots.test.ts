@@ -10,6 +10,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { compareImages, snapshotList } from '../../src/disk/qemu.js';
+import { VmvaultError } from '../../src/errors.js';
 import { SNAPSHOT_PREFIX } from '../../src/pipeline/backup.js';
 import { parseConfig } from '../../src/config/load.js';
 import {
@@ -329,6 +330,23 @@ describe('snapshots of a running VM (QMP)', () => {
       assert.equal(await vm.status(), 'running');
       const listed = await cliJson<SnapshotInfo[]>(['snapshot', 'list', 'live'], env);
       assert.deepEqual(listed.map((x) => [x.name, x.expiresAt]), [['pre', created.expiresAt]]);
+    } finally {
+      await vm.stop();
+    }
+  });
+
+  test('a VM left on a backup\'s overlay gets told to run a backup, not to fix its inventory', async () => {
+    const dir = join(tmp.path, 'left-on-overlay');
+    await execa('mkdir', ['-p', dir]);
+    const a = await makeImage(dir, 'a.qcow2', 'qcow2', 4 * MiB);
+    const vm = await startTestVm([a]);
+    try {
+      const overlay = join(dir, 'a.qcow2.vmvault-overlay-0badc0de.qcow2');
+      await vm.qmp.execute('transaction', { actions: [{ type: 'blockdev-snapshot-sync', data: { 'node-name': 'disk0', 'snapshot-file': overlay, 'snapshot-node-name': 'vmvault-ov-0badc0de-0', format: 'qcow2' } }] });
+      const target: SnapshotTarget = { vm: 'left', driver: 'qemu', qmpSocket: vm.qmpSocket, disks: [{ path: a, name: 'a' }] };
+      await assert.rejects(createSnapshot(target, { name: 'pre' }, { stateDir: join(dir, 'state') }), (err: unknown) =>
+        err instanceof VmvaultError && err.code === 'QEMU' && err.message.includes(`runs on overlay ${overlay}`) && /back the VM up once/.test(err.message) && !/fix the inventory/.test(err.message));
+      assert.deepEqual(await vm.activeFiles(), [overlay], 'nothing was changed');
     } finally {
       await vm.stop();
     }
