@@ -17,6 +17,7 @@ import path from 'node:path';
 import { VmvaultError, errorMessage } from '../errors.js';
 import { attachedDisks, filesInUse, isOverlayFile, nodeOfFile, overlayPath, overlayPrefix, type AttachedDisk } from './qemu-blocks.js';
 import type { QmpClient } from './qmp.js';
+import { runTool } from '../disk/qemu-run.js';
 import type { Warn } from './guest-agent.js';
 
 export interface Overlay {
@@ -156,6 +157,21 @@ export async function recoverOverlays(qmp: QmpClient, paths: string[], warn: War
   return merged;
 }
 
+/**
+ * Whether an overlay file holds any data of its own (its backing chain is not opened:
+ * only this layer's allocation counts). When it cannot be read, it counts as holding data.
+ */
+async function holdsData(file: string): Promise<boolean> {
+  const spec = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: file }, backing: null })}`;
+  const r = await runTool('qemu-img', ['map', '--output=json', spec]).catch(() => undefined);
+  if (!r || r.exitCode !== 0) return true;
+  try {
+    return (JSON.parse(r.stdout) as { data: boolean; depth: number }[]).some((e) => e.data && e.depth === 0);
+  } catch {
+    return true;
+  }
+}
+
 async function leftoverOverlay(qmp: QmpClient, d: AttachedDisk): Promise<Overlay> {
   const baseNode = await nodeOfFile(qmp, d.path, d.format);
   if (!baseNode) {
@@ -177,7 +193,16 @@ async function removeOrphans(qmp: QmpClient, paths: string[], warn: Warn, dir?: 
       if (!n.startsWith(prefix) || !isOverlayFile(n)) continue;
       const real = await fs.realpath(file).catch(() => file);
       if (inUse.has(real)) continue;
-      warn(`deleting overlay ${file} left by an earlier run (no device uses it)`);
+      // An overlay with data holds guest writes that were never merged (the VM was started
+      // again on its base image, say): it may be their only copy, so it is set aside, not deleted.
+      if (await holdsData(file)) {
+        const kept = `${file}.unmerged`;
+        await fs.rename(file, kept);
+        warn(`overlay ${file} left by an earlier run holds guest writes that were never merged into ${p}; it is kept as ${kept}: ` +
+          `inspect it (qemu-img info ${kept}) and merge it by hand (qemu-img commit) if those writes matter, otherwise delete it`);
+        continue;
+      }
+      warn(`deleting overlay ${file} left by an earlier run (no device uses it, no data in it)`);
       await fs.rm(file, { force: true });
     }
   }

@@ -187,7 +187,7 @@ describe('qemu driver (running VM)', () => {
     await verifyPatterns(disks[0]!, 'qcow2', [{ offset: 8 * MiB, length: MiB, pattern: B }, { offset: 9 * MiB, length: MiB, pattern: B + 1 }]);
   });
 
-  it('finishes a commit job a killed run left waiting, and deletes overlay files nothing uses', async () => {
+  it('finishes a commit job a killed run left waiting, deletes empty overlay files nothing uses and sets aside those with data', async () => {
     const { vm, disks } = await vmWith(['job.qcow2'], 8 * MiB);
     const where = path.dirname(disks[0]!);
     await vm.write(0, 0, MiB, A);
@@ -198,14 +198,20 @@ describe('qemu driver (running VM)', () => {
     const mark = vm.qmp.eventMark();
     await vm.qmp.execute('block-commit', { 'job-id': 'vmvault-commit-vmvault-ov-0badc0de-0', device: 'vmvault-ov-0badc0de-0', 'base-node': 'disk0' });
     await vm.qmp.waitEvent('BLOCK_JOB_READY', (d) => d.device === 'vmvault-commit-vmvault-ov-0badc0de-0', 30_000, { after: mark });
-    // And an overlay file of an even older run that no device uses.
+    // And overlay files of older runs that no device uses: an empty one (deleted), and one holding
+    // writes that were never merged (the VM restarted on its base, say): set aside, never deleted.
     const orphan = path.join(where, 'job.qcow2.vmvault-overlay-deadbeef.qcow2');
-    await fs.writeFile(orphan, 'left behind');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', orphan, `${8 * MiB}`]);
+    const unmerged = path.join(where, 'job.qcow2.vmvault-overlay-feedface.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', unmerged, `${8 * MiB}`]);
+    await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 64k', unmerged]);
 
     const result = await backupRunningVm(repo, { vm: 'job', disks: [{ path: disks[0]! }], qmpSocket: vm.qmpSocket, warn });
     assert.equal(result.recovered, 1);
     assert.deepEqual(await vm.activeFiles(), disks);
-    assert.deepEqual(await overlaysIn(where), []);
+    // The empty orphan is deleted; the one with data is set aside under a name no recovery picks up again.
+    assert.deepEqual(await overlaysIn(where), [`${path.basename(unmerged)}.unmerged`]);
+    assert.ok(warnings.some((w) => w.includes('never merged') && w.includes('.unmerged')), warnings.join('\n'));
     assert.deepEqual(await vm.qmp.execute('query-block-jobs'), []);
     const to = await restoreTo(result.manifest.id);
     await verifyPatterns(path.join(to, 'job.qcow2'), 'qcow2', [{ offset: 0, length: MiB, pattern: A }, { offset: MiB, length: MiB, pattern: B }]);
