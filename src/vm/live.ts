@@ -14,7 +14,7 @@
  * One QMP client at a time: while a backup runs, the VM's monitor is ours. A second
  * backup of the same VM fails to connect instead of interleaving with the first.
  */
-import { errorMessage } from '../errors.js';
+import { errorMessage, VmvaultError } from '../errors.js';
 import { backup, type BackupRequest, type BackupResult } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
 import { withGuestFreeze, type GuestAgentOptions, type Warn } from './guest-agent.js';
@@ -55,7 +55,7 @@ const stderrWarn: Warn = (message, fields) => process.stderr.write(`warning: ${m
  */
 export async function backupRunningVm(repo: Repository, req: LiveBackupRequest): Promise<LiveBackupResult> {
   const warn = req.warn ?? stderrWarn;
-  const qmp = await QmpClient.connect(req.qmpSocket);
+  let qmp = await QmpClient.connect(req.qmpSocket);
   try {
     const paths = req.disks.map((d) => d.path);
     const recovered = await recoverOverlays(qmp, paths, warn, req.overlayDir);
@@ -74,7 +74,7 @@ export async function backupRunningVm(repo: Repository, req: LiveBackupRequest):
     } catch (err) {
       failure = err;
     }
-    const commitErrors: unknown[] = [];
+    let commitErrors: unknown[] = [];
     for (const o of overlays) {
       try {
         await commitOverlay(qmp, o, warn, req.commitTimeoutMs);
@@ -82,9 +82,27 @@ export async function backupRunningVm(repo: Repository, req: LiveBackupRequest):
         commitErrors.push(err);
       }
     }
+    if (commitErrors.length > 0) {
+      // The VM must not stay on an overlay until the next backup: try once more now, on a fresh
+      // connection (the old one may be what failed), the way the next run's recovery would.
+      for (const e of commitErrors) warn(`merging an overlay back failed (${errorMessage(e)}): trying again`);
+      await qmp.close().catch(() => {});
+      try {
+        qmp = await QmpClient.connect(req.qmpSocket);
+        await recoverOverlays(qmp, req.disks.map((d) => d.path), warn, req.overlayDir);
+        commitErrors = [];
+      } catch (err) {
+        commitErrors = [new VmvaultError('QEMU', `the VM still runs on its vmvault overlays, which could not be merged back (${errorMessage(err)}): ` +
+          'the next backup of this VM merges them; do not delete the overlay files', { cause: err })];
+      }
+    }
     if (failure !== undefined) {
-      for (const e of commitErrors) warn(errorMessage(e));
-      throw failure;
+      if (commitErrors.length === 0) throw failure;
+      // Both went wrong: the error must say the VM is left on an overlay, not only why the backup failed.
+      const code = failure instanceof VmvaultError ? failure.code : 'QEMU';
+      throw new VmvaultError(code, `${errorMessage(failure)}; and ${errorMessage(commitErrors[0])}`, {
+        cause: failure, retriable: failure instanceof VmvaultError && failure.retriable,
+      });
     }
     if (commitErrors.length > 0) {
       // The backup itself is committed and valid; what is wrong is the VM's state.

@@ -193,13 +193,14 @@ async function removeOrphans(qmp: QmpClient, paths: string[], warn: Warn, dir?: 
       if (!n.startsWith(prefix) || !isOverlayFile(n)) continue;
       const real = await fs.realpath(file).catch(() => file);
       if (inUse.has(real)) continue;
-      // An overlay with data holds guest writes that were never merged (the VM was started
-      // again on its base image, say): it may be their only copy, so it is set aside, not deleted.
+      // An overlay with data holds guest writes. A run killed between its merge and the deletion
+      // leaves one whose writes are in the base already; but if the VM was started again on its
+      // base image, it is their only copy. Which one cannot be told safely here: set it aside.
       if (await holdsData(file)) {
         const kept = `${file}.unmerged`;
         await fs.rename(file, kept);
-        warn(`overlay ${file} left by an earlier run holds guest writes that were never merged into ${p}; it is kept as ${kept}: ` +
-          `inspect it (qemu-img info ${kept}) and merge it by hand (qemu-img commit) if those writes matter, otherwise delete it`);
+        warn(`overlay ${file} left by an earlier run holds guest writes that may never have been merged into ${p}; it is kept as ${kept}. ` +
+          `If the VM ran on it when it was last stopped, those writes are only there: merge them (qemu-img commit) with the VM stopped; otherwise delete it`);
         continue;
       }
       warn(`deleting overlay ${file} left by an earlier run (no device uses it, no data in it)`);
