@@ -42,6 +42,11 @@ export interface BackupRequest {
    * they are read as they are, without an internal snapshot.
    */
   frozen?: boolean;
+  /**
+   * Stops the backup (rejecting with the signal's reason) before its next chunk; the
+   * cleanup of the point in time still runs, and nothing is committed.
+   */
+  signal?: AbortSignal;
   /** Recorded in the manifest; default `offline` (frozen: the caller says `crash` or `application`). */
   consistency?: Manifest['consistency'];
 }
@@ -80,7 +85,7 @@ async function run(
   try {
     for (const [i, info] of infos.entries()) {
       meter.disk = names[i]!;
-      const chunks = await backupDisk(repo, pool, info, id, known, stats, meter, req.inFlight ?? 10, req.frozen ?? false);
+      const chunks = await backupDisk(repo, pool, info, id, known, stats, meter, req.inFlight ?? 10, req.frozen ?? false, req.signal);
       disks.push({ name: names[i]!, format: info.format, virtualSize: info.virtualSize, sourcePath: info.path, chunks });
     }
   } finally {
@@ -94,6 +99,7 @@ async function run(
     consistency: req.consistency ?? 'offline',
     chunkSize: repo.chunkSize, disks, configs, stats,
   };
+  req.signal?.throwIfAborted();
   await req.beforeCommit?.();
   await lock.confirm();
   await repo.saveManifest(manifest);
@@ -123,7 +129,7 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
 /** Point in time for one image: an internal snapshot for qcow2, the file itself otherwise (or when the caller froze it). */
 async function backupDisk(
   repo: Repository, pool: ChunkPool, info: ImageInfo, backupId: string, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number, frozen: boolean,
+  stats: BackupStats, meter: ProgressMeter, inFlight: number, frozen: boolean, signal?: AbortSignal,
 ): Promise<(string | null)[]> {
   let snapshot: string | undefined;
   if (info.format === 'qcow2' && !frozen) {
@@ -134,7 +140,7 @@ async function backupDisk(
   try {
     const exp = await exportImage(info.path, { format: info.format, readOnly: true, ...(snapshot ? { snapshot } : {}) });
     try {
-      return await readChunks(repo, pool, exp.client, info.virtualSize, known, stats, meter, inFlight);
+      return await readChunks(repo, pool, exp.client, info.virtualSize, known, stats, meter, inFlight, signal);
     } finally {
       await exp.close();
     }
@@ -152,7 +158,7 @@ async function removeStaleSnapshots(info: ImageInfo): Promise<void> {
 
 async function readChunks(
   repo: Repository, pool: ChunkPool, client: NbdClient, size: number, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number,
+  stats: BackupStats, meter: ProgressMeter, inFlight: number, signal?: AbortSignal,
 ): Promise<(string | null)[]> {
   const chunkSize = repo.chunkSize;
   const ids: (string | null)[] = new Array(Math.ceil(size / chunkSize)).fill(null);
@@ -204,6 +210,7 @@ async function readChunks(
         meter.add(plan.length);
         continue;
       }
+      signal?.throwIfAborted();
       await window.add(() => one(plan));
     }
   }

@@ -187,6 +187,33 @@ describe('qemu driver (running VM)', () => {
     await verifyPatterns(disks[0]!, 'qcow2', [{ offset: 8 * MiB, length: MiB, pattern: B }, { offset: 9 * MiB, length: MiB, pattern: B + 1 }]);
   });
 
+  it('SIGTERM stops a backup of a running VM cleanly: overlays merged back, nothing saved, the VM on its own image', async () => {
+    const where = await fs.mkdtemp(path.join(dir.path, 'vm-'));
+    const original = path.join(where, 'original.raw');
+    await fs.writeFile(original, randomBytes(128 * MiB));
+    const disks = [path.join(where, 'term.qcow2')];
+    await execa('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', original, disks[0]!]);
+    await fs.rm(original);
+    const vm = await startTestVm(disks);
+    vms.push(vm);
+    const before = (await repo.backupIds()).length;
+    const env = { PATH: process.env.PATH, HOME: process.env.HOME, TMPDIR: process.env.TMPDIR, VMVAULT_REPOSITORY: repoDir, VMVAULT_PASSWORD: PASSWORD };
+    const child = spawnCli(['backup', '--vm', 'term', '--disk', disks[0]!, '--qmp', vm.qmpSocket, '--json'], env);
+    const deadline = Date.now() + 60_000;
+    while ((await overlaysIn(where)).length === 0) {
+      assert.ok(Date.now() < deadline && processAlive(child.pid!), 'the overlay appeared while the backup ran');
+      await sleep(5);
+    }
+    child.kill('SIGTERM');
+    const r = await child;
+    assert.notEqual(r.exitCode, 0, String(r.stdout));
+    assert.match(String(r.stderr), /interrupted \(SIGTERM\): nothing was saved/);
+    assert.deepEqual(await vm.activeFiles(), disks, 'the VM is back on its own image');
+    assert.deepEqual(await overlaysIn(where), []);
+    assert.equal(await vm.status(), 'running');
+    assert.equal((await repo.backupIds()).length, before, 'no backup was committed');
+  });
+
   it('finishes a commit job a killed run left waiting, deletes empty overlay files nothing uses and sets aside those with data', async () => {
     const { vm, disks } = await vmWith(['job.qcow2'], 8 * MiB);
     const where = path.dirname(disks[0]!);

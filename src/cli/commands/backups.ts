@@ -48,13 +48,30 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       if (!o.qmp && (o.guestAgent || o.overlayDir)) throw new VmvaultError('BAD_INPUT', '--guest-agent and --overlay-dir apply to a running VM only: pass --qmp SOCKET too');
       const repo = await openRepository(globals());
       const bar = progressBar(!o.json);
+      // Ctrl-C or SIGTERM stops the backup cleanly: its snapshot is removed, a running VM's
+      // overlays are merged back, nothing is committed. A second signal exits at once.
+      const stop = new AbortController();
+      const onSignal = (sig: NodeJS.Signals) => {
+        if (stop.signal.aborted) process.exit(130);
+        process.stderr.write(`\nvmvault: ${sig}: stopping the backup and cleaning up (${o.qmp ? 'merging the overlays back' : 'removing its snapshot'}); send it again to exit at once\n`);
+        stop.abort(new VmvaultError('BAD_INPUT', `the backup was interrupted (${sig}): nothing was saved`));
+      };
+      process.on('SIGINT', onSignal);
+      process.on('SIGTERM', onSignal);
       const req = {
         vm: o.vm, disks: o.disk.map(parseDisk), configs: o.config ?? [], labels: o.label ?? [],
-        ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update,
+        ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update, signal: stop.signal,
       };
-      const { manifest, stats } = o.qmp
-        ? await backupRunningVm(repo, { ...req, qmpSocket: o.qmp, ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}) })
-        : await backup(repo, req);
+      let result;
+      try {
+        result = o.qmp
+          ? await backupRunningVm(repo, { ...req, qmpSocket: o.qmp, ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}) })
+          : await backup(repo, req);
+      } finally {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+      }
+      const { manifest, stats } = result;
       bar.done();
       print(o.json, { ...listing(manifest), stats }, () =>
         `backup ${manifest.id} of ${manifest.vm}: ${manifest.disks.length} disk(s), read ${formatBytes(stats.bytesRead)}, ` +
