@@ -14,7 +14,7 @@
  * - `remove` deletes the snapshot from the disks that have it.
  */
 import path from 'node:path';
-import { NotFoundError, VmvaultError } from '../errors.js';
+import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
 import {
   imageInfo, snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
 } from '../disk/qemu.js';
@@ -108,7 +108,18 @@ class OfflineDriver implements SnapshotDriver {
 
   async revert(name: string): Promise<void> {
     await this.inspect(); // Every image, before any is changed: IMAGE_LOCKED when a VM runs on one.
-    for (const d of this.target.disks) await snapshotApply(d.path, name);
+    const done: string[] = [];
+    for (const d of this.target.disks) {
+      try {
+        await snapshotApply(d.path, name);
+      } catch (err) {
+        if (done.length === 0) throw err;
+        // Some disks are back at the snapshot, others are not: the VM's disks disagree now.
+        throw new VmvaultError('QEMU', `reverting ${d.path} to snapshot "${name}" failed (${errorMessage(err)}) after ${done.join(', ')} ` +
+          `had been reverted: the disks are now from different points in time. Do not start the VM; revert it again once the cause is fixed`, { cause: err });
+      }
+      done.push(d.path);
+    }
   }
 
   async remove(name: string, disks: number[]): Promise<void> {
