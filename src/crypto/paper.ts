@@ -60,13 +60,21 @@ function check(text: string, chars: number): string {
   return toBase32(digest).slice(0, chars);
 }
 
+/**
+ * The two-character checksum of key line `n`. Ten bits: about 1 typo in 1024 slips past
+ * it, and is then caught by the final check (twenty bits over the whole key).
+ */
+export function lineChecksum(n: number, chars: string): string {
+  return check(`${n}:${chars}`, 2);
+}
+
 export function toPaper(master: Uint8Array, repoId: string): string {
   const body = toBase32(master);
   const lines = ['vmvault paper key v1', `repository ${repoId}`];
   for (let n = 0; n * LINE_CHARS < body.length; n++) {
     const chunk = body.slice(n * LINE_CHARS, (n + 1) * LINE_CHARS);
     const grouped = chunk.match(/.{1,4}/g)!.join('-');
-    lines.push(`${n + 1}: ${grouped.padEnd(19)}  ${check(`${n + 1}:${chunk}`, 2)}`);
+    lines.push(`${n + 1}: ${grouped.padEnd(19)}  ${lineChecksum(n + 1, chunk)}`);
   }
   lines.push(`check: ${check(`${repoId}:${body}`, 4)}`);
   return lines.join('\n') + '\n';
@@ -90,7 +98,7 @@ export function fromPaper(text: string): { master: Uint8Array; repoId: string } 
     if (n !== expected) throw bad(`line ${expected} is missing (found line ${n})`);
     const chunk = normalise(m[2]!);
     if ([...chunk].some((c) => !ALPHABET.includes(c))) throw bad(`line ${n} has a character that is not in the key alphabet`);
-    if (check(`${n}:${chunk}`, 2) !== normalise(m[3]!)) throw bad(`line ${n} does not match its checksum: check that line for a typo`);
+    if (lineChecksum(n, chunk) !== normalise(m[3]!)) throw bad(`line ${n} does not match its checksum: check that line for a typo`);
     body += chunk;
     expected++;
   }
@@ -99,7 +107,7 @@ export function fromPaper(text: string): { master: Uint8Array; repoId: string } 
   const total = /^\s*check\s*:\s*(\S+)\s*$/im.exec(text);
   if (!total) throw bad('the "check:" line is missing');
   if (check(`${repoId}:${body}`, 4) !== normalise(total[1]!)) {
-    throw bad('the final check does not match: check the repository line and the check line for a typo');
+    throw bad('the final check does not match: look for a typo in the repository line, the check line, or a key line (a line\'s own checksum misses about 1 typo in 1024)');
   }
   return { master: fromBase32(body, MASTER_BYTES), repoId };
 }
