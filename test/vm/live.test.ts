@@ -57,6 +57,23 @@ describe('qemu driver (running VM)', () => {
     return (await fs.readdir(d)).filter((n) => n.includes('.vmvault-overlay-'));
   }
 
+  /**
+   * A running VM with one qcow2 disk of 128 MiB of random content, so a backup has real
+   * work to do (compress, encrypt, store) and the window between overlay and commit is wide;
+   * `original` is the same content as a raw file, and `env` runs the CLI on the test repository.
+   */
+  async function randomVm(name: string) {
+    const where = await fs.mkdtemp(path.join(dir.path, 'vm-'));
+    const original = path.join(where, 'original.raw');
+    await fs.writeFile(original, randomBytes(128 * MiB));
+    const disks = [path.join(where, `${name}.qcow2`)];
+    await execa('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', original, disks[0]!]);
+    const vm = await startTestVm(disks);
+    vms.push(vm);
+    const env = { PATH: process.env.PATH, HOME: process.env.HOME, TMPDIR: process.env.TMPDIR, VMVAULT_REPOSITORY: repoDir, VMVAULT_PASSWORD: PASSWORD };
+    return { where, original, disks, vm, env };
+  }
+
   async function restoreTo(backupId: string): Promise<string> {
     const to = await fs.mkdtemp(path.join(dir.path, 'restore-'));
     await restore(repo, { backupId, to });
@@ -141,15 +158,7 @@ describe('qemu driver (running VM)', () => {
   });
 
   it('recovers after the backup process is killed between overlay and commit; the VM keeps running', async () => {
-    // Random content, so the backup has real work to do (compress, encrypt, store) and the window is wide.
-    const where = await fs.mkdtemp(path.join(dir.path, 'vm-'));
-    const original = path.join(where, 'original.raw');
-    await fs.writeFile(original, randomBytes(128 * MiB));
-    const disks = [path.join(where, 'app.qcow2')];
-    await execa('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', original, disks[0]!]);
-    const vm = await startTestVm(disks);
-    vms.push(vm);
-    const env = { PATH: process.env.PATH, HOME: process.env.HOME, TMPDIR: process.env.TMPDIR, VMVAULT_REPOSITORY: repoDir, VMVAULT_PASSWORD: PASSWORD };
+    const { where, original, disks, vm, env } = await randomVm('app');
     const child = spawnCli(['backup', '--vm', 'app', '--disk', disks[0]!, '--qmp', vm.qmpSocket, '--json'], env);
     const deadline = Date.now() + 60_000;
     while ((await overlaysIn(where)).length === 0) {
@@ -188,16 +197,8 @@ describe('qemu driver (running VM)', () => {
   });
 
   it('SIGTERM stops a backup of a running VM cleanly: overlays merged back, nothing saved, the VM on its own image', async () => {
-    const where = await fs.mkdtemp(path.join(dir.path, 'vm-'));
-    const original = path.join(where, 'original.raw');
-    await fs.writeFile(original, randomBytes(128 * MiB));
-    const disks = [path.join(where, 'term.qcow2')];
-    await execa('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', original, disks[0]!]);
-    await fs.rm(original);
-    const vm = await startTestVm(disks);
-    vms.push(vm);
+    const { where, disks, vm, env } = await randomVm('term');
     const before = (await repo.backupIds()).length;
-    const env = { PATH: process.env.PATH, HOME: process.env.HOME, TMPDIR: process.env.TMPDIR, VMVAULT_REPOSITORY: repoDir, VMVAULT_PASSWORD: PASSWORD };
     const child = spawnCli(['backup', '--vm', 'term', '--disk', disks[0]!, '--qmp', vm.qmpSocket, '--json'], env);
     const deadline = Date.now() + 60_000;
     while ((await overlaysIn(where)).length === 0) {
