@@ -2,32 +2,22 @@
  * The core engine end to end, through the real CLI, real qemu-img/qemu-nbd and a
  * real S3-protocol server: every test runs against both backends.
  */
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { lineChecksum } from '../../src/crypto/paper.js';
-import { mkdtemp, readdir, stat, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdtemp, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { compareImages, imageInfo } from '../../src/disk/qemu.js';
 import { openStorage } from '../../src/storage/open.js';
 import { makeImage, writePattern, holdImageLock } from '../helpers/images.js';
 import { cli, cliJson, spawnCli } from '../helpers/cli.js';
-import { backends, backupJson, envFor, initRepo, objects, type Backend } from './harness.js';
+import { e2eFile, backupJson, envFor, initRepo, objects, type Backend } from './harness.js';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
-const all = await backends();
-after(async () => {
-  await Promise.all(all.map((b) => b.stop()));
-  if (work) await rm(work, { recursive: true, force: true });
-});
-
-let work: string;
-before(async () => {
-  work = await mkdtemp(join(tmpdir(), 'vmvault-e2e-'));
-});
+const { all, work } = await e2eFile('vmvault-e2e-');
 
 /** Distinct 1 MiB patterns, so that chunks differ from one another. */
 function patterned(n: number, base = 0) {

@@ -1,25 +1,15 @@
 /** Garbage collection end to end, on both backends. */
-import { after, before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { openStorage } from '../../src/storage/open.js';
 import { makeImage } from '../helpers/images.js';
 import { cli, cliJson, spawnCli } from '../helpers/cli.js';
-import { backends, backupJson, initRepo, objects } from './harness.js';
+import { e2eFile, backupJson, initRepo, objects } from './harness.js';
 
 const MiB = 1024 * 1024;
-const all = await backends();
-after(async () => {
-  await Promise.all(all.map((b) => b.stop()));
-  if (work) await rm(work, { recursive: true, force: true });
-});
-let work: string;
-before(async () => {
-  work = await mkdtemp(join(tmpdir(), 'vmvault-gc-'));
-});
+const { all, work } = await e2eFile('vmvault-gc-');
 const chunkNames = (objs: Map<string, number>) => [...objs.keys()].filter((n) => n.startsWith('chunks/'));
 const writes = (n: number, base: number) => Array.from({ length: n }, (_, i) => ({ offset: i * MiB, length: MiB, pattern: base + i }));
 

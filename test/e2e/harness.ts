@@ -2,6 +2,7 @@
  * The repository under test, on either backend: a temp directory, or a fresh
  * prefix in a real S3-protocol server. Every end-to-end test runs on both.
  */
+import { after } from 'node:test';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,6 +18,20 @@ export interface Backend {
   newRepo(): Promise<string>;
   env: Env;
   stop(): Promise<void>;
+}
+
+/**
+ * What one end-to-end test file shares: both backends, and a work directory for its
+ * images and restores. Both are removed after the file's tests, whatever they did.
+ */
+export async function e2eFile(workPrefix: string): Promise<{ all: Backend[]; work: string }> {
+  const all = await backends();
+  const work = await mkdtemp(join(tmpdir(), workPrefix));
+  after(async () => {
+    await Promise.all(all.map((b) => b.stop()));
+    await rm(work, { recursive: true, force: true });
+  });
+  return { all, work };
 }
 
 export async function backends(): Promise<Backend[]> {
