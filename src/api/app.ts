@@ -23,7 +23,7 @@ import { enqueueBackup, enqueueMaintenance, enqueueRestore, enqueueSnapshot, hos
 import { backupPayloadFor, snapshotPayloadFor } from '../queue/payloads.js';
 import { assertSnapshotName, expiryFrom } from '../vm/snapshots.js';
 import { MAINTENANCE_QUEUE } from '../queue/names.js';
-import { Catalogue, type CatalogueEntry } from '../repo/catalogue.js';
+import { Catalogue } from '../repo/catalogue.js';
 import type { Repository } from '../repo/repository.js';
 import type { Manifest } from '../repo/manifest.js';
 import { DiskReader } from '../pipeline/disk-reader.js';
@@ -31,7 +31,8 @@ import { assertSafeName } from '../pipeline/names.js';
 import { checkPolicyText, loadPolicies } from '../policy/load.js';
 import { allows, TokenTable, type Principal, type Role } from './auth.js';
 import { ApiError, errorBody, sendError, toApiError } from './errors.js';
-import { Limiter, PromiseLru } from './bounded.js';
+import { Limiter } from './bounded.js';
+import { PromiseLru } from '../pipeline/lru.js';
 import { JobIndex, jobView, newJobId } from './jobs.js';
 import { linkKey, signLink, verifyLink } from './links.js';
 import { parseRange } from './range.js';
@@ -480,4 +481,3 @@ function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
   return Promise.race([p, new Promise<never>((_, reject) => { t = setTimeout(() => reject(new VmvaultError('STORAGE', 'timed out')), ms); })]).finally(() => clearTimeout(t));
 }
 
-export type { CatalogueEntry };

@@ -1,9 +1,7 @@
 /**
- * Bounds on what concurrent requests may hold at once. The disk routes need both:
- * a Range answer of up to 16 MiB is assembled in memory before it is sent, and each
- * request names a backup whose manifest (its chunk list: megabytes for a large disk)
- * would otherwise be fetched, decrypted and parsed again for every few MiB a client
- * such as QEMU's curl driver reads.
+ * A bound on what concurrent requests may hold at once: a Range answer of up to
+ * 16 MiB is assembled in memory before it is sent. (The manifests those requests
+ * name are kept decoded by a PromiseLru, src/pipeline/lru.ts.)
  */
 
 /** At most `max` holders at once; the others wait their turn, in order. */
@@ -35,29 +33,5 @@ export class Limiter {
     } finally {
       release();
     }
-  }
-}
-
-/**
- * The last `max` values by key, as promises (concurrent requests for one key share one
- * load). Only for immutable values, such as a manifest under its id; a failed load is forgotten.
- */
-export class PromiseLru<T> {
-  private readonly entries = new Map<string, Promise<T>>();
-
-  constructor(private readonly max: number) {}
-
-  get(key: string, load: () => Promise<T>): Promise<T> {
-    let p = this.entries.get(key);
-    if (p) {
-      this.entries.delete(key); // Re-insert: most recently used last.
-    } else {
-      p = load();
-      const mine = p;
-      p.catch(() => { if (this.entries.get(key) === mine) this.entries.delete(key); });
-    }
-    this.entries.set(key, p);
-    while (this.entries.size > this.max) this.entries.delete(this.entries.keys().next().value!);
-    return p;
   }
 }

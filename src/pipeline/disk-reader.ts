@@ -8,15 +8,18 @@
 import { VmvaultError } from '../errors.js';
 import type { Repository } from '../repo/repository.js';
 import type { DiskEntry } from '../repo/manifest.js';
+import { PromiseLru } from './lru.js';
 import { ChunkPool } from './pool.js';
 
 export class DiskReader {
   private pool: ChunkPool | undefined;
-  private readonly cache = new Map<string, Promise<Buffer>>();
+  private readonly cache: PromiseLru<Buffer>;
   private zero: Buffer | undefined;
 
   /** `cacheChunks`: decrypted chunks kept (default 16, i.e. 64 MiB at 4 MiB chunks). */
-  constructor(private readonly repo: Repository, private readonly cacheChunks = 16) {}
+  constructor(private readonly repo: Repository, cacheChunks = 16) {
+    this.cache = new PromiseLru<Buffer>(cacheChunks);
+  }
 
   /** The bytes [start, end] (inclusive) of `disk`, in pieces of at most one chunk, pulled as the consumer reads. */
   stream(disk: DiskEntry, chunkSize: number, start: number, end: number): ReadableStream<Uint8Array> {
@@ -62,19 +65,11 @@ export class DiskReader {
       if (!this.zero || this.zero.length < chunkSize) this.zero = Buffer.alloc(chunkSize);
       return this.zero.subarray(0, length);
     }
-    let p = this.cache.get(id);
-    if (p) {
-      this.cache.delete(id); // Re-insert: most recently used last.
-      this.cache.set(id, p);
-    } else {
+    const data = await this.cache.get(id, () => {
       this.pool ??= new ChunkPool(this.repo.workerInit(), 2);
       const pool = this.pool;
-      p = this.repo.getChunkSealed(id).then((sealed) => pool.open(id, sealed));
-      this.cache.set(id, p);
-      p.catch(() => this.cache.delete(id));
-      while (this.cache.size > this.cacheChunks) this.cache.delete(this.cache.keys().next().value!);
-    }
-    const data = await p;
+      return this.repo.getChunkSealed(id).then((sealed) => pool.open(id, sealed));
+    });
     if (data.length !== length) {
       throw new VmvaultError('INTEGRITY', `chunk ${id.slice(0, 16)} of disk "${disk.name}" holds ${data.length} bytes where ${length} were expected`);
     }
