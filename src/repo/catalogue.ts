@@ -30,19 +30,13 @@ export class Catalogue {
     let id: string;
     try {
       id = resolvePrefix(idOrPrefix, [...this.entries.keys()], 'backup');
-    } catch (err) {
+    } catch {
       // A backup committed since the last refresh: look again once.
       this.refreshedAt = 0;
       await this.fresh();
       id = resolvePrefix(idOrPrefix, [...this.entries.keys()], 'backup');
-      void err;
     }
     return this.entries.get(id)!;
-  }
-
-  /** Forces the next call to look at the repository again. */
-  invalidate(): void {
-    this.refreshedAt = 0;
   }
 
   private fresh(): Promise<void> {

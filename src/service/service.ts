@@ -28,10 +28,11 @@ import { checkNoEviction, closeRedis, createRedis } from '../queue/connection.js
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
 import { enqueueBackup, hostQueue } from '../queue/enqueue.js';
 import { backupPayloadFor } from '../queue/payloads.js';
+import { Catalogue } from '../repo/catalogue.js';
 import { Repository } from '../repo/repository.js';
 import { Scheduler } from '../scheduler/scheduler.js';
 import { openStorage } from '../storage/open.js';
-import { startApiServer } from '../api/server.js';
+import { startApiServer, type ApiServer } from '../api/server.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
@@ -89,12 +90,8 @@ export async function runScheduler(
     return q;
   };
   const byName = new Map(config.vms.map((vm) => [vm.name, vm]));
-  // Catch-up asks for every (policy, VM): read the manifests once per minute, not once per question.
-  let cached: { at: number; list: ReturnType<Repository['manifests']> } | undefined;
-  const manifests = () => {
-    if (!cached || Date.now() - cached.at > 60_000) cached = { at: Date.now(), list: repo.manifests() };
-    return cached.list;
-  };
+  // Catch-up asks for every (policy, VM): the backup summaries are read once per minute, not once per question.
+  const catalogue = new Catalogue(repo, 60_000);
   const scheduler = new Scheduler({
     policiesDir: config.policiesDir,
     log,
@@ -111,7 +108,7 @@ export async function runScheduler(
       log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'backup enqueued');
     },
     lastBackup: async (policy, vm) => {
-      const times = (await manifests()).filter((m) => m.policy === policy && m.vm === vm).map((m) => Date.parse(m.time));
+      const times = (await catalogue.list()).filter((m) => m.policy === policy && m.vm === vm).map((m) => Date.parse(m.time));
       return times.length ? new Date(Math.max(...times)) : undefined;
     },
     catchUp: (opts.env ?? process.env).VMVAULT_NO_CATCH_UP ? false : true,
@@ -135,6 +132,12 @@ export async function runScheduler(
   };
 }
 
+/** The HTTP API on api.listen, or on VMVAULT_API_LISTEN when set. */
+function startApi(config: Config, opts: ServiceOptions, where: Omit<Parameters<typeof startApiServer>[1], 'listen'>): Promise<ApiServer> {
+  const listen = (opts.env ?? process.env).VMVAULT_API_LISTEN;
+  return startApiServer(config, { ...where, ...(listen ? { listen } : {}) });
+}
+
 /** `vmvault serve`: the scheduler and the HTTP API. */
 export async function runServe(
   config: Config,
@@ -144,8 +147,7 @@ export async function runServe(
   const redisUrl = opts.redisUrl ?? redisFrom(config);
   const repository = opts.repository ?? await repositoryFrom(config);
   const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository });
-  const listen = (opts.env ?? process.env).VMVAULT_API_LISTEN;
-  const api = await startApiServer(config, { redisUrl, repository, logger: log, ...(listen ? { listen } : {}) }).catch(async (err: unknown) => {
+  const api = await startApi(config, opts, { redisUrl, repository, logger: log }).catch(async (err: unknown) => {
     await scheduler.stop();
     throw err;
   });
@@ -268,8 +270,7 @@ export async function up(config: Config, opts: UpOptions = {}): Promise<UpServic
     cleanups.push(() => scheduler.stop());
     const worker = await runWorker(config, { ...opts, logger: log, redisUrl, repository, host: config.host });
     cleanups.push(() => worker.stop());
-    const listen = (opts.env ?? process.env).VMVAULT_API_LISTEN;
-    const api = await startApiServer(config, { redisUrl, repository, logger: log, ...(listen ? { listen } : {}) });
+    const api = await startApi(config, opts, { redisUrl, repository, logger: log });
     cleanups.push(() => api.stop());
     say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}, API on ${api.url}`);
     let stopping: Promise<void> | undefined;
