@@ -12,6 +12,8 @@ export type ErrorCode =
   | 'BAD_INPUT'
   | 'INTEGRITY'
   | 'IMAGE_LOCKED'
+  /** An image's metadata names another host file (backing, data file, extent) or its format changed: refused. */
+  | 'UNSAFE_IMAGE'
   | 'UNSUPPORTED'
   | 'STORAGE'
   | 'NBD'

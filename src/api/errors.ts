@@ -25,6 +25,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   BAD_INPUT: 400,
   INTEGRITY: 500,
   IMAGE_LOCKED: 409,
+  UNSAFE_IMAGE: 422,
   UNSUPPORTED: 400,
   STORAGE: 503,
   NBD: 500,

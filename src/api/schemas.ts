@@ -38,7 +38,11 @@ export const BackupSchema = z.object({
   labels: z.array(z.string()),
   policy: z.string().optional(),
   consistency: z.enum(['offline', 'crash', 'application']).optional().openapi({ description: 'offline images, a running VM at one instant (crash), or with its filesystems frozen (application)' }),
-  disks: z.array(z.object({ name: z.string(), format: z.string(), virtualSize: z.number() })),
+  disks: z.array(z.object({
+    name: z.string(), format: z.string(), virtualSize: z.number(),
+    formatSource: z.enum(['declared', 'detected']).optional().openapi({ description: "the VM's configuration stated the format, or vmvault detected it once and pinned it" }),
+    chain: z.array(z.string()).optional().openapi({ description: 'other files read through the image (an allowed linked-clone chain)' }),
+  })),
   configs: z.array(z.string()),
   stats: StatsSchema,
 }).openapi('Backup');

@@ -73,8 +73,11 @@ const redisUrl = z.string({ error: 'expected a Redis URL' }).refine((url) => {
 const diskSchema = z.strictObject({
   path: absolutePath('a disk path'),
   name: name('disk name').optional(),
+  /** As the VM uses it; without it vmvault detects it once and pins it (a guest cannot change it later). */
   format: z.enum(IMAGE_FORMATS as readonly ['qcow2', 'raw', 'vmdk', 'vdi'], { error: `expected one of ${IMAGE_FORMATS.join(', ')}` }).optional(),
-}, { error: 'expected a disk: { path, name?, format? }' });
+  /** A linked clone: its backing files (or vmdk extents) are read through it. Without it an image naming another file is refused. */
+  allowChain: z.boolean({ error: 'expected true or false' }).optional(),
+}, { error: 'expected a disk: { path, name?, format?, allowChain? }' });
 
 export const DRIVERS = ['image', 'qemu', 'libvirt'] as const;
 

@@ -4,6 +4,7 @@
  * in the error so nothing qemu said is lost.
  */
 import { execa } from 'execa';
+import type { Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import { NotFoundError, VmvaultError } from '../errors.js';
 
@@ -56,14 +57,31 @@ export async function runOn(tool: string, image: string, args: string[]): Promis
   return r.stdout;
 }
 
-/** NotFoundError("disk image … does not exist") unless `file` exists. */
+/**
+ * NotFoundError("disk image … does not exist") unless `file` exists; BAD_INPUT unless
+ * it is a regular file or a block device. A FIFO, socket or character device given as
+ * a disk would make a qemu tool block for ever (or read a stream), so it is refused
+ * before any qemu tool runs.
+ */
 export async function mustExist(file: string): Promise<void> {
+  let st: Stats;
   try {
-    await fs.stat(file);
+    st = await fs.stat(file);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new NotFoundError(`disk image ${file} does not exist`, { cause: err });
     throw new VmvaultError('QEMU', `cannot access disk image ${file}: ${(err as Error).message}`, { cause: err });
   }
+  if (!st.isFile() && !st.isBlockDevice()) {
+    throw new VmvaultError('BAD_INPUT', `${file} is ${fileKind(st)}, not a disk image: give the path of an image file or a block device`);
+  }
+}
+
+function fileKind(st: Stats): string {
+  if (st.isDirectory()) return 'a directory';
+  if (st.isFIFO()) return 'a FIFO (named pipe)';
+  if (st.isSocket()) return 'a socket';
+  if (st.isCharacterDevice()) return 'a character device';
+  return 'not a regular file';
 }
 
 /** A value inside qemu's key=value,… option syntax: commas are doubled. */

@@ -26,6 +26,11 @@ export interface ImageInfo {
   /** Bytes the image occupies on its filesystem. */
   actualSize: number;
   backingFile?: string;
+  /**
+   * Every other file qemu says the image names: backing file, qcow2 data file, vmdk
+   * extents other than the image itself (as qemu prints them).
+   */
+  references: string[];
   /** Internal snapshots (qcow2). */
   snapshots: { id: string; name: string }[];
 }
@@ -37,6 +42,14 @@ interface QemuImgInfoJson {
   'backing-filename'?: string;
   'full-backing-filename'?: string;
   snapshots?: { id: string | number; name: string; 'date-sec'?: number; 'vm-state-size'?: number }[];
+  'format-specific'?: { data?: { 'data-file'?: string; extents?: { filename?: string }[] } };
+}
+
+/** The files other than `abs` that qemu's view of an image names. */
+function referencesOf(abs: string, j: QemuImgInfoJson): string[] {
+  const data = j['format-specific']?.data;
+  const names = [j['full-backing-filename'] ?? j['backing-filename'], data?.['data-file'], ...(data?.extents ?? []).map((e) => e.filename)];
+  return names.filter((n): n is string => n !== undefined && path.resolve(path.dirname(abs), n) !== abs);
 }
 
 async function infoJson(abs: string, format?: ImageFormat): Promise<QemuImgInfoJson> {
@@ -50,9 +63,10 @@ async function infoJson(abs: string, format?: ImageFormat): Promise<QemuImgInfoJ
 }
 
 /**
- * Inspect an image. Without `format`, qemu detects it (the one place it may probe;
- * a guest can make a raw disk look like qcow2, so pass the format when the VM's
- * configuration states it). NotFoundError when it does not exist, UNSUPPORTED for a
+ * Inspect an image. Without `format`, qemu detects it: only for images vmvault made
+ * itself or tests; a guest's disk goes through inspectDisk (src/disk/inspect.ts), which
+ * pins the format and refuses references to other files before qemu opens anything.
+ * NotFoundError when it does not exist, UNSUPPORTED for a
  * format outside IMAGE_FORMATS, IMAGE_LOCKED when a running VM or another program
  * holds it.
  */
@@ -70,6 +84,7 @@ export async function imageInfo(file: string, format?: ImageFormat): Promise<Ima
     virtualSize: j['virtual-size'],
     actualSize: j['actual-size'] ?? 0,
     ...(backing !== undefined ? { backingFile: backing } : {}),
+    references: referencesOf(abs, j),
     snapshots: (j.snapshots ?? []).map((s) => ({ id: String(s.id), name: s.name })),
   };
 }

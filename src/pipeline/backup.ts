@@ -7,7 +7,8 @@ import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
 import { NotFoundError, VmvaultError } from '../errors.js';
-import { exportImage, imageInfo, snapshotCreate, snapshotDelete, type ImageInfo } from '../disk/qemu.js';
+import { exportImage, snapshotCreate, snapshotDelete, type ImageFormat } from '../disk/qemu.js';
+import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { NbdClient } from '../disk/nbd.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
@@ -21,8 +22,13 @@ import { withLock, type HeldLock } from '../repo/locks.js';
 
 export interface BackupRequest {
   vm: string;
-  /** Disk image paths, optionally named (`name` defaults to the file name without extension). */
-  disks: { path: string; name?: string }[];
+  /**
+   * Disk image paths, optionally named (`name` defaults to the file name without
+   * extension), with the format the VM's configuration states (without it the image is
+   * probed once by vmvault and the result pinned by the manifest) and whether the image
+   * may name other files (a linked clone's backing chain).
+   */
+  disks: BackupDisk[];
   /** Configuration files stored with the backup (e.g. a libvirt domain XML). */
   configs?: string[];
   labels?: string[];
@@ -51,6 +57,8 @@ export interface BackupRequest {
   consistency?: Manifest['consistency'];
 }
 
+export interface BackupDisk { path: string; name?: string; format?: ImageFormat; allowChain?: boolean }
+
 export interface BackupResult { manifest: Manifest; stats: BackupStats }
 
 /** Internal snapshots this tool creates are named with this prefix, so leftovers can be found. */
@@ -62,11 +70,16 @@ export async function backup(repo: Repository, req: BackupRequest): Promise<Back
   const started = Date.now();
   if (!req.vm.trim()) throw new VmvaultError('BAD_INPUT', 'the VM name is empty');
   if (req.disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${req.vm}": pass at least one --disk`);
-  // Inspect everything before writing anything: a bad path or a locked image fails here.
-  const infos: ImageInfo[] = [];
-  for (const d of req.disks) infos.push(await imageInfo(d.path));
   const names = uniqueNames(req.disks.map((d) => d.name ?? diskNameFromPath(d.path)));
   names.forEach((n) => assertSafeName(n, 'disk name'));
+  // Inspect everything before writing anything: a bad path, a locked image or one naming another file fails here.
+  const pinned = req.disks.some((d) => d.format === undefined) ? await detectedFormats(repo, req.vm) : new Map<string, ImageFormat>();
+  const infos: InspectedDisk[] = [];
+  for (const [i, d] of req.disks.entries()) {
+    const name = names[i]!;
+    const pin = pinned.get(name);
+    infos.push(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) }));
+  }
   const configs = await readConfigs(req.configs ?? []);
 
   // A shared lock: garbage collection (exclusive) cannot delete the chunks this backup reuses.
@@ -74,7 +87,7 @@ export async function backup(repo: Repository, req: BackupRequest): Promise<Back
 }
 
 async function run(
-  repo: Repository, req: BackupRequest, infos: ImageInfo[], names: string[], configs: Manifest['configs'], started: number, lock: HeldLock,
+  repo: Repository, req: BackupRequest, infos: InspectedDisk[], names: string[], configs: Manifest['configs'], started: number, lock: HeldLock,
 ): Promise<BackupResult> {
   const id = randomBytes(32).toString('hex');
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, seconds: 0 };
@@ -86,7 +99,10 @@ async function run(
     for (const [i, info] of infos.entries()) {
       meter.disk = names[i]!;
       const chunks = await backupDisk(repo, pool, info, id, known, stats, meter, req.inFlight ?? 10, req.frozen ?? false, req.signal);
-      disks.push({ name: names[i]!, format: info.format, virtualSize: info.virtualSize, sourcePath: info.path, chunks });
+      disks.push({
+        name: names[i]!, format: info.format, formatSource: info.formatSource, ...(info.chain.length ? { chain: info.chain } : {}),
+        virtualSize: info.virtualSize, sourcePath: info.path, chunks,
+      });
     }
   } finally {
     await pool.close();
@@ -104,6 +120,18 @@ async function run(
   await lock.confirm();
   await repo.saveManifest(manifest);
   return { manifest, stats };
+}
+
+/**
+ * The formats the newest backup of `vm` detected for its disks (by disk name): a disk
+ * with no declared format keeps the format it was first seen with, so a guest that
+ * writes a qcow2 header onto its raw disk cannot change how the host reads it.
+ */
+async function detectedFormats(repo: Repository, vm: string): Promise<Map<string, ImageFormat>> {
+  const previous = (await repo.manifests()).filter((m) => m.vm === vm).sort((a, b) => a.time.localeCompare(b.time));
+  const out = new Map<string, ImageFormat>();
+  for (const m of previous) for (const d of m.disks) out.set(d.name, d.format as ImageFormat);
+  return out;
 }
 
 async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
@@ -128,7 +156,7 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
 
 /** Point in time for one image: an internal snapshot for qcow2, the file itself otherwise (or when the caller froze it). */
 async function backupDisk(
-  repo: Repository, pool: ChunkPool, info: ImageInfo, backupId: string, known: Set<string>,
+  repo: Repository, pool: ChunkPool, info: InspectedDisk, backupId: string, known: Set<string>,
   stats: BackupStats, meter: ProgressMeter, inFlight: number, frozen: boolean, signal?: AbortSignal,
 ): Promise<(string | null)[]> {
   let snapshot: string | undefined;
@@ -150,7 +178,7 @@ async function backupDisk(
 }
 
 /** Snapshots left by a backup that was killed: the image is not in use now (we could inspect it), so they are ours to remove. */
-async function removeStaleSnapshots(info: ImageInfo): Promise<void> {
+async function removeStaleSnapshots(info: InspectedDisk): Promise<void> {
   for (const s of info.snapshots) {
     if (s.name.startsWith(SNAPSHOT_PREFIX)) await snapshotDelete(info.path, s.name);
   }

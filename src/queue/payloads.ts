@@ -9,11 +9,17 @@ import { VmvaultError } from '../errors.js';
 import { DRIVERS, type VmConfig } from '../config/schema.js';
 
 const nonEmpty = z.string().trim().min(1);
+const imageFormat = z.string().refine(isImageFormat, `one of ${IMAGE_FORMATS.join(', ')}`).transform((f) => f as ImageFormat);
 
 export const backupPayloadSchema = z.strictObject({
   vm: nonEmpty,
   /** The VM's disk images; a libvirt VM may leave them out (they then come from virsh domblklist). */
-  disks: z.array(z.strictObject({ path: nonEmpty, name: nonEmpty.optional() })).default([]),
+  disks: z.array(z.strictObject({
+    path: nonEmpty, name: nonEmpty.optional(),
+    /** The inventory's format: always passed to qemu with -f. Absent: detected once by vmvault and pinned. */
+    format: imageFormat.optional(),
+    allowChain: z.boolean().optional(),
+  })).default([]),
   /** Configuration files stored with the backup. */
   configs: z.array(nonEmpty).default([]),
   labels: z.array(nonEmpty).default([]),
@@ -39,7 +45,7 @@ export const restorePayloadSchema = z.strictObject({
   backupId: z.string().regex(/^[0-9a-fA-F]{4,64}$/, 'a backup id (hexadecimal, at least 4 digits)'),
   /** Absolute directory on the worker's host that receives the disks and config files. */
   directory: nonEmpty.refine((d) => d.startsWith('/'), 'an absolute path'),
-  format: z.string().refine(isImageFormat, `one of ${IMAGE_FORMATS.join(', ')}`).transform((f) => f as ImageFormat).optional(),
+  format: imageFormat.optional(),
   disks: z.array(nonEmpty).optional(),
   overwrite: z.boolean().default(false),
 });
@@ -63,7 +69,8 @@ export const snapshotPayloadSchema = z.strictObject({
   driver: z.enum(DRIVERS).default('image'),
   disks: z.array(z.strictObject({
     path: nonEmpty, name: nonEmpty,
-    format: z.string().refine(isImageFormat, `one of ${IMAGE_FORMATS.join(', ')}`).transform((f) => f as ImageFormat).optional(),
+    format: imageFormat.optional(),
+    allowChain: z.boolean().optional(),
   })).min(1, 'at least one disk is needed'),
   qmpSocket: nonEmpty.optional(),
   guestAgentSocket: nonEmpty.optional(),
@@ -83,6 +90,11 @@ export const snapshotPayloadSchema = z.strictObject({
   }
 });
 
+/** An inventory disk as jobs carry it: its format and chain permission travel with it, so the worker opens it as configured. */
+function diskPayload(d: VmConfig['disks'][number]) {
+  return { path: d.path, name: d.name, ...(d.format ? { format: d.format } : {}), ...(d.allowChain ? { allowChain: true } : {}) };
+}
+
 /** The snapshot payload of an inventory VM: the one place that maps the inventory to a snapshot job. */
 export function snapshotPayloadFor(
   vm: VmConfig,
@@ -90,7 +102,7 @@ export function snapshotPayloadFor(
 ): SnapshotPayloadInput {
   return {
     op: req.op, vm: vm.name, driver: vm.driver,
-    disks: vm.disks.map((d) => ({ path: d.path, name: d.name, ...(d.format ? { format: d.format } : {}) })),
+    disks: vm.disks.map(diskPayload),
     ...(vm.qmpSocket ? { qmpSocket: vm.qmpSocket } : {}),
     ...(vm.guestAgentSocket ? { guestAgentSocket: vm.guestAgentSocket } : {}),
     configs: vm.configFiles,
@@ -110,7 +122,7 @@ export function snapshotPayloadFor(
 export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; policy?: string; slot?: string } = {}): BackupPayloadInput {
   return {
     vm: vm.name,
-    disks: vm.disks.map((d) => ({ path: d.path, name: d.name })),
+    disks: vm.disks.map(diskPayload),
     configs: vm.configFiles,
     labels: extra.labels ?? [],
     ...(extra.policy ? { policy: extra.policy } : {}),

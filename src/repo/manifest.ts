@@ -11,6 +11,14 @@ const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 export const diskSchema = z.object({
   name: z.string().min(1),
   format: z.enum(IMAGE_FORMATS as unknown as [string, ...string[]]),
+  /**
+   * Where the format came from: the VM's configuration (`declared`) or vmvault's own
+   * probe (`detected`, then pinned: a later backup whose probe disagrees is refused).
+   * Absent in older backups.
+   */
+  formatSource: z.enum(['declared', 'detected']).optional(),
+  /** Other files read through the image, flattened into it (an allowed linked-clone chain). */
+  chain: z.array(z.string()).optional(),
   virtualSize: z.number().int().nonnegative(),
   sourcePath: z.string(),
   /** One entry per chunk of the virtual disk: the chunk id, or null for all zeros. */
@@ -65,7 +73,7 @@ export interface BackupSummary {
   labels: string[];
   policy?: string;
   consistency?: 'offline' | 'crash' | 'application';
-  disks: { name: string; format: string; virtualSize: number }[];
+  disks: { name: string; format: string; virtualSize: number; formatSource?: 'declared' | 'detected'; chain?: string[] }[];
   configs: string[];
 }
 
@@ -78,7 +86,10 @@ export function summarise(m: Manifest): BackupSummary {
     labels: m.labels,
     ...(m.policy ? { policy: m.policy } : {}),
     ...(m.consistency ? { consistency: m.consistency } : {}),
-    disks: m.disks.map((d) => ({ name: d.name, format: d.format, virtualSize: d.virtualSize })),
+    disks: m.disks.map((d) => ({
+      name: d.name, format: d.format, virtualSize: d.virtualSize,
+      ...(d.formatSource ? { formatSource: d.formatSource } : {}), ...(d.chain ? { chain: d.chain } : {}),
+    })),
     configs: m.configs.map((c) => c.name),
   };
 }

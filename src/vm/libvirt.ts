@@ -20,12 +20,14 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
-import { backup, type BackupRequest, type BackupResult } from '../pipeline/backup.js';
+import { backup, type BackupDisk, type BackupRequest, type BackupResult } from '../pipeline/backup.js';
 import { diskNameFromPath } from '../pipeline/names.js';
 import type { Repository } from '../repo/repository.js';
 import type { Warn } from './guest-agent.js';
 import { isOverlayFile, OVERLAY_MARK, overlayPath } from './qemu-blocks.js';
 import { runId } from './overlays.js';
+import { libvirtDisks } from './libvirt-xml.js';
+import { isImageFormat } from '../disk/image-format.js';
 
 export interface DomblkEntry { type: string; device: string; target: string; source: string }
 
@@ -87,7 +89,13 @@ export async function backupLibvirtVm(repo: Repository, req: LibvirtBackupReques
   try {
     const xmlFile = path.join(tmp, `${req.vm}.xml`);
     await fs.writeFile(xmlFile, xml);
-    const disks = req.disks?.length ? req.disks : imageDisks(entries).map((e) => ({ path: baseOf(e.source), name: diskNameFromPath(baseOf(e.source)) }));
+    const listed: BackupDisk[] = req.disks?.length ? req.disks : imageDisks(entries).map((e) => ({ path: baseOf(e.source), name: diskNameFromPath(baseOf(e.source)) }));
+    // Each disk's format is the domain's `<driver type=…>` unless the inventory states it.
+    const declared = libvirtDisks(xml);
+    const disks = listed.map((d) => {
+      const format = d.format ?? declared.find((x) => x.path === d.path || baseOf(x.path) === d.path)?.format;
+      return format !== undefined && isImageFormat(format) ? { ...d, format } : d;
+    });
     if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `libvirt domain "${domain}" has no file or block disk to back up`);
     const { domain: _d, overlayDir: _o, warn: _w, ...rest } = req;
     const plain = { ...rest, disks, configs: [...(req.configs ?? []), xmlFile] };

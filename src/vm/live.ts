@@ -15,6 +15,7 @@
  * backup of the same VM fails to connect instead of interleaving with the first.
  */
 import { errorMessage, VmvaultError } from '../errors.js';
+import { checkFormat, type ImageFormat } from '../disk/image-format.js';
 import { backup, type BackupRequest, type BackupResult } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
 import { withGuestFreeze, type GuestAgentOptions, type Warn } from './guest-agent.js';
@@ -45,6 +46,11 @@ export interface LiveBackupResult extends BackupResult {
   recovered: number;
 }
 
+function knownFormat(format: string, file: string): ImageFormat {
+  checkFormat(format, file);
+  return format;
+}
+
 const stderrWarn: Warn = (message, fields) => process.stderr.write(`warning: ${message}${fields ? ` ${JSON.stringify(fields)}` : ''}\n`);
 
 /**
@@ -70,7 +76,9 @@ export async function backupRunningVm(repo: Repository, req: LiveBackupRequest):
     try {
       await req.onPointInTime?.(overlays);
       const { qmpSocket: _q, guestAgentSocket: _g, guestAgent: _a, overlayDir: _d, warn: _w, onPointInTime: _p, commitTimeoutMs: _c, ...plain } = req;
-      result = await backup(repo, { ...plain, frozen: true, consistency: frozen ? 'application' : 'crash' });
+      // The running QEMU's own node driver is the VM's configuration of each disk's format.
+      const withFormats = plain.disks.map((d, i) => ({ ...d, format: knownFormat(disks[i]!.format, d.path) }));
+      result = await backup(repo, { ...plain, disks: withFormats, frozen: true, consistency: frozen ? 'application' : 'crash' });
     } catch (err) {
       failure = err;
     }

@@ -16,8 +16,9 @@
 import path from 'node:path';
 import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
 import {
-  imageInfo, snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
+  snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
 } from '../disk/qemu.js';
+import { inspectDisk } from '../disk/inspect.js';
 import { isOverlayFile } from './qemu-blocks.js';
 import { QmpClient } from './qmp.js';
 
@@ -25,7 +26,7 @@ import { QmpClient } from './qmp.js';
 export interface SnapshotTarget {
   vm: string;
   driver: 'image' | 'qemu' | 'libvirt';
-  disks: { path: string; name: string; format?: ImageFormat }[];
+  disks: { path: string; name: string; format?: ImageFormat; allowChain?: boolean }[];
   /** QMP socket of the running QEMU (driver qemu). */
   qmpSocket?: string;
   /** Guest agent socket: an exported backup of the running VM freezes its filesystems through it. */
@@ -77,7 +78,7 @@ class OfflineDriver implements SnapshotDriver {
   private async inspect(): Promise<void> {
     if (this.checked) return;
     for (const d of this.target.disks) {
-      const info = await imageInfo(d.path, d.format);
+      const info = await inspectDisk(d); // format pinned, no image naming another file
       if (info.format !== 'qcow2') {
         throw new VmvaultError('UNSUPPORTED', `disk "${d.name}" of VM "${this.target.vm}" (${info.path}) is ${info.format}: internal snapshots need qcow2 images (convert it with qemu-img convert -O qcow2)`);
       }

@@ -23,7 +23,7 @@ export interface ExportRequest {
 /** Backs the VM up labelled `label`; resolves to the backup id. */
 export async function exportSnapshotBackup(repo: Repository, target: SnapshotTarget, req: ExportRequest): Promise<string> {
   const base = {
-    vm: target.vm, disks: target.disks.map((d) => ({ path: d.path, name: d.name })),
+    vm: target.vm, disks: target.disks,
     configs: req.configs ?? [], labels: [req.label], host: req.host,
   };
   // A QEMU answering on the socket: the VM runs, and only its QEMU may read its disks consistently.

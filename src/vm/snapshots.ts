@@ -65,7 +65,7 @@ export interface CreateSnapshotRequest {
 export function snapshotTargetOf(vm: VmConfig): SnapshotTarget {
   return {
     vm: vm.name, driver: vm.driver,
-    disks: vm.disks.map((d) => ({ path: d.path, name: d.name, ...(d.format ? { format: d.format } : {}) })),
+    disks: vm.disks.map((d) => ({ path: d.path, name: d.name, ...(d.format ? { format: d.format } : {}), ...(d.allowChain ? { allowChain: true } : {}) })),
     ...(vm.qmpSocket ? { qmpSocket: vm.qmpSocket } : {}),
     ...(vm.guestAgentSocket ? { guestAgentSocket: vm.guestAgentSocket } : {}),
   };

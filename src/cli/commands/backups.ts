@@ -3,7 +3,7 @@ import { Option, type Command } from 'commander';
 import { VmvaultError } from '../../errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../../disk/qemu.js';
 import { summarise, type Manifest } from '../../repo/manifest.js';
-import { backup } from '../../pipeline/backup.js';
+import { backup, type BackupDisk } from '../../pipeline/backup.js';
 import { backupRunningVm } from '../../vm/live.js';
 import { restore } from '../../pipeline/restore.js';
 import { verify } from '../../pipeline/verify.js';
@@ -15,7 +15,7 @@ import { progressBar } from '../progress-bar.js';
 const collect = (v: string, prev: string[] = []) => [...prev, v];
 
 /** `--disk PATH` or `--disk NAME=PATH`. */
-function parseDisk(spec: string): { path: string; name?: string } {
+function parseDisk(spec: string): BackupDisk {
   const eq = spec.indexOf('=');
   if (eq > 0 && !spec.slice(0, eq).includes('/')) return { name: spec.slice(0, eq), path: spec.slice(eq + 1) };
   return { path: spec };
@@ -26,12 +26,35 @@ function listing(m: Manifest) {
   return s;
 }
 
+/**
+ * `--disk` with the `--format` and `--allow-chain` that follow it: each applies to the
+ * disk given just before it, in command-line order.
+ */
+function diskOptions(cmd: Command): () => BackupDisk[] {
+  const disks: BackupDisk[] = [];
+  const last = (flag: string): BackupDisk => {
+    const d = disks.at(-1);
+    if (!d) throw new VmvaultError('BAD_INPUT', `${flag} applies to the --disk given before it: put it after that --disk`);
+    return d;
+  };
+  cmd.on('option:disk', (v: string) => disks.push(parseDisk(v)));
+  cmd.on('option:format', (v: string) => {
+    const d = last('--format');
+    if (d.format) throw new VmvaultError('BAD_INPUT', `--format given twice for disk ${d.path}`);
+    d.format = v as ImageFormat;
+  });
+  cmd.on('option:allow-chain', () => { last('--allow-chain').allowChain = true; });
+  return () => disks;
+}
+
 export function registerBackupCommands(program: Command, globals: () => GlobalOptions): void {
-  program
+  const backupCmd = program
     .command('backup')
     .description("back up a VM's disk images")
     .requiredOption('--vm <name>', 'VM name')
-    .option('--disk <path>', 'disk image, or NAME=PATH (repeatable)', collect)
+    .option('--disk <path>', 'disk image, or NAME=PATH (repeatable)')
+    .addOption(new Option('--format <format>', 'format of the --disk before it, as the VM uses it (default: detected once by vmvault, then pinned)').choices(IMAGE_FORMATS as unknown as string[]))
+    .option('--allow-chain', 'the --disk before it is a linked clone: read its backing files (or vmdk extents) through it')
     .option('--config <file>', 'configuration file to store with the backup (repeatable)', collect)
     .option('--label <label>', 'label (repeatable)', collect)
     .option('--host <name>', 'host name recorded in the backup')
@@ -40,11 +63,14 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--guest-agent <socket>', "with --qmp: freeze the guest's filesystems through this guest-agent socket")
     .option('--overlay-dir <dir>', 'with --qmp: where the temporary overlays go (default: next to each image)')
     .option('--json', 'print the result as JSON')
+  const givenDisks = diskOptions(backupCmd);
+  backupCmd
     .action(async (o: {
-      vm: string; disk?: string[]; config?: string[]; label?: string[]; host?: string; policy?: string; json?: boolean;
+      vm: string; config?: string[]; label?: string[]; host?: string; policy?: string; json?: boolean;
       qmp?: string; guestAgent?: string; overlayDir?: string;
     }) => {
-      if (!o.disk?.length) throw new VmvaultError('BAD_INPUT', 'no disk given: pass --disk PATH (repeatable)');
+      const disks = givenDisks();
+      if (!disks.length) throw new VmvaultError('BAD_INPUT', 'no disk given: pass --disk PATH (repeatable)');
       if (!o.qmp && (o.guestAgent || o.overlayDir)) throw new VmvaultError('BAD_INPUT', '--guest-agent and --overlay-dir apply to a running VM only: pass --qmp SOCKET too');
       const repo = await openRepository(globals());
       const bar = progressBar(!o.json);
@@ -59,7 +85,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       process.on('SIGINT', onSignal);
       process.on('SIGTERM', onSignal);
       const req = {
-        vm: o.vm, disks: o.disk.map(parseDisk), configs: o.config ?? [], labels: o.label ?? [],
+        vm: o.vm, disks, configs: o.config ?? [], labels: o.label ?? [],
         ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update, signal: stop.signal,
       };
       let result;
@@ -105,7 +131,8 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         `backup   ${s.id}`, `vm       ${s.vm}`, `host     ${s.host}`, `time     ${s.time}`,
         `labels   ${s.labels.join(', ') || '-'}`, ...(s.policy ? [`policy   ${s.policy}`] : []),
         ...(s.consistency ? [`instant  ${s.consistency}-consistent`] : []),
-        ...m.disks.map((d) => `disk     ${d.name}: ${d.format}, ${formatBytes(d.virtualSize)}, ${d.chunks.filter(Boolean).length}/${d.chunks.length} chunks with data, from ${d.sourcePath}`),
+        ...m.disks.map((d) => `disk     ${d.name}: ${d.format}${d.formatSource ? ` (${d.formatSource})` : ''}, ${formatBytes(d.virtualSize)}, ` +
+          `${d.chunks.filter(Boolean).length}/${d.chunks.length} chunks with data, from ${d.sourcePath}${d.chain ? ` through ${d.chain.join(', ')}` : ''}`),
         ...m.configs.map((c) => `config   ${c.name} (from ${c.sourcePath})`),
       ].join('\n'));
     });
