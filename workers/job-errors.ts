@@ -16,7 +16,7 @@ import { VmvaultError, type ErrorCode } from '../src/errors.js';
  */
 export const PERMANENT_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'NOT_FOUND', 'BAD_INPUT', 'IMAGE_LOCKED', 'UNSUPPORTED', 'WRONG_PASSWORD', 'NO_REPOSITORY',
-  'BAD_REPOSITORY_URL', 'ALREADY_EXISTS', 'AMBIGUOUS', 'INTEGRITY',
+  'BAD_REPOSITORY_URL', 'ALREADY_EXISTS', 'AMBIGUOUS', 'INTEGRITY', 'UNSAFE_IMAGE',
 ]);
 
 export function isPermanent(err: unknown): boolean {
