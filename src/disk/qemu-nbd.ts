@@ -29,6 +29,12 @@ export interface ExportOptions {
   readOnly: boolean;
   /** Name of a qcow2 internal snapshot to export instead of the live image (read-only). */
   snapshot?: string;
+  /**
+   * Open a qcow2 image's backing file. Off by default: the image is opened with
+   * `"backing": null`, so even a backing file the inspection missed is never read
+   * (src/disk/inspect.ts refuses such images first; this is the second lock).
+   */
+  allowBacking?: boolean;
 }
 
 export interface NbdExport {
@@ -107,7 +113,7 @@ async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none
   args.push(...(opts.readOnly ? ['--read-only'] : ['--discard=unmap']));
   // snapshot.name= rather than a bare name, which qemu would also match against snapshot ids.
   if (opts.snapshot !== undefined) args.push('-l', `snapshot.name=${optValue(opts.snapshot)}`);
-  args.push(abs);
+  args.push(opts.format === 'qcow2' && !opts.allowBacking ? await withoutBacking(abs) : abs);
   const proc = launch(args, await havePdeathsig());
   let exited: Exit | undefined;
   const exit = proc.then((r) => (exited = r));
@@ -140,6 +146,12 @@ async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none
     }
     await Promise.race([sleep(10), exit]); // Not listening yet: poll, or notice the exit at once.
   }
+}
+
+/** A qcow2 image as a `json:` filename that tells qemu not to open any backing file. */
+async function withoutBacking(abs: string): Promise<string> {
+  const driver = (await fs.stat(abs)).isBlockDevice() ? 'host_device' : 'file';
+  return `json:${JSON.stringify({ backing: null, file: { driver, filename: abs } })}`;
 }
 
 function makeExport(proc: Proc, exit: Promise<Exit>, client: NbdClient, dir: string, socketPath: string, abs: string): NbdExport {

@@ -166,7 +166,9 @@ async function backupDisk(
     await snapshotCreate(info.path, snapshot);
   }
   try {
-    const exp = await exportImage(info.path, { format: info.format, readOnly: true, ...(snapshot ? { snapshot } : {}) });
+    const exp = await exportImage(info.path, {
+      format: info.format, readOnly: true, allowBacking: info.chain.length > 0, ...(snapshot ? { snapshot } : {}),
+    });
     try {
       return await readChunks(repo, pool, exp.client, info.virtualSize, known, stats, meter, inFlight, signal);
     } finally {

@@ -8,6 +8,7 @@ import { execa } from 'execa';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileReader, imageReferences, isProtocolName, isVmdkDescriptor, probeFormat } from '../../src/disk/image-refs.js';
+import { exportImage } from '../../src/disk/qemu.js';
 import { tempDir } from '../helpers/images.js';
 
 const dir = await tempDir('vmvault-refs-');
@@ -60,6 +61,25 @@ describe('image headers', () => {
         assert.deepEqual(await r.refs(format), want, file);
       } finally {
         await r.close();
+      }
+    }
+  });
+
+  test('a qcow2 export never opens its backing file unless allowed (the second lock behind the inspection)', async () => {
+    const base = join(dir.path, 'lock-base.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, `${MiB}`]);
+    await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5e 0 64k', base]);
+    const top = join(dir.path, 'lock-top.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    for (const allowBacking of [false, true]) {
+      const exp = await exportImage(top, { format: 'qcow2', readOnly: true, allowBacking });
+      try {
+        const buf = Buffer.alloc(65536);
+        await exp.client.readInto(0, buf);
+        assert.equal(buf.every((b) => b === 0x5e), allowBacking, `allowBacking ${allowBacking}`);
+        if (!allowBacking) assert.ok(buf.every((b) => b === 0));
+      } finally {
+        await exp.close();
       }
     }
   });
