@@ -22,7 +22,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { VmvaultError } from '../errors.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
 import { NbdClient } from './nbd.js';
-import { mustExist, optValue, probeRawWriters, qemuFailure } from './qemu-run.js';
+import { mustExist, optValue, probeRawWriters, qcow2WithoutBacking, qemuFailure } from './qemu-run.js';
 
 export interface ExportOptions {
   format: ImageFormat;
@@ -113,7 +113,7 @@ async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none
   args.push(...(opts.readOnly ? ['--read-only'] : ['--discard=unmap']));
   // snapshot.name= rather than a bare name, which qemu would also match against snapshot ids.
   if (opts.snapshot !== undefined) args.push('-l', `snapshot.name=${optValue(opts.snapshot)}`);
-  args.push(opts.format === 'qcow2' && !opts.allowBacking ? await withoutBacking(abs) : abs);
+  args.push(opts.format === 'qcow2' && !opts.allowBacking ? await qcow2WithoutBacking(abs) : abs);
   const proc = launch(args, await havePdeathsig());
   let exited: Exit | undefined;
   const exit = proc.then((r) => (exited = r));
@@ -146,12 +146,6 @@ async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none
     }
     await Promise.race([sleep(10), exit]); // Not listening yet: poll, or notice the exit at once.
   }
-}
-
-/** A qcow2 image as a `json:` filename that tells qemu not to open any backing file. */
-async function withoutBacking(abs: string): Promise<string> {
-  const driver = (await fs.stat(abs)).isBlockDevice() ? 'host_device' : 'file';
-  return `json:${JSON.stringify({ backing: null, file: { driver, filename: abs } })}`;
 }
 
 function makeExport(proc: Proc, exit: Promise<Exit>, client: NbdClient, dir: string, socketPath: string, abs: string): NbdExport {

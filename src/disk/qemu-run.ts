@@ -84,6 +84,16 @@ function fileKind(st: Stats): string {
   return 'not a regular file';
 }
 
+/**
+ * A qcow2 image as a `json:` filename with its format pinned and `"backing": null`:
+ * qemu opens no backing file, whatever the image's header says (qemu-img snapshot
+ * and qemu-nbd would otherwise open it, even for operations that never read it).
+ */
+export async function qcow2WithoutBacking(abs: string): Promise<string> {
+  const driver = (await fs.stat(abs)).isBlockDevice() ? 'host_device' : 'file';
+  return `json:${JSON.stringify({ driver: 'qcow2', backing: null, file: { driver, filename: abs } })}`;
+}
+
 /** A value inside qemu's key=value,… option syntax: commas are doubled. */
 export function optValue(value: string): string {
   return value.replaceAll(',', ',,');

@@ -13,7 +13,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
-import { mustExist, optValue, probeRawWriters, qemuFailure, runOn, runTool } from './qemu-run.js';
+import { mustExist, probeRawWriters, qcow2WithoutBacking, qemuFailure, runOn, runTool } from './qemu-run.js';
 
 export { IMAGE_FORMATS, isImageFormat, type ImageFormat } from './image-format.js';
 export { exportImage, type ExportOptions, type NbdExport } from './qemu-nbd.js';
@@ -110,10 +110,6 @@ export async function createImage(file: string, format: ImageFormat, virtualSize
   await runOn('qemu-img', abs, ['create', '-q', '-f', format, ...opts, abs, String(virtualSize)]);
 }
 
-/** `--image-opts` spec for a qcow2 file: qemu-img snapshot has no -f in QEMU 7.2. */
-function qcow2Opts(abs: string): string {
-  return `driver=qcow2,file.filename=${optValue(abs)}`;
-}
 
 function checkSnapshotName(name: string, abs: string): void {
   // qemu-img snapshot -d and -l accept an id or a name: an all-digit name could hit another snapshot's id.
@@ -131,7 +127,8 @@ export async function snapshotCreate(file: string, name: string): Promise<void> 
   if ((j.snapshots ?? []).some((s) => s.name === name)) {
     throw new VmvaultError('ALREADY_EXISTS', `snapshot "${name}" already exists in disk image ${abs}`);
   }
-  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', '-c', name, qcow2Opts(abs)]);
+  // qemu-img snapshot has no -f in QEMU 7.2: the json: filename pins the format (and opens no backing file).
+  await runOn('qemu-img', abs, ['snapshot', '-q', '-c', name, await qcow2WithoutBacking(abs)]);
 }
 
 /** Delete a qcow2 internal snapshot. NotFoundError when there is none of that name. */
@@ -148,7 +145,7 @@ async function onExistingSnapshot(file: string, name: string, op: '-d' | '-a'): 
   if (!(j.snapshots ?? []).some((s) => s.name === name)) {
     throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
   }
-  await runOn('qemu-img', abs, ['snapshot', '-q', '--image-opts', op, name, qcow2Opts(abs)]);
+  await runOn('qemu-img', abs, ['snapshot', '-q', op, name, await qcow2WithoutBacking(abs)]);
 }
 
 /** One internal snapshot of a qcow2 image, as qemu-img reports it. */

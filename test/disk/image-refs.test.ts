@@ -8,7 +8,7 @@ import { execa } from 'execa';
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileReader, imageReferences, isProtocolName, isVmdkDescriptor, probeFormat } from '../../src/disk/image-refs.js';
-import { exportImage } from '../../src/disk/qemu.js';
+import { exportImage, snapshotCreate, snapshotDelete, snapshotList } from '../../src/disk/qemu.js';
 import { tempDir } from '../helpers/images.js';
 
 const dir = await tempDir('vmvault-refs-');
@@ -82,6 +82,17 @@ describe('image headers', () => {
         await exp.close();
       }
     }
+  });
+
+  test('internal snapshots are made and listed without opening a backing file', async () => {
+    const img = join(dir.path, 'snap-top.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', img, `${MiB}`]);
+    // A backing file qemu could not open: any attempt to open it fails the command.
+    await execa('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-F', 'raw', '-b', join(dir.path, 'no-such-backing'), img]);
+    await snapshotCreate(img, 'vmvault-test');
+    assert.deepEqual((await snapshotList(img)).map((x) => x.name), ['vmvault-test']);
+    await snapshotDelete(img, 'vmvault-test');
+    assert.deepEqual(await snapshotList(img), []);
   });
 
   test("vmdk descriptors are recognised by qemu's rule: comments and blank lines, then version=", () => {
