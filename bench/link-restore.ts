@@ -17,7 +17,7 @@ import { pino } from 'pino';
 import { createApi } from '../src/api/app.js';
 import { linkKey, signLink } from '../src/api/links.js';
 import { parseConfig } from '../src/config/load.js';
-import { backup } from '../src/pipeline/backup.js';
+import { backupVm } from '../src/vm/drivers.js';
 import { restore } from '../src/pipeline/restore.js';
 import { createRedis } from '../src/queue/connection.js';
 import { Repository } from '../src/repo/repository.js';
@@ -36,7 +36,7 @@ try {
   await execa('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', `${w}/data.raw`, `${w}/src.qcow2`]);
   await rm(`${w}/data.raw`);
   const repo = await Repository.init(new LocalStorage(`${w}/repo`), 'bench', { kdf: 'weak' });
-  const { manifest } = await backup(repo, { vm: 'bench', disks: [{ path: `${w}/src.qcow2`, name: 'root' }] });
+  const { manifest } = await backupVm(repo, { vm: 'bench', driver: 'image', disks: [{ path: `${w}/src.qcow2`, name: 'root', format: 'qcow2' }] });
 
   // The API needs Redis only for jobs; the disk routes never touch it.
   const redis = createRedis('redis://127.0.0.1:1', 'producer', { lazyConnect: true });

@@ -14,9 +14,7 @@ import type { Redis } from 'ioredis';
 import path from 'node:path';
 import { pino, type Logger } from 'pino';
 import { errorMessage, VmvaultError } from '../src/errors.js';
-import { backup, type BackupRequest, type BackupResult } from '../src/pipeline/backup.js';
-import { backupRunningVm } from '../src/vm/live.js';
-import { backupLibvirtVm } from '../src/vm/libvirt.js';
+import { backupVm } from '../src/vm/drivers.js';
 import { restore, type RestoreResult } from '../src/pipeline/restore.js';
 import type { Progress } from '../src/pipeline/progress.js';
 import { Repository } from '../src/repo/repository.js';
@@ -255,20 +253,14 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
   const repo = guard.wrap(ctx.repo, async (m) => {
     await ctx.locks.set(marker, JSON.stringify({ backup: m.id, startedAt }), 'EX', MARKER_TTL_S);
   });
-  const req: BackupRequest = {
-    vm: p.vm, disks: p.disks, configs: p.configs, labels: p.labels, host: ctx.opts.host,
-    ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report,
-  };
   // The driver decides how the point in time is taken (DESIGN.md, data path step 1).
   const warn = (message: string, fields?: Record<string, unknown>) => ctx.log.warn({ job: job.id, vm: p.vm, ...fields }, message);
-  let done: BackupResult;
-  if (p.driver === 'qemu') {
-    done = await backupRunningVm(repo, { ...req, qmpSocket: p.qmpSocket!, ...(p.guestAgentSocket ? { guestAgentSocket: p.guestAgentSocket } : {}), warn });
-  } else if (p.driver === 'libvirt') {
-    done = await backupLibvirtVm(repo, { ...req, domain: p.libvirtDomain!, warn });
-  } else {
-    done = await backup(repo, req);
-  }
+  const done = await backupVm(repo, {
+    vm: p.vm, driver: p.driver ?? 'image', disks: p.disks, configs: p.configs, labels: p.labels, host: ctx.opts.host,
+    ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report, warn,
+    ...(p.qmpSocket ? { qmpSocket: p.qmpSocket } : {}), ...(p.guestAgentSocket ? { guestAgentSocket: p.guestAgentSocket } : {}),
+    ...(p.libvirtDomain ? { domain: p.libvirtDomain } : {}),
+  });
   const { manifest, stats } = done;
   await progress.flush();
   if (p.policy) {

@@ -1,13 +1,15 @@
 /**
- * Backup of one VM's disks: point in time → read through NBD → chunk → hash →
- * dedup → seal → upload, with bounded concurrency; the manifest is written last.
+ * Backup of one VM's disks once a point-in-time driver (src/vm/) has frozen them:
+ * read through NBD → chunk → hash → dedup → seal → upload, with bounded
+ * concurrency; the manifest is written last. The pipeline only reads, chunks and
+ * commits: how the instant is taken is the driver's business.
  */
 import { randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
 import { NotFoundError, VmvaultError } from '../errors.js';
-import { exportImage, snapshotCreate, snapshotDelete, type ImageFormat } from '../disk/qemu.js';
+import { exportImage, type ImageFormat } from '../disk/qemu.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { NbdClient } from '../disk/nbd.js';
 import type { Repository } from '../repo/repository.js';
@@ -20,15 +22,26 @@ import { ProgressMeter, type ProgressFn } from './progress.js';
 import { assertSafeName, diskNameFromPath, uniqueNames } from './names.js';
 import { withLock, type HeldLock } from '../repo/locks.js';
 
-export interface BackupRequest {
+/**
+ * A disk as the VM's configuration gives it: its path, optional name (default: the
+ * file name without extension), the format the configuration states (without it the
+ * image is probed once by vmvault and the result pinned by the manifest) and whether
+ * the image may name other files (a linked clone's backing chain).
+ */
+export interface BackupDisk { path: string; name?: string; format?: ImageFormat; allowChain?: boolean }
+
+/** A disk inspected and named, ready for a driver to freeze. */
+export interface NamedDisk extends InspectedDisk { name: string }
+
+/** One disk of a point in time, as the pipeline reads it. */
+export interface FrozenDisk extends NamedDisk {
+  /** A qcow2 internal snapshot holding the instant; without it the image itself is frozen (nothing writes to it while it is read). */
+  snapshot?: string;
+}
+
+/** What the pipeline needs of a backup besides the frozen disks. */
+export interface BackupOptions {
   vm: string;
-  /**
-   * Disk image paths, optionally named (`name` defaults to the file name without
-   * extension), with the format the VM's configuration states (without it the image is
-   * probed once by vmvault and the result pinned by the manifest) and whether the image
-   * may name other files (a linked clone's backing chain).
-   */
-  disks: BackupDisk[];
   /** Configuration files stored with the backup (e.g. a libvirt domain XML). */
   configs?: string[];
   labels?: string[];
@@ -43,65 +56,66 @@ export interface BackupRequest {
    */
   beforeCommit?: () => Promise<void>;
   /**
-   * The disk paths already are one point in time that nothing writes to while the
-   * backup reads them (a running VM's base images under overlays, see src/vm/live.ts):
-   * they are read as they are, without an internal snapshot.
-   */
-  frozen?: boolean;
-  /**
    * Stops the backup (rejecting with the signal's reason) before its next chunk; the
-   * cleanup of the point in time still runs, and nothing is committed.
+   * driver's cleanup of the point in time still runs, and nothing is committed.
    */
   signal?: AbortSignal;
-  /** Recorded in the manifest; default `offline` (frozen: the caller says `crash` or `application`). */
-  consistency?: Manifest['consistency'];
 }
 
-export interface BackupDisk { path: string; name?: string; format?: ImageFormat; allowChain?: boolean }
+export interface BackupRequest extends BackupOptions {
+  disks: FrozenDisk[];
+  /** What the instant guarantees, recorded in the manifest. */
+  consistency: NonNullable<Manifest['consistency']>;
+}
 
 export interface BackupResult { manifest: Manifest; stats: BackupStats }
 
-/** Internal snapshots this tool creates are named with this prefix, so leftovers can be found. */
-export const SNAPSHOT_PREFIX = 'vmvault-';
 const MAX_CONFIG_BYTES = 16 * 1024 * 1024;
 const STATUS_WINDOW = 1024 * 1024 * 1024;
 
-export async function backup(repo: Repository, req: BackupRequest): Promise<BackupResult> {
-  const started = Date.now();
-  if (!req.vm.trim()) throw new VmvaultError('BAD_INPUT', 'the VM name is empty');
-  if (req.disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${req.vm}": pass at least one --disk`);
-  const names = uniqueNames(req.disks.map((d) => d.name ?? diskNameFromPath(d.path)));
+/**
+ * Names and inspects a VM's disks before anything is frozen: a bad path, a locked
+ * image, a bad name or an image naming another file fails here, before any change.
+ * A disk with no declared format keeps the format its last backup detected.
+ */
+export async function inspectDisks(repo: Repository, vm: string, disks: BackupDisk[]): Promise<NamedDisk[]> {
+  if (!vm.trim()) throw new VmvaultError('BAD_INPUT', 'the VM name is empty');
+  if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${vm}": pass at least one --disk`);
+  const names = uniqueNames(disks.map((d) => d.name ?? diskNameFromPath(d.path)));
   names.forEach((n) => assertSafeName(n, 'disk name'));
-  // Inspect everything before writing anything: a bad path, a locked image or one naming another file fails here.
-  const pinned = req.disks.some((d) => d.format === undefined) ? await detectedFormats(repo, req.vm) : new Map<string, ImageFormat>();
-  const infos: InspectedDisk[] = [];
-  for (const [i, d] of req.disks.entries()) {
+  const pinned = disks.some((d) => d.format === undefined) ? await detectedFormats(repo, vm) : new Map<string, ImageFormat>();
+  const out: NamedDisk[] = [];
+  for (const [i, d] of disks.entries()) {
     const name = names[i]!;
     const pin = pinned.get(name);
-    infos.push(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) }));
+    out.push({ ...(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) })), name });
   }
-  const configs = await readConfigs(req.configs ?? []);
-
-  // A shared lock: garbage collection (exclusive) cannot delete the chunks this backup reuses.
-  return withLock(repo, 'shared', { purpose: `backup of ${req.vm}` }, (lock) => run(repo, req, infos, names, configs, started, lock));
+  return out;
 }
 
-async function run(
-  repo: Repository, req: BackupRequest, infos: InspectedDisk[], names: string[], configs: Manifest['configs'], started: number, lock: HeldLock,
-): Promise<BackupResult> {
+/** Reads, chunks and commits the frozen disks of one point in time. */
+export async function backup(repo: Repository, req: BackupRequest): Promise<BackupResult> {
+  const started = Date.now();
+  if (req.disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${req.vm}"`);
+  const configs = await readConfigs(req.configs ?? []);
+  // A shared lock: garbage collection (exclusive) cannot delete the chunks this backup reuses.
+  return withLock(repo, 'shared', { purpose: `backup of ${req.vm}` }, (lock) => run(repo, req, configs, started, lock));
+}
+
+async function run(repo: Repository, req: BackupRequest, configs: Manifest['configs'], started: number, lock: HeldLock): Promise<BackupResult> {
   const id = randomBytes(32).toString('hex');
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, seconds: 0 };
   const known = await repo.chunkIds();
-  const meter = new ProgressMeter('backup', infos.reduce((n, i) => n + i.virtualSize, 0), req.onProgress);
+  const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
   const pool = new ChunkPool(repo.workerInit());
   const disks: DiskEntry[] = [];
   try {
-    for (const [i, info] of infos.entries()) {
-      meter.disk = names[i]!;
-      const chunks = await backupDisk(repo, pool, info, id, known, stats, meter, req.inFlight ?? 10, req.frozen ?? false, req.signal);
+    for (const disk of req.disks) {
+      meter.disk = disk.name;
+      const chunks = await backupDisk(repo, pool, disk, known, stats, meter, req.inFlight ?? 10, req.signal);
       disks.push({
-        name: names[i]!, format: info.format, formatSource: info.formatSource, ...(info.chain.length ? { chain: info.chain } : {}),
-        virtualSize: info.virtualSize, sourcePath: info.path, chunks,
+        name: disk.name, format: disk.format, formatSource: disk.formatSource, ...(disk.chain.length ? { chain: disk.chain } : {}),
+        virtualSize: disk.virtualSize, sourcePath: disk.path, chunks,
       });
     }
   } finally {
@@ -112,7 +126,7 @@ async function run(
   const manifest: Manifest = {
     version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),
     labels: [...new Set(req.labels ?? [])], ...(req.policy ? { policy: req.policy } : {}),
-    consistency: req.consistency ?? 'offline',
+    consistency: req.consistency,
     chunkSize: repo.chunkSize, disks, configs, stats,
   };
   req.signal?.throwIfAborted();
@@ -154,35 +168,18 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
   return out;
 }
 
-/** Point in time for one image: an internal snapshot for qcow2, the file itself otherwise (or when the caller froze it). */
+/** Reads one frozen disk (its snapshot when it has one) through a read-only qemu-nbd export. */
 async function backupDisk(
-  repo: Repository, pool: ChunkPool, info: InspectedDisk, backupId: string, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number, frozen: boolean, signal?: AbortSignal,
+  repo: Repository, pool: ChunkPool, disk: FrozenDisk, known: Set<string>,
+  stats: BackupStats, meter: ProgressMeter, inFlight: number, signal?: AbortSignal,
 ): Promise<(string | null)[]> {
-  let snapshot: string | undefined;
-  if (info.format === 'qcow2' && !frozen) {
-    await removeStaleSnapshots(info);
-    snapshot = `${SNAPSHOT_PREFIX}${backupId.slice(0, 16)}`;
-    await snapshotCreate(info.path, snapshot);
-  }
+  const exp = await exportImage(disk.path, {
+    format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
+  });
   try {
-    const exp = await exportImage(info.path, {
-      format: info.format, readOnly: true, allowBacking: info.chain.length > 0, ...(snapshot ? { snapshot } : {}),
-    });
-    try {
-      return await readChunks(repo, pool, exp.client, info.virtualSize, known, stats, meter, inFlight, signal);
-    } finally {
-      await exp.close();
-    }
+    return await readChunks(repo, pool, exp.client, disk.virtualSize, known, stats, meter, inFlight, signal);
   } finally {
-    if (snapshot) await snapshotDelete(info.path, snapshot);
-  }
-}
-
-/** Snapshots left by a backup that was killed: the image is not in use now (we could inspect it), so they are ours to remove. */
-async function removeStaleSnapshots(info: InspectedDisk): Promise<void> {
-  for (const s of info.snapshots) {
-    if (s.name.startsWith(SNAPSHOT_PREFIX)) await snapshotDelete(info.path, s.name);
+    await exp.close();
   }
 }
 

@@ -18,7 +18,7 @@ import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, pathInside } from './names.js';
 import { withLock } from '../repo/locks.js';
-import { rewriteLibvirtDiskPaths, type DiskTarget } from '../vm/libvirt-xml.js';
+import { rewriteLibvirtDiskPaths, type DiskTarget } from './libvirt-xml.js';
 
 export interface RestoreRequest {
   backupId: string;

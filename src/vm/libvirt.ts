@@ -20,13 +20,15 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
-import { backup, type BackupDisk, type BackupRequest, type BackupResult } from '../pipeline/backup.js';
+import { inspectDisks, type BackupDisk } from '../pipeline/backup.js';
 import { diskNameFromPath } from '../pipeline/names.js';
 import type { Repository } from '../repo/repository.js';
 import type { Warn } from './guest-agent.js';
+import { freezeImages } from './image-driver.js';
+import { combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 import { isOverlayFile, OVERLAY_MARK, overlayPath } from './qemu-blocks.js';
 import { runId } from './overlays.js';
-import { libvirtDisks } from './libvirt-xml.js';
+import { libvirtDisks } from '../pipeline/libvirt-xml.js';
 import { isImageFormat } from '../disk/image-format.js';
 
 export interface DomblkEntry { type: string; device: string; target: string; source: string }
@@ -67,42 +69,38 @@ async function virsh(args: string[], domain: string): Promise<string> {
   return r.stdout;
 }
 
-export interface LibvirtBackupRequest extends Omit<BackupRequest, 'frozen' | 'disks'> {
-  domain: string;
-  /** Disks to back up; default every image disk of the domain. */
-  disks?: BackupRequest['disks'];
-  overlayDir?: string;
-  warn?: Warn;
-}
-
-export interface LibvirtBackupResult extends BackupResult { running: boolean; guestFrozen: boolean }
-
-/** Backs up a libvirt domain with its XML; see the file comment for how. */
-export async function backupLibvirtVm(repo: Repository, req: LibvirtBackupRequest): Promise<LibvirtBackupResult> {
-  const warn = req.warn ?? ((m: string) => process.stderr.write(`warning: ${m}\n`));
-  const { domain } = req;
+/** Freezes a libvirt domain's disks and captures its XML; see the file comment for how. */
+export async function openLibvirt(repo: Repository, target: PointInTimeTarget): Promise<PointInTime> {
+  const warn = target.warn ?? stderrWarn;
+  const domain = target.domain ?? target.vm;
   const xml = await virsh(['dumpxml', '--inactive', domain], domain);
   const entries = parseDomblklist(await virsh(['domblklist', domain, '--details'], domain));
   const state = (await virsh(['domstate', domain], domain)).trim();
   const running = state === 'running' || state === 'paused';
   const tmp = await fs.mkdtemp(path.join(os.tmpdir(), 'vmvault-libvirt-'));
+  const removeTmp = () => fs.rm(tmp, { recursive: true, force: true });
   try {
-    const xmlFile = path.join(tmp, `${req.vm}.xml`);
+    const xmlFile = path.join(tmp, `${target.vm}.xml`);
     await fs.writeFile(xmlFile, xml);
-    const listed: BackupDisk[] = req.disks?.length ? req.disks : imageDisks(entries).map((e) => ({ path: baseOf(e.source), name: diskNameFromPath(baseOf(e.source)) }));
+    const listed: BackupDisk[] = target.disks.length ? target.disks : imageDisks(entries).map((e) => ({ path: baseOf(e.source), name: diskNameFromPath(baseOf(e.source)) }));
+    if (listed.length === 0) throw new VmvaultError('BAD_INPUT', `libvirt domain "${domain}" has no file or block disk to back up`);
     // Each disk's format is the domain's `<driver type=…>` unless the inventory states it.
     const declared = libvirtDisks(xml);
     const disks = listed.map((d) => {
       const format = d.format ?? declared.find((x) => x.path === d.path || baseOf(x.path) === d.path)?.format;
       return format !== undefined && isImageFormat(format) ? { ...d, format } : d;
     });
-    if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `libvirt domain "${domain}" has no file or block disk to back up`);
-    const { domain: _d, overlayDir: _o, warn: _w, ...rest } = req;
-    const plain = { ...rest, disks, configs: [...(req.configs ?? []), xmlFile] };
-    if (!running) return { ...(await backup(repo, plain)), running: false, guestFrozen: false };
-    return await backupRunningDomain(repo, plain, domain, entries, req.overlayDir, warn);
-  } finally {
-    await fs.rm(tmp, { recursive: true, force: true });
+    const pit = running
+      ? await freezeRunningDomain(repo, target.vm, disks, domain, entries, target.overlayDir, warn)
+      : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks))), details: { running: false, guestFrozen: false } };
+    let closing: Promise<void> | undefined;
+    return {
+      ...pit, configFiles: [xmlFile],
+      close: () => (closing ??= pit.close().finally(removeTmp)),
+    };
+  } catch (err) {
+    await removeTmp();
+    throw err;
   }
 }
 
@@ -112,10 +110,10 @@ function baseOf(source: string): string {
   return isOverlayFile(source) && i > 0 ? source.slice(0, i) : source;
 }
 
-async function backupRunningDomain(
-  repo: Repository, req: BackupRequest, domain: string, entries: DomblkEntry[], overlayDir: string | undefined, warn: Warn,
-): Promise<LibvirtBackupResult> {
-  const targets = req.disks.map((d) => {
+async function freezeRunningDomain(
+  repo: Repository, vm: string, disks: BackupDisk[], domain: string, entries: DomblkEntry[], overlayDir: string | undefined, warn: Warn,
+): Promise<PointInTime> {
+  const targets = disks.map((d) => {
     const e = entries.find((x) => x.source === d.path || baseOf(x.source) === d.path);
     if (!e) throw new NotFoundError(`disk ${d.path} is not attached to libvirt domain "${domain}" (attached: ${entries.map((x) => `${x.target}: ${x.source}`).join(', ')}): fix the VM's disks in the inventory`);
     return { path: d.path, target: e.target, leftover: isOverlayFile(e.source) ? e.source : undefined };
@@ -139,18 +137,24 @@ async function backupRunningDomain(
     warn(`guest filesystems could not be frozen through libvirt: backing up crash-consistent (${errorMessage(err)})`, { domain });
     await create(false);
   }
-  let result: BackupResult | undefined;
-  let failure: unknown;
+  const close = async () => {
+    const errors: unknown[] = [];
+    for (const o of overlays) await commit(domain, o.target, o.file).catch((err: unknown) => errors.push(err));
+    if (errors.length > 0) throw errors[0];
+  };
   try {
-    result = await backup(repo, { ...req, frozen: true, consistency: guestFrozen ? 'application' : 'crash' });
+    return {
+      disks: await inspectDisks(repo, vm, disks), consistency: guestFrozen ? 'application' : 'crash', configFiles: [],
+      details: { running: true, guestFrozen, recovered: targets.filter((x) => x.leftover).length }, close,
+    };
   } catch (err) {
-    failure = err;
+    try {
+      await close();
+    } catch (closeErr) {
+      throw combineFailures(err, closeErr);
+    }
+    throw err;
   }
-  const errors: unknown[] = [];
-  for (const o of overlays) await commit(domain, o.target, o.file).catch((err: unknown) => errors.push(err));
-  if (failure !== undefined) throw failure;
-  if (errors.length > 0) throw errors[0];
-  return { ...result!, running: true, guestFrozen };
 }
 
 /** Active commit of `overlay` into its base, pivot, then delete the overlay. */

@@ -10,7 +10,7 @@ import type { Redis } from 'ioredis';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
 import { tryAcquireVmLock } from '../../src/queue/vm-lock.js';
-import { backup } from '../../src/pipeline/backup.js';
+import { backupVm } from '../../src/vm/drivers.js';
 import { JobAbortedError, JobGuard } from '../../workers/job-guard.js';
 import { fixture, uniqueHost, type Fixture } from './setup.js';
 
@@ -54,7 +54,7 @@ for (const lose of ['nothing', 'the job lock', 'the VM lock'] as const) {
       if (lose === 'the job lock') await conn.del(`bull:${name}:${job.id}:lock`);
       if (lose === 'the VM lock') await conn.set(`vmvault:vm-lock:${vm}`, 'someone-else');
       const count0 = (await fx.repo.backupIds()).length;
-      const run = backup(repo, { vm, disks: [{ path: await fx.image(vm) }] });
+      const run = backupVm(repo, { vm, driver: 'image', disks: [{ path: await fx.image(vm), format: 'qcow2' }] });
       if (lose === 'nothing') {
         const { manifest } = await run;
         assert.equal((await fx.repo.backupIds()).includes(manifest.id), true);

@@ -10,8 +10,9 @@ import { execa } from 'execa';
 import { describe, it } from 'node:test';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
-import { backupLibvirtVm, imageDisks, parseDomblklist, virshAvailable } from '../../src/vm/libvirt.js';
-import { libvirtDisks } from '../../src/vm/libvirt-xml.js';
+import { backupVm } from '../../src/vm/drivers.js';
+import { imageDisks, parseDomblklist, virshAvailable } from '../../src/vm/libvirt.js';
+import { libvirtDisks } from '../../src/pipeline/libvirt-xml.js';
 import { makeImage, tempDir } from '../helpers/images.js';
 
 const DOMBLKLIST = ` Type   Device   Target   Source
@@ -48,7 +49,7 @@ describe('libvirt driver', () => {
       await fs.writeFile(xmlFile, xml);
       await execa('virsh', ['create', xmlFile, '--paused']);
       const repo = await Repository.init(new LocalStorage(path.join(dir.path, 'repo')), 'pw', { kdf: 'weak' });
-      const r = await backupLibvirtVm(repo, { vm: 'lv', domain, warn: () => {} });
+      const r = await backupVm(repo, { vm: 'lv', driver: 'libvirt', disks: [], domain, warn: () => {} });
       assert.equal(r.running, true);
       assert.deepEqual(r.manifest.disks.map((d) => d.sourcePath), [disk]);
       const stored = r.manifest.configs.find((c) => c.name === 'lv.xml');

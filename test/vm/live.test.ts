@@ -16,7 +16,11 @@ import { compareImages } from '../../src/disk/qemu.js';
 import { restore } from '../../src/pipeline/restore.js';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
-import { backupRunningVm } from '../../src/vm/live.js';
+import { backupVm } from '../../src/vm/drivers.js';
+import type { PointInTimeTarget } from '../../src/vm/point-in-time.js';
+import type { BackupOptions } from '../../src/pipeline/backup.js';
+
+const backupRunningVm = (repo: Repository, req: Omit<PointInTimeTarget, 'vm'> & BackupOptions) => backupVm(repo, { ...req, driver: 'qemu' });
 import { spawnCli } from '../helpers/cli.js';
 import { makeImage, processAlive, tempDir, verifyPatterns, writePattern, type TempDir } from '../helpers/images.js';
 import { startTestVm, type TestVm } from '../helpers/qemu-vm.js';

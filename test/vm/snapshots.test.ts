@@ -11,7 +11,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { compareImages, snapshotList } from '../../src/disk/qemu.js';
 import { VmvaultError } from '../../src/errors.js';
-import { SNAPSHOT_PREFIX } from '../../src/pipeline/backup.js';
+import { SNAPSHOT_PREFIX } from '../../src/vm/image-driver.js';
 import { parseConfig } from '../../src/config/load.js';
 import {
   createSnapshot, deleteSnapshot, expireSnapshots, listSnapshots, RESERVED_SNAPSHOT_PREFIX, revertSnapshot, snapshotTargetOf,

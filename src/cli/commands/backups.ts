@@ -3,8 +3,8 @@ import { Option, type Command } from 'commander';
 import { VmvaultError } from '../../errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../../disk/qemu.js';
 import { summarise, type Manifest } from '../../repo/manifest.js';
-import { backup, type BackupDisk } from '../../pipeline/backup.js';
-import { backupRunningVm } from '../../vm/live.js';
+import type { BackupDisk } from '../../pipeline/backup.js';
+import { backupVm } from '../../vm/drivers.js';
 import { restore } from '../../pipeline/restore.js';
 import { verify } from '../../pipeline/verify.js';
 import { openRepository, type GlobalOptions } from '../context.js';
@@ -84,15 +84,13 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       };
       process.on('SIGINT', onSignal);
       process.on('SIGTERM', onSignal);
-      const req = {
-        vm: o.vm, disks, configs: o.config ?? [], labels: o.label ?? [],
-        ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update, signal: stop.signal,
-      };
       let result;
       try {
-        result = o.qmp
-          ? await backupRunningVm(repo, { ...req, qmpSocket: o.qmp, ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}) })
-          : await backup(repo, req);
+        result = await backupVm(repo, {
+          vm: o.vm, driver: o.qmp ? 'qemu' : 'image', disks, configs: o.config ?? [], labels: o.label ?? [],
+          ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update, signal: stop.signal,
+          ...(o.qmp ? { qmpSocket: o.qmp } : {}), ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}),
+        });
       } finally {
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);

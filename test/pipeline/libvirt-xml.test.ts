@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { VmvaultError } from '../../src/errors.js';
-import { libvirtDisks, rewriteLibvirtDiskPaths } from '../../src/vm/libvirt-xml.js';
+import { libvirtDisks, rewriteLibvirtDiskPaths } from '../../src/pipeline/libvirt-xml.js';
 
 const DOMAIN = `<?xml version="1.0"?>
 <!-- edited by hand: keep this comment -->

@@ -11,7 +11,7 @@
  */
 import { DOMParser, XMLSerializer, type Document, type Element } from '@xmldom/xmldom';
 import { VmvaultError } from '../errors.js';
-import { diskNameFromPath } from '../pipeline/names.js';
+import { diskNameFromPath } from './names.js';
 
 /** Where a disk went: its new path, and its new format when the restore changed it. */
 export type DiskTarget = string | { path: string; format?: string };

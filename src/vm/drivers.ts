@@ -1,0 +1,57 @@
+/**
+ * The point-in-time drivers, chosen from one table, and `backupVm`: the one backup
+ * of a VM for the CLI, the worker and snapshot export (see src/vm/point-in-time.ts
+ * for the contract every driver keeps).
+ */
+import type { DRIVERS } from '../config/schema.js';
+import { backup, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
+import type { Repository } from '../repo/repository.js';
+import { openImages } from './image-driver.js';
+import { openLibvirt } from './libvirt.js';
+import { openRunningVm } from './live.js';
+import { combineFailures, stderrWarn, type PointInTime, type PointInTimeDetails, type PointInTimeOpener, type PointInTimeTarget } from './point-in-time.js';
+
+export type Driver = (typeof DRIVERS)[number];
+
+const OPENERS: Record<Driver, PointInTimeOpener> = {
+  image: openImages,
+  qemu: openRunningVm,
+  libvirt: openLibvirt,
+};
+
+/** Freezes the VM's disks with `driver`; the caller must `close()` what it returns. */
+export function openPointInTime(repo: Repository, driver: Driver, target: PointInTimeTarget): Promise<PointInTime> {
+  return OPENERS[driver](repo, target);
+}
+
+export interface VmBackupRequest extends PointInTimeTarget, BackupOptions {
+  driver: Driver;
+}
+
+export type VmBackupResult = BackupResult & PointInTimeDetails;
+
+/**
+ * Takes the VM's point in time with its driver, backs it up, and gives the instant
+ * back. A failed backup and a failed give-back are both reported: the error says what
+ * state the VM is left in.
+ */
+export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<VmBackupResult> {
+  const pit = await openPointInTime(repo, req.driver, req);
+  let result: BackupResult | undefined;
+  let failure: unknown;
+  try {
+    result = await backup(repo, { ...req, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles] });
+  } catch (err) {
+    failure = err;
+  }
+  try {
+    await pit.close();
+  } catch (closeErr) {
+    if (failure !== undefined) throw combineFailures(failure, closeErr);
+    // The backup itself is committed and valid; what is wrong is the VM's state.
+    (req.warn ?? stderrWarn)(`backup ${result!.manifest.id} was saved, but giving its point in time back failed`);
+    throw closeErr;
+  }
+  if (failure !== undefined) throw failure;
+  return { ...result!, ...pit.details };
+}

@@ -1,0 +1,75 @@
+/**
+ * One point-in-time driver interface (DESIGN.md, data path step 1): a driver freezes
+ * a VM's disks at one instant and hands the pipeline a read-only view of each; the
+ * pipeline reads, chunks and commits; `close()` gives the instant back (deletes the
+ * internal snapshot, merges the overlays). Drivers are chosen from one table, as
+ * storage backends are (src/vm/drivers.ts), and `backupVm` there is the one backup
+ * entry point for the CLI, the worker and snapshot export.
+ *
+ * Contract of a driver's `open`:
+ * - every disk is inspected (src/pipeline/backup.ts inspectDisks: format pinned, no
+ *   image naming another file) before anything on the host changes;
+ * - when `open` throws, it has undone what it did; when it returns, `close()` must be
+ *   called whatever happens, and is safe to call once;
+ * - `close()` throws an error that says what state it leaves the VM in.
+ */
+import { errorMessage, VmvaultError } from '../errors.js';
+import type { BackupDisk, FrozenDisk } from '../pipeline/backup.js';
+import type { Repository } from '../repo/repository.js';
+import type { GuestAgentOptions, Warn } from './guest-agent.js';
+import type { Overlay } from './overlays.js';
+
+export interface PointInTimeTarget {
+  vm: string;
+  /** The VM's disks; a libvirt domain may leave them out (they then come from virsh domblklist). */
+  disks: BackupDisk[];
+  /** qemu: the running QEMU's QMP socket. */
+  qmpSocket?: string;
+  /** qemu: the guest agent's socket, for a filesystem freeze at the instant. */
+  guestAgentSocket?: string;
+  guestAgent?: GuestAgentOptions;
+  /** libvirt: the domain's name (default: the VM's name). */
+  domain?: string;
+  /** qemu and libvirt: where the temporary overlays go (default: next to each image). */
+  overlayDir?: string;
+  /** qemu: longest wait for one overlay's commit (default 1 h). */
+  commitTimeoutMs?: number;
+  /** qemu: called once the overlays exist and before the base images are read (tests). */
+  onPointInTime?: (overlays: readonly Overlay[]) => void | Promise<void>;
+  /** Warnings (crash-consistent fallback, recovered leftovers). Default: stderr. */
+  warn?: Warn;
+}
+
+/** What a driver reports of how it took the instant. */
+export interface PointInTimeDetails {
+  /** The guest's filesystems were frozen by its agent at the instant. */
+  guestFrozen?: boolean;
+  /** Leftovers of killed earlier runs cleaned up first. */
+  recovered?: number;
+  /** libvirt: the domain was running. */
+  running?: boolean;
+}
+
+export interface PointInTime {
+  disks: FrozenDisk[];
+  consistency: 'offline' | 'crash' | 'application';
+  /** Configuration files the driver captured (a libvirt domain's XML), stored with the backup. */
+  configFiles: string[];
+  details: PointInTimeDetails;
+  close(): Promise<void>;
+}
+
+export type PointInTimeOpener = (repo: Repository, target: PointInTimeTarget) => Promise<PointInTime>;
+
+export const stderrWarn: Warn = (message, fields) => process.stderr.write(`warning: ${message}${fields ? ` ${JSON.stringify(fields)}` : ''}\n`);
+
+/**
+ * The error for a backup that failed and whose point in time could not be given back
+ * either: it must say what state the VM is left in, not only why the backup failed.
+ */
+export function combineFailures(failure: unknown, closeErr: unknown): VmvaultError {
+  const code = failure instanceof VmvaultError ? failure.code : 'QEMU';
+  return new VmvaultError(code, `${errorMessage(failure)}; and ${errorMessage(closeErr)}`, {
+    cause: failure, retriable: failure instanceof VmvaultError && failure.retriable,
+  });
+}
