@@ -28,7 +28,7 @@ import type { Repository } from '../repo/repository.js';
 import type { Manifest } from '../repo/manifest.js';
 import { DiskReader } from '../pipeline/disk-reader.js';
 import { assertSafeName } from '../pipeline/names.js';
-import { checkPolicyText, loadPolicies } from '../policy/load.js';
+import { checkPolicyText, formatProblem, loadPolicies } from '../policy/load.js';
 import { allows, TokenTable, type Principal, type Role } from './auth.js';
 import { ApiError, errorBody, sendError, toApiError } from './errors.js';
 import { Limiter } from './bounded.js';
@@ -455,6 +455,7 @@ export function createApi(deps: ApiDeps): Api {
   app.openapi(R.validatePolicy, async (c) => {
     const req = c.req.valid('json');
     const r = checkPolicyText(req.yaml, req.file);
+    if (!r.ok && r.refused) throw new ApiError(400, 'BAD_INPUT', r.problems.map(formatProblem).join('\n'), { problems: r.problems });
     return c.json(r.ok
       ? { valid: true, policy: r.value as unknown as Record<string, unknown>, problems: [] }
       : { valid: false, policy: null, problems: r.problems }, 200);
