@@ -28,7 +28,7 @@ import type { Repository } from '../repo/repository.js';
 import type { Manifest } from '../repo/manifest.js';
 import { DiskReader } from '../pipeline/disk-reader.js';
 import { assertSafeName } from '../pipeline/names.js';
-import { checkPolicyText, loadPolicies } from '../policy/load.js';
+import { checkPolicyText, formatProblem, loadPolicies } from '../policy/load.js';
 import { allows, TokenTable, type Principal, type Role } from './auth.js';
 import { ApiError, errorBody, sendError, toApiError } from './errors.js';
 import { Limiter } from './bounded.js';
@@ -46,6 +46,8 @@ export interface ApiDeps {
   log: Logger;
   /** Seconds since the epoch (tests move time). */
   now?: () => number;
+  /** SLOT_HOLD_MAX_MS (tests shorten it). */
+  wholeResponseHoldMs?: number;
 }
 
 export interface Api {
@@ -67,11 +69,16 @@ const WHOLE_RESPONSE_BYTES = 16 * 1024 * 1024;
 const WHOLE_RESPONSES_AT_ONCE = 8;
 
 /**
- * Longest a whole response keeps its slot while the client reads it ('close' normally
- * frees it sooner). Short, so that clients which stop reading cannot hold every slot
- * for long; QEMU gives up on a request after 5 s by default anyway.
+ * How long a whole response may take to leave while other requests wait for a slot.
+ * Its buffer lives until the client has read it, so the slot is held as long, and a
+ * client too slow for this (16 MiB in 30 s is 0.5 MiB/s) is disconnected once someone
+ * else waits: handing its slot on while it kept its buffer let paused clients hold a
+ * new 128 MiB every 30 s. QEMU gives up on a request after 5 s by default anyway.
  */
 const SLOT_HOLD_MAX_MS = 30_000;
+
+/** After SLOT_HOLD_MAX_MS, how often a slow whole response looks for requests waiting for its slot. */
+const SLOT_WAIT_CHECK_MS = 1000;
 
 /** Manifests kept decoded for the disk routes (a 1 TiB disk's weighs about 30 MB in memory). */
 const MANIFESTS_KEPT = 4;
@@ -345,6 +352,30 @@ export function createApi(deps: ApiDeps): Api {
     return c.json(await accepted(job), 202);
   });
 
+  /**
+   * Keeps a whole response's slot until the answer has left or the client is gone (its
+   * buffer lives that long); past SLOT_HOLD_MAX_MS, a client still reading while others
+   * wait is disconnected, which frees the buffer and the slot together.
+   */
+  let cutting = 0; // responses disconnected whose slots have not yet passed on to a waiter
+  const holdUntilSent = (outgoing: ServerResponse, release: () => void): void => {
+    let cut = false;
+    let timer = setTimeout(function check() {
+      if (wholeResponses.waiting > cutting) {
+        cut = true;
+        cutting++;
+        outgoing.destroy();
+      } else {
+        timer = setTimeout(check, SLOT_WAIT_CHECK_MS).unref();
+      }
+    }, deps.wholeResponseHoldMs ?? SLOT_HOLD_MAX_MS).unref();
+    outgoing.once('close', () => {
+      clearTimeout(timer);
+      if (cut) cutting--;
+      release();
+    });
+  };
+
   const serveDisk = async (c: Parameters<Parameters<typeof app.openapi>[1]>[0], backupId: string, diskName: string): Promise<Response> => {
     // The catalogue first: a pruned backup is refused even while its manifest is still kept.
     const b = await catalogue.get(backupId);
@@ -376,14 +407,9 @@ export function createApi(deps: ApiDeps): Api {
         release();
         throw err;
       }
-      // The slot is held until the answer has left (or the client is gone): a slow reader keeps its buffer, so it counts.
       const outgoing = (c.env as { outgoing?: ServerResponse } | undefined)?.outgoing;
-      if (outgoing && !outgoing.destroyed && !outgoing.writableFinished) {
-        const timer = setTimeout(release, SLOT_HOLD_MAX_MS).unref();
-        outgoing.once('close', () => { clearTimeout(timer); release(); });
-      } else {
-        release();
-      }
+      if (outgoing && !outgoing.destroyed && !outgoing.writableFinished) holdUntilSent(outgoing, release);
+      else release();
       return new Response(data, { status, headers });
     }
     return new Response(reader.stream(disk, manifest.chunkSize, start, end), { status, headers });
@@ -429,6 +455,7 @@ export function createApi(deps: ApiDeps): Api {
   app.openapi(R.validatePolicy, async (c) => {
     const req = c.req.valid('json');
     const r = checkPolicyText(req.yaml, req.file);
+    if (!r.ok && r.refused) throw new ApiError(400, 'BAD_INPUT', r.problems.map(formatProblem).join('\n'), { problems: r.problems });
     return c.json(r.ok
       ? { valid: true, policy: r.value as unknown as Record<string, unknown>, problems: [] }
       : { valid: false, policy: null, problems: r.problems }, 200);

@@ -7,20 +7,25 @@
 /** At most `max` holders at once; the others wait their turn, in order. */
 export class Limiter {
   private active = 0;
-  private readonly waiting: (() => void)[] = [];
+  private readonly waitingList: (() => void)[] = [];
 
   constructor(readonly max: number) {}
 
+  /** Callers waiting for a slot. */
+  get waiting(): number {
+    return this.waitingList.length;
+  }
+
   /** A slot, once one is free; call the returned function (any number of times) to give it back. */
   async acquire(): Promise<() => void> {
-    if (this.active >= this.max) await new Promise<void>((resolve) => this.waiting.push(resolve));
+    if (this.active >= this.max) await new Promise<void>((resolve) => this.waitingList.push(resolve));
     else this.active++;
     let held = true;
     return () => {
       if (!held) return;
       held = false;
       // The slot passes straight to the next waiter, so `active` never drops below what runs.
-      const next = this.waiting.shift();
+      const next = this.waitingList.shift();
       if (next) next();
       else this.active--;
     };

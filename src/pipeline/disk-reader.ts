@@ -11,6 +11,17 @@ import type { DiskEntry } from '../repo/manifest.js';
 import { PromiseLru } from './lru.js';
 import { ChunkPool } from './pool.js';
 
+/**
+ * The largest piece a stream hands out. An HTTP response writes whatever it is given
+ * before it looks at back-pressure, so this (times the few pieces @hono/node-server
+ * reads ahead) is what a client that stops reading keeps in memory: 256 KiB, where a
+ * whole 4 MiB chunk per client let 100 paused clients hold 400 MB.
+ */
+export const STREAM_PIECE_BYTES = 256 * 1024;
+
+/** How long a stream keeps its current chunk after the consumer's last pull. */
+const HOLD_CHUNK_MS = 1000;
+
 export class DiskReader {
   private pool: ChunkPool | undefined;
   private readonly cache: PromiseLru<Buffer>;
@@ -21,27 +32,43 @@ export class DiskReader {
     this.cache = new PromiseLru<Buffer>(cacheChunks);
   }
 
-  /** The bytes [start, end] (inclusive) of `disk`, in pieces of at most one chunk, pulled as the consumer reads. */
+  /**
+   * The bytes [start, end] (inclusive) of `disk`, pulled as the consumer reads, in
+   * pieces of at most STREAM_PIECE_BYTES. Each piece is a copy (the cached chunk must
+   * not be handed to a stream that may transfer or detach it), so what a consumer that
+   * stops reading holds is the few pieces it was given, not a chunk-sized copy. The
+   * chunk being read is kept between pulls, but only for HOLD_CHUNK_MS after the last
+   * one: a paused consumer does not keep a chunk alive that the cache has let go.
+   */
   stream(disk: DiskEntry, chunkSize: number, start: number, end: number): ReadableStream<Uint8Array> {
     if (start < 0 || end >= disk.virtualSize || start > end) {
       throw new VmvaultError('BAD_INPUT', `range ${start}-${end} is outside disk "${disk.name}" (${disk.virtualSize} bytes)`);
     }
     let pos = start;
+    let held: { index: number; data: Buffer } | undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const letGo = (): void => {
+      clearTimeout(timer);
+      held = undefined;
+    };
     return new ReadableStream<Uint8Array>({
       pull: async (controller) => {
+        clearTimeout(timer);
         if (pos > end) {
+          letGo();
           controller.close();
           return;
         }
         const index = Math.floor(pos / chunkSize);
         const chunkStart = index * chunkSize;
         const chunkEnd = Math.min(chunkStart + chunkSize, disk.virtualSize) - 1;
-        const to = Math.min(end, chunkEnd);
-        const data = await this.chunk(disk, index, chunkSize);
-        // A copy: the cached buffer must not be handed to a stream that may transfer or detach it.
-        controller.enqueue(new Uint8Array(data.subarray(pos - chunkStart, to - chunkStart + 1)));
+        const to = Math.min(end, chunkEnd, pos + STREAM_PIECE_BYTES - 1);
+        if (held?.index !== index) held = { index, data: await this.chunk(disk, index, chunkSize) };
+        controller.enqueue(new Uint8Array(held.data.subarray(pos - chunkStart, to - chunkStart + 1)));
         pos = to + 1;
+        timer = setTimeout(letGo, HOLD_CHUNK_MS).unref();
       },
+      cancel: letGo,
     }, { highWaterMark: 0 });
   }
 

@@ -7,7 +7,7 @@
  * paths and formats rewritten to the restored images.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdir, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
@@ -177,6 +177,9 @@ async function restoreDisk(
   stats: RestoreResult['stats'], meter: ProgressMeter, inFlight: number,
 ): Promise<void> {
   await createImage(tmp, format, disk.virtualSize);
+  // Like the configuration files: a disk holds the VM's secrets. qemu-img creates it by
+  // the umask (0644 under 022); narrow it before any data is written.
+  await chmod(tmp, 0o600);
   const exp = await exportImage(tmp, { format, readOnly: false });
   try {
     const window = new TaskWindow(inFlight);

@@ -5,7 +5,7 @@
  */
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { isAlias, isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, type Document, type Node } from 'yaml';
+import { isAlias, isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, visit, type Document, type Node } from 'yaml';
 import type { z } from 'zod';
 import { VmvaultError } from '../errors.js';
 import { POLICY_KEYS, policySchema, type Policy } from './schema.js';
@@ -128,14 +128,33 @@ export type YamlPosition = (path: readonly PropertyKey[]) => { line: number; col
 const positionIn = (doc: Document, lines: LineCounter): YamlPosition => (path) => lines.linePos(locate(doc, path).node?.range?.[0] ?? 0);
 
 /**
+ * Aliases a document may expand (the yaml package counts each alias by the size of
+ * what it copies): plenty for a policy or configuration that reuses a list or two,
+ * and a refusal for a few hundred bytes that would expand to millions of nodes.
+ */
+const MAX_ALIAS_COUNT = 100;
+
+const TOO_MANY_ALIASES = `refused: its aliases (*name) expand to more than ${MAX_ALIAS_COUNT} copies of anchored values, `
+  + 'the shape of a "billion laughs" document; write the values out, or use fewer aliases';
+
+/** Where the first alias of the document is, 1-based (1:1 when there is none). */
+function firstAlias(doc: Document, lines: LineCounter): { line: number; col: number } {
+  let offset = 0;
+  visit(doc, { Alias: (_key, node) => { offset = node.range?.[0] ?? 0; return visit.BREAK; } });
+  return lines.linePos(offset);
+}
+
+/**
  * Parses YAML text and validates it with `schema` and with `check` (rules across
  * keys; it gets the raw value, whatever its shape, and runs even when the schema
  * fails, so every problem is reported at once). `file` is only used in messages.
+ * `refused` marks a text not even read as data (aliases that expand too far): a
+ * request to check it is a bad request, not a policy with problems.
  */
 export function validateYaml<T>(
   text: string, file: string, schema: z.ZodType<T>, kind: YamlFileKind,
   check?: (raw: unknown, position: YamlPosition) => YamlIssue[],
-): { ok: true; value: T } | { ok: false; problems: PolicyProblem[] } {
+): { ok: true; value: T } | { ok: false; problems: PolicyProblem[]; refused?: true } {
   const lines = new LineCounter();
   const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
   if (doc.errors.length > 0) {
@@ -145,7 +164,15 @@ export function validateYaml<T>(
     }) };
   }
   if (doc.contents === null) return { ok: false, problems: [{ file, line: 1, col: 1, path: kind.root, message: kind.empty }] };
-  const raw: unknown = doc.toJS({ maxAliasCount: 100 });
+  let raw: unknown;
+  try {
+    raw = doc.toJS({ maxAliasCount: MAX_ALIAS_COUNT });
+  } catch (err) {
+    // The yaml package's guard against exponential expansion ("billion laughs") throws a
+    // ReferenceError; anything else it throws is ours to see.
+    if (!(err instanceof ReferenceError) || !/alias/i.test(err.message)) throw err;
+    return { ok: false, refused: true, problems: [{ file, ...firstAlias(doc, lines), path: 'YAML', message: TOO_MANY_ALIASES }] };
+  }
   const result = schema.safeParse(raw);
   const extra = check?.(raw, positionIn(doc, lines)) ?? [];
   if (result.success && extra.length === 0) return { ok: true, value: result.data };

@@ -2,6 +2,7 @@
  * A Storage on an S3 bucket (AWS, MinIO, Ceph, R2, s3rver…): object `a/b` is the key
  * `<prefix>/a/b`. The only module that imports @aws-sdk.
  */
+import { createHash } from 'node:crypto';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import {
@@ -32,6 +33,12 @@ export interface S3StorageOptions {
   connectionTimeoutMs?: number;
   /** Give up on a socket idle this long mid-request. Default 120 s. */
   socketTimeoutMs?: number;
+  /**
+   * Send each put's MD5 as Content-MD5, so the server refuses a body changed or cut
+   * short on the way instead of storing it. Default true; false only to measure its
+   * cost (bench/s3-checksum.ts).
+   */
+  contentMd5?: boolean;
 }
 
 /** Network error codes that mean "the endpoint cannot be reached", with a short reason. */
@@ -52,8 +59,10 @@ const ACCESS_DENIED = ['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMa
  *
  * The SDK's own retries are off (maxAttempts 1): wrap with withRetry (openStorage does).
  * Flexible checksums are sent and checked only when required: S3-compatible servers
- * reject or mishandle the SDK's default ones, and the data is authenticated by the
- * repository's encryption anyway.
+ * reject or mishandle the SDK's default ones. Every put carries Content-MD5 instead,
+ * which S3, MinIO, Ceph and R2 all check: a body that arrives altered or short is
+ * refused (BadDigest, retried) rather than stored. Reads need no such check: every
+ * object is authenticated by the repository's encryption or MAC.
  */
 export class S3Storage implements Storage {
   readonly location: string;
@@ -64,11 +73,13 @@ export class S3Storage implements Storage {
   private readonly client: S3Client;
   private readonly keyPrefix: string;
   private readonly agents: Array<HttpAgent | HttpsAgent>;
+  private readonly contentMd5: boolean;
   /** Set once the bucket is known to exist, see `stat`. */
   private bucketChecked: Promise<void> | undefined;
 
   constructor(opts: S3StorageOptions) {
     this.bucket = opts.bucket;
+    this.contentMd5 = opts.contentMd5 ?? true;
     this.prefix = (opts.prefix ?? '').replace(/^\/+|\/+$/g, '');
     if (this.prefix) checkName(this.prefix);
     this.keyPrefix = this.prefix ? `${this.prefix}/` : '';
@@ -111,7 +122,8 @@ export class S3Storage implements Storage {
   async put(name: string, data: Uint8Array): Promise<void> {
     const Key = this.key(name);
     try {
-      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.byteLength }));
+      const ContentMD5 = this.contentMd5 ? createHash('md5').update(data).digest('base64') : undefined;
+      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.byteLength, ContentMD5 }));
     } catch (err) {
       throw this.translate(err, 'put', name);
     }
@@ -209,6 +221,11 @@ export class S3Storage implements Storage {
       return new VmvaultError('STORAGE',
         `S3 ${what} in ${where}: access denied (${errName || status}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they grant s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on this bucket`,
         { cause: err });
+    }
+    if (errName === 'BadDigest') {
+      return new VmvaultError('STORAGE',
+        `S3 ${what} in ${where}: the server refused the body: it does not match its Content-MD5, so it was changed or cut short on the way; nothing was stored`,
+        { cause: err, retriable: true });
     }
     if (errName === 'CredentialsProviderError') {
       return new VmvaultError('STORAGE',

@@ -16,6 +16,8 @@
  *   is accepted, a wrong access key id gives InvalidAccessKeyId.
  * - It writes objects in place, so a PUT cut off half-way leaves a truncated object where
  *   real S3 leaves none: the child patches its store to write, then rename.
+ * - It ignores Content-MD5 (real S3, MinIO, Ceph and R2 refuse a body that does not
+ *   match it with 400 BadDigest): the same patch checks it, as S3 does, before the rename.
  * - Its default `address` is 'localhost'; we bind 127.0.0.1 to avoid IPv6/IPv4 surprises.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -69,8 +71,20 @@ Store.prototype.putObject = async function (object) {
     await fs.promises.rm(tmp, { force: true });
     throw err;
   }
-  await fs.promises.rename(tmp, objectPath);
   const md5 = hash.digest('hex');
+  const sent = object.content.headers && object.content.headers['content-md5'];
+  if (sent !== undefined) {
+    const S3Error = require(path.join(path.dirname(modulePath), 'models', 'error.js'));
+    const digest = Buffer.from(String(sent), 'base64');
+    const fail = digest.length !== 16
+      ? new S3Error('InvalidDigest', 'The Content-MD5 you specified was invalid.')
+      : digest.toString('hex') !== md5 ? new S3Error('BadDigest', 'The Content-MD5 you specified did not match what was received.') : undefined;
+    if (fail) {
+      await fs.promises.rm(tmp, { force: true });
+      throw fail;
+    }
+  }
+  await fs.promises.rename(tmp, objectPath);
   await this.putMetadata(object.bucket, object.key, object.metadata, md5);
   return { size, md5 };
 };

@@ -93,6 +93,16 @@ describe('vmvault policy validate', () => {
     bad = join(dir, 'bad.yaml');
     await writeFile(bad, 'name: nightly\nschedule: "30 25 * * *"\nselect:\n  tags: [production]\nretention:\n  keep_daily: 7\n');
   });
+
+  test('refuses a "billion laughs" file cleanly: one line, exit 1', async () => {
+    const bomb = join(dir, 'bomb.yaml');
+    const lists = 'bcdefghi'.split('').map((x, i) => `${x}: &${x} [${Array(9).fill(`*${'abcdefghi'[i]}`).join(', ')}]`);
+    await writeFile(bomb, ['a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]', ...lists, 'name: bomb', ''].join('\n'));
+    const r = await cli(['policy', 'validate', bomb]);
+    assert.equal(r.code, 1, r.stderr);
+    assert.equal(r.stdout, '');
+    assert.match(r.stderr, new RegExp(`^${bomb}:2:8: YAML: refused: .*"billion laughs" document; write the values out, or use fewer aliases$`));
+  });
   after(() => rm(dir, { recursive: true, force: true }));
 
   test('prints FILE: ok for each valid file', async () => {

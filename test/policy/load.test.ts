@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VmvaultError } from '../../src/errors.js';
-import { loadPolicies, loadPolicyFile, parsePolicy, PolicyFileError } from '../../src/policy/load.js';
+import { checkPolicyText, loadPolicies, loadPolicyFile, parsePolicy, PolicyFileError } from '../../src/policy/load.js';
 import { retentionFor } from '../../src/policy/schema.js';
 
 const EXAMPLES = fileURLToPath(new URL('../../../policies/', import.meta.url));
@@ -31,6 +31,16 @@ select:
 retention:
   keepDaily: 7
 `;
+
+/**
+ * A "billion laughs" policy: 342 bytes of anchors, each alias list nine times the one
+ * before, 9^9 (387 million) strings once expanded. Its first alias is at line 2, column 8.
+ */
+const ALIAS_BOMB = [
+  'a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]',
+  ...'bcdefghi'.split('').map((x, i) => `${x}: &${x} [${Array(9).fill(`*${'abcdefghi'[i]}`).join(', ')}]`),
+  valid,
+].join('\n');
 
 describe('the example policies', () => {
   test('policies/daily.yaml: nightly at 01:30, 7 daily, 4 weekly, 6 monthly, tag production', async () => {
@@ -127,6 +137,18 @@ enabled: yes
     assert.deepEqual(problems('- name: x\n'), ['p.yaml:1:1: (policy): expected a policy: a mapping with name, schedule, select and retention']);
   });
 
+  test('aliases that expand too far are refused at the first alias, never expanded; a few aliases are fine', () => {
+    const started = Date.now();
+    assert.deepEqual(problems(ALIAS_BOMB), [
+      'p.yaml:2:8: YAML: refused: its aliases (*name) expand to more than 100 copies of anchored values, the shape of a "billion laughs" document; write the values out, or use fewer aliases',
+    ]);
+    const r = checkPolicyText(ALIAS_BOMB, 'p.yaml');
+    assert.ok(!r.ok && r.refused, 'marked as refused, not as a policy with problems');
+    assert.ok(Date.now() - started < 2000, 'refused quickly');
+    const reused = valid.replace('[production]', '&t [production]') + 'labels: *t\n';
+    assert.deepEqual(parsePolicy(reused, 'p.yaml').labels, ['production']);
+  });
+
   test('6-field cron, unlimited counts, enabled false, defaults', () => {
     const text = `${valid}  keepMonthly: unlimited\n  keepYearly: -1\nenabled: false\n`.replace('"30 1 * * *"', '"0 30 1 * * *"');
     const p = parsePolicy(text, 'p.yaml');
@@ -145,6 +167,7 @@ describe('loadPolicies', () => {
     await writeFile(join(dir, 'b.yml'), valid.replace('"30 1 * * *"', '"oops"'));
     await writeFile(join(dir, 'c.yaml'), `# the same name again\n${valid}`);
     await writeFile(join(dir, 'd.yaml'), valid.replace('nightly', 'weekly'));
+    await writeFile(join(dir, 'e.yaml'), ALIAS_BOMB.replace('nightly', 'bomb'));
     await writeFile(join(dir, 'notes.txt'), 'not a policy');
   });
   after(() => rm(dir, { recursive: true, force: true }));
@@ -152,8 +175,9 @@ describe('loadPolicies', () => {
   test('a bad file does not stop the others; a duplicate name is a problem of the later file', async () => {
     const { policies, problems: bad } = await loadPolicies(dir);
     assert.deepEqual(policies.map((p) => [p.file, p.policy.name]), [[join(dir, 'a.yaml'), 'nightly'], [join(dir, 'd.yaml'), 'weekly']]);
-    assert.deepEqual(bad.map((p) => `${p.file}:${p.line}:${p.col}: ${p.path}`), [`${join(dir, 'b.yml')}:2:11: schedule`, `${join(dir, 'c.yaml')}:2:7: name`]);
+    assert.deepEqual(bad.map((p) => `${p.file}:${p.line}:${p.col}: ${p.path}`), [`${join(dir, 'b.yml')}:2:11: schedule`, `${join(dir, 'c.yaml')}:2:7: name`, `${join(dir, 'e.yaml')}:2:8: YAML`]);
     assert.match(bad[1]!.message, /already defined in .*a\.yaml/);
+    assert.match(bad[2]!.message, /billion laughs/); // what the scheduler logs, skipping the file
   });
 
   test('a file that cannot be read is BAD_INPUT naming it', async () => {

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:net';
+import { createHash, randomBytes } from 'node:crypto';
+import { createServer as createHttpServer, request as httpRequest, type IncomingHttpHeaders, type Server } from 'node:http';
+import { createServer, type AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { NotFoundError, VmvaultError } from '../../src/errors.js';
 import { openStorage } from '../../src/storage/open.js';
@@ -29,6 +30,47 @@ async function closedPort(): Promise<number> {
   const { port } = srv.address() as { port: number };
   await new Promise((resolve) => srv.close(resolve));
   return port;
+}
+
+type Tamper = 'none' | 'flip' | 'truncate';
+
+/**
+ * An HTTP proxy in front of s3rver that can change PUT bodies on the way: flip one byte
+ * (same length) or drop the second half (Content-Length adjusted), as a faulty network
+ * or middlebox would. It records the headers of every PUT it forwards.
+ */
+async function tamperingProxy(target: string): Promise<{ endpoint: string; mode: Tamper; puts: Array<{ headers: IncomingHttpHeaders; body: Buffer }>; close(): Promise<void> }> {
+  const t = new URL(target);
+  const state = { mode: 'none' as Tamper, puts: [] as Array<{ headers: IncomingHttpHeaders; body: Buffer }> };
+  const server: Server = createHttpServer((req, res) => {
+    const parts: Buffer[] = [];
+    req.on('data', (d: Buffer) => parts.push(d));
+    req.on('end', () => {
+      let body = Buffer.concat(parts);
+      const headers = { ...req.headers };
+      if (req.method === 'PUT') {
+        state.puts.push({ headers: req.headers, body });
+        if (state.mode === 'flip' && body.length > 0) {
+          body = Buffer.from(body);
+          body.writeUInt8(body.readUInt8(body.length >> 1) ^ 0x01, body.length >> 1);
+        } else if (state.mode === 'truncate') {
+          body = body.subarray(0, body.length >> 1);
+          headers['content-length'] = String(body.length);
+        }
+      }
+      const out = httpRequest({ host: t.hostname, port: t.port, method: req.method, path: req.url, headers }, (answer) => {
+        res.writeHead(answer.statusCode ?? 502, answer.headers);
+        answer.pipe(res);
+      });
+      out.on('error', () => res.destroy());
+      out.end(body);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return Object.assign(state, {
+    endpoint: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()); }),
+  });
 }
 
 describe('S3Storage', () => {
@@ -111,6 +153,37 @@ describe('S3Storage', () => {
       await assert.rejects(collect(storage.list('')), isMissingBucket, 'list');
     } finally {
       await storage.close();
+    }
+  });
+
+  test('every put carries Content-MD5: a body changed or cut short on the way is refused, and nothing is stored', async () => {
+    const proxy = await tamperingProxy(server.endpoint);
+    const prefix = `md5-${randomBytes(6).toString('hex')}`;
+    const viaProxy = new S3Storage({ bucket: server.bucket, prefix, endpoint: proxy.endpoint, forcePathStyle: true });
+    const direct = new S3Storage({ bucket: server.bucket, prefix, endpoint: server.endpoint, forcePathStyle: true });
+    try {
+      const data = randomBytes(256 * 1024 + 3);
+      await viaProxy.put('chunks/aa/good', data);
+      const sent = proxy.puts.at(-1)!;
+      assert.equal(sent.headers['content-md5'], createHash('md5').update(data).digest('base64'));
+      assert.deepEqual(Buffer.from(await direct.get('chunks/aa/good')), data);
+
+      for (const mode of ['flip', 'truncate'] as const) {
+        proxy.mode = mode;
+        const name = `chunks/aa/${mode}`;
+        await assert.rejects(viaProxy.put(name, data), (err: unknown) => {
+          assert.ok(err instanceof VmvaultError && err.code === 'STORAGE', String(err));
+          assert.match(err.message, /does not match its Content-MD5, so it was changed or cut short on the way; nothing was stored/);
+          assert.equal(err.retriable, true, 'a corrupted transfer is worth another try');
+          return true;
+        }, mode);
+        assert.equal(await direct.stat(name), undefined, `${mode}: nothing stored`);
+      }
+      assert.deepEqual((await collect(direct.list(''))).map((i) => i.name), ['chunks/aa/good']);
+    } finally {
+      await viaProxy.close();
+      await direct.close();
+      await proxy.close();
     }
   });
 
