@@ -15,7 +15,7 @@ import { hostname } from 'node:os';
 import { errorMessage } from '../errors.js';
 import { chunkName } from '../repo/chunk.js';
 import {
-  newRunId, nextRecord, quarantine, readQuarantine, readRecords, release, writeRecord, type QuarantineEntry,
+  newRunId, nextRecord, quarantine, quarantinedChunkIds, readQuarantine, readRecords, release, writeRecord, type QuarantineEntry,
 } from '../repo/health.js';
 import { backupName, type Manifest } from '../repo/manifest.js';
 import { mapLimit, type Repository } from '../repo/repository.js';
@@ -188,9 +188,11 @@ async function record(repo: Repository, o: Outcome): Promise<{ recorded: boolean
       .map(([chunk, f]): QuarantineEntry => ({ chunk, found: o.started, problem: f.problem, detail: f.detail, host }));
     await quarantine(repo, fresh);
     await release(repo, o.healed);
-    const healed = new Set(o.healed);
-    const stillQuarantined = (c: string) => o.found.has(c) || (o.quarantined.has(c) && !healed.has(c));
     const previous = await readRecords(repo, new Set(o.manifests.map((m) => m.id)));
+    // Listed after the records: a concurrent run quarantines before it writes a record, so
+    // every finding in a record read above is in this list unless a backup healed it since.
+    const now = await quarantinedChunkIds(repo);
+    const stillQuarantined = (c: string) => o.found.has(c) || now.has(c);
     const run = newRunId();
     await mapLimit(o.manifests, 8, async (m) => {
       const found = new Map(m.disks.map((d) => [d.name, new Set(d.chunks.filter((c): c is string => c !== null && o.found.has(c)))]));
