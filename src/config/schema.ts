@@ -148,7 +148,7 @@ export const configSchema = z.strictObject({
   api: apiSchema.prefault({}),
   hosts: z.record(name('host name'), hostSchema, { error: 'expected a mapping from host name to { restoreRoots }' }).default({}),
   maintenance: maintenanceSchema.default({}),
-}, { error: 'expected a mapping with repository, redis, host, vms, api, hosts, maintenance…' });
+}, { error: 'expected a mapping with repository, redis, host, vms, api, hosts…' });
 
 type Parsed = z.output<typeof configSchema>;
 export type RepositoryConfig = NonNullable<Parsed['repository']>;
