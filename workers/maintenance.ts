@@ -12,6 +12,7 @@ import { loadPolicies } from '../src/policy/load.js';
 import type { Policy } from '../src/policy/schema.js';
 import { prune } from '../src/pipeline/prune.js';
 import { verify } from '../src/pipeline/verify.js';
+import { parseSubset } from '../src/pipeline/subset.js';
 import { collectGarbage } from '../src/repo/gc.js';
 import { Repository } from '../src/repo/repository.js';
 import { openStorage } from '../src/storage/open.js';
@@ -47,7 +48,7 @@ export async function startMaintenanceWorker(options: MaintenanceWorkerOptions):
     try {
       const payload = parseMaintenancePayload(job.data);
       log.info({ job: job.id, kind: payload.kind }, 'maintenance job started');
-      return await run(repo, options.policiesDir, payload);
+      return await run(repo, options.policiesDir, payload, log);
     } catch (err) {
       throw toJobError(err);
     }
@@ -63,7 +64,7 @@ export async function startMaintenanceWorker(options: MaintenanceWorkerOptions):
   };
 }
 
-async function run(repo: Repository, policiesDir: string, p: MaintenancePayload): Promise<unknown> {
+async function run(repo: Repository, policiesDir: string, p: MaintenancePayload, log: Logger): Promise<unknown> {
   switch (p.kind) {
     case 'prune': {
       const policy = await findPolicy(policiesDir, p.policy);
@@ -73,9 +74,13 @@ async function run(repo: Repository, policiesDir: string, p: MaintenancePayload)
     case 'gc':
       return collectGarbage(repo, { dryRun: p.dryRun });
     case 'verify': {
-      const report = await verify(repo, { readData: p.readData, ...(p.backups ? { backupIds: p.backups } : {}) });
+      const report = await verify(repo, {
+        readData: p.readData, ...(p.readDataSubset ? { readDataSubset: parseSubset(p.readDataSubset) } : {}), ...(p.backups ? { backupIds: p.backups } : {}),
+      });
+      for (const w of report.warnings) log.warn({}, w);
       if (!report.ok) {
-        throw new UnrecoverableError(`verify found ${report.problems.length} problem(s): ${report.problems.map((x) => `${x.object}: ${x.problem} (backups ${x.backups.join(', ')})`).join('; ')}`);
+        throw new UnrecoverableError(`verify found ${report.problems.length} problem(s)${report.recorded ? ' (quarantined: the next backups that produce them heal them)' : ''}: ` +
+          report.problems.map((x) => `${x.object}: ${x.problem} (backups ${x.backups.join(', ')})`).join('; '));
       }
       return report;
     }

@@ -23,7 +23,8 @@ import { enqueueBackup, enqueueMaintenance, enqueueRestore, enqueueSnapshot, hos
 import { backupPayloadFor, snapshotPayloadFor } from '../queue/payloads.js';
 import { assertSnapshotName, expiryFrom } from '../vm/snapshots.js';
 import { MAINTENANCE_QUEUE } from '../queue/names.js';
-import { Catalogue } from '../repo/catalogue.js';
+import { Catalogue, type CatalogueEntry } from '../repo/catalogue.js';
+import { VerificationCache } from '../repo/health.js';
 import type { Repository } from '../repo/repository.js';
 import type { Manifest } from '../repo/manifest.js';
 import { DiskReader } from '../pipeline/disk-reader.js';
@@ -189,6 +190,12 @@ export function createApi(deps: ApiDeps): Api {
   const tokens = new TokenTable(config.api.tokens);
   const key = linkKey(repo.keys.macKey);
   const catalogue = new Catalogue(repo);
+  const verification = new VerificationCache(repo);
+  /** Backups as the API shows them: with their verification state. */
+  const shown = async (entries: CatalogueEntry[]) => {
+    const states = await verification.get();
+    return entries.map((b) => ({ ...b, verification: states.get(b.id) ?? null }));
+  };
   const reader = new DiskReader(repo);
   const wholeResponses = new Limiter(WHOLE_RESPONSES_AT_ONCE);
   const manifests = new PromiseLru<Manifest>(MANIFESTS_KEPT);
@@ -280,7 +287,8 @@ export function createApi(deps: ApiDeps): Api {
     const mine = (await catalogue.list()).filter((b) => b.vm === vm.name);
     const pending = await jobs.pendingFor(queueOf(vm.host), vm.name);
     const state = pending.some((j) => j.state === 'active') ? 'running' as const : pending.length ? 'queued' as const : 'idle' as const;
-    return c.json({ ...vmView(vm), state, lastBackup: mine[0] ?? null, backups: mine.length, jobs: pending }, 200);
+    const [last] = await shown(mine.slice(0, 1));
+    return c.json({ ...vmView(vm), state, lastBackup: last ?? null, backups: mine.length, jobs: pending }, 200);
   });
 
   app.openapi(R.backupVm, async (c) => {
@@ -328,10 +336,11 @@ export function createApi(deps: ApiDeps): Api {
     const since = q.since ? Date.parse(q.since) : undefined;
     const all = (await catalogue.list()).filter((b) =>
       (!q.vm || b.vm === q.vm) && (!q.host || b.host === q.host) && (!q.label || b.labels.includes(q.label)) && (since === undefined || Date.parse(b.time) >= since));
-    return c.json(pageOf(all, q), 200);
+    const page = pageOf(all, q);
+    return c.json({ ...page, items: await shown(page.items) }, 200);
   });
 
-  app.openapi(R.getBackup, async (c) => c.json(await catalogue.get(c.req.valid('param').id), 200));
+  app.openapi(R.getBackup, async (c) => c.json((await shown([await catalogue.get(c.req.valid('param').id)]))[0]!, 200));
 
   app.openapi(R.restore, async (c) => {
     const b = await catalogue.get(c.req.valid('param').id);

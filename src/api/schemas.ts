@@ -30,6 +30,14 @@ export const StatsSchema = z.object({
   bytesRead: z.number(), bytesUploaded: z.number(), chunksNew: z.number(), chunksReused: z.number(), chunksZero: z.number(), seconds: z.number(),
 });
 
+export const VerificationSchema = z.object({
+  lastVerified: z.string().openapi({ format: 'date-time', description: 'when the last verify that checked this backup ran' }),
+  readData: z.string().openapi({ description: 'what that verify read: none (chunks present), all, or a subset such as 1/7 or 10%' }),
+  status: z.enum(['ok', 'damaged']).openapi({ description: 'damaged while a chunk it uses is quarantined; a later backup that produces the chunk again heals it' }),
+  damagedDisks: z.array(z.string()),
+  damagedChunks: z.number(),
+}).openapi('Verification');
+
 export const BackupSchema = z.object({
   id: z.string().regex(/^[0-9a-f]{64}$/),
   vm: z.string(),
@@ -45,6 +53,7 @@ export const BackupSchema = z.object({
   })),
   configs: z.array(z.string()),
   stats: StatsSchema,
+  verification: VerificationSchema.nullable().openapi({ description: 'null: never verified' }),
 }).openapi('Backup');
 
 export const BackupPage = page(BackupSchema, 'BackupPage');
@@ -129,7 +138,11 @@ export const LinkSchema = z.object({
 
 export const PruneRequest = z.strictObject({ policy: z.string().min(1), vms: z.array(z.string().min(1)).optional(), dryRun: z.boolean().default(false) }).openapi('PruneRequest');
 export const GcRequest = z.strictObject({ dryRun: z.boolean().default(false) }).openapi('GcRequest');
-export const VerifyRequest = z.strictObject({ readData: z.boolean().default(false), backups: z.array(z.string().min(1)).optional() }).openapi('VerifyRequest');
+export const VerifyRequest = z.strictObject({
+  readData: z.boolean().default(false),
+  readDataSubset: z.string().min(1).max(16).optional().openapi({ description: 'read only k/n of the chunks (1/7 … 7/7 cover each once) or p% at random' }),
+  backups: z.array(z.string().min(1)).optional(),
+}).openapi('VerifyRequest');
 
 export const PolicyProblemSchema = z.object({ file: z.string(), line: z.number(), col: z.number(), path: z.string(), message: z.string() }).openapi('PolicyProblem');
 export const PoliciesSchema = z.object({

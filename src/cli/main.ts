@@ -9,6 +9,7 @@ import type { GlobalOptions } from './context.js';
 import { registerKeyCommands } from './commands/keys.js';
 import { registerBackupCommands } from './commands/backups.js';
 import { registerMaintenanceCommands } from './commands/maintenance.js';
+import { registerHealthCommands } from './commands/repair.js'; // verify / repair (issue 9)
 import { registerPolicyCommands } from './commands/policy.js'; // policy validate / simulate (issue 3)
 import { registerServiceCommands } from './commands/service.js'; // up / serve / worker (issue 3)
 import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot create / list / revert / delete (issue 5)
@@ -24,6 +25,7 @@ export function buildProgram(): Command {
   registerKeyCommands(program, globals);
   registerBackupCommands(program, globals);
   registerMaintenanceCommands(program, globals);
+  registerHealthCommands(program, globals); // verify / repair (issue 9)
   registerPolicyCommands(program); // policy validate / simulate (issue 3)
   registerServiceCommands(program); // up / serve / worker (issue 3)
   registerSnapshotCommands(program, globals); // snapshot create / list / revert / delete (issue 5)

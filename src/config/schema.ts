@@ -12,7 +12,8 @@ import { z } from 'zod';
 import { IMAGE_FORMATS } from '../disk/image-format.js';
 import { diskNameFromPath } from '../pipeline/names.js';
 import { formatPath, type YamlIssue, type YamlPosition } from '../policy/load.js';
-import { NAME_RE, nameRule } from '../policy/schema.js';
+import { NAME_RE, cronSchedule, nameRule } from '../policy/schema.js';
+import { isValidTimeZone } from '../policy/retention.js';
 import { parseRepositoryUrl } from '../storage/open.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/vmvault';
@@ -123,6 +124,23 @@ const hostSchema = z.strictObject({
   restoreRoots: list(absolutePath('a restore root'), 'restore roots (absolute paths)'),
 }, { error: 'expected { restoreRoots: [absolute paths] }' });
 
+/** What `maintenance.verify.readData` accepts: none, all, a percentage, or rotate N (scheduler/maintenance.ts). */
+export const READ_DATA_RE = /^(none|all|\d{1,3}(\.\d+)?%|rotate \d{1,4})$/;
+
+/** When the service runs verify and gc (each run is a job on the shared maintenance queue). */
+const maintenanceSchema = z.strictObject({
+  timezone: z.string({ error: 'expected an IANA time zone such as Europe/Paris' })
+    .refine(isValidTimeZone, { error: (iss) => `unknown time zone "${String(iss.input)}": expected an IANA name such as Europe/Paris or UTC` }).optional(),
+  verify: z.strictObject({
+    schedule: cronSchedule,
+    readData: z.string({ error: 'expected none, all, a percentage or rotate N' })
+      .regex(READ_DATA_RE, 'expected none (only check chunks exist), all, a percentage such as 10%, or "rotate 7" (the next seventh of the chunks each run)')
+      .refine((r) => !/^rotate 0+$/.test(r) && !/^0+(\.0+)?%$/.test(r) && !(r.endsWith('%') && Number(r.slice(0, -1)) > 100), 'rotate N needs N ≥ 1; a percentage is above 0 and at most 100')
+      .default('none'),
+  }, { error: 'expected { schedule, readData }' }).optional(),
+  gc: z.strictObject({ schedule: cronSchedule }, { error: 'expected { schedule }' }).optional(),
+}, { error: 'expected { timezone?, verify?: { schedule, readData }, gc?: { schedule } }' });
+
 export const configSchema = z.strictObject({
   repository: repositorySchema.optional(),
   redis: z.strictObject({ url: redisUrl.optional() }, { error: 'expected { url }' }).default({}),
@@ -132,6 +150,7 @@ export const configSchema = z.strictObject({
   vms: list(vmSchema, 'VMs'),
   api: apiSchema.prefault({}),
   hosts: z.record(name('host name'), hostSchema, { error: 'expected a mapping from host name to { restoreRoots }' }).default({}),
+  maintenance: maintenanceSchema.default({}),
 }, { error: 'expected a mapping with repository, redis, host, vms, api, hosts…' });
 
 type Parsed = z.output<typeof configSchema>;
@@ -147,6 +166,7 @@ export type Config = Omit<Parsed, 'vms' | 'api'> & { vms: VmConfig[]; api: { lis
 export const CONFIG_KEYS: readonly string[] = [
   ...Object.keys(configSchema.shape), 'url', 'passwordFile', 'passwordEnv',
   ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots',
+  ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData',
 ];
 
 const asObject = (v: unknown): Record<string, unknown> => (v !== null && typeof v === 'object' && !Array.isArray(v) ? v as Record<string, unknown> : {});

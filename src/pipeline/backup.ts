@@ -105,7 +105,8 @@ export async function backup(repo: Repository, req: BackupRequest): Promise<Back
 async function run(repo: Repository, req: BackupRequest, configs: Manifest['configs'], started: number, lock: HeldLock): Promise<BackupResult> {
   const id = randomBytes(32).toString('hex');
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, seconds: 0 };
-  const known = await repo.chunkIds();
+  // Quarantined chunks are left out: producing one uploads it again, which heals it (repo/health.ts).
+  const known = await repo.usableChunkIds();
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
   const pool = new ChunkPool(repo.workerInit());
   const disks: DiskEntry[] = [];

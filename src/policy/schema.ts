@@ -56,7 +56,7 @@ export const retentionSchema = z.strictObject({
   byLabel: z.record(labelSchema, retentionRulesSchema).optional(),
 });
 
-const cronSchedule = z.string({ error: 'expected a cron expression such as "30 1 * * *"' }).superRefine((expr, ctx) => {
+export const cronSchedule = z.string({ error: 'expected a cron expression such as "30 1 * * *"' }).superRefine((expr, ctx) => {
   const v = validateDetailed(expr);
   if (v.valid) return;
   const why = v.errors.map((e) => e.message).join('; ') || 'not a valid cron expression';

@@ -7,6 +7,7 @@ import { z } from 'zod';
 import { IMAGE_FORMATS, isImageFormat, type ImageFormat } from '../disk/image-format.js';
 import { VmvaultError } from '../errors.js';
 import { DRIVERS, type VmConfig } from '../config/schema.js';
+import { parseSubset } from '../pipeline/subset.js';
 
 const nonEmpty = z.string().trim().min(1);
 const imageFormat = z.string().refine(isImageFormat, `one of ${IMAGE_FORMATS.join(', ')}`).transform((f) => f as ImageFormat);
@@ -53,8 +54,23 @@ export const restorePayloadSchema = z.strictObject({
 export const maintenancePayloadSchema = z.discriminatedUnion('kind', [
   z.strictObject({ kind: z.literal('prune'), policy: nonEmpty, vms: z.array(nonEmpty).optional(), dryRun: z.boolean().default(false) }),
   z.strictObject({ kind: z.literal('gc'), dryRun: z.boolean().default(false) }),
-  z.strictObject({ kind: z.literal('verify'), readData: z.boolean().default(false), backups: z.array(nonEmpty).optional() }),
+  z.strictObject({
+    kind: z.literal('verify'),
+    readData: z.boolean().default(false),
+    /** Read only this subset of the chunks: k/n or p% (pipeline/subset.ts). */
+    readDataSubset: nonEmpty.refine(isSubset, 'expected k/n (e.g. 1/7) or a percentage (e.g. 10%)').optional(),
+    backups: z.array(nonEmpty).optional(),
+  }).refine((p) => !(p.readData && p.readDataSubset), { path: ['readDataSubset'], message: 'readData reads every chunk: leave out readDataSubset or readData' }),
 ]);
+
+function isSubset(text: string): boolean {
+  try {
+    parseSubset(text);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export const SNAPSHOT_OPS = ['create', 'list', 'revert', 'delete'] as const;
 

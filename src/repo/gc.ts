@@ -5,6 +5,7 @@
  * cannot be read aborts the collection: deleting on partial knowledge loses data.
  */
 import { chunkName } from './chunk.js';
+import { removeOrphanHealth } from './health.js';
 import { withLock } from './locks.js';
 import { mapLimit, type Repository } from './repository.js';
 
@@ -19,6 +20,8 @@ export async function collectGarbage(repo: Repository, opts: { dryRun?: boolean 
     for await (const { name, size } of repo.storage.list('chunks/')) sizes.set(name, size);
     const garbage = [...sizes.keys()].filter((name) => !referenced.has(name.slice(name.lastIndexOf('/') + 1)) || chunkName(name.slice(name.lastIndexOf('/') + 1)) !== name);
     if (!opts.dryRun) await mapLimit(garbage, 16, (name) => repo.storage.delete(name));
+    // Verification records of pruned backups, quarantine entries of chunks nothing uses.
+    if (!opts.dryRun) await removeOrphanHealth(repo, new Set(manifests.map((m) => m.id)), referenced);
     return {
       dryRun: !!opts.dryRun,
       backups: manifests.length,

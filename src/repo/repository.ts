@@ -15,6 +15,7 @@ import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId } from './chunk.js';
 import { backupName, manifestSchema, type Manifest } from './manifest.js';
+import { quarantinedChunkIds, release, removeVerification } from './health.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 
@@ -37,6 +38,9 @@ export interface KeyInfo { id: string; created: string; label?: string; current:
 export interface InitOptions { chunkSize?: number; compression?: 'zstd' | 'none'; kdf?: KdfPreset; label?: string }
 
 export class Repository {
+  /** Quarantined chunks usableChunkIds reported: the next put of one of them heals it. */
+  private readonly toHeal = new Set<string>();
+
   private constructor(
     readonly storage: Storage,
     readonly config: RepoConfig,
@@ -176,8 +180,30 @@ export class Repository {
     return ids;
   }
 
-  putChunk(id: string, sealed: Uint8Array): Promise<void> {
-    return this.storage.put(chunkName(id), sealed);
+  /**
+   * The chunks a backup may reference without uploading them: those stored, minus those
+   * a verify quarantined as missing or damaged (repo/health.ts). A backup that produces
+   * a quarantined chunk therefore uploads it, and putChunk heals it.
+   */
+  async usableChunkIds(): Promise<Set<string>> {
+    const [stored, quarantined] = await Promise.all([this.chunkIds(), quarantinedChunkIds(this)]);
+    for (const id of quarantined) {
+      stored.delete(id);
+      this.toHeal.add(id);
+    }
+    return stored;
+  }
+
+  /**
+   * Stores a sealed chunk. Storage puts replace (storage.ts), so a re-upload overwrites a
+   * damaged object; then the chunk leaves quarantine, which heals every backup using it.
+   */
+  async putChunk(id: string, sealed: Uint8Array): Promise<void> {
+    await this.storage.put(chunkName(id), sealed);
+    if (this.toHeal.has(id)) {
+      await release(this, [id]);
+      this.toHeal.delete(id);
+    }
   }
 
   async getChunkSealed(id: string): Promise<Uint8Array> {
@@ -232,8 +258,10 @@ export class Repository {
     return resolvePrefix(prefix, await this.backupIds(), 'backup');
   }
 
+  /** Deletes a backup: its manifest, then its verification records (gc removes any a crash leaves). */
   async deleteManifest(id: string): Promise<void> {
     await this.storage.delete(backupName(id));
+    await removeVerification(this, id);
   }
 }
 

@@ -6,13 +6,15 @@
  *
  * A malformed policy file, an unknown VM or a bad cron expression is reported
  * (file:line:col) and skipped; the other policies keep running. Policies reload
- * when their files change.
+ * when their files change. The maintenance schedule (verify, gc) is fixed at start
+ * (maintenance.ts).
  */
 import { watch, type FSWatcher } from 'node:fs';
 import cron, { type ScheduledTask } from 'node-cron';
 import { loadPolicies, formatProblem } from '../policy/load.js';
 import type { Policy } from '../policy/schema.js';
 import { missedSlot, scheduledJobId } from './slots.js';
+import { scheduleMaintenance, type MaintenanceJobRequest, type MaintenanceSchedule } from './maintenance.js';
 
 export interface ScheduledVm { name: string; host: string }
 
@@ -33,11 +35,15 @@ export interface SchedulerDeps {
   lastBackup?(policy: string, vm: string): Promise<Date | undefined>;
   /** Catch up missed slots at start (default true when lastBackup is given). */
   catchUp?: boolean;
+  /** When verify and gc run (config `maintenance:`); each run enqueues one maintenance job. */
+  maintenance?: MaintenanceSchedule;
+  enqueueMaintenance?(job: MaintenanceJobRequest): Promise<void>;
   log: SchedulerLog;
 }
 
 export class Scheduler {
   private tasks = new Map<string, { task: ScheduledTask; file: string; policy: Policy }>();
+  private maintenanceTasks: ScheduledTask[] = [];
   private watcher: FSWatcher | undefined;
   private reloadTimer: NodeJS.Timeout | undefined;
 
@@ -46,6 +52,12 @@ export class Scheduler {
   async start(): Promise<void> {
     await this.reload();
     if (this.deps.catchUp ?? !!this.deps.lastBackup) await this.catchUp();
+    const { maintenance, enqueueMaintenance } = this.deps;
+    if (maintenance && enqueueMaintenance) {
+      this.maintenanceTasks = scheduleMaintenance(maintenance, (job) => void enqueueMaintenance(job)
+        .then(() => this.deps.log.info({ job: job.jobId, payload: job.payload }, `scheduled ${job.payload.kind} enqueued`))
+        .catch((err) => this.deps.log.error({ err, job: job.jobId }, `could not enqueue a scheduled ${job.payload.kind}`)));
+    }
     this.watcher = watch(this.deps.policiesDir, () => {
       clearTimeout(this.reloadTimer);
       this.reloadTimer = setTimeout(() => void this.reload().catch((err) => this.deps.log.error({ err }, 'policy reload failed')), 200);
@@ -57,6 +69,8 @@ export class Scheduler {
     clearTimeout(this.reloadTimer);
     await Promise.all([...this.tasks.values()].map(({ task }) => task.destroy()));
     this.tasks.clear();
+    await Promise.all(this.maintenanceTasks.map((t) => t.destroy()));
+    this.maintenanceTasks = [];
   }
 
   /** Policies scheduled now, with their next run. */

@@ -26,7 +26,7 @@ import type { Config } from '../config/schema.js';
 import { errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createRedis } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
-import { enqueueBackup, hostQueue } from '../queue/enqueue.js';
+import { enqueueBackup, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
 import { backupPayloadFor } from '../queue/payloads.js';
 import { Catalogue } from '../repo/catalogue.js';
 import { Repository } from '../repo/repository.js';
@@ -89,6 +89,7 @@ export async function runScheduler(
     if (!q) queues.set(host, q = hostQueue(connection, host));
     return q;
   };
+  const maintenance = maintenanceQueue(connection);
   const byName = new Map(config.vms.map((vm) => [vm.name, vm]));
   // Catch-up asks for every (policy, VM): the backup summaries are read once per minute, not once per question.
   const catalogue = new Catalogue(repo, 60_000);
@@ -112,11 +113,16 @@ export async function runScheduler(
       return times.length ? new Date(Math.max(...times)) : undefined;
     },
     catchUp: (opts.env ?? process.env).VMVAULT_NO_CATCH_UP ? false : true,
+    maintenance: config.maintenance,
+    enqueueMaintenance: async ({ jobId, payload }) => {
+      await enqueueMaintenance(maintenance, payload, { jobId });
+    },
   });
   try {
     await scheduler.start();
   } catch (err) {
     await scheduler.stop().catch(() => {});
+    await maintenance.close().catch(() => {});
     await closeRedis(connection);
     throw err;
   }
@@ -125,7 +131,7 @@ export async function runScheduler(
   return {
     stop: () => (stopping ??= (async () => {
       await scheduler.stop();
-      await Promise.all([...queues.values()].map((q) => q.close().catch(() => {})));
+      await Promise.all([...queues.values(), maintenance].map((q) => q.close().catch(() => {})));
       await closeRedis(connection);
       log.info({}, 'scheduler stopped');
     })()),

@@ -19,7 +19,7 @@ import { createApi, type Api } from '../../src/api/app.js';
 import { linkKey, signLink } from '../../src/api/links.js';
 import { parseConfig } from '../../src/config/load.js';
 import { STREAM_PIECE_BYTES } from '../../src/pipeline/disk-reader.js';
-import { backup } from '../../src/pipeline/backup.js';
+import { backupVm } from '../../src/vm/drivers.js';
 import { createRedis } from '../../src/queue/connection.js';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
@@ -43,7 +43,7 @@ before(async () => {
   await execa('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', `count=${DISK_BYTES / MiB}`, 'status=none']);
   sourceSha = createHash('sha256').update(await readFile(raw)).digest('hex');
   repo = await Repository.init(new LocalStorage(`${dir.path}/repo`), 'slow readers', { kdf: 'weak' });
-  backupId = (await backup(repo, { vm: 'slow', disks: [{ path: raw, name: 'root' }] })).manifest.id;
+  backupId = (await backupVm(repo, { vm: 'slow', driver: 'image', disks: [{ path: raw, name: 'root' }] })).manifest.id;
   assert.equal(repo.chunkSize, CHUNK);
 });
 

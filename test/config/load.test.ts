@@ -41,6 +41,7 @@ describe('the example configuration', () => {
     ]);
     assert.deepEqual(c.api.tokens.map((t) => [t.name, t.role]), [['ops-team', 'admin'], ['dashboard', 'viewer']]);
     assert.deepEqual(c.hosts.hv2, { restoreRoots: ['/srv/vms/restored', '/mnt/scratch'] });
+    assert.deepEqual(c.maintenance, { timezone: 'Europe/Paris', verify: { schedule: '0 4 * * *', readData: 'rotate 7' }, gc: { schedule: '30 5 * * 0' } });
   });
 
   test('its VMs select as the example policies expect', async () => {
@@ -56,7 +57,7 @@ describe('defaults', () => {
     assert.deepEqual(c, {
       redis: {}, stateDir: '/var/lib/vmvault', host: hostname(), policiesDir: '/etc/vmvault/policies',
       vms: [{ name: 'a', host: hostname(), driver: 'image', disks: [{ path: '/img/a.qcow2', name: 'a' }], configFiles: [], tags: [] }],
-      api: { listen: '127.0.0.1:8740', tokens: [] }, hosts: {}, repository: undefined,
+      api: { listen: '127.0.0.1:8740', tokens: [] }, hosts: {}, repository: undefined, maintenance: {},
     });
   });
 
@@ -181,6 +182,32 @@ describe('problems, each at its FILE:LINE:COL', () => {
     const c = parseConfig('redis: { url: "unix:///run/vmvault/redis.sock" }\napi: { listen: "[::1]:9000" }\n', '/c.yaml', { host: 'h' });
     assert.equal(c.redis.url, 'unix:///run/vmvault/redis.sock');
     assert.equal(c.api.listen, '[::1]:9000');
+  });
+
+  test('maintenance: schedules are cron expressions, readData none/all/p%/rotate N, time zones known', () => {
+    const ok = parseConfig('maintenance:\n  verify: { schedule: "0 4 * * *" }\n', 'c.yaml');
+    assert.deepEqual(ok.maintenance, { verify: { schedule: '0 4 * * *', readData: 'none' } });
+    for (const r of ['all', '10%', '0.5%', 'rotate 7', 'rotate 1']) {
+      assert.equal(parseConfig(`maintenance:\n  verify: { schedule: "0 4 * * *", readData: "${r}" }\n`, 'c.yaml').maintenance.verify?.readData, r);
+    }
+    const lines = problems([
+      'maintenance:',
+      '  timezone: Mars/Olympus',
+      '  verify:',
+      '    schedule: "61 * * * *"',
+      '    readData: rotate',
+      '  gc: { schedule: "0 5 * * 0", dryRun: true }',
+      '  prune: {}',
+      '',
+    ].join('\n'));
+    assert.match(lines[0]!, /^c\.yaml:2:13: maintenance\.timezone: unknown time zone "Mars\/Olympus"/);
+    assert.match(lines[1]!, /^c\.yaml:4:15: maintenance\.verify\.schedule: "61 \* \* \* \*" is not a valid/);
+    assert.match(lines[2]!, /^c\.yaml:5:15: maintenance\.verify\.readData: expected none .*rotate 7/);
+    assert.ok(lines.some((l) => /maintenance\.gc.*dryRun/.test(l)), lines.join('\n'));
+    assert.ok(lines.some((l) => /maintenance.*prune/.test(l)), lines.join('\n'));
+    for (const bad of ['rotate 0', '0%', '150%']) {
+      assert.match(problems(`maintenance:\n  verify: { schedule: "0 4 * * *", readData: "${bad}" }\n`)[0]!, /maintenance\.verify\.readData/, bad);
+    }
   });
 
   test('several problems in one file are all reported, in file order', () => {

@@ -264,7 +264,8 @@ for (const b of all) {
       const list = await cliJson(['backups'], env);
       assert.deepEqual(list.map((x: any) => x.id).sort(), [a.id, c.id].sort());
       assert.equal(list[0].stats, undefined);
-      assert.deepEqual(Object.keys(list[0]).sort(), ['consistency', 'disks', 'host', 'id', 'labels', 'time', 'vm']);
+      assert.deepEqual(Object.keys(list[0]).sort(), ['consistency', 'disks', 'host', 'id', 'labels', 'time', 'verification', 'vm']);
+      assert.equal(list[0].verification, null, 'never verified');
       assert.deepEqual((await cliJson(['backups', '--vm', 'alpha'], env)).map((x: any) => x.id), [a.id]);
       const shown = await cliJson(['show', a.id.slice(0, 8)], env);
       assert.equal(shown.id, a.id);

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { backup } from '../../src/pipeline/backup.js';
+import { backupVm } from '../../src/vm/drivers.js';
 import { restore } from '../../src/pipeline/restore.js';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
@@ -22,7 +22,7 @@ before(async () => {
   const conf = join(dir.path, 'vm.conf');
   await writeFile(conf, 'memory=1G\n');
   repo = await Repository.init(new LocalStorage(join(dir.path, 'repo')), 'mode', { kdf: 'weak' });
-  backupId = (await backup(repo, { vm: 'vm', disks: [{ path: disk, name: 'root' }], configs: [conf] })).manifest.id;
+  backupId = (await backupVm(repo, { vm: 'vm', driver: 'image', disks: [{ path: disk, name: 'root' }], configs: [conf] })).manifest.id;
 });
 
 after(async () => {

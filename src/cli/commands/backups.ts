@@ -1,4 +1,4 @@
-/** `vmvault backup`, `backups`, `show`, `restore`, `verify`. */
+/** `vmvault backup`, `backups`, `show`, `restore` (verify and repair: repair.ts). */
 import { Option, type Command } from 'commander';
 import { VmvaultError } from '../../errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../../disk/qemu.js';
@@ -6,11 +6,12 @@ import { summarise, type Manifest } from '../../repo/manifest.js';
 import type { BackupDisk } from '../../pipeline/backup.js';
 import { backupVm } from '../../vm/drivers.js';
 import { restore } from '../../pipeline/restore.js';
-import { verify } from '../../pipeline/verify.js';
+import { verificationStates } from '../../repo/health.js';
 import { openRepository, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
 import { progressBar } from '../progress-bar.js';
+import { describeVerification } from './repair.js';
 
 const collect = (v: string, prev: string[] = []) => [...prev, v];
 
@@ -110,10 +111,14 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--json', 'print a JSON array')
     .action(async (o: { vm?: string; json?: boolean }) => {
       const repo = await openRepository(globals());
-      const all = (await repo.manifests()).filter((m) => !o.vm || m.vm === o.vm).map(listing);
+      const [manifests, states] = await Promise.all([repo.manifests(), verificationStates(repo)]);
+      const all = manifests.filter((m) => !o.vm || m.vm === o.vm).map((m) => ({ ...listing(m), verification: states.get(m.id) ?? null }));
       print(o.json, all, () => all.length === 0 ? 'no backups' : table([
-        ['ID', 'TIME', 'VM', 'HOST', 'DISKS', 'LABELS'],
-        ...all.map((b) => [b.id.slice(0, 12), b.time, b.vm, b.host, b.disks.map((d) => `${d.name} (${d.format}, ${formatBytes(d.virtualSize)})`).join(' '), b.labels.join(',')]),
+        ['ID', 'TIME', 'VM', 'HOST', 'DISKS', 'LABELS', 'VERIFIED'],
+        ...all.map((b) => [
+          b.id.slice(0, 12), b.time, b.vm, b.host, b.disks.map((d) => `${d.name} (${d.format}, ${formatBytes(d.virtualSize)})`).join(' '), b.labels.join(','),
+          !b.verification ? '-' : b.verification.status === 'ok' ? `ok ${b.verification.lastVerified}` : `DAMAGED (${b.verification.damagedDisks.join(',')})`,
+        ]),
       ]));
     });
 
@@ -124,7 +129,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .action(async (id: string, o: { json?: boolean }) => {
       const repo = await openRepository(globals());
       const m = await repo.loadManifest(await repo.resolveBackupId(id));
-      const s = { ...summarise(m), stats: m.stats };
+      const s = { ...summarise(m), stats: m.stats, verification: (await verificationStates(repo, new Set([m.id]))).get(m.id) ?? null };
       print(o.json, s, () => [
         `backup   ${s.id}`, `vm       ${s.vm}`, `host     ${s.host}`, `time     ${s.time}`,
         `labels   ${s.labels.join(', ') || '-'}`, ...(s.policy ? [`policy   ${s.policy}`] : []),
@@ -132,6 +137,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         ...m.disks.map((d) => `disk     ${d.name}: ${d.format}${d.formatSource ? ` (${d.formatSource})` : ''}, ${formatBytes(d.virtualSize)}, ` +
           `${d.chunks.filter(Boolean).length}/${d.chunks.length} chunks with data, from ${d.sourcePath}${d.chain ? ` through ${d.chain.join(', ')}` : ''}`),
         ...m.configs.map((c) => `config   ${c.name} (from ${c.sourcePath})`),
+        `verified ${describeVerification(s.verification ?? undefined)}`,
       ].join('\n'));
     });
 
@@ -152,23 +158,5 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       });
       bar.done();
       print(o.json, result, () => [`restored backup ${result.backup} of ${result.vm}:`, ...result.files.map((f) => `  ${f.path}`)].join('\n'));
-    });
-
-  program
-    .command('verify [id]')
-    .description('check that backups are complete (and with --read-data, intact)')
-    .option('--read-data', 'download, decrypt and re-hash every chunk')
-    .option('--json', 'print the report as JSON')
-    .action(async (id: string | undefined, o: { readData?: boolean; json?: boolean }) => {
-      const repo = await openRepository(globals());
-      const bar = progressBar(!o.json);
-      const ids = id ? [await repo.resolveBackupId(id)] : undefined;
-      const report = await verify(repo, { ...(ids ? { backupIds: ids } : {}), readData: !!o.readData, onProgress: bar.update });
-      bar.done();
-      print(o.json, report, () => report.ok
-        ? `ok: ${report.backupsChecked} backup(s), ${report.chunksChecked} chunk(s) ${report.readData ? 'read and verified' : 'present'}`
-        : [`FAILED: ${report.problems.length} problem(s) in ${report.backupsChecked} backup(s):`,
-          ...report.problems.map((p) => `  ${p.object}: ${p.problem}\n    needed by backup(s) ${p.backups.join(', ')}`)].join('\n'));
-      if (!report.ok) process.exitCode = 1;
     });
 }
