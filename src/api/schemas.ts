@@ -27,7 +27,8 @@ const page = <T extends z.ZodType>(item: T, name: string) => z.object({
 }).openapi(name);
 
 export const StatsSchema = z.object({
-  bytesRead: z.number(), bytesUploaded: z.number(), chunksNew: z.number(), chunksReused: z.number(), chunksZero: z.number(), seconds: z.number(),
+  bytesRead: z.number(), bytesUploaded: z.number(), chunksNew: z.number(), chunksReused: z.number(), chunksZero: z.number(),
+  chunksUnchanged: z.number().optional().openapi({ description: 'chunks known unchanged since the previous backup, not read' }), seconds: z.number(),
 });
 
 export const VerificationSchema = z.object({
@@ -50,6 +51,8 @@ export const BackupSchema = z.object({
     name: z.string(), format: z.string(), virtualSize: z.number(),
     formatSource: z.enum(['declared', 'detected']).optional().openapi({ description: "the VM's configuration stated the format, or vmvault detected it once and pinned it" }),
     chain: z.array(z.string()).optional().openapi({ description: 'other files read through the image (an allowed linked-clone chain)' }),
+    mode: z.enum(['full', 'incremental']).optional().openapi({ description: 'read in full, or only what changed since the previous backup' }),
+    reason: z.string().optional().openapi({ description: 'why the disk was read that way' }),
   })),
   configs: z.array(z.string()),
   stats: StatsSchema,

@@ -19,7 +19,7 @@ export interface Negotiated {
   size: number;
   transmissionFlags: number;
   structuredReplies: boolean;
-  /** Context id of base:allocation, or undefined when the server offered none. */
+  /** Context id of the requested meta context (base:allocation unless told otherwise), or undefined when the server offered none. */
   allocationContext: number | undefined;
   minBlock: number;
   preferredBlock: number;
@@ -82,7 +82,7 @@ interface OptionReply { type: number; data: Buffer }
  * Run the handshake on a connected socket. Rejects with VmvaultError('NBD') that
  * names the server's refusal (NBD_REP_ERR_*), or the protocol violation seen.
  */
-export async function negotiate(socket: Socket, reader: ExactReader, exportName: string, describe: string): Promise<Negotiated> {
+export async function negotiate(socket: Socket, reader: ExactReader, exportName: string, describe: string, metaContext = BASE_ALLOCATION): Promise<Negotiated> {
   const violation = (what: string): VmvaultError =>
     new VmvaultError('NBD', `protocol violation from NBD server ${describe} during the handshake: ${what}`);
   const greeting = await reader.read(18);
@@ -124,13 +124,13 @@ export async function negotiate(socket: Socket, reader: ExactReader, exportName:
 
   let allocationContext: number | undefined;
   if (structuredReplies) {
-    const query = Buffer.concat([lengthPrefixed(exportName), Buffer.from([0, 0, 0, 1]), lengthPrefixed(BASE_ALLOCATION)]);
+    const query = Buffer.concat([lengthPrefixed(exportName), Buffer.from([0, 0, 0, 1]), lengthPrefixed(metaContext)]);
     const replies = await option(NBD_OPT_SET_META_CONTEXT, query);
     if (final(replies).type === NBD_REP_ACK) {
       for (const r of replies) {
         if (r.type !== NBD_REP_META_CONTEXT) continue;
         if (r.data.length < 4) throw violation('short NBD_REP_META_CONTEXT');
-        if (r.data.subarray(4).toString('utf8') === BASE_ALLOCATION) allocationContext = r.data.readUInt32BE(0);
+        if (r.data.subarray(4).toString('utf8') === metaContext) allocationContext = r.data.readUInt32BE(0);
       }
     } // An error here only means no extents; extents() then reports everything as data.
   }

@@ -32,6 +32,11 @@ export interface NbdConnectOptions {
   exportName?: string;
   /** Give up on a server that does not finish the handshake in time (default 30 s). */
   timeoutMs?: number;
+  /**
+   * The block status context to negotiate instead of base:allocation, e.g.
+   * `qemu:dirty-bitmap:NAME`: `extents()` is then unavailable and `dirtyExtents()` answers.
+   */
+  metaContext?: string;
 }
 
 /**
@@ -67,6 +72,7 @@ export class NbdClient {
     private readonly socket: net.Socket,
     private readonly negotiated: Negotiated,
     private readonly describe: string,
+    private readonly metaContext: string | undefined,
   ) {
     this.size = negotiated.size;
     this.readOnly = (negotiated.transmissionFlags & NBD_FLAG_READ_ONLY) !== 0;
@@ -129,7 +135,7 @@ export class NbdClient {
     }, timeoutMs);
     let negotiated: Negotiated;
     try {
-      negotiated = await negotiate(socket, reader, opts.exportName ?? '', describe);
+      negotiated = await negotiate(socket, reader, opts.exportName ?? '', describe, opts.metaContext);
     } catch (err) {
       socket.destroy();
       throw err;
@@ -138,7 +144,7 @@ export class NbdClient {
       socket.off('error', onError);
       socket.off('close', onClose);
     }
-    const client = new NbdClient(socket, negotiated, describe);
+    const client = new NbdClient(socket, negotiated, describe, opts.metaContext);
     sink = (data) => client.parser.push(data);
     if (negotiated.leftover.length > 0) client.parser.push(negotiated.leftover);
     return client;
@@ -211,11 +217,45 @@ export class NbdClient {
    */
   async extents(offset: number, length: number): Promise<Extent[]> {
     this.checkRange('block-status', offset, length);
-    const end = offset + length;
+    if (this.metaContext !== undefined) throw new VmvaultError('NBD', `NBD client for ${this.describe} negotiated ${this.metaContext}, not base:allocation`);
     if (this.negotiated.allocationContext === undefined) {
       return length === 0 ? [] : [{ offset, length, zero: false, hole: false }];
     }
     const out: Extent[] = [];
+    await this.status(offset, length, (at, len, flags) => {
+      const zero = (flags & NBD_STATE_ZERO) !== 0;
+      const hole = (flags & NBD_STATE_HOLE) !== 0;
+      const last = out[out.length - 1];
+      if (last && last.zero === zero && last.hole === hole) last.length += len;
+      else out.push({ offset: at, length: len, zero, hole });
+    });
+    return out;
+  }
+
+  /**
+   * The dirty ranges of [offset, offset+length) by the `qemu:dirty-bitmap:NAME`
+   * context this client negotiated (flag bit 0: dirty), merged where adjacent.
+   * NBD error when the server did not offer that context: the caller cannot trust
+   * anything about changes then, and must read everything.
+   */
+  async dirtyExtents(offset: number, length: number): Promise<{ offset: number; length: number }[]> {
+    this.checkRange('block-status', offset, length);
+    if (this.metaContext === undefined || this.negotiated.allocationContext === undefined) {
+      throw new VmvaultError('NBD', `NBD server ${this.describe} offers no ${this.metaContext ?? 'dirty bitmap'} context`);
+    }
+    const out: { offset: number; length: number }[] = [];
+    await this.status(offset, length, (at, len, flags) => {
+      if ((flags & 1) === 0) return;
+      const last = out[out.length - 1];
+      if (last && last.offset + last.length === at) last.length += len;
+      else out.push({ offset: at, length: len });
+    });
+    return out;
+  }
+
+  /** BLOCK_STATUS over exactly [offset, offset+length) of the negotiated context, descriptor by descriptor. */
+  private async status(offset: number, length: number, each: (offset: number, length: number, flags: number) => void): Promise<void> {
+    const end = offset + length;
     let cur = offset;
     while (cur < end) {
       const p = await this.send(NBD_CMD_BLOCK_STATUS, cur, Math.min(end - cur, MAX_STATUS_REQUEST));
@@ -223,16 +263,10 @@ export class NbdClient {
       for (let i = 0; i < d.length && cur < end; i += 2) {
         // The last descriptor may run past the request: clip it to what was asked.
         const len = Math.min(d[i]!, end - cur);
-        const flags = d[i + 1]!;
-        const zero = (flags & NBD_STATE_ZERO) !== 0;
-        const hole = (flags & NBD_STATE_HOLE) !== 0;
-        const last = out[out.length - 1];
-        if (last && last.zero === zero && last.hole === hole) last.length += len;
-        else out.push({ offset: cur, length: len, zero, hole });
+        each(cur, len, d[i + 1]!);
         cur += len;
       }
     }
-    return out;
   }
 
   /** Wait for requests in flight, send NBD_CMD_DISC, and end the socket. Idempotent. */

@@ -35,6 +35,11 @@ export interface ExportOptions {
    * (src/disk/inspect.ts refuses such images first; this is the second lock).
    */
   allowBacking?: boolean;
+  /**
+   * Export this persistent dirty bitmap (`qemu-nbd -B`) and connect through its
+   * `qemu:dirty-bitmap:NAME` context: the client then answers `dirtyExtents()`.
+   */
+  bitmap?: string;
 }
 
 export interface NbdExport {
@@ -113,6 +118,7 @@ async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none
   args.push(...(opts.readOnly ? ['--read-only'] : ['--discard=unmap']));
   // snapshot.name= rather than a bare name, which qemu would also match against snapshot ids.
   if (opts.snapshot !== undefined) args.push('-l', `snapshot.name=${optValue(opts.snapshot)}`);
+  if (opts.bitmap !== undefined) args.push('-B', opts.bitmap);
   args.push(opts.format === 'qcow2' && !opts.allowBacking ? await qcow2WithoutBacking(abs) : abs);
   const proc = launch(args, await havePdeathsig());
   let exited: Exit | undefined;
@@ -128,7 +134,7 @@ async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none
       throw failed(exited);
     }
     try {
-      const client = await NbdClient.connect(socketPath);
+      const client = await NbdClient.connect(socketPath, opts.bitmap !== undefined ? { metaContext: `qemu:dirty-bitmap:${opts.bitmap}` } : {});
       return makeExport(proc, exit, client, dir, socketPath, abs);
     } catch (err) {
       const code = ((err as VmvaultError).cause as NodeJS.ErrnoException | undefined)?.code;

@@ -33,6 +33,8 @@ export interface ImageInfo {
   references: string[];
   /** Internal snapshots (qcow2). */
   snapshots: { id: string; name: string }[];
+  /** Persistent dirty bitmaps (qcow2) with qemu's flags: `auto` (tracking), `in-use` or `inconsistent` (not to be trusted). */
+  bitmaps: { name: string; flags: string[] }[];
 }
 
 interface QemuImgInfoJson {
@@ -42,7 +44,7 @@ interface QemuImgInfoJson {
   'backing-filename'?: string;
   'full-backing-filename'?: string;
   snapshots?: { id: string | number; name: string; 'date-sec'?: number; 'vm-state-size'?: number }[];
-  'format-specific'?: { data?: { 'data-file'?: string; extents?: { filename?: string }[] } };
+  'format-specific'?: { data?: { 'data-file'?: string; extents?: { filename?: string }[]; bitmaps?: { name: string; flags?: string[] }[] } };
 }
 
 /** The files other than `abs` that qemu's view of an image names. */
@@ -86,6 +88,7 @@ export async function imageInfo(file: string, format?: ImageFormat): Promise<Ima
     ...(backing !== undefined ? { backingFile: backing } : {}),
     references: referencesOf(abs, j),
     snapshots: (j.snapshots ?? []).map((s) => ({ id: String(s.id), name: s.name })),
+    bitmaps: (j['format-specific']?.data?.bitmaps ?? []).map((b) => ({ name: b.name, flags: b.flags ?? [] })),
   };
 }
 
@@ -146,6 +149,17 @@ async function onExistingSnapshot(file: string, name: string, op: '-d' | '-a'): 
     throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
   }
   await runOn('qemu-img', abs, ['snapshot', '-q', op, name, await qcow2WithoutBacking(abs)]);
+}
+
+/**
+ * Adds (`--add`, persistent and enabled: every later write through any qemu program
+ * marks it) or removes a dirty bitmap of a qcow2 image nobody has open. The json:
+ * filename pins the format and opens no backing file.
+ */
+export async function bitmapChange(file: string, op: '--add' | '--remove', name: string): Promise<void> {
+  const abs = path.resolve(file);
+  await mustExist(abs);
+  await runOn('qemu-img', abs, ['bitmap', op, await qcow2WithoutBacking(abs), name]);
 }
 
 /** One internal snapshot of a qcow2 image, as qemu-img reports it. */

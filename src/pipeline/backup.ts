@@ -30,13 +30,37 @@ import { withLock, type HeldLock } from '../repo/locks.js';
  */
 export interface BackupDisk { path: string; name?: string; format?: ImageFormat; allowChain?: boolean }
 
-/** A disk inspected and named, ready for a driver to freeze. */
-export interface NamedDisk extends InspectedDisk { name: string }
+/** A disk inspected and named, ready for a driver to freeze, with its newest earlier backup when there is one. */
+export interface NamedDisk extends InspectedDisk {
+  name: string;
+  previous?: { backupId: string; chunkSize: number; entry: DiskEntry };
+}
+
+/** What changed since the previous backup of a disk, as its driver knows it. */
+export interface ChangedBlocks {
+  /** The previous backup's chunk ids of this disk (same virtual size and chunk size). */
+  previous: (string | null)[];
+  /**
+   * The ranges of [offset, offset+length) written since the previous backup's instant,
+   * up to this point in time; a superset is safe, a missed write is not.
+   */
+  dirty(offset: number, length: number): Promise<{ offset: number; length: number }[]>;
+}
+
+export type FileStamp = NonNullable<DiskEntry['fileStamp']>;
 
 /** One disk of a point in time, as the pipeline reads it. */
 export interface FrozenDisk extends NamedDisk {
   /** A qcow2 internal snapshot holding the instant; without it the image itself is frozen (nothing writes to it while it is read). */
   snapshot?: string;
+  /** Read only what changed (the rest comes from `changes.previous`); absent: read everything. */
+  changes?: ChangedBlocks;
+  /** Recorded in the manifest: how the disk is read and why (e.g. why not incrementally). */
+  mode: 'full' | 'incremental';
+  reason: string;
+  /** The bitmap left in the image counting changes from this instant, for the next backup. */
+  bitmap?: string;
+  fileStamp?: FileStamp;
 }
 
 /** What the pipeline needs of a backup besides the frozen disks. */
@@ -63,6 +87,8 @@ export interface BackupOptions {
 }
 
 export interface BackupRequest extends BackupOptions {
+  /** The backup's id (newBackupId), known before the point in time so that its bitmaps can be named after it. */
+  id: string;
   disks: FrozenDisk[];
   /** What the instant guarantees, recorded in the manifest. */
   consistency: NonNullable<Manifest['consistency']>;
@@ -72,6 +98,11 @@ export interface BackupResult { manifest: Manifest; stats: BackupStats }
 
 const MAX_CONFIG_BYTES = 16 * 1024 * 1024;
 const STATUS_WINDOW = 1024 * 1024 * 1024;
+
+/** A fresh backup id: 32 random bytes in hex. */
+export function newBackupId(): string {
+  return randomBytes(32).toString('hex');
+}
 
 /**
  * Names and inspects a VM's disks before anything is frozen: a bad path, a locked
@@ -83,12 +114,14 @@ export async function inspectDisks(repo: Repository, vm: string, disks: BackupDi
   if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${vm}": pass at least one --disk`);
   const names = uniqueNames(disks.map((d) => d.name ?? diskNameFromPath(d.path)));
   names.forEach((n) => assertSafeName(n, 'disk name'));
-  const pinned = disks.some((d) => d.format === undefined) ? await detectedFormats(repo, vm) : new Map<string, ImageFormat>();
+  const previous = await previousDisks(repo, vm);
   const out: NamedDisk[] = [];
   for (const [i, d] of disks.entries()) {
     const name = names[i]!;
-    const pin = pinned.get(name);
-    out.push({ ...(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) })), name });
+    const prev = previous.get(name);
+    // A disk with no declared format keeps the format it was last backed up with.
+    const pin = d.format === undefined ? prev?.entry.format as ImageFormat | undefined : undefined;
+    out.push({ ...(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) })), name, ...(prev ? { previous: prev } : {}) });
   }
   return out;
 }
@@ -103,8 +136,9 @@ export async function backup(repo: Repository, req: BackupRequest): Promise<Back
 }
 
 async function run(repo: Repository, req: BackupRequest, configs: Manifest['configs'], started: number, lock: HeldLock): Promise<BackupResult> {
-  const id = randomBytes(32).toString('hex');
-  const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, seconds: 0 };
+  const id = req.id;
+  if (!/^[0-9a-f]{64}$/.test(id)) throw new VmvaultError('BAD_INPUT', `"${id}" is not a backup id`);
+  const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, chunksUnchanged: 0, seconds: 0 };
   // Quarantined chunks are left out: producing one uploads it again, which heals it (repo/health.ts).
   const known = await repo.usableChunkIds();
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
@@ -116,6 +150,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
       const chunks = await backupDisk(repo, pool, disk, known, stats, meter, req.inFlight ?? 10, req.signal);
       disks.push({
         name: disk.name, format: disk.format, formatSource: disk.formatSource, ...(disk.chain.length ? { chain: disk.chain } : {}),
+        mode: disk.mode, reason: disk.reason, ...(disk.bitmap ? { bitmap: disk.bitmap } : {}), ...(disk.fileStamp ? { fileStamp: disk.fileStamp } : {}),
         virtualSize: disk.virtualSize, sourcePath: disk.path, chunks,
       });
     }
@@ -138,14 +173,15 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
 }
 
 /**
- * The formats the newest backup of `vm` detected for its disks (by disk name): a disk
- * with no declared format keeps the format it was first seen with, so a guest that
- * writes a qcow2 header onto its raw disk cannot change how the host reads it.
+ * The newest earlier backup of each of `vm`'s disks (by disk name): its format pins a
+ * disk with no declared format (a guest that writes a qcow2 header onto its raw disk
+ * cannot change how the host reads it), and its chunk list is what an incremental
+ * read starts from.
  */
-async function detectedFormats(repo: Repository, vm: string): Promise<Map<string, ImageFormat>> {
+async function previousDisks(repo: Repository, vm: string): Promise<Map<string, NonNullable<NamedDisk['previous']>>> {
   const previous = (await repo.manifests()).filter((m) => m.vm === vm).sort((a, b) => a.time.localeCompare(b.time));
-  const out = new Map<string, ImageFormat>();
-  for (const m of previous) for (const d of m.disks) out.set(d.name, d.format as ImageFormat);
+  const out = new Map<string, NonNullable<NamedDisk['previous']>>();
+  for (const m of previous) for (const d of m.disks) out.set(d.name, { backupId: m.id, chunkSize: m.chunkSize, entry: d });
   return out;
 }
 
@@ -178,7 +214,7 @@ async function backupDisk(
     format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
   });
   try {
-    return await readChunks(repo, pool, exp.client, disk.virtualSize, known, stats, meter, inFlight, signal);
+    return await readChunks(repo, pool, exp.client, disk.virtualSize, known, stats, meter, inFlight, disk.changes, signal);
   } finally {
     await exp.close();
   }
@@ -186,7 +222,7 @@ async function backupDisk(
 
 async function readChunks(
   repo: Repository, pool: ChunkPool, client: NbdClient, size: number, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number, signal?: AbortSignal,
+  stats: BackupStats, meter: ProgressMeter, inFlight: number, changes: ChangedBlocks | undefined, signal?: AbortSignal,
 ): Promise<(string | null)[]> {
   const chunkSize = repo.chunkSize;
   const ids: (string | null)[] = new Array(Math.ceil(size / chunkSize)).fill(null);
@@ -232,7 +268,20 @@ async function readChunks(
   for (let start = 0; start < size && window.ok; start += STATUS_WINDOW) {
     const end = Math.min(size, start + STATUS_WINDOW);
     const plans = planChunks(await client.extents(start, end - start), start, end, chunkSize);
+    const dirty = changes ? await changes.dirty(start, end - start) : undefined;
     for (const plan of plans) {
+      if (dirty && !overlaps(dirty, plan.offset, plan.length)) {
+        // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
+        // chunk (collected, or quarantined as damaged): then it is read, which also heals it.
+        const prev = changes!.previous[plan.index] ?? null;
+        if (prev === null || known.has(prev)) {
+          ids[plan.index] = prev;
+          if (prev === null) stats.chunksZero++;
+          else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
+          meter.add(plan.length);
+          continue;
+        }
+      }
       if (plan.data.length === 0) {
         stats.chunksZero++;
         meter.add(plan.length);
@@ -244,6 +293,11 @@ async function readChunks(
   }
   await window.drain();
   return ids;
+}
+
+/** Whether any of the sorted ranges meets [offset, offset+length). */
+function overlaps(ranges: readonly { offset: number; length: number }[], offset: number, length: number): boolean {
+  return ranges.some((r) => r.offset < offset + length && offset < r.offset + r.length);
 }
 
 /** Reads a chunk's data ranges into a pooled buffer; the rest of the chunk is zeros. */

@@ -19,6 +19,13 @@ export const diskSchema = z.object({
   formatSource: z.enum(['declared', 'detected']).optional(),
   /** Other files read through the image, flattened into it (an allowed linked-clone chain). */
   chain: z.array(z.string()).optional(),
+  /** How this disk was read: everything, or only what changed since the previous backup; and why. Absent in older backups. */
+  mode: z.enum(['full', 'incremental']).optional(),
+  reason: z.string().optional(),
+  /** The persistent dirty bitmap this backup left in the image: it counts changes since this backup's instant. */
+  bitmap: z.string().optional(),
+  /** A raw image's file identity and times at this backup (restic's test for an unchanged file). */
+  fileStamp: z.object({ dev: z.number(), ino: z.number(), size: z.number(), mtimeNs: z.string(), ctimeNs: z.string() }).optional(),
   virtualSize: z.number().int().nonnegative(),
   sourcePath: z.string(),
   /** One entry per chunk of the virtual disk: the chunk id, or null for all zeros. */
@@ -37,6 +44,8 @@ export const statsSchema = z.object({
   chunksNew: z.number(),
   chunksReused: z.number(),
   chunksZero: z.number(),
+  /** Chunks known unchanged since the previous backup (dirty bitmap, or an untouched raw file): not read at all. */
+  chunksUnchanged: z.number().optional(),
   seconds: z.number(),
 });
 
@@ -73,7 +82,7 @@ export interface BackupSummary {
   labels: string[];
   policy?: string;
   consistency?: 'offline' | 'crash' | 'application';
-  disks: { name: string; format: string; virtualSize: number; formatSource?: 'declared' | 'detected'; chain?: string[] }[];
+  disks: { name: string; format: string; virtualSize: number; formatSource?: 'declared' | 'detected'; chain?: string[]; mode?: 'full' | 'incremental'; reason?: string }[];
   configs: string[];
 }
 
@@ -89,6 +98,7 @@ export function summarise(m: Manifest): BackupSummary {
     disks: m.disks.map((d) => ({
       name: d.name, format: d.format, virtualSize: d.virtualSize,
       ...(d.formatSource ? { formatSource: d.formatSource } : {}), ...(d.chain ? { chain: d.chain } : {}),
+      ...(d.mode ? { mode: d.mode } : {}), ...(d.reason ? { reason: d.reason } : {}),
     })),
     configs: m.configs.map((c) => c.name),
   };

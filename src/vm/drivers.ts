@@ -4,7 +4,7 @@
  * for the contract every driver keeps).
  */
 import type { DRIVERS } from '../config/schema.js';
-import { backup, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
+import { backup, newBackupId, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
 import { openImages } from './image-driver.js';
 import { openLibvirt } from './libvirt.js';
@@ -20,8 +20,8 @@ const OPENERS: Record<Driver, PointInTimeOpener> = {
 };
 
 /** Freezes the VM's disks with `driver`; the caller must `close()` what it returns. */
-export function openPointInTime(repo: Repository, driver: Driver, target: PointInTimeTarget): Promise<PointInTime> {
-  return OPENERS[driver](repo, target);
+export function openPointInTime(repo: Repository, driver: Driver, target: PointInTimeTarget, backupId: string): Promise<PointInTime> {
+  return OPENERS[driver](repo, target, backupId);
 }
 
 export interface VmBackupRequest extends PointInTimeTarget, BackupOptions {
@@ -36,16 +36,17 @@ export type VmBackupResult = BackupResult & PointInTimeDetails;
  * state the VM is left in.
  */
 export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<VmBackupResult> {
-  const pit = await openPointInTime(repo, req.driver, req);
+  const id = newBackupId();
+  const pit = await openPointInTime(repo, req.driver, req, id);
   let result: BackupResult | undefined;
   let failure: unknown;
   try {
-    result = await backup(repo, { ...req, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles] });
+    result = await backup(repo, { ...req, id, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles] });
   } catch (err) {
     failure = err;
   }
   try {
-    await pit.close();
+    await pit.close(result !== undefined);
   } catch (closeErr) {
     if (failure !== undefined) throw combineFailures(failure, closeErr);
     // The backup itself is committed and valid; what is wrong is the VM's state.

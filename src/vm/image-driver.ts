@@ -1,49 +1,102 @@
 /**
  * The `image` driver: disk images no VM has open. A qcow2 image is frozen by an
  * internal snapshot (`vmvault-<run id>`, deleted by `close`; one left by a killed run
- * is deleted by the next, since an image nobody holds has no other writer of ours);
- * any other image is read as it is, nothing writing to it (a raw image some process
- * writes to is refused by the inspection's lock probe).
+ * is deleted by the next, since an image nobody holds has no other writer of ours)
+ * and tracked by a persistent dirty bitmap (src/vm/change-tracking.ts); any other
+ * image is read as it is, nothing writing to it (a raw image some process writes to
+ * is refused by the inspection's lock probe).
  */
 import { randomBytes } from 'node:crypto';
-import { snapshotCreate, snapshotDelete } from '../disk/qemu.js';
+import { errorMessage } from '../errors.js';
+import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import type { PointInTime, PointInTimeTarget } from './point-in-time.js';
+import { BITMAP_PREFIX, bitmapChanges, bitmapName, decide, statStamp, tracked, unchanged } from './change-tracking.js';
+import type { Warn } from './guest-agent.js';
+import { stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
 /** Internal snapshots this tool creates are named with this prefix, so leftovers can be found. */
 export const SNAPSHOT_PREFIX = 'vmvault-';
 
-export async function openImages(repo: Repository, target: PointInTimeTarget): Promise<PointInTime> {
+export async function openImages(repo: Repository, target: PointInTimeTarget, backupId: string): Promise<PointInTime> {
   // Every disk is inspected before any is snapshotted.
-  return freezeImages(await inspectDisks(repo, target.vm, target.disks));
+  const disks = await inspectDisks(repo, target.vm, target.disks);
+  return freezeImages(disks, { backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
 }
 
-/** Snapshots the qcow2 disks among already-inspected ones (the libvirt driver's shut-off domains come here too). */
-export async function freezeImages(disks: NamedDisk[]): Promise<PointInTime> {
+interface Taken { disk: FrozenDisk; newBitmap?: string; oldBitmap?: string }
+
+/** Snapshots and tracks already-inspected images (the libvirt driver's shut-off domains come here too). */
+export async function freezeImages(disks: NamedDisk[], opts: { backupId: string; fullRead: boolean; warn: Warn }): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
-  const taken: FrozenDisk[] = [];
+  const taken: Taken[] = [];
+  const exports: NbdExport[] = [];
   let recovered = 0;
-  const close = async () => {
-    for (const d of taken) if (d.snapshot) await snapshotDelete(d.path, d.snapshot);
+  const release = async (committed: boolean) => {
+    for (const e of exports.splice(0)) await e.close();
+    for (const { disk } of taken) if (disk.snapshot) await snapshotDelete(disk.path, disk.snapshot);
+    // Tracking moves to the new bitmap only once its backup is saved; a bitmap that cannot
+    // be removed now (a VM started meanwhile) is removed as stale by the next backup.
+    for (const t of taken) {
+      const drop = committed ? t.oldBitmap : t.newBitmap;
+      if (drop) await bitmapChange(t.disk.path, '--remove', drop).catch((err: unknown) => opts.warn(`could not remove dirty bitmap ${drop} from ${t.disk.path} (${errorMessage(err)}): the next backup removes it`));
+    }
   };
   try {
     for (const d of disks) {
-      if (d.format !== 'qcow2') {
-        taken.push(d);
-        continue;
+      if (d.format === 'qcow2') {
+        recovered += await removeLeftovers(d);
+        taken.push(await freezeQcow2(d, snapshot, opts, exports));
+      } else {
+        const stamp = d.format === 'raw' ? await statStamp(d.path) : undefined;
+        const decision = decide(d, { fullRead: opts.fullRead, ...(stamp ? { stamp } : {}) });
+        taken.push({ disk: tracked(d, decision, decision.mode === 'incremental' ? unchanged(d) : undefined, stamp ? { fileStamp: stamp } : {}) });
       }
-      for (const s of d.snapshots.filter((x) => x.name.startsWith(SNAPSHOT_PREFIX))) {
-        await snapshotDelete(d.path, s.name);
-        recovered++;
-      }
-      await snapshotCreate(d.path, snapshot);
-      taken.push({ ...d, snapshot });
     }
   } catch (err) {
-    await close().catch(() => {});
+    await release(false).catch(() => {});
     throw err;
   }
   let closing: Promise<void> | undefined;
-  return { disks: taken, consistency: 'offline', configFiles: [], details: { recovered }, close: () => (closing ??= close()) };
+  return {
+    disks: taken.map((t) => t.disk), consistency: 'offline', configFiles: [], details: { recovered },
+    close: (committed) => (closing ??= release(committed)),
+  };
+}
+
+/** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
+async function freezeQcow2(d: NamedDisk, snapshot: string, opts: { backupId: string; fullRead: boolean }, exports: NbdExport[]): Promise<Taken> {
+  const decision = decide(d, { fullRead: opts.fullRead });
+  const newBitmap = bitmapName(opts.backupId);
+  await bitmapChange(d.path, '--add', newBitmap);
+  try {
+    await snapshotCreate(d.path, snapshot);
+  } catch (err) {
+    await bitmapChange(d.path, '--remove', newBitmap).catch(() => {});
+    throw err;
+  }
+  const changes = decision.since ? bitmapChanges(d, decision.since, exports) : undefined;
+  return {
+    disk: tracked(d, decision, changes, { snapshot, bitmap: newBitmap }),
+    newBitmap, ...(d.previous?.entry.bitmap ? { oldBitmap: d.previous.entry.bitmap } : {}),
+  };
+}
+
+/**
+ * Snapshots and bitmaps of killed earlier runs: the image is not in use (the
+ * inspection checked), so every `vmvault-` snapshot is ours to remove, and every
+ * `vmvault-` bitmap but the one the newest backup of this disk left.
+ */
+async function removeLeftovers(d: NamedDisk): Promise<number> {
+  let n = 0;
+  for (const s of d.snapshots.filter((x) => x.name.startsWith(SNAPSHOT_PREFIX))) {
+    await snapshotDelete(d.path, s.name);
+    n++;
+  }
+  const keep = d.previous?.entry.bitmap;
+  for (const b of d.bitmaps.filter((x) => x.name.startsWith(BITMAP_PREFIX) && x.name !== keep)) {
+    await bitmapChange(d.path, '--remove', b.name);
+    n++;
+  }
+  return n;
 }

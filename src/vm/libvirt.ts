@@ -25,6 +25,7 @@ import { diskNameFromPath } from '../pipeline/names.js';
 import type { Repository } from '../repo/repository.js';
 import type { Warn } from './guest-agent.js';
 import { freezeImages } from './image-driver.js';
+import { readInFull } from './change-tracking.js';
 import { combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 import { isOverlayFile, OVERLAY_MARK, overlayPath } from './qemu-blocks.js';
 import { runId } from './overlays.js';
@@ -70,7 +71,7 @@ async function virsh(args: string[], domain: string): Promise<string> {
 }
 
 /** Freezes a libvirt domain's disks and captures its XML; see the file comment for how. */
-export async function openLibvirt(repo: Repository, target: PointInTimeTarget): Promise<PointInTime> {
+export async function openLibvirt(repo: Repository, target: PointInTimeTarget, backupId: string): Promise<PointInTime> {
   const warn = target.warn ?? stderrWarn;
   const domain = target.domain ?? target.vm;
   const xml = await virsh(['dumpxml', '--inactive', domain], domain);
@@ -92,11 +93,11 @@ export async function openLibvirt(repo: Repository, target: PointInTimeTarget): 
     });
     const pit = running
       ? await freezeRunningDomain(repo, target.vm, disks, domain, entries, target.overlayDir, warn)
-      : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks))), details: { running: false, guestFrozen: false } };
+      : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks), { backupId, fullRead: target.fullRead ?? false, warn })), details: { running: false, guestFrozen: false } };
     let closing: Promise<void> | undefined;
     return {
       ...pit, configFiles: [xmlFile],
-      close: () => (closing ??= pit.close().finally(removeTmp)),
+      close: (committed) => (closing ??= pit.close(committed).finally(removeTmp)),
     };
   } catch (err) {
     await removeTmp();
@@ -144,7 +145,7 @@ async function freezeRunningDomain(
   };
   try {
     return {
-      disks: await inspectDisks(repo, vm, disks), consistency: guestFrozen ? 'application' : 'crash', configFiles: [],
+      disks: (await inspectDisks(repo, vm, disks)).map(readInFull), consistency: guestFrozen ? 'application' : 'crash', configFiles: [],
       details: { running: true, guestFrozen, recovered: targets.filter((x) => x.leftover).length }, close,
     };
   } catch (err) {

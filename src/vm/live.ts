@@ -21,6 +21,7 @@ import { inspectDisks } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
 import { withGuestFreeze } from './guest-agent.js';
 import { commitOverlay, createOverlays, recoverOverlays, runId, type Overlay } from './overlays.js';
+import { readInFull } from './change-tracking.js';
 import { combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 import { attachedDisks } from './qemu-blocks.js';
 import { QmpClient } from './qmp.js';
@@ -80,7 +81,8 @@ export async function openRunningVm(repo: Repository, target: PointInTimeTarget)
     await target.onPointInTime?.(overlays);
     // The running QEMU's own node driver is the VM's configuration of each disk's format.
     // The base images are inspected now that QEMU holds them read-only under the overlays.
-    const disks = await inspectDisks(repo, target.vm, target.disks.map((d, i) => ({ ...d, format: knownFormat(attached[i]!.format, d.path) })));
+    const inspected = await inspectDisks(repo, target.vm, target.disks.map((d, i) => ({ ...d, format: knownFormat(attached[i]!.format, d.path) })));
+    const disks = inspected.map((d) => readInFull(d));
     let closing: Promise<void> | undefined;
     return {
       disks, consistency: frozen ? 'application' : 'crash', configFiles: [], details: { guestFrozen: frozen, recovered },

@@ -36,6 +36,8 @@ export interface PointInTimeTarget {
   commitTimeoutMs?: number;
   /** qemu: called once the overlays exist and before the base images are read (tests). */
   onPointInTime?: (overlays: readonly Overlay[]) => void | Promise<void>;
+  /** Read every disk in full, whatever change tracking says (the bitmaps are still rotated). */
+  fullRead?: boolean;
   /** Warnings (crash-consistent fallback, recovered leftovers). Default: stderr. */
   warn?: Warn;
 }
@@ -56,10 +58,15 @@ export interface PointInTime {
   /** Configuration files the driver captured (a libvirt domain's XML), stored with the backup. */
   configFiles: string[];
   details: PointInTimeDetails;
-  close(): Promise<void>;
+  /**
+   * Gives the instant back. `committed` says whether the backup was saved: change
+   * tracking moves to the new backup only then (the previous bitmap stays otherwise).
+   */
+  close(committed: boolean): Promise<void>;
 }
 
-export type PointInTimeOpener = (repo: Repository, target: PointInTimeTarget) => Promise<PointInTime>;
+/** `backupId` is the id the backup will have: bitmaps are named after it. */
+export type PointInTimeOpener = (repo: Repository, target: PointInTimeTarget, backupId: string) => Promise<PointInTime>;
 
 export const stderrWarn: Warn = (message, fields) => process.stderr.write(`warning: ${message}${fields ? ` ${JSON.stringify(fields)}` : ''}\n`);
 

@@ -56,6 +56,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--disk <path>', 'disk image, or NAME=PATH (repeatable)')
     .addOption(new Option('--format <format>', 'format of the --disk before it, as the VM uses it (default: detected once by vmvault, then pinned)').choices(IMAGE_FORMATS as unknown as string[]))
     .option('--allow-chain', 'the --disk before it is a linked clone: read its backing files (or vmdk extents) through it')
+    .option('--full-read', 'read every disk in full, whatever change tracking says')
     .option('--config <file>', 'configuration file to store with the backup (repeatable)', collect)
     .option('--label <label>', 'label (repeatable)', collect)
     .option('--host <name>', 'host name recorded in the backup')
@@ -67,7 +68,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
   const givenDisks = diskOptions(backupCmd);
   backupCmd
     .action(async (o: {
-      vm: string; config?: string[]; label?: string[]; host?: string; policy?: string; json?: boolean;
+      vm: string; config?: string[]; fullRead?: boolean; label?: string[]; host?: string; policy?: string; json?: boolean;
       qmp?: string; guestAgent?: string; overlayDir?: string;
     }) => {
       const disks = givenDisks();
@@ -88,7 +89,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       let result;
       try {
         result = await backupVm(repo, {
-          vm: o.vm, driver: o.qmp ? 'qemu' : 'image', disks, configs: o.config ?? [], labels: o.label ?? [],
+          vm: o.vm, driver: o.qmp ? 'qemu' : 'image', disks, configs: o.config ?? [], labels: o.label ?? [], ...(o.fullRead ? { fullRead: true } : {}),
           ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update, signal: stop.signal,
           ...(o.qmp ? { qmpSocket: o.qmp } : {}), ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}),
         });
@@ -100,7 +101,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       bar.done();
       print(o.json, { ...listing(manifest), stats }, () =>
         `backup ${manifest.id} of ${manifest.vm}: ${manifest.disks.length} disk(s), read ${formatBytes(stats.bytesRead)}, ` +
-        `uploaded ${formatBytes(stats.bytesUploaded)} in ${stats.chunksNew} new chunk(s), ${stats.chunksReused} reused, ` +
+        `uploaded ${formatBytes(stats.bytesUploaded)} in ${stats.chunksNew} new chunk(s), ${stats.chunksReused} reused, ${stats.chunksUnchanged ?? 0} unchanged (not read), ` +
         `${stats.chunksZero} zero, ${stats.seconds.toFixed(1)}s`);
     });
 
@@ -135,7 +136,8 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         `labels   ${s.labels.join(', ') || '-'}`, ...(s.policy ? [`policy   ${s.policy}`] : []),
         ...(s.consistency ? [`instant  ${s.consistency}-consistent`] : []),
         ...m.disks.map((d) => `disk     ${d.name}: ${d.format}${d.formatSource ? ` (${d.formatSource})` : ''}, ${formatBytes(d.virtualSize)}, ` +
-          `${d.chunks.filter(Boolean).length}/${d.chunks.length} chunks with data, from ${d.sourcePath}${d.chain ? ` through ${d.chain.join(', ')}` : ''}`),
+          `${d.chunks.filter(Boolean).length}/${d.chunks.length} chunks with data, from ${d.sourcePath}${d.chain ? ` through ${d.chain.join(', ')}` : ''}` +
+          `${d.mode ? `\n         read ${d.mode === 'incremental' ? 'incrementally' : 'in full'}: ${d.reason ?? ''}` : ''}`),
         ...m.configs.map((c) => `config   ${c.name} (from ${c.sourcePath})`),
         `verified ${describeVerification(s.verification ?? undefined)}`,
       ].join('\n'));

@@ -1,0 +1,100 @@
+/**
+ * Changed-block tracking for images no VM has open: which disks can be read
+ * incrementally, from what, and why not when they cannot (DESIGN.md, data path
+ * step 2). Any doubt means a full read of that disk, never an error.
+ *
+ * - qcow2: a persistent dirty bitmap `vmvault-<backup id>` is added to the image just
+ *   before the backup's internal snapshot (a write between the two is counted twice,
+ *   never missed). Every qemu program that later opens the image for writing (the VM,
+ *   qemu-io, qemu-nbd) marks what it writes. The next backup reads only the ranges
+ *   that bitmap marks; once it commits, the old bitmap is removed and its own carries
+ *   on. A failed or killed backup leaves the old one in place: tracking is never lost.
+ *   A bitmap left `in-use` or `inconsistent` (QEMU killed) is not trusted.
+ * - raw: no bitmap can live in a raw file; as restic does for files, an image whose
+ *   device, inode, size, mtime and ctime are those the previous backup recorded is
+ *   taken as unchanged.
+ * - vmdk, vdi: read in full.
+ */
+import fs from 'node:fs/promises';
+import { exportImage, type NbdExport } from '../disk/qemu.js';
+import type { ChangedBlocks, FileStamp, FrozenDisk, NamedDisk } from '../pipeline/backup.js';
+
+export const BITMAP_PREFIX = 'vmvault-';
+
+export function bitmapName(backupId: string): string {
+  return `${BITMAP_PREFIX}${backupId}`;
+}
+
+export interface Decision {
+  mode: 'full' | 'incremental';
+  reason: string;
+  /** qcow2 incremental: the bitmap counting changes since the previous backup. */
+  since?: string;
+}
+
+const full = (reason: string): Decision => ({ mode: 'full', reason });
+
+/** How a disk can be read, from what it is now and what its previous backup recorded. Pure. */
+export function decide(d: NamedDisk, opts: { fullRead?: boolean; stamp?: FileStamp }): Decision {
+  if (opts.fullRead) return full('a full read was asked for');
+  if (d.format !== 'qcow2' && d.format !== 'raw') return full(`${d.format} images have no change tracking`);
+  const prev = d.previous;
+  if (!prev) return full('no earlier backup of this disk');
+  const p = prev.entry;
+  const since = `backup ${prev.backupId.slice(0, 12)}`;
+  if (p.format !== d.format) return full(`the disk was ${p.format} at ${since}`);
+  if (p.virtualSize !== d.virtualSize) return full(`the disk was resized (${p.virtualSize} bytes at ${since}, ${d.virtualSize} now)`);
+  if (p.chunks.length !== Math.ceil(d.virtualSize / prev.chunkSize)) return full(`${since} has a chunk list of another length`);
+  if (d.format === 'raw') {
+    if (!p.fileStamp || !opts.stamp) return full(`${since} recorded no file identity`);
+    const same = (Object.keys(opts.stamp) as (keyof FileStamp)[]).every((k) => opts.stamp![k] === p.fileStamp![k]);
+    return same
+      ? { mode: 'incremental', reason: `unchanged since ${since} (same device, inode, size, mtime and ctime)` }
+      : full(`the raw image changed since ${since}`);
+  }
+  if (!p.bitmap) return full(`${since} left no bitmap`);
+  const bitmap = d.bitmaps.find((b) => b.name === p.bitmap);
+  if (!bitmap) return full(`bitmap ${p.bitmap} of ${since} is missing from the image`);
+  if (bitmap.flags.includes('in-use') || bitmap.flags.includes('inconsistent')) {
+    return full(`bitmap ${p.bitmap} is inconsistent: a QEMU that had the image open did not close it cleanly`);
+  }
+  if (!bitmap.flags.includes('auto')) return full(`bitmap ${p.bitmap} is disabled`);
+  return { mode: 'incremental', reason: `changes since ${since} (bitmap ${p.bitmap})`, since: p.bitmap };
+}
+
+/** A file's identity and times, to nanoseconds. */
+export async function statStamp(path: string): Promise<FileStamp> {
+  const st = await fs.stat(path, { bigint: true });
+  return { dev: Number(st.dev), ino: Number(st.ino), size: Number(st.size), mtimeNs: String(st.mtimeNs), ctimeNs: String(st.ctimeNs) };
+}
+
+/**
+ * The dirty ranges of bitmap `since` in the image itself (not the snapshot: the
+ * bitmap lives in the active image), through a second read-only qemu-nbd export
+ * opened on first use. Its writes after the instant only make the answer larger.
+ */
+export function bitmapChanges(d: NamedDisk, since: string, exports: NbdExport[]): ChangedBlocks {
+  let opened: Promise<NbdExport> | undefined;
+  return {
+    previous: d.previous!.entry.chunks,
+    dirty: async (offset, length) => {
+      opened ??= exportImage(d.path, { format: 'qcow2', readOnly: true, bitmap: since }).then((e) => (exports.push(e), e));
+      return (await opened).client.dirtyExtents(offset, length);
+    },
+  };
+}
+
+/** A raw image found unchanged: nothing is dirty. */
+export function unchanged(d: NamedDisk): ChangedBlocks {
+  return { previous: d.previous!.entry.chunks, dirty: async () => [] };
+}
+
+/** The frozen view of a disk with its tracking decision applied. */
+export function tracked(d: NamedDisk, decision: Decision, changes: ChangedBlocks | undefined, extra: Partial<FrozenDisk> = {}): FrozenDisk {
+  return { ...d, ...extra, mode: changes ? decision.mode : 'full', reason: decision.reason, ...(changes ? { changes } : {}) };
+}
+
+/** A running VM's disk: read in full (its bitmaps would live in the running QEMU, reached over QMP). */
+export function readInFull(d: NamedDisk): FrozenDisk {
+  return { ...d, mode: 'full', reason: 'running VMs are read in full: change tracking through QMP is not built yet' };
+}
