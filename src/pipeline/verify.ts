@@ -11,7 +11,7 @@ import type { Repository } from '../repo/repository.js';
 import { ChunkPool } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
-import { withLock } from '../repo/locks.js';
+import { withReadLock } from '../repo/locks.js';
 
 export interface VerifyProblem { object: string; problem: string; backups: string[] }
 export interface VerifyReport { ok: boolean; backupsChecked: number; chunksChecked: number; readData: boolean; problems: VerifyProblem[] }
@@ -20,7 +20,7 @@ export interface VerifyOptions { backupIds?: string[]; readData?: boolean; onPro
 
 /** Under a shared lock, so that garbage collection does not make chunks vanish mid-check. */
 export function verify(repo: Repository, opts: VerifyOptions = {}): Promise<VerifyReport> {
-  return withLock(repo, 'shared', { purpose: 'verify' }, () => run(repo, opts));
+  return withReadLock(repo, 'verify', () => run(repo, opts));
 }
 
 async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport> {

@@ -7,7 +7,7 @@ import { backup } from '../../pipeline/backup.js';
 import { backupRunningVm } from '../../vm/live.js';
 import { restore } from '../../pipeline/restore.js';
 import { verify } from '../../pipeline/verify.js';
-import { openRepository, type GlobalOptions } from '../context.js';
+import { openRepository, warn, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
 import { progressBar } from '../progress-bar.js';
@@ -86,10 +86,15 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--json', 'print a JSON array')
     .action(async (o: { vm?: string; json?: boolean }) => {
       const repo = await openRepository(globals());
-      const all = (await repo.manifests()).filter((m) => !o.vm || m.vm === o.vm).map(listing);
-      print(o.json, all, () => all.length === 0 ? 'no backups' : table([
+      const { manifests, damaged } = await repo.readManifests();
+      const all = manifests.filter((m) => !o.vm || m.vm === o.vm).map(listing);
+      // A damaged manifest cannot say which VM it belongs to: it is listed whatever --vm says.
+      const broken = damaged.map((d) => ({ id: d.id, damaged: d.problem }));
+      for (const d of damaged) warn(`${d.problem}: backup ${d.id.slice(0, 12)} cannot be listed or restored; every other backup is unaffected`);
+      print(o.json, [...all, ...broken], () => all.length + broken.length === 0 ? 'no backups' : table([
         ['ID', 'TIME', 'VM', 'HOST', 'DISKS', 'LABELS'],
         ...all.map((b) => [b.id.slice(0, 12), b.time, b.vm, b.host, b.disks.map((d) => `${d.name} (${d.format}, ${formatBytes(d.virtualSize)})`).join(' '), b.labels.join(',')]),
+        ...broken.map((b) => [b.id.slice(0, 12), '-', '(damaged)', '-', '-', '-']),
       ]));
     });
 
