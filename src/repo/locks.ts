@@ -133,16 +133,16 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
     await repo.storage.delete(lockName(id));
     throw err;
   }
-  if (damaged.length && kind === 'exclusive' && !conflicts.length) {
-    await repo.storage.delete(lockName(id));
-    throw new VmvaultError('LOCKED', `${opts.purpose} needs the exclusive lock, and ${damagedAdvice(damaged)} once no vmvault process is running`);
-  }
-  if (damaged.length) repo.warn(`${damagedAdvice(damaged)}; ${opts.purpose} goes on`);
   if (conflicts.length) {
     await repo.storage.delete(lockName(id));
     const who = conflicts.map((c) => `${c.lock.kind} lock for ${c.lock.purpose} by ${c.lock.host} pid ${c.lock.pid} since ${c.lock.created}`).join('; ');
     throw new VmvaultError('LOCKED', `the repository is locked (${who}): try again when that finishes; a lock whose holder crashed expires by itself`, { retriable: true });
   }
+  if (damaged.length && kind === 'exclusive') {
+    await repo.storage.delete(lockName(id));
+    throw new VmvaultError('LOCKED', `${opts.purpose} needs the exclusive lock, and ${damagedAdvice(damaged)} once no vmvault process is running`);
+  }
+  if (damaged.length) repo.warn(`${damagedAdvice(damaged)}; ${opts.purpose} goes on`);
   let released = false;
   const timer = setInterval(() => void write().catch(() => undefined), Math.max(1000, ttl / 4));
   timer.unref();
