@@ -10,7 +10,13 @@ import { passphrase } from '../config/passphrase.js';
 
 export { passphrase };
 
-export interface GlobalOptions { repo?: string; passwordFile?: string }
+/** Warnings go to stderr, apart from the output (which may be JSON). */
+export function warn(message: string): void {
+  process.stderr.write(`vmvault: warning: ${message}\n`);
+}
+
+/** `lock` is false with `--no-lock` (commander's negated flag). */
+export interface GlobalOptions { repo?: string; passwordFile?: string; lock?: boolean }
 
 export function repositoryUrl(opts: GlobalOptions): string {
   const url = opts.repo ?? process.env.VMVAULT_REPOSITORY;
@@ -25,5 +31,5 @@ export function storageFor(opts: GlobalOptions): Storage {
 export async function openRepository(opts: GlobalOptions): Promise<Repository> {
   const storage = storageFor(opts);
   const pass = await passphrase(opts.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ');
-  return Repository.open(storage, pass);
+  return Repository.open(storage, pass, { noLock: opts.lock === false, onWarning: warn });
 }

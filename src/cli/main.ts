@@ -19,6 +19,7 @@ export function buildProgram(): Command {
     .description('encrypted, deduplicated backups of virtual machines')
     .option('-r, --repo <url>', 'repository: a directory, or s3://BUCKET/PREFIX?endpoint=URL (env VMVAULT_REPOSITORY)')
     .option('--password-file <file>', 'file holding the repository passphrase (env VMVAULT_PASSWORD)')
+    .option('--no-lock', 'take no lock and write nothing (commands that only read; automatic, with a warning, when the repository refuses writes)')
     .showHelpAfterError()
     .exitOverride();
   const globals = () => program.opts<GlobalOptions>();

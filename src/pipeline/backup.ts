@@ -179,7 +179,8 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
  * read starts from.
  */
 async function previousDisks(repo: Repository, vm: string): Promise<Map<string, NonNullable<NamedDisk['previous']>>> {
-  const previous = (await repo.manifests()).filter((m) => m.vm === vm).sort((a, b) => a.time.localeCompare(b.time));
+  // A damaged manifest costs only itself: the newest readable backup of each disk is used.
+  const previous = (await repo.readManifests()).manifests.filter((m) => m.vm === vm).sort((a, b) => a.time.localeCompare(b.time));
   const out = new Map<string, NonNullable<NamedDisk['previous']>>();
   for (const m of previous) for (const d of m.disks) out.set(d.name, { backupId: m.id, chunkSize: m.chunkSize, entry: d });
   return out;

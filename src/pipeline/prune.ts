@@ -61,7 +61,12 @@ export function planPrune(backups: readonly BackupSummary[], policy: Policy, opt
 }
 
 export async function prune(repo: Repository, policy: Policy, opts: PruneOptions & { dryRun?: boolean } = {}): Promise<PruneDecision[]> {
-  const backups = (await repo.manifests()).map(summarise);
+  // Without the damaged ones: leaving a backup out never makes retention remove one it
+  // would keep otherwise (each rule then keeps the same or older backups), and prune
+  // never deletes what it cannot read.
+  const { manifests, damaged } = await repo.readManifests();
+  for (const d of damaged) repo.warn(`${d.problem}: prune leaves backup ${d.id} alone`);
+  const backups = manifests.map(summarise);
   const plan = planPrune(backups, policy, { now: new Date(), ...opts });
   if (!opts.dryRun) await mapLimit(plan.filter((d) => !d.keep), 8, (d) => repo.deleteManifest(d.id));
   return plan;

@@ -17,7 +17,7 @@ import { ChunkPool } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, pathInside } from './names.js';
-import { withLock } from '../repo/locks.js';
+import { withReadLock } from '../repo/locks.js';
 import { rewriteLibvirtDiskPaths, type DiskTarget } from './libvirt-xml.js';
 
 export interface RestoreRequest {
@@ -42,7 +42,7 @@ export interface RestoredFile { kind: 'disk' | 'config'; name: string; path: str
 export interface RestoreResult { backup: string; vm: string; files: RestoredFile[]; stats: { bytesWritten: number; chunksWritten: number; seconds: number } }
 
 export function restore(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
-  return withLock(repo, 'shared', { purpose: 'restore' }, () => run(repo, req));
+  return withReadLock(repo, 'restore', () => run(repo, req));
 }
 
 async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {

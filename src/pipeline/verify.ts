@@ -23,7 +23,7 @@ import { ChunkPool } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { formatSubset, selectSubset, type Subset } from './subset.js';
-import { withLock } from '../repo/locks.js';
+import { withReadLock } from '../repo/locks.js';
 
 export interface VerifyProblem { object: string; problem: string; backups: string[] }
 export interface BackupVerdict { id: string; vm: string; time: string; ok: boolean; damagedDisks: string[] }
@@ -62,7 +62,7 @@ type Finding = { problem: QuarantineEntry['problem']; detail: string };
 
 /** Under a shared lock, so that garbage collection does not make chunks vanish mid-check. */
 export function verify(repo: Repository, opts: VerifyOptions = {}): Promise<VerifyReport> {
-  return withLock(repo, 'shared', { purpose: 'verify' }, () => run(repo, opts));
+  return withReadLock(repo, 'verify', () => run(repo, opts));
 }
 
 /**

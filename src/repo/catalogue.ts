@@ -4,15 +4,19 @@
  * (one LIST) and loads only the manifests it has not seen, and forgets those that
  * are gone (pruned). Refreshes are at most `maxAgeMs` apart and never run twice at once.
  * Only summaries are kept: a manifest's chunk list can weigh megabytes.
+ * A manifest that cannot be read costs only its own backup: it is left out of the
+ * listing, reported once, kept apart (damaged()) and read again at each refresh, in
+ * case a good copy was put back.
  */
-import { NotFoundError } from '../errors.js';
-import { summarise, type BackupStats, type BackupSummary } from './manifest.js';
-import { mapLimit, resolvePrefix, type Repository } from './repository.js';
+import { IntegrityError, NotFoundError } from '../errors.js';
+import { backupName, summarise, type BackupStats, type BackupSummary } from './manifest.js';
+import { mapLimit, resolvePrefix, type DamagedObject, type Repository } from './repository.js';
 
 export interface CatalogueEntry extends BackupSummary { stats: BackupStats }
 
 export class Catalogue {
   private readonly entries = new Map<string, CatalogueEntry>();
+  private readonly broken = new Map<string, DamagedObject>();
   private refreshedAt = 0;
   private refreshing: Promise<void> | undefined;
 
@@ -24,18 +28,27 @@ export class Catalogue {
     return [...this.entries.values()].sort((a, b) => b.time.localeCompare(a.time) || b.id.localeCompare(a.id));
   }
 
-  /** One backup by id or unique prefix; NotFoundError / AMBIGUOUS otherwise. */
+  /** Backups whose manifest cannot be read, by id. */
+  async damaged(): Promise<DamagedObject[]> {
+    await this.fresh();
+    return [...this.broken.values()];
+  }
+
+  /** One backup by id or unique prefix; NotFoundError / AMBIGUOUS / INTEGRITY (damaged manifest) otherwise. */
   async get(idOrPrefix: string): Promise<CatalogueEntry> {
     await this.fresh();
+    const known = () => [...this.entries.keys(), ...this.broken.keys()];
     let id: string;
     try {
-      id = resolvePrefix(idOrPrefix, [...this.entries.keys()], 'backup');
+      id = resolvePrefix(idOrPrefix, known(), 'backup');
     } catch {
       // A backup committed since the last refresh: look again once.
       this.refreshedAt = 0;
       await this.fresh();
-      id = resolvePrefix(idOrPrefix, [...this.entries.keys()], 'backup');
+      id = resolvePrefix(idOrPrefix, known(), 'backup');
     }
+    const broken = this.broken.get(id);
+    if (broken) throw new IntegrityError(broken.problem);
     return this.entries.get(id)!;
   }
 
@@ -48,6 +61,7 @@ export class Catalogue {
     const started = Date.now();
     const ids = new Set(await this.repo.backupIds());
     for (const id of this.entries.keys()) if (!ids.has(id)) this.entries.delete(id);
+    for (const id of this.broken.keys()) if (!ids.has(id)) this.broken.delete(id);
     const missing = [...ids].filter((id) => !this.entries.has(id));
     const loaded = await mapLimit(missing, 16, async (id) => {
       try {
@@ -55,10 +69,17 @@ export class Catalogue {
         return { ...summarise(m), stats: m.stats };
       } catch (err) {
         if (err instanceof NotFoundError) return undefined; // Pruned between the listing and the read.
-        throw err;
+        if (!(err instanceof IntegrityError)) throw err;
+        if (!this.broken.has(id)) this.repo.warn(`${err.message}: backup ${id} is left out of the listing; every other backup is unaffected`);
+        this.broken.set(id, { id, name: backupName(id), problem: err.message });
+        return undefined;
       }
     });
-    for (const e of loaded) if (e) this.entries.set(e.id, e);
+    for (const e of loaded) {
+      if (!e) continue;
+      this.entries.set(e.id, e);
+      this.broken.delete(e.id);
+    }
     this.refreshedAt = started;
   }
 }

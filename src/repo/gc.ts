@@ -1,34 +1,192 @@
 /**
- * Garbage collection: deletes the chunks no manifest references. It runs under the
- * repository's exclusive lock, so no backup is running (backups hold shared locks)
- * and every chunk a finished backup uses is in its manifest. Any manifest that
- * cannot be read aborts the collection: deleting on partial knowledge loses data.
+ * Garbage collection: deletes the chunks no manifest references, and the temporary
+ * files of writers that were killed mid-put. It runs under the repository's exclusive
+ * lock, so no backup is running (backups hold shared locks) and every chunk a finished
+ * backup uses is in its manifest.
+ *
+ * Damaged manifests. A manifest that cannot be read (damaged, swapped, of another
+ * repository) may reference any chunk: nothing proves a chunk unreferenced while one
+ * exists, and the backup it describes may still be saved by putting a good copy of the
+ * object back. So gc then deletes no chunk at all (only temporary files), reports the
+ * damaged manifests and how many unreferenced chunks it kept, and says what to do.
+ * Refusing outright would also work, but would keep the temporary files of a full disk.
+ * A storage error while reading a manifest (network, permissions) aborts gc: it says
+ * nothing about the manifest.
+ *
+ * A full repository. Taking the lock writes an object; on a full disk that fails, and
+ * gc is the tool that frees the space. When the lock's write fails for want of space,
+ * gc frees room one step at a time and tries the lock again after each step: first
+ * stale locks and temporary files, then unreferenced chunks, largest first. Deleting a
+ * chunk without the lock is safe only because the disk is full: no backup can take its
+ * lock or commit a manifest while nothing can be written, and before each step gc checks
+ * that no live lock exists (a running backup: then it stops, the backup will fail and
+ * release it). As soon as one lock fits, gc takes the exclusive lock and goes on as usual.
  */
+import { VmvaultError } from '../errors.js';
+import { writeRefusal } from '../storage/refusal.js';
 import { chunkName } from './chunk.js';
 import { removeOrphanHealth } from './health.js';
-import { withLock } from './locks.js';
-import { mapLimit, type Repository } from './repository.js';
+import { lockName, readLocks, withLock } from './locks.js';
+import { mapLimit, type DamagedObject, type Repository } from './repository.js';
+import type { Manifest } from './manifest.js';
 
-export interface GcReport { dryRun: boolean; backups: number; chunksTotal: number; chunksReferenced: number; chunksDeleted: number; bytesDeleted: number }
+export interface GcReport {
+  dryRun: boolean;
+  backups: number;
+  chunksTotal: number;
+  chunksReferenced: number;
+  chunksDeleted: number;
+  bytesDeleted: number;
+  /** Temporary files of unfinished writes (killed writers) removed, and their bytes. */
+  tempFilesDeleted: number;
+  tempBytesDeleted: number;
+  /** Manifests that cannot be read: while there is one, no chunk is deleted. */
+  damagedManifests: DamagedObject[];
+  /** Chunks no readable manifest references, kept because of damagedManifests. */
+  chunksKept: number;
+}
 
-export async function collectGarbage(repo: Repository, opts: { dryRun?: boolean } = {}): Promise<GcReport> {
-  return withLock(repo, 'exclusive', { purpose: 'garbage collection' }, async () => {
-    const manifests = await repo.manifests();
-    const referenced = new Set<string>();
-    for (const m of manifests) for (const d of m.disks) for (const id of d.chunks) if (id) referenced.add(id);
-    const sizes = new Map<string, number>();
-    for await (const { name, size } of repo.storage.list('chunks/')) sizes.set(name, size);
-    const garbage = [...sizes.keys()].filter((name) => !referenced.has(name.slice(name.lastIndexOf('/') + 1)) || chunkName(name.slice(name.lastIndexOf('/') + 1)) !== name);
-    if (!opts.dryRun) await mapLimit(garbage, 16, (name) => repo.storage.delete(name));
-    // Verification records of pruned backups, quarantine entries of chunks nothing uses.
-    if (!opts.dryRun) await removeOrphanHealth(repo, new Set(manifests.map((m) => m.id)), referenced);
-    return {
-      dryRun: !!opts.dryRun,
-      backups: manifests.length,
-      chunksTotal: sizes.size,
-      chunksReferenced: referenced.size,
-      chunksDeleted: garbage.length,
-      bytesDeleted: garbage.reduce((n, name) => n + sizes.get(name)!, 0),
-    };
-  });
+export interface GcOptions {
+  dryRun?: boolean;
+  /**
+   * Temporary files younger than this may belong to a put still under way (a lock being
+   * written by a process about to find gc's lock): they are kept. Default 10 minutes.
+   */
+  tempAgeMs?: number;
+  /** Clock, for tests. */
+  now?: () => number;
+}
+
+export const DEFAULT_TEMP_AGE_MS = 10 * 60 * 1000;
+
+interface Freed { chunks: number; chunkBytes: number; tempFiles: number; tempBytes: number }
+
+export async function collectGarbage(repo: Repository, opts: GcOptions = {}): Promise<GcReport> {
+  const freed: Freed = { chunks: 0, chunkBytes: 0, tempFiles: 0, tempBytes: 0 };
+  let room: RoomMaker | undefined;
+  for (;;) {
+    let locked = false;
+    try {
+      return await withLock(repo, 'exclusive', { purpose: 'garbage collection' }, () => {
+        locked = true;
+        return collect(repo, opts, freed);
+      });
+    } catch (err) {
+      if (locked || opts.dryRun || writeRefusal(err) !== 'full') throw err;
+      room ??= new RoomMaker(repo, freed);
+      if (!(await room.step())) {
+        throw new VmvaultError('STORAGE', `the repository at ${repo.storage.location} is full, and gc freed all it could without its lock ` +
+          `(${freed.chunks} unused chunk(s), ${freed.tempFiles} temporary file(s)) without making room for it: ` +
+          'free some space by other means (prune needs none), then run gc again', { cause: err });
+      }
+    }
+  }
+}
+
+async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise<GcReport> {
+  const now = opts.now ?? Date.now;
+  if (!opts.dryRun && repo.storage.removeTemporary) {
+    const t = await repo.storage.removeTemporary(now() - (opts.tempAgeMs ?? DEFAULT_TEMP_AGE_MS));
+    freed.tempFiles += t.files;
+    freed.tempBytes += t.bytes;
+  }
+  const { manifests, damaged } = await repo.readManifests();
+  const referenced = referencedChunks(manifests);
+  const sizes = await chunkSizes(repo);
+  const garbage = [...sizes.keys()].filter((name) => isGarbage(name, referenced));
+  const deleting = damaged.length ? [] : garbage;
+  if (!opts.dryRun) await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
+  // Verification records of pruned backups, quarantine entries of chunks nothing uses
+  // (kept while a manifest is damaged: they may be its).
+  if (!opts.dryRun && !damaged.length) await removeOrphanHealth(repo, new Set(manifests.map((m) => m.id)), referenced);
+  if (damaged.length) {
+    repo.warn(`garbage collection deleted no chunk: ${damaged.length} backup manifest(s) cannot be read, and any chunk may be theirs ` +
+      `(${damaged.map((d) => d.problem).join('; ')}). Put a good copy of each back, or delete it if that backup is lost, then run gc again`);
+  }
+  return {
+    dryRun: !!opts.dryRun,
+    backups: manifests.length,
+    chunksTotal: sizes.size + freed.chunks,
+    chunksReferenced: referenced.size,
+    chunksDeleted: deleting.length + freed.chunks,
+    bytesDeleted: deleting.reduce((n, name) => n + sizes.get(name)!, 0) + freed.chunkBytes,
+    tempFilesDeleted: freed.tempFiles,
+    tempBytesDeleted: freed.tempBytes,
+    damagedManifests: damaged,
+    chunksKept: damaged.length ? garbage.length : 0,
+  };
+}
+
+function referencedChunks(manifests: readonly Manifest[]): Set<string> {
+  const referenced = new Set<string>();
+  for (const m of manifests) for (const d of m.disks) for (const id of d.chunks) if (id) referenced.add(id);
+  return referenced;
+}
+
+async function chunkSizes(repo: Repository): Promise<Map<string, number>> {
+  const sizes = new Map<string, number>();
+  for await (const { name, size } of repo.storage.list('chunks/')) sizes.set(name, size);
+  return sizes;
+}
+
+/** Unreferenced, or not where its id says it belongs. */
+function isGarbage(name: string, referenced: ReadonlySet<string>): boolean {
+  const id = name.slice(name.lastIndexOf('/') + 1);
+  return !referenced.has(id) || chunkName(id) !== name;
+}
+
+/** Frees room on a full repository before gc can lock it: see the comment at the top. */
+class RoomMaker {
+  private tempSwept = false;
+  private garbage: Array<{ name: string; size: number }> | undefined;
+
+  constructor(private readonly repo: Repository, private readonly freed: Freed) {}
+
+  /** Frees something and returns true, or returns false when nothing more can be freed without the lock. */
+  async step(): Promise<boolean> {
+    const locks = await readLocks(this.repo);
+    const live = locks.filter((l) => l.lock && !l.stale);
+    if (live.length) {
+      const who = live.map(({ lock }) => lock && `${lock.kind} lock for ${lock.purpose} by ${lock.host} pid ${lock.pid}`).join('; ');
+      throw new VmvaultError('LOCKED', `the repository is full and locked (${who}): that work will fail for want of space and release its lock; run gc again then`, { retriable: true });
+    }
+    const damaged = locks.filter((l) => l.damaged !== undefined);
+    if (damaged.length) {
+      // The exclusive lock would refuse them anyway; and one may be a running backup's.
+      throw new VmvaultError('LOCKED', `the repository is full and lock(s) ${damaged.map((l) => lockName(l.id)).join(', ')} cannot be read: ` +
+        'remove them with "vmvault unlock" once no vmvault process is running, then run gc again');
+    }
+    const stale = locks.filter((l) => l.stale);
+    if (stale.length) {
+      await mapLimit(stale, 8, (l) => this.repo.storage.delete(lockName(l.id)));
+      return true;
+    }
+    if (!this.tempSwept && this.repo.storage.removeTemporary) {
+      this.tempSwept = true;
+      // Any age: with the disk full, every write under way is failing anyway.
+      const t = await this.repo.storage.removeTemporary(Number.POSITIVE_INFINITY);
+      this.freed.tempFiles += t.files;
+      this.freed.tempBytes += t.bytes;
+      if (t.files) return true;
+    }
+    this.garbage ??= await this.unreferenced();
+    const next = this.garbage.shift();
+    if (!next) return false;
+    await this.repo.storage.delete(next.name);
+    this.freed.chunks++;
+    this.freed.chunkBytes += next.size;
+    return true;
+  }
+
+  /** Unreferenced chunks, largest first; none when a manifest is damaged (they might be its). */
+  private async unreferenced(): Promise<Array<{ name: string; size: number }>> {
+    const { manifests, damaged } = await this.repo.readManifests();
+    if (damaged.length) {
+      throw new VmvaultError('STORAGE', `the repository at ${this.repo.storage.location} is full, and gc cannot free chunks before it can lock: ` +
+        `${damaged.length} backup manifest(s) cannot be read (${damaged.map((d) => d.name).join(', ')}), so no chunk is proven unused. Free some space by other means, then run gc again`);
+    }
+    const referenced = referencedChunks(manifests);
+    const sizes = await chunkSizes(this.repo);
+    return [...sizes].filter(([name]) => isGarbage(name, referenced)).map(([name, size]) => ({ name, size })).sort((a, b) => b.size - a.size);
+  }
 }

@@ -10,11 +10,22 @@
  * Acquisition writes the lock first and then looks for conflicts, backing off (and
  * deleting its own lock) when it finds one: two racing acquirers may both back off,
  * but can never both succeed.
+ *
+ * A lock that cannot be read (garbage, or sealed for another repository) is reported,
+ * never trusted: shared lockers go on with a warning (they only need to know of an
+ * exclusive lock, and a damaged one protects nothing anyway, since its holder's refresh
+ * would have rewritten it), while the exclusive locker refuses, because such a lock may
+ * be a running backup's, until `vmvault unlock` removes it.
+ *
+ * Work that only reads (restore, verify) runs under withReadLock: when the repository
+ * refuses writes (read-only mount or credentials, full disk) or was opened with
+ * `--no-lock`, it goes on without a lock, as restic's `--no-lock` does. Writers never do.
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { z } from 'zod';
-import { VmvaultError, errorMessage } from '../errors.js';
+import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
+import { writeRefusal } from '../storage/refusal.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import type { Repository } from './repository.js';
 
@@ -54,23 +65,48 @@ export interface HeldLock {
 
 export const DEFAULT_LOCK_TTL_MS = 30 * 60 * 1000;
 
-const lockName = (id: string) => `locks/${id}`;
+export const lockName = (id: string) => `locks/${id}`;
 
-export async function readLocks(repo: Repository, now = Date.now()): Promise<{ id: string; lock: LockBody; stale: boolean }[]> {
-  const out: { id: string; lock: LockBody; stale: boolean }[] = [];
+/** A lock as found in the repository: readable (`lock`), or not (`damaged` says why). */
+export type FoundLock =
+  | { id: string; lock: LockBody; stale: boolean; damaged?: undefined }
+  | { id: string; lock?: undefined; stale: false; damaged: string };
+
+export async function readLocks(repo: Repository, now = Date.now()): Promise<FoundLock[]> {
+  const out: FoundLock[] = [];
   for await (const { name } of repo.storage.list('locks/')) {
     const id = name.slice('locks/'.length);
+    let sealed: Uint8Array;
     try {
-      const plain = open(repo.keys.encKey, 'lock', await repo.storage.get(name), additionalData(repo.id, 'lock', id), name);
+      sealed = await repo.storage.get(name);
+    } catch (err) {
+      if (err instanceof NotFoundError) continue; // released meanwhile
+      throw err; // the storage failed, not the lock: say so
+    }
+    try {
+      const plain = open(repo.keys.encKey, 'lock', sealed, additionalData(repo.id, 'lock', id), name);
       const lock = lockSchema.parse(JSON.parse(plain.toString('utf8')));
       out.push({ id, lock, stale: Date.parse(lock.expires) < now });
     } catch (err) {
-      if ((err as { code?: string }).code === 'NOT_FOUND') continue; // released meanwhile
-      throw new VmvaultError('INTEGRITY', `lock ${name} cannot be read (${errorMessage(err)}): remove it if no vmvault process is running`);
+      out.push({ id, stale: false, damaged: errorMessage(err) });
     }
   }
   return out;
 }
+
+/** A lock this host's process table proves dead: same host name, no such pid (restic's rule). */
+export function heldByDeadProcess(lock: LockBody, host = hostname()): boolean {
+  if (lock.host !== host || lock.pid === process.pid) return false;
+  try {
+    process.kill(lock.pid, 0);
+    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ESRCH'; // EPERM: alive, someone else's
+  }
+}
+
+const damagedAdvice = (ids: string[]) =>
+  `lock ${ids.map(lockName).join(', ')} cannot be read (damaged, or of another repository): remove ${ids.length === 1 ? 'it' : 'them'} with "vmvault unlock"`;
 
 export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOptions): Promise<HeldLock> {
   const ttl = opts.ttlMs ?? DEFAULT_LOCK_TTL_MS;
@@ -85,11 +121,14 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
     lastWritten = at;
   };
   await write();
-  let conflicts: Awaited<ReturnType<typeof readLocks>>;
+  let conflicts: Array<FoundLock & { lock: LockBody }>;
+  let damaged: string[];
   try {
     const all = await readLocks(repo, now());
     for (const s of all.filter((l) => l.stale)) await repo.storage.delete(lockName(s.id));
-    conflicts = all.filter((l) => l.id !== id && !l.stale && (kind === 'exclusive' || l.lock.kind === 'exclusive'));
+    damaged = all.filter((l) => l.damaged !== undefined).map((l) => l.id);
+    conflicts = all.filter((l): l is FoundLock & { lock: LockBody } =>
+      l.lock !== undefined && l.id !== id && !l.stale && (kind === 'exclusive' || l.lock.kind === 'exclusive'));
   } catch (err) {
     await repo.storage.delete(lockName(id));
     throw err;
@@ -99,6 +138,11 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
     const who = conflicts.map((c) => `${c.lock.kind} lock for ${c.lock.purpose} by ${c.lock.host} pid ${c.lock.pid} since ${c.lock.created}`).join('; ');
     throw new VmvaultError('LOCKED', `the repository is locked (${who}): try again when that finishes; a lock whose holder crashed expires by itself`, { retriable: true });
   }
+  if (damaged.length && kind === 'exclusive') {
+    await repo.storage.delete(lockName(id));
+    throw new VmvaultError('LOCKED', `${opts.purpose} needs the exclusive lock, and ${damagedAdvice(damaged)} once no vmvault process is running`);
+  }
+  if (damaged.length) repo.warn(`${damagedAdvice(damaged)}; ${opts.purpose} goes on`);
   let released = false;
   const timer = setInterval(() => void write().catch(() => undefined), Math.max(1000, ttl / 4));
   timer.unref();
@@ -120,12 +164,57 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   };
 }
 
-/** Runs `fn` under a lock, releasing it whatever happens. */
+/**
+ * Runs `fn` under a lock, releasing it whatever happens. A repository that refuses
+ * writes gets an error that says so: writers need their lock, they never go without.
+ */
 export async function withLock<T>(repo: Repository, kind: LockKind, opts: LockOptions, fn: (lock: HeldLock) => Promise<T>): Promise<T> {
-  const lock = await acquireLock(repo, kind, opts);
+  let lock: HeldLock;
+  try {
+    lock = await acquireLock(repo, kind, opts);
+  } catch (err) {
+    const refusal = writeRefusal(err);
+    if (!refusal) throw err;
+    const state = refusal === 'full' ? 'is full' : 'is read-only for this process';
+    throw new VmvaultError('STORAGE', `${opts.purpose} cannot run: the repository at ${repo.storage.location} ${state}, and ${opts.purpose} writes (${errorMessage(err)})`, { cause: err });
+  }
+  return withHeld(repo, lock, opts, fn);
+}
+
+/**
+ * For work that only reads the repository (restore, verify): a shared lock, so that
+ * gc does not delete chunks under it; but none when the repository was opened with
+ * `--no-lock`, or refuses writes (read-only mount or credentials, full disk), with a
+ * warning: reading stays possible, and a chunk deleted meanwhile by a gc elsewhere
+ * shows as a missing chunk, never as wrong data (chunks are authenticated).
+ */
+export async function withReadLock<T>(repo: Repository, purpose: string, fn: () => Promise<T>): Promise<T> {
+  if (repo.noLock) return fn();
+  let lock: HeldLock;
+  try {
+    lock = await acquireLock(repo, 'shared', { purpose });
+  } catch (err) {
+    const refusal = writeRefusal(err);
+    if (!refusal) throw err;
+    repo.warn(`no lock was taken for ${purpose}: the repository at ${repo.storage.location} refuses writes (${refusal === 'full' ? 'it is full' : 'read-only'}: ${errorMessage(err)}); ` +
+      'going on without one, as --no-lock does: a gc running meanwhile could make this fail (never return wrong data)');
+    return fn();
+  }
+  return withHeld(repo, lock, { purpose }, fn);
+}
+
+/**
+ * Runs `fn` and releases `lock`. A release that fails (the storage went down) is only a
+ * warning: when `fn` failed, its error says what went wrong and must be the one shown;
+ * when it succeeded, its work is done. The lock left behind expires by itself.
+ */
+async function withHeld<T>(repo: Repository, lock: HeldLock, opts: LockOptions, fn: (lock: HeldLock) => Promise<T>): Promise<T> {
+  const release = () => lock.release().catch((err: unknown) => repo.warn(
+    `the lock ${lockName(lock.id)} of ${opts.purpose} could not be removed (${errorMessage(err)}): it expires by itself within ` +
+    `${Math.round((opts.ttlMs ?? DEFAULT_LOCK_TTL_MS) / 60_000)} minutes, or remove it with "vmvault unlock --all" once nothing runs`));
   try {
     return await fn(lock);
   } finally {
-    await lock.release();
+    await release();
   }
 }

@@ -5,8 +5,9 @@
 import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { compress, decompress } from 'zstd-napi';
-import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
+import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import type { Storage } from '../storage/storage.js';
+import { readOnly } from '../storage/read-only.js';
 import {
   constantTimeEqualHex, deriveKeys, generateMaster, keyFileSchema, mac, openMaster, sealMaster,
   type KdfPreset, type KeyFile, type RepoKeys,
@@ -33,7 +34,29 @@ function configMac(keys: RepoKeys, c: Omit<RepoConfig, 'mac'>): string {
   return mac(keys.macKey, JSON.stringify([c.version, c.id, c.chunkSize, c.compression, c.created]));
 }
 
-export interface KeyInfo { id: string; created: string; label?: string; current: boolean }
+/** `damaged` says why a key file cannot be used; such a key has no `created` date (''). */
+export interface KeyInfo { id: string; created: string; label?: string; current: boolean; damaged?: string }
+
+/** An object that is there but cannot be used (not JSON, fails authentication, swapped…). */
+export interface DamagedObject { id: string; name: string; problem: string }
+
+export interface OpenOptions {
+  /**
+   * The caller promises to only read (`--no-lock`): read paths take no lock, and the
+   * storage refuses every write, so a command that would write fails instead of
+   * writing without the protection of a lock.
+   */
+  noLock?: boolean;
+  /** Where warnings go (damaged objects skipped, no lock taken…); default process.emitWarning. */
+  onWarning?: (message: string) => void;
+}
+
+interface Session { noLock: boolean; warn: (message: string) => void }
+
+const defaultSession = (opts: OpenOptions = {}): Session => ({
+  noLock: !!opts.noLock,
+  warn: opts.onWarning ?? ((message) => process.emitWarning(message, { code: 'VMVAULT' })),
+});
 
 export interface InitOptions { chunkSize?: number; compression?: 'zstd' | 'none'; kdf?: KdfPreset; label?: string }
 
@@ -48,7 +71,14 @@ export class Repository {
     private readonly master: Uint8Array,
     /** The key file this session opened with. */
     readonly keyId: string,
+    private readonly session: Session = defaultSession(),
   ) {}
+
+  /** True when opened with `noLock`: see OpenOptions. */
+  get noLock(): boolean { return this.session.noLock; }
+
+  /** Reports something the operator should know that does not stop the operation. */
+  warn(message: string): void { this.session.warn(message); }
 
   get id(): string { return this.config.id; }
   get chunkSize(): number { return this.config.chunkSize; }
@@ -97,14 +127,27 @@ export class Repository {
     return parsed.data;
   }
 
-  static async open(storage: Storage, passphrase: string): Promise<Repository> {
-    const config = await Repository.readConfig(storage);
-    const keyFiles = await Repository.readKeyFiles(storage);
-    for (const [keyId, file] of keyFiles) {
-      const master = await openMaster(file, passphrase, config.id);
-      if (master) return Repository.withMaster(storage, config, master, keyId);
+  static async open(storage: Storage, passphrase: string, opts: OpenOptions = {}): Promise<Repository> {
+    const session = defaultSession(opts);
+    const store = session.noLock ? readOnly(storage, 'opened with --no-lock, which only reads') : storage;
+    const config = await Repository.readConfig(store);
+    const { files, damaged } = await Repository.readKeyFiles(store);
+    for (const [keyId, file] of files) {
+      let master: Uint8Array | undefined;
+      try {
+        master = await openMaster(file, passphrase, config.id);
+      } catch (err) {
+        // Parameters that parse but cannot be used (bad base64, impossible KDF limits).
+        damaged.push({ id: keyId, name: `keys/${keyId}`, problem: `it cannot be used: ${errorMessage(err)}` });
+        continue;
+      }
+      if (!master) continue;
+      // Another key opened the repository: a damaged one costs only itself, but should be fixed.
+      for (const d of damaged) session.warn(`key file ${d.name} is damaged (${d.problem}) and was skipped; remove it with "vmvault key remove ${d.id}"`);
+      return Repository.withMaster(store, config, master, keyId, session);
     }
-    throw new VmvaultError('WRONG_PASSWORD', `wrong passphrase: it opens none of the ${keyFiles.size} key(s) of the repository at ${storage.location}; nothing was changed`);
+    const broken = damaged.length ? `; ${damaged.length} key file(s) are damaged and were skipped: ${damaged.map((d) => `${d.name} (${d.problem})`).join(', ')}` : '';
+    throw new VmvaultError('WRONG_PASSWORD', `wrong passphrase: it opens none of the ${files.size} readable key(s) of the repository at ${storage.location}${broken}; nothing was changed`);
   }
 
   /** Adds a passphrase from a paper key when every other passphrase is lost. */
@@ -119,22 +162,39 @@ export class Repository {
     return Repository.withMaster(storage, config, master, keyId);
   }
 
-  private static withMaster(storage: Storage, config: RepoConfig, master: Uint8Array, keyId: string): Repository {
+  private static withMaster(storage: Storage, config: RepoConfig, master: Uint8Array, keyId: string, session?: Session): Repository {
     const keys = deriveKeys(master);
     const { mac: stored, ...body } = config;
     if (!constantTimeEqualHex(configMac(keys, body), stored)) {
       throw new IntegrityError(`the repository config at ${storage.location} does not match its keys: it was modified, or the key is of another repository`);
     }
-    return new Repository(storage, config, keys, master, keyId);
+    return new Repository(storage, config, keys, master, keyId, session);
   }
 
-  private static async readKeyFiles(storage: Storage): Promise<Map<string, KeyFile>> {
-    const out = new Map<string, KeyFile>();
+  /** Every key file, and those that are not key files at all (not JSON, wrong shape). */
+  private static async readKeyFiles(storage: Storage): Promise<{ files: Map<string, KeyFile>; damaged: DamagedObject[] }> {
+    const files = new Map<string, KeyFile>();
+    const damaged: DamagedObject[] = [];
     for await (const { name } of storage.list('keys/')) {
-      const parsed = keyFileSchema.safeParse(parseJson(await storage.get(name), name));
-      if (parsed.success) out.set(name.slice('keys/'.length), parsed.data);
+      const id = name.slice('keys/'.length);
+      let raw: Uint8Array;
+      try {
+        raw = await storage.get(name);
+      } catch (err) {
+        if (err instanceof NotFoundError) continue; // removed meanwhile
+        throw err;
+      }
+      let parsed;
+      try {
+        parsed = keyFileSchema.safeParse(parseJson(raw, name));
+      } catch (err) {
+        damaged.push({ id, name, problem: errorMessage(err) });
+        continue;
+      }
+      if (parsed.success) files.set(id, parsed.data);
+      else damaged.push({ id, name, problem: 'it is not a vmvault key file' });
     }
-    return out;
+    return { files, damaged };
   }
 
   // ---- keys ----
@@ -146,16 +206,19 @@ export class Repository {
   }
 
   async listKeys(): Promise<KeyInfo[]> {
-    const files = await Repository.readKeyFiles(this.storage);
-    return [...files].map(([id, f]) => ({ id, created: f.created, ...(f.label ? { label: f.label } : {}), current: id === this.keyId }))
-      .sort((a, b) => a.created.localeCompare(b.created));
+    const { files, damaged } = await Repository.readKeyFiles(this.storage);
+    return [
+      ...[...files].map(([id, f]) => ({ id, created: f.created, ...(f.label ? { label: f.label } : {}), current: id === this.keyId })),
+      ...damaged.map((d) => ({ id: d.id, created: '', current: false, damaged: d.problem })),
+    ].sort((a, b) => a.created.localeCompare(b.created));
   }
 
   async removeKey(idOrPrefix: string): Promise<string> {
     const keys = await this.listKeys();
     const id = resolvePrefix(idOrPrefix, keys.map((k) => k.id), 'key');
     if (id === this.keyId) throw new VmvaultError('BAD_INPUT', `key ${id} is the one this passphrase opened: remove it using another passphrase`);
-    if (keys.length <= 1) throw new VmvaultError('BAD_INPUT', 'the last key of a repository cannot be removed');
+    const usable = keys.filter((k) => !k.damaged);
+    if (usable.length <= 1 && usable.some((k) => k.id === id)) throw new VmvaultError('BAD_INPUT', 'the last key of a repository cannot be removed');
     await this.storage.delete(`keys/${id}`);
     return id;
   }
@@ -246,11 +309,39 @@ export class Repository {
     return ids;
   }
 
-  /** Every manifest, oldest first. */
+  /**
+   * Every manifest, oldest first; IntegrityError naming the damaged ones if any. For
+   * callers that need all of them or nothing; readManifests() goes on without them.
+   */
   async manifests(): Promise<Manifest[]> {
+    const { manifests, damaged } = await this.readManifests();
+    if (damaged.length) throw new IntegrityError(`${damaged.length} backup manifest(s) are damaged: ${damaged.map((d) => d.problem).join('; ')}`);
+    return manifests;
+  }
+
+  /**
+   * Every manifest, oldest first, and apart those that are there but cannot be read
+   * (damaged, swapped with another, of another repository): one damaged manifest costs
+   * only its own backup. Storage errors (network, permissions) still throw: they say
+   * nothing about the manifest. Callers decide what a damaged one means for them
+   * (gc, for one, must not delete anything it might reference).
+   */
+  async readManifests(): Promise<{ manifests: Manifest[]; damaged: DamagedObject[] }> {
     const ids = await this.backupIds();
-    const out = await mapLimit(ids, 16, (id) => this.loadManifest(id));
-    return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+    const damaged: DamagedObject[] = [];
+    const loaded = await mapLimit(ids, 16, async (id) => {
+      try {
+        return await this.loadManifest(id);
+      } catch (err) {
+        if (err instanceof NotFoundError) return undefined; // deleted (pruned) since the listing
+        if (!(err instanceof IntegrityError)) throw err;
+        damaged.push({ id, name: backupName(id), problem: err.message });
+        return undefined;
+      }
+    });
+    const manifests = loaded.filter((m): m is Manifest => m !== undefined);
+    manifests.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+    return { manifests, damaged: damaged.sort((a, b) => a.id.localeCompare(b.id)) };
   }
 
   /** Resolves a unique prefix of a backup id, as git does. */

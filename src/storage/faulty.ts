@@ -82,6 +82,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
     if (fault) throw fault.error; // fewer items than `after`: fail at the end
   }
 
+  const sweep = storage.removeTemporary?.bind(storage);
   return {
     location: storage.location,
     calls,
@@ -92,6 +93,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
     stat: (name) => call('stat', name, () => storage.stat(name)),
     delete: (name) => call('delete', name, () => storage.delete(name)),
     list,
+    ...(sweep ? { removeTemporary: sweep } : {}),
     close: () => storage.close(),
   };
 }

@@ -5,7 +5,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Dirent } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { mkdir, open, opendir, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { lstat, mkdir, open, opendir, readFile, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { NotFoundError, VmvaultError, isRetriable } from '../errors.js';
 import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
@@ -17,7 +17,7 @@ const DIR_MODE = 0o700;
 
 /** errno codes whose fix is on the operator's side, with what to tell them. */
 const ADVICE: Record<string, string> = {
-  ENOSPC: 'the file system is full: free some space or move the repository',
+  ENOSPC: 'the file system is full: free some space ("vmvault gc" frees what no backup uses) or move the repository',
   EDQUOT: 'the disk quota is exhausted: free some space or raise the quota',
   EROFS: 'the file system is read-only: remount it read-write or use another directory',
   EACCES: 'permission denied: fix the permissions of the repository directory',
@@ -108,6 +108,38 @@ export class LocalStorage implements Storage {
 
   async close(): Promise<void> {
     // No handles stay open between calls.
+  }
+
+  /** Deletes `.tmp-*` files (puts that never finished) last modified before `before`, anywhere in the tree. */
+  async removeTemporary(before: number): Promise<{ files: number; bytes: number }> {
+    const done = { files: 0, bytes: 0 };
+    const sweep = async (dirPath: string): Promise<void> => {
+      let entries: Dirent[];
+      try {
+        entries = [];
+        for await (const entry of await opendir(dirPath)) entries.push(entry);
+      } catch (err) {
+        if (isMissing(err)) return;
+        throw this.fail('list', '(temporary files)', dirPath, err);
+      }
+      for (const entry of entries) {
+        const file = path.join(dirPath, entry.name);
+        if (entry.isDirectory()) await sweep(file);
+        else if (entry.isFile() && entry.name.startsWith(TEMP_PREFIX)) {
+          try {
+            const st = await lstat(file);
+            if (st.mtimeMs >= before) continue; // maybe a put still under way
+            await unlink(file);
+            done.files++;
+            done.bytes += st.size;
+          } catch (err) {
+            if (!isMissing(err)) throw this.fail('delete', entry.name, file, err);
+          }
+        }
+      }
+    };
+    await sweep(this.root);
+    return done;
   }
 
   /** Yields the files under directory `rel` (a name prefix ending in "/" or "") that start with `prefix`. */

@@ -95,6 +95,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
     }
   }
 
+  const sweep = storage.removeTemporary?.bind(storage);
   return {
     location: storage.location,
     get: (name) => run('get', name, () => storage.get(name)),
@@ -102,6 +103,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
     stat: (name) => run('stat', name, () => storage.stat(name)),
     delete: (name) => run('delete', name, () => storage.delete(name)),
     list,
+    ...(sweep ? { removeTemporary: (before: number) => run('sweep', '(temporary files)', () => sweep(before)) } : {}),
     close: () => storage.close(),
   };
 }

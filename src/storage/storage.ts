@@ -25,6 +25,12 @@ export interface Storage {
   stat(name: string): Promise<{ size: number } | undefined>;
   delete(name: string): Promise<void>;
   list(prefix: string): AsyncIterable<{ name: string; size: number }>;
+  /**
+   * Optional: removes what writes that never finished left behind (the temporary file of
+   * a writer killed mid-put), if last modified before `before` (ms since the epoch).
+   * Only backends that leave such files implement it (local.ts); wrappers pass it on.
+   */
+  removeTemporary?(before: number): Promise<{ files: number; bytes: number }>;
   /** Release sockets and handles. */
   close(): Promise<void>;
 }

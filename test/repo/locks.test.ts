@@ -4,8 +4,15 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Repository } from '../../src/repo/repository.js';
-import { acquireLock, readLocks } from '../../src/repo/locks.js';
+import { hostname } from 'node:os';
+import { execa } from 'execa';
+import { VmvaultError } from '../../src/errors.js';
+import { acquireLock, heldByDeadProcess, readLocks, withLock, withReadLock } from '../../src/repo/locks.js';
 import { LocalStorage } from '../../src/storage/local.js';
+import { faulty, httpError, networkError, type FaultyStorage } from '../../src/storage/faulty.js';
+import { readOnly } from '../../src/storage/read-only.js';
+import { writeRefusal } from '../../src/storage/refusal.js';
+import type { Storage } from '../../src/storage/storage.js';
 
 async function repo(): Promise<{ repo: Repository; cleanup(): Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), 'vmvault-locks-'));
@@ -76,6 +83,117 @@ test('confirm() passes for a live lock, and fails when it lapsed or was removed 
     await r.storage.delete(`locks/${held.id}`); // as the next acquirer does with a stale lock
     await assert.rejects(held.confirm(), /removed it as stale/);
     await held.release();
+  } finally {
+    await cleanup();
+  }
+});
+
+async function repoOn(wrap: (s: LocalStorage) => Storage, warnings: string[]): Promise<{ repo: Repository; storage: Storage; cleanup(): Promise<void> }> {
+  const dir = await mkdtemp(join(tmpdir(), 'vmvault-locks-'));
+  await Repository.init(new LocalStorage(dir), 'pw', { kdf: 'weak' });
+  const storage = wrap(new LocalStorage(dir));
+  const repo = await Repository.open(storage, 'pw', { onWarning: (m) => warnings.push(m) });
+  return { repo, storage, cleanup: () => rm(dir, { recursive: true, force: true }) };
+}
+
+test('writeRefusal: read-only and full, along the cause chain; anything else is not a refusal', () => {
+  const wrapped = (cause: unknown) => new VmvaultError('STORAGE', 'wrapped', { cause });
+  assert.equal(writeRefusal(wrapped(networkError('EROFS'))), 'read-only');
+  assert.equal(writeRefusal(wrapped(networkError('EACCES'))), 'read-only');
+  assert.equal(writeRefusal(networkError('EPERM')), 'read-only');
+  assert.equal(writeRefusal(wrapped(networkError('ENOSPC'))), 'full');
+  assert.equal(writeRefusal(wrapped(networkError('EDQUOT'))), 'full');
+  assert.equal(writeRefusal(wrapped(httpError(403, 'AccessDenied'))), 'read-only');
+  assert.equal(writeRefusal(wrapped(httpError(403, 'Http403'))), 'read-only');
+  for (const e of [networkError('ECONNRESET'), httpError(500, 'InternalError'), httpError(404, 'NoSuchKey'), new Error('x'), undefined, 'EROFS']) {
+    assert.equal(writeRefusal(wrapped(e)), undefined, String(e));
+  }
+});
+
+test('withReadLock goes on without a lock, with a warning, when the storage refuses writes; writers and other errors do not', async () => {
+  for (const [what, wrap] of [
+    ['read-only wrapper', (s: LocalStorage) => readOnly(s, 'test')],
+    ['EACCES', (s: LocalStorage) => faulty(s, { put: [{ error: networkError('EACCES'), times: Infinity }] })],
+    ['S3 AccessDenied', (s: LocalStorage) => faulty(s, { put: [{ error: httpError(403, 'AccessDenied'), times: Infinity }] })],
+    ['full', (s: LocalStorage) => faulty(s, { put: [{ error: networkError('ENOSPC'), times: Infinity }] })],
+  ] as const) {
+    const warnings: string[] = [];
+    const { repo: r, cleanup } = await repoOn(wrap, warnings);
+    try {
+      assert.equal(await withReadLock(r, 'restore', async () => 'read'), 'read', what);
+      assert.equal(warnings.length, 1, what);
+      assert.match(warnings[0]!, /no lock was taken for restore: .* refuses writes/, what);
+      await assert.rejects(withLock(r, 'shared', { purpose: 'backup of x' }, async () => 'never'),
+        (e: any) => e.code === 'STORAGE' && /^backup of x cannot run: the repository at .* (is read-only for this process|is full)/.test(e.message), what);
+    } finally {
+      await cleanup();
+    }
+  }
+  const warnings: string[] = [];
+  const { repo: r, cleanup } = await repoOn((s) => faulty(s, { put: [{ error: httpError(400, 'BadRequest'), times: Infinity }] }), warnings);
+  try {
+    let ran = false;
+    await assert.rejects(withReadLock(r, 'restore', async () => { ran = true; }), /BadRequest/);
+    assert.equal(ran, false, 'an error that is not a refusal stops the read: it may be a broken lock check');
+  } finally {
+    await cleanup();
+  }
+});
+
+test('withReadLock takes no lock and warns of nothing with --no-lock; the storage then refuses every write', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'vmvault-locks-'));
+  try {
+    await Repository.init(new LocalStorage(dir), 'pw', { kdf: 'weak' });
+    const warnings: string[] = [];
+    const r = await Repository.open(new LocalStorage(dir), 'pw', { noLock: true, onWarning: (m) => warnings.push(m) });
+    assert.equal(await withReadLock(r, 'verify', async () => (await readLocks(r)).length), 0);
+    assert.deepEqual(warnings, []);
+    await assert.rejects(r.addKey('other', 'weak'), /read-only for this process \(opened with --no-lock/);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test("withLock: when the work fails and so does the release, the work's error is thrown and the lock left behind is a warning", async () => {
+  const warnings: string[] = [];
+  const { repo: r, storage, cleanup } = await repoOn((s) => faulty(s), warnings);
+  const f = storage as FaultyStorage;
+  try {
+    const upload = new VmvaultError('STORAGE', 'put of object "chunks/ab/x" failed: the storage may be down');
+    await assert.rejects(withLock(r, 'shared', { purpose: 'backup of vm' }, async (lock) => {
+      f.inject('delete', { error: new VmvaultError('STORAGE', `delete of object "locks/${lock.id}" failed`), times: Infinity });
+      throw upload;
+    }), (e) => e === upload);
+    assert.equal(warnings.length, 1);
+    assert.match(warnings[0]!, /the lock locks\/[0-9a-f]+ of backup of vm could not be removed \(delete of object .*\): it expires by itself within 30 minutes/);
+    // The same when the work succeeded: its result stands.
+    assert.equal(await withLock(r, 'shared', { purpose: 'backup of vm' }, async () => 'committed'), 'committed');
+    assert.equal(warnings.length, 2);
+  } finally {
+    await cleanup();
+  }
+});
+
+test('an unreadable lock: shared lockers go on with a warning, the exclusive one refuses until unlock; a dead local process is recognised', async () => {
+  const warnings: string[] = [];
+  const { repo: r, cleanup } = await repoOn((s) => s, warnings);
+  try {
+    await r.storage.put('locks/0123456789abcdef0123456789abcdef', Buffer.from('garbage'));
+    const found = await readLocks(r);
+    assert.equal(found.length, 1);
+    assert.match(found[0]!.damaged ?? '', /not a vmvault object/);
+    const shared = await acquireLock(r, 'shared', { purpose: 'backup a' });
+    await shared.release();
+    assert.match(warnings.join('\n'), /lock locks\/0123456789abcdef0123456789abcdef cannot be read .*vmvault unlock.*backup a goes on/);
+    await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc' }), (e: any) => e.code === 'LOCKED' && /gc needs the exclusive lock, and lock locks\/0123/.test(e.message));
+    assert.equal((await readLocks(r)).length, 1, 'the refused lock removed itself');
+
+    const child = await execa(process.execPath, ['-e', 'process.stdout.write(String(process.pid))']);
+    const body = { kind: 'shared' as const, host: hostname(), purpose: 'x', created: '', expires: '' };
+    assert.equal(heldByDeadProcess({ ...body, pid: Number(child.stdout) }), true);
+    assert.equal(heldByDeadProcess({ ...body, pid: process.pid }), false, 'our own');
+    assert.equal(heldByDeadProcess({ ...body, pid: 1 }), false, 'alive');
+    assert.equal(heldByDeadProcess({ ...body, host: 'another-host', pid: Number(child.stdout) }), false, 'another host: cannot tell');
   } finally {
     await cleanup();
   }

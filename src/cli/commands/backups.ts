@@ -7,7 +7,7 @@ import type { BackupDisk } from '../../pipeline/backup.js';
 import { backupVm } from '../../vm/drivers.js';
 import { restore } from '../../pipeline/restore.js';
 import { verificationStates } from '../../repo/health.js';
-import { openRepository, type GlobalOptions } from '../context.js';
+import { openRepository, warn, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
 import { progressBar } from '../progress-bar.js';
@@ -112,14 +112,18 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--json', 'print a JSON array')
     .action(async (o: { vm?: string; json?: boolean }) => {
       const repo = await openRepository(globals());
-      const [manifests, states] = await Promise.all([repo.manifests(), verificationStates(repo)]);
+      const [{ manifests, damaged }, states] = await Promise.all([repo.readManifests(), verificationStates(repo)]);
       const all = manifests.filter((m) => !o.vm || m.vm === o.vm).map((m) => ({ ...listing(m), verification: states.get(m.id) ?? null }));
-      print(o.json, all, () => all.length === 0 ? 'no backups' : table([
+      // A damaged manifest cannot say which VM it belongs to: it is listed whatever --vm says.
+      const broken = damaged.map((d) => ({ id: d.id, damaged: d.problem }));
+      for (const d of damaged) warn(`${d.problem}: backup ${d.id.slice(0, 12)} cannot be listed or restored; every other backup is unaffected`);
+      print(o.json, [...all, ...broken], () => all.length + broken.length === 0 ? 'no backups' : table([
         ['ID', 'TIME', 'VM', 'HOST', 'DISKS', 'LABELS', 'VERIFIED'],
         ...all.map((b) => [
           b.id.slice(0, 12), b.time, b.vm, b.host, b.disks.map((d) => `${d.name} (${d.format}, ${formatBytes(d.virtualSize)})`).join(' '), b.labels.join(','),
           !b.verification ? '-' : b.verification.status === 'ok' ? `ok ${b.verification.lastVerified}` : `DAMAGED (${b.verification.damagedDisks.join(',')})`,
         ]),
+        ...broken.map((b) => [b.id.slice(0, 12), '-', '(damaged)', '-', '-', '-', '-']),
       ]));
     });
 

@@ -54,7 +54,7 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
     .option('--json', 'print JSON')
     .action(async (o: { json?: boolean }) => {
       const keys = await (await openRepository(globals())).listKeys();
-      print(o.json, keys, () => table([['ID', 'CREATED', 'LABEL', ''], ...keys.map((k) => [k.id, k.created, k.label ?? '', k.current ? '(current)' : ''])]));
+      print(o.json, keys, () => table([['ID', 'CREATED', 'LABEL', ''], ...keys.map((k) => [k.id, k.created || '-', k.label ?? '', k.current ? '(current)' : k.damaged ? `(damaged: ${k.damaged})` : ''])]));
     });
   key
     .command('remove <id>')

@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { collectGarbage } from '../../repo/gc.js';
 import { loadPolicyFile } from '../../policy/load.js';
 import { prune } from '../../pipeline/prune.js';
-import { readLocks } from '../../repo/locks.js';
+import { heldByDeadProcess, lockName, readLocks, type FoundLock } from '../../repo/locks.js';
 import { openRepository, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
@@ -31,7 +31,7 @@ export function registerMaintenanceCommands(program: Command, globals: () => Glo
 
   program
     .command('gc')
-    .description('delete chunks that no backup references (takes the exclusive lock)')
+    .description('delete chunks that no backup references and temporary files of killed writers (takes the exclusive lock; on a full repository it frees room for it first)')
     .option('--dry-run', 'only report what would be deleted')
     .option('--json', 'print the report as JSON')
     .action(async (o: { dryRun?: boolean; json?: boolean }) => {
@@ -39,18 +39,34 @@ export function registerMaintenanceCommands(program: Command, globals: () => Glo
       const r = await collectGarbage(repo, { dryRun: !!o.dryRun });
       print(o.json, r, () =>
         `${r.dryRun ? 'would delete' : 'deleted'} ${r.chunksDeleted} of ${r.chunksTotal} chunk(s), ${formatBytes(r.bytesDeleted)}; ` +
-        `${r.chunksReferenced} chunk(s) are used by ${r.backups} backup(s)`);
+        `${r.chunksReferenced} chunk(s) are used by ${r.backups} backup(s)` +
+        (r.tempFilesDeleted ? `; removed ${r.tempFilesDeleted} temporary file(s) of unfinished writes, ${formatBytes(r.tempBytesDeleted)}` : '') +
+        (r.damagedManifests.length ? `; kept ${r.chunksKept} unreferenced chunk(s) because ${r.damagedManifests.length} manifest(s) are damaged` : ''));
+      // The warning (printed by the repository) says what to do; the exit status makes it seen.
+      if (r.damagedManifests.length) process.exitCode = 1;
     });
 
   program
     .command('unlock')
-    .description('remove stale locks left by crashed processes (--all: every lock)')
-    .option('--all', 'also remove locks that have not expired: only when no vmvault process is running')
+    .description('remove locks left by crashed processes: expired, unreadable, or of a process gone from this host (--all: every lock)')
+    .option('--all', 'also remove live locks: only when no vmvault process is running')
     .action(async (o: { all?: boolean }) => {
       const repo = await openRepository(globals());
       const locks = await readLocks(repo);
-      const gone = locks.filter((l) => o.all || l.stale);
-      for (const l of gone) await repo.storage.delete(`locks/${l.id}`);
-      console.log(`removed ${gone.length} lock(s); ${locks.length - gone.length} live lock(s) remain`);
+      const why = (l: FoundLock): string | undefined => {
+        if (l.damaged !== undefined) return `it cannot be read: ${l.damaged}`;
+        if (l.stale) return `expired at ${l.lock.expires}`;
+        if (heldByDeadProcess(l.lock)) return `${l.lock.purpose}: process ${l.lock.pid} is gone from this host`;
+        return o.all ? `${l.lock.purpose} by ${l.lock.host} pid ${l.lock.pid} (--all)` : undefined;
+      };
+      let removed = 0;
+      for (const l of locks) {
+        const reason = why(l);
+        if (!reason) continue;
+        await repo.storage.delete(lockName(l.id));
+        console.log(`removed ${lockName(l.id)}: ${reason}`);
+        removed++;
+      }
+      console.log(`removed ${removed} lock(s); ${locks.length - removed} live lock(s) remain`);
     });
 }

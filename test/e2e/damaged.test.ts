@@ -1,0 +1,174 @@
+/**
+ * One damaged object costs only itself, on both backends: a garbage or foreign lock, a
+ * lock of a process gone from this host, a damaged key file beside a good one, damaged
+ * and swapped manifests beside good ones. Each is reported; every other operation works;
+ * gc deletes nothing a damaged manifest might reference.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { compareImages } from '../../src/disk/qemu.js';
+import { Catalogue } from '../../src/repo/catalogue.js';
+import { acquireLock } from '../../src/repo/locks.js';
+import { Repository } from '../../src/repo/repository.js';
+import { openStorage } from '../../src/storage/open.js';
+import { makeImage } from '../helpers/images.js';
+import { cli, cliJson, spawnCli } from '../helpers/cli.js';
+import { e2eFile, backupJson, initRepo, objects, PASSWORD } from './harness.js';
+
+const MiB = 1024 * 1024;
+const { all, work } = await e2eFile('vmvault-damaged-');
+const chunkNames = (objs: Map<string, number>) => [...objs.keys()].filter((n) => n.startsWith('chunks/')).sort();
+
+async function put(repo: string, name: string, data: Uint8Array): Promise<void> {
+  const s = openStorage(repo);
+  try { await s.put(name, data); } finally { await s.close(); }
+}
+async function get(repo: string, name: string): Promise<Uint8Array> {
+  const s = openStorage(repo);
+  try { return await s.get(name); } finally { await s.close(); }
+}
+
+for (const b of all) {
+  describe(`damaged objects on the ${b.name} backend`, () => {
+    test('a garbage lock and a foreign one are reported, do not stop backups, restores or verify, and unlock removes them; gc waits for that', async () => {
+      const { repo, env } = await initRepo(b);
+      const img = await makeImage(work, `lk-${b.name}.qcow2`, 'qcow2', 8 * MiB, [{ offset: 0, length: 2 * MiB, pattern: 0x71 }]);
+      const made = await backupJson(env, 'lk', [img]);
+      const garbage = randomBytes(16).toString('hex');
+      await put(repo, `locks/${garbage}`, randomBytes(200));
+      // A real lock of another repository, copied in (e.g. by a careless rsync).
+      const { repo: otherUrl } = await initRepo(b);
+      const other = await Repository.open(openStorage(otherUrl), PASSWORD);
+      const foreign = await acquireLock(other, 'shared', { purpose: 'elsewhere' });
+      await put(repo, `locks/${foreign.id}`, await get(otherUrl, `locks/${foreign.id}`));
+      await foreign.release();
+      await other.storage.close();
+
+      const dir = join(work, `lk-out-${b.name}`);
+      const restored = await cli(['restore', made.id, '--to', dir, '--json'], env);
+      assert.equal(restored.code, 0, restored.stderr);
+      assert.match(restored.stderr, new RegExp(`warning: lock locks/(${garbage}|${foreign.id}), locks/(${garbage}|${foreign.id}) cannot be read .*vmvault unlock.*restore goes on`));
+      const cmp = await compareImages(img, JSON.parse(restored.stdout).files[0].path, 'qcow2', 'qcow2');
+      assert.ok(cmp.identical, cmp.output);
+      const again = await cli(['backup', '--vm', 'lk', '--disk', img, '--json'], env);
+      assert.equal(again.code, 0, again.stderr);
+      assert.equal((await cli(['verify'], env)).code, 0);
+
+      const gc = await cli(['gc'], env);
+      assert.equal(gc.code, 1);
+      assert.match(gc.stderr, /garbage collection needs the exclusive lock, and lock .* cannot be read .*remove them with "vmvault unlock"/);
+      const unlocked = await cli(['unlock'], env);
+      assert.equal(unlocked.code, 0, unlocked.stderr);
+      assert.match(unlocked.stdout, new RegExp(`removed locks/${garbage}: it cannot be read`));
+      assert.match(unlocked.stdout, new RegExp(`removed locks/${foreign.id}: it cannot be read: .*failed authentication`));
+      assert.match(unlocked.stdout, /removed 2 lock\(s\); 0 live lock\(s\) remain/);
+      assert.equal((await cliJson(['gc'], env)).chunksDeleted, 0);
+    });
+
+    test('the lock of a process gone from this host is removed by unlock at once', async () => {
+      const { repo, env } = await initRepo(b);
+      const raw = join(work, `killed-${b.name}.raw`);
+      await execa('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=200', 'status=none']);
+      const child = spawnCli(['backup', '--vm', 'killed', '--disk', raw], env);
+      const locks = async () => [...(await objects(repo)).keys()].filter((n) => n.startsWith('locks/'));
+      for (let i = 0; i < 400 && (await locks()).length === 0; i++) await new Promise((r) => setTimeout(r, 25));
+      assert.equal((await locks()).length, 1, 'the backup took its lock');
+      child.kill('SIGKILL');
+      await child;
+      const gc = await cli(['gc'], env);
+      assert.match(gc.stderr, /locked .*backup of killed/, 'the lock is live: it has not expired');
+      const unlocked = await cli(['unlock'], env);
+      assert.match(unlocked.stdout, new RegExp(`removed locks/[0-9a-f]+: backup of killed: process ${child.pid} is gone from this host`));
+      assert.deepEqual(await locks(), []);
+      assert.equal((await cli(['gc'], env)).code, 0);
+    });
+
+    test('a damaged key file is skipped when another key opens the repository, and reported', async () => {
+      const { repo, env } = await initRepo(b);
+      const added = await cli(['key', 'add', '--kdf', 'weak'], { ...env, VMVAULT_NEW_PASSWORD: 'second passphrase' });
+      assert.equal(added.code, 0, added.stderr);
+      const keys = await cliJson(['key', 'list'], env);
+      const spare = keys.find((k: { current: boolean }) => !k.current).id;
+      await put(repo, `keys/${spare}`, Buffer.from('{"this is": "not a key'));
+      const listed = await cli(['backups'], env);
+      assert.equal(listed.code, 0, listed.stderr);
+      assert.match(listed.stderr, new RegExp(`warning: key file keys/${spare} is damaged .*vmvault key remove ${spare}`));
+      const shown = await cliJson(['key', 'list'], env);
+      assert.match(shown.find((k: { id: string }) => k.id === spare).damaged, /not valid JSON/);
+      const wrong = await cli(['backups'], { ...env, VMVAULT_PASSWORD: 'second passphrase' });
+      assert.equal(wrong.code, 1);
+      assert.match(wrong.stderr, new RegExp(`wrong passphrase: it opens none of the 1 readable key\\(s\\).*keys/${spare}`));
+      const removed = await cli(['key', 'remove', spare], env);
+      assert.equal(removed.code, 0, removed.stderr);
+      assert.doesNotMatch((await cli(['backups'], env)).stderr, /warning/);
+    });
+
+    test('damaged and swapped manifests are listed as damaged; every other backup lists, shows, restores and prunes; gc deletes no chunk', async () => {
+      const { repo, env } = await initRepo(b);
+      const imgA = await makeImage(work, `ma-${b.name}.qcow2`, 'qcow2', 8 * MiB, [{ offset: 0, length: MiB, pattern: 0x11 }]);
+      const imgB = await makeImage(work, `mb-${b.name}.qcow2`, 'qcow2', 8 * MiB, [{ offset: 4 * MiB, length: MiB, pattern: 0x12 }]);
+      const imgC = await makeImage(work, `mc-${b.name}.qcow2`, 'qcow2', 8 * MiB, [{ offset: 0, length: MiB, pattern: 0x13 }]);
+      const a1 = await backupJson(env, 'a', [imgA]);
+      const b1 = await backupJson(env, 'b', [imgB]);
+      const a2 = await backupJson(env, 'a', [imgA], ['--label', 'second']);
+      const c = await backupJson(env, 'c', [imgC]);
+      const s = openStorage(repo);
+      await s.delete(`backups/${c.id}`); // its chunk is now garbage, which gc would delete
+      await s.close();
+      const goodA1 = await get(repo, `backups/${a1.id}`);
+      await put(repo, `backups/${a1.id}`, randomBytes(goodA1.length));
+      await put(repo, `backups/${a2.id}`, await get(repo, `backups/${b1.id}`)); // swapped
+      const chunksBefore = chunkNames(await objects(repo));
+
+      const listed = await cli(['backups', '--json'], env);
+      assert.equal(listed.code, 0, listed.stderr);
+      const rows = JSON.parse(listed.stdout);
+      assert.deepEqual(rows.filter((r: { damaged?: string }) => !r.damaged).map((r: { id: string }) => r.id), [b1.id]);
+      assert.deepEqual(rows.filter((r: { damaged?: string }) => r.damaged).map((r: { id: string }) => r.id).sort(), [a1.id, a2.id].sort());
+      assert.match(listed.stderr, new RegExp(`backups/${a2.id} failed authentication.*every other backup is unaffected`));
+      const table = await cli(['backups'], env);
+      assert.match(table.stdout, new RegExp(`${a1.id.slice(0, 12)} +- +\\(damaged\\)`));
+
+      assert.equal((await cliJson(['show', b1.id], env)).vm, 'b');
+      const bad = await cli(['show', a1.id], env);
+      assert.equal(bad.code, 1);
+      assert.match(bad.stderr, new RegExp(`error: backup manifest backups/${a1.id} .*(damaged|failed authentication)`));
+      const restored = await cliJson(['restore', b1.id, '--to', join(work, `mb-out-${b.name}`)], env);
+      const cmp = await compareImages(imgB, restored.files[0].path, 'qcow2', 'qcow2');
+      assert.ok(cmp.identical, cmp.output);
+
+      const policy = join(work, `p-${b.name}.yaml`);
+      await writeFile(policy, 'name: nightly\nschedule: "30 1 * * *"\nselect:\n  vms: [a, b]\nretention:\n  keepLast: 1\n');
+      const pruned = await cli(['prune', '--policy', policy, '--dry-run', '--json'], env);
+      assert.equal(pruned.code, 0, pruned.stderr);
+      assert.deepEqual(JSON.parse(pruned.stdout).map((d: { id: string }) => d.id), [b1.id]);
+      assert.match(pruned.stderr, new RegExp(`prune leaves backup ${a1.id} alone`));
+
+      const gc = await cli(['gc', '--json'], env);
+      assert.equal(gc.code, 1, 'gc says something is wrong');
+      const report = JSON.parse(gc.stdout);
+      assert.equal(report.chunksDeleted, 0);
+      // c's chunk (really unused) and a's (used by the damaged manifests only): nothing proves either unused.
+      assert.equal(report.chunksKept, 2);
+      assert.deepEqual(report.damagedManifests.map((d: { id: string }) => d.id).sort(), [a1.id, a2.id].sort());
+      assert.match(gc.stderr, /garbage collection deleted no chunk: 2 backup manifest\(s\) cannot be read.*Put a good copy of each back/);
+      assert.deepEqual(chunkNames(await objects(repo)), chunksBefore);
+
+      // The API's catalogue: the others list, the damaged one is an integrity error, not "not found".
+      const warnings: string[] = [];
+      const opened = await Repository.open(openStorage(repo), PASSWORD, { onWarning: (m) => warnings.push(m) });
+      const catalogue = new Catalogue(opened, 0);
+      assert.deepEqual((await catalogue.list()).map((e) => e.id), [b1.id]);
+      await assert.rejects(catalogue.get(a1.id.slice(0, 12)), (e: { code?: string }) => e.code === 'INTEGRITY');
+      assert.equal((await catalogue.damaged()).length, 2);
+      assert.equal(warnings.length, 2, 'each damaged manifest reported once');
+      await put(repo, `backups/${a1.id}`, goodA1); // a good copy put back
+      assert.deepEqual((await catalogue.list()).map((e) => e.id).sort(), [a1.id, b1.id].sort());
+      await opened.storage.close();
+    });
+  });
+}
