@@ -71,8 +71,16 @@ async function run(repo: Repository, policiesDir: string, p: MaintenancePayload,
       const plan = await prune(repo, policy, { dryRun: p.dryRun, ...(p.vms ? { onlyVms: p.vms } : {}) });
       return { policy: policy.name, dryRun: p.dryRun, kept: plan.filter((d) => d.keep).length, removed: plan.filter((d) => !d.keep).map((d) => d.id) };
     }
-    case 'gc':
-      return collectGarbage(repo, { dryRun: p.dryRun });
+    case 'gc': {
+      const report = await collectGarbage(repo, { dryRun: p.dryRun });
+      if (report.damagedManifests.length > 0) {
+        // Deleting nothing was the safe thing to do, but the job did not do its work: it must not look like a success.
+        throw new UnrecoverableError(`gc deleted no chunk: ${report.damagedManifests.length} backup manifest(s) cannot be read ` +
+          `(${report.damagedManifests.map((d) => d.problem).join('; ')}), and any unused chunk may be theirs. ` +
+          'Put a good copy of each back, or run "vmvault repair --remove" if those backups are lost, then run gc again');
+      }
+      return report;
+    }
     case 'verify': {
       const report = await verify(repo, {
         readData: p.readData, ...(p.readDataSubset ? { readDataSubset: parseSubset(p.readDataSubset) } : {}), ...(p.backups ? { backupIds: p.backups } : {}),

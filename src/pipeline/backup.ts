@@ -269,9 +269,9 @@ async function readChunks(
   for (let start = 0; start < size && window.ok; start += STATUS_WINDOW) {
     const end = Math.min(size, start + STATUS_WINDOW);
     const plans = planChunks(await client.extents(start, end - start), start, end, chunkSize);
-    const dirty = changes ? await changes.dirty(start, end - start) : undefined;
+    const dirty = changes ? new RangeCursor(await changes.dirty(start, end - start)) : undefined;
     for (const plan of plans) {
-      if (dirty && !overlaps(dirty, plan.offset, plan.length)) {
+      if (dirty && !dirty.meets(plan.offset, plan.length)) {
         // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
         // chunk (collected, or quarantined as damaged): then it is read, which also heals it.
         const prev = changes!.previous[plan.index] ?? null;
@@ -296,9 +296,17 @@ async function readChunks(
   return ids;
 }
 
-/** Whether any of the sorted ranges meets [offset, offset+length). */
-function overlaps(ranges: readonly { offset: number; length: number }[], offset: number, length: number): boolean {
-  return ranges.some((r) => r.offset < offset + length && offset < r.offset + r.length);
+/** Sorted, disjoint ranges asked about in increasing order: each range is looked at once. */
+class RangeCursor {
+  private at = 0;
+  constructor(private readonly ranges: readonly { offset: number; length: number }[]) {}
+
+  /** Whether a range meets [offset, offset+length); offsets must not decrease between calls. */
+  meets(offset: number, length: number): boolean {
+    while (this.at < this.ranges.length && this.ranges[this.at]!.offset + this.ranges[this.at]!.length <= offset) this.at++;
+    const r = this.ranges[this.at];
+    return r !== undefined && r.offset < offset + length;
+  }
 }
 
 /** Reads a chunk's data ranges into a pooled buffer; the rest of the chunk is zeros. */

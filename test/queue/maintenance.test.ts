@@ -1,7 +1,8 @@
 /**
  * The maintenance queue against a real redis-server and a real directory
  * repository: a policy's backup enqueues that VM's prune, then gc and verify run as
- * jobs; a damaged chunk fails verify with its name; an unknown policy fails at once.
+ * jobs; a damaged chunk fails verify with its name, a damaged manifest fails gc (which
+ * deletes nothing); an unknown policy fails at once.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -60,6 +61,16 @@ test('backups under a policy are pruned by maintenance jobs; gc and verify run a
   const bad = await mq.finished(await enqueueMaintenance(mq.queue, { kind: 'verify', readData: true }));
   assert.equal(bad.attemptsMade, 1);
   assert.match(bad.failedReason ?? '', new RegExp(`verify found 1 problem.*${chunk}`));
+
+  // A damaged manifest: gc deletes nothing, and its job says so instead of looking done.
+  let manifest: string | undefined;
+  for await (const o of storage.list('backups/')) manifest ??= o.name;
+  const sealed = Buffer.from(await storage.get(manifest!));
+  sealed[sealed.length - 1]! ^= 1;
+  await storage.put(manifest!, sealed);
+  const blocked = await mq.finished(await enqueueMaintenance(mq.queue, { kind: 'gc' }));
+  assert.equal(blocked.attemptsMade, 1);
+  assert.match(blocked.failedReason ?? '', /gc deleted no chunk: 1 backup manifest\(s\) cannot be read/);
 
   const unknown = await mq.finished(await enqueueMaintenance(mq.queue, { kind: 'prune', policy: 'nope' }));
   assert.equal(unknown.attemptsMade, 1);
