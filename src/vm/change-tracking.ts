@@ -71,12 +71,13 @@ export interface NodeBitmap { name: string; recording: boolean; busy: boolean; p
 
 /**
  * How a running VM's disk can be read. Only a qcow2 image can hold a persistent
- * bitmap; one is trusted only if QEMU lists it on the disk's node, persistent,
+ * bitmap (`untrackable` says why this one cannot, e.g. qcow2 version 2); one is trusted only if QEMU lists it on the disk's node, persistent,
  * recording, neither inconsistent (QEMU killed while it was in use) nor busy. Pure.
  */
-export function decideRunning(d: NamedDisk, onNode: readonly NodeBitmap[], opts: { fullRead?: boolean }): Decision {
+export function decideRunning(d: NamedDisk, onNode: readonly NodeBitmap[], opts: { fullRead?: boolean; untrackable?: string }): Decision {
   if (opts.fullRead) return full('a full read was asked for');
   if (d.format !== 'qcow2') return full(`${d.format} disks of a running VM are read in full: only a qcow2 image can hold a dirty bitmap`);
+  if (opts.untrackable) return full(opts.untrackable);
   const bitmaps = onNode.map((b) => ({
     name: b.name,
     flags: [...(b.inconsistent ? ['inconsistent'] : []), ...(b.busy ? ['busy'] : []), ...(b.recording ? ['auto'] : [])],

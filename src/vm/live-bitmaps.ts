@@ -92,6 +92,8 @@ export async function recoverExports(qmp: QmpClient, warn: Warn): Promise<number
   return n;
 }
 
+interface QueryNode { 'node-name': string; image?: { 'format-specific'?: { data?: { compat?: string } } } }
+
 interface Tracked { disk: AttachedDisk; index: number; previous?: string | undefined; previousKnown: boolean }
 
 /**
@@ -113,9 +115,26 @@ export class LiveTracking {
   private readonly exportIds: string[] = [];
   private readonly clients: NbdClient[] = [];
 
-  constructor(private readonly qmp: QmpClient, disks: AttachedDisk[], backupId: string, private readonly warn: Warn) {
+  private constructor(private readonly qmp: QmpClient, backupId: string, private readonly warn: Warn, tracked: Tracked[], private readonly untrackable: Map<number, string>) {
     this.newBitmap = bitmapName(backupId);
-    this.tracked = disks.map((disk, index) => ({ disk, index, previousKnown: false })).filter((t) => t.disk.format === 'qcow2');
+    this.tracked = tracked;
+  }
+
+  /**
+   * The tracking of `disks` (the VM's, attached): a bitmap goes on every qcow2 base
+   * node but those of qcow2 version 2 images, which cannot store one.
+   */
+  static async open(qmp: QmpClient, disks: AttachedDisk[], backupId: string, warn: Warn): Promise<LiveTracking> {
+    const nodes = await qmp.execute<QueryNode[]>('query-named-block-nodes', { flat: true });
+    const tracked: Tracked[] = [];
+    const untrackable = new Map<number, string>();
+    for (const [index, disk] of disks.entries()) {
+      if (disk.format !== 'qcow2') continue;
+      const compat = nodes.find((x) => x['node-name'] === disk.topNode)?.image?.['format-specific']?.data?.compat;
+      if (compat === '0.10') untrackable.set(index, 'qcow2 version 2 images cannot hold a dirty bitmap: upgrade it (qemu-img amend -o compat=1.1, with the VM stopped) for incremental backups');
+      else tracked.push({ disk, index, previousKnown: false });
+    }
+    return new LiveTracking(qmp, backupId, warn, tracked, untrackable);
   }
 
   /** The new bitmap on each qcow2 base node, persistent: QEMU stores it in the image at a clean exit. */
@@ -135,7 +154,8 @@ export class LiveTracking {
     for (const [i, d] of disks.entries()) {
       const t = this.tracked.find((x) => x.index === i);
       if (t) Object.assign(t, { previous: d.previous?.entry.bitmap, previousKnown: true });
-      let decision = decideRunning(d, t ? onNodes.get(t.disk.topNode) ?? [] : [], { fullRead });
+      const untrackable = this.untrackable.get(i);
+      let decision = decideRunning(d, t ? onNodes.get(t.disk.topNode) ?? [] : [], { fullRead, ...(untrackable ? { untrackable } : {}) });
       let changes: ChangedBlocks | undefined;
       if (t && decision.since) {
         try {

@@ -36,9 +36,10 @@ describe('decideRunning', () => {
     assert.match(d.reason, /changes since backup bbbbbbbbbbbb/);
   });
 
-  const cases: [string, NamedDisk, NodeBitmap[], { fullRead?: boolean }, RegExp][] = [
+  const cases: [string, NamedDisk, NodeBitmap[], { fullRead?: boolean; untrackable?: string }, RegExp][] = [
     ['a full read asked for', disk(), [good], { fullRead: true }, /full read was asked/],
     ['a raw disk', disk({ format: 'raw' }), [good], {}, /raw disks of a running VM are read in full/],
+    ['a qcow2 image that cannot hold a bitmap', disk(), [good], { untrackable: 'qcow2 version 2 images cannot hold a dirty bitmap' }, /version 2/],
     ['no earlier backup', withoutPrevious(disk()), [good], {}, /no earlier backup/],
     ['a resized disk', disk({}, { bitmap: P, virtualSize: 8 * MiB }), [good], {}, /resized/],
     ['a previous backup without a bitmap', disk({}, {}), [good], {}, /left no bitmap/],

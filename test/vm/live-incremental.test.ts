@@ -12,7 +12,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, it } from 'node:test';
-import { compareImages } from '../../src/disk/qemu.js';
+import { compareImages, type ImageFormat } from '../../src/disk/qemu.js';
 import { restore } from '../../src/pipeline/restore.js';
 import type { BackupOptions } from '../../src/pipeline/backup.js';
 import { Repository } from '../../src/repo/repository.js';
@@ -200,5 +200,48 @@ describe('qemu driver: changed-block incrementals of a running VM', () => {
     const next = await backupAndCheck();
     assert.equal(next.manifest.disks[0]!.mode, 'incremental', next.manifest.disks[0]!.reason);
     assert.ok(next.stats.bytesRead <= CHUNK, `read ${next.stats.bytesRead} bytes`);
+  });
+
+  it('tracks the qcow2 disks of a VM that also has raw and qcow2 version 2 disks; those are read in full, with the reason', async () => {
+    const sub = await fs.mkdtemp(path.join(dir.path, 'mixed-'));
+    const files = [
+      await makeImage(sub, 'sys.qcow2', 'qcow2', 32 * MiB, [{ offset: 0, length: 8 * MiB, pattern: 0x21 }]),
+      path.join(sub, 'old.qcow2'),
+      await makeImage(sub, 'data.raw', 'raw', 32 * MiB, [{ offset: 0, length: 8 * MiB, pattern: 0x23 }]),
+    ];
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', files[1]!, String(32 * MiB)]);
+    const formats: ImageFormat[] = ['qcow2', 'qcow2', 'raw'];
+    const mixed = await startTestVm(files, { formats });
+    try {
+      const backupMixed = async () => {
+        const copies = files.map((_, i) => path.join(sub, `instant-${i}.raw`));
+        const result = await backupVm(repo, {
+          driver: 'qemu', vm: 'mixed', disks: files.map((p) => ({ path: p })), qmpSocket: mixed.qmpSocket, warn,
+          onPointInTime: async () => {
+            for (const [i, f] of files.entries()) await execa('qemu-img', ['convert', '-q', '-f', formats[i]!, '-O', 'raw', f, copies[i]!]);
+          },
+        });
+        const to = await fs.mkdtemp(path.join(sub, 'restore-'));
+        await restore(repo, { backupId: result.manifest.id, to });
+        for (const [i, f] of files.entries()) {
+          const cmp = await compareImages(path.join(to, path.basename(f)), copies[i]!, formats[i]!, 'raw');
+          assert.ok(cmp.identical, `${f}: ${cmp.output}`);
+        }
+        return result;
+      };
+      await backupMixed();
+      for (const i of [0, 1, 2]) await mixed.write(i, 16 * MiB, MiB, 0x30 + i);
+      const second = await backupMixed();
+      const [sys, old, data] = second.manifest.disks;
+      assert.equal(sys!.mode, 'incremental', sys!.reason);
+      assert.equal(old!.mode, 'full');
+      assert.match(old!.reason!, /qcow2 version 2 images cannot hold a dirty bitmap/);
+      assert.equal(data!.mode, 'full');
+      assert.match(data!.reason!, /raw disks of a running VM are read in full/);
+      assert.equal(old!.bitmap, undefined);
+      assert.equal(sys!.bitmap, bitmapOf(second));
+    } finally {
+      await mixed.stop();
+    }
   });
 });
