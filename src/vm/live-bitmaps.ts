@@ -15,7 +15,7 @@
  *   otherwise. Any other is a killed run's and is removed then too.
  * - A run killed while it exported leaves the export, and the server it started, in
  *   QEMU: `recoverExports` removes them. The server is known as ours by a marker
- *   object (`vmvault-nbd-<token>`, an authz-simple whose identity is the socket's
+ *   object (`vmvault-qemu-nbd-<token>`, an authz-simple whose identity is the socket's
  *   path) added before it is started and removed after it is stopped, and by that
  *   socket, in a directory named after the same token, still answering.
  */
@@ -33,7 +33,7 @@ import type { TransactionAction } from './overlays.js';
 import type { AttachedDisk } from './qemu-blocks.js';
 import type { QmpClient } from './qmp.js';
 
-const MARKER_PREFIX = 'vmvault-nbd-';
+const MARKER_PREFIX = 'vmvault-qemu-nbd-';
 const EXPORT_PREFIX = 'vmvault-export-';
 const EXPORT_DELETE_TIMEOUT_MS = 30_000;
 
