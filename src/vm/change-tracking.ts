@@ -14,6 +14,9 @@
  *   device, inode, size, mtime and ctime are those the previous backup recorded is
  *   taken as unchanged.
  * - vmdk, vdi: read in full.
+ *
+ * Running VMs (the qemu driver) keep the same bitmaps in the running QEMU instead:
+ * see src/vm/live-bitmaps.ts; `decideRunning` below is their decision.
  */
 import fs from 'node:fs/promises';
 import { exportImage, type NbdExport } from '../disk/qemu.js';
@@ -58,8 +61,31 @@ export function decide(d: NamedDisk, opts: { fullRead?: boolean; stamp?: FileSta
   if (bitmap.flags.includes('in-use') || bitmap.flags.includes('inconsistent')) {
     return full(`bitmap ${p.bitmap} is inconsistent: a QEMU that had the image open did not close it cleanly`);
   }
+  if (bitmap.flags.includes('busy')) return full(`bitmap ${p.bitmap} is busy (another block job or export of QEMU uses it)`);
   if (!bitmap.flags.includes('auto')) return full(`bitmap ${p.bitmap} is disabled`);
   return { mode: 'incremental', reason: `changes since ${since} (bitmap ${p.bitmap})`, since: p.bitmap };
+}
+
+/** A dirty bitmap as a running QEMU lists it on a node (query-named-block-nodes). */
+export interface NodeBitmap { name: string; recording: boolean; busy: boolean; persistent: boolean; inconsistent?: boolean }
+
+/**
+ * How a running VM's disk can be read. Only a qcow2 image can hold a persistent
+ * bitmap (`untrackable` says why this one cannot, e.g. qcow2 version 2); one is trusted only if QEMU lists it on the disk's node, persistent,
+ * recording, neither inconsistent (QEMU killed while it was in use) nor busy. Pure.
+ */
+export function decideRunning(d: NamedDisk, onNode: readonly NodeBitmap[], opts: { fullRead?: boolean; untrackable?: string }): Decision {
+  if (opts.fullRead) return full('a full read was asked for');
+  if (d.format !== 'qcow2') return full(`${d.format} disks of a running VM are read in full: only a qcow2 image can hold a dirty bitmap`);
+  if (opts.untrackable) return full(opts.untrackable);
+  const bitmaps = onNode.map((b) => ({
+    name: b.name,
+    flags: [...(b.inconsistent ? ['inconsistent'] : []), ...(b.busy ? ['busy'] : []), ...(b.recording ? ['auto'] : [])],
+  }));
+  const decision = decide({ ...d, bitmaps }, opts);
+  const used = onNode.find((b) => b.name === decision.since);
+  if (decision.since && used && !used.persistent) return full(`bitmap ${used.name} is not persistent`);
+  return decision;
 }
 
 /** A file's identity and times, to nanoseconds. */
@@ -94,7 +120,7 @@ export function tracked(d: NamedDisk, decision: Decision, changes: ChangedBlocks
   return { ...d, ...extra, mode: changes ? decision.mode : 'full', reason: decision.reason, ...(changes ? { changes } : {}) };
 }
 
-/** A running VM's disk: read in full (its bitmaps would live in the running QEMU, reached over QMP). */
+/** A running libvirt domain's disk: read in full (libvirt owns its monitor; its bitmaps are not built yet). */
 export function readInFull(d: NamedDisk): FrozenDisk {
-  return { ...d, mode: 'full', reason: 'running VMs are read in full: change tracking through QMP is not built yet' };
+  return { ...d, mode: 'full', reason: 'running libvirt domains are read in full: their change tracking is not built yet' };
 }

@@ -34,24 +34,35 @@ export interface Overlay {
 export const COMMIT_JOB_PREFIX = 'vmvault-commit-';
 const DEFAULT_COMMIT_TIMEOUT_MS = 60 * 60_000;
 
+/** QEMU refused the overlays' transaction cleanly: nothing changed on the VM. */
+export class OverlaysRefused extends VmvaultError {
+  constructor(message: string, opts: { cause: unknown }) {
+    super('QEMU', message, opts);
+  }
+}
+
+/** One action of a QMP `transaction`. */
+export interface TransactionAction { type: string; data: Record<string, unknown> }
+
 /** A short random id for one run's overlays and jobs. */
 export function runId(): string {
   return randomBytes(4).toString('hex');
 }
 
 /**
- * Puts every disk on a new overlay in one transaction. All or nothing: when QEMU
- * refuses, no device has changed, and the overlay files it may have created are
- * removed.
+ * Puts every disk on a new overlay in one transaction, with `first` (e.g. the new
+ * dirty bitmaps) in the same transaction, before the overlays. All or nothing: when
+ * QEMU refuses (OverlaysRefused), no device has changed, and the overlay files it
+ * may have created are removed.
  */
-export async function createOverlays(qmp: QmpClient, disks: AttachedDisk[], id: string, dir?: string): Promise<Overlay[]> {
+export async function createOverlays(qmp: QmpClient, disks: AttachedDisk[], id: string, dir?: string, first: TransactionAction[] = []): Promise<Overlay[]> {
   const overlays = disks.map((d, i): Overlay => ({
     path: d.path, device: d.device, file: overlayPath(d.path, id, dir), node: `vmvault-ov-${id}-${i}`, baseNode: d.topNode,
   }));
-  const actions = overlays.map((o) => ({
+  const actions = [...first, ...overlays.map((o) => ({
     type: 'blockdev-snapshot-sync',
     data: { 'node-name': o.baseNode, 'snapshot-file': o.file, 'snapshot-node-name': o.node, format: 'qcow2', mode: 'absolute-paths' },
-  }));
+  }))];
   try {
     await qmp.execute('transaction', { actions });
   } catch (err) {
@@ -76,7 +87,7 @@ export async function createOverlays(qmp: QmpClient, disks: AttachedDisk[], id: 
         `could not put the VM's disks on overlays (${errorMessage(err)}), yet QEMU uses ${active.map((o) => o.file).join(', ')}: ` +
         'do not delete them; the next backup of this VM merges them back.', { cause: err });
     }
-    throw new VmvaultError('QEMU', `could not put the VM's disks on overlays (${errorMessage(err)}); the VM runs on as before`, { cause: err });
+    throw new OverlaysRefused(`could not put the VM's disks on overlays (${errorMessage(err)}); the VM runs on as before`, { cause: err });
   }
   return overlays;
 }

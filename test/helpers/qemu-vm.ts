@@ -32,7 +32,10 @@ export interface TestVm {
   status(): Promise<string>;
   /** The active layer's file of each disk, from query-block. */
   activeFiles(): Promise<string[]>;
+  /** Quits QEMU (QMP quit: a clean exit, which stores persistent bitmaps) and removes its sockets. */
   stop(): Promise<void>;
+  /** Kills QEMU with SIGKILL (no clean exit), then cleans up as `stop` does. */
+  kill(): Promise<void>;
 }
 
 export interface TestVmOptions {
@@ -119,6 +122,14 @@ export async function startTestVm(disks: string[], opts: TestVmOptions = {}): Pr
     return out;
   };
   let stopped: Promise<void> | undefined;
+  const stop = () => (stopped ??= (async () => {
+    await qmp.execute('quit').catch(() => {});
+    await qmp.close();
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
+    await proc;
+    clearTimeout(timer);
+    await fs.rm(dir, { recursive: true, force: true });
+  })());
   return {
     qmpSocket, ...(guestAgentSocket ? { guestAgentSocket } : {}), pid: proc.pid!, devices, qmp,
     write: async (index, offset, length, pattern) => { await io(index, `write -P ${hex(pattern)} ${offset} ${length}`); },
@@ -128,13 +139,11 @@ export async function startTestVm(disks: string[], opts: TestVmOptions = {}): Pr
       const blocks = await qmp.execute<{ qdev?: string; inserted?: { file: string } }[]>('query-block');
       return devices.map((d) => blocks.find((b) => b.qdev?.includes(`/${d}/`) || b.qdev === d)?.inserted?.file ?? '');
     },
-    stop: () => (stopped ??= (async () => {
-      await qmp.execute('quit').catch(() => {});
-      await qmp.close();
-      const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
+    stop,
+    kill: async () => {
+      if (!exited) proc.kill('SIGKILL');
       await proc;
-      clearTimeout(timer);
-      await fs.rm(dir, { recursive: true, force: true });
-    })()),
+      await stop();
+    },
   };
 }

@@ -1,0 +1,60 @@
+/**
+ * The tracking decision for a running VM's disk (decideRunning), a pure function:
+ * every reason a bitmap QEMU lists is not trusted, and the one case it is.
+ */
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import type { NamedDisk } from '../../src/pipeline/backup.js';
+import { decideRunning, type NodeBitmap } from '../../src/vm/change-tracking.js';
+
+const MiB = 1024 * 1024;
+const P = `vmvault-${'a'.repeat(64)}`;
+
+function disk(over: Partial<NamedDisk> = {}, prev: { bitmap?: string; virtualSize?: number } = { bitmap: P }): NamedDisk {
+  return {
+    path: '/vm/root.qcow2', name: 'root', format: 'qcow2', formatSource: 'declared', chain: [], virtualSize: 16 * MiB,
+    actualSize: 0, references: [], bitmaps: [], snapshots: [],
+    previous: {
+      backupId: 'b'.repeat(64), chunkSize: 4 * MiB,
+      entry: { name: 'root', format: 'qcow2', virtualSize: prev.virtualSize ?? 16 * MiB, sourcePath: '/vm/root.qcow2', chunks: [null, null, null, null], ...(prev.bitmap ? { bitmap: prev.bitmap } : {}) },
+    },
+    ...over,
+  };
+}
+
+function withoutPrevious(d: NamedDisk): NamedDisk {
+  const { previous: _, ...rest } = d;
+  return rest;
+}
+
+const good: NodeBitmap = { name: P, recording: true, busy: false, persistent: true };
+
+describe('decideRunning', () => {
+  it('trusts a bitmap QEMU lists on the node, persistent, recording, consistent and not busy', () => {
+    const d = decideRunning(disk(), [good], {});
+    assert.deepEqual([d.mode, d.since], ['incremental', P]);
+    assert.match(d.reason, /changes since backup bbbbbbbbbbbb/);
+  });
+
+  const cases: [string, NamedDisk, NodeBitmap[], { fullRead?: boolean; untrackable?: string }, RegExp][] = [
+    ['a full read asked for', disk(), [good], { fullRead: true }, /full read was asked/],
+    ['a raw disk', disk({ format: 'raw' }), [good], {}, /raw disks of a running VM are read in full/],
+    ['a qcow2 image that cannot hold a bitmap', disk(), [good], { untrackable: 'qcow2 version 2 images cannot hold a dirty bitmap' }, /version 2/],
+    ['no earlier backup', withoutPrevious(disk()), [good], {}, /no earlier backup/],
+    ['a resized disk', disk({}, { bitmap: P, virtualSize: 8 * MiB }), [good], {}, /resized/],
+    ['a previous backup without a bitmap', disk({}, {}), [good], {}, /left no bitmap/],
+    ['a bitmap QEMU does not list', disk(), [], {}, /missing/],
+    ['an inconsistent bitmap', disk(), [{ ...good, recording: false, inconsistent: true }], {}, /inconsistent/],
+    ['a busy bitmap', disk(), [{ ...good, busy: true }], {}, /busy/],
+    ['a disabled bitmap', disk(), [{ ...good, recording: false }], {}, /disabled/],
+    ['a bitmap that is not persistent', disk(), [{ ...good, persistent: false }], {}, /not persistent/],
+  ];
+  for (const [what, d, onNode, opts, reason] of cases) {
+    it(`reads in full after ${what}`, () => {
+      const decision = decideRunning(d, onNode, opts);
+      assert.equal(decision.mode, 'full');
+      assert.equal(decision.since, undefined);
+      assert.match(decision.reason, reason);
+    });
+  }
+});
