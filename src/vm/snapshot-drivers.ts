@@ -16,9 +16,11 @@
 import path from 'node:path';
 import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
 import {
-  snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
+  bitmapChange, imageInfo, snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
 } from '../disk/qemu.js';
 import { inspectDisk } from '../disk/inspect.js';
+import { BITMAP_PREFIX } from './change-tracking.js';
+import { nodeBitmaps } from './live-bitmaps.js';
 import { isOverlayFile } from './qemu-blocks.js';
 import { QmpClient } from './qmp.js';
 
@@ -109,6 +111,13 @@ class OfflineDriver implements SnapshotDriver {
 
   async revert(name: string): Promise<void> {
     await this.inspect(); // Every image, before any is changed: IMAGE_LOCKED when a VM runs on one.
+    // A revert changes the disks behind change tracking's back (and qemu refuses it while
+    // bitmaps exist): vmvault's bitmaps go, and the next backup reads these disks in full.
+    for (const d of this.target.disks) {
+      for (const b of (await imageInfo(d.path, 'qcow2')).bitmaps.filter((x) => x.name.startsWith(BITMAP_PREFIX))) {
+        await bitmapChange(d.path, '--remove', b.name);
+      }
+    }
     const done: string[] = [];
     for (const d of this.target.disks) {
       try {
@@ -211,6 +220,13 @@ class RunningDriver implements SnapshotDriver {
       throw new VmvaultError('UNSUPPORTED',
         `snapshot "${name}" of VM "${this.target.vm}" holds no VM state (it was taken while the VM was stopped): QEMU cannot load it into the running VM. ` +
         'Stop the VM, then revert it (the images are then reverted offline).');
+    }
+    // As offline: vmvault's bitmaps go (QEMU refuses to load a snapshot under them), and the next backup reads in full.
+    const bitmaps = await nodeBitmaps(this.qmp);
+    for (const n of nodes) {
+      for (const b of (bitmaps.get(n.node) ?? []).filter((x) => x.name.startsWith(BITMAP_PREFIX))) {
+        await this.qmp.execute('block-dirty-bitmap-remove', { node: n.node, name: b.name });
+      }
     }
     await this.qmp.runJob('snapshot-load', { 'job-id': this.jobId('load'), tag: name, vmstate: holder.node, devices: nodes.map((n) => n.node) }, JOB_TIMEOUT_MS);
   }
