@@ -1,7 +1,8 @@
 /**
  * Restore of a backup into a directory: each disk is created with qemu-img in the
- * requested format, filled through qemu-nbd with every non-zero chunk (zero chunks
- * are skipped, so the result is sparse), flushed, and renamed into place only when
+ * requested format, filled through qemu-nbd with the non-zero parts of every non-zero
+ * chunk (zero chunks, and all-zero 64 KiB runs within a chunk, are skipped, so the
+ * result is as sparse as its source), flushed, and renamed into place only when
  * every disk and file has been written. A failed restore leaves nothing behind.
  * Configuration files come back beside the disks; a libvirt domain XML has its disk
  * paths and formats rewritten to the restored images.
@@ -19,6 +20,7 @@ import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, pathInside } from './names.js';
 import { withReadLock } from '../repo/locks.js';
 import { rewriteLibvirtDiskPaths, type DiskTarget } from './libvirt-xml.js';
+import { dataRuns } from './sparse.js';
 
 export interface RestoreRequest {
   backupId: string;
@@ -192,8 +194,10 @@ async function restoreDisk(
         if (plain.length !== expected) {
           throw new VmvaultError('INTEGRITY', `chunk ${id.slice(0, 16)} of disk "${disk.name}" holds ${plain.length} bytes where ${expected} were expected`);
         }
-        await exp.client.write(offset, plain);
-        stats.bytesWritten += plain.length;
+        // The new image reads as zeros already: write only the runs that hold data.
+        const runs = dataRuns(plain);
+        await Promise.all(runs.map((r) => exp.client.write(offset + r.start, plain.subarray(r.start, r.end))));
+        stats.bytesWritten += runs.reduce((n, r) => n + r.end - r.start, 0);
         stats.chunksWritten++;
         meter.add(m.chunkSize);
       });
