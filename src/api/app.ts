@@ -301,7 +301,7 @@ export function createApi(deps: ApiDeps): Api {
   const snapshotGeneration = new Map<string, number>();
   const snapshotJob = async (vm: VmConfig, req: Parameters<typeof snapshotPayloadFor>[1], jobId = newJobId(`snapshot-${req.op}`)) => {
     if (req.name !== undefined) assertSnapshotName(req.name);
-    if (req.expireIn !== undefined) expiryFrom(req.expireIn, new Date());
+    if (req.expireIn !== undefined) expiryFrom(req.expireIn, new Date(), 'expireIn');
     if (req.op !== 'list') snapshotGeneration.set(vm.name, (snapshotGeneration.get(vm.name) ?? 0) + 1);
     return enqueueSnapshot(queueOf(vm.host), snapshotPayloadFor(vm, req), { jobId });
   };

@@ -175,7 +175,7 @@ export const SnapshotParam = VmParam.extend({ name: z.string().min(1).max(64).op
 export const SnapshotRequest = z.strictObject({
   name: z.string().min(1).max(64),
   label: label.optional().openapi({ description: 'default pre-update' }),
-  expireIn: z.string().regex(/^\d+[a-zA-Z]+(\d+[a-zA-Z]+)*$/, 'a duration such as 7d, 12h or 1w').optional().openapi({ description: 'after this the scheduler deletes it, e.g. 7d' }),
+  expireIn: z.string().regex(/^\d+[a-zA-Z]+(\d+[a-zA-Z]+)*$/, 'a duration such as 7d, 12h, 30min or 1w').optional().openapi({ description: 'after this the expiry sweep deletes it, e.g. 7d, 12h, 30min, 2w, 3mo (units y, mo, w, d, h, min; a bare m is refused as ambiguous)' }),
   export: z.boolean().default(false).openapi({ description: 'also take a backup into the repository, labelled like the snapshot' }),
 }).openapi('SnapshotRequest');
 

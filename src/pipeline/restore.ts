@@ -32,6 +32,12 @@ export interface RestoreRequest {
   /** Replace existing files. */
   force?: boolean;
   /**
+   * How the caller asks for `force`, in its own words, for the error when files
+   * exist: `pass --force` on the command line, `set "overwrite": true` in an API
+   * request. The pipeline knows neither spelling.
+   */
+  forceHint?: string;
+  /**
    * When set, `to` must lie inside one of these directories once every symlink is
    * resolved (a restore for a remote requester: the API's restore onto a host).
    */
@@ -65,7 +71,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
   if (req.roots) await assertInsideRoots(dir, req.roots);
   const taken = await existing(planned.map((p) => p.path));
   if (taken.length && !req.force) {
-    throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or pass --force to replace; nothing was written`);
+    throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or ${req.forceHint ?? 'ask for existing files to be replaced'}; nothing was written`);
   }
   await mkdir(dir, { recursive: true });
   if (req.roots) await assertInsideRoots(dir, req.roots); // Again: a symlink may have appeared meanwhile.
