@@ -137,6 +137,7 @@ export const LinkRequest = z.strictObject({
 export const LinkSchema = z.object({
   url: z.string().openapi({ description: 'GET or HEAD it without a bearer header; supports Range' }),
   expiresAt: z.string(),
+  command: z.string().openapi({ description: 'a qemu-img command line that restores the disk from the link as qcow2 into the working directory (-m 1: QEMU 7.2\'s curl driver hangs now and then with parallel requests)' }),
 }).openapi('Link');
 
 export const PruneRequest = z.strictObject({ policy: z.string().min(1), vms: z.array(z.string().min(1)).optional(), dryRun: z.boolean().default(false) }).openapi('PruneRequest');
