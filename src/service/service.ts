@@ -27,6 +27,7 @@ import { errnoCode, errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createRedis } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
 import { enqueueBackup, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { policyFirstSeen } from '../queue/first-seen.js';
 import { backupPayloadFor } from '../queue/payloads.js';
 import { Catalogue } from '../repo/catalogue.js';
 import { Repository } from '../repo/repository.js';
@@ -147,6 +148,7 @@ export async function runScheduler(
       return times.length ? new Date(Math.max(...times)) : undefined;
     },
     catchUp: (opts.env ?? process.env).VMVAULT_NO_CATCH_UP ? false : true,
+    firstSeen: (policy) => policyFirstSeen(connection, policy),
     maintenance: config.maintenance,
     enqueueMaintenance: async ({ jobId, payload }) => {
       await enqueueMaintenance(maintenance, payload, { jobId });
