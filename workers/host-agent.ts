@@ -283,6 +283,8 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
   const backupId = await ctx.repo.resolveBackupId(p.backupId);
   const r = await restore(guard.wrap(ctx.repo, async () => {}), {
     backupId, to: directory, force: p.overwrite, onProgress: progress.report, roots,
+    // Restore jobs come from the API: its request field is "overwrite".
+    forceHint: 'set "overwrite": true in the restore request to replace them',
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),
   });
   await guard.confirmOwnership();

@@ -137,6 +137,7 @@ export const LinkRequest = z.strictObject({
 export const LinkSchema = z.object({
   url: z.string().openapi({ description: 'GET or HEAD it without a bearer header; supports Range' }),
   expiresAt: z.string(),
+  command: z.string().openapi({ description: 'a qemu-img command line that restores the disk from the link as qcow2 into the working directory (-m 1: QEMU 7.2\'s curl driver hangs now and then with parallel requests)' }),
 }).openapi('Link');
 
 export const PruneRequest = z.strictObject({ policy: z.string().min(1), vms: z.array(z.string().min(1)).optional(), dryRun: z.boolean().default(false) }).openapi('PruneRequest');
@@ -175,7 +176,7 @@ export const SnapshotParam = VmParam.extend({ name: z.string().min(1).max(64).op
 export const SnapshotRequest = z.strictObject({
   name: z.string().min(1).max(64),
   label: label.optional().openapi({ description: 'default pre-update' }),
-  expireIn: z.string().regex(/^\d+[a-zA-Z]+(\d+[a-zA-Z]+)*$/, 'a duration such as 7d, 12h or 1w').optional().openapi({ description: 'after this the scheduler deletes it, e.g. 7d' }),
+  expireIn: z.string().regex(/^\d+[a-zA-Z]+(\d+[a-zA-Z]+)*$/, 'a duration such as 7d, 12h, 30min or 1w').optional().openapi({ description: 'after this the expiry sweep deletes it, e.g. 7d, 12h, 30min, 2w, 3mo (units y, mo, w, d, h, min; a bare m is refused as ambiguous)' }),
   export: z.boolean().default(false).openapi({ description: 'also take a backup into the repository, labelled like the snapshot' }),
 }).openapi('SnapshotRequest');
 

@@ -6,6 +6,7 @@
 import { Command, CommanderError } from 'commander';
 import { VmvaultError } from '../errors.js';
 import type { GlobalOptions } from './context.js';
+import { packageVersion } from './version.js';
 import { registerKeyCommands } from './commands/keys.js';
 import { registerBackupCommands } from './commands/backups.js';
 import { registerMaintenanceCommands } from './commands/maintenance.js';
@@ -17,6 +18,7 @@ import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot c
 export function buildProgram(): Command {
   const program = new Command('vmvault')
     .description('encrypted, deduplicated backups of virtual machines')
+    .version(packageVersion(), '-V, --version', 'print vmvault\'s version and exit')
     .option('-r, --repo <url>', 'repository: a directory, or s3://BUCKET/PREFIX?endpoint=URL (env VMVAULT_REPOSITORY)')
     .option('--password-file <file>', 'file holding the repository passphrase (env VMVAULT_PASSWORD)')
     .option('--no-lock', 'take no lock and write nothing (commands that only read; automatic, with a warning, when the repository refuses writes)')

@@ -11,7 +11,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { VmvaultError } from '../errors.js';
 import { formatProblem, validateYaml, type PolicyProblem, type YamlFileKind } from '../policy/load.js';
 import { parseRepositoryUrl } from '../storage/open.js';
-import { checkConfig, CONFIG_KEYS, configSchema, effectiveDiskName, type Config, type VmConfig } from './schema.js';
+import { checkConfig, CONFIG_KEYS, configSchema, DEFAULT_POLICIES_DIR, effectiveDiskName, type Config, type VmConfig } from './schema.js';
 
 /** One problem in the configuration file; `line` and `col` are 1-based. */
 export type ConfigProblem = PolicyProblem;
@@ -52,7 +52,8 @@ export function parseConfig(text: string, file: string, options: { host?: string
       ? { url: relativeRepository(repo.url, dir), passwordFile: resolve(dir, repo.passwordFile) }
       : { url: relativeRepository(repo.url, dir), passwordEnv: repo.passwordEnv }),
     stateDir: resolve(dir, parsed.stateDir),
-    policiesDir: resolve(dir, parsed.policiesDir),
+    policiesDir: resolve(dir, parsed.policiesDir ?? DEFAULT_POLICIES_DIR),
+    policiesDirDefaulted: parsed.policiesDir === undefined,
     vms: parsed.vms.map((vm) => ({
       ...vm,
       host: vm.host ?? parsed.host,

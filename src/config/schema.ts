@@ -146,7 +146,8 @@ export const configSchema = z.strictObject({
   redis: z.strictObject({ url: redisUrl.optional() }, { error: 'expected { url }' }).default({}),
   stateDir: nonEmpty('a directory').default(DEFAULT_STATE_DIR),
   host: name('host name').default(() => hostname()),
-  policiesDir: nonEmpty('a directory').default(DEFAULT_POLICIES_DIR),
+  /** Default DEFAULT_POLICIES_DIR beside the file; applied by parseConfig, which records that it did. */
+  policiesDir: nonEmpty('a directory').optional(),
   vms: list(vmSchema, 'VMs'),
   api: apiSchema.prefault({}),
   hosts: z.record(name('host name'), hostSchema, { error: 'expected a mapping from host name to { restoreRoots }' }).default({}),
@@ -160,7 +161,16 @@ export type VmConfig = Omit<z.output<typeof vmSchema>, 'host' | 'disks'> & { hos
 export type ApiToken = Omit<z.output<typeof tokenSchema>, 'token'>;
 export type Role = ApiToken['role'];
 /** A loaded configuration: defaults applied, every VM with its host and disk names, paths absolute. */
-export type Config = Omit<Parsed, 'vms' | 'api'> & { vms: VmConfig[]; api: { listen: string; tokens: ApiToken[]; publicUrl?: string } };
+export type Config = Omit<Parsed, 'vms' | 'api' | 'policiesDir'> & {
+  vms: VmConfig[];
+  api: { listen: string; tokens: ApiToken[]; publicUrl?: string };
+  policiesDir: string;
+  /**
+   * True when the file named no policiesDir: the service creates the default one when
+   * it is missing, but refuses to start on a named one that is missing (a typo).
+   */
+  policiesDirDefaulted: boolean;
+};
 
 /** Every key the file may use at any level, to suggest a fix for a typo. */
 export const CONFIG_KEYS: readonly string[] = [

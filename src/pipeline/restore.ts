@@ -1,7 +1,8 @@
 /**
  * Restore of a backup into a directory: each disk is created with qemu-img in the
- * requested format, filled through qemu-nbd with every non-zero chunk (zero chunks
- * are skipped, so the result is sparse), flushed, and renamed into place only when
+ * requested format, filled through qemu-nbd with the non-zero parts of every non-zero
+ * chunk (zero chunks, and all-zero 64 KiB runs within a chunk, are skipped, so the
+ * result is as sparse as its source), flushed, and renamed into place only when
  * every disk and file has been written. A failed restore leaves nothing behind.
  * Configuration files come back beside the disks; a libvirt domain XML has its disk
  * paths and formats rewritten to the restored images.
@@ -19,6 +20,7 @@ import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, pathInside } from './names.js';
 import { withReadLock } from '../repo/locks.js';
 import { rewriteLibvirtDiskPaths, type DiskTarget } from './libvirt-xml.js';
+import { dataRuns } from './sparse.js';
 
 export interface RestoreRequest {
   backupId: string;
@@ -29,6 +31,12 @@ export interface RestoreRequest {
   disks?: string[];
   /** Replace existing files. */
   force?: boolean;
+  /**
+   * How the caller asks for `force`, in its own words, for the error when files
+   * exist: `pass --force` on the command line, `set "overwrite": true` in an API
+   * request. The pipeline knows neither spelling.
+   */
+  forceHint?: string;
   /**
    * When set, `to` must lie inside one of these directories once every symlink is
    * resolved (a restore for a remote requester: the API's restore onto a host).
@@ -63,7 +71,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
   if (req.roots) await assertInsideRoots(dir, req.roots);
   const taken = await existing(planned.map((p) => p.path));
   if (taken.length && !req.force) {
-    throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or pass --force to replace; nothing was written`);
+    throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or ${req.forceHint ?? 'ask for existing files to be replaced'}; nothing was written`);
   }
   await mkdir(dir, { recursive: true });
   if (req.roots) await assertInsideRoots(dir, req.roots); // Again: a symlink may have appeared meanwhile.
@@ -192,8 +200,10 @@ async function restoreDisk(
         if (plain.length !== expected) {
           throw new VmvaultError('INTEGRITY', `chunk ${id.slice(0, 16)} of disk "${disk.name}" holds ${plain.length} bytes where ${expected} were expected`);
         }
-        await exp.client.write(offset, plain);
-        stats.bytesWritten += plain.length;
+        // The new image reads as zeros already: write only the runs that hold data.
+        const runs = dataRuns(plain);
+        await Promise.all(runs.map((r) => exp.client.write(offset + r.start, plain.subarray(r.start, r.end))));
+        stats.bytesWritten += runs.reduce((n, r) => n + r.end - r.start, 0);
         stats.chunksWritten++;
         meter.add(m.chunkSize);
       });

@@ -30,8 +30,8 @@
  */
 import { VmvaultError } from '../errors.js';
 
-/** A calendar duration in restic's syntax: `2y5m7d3h` (m = months; no minutes). */
-export interface Duration { years: number; months: number; days: number; hours: number }
+/** A calendar duration: `2y5mo7d3h30min` (see parseDuration; weeks count as 7 days). */
+export interface Duration { years: number; months: number; days: number; hours: number; minutes: number }
 
 export interface RetentionRules {
   keepLast?: number;
@@ -40,7 +40,7 @@ export interface RetentionRules {
   keepWeekly?: number;
   keepMonthly?: number;
   keepYearly?: number;
-  /** A duration (`14d`, `1y2m`), counted back from the newest item. */
+  /** A duration (`14d`, `1y2mo`), counted back from the newest item. */
   keepWithin?: string | Duration;
 }
 
@@ -72,55 +72,72 @@ const bad = (message: string) => new VmvaultError('BAD_INPUT', message);
 
 // ---------------------------------------------------------------- durations
 
-const UNITS = { y: 'years', m: 'months', d: 'days', h: 'hours' } as const;
+/**
+ * Units, longest first where one is a prefix of another. Bare `m` is refused: restic
+ * reads it as months and most other tools (and people) as minutes, so it is written
+ * `mo` or `min` here and never guessed.
+ */
+const UNITS: Record<string, { field: keyof Duration; times: number }> = {
+  y: { field: 'years', times: 1 },
+  mo: { field: 'months', times: 1 },
+  w: { field: 'days', times: 7 },
+  d: { field: 'days', times: 1 },
+  h: { field: 'hours', times: 1 },
+  min: { field: 'minutes', times: 1 },
+};
+const UNIT_HELP = 'y=years, mo=months, w=weeks, d=days, h=hours, min=minutes';
 
 /**
- * Parses restic's duration syntax: numbers each followed by a unit y (years),
- * m (months), d (days) or h (hours), in any order, e.g. `14d`, `2y5m7d3h`.
- * Stricter than restic, which ignores unknown units and takes the last of repeated
- * ones: those, negative numbers, and empty text are BAD_INPUT errors here.
+ * Parses a duration: numbers each followed by a unit (y, mo, w, d, h, min), in any
+ * order, e.g. `14d`, `30min`, `1y6mo`, `2w3d12h`. The one parser for policies
+ * (keepWithin), the CLI (--keep-within, --expire-in) and the API (expireIn).
+ * restic's syntax differs in one letter: its `m` (months) is `mo` here, and a bare
+ * `m` is refused as ambiguous rather than read as months or minutes. Unknown or
+ * repeated units, negative numbers and empty text are BAD_INPUT errors too.
  */
 export function parseDuration(text: string): Duration {
   const s = text.trim();
-  const d: Duration = { years: 0, months: 0, days: 0, hours: 0 };
-  if (!s) throw bad('empty duration: expected e.g. 14d, 12h, 1y6m');
+  const d: Duration = { years: 0, months: 0, days: 0, hours: 0, minutes: 0 };
+  if (!s) throw bad('empty duration: expected e.g. 14d, 12h, 30min, 1y6mo');
   const seen = new Set<string>();
-  const re = /(\d+)([a-zA-Z]?)/y;
+  const re = /(\d+)([a-zA-Z]*)/y;
   let at = 0;
   while (at < s.length) {
     re.lastIndex = at;
     const m = re.exec(s);
-    if (!m) throw bad(`"${text}" is not a duration: expected numbers with units y, m, d, h (e.g. 14d, 2y5m7d3h)`);
+    if (!m) throw bad(`"${text}" is not a duration: expected numbers with units (${UNIT_HELP}), e.g. 14d, 30min, 1y6mo`);
     const unit = m[2]!;
-    if (!unit) throw bad(`"${text}" is not a duration: no unit after ${m[1]} (use y, m, d or h)`);
-    const field = UNITS[unit as keyof typeof UNITS];
-    if (!field) throw bad(`"${text}" is not a duration: unknown unit "${unit}" (use y=years, m=months, d=days, h=hours)`);
+    if (!unit) throw bad(`"${text}" is not a duration: no unit after ${m[1]} (${UNIT_HELP})`);
+    if (unit === 'm') throw bad(`"${text}" is ambiguous: write ${m[1]}min for minutes or ${m[1]}mo for months (restic's m means months)`);
+    const u = UNITS[unit];
+    if (!u) throw bad(`"${text}" is not a duration: unknown unit "${unit}" (${UNIT_HELP})`);
     if (seen.has(unit)) throw bad(`"${text}" is not a duration: unit "${unit}" given twice`);
     seen.add(unit);
-    d[field] = Number(m[1]);
-    if (d[field] > 1_000_000) throw bad(`"${text}" is not a duration: ${m[1]} is too large`);
+    const n = Number(m[1]);
+    if (n > 1_000_000) throw bad(`"${text}" is not a duration: ${m[1]} is too large`);
+    d[u.field] += n * u.times;
     at = re.lastIndex;
   }
   return d;
 }
 
-/** restic's spelling of a duration: `1y2m3d4h`, zero parts left out (`0h` for zero). */
+/** A duration as parseDuration reads it: `1y2mo3d4h5min`, zero parts left out (`0h` for zero). */
 export function formatDuration(d: Duration): string {
-  const s = (d.years ? `${d.years}y` : '') + (d.months ? `${d.months}m` : '') + (d.days ? `${d.days}d` : '') + (d.hours ? `${d.hours}h` : '');
+  const s = (d.years ? `${d.years}y` : '') + (d.months ? `${d.months}mo` : '') + (d.days ? `${d.days}d` : '') + (d.hours ? `${d.hours}h` : '') + (d.minutes ? `${d.minutes}min` : '');
   return s || '0h';
 }
 
-export const isZeroDuration = (d: Duration): boolean => !d.years && !d.months && !d.days && !d.hours;
+export const isZeroDuration = (d: Duration): boolean => !d.years && !d.months && !d.days && !d.hours && !d.minutes;
 
 /**
  * `time` moved by `sign` × `d` as Go's `t.AddDate(±y, ±m, ±d).Add(±h hours)` does on the
  * wall clock of `timeZone`: calendar parts first (Jan 31 + 1m = Mar 3 or 2, like Go),
- * then hours of real time. Used by keepWithin (−1) and for expiry dates (+1).
+ * then hours and minutes of real time. Used by keepWithin (−1) and for expiry dates (+1).
  */
 export function shiftByDuration(time: Date, d: Duration, sign: 1 | -1, timeZone = 'UTC'): Date {
   const w = wallClock(time.getTime(), timeZone);
   const shifted = utcFromParts(w.year + sign * d.years, w.month - 1 + sign * d.months, w.day + sign * d.days, w.hour, w.minute, w.second, w.ms);
-  return new Date(wallToInstant(shifted, timeZone) + sign * d.hours * 3_600_000);
+  return new Date(wallToInstant(shifted, timeZone) + sign * (d.hours * 3_600_000 + (d.minutes ?? 0) * 60_000));
 }
 
 // ---------------------------------------------------------------- time zones
@@ -255,7 +272,7 @@ function normalise(rules: RetentionRules): { counts: number[]; within?: Duration
   const counts = COUNT_RULES.map((r) => checkCount(r.key, rules[r.key] as number | undefined));
   const within = typeof rules.keepWithin === 'string' ? parseDuration(rules.keepWithin) : rules.keepWithin;
   if (within && !Object.values(within).every((n) => Number.isInteger(n) && n >= 0 && n <= 1_000_000)) {
-    throw bad(`keepWithin must be whole numbers of years, months, days and hours ≥ 0 (got ${JSON.stringify(within)})`);
+    throw bad(`keepWithin must be whole numbers of years, months, days, hours and minutes ≥ 0 (got ${JSON.stringify(within)})`);
   }
   const hasWithin = within !== undefined && !isZeroDuration(within);
   if (counts.every((c) => c === 0) && !hasWithin) return undefined;

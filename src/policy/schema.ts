@@ -27,7 +27,7 @@ const count = z
   .custom<number | 'unlimited'>((v) => v === 'unlimited' || (Number.isInteger(v) && (v as number) >= -1), 'expected a whole number ≥ 0, or -1 / "unlimited" for no limit')
   .transform((v) => (v === 'unlimited' ? -1 : v));
 
-const duration = z.string({ error: 'expected a duration such as 14d, 12h, 1y6m' }).superRefine((text, ctx) => {
+const duration = z.string({ error: 'expected a duration such as 14d, 12h, 30min, 1y6mo' }).superRefine((text, ctx) => {
   try {
     parseDuration(text);
   } catch (err) {

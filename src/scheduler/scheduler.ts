@@ -35,6 +35,12 @@ export interface SchedulerDeps {
   lastBackup?(policy: string, vm: string): Promise<Date | undefined>;
   /** Catch up missed slots at start (default true when lastBackup is given). */
   catchUp?: boolean;
+  /**
+   * When a policy was first seen by any scheduler (recorded on the first call, kept
+   * across restarts): catch-up skips slots from before it. Without it every policy
+   * counts as first seen at the epoch.
+   */
+  firstSeen?(policy: string): Promise<Date>;
   /** When verify and gc run (config `maintenance:`); each run enqueues one maintenance job. */
   maintenance?: MaintenanceSchedule;
   enqueueMaintenance?(job: MaintenanceJobRequest): Promise<void>;
@@ -98,6 +104,8 @@ export class Scheduler {
       });
       this.tasks.set(name, { task, file, policy });
       this.deps.log.info({ policy: name, file, nextRun: task.getNextRun() }, 'policy scheduled');
+      // Record the first sighting now, so a later start knows which slots were this policy's.
+      await this.deps.firstSeen?.(name).catch((err: unknown) => this.deps.log.warn({ err, policy: name }, 'could not record when the policy was first seen'));
     }
   }
 
@@ -118,9 +126,10 @@ export class Scheduler {
   private async catchUp(): Promise<void> {
     const now = new Date();
     for (const { policy } of this.tasks.values()) {
+      const since = await this.deps.firstSeen?.(policy.name);
       for (const vm of this.deps.select(policy).vms) {
         const last = await this.deps.lastBackup?.(policy.name, vm.name);
-        const slot = missedSlot(policy.schedule, now, last, policy.timezone);
+        const slot = missedSlot(policy.schedule, now, last, policy.timezone, since);
         if (!slot) continue;
         this.deps.log.info({ policy: policy.name, vm: vm.name, slot }, 'catching up a missed slot');
         await this.fireOne(policy, vm, slot);

@@ -26,10 +26,12 @@ export function previousSlot(schedule: string, now: Date, timeZone?: string): { 
 
 /**
  * Whether a VM missed its last slot: its newest backup under the policy is older
- * than the slot by more than one period (or it has none).
+ * than the slot by more than one period (or it has none). A slot before `since`
+ * (when the policy was first seen) was never the policy's: it is not missed.
  */
-export function missedSlot(schedule: string, now: Date, lastBackup: Date | undefined, timeZone?: string): Date | undefined {
+export function missedSlot(schedule: string, now: Date, lastBackup: Date | undefined, timeZone?: string, since?: Date): Date | undefined {
   const { slot, periodMs } = previousSlot(schedule, now, timeZone);
+  if (since && slot.getTime() < since.getTime()) return undefined;
   if (!lastBackup) return slot;
   return slot.getTime() - lastBackup.getTime() > periodMs ? slot : undefined;
 }

@@ -16,17 +16,18 @@
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Queue } from 'bullmq';
 import { pino, type Logger } from 'pino';
 import { passphrase as readPassphrase } from '../config/passphrase.js';
 import { parseConfig, selectVms } from '../config/load.js';
 import type { Config } from '../config/schema.js';
-import { errorMessage, VmvaultError } from '../errors.js';
+import { errnoCode, errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createRedis } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
 import { enqueueBackup, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { policyFirstSeen } from '../queue/first-seen.js';
 import { backupPayloadFor } from '../queue/payloads.js';
 import { Catalogue } from '../repo/catalogue.js';
 import { Repository } from '../repo/repository.js';
@@ -57,6 +58,15 @@ function envMs(env: NodeJS.ProcessEnv, name: string): number | undefined {
   return n;
 }
 
+/**
+ * How long a stopping service may take before it gives up: the workers' close timeout
+ * (VMVAULT_CLOSE_TIMEOUT_MS, default 60 s, in which a running job may finish) and 15 s
+ * to hand it back and close connections.
+ */
+export function stopDeadlineMs(env: NodeJS.ProcessEnv): number {
+  return (envMs(env, 'VMVAULT_CLOSE_TIMEOUT_MS') ?? 60_000) + 15_000;
+}
+
 /** Where the repository is and its passphrase, from config.repository. */
 export async function repositoryFrom(config: Config): Promise<{ url: string; passphrase: string }> {
   const r = config.repository;
@@ -72,12 +82,37 @@ function redisFrom(config: Config): string {
   return config.redis.url;
 }
 
+/**
+ * Makes sure the policies directory is there before the scheduler reads and watches it:
+ * the default one (the configuration names none) is created empty; one the
+ * configuration names is never created (a typo would otherwise run no policy at all,
+ * silently), so a missing one is a BAD_INPUT error saying what to do.
+ */
+export async function preparePoliciesDir(config: Pick<Config, 'policiesDir' | 'policiesDirDefaulted'>, log?: Logger): Promise<void> {
+  const dir = config.policiesDir;
+  try {
+    if ((await stat(dir)).isDirectory()) return;
+    throw new VmvaultError('BAD_INPUT', `policiesDir ${dir} is not a directory: point policiesDir in the configuration at the directory that holds the policy files`);
+  } catch (err) {
+    if (errnoCode(err) !== 'ENOENT') {
+      if (err instanceof VmvaultError) throw err;
+      throw new VmvaultError('BAD_INPUT', `cannot read policiesDir ${dir}: ${errorMessage(err)}`, { cause: err });
+    }
+  }
+  if (!config.policiesDirDefaulted) {
+    throw new VmvaultError('BAD_INPUT', `policiesDir ${dir} does not exist: create it (mkdir -p ${dir}) and put the policy files there, or set policiesDir in the configuration to the directory that holds them`);
+  }
+  await mkdir(dir, { recursive: true });
+  log?.info({ policiesDir: dir }, 'created the policies directory (empty: no backups are scheduled until a policy is added)');
+}
+
 /** The scheduler, enqueuing on BullMQ. Resolves once policies are loaded and missed slots caught up. */
 export async function runScheduler(
   config: Config,
   opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string } } = {},
 ): Promise<Service> {
   const log = opts.logger ?? serviceLogger('vmvault-scheduler');
+  await preparePoliciesDir(config, log);
   const redisUrl = opts.redisUrl ?? redisFrom(config);
   const where = opts.repository ?? await repositoryFrom(config);
   const repo = await Repository.open(openStorage(where.url), where.passphrase);
@@ -113,6 +148,7 @@ export async function runScheduler(
       return times.length ? new Date(Math.max(...times)) : undefined;
     },
     catchUp: (opts.env ?? process.env).VMVAULT_NO_CATCH_UP ? false : true,
+    firstSeen: (policy) => policyFirstSeen(connection, policy),
     maintenance: config.maintenance,
     enqueueMaintenance: async ({ jobId, payload }) => {
       await enqueueMaintenance(maintenance, payload, { jobId });
@@ -248,10 +284,12 @@ async function stateRepository(stateDir: string, say: (line: string) => void): P
 }
 
 /** Scheduler and this host's worker in one process, with Redis and a repository of its own when none is configured. */
-export async function up(config: Config, opts: UpOptions = {}): Promise<UpService> {
+export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpService> {
   const say = opts.say ?? ((line: string) => process.stdout.write(`${line}\n`));
   const log = opts.logger ?? serviceLogger('vmvault');
-  const stateDir = opts.stateDir ?? config.stateDir;
+  const stateDir = opts.stateDir ?? configIn.stateDir;
+  // --state-dir replaces the configuration's stateDir for every part, the worker's snapshot records included.
+  const config: Config = { ...configIn, stateDir };
   await mkdir(stateDir, { recursive: true, mode: 0o700 });
   await mkdir(config.policiesDir, { recursive: true });
   const cleanups: Array<() => Promise<void>> = [];

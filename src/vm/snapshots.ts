@@ -91,10 +91,19 @@ export function assertSnapshotName(name: string): void {
   }
 }
 
-/** When a snapshot taken at `now` with `--expire-in expireIn` expires (calendar arithmetic in UTC). */
-export function expiryFrom(expireIn: string, now: Date): Date {
-  const d = parseDuration(expireIn);
-  if (isZeroDuration(d)) throw new VmvaultError('BAD_INPUT', `--expire-in ${expireIn} is zero: give a positive duration such as 7d or 12h`);
+/**
+ * When a snapshot taken at `now` with `--expire-in expireIn` expires (calendar arithmetic
+ * in UTC). `field` names the option as the caller wrote it (`--expire-in` on the command
+ * line, `expireIn` in an API request), so the error speaks the caller's language.
+ */
+export function expiryFrom(expireIn: string, now: Date, field = '--expire-in'): Date {
+  let d;
+  try {
+    d = parseDuration(expireIn);
+  } catch (err) {
+    throw new VmvaultError('BAD_INPUT', `${field}: ${errorMessage(err)}`, { cause: err });
+  }
+  if (isZeroDuration(d)) throw new VmvaultError('BAD_INPUT', `${field} ${expireIn} is zero: give a positive duration such as 7d, 12h or 30min`);
   return shiftByDuration(now, d, 1);
 }
 

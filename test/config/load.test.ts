@@ -55,7 +55,7 @@ describe('defaults', () => {
   test('a minimal file: every default applied, paths relative to the file', () => {
     const c = parseConfig(`vms:\n${vm('a')}`, '/etc/vmvault/vmvault.yaml');
     assert.deepEqual(c, {
-      redis: {}, stateDir: '/var/lib/vmvault', host: hostname(), policiesDir: '/etc/vmvault/policies',
+      redis: {}, stateDir: '/var/lib/vmvault', host: hostname(), policiesDir: '/etc/vmvault/policies', policiesDirDefaulted: true,
       vms: [{ name: 'a', host: hostname(), driver: 'image', disks: [{ path: '/img/a.qcow2', name: 'a' }], configFiles: [], tags: [] }],
       api: { listen: '127.0.0.1:8740', tokens: [] }, hosts: {}, repository: undefined, maintenance: {},
     });

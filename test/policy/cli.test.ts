@@ -51,7 +51,7 @@ describe('vmvault policy simulate', () => {
   });
 
   test('--keep-within counts back from the newest backup', async () => {
-    const r = await cliWithInput(['policy', 'simulate', '--keep-within', '1m', '--json'], '2024-03-31T12:00:00Z\n2024-03-02T12:00:01Z\n2024-03-02T12:00:00Z\n');
+    const r = await cliWithInput(['policy', 'simulate', '--keep-within', '1mo', '--json'], '2024-03-31T12:00:00Z\n2024-03-02T12:00:01Z\n2024-03-02T12:00:00Z\n');
     assert.deepEqual(JSON.parse(r.stdout).map((d: { keep: boolean }) => d.keep), [true, true, false]);
   });
 
@@ -72,7 +72,8 @@ describe('vmvault policy simulate', () => {
   test('bad options are usage errors', async () => {
     for (const [args, re] of [
       [['--keep-daily', 'seven'], /--keep-daily.*whole number/],
-      [['--keep-within', '2w'], /unknown unit "w"/],
+      [['--keep-within', '2x'], /unknown unit "x"/],
+      [['--keep-within', '30m'], /"30m" is ambiguous: write 30min for minutes or 30mo for months/],
       [['--keep-hourly', '-3'], /--keep-hourly/],
     ] as Array<[string[], RegExp]>) {
       const r = await cliWithInput(['policy', 'simulate', ...args], '2024-03-01T00:00:00Z\n');

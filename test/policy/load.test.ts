@@ -91,8 +91,8 @@ describe('problems, each at its FILE:LINE:COL', () => {
   });
 
   test('a bad duration, a bad count, a bad label', () => {
-    assert.deepEqual(problems(`${valid}  keepWithin: 2w\n  keepLast: -5\n  byLabel:\n    "pre update": { keepWithin: 14d }\n`), [
-      'p.yaml:7:15: retention.keepWithin: "2w" is not a duration: unknown unit "w" (use y=years, m=months, d=days, h=hours)',
+    assert.deepEqual(problems(`${valid}  keepWithin: 6m\n  keepLast: -5\n  byLabel:\n    "pre update": { keepWithin: 14d }\n`), [
+      'p.yaml:7:15: retention.keepWithin: "6m" is ambiguous: write 6min for minutes or 6mo for months (restic\'s m means months)',
       'p.yaml:8:13: retention.keepLast: expected a whole number ≥ 0, or -1 / "unlimited" for no limit',
       'p.yaml:10:5: retention.byLabel.pre update: a label is letters, digits, ".", "_" or "-", starting with a letter or digit, at most 64 characters',
     ]);
@@ -108,7 +108,7 @@ retention:
   keepDaily: seven
   byLabel:
     pre-update:
-      keepWithin: 1w
+      keepWithin: 1x
 enabled: yes
 `;
     assert.deepEqual(problems(text, 'policies/bad.yaml').map((l) => l.split(': ').slice(0, 2).join(': ')), [

@@ -115,10 +115,10 @@ const POLICIES: Array<{ name: string; rules: RetentionRules; needsOldestRule?: b
   { name: 'long', rules: { keepDaily: 10, keepWeekly: 8, keepMonthly: 24, keepYearly: 5 } },
   { name: 'within-1d', rules: { keepWithin: '1d' } },
   { name: 'within-14d', rules: { keepWithin: '14d' } },
-  { name: 'within-1m', rules: { keepWithin: '1m' } },
-  { name: 'within-1m2h', rules: { keepWithin: '1m2h' } },
+  { name: 'within-1m', rules: { keepWithin: '1mo' } },
+  { name: 'within-1m2h', rules: { keepWithin: '1mo2h' } },
   { name: 'within-1y', rules: { keepWithin: '1y', keepHourly: 5 } },
-  { name: 'within-mixed', rules: { keepWithin: '1y2m3d4h', keepLast: 3 } },
+  { name: 'within-mixed', rules: { keepWithin: '1y2mo3d4h', keepLast: 3 } },
   { name: 'weekly-60', rules: { keepWeekly: 60 } },
   { name: 'everything', rules: { keepLast: 2, keepHourly: 12, keepDaily: 5, keepWeekly: 3, keepMonthly: 2, keepYearly: 1, keepWithin: '2d12h' } },
   { name: 'monthly-unlimited', rules: { keepMonthly: -1, keepDaily: 3 }, needsOldestRule: true },
@@ -127,7 +127,9 @@ const POLICIES: Array<{ name: string; rules: RetentionRules; needsOldestRule?: b
 function forgetArgs(rules: RetentionRules): string[] {
   const flags: Array<[keyof RetentionRules, string]> = [['keepLast', '--keep-last'], ['keepHourly', '--keep-hourly'], ['keepDaily', '--keep-daily'],
     ['keepWeekly', '--keep-weekly'], ['keepMonthly', '--keep-monthly'], ['keepYearly', '--keep-yearly'], ['keepWithin', '--keep-within']];
-  return flags.flatMap(([k, flag]) => (rules[k] === undefined ? [] : [flag, rules[k] === -1 ? 'unlimited' : String(rules[k])]));
+  // restic writes months as m where vmvault writes mo.
+  const restic = (v: unknown) => (v === -1 ? 'unlimited' : String(v).replace(/(\d+)mo/g, '$1m'));
+  return flags.flatMap(([k, flag]) => (rules[k] === undefined ? [] : [flag, restic(rules[k])]));
 }
 
 /** restic's verbatim reasons for each kept snapshot, keyed by host then by index in the newest-first timeline. */

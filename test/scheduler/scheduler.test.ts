@@ -93,3 +93,37 @@ test('catch-up enqueues a missed slot once, only for VMs whose last backup is mo
   await rm(dir2, { recursive: true, force: true });
   assert.deepEqual(none, []);
 });
+
+test('catch-up at the very first start skips a slot from before the policy was first seen, in Redis', async () => {
+  const { startRedis } = await import('../helpers/redis.js');
+  const { createRedis, closeRedis } = await import('../../src/queue/connection.js');
+  const { policyFirstSeen } = await import('../../src/queue/first-seen.js');
+  const redis = await startRedis();
+  const conn = createRedis(redis.url, 'producer');
+  const dir = await mkdtemp(join(tmpdir(), 'vmvault-sched-'));
+  // Every day at 01:30 UTC: the last slot is always in the past, and there is no backup at all.
+  await writeFile(join(dir, 'new.yaml'), 'name: new\nschedule: "30 1 * * *"\nselect:\n  vms: [a]\nretention:\n  keepDaily: 7\n');
+  const run = async () => {
+    const jobs: BackupJobRequest[] = [];
+    const s = new Scheduler({
+      policiesDir: dir, select, log: recorder().log, enqueueBackup: async (j) => void jobs.push(j),
+      lastBackup: async () => undefined, firstSeen: (p) => policyFirstSeen(conn, p),
+    });
+    await s.start();
+    await s.stop();
+    return jobs;
+  };
+  try {
+    assert.deepEqual(await run(), [], 'a policy seen for the first time has missed nothing');
+    const first = await policyFirstSeen(conn, 'new');
+    assert.ok(Date.now() - first.getTime() < 60_000);
+    assert.deepEqual((await policyFirstSeen(conn, 'new', new Date(0))).getTime(), first.getTime(), 'the first sighting is kept');
+    // Seen three days ago (a scheduler ran then): the last slot is the policy's and was missed.
+    await conn.set('vmvault:policy-first-seen:new', String(Date.now() - 3 * 86400e3));
+    assert.deepEqual((await run()).map((j) => j.vm), ['a']);
+  } finally {
+    await closeRedis(conn);
+    await redis.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+});

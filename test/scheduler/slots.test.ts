@@ -24,3 +24,10 @@ test('a missed slot is caught up only when the last backup is more than a period
   assert.equal(missedSlot('30 1 * * *', now, new Date('2026-11-21T01:31:00Z')), undefined, 'last slot taken one period ago: not missed');
   assert.deepEqual(missedSlot('30 1 * * *', now, new Date('2026-11-20T01:31:00Z')), new Date('2026-11-22T01:30:00Z'));
 });
+
+test('missedSlot: a slot before the policy was first seen is not missed', () => {
+  const now = new Date('2024-05-10T12:00:00Z');
+  assert.equal(missedSlot('0 30 1 * * *', now, undefined, 'UTC', new Date('2024-05-10T02:00:00Z')), undefined);
+  assert.equal(missedSlot('0 30 1 * * *', now, undefined, 'UTC', new Date('2024-05-10T01:00:00Z'))?.toISOString(), '2024-05-10T01:30:00.000Z');
+  assert.equal(missedSlot('0 30 1 * * *', now, undefined, 'UTC')?.toISOString(), '2024-05-10T01:30:00.000Z');
+});

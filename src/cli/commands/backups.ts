@@ -160,7 +160,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       const bar = progressBar(!o.json);
       const result = await restore(repo, {
         backupId: await repo.resolveBackupId(id), to: o.to, ...(o.format ? { format: o.format } : {}),
-        ...(o.disk ? { disks: o.disk } : {}), force: !!o.force, onProgress: bar.update,
+        ...(o.disk ? { disks: o.disk } : {}), force: !!o.force, forceHint: 'pass --force to replace them', onProgress: bar.update,
       });
       bar.done();
       print(o.json, result, () => [`restored backup ${result.backup} of ${result.vm}:`, ...result.files.map((f) => `  ${f.path}`)].join('\n'));

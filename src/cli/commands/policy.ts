@@ -80,7 +80,7 @@ export function registerPolicyCommands(program: Command): void {
     .option('--keep-weekly <n>', 'keep the last backup of each of the last n ISO weeks with one', parseCount)
     .option('--keep-monthly <n>', 'keep the last backup of each of the last n months with one', parseCount)
     .option('--keep-yearly <n>', 'keep the last backup of each of the last n years with one', parseCount)
-    .option('--keep-within <duration>', 'keep every backup within this long (e.g. 14d, 1y2m3d4h; m = months) of the newest', parseWithin)
+    .option('--keep-within <duration>', 'keep every backup within this long (e.g. 14d, 1y2mo3d4h; units y, mo, w, d, h, min) of the newest', parseWithin)
     .option('--timezone <zone>', 'IANA zone whose hours, days, weeks… count, and for times without an offset', 'UTC')
     .option('--json', 'print a JSON array of {time, keep, reasons}')
     .action(async (o: SimulateOptions) => {

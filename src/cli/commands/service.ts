@@ -7,7 +7,8 @@ import type { Command } from 'commander';
 import { configPathFrom, loadConfig } from '../../config/load.js';
 import type { Config } from '../../config/schema.js';
 import { VmvaultError } from '../../errors.js';
-import { defaultConfig, runServe, runWorker, serviceLogger, untilSignal, up, type Service } from '../../service/service.js';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { defaultConfig, runServe, runWorker, serviceLogger, stopDeadlineMs, untilSignal, up, type Service } from '../../service/service.js';
 
 interface ServiceFlags { config?: string; host?: string; stateDir?: string }
 
@@ -17,13 +18,41 @@ async function requireConfig(flags: ServiceFlags): Promise<Config> {
   return loadConfig(file, flags.host ? { host: flags.host } : {});
 }
 
+/**
+ * Starts the service and stops it on the first SIGTERM or SIGINT, whatever state it
+ * is in. A signal during start (e.g. a worker still waiting for a Redis it cannot
+ * reach) stops what has started, if it finishes starting within a few seconds, and
+ * exits otherwise: nothing is running yet. A stop that cannot finish (Redis gone, so
+ * a running job cannot be handed back) is abandoned after the workers' close timeout
+ * plus a margin, exit code 1: the job's lock then expires and another worker takes it.
+ */
 async function runUntilSignal(start: () => Promise<Service>, log: ReturnType<typeof serviceLogger>): Promise<void> {
+  const deadlineMs = stopDeadlineMs(process.env);
   const signal = untilSignal();
-  const service = await start();
-  const sig = await signal;
-  log.info({ signal: sig }, 'stopping');
-  await service.stop();
+  const starting = start();
+  const first = await Promise.race([starting.then((service) => ({ service })), signal.then((sig) => ({ sig }))]);
+  let service: Service | undefined;
+  if ('sig' in first) {
+    log.info({ signal: first.sig }, 'stopping before the service had started');
+    const late = await Promise.race([starting.catch(() => undefined), sleep(START_GRACE_MS, undefined, { ref: false })]);
+    if (!late) {
+      log.warn({}, `the service had not started within ${START_GRACE_MS / 1000} s of the signal (is Redis reachable?): exiting with nothing running`);
+      return;
+    }
+    service = late;
+  } else {
+    service = first.service;
+    log.info({ signal: await signal }, 'stopping');
+  }
+  const stopped = await Promise.race([service.stop().then(() => true), sleep(deadlineMs, undefined, { ref: false }).then(() => false)]);
+  if (!stopped) {
+    log.error({}, `could not stop cleanly within ${deadlineMs / 1000} s (is Redis reachable?): exiting; a job that was running is taken over by another worker once its lock expires`);
+    process.exitCode = 1;
+  }
 }
+
+/** How long a signal waits for a service still starting before it exits anyway. */
+const START_GRACE_MS = 2000;
 
 export function registerServiceCommands(program: Command): void {
   program

@@ -58,7 +58,7 @@ export function registerSnapshotCommands(program: Command, globals: () => Global
     .description('snapshot every disk of VM; with --export, also back it up labelled like the snapshot')
     .requiredOption('--name <name>', 'snapshot name (letters, digits, ".", "_", "-"; not starting with "vmvault-")')
     .option('--label <label>', 'label of the snapshot and of its exported backup', 'pre-update')
-    .option('--expire-in <duration>', 'delete it automatically after this long (e.g. 7d, 12h; m = months)')
+    .option('--expire-in <duration>', 'delete it automatically after this long (e.g. 7d, 12h, 30min, 2w; units y, mo, w, d, h, min)')
     .option('--export', 'also take a backup of the VM into the repository, with the label')
     .option('-c, --config <file>', 'configuration file with the VM inventory (env VMVAULT_CONFIG)')
     .option('--json', 'print the snapshot as JSON')
