@@ -74,8 +74,10 @@ try {
     without.push(await putMiBps(endpoint, buffers, false));
     withMd5.push(await putMiBps(endpoint, buffers, true));
   }
-  const latest = JSON.parse(await readFile(`${RESULTS}latest.json`, 'utf8')) as { runs: Record<string, { seconds: number; repositoryBytes: number }> };
-  const full = latest.runs['full.vmvault']!;
+  type Run = { seconds: number; repositoryBytes: number };
+  const latest = JSON.parse(await readFile(`${RESULTS}latest.json`, 'utf8')) as { runs: Record<string, Run | Run[]> };
+  const recorded = latest.runs['full.vmvault']!; // one run, or (since bench/run.sh repeats steps) a list of runs
+  const full = Array.isArray(recorded) ? recorded[0]! : recorded;
   const storedMiB = full.repositoryBytes / MiB;
   const md5Seconds = storedMiB / median(md5);
   const result = {
