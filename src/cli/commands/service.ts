@@ -8,7 +8,10 @@ import { configPathFrom, loadConfig } from '../../config/load.js';
 import type { Config } from '../../config/schema.js';
 import { VmvaultError } from '../../errors.js';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { defaultConfig, runServe, runWorker, serviceLogger, stopDeadlineMs, untilSignal, up, type Service } from '../../service/service.js';
+import type { Service, serviceLogger } from '../../service/service.js';
+
+/** The service (BullMQ, Redis, the API) loads only for the commands that run it: every other command starts faster. */
+const loadService = () => import('../../service/service.js');
 
 interface ServiceFlags { config?: string; host?: string; stateDir?: string }
 
@@ -27,6 +30,7 @@ async function requireConfig(flags: ServiceFlags): Promise<Config> {
  * plus a margin, exit code 1: the job's lock then expires and another worker takes it.
  */
 async function runUntilSignal(start: () => Promise<Service>, log: ReturnType<typeof serviceLogger>): Promise<void> {
+  const { stopDeadlineMs, untilSignal } = await loadService();
   const deadlineMs = stopDeadlineMs(process.env);
   const signal = untilSignal();
   const starting = start();
@@ -63,6 +67,7 @@ export function registerServiceCommands(program: Command): void {
     .action(async (flags: ServiceFlags) => {
       const file = configPathFrom(flags.config);
       const stateDir = flags.stateDir ?? (process.env.VMVAULT_STATE_DIR || undefined);
+      const { defaultConfig, serviceLogger, up } = await loadService();
       const config = file ? await loadConfig(file) : defaultConfig(stateDir ?? '/var/lib/vmvault');
       const log = serviceLogger('vmvault');
       await runUntilSignal(() => up(config, { logger: log, ...(stateDir ? { stateDir } : {}) }), log);
@@ -74,6 +79,7 @@ export function registerServiceCommands(program: Command): void {
     .option('-c, --config <file>', 'configuration file (env VMVAULT_CONFIG)')
     .action(async (flags: ServiceFlags) => {
       const config = await requireConfig(flags);
+      const { runServe, serviceLogger } = await loadService();
       const log = serviceLogger('vmvault');
       await runUntilSignal(() => runServe(config, { logger: log }), log);
     });
@@ -85,6 +91,7 @@ export function registerServiceCommands(program: Command): void {
     .option('--host <name>', 'the host whose queue to serve (default: the configuration\'s host)')
     .action(async (flags: ServiceFlags) => {
       const config = await requireConfig(flags);
+      const { runWorker, serviceLogger } = await loadService();
       const log = serviceLogger('vmvault-worker');
       await runUntilSignal(() => runWorker(config, { logger: log, ...(flags.host ? { host: flags.host } : {}) }), log);
     });

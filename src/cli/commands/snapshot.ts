@@ -10,7 +10,6 @@ import { configPathFrom, loadConfig } from '../../config/load.js';
 import type { Config, VmConfig } from '../../config/schema.js';
 import { VmvaultError } from '../../errors.js';
 import { Repository } from '../../repo/repository.js';
-import { repositoryFrom } from '../../service/service.js';
 import { openStorage } from '../../storage/open.js';
 import {
   createSnapshot, deleteSnapshot, findVm, listSnapshots, revertSnapshot, snapshotTargetOf, type SnapshotInfo,
@@ -37,6 +36,7 @@ async function inventoryVm(flags: Flags, name: string): Promise<{ config: Config
 async function exportRepository(globals: GlobalOptions, config: Config): Promise<Repository> {
   if (globals.repo ?? process.env.VMVAULT_REPOSITORY) return openRepository(globals);
   if (!config.repository) throw new VmvaultError('BAD_INPUT', '--export needs a repository: pass --repo URL, set VMVAULT_REPOSITORY, or add repository: { url, passwordFile } to the configuration');
+  const { repositoryFrom } = await import('../../service/service.js'); // loaded only here: it brings the whole service
   const where = await repositoryFrom(config);
   return Repository.open(openStorage(where.url), where.passphrase);
 }
