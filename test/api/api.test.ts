@@ -6,7 +6,6 @@
  * `qemu-img convert` pulls a disk through a signed link, as a host with no worker would.
  */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import { request as httpRequest } from 'node:http';
@@ -16,15 +15,13 @@ import SwaggerParser from '@apidevtools/swagger-parser';
 import { execa } from 'execa';
 import { compareImages } from '../../src/disk/qemu.js';
 import { API_ROUTES } from '../../src/api/app.js';
-import { Repository } from '../../src/repo/repository.js';
-import { LocalStorage } from '../../src/storage/local.js';
 import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
-import { start, stopProc, waitFor, type Proc } from '../helpers/procs.js';
+import { waitFor } from '../helpers/procs.js';
+import { startService, type TestService } from '../helpers/service.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const PASSWORD = 'api test passphrase';
 const TOKENS = { viewer: 'viewer-token-0123456789', operator: 'operator-token-0123456789', admin: 'admin-token-0123456789' } as const;
-const sha = (s: string) => createHash('sha256').update(s).digest('hex');
 const MiB = 1024 * 1024;
 
 let redis: TestRedis;
@@ -35,8 +32,8 @@ let rootA: string;
 let rootB: string;
 let backupId: string;
 let dbDisk: string;
-const procs: Proc[] = [];
-const output = () => procs.map((p) => p.output()).join('\n');
+let service: TestService | undefined;
+const output = () => service?.output() ?? '';
 
 type Role = keyof typeof TOKENS;
 async function call(method: string, path: string, opts: { role?: Role; body?: unknown; headers?: Record<string, string> } = {}): Promise<{ status: number; body: any; headers: Headers }> {
@@ -80,12 +77,6 @@ before(async () => {
   rootB = join(dir.path, 'hostb-restores');
   await mkdir(rootA);
   await mkdir(rootB);
-  const repoUrl = join(dir.path, 'repo');
-  const passFile = join(dir.path, 'password');
-  const policiesDir = join(dir.path, 'policies');
-  await mkdir(policiesDir);
-  await writeFile(passFile, `${PASSWORD}\n`, { mode: 0o600 });
-  await Repository.init(new LocalStorage(repoUrl), PASSWORD, { kdf: 'weak' });
   // 96 MiB of random data in a 256 MiB disk, so that a restore runs long enough to report progress.
   const raw = join(dir.path, 'random.raw');
   await execa('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=96', 'status=none']);
@@ -95,34 +86,19 @@ before(async () => {
   dbDisk = await makeImage(dir.path, 'db', 'qcow2', 16 * MiB, [{ offset: 0, length: MiB, pattern: 0x11 }]);
   const xml = join(dir.path, 'web.xml');
   await writeFile(xml, `<domain type='kvm'>\n  <name>web</name>\n  <devices>\n    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='${source}'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n  </devices>\n</domain>\n`);
-  const configFile = join(dir.path, 'vmvault.yaml');
-  await writeFile(configFile, [
-    `repository: { url: ${JSON.stringify(repoUrl)}, passwordFile: ${JSON.stringify(passFile)} }`,
-    `redis: { url: ${JSON.stringify(redis.url)} }`,
-    'host: hosta',
-    `policiesDir: ${JSON.stringify(policiesDir)}`,
-    `stateDir: ${JSON.stringify(join(dir.path, 'state'))}`,
-    'api:',
-    '  listen: "127.0.0.1:0"',
-    '  tokens:',
-    ...Object.entries(TOKENS).map(([role, t]) => `    - { name: ${role}-token, role: ${role}, sha256: ${sha(t)} }`),
-    'hosts:',
-    `  hosta: { restoreRoots: [${JSON.stringify(rootA)}] }`,
-    `  hostb: { restoreRoots: [${JSON.stringify(rootB)}] }`,
-    'vms:',
-    `  - { name: web, host: hosta, disks: [{ path: ${JSON.stringify(source)}, name: root }], configFiles: [${JSON.stringify(xml)}] }`,
-    `  - { name: db, host: hostb, disks: [{ path: ${JSON.stringify(dbDisk)} }] }`,
-    '',
-  ].join('\n'));
-  const env = { VMVAULT_CONFIG: configFile, VMVAULT_NO_CATCH_UP: '1' };
-  const serve = start(['serve'], env);
-  procs.push(serve, start(['worker', '--host', 'hosta'], env), start(['worker', '--host', 'hostb'], env));
-  api = await waitFor('the API to listen', () => /"url":"(http:\/\/127\.0\.0\.1:\d+)"[^\n]*API listening/.exec(serve.output())?.[1], 30_000, output);
-  await waitFor('both workers', () => (output().match(/worker started/g) ?? []).length >= 2, 30_000, output);
+  service = await startService({
+    dir: dir.path, redisUrl: redis.url, passphrase: PASSWORD, tokens: TOKENS, workers: ['hosta', 'hostb'],
+    hosts: [`hosta: { restoreRoots: [${JSON.stringify(rootA)}] }`, `hostb: { restoreRoots: [${JSON.stringify(rootB)}] }`],
+    vms: [
+      `{ name: web, host: hosta, disks: [{ path: ${JSON.stringify(source)}, name: root }], configFiles: [${JSON.stringify(xml)}] }`,
+      `{ name: db, host: hostb, disks: [{ path: ${JSON.stringify(dbDisk)} }] }`,
+    ],
+  });
+  api = service.api;
 });
 
 after(async () => {
-  for (const p of procs) await stopProc(p).catch(() => {});
+  await service?.stop();
   await redis?.stop();
   await dir?.cleanup();
 });

@@ -6,17 +6,15 @@
  * no backup of it exists.
  */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { compareImages } from '../../src/disk/qemu.js';
-import { Repository } from '../../src/repo/repository.js';
-import { LocalStorage } from '../../src/storage/local.js';
 import { cliJson } from '../helpers/cli.js';
 import { hostSecret, trappedRawDisk } from '../helpers/hostile.js';
 import { tempDir, type TempDir } from '../helpers/images.js';
-import { start, stopProc, waitFor, type Proc } from '../helpers/procs.js';
+import { waitFor } from '../helpers/procs.js';
+import { startService, type TestService } from '../helpers/service.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const PASSWORD = 'hostile api passphrase';
@@ -28,8 +26,8 @@ let api: string;
 let repoUrl: string;
 let disk: string;
 let secret: { path: string; marker: string };
-const procs: Proc[] = [];
-const output = () => procs.map((p) => p.output()).join('\n');
+let service: TestService | undefined;
+const output = () => service?.output() ?? '';
 
 async function call(method: string, path: string, body?: unknown): Promise<{ status: number; body: any }> {
   const r = await fetch(`${api}${path}`, {
@@ -50,38 +48,21 @@ async function backupThroughApi(vm: string): Promise<any> {
 before(async () => {
   redis = await startRedis();
   dir = await tempDir('vmvault-hostile-api-');
-  repoUrl = join(dir.path, 'repo');
-  const passFile = join(dir.path, 'password');
-  await writeFile(passFile, `${PASSWORD}\n`, { mode: 0o600 });
-  await Repository.init(new LocalStorage(repoUrl), PASSWORD, { kdf: 'weak' });
   secret = await hostSecret(dir.path);
   disk = await trappedRawDisk(dir.path, 'guest.raw', 'qcow2 backing file', secret.path);
-  const policiesDir = join(dir.path, 'policies');
-  await mkdir(policiesDir);
-  const configFile = join(dir.path, 'vmvault.yaml');
-  await writeFile(configFile, [
-    `repository: { url: ${JSON.stringify(repoUrl)}, passwordFile: ${JSON.stringify(passFile)} }`,
-    `redis: { url: ${JSON.stringify(redis.url)} }`,
-    'host: hosta',
-    `policiesDir: ${JSON.stringify(policiesDir)}`,
-    `stateDir: ${JSON.stringify(join(dir.path, 'state'))}`,
-    'api:',
-    '  listen: "127.0.0.1:0"',
-    `  tokens: [{ name: op, role: operator, sha256: ${createHash('sha256').update(TOKEN).digest('hex')} }]`,
-    'vms:',
-    `  - { name: declared, disks: [{ path: ${JSON.stringify(disk)}, name: root, format: raw }] }`,
-    `  - { name: undeclared, disks: [{ path: ${JSON.stringify(disk)}, name: root }] }`,
-    '',
-  ].join('\n'));
-  const env = { VMVAULT_CONFIG: configFile, VMVAULT_NO_CATCH_UP: '1' };
-  const serve = start(['serve'], env);
-  procs.push(serve, start(['worker', '--host', 'hosta'], env));
-  api = await waitFor('the API to listen', () => /"url":"(http:\/\/127\.0\.0\.1:\d+)"[^\n]*API listening/.exec(serve.output())?.[1], 30_000, output);
-  await waitFor('the worker', () => output().includes('worker started'), 30_000, output);
+  service = await startService({
+    dir: dir.path, redisUrl: redis.url, passphrase: PASSWORD, tokens: { operator: TOKEN },
+    vms: [
+      `{ name: declared, disks: [{ path: ${JSON.stringify(disk)}, name: root, format: raw }] }`,
+      `{ name: undeclared, disks: [{ path: ${JSON.stringify(disk)}, name: root }] }`,
+    ],
+  });
+  api = service.api;
+  repoUrl = service.repoUrl;
 });
 
 after(async () => {
-  for (const p of procs) await stopProc(p).catch(() => {});
+  await service?.stop();
   await redis?.stop();
   await dir?.cleanup();
 });
