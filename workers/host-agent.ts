@@ -14,7 +14,8 @@ import type { Redis } from 'ioredis';
 import path from 'node:path';
 import { pino, type Logger } from 'pino';
 import { errorMessage, VmvaultError } from '../src/errors.js';
-import { backupVm } from '../src/vm/drivers.js';
+import { auditFailures, backupVm } from '../src/vm/drivers.js';
+import { durationMs, parseDuration } from '../src/policy/retention.js';
 import { restore, type RestoreResult } from '../src/pipeline/restore.js';
 import type { Progress } from '../src/pipeline/progress.js';
 import { Repository } from '../src/repo/repository.js';
@@ -260,8 +261,10 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
     ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report, warn,
     ...(p.qmpSocket ? { qmpSocket: p.qmpSocket } : {}), ...(p.guestAgentSocket ? { guestAgentSocket: p.guestAgentSocket } : {}),
     ...(p.libvirtDomain ? { domain: p.libvirtDomain } : {}),
+    ...(p.fullReadEvery ? { fullReadEveryMs: durationMs(parseDuration(p.fullReadEvery)) } : {}),
   });
   const { manifest, stats } = done;
+  for (const message of auditFailures(manifest)) ctx.log.error({ job: job.id, vm: p.vm, backup: manifest.id }, message);
   await progress.flush();
   if (p.policy) {
     // The policy's retention now has a new backup to count: prune this VM (one job per backup, deduplicated by id).

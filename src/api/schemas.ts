@@ -53,6 +53,8 @@ export const BackupSchema = z.object({
     chain: z.array(z.string()).optional().openapi({ description: 'other files read through the image (an allowed linked-clone chain)' }),
     mode: z.enum(['full', 'incremental']).optional().openapi({ description: 'read in full, or only what changed since the previous backup' }),
     reason: z.string().optional().openapi({ description: 'why the disk was read that way' }),
+    audit: z.object({ unchanged: z.number(), differing: z.number(), offsets: z.array(z.number()) }).optional()
+      .openapi({ description: 'an audited full read: chunks change tracking called unchanged, and how many were not' }),
   })),
   configs: z.array(z.string()),
   stats: StatsSchema,

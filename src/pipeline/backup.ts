@@ -33,7 +33,8 @@ export interface BackupDisk { path: string; name?: string; format?: ImageFormat;
 /** A disk inspected and named, ready for a driver to freeze, with its newest earlier backup when there is one. */
 export interface NamedDisk extends InspectedDisk {
   name: string;
-  previous?: { backupId: string; chunkSize: number; entry: DiskEntry };
+  /** The newest earlier backup of this disk, and when the disk was last read in full. */
+  previous?: { backupId: string; chunkSize: number; entry: DiskEntry; lastFullRead?: string };
 }
 
 /** What changed since the previous backup of a disk, as its driver knows it. */
@@ -60,6 +61,11 @@ export interface FrozenDisk extends NamedDisk {
   reason: string;
   /** The bitmap left in the image counting changes from this instant, for the next backup. */
   bitmap?: string;
+  /**
+   * With `changes`: read everything anyway, and compare every chunk `changes` calls
+   * unchanged with the previous backup's id (an audit of change tracking).
+   */
+  audit?: boolean;
   fileStamp?: FileStamp;
 }
 
@@ -97,6 +103,11 @@ export interface BackupRequest extends BackupOptions {
 export interface BackupResult { manifest: Manifest; stats: BackupStats }
 
 const MAX_CONFIG_BYTES = 16 * 1024 * 1024;
+/** Offsets of differing chunks kept in a manifest: enough to look at, bounded whatever the bug. */
+const MAX_AUDIT_OFFSETS = 32;
+
+/** An audit's findings on one disk: how many chunks tracking called unchanged, and the offsets of those that were not. */
+interface AuditTally { unchanged: number; differing: number[] }
 const STATUS_WINDOW = 1024 * 1024 * 1024;
 
 /** A fresh backup id: 32 random bytes in hex. */
@@ -147,8 +158,10 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   try {
     for (const disk of req.disks) {
       meter.disk = disk.name;
-      const chunks = await backupDisk(repo, pool, disk, known, stats, meter, req.inFlight ?? 10, req.signal);
+      const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;
+      const chunks = await backupDisk(repo, pool, disk, known, stats, meter, req.inFlight ?? 10, audit, req.signal);
       disks.push({
+        ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.slice(0, MAX_AUDIT_OFFSETS) } } : {}),
         name: disk.name, format: disk.format, formatSource: disk.formatSource, ...(disk.chain.length ? { chain: disk.chain } : {}),
         mode: disk.mode, reason: disk.reason, ...(disk.bitmap ? { bitmap: disk.bitmap } : {}), ...(disk.fileStamp ? { fileStamp: disk.fileStamp } : {}),
         virtualSize: disk.virtualSize, sourcePath: disk.path, chunks,
@@ -182,7 +195,14 @@ async function previousDisks(repo: Repository, vm: string): Promise<Map<string, 
   // A damaged manifest costs only itself: the newest readable backup of each disk is used.
   const previous = (await repo.readManifests()).manifests.filter((m) => m.vm === vm).sort((a, b) => a.time.localeCompare(b.time));
   const out = new Map<string, NonNullable<NamedDisk['previous']>>();
-  for (const m of previous) for (const d of m.disks) out.set(d.name, { backupId: m.id, chunkSize: m.chunkSize, entry: d });
+  const lastFull = new Map<string, string>();
+  for (const m of previous) {
+    for (const d of m.disks) {
+      if (d.mode !== 'incremental') lastFull.set(d.name, m.time);
+      const full = lastFull.get(d.name);
+      out.set(d.name, { backupId: m.id, chunkSize: m.chunkSize, entry: d, ...(full ? { lastFullRead: full } : {}) });
+    }
+  }
   return out;
 }
 
@@ -209,13 +229,13 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
 /** Reads one frozen disk (its snapshot when it has one) through a read-only qemu-nbd export. */
 async function backupDisk(
   repo: Repository, pool: ChunkPool, disk: FrozenDisk, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number, signal?: AbortSignal,
+  stats: BackupStats, meter: ProgressMeter, inFlight: number, audit: AuditTally | undefined, signal?: AbortSignal,
 ): Promise<(string | null)[]> {
   const exp = await exportImage(disk.path, {
     format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
   });
   try {
-    return await readChunks(repo, pool, exp.client, disk.virtualSize, known, stats, meter, inFlight, disk.changes, signal);
+    return await readChunks(repo, pool, exp.client, disk.virtualSize, known, stats, meter, inFlight, disk.changes, audit, signal);
   } finally {
     await exp.close();
   }
@@ -223,9 +243,12 @@ async function backupDisk(
 
 async function readChunks(
   repo: Repository, pool: ChunkPool, client: NbdClient, size: number, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number, changes: ChangedBlocks | undefined, signal?: AbortSignal,
+  stats: BackupStats, meter: ProgressMeter, inFlight: number, changes: ChangedBlocks | undefined, audit: AuditTally | undefined,
+  signal?: AbortSignal,
 ): Promise<(string | null)[]> {
   const chunkSize = repo.chunkSize;
+  /** Audit: what tracking says unchanged chunks hold (their previous ids), compared once they are read. */
+  const expected = new Map<number, string | null>();
   const ids: (string | null)[] = new Array(Math.ceil(size / chunkSize)).fill(null);
   const uploading = new Map<string, Promise<void>>();
   const window = new TaskWindow(inFlight);
@@ -275,7 +298,9 @@ async function readChunks(
         // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
         // chunk (collected, or quarantined as damaged): then it is read, which also heals it.
         const prev = changes!.previous[plan.index] ?? null;
-        if (prev === null || known.has(prev)) {
+        if (audit) {
+          expected.set(plan.index, prev);
+        } else if (prev === null || known.has(prev)) {
           ids[plan.index] = prev;
           if (prev === null) stats.chunksZero++;
           else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
@@ -293,6 +318,12 @@ async function readChunks(
     }
   }
   await window.drain();
+  if (audit) {
+    for (const [index, prev] of expected) {
+      audit.unchanged++;
+      if (ids[index] !== prev) audit.differing.push(index * chunkSize);
+    }
+  }
   return ids;
 }
 

@@ -121,6 +121,12 @@ export function parseDuration(text: string): Duration {
   return d;
 }
 
+/** A duration's length in milliseconds, months and years at their average length: for "how often", not for calendars. */
+export function durationMs(d: Duration): number {
+  const day = 86_400_000;
+  return Math.round(d.years * 365.2425 * day + d.months * 30.436875 * day + d.days * day + d.hours * 3_600_000 + d.minutes * 60_000);
+}
+
 /** A duration as parseDuration reads it: `1y2mo3d4h5min`, zero parts left out (`0h` for zero). */
 export function formatDuration(d: Duration): string {
   const s = (d.years ? `${d.years}y` : '') + (d.months ? `${d.months}mo` : '') + (d.days ? `${d.days}d` : '') + (d.hours ? `${d.hours}h` : '') + (d.minutes ? `${d.minutes}min` : '');

@@ -17,7 +17,7 @@
  */
 import { validateDetailed } from 'node-cron';
 import { z } from 'zod';
-import { isValidTimeZone, parseDuration } from './retention.js';
+import { durationMs, isValidTimeZone, parseDuration } from './retention.js';
 
 /** Policy names and labels end up in job ids and file names: no `:`, no spaces. */
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -83,6 +83,17 @@ export const policySchema = z.strictObject({
   retention: retentionSchema,
   enabled: z.boolean({ error: 'expected true or false' }).default(true),
   labels: z.array(labelSchema, { error: 'expected a list of labels' }).optional(),
+  /**
+   * An audited full read of each disk at least this often (`7d`): every chunk is read
+   * and those change tracking called unchanged are compared with the previous backup.
+   */
+  fullReadEvery: z.string({ error: 'expected a duration such as 7d' }).superRefine((text, ctx) => {
+    try {
+      if (durationMs(parseDuration(text)) <= 0) ctx.addIssue({ code: 'custom', message: 'expected a duration longer than zero, such as 7d' });
+    } catch (err) {
+      ctx.addIssue({ code: 'custom', message: (err as Error).message });
+    }
+  }).optional(),
 }, { error: 'expected a policy: a mapping with name, schedule, select and retention' });
 
 export type RetentionPolicyRules = z.output<typeof retentionRulesSchema>;

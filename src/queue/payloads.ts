@@ -35,6 +35,8 @@ export const backupPayloadSchema = z.strictObject({
   guestAgentSocket: nonEmpty.optional(),
   /** libvirt driver: the domain's name. */
   libvirtDomain: nonEmpty.optional(),
+  /** The policy's `fullReadEvery` (a duration): an audited full read of a disk last read in full longer ago. */
+  fullReadEvery: nonEmpty.optional(),
 }).superRefine((p, ctx) => {
   if (p.driver !== 'libvirt' && p.disks.length === 0) ctx.addIssue({ code: 'custom', path: ['disks'], message: 'at least one disk is needed' });
   if (p.driver === 'qemu' && p.qmpSocket === undefined) ctx.addIssue({ code: 'custom', path: ['qmpSocket'], message: 'the qemu driver needs the QMP socket of the running VM' });
@@ -135,13 +137,14 @@ export function snapshotPayloadFor(
  * The one place that maps the inventory to a backup job, for the scheduler and the
  * API alike.
  */
-export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; policy?: string; slot?: string } = {}): BackupPayloadInput {
+export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; policy?: string; slot?: string; fullReadEvery?: string } = {}): BackupPayloadInput {
   return {
     vm: vm.name,
     disks: vm.disks.map(diskPayload),
     configs: vm.configFiles,
     labels: extra.labels ?? [],
     ...(extra.policy ? { policy: extra.policy } : {}),
+    ...(extra.fullReadEvery ? { fullReadEvery: extra.fullReadEvery } : {}),
     ...(extra.slot ? { slot: extra.slot } : {}),
     ...(vm.driver !== 'image' ? { driver: vm.driver } : {}),
     ...(vm.driver === 'qemu' && vm.qmpSocket ? { qmpSocket: vm.qmpSocket } : {}),

@@ -22,6 +22,12 @@ export const diskSchema = z.object({
   /** How this disk was read: everything, or only what changed since the previous backup; and why. Absent in older backups. */
   mode: z.enum(['full', 'incremental']).optional(),
   reason: z.string().optional(),
+  /**
+   * An audited full read: how many chunks change tracking called unchanged, how many of
+   * those were not (a tracking bug: this backup is right, incrementals might not be),
+   * and the first offsets that differed.
+   */
+  audit: z.object({ unchanged: z.number(), differing: z.number(), offsets: z.array(z.number()) }).optional(),
   /** The persistent dirty bitmap this backup left in the image: it counts changes since this backup's instant. */
   bitmap: z.string().optional(),
   /** A raw image's file identity and times at this backup (restic's test for an unchanged file). */
@@ -82,7 +88,8 @@ export interface BackupSummary {
   labels: string[];
   policy?: string;
   consistency?: 'offline' | 'crash' | 'application';
-  disks: { name: string; format: string; virtualSize: number; formatSource?: 'declared' | 'detected'; chain?: string[]; mode?: 'full' | 'incremental'; reason?: string }[];
+  disks: { name: string; format: string; virtualSize: number; formatSource?: 'declared' | 'detected'; chain?: string[]; mode?: 'full' | 'incremental'; reason?: string;
+    audit?: { unchanged: number; differing: number; offsets: number[] } }[];
   configs: string[];
 }
 
@@ -98,7 +105,7 @@ export function summarise(m: Manifest): BackupSummary {
     disks: m.disks.map((d) => ({
       name: d.name, format: d.format, virtualSize: d.virtualSize,
       ...(d.formatSource ? { formatSource: d.formatSource } : {}), ...(d.chain ? { chain: d.chain } : {}),
-      ...(d.mode ? { mode: d.mode } : {}), ...(d.reason ? { reason: d.reason } : {}),
+      ...(d.mode ? { mode: d.mode } : {}), ...(d.reason ? { reason: d.reason } : {}), ...(d.audit ? { audit: d.audit } : {}),
     })),
     configs: m.configs.map((c) => c.name),
   };

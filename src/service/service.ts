@@ -139,7 +139,7 @@ export async function runScheduler(
       const v = byName.get(vm);
       if (!v) throw new VmvaultError('NOT_FOUND', `VM "${vm}" is not in the inventory`);
       const job = await enqueueBackup(queueOf(host), backupPayloadFor(v, {
-        labels: policy.labels ?? [], policy: policy.name, slot: slot.toISOString(),
+        labels: policy.labels ?? [], policy: policy.name, slot: slot.toISOString(), ...(policy.fullReadEvery ? { fullReadEvery: policy.fullReadEvery } : {}),
       }), { jobId });
       log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'backup enqueued');
     },

@@ -33,6 +33,30 @@ export interface Decision {
   reason: string;
   /** qcow2 incremental: the bitmap counting changes since the previous backup. */
   since?: string;
+  /** Read in full although tracking could be used, and compare what tracking would have taken. */
+  audit?: boolean;
+}
+
+export interface AuditPolicy {
+  /** Audit now, whatever the schedule (`--audit`). */
+  audit?: boolean;
+  /** Audit when the disk's last full read is older than this (ms; the policy's `fullReadEvery`). */
+  fullReadEveryMs?: number;
+  now?: number;
+}
+
+/**
+ * An incremental decision turned into an audited full read when one is due: every
+ * chunk is read, and those tracking called unchanged are compared with the previous
+ * backup's ids (src/pipeline/backup.ts). A difference is a tracking bug, reported loudly.
+ */
+export function withAudit(d: NamedDisk, decision: Decision, policy: AuditPolicy): Decision {
+  if (decision.mode !== 'incremental') return decision;
+  const last = d.previous?.lastFullRead;
+  const due = policy.audit || (policy.fullReadEveryMs !== undefined && (last === undefined || (policy.now ?? Date.now()) - Date.parse(last) >= policy.fullReadEveryMs));
+  if (!due) return decision;
+  const why = policy.audit ? 'an audit was asked for' : `the last full read of this disk was ${last ? `at ${last}` : 'never'}`;
+  return { ...decision, mode: 'full', audit: true, reason: `audit (${why}): read in full and compared with what change tracking says, ${decision.reason}` };
 }
 
 const full = (reason: string): Decision => ({ mode: 'full', reason });
@@ -117,7 +141,10 @@ export function unchanged(d: NamedDisk): ChangedBlocks {
 
 /** The frozen view of a disk with its tracking decision applied. */
 export function tracked(d: NamedDisk, decision: Decision, changes: ChangedBlocks | undefined, extra: Partial<FrozenDisk> = {}): FrozenDisk {
-  return { ...d, ...extra, mode: changes ? decision.mode : 'full', reason: decision.reason, ...(changes ? { changes } : {}) };
+  return {
+    ...d, ...extra, mode: changes ? decision.mode : 'full', reason: decision.reason,
+    ...(changes ? { changes } : {}), ...(changes && decision.audit ? { audit: true } : {}),
+  };
 }
 
 /** A running libvirt domain's disk: read in full (libvirt owns its monitor; its bitmaps are not built yet). */

@@ -5,6 +5,7 @@
  */
 import type { DRIVERS } from '../config/schema.js';
 import { backup, newBackupId, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
+import type { Manifest } from '../repo/manifest.js';
 import type { Repository } from '../repo/repository.js';
 import { openImages } from './image-driver.js';
 import { openLibvirt } from './libvirt.js';
@@ -55,4 +56,12 @@ export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<
   }
   if (failure !== undefined) throw failure;
   return { ...result!, ...pit.details };
+}
+
+/** What an audited backup found wrong with change tracking, one message per disk (none when it agreed). */
+export function auditFailures(m: Manifest): string[] {
+  return m.disks.filter((d) => d.audit && d.audit.differing > 0).map((d) =>
+    `AUDIT: change tracking missed writes on disk "${d.name}" of VM "${m.vm}": ${d.audit!.differing} of the ${d.audit!.unchanged} chunk(s) it called unchanged ` +
+    `were not (first at byte offset(s) ${d.audit!.offsets.slice(0, 4).join(', ')}). Backup ${m.id} read everything and is correct; ` +
+    'earlier incremental backups of this disk may miss data: back the VM up with --full-read until the cause (hypervisor, storage or vmvault) is found');
 }

@@ -11,9 +11,9 @@ import { errorMessage } from '../errors.js';
 import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { BITMAP_PREFIX, bitmapChanges, bitmapName, decide, statStamp, tracked, unchanged } from './change-tracking.js';
+import { BITMAP_PREFIX, bitmapChanges, bitmapName, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
-import { stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
+import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
 /** Internal snapshots this tool creates are named with this prefix, so leftovers can be found. */
 export const SNAPSHOT_PREFIX = 'vmvault-';
@@ -21,13 +21,15 @@ export const SNAPSHOT_PREFIX = 'vmvault-';
 export async function openImages(repo: Repository, target: PointInTimeTarget, backupId: string): Promise<PointInTime> {
   // Every disk is inspected before any is snapshotted.
   const disks = await inspectDisks(repo, target.vm, target.disks);
-  return freezeImages(disks, { backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
+  return freezeImages(disks, { ...auditPolicy(target), backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
 }
 
 interface Taken { disk: FrozenDisk; newBitmap?: string; oldBitmap?: string }
 
 /** Snapshots and tracks already-inspected images (the libvirt driver's shut-off domains come here too). */
-export async function freezeImages(disks: NamedDisk[], opts: { backupId: string; fullRead: boolean; warn: Warn }): Promise<PointInTime> {
+export interface FreezeOptions extends AuditPolicy { backupId: string; fullRead: boolean; warn: Warn }
+
+export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
   const taken: Taken[] = [];
   const exports: NbdExport[] = [];
@@ -49,7 +51,7 @@ export async function freezeImages(disks: NamedDisk[], opts: { backupId: string;
         taken.push(await freezeQcow2(d, snapshot, opts, exports));
       } else {
         const stamp = d.format === 'raw' ? await statStamp(d.path) : undefined;
-        const decision = decide(d, { fullRead: opts.fullRead, ...(stamp ? { stamp } : {}) });
+        const decision = withAudit(d, decide(d, { fullRead: opts.fullRead, ...(stamp ? { stamp } : {}) }), opts);
         taken.push({ disk: tracked(d, decision, decision.mode === 'incremental' ? unchanged(d) : undefined, stamp ? { fileStamp: stamp } : {}) });
       }
     }
@@ -65,8 +67,8 @@ export async function freezeImages(disks: NamedDisk[], opts: { backupId: string;
 }
 
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
-async function freezeQcow2(d: NamedDisk, snapshot: string, opts: { backupId: string; fullRead: boolean }, exports: NbdExport[]): Promise<Taken> {
-  const decision = decide(d, { fullRead: opts.fullRead });
+async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: NbdExport[]): Promise<Taken> {
+  const decision = withAudit(d, decide(d, { fullRead: opts.fullRead }), opts);
   const newBitmap = bitmapName(opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {

@@ -26,7 +26,7 @@ import type { Repository } from '../repo/repository.js';
 import type { Warn } from './guest-agent.js';
 import { freezeImages } from './image-driver.js';
 import { readInFull } from './change-tracking.js';
-import { combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
+import { auditPolicy, combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 import { isOverlayFile, OVERLAY_MARK, overlayPath } from './qemu-blocks.js';
 import { runId } from './overlays.js';
 import { libvirtDisks } from '../pipeline/libvirt-xml.js';
@@ -93,7 +93,7 @@ export async function openLibvirt(repo: Repository, target: PointInTimeTarget, b
     });
     const pit = running
       ? await freezeRunningDomain(repo, target.vm, disks, domain, entries, target.overlayDir, warn)
-      : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks), { backupId, fullRead: target.fullRead ?? false, warn })), details: { running: false, guestFrozen: false } };
+      : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks), { ...auditPolicy(target), backupId, fullRead: target.fullRead ?? false, warn })), details: { running: false, guestFrozen: false } };
     let closing: Promise<void> | undefined;
     return {
       ...pit, configFiles: [xmlFile],

@@ -27,7 +27,7 @@ import path from 'node:path';
 import { NbdClient } from '../disk/nbd.js';
 import { errorMessage, VmvaultError } from '../errors.js';
 import type { ChangedBlocks, FrozenDisk, NamedDisk } from '../pipeline/backup.js';
-import { BITMAP_PREFIX, bitmapName, decideRunning, tracked, type NodeBitmap } from './change-tracking.js';
+import { BITMAP_PREFIX, bitmapName, decideRunning, tracked, withAudit, type AuditPolicy, type NodeBitmap } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import type { TransactionAction } from './overlays.js';
 import type { AttachedDisk } from './qemu-blocks.js';
@@ -148,14 +148,14 @@ export class LiveTracking {
   }
 
   /** Decides how each inspected disk (in the order of the attached disks) is read, and opens the bitmaps it reads. */
-  async freeze(disks: NamedDisk[], fullRead: boolean): Promise<FrozenDisk[]> {
+  async freeze(disks: NamedDisk[], fullRead: boolean, audit: AuditPolicy = {}): Promise<FrozenDisk[]> {
     const onNodes = await nodeBitmaps(this.qmp);
     const out: FrozenDisk[] = [];
     for (const [i, d] of disks.entries()) {
       const t = this.tracked.find((x) => x.index === i);
       if (t) Object.assign(t, { previous: d.previous?.entry.bitmap, previousKnown: true });
       const untrackable = this.untrackable.get(i);
-      let decision = decideRunning(d, t ? onNodes.get(t.disk.topNode) ?? [] : [], { fullRead, ...(untrackable ? { untrackable } : {}) });
+      let decision = withAudit(d, decideRunning(d, t ? onNodes.get(t.disk.topNode) ?? [] : [], { fullRead, ...(untrackable ? { untrackable } : {}) }), audit);
       let changes: ChangedBlocks | undefined;
       if (t && decision.since) {
         try {

@@ -24,7 +24,7 @@ import type { Repository } from '../repo/repository.js';
 import { withGuestFreeze, type Warn } from './guest-agent.js';
 import { commitOverlay, createOverlays, OverlaysRefused, recoverOverlays, runId, type Overlay } from './overlays.js';
 import { LiveTracking, recoverExports } from './live-bitmaps.js';
-import { combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
+import { auditPolicy, combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 import { attachedDisks, type AttachedDisk } from './qemu-blocks.js';
 import { QmpClient } from './qmp.js';
 
@@ -91,7 +91,7 @@ export async function openRunningVm(repo: Repository, target: PointInTimeTarget,
     // The running QEMU's own node driver is the VM's configuration of each disk's format.
     // The base images are inspected now that QEMU holds them read-only under the overlays.
     const inspected = await inspectDisks(repo, target.vm, target.disks.map((d, i) => ({ ...d, format: knownFormat(attached[i]!.format, d.path) })));
-    const disks = await live.freeze(inspected, target.fullRead ?? false);
+    const disks = await live.freeze(inspected, target.fullRead ?? false, auditPolicy(target));
     let closing: Promise<void> | undefined;
     return {
       disks, consistency: frozen ? 'application' : 'crash', configFiles: [], details: { guestFrozen: frozen, recovered },

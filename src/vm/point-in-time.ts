@@ -38,6 +38,10 @@ export interface PointInTimeTarget {
   onPointInTime?: (overlays: readonly Overlay[]) => void | Promise<void>;
   /** Read every disk in full, whatever change tracking says (the bitmaps are still rotated). */
   fullRead?: boolean;
+  /** Read in full and compare with what change tracking says, on every disk it covers. */
+  audit?: boolean;
+  /** Such an audit whenever a disk's last full read is older than this (ms): the policy's `fullReadEvery`. */
+  fullReadEveryMs?: number;
   /** Warnings (crash-consistent fallback, recovered leftovers). Default: stderr. */
   warn?: Warn;
 }
@@ -79,4 +83,9 @@ export function combineFailures(failure: unknown, closeErr: unknown): VmvaultErr
   return new VmvaultError(code, `${errorMessage(failure)}; and ${errorMessage(closeErr)}`, {
     cause: failure, retriable: failure instanceof VmvaultError && failure.retriable,
   });
+}
+
+/** The audit settings of a target, for the drivers' decisions. */
+export function auditPolicy(t: PointInTimeTarget): { audit?: boolean; fullReadEveryMs?: number } {
+  return { ...(t.audit ? { audit: true } : {}), ...(t.fullReadEveryMs !== undefined ? { fullReadEveryMs: t.fullReadEveryMs } : {}) };
 }

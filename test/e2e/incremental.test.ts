@@ -103,6 +103,32 @@ describe('incremental backups of offline images', () => {
     assert.match(resized.disk.reason, /resized/);
   });
 
+  test('an audit finds the writes a bitmap missed, and its own backup is right', async () => {
+    const { env } = await initRepo(local);
+    const img = await makeImage(work, 'audit.qcow2', 'qcow2', 64 * MiB, BASE);
+    const first = await backupAndCheck(env, img);
+    const clean = await backupAndCheck(env, img, 'qcow2', ['--audit']);
+    assert.equal(clean.disk.mode, 'full');
+    assert.match(clean.disk.reason, /audit \(an audit was asked for\)/);
+    assert.deepEqual(clean.disk.audit, { unchanged: 16, differing: 0, offsets: [] }, 'tracking agrees with a full read');
+    // Tracking made wrong on purpose: data changes, then the bitmap that should count it is cleared.
+    await writePattern(img, 'qcow2', 5 * CHUNK, MiB, 0xab);
+    await writePattern(img, 'qcow2', 9 * CHUNK, MiB, 0xac);
+    await execa('qemu-img', ['bitmap', '--clear', '-f', 'qcow2', img, `vmvault-${clean.id}`]);
+    const at = join(work, 'audit-instant.qcow2');
+    await copyFile(img, at);
+    const r = await cli(['backup', '--vm', 'vm', '--disk', `root=${img}`, '--format', 'qcow2', '--audit', '--json'], env);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, /AUDIT: change tracking missed writes on disk "root" of VM "vm": 2 of the 16 chunk\(s\)/);
+    const audited = JSON.parse(r.stdout);
+    assert.deepEqual(audited.disks[0].audit, { unchanged: 16, differing: 2, offsets: [5 * CHUNK, 9 * CHUNK] });
+    const out = await cliJson(['restore', audited.id, '--to', join(work, 'audit-out'), '--format', 'qcow2'], env);
+    const disk = out.files.find((f: any) => f.kind === 'disk').path;
+    assert.ok((await compareImages(at, disk, 'qcow2', 'qcow2')).identical, 'the audited backup holds the writes tracking missed');
+    assert.match((await cli(['show', audited.id], env)).stdout, /CHANGE TRACKING MISSED 2 of 16 chunk/);
+    assert.ok(first.id);
+  });
+
   test('a chunk the previous backup used but storage lost is read and uploaded again', async () => {
     const { repo, env } = await initRepo(local);
     const img = await makeImage(work, 'lost.qcow2', 'qcow2', 64 * MiB, BASE);

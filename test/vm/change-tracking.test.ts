@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { NamedDisk } from '../../src/pipeline/backup.js';
-import { decideRunning, type NodeBitmap } from '../../src/vm/change-tracking.js';
+import { decideRunning, withAudit, type NodeBitmap } from '../../src/vm/change-tracking.js';
 
 const MiB = 1024 * 1024;
 const P = `vmvault-${'a'.repeat(64)}`;
@@ -57,4 +57,28 @@ describe('decideRunning', () => {
       assert.match(decision.reason, reason);
     });
   }
+});
+
+describe('withAudit', () => {
+  const incremental = { mode: 'incremental' as const, reason: `changes since backup bbb (bitmap ${P})`, since: P };
+  const at = (lastFullRead: string | undefined) => {
+    const d = disk();
+    return { ...d, previous: { ...d.previous!, ...(lastFullRead ? { lastFullRead } : {}) } };
+  };
+  const day = 86_400_000;
+  const now = Date.parse('2026-11-30T12:00:00Z');
+
+  it('turns an incremental into an audited full read when asked, or when the last full read is too old', () => {
+    assert.deepEqual(withAudit(at('2026-11-29T12:00:00Z'), incremental, { fullReadEveryMs: 7 * day, now }), incremental, 'a day old: not due');
+    const due = withAudit(at('2026-11-20T12:00:00Z'), incremental, { fullReadEveryMs: 7 * day, now });
+    assert.deepEqual([due.mode, due.audit, due.since], ['full', true, P]);
+    assert.match(due.reason, /the last full read of this disk was at 2026-11-20/);
+    assert.equal(withAudit(at(undefined), incremental, { fullReadEveryMs: 7 * day, now }).audit, true, 'never read in full: due');
+    assert.match(withAudit(at('2026-11-29T12:00:00Z'), incremental, { audit: true, now }).reason, /an audit was asked for/);
+  });
+
+  it('leaves a full read alone: there is nothing to compare', () => {
+    const fullRead = { mode: 'full' as const, reason: 'no earlier backup of this disk' };
+    assert.deepEqual(withAudit(at(undefined), fullRead, { audit: true }), fullRead);
+  });
 });

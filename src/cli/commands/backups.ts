@@ -4,7 +4,7 @@ import { VmvaultError } from '../../errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../../disk/qemu.js';
 import { summarise, type Manifest } from '../../repo/manifest.js';
 import type { BackupDisk } from '../../pipeline/backup.js';
-import { backupVm } from '../../vm/drivers.js';
+import { auditFailures, backupVm } from '../../vm/drivers.js';
 import { restore } from '../../pipeline/restore.js';
 import { verificationStates } from '../../repo/health.js';
 import { openRepository, warn, type GlobalOptions } from '../context.js';
@@ -57,6 +57,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .addOption(new Option('--format <format>', 'format of the --disk before it, as the VM uses it (default: detected once by vmvault, then pinned)').choices([...IMAGE_FORMATS]))
     .option('--allow-chain', 'the --disk before it is a linked clone: read its backing files (or vmdk extents) through it')
     .option('--full-read', 'read every disk in full, whatever change tracking says')
+    .option('--audit', 'read every disk in full and compare with what change tracking says (differences are reported)')
     .option('--config <file>', 'configuration file to store with the backup (repeatable)', collect)
     .option('--label <label>', 'label (repeatable)', collect)
     .option('--host <name>', 'host name recorded in the backup')
@@ -68,7 +69,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
   const givenDisks = diskOptions(backupCmd);
   backupCmd
     .action(async (o: {
-      vm: string; config?: string[]; fullRead?: boolean; label?: string[]; host?: string; policy?: string; json?: boolean;
+      vm: string; config?: string[]; fullRead?: boolean; audit?: boolean; label?: string[]; host?: string; policy?: string; json?: boolean;
       qmp?: string; guestAgent?: string; overlayDir?: string;
     }) => {
       const disks = givenDisks();
@@ -89,7 +90,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       let result;
       try {
         result = await backupVm(repo, {
-          vm: o.vm, driver: o.qmp ? 'qemu' : 'image', disks, configs: o.config ?? [], labels: o.label ?? [], ...(o.fullRead ? { fullRead: true } : {}),
+          vm: o.vm, driver: o.qmp ? 'qemu' : 'image', disks, configs: o.config ?? [], labels: o.label ?? [], ...(o.fullRead ? { fullRead: true } : {}), ...(o.audit ? { audit: true } : {}),
           ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update, signal: stop.signal,
           ...(o.qmp ? { qmpSocket: o.qmp } : {}), ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}),
         });
@@ -99,6 +100,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       }
       const { manifest, stats } = result;
       bar.done();
+      for (const m of auditFailures(manifest)) process.stderr.write(`vmvault: ${m}\n`);
       print(o.json, { ...listing(manifest), stats }, () =>
         `backup ${manifest.id} of ${manifest.vm}: ${manifest.disks.length} disk(s), read ${formatBytes(stats.bytesRead)}, ` +
         `uploaded ${formatBytes(stats.bytesUploaded)} in ${stats.chunksNew} new chunk(s), ${stats.chunksReused} reused, ${stats.chunksUnchanged ?? 0} unchanged (not read), ` +
@@ -141,7 +143,8 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         ...(s.consistency ? [`instant  ${s.consistency}-consistent`] : []),
         ...m.disks.map((d) => `disk     ${d.name}: ${d.format}${d.formatSource ? ` (${d.formatSource})` : ''}, ${formatBytes(d.virtualSize)}, ` +
           `${d.chunks.filter(Boolean).length}/${d.chunks.length} chunks with data, from ${d.sourcePath}${d.chain ? ` through ${d.chain.join(', ')}` : ''}` +
-          `${d.mode ? `\n         read ${d.mode === 'incremental' ? 'incrementally' : 'in full'}: ${d.reason ?? ''}` : ''}`),
+          `${d.mode ? `\n         read ${d.mode === 'incremental' ? 'incrementally' : 'in full'}: ${d.reason ?? ''}` : ''}` +
+          `${d.audit ? `\n         audit: ${d.audit.differing === 0 ? `change tracking agreed on all ${d.audit.unchanged} unchanged chunk(s)` : `CHANGE TRACKING MISSED ${d.audit.differing} of ${d.audit.unchanged} chunk(s)`}` : ''}`),
         ...m.configs.map((c) => `config   ${c.name} (from ${c.sourcePath})`),
         `verified ${describeVerification(s.verification ?? undefined)}`,
       ].join('\n'));
