@@ -9,7 +9,7 @@ import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
 import { NotFoundError, VmvaultError } from '../errors.js';
-import { exportImage, type ImageFormat } from '../disk/qemu.js';
+import { exportImage, type ImageFormat, type NbdExport } from '../disk/qemu.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { NbdClient } from '../disk/nbd.js';
 import type { Repository } from '../repo/repository.js';
@@ -226,23 +226,31 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
   return out;
 }
 
-/** Reads one frozen disk (its snapshot when it has one) through a read-only qemu-nbd export. */
+/**
+ * Reads one frozen disk (its snapshot when it has one) through a read-only qemu-nbd
+ * export, opened only once some chunk has to be read: a disk change tracking calls
+ * unchanged costs no qemu-nbd at all.
+ */
 async function backupDisk(
   repo: Repository, pool: ChunkPool, disk: FrozenDisk, known: Set<string>,
   stats: BackupStats, meter: ProgressMeter, inFlight: number, audit: AuditTally | undefined, signal?: AbortSignal,
 ): Promise<(string | null)[]> {
-  const exp = await exportImage(disk.path, {
-    format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
-  });
+  let exp: Promise<NbdExport> | undefined;
+  const client = async () => {
+    exp ??= exportImage(disk.path, {
+      format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
+    });
+    return (await exp).client;
+  };
   try {
-    return await readChunks(repo, pool, exp.client, disk.virtualSize, known, stats, meter, inFlight, disk.changes, audit, signal);
+    return await readChunks(repo, pool, client, disk.virtualSize, known, stats, meter, inFlight, disk.changes, audit, signal);
   } finally {
-    await exp.close();
+    if (exp) await (await exp.catch(() => undefined))?.close();
   }
 }
 
 async function readChunks(
-  repo: Repository, pool: ChunkPool, client: NbdClient, size: number, known: Set<string>,
+  repo: Repository, pool: ChunkPool, client: () => Promise<NbdClient>, size: number, known: Set<string>,
   stats: BackupStats, meter: ProgressMeter, inFlight: number, changes: ChangedBlocks | undefined, audit: AuditTally | undefined,
   signal?: AbortSignal,
 ): Promise<(string | null)[]> {
@@ -256,7 +264,7 @@ async function readChunks(
   const buffers = new BufferPool(chunkSize, inFlight);
 
   const one = async (plan: ChunkPlan) => {
-    const data = await readPlan(client, plan, buffers);
+    const data = await readPlan(await client(), plan, buffers);
     stats.bytesRead += dataBytes(plan);
     const { id, data: plain } = await pool.hash(data);
     meter.add(plan.length);
@@ -289,10 +297,30 @@ async function readChunks(
     }
   };
 
+  /** A window with nothing dirty whose previous chunks storage all has: taken whole, without even asking for its extents. */
+  const takeUnchanged = (previous: readonly (string | null)[], start: number, end: number): boolean => {
+    const first = start / chunkSize;
+    const last = Math.ceil(end / chunkSize);
+    for (let i = first; i < last; i++) {
+      const prev = previous[i] ?? null;
+      if (prev !== null && !known.has(prev)) return false;
+    }
+    for (let i = first; i < last; i++) {
+      const prev = previous[i] ?? null;
+      ids[i] = prev;
+      if (prev === null) stats.chunksZero++;
+      else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
+      meter.add(Math.min(end, (i + 1) * chunkSize) - i * chunkSize);
+    }
+    return true;
+  };
+
   for (let start = 0; start < size && window.ok; start += STATUS_WINDOW) {
     const end = Math.min(size, start + STATUS_WINDOW);
-    const plans = planChunks(await client.extents(start, end - start), start, end, chunkSize);
-    const dirty = changes ? new RangeCursor(await changes.dirty(start, end - start)) : undefined;
+    const changed = changes ? await changes.dirty(start, end - start) : undefined;
+    if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
+    const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
+    const dirty = changed ? new RangeCursor(changed) : undefined;
     for (const plan of plans) {
       if (dirty && !dirty.meets(plan.offset, plan.length)) {
         // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
