@@ -11,13 +11,10 @@ import { hostname } from 'node:os';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { exportImage, type ImageFormat, type NbdExport } from '../disk/qemu.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
-import type { NbdClient } from '../disk/nbd.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
 import { ChunkPool } from './pool.js';
-import { dataBytes, planChunks, type ChunkPlan } from './plan.js';
-import { TaskWindow } from './window.js';
-import { BufferPool } from './buffers.js';
+import { readChunks, type ChangedBlocks, type ReadChunksOptions } from './chunk-reader.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { assertSafeName, diskNameFromPath, uniqueNames } from './names.js';
 import { withLock, type HeldLock } from '../repo/locks.js';
@@ -37,16 +34,7 @@ export interface NamedDisk extends InspectedDisk {
   previous?: { backupId: string; chunkSize: number; entry: DiskEntry; lastFullRead?: string };
 }
 
-/** What changed since the previous backup of a disk, as its driver knows it. */
-export interface ChangedBlocks {
-  /** The previous backup's chunk ids of this disk (same virtual size and chunk size). */
-  previous: (string | null)[];
-  /**
-   * The ranges of [offset, offset+length) written since the previous backup's instant,
-   * up to this point in time; a superset is safe, a missed write is not.
-   */
-  dirty(offset: number, length: number): Promise<{ offset: number; length: number }[]>;
-}
+export type { ChangedBlocks } from './chunk-reader.js';
 
 export type FileStamp = NonNullable<DiskEntry['fileStamp']>;
 
@@ -106,9 +94,6 @@ const MAX_CONFIG_BYTES = 16 * 1024 * 1024;
 /** Offsets of differing chunks kept in a manifest: enough to look at, bounded whatever the bug. */
 const MAX_AUDIT_OFFSETS = 32;
 
-/** An audit's findings on one disk: how many chunks tracking called unchanged, and the offsets of those that were not. */
-interface AuditTally { unchanged: number; differing: number[] }
-const STATUS_WINDOW = 1024 * 1024 * 1024;
 
 /** A fresh backup id: 32 random bytes in hex. */
 export function newBackupId(): string {
@@ -159,7 +144,9 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     for (const disk of req.disks) {
       meter.disk = disk.name;
       const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;
-      const chunks = await backupDisk(repo, pool, disk, known, stats, meter, req.inFlight ?? 10, audit, req.signal);
+      const chunks = await backupDisk(disk, {
+        repo, pool, known, stats, meter, inFlight: req.inFlight ?? 10, ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
+      });
       disks.push({
         ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.slice(0, MAX_AUDIT_OFFSETS) } } : {}),
         name: disk.name, format: disk.format, formatSource: disk.formatSource, ...(disk.chain.length ? { chain: disk.chain } : {}),
@@ -231,10 +218,7 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
  * export, opened only once some chunk has to be read: a disk change tracking calls
  * unchanged costs no qemu-nbd at all.
  */
-async function backupDisk(
-  repo: Repository, pool: ChunkPool, disk: FrozenDisk, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number, audit: AuditTally | undefined, signal?: AbortSignal,
-): Promise<(string | null)[]> {
+async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' | 'size' | 'changes'>): Promise<(string | null)[]> {
   let exp: Promise<NbdExport> | undefined;
   const client = async () => {
     exp ??= exportImage(disk.path, {
@@ -243,135 +227,8 @@ async function backupDisk(
     return (await exp).client;
   };
   try {
-    return await readChunks(repo, pool, client, disk.virtualSize, known, stats, meter, inFlight, disk.changes, audit, signal);
+    return await readChunks({ ...o, client, size: disk.virtualSize, ...(disk.changes ? { changes: disk.changes } : {}) });
   } finally {
     if (exp) await (await exp.catch(() => undefined))?.close();
   }
-}
-
-async function readChunks(
-  repo: Repository, pool: ChunkPool, client: () => Promise<NbdClient>, size: number, known: Set<string>,
-  stats: BackupStats, meter: ProgressMeter, inFlight: number, changes: ChangedBlocks | undefined, audit: AuditTally | undefined,
-  signal?: AbortSignal,
-): Promise<(string | null)[]> {
-  const chunkSize = repo.chunkSize;
-  /** Audit: what tracking says unchanged chunks hold (their previous ids), compared once they are read. */
-  const expected = new Map<number, string | null>();
-  const ids: (string | null)[] = new Array(Math.ceil(size / chunkSize)).fill(null);
-  const uploading = new Map<string, Promise<void>>();
-  const window = new TaskWindow(inFlight);
-
-  const buffers = new BufferPool(chunkSize, inFlight);
-
-  const one = async (plan: ChunkPlan) => {
-    const data = await readPlan(await client(), plan, buffers);
-    stats.bytesRead += dataBytes(plan);
-    const { id, data: plain } = await pool.hash(data);
-    meter.add(plan.length);
-    if (id === null) {
-      stats.chunksZero++;
-      buffers.give(plain);
-      return;
-    }
-    ids[plan.index] = id;
-    const pendingUpload = uploading.get(id);
-    if (known.has(id) || pendingUpload) {
-      stats.chunksReused++;
-      buffers.give(plain);
-      await pendingUpload;
-      return;
-    }
-    const upload = (async () => {
-      const { sealed, plain: back } = await pool.seal(id, plain);
-      buffers.give(back);
-      await repo.putChunk(id, sealed);
-      stats.bytesUploaded += sealed.length;
-      stats.chunksNew++;
-      known.add(id);
-    })();
-    uploading.set(id, upload);
-    try {
-      await upload;
-    } finally {
-      uploading.delete(id);
-    }
-  };
-
-  /** A window with nothing dirty whose previous chunks storage all has: taken whole, without even asking for its extents. */
-  const takeUnchanged = (previous: readonly (string | null)[], start: number, end: number): boolean => {
-    const first = start / chunkSize;
-    const last = Math.ceil(end / chunkSize);
-    for (let i = first; i < last; i++) {
-      const prev = previous[i] ?? null;
-      if (prev !== null && !known.has(prev)) return false;
-    }
-    for (let i = first; i < last; i++) {
-      const prev = previous[i] ?? null;
-      ids[i] = prev;
-      if (prev === null) stats.chunksZero++;
-      else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
-      meter.add(Math.min(end, (i + 1) * chunkSize) - i * chunkSize);
-    }
-    return true;
-  };
-
-  for (let start = 0; start < size && window.ok; start += STATUS_WINDOW) {
-    const end = Math.min(size, start + STATUS_WINDOW);
-    const changed = changes ? await changes.dirty(start, end - start) : undefined;
-    if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
-    const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
-    const dirty = changed ? new RangeCursor(changed) : undefined;
-    for (const plan of plans) {
-      if (dirty && !dirty.meets(plan.offset, plan.length)) {
-        // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
-        // chunk (collected, or quarantined as damaged): then it is read, which also heals it.
-        const prev = changes!.previous[plan.index] ?? null;
-        if (audit) {
-          expected.set(plan.index, prev);
-        } else if (prev === null || known.has(prev)) {
-          ids[plan.index] = prev;
-          if (prev === null) stats.chunksZero++;
-          else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
-          meter.add(plan.length);
-          continue;
-        }
-      }
-      if (plan.data.length === 0) {
-        stats.chunksZero++;
-        meter.add(plan.length);
-        continue;
-      }
-      signal?.throwIfAborted();
-      await window.add(() => one(plan));
-    }
-  }
-  await window.drain();
-  if (audit) {
-    for (const [index, prev] of expected) {
-      audit.unchanged++;
-      if (ids[index] !== prev) audit.differing.push(index * chunkSize);
-    }
-  }
-  return ids;
-}
-
-/** Sorted, disjoint ranges asked about in increasing order: each range is looked at once. */
-class RangeCursor {
-  private at = 0;
-  constructor(private readonly ranges: readonly { offset: number; length: number }[]) {}
-
-  /** Whether a range meets [offset, offset+length); offsets must not decrease between calls. */
-  meets(offset: number, length: number): boolean {
-    while (this.at < this.ranges.length && this.ranges[this.at]!.offset + this.ranges[this.at]!.length <= offset) this.at++;
-    const r = this.ranges[this.at];
-    return r !== undefined && r.offset < offset + length;
-  }
-}
-
-/** Reads a chunk's data ranges into a pooled buffer; the rest of the chunk is zeros. */
-async function readPlan(client: NbdClient, plan: ChunkPlan, buffers: BufferPool): Promise<Buffer> {
-  const buf = buffers.take(plan.length);
-  if (plan.data.length !== 1 || plan.data[0]!.length !== plan.length) buf.fill(0);
-  await Promise.all(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
-  return buf;
 }

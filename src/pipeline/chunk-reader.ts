@@ -1,0 +1,177 @@
+/**
+ * The reading half of a backup: one disk's chunks, read where they hold data (and,
+ * with change tracking, only where they changed), hashed, deduplicated against what
+ * storage has, sealed and uploaded with bounded concurrency.
+ */
+import type { NbdClient } from '../disk/nbd.js';
+import type { Repository } from '../repo/repository.js';
+import type { BackupStats } from '../repo/manifest.js';
+import type { ChunkPool } from './pool.js';
+import { dataBytes, planChunks, type ChunkPlan } from './plan.js';
+import { TaskWindow } from './window.js';
+import { BufferPool } from './buffers.js';
+import type { ProgressMeter } from './progress.js';
+
+/** What changed since the previous backup of a disk, as its driver knows it. */
+export interface ChangedBlocks {
+  /** The previous backup's chunk ids of this disk (same virtual size and chunk size). */
+  previous: (string | null)[];
+  /**
+   * The ranges of [offset, offset+length) written since the previous backup's instant,
+   * up to this point in time; a superset is safe, a missed write is not.
+   */
+  dirty(offset: number, length: number): Promise<{ offset: number; length: number }[]>;
+}
+
+/** An audit's findings on one disk: how many chunks tracking called unchanged, and the offsets of those that were not. */
+export interface AuditTally { unchanged: number; differing: number[] }
+
+export interface ReadChunksOptions {
+  repo: Repository;
+  pool: ChunkPool;
+  /** The disk's NBD client, opened on first call: a disk with nothing to read never opens one. */
+  client: () => Promise<NbdClient>;
+  size: number;
+  /** Chunk ids storage has (and may be reused); chunks uploaded here are added. */
+  known: Set<string>;
+  stats: BackupStats;
+  meter: ProgressMeter;
+  /** Chunks processed at once; bounds memory to about 2 × inFlight × chunk size. */
+  inFlight: number;
+  changes?: ChangedBlocks;
+  /** With `changes`: read everything and tally what tracking got wrong here. */
+  audit?: AuditTally;
+  signal?: AbortSignal;
+}
+
+/** Block status is asked for, and dirty ranges looked at, this much of the disk at a time. */
+const STATUS_WINDOW = 1024 * 1024 * 1024;
+
+/**
+ * Reads a disk chunk by chunk through `client` (opened on first need), hashing,
+ * deduplicating and uploading with at most `inFlight` chunks at once; returns the
+ * disk's chunk ids (null for all zeros).
+ */
+export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[]> {
+  const { repo, pool, client, size, known, stats, meter, inFlight, changes, audit, signal } = o;
+  const chunkSize = repo.chunkSize;
+  /** Audit: what tracking says unchanged chunks hold (their previous ids), compared once they are read. */
+  const expected = new Map<number, string | null>();
+  const ids: (string | null)[] = new Array(Math.ceil(size / chunkSize)).fill(null);
+  const uploading = new Map<string, Promise<void>>();
+  const window = new TaskWindow(inFlight);
+
+  const buffers = new BufferPool(chunkSize, inFlight);
+
+  const one = async (plan: ChunkPlan) => {
+    const data = await readPlan(await client(), plan, buffers);
+    stats.bytesRead += dataBytes(plan);
+    const { id, data: plain } = await pool.hash(data);
+    meter.add(plan.length);
+    if (id === null) {
+      stats.chunksZero++;
+      buffers.give(plain);
+      return;
+    }
+    ids[plan.index] = id;
+    const pendingUpload = uploading.get(id);
+    if (known.has(id) || pendingUpload) {
+      stats.chunksReused++;
+      buffers.give(plain);
+      await pendingUpload;
+      return;
+    }
+    const upload = (async () => {
+      const { sealed, plain: back } = await pool.seal(id, plain);
+      buffers.give(back);
+      await repo.putChunk(id, sealed);
+      stats.bytesUploaded += sealed.length;
+      stats.chunksNew++;
+      known.add(id);
+    })();
+    uploading.set(id, upload);
+    try {
+      await upload;
+    } finally {
+      uploading.delete(id);
+    }
+  };
+
+  /** A window with nothing dirty whose previous chunks storage all has: taken whole, without even asking for its extents. */
+  const takeUnchanged = (previous: readonly (string | null)[], start: number, end: number): boolean => {
+    const first = start / chunkSize;
+    const last = Math.ceil(end / chunkSize);
+    for (let i = first; i < last; i++) {
+      const prev = previous[i] ?? null;
+      if (prev !== null && !known.has(prev)) return false;
+    }
+    for (let i = first; i < last; i++) {
+      const prev = previous[i] ?? null;
+      ids[i] = prev;
+      if (prev === null) stats.chunksZero++;
+      else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
+      meter.add(Math.min(end, (i + 1) * chunkSize) - i * chunkSize);
+    }
+    return true;
+  };
+
+  for (let start = 0; start < size && window.ok; start += STATUS_WINDOW) {
+    const end = Math.min(size, start + STATUS_WINDOW);
+    const changed = changes ? await changes.dirty(start, end - start) : undefined;
+    if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
+    const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
+    const dirty = changed ? new RangeCursor(changed) : undefined;
+    for (const plan of plans) {
+      if (dirty && !dirty.meets(plan.offset, plan.length)) {
+        // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
+        // chunk (collected, or quarantined as damaged): then it is read, which also heals it.
+        const prev = changes!.previous[plan.index] ?? null;
+        if (audit) {
+          expected.set(plan.index, prev);
+        } else if (prev === null || known.has(prev)) {
+          ids[plan.index] = prev;
+          if (prev === null) stats.chunksZero++;
+          else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
+          meter.add(plan.length);
+          continue;
+        }
+      }
+      if (plan.data.length === 0) {
+        stats.chunksZero++;
+        meter.add(plan.length);
+        continue;
+      }
+      signal?.throwIfAborted();
+      await window.add(() => one(plan));
+    }
+  }
+  await window.drain();
+  if (audit) {
+    for (const [index, prev] of expected) {
+      audit.unchanged++;
+      if (ids[index] !== prev) audit.differing.push(index * chunkSize);
+    }
+  }
+  return ids;
+}
+
+/** Sorted, disjoint ranges asked about in increasing order: each range is looked at once. */
+class RangeCursor {
+  private at = 0;
+  constructor(private readonly ranges: readonly { offset: number; length: number }[]) {}
+
+  /** Whether a range meets [offset, offset+length); offsets must not decrease between calls. */
+  meets(offset: number, length: number): boolean {
+    while (this.at < this.ranges.length && this.ranges[this.at]!.offset + this.ranges[this.at]!.length <= offset) this.at++;
+    const r = this.ranges[this.at];
+    return r !== undefined && r.offset < offset + length;
+  }
+}
+
+/** Reads a chunk's data ranges into a pooled buffer; the rest of the chunk is zeros. */
+async function readPlan(client: NbdClient, plan: ChunkPlan, buffers: BufferPool): Promise<Buffer> {
+  const buf = buffers.take(plan.length);
+  if (plan.data.length !== 1 || plan.data[0]!.length !== plan.length) buf.fill(0);
+  await Promise.all(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
+  return buf;
+}
