@@ -97,21 +97,21 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     }
   };
 
+  /** A previous chunk id may stand when it is all zeros or storage has that chunk (not collected, not quarantined). */
+  const reusable = (prev: string | null) => prev === null || known.has(prev);
+  /** Takes chunk `index` (`length` bytes) from the previous backup, unread. */
+  const takePrevious = (index: number, prev: string | null, length: number) => {
+    ids[index] = prev;
+    if (prev === null) stats.chunksZero++;
+    else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
+    meter.add(length);
+  };
   /** A window with nothing dirty whose previous chunks storage all has: taken whole, without even asking for its extents. */
   const takeUnchanged = (previous: readonly (string | null)[], start: number, end: number): boolean => {
     const first = start / chunkSize;
     const last = Math.ceil(end / chunkSize);
-    for (let i = first; i < last; i++) {
-      const prev = previous[i] ?? null;
-      if (prev !== null && !known.has(prev)) return false;
-    }
-    for (let i = first; i < last; i++) {
-      const prev = previous[i] ?? null;
-      ids[i] = prev;
-      if (prev === null) stats.chunksZero++;
-      else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
-      meter.add(Math.min(end, (i + 1) * chunkSize) - i * chunkSize);
-    }
+    for (let i = first; i < last; i++) if (!reusable(previous[i] ?? null)) return false;
+    for (let i = first; i < last; i++) takePrevious(i, previous[i] ?? null, Math.min(end, (i + 1) * chunkSize) - i * chunkSize);
     return true;
   };
 
@@ -128,11 +128,8 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
         const prev = changes!.previous[plan.index] ?? null;
         if (audit) {
           expected.set(plan.index, prev);
-        } else if (prev === null || known.has(prev)) {
-          ids[plan.index] = prev;
-          if (prev === null) stats.chunksZero++;
-          else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
-          meter.add(plan.length);
+        } else if (reusable(prev)) {
+          takePrevious(plan.index, prev, plan.length);
           continue;
         }
       }
