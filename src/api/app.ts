@@ -22,7 +22,6 @@ import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
 import { enqueueBackup, enqueueMaintenance, enqueueRestore, enqueueSnapshot, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
 import { backupPayloadFor, snapshotPayloadFor } from '../queue/payloads.js';
 import { assertSnapshotName, expiryFrom } from '../vm/snapshots.js';
-import { MAINTENANCE_QUEUE } from '../queue/names.js';
 import { Catalogue, type CatalogueEntry } from '../repo/catalogue.js';
 import { VerificationCache } from '../repo/health.js';
 import type { Repository } from '../repo/repository.js';
