@@ -135,8 +135,9 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const id = req.id;
   if (!/^[0-9a-f]{64}$/.test(id)) throw new VmvaultError('BAD_INPUT', `"${id}" is not a backup id`);
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, chunksUnchanged: 0, seconds: 0 };
-  // Quarantined chunks are left out: producing one uploads it again, which heals it (repo/health.ts).
-  const known = await repo.usableChunkIds();
+  // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
+  // are left out: producing one uploads it again, which heals it (repo/health.ts).
+  const known = await repo.chunkIndex();
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
   const pool = new ChunkPool(repo.workerInit());
   const disks: DiskEntry[] = [];
@@ -158,6 +159,10 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     await pool.close();
   }
   meter.finish();
+  if (known.counts.missing) {
+    repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
+      'other backups may use them too; run "vmvault verify" to find and heal them');
+  }
   stats.seconds = (Date.now() - started) / 1000;
   const manifest: Manifest = {
     version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),
