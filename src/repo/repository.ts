@@ -69,7 +69,7 @@ export class Repository {
   /** Quarantined chunks chunkIndex() left out: the next put of one of them heals it. */
   private readonly toHeal = new Set<string>();
   /** Chunks stored by this session and not yet in an index object (chunk-index.ts). */
-  private unindexed: string[] = [];
+  private readonly unindexed: string[] = [];
   private cache: IndexCache | undefined | null = null;
 
   private constructor(
@@ -299,8 +299,8 @@ export class Repository {
   /** Writes the chunks stored since the last flush as an index object (before a manifest commits, and on the way). */
   async flushIndex(): Promise<void> {
     if (this.unindexed.length === 0) return;
-    const ids = this.unindexed;
-    this.unindexed = [];
+    // Emptied in place: workers use the repository through Object.create wrappers (job-guard.ts).
+    const ids = this.unindexed.splice(0);
     try {
       await this.writeIndex(ids);
     } catch (err) {
