@@ -37,6 +37,7 @@ import { JobIndex, jobView, newJobId } from './jobs.js';
 import { linkKey, signLink, verifyLink } from './links.js';
 import { parseRange } from './range.js';
 import * as S from './schemas.js';
+import { EXPORT_ROUTES, registerExportRoutes } from './routes/exports.js';
 
 export interface ApiDeps {
   config: Config;
@@ -161,7 +162,7 @@ const R = {
 };
 
 /** Every path the API serves, for checks of the OpenAPI document. */
-export const API_ROUTES = [...Object.values(R).map((r) => ({ method: r.method, path: r.path })), { method: 'get', path: '/v1/openapi.json' }];
+export const API_ROUTES = [...Object.values(R).map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
 
 function pageOf<T>(all: T[], q: { limit: number; cursor?: string | undefined }): { items: T[]; nextCursor: string | null } {
   const offset = q.cursor ? Number(q.cursor) : 0;
@@ -475,6 +476,8 @@ export function createApi(deps: ApiDeps): Api {
   app.openapi(R.prune, async (c) => c.json(await maintenanceJob({ kind: 'prune', ...c.req.valid('json') }, 'prune'), 202));
   app.openapi(R.gc, async (c) => c.json(await maintenanceJob({ kind: 'gc', ...((c.req.valid('json') as object | undefined) ?? {}) }, 'gc'), 202));
   app.openapi(R.verify, async (c) => c.json(await maintenanceJob({ kind: 'verify', ...((c.req.valid('json') as object | undefined) ?? {}) }, 'verify'), 202));
+
+  registerExportRoutes(app, { config, catalogue, hosts, queueOf, jobs });
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',
