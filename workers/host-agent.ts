@@ -30,6 +30,7 @@ import { DEFAULT_VM_LOCK_TTL_MS, tryAcquireVmLock, vmLockRemainingMs } from '../
 import { JobAbortedError, JobGuard } from './job-guard.js';
 import { toJobError } from './job-errors.js';
 import { runSnapshotJob, type SnapshotJobResult } from './snapshot-job.js';
+import { HostExports, type ExportJobResult } from './export-job.js';
 
 export interface HostWorkerOptions {
   /** This host's name; the worker consumes `vmvault-host-<host>`. */
@@ -56,6 +57,8 @@ export interface HostWorkerOptions {
   restoreRoots?: string[];
   /** The host's state directory, where snapshot labels and expiry are kept (default /var/lib/vmvault). */
   stateDir?: string;
+  /** Besides loopback, the address NBD exports may listen on. */
+  exportAddress?: string;
 }
 
 export interface HostWorker {
@@ -77,13 +80,13 @@ export interface BackupJobResult extends ManifestSummary {
 
 export interface RestoreJobResult extends RestoreResult { directory: string; startedAt: number; finishedAt: number }
 
-export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResult;
+export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResult | ExportJobResult;
 
 /** Commit markers live as long as job history: a retry within that time finds them. */
 const MARKER_TTL_S = JOB_HISTORY.age;
 
 interface Context {
-  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
+  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency' | 'exportAddress'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
   queueName: string;
   repo: Repository;
   /** Fast-failing connection for VM locks and commit markers (a refresh must notice Redis is gone). */
@@ -92,6 +95,7 @@ interface Context {
   maintenance: Queue;
   log: Logger;
   guards: Map<string, JobGuard>;
+  exports: HostExports;
 }
 
 /**
@@ -128,7 +132,7 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
     throw err;
   }
 
-  const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map() };
+  const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map(), exports: new HostExports(repo, log, options.exportAddress) };
   const worker = new Worker(queueName, (job, token, signal) => processJob(ctx, job, token, signal), {
     connection, concurrency: options.concurrency ?? 1, lockDuration: opts.jobLockMs, autorun: false,
     stalledInterval: opts.stalledIntervalMs,
@@ -162,6 +166,7 @@ async function closeWorker(ctx: Context, worker: Worker, connections: Redis[]): 
   }
   clearTimeout(timer);
   await graceful;
+  await ctx.exports.closeAll();
   await ctx.maintenance.close();
   await Promise.all(connections.map(closeRedis));
 }
@@ -176,6 +181,7 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
   }
   const marker = `vmvault:commit:${ctx.queueName}:${job.id}`;
   try {
+    if (parsed.name === 'export') return await ctx.exports.start(parsed.payload); // Touches no VM: no VM lock.
     const done = await earlierResult(ctx, marker);
     if (done) return done;
     const vm = parsed.name === 'restore' ? await vmOfBackup(ctx, parsed.payload) : parsed.payload.vm;

@@ -36,6 +36,8 @@ import { policyRoutes, registerPolicies } from './routes/policies.js';
 import { registerSnapshots, snapshotRoutes } from './routes/snapshots.js';
 import { registerVms, vmRoutes } from './routes/vms.js';
 
+import { EXPORT_ROUTES, registerExportRoutes } from './routes/exports.js';
+
 export { checkRestoreDirectory } from './routes/backups.js';
 export { headerSafeName, qemuImgCommand } from './routes/disks-links.js';
 
@@ -62,11 +64,11 @@ export const MAX_BODY_BYTES = 256 * 1024;
 const ROUTES = { ...healthRoutes, ...vmRoutes, ...snapshotRoutes, ...backupRoutes, ...diskRoutes, ...jobRoutes, ...policyRoutes, ...maintenanceRoutes };
 
 /** Every path the API serves, for checks of the OpenAPI document. */
-export const API_ROUTES = [...Object.values(ROUTES).map((r) => ({ method: r.method, path: r.path })), { method: 'get', path: '/v1/openapi.json' }];
+export const API_ROUTES = [...Object.values(ROUTES).map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
 
 /** Every resource's routes, in the order of the OpenAPI document. */
 const REGISTER: ((app: OpenAPIHono<Env>, ctx: RouteContext) => unknown)[] = [
-  registerHealth, registerVms, registerSnapshots, registerBackups, registerDisksLinks, registerJobs, registerPolicies, registerMaintenance,
+  registerHealth, registerVms, registerSnapshots, registerBackups, registerDisksLinks, registerJobs, registerPolicies, registerMaintenance, registerExportRoutes,
 ];
 
 export function createApi(deps: ApiDeps): Api {

@@ -120,7 +120,7 @@ function selectDisks(m: Manifest, wanted: string[] | undefined): DiskEntry[] {
  * disks' `<source file=…>` (and `<driver type=…>`) pointed at the restored images;
  * anything else is copied as it is.
  */
-function adjustConfig(name: string, data: Buffer, planned: readonly (RestoredFile & { disk?: DiskEntry })[]): Buffer {
+export function adjustConfig(name: string, data: Buffer, planned: readonly (RestoredFile & { disk?: DiskEntry })[]): Buffer {
   if (!/\.xml$/i.test(name) || !/<domain[\s>]/.test(data.toString('utf8', 0, Math.min(data.length, 4096)))) return data;
   const map = new Map<string, DiskTarget>();
   for (const p of planned) {

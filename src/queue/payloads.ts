@@ -154,8 +154,20 @@ export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; polic
   };
 }
 
+/**
+ * Serve one disk of a backup over NBD from the worker's host for `ttlSeconds`, on
+ * `address` (an IP literal: loopback or the host's configured exportAddress; the
+ * worker checks again) and a port of the system's choosing.
+ */
+export const exportPayloadSchema = z.strictObject({
+  backupId: z.string().regex(/^[0-9a-fA-F]{4,64}$/, 'a backup id (hexadecimal, at least 4 digits)'),
+  disk: nonEmpty,
+  address: nonEmpty,
+  ttlSeconds: z.number().int().min(1).max(24 * 3600),
+});
+
 /** Job names on a host queue, each with its payload schema. */
-export const HOST_JOBS = { backup: backupPayloadSchema, restore: restorePayloadSchema, snapshot: snapshotPayloadSchema } as const;
+export const HOST_JOBS = { backup: backupPayloadSchema, restore: restorePayloadSchema, snapshot: snapshotPayloadSchema, export: exportPayloadSchema } as const;
 export type HostJobName = keyof typeof HOST_JOBS;
 
 export type BackupPayloadInput = z.input<typeof backupPayloadSchema>;
@@ -164,13 +176,16 @@ export type RestorePayloadInput = z.input<typeof restorePayloadSchema>;
 export type RestorePayload = z.output<typeof restorePayloadSchema>;
 export type SnapshotPayloadInput = z.input<typeof snapshotPayloadSchema>;
 export type SnapshotPayload = z.output<typeof snapshotPayloadSchema>;
+export type ExportPayloadInput = z.input<typeof exportPayloadSchema>;
+export type ExportPayload = z.output<typeof exportPayloadSchema>;
 export type MaintenancePayloadInput = z.input<typeof maintenancePayloadSchema>;
 export type MaintenancePayload = z.output<typeof maintenancePayloadSchema>;
 
 export type HostJob =
   | { name: 'backup'; payload: BackupPayload }
   | { name: 'restore'; payload: RestorePayload }
-  | { name: 'snapshot'; payload: SnapshotPayload };
+  | { name: 'snapshot'; payload: SnapshotPayload }
+  | { name: 'export'; payload: ExportPayload };
 
 /** Parses a host job, throwing VmvaultError('BAD_INPUT') naming each bad field. */
 export function parseHostJob(name: string, data: unknown): HostJob {

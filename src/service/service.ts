@@ -217,6 +217,7 @@ export async function runWorker(
     ...(jobLockMs ? { jobLockMs } : {}), ...(vmLockTtlMs ? { vmLockTtlMs } : {}), ...(closeTimeoutMs ? { closeTimeoutMs } : {}),
     ...(restoreRoots && restoreRoots.length ? { restoreRoots } : {}), ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
     stateDir: config.stateDir,
+    ...(config.hosts[host]?.exportAddress ? { exportAddress: config.hosts[host].exportAddress } : {}),
   });
   // Every host agent also serves the shared maintenance queue (prune, gc, verify).
   const maintenance = await startMaintenanceWorker({

@@ -12,6 +12,7 @@ import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
 import { progressBar } from '../progress-bar.js';
 import { describeVerification } from './repair.js';
+import { runInstant, type InstantOptions } from './instant.js';
 
 const collect = (v: string, prev: string[] = []) => [...prev, v];
 
@@ -151,14 +152,26 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     });
 
   program
-    .command('restore <id>')
-    .description('restore a backup into a directory')
-    .requiredOption('--to <dir>', 'target directory')
+    .command('restore [id]')
+    .description('restore a backup into a directory (--instant: run the VM from the backup at once and copy underneath it)')
+    .option('--to <dir>', 'target directory')
     .addOption(new Option('--format <format>', 'disk format to write (default: as backed up)').choices([...IMAGE_FORMATS]))
     .option('--disk <name>', 'restore only this disk (repeatable)', collect)
     .option('--force', 'replace existing files')
     .option('--json', 'print the result as JSON')
-    .action(async (id: string, o: { to: string; format?: ImageFormat; disk?: string[]; force?: boolean; json?: boolean }) => {
+    .option('--instant', 'start the VM on overlays backed by an NBD export of the backup, then copy to the final images and pivot')
+    .option('--start', '--instant: run QEMU (qemu-system-x86_64) with the restored configuration; its QMP monitor is DIR/qmp.sock')
+    .option('--qmp <socket>', '--instant: give the disks to this running QEMU instead')
+    .option('--rate <bytes>', '--instant: copy at most this many bytes per second (e.g. 50M)')
+    .option('--machine <type>', '--start: QEMU machine (default pc,accel=kvm:tcg)')
+    .option('--memory <size>', '--start: guest memory (default: from the libvirt domain, else 512M)')
+    .option('--resume <dir>', 'finish an instant restore whose vmvault or export died')
+    .action(async (id: string | undefined, o: InstantOptions & { to?: string; format?: ImageFormat; disk?: string[]; force?: boolean; json?: boolean }) => {
+      if (o.instant || o.resume !== undefined) return runInstant(id, o, globals());
+      for (const flag of ['start', 'qmp', 'rate', 'machine', 'memory'] as const) {
+        if (o[flag] !== undefined) throw new VmvaultError('BAD_INPUT', `--${flag} applies to --instant restores only`);
+      }
+      if (id === undefined || !o.to) throw new VmvaultError('BAD_INPUT', 'restore needs the backup id and --to DIR');
       const repo = await openRepository(globals());
       const bar = progressBar(!o.json);
       const result = await restore(repo, {
