@@ -37,6 +37,8 @@ import { JobIndex, jobView, newJobId } from './jobs.js';
 import { linkKey, signLink, verifyLink } from './links.js';
 import { parseRange } from './range.js';
 import * as S from './schemas.js';
+import { registerVmInventory, vmInventoryRoutes } from './routes/vm-inventory.js';
+import type { VmInventory } from '../config/inventory.js';
 
 export interface ApiDeps {
   config: Config;
@@ -48,6 +50,8 @@ export interface ApiDeps {
   now?: () => number;
   /** SLOT_HOLD_MAX_MS (tests shorten it). */
   wholeResponseHoldMs?: number;
+  /** The live inventory (config.vms kept up to date); POST/DELETE /v1/vms need it. */
+  inventory?: VmInventory;
 }
 
 export interface Api {
@@ -161,7 +165,7 @@ const R = {
 };
 
 /** Every path the API serves, for checks of the OpenAPI document. */
-export const API_ROUTES = [...Object.values(R).map((r) => ({ method: r.method, path: r.path })), { method: 'get', path: '/v1/openapi.json' }];
+export const API_ROUTES = [...[...Object.values(R), ...Object.values(vmInventoryRoutes)].map((r) => ({ method: r.method, path: r.path })), { method: 'get', path: '/v1/openapi.json' }];
 
 function pageOf<T>(all: T[], q: { limit: number; cursor?: string | undefined }): { items: T[]; nextCursor: string | null } {
   const offset = q.cursor ? Number(q.cursor) : 0;
@@ -198,7 +202,6 @@ export function createApi(deps: ApiDeps): Api {
   const reader = new DiskReader(repo);
   const wholeResponses = new Limiter(WHOLE_RESPONSES_AT_ONCE);
   const manifests = new PromiseLru<Manifest>(MANIFESTS_KEPT);
-  const vms = new Map(config.vms.map((v) => [v.name, v]));
   const hosts = [...new Set([config.host, ...Object.keys(config.hosts), ...config.vms.map((v) => v.host)])].sort();
   const queues = new Map<string, Queue>();
   const queueOf = (host: string) => {
@@ -260,8 +263,9 @@ export function createApi(deps: ApiDeps): Api {
   }));
 
   const vmOf = (name: string): VmConfig => {
-    const vm = vms.get(name);
-    if (!vm) throw new NotFoundError(`VM "${name}" is not in the inventory; known VMs: ${[...vms.keys()].join(', ') || '(none)'}`);
+    // config.vms is live: the VM file of the state directory adds to it while the service runs.
+    const vm = config.vms.find((v) => v.name === name);
+    if (!vm) throw new NotFoundError(`VM "${name}" is not in the inventory; known VMs: ${config.vms.map((v) => v.name).join(', ') || '(none)'}`);
     return vm;
   };
   const vmView = (v: VmConfig) => ({
@@ -279,6 +283,7 @@ export function createApi(deps: ApiDeps): Api {
     return c.json({ status: ok ? 'ok' as const : 'degraded' as const, redis, repository }, ok ? 200 : 503);
   });
 
+  registerVmInventory(app, deps.inventory);
   app.openapi(R.listVms, (c) => c.json(pageOf(config.vms.map(vmView), c.req.valid('query')), 200));
 
   app.openapi(R.getVm, async (c) => {
