@@ -353,7 +353,7 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
     const api = await startApi(withStateToken(config, adminHash), opts, { redisUrl, repository, logger: log, inventory });
     cleanups.push(() => api.stop());
     say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}`);
-    say(`vmvault: API on ${api.url}/v1 (dashboard: ${api.url}/); add VMs with POST /v1/vms or in ${inventory.file}`);
+    say(`vmvault: API on ${api.url} (routes under /v1; dashboard: ${api.url}/); add VMs with POST /v1/vms or in ${inventory.file}`);
     if (tcp && redisPassword) {
       const passphraseFile = !config.repository ? join(stateDir, 'passphrase') : 'passwordFile' in config.repository ? config.repository.passwordFile : undefined;
       say(`vmvault: Redis also listens on ${opts.redisListen} (password in ${join(stateDir, 'redis.password')}); a worker on another host joins with:`);

@@ -74,7 +74,7 @@ const view = (v: VmConfig) => ({
 
 /** The problems of the would-be file as `{path, message}` about the request's own VM. */
 function refusal(err: ConfigFileError, index: number): ApiError {
-  const prefix = `vms.${index}`;
+  const prefix = `vms[${index}]`;
   const problems = err.problems.map((p) => ({
     path: p.path === prefix ? '(body)' : p.path.startsWith(`${prefix}.`) ? p.path.slice(prefix.length + 1) : p.path,
     message: p.message,
