@@ -37,6 +37,8 @@ import { registerSnapshots, snapshotRoutes } from './routes/snapshots.js';
 import { registerVms, vmRoutes } from './routes/vms.js';
 
 import { EXPORT_ROUTES, registerExportRoutes } from './routes/exports.js';
+import { registerVmInventory, vmInventoryRoutes } from './routes/vm-inventory.js';
+import type { VmInventory } from '../config/inventory.js';
 
 export { checkRestoreDirectory } from './routes/backups.js';
 export { headerSafeName, qemuImgCommand } from './routes/disks-links.js';
@@ -51,6 +53,8 @@ export interface ApiDeps {
   now?: () => number;
   /** SLOT_HOLD_MAX_MS (tests shorten it). */
   wholeResponseHoldMs?: number;
+  /** The live inventory (config.vms kept up to date); POST/DELETE /v1/vms need it. */
+  inventory?: VmInventory;
 }
 
 export interface Api {
@@ -64,7 +68,7 @@ export const MAX_BODY_BYTES = 256 * 1024;
 const ROUTES = { ...healthRoutes, ...vmRoutes, ...snapshotRoutes, ...backupRoutes, ...diskRoutes, ...jobRoutes, ...policyRoutes, ...maintenanceRoutes };
 
 /** Every path the API serves, for checks of the OpenAPI document. */
-export const API_ROUTES = [...Object.values(ROUTES).map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
+export const API_ROUTES = [...Object.values(ROUTES), ...Object.values(vmInventoryRoutes).map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
 
 /** Every resource's routes, in the order of the OpenAPI document. */
 const REGISTER: ((app: OpenAPIHono<Env>, ctx: RouteContext) => unknown)[] = [
@@ -127,6 +131,7 @@ export function createApi(deps: ApiDeps): Api {
   }));
 
   for (const register of REGISTER) register(app, ctx);
+  registerVmInventory(app, deps.inventory);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',
@@ -142,7 +147,6 @@ function createContext(deps: ApiDeps): RouteContext & { close(): Promise<void> }
   const { config, repo } = deps;
   const catalogue = new Catalogue(repo);
   const verification = new VerificationCache(repo);
-  const vms = new Map(config.vms.map((v) => [v.name, v]));
   const queues = new Map<string, Queue>();
   const queueOf = (host: string) => {
     let q = queues.get(host);
@@ -162,8 +166,9 @@ function createContext(deps: ApiDeps): RouteContext & { close(): Promise<void> }
       return entries.map((b) => ({ ...b, verification: states.get(b.id) ?? null }));
     },
     vmOf: (name) => {
-      const vm = vms.get(name);
-      if (!vm) throw new NotFoundError(`VM "${name}" is not in the inventory; known VMs: ${[...vms.keys()].join(', ') || '(none)'}`);
+      // config.vms is live: the VM file of the state directory adds to it while the service runs.
+      const vm = config.vms.find((v) => v.name === name);
+      if (!vm) throw new NotFoundError(`VM "${name}" is not in the inventory; known VMs: ${config.vms.map((v) => v.name).join(', ') || '(none)'}`);
       return vm;
     },
     accepted: async (job) => ({ job: await jobView(job, 'waiting') }),
