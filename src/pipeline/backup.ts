@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
-import { NotFoundError, VmvaultError } from '../errors.js';
+import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
 import { exportImage, type ImageFormat } from '../disk/qemu.js';
 import { NbdClient } from '../disk/nbd.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
@@ -200,16 +200,42 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
  * read starts from.
  */
 async function previousDisks(repo: Repository, vm: string): Promise<Map<string, NonNullable<NamedDisk['previous']>>> {
-  // A damaged manifest costs only itself: the newest readable backup of each disk is used.
-  const previous = (await repo.readManifests()).manifests.filter((m) => m.vm === vm).sort((a, b) => a.time.localeCompare(b.time));
-  const out = new Map<string, NonNullable<NamedDisk['previous']>>();
+  // The VM's backups by their summaries (decrypted once per host); a damaged manifest costs only itself.
+  const history = await repo.vmBackups(vm);
+  const newest = new Map<string, string>();
   const lastFull = new Map<string, string>();
-  for (const m of previous) {
+  const fullAt = new Map<string, string | undefined>();
+  for (const m of history) {
     for (const d of m.disks) {
       if (d.mode !== 'incremental') lastFull.set(d.name, m.time);
-      const full = lastFull.get(d.name);
-      out.set(d.name, { backupId: m.id, chunkSize: m.chunkSize, entry: d, ...(full ? { lastFullRead: full } : {}) });
+      newest.set(d.name, m.id);
+      fullAt.set(d.name, lastFull.get(d.name));
     }
+  }
+  // Only the newest manifest of each disk is read whole (usually one for the whole VM).
+  const manifests = new Map<string, Manifest>();
+  for (const id of new Set(newest.values())) {
+    let m: Manifest;
+    try {
+      m = await repo.loadManifest(id);
+    } catch (err) {
+      // Pruned or damaged since it was listed: those disks are read in full.
+      if (err instanceof NotFoundError || err instanceof IntegrityError) continue;
+      throw err;
+    }
+    if (m.vm !== vm) {
+      repo.warn(`the host's cache listed backup ${id} as one of VM "${vm}", but it is of "${m.vm}": it was ignored; clear the cache (VMVAULT_CACHE_DIR) if this repeats`);
+      continue;
+    }
+    manifests.set(id, m);
+  }
+  const out = new Map<string, NonNullable<NamedDisk['previous']>>();
+  for (const [name, id] of newest) {
+    const m = manifests.get(id);
+    const entry = m?.disks.find((d) => d.name === name);
+    if (!entry) continue;
+    const full = fullAt.get(name);
+    out.set(name, { backupId: m!.id, chunkSize: m!.chunkSize, entry, ...(full ? { lastFullRead: full } : {}) });
   }
   return out;
 }

@@ -101,7 +101,8 @@ export interface IndexLoad {
 export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefined): Promise<{ prefixes: BigUint64Array; load: IndexLoad }> {
   const names = await indexNames(repo.storage);
   const load: IndexLoad = { objects: names.length, fetched: 0, damaged: [], built: false };
-  const parts: Buffer[] = [];
+  // Each object is turned into prefixes at once and dropped: memory is 8 bytes a chunk, not 32 plus the sealed copy.
+  let prefixes = new BigUint64Array(0);
   let total = 0;
   for (const name of names) {
     let sealed: Uint8Array | undefined = await cache?.get(name);
@@ -124,13 +125,16 @@ export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefine
       continue;
     }
     if (!cached) await cache?.put(name, sealed);
-    parts.push(ids);
-    total += ids.length / ID_BYTES;
+    const count = ids.length / ID_BYTES;
+    if (total + count > prefixes.length) {
+      const grown = new BigUint64Array(Math.max(total + count, prefixes.length * 2));
+      grown.set(prefixes.subarray(0, total));
+      prefixes = grown;
+    }
+    for (let o = 0; o < ids.length; o += ID_BYTES) prefixes[total++] = ids.readBigUInt64BE(o);
   }
   await cache?.retain(names);
-  const prefixes = new BigUint64Array(total);
-  let at = 0;
-  for (const ids of parts) for (let o = 0; o < ids.length; o += ID_BYTES) prefixes[at++] = ids.readBigUInt64BE(o);
+  prefixes = prefixes.slice(0, total);
   prefixes.sort();
   return { prefixes: dedupe(prefixes), load };
 }

@@ -1,14 +1,20 @@
 /**
- * A host's cache of a repository's index objects: `<dir>/<repository id>/index/<name>`,
- * as sealed as in the repository (the cache holds nothing storage does not). Objects
- * are immutable and named after their SHA-256, so a cached copy is checked against its
- * name when read, and one that does not match is dropped and fetched again. The cache
- * is an optimisation only: any failure to read or write it warns once and goes on
- * without it, and losing it costs one GET per index object.
+ * A host's cache of what a repository holds that never changes once written, so that a
+ * backup need not download it again: `<dir>/<repository id>/<kind>/<file>`.
+ * - `index/<sha256>`: index objects (chunk-index.ts), as sealed as in the repository;
+ *   named after their SHA-256, so a cached copy is checked against its name when read,
+ *   and one that does not match is dropped and fetched again.
+ * - `backups/<id>`: summaries of manifests (which VM, when, which disks and how each was
+ *   read: summarise() in manifest.ts), so that a backup finds its VM's previous backups
+ *   without decrypting every manifest of the repository. A summary only chooses which
+ *   manifests to load; the manifest itself is then read from the repository and
+ *   authenticated, and must name the VM (Repository.vmBackups).
+ * The cache is an optimisation only: a failure to read or write it warns once and goes
+ * on without it, and losing it costs downloads.
  *
  * Where: `cacheDir` of Repository.open, else VMVAULT_CACHE_DIR ("off" disables it),
- * else $XDG_CACHE_HOME/vmvault, else ~/.cache/vmvault. The service uses its state
- * directory's `cache/`.
+ * else $XDG_CACHE_HOME/vmvault, else ~/.cache/vmvault. The service's workers use their
+ * state directory's `cache/`.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
@@ -33,15 +39,17 @@ function safeHome(): string | undefined {
   }
 }
 
-export class IndexCache {
+/** One kind of cached object: files named by the object's immutable name, in one directory. */
+class CacheDir {
   private broken = false;
-  private readonly dir: string;
 
-  constructor(root: string, repoId: string, private readonly warn: (message: string) => void) {
-    this.dir = join(root, repoId, 'index');
-  }
+  constructor(
+    private readonly dir: string,
+    private readonly warn: (message: string) => void,
+    /** Whether a cached file's content is good for its name; a bad one is dropped. */
+    private readonly good: (name: string, data: Buffer) => boolean = () => true,
+  ) {}
 
-  /** The cached copy of index object `name` (`index/<sha256>`), if there is a good one. */
   async get(name: string): Promise<Buffer | undefined> {
     if (this.broken) return undefined;
     const file = join(this.dir, basename(name));
@@ -52,7 +60,7 @@ export class IndexCache {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') this.fail(err);
       return undefined;
     }
-    if (createHash('sha256').update(data).digest('hex') === basename(name)) return data;
+    if (this.good(basename(name), data)) return data;
     await rm(file, { force: true }).catch(() => undefined);
     return undefined;
   }
@@ -71,7 +79,7 @@ export class IndexCache {
     }
   }
 
-  /** Forgets cached objects the repository no longer has (compacted by gc). */
+  /** Forgets cached objects the repository no longer has (compacted by gc, pruned). */
   async retain(names: readonly string[]): Promise<void> {
     if (this.broken) return;
     const keep = new Set(names.map((n) => basename(n)));
@@ -87,6 +95,23 @@ export class IndexCache {
 
   private fail(err: unknown): void {
     this.broken = true;
-    this.warn(`the chunk index cache in ${this.dir} cannot be used (${errorMessage(err)}): going on without it, which costs one download per index object; set VMVAULT_CACHE_DIR to a writable directory, or "off"`);
+    this.warn(`the cache in ${this.dir} cannot be used (${errorMessage(err)}): going on without it, which costs downloads; ` +
+      'set VMVAULT_CACHE_DIR to a writable directory, or "off"');
+  }
+}
+
+const sha256Hex = (data: Buffer) => createHash('sha256').update(data).digest('hex');
+
+/** Index objects (`index/<sha256>`), checked against their names. */
+export class IndexCache extends CacheDir {
+  constructor(root: string, repoId: string, warn: (message: string) => void) {
+    super(join(root, repoId, 'index'), warn, (name, data) => sha256Hex(data) === name);
+  }
+}
+
+/** Manifest summaries (`backups/<id>`), as JSON. */
+export class SummaryCache extends CacheDir {
+  constructor(root: string, repoId: string, warn: (message: string) => void) {
+    super(join(root, repoId, 'backups'), warn);
   }
 }

@@ -15,10 +15,10 @@ import {
 import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId } from './chunk.js';
-import { backupName, manifestSchema, type Manifest } from './manifest.js';
+import { backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
 import { ChunkIndex, INDEX_FLUSH_ENTRIES, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
-import { IndexCache, defaultCacheDir } from './index-cache.js';
+import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 
@@ -71,6 +71,7 @@ export class Repository {
   /** Chunks stored by this session and not yet in an index object (chunk-index.ts). */
   private readonly unindexed: string[] = [];
   private cache: IndexCache | undefined | null = null;
+  private summaries: SummaryCache | undefined | null = null;
 
   private constructor(
     readonly storage: Storage,
@@ -345,6 +346,7 @@ export class Repository {
     await this.flushIndex();
     const plain = compress(Buffer.from(JSON.stringify(m)), { compressionLevel: 3 });
     await this.storage.put(backupName(m.id), seal(this.keys.encKey, 'manifest', plain, additionalData(this.id, 'manifest', m.id)));
+    await this.summaryCache()?.put(m.id, Buffer.from(JSON.stringify(summarise(m))));
   }
 
   async loadManifest(id: string): Promise<Manifest> {
@@ -406,6 +408,39 @@ export class Repository {
     return { manifests, damaged: damaged.sort((a, b) => a.id.localeCompare(b.id)) };
   }
 
+  /**
+   * Summaries of `vm`'s backups, oldest first. Each manifest of the repository is
+   * decrypted once per host, the first time it is seen, and its summary kept in the
+   * host's cache (index-cache.ts): a backup's cost does not grow with the other VMs'
+   * backups beyond one LIST of `backups/`. Damaged manifests are left out (they cost
+   * only their own backup), and read again next time.
+   */
+  async vmBackups(vm: string): Promise<BackupSummary[]> {
+    const ids = await this.backupIds();
+    const cache = this.summaryCache();
+    const out: BackupSummary[] = [];
+    await mapLimit(ids, 16, async (id) => {
+      let summary = parseSummary(await cache?.get(id), id);
+      if (!summary) {
+        try {
+          summary = summarise(await this.loadManifest(id));
+        } catch (err) {
+          if (err instanceof NotFoundError || err instanceof IntegrityError) return;
+          throw err;
+        }
+        await cache?.put(id, Buffer.from(JSON.stringify(summary)));
+      }
+      if (summary.vm === vm) out.push(summary);
+    });
+    await cache?.retain(ids);
+    return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+  }
+
+  private summaryCache(): SummaryCache | undefined {
+    if (this.summaries === null) this.summaries = this.session.cacheDir ? new SummaryCache(this.session.cacheDir, this.id, (m) => this.warn(m)) : undefined;
+    return this.summaries;
+  }
+
   /** Resolves a unique prefix of a backup id, as git does. */
   async resolveBackupId(prefix: string): Promise<string> {
     return resolvePrefix(prefix, await this.backupIds(), 'backup');
@@ -438,6 +473,17 @@ export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (it
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, run));
   return out;
+}
+
+/** A cached summary, if it is one and of this backup. */
+function parseSummary(raw: Buffer | undefined, id: string): BackupSummary | undefined {
+  if (!raw) return undefined;
+  try {
+    const s = JSON.parse(raw.toString('utf8')) as BackupSummary;
+    return s && s.id === id && typeof s.vm === 'string' && typeof s.time === 'string' && Array.isArray(s.disks) ? s : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function encodeJson(v: unknown): Uint8Array {

@@ -247,3 +247,39 @@ describe('chunk index', () => {
     }
   });
 });
+
+describe("a VM's previous backups", () => {
+  test('are found without decrypting other VMs\' manifests again: one GET for its newest manifest once the host has seen the rest', async () => {
+    const { dir, storage } = await setup();
+    const cache = join(dir.path, 'cache');
+    try {
+      const open = () => Repository.open(storage, PASSWORD, { cacheDir: cache, onWarning: () => {} });
+      const images = new Map<string, string>();
+      for (const vm of ['a', 'b', 'c']) {
+        images.set(vm, await makeImage(dir.path, `${vm}.qcow2`, 'qcow2', 4 * MiB, random(3, vm.charCodeAt(0))));
+        for (let i = 0; i < 2; i++) await backupVm(await open(), { vm, driver: 'image', disks: [{ path: images.get(vm)!, format: 'qcow2' }] });
+      }
+      storage.reset();
+      const repo = await open();
+      const next = await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: images.get('a')!, format: 'qcow2' }] });
+      assert.equal(next.manifest.disks[0]!.mode, 'incremental', 'the previous backup was found');
+      assert.equal(storage.n('get backups/'), 1, 'only the newest manifest of VM a is read');
+      // A cache that lies (another VM's backup listed as a's) is ignored with a warning, never trusted.
+      const summaries = join(cache, repo.id, 'backups');
+      const bId = (await repo.vmBackups('b')).at(-1)!.id;
+      const { readFile: rf } = await import('node:fs/promises');
+      const lie = JSON.parse(await rf(join(summaries, bId), 'utf8'));
+      lie.vm = 'a';
+      lie.time = new Date(Date.now() + 3600_000).toISOString();
+      await writeFile(join(summaries, bId), JSON.stringify(lie));
+      const warnings: string[] = [];
+      const fooled = await Repository.open(storage, PASSWORD, { cacheDir: cache, onWarning: (m) => warnings.push(m) });
+      const after = await backupVm(fooled, { vm: 'a', driver: 'image', disks: [{ path: images.get('a')!, format: 'qcow2' }] });
+      assert.ok(warnings.some((w) => w.includes(`backup ${bId} as one of VM "a", but it is of "b"`)), warnings.join('\n'));
+      assert.equal(after.manifest.disks[0]!.mode, 'incremental', "a's own previous backup still counts");
+      await restoredEqual(fooled, after.manifest.id, images.get('a')!, join(dir.path, 'out'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+});
