@@ -4,7 +4,7 @@
  * concurrency; the manifest is written last. The pipeline only reads, chunks and
  * commits: how the instant is taken is the driver's business.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
@@ -162,7 +162,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
       meter.disk = disk.name;
       const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;
       const chunks = await backupDisk(disk, {
-        repo, pool, known, stats, meter, inFlight: req.inFlight ?? 10, ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
+        repo, pool, known, stats, meter, inFlight: req.inFlight ?? 10, startAt: startFor(req.vm, disk.name), ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
       });
       disks.push({
         ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.slice(0, MAX_AUDIT_OFFSETS) } } : {}),
@@ -191,6 +191,12 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   await lock.confirm();
   await repo.saveManifest(manifest);
   return { manifest, stats };
+}
+
+/** Where a disk's reading starts (chunk-reader.ts): the same for every backup of that disk, different for other VMs' disks. */
+function startFor(vm: string, disk: string): (n: number) => number {
+  const seed = BigInt(`0x${createHash('sha256').update(`${vm}\0${disk}`).digest('hex').slice(0, 12)}`);
+  return (n) => Number(seed % BigInt(n));
 }
 
 /**

@@ -52,6 +52,8 @@ export interface ReadChunksOptions {
   /** With `changes`: read everything and tally what tracking got wrong here. */
   audit?: AuditTally;
   signal?: AbortSignal;
+  /** Where reading starts among n windows or chunks (a whole number below n); at the beginning when absent. See the loop. */
+  startAt?: (n: number) => number;
 }
 
 /** Block status is asked for, and dirty ranges looked at, this much of the disk at a time. */
@@ -126,12 +128,20 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     return true;
   };
 
-  for (let start = 0; start < size && window.ok; start += STATUS_WINDOW) {
+  // Windows, and the chunks to read within each, are taken from a place of their own per
+  // VM and disk onwards and wrapped around: backups of clones that start together (one
+  // schedule, many hosts) then upload different parts first and find the rest stored by
+  // the others, instead of reading the same chunk at the same moment and both uploading it.
+  const windows = Math.ceil(size / STATUS_WINDOW);
+  const firstWindow = o.startAt ? o.startAt(windows) : 0;
+  for (let w = 0; w < windows && window.ok; w++) {
+    const start = ((firstWindow + w) % windows) * STATUS_WINDOW;
     const end = Math.min(size, start + STATUS_WINDOW);
     const changed = changes ? await changes.dirty(start, end - start) : undefined;
     if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
     const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
     const dirty = changed ? new RangeCursor(changed) : undefined;
+    const toRead: ChunkPlan[] = [];
     for (const plan of plans) {
       if (dirty && !dirty.meets(plan.offset, plan.length)) {
         // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
@@ -149,7 +159,12 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
         meter.add(plan.length);
         continue;
       }
+      toRead.push(plan);
+    }
+    const first = o.startAt && toRead.length ? o.startAt(toRead.length) : 0;
+    for (let i = 0; i < toRead.length; i++) {
       signal?.throwIfAborted();
+      const plan = toRead[(first + i) % toRead.length]!;
       await window.add(() => one(plan));
     }
   }
