@@ -60,14 +60,17 @@ async function queuedJob(what: string): Promise<string> {
 }
 
 /** Waits until the jobs table shows job `id` finished; returns its state and the progress texts seen on the way. */
-async function jobEnd(id: string): Promise<{ state: string; progress: string[] }> {
+async function jobEnd(id: string, runningShot?: string): Promise<{ state: string; progress: string[] }> {
   const row = page.locator(`#jobs tr[data-job="${id}"]`);
   const progress: string[] = [];
   const state = await waitFor(`job ${id} to finish in the dashboard`, async () => {
     if (await row.count() === 0) return undefined;
     const s = await row.getAttribute('data-state');
     const p = await row.locator('.progress-cell').innerText();
-    if (p && progress.at(-1) !== `${s}: ${p}`) progress.push(`${s}: ${p}`);
+    if (p && progress.at(-1) !== `${s}: ${p}`) {
+      progress.push(`${s}: ${p}`);
+      if (runningShot && s === 'active' && !progress.slice(0, -1).some((x) => x.startsWith('active:'))) await shot(runningShot);
+    }
     return s === 'completed' || s === 'failed' ? s : undefined;
   }, 60_000, output, 100);
   return { state, progress };
@@ -157,14 +160,14 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     await rm(raw);
     await page.click('#vms tr[data-vm="web"] button[data-action="backup"]');
     const id = await queuedJob('backup of web');
-    const end = await jobEnd(id);
+    const end = await jobEnd(id, '03-backup-running');
     console.log(`# progress seen: ${JSON.stringify(end.progress)}`);
     if (end.progress.some((p) => p.startsWith('active:'))) assert.match(end.progress.find((p) => p.startsWith('active:'))!, /^active: \d+% · [\d.]+ MiB of [\d.]+ MiB · [\d.]+ [KMG]?i?B\/s · ETA /);
     assert.equal(end.state, 'completed', await text(`#jobs tr[data-job="${id}"]`));
     assert.match(end.progress.at(-1)!, /^completed: 100% · [\d.]+ MiB of [\d.]+ MiB · [\d.]+ [KMG]?i?B\/s/);
     await page.locator('#backups tbody tr').nth(1).waitFor();
     assert.equal(await page.locator('#backups tbody tr').count(), 2);
-    await shot('03-backup-done');
+    await shot('04-backup-done');
   });
 
   test('restore the new backup onto hosta: the restored image is identical to the source', async () => {
@@ -177,7 +180,7 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     const target = join(restoreRoot, 'web-restored');
     await page.fill('#restore-form [name=directory]', target);
     await page.selectOption('#restore-form [name=format]', 'qcow2');
-    await shot('04-restore-form');
+    await shot('05-restore-form');
     await page.click('#restore-form button[type=submit]');
     const job = await queuedJob('restore of');
     const end = await jobEnd(job);
@@ -206,7 +209,7 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     assert.match(error, /broken\.qcow2/);
     await page.locator('#vms tr[data-vm="broken"] .result.failed').waitFor();
     assert.equal(await page.locator('#vms tr[data-vm="broken"] .result').getAttribute('title'), error);
-    await shot('05-failed-job');
+    await shot('06-failed-job');
   });
 
   test('snapshots: take one with a label and an expiry, revert to it (confirmed), delete it', async () => {
@@ -218,7 +221,7 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     const row = page.locator('#snapshots tr[data-snapshot="before-upgrade"]');
     await row.waitFor({ timeout: 30_000 });
     assert.match(await row.innerText(), /before-upgrade\s+pre-update\s+\d+ s ago\s+in 6 d 23 h\s+root/);
-    await shot('06-snapshot');
+    await shot('07-snapshot');
     await row.locator('button[data-action="revert"]').click();
     const revert = await queuedJob('revert of web');
     assert.equal((await jobEnd(revert)).state, 'completed');
@@ -236,7 +239,7 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     await page.locator('#preview').filter({ hasText: 'keeps 1, forgets 1' }).waitFor();
     assert.equal(await page.locator(`#preview tr[data-backup="${firstBackup}"] td.failed`).innerText(), 'forget');
     assert.equal(await page.locator('#preview tr.keep td').nth(5).innerText(), 'last');
-    await shot('07-retention-preview');
+    await shot('08-retention-preview');
   });
 
   test('hosts: from GET /v1/status when the server has it, "status not available" otherwise', async () => {
@@ -251,7 +254,7 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
       assert.match(await text('#hosts tr[data-host="hosta"]'), /online/);
       for (const vm of s.vms) assert.equal(await page.locator(`#vms tr[data-vm="${vm.name}"].overdue`).count(), vm.overdue ? 1 : 0, vm.name);
     }
-    await shot('08-hosts');
+    await shot('09-hosts');
   });
 
   test('sign out forgets the token', async () => {

@@ -68,5 +68,11 @@ export async function status(): Promise<StatusView | null> {
   if (r.status === 404) return null;
   if (r.status === 401) browser.dispatchEvent(new Event(UNAUTHORIZED_EVENT));
   if (!r.ok) throw new ApiFailure(r.status, 'HTTP', `GET /v1/status answered ${r.status}`);
-  return (await r.json()) as StatusView;
+  // Another part of the service answers this: a shape other than expected shows as empty, never breaks the page.
+  const body = (await r.json()) as Partial<StatusView> | null;
+  const list = <T>(v: T[] | undefined): T[] => (Array.isArray(v) ? v : []);
+  return { generatedAt: String(body?.generatedAt ?? ''), policies: list(body?.policies), vms: list(body?.vms), hosts: list(body?.hosts).map((x) => {
+    const q: Partial<StatusView['hosts'][number]['queue']> = x.queue ?? {};
+    return { ...x, workers: list(x.workers), queue: { waiting: q.waiting ?? 0, active: q.active ?? 0, delayed: q.delayed ?? 0, failed: q.failed ?? 0 } };
+  }) };
 }
