@@ -6,7 +6,10 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
-import { assertError, startFixture, type Fixture } from './fixture.js';
+import { hc } from 'hono/client';
+import type { PoliciesApp } from '../../../src/api/routes/policies.js';
+import type { VmsApp } from '../../../src/api/routes/vms.js';
+import { assertError, startFixture, TOKENS, type Fixture } from './fixture.js';
 
 let f: Fixture;
 before(async () => { f = await startFixture(); });
@@ -59,5 +62,20 @@ describe('the dashboard\'s files', () => {
     assertError({ status: nope.status, body: await nope.json() }, 404, 'NOT_FOUND', /no dashboard file/);
     assertError(await f.call('POST', '/', { body: {} }), 401, 'UNAUTHORIZED');
     assertError(await f.call('GET', '/ui/../v1/vms'), 401, 'UNAUTHORIZED');
+  });
+});
+
+describe('the typed client the dashboard uses (hono/client), in-process', () => {
+  const options = () => ({ headers: { authorization: `Bearer ${TOKENS.viewer}` }, fetch: (input: Request | URL | string, init?: RequestInit) => f.api.app.request(input instanceof Request ? input : String(input), init) });
+
+  test('typed calls reach the routes and carry the token', async () => {
+    const vms = hc<VmsApp>('http://localhost', options()).v1.vms;
+    const list = await vms.$get({ query: { limit: '2' } });
+    assert.equal(list.status, 200);
+    if (list.status === 200) assert.deepEqual((await list.json()).items.map((v) => v.name), ['web', 'db']);
+    const unknown = await vms[':vm'].$get({ param: { vm: 'nope' } });
+    assert.equal(unknown.status, 404);
+    const preview = await hc<PoliciesApp>('http://localhost', options()).v1.policies[':name'].preview.$get({ param: { name: 'none' }, query: {} });
+    assert.equal(preview.status, 404);
   });
 });
