@@ -65,7 +65,11 @@ const ROUTES = { ...healthRoutes, ...vmRoutes, ...snapshotRoutes, ...backupRoute
 /** Every path the API serves, for checks of the OpenAPI document. */
 export const API_ROUTES = [...Object.values(ROUTES).map((r) => ({ method: r.method, path: r.path })), { method: 'get', path: '/v1/openapi.json' }];
 
-/** Every resource's routes, in the order of the OpenAPI document. */
+/**
+ * Every resource's routes, in the order of the OpenAPI document. A new resource is a
+ * module in ./routes/ exporting its route declarations (spread into ROUTES above, for
+ * API_ROUTES) and `registerX(app, ctx)` (added here); its `XApp` type serves hono/client.
+ */
 const REGISTER: ((app: OpenAPIHono<Env>, ctx: RouteContext) => unknown)[] = [
   registerHealth, registerVms, registerSnapshots, registerBackups, registerDisksLinks, registerJobs, registerPolicies, registerMaintenance,
 ];
