@@ -4,8 +4,8 @@
  * OpenAPI document; each resource's routes live in ./routes/. This file is the
  * wiring: the shared context, logging, path checks, authentication, body limits,
  * errors and the OpenAPI document. Every route needs a bearer token except
- * `GET /v1/health` and the signed disk links (`/v1/links/…`, which carry their own
- * signature).
+ * `GET /v1/health`, the signed disk links (`/v1/links/…`, which carry their own
+ * signature) and the web dashboard's static page and scripts (`/`, `/ui/…`).
  *
  * The API never touches a hypervisor's disks: backups, restores and maintenance are
  * jobs on the queues (a restore runs on the worker of the host that receives it).
@@ -28,6 +28,7 @@ import { ApiError, sendError, toApiError } from './errors.js';
 import { JobIndex, jobView } from './jobs.js';
 import { backupRoutes, registerBackups } from './routes/backups.js';
 import type { Env, RouteContext } from './routes/common.js';
+import { isDashboardPath, registerDashboard } from './routes/dashboard.js';
 import { diskRoutes, registerDisksLinks } from './routes/disks-links.js';
 import { healthRoutes, registerHealth } from './routes/health.js';
 import { jobRoutes, registerJobs } from './routes/jobs.js';
@@ -68,9 +69,13 @@ export const MAX_BODY_BYTES = 256 * 1024;
 const ROUTES = { ...healthRoutes, ...vmRoutes, ...snapshotRoutes, ...backupRoutes, ...diskRoutes, ...jobRoutes, ...policyRoutes, ...maintenanceRoutes };
 
 /** Every path the API serves, for checks of the OpenAPI document. */
-export const API_ROUTES = [...Object.values(ROUTES), ...Object.values(vmInventoryRoutes).map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
+export const API_ROUTES = [...[...Object.values(ROUTES), ...Object.values(vmInventoryRoutes)].map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
 
-/** Every resource's routes, in the order of the OpenAPI document. */
+/**
+ * Every resource's routes, in the order of the OpenAPI document. A new resource is a
+ * module in ./routes/ exporting its route declarations (spread into ROUTES above, for
+ * API_ROUTES) and `registerX(app, ctx)` (added here); its `XApp` type serves hono/client.
+ */
 const REGISTER: ((app: OpenAPIHono<Env>, ctx: RouteContext) => unknown)[] = [
   registerHealth, registerVms, registerSnapshots, registerBackups, registerDisksLinks, registerJobs, registerPolicies, registerMaintenance, registerExportRoutes,
 ];
@@ -110,7 +115,8 @@ export function createApi(deps: ApiDeps): Api {
       throw new ApiError(400, 'BAD_REQUEST', 'malformed path: empty, "." or ".." segments and encoded "/", "\\" or "." are not accepted');
     }
     const method = c.req.method;
-    const open = (method === 'GET' || method === 'HEAD') && (raw === '/v1/health' || /^\/v1\/links\/[^/]+$/.test(raw));
+    // The dashboard's page and scripts hold no data: they are public; its API calls carry the token.
+    const open = (method === 'GET' || method === 'HEAD') && (raw === '/v1/health' || /^\/v1\/links\/[^/]+$/.test(raw) || isDashboardPath(raw));
     if (!open) {
       const p = tokens.authenticate(c.req.header('authorization'));
       if (!p) {
@@ -132,6 +138,7 @@ export function createApi(deps: ApiDeps): Api {
 
   for (const register of REGISTER) register(app, ctx);
   registerVmInventory(app, deps.inventory);
+  registerDashboard(app);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

@@ -195,3 +195,16 @@ export const SnapshotSchema = z.object({
 }).openapi('Snapshot');
 
 export const SnapshotList = z.object({ items: z.array(SnapshotSchema), job: z.string() }).openapi('SnapshotList');
+
+export const PolicyParam = z.object({ name: nameParam('policy name (its name: field)') });
+export const RetentionPreviewQuery = z.object({ vm: z.string().min(1).max(200).optional().openapi({ description: 'only this VM\'s backups' }) });
+export const RetentionPreview = z.object({
+  policy: z.string(),
+  at: z.string().openapi({ format: 'date-time', description: 'the instant the retention was evaluated at' }),
+  items: z.array(z.object({
+    id: z.string(), vm: z.string(), time: z.string(), labels: z.array(z.string()),
+    ruleLabel: z.string().optional().openapi({ description: 'the byLabel rules used, when the backup carries such a label' }),
+    keep: z.boolean(),
+    reasons: z.array(z.string()).openapi({ description: 'the rules that keep it (e.g. daily, last, within); empty when it would be forgotten' }),
+  })).openapi({ description: 'the backups the policy governs, per VM newest first' }),
+}).openapi('RetentionPreview');

@@ -62,7 +62,7 @@ export const binary = (description: string) => ({ content: { 'application/octet-
 export const body = <T extends z.ZodType>(schema: T, required = true) => ({ body: { content: { 'application/json': { schema } }, required } });
 
 /** A route that needs `role` ('none': no token, e.g. health and signed links); the role is stated in its description. */
-export function route<R extends RouteConfig>(r: R & { role: Role | 'none' }): R {
+export function route<const R extends RouteConfig>(r: R & { role: Role | 'none' }): R {
   const { role, ...rest } = r;
   return createRoute({
     ...rest,

@@ -32,6 +32,17 @@ describe('/v1/maintenance', () => {
     assert.equal((await f.call('GET', '/v1/backups', { role: 'viewer' })).body.items.length, 2);
   });
 
+  test('the retention preview says what prune will do, with the rules that keep each backup', async () => {
+    const r = await f.call('GET', '/v1/policies/keep1/preview?vm=web', { role: 'viewer' });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    assert.equal(r.body.policy, 'keep1');
+    assert.deepEqual(r.body.items.map((i: any) => [i.id, i.keep, i.reasons]), [[ids[1], true, ['last']], [ids[0], false, []]]);
+    assert.deepEqual((await f.call('GET', '/v1/policies/keep1/preview', { role: 'viewer' })).body.items.length, 2);
+    assertError(await f.call('GET', '/v1/policies/nope/preview', { role: 'viewer' }), 404, 'NOT_FOUND', /no valid policy "nope" in the policies directory; valid policies: keep1/);
+    assertError(await f.call('GET', '/v1/policies/keep1/preview?vm=nope', { role: 'viewer' }), 404, 'NOT_FOUND', /VM "nope"/);
+    assertError(await f.call('GET', '/v1/policies/keep1/preview?vm=', { role: 'viewer' }), 400, 'BAD_REQUEST', /vm/);
+  });
+
   test('prune applies the policy: a dry run keeps everything, a real one keeps the last', async () => {
     await run('/v1/maintenance/prune', { policy: 'keep1', dryRun: true });
     assert.equal((await f.call('GET', '/v1/backups', { role: 'viewer' })).body.items.length, 2);
