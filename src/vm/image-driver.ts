@@ -36,7 +36,7 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
   let recovered = 0;
   const release = async (committed: boolean) => {
     for (const e of exports.splice(0)) await e.close();
-    for (const { disk } of taken) if (disk.snapshot) await snapshotDelete(disk.path, disk.snapshot);
+    for (const { disk } of taken) if (disk.snapshot) await snapshotDelete(disk.path, disk.snapshot, { known: true });
     // Tracking moves to the new bitmap only once its backup is saved; a bitmap that cannot
     // be removed now (a VM started meanwhile) is removed as stale by the next backup.
     for (const t of taken) {
@@ -72,7 +72,7 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
   const newBitmap = bitmapName(opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {
-    await snapshotCreate(d.path, snapshot);
+    await snapshotCreate(d.path, snapshot, d.snapshots);
   } catch (err) {
     await bitmapChange(d.path, '--remove', newBitmap).catch(() => {});
     throw err;
@@ -92,7 +92,7 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
 async function removeLeftovers(d: NamedDisk): Promise<number> {
   let n = 0;
   for (const s of d.snapshots.filter((x) => x.name.startsWith(SNAPSHOT_PREFIX))) {
-    await snapshotDelete(d.path, s.name);
+    await snapshotDelete(d.path, s.name, { known: true });
     n++;
   }
   const keep = d.previous?.entry.bitmap;
