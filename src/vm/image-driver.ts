@@ -11,7 +11,7 @@ import { errorMessage } from '../errors.js';
 import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { BITMAP_PREFIX, bitmapChanges, bitmapName, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
+import { BITMAP_PREFIX, bitmapExport, bitmapName, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
@@ -77,9 +77,9 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
     await bitmapChange(d.path, '--remove', newBitmap).catch(() => {});
     throw err;
   }
-  const changes = decision.since ? bitmapChanges(d, decision.since, exports) : undefined;
+  const served = decision.since ? bitmapExport(d, decision.since, snapshot, exports) : undefined;
   return {
-    disk: tracked(d, decision, changes, { snapshot, bitmap: newBitmap }),
+    disk: tracked(d, decision, served?.changes, { snapshot, bitmap: newBitmap, ...(served ? { connect: served.connect } : {}) }),
     newBitmap, ...(d.previous?.entry.bitmap ? { oldBitmap: d.previous.entry.bitmap } : {}),
   };
 }

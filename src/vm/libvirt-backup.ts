@@ -242,7 +242,7 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
         }
       }
       disks.push(tracked(p.named, p.decision, changes, {
-        nbd: { socket, exportName: e.exportName }, ...(withCheckpoint && p.named.format === 'qcow2' ? { bitmap: checkpoint } : {}),
+        connect: () => NbdClient.connect(socket, { exportName: e.exportName }), ...(withCheckpoint && p.named.format === 'qcow2' ? { bitmap: checkpoint } : {}),
       }));
     }
     let closing: Promise<void> | undefined;
