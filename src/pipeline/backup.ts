@@ -10,7 +10,7 @@ import { basename } from 'node:path';
 import { hostname } from 'node:os';
 import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
 import { exportImage, type ImageFormat } from '../disk/qemu.js';
-import { NbdClient } from '../disk/nbd.js';
+import type { NbdClient } from '../disk/nbd.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
@@ -57,10 +57,12 @@ export interface FrozenDisk extends NamedDisk {
   audit?: boolean;
   fileStamp?: FileStamp;
   /**
-   * Read through this NBD export (a hypervisor's own server, e.g. a libvirt pull-mode
-   * backup) instead of a qemu-nbd of `path`: the export is the instant.
+   * The driver serves this disk itself (libvirt's NBD export of a pull-mode backup, or
+   * the qemu-nbd that also serves the bitmap): the pipeline reads through a client
+   * from here instead of starting a qemu-nbd of `path`, and closes that client; the
+   * driver's `close()` stops its server.
    */
-  nbd?: { socket: string; exportName: string };
+  connect?: () => Promise<NbdClient>;
 }
 
 /** What the pipeline needs of a backup besides the frozen disks. */
@@ -274,7 +276,7 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
 async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' | 'size' | 'changes'>): Promise<(string | null)[]> {
   let exp: Promise<{ client: NbdClient; close(): Promise<void> }> | undefined;
   const open = (): Promise<{ client: NbdClient; close(): Promise<void> }> => {
-    if (disk.nbd) return NbdClient.connect(disk.nbd.socket, { exportName: disk.nbd.exportName }).then((client) => ({ client, close: () => client.close() }));
+    if (disk.connect) return disk.connect().then((client) => ({ client, close: () => client.close() }));
     return exportImage(disk.path, {
       format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
     });

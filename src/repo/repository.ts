@@ -12,6 +12,7 @@ import {
   constantTimeEqualHex, deriveKeys, generateMaster, keyFileSchema, mac, openMaster, sealMaster,
   type KdfPreset, type KeyFile, type RepoKeys,
 } from '../crypto/keys.js';
+import { cachedMaster, storeMaster, type KeyCache } from '../crypto/key-cache.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId } from './chunk.js';
@@ -53,6 +54,12 @@ export interface OpenOptions {
   onWarning?: (message: string) => void;
   /** This host's cache of the chunk index (index-cache.ts); default from the environment, false for none. */
   cacheDir?: string | false;
+  /**
+   * This host's cache of opened keys (src/crypto/key-cache.ts): skips Argon2id when
+   * this passphrase opened this exact key object here before. Only for passphrases
+   * stored on the host anyway (a file, the environment, the service's configuration).
+   */
+  keyCache?: KeyCache;
 }
 
 interface Session { noLock: boolean; warn: (message: string) => void; cacheDir: string | undefined }
@@ -144,6 +151,21 @@ export class Repository {
     const store = session.noLock ? readOnly(storage, 'opened with --no-lock, which only reads') : storage;
     const config = await Repository.readConfig(store);
     const { files, damaged } = await Repository.readKeyFiles(store);
+    const opened = (master: Uint8Array, keyId: string): Repository => {
+      // Another key opened the repository: a damaged one costs only itself, but should be fixed.
+      for (const d of damaged) session.warn(`key file ${d.name} is damaged (${d.problem}) and was skipped; remove it with "vmvault key remove ${d.id}"`);
+      return Repository.withMaster(store, config, master, keyId, session);
+    };
+    const cache = opts.keyCache;
+    if (cache) {
+      for (const [keyId, file] of files) {
+        const master = await cachedMaster(cache, config.id, keyId, file, passphrase).catch((err: unknown) => {
+          session.warn(`the key cache in ${cache.dir} was not used: ${errorMessage(err)}`);
+          return undefined;
+        });
+        if (master) return opened(master, keyId);
+      }
+    }
     for (const [keyId, file] of files) {
       let master: Uint8Array | undefined;
       try {
@@ -154,9 +176,12 @@ export class Repository {
         continue;
       }
       if (!master) continue;
-      // Another key opened the repository: a damaged one costs only itself, but should be fixed.
-      for (const d of damaged) session.warn(`key file ${d.name} is damaged (${d.problem}) and was skipped; remove it with "vmvault key remove ${d.id}"`);
-      return Repository.withMaster(store, config, master, keyId, session);
+      const repo = opened(master, keyId);
+      if (cache) {
+        await storeMaster(cache, config.id, keyId, file, passphrase, master).catch((err: unknown) =>
+          session.warn(`could not write the key cache in ${cache.dir}: ${errorMessage(err)}`));
+      }
+      return repo;
     }
     const broken = damaged.length ? `; ${damaged.length} key file(s) are damaged and were skipped: ${damaged.map((d) => `${d.name} (${d.problem})`).join(', ')}` : '';
     throw new VmvaultError('WRONG_PASSWORD', `wrong passphrase: it opens none of the ${files.size} readable key(s) of the repository at ${storage.location}${broken}; nothing was changed`);

@@ -87,6 +87,8 @@ async function abortLeftoverJob(domain: string, warn: Warn): Promise<void> {
   }
   warn('aborting the libvirt backup job an earlier run left in the domain', { domain });
   await virsh(['domjobabort', domain], domain);
+  const socket = /<server\b[^>]*\bsocket='([^']+)'/.exec(xml)?.[1];
+  if (socket && path.basename(path.dirname(socket)).startsWith(SOCKET_DIR_PREFIX)) await fs.rm(path.dirname(socket), { recursive: true, force: true });
 }
 
 /** The virtual size libvirt reports for a disk (virsh domblkinfo's Capacity). */
@@ -180,7 +182,7 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
       path: path.resolve(d.path), format: d.format, virtualSize: await capacity(domain, d.target), actualSize: 0,
       references: [], snapshots: [], bitmaps: [], formatSource: 'declared', chain: [], name, ...(previous ? { previous } : {}),
     };
-    const scratch = path.join(o.scratchDir ?? path.dirname(named.path), `${path.basename(named.path)}.vmvault-scratch-${o.backupId.slice(0, 12)}.qcow2`);
+    const scratch = path.join(o.scratchDir ?? path.dirname(named.path), `${path.basename(named.path)}.vmvault-scratch-${d.target}-${o.backupId.slice(0, 12)}.qcow2`);
     plans.push({ named, disk: d, decision: withAudit(named, decideDomainDisk(named, existing, o.fullRead), o.audit), scratch });
   }
   const others = (await virsh(['domblklist', domain, '--details'], domain)).split('\n')
@@ -189,7 +191,10 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
   // A private directory for the NBD socket, owned by the user QEMU runs as (the owner of the image it has open).
   const dir = await fs.mkdtemp(path.join(os.tmpdir().length <= 60 ? os.tmpdir() : '/tmp', SOCKET_DIR_PREFIX));
   const owner = await fs.stat(plans[0]!.named.path);
-  await fs.chown(dir, owner.uid, owner.gid);
+  // Not root (a user of libvirt's group): QEMU runs as this user too, or the socket cannot be made anyway.
+  await fs.chown(dir, owner.uid, owner.gid).catch((err: unknown) => {
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') throw err;
+  });
   const socket = path.join(dir, 'nbd.sock');
   const checkpoint = bitmapName(o.backupId);
   const clients: NbdClient[] = [];
@@ -242,7 +247,7 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
         }
       }
       disks.push(tracked(p.named, p.decision, changes, {
-        nbd: { socket, exportName: e.exportName }, ...(withCheckpoint && p.named.format === 'qcow2' ? { bitmap: checkpoint } : {}),
+        connect: () => NbdClient.connect(socket, { exportName: e.exportName }), ...(withCheckpoint && p.named.format === 'qcow2' ? { bitmap: checkpoint } : {}),
       }));
     }
     let closing: Promise<void> | undefined;

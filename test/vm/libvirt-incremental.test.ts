@@ -13,7 +13,8 @@ import { compareImages } from '../../src/disk/qemu.js';
 import { restore } from '../../src/pipeline/restore.js';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
-import { backupVm, type VmBackupResult } from '../../src/vm/drivers.js';
+import { backupVm, openPointInTime, type VmBackupResult } from '../../src/vm/drivers.js';
+import { newBackupId } from '../../src/pipeline/backup.js';
 import { defineDomain, guestWrite, libvirtMissing, startLibvirt, type TestLibvirt } from '../helpers/libvirt.js';
 import { makeImage, writePattern } from '../helpers/images.js';
 import { waitFor } from '../helpers/procs.js';
@@ -128,5 +129,16 @@ describe('libvirt driver: changed-block incrementals of a running domain', { ski
     assert.deepEqual(await checkpoints(), before, 'the failed backup\'s checkpoint is gone and the previous one stays');
     const r = await backupAndCheck();
     assert.equal(mode(r, 'root').mode, 'incremental', mode(r, 'root').reason);
+  });
+
+  it('aborts the backup job a killed run left, and stays incremental', async () => {
+    // What a run killed while it read leaves: libvirt's job, its export and its checkpoint.
+    const left = await openPointInTime(repo, 'libvirt', { vm: 'lv', disks: [], domain, warn: () => {} }, newBackupId());
+    assert.equal((await lv.virsh('domjobinfo', domain)).match(/Operation:\s+(\S+)/)?.[1], 'Backup');
+    await write([4], 0x28);
+    const r = await backupAndCheck();
+    assert.equal(mode(r, 'root').mode, 'incremental', mode(r, 'root').reason);
+    assert.match(warnings.join('\n'), /aborting the libvirt backup job an earlier run left/);
+    assert.ok(left.disks.length > 0);
   });
 });
