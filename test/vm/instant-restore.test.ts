@@ -148,6 +148,29 @@ describe('vmvault restore --instant --start', () => {
     await execa('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, join(to, 'root.raw')]);
   });
 
+  test('--qmp: an already running QEMU gets the disks hot-plugged, runs on them, and ends on the final image', { timeout: 180_000 }, async () => {
+    const to = join(dir.path, 'q');
+    const vmDir = join(dir.path, 'vm');
+    await execa('mkdir', ['-p', vmDir]);
+    const [theirs, ours] = [join(vmDir, 'qmp.sock'), join(vmDir, 'test.sock')];
+    const pidFile = join(vmDir, 'qemu.pid');
+    await execa('qemu-system-x86_64', ['-machine', 'pc,accel=tcg', '-m', '64', '-nodefaults', '-display', 'none', '-daemonize', '-pidfile', pidFile,
+      '-qmp', `unix:${theirs},server=on,wait=off`, '-qmp', `unix:${ours},server=on,wait=off`]);
+    const pid = Number((await readFile(pidFile, 'utf8')).trim());
+    qemuPids.push(pid);
+    const qmp = await QmpClient.connect(ours);
+    try {
+      const r = await cli(['restore', backupId.slice(0, 12), '--instant', '--to', to, '--qmp', theirs, '--json'], env);
+      assert.equal(r.code, 0, r.stderr);
+      const blocks = await qmp.execute<{ qdev?: string; inserted?: { file: string } }[]>('query-block');
+      assert.deepEqual(blocks.filter((b) => b.inserted).map((b) => b.inserted!.file), [join(to, 'root.raw')]);
+      assert.deepEqual((await readdir(to)).sort(), ['root.raw']);
+    } finally {
+      await quit(qmp, pid);
+    }
+    await execa('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, join(to, 'root.raw')]);
+  });
+
   test('bad requests are refused with what to do', async () => {
     const none = await cli(['restore', '--resume', join(dir.path, 'nothing-here')], env);
     assert.equal(none.code, 1);
