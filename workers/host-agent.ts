@@ -126,7 +126,7 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
   let repo: Repository;
   try {
     await checkNoEviction(connection);
-    repo = await Repository.open(openStorage(opts.repoUrl), opts.passphrase);
+    repo = await Repository.open(openStorage(opts.repoUrl), opts.passphrase, { cacheDir: path.join(opts.stateDir, 'cache') });
   } catch (err) {
     await Promise.all([closeRedis(connection), closeRedis(locks)]);
     throw err;

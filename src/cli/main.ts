@@ -15,6 +15,7 @@ import { registerPolicyCommands } from './commands/policy.js'; // policy validat
 import { registerServiceCommands } from './commands/service.js'; // up / serve / worker (issue 3)
 import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot create / list / revert / delete (issue 5)
 import { registerExportCommand } from './commands/export.js'; // export over NBD (issue 13)
+import { registerTokenCommands } from './commands/token.js'; // token create (issue 12)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -34,6 +35,7 @@ export function buildProgram(): Command {
   registerServiceCommands(program); // up / serve / worker (issue 3)
   registerSnapshotCommands(program, globals); // snapshot create / list / revert / delete (issue 5)
   registerExportCommand(program, globals); // export over NBD (issue 13)
+  registerTokenCommands(program); // token create (issue 12)
   return program;
 }
 

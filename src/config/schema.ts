@@ -83,7 +83,7 @@ const diskSchema = z.strictObject({
 
 export const DRIVERS = ['image', 'qemu', 'libvirt'] as const;
 
-const vmSchema = z.strictObject({
+export const vmSchema = z.strictObject({
   name: name('VM name'),
   /** Default: the configuration's own `host`. */
   host: name('host name').optional(),

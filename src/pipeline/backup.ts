@@ -9,7 +9,8 @@ import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
 import { NotFoundError, VmvaultError } from '../errors.js';
-import { exportImage, type ImageFormat, type NbdExport } from '../disk/qemu.js';
+import { exportImage, type ImageFormat } from '../disk/qemu.js';
+import { NbdClient } from '../disk/nbd.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
@@ -55,6 +56,11 @@ export interface FrozenDisk extends NamedDisk {
    */
   audit?: boolean;
   fileStamp?: FileStamp;
+  /**
+   * Read through this NBD export (a hypervisor's own server, e.g. a libvirt pull-mode
+   * backup) instead of a qemu-nbd of `path`: the export is the instant.
+   */
+  nbd?: { socket: string; exportName: string };
 }
 
 /** What the pipeline needs of a backup besides the frozen disks. */
@@ -106,20 +112,30 @@ export function newBackupId(): string {
  * A disk with no declared format keeps the format its last backup detected.
  */
 export async function inspectDisks(repo: Repository, vm: string, disks: BackupDisk[]): Promise<NamedDisk[]> {
-  if (!vm.trim()) throw new VmvaultError('BAD_INPUT', 'the VM name is empty');
-  if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${vm}": pass at least one --disk`);
-  const names = uniqueNames(disks.map((d) => d.name ?? diskNameFromPath(d.path)));
-  names.forEach((n) => assertSafeName(n, 'disk name'));
-  const previous = await previousDisks(repo, vm);
   const out: NamedDisk[] = [];
-  for (const [i, d] of disks.entries()) {
-    const name = names[i]!;
-    const prev = previous.get(name);
+  for (const { disk: d, name, previous: prev } of await nameDisks(repo, vm, disks)) {
     // A disk with no declared format keeps the format it was last backed up with.
     const pin = d.format === undefined ? prev?.entry.format as ImageFormat | undefined : undefined;
     out.push({ ...(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) })), name, ...(prev ? { previous: prev } : {}) });
   }
   return out;
+}
+
+/**
+ * The VM's disks with their names checked and their newest earlier backups, without
+ * opening any image: for a driver whose hypervisor already holds the images open with
+ * the formats its configuration states (a running libvirt domain).
+ */
+export async function nameDisks(repo: Repository, vm: string, disks: BackupDisk[]): Promise<{ disk: BackupDisk; name: string; previous?: NonNullable<NamedDisk['previous']> }[]> {
+  if (!vm.trim()) throw new VmvaultError('BAD_INPUT', 'the VM name is empty');
+  if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${vm}": pass at least one --disk`);
+  const names = uniqueNames(disks.map((d) => d.name ?? diskNameFromPath(d.path)));
+  names.forEach((n) => assertSafeName(n, 'disk name'));
+  const previous = await previousDisks(repo, vm);
+  return disks.map((disk, i) => {
+    const prev = previous.get(names[i]!);
+    return { disk, name: names[i]!, ...(prev ? { previous: prev } : {}) };
+  });
 }
 
 /** Reads, chunks and commits the frozen disks of one point in time. */
@@ -135,8 +151,9 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const id = req.id;
   if (!/^[0-9a-f]{64}$/.test(id)) throw new VmvaultError('BAD_INPUT', `"${id}" is not a backup id`);
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, chunksUnchanged: 0, seconds: 0 };
-  // Quarantined chunks are left out: producing one uploads it again, which heals it (repo/health.ts).
-  const known = await repo.usableChunkIds();
+  // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
+  // are left out: producing one uploads it again, which heals it (repo/health.ts).
+  const known = await repo.chunkIndex();
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
   const pool = new ChunkPool(repo.workerInit());
   const disks: DiskEntry[] = [];
@@ -158,6 +175,10 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     await pool.close();
   }
   meter.finish();
+  if (known.counts.missing) {
+    repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
+      'other backups may use them too; run "vmvault verify" to find and heal them');
+  }
   stats.seconds = (Date.now() - started) / 1000;
   const manifest: Manifest = {
     version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),
@@ -219,11 +240,15 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
  * unchanged costs no qemu-nbd at all.
  */
 async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' | 'size' | 'changes'>): Promise<(string | null)[]> {
-  let exp: Promise<NbdExport> | undefined;
-  const client = async () => {
-    exp ??= exportImage(disk.path, {
+  let exp: Promise<{ client: NbdClient; close(): Promise<void> }> | undefined;
+  const open = (): Promise<{ client: NbdClient; close(): Promise<void> }> => {
+    if (disk.nbd) return NbdClient.connect(disk.nbd.socket, { exportName: disk.nbd.exportName }).then((client) => ({ client, close: () => client.close() }));
+    return exportImage(disk.path, {
       format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
     });
+  };
+  const client = async () => {
+    exp ??= open();
     return (await exp).client;
   };
   try {

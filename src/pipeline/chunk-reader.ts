@@ -23,6 +23,16 @@ export interface ChangedBlocks {
   dirty(offset: number, length: number): Promise<{ offset: number; length: number }[]>;
 }
 
+/**
+ * What storage has, as a backup sees it (repo/chunk-index.ts): `has` for a chunk left
+ * unread (the index's claim), `present` for a chunk just read (storage's answer).
+ */
+export interface KnownChunks {
+  has(id: string): boolean;
+  present(id: string): Promise<boolean>;
+  add(id: string): void;
+}
+
 /** An audit's findings on one disk: how many chunks tracking called unchanged, and the offsets of those that were not. */
 export interface AuditTally { unchanged: number; differing: number[] }
 
@@ -33,7 +43,7 @@ export interface ReadChunksOptions {
   client: () => Promise<NbdClient>;
   size: number;
   /** Chunk ids storage has (and may be reused); chunks uploaded here are added. */
-  known: Set<string>;
+  known: KnownChunks;
   stats: BackupStats;
   meter: ProgressMeter;
   /** Chunks processed at once; bounds memory to about 2 × inFlight × chunk size. */
@@ -74,11 +84,12 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
       return;
     }
     ids[plan.index] = id;
-    const pendingUpload = uploading.get(id);
-    if (known.has(id) || pendingUpload) {
+    // Stored already (storage says so), or being stored now by this backup.
+    const stored = uploading.get(id) ?? ((await known.present(id)) ? true : uploading.get(id));
+    if (stored) {
       stats.chunksReused++;
       buffers.give(plain);
-      await pendingUpload;
+      if (stored !== true) await stored;
       return;
     }
     const upload = (async () => {

@@ -4,7 +4,7 @@
  *
  * - Quarantine, `health/chunks/<chunk id>`: one per chunk a verify found missing or
  *   damaged. A backup never deduplicates against a quarantined chunk
- *   (Repository.usableChunkIds): the next backup that produces it uploads it again,
+ *   (Repository.chunkIndex): the next backup that produces it uploads it again,
  *   over the damaged object (storage puts replace), and then deletes the entry. That
  *   heals every backup referencing the chunk at once. A verify that reads a
  *   quarantined chunk intact deletes its entry too.

@@ -17,6 +17,8 @@ import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId } from './chunk.js';
 import { backupName, manifestSchema, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
+import { ChunkIndex, INDEX_FLUSH_ENTRIES, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
+import { IndexCache, defaultCacheDir } from './index-cache.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 
@@ -49,20 +51,26 @@ export interface OpenOptions {
   noLock?: boolean;
   /** Where warnings go (damaged objects skipped, no lock taken…); default process.emitWarning. */
   onWarning?: (message: string) => void;
+  /** This host's cache of the chunk index (index-cache.ts); default from the environment, false for none. */
+  cacheDir?: string | false;
 }
 
-interface Session { noLock: boolean; warn: (message: string) => void }
+interface Session { noLock: boolean; warn: (message: string) => void; cacheDir: string | undefined }
 
 const defaultSession = (opts: OpenOptions = {}): Session => ({
   noLock: !!opts.noLock,
   warn: opts.onWarning ?? ((message) => process.emitWarning(message, { code: 'VMVAULT' })),
+  cacheDir: opts.cacheDir === false ? undefined : opts.cacheDir ?? defaultCacheDir(),
 });
 
 export interface InitOptions { chunkSize?: number; compression?: 'zstd' | 'none'; kdf?: KdfPreset; label?: string }
 
 export class Repository {
-  /** Quarantined chunks usableChunkIds reported: the next put of one of them heals it. */
+  /** Quarantined chunks chunkIndex() left out: the next put of one of them heals it. */
   private readonly toHeal = new Set<string>();
+  /** Chunks stored by this session and not yet in an index object (chunk-index.ts). */
+  private readonly unindexed: string[] = [];
+  private cache: IndexCache | undefined | null = null;
 
   private constructor(
     readonly storage: Storage,
@@ -107,9 +115,12 @@ export class Repository {
     }
     const keyId = randomBytes(8).toString('hex');
     await storage.put(`keys/${keyId}`, encodeJson(await sealMaster(master, passphrase, body.id, opts.kdf ?? 'moderate', opts.label)));
+    const repo = new Repository(storage, config.data, keys, master, keyId);
+    // An empty chunk index: a repository with none was made by an older vmvault, and is indexed by listing it once.
+    await repo.writeIndex([]);
     // The config is written last: a repository exists once its config does.
     await storage.put('config', encodeJson(config.data));
-    return new Repository(storage, config.data, keys, master, keyId);
+    return repo;
   }
 
   static async readConfig(storage: Storage): Promise<RepoConfig> {
@@ -234,6 +245,7 @@ export class Repository {
 
   // ---- chunks ----
 
+  /** Every chunk in the chunk store, by listing it: for gc and verify, never for backups (see chunkIndex). */
   async chunkIds(): Promise<Set<string>> {
     const ids = new Set<string>();
     for await (const { name } of this.storage.list('chunks/')) {
@@ -244,29 +256,77 @@ export class Repository {
   }
 
   /**
-   * The chunks a backup may reference without uploading them: those stored, minus those
-   * a verify quarantined as missing or damaged (repo/health.ts). A backup that produces
-   * a quarantined chunk therefore uploads it, and putChunk heals it.
+   * The chunks a backup may reference without uploading them (chunk-index.ts): those the
+   * index claims, minus those a verify quarantined as missing or damaged (repo/health.ts).
+   * A backup that produces a quarantined chunk therefore uploads it, and putChunk heals it.
+   * The chunk store is never listed, except once in a repository that has no index yet.
    */
-  async usableChunkIds(): Promise<Set<string>> {
-    const [stored, quarantined] = await Promise.all([this.chunkIds(), quarantinedChunkIds(this)]);
-    for (const id of quarantined) {
-      stored.delete(id);
-      this.toHeal.add(id);
+  async chunkIndex(): Promise<ChunkIndex> {
+    const [loaded, quarantined] = await Promise.all([loadPrefixes(this, this.indexCache()), quarantinedChunkIds(this)]);
+    let { prefixes, load } = loaded;
+    for (const d of load.damaged) this.warn(`${d.problem}: its chunks will be uploaded again when met; "vmvault gc" rewrites the index`);
+    if (load.objects === 0) {
+      const ids = [...(await this.chunkIds())];
+      await this.writeIndex(ids);
+      ({ prefixes } = await loadPrefixes(this, this.indexCache()));
+      load = { ...load, built: true };
+      if (ids.length) this.warn(`the repository had no chunk index: its ${ids.length} chunk(s) were listed once and indexed`);
     }
-    return stored;
+    for (const id of quarantined) this.toHeal.add(id);
+    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, (id) => this.unindexed.push(id));
+  }
+
+  /**
+   * Writes index objects listing `ids` (at most INDEX_OBJECT_ENTRIES each); returns their
+   * names. Also keeps them in this host's cache.
+   */
+  async writeIndex(ids: readonly string[]): Promise<string[]> {
+    const names: string[] = [];
+    for (let at = 0; at === 0 || at < ids.length; at += INDEX_OBJECT_ENTRIES) {
+      const { name, data } = sealIndex(this, ids.slice(at, at + INDEX_OBJECT_ENTRIES));
+      await this.storage.put(name, data);
+      await this.indexCache()?.put(name, data);
+      names.push(name);
+    }
+    return names;
+  }
+
+  /** The index objects storage has now. */
+  indexNames(): Promise<string[]> {
+    return indexNames(this.storage);
+  }
+
+  /** Writes the chunks stored since the last flush as an index object (before a manifest commits, and on the way). */
+  async flushIndex(): Promise<void> {
+    if (this.unindexed.length === 0) return;
+    // Emptied in place: workers use the repository through Object.create wrappers (job-guard.ts).
+    const ids = this.unindexed.splice(0);
+    try {
+      await this.writeIndex(ids);
+    } catch (err) {
+      this.unindexed.push(...ids);
+      throw err;
+    }
+  }
+
+  private indexCache(): IndexCache | undefined {
+    if (this.cache === null) this.cache = this.session.cacheDir ? new IndexCache(this.session.cacheDir, this.id, (m) => this.warn(m)) : undefined;
+    return this.cache;
   }
 
   /**
    * Stores a sealed chunk. Storage puts replace (storage.ts), so a re-upload overwrites a
    * damaged object; then the chunk leaves quarantine, which heals every backup using it.
+   * The chunk goes into the index with the next flush (at the latest, before a manifest).
    */
   async putChunk(id: string, sealed: Uint8Array): Promise<void> {
     await this.storage.put(chunkName(id), sealed);
+    this.unindexed.push(id);
     if (this.toHeal.has(id)) {
       await release(this, [id]);
       this.toHeal.delete(id);
     }
+    if (this.unindexed.length >= INDEX_FLUSH_ENTRIES) await this.flushIndex();
   }
 
   async getChunkSealed(id: string): Promise<Uint8Array> {
@@ -280,7 +340,9 @@ export class Repository {
 
   // ---- manifests ----
 
+  /** Commits a backup: first the index entries of the chunks it stored, then its manifest. */
   async saveManifest(m: Manifest): Promise<void> {
+    await this.flushIndex();
     const plain = compress(Buffer.from(JSON.stringify(m)), { compressionLevel: 3 });
     await this.storage.put(backupName(m.id), seal(this.keys.encKey, 'manifest', plain, additionalData(this.id, 'manifest', m.id)));
   }

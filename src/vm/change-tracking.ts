@@ -146,8 +146,3 @@ export function tracked(d: NamedDisk, decision: Decision, changes: ChangedBlocks
     ...(changes ? { changes } : {}), ...(changes && decision.audit ? { audit: true } : {}),
   };
 }
-
-/** A running libvirt domain's disk: read in full (libvirt owns its monitor; its bitmaps are not built yet). */
-export function readInFull(d: NamedDisk): FrozenDisk {
-  return { ...d, mode: 'full', reason: 'running libvirt domains are read in full: their change tracking is not built yet' };
-}
