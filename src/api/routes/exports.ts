@@ -5,29 +5,17 @@
  * and until when. The export listens on loopback, or on the one address the host's
  * configuration allows (`hosts.<host>.exportAddress`): the worker checks that again.
  */
-import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
-import type { Queue } from 'bullmq';
-import type { MiddlewareHandler } from 'hono';
-import type { Config } from '../../config/schema.js';
+import { z } from '@hono/zod-openapi';
 import { errorMessage } from '../../errors.js';
 import { durationMs, parseDuration } from '../../policy/retention.js';
 import { enqueueExport } from '../../queue/enqueue.js';
-import type { Catalogue } from '../../repo/catalogue.js';
-import { allows, type Principal } from '../auth.js';
 import { ApiError } from '../errors.js';
-import { newJobId, type JobIndex } from '../jobs.js';
+import { newJobId } from '../jobs.js';
 import { BackupParam, ErrorSchema } from '../schemas.js';
+import { body, errors, json, route, type ApiApp, type RouteContext } from './common.js';
 
-type Env = { Variables: { principal?: Principal } };
-
-export interface ExportRouteDeps {
-  config: Config;
-  catalogue: Catalogue;
-  /** Every host the service knows. */
-  hosts: readonly string[];
-  queueOf(host: string): Queue;
-  jobs: JobIndex;
-}
+/** What the export route needs of the app's context. */
+export type ExportRouteDeps = Pick<RouteContext, 'config' | 'catalogue' | 'hosts' | 'queueOf' | 'jobs'>;
 
 /** How long POST …/exports waits for the host to start the export. */
 const START_WAIT_MS = 30_000;
@@ -51,26 +39,14 @@ export const ExportSchema = z.object({
   expiresAt: z.string().openapi({ description: 'when the export stops (ISO-8601)' }),
 }).openapi('Export');
 
-const requireOperator: MiddlewareHandler<Env> = async (c, next) => {
-  const p = c.get('principal');
-  if (!p) throw new ApiError(401, 'UNAUTHORIZED', 'a bearer token is required: send Authorization: Bearer TOKEN');
-  if (!allows(p.role, 'operator')) throw new ApiError(403, 'FORBIDDEN', `this needs the operator role; token "${p.name}" has the ${p.role} role`);
-  await next();
-};
-
-const errorReply = (description: string) => ({ content: { 'application/json': { schema: ErrorSchema } }, description });
-
-const exportRoute = createRoute({
-  method: 'post', path: '/v1/backups/{id}/exports',
+const exportRoute = route({
+  method: 'post', path: '/v1/backups/{id}/exports', role: 'operator',
   summary: 'Serve one disk of a backup read-only over NBD from a host, for a while',
-  description: 'The host\'s worker starts the export and answers where to connect and until when. Role: operator.',
-  request: { params: BackupParam, body: { content: { 'application/json': { schema: ExportRequest } }, required: true } },
-  middleware: [requireOperator],
+  description: 'The host\'s worker starts the export and answers where to connect and until when.',
+  request: { params: BackupParam, ...body(ExportRequest) },
   responses: {
-    201: { content: { 'application/json': { schema: ExportSchema } }, description: 'the export, serving' },
-    400: errorReply('bad request'), 401: errorReply('no or unknown bearer token'), 403: errorReply('the token\'s role may not do this'),
-    404: errorReply('not found'), 502: errorReply('the host could not start the export'),
-    503: errorReply('Redis or the repository is unreachable'), 504: errorReply('the host did not answer in time'),
+    201: json(ExportSchema, 'the export, serving'), ...errors,
+    502: json(ErrorSchema, 'the host could not start the export'), 504: json(ErrorSchema, 'the host did not answer in time'),
   },
 });
 
@@ -87,7 +63,7 @@ function ttlMs(text: string): number {
   return ms;
 }
 
-export function registerExportRoutes(app: OpenAPIHono<Env>, deps: ExportRouteDeps): void {
+export function registerExportRoutes(app: ApiApp, deps: ExportRouteDeps): void {
   app.openapi(exportRoute, async (c) => {
     const b = await deps.catalogue.get(c.req.valid('param').id);
     const req = c.req.valid('json');

@@ -1,7 +1,7 @@
 /** `vmvault export`: serve one disk of a backup over NBD until SIGINT or SIGTERM. */
 import type { Command } from 'commander';
-import { exportBackupDisk } from '../../pipeline/nbd-export.js';
-import { openRepository, type GlobalOptions } from '../context.js';
+import { exportBackupDisk, parseListen } from '../../pipeline/nbd-export.js';
+import { openRepository, warn, type GlobalOptions } from '../context.js';
 import { formatBytes } from '../format.js';
 import { print } from '../output.js';
 
@@ -13,6 +13,10 @@ export function registerExportCommand(program: Command, globals: () => GlobalOpt
     .requiredOption('--listen <address>', 'unix:/PATH or HOST:PORT (e.g. 127.0.0.1:10809; port 0 picks a free one)')
     .option('--json', 'print where to connect as JSON')
     .action(async (id: string, o: { disk: string; listen: string; json?: boolean }) => {
+      const address = parseListen(o.listen);
+      if ('host' in address && !/^(127\.|::1$|localhost$)/.test(address.host)) {
+        warn(`serving on ${address.host}: NBD has neither authentication nor encryption, so anyone who reaches that address can read the disk`);
+      }
       const repo = await openRepository(globals());
       const backupId = await repo.resolveBackupId(id);
       const exp = await exportBackupDisk({ repo, backupId, disk: o.disk, listen: o.listen });

@@ -11,15 +11,15 @@ import { after, before, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { pino } from 'pino';
-import { createApi, type Api } from '../../src/api/app.js';
-import { parseConfig } from '../../src/config/load.js';
-import { backupVm } from '../../src/vm/drivers.js';
-import { closeRedis, createRedis } from '../../src/queue/connection.js';
-import { Repository } from '../../src/repo/repository.js';
-import { LocalStorage } from '../../src/storage/local.js';
-import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
-import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
-import { startRedis, type TestRedis } from '../helpers/redis.js';
+import { createApi, type Api } from '../../../src/api/app.js';
+import { parseConfig } from '../../../src/config/load.js';
+import { backupVm } from '../../../src/vm/drivers.js';
+import { closeRedis, createRedis } from '../../../src/queue/connection.js';
+import { Repository } from '../../../src/repo/repository.js';
+import { LocalStorage } from '../../../src/storage/local.js';
+import { startHostWorker, type HostWorker } from '../../../workers/host-agent.js';
+import { makeImage, tempDir, type TempDir } from '../../helpers/images.js';
+import { startRedis, type TestRedis } from '../../helpers/redis.js';
 
 const MiB = 1024 * 1024;
 const PASS = 'api export passphrase';
@@ -90,7 +90,7 @@ test('an operator gets an NBD export on loopback that qemu-img reads back; it st
 
 test('a TTL ends the export: the port stops answering', async () => {
   // The smallest TTL a duration can say is a minute; the worker's timer is what ends it, so drive one directly.
-  const { HostExports } = await import('../../workers/export-job.js');
+  const { HostExports } = await import('../../../workers/export-job.js');
   const exports = new HostExports(repo, pino({ level: 'silent' }), undefined);
   const r = await exports.start({ backupId, disk: 'root', address: '127.0.0.1', ttlSeconds: 1 });
   await execa('qemu-img', ['info', '-f', 'raw', r.uri]);
