@@ -39,7 +39,7 @@ import { openStorage } from '../storage/open.js';
 import { startApiServer, type ApiServer } from '../api/server.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
-import { ensureAdminToken, readAdminTokenHash, withStateToken } from './admin-token.js';
+import { ensureAdminToken, withStateToken } from './admin-token.js';
 import { joinCommand, joinRedisUrl, parseRedisListen, stateRedisPassword } from './join.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
 
@@ -188,22 +188,27 @@ function startApi(config: Config, opts: ServiceOptions, where: Omit<Parameters<t
 /** `vmvault serve`: the scheduler and the HTTP API. */
 export async function runServe(
   config: Config,
-  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string } } = {},
+  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string }; say?: (line: string) => void } = {},
 ): Promise<Service> {
   const log = opts.logger ?? serviceLogger('vmvault');
   const redisUrl = opts.redisUrl ?? redisFrom(config);
   const repository = opts.repository ?? await repositoryFrom(config);
+  await preparePoliciesDir(config, log);
+  // As up does: with no admin token configured, the first start makes one (printed once, kept hashed in stateDir).
+  const say = opts.say ?? ((line: string) => process.stdout.write(`${line}\n`));
+  const adminHash = await ensureAdminToken(config, config.stateDir, say);
   const inventory = await startInventory(config, log);
   const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository }).catch((err: unknown) => {
     inventory.stop();
     throw err;
   });
-  const apiConfig = withStateToken(config, await readAdminTokenHash(config.stateDir));
+  const apiConfig = withStateToken(config, adminHash);
   const api = await startApi(apiConfig, opts, { redisUrl, repository, logger: log, inventory }).catch(async (err: unknown) => {
     await scheduler.stop();
     inventory.stop();
     throw err;
   });
+  say(`vmvault: serve: API on ${api.url} (routes under /v1; dashboard: ${api.url}/); add VMs with POST /v1/vms or in ${inventory.file}`);
   let stopping: Promise<void> | undefined;
   return { stop: () => (stopping ??= (async () => { await api.stop(); await scheduler.stop(); inventory.stop(); })()) };
 }
@@ -231,6 +236,10 @@ export async function runWorker(
   const closeTimeoutMs = envMs(env, 'VMVAULT_CLOSE_TIMEOUT_MS');
   const stalledMs = envMs(env, 'VMVAULT_STALLED_INTERVAL_MS');
   const restoreRoots = config.hosts[host]?.restoreRoots;
+  // Restore roots inside the state directory are vmvault's own: made when missing (an empty container volume).
+  for (const root of restoreRoots ?? []) {
+    if (root.startsWith(`${config.stateDir}/`)) await mkdir(root, { recursive: true, mode: 0o700 });
+  }
   const worker: HostWorker = await startHostWorker({
     host, redisUrl, repoUrl: where.url, passphrase: where.passphrase, logger: log,
     ...(jobLockMs ? { jobLockMs } : {}), ...(vmLockTtlMs ? { vmLockTtlMs } : {}), ...(closeTimeoutMs ? { closeTimeoutMs } : {}),
@@ -317,9 +326,6 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
   const config: Config = { ...configIn, stateDir };
   await mkdir(stateDir, { recursive: true, mode: 0o700 });
   await mkdir(config.policiesDir, { recursive: true });
-  for (const root of config.hosts[config.host]?.restoreRoots ?? []) {
-    if (root.startsWith(`${stateDir}/`)) await mkdir(root, { recursive: true, mode: 0o700 });
-  }
   const tcp = opts.redisListen === undefined ? undefined : parseRedisListen(opts.redisListen);
   if (tcp && config.redis.url) throw new VmvaultError('BAD_INPUT', '--redis-listen is for up\'s own Redis, but the configuration names redis.url: give workers on other hosts that Redis instead');
   const cleanups: Array<() => Promise<void>> = [];
