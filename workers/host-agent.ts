@@ -30,6 +30,9 @@ import { DEFAULT_VM_LOCK_TTL_MS, tryAcquireVmLock, vmLockRemainingMs } from '../
 import { JobAbortedError, JobGuard } from './job-guard.js';
 import { toJobError } from './job-errors.js';
 import { runSnapshotJob, type SnapshotJobResult } from './snapshot-job.js';
+import { startHeartbeat, type Heartbeat } from '../src/queue/heartbeat.js';
+import { packageVersion } from '../src/cli/version.js';
+import { recordFailureCode } from '../src/queue/job-failures.js';
 
 export interface HostWorkerOptions {
   /** This host's name; the worker consumes `vmvault-host-<host>`. */
@@ -56,6 +59,8 @@ export interface HostWorkerOptions {
   restoreRoots?: string[];
   /** The host's state directory, where snapshot labels and expiry are kept (default /var/lib/vmvault). */
   stateDir?: string;
+  /** How often the worker's heartbeat key is refreshed in Redis (default 10 s; src/queue/heartbeat.ts). */
+  heartbeatMs?: number;
 }
 
 export interface HostWorker {
@@ -83,7 +88,7 @@ export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResu
 const MARKER_TTL_S = JOB_HISTORY.age;
 
 interface Context {
-  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
+  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency' | 'heartbeatMs'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
   queueName: string;
   repo: Repository;
   /** Fast-failing connection for VM locks and commit markers (a refresh must notice Redis is gone). */
@@ -142,17 +147,21 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
   worker.on('completed', (job) => log.info({ job: job.id }, 'job completed'));
   void worker.run().catch((err: unknown) => log.error({ err: errorMessage(err) }, 'worker stopped'));
   await worker.waitUntilReady();
-  log.info({ queue: queueName }, 'worker started');
+  const heartbeat = await startHeartbeat(locks, {
+    host: opts.host, version: packageVersion(), ...(options.heartbeatMs ? { intervalMs: options.heartbeatMs } : {}),
+    onError: (err) => log.warn({ err: err.message }, 'heartbeat not written'),
+  });
+  log.info({ queue: queueName, worker: heartbeat.id }, 'worker started');
 
   let closing: Promise<void> | undefined;
   return {
     host: opts.host,
     queueName,
-    close: () => (closing ??= closeWorker(ctx, worker, [connection, locks])),
+    close: () => (closing ??= closeWorker(ctx, worker, [connection, locks], heartbeat)),
   };
 }
 
-async function closeWorker(ctx: Context, worker: Worker, connections: Redis[]): Promise<void> {
+async function closeWorker(ctx: Context, worker: Worker, connections: Redis[], heartbeat: Heartbeat): Promise<void> {
   const graceful = worker.close();
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), ctx.opts.closeTimeoutMs); });
@@ -162,6 +171,7 @@ async function closeWorker(ctx: Context, worker: Worker, connections: Redis[]): 
   }
   clearTimeout(timer);
   await graceful;
+  await heartbeat.stop();
   await ctx.maintenance.close();
   await Promise.all(connections.map(closeRedis));
 }
@@ -211,6 +221,7 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
       await lock.release().catch((err: unknown) => ctx.log.warn({ vm, err: errorMessage(err) }, 'could not release the VM lock (it will expire)'));
     }
   } catch (err) {
+    await recordFailureCode(job, err);
     throw toJobError(err);
   }
 }

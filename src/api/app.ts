@@ -37,6 +37,8 @@ import { JobIndex, jobView, newJobId } from './jobs.js';
 import { linkKey, signLink, verifyLink } from './links.js';
 import { parseRange } from './range.js';
 import * as S from './schemas.js';
+import { unservedQueues } from '../ops/status.js';
+import { registerStatusRoute } from './routes/status.js';
 
 export interface ApiDeps {
   config: Config;
@@ -208,6 +210,7 @@ export function createApi(deps: ApiDeps): Api {
   };
   const maintenance = maintenanceQueue(deps.redis);
   const jobs = new JobIndex(() => [...hosts.map(queueOf), maintenance]);
+  const statusSources = { config, redis: deps.redis, backups: () => catalogue.list(), verification: () => verification.get(), queueOf, maintenance };
 
   const app = new OpenAPIHono<Env>({
     strict: true,
@@ -275,8 +278,11 @@ export function createApi(deps: ApiDeps): Api {
       withTimeout(deps.redis.ping(), 2000).then(() => 'ok' as const, () => 'unreachable' as const),
       withTimeout(repo.storage.stat('config'), 5000).then(() => 'ok' as const, () => 'unreachable' as const),
     ]);
-    const ok = redis === 'ok' && repository === 'ok';
-    return c.json({ status: ok ? 'ok' as const : 'degraded' as const, redis, repository }, ok ? 200 : 503);
+    // A host with jobs and no live worker (heartbeats): they would wait for ever.
+    const problems = redis === 'ok' ? await withTimeout(unservedQueues(statusSources), 2000).catch(() => []) : [];
+    const ok = redis === 'ok' && repository === 'ok' && problems.length === 0;
+    const reason = [...(redis === 'ok' ? [] : ['Redis is unreachable']), ...(repository === 'ok' ? [] : ['the repository is unreachable']), ...problems].join('; ');
+    return c.json({ status: ok ? 'ok' as const : 'degraded' as const, redis, repository, ...(reason ? { reason } : {}) }, ok ? 200 : 503);
   });
 
   app.openapi(R.listVms, (c) => c.json(pageOf(config.vms.map(vmView), c.req.valid('query')), 200));
@@ -475,6 +481,8 @@ export function createApi(deps: ApiDeps): Api {
   app.openapi(R.prune, async (c) => c.json(await maintenanceJob({ kind: 'prune', ...c.req.valid('json') }, 'prune'), 202));
   app.openapi(R.gc, async (c) => c.json(await maintenanceJob({ kind: 'gc', ...((c.req.valid('json') as object | undefined) ?? {}) }, 'gc'), 202));
   app.openapi(R.verify, async (c) => c.json(await maintenanceJob({ kind: 'verify', ...((c.req.valid('json') as object | undefined) ?? {}) }, 'verify'), 202));
+
+  registerStatusRoute(app, statusSources);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

@@ -14,6 +14,7 @@ import { registerHealthCommands } from './commands/repair.js'; // verify / repai
 import { registerPolicyCommands } from './commands/policy.js'; // policy validate / simulate (issue 3)
 import { registerServiceCommands } from './commands/service.js'; // up / serve / worker (issue 3)
 import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot create / list / revert / delete (issue 5)
+import { registerStatusCommand } from './commands/status.js'; // status (issue 12)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -32,6 +33,7 @@ export function buildProgram(): Command {
   registerPolicyCommands(program); // policy validate / simulate (issue 3)
   registerServiceCommands(program); // up / serve / worker (issue 3)
   registerSnapshotCommands(program, globals); // snapshot create / list / revert / delete (issue 5)
+  registerStatusCommand(program); // status (issue 12)
   return program;
 }
 
