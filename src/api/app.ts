@@ -39,6 +39,7 @@ import { parseRange } from './range.js';
 import * as S from './schemas.js';
 import { unservedQueues } from '../ops/status.js';
 import { registerStatusRoute } from './routes/status.js';
+import { registerMetricsRoute } from './routes/metrics.js';
 
 export interface ApiDeps {
   config: Config;
@@ -483,6 +484,7 @@ export function createApi(deps: ApiDeps): Api {
   app.openapi(R.verify, async (c) => c.json(await maintenanceJob({ kind: 'verify', ...((c.req.valid('json') as object | undefined) ?? {}) }, 'verify'), 202));
 
   registerStatusRoute(app, statusSources);
+  registerMetricsRoute(app, statusSources);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

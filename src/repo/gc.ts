@@ -44,6 +44,8 @@ export interface GcReport {
   damagedManifests: DamagedObject[];
   /** Chunks no readable manifest references, kept because of damagedManifests. */
   chunksKept: number;
+  /** What the chunks left after this run weigh in storage (for a dry run: would weigh): the repository's size, reported by the metrics. */
+  bytesStored: number;
 }
 
 export interface GcOptions {
@@ -96,6 +98,8 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
   const garbage = [...sizes.keys()].filter((name) => isGarbage(name, referenced));
   const deleting = damaged.length ? [] : garbage;
   if (!opts.dryRun) await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
+  const bytesDeleted = deleting.reduce((n, name) => n + sizes.get(name)!, 0);
+  const bytesListed = [...sizes.values()].reduce((n, b) => n + b, 0);
   // Verification records of pruned backups, quarantine entries of chunks nothing uses
   // (kept while a manifest is damaged: they may be its).
   if (!opts.dryRun && !damaged.length) await removeOrphanHealth(repo, new Set(manifests.map((m) => m.id)), referenced);
@@ -109,11 +113,12 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
     chunksTotal: sizes.size + freed.chunks,
     chunksReferenced: referenced.size,
     chunksDeleted: deleting.length + freed.chunks,
-    bytesDeleted: deleting.reduce((n, name) => n + sizes.get(name)!, 0) + freed.chunkBytes,
+    bytesDeleted: bytesDeleted + freed.chunkBytes,
     tempFilesDeleted: freed.tempFiles,
     tempBytesDeleted: freed.tempBytes,
     damagedManifests: damaged,
     chunksKept: damaged.length ? garbage.length : 0,
+    bytesStored: bytesListed - bytesDeleted,
   };
 }
 
