@@ -31,6 +31,9 @@ import { JobAbortedError, JobGuard } from './job-guard.js';
 import { toJobError } from './job-errors.js';
 import { runSnapshotJob, type SnapshotJobResult } from './snapshot-job.js';
 import { HostExports, type ExportJobResult } from './export-job.js';
+import { startHeartbeat, type Heartbeat } from '../src/queue/heartbeat.js';
+import { packageVersion } from '../src/cli/version.js';
+import { recordFailureCode } from '../src/queue/job-failures.js';
 
 export interface HostWorkerOptions {
   /** This host's name; the worker consumes `vmvault-host-<host>`. */
@@ -59,6 +62,8 @@ export interface HostWorkerOptions {
   stateDir?: string;
   /** Besides loopback, the address NBD exports may listen on. */
   exportAddress?: string;
+  /** How often the worker's heartbeat key is refreshed in Redis (default 10 s; src/queue/heartbeat.ts). */
+  heartbeatMs?: number;
 }
 
 export interface HostWorker {
@@ -86,7 +91,7 @@ export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResu
 const MARKER_TTL_S = JOB_HISTORY.age;
 
 interface Context {
-  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency' | 'exportAddress'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
+  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency' | 'exportAddress' | 'heartbeatMs'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
   queueName: string;
   repo: Repository;
   /** Fast-failing connection for VM locks and commit markers (a refresh must notice Redis is gone). */
@@ -146,17 +151,21 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
   worker.on('completed', (job) => log.info({ job: job.id }, 'job completed'));
   void worker.run().catch((err: unknown) => log.error({ err: errorMessage(err) }, 'worker stopped'));
   await worker.waitUntilReady();
-  log.info({ queue: queueName }, 'worker started');
+  const heartbeat = await startHeartbeat(locks, {
+    host: opts.host, version: packageVersion(), ...(options.heartbeatMs ? { intervalMs: options.heartbeatMs } : {}),
+    onError: (err) => log.warn({ err: err.message }, 'heartbeat not written'),
+  });
+  log.info({ queue: queueName, worker: heartbeat.id }, 'worker started');
 
   let closing: Promise<void> | undefined;
   return {
     host: opts.host,
     queueName,
-    close: () => (closing ??= closeWorker(ctx, worker, [connection, locks])),
+    close: () => (closing ??= closeWorker(ctx, worker, [connection, locks], heartbeat)),
   };
 }
 
-async function closeWorker(ctx: Context, worker: Worker, connections: Redis[]): Promise<void> {
+async function closeWorker(ctx: Context, worker: Worker, connections: Redis[], heartbeat: Heartbeat): Promise<void> {
   const graceful = worker.close();
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), ctx.opts.closeTimeoutMs); });
@@ -167,6 +176,7 @@ async function closeWorker(ctx: Context, worker: Worker, connections: Redis[]): 
   clearTimeout(timer);
   await graceful;
   await ctx.exports.closeAll();
+  await heartbeat.stop();
   await ctx.maintenance.close();
   await Promise.all(connections.map(closeRedis));
 }
@@ -217,6 +227,7 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
       await lock.release().catch((err: unknown) => ctx.log.warn({ vm, err: errorMessage(err) }, 'could not release the VM lock (it will expire)'));
     }
   } catch (err) {
+    await recordFailureCode(job, err);
     throw toJobError(err);
   }
 }

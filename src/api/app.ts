@@ -40,6 +40,8 @@ import { registerVms, vmRoutes } from './routes/vms.js';
 import { EXPORT_ROUTES, registerExportRoutes } from './routes/exports.js';
 import { registerVmInventory, vmInventoryRoutes } from './routes/vm-inventory.js';
 import type { VmInventory } from '../config/inventory.js';
+import { registerStatusRoute } from './routes/status.js';
+import { registerMetricsRoute } from './routes/metrics.js';
 
 export { checkRestoreDirectory } from './routes/backups.js';
 export { headerSafeName, qemuImgCommand } from './routes/disks-links.js';
@@ -139,6 +141,14 @@ export function createApi(deps: ApiDeps): Api {
   for (const register of REGISTER) register(app, ctx);
   registerVmInventory(app, deps.inventory);
   registerDashboard(app);
+  // Status and metrics read shared state only (src/ops/): the repository, queues, heartbeats.
+  const verification = new VerificationCache(repo);
+  const statusSources = { config, redis: deps.redis, backups: () => ctx.catalogue.list(), verification: () => verification.get(), queueOf: ctx.queueOf, maintenance: ctx.maintenance };
+  registerStatusRoute(app, statusSources);
+  registerMetricsRoute(app, statusSources);
+
+  registerStatusRoute(app, statusSources);
+  registerMetricsRoute(app, statusSources);
 
   app.doc31('/v1/openapi.json', {
     openapi: '3.1.0',

@@ -169,6 +169,7 @@ export const HealthSchema = z.object({
   status: z.enum(['ok', 'degraded']),
   redis: z.enum(['ok', 'unreachable']),
   repository: z.enum(['ok', 'unreachable']),
+  reason: z.string().optional().openapi({ description: 'why the service is degraded, e.g. a host with queued jobs and no live worker' }),
 }).openapi('Health');
 
 export const JobAccepted = z.object({ job: JobSchema }).openapi('JobAccepted');

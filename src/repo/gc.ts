@@ -46,6 +46,8 @@ export interface GcReport {
   chunksKept: number;
   /** Objects of the rewritten chunk index (none on a dry run). */
   indexObjects: number;
+  /** What the chunks left after this run weigh in storage (for a dry run: would weigh): the repository's size, reported by the metrics. */
+  bytesStored: number;
 }
 
 export interface GcOptions {
@@ -102,6 +104,8 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
     indexObjects = await compactIndex(repo, [...sizes.keys()], new Set(deleting));
     await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
   }
+  const bytesDeleted = deleting.reduce((n, name) => n + sizes.get(name)!, 0);
+  const bytesListed = [...sizes.values()].reduce((n, b) => n + b, 0);
   // Verification records of pruned backups, quarantine entries of chunks nothing uses
   // (kept while a manifest is damaged: they may be its).
   if (!opts.dryRun && !damaged.length) await removeOrphanHealth(repo, new Set(manifests.map((m) => m.id)), referenced);
@@ -115,12 +119,13 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
     chunksTotal: sizes.size + freed.chunks,
     chunksReferenced: referenced.size,
     chunksDeleted: deleting.length + freed.chunks,
-    bytesDeleted: deleting.reduce((n, name) => n + sizes.get(name)!, 0) + freed.chunkBytes,
+    bytesDeleted: bytesDeleted + freed.chunkBytes,
     tempFilesDeleted: freed.tempFiles,
     tempBytesDeleted: freed.tempBytes,
     damagedManifests: damaged,
     chunksKept: damaged.length ? garbage.length : 0,
     indexObjects,
+    bytesStored: bytesListed - bytesDeleted,
   };
 }
 

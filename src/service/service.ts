@@ -12,6 +12,7 @@
  *   VMVAULT_VM_LOCK_TTL_MS     per-VM lock lifetime without refresh (default 60000)
  *   VMVAULT_CLOSE_TIMEOUT_MS   how long a stopping worker lets its running job finish (default 60000)
  *   VMVAULT_SNAPSHOT_SWEEP_MS  how often a worker deletes its host's expired snapshots (default 300000)
+ *   VMVAULT_HEARTBEAT_MS       how often a worker refreshes its heartbeat in Redis (default 10000; gone after 3 missed)
  * and VMVAULT_API_LISTEN (host:port) overrides api.listen.
  */
 import { randomBytes } from 'node:crypto';
@@ -235,6 +236,7 @@ export async function runWorker(
   const vmLockTtlMs = envMs(env, 'VMVAULT_VM_LOCK_TTL_MS');
   const closeTimeoutMs = envMs(env, 'VMVAULT_CLOSE_TIMEOUT_MS');
   const stalledMs = envMs(env, 'VMVAULT_STALLED_INTERVAL_MS');
+  const heartbeatMs = envMs(env, 'VMVAULT_HEARTBEAT_MS');
   const restoreRoots = config.hosts[host]?.restoreRoots;
   // Restore roots inside the state directory are vmvault's own: made when missing (an empty container volume).
   for (const root of restoreRoots ?? []) {
@@ -244,7 +246,7 @@ export async function runWorker(
     host, redisUrl, repoUrl: where.url, passphrase: where.passphrase, logger: log,
     ...(jobLockMs ? { jobLockMs } : {}), ...(vmLockTtlMs ? { vmLockTtlMs } : {}), ...(closeTimeoutMs ? { closeTimeoutMs } : {}),
     ...(restoreRoots && restoreRoots.length ? { restoreRoots } : {}), ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
-    stateDir: config.stateDir,
+    ...(heartbeatMs ? { heartbeatMs } : {}), stateDir: config.stateDir,
     ...(config.hosts[host]?.exportAddress ? { exportAddress: config.hosts[host].exportAddress } : {}),
   });
   // Every host agent also serves the shared maintenance queue (prune, gc, verify).

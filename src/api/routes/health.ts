@@ -1,5 +1,6 @@
 /** GET /v1/health: no token; 503 when Redis or the repository does not answer. */
 import { VmvaultError } from '../../errors.js';
+import { unservedQueues } from '../../ops/status.js';
 import * as S from '../schemas.js';
 import { json, route, type ApiApp, type RouteContext } from './common.js';
 
@@ -16,8 +17,11 @@ export function registerHealth(app: ApiApp, ctx: RouteContext) {
       withTimeout(ctx.redis.ping(), 2000).then(() => 'ok' as const, () => 'unreachable' as const),
       withTimeout(ctx.repo.storage.stat('config'), 5000).then(() => 'ok' as const, () => 'unreachable' as const),
     ]);
-    const ok = redis === 'ok' && repository === 'ok';
-    return c.json({ status: ok ? 'ok' as const : 'degraded' as const, redis, repository }, ok ? 200 : 503);
+    // A host with jobs and no live worker (heartbeats): they would wait for ever.
+    const problems = redis === 'ok' ? await withTimeout(unservedQueues(ctx), 2000).catch(() => []) : [];
+    const ok = redis === 'ok' && repository === 'ok' && problems.length === 0;
+    const reason = [...(redis === 'ok' ? [] : ['Redis is unreachable']), ...(repository === 'ok' ? [] : ['the repository is unreachable']), ...problems].join('; ');
+    return c.json({ status: ok ? 'ok' as const : 'degraded' as const, redis, repository, ...(reason ? { reason } : {}) }, ok ? 200 : 503);
   });
 }
 
