@@ -10,6 +10,7 @@ import { LocalStorage } from './local.js';
 import { prefixProblem } from './names.js';
 import { type RetryOptions, withRetry } from './retry.js';
 import { S3Storage } from './s3.js';
+import { withAdaptiveConcurrency } from './throttle.js';
 import type { Storage } from './storage.js';
 
 /** What a repository URL designates. */
@@ -139,11 +140,13 @@ export function maskCredentials(text: string): string {
 
 const BACKENDS: { [K in RepositoryLocation['kind']]: (loc: Extract<RepositoryLocation, { kind: K }>) => Storage } = {
   local: (loc) => new LocalStorage(path.resolve(loc.path)),
-  s3: (loc) => new S3Storage(loc),
+  // S3 answers SlowDown/503 under load: the number of requests in flight adapts (throttle.ts).
+  s3: (loc) => withAdaptiveConcurrency(new S3Storage(loc)),
 };
 
 /**
- * Opens the storage a repository URL designates, wrapped with withRetry. Throws
+ * Opens the storage a repository URL designates, wrapped with withRetry (and, for S3,
+ * withAdaptiveConcurrency inside it, so each attempt takes a slot). Throws
  * VmvaultError('BAD_REPOSITORY_URL') for a URL parseRepositoryUrl rejects. Opening
  * does no I/O: a missing directory or bucket shows at the first operation.
  */
