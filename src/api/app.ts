@@ -13,13 +13,13 @@ import type { ServerResponse } from 'node:http';
 import { posix } from 'node:path';
 import { OpenAPIHono, createRoute, z, type RouteConfig } from '@hono/zod-openapi';
 import type { Queue } from 'bullmq';
-import type { Redis } from 'ioredis';
 import type { MiddlewareHandler } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import type { Logger } from 'pino';
 import type { Config, VmConfig } from '../config/schema.js';
 import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
 import { enqueueBackup, enqueueMaintenance, enqueueRestore, enqueueSnapshot, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import type { RedisConnection } from '../queue/connection.js';
 import { backupPayloadFor, snapshotPayloadFor } from '../queue/payloads.js';
 import { assertSnapshotName, expiryFrom } from '../vm/snapshots.js';
 import { Catalogue, type CatalogueEntry } from '../repo/catalogue.js';
@@ -42,7 +42,7 @@ export interface ApiDeps {
   config: Config;
   repo: Repository;
   /** A producer connection (fails fast when Redis is down); the caller closes it. */
-  redis: Redis;
+  redis: RedisConnection;
   log: Logger;
   /** Seconds since the epoch (tests move time). */
   now?: () => number;

@@ -5,12 +5,12 @@
  * file sets to anything. Losing Redis forgets it; the policy then counts as first
  * seen at the next start, which only means no catch-up on that start.
  */
-import type { Redis } from 'ioredis';
+import type { RedisConnection } from './connection.js';
 
 const key = (policy: string) => `vmvault:policy-first-seen:${policy}`;
 
 /** Records `now` as the policy's first sighting unless one is recorded; returns the recorded one. */
-export async function policyFirstSeen(redis: Redis, policy: string, now: Date = new Date()): Promise<Date> {
+export async function policyFirstSeen(redis: RedisConnection, policy: string, now: Date = new Date()): Promise<Date> {
   await redis.set(key(policy), String(now.getTime()), 'NX');
   const v = Number(await redis.get(key(policy)));
   return Number.isFinite(v) && v > 0 ? new Date(v) : now;
