@@ -87,7 +87,7 @@ describe('redis in the configuration', () => {
     assert.deepEqual(problems('redis:\n  sentinels: []\n  name: m\n'), ['2:14: redis.sentinels: list at least one Sentinel']);
     assert.deepEqual(problems('redis:\n  sentinels: [{ host: a }]\n  name: m\n'), ['2:15: redis.sentinels[0].port: missing: "port" is required']);
     assert.deepEqual(problems('redis: { url: "redis-sentinel://a:1" }\n'), [
-      '1:10: redis.url: the primary\'s name (as in "sentinel monitor NAME …") is missing: redis-sentinel://host:port/NAME (accepted: redis://[user:password@]host[:port][/db], rediss://…, unix:///path/to/socket[?db=N], redis-sentinel://[:password@]host:port[,host:port…]/MASTER-NAME[/db], redis-cluster://[:password@]host:port[,host:port…])',
+      '1:15: redis.url: the primary\'s name (as in "sentinel monitor NAME …") is missing: redis-sentinel://host:port/NAME (accepted: redis://[user:password@]host[:port][/db], rediss://…, unix:///path/to/socket[?db=N], redis-sentinel://[:password@]host:port[,host:port…]/MASTER-NAME[/db], redis-cluster://[:password@]host:port[,host:port…])',
     ]);
     assert.throws(() => parseRedisUrl('redis-sentinel://:pw@a/m'), (err: Error) => {
       assert.match(err.message, /"a" is not host:port/);
