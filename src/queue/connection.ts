@@ -39,8 +39,9 @@ export function redisOptionsFromUrl(url: string): RedisOptions {
       sentinels: t.sentinels, name: t.name, db: t.db, ...auth,
       ...(t.sentinelPassword !== undefined ? { sentinelPassword: t.sentinelPassword } : {}),
       ...(t.tls ? { tls: {}, enableTLSForSentinelMode: true } : {}),
-      // Learn of a failover from the Sentinels' +switch-master, not only from a broken connection.
-      failoverDetector: true,
+      // No failoverDetector: its own Sentinel connections outlive quit() (ioredis 6.0) and
+      // retry forever. A lost primary breaks the connection anyway, and a demoted one
+      // answers READONLY (reconnectOnError below): both make ioredis ask the Sentinels again.
       sentinelRetryStrategy: (times: number) => Math.min(100 * times, 2000),
     };
     case 'cluster': throw new VmvaultError('BAD_INPUT', 'a redis-cluster:// URL makes a cluster connection, not a single-server one: use createConnection');
