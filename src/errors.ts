@@ -49,6 +49,29 @@ export class IntegrityError extends VmvaultError {
   }
 }
 
+/**
+ * The storage service asks us to send fewer requests (S3 `SlowDown`, HTTP 503 or 429):
+ * retriable, and a sign to lower concurrency (storage/throttle.ts), not a failure.
+ */
+export class ThrottledError extends VmvaultError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super('STORAGE', message, { ...options, retriable: true });
+    this.name = 'ThrottledError';
+  }
+}
+
+const THROTTLE_NAMES = ['SlowDown', 'Throttling', 'ThrottlingException', 'RequestLimitExceeded', 'TooManyRequestsException', 'ServiceUnavailable', 'RequestThrottled'];
+
+/** True when `err` is the service asking for fewer requests: see ThrottledError. */
+export function isThrottling(err: unknown): boolean {
+  if (err instanceof ThrottledError) return true;
+  if (err instanceof VmvaultError) return false;
+  const e = err as { name?: unknown; $metadata?: { httpStatusCode?: number } } | null;
+  if (!e || typeof e !== 'object') return false;
+  const status = e.$metadata?.httpStatusCode;
+  return status === 503 || status === 429 || (typeof e.name === 'string' && THROTTLE_NAMES.includes(e.name));
+}
+
 /** The one place that decides whether an error is worth retrying. */
 export function isRetriable(err: unknown): boolean {
   if (err instanceof VmvaultError) return err.retriable;
@@ -61,7 +84,7 @@ export function isRetriable(err: unknown): boolean {
   const name = typeof e.name === 'string' ? e.name : '';
   const transient = ['ECONNRESET', 'ECONNREFUSED', 'EPIPE', 'ETIMEDOUT', 'EAI_AGAIN', 'ENOTFOUND', 'EHOSTUNREACH', 'ENETUNREACH', 'UND_ERR_SOCKET'];
   if (transient.includes(code)) return true;
-  return ['SlowDown', 'Throttling', 'ThrottlingException', 'RequestTimeout', 'RequestTimeTooSkewed', 'InternalError', 'ServiceUnavailable', 'TimeoutError'].includes(name);
+  return isThrottling(err) || ['RequestTimeout', 'RequestTimeTooSkewed', 'InternalError', 'TimeoutError'].includes(name);
 }
 
 export function errorMessage(err: unknown): string {

@@ -10,7 +10,6 @@
  * attempts without ever having failed.
  */
 import { DelayedError, UnrecoverableError, Worker, type Job, type Queue } from 'bullmq';
-import type { Redis } from 'ioredis';
 import path from 'node:path';
 import { pino, type Logger } from 'pino';
 import { errorMessage, VmvaultError } from '../src/errors.js';
@@ -21,7 +20,7 @@ import type { Progress } from '../src/pipeline/progress.js';
 import { Repository } from '../src/repo/repository.js';
 import { summarise, type BackupStats, type BackupSummary as ManifestSummary } from '../src/repo/manifest.js';
 import { openStorage } from '../src/storage/open.js';
-import { checkNoEviction, closeRedis, createRedis } from '../src/queue/connection.js';
+import { checkNoEviction, closeRedis, createConnection, queueOptions, type RedisConnection } from '../src/queue/connection.js';
 import { deterministicJobId, hostQueueName } from '../src/queue/names.js';
 import { parseHostJob, type BackupPayload, type RestorePayload } from '../src/queue/payloads.js';
 import { DEFAULT_STATE_DIR } from '../src/config/schema.js';
@@ -95,7 +94,7 @@ interface Context {
   queueName: string;
   repo: Repository;
   /** Fast-failing connection for VM locks and commit markers (a refresh must notice Redis is gone). */
-  locks: Redis;
+  locks: RedisConnection;
   /** The shared maintenance queue: a policy's backup enqueues that VM's prune there. */
   maintenance: Queue;
   log: Logger;
@@ -123,8 +122,8 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
     stateDir: path.resolve(options.stateDir ?? DEFAULT_STATE_DIR),
   };
 
-  const connection = createRedis(opts.redisUrl, 'worker');
-  const locks = createRedis(opts.redisUrl, 'producer');
+  const connection = createConnection(opts.redisUrl, 'worker');
+  const locks = createConnection(opts.redisUrl, 'producer');
   const swallow = (err: Error) => log.warn({ err: err.message }, 'redis connection error');
   connection.on('error', swallow);
   locks.on('error', swallow);
@@ -139,7 +138,7 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
 
   const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map(), exports: new HostExports(repo, log, options.exportAddress) };
   const worker = new Worker(queueName, (job, token, signal) => processJob(ctx, job, token, signal), {
-    connection, concurrency: options.concurrency ?? 1, lockDuration: opts.jobLockMs, autorun: false,
+    ...queueOptions(connection), concurrency: options.concurrency ?? 1, lockDuration: opts.jobLockMs, autorun: false,
     stalledInterval: opts.stalledIntervalMs,
   });
   worker.on('stalled', (id) => log.warn({ job: id }, 'job of a crashed worker handed back to the queue'));
@@ -165,7 +164,7 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
   };
 }
 
-async function closeWorker(ctx: Context, worker: Worker, connections: Redis[], heartbeat: Heartbeat): Promise<void> {
+async function closeWorker(ctx: Context, worker: Worker, connections: RedisConnection[], heartbeat: Heartbeat): Promise<void> {
   const graceful = worker.close();
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), ctx.opts.closeTimeoutMs); });

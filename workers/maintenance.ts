@@ -16,7 +16,7 @@ import { parseSubset } from '../src/pipeline/subset.js';
 import { collectGarbage } from '../src/repo/gc.js';
 import { Repository } from '../src/repo/repository.js';
 import { openStorage } from '../src/storage/open.js';
-import { checkNoEviction, closeRedis, createRedis } from '../src/queue/connection.js';
+import { checkNoEviction, closeRedis, createConnection, queueOptions } from '../src/queue/connection.js';
 import { MAINTENANCE_QUEUE } from '../src/queue/names.js';
 import { parseMaintenancePayload, type MaintenancePayload } from '../src/queue/payloads.js';
 import { toJobError } from './job-errors.js';
@@ -35,7 +35,7 @@ export interface MaintenanceWorker { close(): Promise<void> }
 
 export async function startMaintenanceWorker(options: MaintenanceWorkerOptions): Promise<MaintenanceWorker> {
   const log = (options.logger ?? pino({ name: 'vmvault-maintenance' })).child({ queue: MAINTENANCE_QUEUE });
-  const connection = createRedis(options.redisUrl, 'worker');
+  const connection = createConnection(options.redisUrl, 'worker');
   connection.on('error', (err: Error) => log.warn({ err: err.message }, 'redis connection error'));
   let repo: Repository;
   try {
@@ -54,7 +54,7 @@ export async function startMaintenanceWorker(options: MaintenanceWorkerOptions):
       await recordFailureCode(job, err);
       throw toJobError(err);
     }
-  }, { connection, concurrency: 1, autorun: false, ...(options.stalledIntervalMs ? { stalledInterval: options.stalledIntervalMs } : {}) });
+  }, { ...queueOptions(connection), concurrency: 1, autorun: false, ...(options.stalledIntervalMs ? { stalledInterval: options.stalledIntervalMs } : {}) });
   worker.on('error', (err) => log.error({ err: err.message }, 'worker error'));
   worker.on('failed', (job, err) => log.warn({ job: job?.id, err: err.message }, 'maintenance job failed'));
   void worker.run();

@@ -14,7 +14,7 @@
  */
 import { OpenAPIHono } from '@hono/zod-openapi';
 import type { Queue } from 'bullmq';
-import type { Redis } from 'ioredis';
+import type { RedisConnection } from '../queue/connection.js';
 import { bodyLimit } from 'hono/body-limit';
 import type { Logger } from 'pino';
 import type { Config } from '../config/schema.js';
@@ -50,7 +50,7 @@ export interface ApiDeps {
   config: Config;
   repo: Repository;
   /** A producer connection (fails fast when Redis is down); the caller closes it. */
-  redis: Redis;
+  redis: RedisConnection;
   log: Logger;
   /** Seconds since the epoch (tests move time). */
   now?: () => number;

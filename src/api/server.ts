@@ -8,7 +8,7 @@ import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import { parseListen, type Config } from '../config/schema.js';
 import { VmvaultError } from '../errors.js';
-import { closeRedis, createRedis } from '../queue/connection.js';
+import { closeRedis, createConnection } from '../queue/connection.js';
 import { Repository } from '../repo/repository.js';
 import { openStorage } from '../storage/open.js';
 import { createApi } from './app.js';
@@ -38,7 +38,7 @@ export async function startApiServer(
     opts.logger.warn({}, 'api.tokens is empty: every API route but /v1/health will answer 401; add tokens to the configuration');
   }
   const repo = await Repository.open(openStorage(opts.repository.url), opts.repository.passphrase);
-  const redis = createRedis(opts.redisUrl, 'producer');
+  const redis = createConnection(opts.redisUrl, 'producer');
   redis.on('error', (err) => opts.logger.warn({ err: err.message }, 'redis connection error'));
   const log = opts.logger.child({ component: 'api' });
   const api = createApi({ config, repo, redis, log, ...(opts.inventory ? { inventory: opts.inventory } : {}) });

@@ -16,6 +16,7 @@ import { formatPath, type YamlIssue, type YamlPosition } from '../policy/load.js
 import { NAME_RE, cronSchedule, nameRule } from '../policy/schema.js';
 import { isValidTimeZone } from '../policy/retention.js';
 import { parseRepositoryUrl } from '../storage/open.js';
+import { formatRedisUrl, parseRedisUrl } from './redis.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/vmvault';
 export const DEFAULT_POLICIES_DIR = 'policies';
@@ -62,15 +63,60 @@ const repositorySchema = z
     ? { url: r.url, passwordFile: r.passwordFile }
     : { url: r.url, passwordEnv: r.passwordEnv ?? DEFAULT_PASSWORD_ENV }));
 
-const redisUrl = z.string({ error: 'expected a Redis URL' }).refine((url) => {
+const redisUrl = z.string({ error: 'expected a Redis URL' }).superRefine((url, ctx) => {
   try {
-    const u = new URL(url);
-    if (u.protocol === 'unix:') return u.host === '' && u.pathname.length > 1;
-    return (u.protocol === 'redis:' || u.protocol === 'rediss:') && u.hostname !== '';
-  } catch {
-    return false;
+    parseRedisUrl(url);
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: (err as Error).message.replace(/^bad Redis URL "[^"]*": /, '') });
   }
-}, 'expected redis://HOST[:PORT][/DB], rediss://HOST[:PORT] or unix:///path/to/redis.sock');
+});
+
+const redisNode = (what: string) => z.strictObject({
+  host: nonEmpty(`the ${what}'s host`),
+  port: z.number({ error: `expected the ${what}'s port (a number)` }).int().min(1, 'a port is 1 to 65535').max(65535, 'a port is 1 to 65535'),
+}, { error: `expected a ${what}: { host, port }` });
+
+/**
+ * One Redis server (`url`), a primary found through Redis Sentinel (`sentinels` + `name`),
+ * or a Redis Cluster (`cluster`); each becomes one URL (config/redis.ts).
+ */
+const redisSchema = z.strictObject({
+  url: redisUrl.optional(),
+  sentinels: z.array(redisNode('Sentinel'), { error: 'expected a list of Sentinels: [{ host, port }]' }).min(1, 'list at least one Sentinel').optional(),
+  /** The primary's name, as in the Sentinels' "sentinel monitor NAME host port quorum". */
+  name: nonEmpty('the primary\'s name').optional(),
+  cluster: z.array(redisNode('cluster node'), { error: 'expected a list of cluster nodes: [{ host, port }]' }).min(1, 'list at least one cluster node').optional(),
+  username: nonEmpty('a user name').optional(),
+  password: nonEmpty('a password').optional(),
+  sentinelPassword: nonEmpty('a password').optional(),
+  db: z.number({ error: 'expected a database number' }).int().min(0).max(99).optional(),
+  tls: z.boolean({ error: 'expected true or false' }).optional(),
+}, { error: 'expected { url }, { sentinels, name } or { cluster }' }).superRefine((r, ctx) => {
+  const issue = (path: string, message: string) => ctx.addIssue({ code: 'custom', path: [path], message });
+  const forms = [r.url !== undefined && 'url', r.sentinels !== undefined && 'sentinels', r.cluster !== undefined && 'cluster'].filter(Boolean);
+  if (forms.length > 1) issue(forms[1] as string, `give one of url, sentinels (with name) or cluster, not ${forms.join(' and ')}`);
+  if (r.url !== undefined) {
+    for (const k of ['name', 'username', 'password', 'sentinelPassword', 'db', 'tls'] as const) {
+      if (r[k] !== undefined) issue(k, `${k} goes with sentinels or cluster; with url, put it in the URL (redis://user:password@host:port/db, rediss:// for TLS)`);
+    }
+  }
+  // Shown at sentinels: an issue at a missing key would only say it is missing.
+  if (r.sentinels !== undefined && r.name === undefined) issue('sentinels', 'Sentinels need the name of the primary they watch (as in "sentinel monitor NAME …"): add name');
+  if (r.sentinels === undefined && r.name !== undefined) issue('name', 'name is the primary\'s name for Sentinel: add sentinels: [{ host, port }], or remove name');
+  if (r.sentinels === undefined && r.sentinelPassword !== undefined) issue('sentinelPassword', 'sentinelPassword needs sentinels');
+  if (r.cluster !== undefined && r.db !== undefined) issue('db', 'a Redis Cluster has only database 0: remove db');
+  if (forms.length === 0) {
+    const stray = (['username', 'password', 'sentinelPassword', 'db', 'tls'] as const).find((k) => r[k] !== undefined);
+    if (stray) issue(stray, `${stray} needs url, sentinels or cluster`);
+  }
+}).transform((r): { url?: string } => {
+  const auth = { ...(r.username ? { username: r.username } : {}), ...(r.password !== undefined ? { password: r.password } : {}) };
+  if (r.sentinels) {
+    return { url: formatRedisUrl({ kind: 'sentinel', sentinels: r.sentinels, name: r.name ?? '', db: r.db ?? 0, ...auth, ...(r.sentinelPassword !== undefined ? { sentinelPassword: r.sentinelPassword } : {}), tls: r.tls ?? false }) };
+  }
+  if (r.cluster) return { url: formatRedisUrl({ kind: 'cluster', nodes: r.cluster, ...auth, tls: r.tls ?? false }) };
+  return r.url !== undefined ? { url: r.url } : {};
+});
 
 const diskSchema = z.strictObject({
   path: absolutePath('a disk path'),
@@ -146,7 +192,7 @@ const maintenanceSchema = z.strictObject({
 
 export const configSchema = z.strictObject({
   repository: repositorySchema.optional(),
-  redis: z.strictObject({ url: redisUrl.optional() }, { error: 'expected { url }' }).default({}),
+  redis: redisSchema.default({}),
   stateDir: nonEmpty('a directory').default(DEFAULT_STATE_DIR),
   host: name('host name').default(() => hostname()),
   /** Default DEFAULT_POLICIES_DIR beside the file; applied by parseConfig, which records that it did. */
@@ -180,6 +226,7 @@ export const CONFIG_KEYS: readonly string[] = [
   ...Object.keys(configSchema.shape), 'url', 'passwordFile', 'passwordEnv',
   ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots', 'exportAddress',
   ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData',
+  'sentinels', 'cluster', 'username', 'password', 'sentinelPassword', 'db', 'tls', 'port',
 ];
 
 const asObject = (v: unknown): Record<string, unknown> => (v !== null && typeof v === 'object' && !Array.isArray(v) ? v as Record<string, unknown> : {});

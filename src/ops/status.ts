@@ -9,7 +9,7 @@
  * worker that may run elsewhere.
  */
 import type { Job, Queue } from 'bullmq';
-import type { Redis } from 'ioredis';
+import type { RedisConnection } from '../queue/connection.js';
 import { selectVms } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import { loadPolicies } from '../policy/load.js';
@@ -23,7 +23,7 @@ import { isOverdue, nextSlot } from '../scheduler/slots.js';
 
 export interface StatusSources {
   config: Pick<Config, 'vms' | 'host' | 'hosts' | 'policiesDir'>;
-  redis: Redis;
+  redis: RedisConnection;
   /** Every backup, newest first (a Catalogue's list()). */
   backups(): Promise<CatalogueEntry[]>;
   verification(): Promise<Map<string, VerificationState>>;

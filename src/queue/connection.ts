@@ -1,61 +1,95 @@
 /**
- * Redis connections for queues and workers, from one URL:
- *   redis://[user:password@]host[:port][/db]   rediss://… (TLS)
- *   unix:///path/to/redis.sock[?db=N&password=…]
- * Workers block on Redis and must wait through a Redis restart rather than fail a
- * command: their connections have `maxRetriesPerRequest: null` (BullMQ requires it).
+ * Redis connections for queues and workers, from one URL (config/redis.ts): one server
+ * (redis://, rediss://, unix://), a primary found through Redis Sentinel
+ * (redis-sentinel://), or a Redis Cluster (redis-cluster://).
+ * Workers block on Redis and must wait through a Redis restart or a failover rather than
+ * fail a command: their connections have `maxRetriesPerRequest: null` (BullMQ requires it).
  * Producers (scheduler, API) fail fast instead, so a caller learns Redis is down.
+ *
+ * Sentinel: ioredis asks the Sentinels for the primary, and again after every disconnect,
+ * so a failover (the primary's machine lost, a replica promoted) costs a reconnection. A
+ * command answered READONLY (sent to a primary just demoted) reconnects and is resent.
+ * Cluster: BullMQ's Lua scripts touch several keys of a queue at once, which a cluster
+ * allows only within one hash slot: every queue then uses the prefix CLUSTER_PREFIX, a
+ * `{…}` hash tag, so all its keys land in one slot (see queueOptions).
  */
-import { Redis, type RedisOptions } from 'ioredis';
+import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis';
+import { parseRedisUrl } from '../config/redis.js';
 import { VmvaultError, errorMessage } from '../errors.js';
 
 export type ConnectionRole = 'worker' | 'producer';
 
-/** Parses a Redis URL into ioredis options; VmvaultError('BAD_INPUT') when it is none of the accepted forms. */
-export function redisOptionsFromUrl(url: string): RedisOptions {
-  const bad = (why: string) => new VmvaultError('BAD_INPUT', `bad Redis URL "${url.replace(/\/\/[^@/]*@/, '//***@')}": ${why} (accepted: redis://[user:password@]host[:port][/db], rediss://…, unix:///path/to/socket[?db=N])`);
-  let u: URL;
-  try {
-    u = new URL(url);
-  } catch {
-    throw bad('it is not a URL');
-  }
-  const password = u.password ? decodeURIComponent(u.password) : u.searchParams.get('password') ?? undefined;
-  const username = u.username ? decodeURIComponent(u.username) : undefined;
-  const auth = { ...(password !== undefined ? { password } : {}), ...(username ? { username } : {}) };
-  const dbParam = u.searchParams.get('db');
-  if (u.protocol === 'unix:') {
-    if (!u.pathname || u.pathname === '/') throw bad('the socket path is missing');
-    if (u.host) throw bad('a unix URL has no host: write unix:///absolute/path (three slashes)');
-    return { path: decodeURIComponent(u.pathname), db: parseDb(dbParam ?? '0', bad), ...auth };
-  }
-  if (u.protocol !== 'redis:' && u.protocol !== 'rediss:') throw bad(`unknown scheme "${u.protocol}"`);
-  if (!u.hostname) throw bad('the host is missing');
-  const port = u.port ? Number(u.port) : 6379;
-  const dbPath = u.pathname.replace(/^\//, '');
-  return {
-    host: u.hostname.replace(/^\[|\]$/g, ''), port, db: parseDb(dbPath || dbParam || '0', bad), ...auth,
-    ...(u.protocol === 'rediss:' ? { tls: {} } : {}),
-  };
-}
+/** A connection to one server (or a Sentinel-managed primary), or to a cluster. */
+export type RedisConnection = Redis | Cluster;
 
-function parseDb(s: string, bad: (why: string) => VmvaultError): number {
-  if (!/^\d{1,2}$/.test(s)) throw bad(`"${s}" is not a database number`);
-  return Number(s);
-}
+/** The BullMQ key prefix on a Redis Cluster: a hash tag, so each queue's keys share a slot. */
+export const CLUSTER_PREFIX = '{vmvault}';
 
 /**
- * A new ioredis connection. It reconnects forever (1 s to 20 s apart), so a worker
- * survives a Redis restart; `lazyConnect` leaves connecting to the first command.
+ * ioredis options for a single server or a Sentinel-managed primary; VmvaultError('BAD_INPUT')
+ * when the URL is none of the accepted forms, or names a cluster (see createConnection).
  */
-export function createRedis(url: string, role: ConnectionRole, extra: RedisOptions = {}): Redis {
-  const opts: RedisOptions = {
-    ...redisOptionsFromUrl(url),
+export function redisOptionsFromUrl(url: string): RedisOptions {
+  const t = parseRedisUrl(url);
+  const auth = { ...(t.password !== undefined ? { password: t.password } : {}), ...(t.username ? { username: t.username } : {}) };
+  switch (t.kind) {
+    case 'socket': return { path: t.path, db: t.db, ...auth };
+    case 'server': return { host: t.host, port: t.port, db: t.db, ...auth, ...(t.tls ? { tls: {} } : {}) };
+    case 'sentinel': return {
+      sentinels: t.sentinels, name: t.name, db: t.db, ...auth,
+      ...(t.sentinelPassword !== undefined ? { sentinelPassword: t.sentinelPassword } : {}),
+      ...(t.tls ? { tls: {}, enableTLSForSentinelMode: true } : {}),
+      // No failoverDetector: its own Sentinel connections outlive quit() (ioredis 6.0) and
+      // retry forever. A lost primary breaks the connection anyway, and a demoted one
+      // answers READONLY (reconnectOnError below): both make ioredis ask the Sentinels again.
+      sentinelRetryStrategy: (times: number) => Math.min(100 * times, 2000),
+    };
+    case 'cluster': throw new VmvaultError('BAD_INPUT', 'a redis-cluster:// URL makes a cluster connection, not a single-server one: use createConnection');
+  }
+}
+
+/** A demoted primary answers writes with READONLY: reconnect (through the Sentinels) and resend. */
+const reconnectOnReadonly = (err: Error): 1 | 2 | false => (err.message.startsWith('READONLY') ? 2 : false);
+
+function commonOptions(role: ConnectionRole, extra: RedisOptions): RedisOptions {
+  return {
     retryStrategy: (times) => Math.min(50 * 2 ** times, 2000),
+    reconnectOnError: reconnectOnReadonly,
     ...(role === 'worker' ? { maxRetriesPerRequest: null } : { maxRetriesPerRequest: 3 }),
     ...extra,
   };
-  return new Redis(opts);
+}
+
+/**
+ * A new ioredis connection to one server or a Sentinel-managed primary (not a cluster:
+ * see createConnection). It reconnects forever (up to 2 s apart), so a worker survives a
+ * Redis restart or a failover; `lazyConnect` leaves connecting to the first command.
+ */
+export function createRedis(url: string, role: ConnectionRole, extra: RedisOptions = {}): Redis {
+  return new Redis({ ...redisOptionsFromUrl(url), ...commonOptions(role, extra) });
+}
+
+/** Like createRedis, and a Cluster connection for a redis-cluster:// URL: what the service uses. */
+export function createConnection(url: string, role: ConnectionRole, extra: RedisOptions = {}): RedisConnection {
+  const t = parseRedisUrl(url);
+  if (t.kind !== 'cluster') return createRedis(url, role, extra);
+  const common = commonOptions(role, extra);
+  const { retryStrategy: _unused, ...redisOptions } = common; // per node; the cluster has its own
+  const options: ClusterOptions = {
+    redisOptions: {
+      ...redisOptions,
+      ...(t.password !== undefined ? { password: t.password } : {}), ...(t.username ? { username: t.username } : {}),
+      ...(t.tls ? { tls: {} } : {}),
+    },
+    clusterRetryStrategy: (times) => Math.min(50 * 2 ** times, 2000),
+    ...(extra.lazyConnect ? { lazyConnect: true } : {}),
+  };
+  return new Cluster(t.nodes, options);
+}
+
+/** The `connection` (and, on a cluster, `prefix`) for a BullMQ Queue or Worker. */
+export function queueOptions(connection: RedisConnection): { connection: RedisConnection; prefix?: string } {
+  return connection instanceof Cluster ? { connection, prefix: CLUSTER_PREFIX } : { connection };
 }
 
 /**
@@ -64,7 +98,7 @@ export function createRedis(url: string, role: ConnectionRole, extra: RedisOptio
  * and a dropped lock means two backups of one VM. Reads CONFIG GET, or INFO where
  * CONFIG is disabled (managed services).
  */
-export async function checkNoEviction(redis: Redis): Promise<void> {
+export async function checkNoEviction(redis: RedisConnection): Promise<void> {
   let policy: string | undefined;
   try {
     const r = (await redis.config('GET', 'maxmemory-policy')) as unknown as string[];
@@ -83,7 +117,7 @@ export async function checkNoEviction(redis: Redis): Promise<void> {
 }
 
 /** Closes a connection: QUIT when it is up, disconnect otherwise (never waits for a dead server). */
-export async function closeRedis(redis: Redis): Promise<void> {
+export async function closeRedis(redis: RedisConnection): Promise<void> {
   if (redis.status === 'end') return;
   if (redis.status === 'ready') {
     try {

@@ -6,7 +6,7 @@
  * lasts as long as a finished job is kept (JOB_HISTORY: 7 days).
  */
 import { Queue, type Job, type JobsOptions } from 'bullmq';
-import type { Redis } from 'ioredis';
+import { queueOptions, type RedisConnection } from './connection.js';
 import { VmvaultError } from '../errors.js';
 import { assertJobId, hostQueueName, MAINTENANCE_QUEUE } from './names.js';
 import {
@@ -33,12 +33,12 @@ export interface EnqueueOptions {
 }
 
 /** The queue of one host, sharing `connection` (the caller closes both). */
-export function hostQueue(connection: Redis, host: string): Queue {
-  return new Queue(hostQueueName(host), { connection });
+export function hostQueue(connection: RedisConnection, host: string): Queue {
+  return new Queue(hostQueueName(host), queueOptions(connection));
 }
 
-export function maintenanceQueue(connection: Redis): Queue {
-  return new Queue(MAINTENANCE_QUEUE, { connection });
+export function maintenanceQueue(connection: RedisConnection): Queue {
+  return new Queue(MAINTENANCE_QUEUE, queueOptions(connection));
 }
 
 export function jobOptions(opts: EnqueueOptions = {}): JobsOptions {

@@ -7,7 +7,7 @@
  * alerts); none keeps state of its own.
  */
 import { randomBytes } from 'node:crypto';
-import type { Redis } from 'ioredis';
+import type { RedisConnection } from './connection.js';
 import { z } from 'zod';
 
 const PREFIX = 'vmvault:worker:';
@@ -42,7 +42,7 @@ export interface HeartbeatOptions {
 }
 
 /** Writes the worker's key now and every intervalMs. */
-export async function startHeartbeat(redis: Redis, opts: HeartbeatOptions): Promise<Heartbeat> {
+export async function startHeartbeat(redis: RedisConnection, opts: HeartbeatOptions): Promise<Heartbeat> {
   const id = randomBytes(6).toString('hex');
   const intervalMs = opts.intervalMs ?? DEFAULT_HEARTBEAT_MS;
   const key = `${PREFIX}${opts.host}:${id}`;
@@ -68,7 +68,7 @@ export async function startHeartbeat(redis: Redis, opts: HeartbeatOptions): Prom
 }
 
 /** Every worker with a live key, by host then id. Unreadable values are skipped. */
-export async function liveWorkers(redis: Redis): Promise<WorkerBeat[]> {
+export async function liveWorkers(redis: RedisConnection): Promise<WorkerBeat[]> {
   const keys: string[] = [];
   let cursor = '0';
   do {

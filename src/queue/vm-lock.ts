@@ -6,7 +6,7 @@
  * holder that crashes stops refreshing and its lock expires after at most `ttlMs`.
  */
 import { randomBytes } from 'node:crypto';
-import type { Redis } from 'ioredis';
+import type { RedisConnection } from './connection.js';
 
 export const DEFAULT_VM_LOCK_TTL_MS = 60_000;
 const KEY_PREFIX = 'vmvault:vm-lock:';
@@ -41,17 +41,17 @@ export function vmLockKey(vm: string): string {
 }
 
 /** The token of the current holder, or null. */
-export async function vmLockHolder(redis: Redis, vm: string): Promise<string | null> {
+export async function vmLockHolder(redis: RedisConnection, vm: string): Promise<string | null> {
   return redis.get(vmLockKey(vm));
 }
 
 /** Milliseconds until the current lock expires (−2 when there is none). */
-export async function vmLockRemainingMs(redis: Redis, vm: string): Promise<number> {
+export async function vmLockRemainingMs(redis: RedisConnection, vm: string): Promise<number> {
   return redis.pttl(vmLockKey(vm));
 }
 
 /** Takes the lock, or resolves null when another holder has it. */
-export async function tryAcquireVmLock(redis: Redis, vm: string, opts: VmLockOptions = {}): Promise<VmLock | null> {
+export async function tryAcquireVmLock(redis: RedisConnection, vm: string, opts: VmLockOptions = {}): Promise<VmLock | null> {
   const ttl = opts.ttlMs ?? DEFAULT_VM_LOCK_TTL_MS;
   const key = vmLockKey(vm);
   const token = `${opts.holder ?? 'vmvault'}/${randomBytes(8).toString('hex')}`;

@@ -28,7 +28,7 @@ import { VmInventory } from '../config/inventory.js';
 import type { Config } from '../config/schema.js';
 import { NAME_RE } from '../policy/schema.js';
 import { errnoCode, errorMessage, VmvaultError } from '../errors.js';
-import { checkNoEviction, closeRedis, createRedis } from '../queue/connection.js';
+import { checkNoEviction, closeRedis, createConnection } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
 import { enqueueBackup, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
 import { policyFirstSeen } from '../queue/first-seen.js';
@@ -122,7 +122,7 @@ export async function runScheduler(
   const redisUrl = opts.redisUrl ?? redisFrom(config);
   const where = opts.repository ?? await repositoryFrom(config);
   const repo = await Repository.open(openStorage(where.url), where.passphrase);
-  const connection = createRedis(redisUrl, 'producer');
+  const connection = createConnection(redisUrl, 'producer');
   connection.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
   const queues = new Map<string, Queue>();
   const queueOf = (host: string) => {
@@ -347,7 +347,7 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
       redisUrl = redis.url;
       log.info({ socket: redis.socketPath, pid: redis.pid }, 'started redis-server');
     } else {
-      const c = createRedis(redisUrl, 'producer');
+      const c = createConnection(redisUrl, 'producer');
       c.on('error', () => {});
       try { await checkNoEviction(c); } finally { await closeRedis(c); }
     }

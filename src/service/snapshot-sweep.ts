@@ -8,7 +8,7 @@
 import type { Logger } from 'pino';
 import type { Config } from '../config/schema.js';
 import { errorMessage } from '../errors.js';
-import { closeRedis, createRedis } from '../queue/connection.js';
+import { closeRedis, createConnection } from '../queue/connection.js';
 import { tryAcquireVmLock } from '../queue/vm-lock.js';
 import { expireSnapshots, type ExpiryReport } from '../vm/snapshots.js';
 
@@ -24,7 +24,7 @@ export function startSnapshotSweep(
   config: Pick<Config, 'vms' | 'stateDir'>, host: string, opts: { redisUrl: string; logger: Logger; intervalMs?: number; now?: () => Date },
 ): SnapshotSweep {
   const log = opts.logger.child({ sweep: 'snapshots' });
-  const redis = createRedis(opts.redisUrl, 'producer');
+  const redis = createConnection(opts.redisUrl, 'producer');
   redis.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
   const exclusive = async <T>(vm: string, fn: () => Promise<T>): Promise<T | undefined> => {
     const lock = await tryAcquireVmLock(redis, vm, { holder: `${host}/snapshot-expiry` });

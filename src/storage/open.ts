@@ -10,6 +10,7 @@ import { LocalStorage } from './local.js';
 import { prefixProblem } from './names.js';
 import { type RetryOptions, withRetry } from './retry.js';
 import { lazyStorage } from './lazy.js';
+import { withAdaptiveConcurrency } from './throttle.js';
 import type { Storage } from './storage.js';
 
 /** What a repository URL designates. */
@@ -139,8 +140,9 @@ export function maskCredentials(text: string): string {
 
 const BACKENDS: { [K in RepositoryLocation['kind']]: (loc: Extract<RepositoryLocation, { kind: K }>) => Storage } = {
   local: (loc) => new LocalStorage(path.resolve(loc.path)),
-  // The S3 SDK is loaded only when an S3 repository is used (see lazy.ts).
-  s3: (loc) => lazyStorage(s3Location(loc), async () => new (await import('./s3.js')).S3Storage(loc)),
+  // The S3 SDK is loaded only when an S3 repository is used (see lazy.ts); S3 answers
+  // SlowDown/503 under load, and the number of requests in flight adapts (throttle.ts).
+  s3: (loc) => lazyStorage(s3Location(loc), async () => withAdaptiveConcurrency(new (await import('./s3.js')).S3Storage(loc))),
 };
 
 /** What S3Storage prints as its location, known before the SDK is loaded. */
@@ -150,7 +152,8 @@ function s3Location(loc: Extract<RepositoryLocation, { kind: 's3' }>): string {
 }
 
 /**
- * Opens the storage a repository URL designates, wrapped with withRetry. Throws
+ * Opens the storage a repository URL designates, wrapped with withRetry (and, for S3,
+ * withAdaptiveConcurrency inside it, so each attempt takes a slot). Throws
  * VmvaultError('BAD_REPOSITORY_URL') for a URL parseRepositoryUrl rejects. Opening
  * does no I/O: a missing directory or bucket shows at the first operation.
  */

@@ -2,12 +2,18 @@
  * Retries as a wrapper around any Storage (kopia's retrying_storage.go), so backends
  * stay free of retry loops and tests can drive it with faulty.ts.
  */
-import { NotFoundError, VmvaultError, errorMessage, isRetriable } from '../errors.js';
+import { NotFoundError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
 import type { Storage } from './storage.js';
 
 export interface RetryOptions {
   /** Total attempts per operation, the first included. Default 6. */
   attempts?: number;
+  /**
+   * Total attempts when the service answers "slow down" (isThrottling): that is load,
+   * not failure, and the adaptive limiter (throttle.ts) needs time to bring the rate
+   * down. Default 12 (about a minute of waiting with the default delays).
+   */
+  throttledAttempts?: number;
   /** Delay before the first retry, doubled each time. Default 200 ms. */
   baseDelayMs?: number;
   /** Upper bound of one delay. Default 10 s. */
@@ -35,6 +41,7 @@ const defaultSleep = (ms: number): Promise<void> => new Promise((resolve) => set
  * with exponential backoff and jitter: the n-th retry waits between half and all of
  * min(maxDelayMs, baseDelayMs · 2^(n-1)).
  *
+ * - A throttling answer (SlowDown, 503, 429) gets up to `throttledAttempts` attempts.
  * - NotFoundError and non-retriable errors are thrown at once; a VmvaultError as is,
  *   anything else wrapped in VmvaultError('STORAGE').
  * - After the last attempt fails, throws VmvaultError('STORAGE') naming the location,
@@ -47,6 +54,7 @@ const defaultSleep = (ms: number): Promise<void> => new Promise((resolve) => set
  */
 export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
   const attempts = Math.max(1, opts.attempts ?? 6);
+  const throttledAttempts = Math.max(attempts, opts.throttledAttempts ?? 12);
   const base = opts.baseDelayMs ?? 200;
   const cap = opts.maxDelayMs ?? 10_000;
   const sleep = opts.sleep ?? defaultSleep;
@@ -61,7 +69,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
   const onFailure = (op: string, name: string, attempt: number, err: unknown): number => {
     if (err instanceof NotFoundError) throw err;
     if (!isRetriable(err)) throw asStorageError(storage.location, op, name, attempt, err, false);
-    if (attempt >= attempts) throw asStorageError(storage.location, op, name, attempt, err, true);
+    if (attempt >= (isThrottling(err) ? throttledAttempts : attempts)) throw asStorageError(storage.location, op, name, attempt, err, true);
     const delayMs = delayFor(attempt);
     opts.onRetry?.({ op, name, attempt, delayMs, error: err });
     return delayMs;

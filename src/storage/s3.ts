@@ -13,7 +13,7 @@ import {
   PutObjectCommand,
   S3Client,
 } from '@aws-sdk/client-s3';
-import { NotFoundError, VmvaultError, errorMessage, isRetriable } from '../errors.js';
+import { NotFoundError, ThrottledError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
 import { checkName, checkPrefix } from './names.js';
 import type { Storage } from './storage.js';
 
@@ -221,6 +221,9 @@ export class S3Storage implements Storage {
       return new VmvaultError('STORAGE',
         `S3 ${what} in ${where}: access denied (${errName || status}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that they grant s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on this bucket`,
         { cause: err });
+    }
+    if (isThrottling(err)) {
+      return new ThrottledError(`S3 ${what} in ${where}: the server asks for fewer requests (${[errName, status && `HTTP ${status}`].filter(Boolean).join(', ')}); vmvault lowers its concurrency and retries`, { cause: err });
     }
     if (errName === 'BadDigest') {
       return new VmvaultError('STORAGE',

@@ -173,7 +173,7 @@ describe('problems, each at its FILE:LINE:COL', () => {
     assert.deepEqual(problems('repository:\n  url: s4://bucket\n  passwordFile: /pw\n  passwordEnv: PW\nredis:\n  url: http://localhost\n'), [
       'c.yaml:2:8: repository.url: bad repository URL "s4://bucket": unknown scheme "s4:"; expected s3://BUCKET[/PREFIX][?endpoint=URL&region=R], file:///abs/path or a directory path',
       'c.yaml:4:16: repository.passwordEnv: the password comes from passwordFile or passwordEnv, not both: remove one',
-      'c.yaml:6:8: redis.url: expected redis://HOST[:PORT][/DB], rediss://HOST[:PORT] or unix:///path/to/redis.sock',
+      'c.yaml:6:8: redis.url: unknown scheme "http:" (accepted: redis://[user:password@]host[:port][/db], rediss://…, unix:///path/to/socket[?db=N], redis-sentinel://[:password@]host:port[,host:port…]/MASTER-NAME[/db], redis-cluster://[:password@]host:port[,host:port…])',
     ]);
     assert.deepEqual(problems('repository:\n  passwordEnv: PW\n'), ['c.yaml:2:3: repository.url: missing: "url" is required']);
   });

@@ -5,7 +5,7 @@
  */
 import { OpenAPIHono, createRoute, z, type RouteConfig } from '@hono/zod-openapi';
 import type { Job, Queue } from 'bullmq';
-import type { Redis } from 'ioredis';
+import type { RedisConnection } from '../../queue/connection.js';
 import type { MiddlewareHandler } from 'hono';
 import type { Logger } from 'pino';
 import type { Config, VmConfig } from '../../config/schema.js';
@@ -28,7 +28,7 @@ export interface RouteContext {
   config: Config;
   repo: Repository;
   /** A producer connection (fails fast when Redis is down). */
-  redis: Redis;
+  redis: RedisConnection;
   log: Logger;
   /** Seconds since the epoch. */
   now: () => number;
