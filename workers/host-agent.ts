@@ -295,6 +295,7 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
     // Restore jobs come from the API: its request field is "overwrite".
     forceHint: 'set "overwrite": true in the restore request to replace them',
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),
+    ...(p.diskPaths ? { diskPaths: p.diskPaths } : {}), ...(p.name !== undefined ? { name: p.name } : {}),
   });
   await guard.confirmOwnership();
   const result: RestoreJobResult = { ...r, directory, startedAt, finishedAt: Date.now() };

@@ -129,6 +129,10 @@ export const RestoreRequest = z.strictObject({
   directory: z.string().min(1).max(4096).openapi({ description: 'absolute directory on that host, inside its restoreRoots' }),
   format: z.enum(IMAGE_FORMATS as unknown as [string, ...string[]]),
   disks: z.array(z.string().min(1).max(200)).min(1).max(64).optional().openapi({ description: 'restore only these disks (by name)' }),
+  diskPaths: z.record(z.string().min(1).max(200), z.string().min(1).max(4096)).optional()
+    .openapi({ description: 'where each named disk goes instead of DIRECTORY/NAME.EXT: a path relative to the directory, or an absolute one inside it' }),
+  name: z.string().min(1).max(64).optional()
+    .openapi({ description: 'restore as a new VM of this name: the libvirt domain XML gets this name, a fresh UUID and fresh MAC addresses' }),
   overwrite: z.boolean().default(false),
 }).openapi('RestoreRequest');
 

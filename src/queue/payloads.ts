@@ -50,6 +50,10 @@ export const restorePayloadSchema = z.strictObject({
   directory: nonEmpty.refine((d) => d.startsWith('/'), 'an absolute path'),
   format: imageFormat.optional(),
   disks: z.array(nonEmpty).optional(),
+  /** Disk name → path inside `directory` (relative to it, or absolute). */
+  diskPaths: z.record(nonEmpty, nonEmpty).optional(),
+  /** Restore as a new VM of this name (pipeline/restore.ts). */
+  name: nonEmpty.optional(),
   overwrite: z.boolean().default(false),
 });
 
