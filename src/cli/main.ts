@@ -16,6 +16,7 @@ import { registerServiceCommands } from './commands/service.js'; // up / serve /
 import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot create / list / revert / delete (issue 5)
 import { registerExportCommand } from './commands/export.js'; // export over NBD (issue 13)
 import { registerTokenCommands } from './commands/token.js'; // token create (issue 12)
+import { registerDrillCommand } from './commands/drill.js'; // restore drills (issue 13)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -36,6 +37,7 @@ export function buildProgram(): Command {
   registerSnapshotCommands(program, globals); // snapshot create / list / revert / delete (issue 5)
   registerExportCommand(program, globals); // export over NBD (issue 13)
   registerTokenCommands(program); // token create (issue 12)
+  registerDrillCommand(program, globals); // restore drills (issue 13)
   return program;
 }
 

@@ -6,7 +6,7 @@ import { summarise, type Manifest } from '../../repo/manifest.js';
 import type { BackupDisk } from '../../pipeline/backup.js';
 import { auditFailures, backupVm } from '../../vm/drivers.js';
 import { restore } from '../../pipeline/restore.js';
-import { verificationStates } from '../../repo/health.js';
+import { verificationStates, type VerificationState } from '../../repo/health.js';
 import { openRepository, warn, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
@@ -36,6 +36,13 @@ function restoreDisks(specs: string[]): { disks: string[]; diskPaths: Record<str
     if (eq >= 0) diskPaths[name] = spec.slice(eq + 1);
   }
   return { disks, diskPaths };
+}
+
+function verifiedColumn(v: VerificationState | null): string {
+  if (!v) return '-';
+  if (v.status === 'damaged') return `DAMAGED (${v.damagedDisks.join(',')})`;
+  if (v.status === 'boot-failed') return `BOOT-FAILED ${v.boot!.time}`;
+  return `${v.status} ${v.status === 'boot-verified' ? v.boot!.time : v.lastVerified}`;
 }
 
 function listing(m: Manifest) {
@@ -139,7 +146,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         ['ID', 'TIME', 'VM', 'HOST', 'DISKS', 'LABELS', 'VERIFIED'],
         ...all.map((b) => [
           b.id.slice(0, 12), b.time, b.vm, b.host, b.disks.map((d) => `${d.name} (${d.format}, ${formatBytes(d.virtualSize)})`).join(' '), b.labels.join(','),
-          !b.verification ? '-' : b.verification.status === 'ok' ? `ok ${b.verification.lastVerified}` : `DAMAGED (${b.verification.damagedDisks.join(',')})`,
+          verifiedColumn(b.verification),
         ]),
         ...broken.map((b) => [b.id.slice(0, 12), '-', '(damaged)', '-', '-', '-', '-']),
       ]));
