@@ -22,7 +22,8 @@ import { summarise, type BackupStats, type BackupSummary as ManifestSummary } fr
 import { openStorage } from '../src/storage/open.js';
 import { checkNoEviction, closeRedis, createConnection, queueOptions, type RedisConnection } from '../src/queue/connection.js';
 import { deterministicJobId, hostQueueName } from '../src/queue/names.js';
-import { parseHostJob, type BackupPayload, type RestorePayload } from '../src/queue/payloads.js';
+import { parseHostJob, type BackupPayload, type DrillPayload, type RestorePayload } from '../src/queue/payloads.js';
+import { drillBackup, drillFailure, resolveDrillTarget, type DrillResult } from '../src/vm/drill.js';
 import { DEFAULT_STATE_DIR } from '../src/config/schema.js';
 import { enqueueMaintenance, JOB_HISTORY, maintenanceQueue } from '../src/queue/enqueue.js';
 import { DEFAULT_VM_LOCK_TTL_MS, tryAcquireVmLock, vmLockRemainingMs } from '../src/queue/vm-lock.js';
@@ -84,7 +85,7 @@ export interface BackupJobResult extends ManifestSummary {
 
 export interface RestoreJobResult extends RestoreResult { directory: string; startedAt: number; finishedAt: number }
 
-export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResult | ExportJobResult;
+export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResult | ExportJobResult | DrillResult;
 
 /** Commit markers live as long as job history: a retry within that time finds them. */
 const MARKER_TTL_S = JOB_HISTORY.age;
@@ -191,6 +192,7 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
   const marker = `vmvault:commit:${ctx.queueName}:${job.id}`;
   try {
     if (parsed.name === 'export') return await ctx.exports.start(parsed.payload); // Touches no VM: no VM lock.
+    if (parsed.name === 'drill') return await runDrillJob(ctx, job, parsed.payload); // Reads the repository only: no VM lock.
     const done = await earlierResult(ctx, marker);
     if (done) return done;
     const vm = parsed.name === 'restore' ? await vmOfBackup(ctx, parsed.payload) : parsed.payload.vm;
@@ -290,6 +292,21 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
   return { ...summarise(manifest), stats, ...(p.slot ? { slot: p.slot } : {}), startedAt, finishedAt: Date.now() };
 }
 
+/**
+ * A restore drill (vm/drill.ts): the result is recorded in the repository either way; a
+ * failed boot then fails the job (DRILL_FAILED, not retried), so it raises what any
+ * failed job raises.
+ */
+async function runDrillJob(ctx: Context, job: Job, p: DrillPayload): Promise<DrillResult> {
+  const backupId = p.backupId ? await ctx.repo.resolveBackupId(p.backupId) : await resolveDrillTarget(ctx.repo, p.vm!);
+  const r = await drillBackup(ctx.repo, {
+    backupId, stateDir: ctx.opts.stateDir, host: ctx.opts.host, timeoutMs: p.timeoutSeconds * 1000, ...(p.probe ? { probe: p.probe } : {}),
+  });
+  ctx.log[r.status === 'boot-verified' ? 'info' : 'error']({ job: job.id, backup: r.backup, vm: r.vm, status: r.status, reason: r.reason, serialLog: r.serialLog, screenshot: r.screenshot }, 'restore drill');
+  if (r.status === 'boot-failed') throw drillFailure(r);
+  return r;
+}
+
 async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePayload, marker: string): Promise<RestoreJobResult> {
   const startedAt = Date.now();
   const directory = path.resolve(p.directory);
@@ -305,6 +322,7 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
     // Restore jobs come from the API: its request field is "overwrite".
     forceHint: 'set "overwrite": true in the restore request to replace them',
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),
+    ...(p.diskPaths ? { diskPaths: p.diskPaths } : {}), ...(p.name !== undefined ? { name: p.name } : {}),
   });
   await guard.confirmOwnership();
   const result: RestoreJobResult = { ...r, directory, startedAt, finishedAt: Date.now() };

@@ -17,6 +17,7 @@ import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot c
 import { registerExportCommand } from './commands/export.js'; // export over NBD (issue 13)
 import { registerTokenCommands } from './commands/token.js'; // token create (issue 12)
 import { registerStatusCommand } from './commands/status.js'; // status (issue 12)
+import { registerDrillCommand } from './commands/drill.js'; // restore drills (issue 13)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -38,6 +39,7 @@ export function buildProgram(): Command {
   registerExportCommand(program, globals); // export over NBD (issue 13)
   registerTokenCommands(program); // token create (issue 12)
   registerStatusCommand(program); // status (issue 12)
+  registerDrillCommand(program, globals); // restore drills (issue 13)
   return program;
 }
 

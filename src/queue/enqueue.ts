@@ -10,8 +10,8 @@ import { queueOptions, type RedisConnection } from './connection.js';
 import { VmvaultError } from '../errors.js';
 import { assertJobId, hostQueueName, MAINTENANCE_QUEUE } from './names.js';
 import {
-  backupPayloadSchema, describeIssues, exportPayloadSchema, maintenancePayloadSchema, restorePayloadSchema, snapshotPayloadSchema,
-  type BackupPayloadInput, type ExportPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput, type SnapshotPayloadInput,
+  backupPayloadSchema, describeIssues, drillPayloadSchema, exportPayloadSchema, maintenancePayloadSchema, restorePayloadSchema, snapshotPayloadSchema,
+  type BackupPayloadInput, type DrillPayloadInput, type ExportPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput, type SnapshotPayloadInput,
 } from './payloads.js';
 import type { z } from 'zod';
 
@@ -65,6 +65,11 @@ function validate<S extends z.ZodType>(schema: S, what: string, payload: unknown
 /** Enqueues a backup on a host queue. Resolves to the job (the existing one when the id was already there). */
 export function enqueueBackup(queue: Queue, payload: BackupPayloadInput, opts?: EnqueueOptions): Promise<Job> {
   return queue.add('backup', validate(backupPayloadSchema, 'backup', payload), jobOptions(opts));
+}
+
+/** Enqueues a restore drill on the host whose queue this is. */
+export function enqueueDrill(queue: Queue, payload: DrillPayloadInput, opts?: EnqueueOptions): Promise<Job> {
+  return queue.add('drill', validate(drillPayloadSchema, 'drill', payload), jobOptions(opts));
 }
 
 /** Enqueues a restore onto the host whose queue this is. */

@@ -30,9 +30,9 @@ import { NAME_RE } from '../policy/schema.js';
 import { errnoCode, errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createConnection } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
-import { enqueueBackup, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { enqueueBackup, enqueueDrill, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
 import { policyFirstSeen } from '../queue/first-seen.js';
-import { backupPayloadFor } from '../queue/payloads.js';
+import { backupPayloadFor, drillPayloadFor } from '../queue/payloads.js';
 import { Catalogue } from '../repo/catalogue.js';
 import { Repository } from '../repo/repository.js';
 import { Scheduler } from '../scheduler/scheduler.js';
@@ -158,6 +158,10 @@ export async function runScheduler(
     maintenance: config.maintenance,
     enqueueMaintenance: async ({ jobId, payload }) => {
       await enqueueMaintenance(maintenance, payload, { jobId });
+    },
+    enqueueDrill: async ({ jobId, host, vm, policy, slot }) => {
+      const job = await enqueueDrill(queueOf(host), drillPayloadFor(vm, policy, slot), { jobId });
+      log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'drill enqueued');
     },
   });
   try {

@@ -2,6 +2,7 @@
 import { posix } from 'node:path';
 import { errorMessage, NotFoundError } from '../../errors.js';
 import { assertSafeName } from '../../pipeline/names.js';
+import { VM_NAME_RE } from '../../pipeline/libvirt-xml.js';
 import { enqueueRestore } from '../../queue/enqueue.js';
 import { ApiError } from '../errors.js';
 import { newJobId } from '../jobs.js';
@@ -42,11 +43,31 @@ export function registerBackups(app: ApiApp, ctx: RouteContext) {
         }
         if (!b.disks.some((x) => x.name === d)) throw new NotFoundError(`backup ${b.id.slice(0, 12)} has no disk "${d}"; its disks are: ${b.disks.map((x) => x.name).join(', ')}`);
       }
+      for (const [d, path] of Object.entries(req.diskPaths ?? {})) {
+        if (!b.disks.some((x) => x.name === d)) throw new NotFoundError(`backup ${b.id.slice(0, 12)} has no disk "${d}"; its disks are: ${b.disks.map((x) => x.name).join(', ')}`);
+        checkDiskPath(req.directory, d, path);
+      }
+      if (req.name !== undefined && !VM_NAME_RE.test(req.name)) throw new ApiError(400, 'BAD_INPUT', `"${req.name}" is not a VM name: use letters, digits, ".", "_", "+" or "-", starting with a letter or digit`);
       const job = await enqueueRestore(ctx.queueOf(req.host), {
         backupId: b.id, directory: req.directory, format: req.format as never, overwrite: req.overwrite, ...(req.disks ? { disks: req.disks } : {}),
+        ...(req.diskPaths ? { diskPaths: req.diskPaths } : {}), ...(req.name !== undefined ? { name: req.name } : {}),
       }, { jobId: newJobId('restore') });
       return c.json(await ctx.accepted(job), 202);
     });
+}
+
+/**
+ * A disk's path in a restore request: relative to `dir` or absolute, with no "." or ".."
+ * segments, and inside `dir` (the worker checks it again with symlinks resolved).
+ */
+export function checkDiskPath(dir: string, disk: string, path: string): void {
+  if (path.includes('\0') || path.split('/').some((s) => s === '..' || s === '.')) {
+    throw new ApiError(400, 'BAD_INPUT', `the path "${path}" of disk "${disk}" must be plain: no "." or ".." segments`);
+  }
+  const full = posix.normalize(path.startsWith('/') ? path : `${dir}/${path}`);
+  if (!full.startsWith(`${posix.normalize(dir).replace(/\/$/, '')}/`) || full.endsWith('/')) {
+    throw new ApiError(400, 'BAD_INPUT', `disk "${disk}" cannot go to "${path}": it is outside the restore directory "${dir}"; give a file path inside it (relative paths are taken from it)`);
+  }
 }
 
 /** Is `dir` a clean absolute path (no `.`/`..` segments, no `//`, no NUL) inside one of `roots`? */

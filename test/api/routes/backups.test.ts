@@ -59,6 +59,26 @@ describe('/v1/backups', () => {
     assert.ok((await compareImages(f.webDisk, restored, 'qcow2', 'qcow2')).identical);
   });
 
+  test('restore with diskPaths puts the disk where asked inside the directory; name reaches the worker; escaping paths are refused', async () => {
+    const directory = join(f.restoreRoot, 'web-paths');
+    const r = await f.call('POST', `/v1/backups/${first}/restore`, { role: 'operator', body: { host: 'hosta', directory, format: 'qcow2', diskPaths: { root: 'images/moved.qcow2' } } });
+    assert.equal(r.status, 202, JSON.stringify(r.body));
+    const job = await f.finished(r.body.job.id);
+    assert.equal(job.state, 'completed', job.error);
+    const moved = join(directory, 'images', 'moved.qcow2');
+    assert.ok((await compareImages(f.webDisk, moved, 'qcow2', 'qcow2')).identical);
+    // This backup has no libvirt domain XML: the worker says there is nothing to rename.
+    const named = await f.call('POST', `/v1/backups/${first}/restore`, { role: 'operator', body: { host: 'hosta', directory: join(f.restoreRoot, 'web-named'), format: 'qcow2', name: 'web-clone' } });
+    const failed = await f.finished(named.body.job.id);
+    assert.equal(failed.state, 'failed');
+    assert.match(failed.error, /has no libvirt domain XML to give the name "web-clone"/);
+    const restore = (body: unknown) => f.call('POST', `/v1/backups/${first}/restore`, { role: 'operator', body: { host: 'hosta', directory, format: 'raw', ...body as object } });
+    assertError(await restore({ diskPaths: { root: '../../etc/x.raw' } }), 400, 'BAD_INPUT', /must be plain: no "\." or "\.\." segments/);
+    assertError(await restore({ diskPaths: { root: '/etc/x.raw' } }), 400, 'BAD_INPUT', /disk "root" cannot go to "\/etc\/x\.raw": it is outside the restore directory/);
+    assertError(await restore({ diskPaths: { data: 'x.raw' } }), 404, 'NOT_FOUND', /has no disk "data"/);
+    assertError(await restore({ name: 'a/b' }), 400, 'BAD_INPUT', /"a\/b" is not a VM name/);
+  });
+
   test('refuses restores to unknown hosts, outside the restore roots, to a host with none, of unknown disks, in unknown formats', async () => {
     const restore = (body: unknown, id = first) => f.call('POST', `/v1/backups/${id}/restore`, { role: 'operator', body });
     const ok = { host: 'hosta', directory: join(f.restoreRoot, 'x'), format: 'raw' };
