@@ -40,7 +40,7 @@ import { registerVms, vmRoutes } from './routes/vms.js';
 import { EXPORT_ROUTES, registerExportRoutes } from './routes/exports.js';
 import { registerVmInventory, vmInventoryRoutes } from './routes/vm-inventory.js';
 import type { VmInventory } from '../config/inventory.js';
-import { registerStatusRoute } from './routes/status.js';
+import { registerStatusRoute, statusRoute } from './routes/status.js';
 import { registerMetricsRoute } from './routes/metrics.js';
 
 export { checkRestoreDirectory } from './routes/backups.js';
@@ -71,7 +71,7 @@ export const MAX_BODY_BYTES = 256 * 1024;
 const ROUTES = { ...healthRoutes, ...vmRoutes, ...snapshotRoutes, ...backupRoutes, ...diskRoutes, ...jobRoutes, ...policyRoutes, ...maintenanceRoutes };
 
 /** Every path the API serves, for checks of the OpenAPI document. */
-export const API_ROUTES = [...[...Object.values(ROUTES), ...Object.values(vmInventoryRoutes)].map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
+export const API_ROUTES = [...[...Object.values(ROUTES), ...Object.values(vmInventoryRoutes), statusRoute].map((r) => ({ method: r.method, path: r.path })), ...EXPORT_ROUTES, { method: 'get', path: '/v1/openapi.json' }];
 
 /**
  * Every resource's routes, in the order of the OpenAPI document. A new resource is a

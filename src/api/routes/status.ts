@@ -35,7 +35,7 @@ export const StatusSchema = z.object({
   })),
 }).openapi('Status');
 
-const statusRoute = createRoute({
+export const statusRoute = createRoute({
   method: 'get', path: '/v1/status', summary: 'Next runs, last result per VM, workers online and queue depths per host',
   description: 'Role: viewer.', middleware: [needsRole('viewer')],
   responses: {

@@ -91,7 +91,7 @@ describe('GET /v1/health', () => {
     try {
       const r = await api.app.request('/v1/health');
       assert.equal(r.status, 503);
-      assert.deepEqual(await r.json(), { status: 'degraded', redis: 'unreachable', repository: 'ok' });
+      assert.deepEqual(await r.json(), { status: 'degraded', redis: 'unreachable', repository: 'ok', reason: 'Redis is unreachable' });
     } finally {
       await api.close();
       dead.disconnect();
