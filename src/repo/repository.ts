@@ -262,6 +262,8 @@ export class Repository {
    * damaged object; then the chunk leaves quarantine, which heals every backup using it.
    */
   async putChunk(id: string, sealed: Uint8Array): Promise<void> {
+    // Another host may have stored it since this backup learnt what exists: a HEAD costs less than the PUT.
+    if (!this.toHeal.has(id) && (await this.storage.stat(chunkName(id)))) return;
     await this.storage.put(chunkName(id), sealed);
     if (this.toHeal.has(id)) {
       await release(this, [id]);
