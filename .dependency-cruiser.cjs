@@ -4,7 +4,7 @@
  * config, policy and errors are leaves everyone may use. Nothing below imports from above.
  */
 const layer = (name) => `^src/${name}/`;
-const ABOVE_QUEUE = ['^src/cli/', '^src/api/', '^workers/', '^src/scheduler/', '^src/service/'];
+const ABOVE_QUEUE = ['^src/cli/', '^src/api/', '^workers/', '^src/scheduler/', '^src/service/', '^src/ops/'];
 const ABOVE_VM = [...ABOVE_QUEUE, layer('queue')];
 const ABOVE_PIPELINE = [...ABOVE_VM, layer('vm')];
 const ABOVE_REPO_DISK = [...ABOVE_PIPELINE, layer('pipeline')];

@@ -19,6 +19,8 @@ export type ErrorCode =
   | 'NBD'
   | 'QEMU'
   | 'AMBIGUOUS'
+  /** A restore drill booted the backup and the guest did not come up (recorded as boot-failed). */
+  | 'DRILL_FAILED'
   | 'LOCKED';
 
 export class VmvaultError extends Error {

@@ -22,13 +22,18 @@ import { summarise, type BackupStats, type BackupSummary as ManifestSummary } fr
 import { openStorage } from '../src/storage/open.js';
 import { checkNoEviction, closeRedis, createConnection, queueOptions, type RedisConnection } from '../src/queue/connection.js';
 import { deterministicJobId, hostQueueName } from '../src/queue/names.js';
-import { parseHostJob, type BackupPayload, type RestorePayload } from '../src/queue/payloads.js';
+import { parseHostJob, type BackupPayload, type DrillPayload, type RestorePayload } from '../src/queue/payloads.js';
+import { drillBackup, drillFailure, resolveDrillTarget, type DrillResult } from '../src/vm/drill.js';
 import { DEFAULT_STATE_DIR } from '../src/config/schema.js';
 import { enqueueMaintenance, JOB_HISTORY, maintenanceQueue } from '../src/queue/enqueue.js';
 import { DEFAULT_VM_LOCK_TTL_MS, tryAcquireVmLock, vmLockRemainingMs } from '../src/queue/vm-lock.js';
 import { JobAbortedError, JobGuard } from './job-guard.js';
 import { toJobError } from './job-errors.js';
 import { runSnapshotJob, type SnapshotJobResult } from './snapshot-job.js';
+import { HostExports, type ExportJobResult } from './export-job.js';
+import { startHeartbeat, type Heartbeat } from '../src/queue/heartbeat.js';
+import { packageVersion } from '../src/cli/version.js';
+import { recordFailureCode } from '../src/queue/job-failures.js';
 
 export interface HostWorkerOptions {
   /** This host's name; the worker consumes `vmvault-host-<host>`. */
@@ -55,6 +60,10 @@ export interface HostWorkerOptions {
   restoreRoots?: string[];
   /** The host's state directory, where snapshot labels and expiry are kept (default /var/lib/vmvault). */
   stateDir?: string;
+  /** Besides loopback, the address NBD exports may listen on. */
+  exportAddress?: string;
+  /** How often the worker's heartbeat key is refreshed in Redis (default 10 s; src/queue/heartbeat.ts). */
+  heartbeatMs?: number;
 }
 
 export interface HostWorker {
@@ -76,13 +85,13 @@ export interface BackupJobResult extends ManifestSummary {
 
 export interface RestoreJobResult extends RestoreResult { directory: string; startedAt: number; finishedAt: number }
 
-export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResult;
+export type HostJobResult = BackupJobResult | RestoreJobResult | SnapshotJobResult | ExportJobResult | DrillResult;
 
 /** Commit markers live as long as job history: a retry within that time finds them. */
 const MARKER_TTL_S = JOB_HISTORY.age;
 
 interface Context {
-  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
+  opts: Required<Omit<HostWorkerOptions, 'logger' | 'restoreRoots' | 'concurrency' | 'exportAddress' | 'heartbeatMs'>> & Pick<HostWorkerOptions, 'restoreRoots'>;
   queueName: string;
   repo: Repository;
   /** Fast-failing connection for VM locks and commit markers (a refresh must notice Redis is gone). */
@@ -91,6 +100,7 @@ interface Context {
   maintenance: Queue;
   log: Logger;
   guards: Map<string, JobGuard>;
+  exports: HostExports;
 }
 
 /**
@@ -121,13 +131,13 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
   let repo: Repository;
   try {
     await checkNoEviction(connection);
-    repo = await Repository.open(openStorage(opts.repoUrl), opts.passphrase);
+    repo = await Repository.open(openStorage(opts.repoUrl), opts.passphrase, { cacheDir: path.join(opts.stateDir, 'cache') });
   } catch (err) {
     await Promise.all([closeRedis(connection), closeRedis(locks)]);
     throw err;
   }
 
-  const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map() };
+  const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map(), exports: new HostExports(repo, log, options.exportAddress) };
   const worker = new Worker(queueName, (job, token, signal) => processJob(ctx, job, token, signal), {
     ...queueOptions(connection), concurrency: options.concurrency ?? 1, lockDuration: opts.jobLockMs, autorun: false,
     stalledInterval: opts.stalledIntervalMs,
@@ -141,17 +151,21 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
   worker.on('completed', (job) => log.info({ job: job.id }, 'job completed'));
   void worker.run().catch((err: unknown) => log.error({ err: errorMessage(err) }, 'worker stopped'));
   await worker.waitUntilReady();
-  log.info({ queue: queueName }, 'worker started');
+  const heartbeat = await startHeartbeat(locks, {
+    host: opts.host, version: packageVersion(), ...(options.heartbeatMs ? { intervalMs: options.heartbeatMs } : {}),
+    onError: (err) => log.warn({ err: err.message }, 'heartbeat not written'),
+  });
+  log.info({ queue: queueName, worker: heartbeat.id }, 'worker started');
 
   let closing: Promise<void> | undefined;
   return {
     host: opts.host,
     queueName,
-    close: () => (closing ??= closeWorker(ctx, worker, [connection, locks])),
+    close: () => (closing ??= closeWorker(ctx, worker, [connection, locks], heartbeat)),
   };
 }
 
-async function closeWorker(ctx: Context, worker: Worker, connections: RedisConnection[]): Promise<void> {
+async function closeWorker(ctx: Context, worker: Worker, connections: RedisConnection[], heartbeat: Heartbeat): Promise<void> {
   const graceful = worker.close();
   let timer: NodeJS.Timeout | undefined;
   const deadline = new Promise<'timeout'>((resolve) => { timer = setTimeout(() => resolve('timeout'), ctx.opts.closeTimeoutMs); });
@@ -161,6 +175,8 @@ async function closeWorker(ctx: Context, worker: Worker, connections: RedisConne
   }
   clearTimeout(timer);
   await graceful;
+  await ctx.exports.closeAll();
+  await heartbeat.stop();
   await ctx.maintenance.close();
   await Promise.all(connections.map(closeRedis));
 }
@@ -175,6 +191,8 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
   }
   const marker = `vmvault:commit:${ctx.queueName}:${job.id}`;
   try {
+    if (parsed.name === 'export') return await ctx.exports.start(parsed.payload); // Touches no VM: no VM lock.
+    if (parsed.name === 'drill') return await runDrillJob(ctx, job, parsed.payload); // Reads the repository only: no VM lock.
     const done = await earlierResult(ctx, marker);
     if (done) return done;
     const vm = parsed.name === 'restore' ? await vmOfBackup(ctx, parsed.payload) : parsed.payload.vm;
@@ -210,6 +228,7 @@ async function processJob(ctx: Context, job: Job, token: string | undefined, sig
       await lock.release().catch((err: unknown) => ctx.log.warn({ vm, err: errorMessage(err) }, 'could not release the VM lock (it will expire)'));
     }
   } catch (err) {
+    await recordFailureCode(job, err);
     throw toJobError(err);
   }
 }
@@ -273,6 +292,21 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
   return { ...summarise(manifest), stats, ...(p.slot ? { slot: p.slot } : {}), startedAt, finishedAt: Date.now() };
 }
 
+/**
+ * A restore drill (vm/drill.ts): the result is recorded in the repository either way; a
+ * failed boot then fails the job (DRILL_FAILED, not retried), so it raises what any
+ * failed job raises.
+ */
+async function runDrillJob(ctx: Context, job: Job, p: DrillPayload): Promise<DrillResult> {
+  const backupId = p.backupId ? await ctx.repo.resolveBackupId(p.backupId) : await resolveDrillTarget(ctx.repo, p.vm!);
+  const r = await drillBackup(ctx.repo, {
+    backupId, stateDir: ctx.opts.stateDir, host: ctx.opts.host, timeoutMs: p.timeoutSeconds * 1000, ...(p.probe ? { probe: p.probe } : {}),
+  });
+  ctx.log[r.status === 'boot-verified' ? 'info' : 'error']({ job: job.id, backup: r.backup, vm: r.vm, status: r.status, reason: r.reason, serialLog: r.serialLog, screenshot: r.screenshot }, 'restore drill');
+  if (r.status === 'boot-failed') throw drillFailure(r);
+  return r;
+}
+
 async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePayload, marker: string): Promise<RestoreJobResult> {
   const startedAt = Date.now();
   const directory = path.resolve(p.directory);
@@ -288,6 +322,7 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
     // Restore jobs come from the API: its request field is "overwrite".
     forceHint: 'set "overwrite": true in the restore request to replace them',
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),
+    ...(p.diskPaths ? { diskPaths: p.diskPaths } : {}), ...(p.name !== undefined ? { name: p.name } : {}),
   });
   await guard.confirmOwnership();
   const result: RestoreJobResult = { ...r, directory, startedAt, finishedAt: Date.now() };

@@ -17,6 +17,8 @@ import { VmvaultError, type ErrorCode } from '../src/errors.js';
 export const PERMANENT_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'NOT_FOUND', 'BAD_INPUT', 'IMAGE_LOCKED', 'UNSUPPORTED', 'WRONG_PASSWORD', 'NO_REPOSITORY',
   'BAD_REPOSITORY_URL', 'ALREADY_EXISTS', 'AMBIGUOUS', 'INTEGRITY', 'UNSAFE_IMAGE',
+  // A drill that failed has recorded boot-failed: booting again would say the same.
+  'DRILL_FAILED',
 ]);
 
 export function isPermanent(err: unknown): boolean {

@@ -5,9 +5,9 @@
  * retriable LOCKED error and BullMQ tries again later with backoff. A verify that
  * finds problems fails the job, naming them, so that it shows in job history.
  */
-import { UnrecoverableError, Worker } from 'bullmq';
+import { Worker } from 'bullmq';
 import { pino, type Logger } from 'pino';
-import { NotFoundError } from '../src/errors.js';
+import { IntegrityError, NotFoundError } from '../src/errors.js';
 import { loadPolicies } from '../src/policy/load.js';
 import type { Policy } from '../src/policy/schema.js';
 import { prune } from '../src/pipeline/prune.js';
@@ -20,6 +20,7 @@ import { checkNoEviction, closeRedis, createConnection, queueOptions } from '../
 import { MAINTENANCE_QUEUE } from '../src/queue/names.js';
 import { parseMaintenancePayload, type MaintenancePayload } from '../src/queue/payloads.js';
 import { toJobError } from './job-errors.js';
+import { recordFailureCode } from '../src/queue/job-failures.js';
 
 export interface MaintenanceWorkerOptions {
   redisUrl: string;
@@ -50,6 +51,7 @@ export async function startMaintenanceWorker(options: MaintenanceWorkerOptions):
       log.info({ job: job.id, kind: payload.kind }, 'maintenance job started');
       return await run(repo, options.policiesDir, payload, log);
     } catch (err) {
+      await recordFailureCode(job, err);
       throw toJobError(err);
     }
   }, { ...queueOptions(connection), concurrency: 1, autorun: false, ...(options.stalledIntervalMs ? { stalledInterval: options.stalledIntervalMs } : {}) });
@@ -75,7 +77,7 @@ async function run(repo: Repository, policiesDir: string, p: MaintenancePayload,
       const report = await collectGarbage(repo, { dryRun: p.dryRun });
       if (report.damagedManifests.length > 0) {
         // Deleting nothing was the safe thing to do, but the job did not do its work: it must not look like a success.
-        throw new UnrecoverableError(`gc deleted no chunk: ${report.damagedManifests.length} backup manifest(s) cannot be read ` +
+        throw new IntegrityError(`gc deleted no chunk: ${report.damagedManifests.length} backup manifest(s) cannot be read ` +
           `(${report.damagedManifests.map((d) => d.problem).join('; ')}), and any unused chunk may be theirs. ` +
           'Put a good copy of each back, or run "vmvault repair --remove" if those backups are lost, then run gc again');
       }
@@ -87,7 +89,7 @@ async function run(repo: Repository, policiesDir: string, p: MaintenancePayload,
       });
       for (const w of report.warnings) log.warn({}, w);
       if (!report.ok) {
-        throw new UnrecoverableError(`verify found ${report.problems.length} problem(s)${report.recorded ? ' (quarantined: the next backups that produce them heal them)' : ''}: ` +
+        throw new IntegrityError(`verify found ${report.problems.length} problem(s)${report.recorded ? ' (quarantined: the next backups that produce them heal them)' : ''}: ` +
           report.problems.map((x) => `${x.object}: ${x.problem} (backups ${x.backups.join(', ')})`).join('; '));
       }
       return report;

@@ -30,6 +30,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   STORAGE: 503,
   NBD: 500,
   QEMU: 500,
+  DRILL_FAILED: 500,
   AMBIGUOUS: 400,
   LOCKED: 409,
 };

@@ -34,9 +34,17 @@ export const StatsSchema = z.object({
 export const VerificationSchema = z.object({
   lastVerified: z.string().openapi({ format: 'date-time', description: 'when the last verify that checked this backup ran' }),
   readData: z.string().openapi({ description: 'what that verify read: none (chunks present), all, or a subset such as 1/7 or 10%' }),
-  status: z.enum(['ok', 'damaged']).openapi({ description: 'damaged while a chunk it uses is quarantined; a later backup that produces the chunk again heals it' }),
+  status: z.enum(['ok', 'damaged', 'boot-verified', 'boot-failed']).openapi({ description: 'damaged while a chunk it uses is quarantined (a later backup that produces the chunk again heals it); otherwise the newest restore drill\'s result when drilled, else ok' }),
   damagedDisks: z.array(z.string()),
   damagedChunks: z.number(),
+  boot: z.object({
+    status: z.enum(['boot-verified', 'boot-failed']),
+    time: z.string().openapi({ format: 'date-time' }),
+    host: z.string(),
+    reason: z.string().optional().openapi({ description: 'why the drill failed' }),
+    probe: z.string().openapi({ description: 'how success was decided' }),
+    seconds: z.number(),
+  }).optional().openapi({ description: 'the newest restore drill (vmvault drill)' }),
 }).openapi('Verification');
 
 export const BackupSchema = z.object({
@@ -129,6 +137,10 @@ export const RestoreRequest = z.strictObject({
   directory: z.string().min(1).max(4096).openapi({ description: 'absolute directory on that host, inside its restoreRoots' }),
   format: z.enum(IMAGE_FORMATS as unknown as [string, ...string[]]),
   disks: z.array(z.string().min(1).max(200)).min(1).max(64).optional().openapi({ description: 'restore only these disks (by name)' }),
+  diskPaths: z.record(z.string().min(1).max(200), z.string().min(1).max(4096)).optional()
+    .openapi({ description: 'where each named disk goes instead of DIRECTORY/NAME.EXT: a path relative to the directory, or an absolute one inside it' }),
+  name: z.string().min(1).max(64).optional()
+    .openapi({ description: 'restore as a new VM of this name: the libvirt domain XML gets this name, a fresh UUID and fresh MAC addresses' }),
   overwrite: z.boolean().default(false),
 }).openapi('RestoreRequest');
 
@@ -169,6 +181,7 @@ export const HealthSchema = z.object({
   status: z.enum(['ok', 'degraded']),
   redis: z.enum(['ok', 'unreachable']),
   repository: z.enum(['ok', 'unreachable']),
+  reason: z.string().optional().openapi({ description: 'why the service is degraded, e.g. a host with queued jobs and no live worker' }),
 }).openapi('Health');
 
 export const JobAccepted = z.object({ job: JobSchema }).openapi('JobAccepted');
@@ -195,3 +208,16 @@ export const SnapshotSchema = z.object({
 }).openapi('Snapshot');
 
 export const SnapshotList = z.object({ items: z.array(SnapshotSchema), job: z.string() }).openapi('SnapshotList');
+
+export const PolicyParam = z.object({ name: nameParam('policy name (its name: field)') });
+export const RetentionPreviewQuery = z.object({ vm: z.string().min(1).max(200).optional().openapi({ description: 'only this VM\'s backups' }) });
+export const RetentionPreview = z.object({
+  policy: z.string(),
+  at: z.string().openapi({ format: 'date-time', description: 'the instant the retention was evaluated at' }),
+  items: z.array(z.object({
+    id: z.string(), vm: z.string(), time: z.string(), labels: z.array(z.string()),
+    ruleLabel: z.string().optional().openapi({ description: 'the byLabel rules used, when the backup carries such a label' }),
+    keep: z.boolean(),
+    reasons: z.array(z.string()).openapi({ description: 'the rules that keep it (e.g. daily, last, within); empty when it would be forgotten' }),
+  })).openapi({ description: 'the backups the policy governs, per VM newest first' }),
+}).openapi('RetentionPreview');

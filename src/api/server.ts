@@ -12,6 +12,7 @@ import { closeRedis, createConnection } from '../queue/connection.js';
 import { Repository } from '../repo/repository.js';
 import { openStorage } from '../storage/open.js';
 import { createApi } from './app.js';
+import type { VmInventory } from '../config/inventory.js';
 
 /**
  * A connection on which nothing moves for this long is closed: a client that stops
@@ -28,7 +29,7 @@ export interface ApiServer {
 
 export async function startApiServer(
   config: Config,
-  opts: { redisUrl: string; repository: { url: string; passphrase: string }; logger: Logger; listen?: string },
+  opts: { redisUrl: string; repository: { url: string; passphrase: string }; logger: Logger; listen?: string; inventory?: VmInventory },
 ): Promise<ApiServer> {
   const listen = opts.listen ?? config.api.listen;
   const where = parseListen(listen);
@@ -40,7 +41,7 @@ export async function startApiServer(
   const redis = createConnection(opts.redisUrl, 'producer');
   redis.on('error', (err) => opts.logger.warn({ err: err.message }, 'redis connection error'));
   const log = opts.logger.child({ component: 'api' });
-  const api = createApi({ config, repo, redis, log });
+  const api = createApi({ config, repo, redis, log, ...(opts.inventory ? { inventory: opts.inventory } : {}) });
   let server: ServerType;
   try {
     server = await new Promise<ServerType>((resolve, reject) => {

@@ -6,7 +6,9 @@ import { VmvaultError } from '../errors.js';
 import { openStorage } from '../storage/open.js';
 import type { Storage } from '../storage/storage.js';
 import { Repository } from '../repo/repository.js';
-import { passphrase } from '../config/passphrase.js';
+import path from 'node:path';
+import { passphrase, passphraseAndSource, type PassphraseSource } from '../config/passphrase.js';
+import type { KeyCache } from '../crypto/key-cache.js';
 
 export { passphrase };
 
@@ -30,6 +32,25 @@ export function storageFor(opts: GlobalOptions): Storage {
 
 export async function openRepository(opts: GlobalOptions): Promise<Repository> {
   const storage = storageFor(opts);
-  const pass = await passphrase(opts.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ');
-  return Repository.open(storage, pass, { noLock: opts.lock === false, onWarning: warn });
+  const pass = await passphraseAndSource(opts.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ');
+  const cache = keyCacheFor(pass.source);
+  return Repository.open(storage, pass.text, { noLock: opts.lock === false, onWarning: warn, ...(cache ? { keyCache: cache } : {}) });
+}
+
+/**
+ * This host's key cache (src/crypto/key-cache.ts) for a passphrase from `source`:
+ * used for a password file or VMVAULT_PASSWORD (unattended use; the passphrase is on
+ * this host already), for a typed passphrase only with VMVAULT_KEY_CACHE=on, never
+ * with VMVAULT_KEY_CACHE=off. It lives in VMVAULT_KEY_CACHE_DIR, by default
+ * $XDG_CACHE_HOME/vmvault/keys (~/.cache/vmvault/keys).
+ */
+export function keyCacheFor(source: PassphraseSource, env: NodeJS.ProcessEnv = process.env): KeyCache | undefined {
+  const mode = env.VMVAULT_KEY_CACHE;
+  if (mode !== undefined && !['on', 'off', 'auto', ''].includes(mode)) {
+    throw new VmvaultError('BAD_INPUT', `VMVAULT_KEY_CACHE is "${mode}": use on, off or auto`);
+  }
+  if (mode === 'off' || (source === 'prompt' && mode !== 'on')) return undefined;
+  const base = env.XDG_CACHE_HOME || (env.HOME ? path.join(env.HOME, '.cache') : undefined);
+  const dir = env.VMVAULT_KEY_CACHE_DIR || (base ? path.join(base, 'vmvault', 'keys') : undefined);
+  return dir ? { dir: path.resolve(dir) } : undefined;
 }

@@ -14,6 +14,10 @@ import { registerHealthCommands } from './commands/repair.js'; // verify / repai
 import { registerPolicyCommands } from './commands/policy.js'; // policy validate / simulate (issue 3)
 import { registerServiceCommands } from './commands/service.js'; // up / serve / worker (issue 3)
 import { registerSnapshotCommands } from './commands/snapshot.js'; // snapshot create / list / revert / delete (issue 5)
+import { registerExportCommand } from './commands/export.js'; // export over NBD (issue 13)
+import { registerTokenCommands } from './commands/token.js'; // token create (issue 12)
+import { registerStatusCommand } from './commands/status.js'; // status (issue 12)
+import { registerDrillCommand } from './commands/drill.js'; // restore drills (issue 13)
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -32,6 +36,10 @@ export function buildProgram(): Command {
   registerPolicyCommands(program); // policy validate / simulate (issue 3)
   registerServiceCommands(program); // up / serve / worker (issue 3)
   registerSnapshotCommands(program, globals); // snapshot create / list / revert / delete (issue 5)
+  registerExportCommand(program, globals); // export over NBD (issue 13)
+  registerTokenCommands(program); // token create (issue 12)
+  registerStatusCommand(program); // status (issue 12)
+  registerDrillCommand(program, globals); // restore drills (issue 13)
   return program;
 }
 

@@ -7,6 +7,7 @@
  * Unknown keys are errors: a typo must not silently leave a VM out of its backups.
  */
 import { hostname } from 'node:os';
+import { isIP } from 'node:net';
 import { isAbsolute } from 'node:path';
 import { z } from 'zod';
 import { IMAGE_FORMATS } from '../disk/image-format.js';
@@ -128,7 +129,7 @@ const diskSchema = z.strictObject({
 
 export const DRIVERS = ['image', 'qemu', 'libvirt'] as const;
 
-const vmSchema = z.strictObject({
+export const vmSchema = z.strictObject({
   name: name('VM name'),
   /** Default: the configuration's own `host`. */
   host: name('host name').optional(),
@@ -168,7 +169,9 @@ const apiSchema = z.strictObject({
 
 const hostSchema = z.strictObject({
   restoreRoots: list(absolutePath('a restore root'), 'restore roots (absolute paths)'),
-}, { error: 'expected { restoreRoots: [absolute paths] }' });
+  /** Besides loopback, the one address NBD exports of backups may listen on (POST /v1/backups/{id}/exports). */
+  exportAddress: z.string({ error: 'expected an IP address' }).refine((a) => isIP(a) !== 0, 'expected an IP address such as 10.0.0.5 (NBD exports listen on it besides loopback)').optional(),
+}, { error: 'expected { restoreRoots: [absolute paths], exportAddress? }' });
 
 /** What `maintenance.verify.readData` accepts: none, all, a percentage, or rotate N (scheduler/maintenance.ts). */
 export const READ_DATA_RE = /^(none|all|\d{1,3}(\.\d+)?%|rotate \d{1,4})$/;
@@ -221,7 +224,7 @@ export type Config = Omit<Parsed, 'vms' | 'api' | 'policiesDir'> & {
 /** Every key the file may use at any level, to suggest a fix for a typo. */
 export const CONFIG_KEYS: readonly string[] = [
   ...Object.keys(configSchema.shape), 'url', 'passwordFile', 'passwordEnv',
-  ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots',
+  ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots', 'exportAddress',
   ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData',
   'sentinels', 'cluster', 'username', 'password', 'sentinelPassword', 'db', 'tls', 'port',
 ];

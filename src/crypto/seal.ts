@@ -17,10 +17,10 @@ import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { IntegrityError } from '../errors.js';
 import { sodium } from './sodium.js';
 
-/** `health`: verification records and quarantined chunks (repo/health.ts). */
-export type ObjectType = 'chunk' | 'manifest' | 'keyfile' | 'lock' | 'health';
+/** `health`: verification records and quarantined chunks (repo/health.ts); `index`: the chunk index (repo/chunk-index.ts). */
+export type ObjectType = 'chunk' | 'manifest' | 'keyfile' | 'lock' | 'health' | 'index';
 
-const TYPE_TAG: Record<ObjectType, number> = { chunk: 1, manifest: 2, keyfile: 3, lock: 4, health: 5 };
+const TYPE_TAG: Record<ObjectType, number> = { chunk: 1, manifest: 2, keyfile: 3, lock: 4, health: 5, index: 6 };
 const HEADER = 4;
 export const NONCE_BYTES = 24;
 const TAG_BYTES = 16;

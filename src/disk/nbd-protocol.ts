@@ -19,16 +19,24 @@ export const NBD_FLAG_C_NO_ZEROES = 1 << 1;
 
 // Options.
 export const NBD_OPT_EXPORT_NAME = 1;
+export const NBD_OPT_ABORT = 2;
+export const NBD_OPT_LIST = 3;
+export const NBD_OPT_INFO = 6;
 export const NBD_OPT_GO = 7;
 export const NBD_OPT_STRUCTURED_REPLY = 8;
+export const NBD_OPT_LIST_META_CONTEXT = 9;
 export const NBD_OPT_SET_META_CONTEXT = 10;
 
 // Option replies. Errors have bit 31 set.
 export const NBD_REP_ACK = 1;
+export const NBD_REP_SERVER = 2;
 export const NBD_REP_INFO = 3;
 export const NBD_REP_META_CONTEXT = 4;
 export const NBD_REP_FLAG_ERROR = 0x80000000;
 export const NBD_REP_ERR_UNSUP = NBD_REP_FLAG_ERROR + 1;
+export const NBD_REP_ERR_INVALID = NBD_REP_FLAG_ERROR + 3;
+export const NBD_REP_ERR_UNKNOWN = NBD_REP_FLAG_ERROR + 6;
+export const NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR + 9;
 
 const OPTION_ERRORS: Record<number, string> = {
   [NBD_REP_FLAG_ERROR + 1]: 'NBD_REP_ERR_UNSUP (option not supported by the server)',
@@ -48,6 +56,8 @@ export function optionErrorName(type: number): string {
 
 // NBD_INFO_* items inside NBD_REP_INFO.
 export const NBD_INFO_EXPORT = 0;
+export const NBD_INFO_NAME = 1;
+export const NBD_INFO_DESCRIPTION = 2;
 export const NBD_INFO_BLOCK_SIZE = 3;
 
 // Transmission flags.
@@ -55,6 +65,7 @@ export const NBD_FLAG_HAS_FLAGS = 1 << 0;
 export const NBD_FLAG_READ_ONLY = 1 << 1;
 export const NBD_FLAG_SEND_FLUSH = 1 << 2;
 export const NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6;
+export const NBD_FLAG_CAN_MULTI_CONN = 1 << 8;
 
 // Requests.
 export const NBD_REQUEST_MAGIC = 0x25609513;
@@ -63,14 +74,26 @@ export const NBD_CMD_READ = 0;
 export const NBD_CMD_WRITE = 1;
 export const NBD_CMD_DISC = 2;
 export const NBD_CMD_FLUSH = 3;
+export const NBD_CMD_TRIM = 4;
+export const NBD_CMD_CACHE = 5;
 export const NBD_CMD_WRITE_ZEROES = 6;
 export const NBD_CMD_BLOCK_STATUS = 7;
+/** Block status: one descriptor is enough. */
+export const NBD_CMD_FLAG_REQ_ONE = 1 << 3;
+
+// Error numbers on the wire (the spec fixes them; they are Linux's).
+export const NBD_EPERM = 1;
+export const NBD_EIO = 5;
+export const NBD_EINVAL = 22;
+export const NBD_ESHUTDOWN = 108;
 
 export const COMMAND_NAMES: Record<number, string> = {
   [NBD_CMD_READ]: 'read',
   [NBD_CMD_WRITE]: 'write',
   [NBD_CMD_DISC]: 'disconnect',
   [NBD_CMD_FLUSH]: 'flush',
+  [NBD_CMD_TRIM]: 'trim',
+  [NBD_CMD_CACHE]: 'cache',
   [NBD_CMD_WRITE_ZEROES]: 'write-zeroes',
   [NBD_CMD_BLOCK_STATUS]: 'block-status',
 };

@@ -40,6 +40,11 @@ export interface ExportOptions {
    * `qemu:dirty-bitmap:NAME` context: the client then answers `dirtyExtents()`.
    */
   bitmap?: string;
+  /**
+   * Clients served at once (default 1): 2 lets a second client read the data beside
+   * the one reading the bitmap. qemu-nbd still exits once the last one disconnects.
+   */
+  shared?: number;
 }
 
 export interface NbdExport {
@@ -114,7 +119,7 @@ export async function exportImage(file: string, opts: ExportOptions): Promise<Nb
 
 async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none' | 'writeback'): Promise<NbdExport | 'no-o-direct'> {
   const socketPath = path.join(dir, 'nbd.sock');
-  const args = ['-f', opts.format, '--shared=1', '-k', socketPath, `--cache=${cache}`];
+  const args = ['-f', opts.format, `--shared=${opts.shared ?? 1}`, '-k', socketPath, `--cache=${cache}`];
   args.push(...(opts.readOnly ? ['--read-only'] : ['--discard=unmap']));
   // snapshot.name= rather than a bare name, which qemu would also match against snapshot ids.
   if (opts.snapshot !== undefined) args.push('-l', `snapshot.name=${optValue(opts.snapshot)}`);

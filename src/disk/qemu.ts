@@ -121,22 +121,33 @@ function checkSnapshotName(name: string, abs: string): void {
   }
 }
 
-/** Create a qcow2 internal snapshot. ALREADY_EXISTS when one of that name exists (qemu would add a duplicate). */
-export async function snapshotCreate(file: string, name: string): Promise<void> {
+/**
+ * Create a qcow2 internal snapshot. ALREADY_EXISTS when one of that name exists (qemu
+ * would add a duplicate). `existing`: the image's snapshots as the caller just listed
+ * them (saves a qemu-img info).
+ */
+export async function snapshotCreate(file: string, name: string, existing?: readonly { name: string }[]): Promise<void> {
   const abs = path.resolve(file);
   checkSnapshotName(name, abs);
   await mustExist(abs);
-  const j = await infoJson(abs, 'qcow2');
-  if ((j.snapshots ?? []).some((s) => s.name === name)) {
+  if ((existing ?? (await infoJson(abs, 'qcow2')).snapshots ?? []).some((s) => s.name === name)) {
     throw new VmvaultError('ALREADY_EXISTS', `snapshot "${name}" already exists in disk image ${abs}`);
   }
   // qemu-img snapshot has no -f in QEMU 7.2: the json: filename pins the format (and opens no backing file).
   await runOn('qemu-img', abs, ['snapshot', '-q', '-c', name, await qcow2WithoutBacking(abs)]);
 }
 
-/** Delete a qcow2 internal snapshot. NotFoundError when there is none of that name. */
-export function snapshotDelete(file: string, name: string): Promise<void> {
-  return onExistingSnapshot(file, name, '-d');
+/**
+ * Delete a qcow2 internal snapshot. NotFoundError when there is none of that name.
+ * `known`: the caller created or just listed it, so the existence check (a qemu-img
+ * info) is skipped; qemu's own "snapshot not found" is still a NotFoundError.
+ */
+export async function snapshotDelete(file: string, name: string, opts: { known?: boolean } = {}): Promise<void> {
+  if (!opts.known) return onExistingSnapshot(file, name, '-d');
+  const abs = path.resolve(file);
+  checkSnapshotName(name, abs);
+  await mustExist(abs);
+  await runOn('qemu-img', abs, ['snapshot', '-q', '-d', name, await qcow2WithoutBacking(abs)]);
 }
 
 /** `qemu-img snapshot -d|-a NAME` once the snapshot is known to exist (NotFoundError otherwise). */

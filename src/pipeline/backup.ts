@@ -4,12 +4,13 @@
  * concurrency; the manifest is written last. The pipeline only reads, chunks and
  * commits: how the instant is taken is the driver's business.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
-import { NotFoundError, VmvaultError } from '../errors.js';
-import { exportImage, type ImageFormat, type NbdExport } from '../disk/qemu.js';
+import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
+import { exportImage, type ImageFormat } from '../disk/qemu.js';
+import type { NbdClient } from '../disk/nbd.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
@@ -55,6 +56,13 @@ export interface FrozenDisk extends NamedDisk {
    */
   audit?: boolean;
   fileStamp?: FileStamp;
+  /**
+   * The driver serves this disk itself (libvirt's NBD export of a pull-mode backup, or
+   * the qemu-nbd that also serves the bitmap): the pipeline reads through a client
+   * from here instead of starting a qemu-nbd of `path`, and closes that client; the
+   * driver's `close()` stops its server.
+   */
+  connect?: () => Promise<NbdClient>;
 }
 
 /** What the pipeline needs of a backup besides the frozen disks. */
@@ -106,20 +114,30 @@ export function newBackupId(): string {
  * A disk with no declared format keeps the format its last backup detected.
  */
 export async function inspectDisks(repo: Repository, vm: string, disks: BackupDisk[]): Promise<NamedDisk[]> {
-  if (!vm.trim()) throw new VmvaultError('BAD_INPUT', 'the VM name is empty');
-  if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${vm}": pass at least one --disk`);
-  const names = uniqueNames(disks.map((d) => d.name ?? diskNameFromPath(d.path)));
-  names.forEach((n) => assertSafeName(n, 'disk name'));
-  const previous = await previousDisks(repo, vm);
   const out: NamedDisk[] = [];
-  for (const [i, d] of disks.entries()) {
-    const name = names[i]!;
-    const prev = previous.get(name);
+  for (const { disk: d, name, previous: prev } of await nameDisks(repo, vm, disks)) {
     // A disk with no declared format keeps the format it was last backed up with.
     const pin = d.format === undefined ? prev?.entry.format as ImageFormat | undefined : undefined;
     out.push({ ...(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) })), name, ...(prev ? { previous: prev } : {}) });
   }
   return out;
+}
+
+/**
+ * The VM's disks with their names checked and their newest earlier backups, without
+ * opening any image: for a driver whose hypervisor already holds the images open with
+ * the formats its configuration states (a running libvirt domain).
+ */
+export async function nameDisks(repo: Repository, vm: string, disks: BackupDisk[]): Promise<{ disk: BackupDisk; name: string; previous?: NonNullable<NamedDisk['previous']> }[]> {
+  if (!vm.trim()) throw new VmvaultError('BAD_INPUT', 'the VM name is empty');
+  if (disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${vm}": pass at least one --disk`);
+  const names = uniqueNames(disks.map((d) => d.name ?? diskNameFromPath(d.path)));
+  names.forEach((n) => assertSafeName(n, 'disk name'));
+  const previous = await previousDisks(repo, vm);
+  return disks.map((disk, i) => {
+    const prev = previous.get(names[i]!);
+    return { disk, name: names[i]!, ...(prev ? { previous: prev } : {}) };
+  });
 }
 
 /** Reads, chunks and commits the frozen disks of one point in time. */
@@ -135,8 +153,9 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const id = req.id;
   if (!/^[0-9a-f]{64}$/.test(id)) throw new VmvaultError('BAD_INPUT', `"${id}" is not a backup id`);
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, chunksUnchanged: 0, seconds: 0 };
-  // Quarantined chunks are left out: producing one uploads it again, which heals it (repo/health.ts).
-  const known = await repo.usableChunkIds();
+  // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
+  // are left out: producing one uploads it again, which heals it (repo/health.ts).
+  const known = await repo.chunkIndex();
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
   const pool = new ChunkPool(repo.workerInit());
   const disks: DiskEntry[] = [];
@@ -145,7 +164,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
       meter.disk = disk.name;
       const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;
       const chunks = await backupDisk(disk, {
-        repo, pool, known, stats, meter, inFlight: req.inFlight ?? 10, ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
+        repo, pool, known, stats, meter, inFlight: req.inFlight ?? 10, startAt: startFor(req.vm, disk.name), ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
       });
       disks.push({
         ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.slice(0, MAX_AUDIT_OFFSETS) } } : {}),
@@ -158,6 +177,10 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     await pool.close();
   }
   meter.finish();
+  if (known.counts.missing) {
+    repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
+      'other backups may use them too; run "vmvault verify" to find and heal them');
+  }
   stats.seconds = (Date.now() - started) / 1000;
   const manifest: Manifest = {
     version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),
@@ -172,6 +195,12 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   return { manifest, stats };
 }
 
+/** Where a disk's reading starts (chunk-reader.ts): the same for every backup of that disk, different for other VMs' disks. */
+function startFor(vm: string, disk: string): (n: number) => number {
+  const seed = BigInt(`0x${createHash('sha256').update(`${vm}\0${disk}`).digest('hex').slice(0, 12)}`);
+  return (n) => Number(seed % BigInt(n));
+}
+
 /**
  * The newest earlier backup of each of `vm`'s disks (by disk name): its format pins a
  * disk with no declared format (a guest that writes a qcow2 header onto its raw disk
@@ -179,16 +208,42 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
  * read starts from.
  */
 async function previousDisks(repo: Repository, vm: string): Promise<Map<string, NonNullable<NamedDisk['previous']>>> {
-  // A damaged manifest costs only itself: the newest readable backup of each disk is used.
-  const previous = (await repo.readManifests()).manifests.filter((m) => m.vm === vm).sort((a, b) => a.time.localeCompare(b.time));
-  const out = new Map<string, NonNullable<NamedDisk['previous']>>();
+  // The VM's backups by their summaries (decrypted once per host); a damaged manifest costs only itself.
+  const history = await repo.vmBackups(vm);
+  const newest = new Map<string, string>();
   const lastFull = new Map<string, string>();
-  for (const m of previous) {
+  const fullAt = new Map<string, string | undefined>();
+  for (const m of history) {
     for (const d of m.disks) {
       if (d.mode !== 'incremental') lastFull.set(d.name, m.time);
-      const full = lastFull.get(d.name);
-      out.set(d.name, { backupId: m.id, chunkSize: m.chunkSize, entry: d, ...(full ? { lastFullRead: full } : {}) });
+      newest.set(d.name, m.id);
+      fullAt.set(d.name, lastFull.get(d.name));
     }
+  }
+  // Only the newest manifest of each disk is read whole (usually one for the whole VM).
+  const manifests = new Map<string, Manifest>();
+  for (const id of new Set(newest.values())) {
+    let m: Manifest;
+    try {
+      m = await repo.loadManifest(id);
+    } catch (err) {
+      // Pruned or damaged since it was listed: those disks are read in full.
+      if (err instanceof NotFoundError || err instanceof IntegrityError) continue;
+      throw err;
+    }
+    if (m.vm !== vm) {
+      repo.warn(`the host's cache listed backup ${id} as one of VM "${vm}", but it is of "${m.vm}": it was ignored; clear the cache (VMVAULT_CACHE_DIR) if this repeats`);
+      continue;
+    }
+    manifests.set(id, m);
+  }
+  const out = new Map<string, NonNullable<NamedDisk['previous']>>();
+  for (const [name, id] of newest) {
+    const m = manifests.get(id);
+    const entry = m?.disks.find((d) => d.name === name);
+    if (!entry) continue;
+    const full = fullAt.get(name);
+    out.set(name, { backupId: m!.id, chunkSize: m!.chunkSize, entry, ...(full ? { lastFullRead: full } : {}) });
   }
   return out;
 }
@@ -219,11 +274,15 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
  * unchanged costs no qemu-nbd at all.
  */
 async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' | 'size' | 'changes'>): Promise<(string | null)[]> {
-  let exp: Promise<NbdExport> | undefined;
-  const client = async () => {
-    exp ??= exportImage(disk.path, {
+  let exp: Promise<{ client: NbdClient; close(): Promise<void> }> | undefined;
+  const open = (): Promise<{ client: NbdClient; close(): Promise<void> }> => {
+    if (disk.connect) return disk.connect().then((client) => ({ client, close: () => client.close() }));
+    return exportImage(disk.path, {
       format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
     });
+  };
+  const client = async () => {
+    exp ??= open();
     return (await exp).client;
   };
   try {

@@ -23,6 +23,16 @@ export interface ChangedBlocks {
   dirty(offset: number, length: number): Promise<{ offset: number; length: number }[]>;
 }
 
+/**
+ * What storage has, as a backup sees it (repo/chunk-index.ts): `has` for a chunk left
+ * unread (the index's claim), `present` for a chunk just read (storage's answer).
+ */
+export interface KnownChunks {
+  has(id: string): boolean;
+  present(id: string): Promise<boolean>;
+  add(id: string): void;
+}
+
 /** An audit's findings on one disk: how many chunks tracking called unchanged, and the offsets of those that were not. */
 export interface AuditTally { unchanged: number; differing: number[] }
 
@@ -33,7 +43,7 @@ export interface ReadChunksOptions {
   client: () => Promise<NbdClient>;
   size: number;
   /** Chunk ids storage has (and may be reused); chunks uploaded here are added. */
-  known: Set<string>;
+  known: KnownChunks;
   stats: BackupStats;
   meter: ProgressMeter;
   /** Chunks processed at once; bounds memory to about 2 × inFlight × chunk size. */
@@ -42,6 +52,8 @@ export interface ReadChunksOptions {
   /** With `changes`: read everything and tally what tracking got wrong here. */
   audit?: AuditTally;
   signal?: AbortSignal;
+  /** Where reading starts among n windows or chunks (a whole number below n); at the beginning when absent. See the loop. */
+  startAt?: (n: number) => number;
 }
 
 /** Block status is asked for, and dirty ranges looked at, this much of the disk at a time. */
@@ -74,11 +86,12 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
       return;
     }
     ids[plan.index] = id;
-    const pendingUpload = uploading.get(id);
-    if (known.has(id) || pendingUpload) {
+    // Stored already (storage says so), or being stored now by this backup.
+    const stored = uploading.get(id) ?? ((await known.present(id)) ? true : uploading.get(id));
+    if (stored) {
       stats.chunksReused++;
       buffers.give(plain);
-      await pendingUpload;
+      if (stored !== true) await stored;
       return;
     }
     const upload = (async () => {
@@ -115,12 +128,20 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     return true;
   };
 
-  for (let start = 0; start < size && window.ok; start += STATUS_WINDOW) {
+  // Windows, and the chunks to read within each, are taken from a place of their own per
+  // VM and disk onwards and wrapped around: backups of clones that start together (one
+  // schedule, many hosts) then upload different parts first and find the rest stored by
+  // the others, instead of reading the same chunk at the same moment and both uploading it.
+  const windows = Math.ceil(size / STATUS_WINDOW);
+  const firstWindow = o.startAt ? o.startAt(windows) : 0;
+  for (let w = 0; w < windows && window.ok; w++) {
+    const start = ((firstWindow + w) % windows) * STATUS_WINDOW;
     const end = Math.min(size, start + STATUS_WINDOW);
     const changed = changes ? await changes.dirty(start, end - start) : undefined;
     if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
     const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
     const dirty = changed ? new RangeCursor(changed) : undefined;
+    const toRead: ChunkPlan[] = [];
     for (const plan of plans) {
       if (dirty && !dirty.meets(plan.offset, plan.length)) {
         // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
@@ -138,7 +159,12 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
         meter.add(plan.length);
         continue;
       }
+      toRead.push(plan);
+    }
+    const first = o.startAt && toRead.length ? o.startAt(toRead.length) : 0;
+    for (let i = 0; i < toRead.length; i++) {
       signal?.throwIfAborted();
+      const plan = toRead[(first + i) % toRead.length]!;
       await window.add(() => one(plan));
     }
   }

@@ -84,7 +84,11 @@ export class DiskReader {
     return Buffer.concat(parts);
   }
 
-  private async chunk(disk: DiskEntry, index: number, chunkSize: number): Promise<Buffer> {
+  /**
+   * Chunk `index` of `disk`, decrypted and verified (zeros for a zero chunk). The
+   * buffer may be the cache's own: callers must not change it.
+   */
+  async chunk(disk: DiskEntry, index: number, chunkSize: number): Promise<Buffer> {
     const id = disk.chunks[index];
     const length = Math.min(chunkSize, disk.virtualSize - index * chunkSize);
     if (id === undefined) throw new VmvaultError('INTEGRITY', `disk "${disk.name}" has no chunk ${index} in its manifest`);

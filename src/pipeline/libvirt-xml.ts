@@ -105,3 +105,43 @@ export function rewriteLibvirtDiskPaths(xml: string, map: Record<string, DiskTar
   }
   return new XMLSerializer().serializeToString(doc);
 }
+
+/** A VM name libvirt and vmvault both take as it is: letters, digits, `.`, `_`, `+`, `-`. */
+export const VM_NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$/;
+
+/** What makes a domain another VM: its name, its UUID, and its NICs' MAC addresses. */
+export interface DomainIdentity { name: string; uuid: string; macs: string[] }
+
+/**
+ * The domain XML as a clone that can run beside the original: `<name>` and `<uuid>`
+ * replaced by `id.name` and `id.uuid` (a `<uuid>` is added when there was none), and each
+ * `<interface><mac address=…>` given the next of `id.macs` (a clone on the same bridge
+ * with the original's MAC would fight it for its address). BAD_INPUT when the XML is
+ * not a libvirt domain or `id.name` is not a plain VM name.
+ */
+export function renameLibvirtDomain(xml: string, id: DomainIdentity): string {
+  if (!VM_NAME_RE.test(id.name)) throw new VmvaultError('BAD_INPUT', `"${id.name}" is not a VM name: use letters, digits, ".", "_", "+" or "-" (at most 64, starting with a letter or digit)`);
+  const doc = parse(xml);
+  const root = doc.documentElement!;
+  const text = (tag: string, value: string) => {
+    let el = children(root, tag)[0];
+    if (!el) {
+      el = doc.createElement(tag);
+      root.insertBefore(el, root.firstChild);
+    }
+    while (el.firstChild) el.removeChild(el.firstChild);
+    el.appendChild(doc.createTextNode(value));
+  };
+  text('uuid', id.uuid);
+  text('name', id.name); // Inserted before <uuid> when both were missing: libvirt's own order.
+  let next = 0;
+  for (const devices of children(root, 'devices')) {
+    for (const nic of children(devices, 'interface')) {
+      for (const mac of children(nic, 'mac')) {
+        const fresh = id.macs[next++];
+        if (fresh) mac.setAttribute('address', fresh);
+      }
+    }
+  }
+  return new XMLSerializer().serializeToString(doc);
+}

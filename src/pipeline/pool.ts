@@ -25,8 +25,16 @@ export class ChunkPool {
   private seq = 0;
   private closed = false;
 
-  constructor(init: PoolInit, size = availableParallelism()) {
-    for (let i = 0; i < Math.max(1, size); i++) {
+  /**
+   * The workers start at the first request: a backup that change tracking says has
+   * nothing to read (an unchanged VM) pays for no thread (about 60 MiB and the
+   * WebAssembly start-up each).
+   */
+  constructor(private readonly init: PoolInit, private readonly size = availableParallelism()) {}
+
+  private start(): void {
+    const init = this.init;
+    for (let i = 0; i < Math.max(1, this.size); i++) {
       const w = new Worker(new URL('./chunk-worker.js', import.meta.url), { workerData: init });
       w.unref();
       w.on('message', (res: PoolResponse) => this.onMessage(w, res));
@@ -60,6 +68,7 @@ export class ChunkPool {
 
   private submit(req: PoolRequest): Promise<PoolResponse & { ok: true }> {
     if (this.closed) return Promise.reject(new Error('chunk pool is closed'));
+    if (this.workers.length === 0) this.start();
     req.seq = ++this.seq;
     return new Promise((resolve, reject) => {
       this.queue.push({ req, p: { resolve, reject } });

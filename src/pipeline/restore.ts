@@ -7,19 +7,19 @@
  * Configuration files come back beside the disks; a libvirt domain XML has its disk
  * paths and formats rewritten to the restored images.
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { chmod, mkdir, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { NotFoundError, VmvaultError } from '../errors.js';
+import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
 import type { Repository } from '../repo/repository.js';
 import type { DiskEntry, Manifest } from '../repo/manifest.js';
 import { ChunkPool } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
-import { FORMAT_EXT, pathInside } from './names.js';
+import { FORMAT_EXT, assertSafeName, pathInside } from './names.js';
 import { withReadLock } from '../repo/locks.js';
-import { rewriteLibvirtDiskPaths, type DiskTarget } from './libvirt-xml.js';
+import { VM_NAME_RE, renameLibvirtDomain, rewriteLibvirtDiskPaths, type DiskTarget, type DomainIdentity } from './libvirt-xml.js';
 import { dataRuns } from './sparse.js';
 
 export interface RestoreRequest {
@@ -29,6 +29,17 @@ export interface RestoreRequest {
   format?: ImageFormat;
   /** Restore only these disks (by name); all by default. */
   disks?: string[];
+  /**
+   * Where a disk goes (disk name → path), instead of `to/NAME.EXT`: relative to `to`,
+   * or absolute, and either way inside `to` once symlinks are resolved (and inside
+   * `roots` when given). Only disks being restored may be named.
+   */
+  diskPaths?: Record<string, string>;
+  /**
+   * Restore as a new VM of this name: the libvirt domain XML gets this `<name>`, a fresh
+   * random `<uuid>` and fresh MAC addresses, so the clone can run beside the original.
+   */
+  name?: string;
   /** Replace existing files. */
   force?: boolean;
   /**
@@ -47,7 +58,11 @@ export interface RestoreRequest {
 }
 
 export interface RestoredFile { kind: 'disk' | 'config'; name: string; path: string; format?: string; virtualSize?: number }
-export interface RestoreResult { backup: string; vm: string; files: RestoredFile[]; stats: { bytesWritten: number; chunksWritten: number; seconds: number } }
+export interface RestoreResult {
+  backup: string; vm: string; files: RestoredFile[]; stats: { bytesWritten: number; chunksWritten: number; seconds: number };
+  /** Restored as a new VM (`name`): its name and UUID. */
+  clone?: { name: string; uuid: string };
+}
 
 export function restore(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
   return withReadLock(repo, 'restore', () => run(repo, req));
@@ -58,23 +73,37 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
   const manifest = await repo.loadManifest(req.backupId);
   const disks = selectDisks(manifest, req.disks);
   const dir = req.to;
+  const targets = diskTargets(dir, disks, req.diskPaths);
   const planned: (RestoredFile & { tmp: string; disk?: DiskEntry })[] = [];
   for (const d of disks) {
     const format = req.format ?? (d.format as ImageFormat);
-    const path = pathInside(dir, `${d.name}.${FORMAT_EXT[format]}`, 'disk name');
+    const path = targets.get(d.name) ?? pathInside(dir, `${d.name}.${FORMAT_EXT[format]}`, 'disk name');
     planned.push({ kind: 'disk', name: d.name, path, format, virtualSize: d.virtualSize, tmp: tmpName(path), disk: d });
   }
-  for (const c of req.disks ? [] : manifest.configs) {
+  // The configuration describes the whole VM: it comes back when every disk does.
+  const whole = new Set(disks.map((d) => d.name)).size === manifest.disks.length;
+  for (const c of whole ? manifest.configs : []) {
     const path = pathInside(dir, c.name, 'config file name');
     planned.push({ kind: 'config', name: c.name, path, tmp: tmpName(path) });
   }
-  if (req.roots) await assertInsideRoots(dir, req.roots);
+  const clone = req.name === undefined ? undefined : cloneIdentity(req.name, manifest, whole);
+  const clash = planned.find((p, i) => planned.findIndex((q) => q.path === p.path) !== i);
+  if (clash) throw new VmvaultError('BAD_INPUT', `two restored files would both be ${clash.path}: give each disk its own path; nothing was written`);
+  const checkPlaces = async () => {
+    if (req.roots) await assertInsideRoots(dir, req.roots);
+    for (const p of targets.values()) {
+      await assertInsideRoots(dirname(p), [dir], 'the restore directory');
+      if (req.roots) await assertInsideRoots(dirname(p), req.roots);
+    }
+  };
+  await checkPlaces();
   const taken = await existing(planned.map((p) => p.path));
   if (taken.length && !req.force) {
     throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or ${req.forceHint ?? 'ask for existing files to be replaced'}; nothing was written`);
   }
   await mkdir(dir, { recursive: true });
-  if (req.roots) await assertInsideRoots(dir, req.roots); // Again: a symlink may have appeared meanwhile.
+  for (const p of targets.values()) await mkdir(dirname(p), { recursive: true });
+  await checkPlaces(); // Again: a symlink may have appeared meanwhile.
 
   const stats = { bytesWritten: 0, chunksWritten: 0, seconds: 0 };
   const meter = new ProgressMeter('restore', disks.reduce((n, d) => n + d.chunks.filter(Boolean).length * manifest.chunkSize, 0), req.onProgress);
@@ -86,7 +115,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
         await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8);
       } else {
         const c = manifest.configs.find((x) => x.name === p.name)!;
-        await writeFile(p.tmp, adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned), { mode: 0o600 });
+        await writeFile(p.tmp, adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned, clone), { mode: 0o600 });
       }
     }
     for (const p of planned) await rename(p.tmp, p.path);
@@ -103,6 +132,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     vm: manifest.vm,
     files: planned.map(({ tmp: _t, disk: _d, ...f }) => f),
     stats,
+    ...(clone ? { clone: { name: clone.name, uuid: clone.uuid } } : {}),
   };
 }
 
@@ -120,17 +150,57 @@ function selectDisks(m: Manifest, wanted: string[] | undefined): DiskEntry[] {
  * disks' `<source file=…>` (and `<driver type=…>`) pointed at the restored images;
  * anything else is copied as it is.
  */
-function adjustConfig(name: string, data: Buffer, planned: readonly (RestoredFile & { disk?: DiskEntry })[]): Buffer {
-  if (!/\.xml$/i.test(name) || !/<domain[\s>]/.test(data.toString('utf8', 0, Math.min(data.length, 4096)))) return data;
+export function adjustConfig(name: string, data: Buffer, planned: readonly (RestoredFile & { disk?: DiskEntry })[], clone?: DomainIdentity): Buffer {
+  if (!isDomainXml(name, data)) return data;
   const map = new Map<string, DiskTarget>();
   for (const p of planned) {
     if (p.disk) map.set(p.disk.sourcePath, { path: p.path, ...(p.format ? { format: p.format } : {}) });
   }
+  let xml: string;
   try {
-    return Buffer.from(rewriteLibvirtDiskPaths(data.toString('utf8'), map));
-  } catch {
+    xml = rewriteLibvirtDiskPaths(data.toString('utf8'), map);
+  } catch (err) {
+    // A clone must not come back under the original's name: better no restore than that.
+    if (clone) throw new VmvaultError('BAD_INPUT', `${name} cannot be given the new name "${clone.name}": ${errorMessage(err)}; restore without --name, or rename by hand`, { cause: err });
     return data; // Not a domain after all (or not XML libvirt would read): the file as it was is the honest copy.
   }
+  return Buffer.from(clone ? renameLibvirtDomain(xml, clone) : xml);
+}
+
+function isDomainXml(name: string, data: Buffer): boolean {
+  return /\.xml$/i.test(name) && /<domain[\s>]/.test(data.toString('utf8', 0, Math.min(data.length, 4096)));
+}
+
+/** A fresh identity for a clone: new random UUID and MACs (52:54:00 is QEMU's prefix, as libvirt uses). */
+function cloneIdentity(name: string, m: Manifest, whole: boolean): DomainIdentity {
+  if (!VM_NAME_RE.test(name)) throw new VmvaultError('BAD_INPUT', `"${name}" is not a VM name: use letters, digits, ".", "_", "+" or "-" (at most 64, starting with a letter or digit); nothing was written`);
+  const domains = m.configs.filter((c) => isDomainXml(c.name, Buffer.from(c.data, 'base64')));
+  if (!domains.length) throw new VmvaultError('BAD_INPUT', `backup ${m.id.slice(0, 12)} has no libvirt domain XML to give the name "${name}": restore it without --name; nothing was written`);
+  if (!whole) throw new VmvaultError('BAD_INPUT', `--name restores a whole VM, configuration included: restore every disk of backup ${m.id.slice(0, 12)} (${m.disks.map((d) => d.name).join(', ')}); nothing was written`);
+  const macs = Array.from({ length: 64 }, () => `52:54:00:${[...randomBytes(3)].map((b) => b.toString(16).padStart(2, '0')).join(':')}`);
+  return { name, uuid: randomUUID(), macs };
+}
+
+/**
+ * The paths asked for disks (`diskPaths`), resolved against `dir` and refused unless
+ * they lie inside it (lexically here; with symlinks resolved before anything is written).
+ */
+function diskTargets(dir: string, disks: readonly DiskEntry[], wanted: Record<string, string> | undefined): Map<string, string> {
+  const out = new Map<string, string>();
+  const root = resolve(dir);
+  for (const [name, path] of Object.entries(wanted ?? {})) {
+    if (!disks.some((d) => d.name === name)) {
+      throw new NotFoundError(`no disk "${name}" is being restored, so it cannot be put at ${path}; the disks restored are: ${disks.map((d) => d.name).join(', ')}`);
+    }
+    if (path.includes('\0')) throw new VmvaultError('BAD_INPUT', `the path for disk "${name}" contains a NUL byte`);
+    const full = resolve(root, path);
+    if (!full.startsWith(root + sep)) {
+      throw new VmvaultError('BAD_INPUT', `disk "${name}" cannot go to ${path}: it is outside the restore directory ${root}; give a path inside it (relative paths are taken from it); nothing was written`);
+    }
+    assertSafeName(basename(full), `the file name for disk "${name}"`);
+    out.set(name, full);
+  }
+  return out;
 }
 
 /**
@@ -138,7 +208,7 @@ function adjustConfig(name: string, data: Buffer, planned: readonly (RestoredFil
  * lies below one. Resolves the deepest part of `dir` that exists, so a directory
  * still to be created is judged by where its parent really is.
  */
-export async function assertInsideRoots(dir: string, roots: readonly string[]): Promise<void> {
+export async function assertInsideRoots(dir: string, roots: readonly string[], what = "this host's restore roots"): Promise<void> {
   const wanted = resolve(dir);
   let existingPart = wanted;
   let rest = '';
@@ -159,7 +229,7 @@ export async function assertInsideRoots(dir: string, roots: readonly string[]): 
     const root = await realpath(r).catch(() => resolve(r));
     if (real === root || real.startsWith(root.endsWith(sep) ? root : root + sep)) return;
   }
-  throw new VmvaultError('BAD_INPUT', `restore directory ${dir} ${real === wanted ? 'is' : `resolves to ${real}, which is`} outside this host's restore roots (${roots.join(', ')}); nothing was written`);
+  throw new VmvaultError('BAD_INPUT', `${what.startsWith('this host') ? 'restore directory' : 'directory'} ${dir} ${real === wanted ? 'is' : `resolves to ${real}, which is`} outside ${what} (${roots.join(', ')}); nothing was written`);
 }
 
 function tmpName(path: string): string {

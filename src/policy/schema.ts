@@ -12,6 +12,8 @@
  *     pre-update: { keepWithin: 14d }
  * enabled: true                 # default true
  * labels: [nightly]             # optional labels put on the backups this policy makes
+ * drill: weekly                 # optional restore drill of each VM's newest backup: daily, weekly, monthly,
+ *                               # or { every: weekly, serial: "login:" | guestAgent: true | tcp: 22, timeout: 5min }
  * ```
  * Unknown keys are errors (a typo must not silently keep or delete backups).
  */
@@ -72,6 +74,27 @@ const selectSchema = z
   }, { error: 'expected vms: [names] and/or tags: [tags]' })
   .refine((s) => s.vms !== undefined || s.tags !== undefined, 'choose VMs with vms: [names] and/or tags: [tags]');
 
+/** When drills run (local time of the policy's zone): daily at 04:15, weekly on Sunday, monthly on the 1st. */
+export const DRILL_CRON = { daily: '15 4 * * *', weekly: '15 4 * * 0', monthly: '15 4 1 * *' } as const;
+const drillEvery = z.enum(['daily', 'weekly', 'monthly'], { error: 'expected daily, weekly or monthly' });
+
+/**
+ * A policy's restore drill: how often, and how success is decided (one of serial text,
+ * guest agent, guest TCP port; the serial text "login:" by default) within `timeout`.
+ */
+export const drillSchema = z.union([
+  drillEvery.transform((every) => ({ every })),
+  z.strictObject({
+    every: drillEvery,
+    serial: z.string({ error: 'expected the text to wait for on the serial console' }).min(1, 'the serial text cannot be empty').optional(),
+    guestAgent: z.literal(true, { error: 'expected true (succeed when the guest agent answers guest-ping)' }).optional(),
+    tcp: z.number({ error: 'expected a guest TCP port' }).int().min(1).max(65535, 'a TCP port is 1-65535').optional(),
+    timeout: duration.optional(),
+  }, { error: 'expected daily, weekly, monthly, or { every, serial | guestAgent | tcp, timeout }' })
+    .refine((d) => [d.serial !== undefined, d.guestAgent !== undefined, d.tcp !== undefined].filter(Boolean).length <= 1, 'give one probe: serial, guestAgent or tcp'),
+], { error: 'expected daily, weekly, monthly, or { every, serial | guestAgent | tcp, timeout }' });
+export type PolicyDrill = z.output<typeof drillSchema>;
+
 export const policySchema = z.strictObject({
   name: z.string({ error: 'expected a policy name' }).regex(NAME_RE, `a policy name is ${nameRule}`),
   schedule: cronSchedule,
@@ -94,6 +117,8 @@ export const policySchema = z.strictObject({
       ctx.addIssue({ code: 'custom', message: (err as Error).message });
     }
   }).optional(),
+  /** Boot each selected VM's newest backup this often, in isolation, and record whether it came up (vm/drill.ts). */
+  drill: drillSchema.optional(),
 }, { error: 'expected a policy: a mapping with name, schedule, select and retention' });
 
 export type RetentionPolicyRules = z.output<typeof retentionRulesSchema>;
@@ -101,7 +126,7 @@ export type PolicyRetention = z.output<typeof retentionSchema>;
 export type Policy = z.output<typeof policySchema>;
 
 /** Every key a policy file may use at any level, to suggest a fix for a typo. */
-export const POLICY_KEYS: readonly string[] = [...Object.keys(policySchema.shape), 'vms', 'tags', ...Object.keys(ruleShape), 'byLabel'];
+export const POLICY_KEYS: readonly string[] = [...Object.keys(policySchema.shape), 'vms', 'tags', ...Object.keys(ruleShape), 'byLabel', 'every', 'serial', 'guestAgent', 'tcp', 'timeout'];
 
 /**
  * Which rules a backup with these labels follows: those of the first label (in the

@@ -1,12 +1,12 @@
 /**
- * A private `redis-server` on a unix socket (no TCP port), as `vmvault up` starts
- * when no Redis is configured: AOF on (`--appendonly yes`), no RDB snapshots
+ * A private `redis-server` on a unix socket (no TCP port unless `tcp` asks for one,
+ * with a password), as `vmvault up` starts when no Redis is configured: AOF on (`--appendonly yes`), no RDB snapshots
  * (`--save ''`), `--maxmemory-policy noeviction` (workers refuse anything else).
  * Ready once it answers PING on its socket; stop() sends SIGTERM (AOF flushed).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdir, rm } from 'node:fs/promises';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { VmvaultError } from '../errors.js';
@@ -22,6 +22,12 @@ export interface EmbeddedRedisOptions {
   args?: string[];
   /** How long start (and each restart) may take (default 10 s). */
   startTimeoutMs?: number;
+  /**
+   * Also listen on TCP (for workers on other hosts), with this password required of
+   * every client, the socket's included. The password goes in a 0600 configuration
+   * file in `dir`, never on the command line (which every local user can read).
+   */
+  tcp?: { host: string; port: number; password: string };
 }
 
 export interface EmbeddedRedis {
@@ -44,13 +50,24 @@ export async function startEmbeddedRedis(opts: EmbeddedRedisOptions): Promise<Em
     throw new VmvaultError('BAD_INPUT', `the Redis socket path ${socketPath} is too long for a unix socket (at most 100 bytes): use a shorter state directory`);
   }
   await rm(socketPath, { force: true });
+  let auth: string | undefined;
+  const tcpArgs: string[] = [];
+  if (opts.tcp) {
+    if (!/^[A-Za-z0-9_-]{16,256}$/.test(opts.tcp.password)) throw new VmvaultError('BAD_INPUT', 'the Redis password must be 16 to 256 letters, digits, "_" or "-"');
+    const conf = join(opts.dir, 'vmvault-redis.conf');
+    await rm(conf, { force: true });
+    await writeFile(conf, `requirepass "${opts.tcp.password}"\n`, { mode: 0o600, flag: 'wx' });
+    tcpArgs.push(conf);
+    auth = opts.tcp.password;
+  }
   const args = [
-    '--port', '0', '--unixsocket', socketPath, '--unixsocketperm', '700', '--dir', opts.dir,
+    ...tcpArgs,
+    '--port', opts.tcp ? String(opts.tcp.port) : '0', ...(opts.tcp ? ['--bind', opts.tcp.host] : []), '--unixsocket', socketPath, '--unixsocketperm', '700', '--dir', opts.dir,
     '--appendonly', 'yes', '--save', '', '--maxmemory-policy', opts.maxmemoryPolicy ?? 'noeviction',
     '--daemonize', 'no', '--loglevel', 'warning', ...(opts.args ?? []),
   ];
   const timeout = opts.startTimeoutMs ?? 10_000;
-  let proc: ChildProcess | undefined = await launch(args, socketPath, timeout);
+  let proc: ChildProcess | undefined = await launch(args, socketPath, timeout, auth);
 
   const halt = async (signal: NodeJS.Signals): Promise<void> => {
     const p = proc;
@@ -61,20 +78,20 @@ export async function startEmbeddedRedis(opts: EmbeddedRedisOptions): Promise<Em
     await exited;
   };
   return {
-    url: `unix://${socketPath}`,
+    url: `unix://${socketPath}${auth ? `?password=${encodeURIComponent(auth)}` : ''}`,
     socketPath,
     dir: opts.dir,
     get pid() { return proc?.pid; },
     async restart() {
       await halt('SIGTERM');
-      proc = await launch(args, socketPath, timeout);
+      proc = await launch(args, socketPath, timeout, auth);
     },
     stop: (signal: NodeJS.Signals = 'SIGTERM') => halt(signal),
   };
 }
 
 /** Starts redis-server and resolves once it answers PING on its socket. */
-async function launch(args: string[], socketPath: string, timeoutMs: number): Promise<ChildProcess> {
+async function launch(args: string[], socketPath: string, timeoutMs: number, password?: string): Promise<ChildProcess> {
   const proc = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let output = '';
   proc.stdout!.on('data', (d: Buffer) => { output += d.toString(); });
@@ -92,7 +109,7 @@ async function launch(args: string[], socketPath: string, timeoutMs: number): Pr
   try {
     for (;;) {
       // A ping races with the failure: whichever settles first wins.
-      if (await Promise.race([pingSocket(socketPath), failed])) return proc;
+      if (await Promise.race([pingSocket(socketPath, password), failed])) return proc;
       if (Date.now() > deadline) throw new VmvaultError('BAD_INPUT', `redis-server did not answer PING within ${timeoutMs} ms: ${output.trim()}`);
       await Promise.race([new Promise((r) => setTimeout(r, 20)), failed]);
     }
@@ -107,7 +124,7 @@ async function launch(args: string[], socketPath: string, timeoutMs: number): Pr
 }
 
 /** True when a server on the socket answers PING with PONG (and is not loading the AOF). */
-export function pingSocket(socketPath: string): Promise<boolean> {
+export function pingSocket(socketPath: string, password?: string): Promise<boolean> {
   return new Promise((resolve) => {
     const sock = createConnection(socketPath);
     let reply = '';
@@ -117,9 +134,11 @@ export function pingSocket(socketPath: string): Promise<boolean> {
     };
     sock.setTimeout(1000, () => done(false));
     sock.on('error', () => done(false));
-    sock.on('connect', () => sock.write('*1\r\n$4\r\nPING\r\n'));
+    const authCmd = password === undefined ? '' : `*2\r\n$4\r\nAUTH\r\n$${Buffer.byteLength(password)}\r\n${password}\r\n`;
+    sock.on('connect', () => sock.write(`${authCmd}*1\r\n$4\r\nPING\r\n`));
     sock.on('data', (d: Buffer) => {
       reply += d.toString();
+      if (password !== undefined && reply.startsWith('+OK\r\n')) reply = reply.slice(5);
       if (reply.includes('\r\n')) done(reply.startsWith('+PONG'));
     });
   });

@@ -10,8 +10,8 @@ import { queueOptions, type RedisConnection } from './connection.js';
 import { VmvaultError } from '../errors.js';
 import { assertJobId, hostQueueName, MAINTENANCE_QUEUE } from './names.js';
 import {
-  backupPayloadSchema, describeIssues, maintenancePayloadSchema, restorePayloadSchema, snapshotPayloadSchema,
-  type BackupPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput, type SnapshotPayloadInput,
+  backupPayloadSchema, describeIssues, drillPayloadSchema, exportPayloadSchema, maintenancePayloadSchema, restorePayloadSchema, snapshotPayloadSchema,
+  type BackupPayloadInput, type DrillPayloadInput, type ExportPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput, type SnapshotPayloadInput,
 } from './payloads.js';
 import type { z } from 'zod';
 
@@ -67,6 +67,11 @@ export function enqueueBackup(queue: Queue, payload: BackupPayloadInput, opts?: 
   return queue.add('backup', validate(backupPayloadSchema, 'backup', payload), jobOptions(opts));
 }
 
+/** Enqueues a restore drill on the host whose queue this is. */
+export function enqueueDrill(queue: Queue, payload: DrillPayloadInput, opts?: EnqueueOptions): Promise<Job> {
+  return queue.add('drill', validate(drillPayloadSchema, 'drill', payload), jobOptions(opts));
+}
+
 /** Enqueues a restore onto the host whose queue this is. */
 export function enqueueRestore(queue: Queue, payload: RestorePayloadInput, opts?: EnqueueOptions): Promise<Job> {
   return queue.add('restore', validate(restorePayloadSchema, 'restore', payload), jobOptions(opts));
@@ -79,6 +84,11 @@ export function enqueueRestore(queue: Queue, payload: RestorePayloadInput, opts?
  */
 export function enqueueSnapshot(queue: Queue, payload: SnapshotPayloadInput, opts?: EnqueueOptions): Promise<Job> {
   return queue.add('snapshot', validate(snapshotPayloadSchema, 'snapshot', payload), jobOptions({ attempts: 1, ...opts }));
+}
+
+/** Enqueues an NBD export on the queue of the host that serves it; one attempt (a retry would start a second export). */
+export function enqueueExport(queue: Queue, payload: ExportPayloadInput, opts?: EnqueueOptions): Promise<Job> {
+  return queue.add('export', validate(exportPayloadSchema, 'export', payload), jobOptions({ attempts: 1, ...opts }));
 }
 
 /** Enqueues prune, gc or verify on the shared maintenance queue; the job is named after its kind. */

@@ -15,3 +15,9 @@ export async function policyFirstSeen(redis: RedisConnection, policy: string, no
   const v = Number(await redis.get(key(policy)));
   return Number.isFinite(v) && v > 0 ? new Date(v) : now;
 }
+
+/** The recorded first sighting, without recording one (readers such as the status report). */
+export async function policyFirstSeenIfRecorded(redis: RedisConnection, policy: string): Promise<Date | undefined> {
+  const v = Number(await redis.get(key(policy)));
+  return Number.isFinite(v) && v > 0 ? new Date(v) : undefined;
+}

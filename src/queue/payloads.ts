@@ -8,6 +8,8 @@ import { IMAGE_FORMATS, isImageFormat, type ImageFormat } from '../disk/image-fo
 import { VmvaultError } from '../errors.js';
 import { DRIVERS, type VmConfig } from '../config/schema.js';
 import { parseSubset } from '../pipeline/subset.js';
+import type { Policy } from '../policy/schema.js';
+import { durationMs, parseDuration } from '../policy/retention.js';
 
 const nonEmpty = z.string().trim().min(1);
 const imageFormat = z.string().refine(isImageFormat, `one of ${IMAGE_FORMATS.join(', ')}`).transform((f) => f as ImageFormat);
@@ -50,6 +52,10 @@ export const restorePayloadSchema = z.strictObject({
   directory: nonEmpty.refine((d) => d.startsWith('/'), 'an absolute path'),
   format: imageFormat.optional(),
   disks: z.array(nonEmpty).optional(),
+  /** Disk name → path inside `directory` (relative to it, or absolute). */
+  diskPaths: z.record(nonEmpty, nonEmpty).optional(),
+  /** Restore as a new VM of this name (pipeline/restore.ts). */
+  name: nonEmpty.optional(),
   overwrite: z.boolean().default(false),
 });
 
@@ -154,8 +160,49 @@ export function backupPayloadFor(vm: VmConfig, extra: { labels?: string[]; polic
   };
 }
 
+/**
+ * Serve one disk of a backup over NBD from the worker's host for `ttlSeconds`, on
+ * `address` (an IP literal: loopback or the host's configured exportAddress; the
+ * worker checks again) and a port of the system's choosing.
+ */
+export const exportPayloadSchema = z.strictObject({
+  backupId: z.string().regex(/^[0-9a-fA-F]{4,64}$/, 'a backup id (hexadecimal, at least 4 digits)'),
+  disk: nonEmpty,
+  address: nonEmpty,
+  ttlSeconds: z.number().int().min(1).max(24 * 3600),
+});
+
+/**
+ * A restore drill (vm/drill.ts) on the host whose queue this is: a backup by id, or a
+ * VM's newest backup. A failed boot fails the job (after recording boot-failed).
+ */
+export const drillPayloadSchema = z.strictObject({
+  backupId: z.string().regex(/^[0-9a-fA-F]{4,64}$/, 'a backup id (hexadecimal, at least 4 digits)').optional(),
+  vm: nonEmpty.optional(),
+  policy: nonEmpty.optional(),
+  slot: nonEmpty.optional(),
+  probe: z.discriminatedUnion('kind', [
+    z.strictObject({ kind: z.literal('serial'), text: nonEmpty }),
+    z.strictObject({ kind: z.literal('guest-agent') }),
+    z.strictObject({ kind: z.literal('tcp'), port: z.number().int().min(1).max(65535) }),
+  ]).optional(),
+  timeoutSeconds: z.number().int().min(1).max(24 * 3600).default(300),
+}).refine((p) => (p.backupId === undefined) !== (p.vm === undefined), { path: ['vm'], message: 'give either backupId or vm (its newest backup)' });
+
+/** The drill payload of a policy's scheduled drill of `vm` (its newest backup). */
+export function drillPayloadFor(vm: string, policy: Policy, slot: Date): DrillPayloadInput {
+  const d: { every?: string; serial?: string; guestAgent?: boolean; tcp?: number; timeout?: string } = policy.drill ?? {};
+  const probe = d.serial !== undefined ? { kind: 'serial' as const, text: d.serial }
+    : d.guestAgent ? { kind: 'guest-agent' as const }
+      : d.tcp !== undefined ? { kind: 'tcp' as const, port: d.tcp } : undefined;
+  return {
+    vm, policy: policy.name, slot: slot.toISOString(), ...(probe ? { probe } : {}),
+    ...(d.timeout ? { timeoutSeconds: Math.max(1, Math.round(durationMs(parseDuration(d.timeout)) / 1000)) } : {}),
+  };
+}
+
 /** Job names on a host queue, each with its payload schema. */
-export const HOST_JOBS = { backup: backupPayloadSchema, restore: restorePayloadSchema, snapshot: snapshotPayloadSchema } as const;
+export const HOST_JOBS = { backup: backupPayloadSchema, restore: restorePayloadSchema, snapshot: snapshotPayloadSchema, export: exportPayloadSchema, drill: drillPayloadSchema } as const;
 export type HostJobName = keyof typeof HOST_JOBS;
 
 export type BackupPayloadInput = z.input<typeof backupPayloadSchema>;
@@ -164,13 +211,19 @@ export type RestorePayloadInput = z.input<typeof restorePayloadSchema>;
 export type RestorePayload = z.output<typeof restorePayloadSchema>;
 export type SnapshotPayloadInput = z.input<typeof snapshotPayloadSchema>;
 export type SnapshotPayload = z.output<typeof snapshotPayloadSchema>;
+export type ExportPayloadInput = z.input<typeof exportPayloadSchema>;
+export type ExportPayload = z.output<typeof exportPayloadSchema>;
+export type DrillPayloadInput = z.input<typeof drillPayloadSchema>;
+export type DrillPayload = z.output<typeof drillPayloadSchema>;
 export type MaintenancePayloadInput = z.input<typeof maintenancePayloadSchema>;
 export type MaintenancePayload = z.output<typeof maintenancePayloadSchema>;
 
 export type HostJob =
   | { name: 'backup'; payload: BackupPayload }
   | { name: 'restore'; payload: RestorePayload }
-  | { name: 'snapshot'; payload: SnapshotPayload };
+  | { name: 'snapshot'; payload: SnapshotPayload }
+  | { name: 'export'; payload: ExportPayload }
+  | { name: 'drill'; payload: DrillPayload };
 
 /** Parses a host job, throwing VmvaultError('BAD_INPUT') naming each bad field. */
 export function parseHostJob(name: string, data: unknown): HostJob {

@@ -24,7 +24,7 @@
  */
 import { VmvaultError } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
-import { chunkName } from './chunk.js';
+import { chunkName, isChunkId } from './chunk.js';
 import { removeOrphanHealth } from './health.js';
 import { lockName, readLocks, withLock } from './locks.js';
 import { mapLimit, type DamagedObject, type Repository } from './repository.js';
@@ -44,6 +44,10 @@ export interface GcReport {
   damagedManifests: DamagedObject[];
   /** Chunks no readable manifest references, kept because of damagedManifests. */
   chunksKept: number;
+  /** Objects of the rewritten chunk index (none on a dry run). */
+  indexObjects: number;
+  /** What the chunks left after this run weigh in storage (for a dry run: would weigh): the repository's size, reported by the metrics. */
+  bytesStored: number;
 }
 
 export interface GcOptions {
@@ -95,7 +99,13 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
   const sizes = await chunkSizes(repo);
   const garbage = [...sizes.keys()].filter((name) => isGarbage(name, referenced));
   const deleting = damaged.length ? [] : garbage;
-  if (!opts.dryRun) await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
+  let indexObjects = 0;
+  if (!opts.dryRun) {
+    indexObjects = await compactIndex(repo, [...sizes.keys()], new Set(deleting));
+    await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
+  }
+  const bytesDeleted = deleting.reduce((n, name) => n + sizes.get(name)!, 0);
+  const bytesListed = [...sizes.values()].reduce((n, b) => n + b, 0);
   // Verification records of pruned backups, quarantine entries of chunks nothing uses
   // (kept while a manifest is damaged: they may be its).
   if (!opts.dryRun && !damaged.length) await removeOrphanHealth(repo, new Set(manifests.map((m) => m.id)), referenced);
@@ -109,12 +119,33 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
     chunksTotal: sizes.size + freed.chunks,
     chunksReferenced: referenced.size,
     chunksDeleted: deleting.length + freed.chunks,
-    bytesDeleted: deleting.reduce((n, name) => n + sizes.get(name)!, 0) + freed.chunkBytes,
+    bytesDeleted: bytesDeleted + freed.chunkBytes,
     tempFilesDeleted: freed.tempFiles,
     tempBytesDeleted: freed.tempBytes,
     damagedManifests: damaged,
     chunksKept: damaged.length ? garbage.length : 0,
+    indexObjects,
+    bytesStored: bytesListed - bytesDeleted,
   };
+}
+
+/**
+ * Replaces the chunk index by one listing exactly the chunks that stay: the new objects
+ * are written first, then the old ones deleted, and only then may chunks go, so an index
+ * object never claims a chunk that is gone whatever point gc is killed at (a crash
+ * leaves unindexed chunks at worst, which costs an upload, or stale index objects
+ * beside chunks that are all still there). Returns the number of objects written.
+ */
+async function compactIndex(repo: Repository, stored: readonly string[], deleting: ReadonlySet<string>): Promise<number> {
+  const old = await repo.indexNames();
+  const staying: string[] = [];
+  for (const name of stored) {
+    const id = name.slice(name.lastIndexOf('/') + 1);
+    if (!deleting.has(name) && isChunkId(id) && chunkName(id) === name) staying.push(id);
+  }
+  const written = new Set(await repo.writeIndex(staying));
+  await mapLimit(old.filter((name) => !written.has(name)), 16, (name) => repo.storage.delete(name));
+  return written.size;
 }
 
 function referencedChunks(manifests: readonly Manifest[]): Set<string> {

@@ -4,7 +4,7 @@
  *
  * - Quarantine, `health/chunks/<chunk id>`: one per chunk a verify found missing or
  *   damaged. A backup never deduplicates against a quarantined chunk
- *   (Repository.usableChunkIds): the next backup that produces it uploads it again,
+ *   (Repository.chunkIndex): the next backup that produces it uploads it again,
  *   over the damaged object (storage puts replace), and then deletes the entry. That
  *   heals every backup referencing the chunk at once. A verify that reads a
  *   quarantined chunk intact deletes its entry too.
@@ -14,6 +14,10 @@
  *   and only then deletes them, so concurrent runs never lose a finding (each deletes
  *   only records it has merged). Readers merge a backup's records and keep only the
  *   chunks still quarantined, so a healed backup reads ok with no record rewritten.
+ *
+ * - Drill records, `health/backups/<backup id>/drill/<run id>`: what a restore drill
+ *   (vm/drill.ts) found when it booted the backup: `boot-verified` or `boot-failed`
+ *   with the reason. The newest counts; a drill deletes the older ones after writing.
  *
  * No object is shared and rewritten (no read-modify-write): two verifies, or a verify
  * and a backup, may run at once on different hosts. The worst a race leaves is a
@@ -61,12 +65,36 @@ const recordSchema = z.object({
 });
 export type VerificationRecord = z.infer<typeof recordSchema>;
 
+const drillSchema = z.object({
+  backup: hex64,
+  run: z.string(),
+  time: z.string(),
+  host: z.string(),
+  status: z.enum(['boot-verified', 'boot-failed']),
+  /** Why it failed (boot-failed only). */
+  reason: z.string().optional(),
+  /** How success was decided, e.g. `serial "login:"`, `guest-ping`, `tcp 22`. */
+  probe: z.string(),
+  seconds: z.number(),
+});
+export type DrillRecord = z.infer<typeof drillSchema>;
+
+/** The newest restore drill of a backup, as listings show it. */
+export type BootState = Omit<DrillRecord, 'backup' | 'run'>;
+
 /** A backup's verification state, as listings show it. */
 export interface VerificationState {
+  /** The newest verify or drill of this backup. */
   lastVerified: string;
-  /** What the last run read: none (existence only), all, or a subset such as 1/7. */
+  /** What the last verify read: none (existence only, or no verify but a drill), all, or a subset such as 1/7. */
   readData: string;
-  status: 'ok' | 'damaged';
+  /**
+   * damaged while a chunk it uses is quarantined; otherwise the newest drill's result
+   * when it was drilled (boot-verified, boot-failed), else ok.
+   */
+  status: 'ok' | 'damaged' | 'boot-verified' | 'boot-failed';
+  /** The newest restore drill, if any. */
+  boot?: BootState;
   /** Disks with at least one chunk still missing or damaged. */
   damagedDisks: string[];
   damagedChunks: number;
@@ -258,13 +286,60 @@ export function verificationState(records: readonly VerificationRecord[], quaran
 export async function verificationStates(
   repo: HealthRepo, backups?: ReadonlySet<string>, cache?: Map<string, VerificationRecord>,
 ): Promise<Map<string, VerificationState>> {
-  const [records, quarantined] = await Promise.all([readRecords(repo, backups, cache), quarantinedChunkIds(repo)]);
+  const [records, quarantined, drills] = await Promise.all([readRecords(repo, backups, cache), quarantinedChunkIds(repo), readDrills(repo, backups)]);
   const out = new Map<string, VerificationState>();
-  for (const [backup, list] of records) {
-    const s = verificationState(list.map((r) => r.record), quarantined);
-    if (s) out.set(backup, s);
+  for (const id of new Set([...records.keys(), ...drills.keys()])) {
+    const s = withDrill(verificationState((records.get(id) ?? []).map((r) => r.record), quarantined), drills.get(id)?.record);
+    if (s) out.set(id, s);
   }
   return out;
+}
+
+/** A verify's state with the newest drill merged in (see VerificationState.status). */
+export function withDrill(state: VerificationState | undefined, drill: DrillRecord | undefined): VerificationState | undefined {
+  if (!drill) return state;
+  const { backup: _b, run: _r, ...boot } = drill;
+  const base = state ?? { lastVerified: drill.time, readData: 'none', status: 'ok' as const, damagedDisks: [], damagedChunks: 0 };
+  return {
+    ...base, boot,
+    lastVerified: drill.time > base.lastVerified ? drill.time : base.lastVerified,
+    status: base.status === 'damaged' ? 'damaged' : drill.status,
+  };
+}
+
+// ---- drill records ----
+
+const drillPrefix = (backup: string) => `${BACKUPS}${backup}/drill/`;
+
+/** The newest drill record of each backup (of `backups`, when given), with its object name. */
+export async function readDrills(repo: HealthRepo, backups?: ReadonlySet<string>): Promise<Map<string, { name: string; record: DrillRecord }>> {
+  const names: string[] = [];
+  for await (const { name } of repo.storage.list(BACKUPS)) {
+    const [backup, kind, run, extra] = name.slice(BACKUPS.length).split('/');
+    if (backup && kind === 'drill' && run && extra === undefined && isChunkId(backup) && (!backups || backups.has(backup))) names.push(name);
+  }
+  const out = new Map<string, { name: string; record: DrillRecord }>();
+  await eachLimit(names, 16, async (name) => {
+    let record: DrillRecord | undefined;
+    try {
+      record = await opened(repo, name, drillSchema);
+    } catch (err) {
+      if (!(err instanceof IntegrityError)) throw err; // Advice, like verification records: an unreadable one is skipped.
+    }
+    if (!record || name !== `${drillPrefix(record.backup)}${record.run}`) return;
+    const have = out.get(record.backup);
+    if (!have || record.time > have.record.time) out.set(record.backup, { name, record });
+  });
+  return out;
+}
+
+/** Writes a drill's record, then deletes the backup's older drill records (a crash between leaves both; the newest counts). */
+export async function writeDrill(repo: HealthRepo, record: DrillRecord): Promise<void> {
+  const name = `${drillPrefix(record.backup)}${record.run}`;
+  const older: string[] = [];
+  for await (const o of repo.storage.list(drillPrefix(record.backup))) if (o.name !== name) older.push(o.name);
+  await repo.storage.put(name, sealed(repo, name, drillSchema.parse(record)));
+  await eachLimit(older, 4, (n) => repo.storage.delete(n));
 }
 
 /**

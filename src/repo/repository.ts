@@ -12,11 +12,14 @@ import {
   constantTimeEqualHex, deriveKeys, generateMaster, keyFileSchema, mac, openMaster, sealMaster,
   type KdfPreset, type KeyFile, type RepoKeys,
 } from '../crypto/keys.js';
+import { cachedMaster, storeMaster, type KeyCache } from '../crypto/key-cache.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId } from './chunk.js';
-import { backupName, manifestSchema, type Manifest } from './manifest.js';
+import { backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
+import { ChunkIndex, INDEX_FLUSH_ENTRIES, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
+import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 
@@ -49,20 +52,33 @@ export interface OpenOptions {
   noLock?: boolean;
   /** Where warnings go (damaged objects skipped, no lock taken…); default process.emitWarning. */
   onWarning?: (message: string) => void;
+  /** This host's cache of the chunk index (index-cache.ts); default from the environment, false for none. */
+  cacheDir?: string | false;
+  /**
+   * This host's cache of opened keys (src/crypto/key-cache.ts): skips Argon2id when
+   * this passphrase opened this exact key object here before. Only for passphrases
+   * stored on the host anyway (a file, the environment, the service's configuration).
+   */
+  keyCache?: KeyCache;
 }
 
-interface Session { noLock: boolean; warn: (message: string) => void }
+interface Session { noLock: boolean; warn: (message: string) => void; cacheDir: string | undefined }
 
 const defaultSession = (opts: OpenOptions = {}): Session => ({
   noLock: !!opts.noLock,
   warn: opts.onWarning ?? ((message) => process.emitWarning(message, { code: 'VMVAULT' })),
+  cacheDir: opts.cacheDir === false ? undefined : opts.cacheDir ?? defaultCacheDir(),
 });
 
 export interface InitOptions { chunkSize?: number; compression?: 'zstd' | 'none'; kdf?: KdfPreset; label?: string }
 
 export class Repository {
-  /** Quarantined chunks usableChunkIds reported: the next put of one of them heals it. */
+  /** Quarantined chunks chunkIndex() left out: the next put of one of them heals it. */
   private readonly toHeal = new Set<string>();
+  /** Chunks stored by this session and not yet in an index object (chunk-index.ts). */
+  private readonly unindexed: string[] = [];
+  private cache: IndexCache | undefined | null = null;
+  private summaries: SummaryCache | undefined | null = null;
 
   private constructor(
     readonly storage: Storage,
@@ -107,9 +123,12 @@ export class Repository {
     }
     const keyId = randomBytes(8).toString('hex');
     await storage.put(`keys/${keyId}`, encodeJson(await sealMaster(master, passphrase, body.id, opts.kdf ?? 'moderate', opts.label)));
+    const repo = new Repository(storage, config.data, keys, master, keyId);
+    // An empty chunk index: a repository with none was made by an older vmvault, and is indexed by listing it once.
+    await repo.writeIndex([]);
     // The config is written last: a repository exists once its config does.
     await storage.put('config', encodeJson(config.data));
-    return new Repository(storage, config.data, keys, master, keyId);
+    return repo;
   }
 
   static async readConfig(storage: Storage): Promise<RepoConfig> {
@@ -132,6 +151,21 @@ export class Repository {
     const store = session.noLock ? readOnly(storage, 'opened with --no-lock, which only reads') : storage;
     const config = await Repository.readConfig(store);
     const { files, damaged } = await Repository.readKeyFiles(store);
+    const opened = (master: Uint8Array, keyId: string): Repository => {
+      // Another key opened the repository: a damaged one costs only itself, but should be fixed.
+      for (const d of damaged) session.warn(`key file ${d.name} is damaged (${d.problem}) and was skipped; remove it with "vmvault key remove ${d.id}"`);
+      return Repository.withMaster(store, config, master, keyId, session);
+    };
+    const cache = opts.keyCache;
+    if (cache) {
+      for (const [keyId, file] of files) {
+        const master = await cachedMaster(cache, config.id, keyId, file, passphrase).catch((err: unknown) => {
+          session.warn(`the key cache in ${cache.dir} was not used: ${errorMessage(err)}`);
+          return undefined;
+        });
+        if (master) return opened(master, keyId);
+      }
+    }
     for (const [keyId, file] of files) {
       let master: Uint8Array | undefined;
       try {
@@ -142,9 +176,12 @@ export class Repository {
         continue;
       }
       if (!master) continue;
-      // Another key opened the repository: a damaged one costs only itself, but should be fixed.
-      for (const d of damaged) session.warn(`key file ${d.name} is damaged (${d.problem}) and was skipped; remove it with "vmvault key remove ${d.id}"`);
-      return Repository.withMaster(store, config, master, keyId, session);
+      const repo = opened(master, keyId);
+      if (cache) {
+        await storeMaster(cache, config.id, keyId, file, passphrase, master).catch((err: unknown) =>
+          session.warn(`could not write the key cache in ${cache.dir}: ${errorMessage(err)}`));
+      }
+      return repo;
     }
     const broken = damaged.length ? `; ${damaged.length} key file(s) are damaged and were skipped: ${damaged.map((d) => `${d.name} (${d.problem})`).join(', ')}` : '';
     throw new VmvaultError('WRONG_PASSWORD', `wrong passphrase: it opens none of the ${files.size} readable key(s) of the repository at ${storage.location}${broken}; nothing was changed`);
@@ -234,6 +271,7 @@ export class Repository {
 
   // ---- chunks ----
 
+  /** Every chunk in the chunk store, by listing it: for gc and verify, never for backups (see chunkIndex). */
   async chunkIds(): Promise<Set<string>> {
     const ids = new Set<string>();
     for await (const { name } of this.storage.list('chunks/')) {
@@ -244,31 +282,78 @@ export class Repository {
   }
 
   /**
-   * The chunks a backup may reference without uploading them: those stored, minus those
-   * a verify quarantined as missing or damaged (repo/health.ts). A backup that produces
-   * a quarantined chunk therefore uploads it, and putChunk heals it.
+   * The chunks a backup may reference without uploading them (chunk-index.ts): those the
+   * index claims, minus those a verify quarantined as missing or damaged (repo/health.ts).
+   * A backup that produces a quarantined chunk therefore uploads it, and putChunk heals it.
+   * The chunk store is never listed, except once in a repository that has no index yet.
    */
-  async usableChunkIds(): Promise<Set<string>> {
-    const [stored, quarantined] = await Promise.all([this.chunkIds(), quarantinedChunkIds(this)]);
-    for (const id of quarantined) {
-      stored.delete(id);
-      this.toHeal.add(id);
+  async chunkIndex(): Promise<ChunkIndex> {
+    const [loaded, quarantined] = await Promise.all([loadPrefixes(this, this.indexCache()), quarantinedChunkIds(this)]);
+    let { prefixes, load } = loaded;
+    for (const d of load.damaged) this.warn(`${d.problem}: its chunks will be uploaded again when met; "vmvault gc" rewrites the index`);
+    if (load.objects === 0) {
+      const ids = [...(await this.chunkIds())];
+      await this.writeIndex(ids);
+      ({ prefixes } = await loadPrefixes(this, this.indexCache()));
+      load = { ...load, built: true };
+      if (ids.length) this.warn(`the repository had no chunk index: its ${ids.length} chunk(s) were listed once and indexed`);
     }
-    return stored;
+    for (const id of quarantined) this.toHeal.add(id);
+    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, (id) => this.unindexed.push(id));
+  }
+
+  /**
+   * Writes index objects listing `ids` (at most INDEX_OBJECT_ENTRIES each); returns their
+   * names. Also keeps them in this host's cache.
+   */
+  async writeIndex(ids: readonly string[]): Promise<string[]> {
+    const names: string[] = [];
+    for (let at = 0; at === 0 || at < ids.length; at += INDEX_OBJECT_ENTRIES) {
+      const { name, data } = sealIndex(this, ids.slice(at, at + INDEX_OBJECT_ENTRIES));
+      await this.storage.put(name, data);
+      await this.indexCache()?.put(name, data);
+      names.push(name);
+    }
+    return names;
+  }
+
+  /** The index objects storage has now. */
+  indexNames(): Promise<string[]> {
+    return indexNames(this.storage);
+  }
+
+  /** Writes the chunks stored since the last flush as an index object (before a manifest commits, and on the way). */
+  async flushIndex(): Promise<void> {
+    if (this.unindexed.length === 0) return;
+    // Emptied in place: workers use the repository through Object.create wrappers (job-guard.ts).
+    const ids = this.unindexed.splice(0);
+    try {
+      await this.writeIndex(ids);
+    } catch (err) {
+      this.unindexed.push(...ids);
+      throw err;
+    }
+  }
+
+  private indexCache(): IndexCache | undefined {
+    if (this.cache === null) this.cache = this.session.cacheDir ? new IndexCache(this.session.cacheDir, this.id, (m) => this.warn(m)) : undefined;
+    return this.cache;
   }
 
   /**
    * Stores a sealed chunk. Storage puts replace (storage.ts), so a re-upload overwrites a
    * damaged object; then the chunk leaves quarantine, which heals every backup using it.
+   * The chunk goes into the index with the next flush (at the latest, before a manifest).
    */
   async putChunk(id: string, sealed: Uint8Array): Promise<void> {
     // Another host may have stored it since this backup learnt what exists: a HEAD costs less than the PUT.
-    if (!this.toHeal.has(id) && (await this.storage.stat(chunkName(id)))) return;
-    await this.storage.put(chunkName(id), sealed);
+    if (this.toHeal.has(id) || !(await this.storage.stat(chunkName(id)))) await this.storage.put(chunkName(id), sealed);
+    this.unindexed.push(id);
     if (this.toHeal.has(id)) {
       await release(this, [id]);
       this.toHeal.delete(id);
     }
+    if (this.unindexed.length >= INDEX_FLUSH_ENTRIES) await this.flushIndex();
   }
 
   async getChunkSealed(id: string): Promise<Uint8Array> {
@@ -282,9 +367,12 @@ export class Repository {
 
   // ---- manifests ----
 
+  /** Commits a backup: first the index entries of the chunks it stored, then its manifest. */
   async saveManifest(m: Manifest): Promise<void> {
+    await this.flushIndex();
     const plain = compress(Buffer.from(JSON.stringify(m)), { compressionLevel: 3 });
     await this.storage.put(backupName(m.id), seal(this.keys.encKey, 'manifest', plain, additionalData(this.id, 'manifest', m.id)));
+    await this.summaryCache()?.put(m.id, Buffer.from(JSON.stringify(summarise(m))));
   }
 
   async loadManifest(id: string): Promise<Manifest> {
@@ -346,6 +434,39 @@ export class Repository {
     return { manifests, damaged: damaged.sort((a, b) => a.id.localeCompare(b.id)) };
   }
 
+  /**
+   * Summaries of `vm`'s backups, oldest first. Each manifest of the repository is
+   * decrypted once per host, the first time it is seen, and its summary kept in the
+   * host's cache (index-cache.ts): a backup's cost does not grow with the other VMs'
+   * backups beyond one LIST of `backups/`. Damaged manifests are left out (they cost
+   * only their own backup), and read again next time.
+   */
+  async vmBackups(vm: string): Promise<BackupSummary[]> {
+    const ids = await this.backupIds();
+    const cache = this.summaryCache();
+    const out: BackupSummary[] = [];
+    await mapLimit(ids, 16, async (id) => {
+      let summary = parseSummary(await cache?.get(id), id);
+      if (!summary) {
+        try {
+          summary = summarise(await this.loadManifest(id));
+        } catch (err) {
+          if (err instanceof NotFoundError || err instanceof IntegrityError) return;
+          throw err;
+        }
+        await cache?.put(id, Buffer.from(JSON.stringify(summary)));
+      }
+      if (summary.vm === vm) out.push(summary);
+    });
+    await cache?.retain(ids);
+    return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+  }
+
+  private summaryCache(): SummaryCache | undefined {
+    if (this.summaries === null) this.summaries = this.session.cacheDir ? new SummaryCache(this.session.cacheDir, this.id, (m) => this.warn(m)) : undefined;
+    return this.summaries;
+  }
+
   /** Resolves a unique prefix of a backup id, as git does. */
   async resolveBackupId(prefix: string): Promise<string> {
     return resolvePrefix(prefix, await this.backupIds(), 'backup');
@@ -378,6 +499,17 @@ export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (it
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, run));
   return out;
+}
+
+/** A cached summary, if it is one and of this backup. */
+function parseSummary(raw: Buffer | undefined, id: string): BackupSummary | undefined {
+  if (!raw) return undefined;
+  try {
+    const s = JSON.parse(raw.toString('utf8')) as BackupSummary;
+    return s && s.id === id && typeof s.vm === 'string' && typeof s.time === 'string' && Array.isArray(s.disks) ? s : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function encodeJson(v: unknown): Uint8Array {

@@ -4,6 +4,10 @@
  * derived from policy, VM and slot (slots.ts), so replicas and restarts never
  * make a second backup for the same slot. It never does the work itself.
  *
+ * A policy with `drill:` gets a second task at the drill's cadence (DRILL_CRON) that
+ * enqueues one restore drill of each selected VM's newest backup on that VM's host
+ * queue, under a job id from policy, VM and slot as well.
+ *
  * A malformed policy file, an unknown VM or a bad cron expression is reported
  * (file:line:col) and skipped; the other policies keep running. Policies reload
  * when their files change. The maintenance schedule (verify, gc) is fixed at start
@@ -12,7 +16,7 @@
 import { watch, type FSWatcher } from 'node:fs';
 import cron, { type ScheduledTask } from 'node-cron';
 import { loadPolicies, formatProblem } from '../policy/load.js';
-import type { Policy } from '../policy/schema.js';
+import { DRILL_CRON, type Policy } from '../policy/schema.js';
 import { missedSlot, scheduledJobId } from './slots.js';
 import { scheduleMaintenance, type MaintenanceJobRequest, type MaintenanceSchedule } from './maintenance.js';
 
@@ -25,6 +29,8 @@ export interface SchedulerLog {
 }
 
 export interface BackupJobRequest { jobId: string; host: string; vm: string; policy: Policy; slot: Date }
+
+export interface DrillJobRequest { jobId: string; host: string; vm: string; policy: Policy; slot: Date }
 
 export interface SchedulerDeps {
   policiesDir: string;
@@ -44,11 +50,13 @@ export interface SchedulerDeps {
   /** When verify and gc run (config `maintenance:`); each run enqueues one maintenance job. */
   maintenance?: MaintenanceSchedule;
   enqueueMaintenance?(job: MaintenanceJobRequest): Promise<void>;
+  /** Enqueue a restore drill of a VM's newest backup (policies with `drill:`); without it drills are not scheduled. */
+  enqueueDrill?(job: DrillJobRequest): Promise<void>;
   log: SchedulerLog;
 }
 
 export class Scheduler {
-  private tasks = new Map<string, { task: ScheduledTask; file: string; policy: Policy }>();
+  private tasks = new Map<string, { task: ScheduledTask; file: string; policy: Policy; drill?: ScheduledTask }>();
   private maintenanceTasks: ScheduledTask[] = [];
   private watcher: FSWatcher | undefined;
   private reloadTimer: NodeJS.Timeout | undefined;
@@ -73,7 +81,7 @@ export class Scheduler {
   async stop(): Promise<void> {
     this.watcher?.close();
     clearTimeout(this.reloadTimer);
-    await Promise.all([...this.tasks.values()].map(({ task }) => task.destroy()));
+    await Promise.all([...this.tasks.values()].flatMap(({ task, drill }) => [task.destroy(), drill?.destroy()]));
     this.tasks.clear();
     await Promise.all(this.maintenanceTasks.map((t) => t.destroy()));
     this.maintenanceTasks = [];
@@ -93,6 +101,7 @@ export class Scheduler {
       const next = wanted.get(name);
       if (!next || JSON.stringify(next.policy) !== JSON.stringify(t.policy)) {
         await t.task.destroy();
+        await t.drill?.destroy();
         this.tasks.delete(name);
       }
     }
@@ -102,7 +111,12 @@ export class Scheduler {
         name: `policy-${name}`,
         ...(policy.timezone ? { timezone: policy.timezone } : {}),
       });
-      this.tasks.set(name, { task, file, policy });
+      const drill = policy.drill && this.deps.enqueueDrill
+        ? cron.schedule(DRILL_CRON[policy.drill.every], (ctx) => this.fireDrill(policy, ctx.date), {
+          name: `policy-${name}-drill`, ...(policy.timezone ? { timezone: policy.timezone } : {}),
+        })
+        : undefined;
+      this.tasks.set(name, { task, file, policy, ...(drill ? { drill } : {}) });
       this.deps.log.info({ policy: name, file, nextRun: task.getNextRun() }, 'policy scheduled');
       // Record the first sighting now, so a later start knows which slots were this policy's.
       await this.deps.firstSeen?.(name).catch((err: unknown) => this.deps.log.warn({ err, policy: name }, 'could not record when the policy was first seen'));
@@ -119,6 +133,20 @@ export class Scheduler {
         await this.fireOne(policy, vm, at);
       } catch (err) {
         this.deps.log.error({ err, policy: policy.name, vm: vm.name }, 'could not enqueue a scheduled backup');
+      }
+    }
+  }
+
+  /** Enqueues one drill per selected VM for `slot` (its newest backup, whichever that is when the job runs). Safe to call twice. */
+  async fireDrill(policy: Policy, slot: Date): Promise<void> {
+    const { vms } = this.deps.select(policy);
+    const at = new Date(Math.floor(slot.getTime() / 1000) * 1000);
+    for (const vm of vms) {
+      try {
+        const jobId = scheduledJobId(`${policy.name}+drill`, vm.name, at);
+        await this.deps.enqueueDrill?.({ jobId, host: vm.host, vm: vm.name, policy, slot: at });
+      } catch (err) {
+        this.deps.log.error({ err, policy: policy.name, vm: vm.name }, 'could not enqueue a scheduled drill');
       }
     }
   }

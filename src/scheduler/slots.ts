@@ -35,3 +35,25 @@ export function missedSlot(schedule: string, now: Date, lastBackup: Date | undef
   if (!lastBackup) return slot;
   return slot.getTime() - lastBackup.getTime() > periodMs ? slot : undefined;
 }
+
+/** The first slot after `now`, or null when the expression has none. */
+export function nextSlot(schedule: string, now: Date, timeZone?: string): Date | null {
+  try {
+    return parse(schedule, now, timeZone).next().toDate();
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Whether a VM is overdue under a schedule: its last slot came more than one period
+ * after its newest backup (a whole slot missed, not one still running). Counted from
+ * when the policy was first seen when that is later (a VM never backed up, or backed
+ * up before the policy existed, is not overdue before the policy's first period has
+ * passed); with neither a backup nor a first sighting (no scheduler has run it), never.
+ */
+export function isOverdue(schedule: string, now: Date, lastSuccess: Date | undefined, timeZone?: string, since?: Date): boolean {
+  const times = [lastSuccess, since].filter((d): d is Date => d !== undefined).map((d) => d.getTime());
+  if (times.length === 0) return false;
+  return missedSlot(schedule, now, new Date(Math.max(...times)), timeZone) !== undefined;
+}

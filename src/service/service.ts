@@ -12,23 +12,27 @@
  *   VMVAULT_VM_LOCK_TTL_MS     per-VM lock lifetime without refresh (default 60000)
  *   VMVAULT_CLOSE_TIMEOUT_MS   how long a stopping worker lets its running job finish (default 60000)
  *   VMVAULT_SNAPSHOT_SWEEP_MS  how often a worker deletes its host's expired snapshots (default 300000)
+ *   VMVAULT_HEARTBEAT_MS       how often a worker refreshes its heartbeat in Redis (default 10000; gone after 3 missed)
  * and VMVAULT_API_LISTEN (host:port) overrides api.listen.
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { chmod, mkdir, readdir, stat, writeFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import type { Queue } from 'bullmq';
 import { pino, type Logger } from 'pino';
 import { passphrase as readPassphrase } from '../config/passphrase.js';
 import { parseConfig, selectVms } from '../config/load.js';
+import { VmInventory } from '../config/inventory.js';
 import type { Config } from '../config/schema.js';
+import { NAME_RE } from '../policy/schema.js';
 import { errnoCode, errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createConnection } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
-import { enqueueBackup, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { enqueueBackup, enqueueDrill, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
 import { policyFirstSeen } from '../queue/first-seen.js';
-import { backupPayloadFor } from '../queue/payloads.js';
+import { backupPayloadFor, drillPayloadFor } from '../queue/payloads.js';
 import { Catalogue } from '../repo/catalogue.js';
 import { Repository } from '../repo/repository.js';
 import { Scheduler } from '../scheduler/scheduler.js';
@@ -36,6 +40,8 @@ import { openStorage } from '../storage/open.js';
 import { startApiServer, type ApiServer } from '../api/server.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
+import { ensureAdminToken, withStateToken } from './admin-token.js';
+import { joinCommand, joinRedisUrl, parseRedisListen, stateRedisPassword } from './join.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
 
 export interface Service { stop(): Promise<void> }
@@ -125,7 +131,6 @@ export async function runScheduler(
     return q;
   };
   const maintenance = maintenanceQueue(connection);
-  const byName = new Map(config.vms.map((vm) => [vm.name, vm]));
   // Catch-up asks for every (policy, VM): the backup summaries are read once per minute, not once per question.
   const catalogue = new Catalogue(repo, 60_000);
   const scheduler = new Scheduler({
@@ -136,7 +141,8 @@ export async function runScheduler(
       return { vms: vms.map((vm) => ({ name: vm.name, host: vm.host })), unknown };
     },
     enqueueBackup: async ({ jobId, host, vm, policy, slot }) => {
-      const v = byName.get(vm);
+      // config.vms is live (the state directory's VM file adds to it).
+      const v = config.vms.find((x) => x.name === vm);
       if (!v) throw new VmvaultError('NOT_FOUND', `VM "${vm}" is not in the inventory`);
       const job = await enqueueBackup(queueOf(host), backupPayloadFor(v, {
         labels: policy.labels ?? [], policy: policy.name, slot: slot.toISOString(), ...(policy.fullReadEvery ? { fullReadEvery: policy.fullReadEvery } : {}),
@@ -152,6 +158,10 @@ export async function runScheduler(
     maintenance: config.maintenance,
     enqueueMaintenance: async ({ jobId, payload }) => {
       await enqueueMaintenance(maintenance, payload, { jobId });
+    },
+    enqueueDrill: async ({ jobId, host, vm, policy, slot }) => {
+      const job = await enqueueDrill(queueOf(host), drillPayloadFor(vm, policy, slot), { jobId });
+      log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'drill enqueued');
     },
   });
   try {
@@ -183,18 +193,37 @@ function startApi(config: Config, opts: ServiceOptions, where: Omit<Parameters<t
 /** `vmvault serve`: the scheduler and the HTTP API. */
 export async function runServe(
   config: Config,
-  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string } } = {},
+  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string }; say?: (line: string) => void } = {},
 ): Promise<Service> {
   const log = opts.logger ?? serviceLogger('vmvault');
   const redisUrl = opts.redisUrl ?? redisFrom(config);
   const repository = opts.repository ?? await repositoryFrom(config);
-  const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository });
-  const api = await startApi(config, opts, { redisUrl, repository, logger: log }).catch(async (err: unknown) => {
-    await scheduler.stop();
+  await preparePoliciesDir(config, log);
+  // As up does: with no admin token configured, the first start makes one (printed once, kept hashed in stateDir).
+  const say = opts.say ?? ((line: string) => process.stdout.write(`${line}\n`));
+  const adminHash = await ensureAdminToken(config, config.stateDir, say);
+  const inventory = await startInventory(config, log);
+  const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository }).catch((err: unknown) => {
+    inventory.stop();
     throw err;
   });
+  const apiConfig = withStateToken(config, adminHash);
+  const api = await startApi(apiConfig, opts, { redisUrl, repository, logger: log, inventory }).catch(async (err: unknown) => {
+    await scheduler.stop();
+    inventory.stop();
+    throw err;
+  });
+  say(`vmvault: serve: API on ${api.url} (routes under /v1; dashboard: ${api.url}/); add VMs with POST /v1/vms or in ${inventory.file}`);
   let stopping: Promise<void> | undefined;
-  return { stop: () => (stopping ??= (async () => { await api.stop(); await scheduler.stop(); })()) };
+  return { stop: () => (stopping ??= (async () => { await api.stop(); await scheduler.stop(); inventory.stop(); })()) };
+}
+
+/** The state directory's VM file, loaded into config.vms and watched (an invalid file stops the start, naming its problems). */
+async function startInventory(config: Config, log: Logger): Promise<VmInventory> {
+  const inventory = new VmInventory(config, log.child({ component: 'inventory' }));
+  await inventory.start();
+  if (inventory.fromFile().length) log.info({ file: inventory.file, vms: inventory.fromFile().map((v) => v.name) }, 'VMs of the VM file');
+  return inventory;
 }
 
 /** The host agent of `host` (default: config.host). */
@@ -211,12 +240,18 @@ export async function runWorker(
   const vmLockTtlMs = envMs(env, 'VMVAULT_VM_LOCK_TTL_MS');
   const closeTimeoutMs = envMs(env, 'VMVAULT_CLOSE_TIMEOUT_MS');
   const stalledMs = envMs(env, 'VMVAULT_STALLED_INTERVAL_MS');
+  const heartbeatMs = envMs(env, 'VMVAULT_HEARTBEAT_MS');
   const restoreRoots = config.hosts[host]?.restoreRoots;
+  // Restore roots inside the state directory are vmvault's own: made when missing (an empty container volume).
+  for (const root of restoreRoots ?? []) {
+    if (root.startsWith(`${config.stateDir}/`)) await mkdir(root, { recursive: true, mode: 0o700 });
+  }
   const worker: HostWorker = await startHostWorker({
     host, redisUrl, repoUrl: where.url, passphrase: where.passphrase, logger: log,
     ...(jobLockMs ? { jobLockMs } : {}), ...(vmLockTtlMs ? { vmLockTtlMs } : {}), ...(closeTimeoutMs ? { closeTimeoutMs } : {}),
     ...(restoreRoots && restoreRoots.length ? { restoreRoots } : {}), ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
-    stateDir: config.stateDir,
+    ...(heartbeatMs ? { heartbeatMs } : {}), stateDir: config.stateDir,
+    ...(config.hosts[host]?.exportAddress ? { exportAddress: config.hosts[host].exportAddress } : {}),
   });
   // Every host agent also serves the shared maintenance queue (prune, gc, verify).
   const maintenance = await startMaintenanceWorker({
@@ -243,6 +278,8 @@ export interface UpOptions extends ServiceOptions {
   stateDir?: string;
   /** Told to the operator (stdout). */
   say?: (line: string) => void;
+  /** `--redis-listen HOST:PORT`: the embedded Redis also listens there, with a password, for workers on other hosts. */
+  redisListen?: string;
 }
 
 export interface UpService extends Service {
@@ -259,7 +296,10 @@ export interface UpService extends Service {
  * directory's own Redis and repository.
  */
 export function defaultConfig(stateDir: string): Config {
-  const text = `stateDir: ${JSON.stringify(stateDir)}\npoliciesDir: ${JSON.stringify(join(stateDir, 'policies'))}\nvms: []\n`;
+  // Restores through the API (and the dashboard) land in STATE_DIR/restores.
+  const host = hostname();
+  const restores = NAME_RE.test(host) ? `hosts: { ${JSON.stringify(host)}: { restoreRoots: [${JSON.stringify(join(stateDir, 'restores'))}] } }\n` : '';
+  const text = `stateDir: ${JSON.stringify(stateDir)}\npoliciesDir: ${JSON.stringify(join(stateDir, 'policies'))}\nvms: []\n${restores}`;
   return parseConfig(text, join(stateDir, '(built-in configuration)'));
 }
 
@@ -292,6 +332,8 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
   const config: Config = { ...configIn, stateDir };
   await mkdir(stateDir, { recursive: true, mode: 0o700 });
   await mkdir(config.policiesDir, { recursive: true });
+  const tcp = opts.redisListen === undefined ? undefined : parseRedisListen(opts.redisListen);
+  if (tcp && config.redis.url) throw new VmvaultError('BAD_INPUT', '--redis-listen is for up\'s own Redis, but the configuration names redis.url: give workers on other hosts that Redis instead');
   const cleanups: Array<() => Promise<void>> = [];
   const unwind = async () => {
     for (const c of cleanups.reverse()) await c().catch((err: unknown) => log.warn({ err: errorMessage(err) }, 'cleanup failed'));
@@ -299,8 +341,12 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
   try {
     let redis: EmbeddedRedis | undefined;
     let redisUrl = config.redis.url;
+    let redisPassword: string | undefined;
     if (!redisUrl) {
-      redis = await startEmbeddedRedis({ dir: join(stateDir, 'redis'), socketPath: join(stateDir, 'redis.sock') });
+      redisPassword = tcp ? (await stateRedisPassword(stateDir)).password : undefined;
+      redis = await startEmbeddedRedis({
+        dir: join(stateDir, 'redis'), socketPath: join(stateDir, 'redis.sock'), ...(tcp ? { tcp: { ...tcp, password: redisPassword! } } : {}),
+      });
       cleanups.push(() => redis!.stop());
       redisUrl = redis.url;
       log.info({ socket: redis.socketPath, pid: redis.pid }, 'started redis-server');
@@ -310,13 +356,25 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
       try { await checkNoEviction(c); } finally { await closeRedis(c); }
     }
     const repository = config.repository ? await repositoryFrom(config) : await stateRepository(stateDir, say);
+    const adminHash = await ensureAdminToken(config, stateDir, say);
+    const inventory = await startInventory(config, log);
+    cleanups.push(async () => inventory.stop());
     const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository });
     cleanups.push(() => scheduler.stop());
     const worker = await runWorker(config, { ...opts, logger: log, redisUrl, repository, host: config.host });
     cleanups.push(() => worker.stop());
-    const api = await startApi(config, opts, { redisUrl, repository, logger: log });
+    const api = await startApi(withStateToken(config, adminHash), opts, { redisUrl, repository, logger: log, inventory });
     cleanups.push(() => api.stop());
-    say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}, API on ${api.url}`);
+    say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}`);
+    say(`vmvault: API on ${api.url} (routes under /v1; dashboard: ${api.url}/); add VMs with POST /v1/vms or in ${inventory.file}`);
+    if (tcp && redisPassword) {
+      const passphraseFile = !config.repository ? join(stateDir, 'passphrase') : 'passwordFile' in config.repository ? config.repository.passwordFile : undefined;
+      say(`vmvault: Redis also listens on ${opts.redisListen} (password in ${join(stateDir, 'redis.password')}); a worker on another host joins with:`);
+      say(`  ${joinCommand({ redisUrl: joinRedisUrl(tcp), password: redisPassword, repoUrl: repository.url, passphraseFile: passphraseFile ?? '/path/to/passphrase' })}`);
+      if (!/^[a-z0-9]+:\/\//.test(repository.url) || repository.url.startsWith('file://')) {
+        say(`vmvault: (the repository ${repository.url} is a directory of this host: that host needs it at the same path, e.g. an NFS mount, and a copy of the passphrase file)`);
+      }
+    }
     let stopping: Promise<void> | undefined;
     return {
       stateDir, redisUrl, repositoryUrl: repository.url, ...(redis ? { redis } : {}),
@@ -324,6 +382,7 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
       stop: () => (stopping ??= (async () => {
         await api.stop();
         await scheduler.stop();
+        inventory.stop();
         await worker.stop();
         if (redis) await redis.stop();
       })()),

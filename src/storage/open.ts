@@ -9,7 +9,7 @@ import { VmvaultError } from '../errors.js';
 import { LocalStorage } from './local.js';
 import { prefixProblem } from './names.js';
 import { type RetryOptions, withRetry } from './retry.js';
-import { S3Storage } from './s3.js';
+import { lazyStorage } from './lazy.js';
 import { withAdaptiveConcurrency } from './throttle.js';
 import type { Storage } from './storage.js';
 
@@ -140,9 +140,16 @@ export function maskCredentials(text: string): string {
 
 const BACKENDS: { [K in RepositoryLocation['kind']]: (loc: Extract<RepositoryLocation, { kind: K }>) => Storage } = {
   local: (loc) => new LocalStorage(path.resolve(loc.path)),
-  // S3 answers SlowDown/503 under load: the number of requests in flight adapts (throttle.ts).
-  s3: (loc) => withAdaptiveConcurrency(new S3Storage(loc)),
+  // The S3 SDK is loaded only when an S3 repository is used (see lazy.ts); S3 answers
+  // SlowDown/503 under load, and the number of requests in flight adapts (throttle.ts).
+  s3: (loc) => lazyStorage(s3Location(loc), async () => withAdaptiveConcurrency(new (await import('./s3.js')).S3Storage(loc))),
 };
+
+/** What S3Storage prints as its location, known before the SDK is loaded. */
+function s3Location(loc: Extract<RepositoryLocation, { kind: 's3' }>): string {
+  const prefix = loc.prefix.replace(/^\/+|\/+$/g, '');
+  return `s3://${loc.bucket}${prefix ? `/${prefix}` : ''}` + (loc.endpoint ? ` at ${loc.endpoint}` : '');
+}
 
 /**
  * Opens the storage a repository URL designates, wrapped with withRetry (and, for S3,

@@ -20,6 +20,7 @@
  */
 import fs from 'node:fs/promises';
 import { exportImage, type NbdExport } from '../disk/qemu.js';
+import { NbdClient } from '../disk/nbd.js';
 import type { ChangedBlocks, FileStamp, FrozenDisk, NamedDisk } from '../pipeline/backup.js';
 
 export const BITMAP_PREFIX = 'vmvault-';
@@ -119,18 +120,17 @@ export async function statStamp(path: string): Promise<FileStamp> {
 }
 
 /**
- * The dirty ranges of bitmap `since` in the image itself (not the snapshot: the
- * bitmap lives in the active image), through a second read-only qemu-nbd export
- * opened on first use. Its writes after the instant only make the answer larger.
+ * The dirty ranges of bitmap `since`, and the data of `snapshot`, from one read-only
+ * qemu-nbd (`-l SNAPSHOT -B BITMAP`, two clients), started on first use. The bitmap is
+ * the image's own (it lives in the active image, not in the snapshot): its writes
+ * after the instant only make the answer larger.
  */
-export function bitmapChanges(d: NamedDisk, since: string, exports: NbdExport[]): ChangedBlocks {
+export function bitmapExport(d: NamedDisk, since: string, snapshot: string, exports: NbdExport[]): { changes: ChangedBlocks; connect: () => Promise<NbdClient> } {
   let opened: Promise<NbdExport> | undefined;
+  const open = () => (opened ??= exportImage(d.path, { format: 'qcow2', readOnly: true, snapshot, bitmap: since, shared: 2 }).then((e) => (exports.push(e), e)));
   return {
-    previous: d.previous!.entry.chunks,
-    dirty: async (offset, length) => {
-      opened ??= exportImage(d.path, { format: 'qcow2', readOnly: true, bitmap: since }).then((e) => (exports.push(e), e));
-      return (await opened).client.dirtyExtents(offset, length);
-    },
+    changes: { previous: d.previous!.entry.chunks, dirty: async (offset, length) => (await open()).client.dirtyExtents(offset, length) },
+    connect: async () => NbdClient.connect((await open()).socketPath),
   };
 }
 
@@ -145,9 +145,4 @@ export function tracked(d: NamedDisk, decision: Decision, changes: ChangedBlocks
     ...d, ...extra, mode: changes ? decision.mode : 'full', reason: decision.reason,
     ...(changes ? { changes } : {}), ...(changes && decision.audit ? { audit: true } : {}),
   };
-}
-
-/** A running libvirt domain's disk: read in full (libvirt owns its monitor; its bitmaps are not built yet). */
-export function readInFull(d: NamedDisk): FrozenDisk {
-  return { ...d, mode: 'full', reason: 'running libvirt domains are read in full: their change tracking is not built yet' };
 }

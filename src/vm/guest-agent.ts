@@ -84,6 +84,11 @@ export class GuestAgent {
   }
 
   /** Thaws them; returns how many were thawed. */
+  /** guest-ping: the agent is up and answering (a restore drill's probe). */
+  async ping(timeoutMs = 5000): Promise<void> {
+    await this.call('guest-ping', undefined, timeoutMs);
+  }
+
   async thaw(timeoutMs = 10_000): Promise<number> {
     return await this.call<number>('guest-fsfreeze-thaw', undefined, timeoutMs);
   }

@@ -11,7 +11,7 @@ import { errorMessage } from '../errors.js';
 import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { BITMAP_PREFIX, bitmapChanges, bitmapName, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
+import { BITMAP_PREFIX, bitmapExport, bitmapName, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
@@ -36,7 +36,7 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
   let recovered = 0;
   const release = async (committed: boolean) => {
     for (const e of exports.splice(0)) await e.close();
-    for (const { disk } of taken) if (disk.snapshot) await snapshotDelete(disk.path, disk.snapshot);
+    for (const { disk } of taken) if (disk.snapshot) await snapshotDelete(disk.path, disk.snapshot, { known: true });
     // Tracking moves to the new bitmap only once its backup is saved; a bitmap that cannot
     // be removed now (a VM started meanwhile) is removed as stale by the next backup.
     for (const t of taken) {
@@ -72,14 +72,14 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
   const newBitmap = bitmapName(opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {
-    await snapshotCreate(d.path, snapshot);
+    await snapshotCreate(d.path, snapshot, d.snapshots);
   } catch (err) {
     await bitmapChange(d.path, '--remove', newBitmap).catch(() => {});
     throw err;
   }
-  const changes = decision.since ? bitmapChanges(d, decision.since, exports) : undefined;
+  const served = decision.since ? bitmapExport(d, decision.since, snapshot, exports) : undefined;
   return {
-    disk: tracked(d, decision, changes, { snapshot, bitmap: newBitmap }),
+    disk: tracked(d, decision, served?.changes, { snapshot, bitmap: newBitmap, ...(served ? { connect: served.connect } : {}) }),
     newBitmap, ...(d.previous?.entry.bitmap ? { oldBitmap: d.previous.entry.bitmap } : {}),
   };
 }
@@ -92,7 +92,7 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
 async function removeLeftovers(d: NamedDisk): Promise<number> {
   let n = 0;
   for (const s of d.snapshots.filter((x) => x.name.startsWith(SNAPSHOT_PREFIX))) {
-    await snapshotDelete(d.path, s.name);
+    await snapshotDelete(d.path, s.name, { known: true });
     n++;
   }
   const keep = d.previous?.entry.bitmap;

@@ -3,32 +3,30 @@
  * with the backup as `<vm>.xml`, its disks come from `virsh domblklist --details`
  * (unless the inventory lists them), and the point in time depends on its state:
  *
- * - shut off: the offline image driver (internal qcow2 snapshot or the file itself);
- * - running or paused: the same overlay scheme as the qemu driver (src/vm/live.ts),
- *   but asked of libvirt: `snapshot-create-as --disk-only --atomic --no-metadata`
- *   (one transaction for all disks; `--quiesce` when the guest agent answers) and
- *   `blockcommit --active --pivot --wait`. libvirt owns the VM's QMP monitor and
- *   keeps its own picture of each disk's backing chain: block jobs sent as raw QMP
- *   behind its back (qemu-monitor-command) would leave that picture wrong, so they
- *   go through virsh.
+ * - shut off: the offline image driver (internal qcow2 snapshot or the file itself,
+ *   with its qemu-img dirty bitmaps);
+ * - running or paused: libvirt's own pull-mode backup with a checkpoint
+ *   (src/vm/libvirt-backup.ts): libvirt owns the VM's monitor and its picture of each
+ *   disk, so everything goes through virsh, never raw QMP behind its back.
  *
- * Leftovers of a killed run are recognised as in the qemu driver: a disk whose active
- * source is a `<image>.vmvault-overlay-<id>.qcow2` is committed back first.
+ * Older versions froze running domains with external overlays: a disk whose active
+ * source is still a `<image>.vmvault-overlay-<id>.qcow2` (a killed run's) is
+ * committed back first (`blockcommit --active --pivot`).
  */
-import { execa } from 'execa';
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
+import { virsh } from './virsh.js';
+export { virshAvailable } from './virsh.js';
 import { inspectDisks, type BackupDisk } from '../pipeline/backup.js';
 import { diskNameFromPath } from '../pipeline/names.js';
 import type { Repository } from '../repo/repository.js';
 import type { Warn } from './guest-agent.js';
 import { freezeImages } from './image-driver.js';
-import { readInFull } from './change-tracking.js';
+import { openRunningDomain } from './libvirt-backup.js';
 import { auditPolicy, combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
-import { isOverlayFile, OVERLAY_MARK, overlayPath } from './qemu-blocks.js';
-import { runId } from './overlays.js';
+import { isOverlayFile, OVERLAY_MARK } from './qemu-blocks.js';
 import { libvirtDisks } from '../pipeline/libvirt-xml.js';
 import { isImageFormat } from '../disk/image-format.js';
 
@@ -48,26 +46,6 @@ export function parseDomblklist(out: string): DomblkEntry[] {
 /** The image disks of a domain: file or block sources of disk devices (not cdroms, floppies or empty drives). */
 export function imageDisks(entries: DomblkEntry[]): DomblkEntry[] {
   return entries.filter((e) => e.device === 'disk' && (e.type === 'file' || e.type === 'block') && e.source !== '-');
-}
-
-let available: Promise<boolean> | undefined;
-/** True when `virsh` can be run here. */
-export function virshAvailable(): Promise<boolean> {
-  available ??= execa('virsh', ['--version'], { reject: false, stdin: 'ignore' }).then((r) => r.exitCode === 0, () => false);
-  return available;
-}
-
-async function virsh(args: string[], domain: string): Promise<string> {
-  const r = await execa('virsh', args, { reject: false, stdin: 'ignore', encoding: 'utf8' });
-  if (r.exitCode === undefined) {
-    throw new VmvaultError('UNSUPPORTED', `the libvirt driver needs virsh, which ${(r.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT' ? 'is not installed (install libvirt-clients)' : `could not be run: ${r.shortMessage}`}`);
-  }
-  if (r.exitCode !== 0) {
-    const said = r.stderr.trim().replace(/\s+/g, ' ');
-    if (/failed to get domain|Domain not found/i.test(said)) throw new NotFoundError(`libvirt has no domain "${domain}" (virsh: ${said}): check the VM's name in the inventory`);
-    throw new VmvaultError('QEMU', `virsh ${args[0]} on domain "${domain}" failed: ${said || `exit ${r.exitCode}`}`);
-  }
-  return r.stdout;
 }
 
 /** Freezes a libvirt domain's disks and captures its XML; see the file comment for how. */
@@ -92,7 +70,7 @@ export async function openLibvirt(repo: Repository, target: PointInTimeTarget, b
       return format !== undefined && isImageFormat(format) ? { ...d, format } : d;
     });
     const pit = running
-      ? await freezeRunningDomain(repo, target.vm, disks, domain, entries, target.overlayDir, warn)
+      ? await freezeRunningDomain(repo, target, backupId, disks, domain, entries, warn)
       : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks), { ...auditPolicy(target), backupId, fullRead: target.fullRead ?? false, warn })), details: { running: false, guestFrozen: false } };
     let closing: Promise<void> | undefined;
     return {
@@ -111,51 +89,28 @@ function baseOf(source: string): string {
   return isOverlayFile(source) && i > 0 ? source.slice(0, i) : source;
 }
 
-async function freezeRunningDomain(
-  repo: Repository, vm: string, disks: BackupDisk[], domain: string, entries: DomblkEntry[], overlayDir: string | undefined, warn: Warn,
-): Promise<PointInTime> {
-  const targets = disks.map((d) => {
+/**
+ * A running domain: overlays a killed run of an older vmvault left are merged back
+ * first, then libvirt's pull-mode backup with a checkpoint (src/vm/libvirt-backup.ts).
+ */
+async function freezeRunningDomain(repo: Repository, target: PointInTimeTarget, backupId: string, disks: BackupDisk[], domain: string, entries: DomblkEntry[], warn: Warn): Promise<PointInTime> {
+  const attached = disks.map((d) => {
     const e = entries.find((x) => x.source === d.path || baseOf(x.source) === d.path);
     if (!e) throw new NotFoundError(`disk ${d.path} is not attached to libvirt domain "${domain}" (attached: ${entries.map((x) => `${x.target}: ${x.source}`).join(', ')}): fix the VM's disks in the inventory`);
-    return { path: d.path, target: e.target, leftover: isOverlayFile(e.source) ? e.source : undefined };
+    if (d.format === undefined) throw new VmvaultError('BAD_INPUT', `disk ${d.path} of libvirt domain "${domain}" has no <driver type> in the domain and none in the inventory: state its format`);
+    return { ...d, format: d.format, target: e.target, leftover: isOverlayFile(e.source) ? e.source : undefined };
   });
-  for (const t of targets.filter((x) => x.leftover)) {
+  let recovered = 0;
+  for (const t of attached.filter((x) => x.leftover)) {
     warn(`recovering from an earlier run that stopped before merging overlay ${t.leftover} into ${t.path}`, { domain, target: t.target });
     await commit(domain, t.target, t.leftover!);
+    recovered++;
   }
-  const id = runId();
-  const overlays = targets.map((t) => ({ ...t, file: overlayPath(t.path, id, overlayDir) }));
-  const specs = entries.filter((e) => e.device === 'disk').flatMap((e) => {
-    const o = overlays.find((x) => x.target === e.target);
-    return ['--diskspec', o ? `${e.target},snapshot=external,file=${o.file}` : `${e.target},snapshot=no`];
+  const pit = await openRunningDomain(repo, {
+    vm: target.vm, domain, disks: attached.map(({ leftover: _, ...d }) => d), backupId, fullRead: target.fullRead ?? false,
+    audit: auditPolicy(target), scratchDir: target.overlayDir, warn,
   });
-  const create = (quiesce: boolean) => virsh(['snapshot-create-as', domain, '--name', `vmvault-${id}`, '--disk-only', '--atomic', '--no-metadata', ...(quiesce ? ['--quiesce'] : []), ...specs], domain);
-  let guestFrozen = true;
-  try {
-    await create(true);
-  } catch (err) {
-    guestFrozen = false;
-    warn(`guest filesystems could not be frozen through libvirt: backing up crash-consistent (${errorMessage(err)})`, { domain });
-    await create(false);
-  }
-  const close = async () => {
-    const errors: unknown[] = [];
-    for (const o of overlays) await commit(domain, o.target, o.file).catch((err: unknown) => errors.push(err));
-    if (errors.length > 0) throw errors[0];
-  };
-  try {
-    return {
-      disks: (await inspectDisks(repo, vm, disks)).map(readInFull), consistency: guestFrozen ? 'application' : 'crash', configFiles: [],
-      details: { running: true, guestFrozen, recovered: targets.filter((x) => x.leftover).length }, close,
-    };
-  } catch (err) {
-    try {
-      await close();
-    } catch (closeErr) {
-      throw combineFailures(err, closeErr);
-    }
-    throw err;
-  }
+  return { ...pit, details: { ...pit.details, recovered } };
 }
 
 /** Active commit of `overlay` into its base, pivot, then delete the overlay. */

@@ -12,6 +12,7 @@ import { createApi, type Api } from '../../src/api/app.js';
 import { parseConfig } from '../../src/config/load.js';
 import { backupVm } from '../../src/vm/drivers.js';
 import { verify } from '../../src/pipeline/verify.js';
+import { readDrills, withDrill, writeDrill } from '../../src/repo/health.js';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
 import { chunkName } from '../../src/repo/chunk.js';
 import { Repository } from '../../src/repo/repository.js';
@@ -103,4 +104,26 @@ test('backups, one backup and a VM\'s last backup carry the verification state, 
   });
   const doc = await get('/v1/openapi.json');
   assert.ok(doc.components.schemas.Verification, 'the state is in the OpenAPI document');
+});
+
+test('a restore drill\'s result is the verification state in the API: boot-verified with its date, then boot-failed with the reason; a damaged backup stays damaged', async () => {
+  const b = (await backupVm(repo, { vm: 'web', driver: 'image', disks: [{ path: image, name: 'root' }] })).manifest;
+  const drill = { backup: b.id, host: 'hv1', probe: 'serial "login:"', seconds: 3.2 };
+  await writeDrill(repo, { ...drill, run: 'r1', time: '2026-11-30T10:00:00.000Z', status: 'boot-verified' });
+  await eventually(async () => {
+    const v = (await get(`/v1/backups/${b.id}`)).verification;
+    assert.deepEqual(v, {
+      status: 'boot-verified', lastVerified: '2026-11-30T10:00:00.000Z', readData: 'none', damagedDisks: [], damagedChunks: 0,
+      boot: { status: 'boot-verified', time: '2026-11-30T10:00:00.000Z', host: 'hv1', probe: 'serial "login:"', seconds: 3.2 },
+    });
+  });
+  await writeDrill(repo, { ...drill, run: 'r2', time: '2026-11-30T11:00:00.000Z', status: 'boot-failed', reason: '"login:" did not appear on the serial console within 300 s' });
+  await eventually(async () => {
+    const v = (await get('/v1/backups')).items.find((x: any) => x.id === b.id).verification;
+    assert.equal(v.status, 'boot-failed');
+    assert.equal(v.boot.reason, '"login:" did not appear on the serial console within 300 s');
+  });
+  assert.deepEqual([...(await readDrills(repo, new Set([b.id]))).values()].map((d) => d.record.run), ['r2'], 'the older drill record was replaced');
+  assert.deepEqual(withDrill({ lastVerified: '2026-12-01T00:00:00.000Z', readData: 'all', status: 'damaged', damagedDisks: ['root'], damagedChunks: 1 },
+    { ...drill, run: 'r3', time: '2026-11-30T12:00:00.000Z', status: 'boot-verified' })?.status, 'damaged');
 });

@@ -181,7 +181,7 @@ for (const b of all) {
       const names = [...(await objects(repo)).keys()];
       assert.ok(names.length > 3);
       for (const n of names) {
-        assert.match(n, /^(config|keys\/[0-9a-f]+|chunks\/[0-9a-f]{2}\/[0-9a-f]{64}|backups\/[0-9a-f]{64})$/);
+        assert.match(n, /^(config|keys\/[0-9a-f]+|chunks\/[0-9a-f]{2}\/[0-9a-f]{64}|backups\/[0-9a-f]{64}|index\/[0-9a-f]{64})$/);
         for (const secret of ['zebra', 'okapi', 'lemur', 'pre-update', b.name]) assert.ok(!n.includes(secret), `${n} contains ${secret}`);
       }
     });

@@ -23,10 +23,18 @@ export interface ServiceOptions {
   vms: string[];
   /** A worker is started for each (default: hosta). */
   workers?: string[];
+  /** Policy files to write before the service starts, by file name. */
+  policies?: Record<string, string>;
+  /** More top-level configuration lines (YAML). */
+  extraConfig?: string[];
+  /** More environment for every process (e.g. VMVAULT_HEARTBEAT_MS). */
+  env?: Record<string, string>;
 }
 
 export interface TestService {
   api: string;
+  /** The worker processes, by host (to kill one). */
+  workers: Map<string, Proc>;
   repoUrl: string;
   configFile: string;
   /** Every process's output so far, for diagnostics. */
@@ -41,6 +49,7 @@ export async function startService(o: ServiceOptions): Promise<TestService> {
   const passFile = join(o.dir, 'password');
   const policiesDir = join(o.dir, 'policies');
   await mkdir(policiesDir);
+  for (const [file, text] of Object.entries(o.policies ?? {})) await writeFile(join(policiesDir, file), text);
   await writeFile(passFile, `${o.passphrase}\n`, { mode: 0o600 });
   await Repository.init(new LocalStorage(repoUrl), o.passphrase, { kdf: 'weak' });
   const configFile = join(o.dir, 'vmvault.yaml');
@@ -57,18 +66,20 @@ export async function startService(o: ServiceOptions): Promise<TestService> {
     ...(o.hosts?.length ? ['hosts:', ...o.hosts.map((h) => `  ${h}`)] : []),
     'vms:',
     ...o.vms.map((v) => `  - ${v}`),
+    ...(o.extraConfig ?? []),
     '',
   ].join('\n'));
-  const env = { VMVAULT_CONFIG: configFile, VMVAULT_NO_CATCH_UP: '1' };
+  const env = { VMVAULT_CONFIG: configFile, VMVAULT_NO_CATCH_UP: '1', ...o.env };
   const workers = o.workers ?? ['hosta'];
   const serve = start(['serve'], env);
-  const procs: Proc[] = [serve, ...workers.map((h) => start(['worker', '--host', h], env))];
+  const byHost = new Map(workers.map((h) => [h, start(['worker', '--host', h], env)]));
+  const procs: Proc[] = [serve, ...byHost.values()];
   const output = () => procs.map((p) => p.output()).join('\n');
   const stop = async () => { for (const p of procs) await stopProc(p).catch(() => {}); };
   try {
     const api = await waitFor('the API to listen', () => /"url":"(http:\/\/127\.0\.0\.1:\d+)"[^\n]*API listening/.exec(serve.output())?.[1], 30_000, output);
     await waitFor('the workers', () => (output().match(/worker started/g) ?? []).length >= workers.length, 30_000, output);
-    return { api, repoUrl, configFile, output, stop };
+    return { api, workers: byHost, repoUrl, configFile, output, stop };
   } catch (err) {
     await stop();
     throw err;

@@ -23,10 +23,22 @@ import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 
 const PASSWORD = 'service test passphrase';
-/** Snapshot names of an image, read with -U (force-share): a running backup holds the image's lock. */
+/**
+ * Snapshot names of an image, read with -U (force-share): a running backup holds the image's
+ * lock. A read that meets the image's metadata half-written (the backup adding a snapshot or
+ * bitmap at that moment; qemu then reports e.g. "Bitmap '' doesn't satisfy the constraints")
+ * is tried again.
+ */
 async function snapshotsOf(disk: string): Promise<string[]> {
-  const r = await execa('qemu-img', ['info', '-U', '--output=json', disk]);
-  return ((JSON.parse(r.stdout) as { snapshots?: Array<{ name: string }> }).snapshots ?? []).map((x) => x.name);
+  for (let attempt = 0; ; attempt++) {
+    try {
+      const r = await execa('qemu-img', ['info', '-U', '--output=json', disk]);
+      return ((JSON.parse(r.stdout) as { snapshots?: Array<{ name: string }> }).snapshots ?? []).map((x) => x.name);
+    } catch (err) {
+      if (attempt >= 20) throw err;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
 }
 
 interface Setup { dir: TempDir; repoUrl: string; passFile: string; policiesDir: string; configFile: string; repo: Repository }

@@ -1,19 +1,21 @@
 /**
  * The libvirt driver: parsing what virsh prints (always), and a backup of a real
- * libvirt domain, which needs virsh and a libvirt daemon: where virsh is missing
- * that test is skipped and says so; where virsh is present it must pass.
+ * libvirt domain on a private libvirtd (test/helpers/libvirt.ts): where libvirt is
+ * not installed that test is skipped and says so; where it is, it must pass.
  */
 import assert from 'node:assert/strict';
-import fs from 'node:fs/promises';
 import path from 'node:path';
 import { execa } from 'execa';
 import { describe, it } from 'node:test';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { backupVm } from '../../src/vm/drivers.js';
-import { imageDisks, parseDomblklist, virshAvailable } from '../../src/vm/libvirt.js';
+import { imageDisks, parseDomblklist } from '../../src/vm/libvirt.js';
+import { restore } from '../../src/pipeline/restore.js';
+import { compareImages } from '../../src/disk/qemu.js';
+import { defineDomain, libvirtMissing, startLibvirt } from '../helpers/libvirt.js';
 import { libvirtDisks } from '../../src/pipeline/libvirt-xml.js';
-import { makeImage, tempDir } from '../helpers/images.js';
+import { makeImage } from '../helpers/images.js';
 
 const DOMBLKLIST = ` Type   Device   Target   Source
 ------------------------------------------------------------------------
@@ -25,9 +27,7 @@ const DOMBLKLIST = ` Type   Device   Target   Source
 
 `;
 
-const skip = (await virshAvailable())
-  ? false
-  : 'virsh is not installed here, so the libvirt driver is not exercised (install libvirt-clients and libvirt-daemon-system to run this test)';
+const skip = libvirtMissing() ?? false;
 
 describe('libvirt driver', () => {
   it('parses virsh domblklist --details and keeps the image disks', () => {
@@ -39,16 +39,13 @@ describe('libvirt driver', () => {
   });
 
   it('backs up a running libvirt domain with its XML', { skip }, async () => {
-    const dir = await tempDir();
+    const lv = await startLibvirt();
     const domain = `vmvault-test-${process.pid}`;
     try {
-      const disk = await makeImage(dir.path, 'lv.qcow2', 'qcow2', 8 * 1024 * 1024, [{ offset: 0, length: 1024 * 1024, pattern: 0x61 }]);
-      const xml = `<domain type='qemu'><name>${domain}</name><memory unit='MiB'>64</memory><os><type arch='x86_64'>hvm</type></os>
-        <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='${disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>`;
-      const xmlFile = path.join(dir.path, 'domain.xml');
-      await fs.writeFile(xmlFile, xml);
-      await execa('virsh', ['create', xmlFile, '--paused']);
-      const repo = await Repository.init(new LocalStorage(path.join(dir.path, 'repo')), 'pw', { kdf: 'weak' });
+      const disk = await makeImage(lv.imageDir, 'lv.qcow2', 'qcow2', 8 * 1024 * 1024, [{ offset: 0, length: 1024 * 1024, pattern: 0x61 }]);
+      await lv.own(disk);
+      await defineDomain(lv, domain, [{ path: disk, format: 'qcow2' }]);
+      const repo = await Repository.init(new LocalStorage(path.join(lv.imageDir, 'repo')), 'pw', { kdf: 'weak' });
       const r = await backupVm(repo, { vm: 'lv', driver: 'libvirt', disks: [], domain, warn: () => {} });
       assert.equal(r.running, true);
       assert.deepEqual(r.manifest.disks.map((d) => d.sourcePath), [disk]);
@@ -56,10 +53,14 @@ describe('libvirt driver', () => {
       assert.ok(stored, 'the domain XML is stored as lv.xml');
       assert.deepEqual(libvirtDisks(Buffer.from(stored.data, 'base64').toString()).map((d) => d.path), [disk]);
       const after = parseDomblklist((await execa('virsh', ['domblklist', domain, '--details'])).stdout);
-      assert.equal(after[0]!.source, disk, 'the domain is back on its own image');
+      assert.equal(after[0]!.source, disk, 'the domain is still on its own image');
+      const to = path.join(lv.imageDir, 'restored');
+      await restore(repo, { backupId: r.manifest.id, to });
+      await lv.virsh('destroy', domain, '--graceful');
+      const cmp = await compareImages(path.join(to, 'lv.qcow2'), disk, 'qcow2', 'qcow2');
+      assert.ok(cmp.identical, cmp.output);
     } finally {
-      await execa('virsh', ['destroy', domain], { reject: false });
-      await dir.cleanup();
+      await lv.stop();
     }
   });
 });

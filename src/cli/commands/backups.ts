@@ -6,12 +6,13 @@ import { summarise, type Manifest } from '../../repo/manifest.js';
 import type { BackupDisk } from '../../pipeline/backup.js';
 import { auditFailures, backupVm } from '../../vm/drivers.js';
 import { restore } from '../../pipeline/restore.js';
-import { verificationStates } from '../../repo/health.js';
+import { verificationStates, type VerificationState } from '../../repo/health.js';
 import { openRepository, warn, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
 import { progressBar } from '../progress-bar.js';
 import { describeVerification } from './repair.js';
+import { runInstant, type InstantOptions } from './instant.js';
 
 const collect = (v: string, prev: string[] = []) => [...prev, v];
 
@@ -20,6 +21,28 @@ function parseDisk(spec: string): BackupDisk {
   const eq = spec.indexOf('=');
   if (eq > 0 && !spec.slice(0, eq).includes('/')) return { name: spec.slice(0, eq), path: spec.slice(eq + 1) };
   return { path: spec };
+}
+
+/** restore's `--disk NAME` and `--disk NAME=PATH`: the disks to restore, and where those with a path go. */
+function restoreDisks(specs: string[]): { disks: string[]; diskPaths: Record<string, string> } {
+  const disks: string[] = [];
+  const diskPaths: Record<string, string> = {};
+  for (const spec of specs) {
+    const eq = spec.indexOf('=');
+    const name = eq < 0 ? spec : spec.slice(0, eq);
+    if (!name || (eq >= 0 && eq === spec.length - 1)) throw new VmvaultError('BAD_INPUT', `--disk ${spec}: expected NAME or NAME=PATH`);
+    if (disks.includes(name)) throw new VmvaultError('BAD_INPUT', `--disk ${name} is given twice`);
+    disks.push(name);
+    if (eq >= 0) diskPaths[name] = spec.slice(eq + 1);
+  }
+  return { disks, diskPaths };
+}
+
+function verifiedColumn(v: VerificationState | null): string {
+  if (!v) return '-';
+  if (v.status === 'damaged') return `DAMAGED (${v.damagedDisks.join(',')})`;
+  if (v.status === 'boot-failed') return `BOOT-FAILED ${v.boot!.time}`;
+  return `${v.status} ${v.status === 'boot-verified' ? v.boot!.time : v.lastVerified}`;
 }
 
 function listing(m: Manifest) {
@@ -123,7 +146,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         ['ID', 'TIME', 'VM', 'HOST', 'DISKS', 'LABELS', 'VERIFIED'],
         ...all.map((b) => [
           b.id.slice(0, 12), b.time, b.vm, b.host, b.disks.map((d) => `${d.name} (${d.format}, ${formatBytes(d.virtualSize)})`).join(' '), b.labels.join(','),
-          !b.verification ? '-' : b.verification.status === 'ok' ? `ok ${b.verification.lastVerified}` : `DAMAGED (${b.verification.damagedDisks.join(',')})`,
+          verifiedColumn(b.verification),
         ]),
         ...broken.map((b) => [b.id.slice(0, 12), '-', '(damaged)', '-', '-', '-', '-']),
       ]));
@@ -151,21 +174,40 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     });
 
   program
-    .command('restore <id>')
-    .description('restore a backup into a directory')
-    .requiredOption('--to <dir>', 'target directory')
+    .command('restore [id]')
+    .description('restore a backup into a directory (--instant: run the VM from the backup at once and copy underneath it)')
+    .option('--to <dir>', 'target directory')
     .addOption(new Option('--format <format>', 'disk format to write (default: as backed up)').choices([...IMAGE_FORMATS]))
-    .option('--disk <name>', 'restore only this disk (repeatable)', collect)
+    .option('--disk <name>', 'restore only this disk, or NAME=PATH: only this disk, at PATH (inside --to; relative to it) (repeatable)', collect)
+    .option('--name <vm>', 'restore as a new VM: the libvirt domain XML gets this name, a fresh UUID and fresh MAC addresses')
     .option('--force', 'replace existing files')
     .option('--json', 'print the result as JSON')
-    .action(async (id: string, o: { to: string; format?: ImageFormat; disk?: string[]; force?: boolean; json?: boolean }) => {
+    .option('--instant', 'start the VM on overlays backed by an NBD export of the backup, then copy to the final images and pivot')
+    .option('--start', '--instant: run QEMU (qemu-system-x86_64) with the restored configuration; its QMP monitor is DIR/qmp.sock')
+    .option('--qmp <socket>', '--instant: give the disks to this running QEMU instead')
+    .option('--rate <bytes>', '--instant: copy at most this many bytes per second (e.g. 50M)')
+    .option('--machine <type>', '--start: QEMU machine (default pc,accel=kvm:tcg)')
+    .option('--memory <size>', '--start: guest memory (default: from the libvirt domain, else 512M)')
+    .option('--resume <dir>', 'finish an instant restore whose vmvault or export died')
+    .action(async (id: string | undefined, o: InstantOptions & { to?: string; format?: ImageFormat; disk?: string[]; force?: boolean; json?: boolean; name?: string }) => {
+      if ((o.instant || o.resume !== undefined) && o.name !== undefined) throw new VmvaultError('BAD_INPUT', '--name applies to a plain restore only: leave out --instant');
+      if (o.instant || o.resume !== undefined) return runInstant(id, o, globals());
+      for (const flag of ['start', 'qmp', 'rate', 'machine', 'memory'] as const) {
+        if (o[flag] !== undefined) throw new VmvaultError('BAD_INPUT', `--${flag} applies to --instant restores only`);
+      }
+      if (id === undefined || !o.to) throw new VmvaultError('BAD_INPUT', 'restore needs the backup id and --to DIR');
       const repo = await openRepository(globals());
       const bar = progressBar(!o.json);
+      const { disks, diskPaths } = restoreDisks(o.disk ?? []);
       const result = await restore(repo, {
         backupId: await repo.resolveBackupId(id), to: o.to, ...(o.format ? { format: o.format } : {}),
-        ...(o.disk ? { disks: o.disk } : {}), force: !!o.force, forceHint: 'pass --force to replace them', onProgress: bar.update,
+        ...(disks.length ? { disks } : {}), ...(Object.keys(diskPaths).length ? { diskPaths } : {}), ...(o.name !== undefined ? { name: o.name } : {}),
+        force: !!o.force, forceHint: 'pass --force to replace them', onProgress: bar.update,
       });
       bar.done();
-      print(o.json, result, () => [`restored backup ${result.backup} of ${result.vm}:`, ...result.files.map((f) => `  ${f.path}`)].join('\n'));
+      print(o.json, result, () => [
+        `restored backup ${result.backup} of ${result.vm}${result.clone ? ` as new VM ${result.clone.name} (uuid ${result.clone.uuid})` : ''}:`,
+        ...result.files.map((f) => `  ${f.path}`),
+      ].join('\n'));
     });
 }

@@ -18,10 +18,15 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
     .option('--chunk-size <size>', 'chunk size, a power of two (e.g. 4M)', '4M')
     .addOption(new Option('--compression <codec>', 'chunk compression').choices(['zstd', 'none']).default('zstd'))
     .addOption(kdfOption())
+    .option('--if-missing', 'do nothing (exit 0) when the repository already exists: for a container or unit that runs at every start')
     .option('--json', 'print JSON')
-    .action(async (o: { chunkSize: string; compression: 'zstd' | 'none'; kdf: KdfPreset; json?: boolean }) => {
+    .action(async (o: { chunkSize: string; compression: 'zstd' | 'none'; kdf: KdfPreset; json?: boolean; ifMissing?: boolean }) => {
       const g = globals();
       const storage = storageFor(g);
+      if (o.ifMissing && await storage.stat('config')) {
+        print(o.json, { existed: true, location: storage.location }, () => `a repository already exists at ${storage.location}: nothing to do`);
+        return;
+      }
       const pass = await passphrase(g.passwordFile, 'VMVAULT_PASSWORD', 'new repository passphrase: ');
       let chunkSize: number;
       try {

@@ -13,6 +13,10 @@ import { progressBar } from '../progress-bar.js';
 /** One line for a backup's verification state, as `backups` and `show` print it. */
 export function describeVerification(s: VerificationState | undefined): string {
   if (!s) return 'never';
+  if (s.status === 'boot-verified' || s.status === 'boot-failed') {
+    const b = s.boot!;
+    return s.status === 'boot-verified' ? `boot-verified at ${b.time} (drill, ${b.probe})` : `BOOT-FAILED at ${b.time} (drill): ${b.reason ?? 'no reason recorded'}`;
+  }
   const what = s.readData === 'none' ? 'chunks present' : s.readData === 'all' ? 'data read' : `data subset ${s.readData} read`;
   return s.status === 'ok'
     ? `ok at ${s.lastVerified} (${what})`

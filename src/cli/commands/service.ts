@@ -4,7 +4,8 @@
  * Each runs until SIGTERM or SIGINT, then stops cleanly and exits 0.
  */
 import type { Command } from 'commander';
-import { configPathFrom, loadConfig } from '../../config/load.js';
+import { configPathFrom, loadConfig, parseConfig } from '../../config/load.js';
+import { joinUrlWithPassword } from '../../service/join.js';
 import type { Config } from '../../config/schema.js';
 import { VmvaultError } from '../../errors.js';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -13,12 +14,37 @@ import type { Service, serviceLogger } from '../../service/service.js';
 /** The service (BullMQ, Redis, the API) loads only for the commands that run it: every other command starts faster. */
 const loadService = () => import('../../service/service.js');
 
-interface ServiceFlags { config?: string; host?: string; stateDir?: string }
+interface ServiceFlags { config?: string; host?: string; stateDir?: string; redisListen?: string; join?: string }
 
 async function requireConfig(flags: ServiceFlags): Promise<Config> {
   const file = configPathFrom(flags.config);
   if (!file) throw new VmvaultError('BAD_INPUT', 'no configuration: pass --config FILE or set VMVAULT_CONFIG (see vmvault.example.yaml)');
   return loadConfig(file, flags.host ? { host: flags.host } : {});
+}
+
+/**
+ * The configuration of `worker --join REDIS_URL`: a configuration file when one is
+ * given (its redis.url replaced), else one made of the flags: the repository of
+ * --repo (or VMVAULT_REPOSITORY) and --password-file (or VMVAULT_PASSWORD), this
+ * host's name (or --host), the state directory.
+ */
+async function joinConfig(flags: ServiceFlags, globals: { repo?: string; passwordFile?: string }): Promise<Config> {
+  const redisUrl = joinUrlWithPassword(flags.join!, process.env);
+  const file = configPathFrom(flags.config);
+  if (file) return { ...(await loadConfig(file, flags.host ? { host: flags.host } : {})), redis: { url: redisUrl } };
+  const repo = globals.repo ?? (process.env.VMVAULT_REPOSITORY || undefined);
+  if (!repo) throw new VmvaultError('BAD_INPUT', 'worker --join needs the repository: pass --repo URL --password-file FILE (as printed by vmvault up), or --config FILE');
+  const stateDir = flags.stateDir ?? (process.env.VMVAULT_STATE_DIR || '/var/lib/vmvault');
+  const passwordFile = globals.passwordFile;
+  const text = [
+    `repository: ${JSON.stringify(passwordFile ? { url: repo, passwordFile } : { url: repo, passwordEnv: 'VMVAULT_PASSWORD' })}`,
+    `stateDir: ${JSON.stringify(stateDir)}`,
+    `policiesDir: ${JSON.stringify(`${stateDir}/policies`)}`,
+    'vms: []',
+    '',
+  ].join('\n');
+  // The URL (with its password) stays out of the text: a problem message would quote it.
+  return { ...parseConfig(text, '(worker --join)', flags.host ? { host: flags.host } : {}), redis: { url: redisUrl } };
 }
 
 /**
@@ -64,13 +90,14 @@ export function registerServiceCommands(program: Command): void {
     .description('run the scheduler, the HTTP API and this host\'s worker in one process; with no Redis or repository configured, starts its own in the state directory')
     .option('-c, --config <file>', 'configuration file (env VMVAULT_CONFIG); without one, an empty inventory and policies in STATE_DIR/policies')
     .option('--state-dir <dir>', 'state directory (env VMVAULT_STATE_DIR; default: the configuration\'s stateDir, /var/lib/vmvault)')
+    .option('--redis-listen <host:port>', 'let workers on other hosts join: up\'s own Redis also listens there, with a password (STATE_DIR/redis.password); the join command is printed')
     .action(async (flags: ServiceFlags) => {
       const file = configPathFrom(flags.config);
       const stateDir = flags.stateDir ?? (process.env.VMVAULT_STATE_DIR || undefined);
       const { defaultConfig, serviceLogger, up } = await loadService();
       const config = file ? await loadConfig(file) : defaultConfig(stateDir ?? '/var/lib/vmvault');
       const log = serviceLogger('vmvault');
-      await runUntilSignal(() => up(config, { logger: log, ...(stateDir ? { stateDir } : {}) }), log);
+      await runUntilSignal(() => up(config, { logger: log, ...(stateDir ? { stateDir } : {}), ...(flags.redisListen ? { redisListen: flags.redisListen } : {}) }), log);
     });
 
   program
@@ -89,8 +116,10 @@ export function registerServiceCommands(program: Command): void {
     .description('run the worker of one host: back up and restore the VMs of that host')
     .option('-c, --config <file>', 'configuration file (env VMVAULT_CONFIG)')
     .option('--host <name>', 'the host whose queue to serve (default: the configuration\'s host)')
-    .action(async (flags: ServiceFlags) => {
-      const config = await requireConfig(flags);
+    .option('--join <redis-url>', 'join a vmvault up on another host: its Redis (redis://HOST:PORT, password in env VMVAULT_REDIS_PASSWORD) and the repository of --repo/--password-file; no configuration file needed')
+    .option('--state-dir <dir>', 'with --join and no configuration: the state directory (env VMVAULT_STATE_DIR; default /var/lib/vmvault)')
+    .action(async (flags: ServiceFlags, cmd: Command) => {
+      const config = flags.join ? await joinConfig(flags, cmd.optsWithGlobals()) : await requireConfig(flags);
       const { runWorker, serviceLogger } = await loadService();
       const log = serviceLogger('vmvault-worker');
       await runUntilSignal(() => runWorker(config, { logger: log, ...(flags.host ? { host: flags.host } : {}) }), log);

@@ -1,0 +1,66 @@
+/** /v1/maintenance in-process, with a real maintenance worker: prune, gc and verify jobs, and bad input. */
+import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { assertError, backupWeb, listedBackups, startFixture, type Fixture } from './fixture.js';
+
+let f: Fixture;
+let ids: string[];
+before(async () => {
+  f = await startFixture({ workers: true });
+  await writeFile(join(f.policiesDir, 'keep1.yaml'), 'name: keep1\nschedule: "0 2 * * *"\nselect:\n  vms: [web]\nretention:\n  keepLast: 1\n');
+  ids = [await backupWeb(f), await backupWeb(f)];
+});
+after(async () => { await f?.close(); });
+
+async function run(path: string, body?: unknown): Promise<any> {
+  const r = await f.call('POST', path, { role: 'admin', ...(body !== undefined ? { body } : {}) });
+  assert.equal(r.status, 202, JSON.stringify(r.body));
+  assert.equal(r.body.job.queue, 'vmvault-maintenance');
+  const job = await f.finished(r.body.job.id);
+  assert.equal(job.state, 'completed', job.error);
+  return job;
+}
+
+describe('/v1/maintenance', () => {
+  test('verify checks every backup; gc (dry run) deletes nothing', async () => {
+    const v = await run('/v1/maintenance/verify', { readData: true });
+    assert.deepEqual([v.result.ok, v.result.backupsChecked, v.result.readData, v.result.problems], [true, 2, true, []]);
+    await listedBackups(f, '', (items) => items.length === 2 && items.every((b) => b.verification?.status === 'ok'));
+    await run('/v1/maintenance/gc', { dryRun: true });
+    assert.equal((await f.call('GET', '/v1/backups', { role: 'viewer' })).body.items.length, 2);
+  });
+
+  test('the retention preview says what prune will do, with the rules that keep each backup', async () => {
+    const r = await f.call('GET', '/v1/policies/keep1/preview?vm=web', { role: 'viewer' });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    assert.equal(r.body.policy, 'keep1');
+    assert.deepEqual(r.body.items.map((i: any) => [i.id, i.keep, i.reasons]), [[ids[1], true, ['last']], [ids[0], false, []]]);
+    assert.deepEqual((await f.call('GET', '/v1/policies/keep1/preview', { role: 'viewer' })).body.items.length, 2);
+    assertError(await f.call('GET', '/v1/policies/nope/preview', { role: 'viewer' }), 404, 'NOT_FOUND', /no valid policy "nope" in the policies directory; valid policies: keep1/);
+    assertError(await f.call('GET', '/v1/policies/keep1/preview?vm=nope', { role: 'viewer' }), 404, 'NOT_FOUND', /VM "nope"/);
+    assertError(await f.call('GET', '/v1/policies/keep1/preview?vm=', { role: 'viewer' }), 400, 'BAD_REQUEST', /vm/);
+  });
+
+  test('prune applies the policy: a dry run keeps everything, a real one keeps the last', async () => {
+    await run('/v1/maintenance/prune', { policy: 'keep1', dryRun: true });
+    assert.equal((await f.call('GET', '/v1/backups', { role: 'viewer' })).body.items.length, 2);
+    await run('/v1/maintenance/prune', { policy: 'keep1' });
+    await listedBackups(f, '', (items) => items.length === 1 && items[0].id === ids[1]);
+  });
+
+  test('a prune of an unknown policy fails its job and says so', async () => {
+    const r = await f.call('POST', '/v1/maintenance/prune', { role: 'admin', body: { policy: 'nope' } });
+    assert.equal(r.status, 202);
+    const job = await f.finished(r.body.job.id);
+    assert.equal(job.state, 'failed');
+    assert.match(job.error, /nope/);
+  });
+
+  test('refuses bad input', async () => {
+    assertError(await f.call('POST', '/v1/maintenance/prune', { role: 'admin', body: {} }), 400, 'BAD_REQUEST', /policy/);
+    assertError(await f.call('POST', '/v1/maintenance/gc', { role: 'admin', body: { dryRun: 'yes' } }), 400, 'BAD_REQUEST', /dryRun/);
+    assertError(await f.call('POST', '/v1/maintenance/verify', { role: 'admin', body: { everything: true } }), 400, 'BAD_REQUEST', /everything/);
+  });
+});

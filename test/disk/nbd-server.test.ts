@@ -1,0 +1,170 @@
+/**
+ * The NBD server on its own, over an in-memory source with a region that cannot be
+ * produced: vmvault's NBD client (structured replies, block status), raw sockets for
+ * what the client never does (no structured replies, NBD_OPT_EXPORT_NAME, unknown
+ * options, NBD_OPT_LIST, NBD_CMD_DISC), and qemu-io for a read that must fail.
+ */
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { execa } from 'execa';
+import { NbdClient } from '../../src/disk/nbd.js';
+import { ExactReader } from '../../src/disk/nbd-handshake.js';
+import { NbdServer, type NbdSource, type SourceRun } from '../../src/disk/nbd-server.js';
+import {
+  NBD_CMD_DISC, NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST,
+  NBD_REP_ACK, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_SERVER, NBD_SIMPLE_REPLY_MAGIC, encodeOption, encodeRequest, lengthPrefixed, readU64,
+} from '../../src/disk/nbd-protocol.js';
+import { VmvaultError } from '../../src/errors.js';
+import { tempDir, type TempDir } from '../helpers/images.js';
+
+const KiB = 1024;
+const BLOCK = 64 * KiB;
+const SIZE = 16 * BLOCK;
+/** Blocks 2, 3 and 9 are zero; block 12 cannot be produced; the rest hold their index + 1. */
+const ZERO = new Set([2, 3, 9]);
+const BROKEN = 12;
+
+const source: NbdSource = {
+  size: SIZE,
+  layout(offset, length) {
+    const runs: SourceRun[] = [];
+    for (let at = offset; at < offset + length;) {
+      const b = Math.floor(at / BLOCK);
+      const next = Math.min(offset + length, (b + 1) * BLOCK);
+      const last = runs[runs.length - 1];
+      if (ZERO.has(b) && last?.zero) last.length += next - at;
+      else runs.push({ offset: at, length: next - at, zero: ZERO.has(b) });
+      at = next;
+    }
+    return runs;
+  },
+  async read(offset, length) {
+    const b = Math.floor(offset / BLOCK);
+    if (b === BROKEN) throw new VmvaultError('INTEGRITY', `block ${b} failed verification`);
+    return Buffer.alloc(length, b + 1);
+  },
+};
+
+function expected(offset: number, length: number): Buffer {
+  const out = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) {
+    const b = Math.floor((offset + i) / BLOCK);
+    out[i] = ZERO.has(b) ? 0 : b + 1;
+  }
+  return out;
+}
+
+let dir: TempDir;
+let server: NbdServer;
+let sock: string;
+
+before(async () => {
+  dir = await tempDir('vmvault-nbd-server-');
+  sock = join(dir.path, 's.sock');
+  server = await NbdServer.listen({ path: sock }, { source, name: 'disk' });
+});
+
+after(async () => {
+  await server?.close();
+  await dir?.cleanup();
+});
+
+/** A raw connection past the greeting, with the client flags sent. */
+async function raw(): Promise<{ socket: net.Socket; reader: ExactReader }> {
+  const socket = net.createConnection(sock);
+  const reader = new ExactReader();
+  socket.on('data', (d) => reader.push(d));
+  socket.on('close', () => reader.fail(new Error('closed')));
+  const greeting = await reader.read(18);
+  assert.equal(greeting.toString('latin1', 0, 16), 'NBDMAGICIHAVEOPT');
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES, 0);
+  socket.write(flags);
+  return { socket, reader };
+}
+
+async function optionReply(reader: ExactReader): Promise<{ option: number; type: number; data: Buffer }> {
+  const head = await reader.read(20);
+  const length = head.readUInt32BE(16);
+  return { option: head.readUInt32BE(8), type: head.readUInt32BE(12), data: length ? Buffer.from(await reader.read(length)) : Buffer.alloc(0) };
+}
+
+describe('NBD server', () => {
+  test('reads, holes and block status through vmvault\'s client; a failing run is EIO for that read only', async () => {
+    const client = await NbdClient.connect(sock, { exportName: 'disk' });
+    try {
+      assert.equal(client.size, SIZE);
+      assert.equal(client.readOnly, true);
+      assert.deepEqual(await client.read(BLOCK - 100, 4 * BLOCK), expected(BLOCK - 100, 4 * BLOCK));
+      assert.deepEqual(await client.read(0, 12 * BLOCK), expected(0, 12 * BLOCK));
+      const ext = await client.extents(0, SIZE);
+      assert.deepEqual(ext.filter((e) => e.hole).map((e) => [e.offset, e.length]), [[2 * BLOCK, 2 * BLOCK], [9 * BLOCK, BLOCK]]);
+      await assert.rejects(client.read(11 * BLOCK, 2 * BLOCK), (err: unknown) => err instanceof VmvaultError && /EIO/.test(err.message) && /failed verification/.test(err.message));
+      assert.deepEqual(await client.read(13 * BLOCK, BLOCK), expected(13 * BLOCK, BLOCK), 'the connection goes on');
+    } finally {
+      await client.close();
+    }
+  });
+
+  test('qemu-io sees an I/O error for the failing block, and the right bytes elsewhere', async () => {
+    const uri = `nbd+unix:///disk?socket=${sock}`;
+    const bad = await execa('qemu-io', ['-r', '-f', 'raw', '-c', `read ${BROKEN * BLOCK} 4096`, uri], { reject: false });
+    assert.match(bad.stdout + bad.stderr, /Input\/output error/);
+    await execa('qemu-io', ['-r', '-f', 'raw', '-c', `read -P 0x0b ${10 * BLOCK} ${BLOCK}`, '-c', `read -P 0 ${2 * BLOCK} ${2 * BLOCK}`, uri]);
+  });
+
+  test('without structured replies: simple replies carry the data, or EIO and no data', async () => {
+    const { socket, reader } = await raw();
+    try {
+      const go = Buffer.concat([lengthPrefixed('disk'), Buffer.from([0, 0])]);
+      socket.write(encodeOption(NBD_OPT_GO, go));
+      let r;
+      do r = await optionReply(reader); while (r.type !== NBD_REP_ACK);
+      socket.write(encodeRequest(0, NBD_CMD_READ, 7, 3 * BLOCK - 10, 20));
+      const head = await reader.read(16);
+      assert.equal(head.readUInt32BE(0), NBD_SIMPLE_REPLY_MAGIC);
+      assert.equal(head.readUInt32BE(4), 0);
+      assert.equal(readU64(head, 8), 7);
+      assert.deepEqual(Buffer.from(await reader.read(20)), expected(3 * BLOCK - 10, 20));
+      socket.write(encodeRequest(0, NBD_CMD_READ, 8, BROKEN * BLOCK, 512));
+      const err = await reader.read(16);
+      assert.equal(err.readUInt32BE(4), 5, 'EIO');
+      assert.equal(readU64(err, 8), 8);
+      socket.write(encodeRequest(0, NBD_CMD_READ, 9, 0, 4));
+      const ok = await reader.read(16);
+      assert.equal(ok.readUInt32BE(4), 0);
+      assert.deepEqual(Buffer.from(await reader.read(4)), expected(0, 4));
+      socket.write(encodeRequest(0, NBD_CMD_DISC, 10, 0, 0));
+      await new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  test('NBD_OPT_LIST names the export; unknown names and options are refused; NBD_OPT_EXPORT_NAME still works', async () => {
+    const { socket, reader } = await raw();
+    try {
+      socket.write(encodeOption(NBD_OPT_LIST));
+      const server = await optionReply(reader);
+      assert.equal(server.type, NBD_REP_SERVER);
+      assert.equal(server.data.toString('utf8', 4), 'disk');
+      assert.equal((await optionReply(reader)).type, NBD_REP_ACK);
+      socket.write(encodeOption(NBD_OPT_GO, Buffer.concat([lengthPrefixed('other'), Buffer.from([0, 0])])));
+      const unknown = await optionReply(reader);
+      assert.equal(unknown.type, NBD_REP_ERR_UNKNOWN);
+      assert.match(unknown.data.toString(), /no export named "other"/);
+      socket.write(encodeOption(99));
+      assert.equal((await optionReply(reader)).type, NBD_REP_ERR_UNSUP);
+      socket.write(encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from('disk')));
+      const info = await reader.read(10);
+      assert.equal(readU64(info, 0), SIZE);
+      socket.write(encodeRequest(0, NBD_CMD_READ, 1, 5 * BLOCK, 8));
+      assert.equal((await reader.read(16)).readUInt32BE(4), 0);
+      assert.deepEqual(Buffer.from(await reader.read(8)), expected(5 * BLOCK, 8));
+    } finally {
+      socket.destroy();
+    }
+  });
+});

@@ -1,0 +1,328 @@
+/**
+ * The chunk index (src/repo/chunk-index.ts) on a real directory repository, with
+ * real images and real backups: backups never list chunks/, what the index claims
+ * but storage lacks is uploaded again, what storage has but the index lacks is not,
+ * gc compacts the index to exactly what stays, and the local cache is only a cache.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Repository } from '../../src/repo/repository.js';
+import { ChunkIndex, INDEX_PREFIX, indexNames, openIndex, sealIndex } from '../../src/repo/chunk-index.js';
+import { chunkName } from '../../src/repo/chunk.js';
+import { collectGarbage } from '../../src/repo/gc.js';
+import { LocalStorage } from '../../src/storage/local.js';
+import type { Storage } from '../../src/storage/storage.js';
+import { backupVm } from '../../src/vm/drivers.js';
+import { restore } from '../../src/pipeline/restore.js';
+import { compareImages } from '../../src/disk/qemu.js';
+import { IntegrityError } from '../../src/errors.js';
+import { makeImage, tempDir, writePattern } from '../helpers/images.js';
+
+const PASSWORD = 'index test passphrase';
+const MiB = 1024 * 1024;
+
+/** A storage that counts its calls by kind and prefix ("list chunks/", "get index/", …). */
+class Counting implements Storage {
+  readonly calls = new Map<string, number>();
+  constructor(private readonly inner: Storage) {}
+  get location() { return this.inner.location; }
+  private count(kind: string, name: string) {
+    const key = `${kind} ${name.split('/')[0]}${name.includes('/') ? '/' : ''}`;
+    this.calls.set(key, (this.calls.get(key) ?? 0) + 1);
+  }
+  reset() { this.calls.clear(); }
+  n(key: string) { return this.calls.get(key) ?? 0; }
+  get(name: string) { this.count('get', name); return this.inner.get(name); }
+  put(name: string, data: Uint8Array) { this.count('put', name); return this.inner.put(name, data); }
+  stat(name: string) { this.count('stat', name); return this.inner.stat(name); }
+  delete(name: string) { this.count('delete', name); return this.inner.delete(name); }
+  list(prefix: string) { this.count('list', prefix); return this.inner.list(prefix); }
+  close() { return this.inner.close(); }
+}
+
+const random = (n: number, seed: number) => Array.from({ length: n }, (_, i) => ({ offset: i * MiB, length: MiB, pattern: (seed * 31 + i * 7) & 0xff }));
+
+async function setup(cacheDir: string | false = false) {
+  const dir = await tempDir('vmvault-index-');
+  const storage = new Counting(new LocalStorage(join(dir.path, 'repo')));
+  await Repository.init(storage, PASSWORD, { kdf: 'weak', chunkSize: MiB });
+  const repo = await Repository.open(storage, PASSWORD, { cacheDir, onWarning: () => {} });
+  return { dir, storage, repo };
+}
+
+async function restoredEqual(repo: Repository, id: string, source: string, to: string): Promise<void> {
+  const out = await restore(repo, { backupId: id, to, format: 'qcow2' });
+  const disk = out.files.find((f) => f.kind === 'disk')!.path;
+  assert.ok((await compareImages(source, disk, 'qcow2', 'qcow2')).identical, `backup ${id.slice(0, 8)} restores identical`);
+}
+
+describe('chunk index', () => {
+  test('index objects: sealed, named after their content, and checked against the name', async () => {
+    const { dir, repo } = await setup();
+    try {
+      const ids = ['a'.repeat(64), 'b'.repeat(64), '0123456789abcdef'.repeat(4)];
+      const { name, data } = sealIndex(repo, ids);
+      assert.match(name, /^index\/[0-9a-f]{64}$/);
+      assert.equal(openIndex(repo, name, data).toString('hex'), ids.join(''));
+      const flipped = Buffer.from(data);
+      flipped[flipped.length - 1]! ^= 1;
+      assert.throws(() => openIndex(repo, name, flipped), (e) => e instanceof IntegrityError && /does not match its name/.test(e.message));
+      assert.throws(() => openIndex(repo, `${INDEX_PREFIX}${'0'.repeat(64)}`, data), IntegrityError);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a backup lists neither chunks/ nor reads every object; a second one reuses through the index and both restore identical', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const img = await makeImage(dir.path, 'a.qcow2', 'qcow2', 12 * MiB, random(10, 1));
+      storage.reset();
+      const first = await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      assert.equal(storage.n('list chunks/'), 0, 'no LIST of chunks/');
+      assert.equal(first.stats.chunksNew, 10);
+      assert.equal(storage.n('put index/'), 1, 'one index object, written before the manifest');
+      // A clone (a different VM, read in full): deduplicated against the index, each chunk confirmed by one stat.
+      const clone = await makeImage(dir.path, 'b.qcow2', 'qcow2', 12 * MiB, random(10, 1));
+      await writePattern(clone, 'qcow2', 11 * MiB, MiB, 0x77);
+      storage.reset();
+      const second = await backupVm(repo, { vm: 'b', driver: 'image', disks: [{ path: clone, format: 'qcow2' }] });
+      assert.equal(storage.n('list chunks/'), 0, 'no LIST of chunks/');
+      assert.equal(second.stats.chunksNew, 1);
+      assert.equal(second.stats.chunksReused, 10);
+      assert.equal(storage.n('put chunks/'), 1, 'only the new chunk is uploaded');
+      assert.equal(storage.n('stat chunks/'), 11, 'one stat per chunk read, none per chunk listed');
+      await restoredEqual(repo, first.manifest.id, img, join(dir.path, 'out-a'));
+      await restoredEqual(repo, second.manifest.id, clone, join(dir.path, 'out-b'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a chunk the index lists but storage lost is uploaded again, and the backup restores identical', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const img = await makeImage(dir.path, 'a.qcow2', 'qcow2', 8 * MiB, random(6, 2));
+      const first = await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      const lost = first.manifest.disks[0]!.chunks.filter((c): c is string => c !== null)[3]!;
+      await storage.delete(chunkName(lost));
+      const warnings: string[] = [];
+      const again = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: (m) => warnings.push(m) });
+      const index = await again.chunkIndex();
+      assert.equal(index.has(lost), true, 'the index still lists it');
+      const second = await backupVm(again, { vm: 'copy', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      assert.equal(second.stats.chunksNew, 1, 'the lost chunk, and nothing else, is uploaded');
+      assert.ok(await storage.stat(chunkName(lost)), 'it is back');
+      assert.ok(warnings.some((w) => /1 chunk\(s\) the chunk index lists were missing from storage/.test(w)), warnings.join('\n'));
+      await restoredEqual(again, second.manifest.id, img, join(dir.path, 'out-2'));
+      await restoredEqual(again, first.manifest.id, img, join(dir.path, 'out-1'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('chunks storage has but no index lists (a backup killed before its index) are not uploaded again, and get indexed', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const img = await makeImage(dir.path, 'a.qcow2', 'qcow2', 8 * MiB, random(6, 3));
+      const first = await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      // As if the backup had died before writing its index: the chunks are there, the index is empty.
+      for (const name of await indexNames(storage)) await storage.delete(name);
+      await repo.writeIndex([]);
+      const again = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: () => {} });
+      assert.equal((await again.chunkIndex()).size, 0);
+      storage.reset();
+      const second = await backupVm(again, { vm: 'a2', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      assert.equal(second.stats.chunksNew, 0, 'nothing uploaded twice');
+      assert.equal(storage.n('put chunks/'), 0);
+      assert.equal(storage.n('list chunks/'), 0);
+      const third = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: () => {} });
+      const index = await third.chunkIndex();
+      for (const id of first.manifest.disks[0]!.chunks) if (id) assert.ok(index.has(id), 'found chunks are indexed by the backup that found them');
+      await restoredEqual(third, second.manifest.id, img, join(dir.path, 'out'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a repository with no index (an older vmvault) is listed once and indexed; later backups list nothing', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const img = await makeImage(dir.path, 'a.qcow2', 'qcow2', 8 * MiB, random(5, 4));
+      await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      for (const name of await indexNames(storage)) await storage.delete(name);
+      const warnings: string[] = [];
+      const old = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: (m) => warnings.push(m) });
+      storage.reset();
+      const index = await old.chunkIndex();
+      assert.equal(storage.n('list chunks/'), 1);
+      assert.equal(index.size, 5);
+      assert.ok(warnings.some((w) => /had no chunk index: its 5 chunk\(s\) were listed once and indexed/.test(w)));
+      storage.reset();
+      await (await Repository.open(storage, PASSWORD, { cacheDir: false })).chunkIndex();
+      assert.equal(storage.n('list chunks/'), 0);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('gc compacts the index to exactly the chunks that stay; a damaged index object costs only its chunks', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const a = await makeImage(dir.path, 'a.qcow2', 'qcow2', 8 * MiB, random(4, 5));
+      const b = await makeImage(dir.path, 'b.qcow2', 'qcow2', 8 * MiB, random(4, 6));
+      const kept = await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: a, format: 'qcow2' }] });
+      const gone = await backupVm(repo, { vm: 'b', driver: 'image', disks: [{ path: b, format: 'qcow2' }] });
+      await repo.deleteManifest(gone.manifest.id);
+      const before = await indexNames(storage);
+      assert.equal(before.length, 3, 'the empty one of init, and one per backup');
+      const report = await collectGarbage(repo);
+      assert.equal(report.chunksDeleted, 4);
+      const after = await indexNames(storage);
+      assert.equal(after.length, 1);
+      assert.ok(!before.includes(after[0]!));
+      const ids = openIndex(repo, after[0]!, await storage.get(after[0]!));
+      const listed = new Set(Array.from({ length: ids.length / 32 }, (_, i) => ids.subarray(i * 32, i * 32 + 32).toString('hex')));
+      assert.deepEqual([...listed].sort(), [...(await repo.chunkIds())].sort(), 'the index lists exactly the chunks stored');
+      const index = await (await Repository.open(storage, PASSWORD, { cacheDir: false })).chunkIndex();
+      for (const id of gone.manifest.disks[0]!.chunks) if (id) assert.equal(index.has(id), false, 'a collected chunk is not claimed');
+      // Damage the index object: its chunks become unknown (a warning), the next backup checks and reuses them.
+      await writeFile(join(dir.path, 'repo', after[0]!), 'garbage');
+      const warnings: string[] = [];
+      const damaged = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: (m) => warnings.push(m) });
+      const again = await backupVm(damaged, { vm: 'a', driver: 'image', disks: [{ path: a, format: 'qcow2' }], fullRead: true });
+      assert.ok(warnings.some((w) => /index object index\/[0-9a-f]+ is damaged/.test(w)), warnings.join('\n'));
+      assert.equal(again.stats.chunksNew, 0);
+      await restoredEqual(damaged, kept.manifest.id, a, join(dir.path, 'out'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('the local cache: index objects are downloaded once per host; a lost or tampered cache costs downloads only', async () => {
+    const { dir, storage } = await setup();
+    const cache = join(dir.path, 'cache');
+    try {
+      const repo = await Repository.open(storage, PASSWORD, { cacheDir: cache, onWarning: () => {} });
+      for (const seed of [7, 8, 9]) {
+        const img = await makeImage(dir.path, `v${seed}.qcow2`, 'qcow2', 4 * MiB, random(3, seed));
+        await backupVm(repo, { vm: `v${seed}`, driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      }
+      const other = async () => (await Repository.open(storage, PASSWORD, { cacheDir: cache, onWarning: () => {} })).chunkIndex();
+      storage.reset();
+      let index = await other();
+      assert.equal(storage.n('get index/'), 0, 'everything this host wrote is cached');
+      assert.equal(index.size, 9);
+      const cached = join(cache, repo.id, 'index');
+      const files = await readdir(cached);
+      assert.equal(files.length, 4);
+      await writeFile(join(cached, files[0]!), 'tampered');
+      await rm(join(cached, files[1]!));
+      storage.reset();
+      index = await other();
+      assert.equal(storage.n('get index/'), 2, 'the tampered and the lost object are downloaded again');
+      assert.equal(index.size, 9);
+      storage.reset();
+      await other();
+      assert.equal(storage.n('get index/'), 0, 'and cached again');
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('ChunkIndex: quarantined chunks are neither claimed nor checked, so producing one uploads it', async () => {
+    const { dir, storage } = await setup();
+    try {
+      const q = 'c'.repeat(64);
+      const index = new ChunkIndex(new BigUint64Array([BigInt(`0x${q.slice(0, 16)}`)]), new Set([q]), storage, { objects: 1, fetched: 0, damaged: [], built: false });
+      assert.equal(index.has(q), false);
+      assert.equal(await index.present(q), false);
+      assert.equal(storage.n('stat chunks/'), 0);
+      index.add(q);
+      assert.equal(index.has(q), true, 'stored by this session');
+    } finally {
+      await dir.cleanup();
+    }
+  });
+});
+
+describe("a VM's previous backups", () => {
+  test('are found without decrypting other VMs\' manifests again: one GET for its newest manifest once the host has seen the rest', async () => {
+    const { dir, storage } = await setup();
+    const cache = join(dir.path, 'cache');
+    try {
+      const open = () => Repository.open(storage, PASSWORD, { cacheDir: cache, onWarning: () => {} });
+      const images = new Map<string, string>();
+      for (const vm of ['a', 'b', 'c']) {
+        images.set(vm, await makeImage(dir.path, `${vm}.qcow2`, 'qcow2', 4 * MiB, random(3, vm.charCodeAt(0))));
+        for (let i = 0; i < 2; i++) await backupVm(await open(), { vm, driver: 'image', disks: [{ path: images.get(vm)!, format: 'qcow2' }] });
+      }
+      storage.reset();
+      const repo = await open();
+      const next = await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: images.get('a')!, format: 'qcow2' }] });
+      assert.equal(next.manifest.disks[0]!.mode, 'incremental', 'the previous backup was found');
+      assert.equal(storage.n('get backups/'), 1, 'only the newest manifest of VM a is read');
+      // A cache that lies (another VM's backup listed as a's) is ignored with a warning, never trusted.
+      const summaries = join(cache, repo.id, 'backups');
+      const bId = (await repo.vmBackups('b')).at(-1)!.id;
+      const { readFile: rf } = await import('node:fs/promises');
+      const lie = JSON.parse(await rf(join(summaries, bId), 'utf8'));
+      lie.vm = 'a';
+      lie.time = new Date(Date.now() + 3600_000).toISOString();
+      await writeFile(join(summaries, bId), JSON.stringify(lie));
+      const warnings: string[] = [];
+      const fooled = await Repository.open(storage, PASSWORD, { cacheDir: cache, onWarning: (m) => warnings.push(m) });
+      const after = await backupVm(fooled, { vm: 'a', driver: 'image', disks: [{ path: images.get('a')!, format: 'qcow2' }] });
+      assert.ok(warnings.some((w) => w.includes(`backup ${bId} as one of VM "a", but it is of "b"`)), warnings.join('\n'));
+      assert.equal(after.manifest.disks[0]!.mode, 'incremental', "a's own previous backup still counts");
+      await restoredEqual(fooled, after.manifest.id, images.get('a')!, join(dir.path, 'out'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+});
+
+describe('the index under concurrent writers', () => {
+  test('two hosts back up clones at once, gc waits for them, and the index then lists exactly what is stored', async (t) => {
+    const { dir, storage } = await setup();
+    try {
+      const host = (name: string) => Repository.open(storage, PASSWORD, { cacheDir: join(dir.path, `cache-${name}`), onWarning: () => {} });
+      const [h1, h2] = await Promise.all([host('one'), host('two')]);
+      const base = random(24, 11);
+      const a = await makeImage(dir.path, 'a.qcow2', 'qcow2', 32 * MiB, base);
+      const b = await makeImage(dir.path, 'b.qcow2', 'qcow2', 32 * MiB, base);
+      await writePattern(b, 'qcow2', 30 * MiB, MiB, 0x99);
+      const running = Promise.all([
+        backupVm(h1, { vm: 'a', driver: 'image', disks: [{ path: a, format: 'qcow2' }] }),
+        backupVm(h2, { vm: 'b', driver: 'image', disks: [{ path: b, format: 'qcow2' }] }),
+      ]);
+      // gc while a backup holds its shared lock: refused, nothing deleted, the index untouched.
+      // (Once both hold theirs: a backup that meets gc's lock backs off, as gc does on meeting theirs.)
+      const locks = async () => { let n = 0; for await (const _ of storage.list('locks/')) n++; return n; };
+      while ((await locks()) < 2) await new Promise((r) => setTimeout(r, 5));
+      const indexBefore = await indexNames(storage);
+      await assert.rejects(collectGarbage(h1), (e: { code?: string }) => e.code === 'LOCKED');
+      assert.deepEqual((await indexNames(storage)).filter((n) => indexBefore.includes(n)), indexBefore, 'no index object removed');
+      const [ra, rb] = await running;
+      // A chunk both read at the same moment may be uploaded by both (each stats it before the
+      // other's put lands): at most the chunks in flight at once (10), never an image twice.
+      const stored = await h1.chunkIds();
+      const twice = ra.stats.chunksNew + rb.stats.chunksNew - stored.size;
+      t.diagnostic(`${stored.size} chunks stored, ${twice} uploaded by both hosts`);
+      assert.ok(twice >= 0 && twice <= 10, `${twice} chunks uploaded twice`);
+      const index = await (await host('three')).chunkIndex();
+      for (const id of stored) assert.ok(index.has(id), 'every stored chunk is indexed after both commits');
+      await collectGarbage(h2);
+      const names = await indexNames(storage);
+      const listed = new Set<string>();
+      for (const n of names) { const ids = openIndex(h2, n, await storage.get(n)); for (let o = 0; o < ids.length; o += 32) listed.add(ids.subarray(o, o + 32).toString('hex')); }
+      assert.deepEqual([...listed].sort(), [...stored].sort());
+      await restoredEqual(h1, ra.manifest.id, a, join(dir.path, 'out-a'));
+      await restoredEqual(h2, rb.manifest.id, b, join(dir.path, 'out-b'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+});
