@@ -346,8 +346,7 @@ export class Repository {
    * The chunk goes into the index with the next flush (at the latest, before a manifest).
    */
   async putChunk(id: string, sealed: Uint8Array): Promise<void> {
-    // Another host may have stored it since this backup learnt what exists: a HEAD costs less than the PUT.
-    if (this.toHeal.has(id) || !(await this.storage.stat(chunkName(id)))) await this.storage.put(chunkName(id), sealed);
+    await this.storage.put(chunkName(id), sealed);
     this.unindexed.push(id);
     if (this.toHeal.has(id)) {
       await release(this, [id]);

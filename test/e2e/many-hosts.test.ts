@@ -9,8 +9,8 @@
  * passes, and uploads made twice are counted (one proxy per host, so each PUT is known
  * by host) and must lie in the race window.
  *
- * The race window: a backup learns at its start which chunks exist, and asks storage again
- * (a HEAD) just before it uploads a new one (Repository.putChunk). A chunk is therefore
+ * The race window: a backup asks storage (a HEAD, ChunkIndex.present) for each chunk it
+ * reads that it has not stored itself, before sealing and uploading it. A chunk is therefore
  * uploaded twice only when another host's HEAD of it came before the first upload of it
  * finished, i.e. when two hosts were uploading the same chunk at the same time. The test
  * checks exactly that for each duplicate, from the proxies' logs.
