@@ -15,7 +15,9 @@
  *
  * It sits inside withRetry (openStorage: withRetry(withAdaptiveConcurrency(s3))), so that
  * every attempt takes a slot and no slot is held while a retry waits. Every caller of the
- * storage shares the one limit: uploads, reads, stats and list pages alike.
+ * storage shares its limits. Writes (put, delete) and reads (get, stat, list pages) have
+ * one limit each, as S3 has one request budget each per prefix (3,500 and 5,500 a second):
+ * quick HEADs that succeed must not raise the limit of uploads that are being refused.
  */
 import { isThrottling } from '../errors.js';
 import type { Storage } from './storage.js';
@@ -46,7 +48,7 @@ export interface ConcurrencyStats {
 }
 
 export interface AdaptiveStorage extends Storage {
-  concurrency(): ConcurrencyStats;
+  concurrency(): { reads: ConcurrencyStats; writes: ConcurrencyStats };
 }
 
 /** The AIMD limiter itself, apart from storage: `run` holds a slot while `fn` runs. */
@@ -132,10 +134,12 @@ export class AimdLimiter {
     }
   }
 }
-/** Wraps `storage` with one AimdLimiter shared by every method; see the file comment. */
+/** Wraps `storage` with two AimdLimiters, one for writes and one for reads; see the file comment. */
 export function withAdaptiveConcurrency(storage: Storage, opts: ConcurrencyOptions = {}): AdaptiveStorage {
   const max = Math.max(1, opts.max ?? 32);
-  const limiter = new AimdLimiter({ max, min: Math.min(max, Math.max(1, opts.min ?? 1)), ...(opts.onChange ? { onChange: opts.onChange } : {}) });
+  const limits = { max, min: Math.min(max, Math.max(1, opts.min ?? 1)), ...(opts.onChange ? { onChange: opts.onChange } : {}) };
+  const writes = new AimdLimiter(limits);
+  const limiter = new AimdLimiter(limits); // reads
 
   // A listing holds a slot while it waits for its next item (a page request, mostly);
   // not between items, so a slow consumer does not starve the uploads.
@@ -156,12 +160,12 @@ export function withAdaptiveConcurrency(storage: Storage, opts: ConcurrencyOptio
   return {
     location: storage.location,
     get: (name) => limiter.run(() => storage.get(name)),
-    put: (name, data) => limiter.run(() => storage.put(name, data)),
+    put: (name, data) => writes.run(() => storage.put(name, data)),
     stat: (name) => limiter.run(() => storage.stat(name)),
-    delete: (name) => limiter.run(() => storage.delete(name)),
+    delete: (name) => writes.run(() => storage.delete(name)),
     list,
     ...(sweep ? { removeTemporary: (before: number) => sweep(before) } : {}),
     close: () => storage.close(),
-    concurrency: () => limiter.snapshot(),
+    concurrency: () => ({ reads: limiter.snapshot(), writes: writes.snapshot() }),
   };
 }

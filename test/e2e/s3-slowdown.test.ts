@@ -72,8 +72,8 @@ test('SlowDown answers lower the uploads in flight instead of failing the backup
       + `backup took ${((lastEnd - puts[0]!.start) / 1000).toFixed(1)} s`);
     assert.ok(before >= 8, `the pipeline first sends its 10 uploads at once (${before})`);
     assert.ok(latePeak <= CAPACITY + 1, `late in the backup at most CAPACITY + 1 uploads are in flight (saw ${latePeak})`);
-    // Without the limiter (retries with backoff only) about 80 of the 128 uploads are
-    // refused, measured: every new chunk's first attempt meets a full bucket.
+    // Without the limiter (retries with backoff only) 56 of the 128 uploads were refused,
+    // measured (and the backup took 11.9 s instead of 7.6 s).
     assert.ok(refused.length * 3 < CHUNKS, `fewer than a third of the uploads are refused (${refused.length})`);
 
     proxy.throttle = undefined;

@@ -43,6 +43,8 @@ export interface S3Proxy {
   throttle?: ThrottlePolicy;
   /** Wait this long before forwarding or refusing a PUT (a slow link: uploads overlap as they would on one). */
   putDelayMs?: number;
+  /** When the proxy started (ms since the epoch): `start` and `end` of `log` count from it. */
+  startedAt: number;
   /** Every request so far, in order of arrival. */
   log: ProxiedRequest[];
   /** Successful (2xx) PUTs per object key (path without bucket and query), e.g. to find uploads made twice. */
@@ -126,6 +128,7 @@ export async function startS3Proxy(targetEndpoint: string, mode: ProxyMode = 'pa
     endpoint,
     via: (url) => url.replace(`endpoint=${targetEndpoint}`, `endpoint=${endpoint}`),
     mode,
+    startedAt: t0,
     log: [],
     puts: new Map(),
     down: async () => {

@@ -107,6 +107,7 @@ test('the primary Redis is lost during a backup: the Sentinel fails over, the jo
     const manifests = (await repo.manifests()).filter((m) => m.vm === 'web');
     assert.equal(manifests.length, 1, `the backup exists exactly once: ${manifests.map((m) => m.id).join(', ')}`);
     assert.equal(finished!.attemptsMade, 1, 'one run');
+    assert.match(worker.output(), /redis connection error/, 'the worker lost its connection to the primary (and found the new one)');
     console.log(`# sentinel: primary :${killed} killed after ${uploadedBefore}/${CHUNKS} chunk uploads; replica :${await sentinel.currentPrimary()} promoted `
       + `${(promotedAfterMs / 1000).toFixed(1)} s later; job completed ${((finished!.finishedOn! - killedAt) / 1000).toFixed(1)} s after the loss, attempts ${finished!.attemptsMade}, backups 1`);
 

@@ -118,8 +118,9 @@ describe('withRetry(withAdaptiveConcurrency(storage))', () => {
       assert.deepEqual([...(await s.get('keys/a'))], [1]);
       assert.equal(f.calls.put, 11);
       assert.equal(delays.length, 10);
-      const c = adaptive.concurrency();
+      const c = adaptive.concurrency().writes;
       assert.equal(c.throttled, 10);
+      assert.equal(adaptive.concurrency().reads.throttled, 0, 'reads have their own limit');
       assert.equal(c.lowest, 1, 'one request in flight, refused: halved to the minimum');
 
       const g = faulty(new LocalStorage(dir), { put: [{ error: httpError(503, 'SlowDown'), times: Infinity }] });
