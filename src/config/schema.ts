@@ -15,6 +15,7 @@ import { formatPath, type YamlIssue, type YamlPosition } from '../policy/load.js
 import { NAME_RE, cronSchedule, nameRule } from '../policy/schema.js';
 import { isValidTimeZone } from '../policy/retention.js';
 import { parseRepositoryUrl } from '../storage/open.js';
+import { ALERT_KEYS, alertsSchema } from './alerts.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/vmvault';
 export const DEFAULT_POLICIES_DIR = 'policies';
@@ -152,6 +153,8 @@ export const configSchema = z.strictObject({
   api: apiSchema.prefault({}),
   hosts: z.record(name('host name'), hostSchema, { error: 'expected a mapping from host name to { restoreRoots }' }).default({}),
   maintenance: maintenanceSchema.default({}),
+  /** Where alerts go (webhooks, e-mail): src/config/alerts.ts. */
+  alerts: alertsSchema.optional(),
 }, { error: 'expected a mapping with repository, redis, host, vms, api, hosts…' });
 
 type Parsed = z.output<typeof configSchema>;
@@ -176,7 +179,7 @@ export type Config = Omit<Parsed, 'vms' | 'api' | 'policiesDir'> & {
 export const CONFIG_KEYS: readonly string[] = [
   ...Object.keys(configSchema.shape), 'url', 'passwordFile', 'passwordEnv',
   ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots',
-  ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData',
+  ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData', ...ALERT_KEYS,
 ];
 
 const asObject = (v: unknown): Record<string, unknown> => (v !== null && typeof v === 'object' && !Array.isArray(v) ? v as Record<string, unknown> : {});

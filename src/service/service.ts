@@ -38,6 +38,8 @@ import { startApiServer, type ApiServer } from '../api/server.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
+import { startAlerts } from '../ops/alerts/start.js';
+import { VerificationCache } from '../repo/health.js';
 
 export interface Service { stop(): Promise<void> }
 
@@ -155,8 +157,12 @@ export async function runScheduler(
       await enqueueMaintenance(maintenance, payload, { jobId });
     },
   });
+  let alerts: Awaited<ReturnType<typeof startAlerts>>;
   try {
     await scheduler.start();
+    // Alerts (config alerts:) are checked here: one place that sees every queue, whichever host runs the jobs.
+    const verification = new VerificationCache(repo, 60_000);
+    alerts = await startAlerts(config, { config, redis: connection, backups: () => catalogue.list(), verification: () => verification.get(), queueOf, maintenance }, log, opts.env);
   } catch (err) {
     await scheduler.stop().catch(() => {});
     await maintenance.close().catch(() => {});
@@ -167,6 +173,7 @@ export async function runScheduler(
   let stopping: Promise<void> | undefined;
   return {
     stop: () => (stopping ??= (async () => {
+      await alerts?.stop();
       await scheduler.stop();
       await Promise.all([...queues.values(), maintenance].map((q) => q.close().catch(() => {})));
       await closeRedis(connection);
