@@ -129,8 +129,9 @@ export async function runScheduler(
   };
   const maintenance = maintenanceQueue(connection);
   const byName = new Map(config.vms.map((vm) => [vm.name, vm]));
-  // Catch-up asks for every (policy, VM): the backup summaries are read once per minute, not once per question.
-  const catalogue = new Catalogue(repo, 60_000);
+  // Catch-up asks for every (policy, VM): the backup summaries are read at most once per minute (or per alert check), not once per question.
+  const refreshMs = Math.min(config.alerts?.checkEvery ?? 60_000, 60_000);
+  const catalogue = new Catalogue(repo, refreshMs);
   const scheduler = new Scheduler({
     policiesDir: config.policiesDir,
     log,
@@ -161,7 +162,7 @@ export async function runScheduler(
   try {
     await scheduler.start();
     // Alerts (config alerts:) are checked here: one place that sees every queue, whichever host runs the jobs.
-    const verification = new VerificationCache(repo, 60_000);
+    const verification = new VerificationCache(repo, refreshMs);
     alerts = await startAlerts(config, { config, redis: connection, backups: () => catalogue.list(), verification: () => verification.get(), queueOf, maintenance }, log, opts.env);
   } catch (err) {
     await scheduler.stop().catch(() => {});

@@ -15,12 +15,16 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { SMTPServer } from 'smtp-server';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
+import { chunkName } from '../../src/repo/chunk.js';
+import { Repository } from '../../src/repo/repository.js';
+import { LocalStorage } from '../../src/storage/local.js';
 import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
 import { waitFor } from '../helpers/procs.js';
 import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { startService, type TestService } from '../helpers/service.js';
 
-const TOKENS = { viewer: 'viewer-token-alerts-0123', operator: 'operator-token-alerts-0123' } as const;
+const TOKENS = { viewer: 'viewer-token-alerts-0123', operator: 'operator-token-alerts-0123', admin: 'admin-token-alerts-0123' } as const;
+const PASSPHRASE = 'alerts test passphrase';
 const SECRET = 'webhook-secret-6f1d0c9a8b7e';
 const SMTP_USER = 'vmvault';
 const SMTP_PASSWORD = 'smtp-password-3e2a9c';
@@ -113,16 +117,18 @@ before(async () => {
 
   const late = await makeImage(dir.path, 'late.qcow2', 'qcow2', 8 * MiB);
   const db = await makeImage(dir.path, 'db.qcow2', 'qcow2', 8 * MiB);
+  const web = await makeImage(dir.path, 'web.qcow2', 'qcow2', 8 * MiB, [{ offset: 0, length: 4 * MiB, pattern: 0x61 }]);
   const conn = createRedis(redis.url, 'producer');
   await conn.set('vmvault:policy-first-seen:nightly', String(Date.now() - 3 * DAY));
   await closeRedis(conn);
   service = await startService({
-    dir: dir.path, redisUrl: redis.url, passphrase: 'alerts test passphrase', tokens: TOKENS, workers: ['hosta', 'hostb'],
+    dir: dir.path, redisUrl: redis.url, passphrase: PASSPHRASE, tokens: TOKENS, workers: ['hosta', 'hostb'],
     hosts: ['hostb: { restoreRoots: [] }'],
     vms: [
       `{ name: broken, host: hosta, disks: [{ path: ${JSON.stringify(join(dir.path, 'missing.qcow2'))}, format: qcow2 }] }`,
       `{ name: late, host: hosta, disks: [{ path: ${JSON.stringify(late)} }] }`,
       `{ name: db, host: hostb, disks: [{ path: ${JSON.stringify(db)} }] }`,
+      `{ name: web, host: hosta, disks: [{ path: ${JSON.stringify(web)} }] }`,
     ],
     policies: { 'nightly.yaml': 'name: nightly\nschedule: "0 2 * * *"\nselect: { vms: [late] }\nretention: { keepLast: 7 }\n' },
     extraConfig: [
@@ -189,6 +195,33 @@ describe('alerts', () => {
     assert.deepEqual(hook.body.details.vms, ['db']);
     assert.match(mail.text, /no worker is running on host hostb/);
     assert.equal(hooks.filter((h) => h.event === 'worker_offline').length, 1, 'hosta, whose worker runs, is not alerted');
+  });
+
+  test('verify found damage: a webhook and an e-mail naming the backup', async () => {
+    const id = (await call('POST', '/v1/vms/web/backups', 'operator', {})).job.id as string;
+    const backup = await waitFor('the backup to finish', async () => {
+      const j = await call('GET', `/v1/jobs/${id}`, 'viewer');
+      return j.state === 'completed' || j.state === 'failed' ? j : undefined;
+    }, 60_000, output);
+    assert.equal(backup.state, 'completed', backup.error);
+    const storage = new LocalStorage(service!.repoUrl);
+    const repo = await Repository.open(storage, PASSPHRASE);
+    const chunk = (await repo.loadManifest(backup.result.id)).disks[0]!.chunks[0]!;
+    const bytes = Buffer.from(await storage.get(chunkName(chunk)));
+    bytes[40]! ^= 0xff;
+    await storage.put(chunkName(chunk), bytes);
+    await storage.close();
+    const verify = await call('POST', '/v1/maintenance/verify', 'admin', { readData: true });
+    const { hook, mail } = await both('the damaged backup', (h) => h.event === 'verify_damage', (m) => m.text.includes('X-Vmvault-Event: verify_damage'));
+    assert.equal(hook.signed, true);
+    assert.equal(hook.body.details.backup, backup.result.id);
+    assert.equal(hook.body.details.vm, 'web');
+    assert.equal(hook.body.details.status, 'damaged');
+    assert.equal(hook.body.details.damagedChunks, 1);
+    assert.match(mail.text, new RegExp(`verify found backup ${backup.result.id.slice(0, 12)} of VM web damaged`));
+    // The verify job itself failed for good (INTEGRITY): that is a job_failed alert too.
+    const failed = await waitFor('the verify job\'s alert', () => hooks.find((h) => h.event === 'job_failed' && h.body.details.job === verify.job.id), 30_000, output);
+    assert.equal(failed.body.details.code, 'INTEGRITY');
   });
 
   test('no secret reaches a log, a webhook or an e-mail', () => {
