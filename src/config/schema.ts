@@ -17,6 +17,7 @@ import { NAME_RE, cronSchedule, nameRule } from '../policy/schema.js';
 import { isValidTimeZone } from '../policy/retention.js';
 import { parseRepositoryUrl } from '../storage/open.js';
 import { formatRedisUrl, parseRedisUrl } from './redis.js';
+import { ALERT_KEYS, alertsSchema } from './alerts.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/vmvault';
 export const DEFAULT_POLICIES_DIR = 'policies';
@@ -201,6 +202,8 @@ export const configSchema = z.strictObject({
   api: apiSchema.prefault({}),
   hosts: z.record(name('host name'), hostSchema, { error: 'expected a mapping from host name to { restoreRoots }' }).default({}),
   maintenance: maintenanceSchema.default({}),
+  /** Where alerts go (webhooks, e-mail): src/config/alerts.ts. */
+  alerts: alertsSchema.optional(),
 }, { error: 'expected a mapping with repository, redis, host, vms, api, hosts…' });
 
 type Parsed = z.output<typeof configSchema>;
@@ -225,7 +228,7 @@ export type Config = Omit<Parsed, 'vms' | 'api' | 'policiesDir'> & {
 export const CONFIG_KEYS: readonly string[] = [
   ...Object.keys(configSchema.shape), 'url', 'passwordFile', 'passwordEnv',
   ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots', 'exportAddress',
-  ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData',
+  ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData', ...ALERT_KEYS,
   'sentinels', 'cluster', 'username', 'password', 'sentinelPassword', 'db', 'tls', 'port',
 ];
 

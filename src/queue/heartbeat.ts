@@ -51,10 +51,12 @@ export async function startHeartbeat(redis: RedisConnection, opts: HeartbeatOpti
     const value: WorkerBeat = { host: opts.host, id, pid: process.pid, version: opts.version, startedAt, lastSeen: new Date().toISOString() };
     return redis.set(key, JSON.stringify(value), 'PX', intervalMs * TTL_INTERVALS);
   };
-  await beat().catch((err: Error) => opts.onError?.(err));
+  // One write at a time; stop() waits for the last, so no late write brings the key back after the delete.
+  let last: Promise<unknown> = beat().catch((err: Error) => opts.onError?.(err));
+  await last;
   let stopped = false;
   const timer = setInterval(() => {
-    if (!stopped) beat().catch((err: Error) => opts.onError?.(err));
+    if (!stopped) last = last.then(() => beat()).catch((err: Error) => opts.onError?.(err));
   }, intervalMs);
   timer.unref();
   return {
@@ -62,6 +64,7 @@ export async function startHeartbeat(redis: RedisConnection, opts: HeartbeatOpti
     stop: async () => {
       stopped = true;
       clearInterval(timer);
+      await last;
       await redis.del(key).catch(() => {});
     },
   };

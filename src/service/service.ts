@@ -43,6 +43,8 @@ import { startMaintenanceWorker } from '../../workers/maintenance.js';
 import { ensureAdminToken, withStateToken } from './admin-token.js';
 import { joinCommand, joinRedisUrl, parseRedisListen, stateRedisPassword } from './join.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
+import { startAlerts } from '../ops/alerts/start.js';
+import { VerificationCache } from '../repo/health.js';
 
 export interface Service { stop(): Promise<void> }
 
@@ -131,8 +133,9 @@ export async function runScheduler(
     return q;
   };
   const maintenance = maintenanceQueue(connection);
-  // Catch-up asks for every (policy, VM): the backup summaries are read once per minute, not once per question.
-  const catalogue = new Catalogue(repo, 60_000);
+  // Catch-up asks for every (policy, VM): the backup summaries are read at most once per minute (or per alert check), not once per question.
+  const refreshMs = Math.min(config.alerts?.checkEvery ?? 60_000, 60_000);
+  const catalogue = new Catalogue(repo, refreshMs);
   const scheduler = new Scheduler({
     policiesDir: config.policiesDir,
     log,
@@ -164,8 +167,12 @@ export async function runScheduler(
       log.info({ policy: policy.name, vm, host, job: job.id, slot }, 'drill enqueued');
     },
   });
+  let alerts: Awaited<ReturnType<typeof startAlerts>>;
   try {
     await scheduler.start();
+    // Alerts (config alerts:) are checked here: one place that sees every queue, whichever host runs the jobs.
+    const verification = new VerificationCache(repo, refreshMs);
+    alerts = await startAlerts(config, { config, redis: connection, backups: () => catalogue.list(), verification: () => verification.get(), queueOf, maintenance }, log, opts.env);
   } catch (err) {
     await scheduler.stop().catch(() => {});
     await maintenance.close().catch(() => {});
@@ -176,6 +183,7 @@ export async function runScheduler(
   let stopping: Promise<void> | undefined;
   return {
     stop: () => (stopping ??= (async () => {
+      await alerts?.stop();
       await scheduler.stop();
       await Promise.all([...queues.values(), maintenance].map((q) => q.close().catch(() => {})));
       await closeRedis(connection);
