@@ -25,6 +25,8 @@ export interface LibvirtDisk {
   path: string;
   /** Guest device name (`target dev=`), e.g. `vda`. */
   target?: string;
+  /** Guest bus (`target bus=`): virtio, sata, ide, scsi, usb. */
+  bus?: string;
   /** Image format from `driver type=`. */
   format?: string;
 }
@@ -73,10 +75,11 @@ function diskElements(doc: Document): { el: Element; source: Element; attr: 'fil
 export function libvirtDisks(xml: string): LibvirtDisk[] {
   return diskElements(parse(xml)).map(({ el, source, attr }) => {
     const target = children(el, 'target')[0]?.getAttribute('dev') ?? undefined;
+    const bus = children(el, 'target')[0]?.getAttribute('bus') ?? undefined;
     const format = children(el, 'driver')[0]?.getAttribute('type') ?? undefined;
     return {
       type: el.getAttribute('type') ?? 'file', device: el.getAttribute('device') ?? 'disk', path: source.getAttribute(attr)!,
-      ...(target ? { target } : {}), ...(format ? { format } : {}),
+      ...(target ? { target } : {}), ...(bus ? { bus } : {}), ...(format ? { format } : {}),
     };
   });
 }

@@ -19,7 +19,7 @@ import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, assertSafeName, pathInside } from './names.js';
 import { withReadLock } from '../repo/locks.js';
-import { VM_NAME_RE, renameLibvirtDomain, rewriteLibvirtDiskPaths, type DiskTarget, type DomainIdentity } from './libvirt-xml.js';
+import { VM_NAME_RE, libvirtDisks, renameLibvirtDomain, rewriteLibvirtDiskPaths, type DiskTarget, type DomainIdentity } from './libvirt-xml.js';
 import { dataRuns } from './sparse.js';
 
 export interface RestoreRequest {
@@ -87,6 +87,8 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     planned.push({ kind: 'config', name: c.name, path, tmp: tmpName(path) });
   }
   const clone = req.name === undefined ? undefined : cloneIdentity(req.name, manifest, whole);
+  // What a configuration file cannot become (a clone sharing a disk) is refused now, before any disk is written.
+  for (const c of clone ? manifest.configs : []) adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned, clone);
   const clash = planned.find((p, i) => planned.findIndex((q) => q.path === p.path) !== i);
   if (clash) throw new VmvaultError('BAD_INPUT', `two restored files would both be ${clash.path}: give each disk its own path; nothing was written`);
   const checkPlaces = async () => {
@@ -163,6 +165,14 @@ export function adjustConfig(name: string, data: Buffer, planned: readonly (Rest
     // A clone must not come back under the original's name: better no restore than that.
     if (clone) throw new VmvaultError('BAD_INPUT', `${name} cannot be given the new name "${clone.name}": ${errorMessage(err)}; restore without --name, or rename by hand`, { cause: err });
     return data; // Not a domain after all (or not XML libvirt would read): the file as it was is the honest copy.
+  }
+  if (clone) {
+    // A disk the backup does not hold would still point at the original's image: the clone would write into it.
+    const restored = new Set(planned.filter((p) => p.disk).map((p) => p.path));
+    const shared = libvirtDisks(xml).filter((d) => d.device === 'disk' && !restored.has(d.path));
+    if (shared.length) {
+      throw new VmvaultError('BAD_INPUT', `${name} uses disk(s) ${shared.map((d) => d.path).join(', ')} that the backup does not hold: a clone would share them with the original; back them up with the VM, or restore without --name and edit the configuration; nothing was written`);
+    }
   }
   return Buffer.from(clone ? renameLibvirtDomain(xml, clone) : xml);
 }

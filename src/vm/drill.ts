@@ -16,6 +16,9 @@ import { NotFoundError, VmvaultError } from '../errors.js';
 import { exportBackupDisk, type NbdExport } from '../pipeline/nbd-export.js';
 import { newRunId, writeDrill, type DrillRecord } from '../repo/health.js';
 import type { Repository } from '../repo/repository.js';
+import type { DiskEntry, Manifest } from '../repo/manifest.js';
+import { libvirtDisks } from '../pipeline/libvirt-xml.js';
+import { diskNameFromPath } from '../pipeline/names.js';
 import { runDrill, type DrillProbe } from './drill-run.js';
 
 export type { DrillProbe } from './drill-run.js';
@@ -23,6 +26,7 @@ export type { DrillProbe } from './drill-run.js';
 /** The serial text a drill waits for when no probe is given: a Linux getty's prompt. */
 export const DEFAULT_DRILL_TEXT = 'login:';
 export const DEFAULT_DRILL_TIMEOUT_MS = 300_000;
+export const DEFAULT_DRILL_MEMORY_MIB = 512;
 
 export interface DrillRequest {
   backupId: string;
@@ -35,7 +39,10 @@ export interface DrillRequest {
   host?: string;
   memoryMiB?: number;
   machine?: string;
-  /** Guest disk bus (default virtio; ide for guests without virtio drivers). */
+  /**
+   * Guest disk bus: virtio, or ide for guests without virtio drivers. Default: as the
+   * backup's libvirt domain XML says (virtio stays virtio, sata/ide/scsi become ide), else virtio.
+   */
   bus?: 'virtio' | 'ide';
   now?: () => Date;
 }
@@ -87,10 +94,10 @@ export async function drillBackup(repo: Repository, req: DrillRequest): Promise<
       exports.push(await exportBackupDisk({ repo, backupId: manifest.id, disk: d.name, listen: `unix:${join(work, `d${i}.nbd`)}` }));
     }
     const outcome = await runDrill({
-      disks: exports.map((e) => ({ uri: e.uri, size: e.size, ...(req.bus ? { bus: req.bus } : {}) })),
+      disks: exports.map((e, i) => ({ uri: e.uri, size: e.size, bus: req.bus ?? busFromConfig(manifest, manifest.disks[i]!) })),
       probe, timeoutMs: req.timeoutMs ?? DEFAULT_DRILL_TIMEOUT_MS, workDir: work,
       serialLog: join(directory, 'serial.log'), screenshot: join(directory, 'screen.ppm'),
-      ...(req.memoryMiB ? { memoryMiB: req.memoryMiB } : {}), ...(req.machine ? { machine: req.machine } : {}),
+      memoryMiB: req.memoryMiB ?? DEFAULT_DRILL_MEMORY_MIB, ...(req.machine ? { machine: req.machine } : {}),
     });
     const record: DrillRecord = {
       backup: manifest.id, run: newRunId(), time, host: req.host ?? hostname(),
@@ -109,6 +116,23 @@ export async function drillBackup(repo: Repository, req: DrillRequest): Promise<
     await Promise.all(exports.map((e) => e.close()));
     await rm(work, { recursive: true, force: true });
   }
+}
+
+/** The bus the VM's libvirt domain gives this disk (matched by its path or disk name), as a drill can offer it. */
+function busFromConfig(m: Manifest, disk: DiskEntry): 'virtio' | 'ide' {
+  for (const c of m.configs) {
+    const xml = Buffer.from(c.data, 'base64').toString('utf8');
+    if (!/\.xml$/i.test(c.name) || !/<domain[\s>]/.test(xml)) continue;
+    let disks;
+    try {
+      disks = libvirtDisks(xml);
+    } catch {
+      continue;
+    }
+    const d = disks.find((x) => x.device === 'disk' && (x.path === disk.sourcePath || diskNameFromPath(x.path) === disk.name));
+    if (d?.bus) return d.bus === 'virtio' ? 'virtio' : 'ide';
+  }
+  return 'virtio';
 }
 
 /** The error a failed drill becomes where failing matters (the CLI's exit status, a job). */

@@ -117,6 +117,21 @@ describe('restore as a new VM', () => {
   });
 });
 
+describe('a clone never shares a disk with the original', () => {
+  test('--name is refused when the domain uses a disk the backup does not hold; a plain restore of it still works', async () => {
+    const xml = join(dir.path, 'web2.xml');
+    await writeFile(xml, domainXml(root, data));
+    const partial = (await cliJson(['backup', '--vm', 'web2', '--disk', root, '--format', 'qcow2', '--config', xml], env)).id;
+    const to = join(dir.path, 'web2-clone');
+    const r = await cli(['restore', partial, '--to', to, '--name', 'web2-clone'], env);
+    assert.equal(r.code, 1, r.stdout);
+    assert.match(r.stderr, new RegExp(`web2\\.xml uses disk\\(s\\) ${data.replace(/[.]/g, '\\.')} that the backup does not hold: a clone would share them with the original`));
+    assert.ok(!existsSync(to) || (await readdir(to)).length === 0, 'nothing was written');
+    await cliJson(['restore', partial, '--to', to], env);
+    assert.ok((await compareImages(root, join(to, 'root.qcow2'), 'qcow2', 'qcow2')).identical);
+  });
+});
+
 describe('renameLibvirtDomain', () => {
   test('adds a <name> and <uuid> when the domain had none; refuses names libvirt would not take', () => {
     const out = renameLibvirtDomain("<domain type='kvm'><memory>1</memory></domain>", { name: 'n1', uuid: UUID, macs: [] });

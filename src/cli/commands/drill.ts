@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { VmvaultError } from '../../errors.js';
 import { configPathFrom, loadConfig } from '../../config/load.js';
 import { DEFAULT_STATE_DIR } from '../../config/schema.js';
-import { DEFAULT_DRILL_TEXT, drillBackup, drillFailure, resolveDrillTarget, type DrillProbe } from '../../vm/drill.js';
+import { DEFAULT_DRILL_MEMORY_MIB, DEFAULT_DRILL_TEXT, drillBackup, drillFailure, resolveDrillTarget, type DrillProbe } from '../../vm/drill.js';
 import { openRepository, type GlobalOptions } from '../context.js';
 import { print } from '../output.js';
 
@@ -42,22 +42,22 @@ export function registerDrillCommand(program: Command, globals: () => GlobalOpti
     .option('--timeout <seconds>', 'give up after this long', '300')
     .option('--state-dir <dir>', `where the serial log, screenshot and result are kept, under drills/<backup id>/ (default: the configuration's stateDir, else ${DEFAULT_STATE_DIR})`)
     .option('--config <file>', 'configuration file (for its stateDir; env VMVAULT_CONFIG)')
-    .option('--memory <MiB>', 'guest memory in MiB', '512')
+    .option('--memory <MiB>', `guest memory in MiB (default ${DEFAULT_DRILL_MEMORY_MIB})`)
     .option('--machine <type>', 'QEMU machine (default pc,accel=kvm:tcg)')
-    .option('--bus <bus>', 'guest disk bus: virtio (default) or ide (guests without virtio drivers)')
+    .option('--bus <bus>', 'guest disk bus: virtio or ide (guests without virtio drivers); default: as the backup\'s libvirt XML says, else virtio')
     .option('--host <name>', 'host name recorded with the result')
     .option('--json', 'print the result as JSON')
     .action(async (idOrVm: string, o: DrillFlags) => {
       const probe = probeFromFlags(o);
       const timeoutMs = positive('--timeout', o.timeout) * 1000;
-      const memoryMiB = Math.round(positive('--memory', o.memory ?? '512'));
+      const memoryMiB = o.memory === undefined ? undefined : Math.round(positive('--memory', o.memory));
       if (o.bus !== undefined && o.bus !== 'virtio' && o.bus !== 'ide') throw new VmvaultError('BAD_INPUT', `--bus ${o.bus}: virtio or ide`);
       const configFile = configPathFrom(o.config);
       const stateDir = o.stateDir ?? (configFile ? (await loadConfig(configFile)).stateDir : DEFAULT_STATE_DIR);
       const repo = await openRepository(globals());
       const backupId = await resolveDrillTarget(repo, idOrVm);
       const r = await drillBackup(repo, {
-        backupId, probe, timeoutMs, stateDir, memoryMiB,
+        backupId, probe, timeoutMs, stateDir, ...(memoryMiB ? { memoryMiB } : {}),
         ...(o.machine ? { machine: o.machine } : {}), ...(o.bus ? { bus: o.bus as 'virtio' | 'ide' } : {}), ...(o.host ? { host: o.host } : {}),
       });
       print(o.json, r, () => [
