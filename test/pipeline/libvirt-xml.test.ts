@@ -46,11 +46,11 @@ const DOMAIN = `<?xml version="1.0"?>
 `;
 
 describe('libvirt domain XML', () => {
-  it('lists file and block disks with their targets and formats', () => {
+  it('lists file and block disks with their targets, buses and formats', () => {
     assert.deepEqual(libvirtDisks(DOMAIN), [
-      { type: 'file', device: 'disk', path: '/var/lib/libvirt/images/web1-root.qcow2', target: 'vda', format: 'qcow2' },
-      { type: 'block', device: 'disk', path: '/dev/vg0/web1-data', target: 'vdb', format: 'raw' },
-      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', format: 'raw' },
+      { type: 'file', device: 'disk', path: '/var/lib/libvirt/images/web1-root.qcow2', target: 'vda', bus: 'virtio', format: 'qcow2' },
+      { type: 'block', device: 'disk', path: '/dev/vg0/web1-data', target: 'vdb', bus: 'virtio', format: 'raw' },
+      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', bus: 'sata', format: 'raw' },
     ]);
   });
 
@@ -61,9 +61,9 @@ describe('libvirt domain XML', () => {
       'not-a-disk': '/nowhere',
     });
     assert.deepEqual(libvirtDisks(out), [
-      { type: 'file', device: 'disk', path: '/srv/restore/web1-root.qcow2', target: 'vda', format: 'qcow2' },
-      { type: 'file', device: 'disk', path: '/srv/restore/web1-data.qcow2', target: 'vdb', format: 'qcow2' },
-      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', format: 'raw' },
+      { type: 'file', device: 'disk', path: '/srv/restore/web1-root.qcow2', target: 'vda', bus: 'virtio', format: 'qcow2' },
+      { type: 'file', device: 'disk', path: '/srv/restore/web1-data.qcow2', target: 'vdb', bus: 'virtio', format: 'qcow2' },
+      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', bus: 'sata', format: 'raw' },
     ]);
     // The old chain is gone: a restored image has no backing file.
     assert.doesNotMatch(out, /backingStore|base\.qcow2/);
