@@ -114,7 +114,7 @@ describe('vmvault restore --instant --start', () => {
     assert.equal(info['backing-filename'], undefined, 'the final image names no backing file');
   });
 
-  test('killing vmvault (the exporter) during the copy pauses the VM on an I/O error; --resume completes with an identical image', { timeout: 180_000 }, async () => {
+  test('killing vmvault (the exporter) during the copy pauses the VM on an I/O error; --resume completes with an identical image', { timeout: 300_000 }, async () => {
     const to = join(dir.path, 'b');
     const proc = start(['restore', backupId.slice(0, 12), '--instant', '--to', to, '--start', '--machine', 'pc,accel=tcg', '--memory', '64', '--rate', '2M'], env);
     const { qmp, at: _ } = await firstAnswer(join(to, 'qmp.sock'), proc);
@@ -128,7 +128,8 @@ describe('vmvault restore --instant --start', () => {
       await proc.catch(() => undefined);
       // The guest reads its disk again (SeaBIOS after a reset): the read fails, and rerror=stop pauses the VM.
       await qmp.execute('system_reset');
-      await waitFor('the VM to stop on an I/O error', async () => (await qmp.execute<{ status: string }>('query-status')).status === 'io-error', 30_000);
+      // Generous: under software emulation on a loaded machine SeaBIOS may take long to reach the disk.
+      await waitFor('the VM to stop on an I/O error', async () => (await qmp.execute<{ status: string }>('query-status')).status === 'io-error', 90_000);
       const jobs = await qmp.execute<{ paused: boolean; 'io-status': string; ready: boolean }[]>('query-block-jobs');
       assert.equal(jobs.length, 1);
       assert.ok(!jobs[0]!.ready, 'the copy was not finished');
