@@ -190,6 +190,8 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   };
   req.signal?.throwIfAborted();
   await req.beforeCommit?.();
+  // The chunks it stored or found go into the index before the manifest that uses them.
+  await known.flush(true);
   await lock.confirm();
   await repo.saveManifest(manifest);
   return { manifest, stats };
@@ -208,42 +210,42 @@ function startFor(vm: string, disk: string): (n: number) => number {
  * read starts from.
  */
 async function previousDisks(repo: Repository, vm: string): Promise<Map<string, NonNullable<NamedDisk['previous']>>> {
-  // The VM's backups by their summaries (decrypted once per host); a damaged manifest costs only itself.
+  // The VM's backups by their summaries (decrypted once per host); only the manifests
+  // needed are read whole: the newest readable one of each disk (a damaged or just
+  // pruned manifest costs only itself, as before).
   const history = await repo.vmBackups(vm);
-  const newest = new Map<string, string>();
-  const lastFull = new Map<string, string>();
-  const fullAt = new Map<string, string | undefined>();
-  for (const m of history) {
-    for (const d of m.disks) {
-      if (d.mode !== 'incremental') lastFull.set(d.name, m.time);
-      newest.set(d.name, m.id);
-      fullAt.set(d.name, lastFull.get(d.name));
+  const loaded = new Map<string, Promise<Manifest | undefined>>();
+  const load = (id: string) => {
+    let p = loaded.get(id);
+    if (!p) {
+      loaded.set(id, p = repo.loadManifest(id).then((m) => {
+        if (m.vm === vm) return m;
+        repo.warn(`the host's cache listed backup ${id} as one of VM "${vm}", but it is of "${m.vm}": it was ignored; clear the cache (VMVAULT_CACHE_DIR) if this repeats`);
+        return undefined;
+      }, (err: unknown) => {
+        if (err instanceof NotFoundError || err instanceof IntegrityError) return undefined;
+        throw err;
+      }));
     }
-  }
-  // Only the newest manifest of each disk is read whole (usually one for the whole VM).
-  const manifests = new Map<string, Manifest>();
-  for (const id of new Set(newest.values())) {
-    let m: Manifest;
-    try {
-      m = await repo.loadManifest(id);
-    } catch (err) {
-      // Pruned or damaged since it was listed: those disks are read in full.
-      if (err instanceof NotFoundError || err instanceof IntegrityError) continue;
-      throw err;
-    }
-    if (m.vm !== vm) {
-      repo.warn(`the host's cache listed backup ${id} as one of VM "${vm}", but it is of "${m.vm}": it was ignored; clear the cache (VMVAULT_CACHE_DIR) if this repeats`);
-      continue;
-    }
-    manifests.set(id, m);
-  }
+    return p;
+  };
+  const names = new Set(history.flatMap((m) => m.disks.map((d) => d.name)));
   const out = new Map<string, NonNullable<NamedDisk['previous']>>();
-  for (const [name, id] of newest) {
-    const m = manifests.get(id);
-    const entry = m?.disks.find((d) => d.name === name);
-    if (!entry) continue;
-    const full = fullAt.get(name);
-    out.set(name, { backupId: m!.id, chunkSize: m!.chunkSize, entry, ...(full ? { lastFullRead: full } : {}) });
+  for (const name of names) {
+    for (let i = history.length - 1; i >= 0; i--) {
+      if (!history[i]!.disks.some((d) => d.name === name)) continue;
+      const m = await load(history[i]!.id);
+      const entry = m?.disks.find((d) => d.name === name);
+      if (!m || !entry) continue;
+      // The last full read of this disk up to that backup, from the summaries.
+      let full: string | undefined;
+      for (let j = 0; j <= i; j++) {
+        const d = history[j]!.disks.find((x) => x.name === name);
+        if (d && d.mode !== 'incremental') full = history[j]!.time;
+      }
+      out.set(name, { backupId: m.id, chunkSize: m.chunkSize, entry, ...(full ? { lastFullRead: full } : {}) });
+      break;
+    }
   }
   return out;
 }

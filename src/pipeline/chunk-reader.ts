@@ -31,6 +31,8 @@ export interface KnownChunks {
   has(id: string): boolean;
   present(id: string): Promise<boolean>;
   add(id: string): void;
+  /** Indexes what was added (all of it, or once enough has gathered). */
+  flush(all: boolean): Promise<void>;
 }
 
 /** An audit's findings on one disk: how many chunks tracking called unchanged, and the offsets of those that were not. */
@@ -101,6 +103,7 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
       stats.bytesUploaded += sealed.length;
       stats.chunksNew++;
       known.add(id);
+      await known.flush(false);
     })();
     uploading.set(id, upload);
     try {
@@ -133,7 +136,7 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
   // schedule, many hosts) then upload different parts first and find the rest stored by
   // the others, instead of reading the same chunk at the same moment and both uploading it.
   const windows = Math.ceil(size / STATUS_WINDOW);
-  const firstWindow = o.startAt ? o.startAt(windows) : 0;
+  const firstWindow = o.startAt && windows ? o.startAt(windows) : 0;
   for (let w = 0; w < windows && window.ok; w++) {
     const start = ((firstWindow + w) % windows) * STATUS_WINDOW;
     const end = Math.min(size, start + STATUS_WINDOW);

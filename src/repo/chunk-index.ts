@@ -2,15 +2,15 @@
  * The chunk index: what the chunk store holds, known without listing it.
  *
  * Index objects, `index/<sha256 of the object>`, are sealed lists of chunk ids. A
- * writer (a backup, a repair) records each chunk it stores and writes them as one
- * index object before its manifest commits, and every INDEX_FLUSH_ENTRIES chunks on
- * the way, so a long backup killed midway still leaves what it uploaded known to the
- * next one. Objects are immutable and named after their content, so a host keeps a
+ * backup records each chunk it stores (ChunkIndex.add) and writes them as one index
+ * object before its manifest commits, and every INDEX_FLUSH_ENTRIES chunks on the way,
+ * so a long backup killed midway still leaves most of what it uploaded known. Objects are immutable and named after their content, so a host keeps a
  * local cache of them keyed by name (index-cache.ts): opening the index costs one LIST
  * of `index/` plus one GET per object written since the cache last saw the repository.
  * Garbage collection, under the exclusive lock, replaces them all by a compacted set
- * (gc.ts: new objects first, then the old ones go, then the unreferenced chunks), so
- * an index object never claims a chunk gc deleted. A repository with no index object
+ * (gc.ts: the old objects go first, then the unreferenced chunks, then the new objects
+ * are written), and deletes them all before it frees room on a full repository without
+ * its lock, so an index object never claims a chunk gc deleted. A repository with no index object
  * at all (made by an older vmvault) is listed once and indexed.
  *
  * In memory the index is a sorted array of 64-bit id prefixes: 8 bytes a chunk, about
@@ -186,14 +186,34 @@ export class ChunkIndex {
   /** Stats asked of storage; index claims found missing; chunks found stored but not indexed. */
   readonly counts = { checked: 0, missing: 0, unindexed: 0 };
 
+  /**
+   * This backup's chunks that no index object lists yet (stored now, or found stored):
+   * written by flush(), on the way and before the manifest commits, and dropped with the
+   * backup when it fails, so that no other job ever indexes chunks gc may since have
+   * collected as unreferenced.
+   */
+  private readonly pending: string[] = [];
+
   constructor(
     private readonly prefixes: BigUint64Array,
     private readonly excluded: ReadonlySet<string>,
     private readonly storage: Storage,
     readonly load: IndexLoad,
-    /** Called with a chunk storage has but no index object lists. */
-    private readonly onUnindexed: (id: string) => void = () => {},
+    /** Writes index objects (Repository.writeIndex). */
+    private readonly write: (ids: readonly string[]) => Promise<unknown> = async () => {},
   ) {}
+
+  /** Writes the pending entries as an index object: all of them, or only once INDEX_FLUSH_ENTRIES have gathered. */
+  async flush(all: boolean): Promise<void> {
+    if (this.pending.length === 0 || (!all && this.pending.length < INDEX_FLUSH_ENTRIES)) return;
+    const ids = this.pending.splice(0);
+    try {
+      await this.write(ids);
+    } catch (err) {
+      this.pending.unshift(...ids);
+      throw err;
+    }
+  }
 
   /** Chunks the index claims (before quarantine and this session's additions). */
   get size(): number { return this.prefixes.length; }
@@ -207,6 +227,7 @@ export class ChunkIndex {
 
   /** Records a chunk this session stored. */
   add(id: string): void {
+    if (!this.sure.has(id)) this.pending.push(id);
     this.sure.add(id);
     this.lacking.delete(id);
   }
@@ -221,7 +242,7 @@ export class ChunkIndex {
       this.sure.add(id);
       if (!claimed) {
         this.counts.unindexed++;
-        this.onUnindexed(id);
+        this.pending.push(id);
       }
       return true;
     }

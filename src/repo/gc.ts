@@ -100,10 +100,7 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
   const garbage = [...sizes.keys()].filter((name) => isGarbage(name, referenced));
   const deleting = damaged.length ? [] : garbage;
   let indexObjects = 0;
-  if (!opts.dryRun) {
-    indexObjects = await compactIndex(repo, [...sizes.keys()], new Set(deleting));
-    await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
-  }
+  if (!opts.dryRun) indexObjects = await deleteAndReindex(repo, [...sizes.keys()], deleting);
   const bytesDeleted = deleting.reduce((n, name) => n + sizes.get(name)!, 0);
   const bytesListed = [...sizes.values()].reduce((n, b) => n + b, 0);
   // Verification records of pruned backups, quarantine entries of chunks nothing uses
@@ -130,22 +127,23 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
 }
 
 /**
- * Replaces the chunk index by one listing exactly the chunks that stay: the new objects
- * are written first, then the old ones deleted, and only then may chunks go, so an index
- * object never claims a chunk that is gone whatever point gc is killed at (a crash
- * leaves unindexed chunks at worst, which costs an upload, or stale index objects
- * beside chunks that are all still there). Returns the number of objects written.
+ * Deletes `deleting` and replaces the chunk index by one listing exactly the chunks that
+ * stay, in the order that keeps every index object true whatever point gc is killed at:
+ * the old index objects go first, then the chunks, and the new objects are written last.
+ * A crash in between leaves a repository with no index, which the next backup lists once
+ * and indexes (Repository.chunkIndex); and nothing is written before space is freed, so
+ * a nearly full repository gets its room first. Returns the number of objects written.
  */
-async function compactIndex(repo: Repository, stored: readonly string[], deleting: ReadonlySet<string>): Promise<number> {
-  const old = await repo.indexNames();
+async function deleteAndReindex(repo: Repository, stored: readonly string[], deleting: readonly string[]): Promise<number> {
+  await mapLimit(await repo.indexNames(), 16, (name) => repo.storage.delete(name));
+  await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
+  const gone = new Set(deleting);
   const staying: string[] = [];
   for (const name of stored) {
     const id = name.slice(name.lastIndexOf('/') + 1);
-    if (!deleting.has(name) && isChunkId(id) && chunkName(id) === name) staying.push(id);
+    if (!gone.has(name) && isChunkId(id) && chunkName(id) === name) staying.push(id);
   }
-  const written = new Set(await repo.writeIndex(staying));
-  await mapLimit(old.filter((name) => !written.has(name)), 16, (name) => repo.storage.delete(name));
-  return written.size;
+  return (await repo.writeIndex(staying)).length;
 }
 
 function referencedChunks(manifests: readonly Manifest[]): Set<string> {
@@ -169,6 +167,7 @@ function isGarbage(name: string, referenced: ReadonlySet<string>): boolean {
 /** Frees room on a full repository before gc can lock it: see the comment at the top. */
 class RoomMaker {
   private tempSwept = false;
+  private indexDropped = false;
   private garbage: Array<{ name: string; size: number }> | undefined;
 
   constructor(private readonly repo: Repository, private readonly freed: Freed) {}
@@ -203,6 +202,12 @@ class RoomMaker {
     this.garbage ??= await this.unreferenced();
     const next = this.garbage.shift();
     if (!next) return false;
+    // The index may list the chunks about to go, and gc may stop before it rewrites it:
+    // with no index object left, the next backup lists the store once and indexes it.
+    if (!this.indexDropped) {
+      await mapLimit(await this.repo.indexNames(), 16, (name) => this.repo.storage.delete(name));
+      this.indexDropped = true;
+    }
     await this.repo.storage.delete(next.name);
     this.freed.chunks++;
     this.freed.chunkBytes += next.size;

@@ -18,7 +18,7 @@ import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId } from './chunk.js';
 import { backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
-import { ChunkIndex, INDEX_FLUSH_ENTRIES, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
+import { ChunkIndex, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
 import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
@@ -75,8 +75,6 @@ export interface InitOptions { chunkSize?: number; compression?: 'zstd' | 'none'
 export class Repository {
   /** Quarantined chunks chunkIndex() left out: the next put of one of them heals it. */
   private readonly toHeal = new Set<string>();
-  /** Chunks stored by this session and not yet in an index object (chunk-index.ts). */
-  private readonly unindexed: string[] = [];
   private cache: IndexCache | undefined | null = null;
   private summaries: SummaryCache | undefined | null = null;
 
@@ -299,7 +297,7 @@ export class Repository {
       if (ids.length) this.warn(`the repository had no chunk index: its ${ids.length} chunk(s) were listed once and indexed`);
     }
     for (const id of quarantined) this.toHeal.add(id);
-    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, (id) => this.unindexed.push(id));
+    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, (ids) => this.writeIndex(ids));
   }
 
   /**
@@ -322,19 +320,6 @@ export class Repository {
     return indexNames(this.storage);
   }
 
-  /** Writes the chunks stored since the last flush as an index object (before a manifest commits, and on the way). */
-  async flushIndex(): Promise<void> {
-    if (this.unindexed.length === 0) return;
-    // Emptied in place: workers use the repository through Object.create wrappers (job-guard.ts).
-    const ids = this.unindexed.splice(0);
-    try {
-      await this.writeIndex(ids);
-    } catch (err) {
-      this.unindexed.push(...ids);
-      throw err;
-    }
-  }
-
   private indexCache(): IndexCache | undefined {
     if (this.cache === null) this.cache = this.session.cacheDir ? new IndexCache(this.session.cacheDir, this.id, (m) => this.warn(m)) : undefined;
     return this.cache;
@@ -343,16 +328,14 @@ export class Repository {
   /**
    * Stores a sealed chunk. Storage puts replace (storage.ts), so a re-upload overwrites a
    * damaged object; then the chunk leaves quarantine, which heals every backup using it.
-   * The chunk goes into the index with the next flush (at the latest, before a manifest).
+   * The backup that stores it indexes it (ChunkIndex.add and flush).
    */
   async putChunk(id: string, sealed: Uint8Array): Promise<void> {
     await this.storage.put(chunkName(id), sealed);
-    this.unindexed.push(id);
     if (this.toHeal.has(id)) {
       await release(this, [id]);
       this.toHeal.delete(id);
     }
-    if (this.unindexed.length >= INDEX_FLUSH_ENTRIES) await this.flushIndex();
   }
 
   async getChunkSealed(id: string): Promise<Uint8Array> {
@@ -366,9 +349,8 @@ export class Repository {
 
   // ---- manifests ----
 
-  /** Commits a backup: first the index entries of the chunks it stored, then its manifest. */
+  /** Commits a backup (its chunks indexed first: ChunkIndex.flush). */
   async saveManifest(m: Manifest): Promise<void> {
-    await this.flushIndex();
     const plain = compress(Buffer.from(JSON.stringify(m)), { compressionLevel: 3 });
     await this.storage.put(backupName(m.id), seal(this.keys.encKey, 'manifest', plain, additionalData(this.id, 'manifest', m.id)));
     await this.summaryCache()?.put(m.id, Buffer.from(JSON.stringify(summarise(m))));

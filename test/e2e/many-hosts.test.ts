@@ -117,9 +117,9 @@ test('three hosts back up clones into one S3 repository at once, with prune and 
       for (const [n, job] of jobs.entries()) {
         let finished: Job | undefined;
         await waitFor(`backup of ${vms[n]!.name} in round ${round}`, async () => {
-          const j = await Job.fromId(queues[n]!, job.id!);
-          const state = await j?.getState();
-          if (state === 'completed' || state === 'failed') finished = j;
+          const state = await (await Job.fromId(queues[n]!, job.id!))?.getState();
+          // Read again once finished: a job read just before it completed has no return value yet.
+          if (state === 'completed' || state === 'failed') finished = await Job.fromId(queues[n]!, job.id!);
           return finished !== undefined;
         }, 180_000, output, 200);
         assert.equal(await finished!.getState(), 'completed', `${finished!.failedReason}\n${output()}`);

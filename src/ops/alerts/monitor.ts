@@ -52,7 +52,13 @@ export class AlertMonitor {
     this.redis = o.sources.redis;
   }
 
-  start(): void {
+  /**
+   * Starts checking. Failures are alerted from this moment on (the first start of any
+   * scheduler records it in Redis): a job that fails before the first check, such as one
+   * enqueued as soon as the API listens, is not missed.
+   */
+  async start(): Promise<void> {
+    await this.redis.set(K.since, String((this.o.now ?? (() => new Date()))().getTime()), 'NX');
     const tick = () => {
       this.running = this.check()
         .catch((err: unknown) => this.o.log.warn({ err: errorMessage(err) }, 'alert check failed (tried again at the next interval)'))

@@ -28,7 +28,7 @@ export async function startAlerts(config: Config, sources: StatusSources, log: L
   const channels = await alertChannels(config, env);
   if (!config.alerts || channels.length === 0) return undefined;
   const monitor = new AlertMonitor({ sources, channels, log, checkEveryMs: config.alerts.checkEvery, offlineAfterMs: config.alerts.offlineAfter });
-  monitor.start();
+  await monitor.start();
   log.info({ channels: channels.map((c) => c.name), checkEveryMs: config.alerts.checkEvery }, 'alerts enabled');
   return monitor;
 }
