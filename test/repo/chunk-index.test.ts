@@ -147,6 +147,29 @@ describe('chunk index', () => {
     }
   });
 
+  test('a backup that fails before its commit indexes nothing, and a later backup in the same process does not index its chunks', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const a = await makeImage(dir.path, 'a.qcow2', 'qcow2', 8 * MiB, random(4, 21));
+      const before = await indexNames(storage);
+      await assert.rejects(backupVm(repo, {
+        vm: 'a', driver: 'image', disks: [{ path: a, format: 'qcow2' }], beforeCommit: async () => { throw new Error('lost the job'); },
+      }), /lost the job/);
+      assert.deepEqual(await indexNames(storage), before, 'no index object written');
+      const orphans = [...(await repo.chunkIds())];
+      assert.equal(orphans.length, 4, 'its chunks were uploaded');
+      // gc collects them (no manifest uses them); the next backup of other data must not claim them.
+      await collectGarbage(repo);
+      const b = await makeImage(dir.path, 'b.qcow2', 'qcow2', 8 * MiB, random(4, 22));
+      await backupVm(repo, { vm: 'b', driver: 'image', disks: [{ path: b, format: 'qcow2' }] });
+      const index = await (await Repository.open(storage, PASSWORD, { cacheDir: false })).chunkIndex();
+      for (const id of orphans) assert.equal(index.has(id), false, 'a collected chunk of the failed backup is not claimed');
+      assert.equal(index.size, 4);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
   test('a repository with no index (an older vmvault) is listed once and indexed; later backups list nothing', async () => {
     const { dir, storage, repo } = await setup();
     try {
