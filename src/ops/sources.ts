@@ -5,7 +5,7 @@
  */
 import type { Queue } from 'bullmq';
 import type { Config } from '../config/schema.js';
-import { closeRedis, createRedis } from '../queue/connection.js';
+import { closeRedis, createConnection } from '../queue/connection.js';
 import { hostQueue, maintenanceQueue } from '../queue/enqueue.js';
 import { Catalogue } from '../repo/catalogue.js';
 import { VerificationCache } from '../repo/health.js';
@@ -19,7 +19,7 @@ export async function openStatusSources(
   config: Config, where: { redisUrl: string; repository: { url: string; passphrase: string } }, opts: { cacheMs?: number; onRedisError?: (err: Error) => void } = {},
 ): Promise<OpenedSources> {
   const repo = await Repository.open(openStorage(where.repository.url), where.repository.passphrase, { noLock: true });
-  const redis = createRedis(where.redisUrl, 'producer');
+  const redis = createConnection(where.redisUrl, 'producer');
   redis.on('error', opts.onRedisError ?? (() => {}));
   const queues = new Map<string, Queue>();
   const queueOf = (host: string) => {
