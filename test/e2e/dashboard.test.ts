@@ -61,12 +61,16 @@ async function queuedJob(what: string): Promise<string> {
 
 /** Waits until the jobs table shows job `id` finished; returns its state and the progress texts seen on the way. */
 async function jobEnd(id: string, runningShot?: string): Promise<{ state: string; progress: string[] }> {
-  const row = page.locator(`#jobs tr[data-job="${id}"]`);
   const progress: string[] = [];
   const state = await waitFor(`job ${id} to finish in the dashboard`, async () => {
-    if (await row.count() === 0) return undefined;
-    const s = await row.getAttribute('data-state');
-    const p = await row.locator('.progress-cell').innerText();
+    // State and progress are read in one step: the dashboard may re-render the row between two reads.
+    const seen = await page.evaluate(`(() => {
+      const tr = document.querySelector(${JSON.stringify(`#jobs tr[data-job="${id}"]`)});
+      const cell = tr && tr.querySelector('.progress-cell');
+      return tr ? { s: tr.getAttribute('data-state'), p: cell ? cell.innerText : '' } : null;
+    })()`) as { s: string | null; p: string } | null;
+    if (!seen) return undefined;
+    const { s, p } = seen;
     if (p && progress.at(-1) !== `${s}: ${p}`) {
       progress.push(`${s}: ${p}`);
       if (runningShot && s === 'active' && !progress.slice(0, -1).some((x) => x.startsWith('active:'))) await shot(runningShot);
