@@ -3,15 +3,24 @@
  * it with libsodium's crypto_kdf (BLAKE2b), so the paper backup is a single secret.
  * The master secret is stored sealed by each passphrase (Argon2id) in `keys/<id>`.
  */
-import { randomBytes } from 'node:crypto';
+import { createHmac, randomBytes } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { z } from 'zod';
 import { sodium } from './sodium.js';
 import { xchachaDecrypt, xchachaEncrypt, NONCE_BYTES } from './seal.js';
 
+/**
+ * How chunk ids are computed: keyed BLAKE2b-256 (libsodium's generichash) in format-1
+ * repositories, HMAC-SHA-256 in format-2 ones (native, and on SHA extensions where the
+ * CPU has them: about 1.8 times as fast here as BLAKE2b in WebAssembly). A repository
+ * keeps its function for life: the same data must get the same id in every backup.
+ */
+export type ChunkIdHash = 'blake2b' | 'hmac-sha256';
+
 export interface RepoKeys {
-  /** Keys BLAKE2b for chunk ids. */
+  /** Keys the chunk id function (`idHash`). */
   idKey: Uint8Array;
+  idHash: ChunkIdHash;
   /** XChaCha20-Poly1305 key for every object. */
   encKey: Uint8Array;
   /** Keys the MAC over the plaintext config (detects tampering, checks paper keys). */
@@ -25,9 +34,10 @@ export function generateMaster(): Uint8Array {
   return new Uint8Array(randomBytes(MASTER_BYTES));
 }
 
-export function deriveKeys(master: Uint8Array): RepoKeys {
+export function deriveKeys(master: Uint8Array, idHash: ChunkIdHash = 'blake2b'): RepoKeys {
   const derive = (id: number) => sodium.crypto_kdf_derive_from_key(32, id, KDF_CONTEXT, master);
-  return { idKey: derive(1), encKey: derive(2), macKey: derive(3) };
+  // Each id function has its own subkey: one key is never used with two functions.
+  return { idKey: derive(idHash === 'blake2b' ? 1 : 4), idHash, encKey: derive(2), macKey: derive(3) };
 }
 
 /** Argon2id cost. `moderate` is the default; `weak` exists for tests only. */
@@ -97,8 +107,9 @@ export async function openMaster(file: KeyFile, passphrase: string, repoId: stri
 }
 
 /** Keyed BLAKE2b-256 of `data`, as lowercase hex: the chunk id. */
-export function chunkId(idKey: Uint8Array, data: Uint8Array): string {
-  return sodium.crypto_generichash(32, data, idKey, 'hex');
+export function chunkId(keys: Pick<RepoKeys, 'idKey' | 'idHash'>, data: Uint8Array): string {
+  if (keys.idHash === 'hmac-sha256') return createHmac('sha256', keys.idKey).update(data).digest('hex');
+  return sodium.crypto_generichash(32, data, keys.idKey, 'hex');
 }
 
 /** MAC of a string under macKey, hex. */

@@ -8,7 +8,7 @@ import { openChunk, sealChunk } from '../repo/chunk.js';
 import type { PoolInit, PoolRequest, PoolResponse } from './pool.js';
 
 const init = workerData as PoolInit;
-const keys = deriveKeys(new Uint8Array(init.master));
+const keys = deriveKeys(new Uint8Array(init.master), init.idHash);
 let zeros = Buffer.alloc(0);
 
 function isZero(data: Buffer): boolean {
@@ -23,7 +23,7 @@ parentPort!.on('message', (req: PoolRequest) => {
     const data = Buffer.from(req.data.buffer, req.data.byteOffset, req.data.byteLength);
     if (req.op === 'hash') {
       const zero = isZero(data);
-      res = { seq: req.seq, ok: true, id: zero ? null : chunkId(keys.idKey, data), data: req.data };
+      res = { seq: req.seq, ok: true, id: zero ? null : chunkId(keys, data), data: req.data };
       transfer.push(req.data.buffer as ArrayBuffer);
     } else if (req.op === 'seal') {
       const sealed = sealChunk(keys, init.repoId, req.id, data, init.level);

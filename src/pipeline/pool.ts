@@ -5,8 +5,9 @@
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { IntegrityError, VmvaultError, type ErrorCode } from '../errors.js';
+import type { ChunkIdHash } from '../crypto/keys.js';
 
-export interface PoolInit { master: Uint8Array; repoId: string; level: number }
+export interface PoolInit { master: Uint8Array; repoId: string; level: number; idHash: ChunkIdHash }
 export type PoolRequest =
   | { seq: number; op: 'hash'; data: Uint8Array }
   | { seq: number; op: 'seal'; id: string; data: Uint8Array }

@@ -5,7 +5,8 @@
  * neither be damaged nor swapped for another without being noticed.
  * These functions are pure CPU work and run in the worker threads of pipeline/pool.ts.
  */
-import { Compressor, Decompressor } from 'zstd-napi';
+import { Decompressor } from 'zstd-napi';
+import zstd from 'zstd-napi/binding.js';
 import { IntegrityError } from '../errors.js';
 import { chunkId, type RepoKeys } from '../crypto/keys.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
@@ -14,17 +15,24 @@ const CODEC_RAW = 0;
 const CODEC_ZSTD = 1;
 
 // One (de)compression context per thread, reused: a fresh context per chunk costs
-// megabytes of native allocation each time.
-let compressor: { level: number; ctx: Compressor } | undefined;
+// megabytes of native allocation each time. Compression writes into one scratch buffer
+// per thread, so a chunk leaves no compressed garbage behind (the high-level API
+// allocates a compressBound-sized buffer per call, and garbage of that size is what
+// makes the collector run).
+let compressor: { level: number; ctx: InstanceType<typeof zstd.CCtx>; scratch: Buffer } | undefined;
 let decompressor: Decompressor | undefined;
 
+/** The compressed bytes of `plain`, in the thread's scratch buffer: valid until the next call. */
 function compress(plain: Uint8Array, level: number): Buffer {
   if (compressor?.level !== level) {
-    const ctx = new Compressor();
-    ctx.setParameters({ compressionLevel: level });
-    compressor = { level, ctx };
+    const ctx = new zstd.CCtx();
+    ctx.setParameter(zstd.CParameter.compressionLevel, level);
+    compressor = { level, ctx, scratch: compressor?.scratch ?? Buffer.alloc(0) };
   }
-  return compressor.ctx.compress(plain);
+  const bound = zstd.compressBound(plain.length);
+  if (compressor.scratch.length < bound) compressor.scratch = Buffer.allocUnsafeSlow(bound);
+  const n = compressor.ctx.compress2(compressor.scratch, plain);
+  return compressor.scratch.subarray(0, n);
 }
 
 function decompress(packed: Uint8Array): Buffer {
@@ -66,6 +74,6 @@ export function openChunk(keys: RepoKeys, repoId: string, id: string, sealed: Ui
       throw new IntegrityError(`${what} does not decompress: ${(err as Error).message}`);
     }
   } else throw new IntegrityError(`${what} uses unknown codec ${framed[0]}`);
-  if (chunkId(keys.idKey, plain) !== id) throw new IntegrityError(`${what} does not match its id: its content is not what was backed up`);
+  if (chunkId(keys, plain) !== id) throw new IntegrityError(`${what} does not match its id: its content is not what was backed up`);
   return plain;
 }

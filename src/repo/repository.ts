@@ -10,7 +10,7 @@ import type { Storage } from '../storage/storage.js';
 import { readOnly } from '../storage/read-only.js';
 import {
   constantTimeEqualHex, deriveKeys, generateMaster, keyFileSchema, mac, openMaster, sealMaster,
-  type KdfPreset, type KeyFile, type RepoKeys,
+  type ChunkIdHash, type KdfPreset, type KeyFile, type RepoKeys,
 } from '../crypto/keys.js';
 import { cachedMaster, storeMaster, type KeyCache } from '../crypto/key-cache.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
@@ -23,18 +23,36 @@ import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 
-const configSchema = z.object({
-  version: z.literal(1),
+const configFields = {
   id: z.string().regex(/^[0-9a-f]{32}$/),
   chunkSize: z.number().int().min(64 * 1024).max(64 * 1024 * 1024).refine((n) => (n & (n - 1)) === 0, 'a power of two'),
   compression: z.enum(['zstd', 'none']),
   created: z.string(),
   mac: z.string().regex(/^[0-9a-f]{64}$/),
-});
+};
+/**
+ * Format 1: chunk ids are keyed BLAKE2b (every vmvault reads it). Format 2 names its
+ * chunk id function (`chunkIdHash`); vmvault before format 2 refuses such a repository
+ * instead of writing chunks under ids that would not match.
+ */
+const configSchema = z.discriminatedUnion('version', [
+  z.object({ version: z.literal(1), ...configFields }),
+  z.object({ version: z.literal(2), chunkIdHash: z.enum(['blake2b', 'hmac-sha256']), ...configFields }),
+]);
 export type RepoConfig = z.infer<typeof configSchema>;
+/** The newest repository format this vmvault reads and writes. */
+export const REPOSITORY_FORMAT = 2;
 
-function configMac(keys: RepoKeys, c: Omit<RepoConfig, 'mac'>): string {
-  return mac(keys.macKey, JSON.stringify([c.version, c.id, c.chunkSize, c.compression, c.created]));
+function configMac(keys: RepoKeys, c: DistributiveOmit<RepoConfig, 'mac'>): string {
+  const fields: unknown[] = [c.version, c.id, c.chunkSize, c.compression, c.created];
+  if (c.version === 2) fields.push(c.chunkIdHash);
+  return mac(keys.macKey, JSON.stringify(fields));
+}
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+
+/** The chunk id function of a repository with this config. */
+export function chunkIdHashOf(c: RepoConfig): ChunkIdHash {
+  return c.version === 1 ? 'blake2b' : c.chunkIdHash;
 }
 
 /** `damaged` says why a key file cannot be used; such a key has no `created` date (''). */
@@ -70,7 +88,17 @@ const defaultSession = (opts: OpenOptions = {}): Session => ({
   cacheDir: opts.cacheDir === false ? undefined : opts.cacheDir ?? defaultCacheDir(),
 });
 
-export interface InitOptions { chunkSize?: number; compression?: 'zstd' | 'none'; kdf?: KdfPreset; label?: string }
+export interface InitOptions {
+  chunkSize?: number;
+  compression?: 'zstd' | 'none';
+  kdf?: KdfPreset;
+  label?: string;
+  /**
+   * The chunk id function; HMAC-SHA-256 by default. `blake2b` makes a format-1
+   * repository, which vmvault releases older than format 2 can also read.
+   */
+  chunkIdHash?: ChunkIdHash;
+}
 
 export class Repository {
   /** Quarantined chunks chunkIndex() left out: the next put of one of them heals it. */
@@ -107,14 +135,17 @@ export class Repository {
       throw new VmvaultError('ALREADY_EXISTS', `a repository already exists at ${storage.location}; nothing was changed`);
     }
     const master = generateMaster();
-    const keys = deriveKeys(master);
-    const body = {
-      version: 1 as const,
+    const idHash = opts.chunkIdHash ?? 'hmac-sha256';
+    const keys = deriveKeys(master, idHash);
+    const common = {
       id: randomBytes(16).toString('hex'),
       chunkSize: opts.chunkSize ?? DEFAULT_CHUNK_SIZE,
       compression: opts.compression ?? 'zstd',
       created: new Date().toISOString(),
     };
+    const body: DistributiveOmit<RepoConfig, 'mac'> = idHash === 'blake2b'
+      ? { version: 1, ...common }
+      : { version: 2, chunkIdHash: idHash, ...common };
     const config = configSchema.safeParse({ ...body, mac: configMac(keys, body) });
     if (!config.success) {
       throw new VmvaultError('BAD_INPUT', `invalid repository settings: ${config.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
@@ -139,8 +170,15 @@ export class Repository {
       }
       throw err;
     }
-    const parsed = configSchema.safeParse(parseJson(raw, 'config'));
-    if (!parsed.success) throw new IntegrityError(`the repository config at ${storage.location} is damaged or from an unknown version`);
+    const json = parseJson(raw, 'config');
+    const parsed = configSchema.safeParse(json);
+    if (!parsed.success) {
+      const version = (json as { version?: unknown } | null)?.version;
+      if (typeof version === 'number' && Number.isInteger(version) && version > REPOSITORY_FORMAT) {
+        throw new VmvaultError('UNSUPPORTED', `the repository at ${storage.location} has format ${version}, made by a newer vmvault; this vmvault reads formats 1 to ${REPOSITORY_FORMAT}: upgrade vmvault on this host; nothing was changed`);
+      }
+      throw new IntegrityError(`the repository config at ${storage.location} is damaged or from an unknown version`);
+    }
     return parsed.data;
   }
 
@@ -198,7 +236,7 @@ export class Repository {
   }
 
   private static withMaster(storage: Storage, config: RepoConfig, master: Uint8Array, keyId: string, session?: Session): Repository {
-    const keys = deriveKeys(master);
+    const keys = deriveKeys(master, chunkIdHashOf(config));
     const { mac: stored, ...body } = config;
     if (!constantTimeEqualHex(configMac(keys, body), stored)) {
       throw new IntegrityError(`the repository config at ${storage.location} does not match its keys: it was modified, or the key is of another repository`);
@@ -259,8 +297,8 @@ export class Repository {
   }
 
   /** What a worker thread needs to seal and open chunks (see pipeline/pool.ts). */
-  workerInit(): { master: Uint8Array; repoId: string; level: number } {
-    return { master: this.master, repoId: this.id, level: this.compressionLevel };
+  workerInit(): { master: Uint8Array; repoId: string; level: number; idHash: ChunkIdHash } {
+    return { master: this.master, repoId: this.id, level: this.compressionLevel, idHash: this.keys.idHash };
   }
 
   paperKey(): string {

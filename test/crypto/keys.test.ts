@@ -16,9 +16,9 @@ test('chunk ids are keyed: another key gives another id', () => {
   const data = Buffer.from('same data');
   const a = deriveKeys(generateMaster());
   const b = deriveKeys(generateMaster());
-  assert.match(chunkId(a.idKey, data), /^[0-9a-f]{64}$/);
-  assert.equal(chunkId(a.idKey, data), chunkId(a.idKey, Buffer.from('same data')));
-  assert.notEqual(chunkId(a.idKey, data), chunkId(b.idKey, data));
+  assert.match(chunkId(a, data), /^[0-9a-f]{64}$/);
+  assert.equal(chunkId(a, data), chunkId(a, Buffer.from('same data')));
+  assert.notEqual(chunkId(a, data), chunkId(b, data));
 });
 
 test('paper key round trip, with sloppy typing', () => {

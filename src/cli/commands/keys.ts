@@ -2,7 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { Option, type Command } from 'commander';
 import { VmvaultError } from '../../errors.js';
-import { KDF_PRESETS, type KdfPreset } from '../../crypto/keys.js';
+import { KDF_PRESETS, type ChunkIdHash, type KdfPreset } from '../../crypto/keys.js';
 import { Repository } from '../../repo/repository.js';
 import { openRepository, passphrase, storageFor, type GlobalOptions } from '../context.js';
 import { parseSize, table } from '../format.js';
@@ -18,9 +18,10 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
     .option('--chunk-size <size>', 'chunk size, a power of two (e.g. 4M)', '4M')
     .addOption(new Option('--compression <codec>', 'chunk compression').choices(['zstd', 'none']).default('zstd'))
     .addOption(kdfOption())
+    .addOption(new Option('--chunk-id <hash>', 'how chunk ids are computed: hmac-sha256 (format 2), or blake2b (format 1, which vmvault before format 2 also reads)').choices(['hmac-sha256', 'blake2b']).default('hmac-sha256'))
     .option('--if-missing', 'do nothing (exit 0) when the repository already exists: for a container or unit that runs at every start')
     .option('--json', 'print JSON')
-    .action(async (o: { chunkSize: string; compression: 'zstd' | 'none'; kdf: KdfPreset; json?: boolean; ifMissing?: boolean }) => {
+    .action(async (o: { chunkSize: string; compression: 'zstd' | 'none'; kdf: KdfPreset; chunkId: ChunkIdHash; json?: boolean; ifMissing?: boolean }) => {
       const g = globals();
       const storage = storageFor(g);
       if (o.ifMissing && await storage.stat('config')) {
@@ -34,8 +35,8 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
       } catch (err) {
         throw new VmvaultError('BAD_INPUT', (err as Error).message);
       }
-      const repo = await Repository.init(storage, pass, { chunkSize, compression: o.compression, kdf: o.kdf });
-      print(o.json, { id: repo.id, location: storage.location, chunkSize: repo.chunkSize, compression: repo.config.compression }, () =>
+      const repo = await Repository.init(storage, pass, { chunkSize, compression: o.compression, kdf: o.kdf, chunkIdHash: o.chunkId });
+      print(o.json, { id: repo.id, location: storage.location, format: repo.config.version, chunkSize: repo.chunkSize, compression: repo.config.compression, chunkId: repo.keys.idHash }, () =>
         `created repository ${repo.id} at ${storage.location}\n` +
         'Keep the passphrase safe: without it (or a paper key from "vmvault key export --paper") no backup can be restored.');
     });

@@ -1,0 +1,131 @@
+/**
+ * Repository formats: format 2 (the default) names its chunk id function, HMAC-SHA-256;
+ * format 1 (`--chunk-id blake2b`) is what vmvault wrote before, keyed BLAKE2b. Both back
+ * up and restore identical, each keeps its function, a config from a newer vmvault is
+ * refused with what to do, and the id function cannot be switched by editing the config.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHmac } from 'node:crypto';
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Repository } from '../../src/repo/repository.js';
+import { openChunk } from '../../src/repo/chunk.js';
+import { chunkId, deriveKeys } from '../../src/crypto/keys.js';
+import { sodium } from '../../src/crypto/sodium.js';
+import { LocalStorage } from '../../src/storage/local.js';
+import { backupVm } from '../../src/vm/drivers.js';
+import { restore } from '../../src/pipeline/restore.js';
+import { compareImages } from '../../src/disk/qemu.js';
+import { VmvaultError } from '../../src/errors.js';
+import { cli } from '../helpers/cli.js';
+import { makeImage, tempDir } from '../helpers/images.js';
+
+const PASSWORD = 'format test passphrase';
+const MiB = 1024 * 1024;
+
+async function backupAndRestore(chunkIdHash: 'hmac-sha256' | 'blake2b' | undefined) {
+  const dir = await tempDir('vmvault-format-');
+  const storage = new LocalStorage(join(dir.path, 'repo'));
+  await Repository.init(storage, PASSWORD, { kdf: 'weak', chunkSize: MiB, ...(chunkIdHash ? { chunkIdHash } : {}) });
+  const repo = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: () => {} });
+  const source = await makeImage(dir.path, 'disk.qcow2', 'qcow2', 8 * MiB, [{ offset: 0, length: 2 * MiB, pattern: 0x5a }, { offset: 5 * MiB, length: MiB, pattern: 0x33 }]);
+  const b = await backupVm(repo, { vm: 'f', driver: 'image', disks: [{ path: source, format: 'qcow2' }] });
+  const out = await restore(repo, { backupId: b.manifest.id, to: join(dir.path, 'out'), format: 'qcow2' });
+  assert.ok((await compareImages(source, out.files[0]!.path, 'qcow2', 'qcow2')).identical);
+  const manifest = await repo.loadManifest(b.manifest.id);
+  const first = manifest.disks[0]!.chunks[0]!;
+  return { dir, storage, repo, first };
+}
+
+describe('repository formats', () => {
+  test('a new repository is format 2 with HMAC-SHA-256 chunk ids under their own subkey; it backs up and restores identical', async () => {
+    const { dir, repo, first } = await backupAndRestore(undefined);
+    try {
+      const config = JSON.parse(await readFile(join(dir.path, 'repo', 'config'), 'utf8'));
+      assert.equal(config.version, 2);
+      assert.equal(config.chunkIdHash, 'hmac-sha256');
+      assert.equal(repo.keys.idHash, 'hmac-sha256');
+      // The first chunk is 1 MiB of 0x5a: its id is HMAC-SHA-256 under the id subkey, not under the BLAKE2b one.
+      const plain = Buffer.alloc(MiB, 0x5a);
+      assert.equal(first, createHmac('sha256', repo.keys.idKey).update(plain).digest('hex'));
+      const blakeKey = deriveKeys(new Uint8Array(32), 'blake2b');
+      assert.notDeepEqual(Buffer.from(repo.keys.idKey), Buffer.from(blakeKey.idKey));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('format 1 (--chunk-id blake2b) keeps keyed BLAKE2b ids and a config that older vmvault reads', async () => {
+    const { dir, repo, first } = await backupAndRestore('blake2b');
+    try {
+      const config = JSON.parse(await readFile(join(dir.path, 'repo', 'config'), 'utf8'));
+      assert.equal(config.version, 1);
+      assert.equal('chunkIdHash' in config, false);
+      assert.equal(first, sodium.crypto_generichash(32, Buffer.alloc(MiB, 0x5a), repo.keys.idKey, 'hex'));
+      assert.equal(chunkId(repo.keys, Buffer.alloc(MiB, 0x5a)), first);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('the id function cannot be switched by editing the config: the config no longer matches its keys', async () => {
+    const { dir, storage } = await backupAndRestore(undefined);
+    try {
+      const path = join(dir.path, 'repo', 'config');
+      const config = JSON.parse(await readFile(path, 'utf8'));
+      await writeFile(path, JSON.stringify({ ...config, chunkIdHash: 'blake2b' }));
+      await assert.rejects(Repository.open(storage, PASSWORD, { cacheDir: false }), /does not match its keys: it was modified/);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a chunk whose content does not hash to its id under the repository function is refused', async () => {
+    const { dir, repo, first } = await backupAndRestore(undefined);
+    try {
+      const sealed = await repo.getChunkSealed(first);
+      // The same sealed chunk read as if the repository used BLAKE2b: the id check fails.
+      const wrong = { ...repo.keys, idHash: 'blake2b' as const };
+      assert.throws(() => openChunk(wrong, repo.id, first, sealed), /does not match its id/);
+      assert.equal(openChunk(repo.keys, repo.id, first, sealed).length, MiB);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a repository of a newer format is refused with what to do, and nothing is written', async () => {
+    const { dir } = await backupAndRestore(undefined);
+    try {
+      const path = join(dir.path, 'repo', 'config');
+      const config = JSON.parse(await readFile(path, 'utf8'));
+      await writeFile(path, JSON.stringify({ ...config, version: 3 }));
+      const storage = new LocalStorage(join(dir.path, 'repo'));
+      await assert.rejects(Repository.open(storage, PASSWORD, { cacheDir: false }), (err: unknown) =>
+        err instanceof VmvaultError && err.code === 'UNSUPPORTED' && /format 3, made by a newer vmvault.*upgrade vmvault/.test(err.message));
+      const r = await cli(['backups', '--json'], { VMVAULT_REPOSITORY: join(dir.path, 'repo'), VMVAULT_PASSWORD: PASSWORD });
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /format 3, made by a newer vmvault/);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('vmvault init --chunk-id blake2b makes a format-1 repository; the default is format 2', async () => {
+    const dir = await tempDir('vmvault-format-cli-');
+    try {
+      const env = { VMVAULT_PASSWORD: PASSWORD };
+      const a = await cli(['--repo', join(dir.path, 'a'), 'init', '--kdf', 'weak', '--json'], env);
+      assert.equal(a.code, 0, a.stderr);
+      assert.deepEqual([JSON.parse(a.stdout).format, JSON.parse(a.stdout).chunkId], [2, 'hmac-sha256']);
+      const b = await cli(['--repo', join(dir.path, 'b'), 'init', '--kdf', 'weak', '--chunk-id', 'blake2b', '--json'], env);
+      assert.equal(b.code, 0, b.stderr);
+      assert.deepEqual([JSON.parse(b.stdout).format, JSON.parse(b.stdout).chunkId], [1, 'blake2b']);
+      const c = await cli(['--repo', join(dir.path, 'c'), 'init', '--kdf', 'weak', '--chunk-id', 'md5'], env);
+      assert.notEqual(c.code, 0);
+      assert.match(c.stderr, /Allowed choices are hmac-sha256, blake2b/);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+});
