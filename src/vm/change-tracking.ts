@@ -3,7 +3,7 @@
  * incrementally, from what, and why not when they cannot (DESIGN.md, data path
  * step 2). Any doubt means a full read of that disk, never an error.
  *
- * - qcow2: a persistent dirty bitmap `vmvault-<backup id>` is added to the image just
+ * - qcow2: a persistent dirty bitmap `vmvault-<repository tag>-<backup id>` is added to the image just
  *   before the backup's internal snapshot (a write between the two is counted twice,
  *   never missed). Every qemu program that later opens the image for writing (the VM,
  *   qemu-io, qemu-nbd) marks what it writes. The next backup reads only the ranges
@@ -25,8 +25,22 @@ import type { ChangedBlocks, FileStamp, FrozenDisk, NamedDisk } from '../pipelin
 
 export const BITMAP_PREFIX = 'vmvault-';
 
-export function bitmapName(backupId: string): string {
-  return `${BITMAP_PREFIX}${backupId}`;
+/**
+ * `vmvault-<repository tag>-<backup id>`, the tag being the first 8 hex digits of the
+ * repository id: a disk backed up into two repositories (on site and off site, say)
+ * keeps one bitmap for each, and neither backup removes the other's.
+ */
+export function bitmapName(repoId: string, backupId: string): string {
+  return `${BITMAP_PREFIX}${repoId.slice(0, 8)}-${backupId}`;
+}
+
+/**
+ * Whether vmvault bitmap (or libvirt checkpoint) `name` is this repository's to rotate
+ * and remove: its own, or one named before names carried their repository
+ * (`vmvault-<backup id>`), which the first backup of each repository then replaces.
+ */
+export function ownBitmap(repoId: string, name: string): boolean {
+  return name.startsWith(`${BITMAP_PREFIX}${repoId.slice(0, 8)}-`) || /^vmvault-[0-9a-f]{64}$/.test(name);
 }
 
 export interface Decision {

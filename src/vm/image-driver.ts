@@ -11,7 +11,7 @@ import { errorMessage } from '../errors.js';
 import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { BITMAP_PREFIX, bitmapExport, bitmapName, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
+import { bitmapExport, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
@@ -21,13 +21,14 @@ export const SNAPSHOT_PREFIX = 'vmvault-';
 export async function openImages(repo: Repository, target: PointInTimeTarget, backupId: string): Promise<PointInTime> {
   // Every disk is inspected before any is snapshotted.
   const disks = await inspectDisks(repo, target.vm, target.disks);
-  return freezeImages(disks, { ...auditPolicy(target), backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
+  return freezeImages(disks, { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
 }
 
 interface Taken { disk: FrozenDisk; newBitmap?: string; oldBitmap?: string }
 
 /** Snapshots and tracks already-inspected images (the libvirt driver's shut-off domains come here too). */
-export interface FreezeOptions extends AuditPolicy { backupId: string; fullRead: boolean; warn: Warn }
+/** `repoId` and `backupId` name the new bitmaps (change-tracking.ts bitmapName). */
+export interface FreezeOptions extends AuditPolicy { repoId: string; backupId: string; fullRead: boolean; warn: Warn }
 
 export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
@@ -47,7 +48,7 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
   try {
     for (const d of disks) {
       if (d.format === 'qcow2') {
-        recovered += await removeLeftovers(d);
+        recovered += await removeLeftovers(d, opts.repoId);
         taken.push(await freezeQcow2(d, snapshot, opts, exports));
       } else {
         const stamp = d.format === 'raw' ? await statStamp(d.path) : undefined;
@@ -69,7 +70,7 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
 async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: NbdExport[]): Promise<Taken> {
   const decision = withAudit(d, decide(d, { fullRead: opts.fullRead }), opts);
-  const newBitmap = bitmapName(opts.backupId);
+  const newBitmap = bitmapName(opts.repoId, opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {
     await snapshotCreate(d.path, snapshot, d.snapshots);
@@ -86,17 +87,18 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
 
 /**
  * Snapshots and bitmaps of killed earlier runs: the image is not in use (the
- * inspection checked), so every `vmvault-` snapshot is ours to remove, and every
- * `vmvault-` bitmap but the one the newest backup of this disk left.
+ * inspection checked), so every `vmvault-` snapshot is ours to remove, and every bitmap
+ * of this repository but the one the newest backup of this disk left (another
+ * repository's bitmaps are its own to rotate).
  */
-async function removeLeftovers(d: NamedDisk): Promise<number> {
+async function removeLeftovers(d: NamedDisk, repoId: string): Promise<number> {
   let n = 0;
   for (const s of d.snapshots.filter((x) => x.name.startsWith(SNAPSHOT_PREFIX))) {
     await snapshotDelete(d.path, s.name, { known: true });
     n++;
   }
   const keep = d.previous?.entry.bitmap;
-  for (const b of d.bitmaps.filter((x) => x.name.startsWith(BITMAP_PREFIX) && x.name !== keep)) {
+  for (const b of d.bitmaps.filter((x) => ownBitmap(repoId, x.name) && x.name !== keep)) {
     await bitmapChange(d.path, '--remove', b.name);
     n++;
   }

@@ -33,7 +33,7 @@ import type { ImageFormat } from '../disk/image-format.js';
 import { errorMessage, VmvaultError } from '../errors.js';
 import { nameDisks, type BackupDisk, type ChangedBlocks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { BITMAP_PREFIX, bitmapName, decide, tracked, withAudit, type AuditPolicy, type Decision } from './change-tracking.js';
+import { bitmapName, decide, ownBitmap, tracked, withAudit, type AuditPolicy, type Decision } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import type { PointInTime } from './point-in-time.js';
 import { virsh } from './virsh.js';
@@ -73,8 +73,8 @@ export function decideDomainDisk(d: NamedDisk, checkpoints: readonly string[], f
 }
 
 /** The domain's vmvault checkpoints. */
-async function checkpoints(domain: string): Promise<string[]> {
-  return (await virsh(['checkpoint-list', domain, '--name'], domain)).split('\n').map((l) => l.trim()).filter((n) => n.startsWith(BITMAP_PREFIX));
+async function checkpoints(domain: string, repoId: string): Promise<string[]> {
+  return (await virsh(['checkpoint-list', domain, '--name'], domain)).split('\n').map((l) => l.trim()).filter((n) => ownBitmap(repoId, n));
 }
 
 /** Aborts a backup job a killed run of ours left in the domain; someone else's is refused. */
@@ -172,7 +172,7 @@ async function begin(domain: string, dir: string, socket: string, plans: Planned
 export async function openRunningDomain(repo: Repository, o: RunningDomainOptions): Promise<PointInTime & { guestFrozen: boolean }> {
   const { domain, warn } = o;
   await abortLeftoverJob(domain, warn);
-  const existing = await checkpoints(domain);
+  const existing = await checkpoints(domain, repo.id);
   const plans: Planned[] = [];
   for (const { disk, name, previous } of await nameDisks(repo, o.vm, o.disks)) {
     const d = disk as DomainDisk;
@@ -196,7 +196,7 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
     if ((err as NodeJS.ErrnoException).code !== 'EPERM') throw err;
   });
   const socket = path.join(dir, 'nbd.sock');
-  const checkpoint = bitmapName(o.backupId);
+  const checkpoint = bitmapName(repo.id, o.backupId);
   const clients: NbdClient[] = [];
   let started = false;
   let withCheckpoint = false;
@@ -212,7 +212,7 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
     }
     for (const p of plans) await fs.rm(p.scratch, { force: true }).catch(() => {});
     await fs.rm(dir, { recursive: true, force: true });
-    if (withCheckpoint) await rotate(domain, committed ? checkpoint : undefined, committed ? undefined : checkpoint, warn);
+    if (withCheckpoint) await rotate(domain, repo.id, committed ? checkpoint : undefined, committed ? undefined : checkpoint, warn);
   };
 
   try {
@@ -262,10 +262,10 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
 }
 
 /** Keeps `keep` (or, with `drop`, everything but it): vmvault checkpoints other than the one counting for the next backup go. */
-async function rotate(domain: string, keep: string | undefined, drop: string | undefined, warn: Warn): Promise<void> {
+async function rotate(domain: string, repoId: string, keep: string | undefined, drop: string | undefined, warn: Warn): Promise<void> {
   let names: string[];
   try {
-    names = await checkpoints(domain);
+    names = await checkpoints(domain, repoId);
   } catch (err) {
     warn(`could not list the domain's checkpoints (${errorMessage(err)}): the next backup removes those it no longer needs`, { domain });
     return;

@@ -71,7 +71,7 @@ export async function openLibvirt(repo: Repository, target: PointInTimeTarget, b
     });
     const pit = running
       ? await freezeRunningDomain(repo, target, backupId, disks, domain, entries, warn)
-      : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks), { ...auditPolicy(target), backupId, fullRead: target.fullRead ?? false, warn })), details: { running: false, guestFrozen: false } };
+      : { ...(await freezeImages(await inspectDisks(repo, target.vm, disks), { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn })), details: { running: false, guestFrozen: false } };
     let closing: Promise<void> | undefined;
     return {
       ...pit, configFiles: [xmlFile],

@@ -27,7 +27,7 @@ import path from 'node:path';
 import { NbdClient } from '../disk/nbd.js';
 import { errorMessage, VmvaultError } from '../errors.js';
 import type { ChangedBlocks, FrozenDisk, NamedDisk } from '../pipeline/backup.js';
-import { BITMAP_PREFIX, bitmapName, decideRunning, tracked, withAudit, type AuditPolicy, type NodeBitmap } from './change-tracking.js';
+import { bitmapName, decideRunning, ownBitmap, tracked, withAudit, type AuditPolicy, type NodeBitmap } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import type { TransactionAction } from './overlays.js';
 import type { AttachedDisk } from './qemu-blocks.js';
@@ -115,8 +115,8 @@ export class LiveTracking {
   private readonly exportIds: string[] = [];
   private readonly clients: NbdClient[] = [];
 
-  private constructor(private readonly qmp: QmpClient, backupId: string, private readonly warn: Warn, tracked: Tracked[], private readonly untrackable: Map<number, string>) {
-    this.newBitmap = bitmapName(backupId);
+  private constructor(private readonly qmp: QmpClient, private readonly repoId: string, backupId: string, private readonly warn: Warn, tracked: Tracked[], private readonly untrackable: Map<number, string>) {
+    this.newBitmap = bitmapName(repoId, backupId);
     this.tracked = tracked;
   }
 
@@ -124,7 +124,7 @@ export class LiveTracking {
    * The tracking of `disks` (the VM's, attached): a bitmap goes on every qcow2 base
    * node but those of qcow2 version 2 images, which cannot store one.
    */
-  static async open(qmp: QmpClient, disks: AttachedDisk[], backupId: string, warn: Warn): Promise<LiveTracking> {
+  static async open(qmp: QmpClient, disks: AttachedDisk[], repoId: string, backupId: string, warn: Warn): Promise<LiveTracking> {
     const nodes = await qmp.execute<QueryNode[]>('query-named-block-nodes', { flat: true });
     const tracked: Tracked[] = [];
     const untrackable = new Map<number, string>();
@@ -134,7 +134,7 @@ export class LiveTracking {
       if (compat === '0.10') untrackable.set(index, 'qcow2 version 2 images cannot hold a dirty bitmap: upgrade it (qemu-img amend -o compat=1.1, with the VM stopped) for incremental backups');
       else tracked.push({ disk, index, previousKnown: false });
     }
-    return new LiveTracking(qmp, backupId, warn, tracked, untrackable);
+    return new LiveTracking(qmp, repoId, backupId, warn, tracked, untrackable);
   }
 
   /** The new bitmap on each qcow2 base node, persistent: QEMU stores it in the image at a clean exit. */
@@ -204,7 +204,7 @@ export class LiveTracking {
     }
     for (const t of this.tracked) {
       const keep = committed ? (this.added ? this.newBitmap : undefined) : t.previous;
-      const ours = (onNodes.get(t.disk.topNode) ?? []).map((b) => b.name).filter((n) => n.startsWith(BITMAP_PREFIX));
+      const ours = (onNodes.get(t.disk.topNode) ?? []).map((b) => b.name).filter((n) => ownBitmap(this.repoId, n));
       const drop = committed || t.previousKnown ? ours.filter((n) => n !== keep) : ours.filter((n) => n === this.newBitmap);
       for (const name of drop) {
         await qmp.execute('block-dirty-bitmap-remove', { node: t.disk.topNode, name }).catch((err: unknown) =>

@@ -83,7 +83,7 @@ export async function openRunningVm(repo: Repository, target: PointInTimeTarget,
     // A killed run's exports go before its overlays are merged: its bitmaps are busy while exported.
     const recovered = await recoverExports(qmp, warn) + await recoverOverlays(qmp, paths, warn, target.overlayDir);
     const attached = await attachedDisks(qmp, paths);
-    const live = tracking = await LiveTracking.open(qmp, attached, backupId, warn);
+    const live = tracking = await LiveTracking.open(qmp, attached, repo.id, backupId, warn);
     const { frozen } = await withGuestFreeze(target.guestAgentSocket, async () => {
       overlays = await overlaysWithBitmaps(qmp, attached, live, warn, target.overlayDir);
     }, warn, target.guestAgent);

@@ -61,12 +61,12 @@ export function envFor(b: Backend, repo: string, extra: Env = {}): Env {
 }
 
 /** A fresh repository with fast (weak) key derivation, for tests only. */
-export async function initRepo(b: Backend, extraArgs: string[] = []): Promise<{ repo: string; env: Env }> {
+export async function initRepo(b: Backend, extraArgs: string[] = []): Promise<{ repo: string; env: Env; id: string }> {
   const repo = await b.newRepo();
   const env = envFor(b, repo);
-  const r = await cli(['init', '--kdf', 'weak', ...extraArgs], env);
+  const r = await cli(['init', '--kdf', 'weak', ...(extraArgs.includes('--json') ? [] : ['--json']), ...extraArgs], env);
   if (r.code !== 0) throw new Error(`init failed: ${r.stderr}`);
-  return { repo, env };
+  return { repo, env, id: (JSON.parse(r.stdout) as { id: string }).id };
 }
 
 /** Every object name in the repository, with sizes. */

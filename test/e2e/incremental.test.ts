@@ -43,12 +43,13 @@ async function bitmaps(img: string): Promise<string[]> {
 
 describe('incremental backups of offline images', () => {
   test('qcow2: 1 MiB written into each of 5 regions is read as at most 5 chunks; failures and leftovers never lose tracking', async () => {
-    const { env } = await initRepo(local);
+    const { env, id: repoId } = await initRepo(local);
+    const ours = (backupId: string) => `vmvault-${repoId.slice(0, 8)}-${backupId}`;
     const img = await makeImage(work, 'inc.qcow2', 'qcow2', 64 * MiB, BASE);
     const first = await backupAndCheck(env, img);
     assert.equal(first.disk.mode, 'full');
     assert.match(first.disk.reason, /no earlier backup/);
-    assert.deepEqual(await bitmaps(img), [`vmvault-${first.id}`]);
+    assert.deepEqual(await bitmaps(img), [ours(first.id)]);
 
     for (const region of [1, 3, 6, 9, 12]) await writePattern(img, 'qcow2', region * CHUNK + 1024 * 1024, MiB, 0xc0 + region);
     const second = await backupAndCheck(env, img);
@@ -56,20 +57,23 @@ describe('incremental backups of offline images', () => {
     assert.ok(second.stats.bytesRead <= 5 * CHUNK, `read ${second.stats.bytesRead} bytes`);
     assert.equal(second.stats.chunksNew, 5);
     assert.ok(second.stats.chunksUnchanged >= 5, JSON.stringify(second.stats));
-    assert.deepEqual(await bitmaps(img), [`vmvault-${second.id}`], 'the old bitmap goes once the new backup is saved');
+    assert.deepEqual(await bitmaps(img), [ours(second.id)], 'the old bitmap goes once the new backup is saved');
 
     // A backup that fails after its point in time: the old bitmap stays, the new one goes.
     await writePattern(img, 'qcow2', 20 * MiB, MiB, 0x77);
     const failed = await cli(['backup', '--vm', 'vm', '--disk', `root=${img}`, '--format', 'qcow2', '--config', join(work, 'no-such-config')], env);
     assert.notEqual(failed.code, 0);
-    assert.deepEqual(await bitmaps(img), [`vmvault-${second.id}`]);
-    // What a killed run leaves: a snapshot and a bitmap of its own.
+    assert.deepEqual(await bitmaps(img), [ours(second.id)]);
+    // What a killed run leaves: a snapshot and a bitmap of its own (here named as before
+    // bitmaps carried their repository, which is taken as its own); and the bitmap of
+    // another repository backing up the same disk, which is not this backup's to remove.
     await execa('qemu-img', ['bitmap', '--add', '-f', 'qcow2', img, `vmvault-${'e'.repeat(64)}`]);
+    await execa('qemu-img', ['bitmap', '--add', '-f', 'qcow2', img, `vmvault-0000beef-${'d'.repeat(64)}`]);
     await execa('qemu-img', ['snapshot', '-c', 'vmvault-0123456789abcdef', img]);
     const third = await backupAndCheck(env, img);
     assert.equal(third.disk.mode, 'incremental', third.disk.reason);
     assert.ok(third.stats.bytesRead <= CHUNK, `read ${third.stats.bytesRead} bytes`);
-    assert.deepEqual(await bitmaps(img), [`vmvault-${third.id}`], 'leftover bitmaps are removed');
+    assert.deepEqual((await bitmaps(img)).sort(), [`vmvault-0000beef-${'d'.repeat(64)}`, ours(third.id)].sort(), 'leftover bitmaps are removed; another repository\'s stays');
     assert.deepEqual((await imageInfo(img, 'qcow2')).snapshots, [], 'leftover snapshots are removed');
 
     const shown = await cli(['show', third.id], env);
@@ -137,7 +141,7 @@ describe('incremental backups of offline images', () => {
   });
 
   test('an audit finds the writes a bitmap missed, and its own backup is right', async () => {
-    const { env } = await initRepo(local);
+    const { env, id: repoId } = await initRepo(local);
     const img = await makeImage(work, 'audit.qcow2', 'qcow2', 64 * MiB, BASE);
     const first = await backupAndCheck(env, img);
     const clean = await backupAndCheck(env, img, 'qcow2', ['--audit']);
@@ -147,7 +151,7 @@ describe('incremental backups of offline images', () => {
     // Tracking made wrong on purpose: data changes, then the bitmap that should count it is cleared.
     await writePattern(img, 'qcow2', 5 * CHUNK, MiB, 0xab);
     await writePattern(img, 'qcow2', 9 * CHUNK, MiB, 0xac);
-    await execa('qemu-img', ['bitmap', '--clear', '-f', 'qcow2', img, `vmvault-${clean.id}`]);
+    await execa('qemu-img', ['bitmap', '--clear', '-f', 'qcow2', img, `vmvault-${repoId.slice(0, 8)}-${clean.id}`]);
     const at = join(work, 'audit-instant.qcow2');
     await copyFile(img, at);
     const r = await cli(['backup', '--vm', 'vm', '--disk', `root=${img}`, '--format', 'qcow2', '--audit', '--json'], env);

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { NamedDisk } from '../../src/pipeline/backup.js';
-import { decideRunning, withAudit, type NodeBitmap } from '../../src/vm/change-tracking.js';
+import { bitmapName, decideRunning, ownBitmap, withAudit, type NodeBitmap } from '../../src/vm/change-tracking.js';
 
 const MiB = 1024 * 1024;
 const P = `vmvault-${'a'.repeat(64)}`;
@@ -80,5 +80,18 @@ describe('withAudit', () => {
   it('leaves a full read alone: there is nothing to compare', () => {
     const fullRead = { mode: 'full' as const, reason: 'no earlier backup of this disk' };
     assert.deepEqual(withAudit(at(undefined), fullRead, { audit: true }), fullRead);
+  });
+});
+
+describe('bitmap names carry their repository', () => {
+  it('each repository names, rotates and removes only its own bitmaps (and those named before names carried one)', () => {
+    const repoA = '0123abcd'.repeat(4);
+    const repoB = 'ffff0000'.repeat(4);
+    const id = 'c'.repeat(64);
+    assert.equal(bitmapName(repoA, id), `vmvault-0123abcd-${id}`);
+    assert.ok(ownBitmap(repoA, bitmapName(repoA, id)));
+    assert.ok(!ownBitmap(repoB, bitmapName(repoA, id)), 'another repository\'s bitmap is left alone');
+    assert.ok(ownBitmap(repoB, `vmvault-${id}`), 'a bitmap named before the repository tag is taken as one\'s own');
+    for (const other of ['vmvault-export-1', 'vmvault-0123abcd', 'backup-nightly', `vmvault-${id}x`]) assert.ok(!ownBitmap(repoA, other), other);
   });
 });

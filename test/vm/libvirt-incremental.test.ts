@@ -5,6 +5,7 @@
  * guest's device; the expected disk is a copy of the starting image with the same
  * writes applied by qemu-io, and every backup's restore is compared with it.
  */
+import { bitmapName } from '../../src/vm/change-tracking.js';
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
 import path from 'node:path';
@@ -70,7 +71,7 @@ describe('libvirt driver: changed-block incrementals of a running domain', { ski
       const cmp = await compareImages(path.join(to, name), want, format, format);
       assert.ok(cmp.identical, `backup ${n}, ${name}: ${cmp.output}`);
     }
-    assert.deepEqual(await checkpoints(), [`vmvault-${result.manifest.id}`], 'one checkpoint is left, the new backup\'s');
+    assert.deepEqual(await checkpoints(), [bitmapName(repo.id, result.manifest.id)], 'one checkpoint is left, the new backup\'s');
     assert.deepEqual(await fs.readdir(lv.imageDir).then((f) => f.filter((x) => x.includes('vmvault-scratch'))), [], 'no scratch file is left');
     assert.equal((await lv.virsh('domjobinfo', domain)).match(/Job type:\s+(\S+)/)?.[1], 'None', 'no backup job is left running');
     return result;
@@ -112,7 +113,7 @@ describe('libvirt driver: changed-block incrementals of a running domain', { ski
     await write([9], 0x60);
     const full = await backupAndCheck();
     assert.equal(mode(full, 'root').mode, 'full');
-    assert.match(mode(full, 'root').reason!, /libvirt refused to read checkpoint vmvault-[0-9a-f]+ \(.*bitmap/);
+    assert.match(mode(full, 'root').reason!, /libvirt refused to read checkpoint vmvault-[0-9a-f]{8}-[0-9a-f]{64} \(.*bitmap/);
 
     await write([13], 0x70);
     const again = await backupAndCheck();

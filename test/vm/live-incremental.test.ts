@@ -6,6 +6,7 @@
  * at its instant (while the VM runs on the overlay, nothing writes to the base).
  * Writes go through the guest's device (HMP qemu-io on the virtio device).
  */
+import { bitmapName } from '../../src/vm/change-tracking.js';
 import assert from 'node:assert/strict';
 import { execa } from 'execa';
 import fs from 'node:fs/promises';
@@ -83,7 +84,7 @@ describe('qemu driver: changed-block incrementals of a running VM', () => {
     return result;
   }
 
-  const bitmapOf = (r: VmBackupResult) => `vmvault-${r.manifest.id}`;
+  const bitmapOf = (r: VmBackupResult) => bitmapName(repo.id, r.manifest.id);
 
   it('reads only what the guest wrote since the previous backup, across a clean restart; a killed QEMU means one full read', async (t) => {
     const first = await backupAndCheck();
