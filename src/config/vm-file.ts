@@ -12,12 +12,14 @@
 import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { stringify } from 'yaml';
+import { lazy } from '../lazy-require.js';
 import { z } from 'zod';
 import { errnoCode, VmvaultError } from '../errors.js';
 import { formatProblem, validateYaml, type YamlFileKind } from '../policy/load.js';
 import { ConfigFileError } from './load.js';
 import { checkConfig, CONFIG_KEYS, effectiveDiskName, vmSchema, type Config, type VmConfig } from './schema.js';
+
+const yaml = lazy<typeof import('yaml')>('yaml');
 
 export const VM_FILE_NAME = 'vms.yaml';
 
@@ -83,7 +85,7 @@ export function vmEntriesOf(text: string | undefined): VmEntry[] {
  * leaves the file as it was.
  */
 export async function writeVmFile(file: string, entries: readonly VmEntry[], base: InventoryBase): Promise<VmConfig[]> {
-  const text = `# VMs added through the API or by hand; same schema as vms: in vmvault.yaml (reloaded while running)\n${stringify({ vms: entries })}`;
+  const text = `# VMs added through the API or by hand; same schema as vms: in vmvault.yaml (reloaded while running)\n${yaml().stringify({ vms: entries })}`;
   const vms = parseVmFile(text, file, base);
   await mkdir(dirname(file), { recursive: true, mode: 0o700 });
   const tmp = `${file}.${randomBytes(6).toString('hex')}.tmp`;

@@ -9,9 +9,12 @@
  * rewritten disk loses any `<backingStore>` that described the old chain, and a
  * `type='block'` disk becomes `type='file'`.
  */
-import { DOMParser, XMLSerializer, type Document, type Element } from '@xmldom/xmldom';
+import type { Document, Element } from '@xmldom/xmldom';
+import { lazy } from '../lazy-require.js';
 import { VmvaultError } from '../errors.js';
 import { diskNameFromPath } from './names.js';
+
+const xmldom = lazy<typeof import('@xmldom/xmldom')>('@xmldom/xmldom');
 
 /** Where a disk went: its new path, and its new format when the restore changed it. */
 export type DiskTarget = string | { path: string; format?: string };
@@ -35,7 +38,7 @@ function parse(xml: string): Document {
   let problem: string | undefined;
   let doc: Document;
   try {
-    doc = new DOMParser({
+    doc = new (xmldom().DOMParser)({
       onError: (level, msg) => {
         if (level !== 'warning') problem ??= msg;
       },
@@ -106,7 +109,7 @@ export function rewriteLibvirtDiskPaths(xml: string, map: Record<string, DiskTar
     if (target.format) children(el, 'driver')[0]?.setAttribute('type', target.format);
     for (const b of children(el, 'backingStore')) el.removeChild(b);
   }
-  return new XMLSerializer().serializeToString(doc);
+  return new (xmldom().XMLSerializer)().serializeToString(doc);
 }
 
 /** A VM name libvirt and vmvault both take as it is: letters, digits, `.`, `_`, `+`, `-`. */
@@ -146,5 +149,5 @@ export function renameLibvirtDomain(xml: string, id: DomainIdentity): string {
       }
     }
   }
-  return new XMLSerializer().serializeToString(doc);
+  return new (xmldom().XMLSerializer)().serializeToString(doc);
 }

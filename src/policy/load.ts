@@ -5,10 +5,13 @@
  */
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { isAlias, isMap, isPair, isScalar, isSeq, LineCounter, parseDocument, visit, type Document, type Node } from 'yaml';
+import type { Document, LineCounter, Node } from 'yaml';
+import { lazy } from '../lazy-require.js';
 import type { z } from 'zod';
 import { VmvaultError } from '../errors.js';
 import { POLICY_KEYS, policySchema, type Policy } from './schema.js';
+
+const yaml = lazy<typeof import('yaml')>('yaml');
 
 /** One problem in one file; `line` and `col` are 1-based. */
 export interface PolicyProblem { file: string; line: number; col: number; path: string; message: string }
@@ -43,20 +46,20 @@ export function formatPath(path: readonly PropertyKey[], root: string): string {
   return s || root;
 }
 
-const keyOf = (node: unknown): string => (isScalar(node) ? String(node.value) : String(node));
+const keyOf = (node: unknown): string => (yaml().isScalar(node) ? String(node.value) : String(node));
 
 /** The node at `path` (or the nearest ancestor that exists), and the pair's key node when the last step is a map key. */
 function locate(doc: Document, path: readonly PropertyKey[]): { node: Node | null; key: Node | null; found: boolean } {
   let node = doc.contents as Node | null;
   let key: Node | null = null;
   for (const step of path) {
-    if (isAlias(node)) node = (node.resolve(doc) as Node | undefined) ?? node; // point into the anchored value
-    if (isMap(node)) {
-      const pair = node.items.find((p) => isPair(p) && keyOf(p.key) === String(step));
+    if (yaml().isAlias(node)) node = (node.resolve(doc) as Node | undefined) ?? node; // point into the anchored value
+    if (yaml().isMap(node)) {
+      const pair = node.items.find((p) => yaml().isPair(p) && keyOf(p.key) === String(step));
       if (!pair) return { node, key: null, found: false };
       key = pair.key as Node;
       node = (pair.value as Node | null) ?? key;
-    } else if (isSeq(node) && typeof step === 'number' && node.items[step]) {
+    } else if (yaml().isSeq(node) && typeof step === 'number' && node.items[step]) {
       node = node.items[step] as Node;
       key = null;
     } else {
@@ -140,7 +143,7 @@ const TOO_MANY_ALIASES = `refused: its aliases (*name) expand to more than ${MAX
 /** Where the first alias of the document is, 1-based (1:1 when there is none). */
 function firstAlias(doc: Document, lines: LineCounter): { line: number; col: number } {
   let offset = 0;
-  visit(doc, { Alias: (_key, node) => { offset = node.range?.[0] ?? 0; return visit.BREAK; } });
+  yaml().visit(doc, { Alias: (_key, node) => { offset = node.range?.[0] ?? 0; return yaml().visit.BREAK; } });
   return lines.linePos(offset);
 }
 
@@ -155,8 +158,8 @@ export function validateYaml<T>(
   text: string, file: string, schema: z.ZodType<T>, kind: YamlFileKind,
   check?: (raw: unknown, position: YamlPosition) => YamlIssue[],
 ): { ok: true; value: T } | { ok: false; problems: PolicyProblem[]; refused?: true } {
-  const lines = new LineCounter();
-  const doc = parseDocument(text, { lineCounter: lines, prettyErrors: false });
+  const lines = new (yaml().LineCounter)();
+  const doc = yaml().parseDocument(text, { lineCounter: lines, prettyErrors: false });
   if (doc.errors.length > 0) {
     return { ok: false, problems: doc.errors.map((e) => {
       const { line, col } = lines.linePos(e.pos[0]);
@@ -209,8 +212,8 @@ export async function loadPolicyFile(file: string): Promise<Policy> {
 
 /** Where the value at `path` starts in a (valid) YAML text, 1-based. */
 function positionOf(text: string, path: readonly PropertyKey[]): { line: number; col: number } {
-  const lines = new LineCounter();
-  return positionIn(parseDocument(text, { lineCounter: lines }), lines)(path);
+  const lines = new (yaml().LineCounter)();
+  return positionIn(yaml().parseDocument(text, { lineCounter: lines }), lines)(path);
 }
 
 /**

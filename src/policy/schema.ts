@@ -17,9 +17,11 @@
  * ```
  * Unknown keys are errors (a typo must not silently keep or delete backups).
  */
-import { validateDetailed } from 'node-cron';
+import { lazy } from '../lazy-require.js';
 import { z } from 'zod';
 import { durationMs, isValidTimeZone, parseDuration } from './retention.js';
+
+const cron = lazy<typeof import('node-cron')>('node-cron');
 
 /** Policy names and labels end up in job ids and file names: no `:`, no spaces. */
 export const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -59,7 +61,7 @@ export const retentionSchema = z.strictObject({
 });
 
 export const cronSchedule = z.string({ error: 'expected a cron expression such as "30 1 * * *"' }).superRefine((expr, ctx) => {
-  const v = validateDetailed(expr);
+  const v = cron().validateDetailed(expr);
   if (v.valid) return;
   const why = v.errors.map((e) => e.message).join('; ') || 'not a valid cron expression';
   ctx.addIssue({ code: 'custom', message: `"${expr}" is not a valid 5- or 6-field cron expression: ${why}` });
