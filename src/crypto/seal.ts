@@ -74,16 +74,19 @@ export function xchachaDecrypt(key: Uint8Array, nonce: Uint8Array, sealed: Uint8
 /**
  * Seals the concatenation of `parts` (e.g. a one-byte codec tag and a body) without
  * first copying them into one buffer: the bulk path makes one ciphertext and one
- * output buffer per object, which keeps worker threads' memory churn low.
+ * output buffer per object, which keeps worker threads' memory churn low. With `into`
+ * (at least SEAL_OVERHEAD + the plaintext's length), the object is written there and
+ * the result is a view of it: no output buffer is allocated at all.
  */
-export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array | Uint8Array[], ad: Uint8Array): Buffer {
+export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array | Uint8Array[], ad: Uint8Array, into?: Uint8Array): Buffer {
   const parts = Array.isArray(plaintext) ? plaintext : [plaintext];
   const length = parts.reduce((n, p) => n + p.length, 0);
   const nonce = randomBytes(NONCE_BYTES);
   const { subkey, iv } = subkeyAndNonce(key, nonce);
   const cipher = createCipheriv('chacha20-poly1305', subkey, iv, { authTagLength: TAG_BYTES });
   cipher.setAAD(ad, { plaintextLength: length });
-  const out = Buffer.allocUnsafeSlow(SEAL_OVERHEAD + length);
+  if (into && into.length < SEAL_OVERHEAD + length) throw new RangeError(`${SEAL_OVERHEAD + length} bytes do not fit in ${into.length}`);
+  const out = into ? Buffer.from(into.buffer, into.byteOffset, SEAL_OVERHEAD + length) : Buffer.allocUnsafeSlow(SEAL_OVERHEAD + length);
   out[0] = 0x56; // V
   out[1] = 0x56; // V
   out[2] = 1;

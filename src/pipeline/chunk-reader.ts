@@ -97,9 +97,13 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
       return;
     }
     const upload = (async () => {
-      const { sealed, plain: back } = await pool.seal(id, plain);
+      const { sealed, plain: back, release } = await pool.seal(id, plain);
       buffers.give(back);
-      await repo.putChunk(id, sealed);
+      try {
+        await repo.putChunk(id, sealed);
+      } finally {
+        release();
+      }
       stats.bytesUploaded += sealed.length;
       stats.chunksNew++;
       known.add(id);

@@ -10,6 +10,8 @@ import type { PoolInit, PoolRequest, PoolResponse } from './pool.js';
 const init = workerData as PoolInit;
 const keys = deriveKeys(new Uint8Array(init.master), init.idHash);
 let zeros = Buffer.alloc(0);
+/** The pool's output slots this thread has been sent (pipeline/pool.ts). */
+const slots = new Map<number, Uint8Array>();
 
 function isZero(data: Buffer): boolean {
   if (zeros.length < data.length) zeros = Buffer.alloc(data.length);
@@ -26,9 +28,12 @@ parentPort!.on('message', (req: PoolRequest) => {
       res = { seq: req.seq, ok: true, id: zero ? null : chunkId(keys, data), data: req.data };
       transfer.push(req.data.buffer as ArrayBuffer);
     } else if (req.op === 'seal') {
-      const sealed = sealChunk(keys, init.repoId, req.id, data, init.level);
+      if (req.slotBuffer) slots.set(req.slot, new Uint8Array(req.slotBuffer));
+      const into = slots.get(req.slot);
+      if (!into) throw new Error(`output slot ${req.slot} was never sent to this thread`);
+      const sealed = sealChunk(keys, init.repoId, req.id, data, init.level, into);
       // The plaintext buffer goes back too, so the main thread can reuse it.
-      res = { seq: req.seq, ok: true, data: sealed, plain: req.data };
+      res = { seq: req.seq, ok: true, data: new Uint8Array(0), plain: req.data, sealedLength: sealed.length };
       transfer.push(req.data.buffer as ArrayBuffer);
     } else {
       const plain = openChunk(keys, init.repoId, req.id, data);

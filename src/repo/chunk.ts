@@ -9,7 +9,7 @@ import { Decompressor } from 'zstd-napi';
 import zstd from 'zstd-napi/binding.js';
 import { IntegrityError } from '../errors.js';
 import { chunkId, type RepoKeys } from '../crypto/keys.js';
-import { additionalData, open, seal } from '../crypto/seal.js';
+import { SEAL_OVERHEAD, additionalData, open, seal } from '../crypto/seal.js';
 
 const CODEC_RAW = 0;
 const CODEC_ZSTD = 1;
@@ -48,7 +48,13 @@ export function isChunkId(s: string): boolean {
   return /^[0-9a-f]{64}$/.test(s);
 }
 
-export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uint8Array, level: number): Buffer {
+/** The most bytes a sealed chunk of `plainLength` bytes takes (stored raw when zstd does not shrink it). */
+export function sealedChunkBound(plainLength: number): number {
+  return SEAL_OVERHEAD + 1 + plainLength;
+}
+
+/** Compresses and seals a chunk; into `into` (sealedChunkBound bytes at least) when given. */
+export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uint8Array, level: number, into?: Uint8Array): Buffer {
   let body: Uint8Array = plain;
   let codec = CODEC_RAW;
   if (level > 0) {
@@ -58,7 +64,7 @@ export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uin
       codec = CODEC_ZSTD;
     }
   }
-  return seal(keys.encKey, 'chunk', [Uint8Array.of(codec), body], additionalData(repoId, 'chunk', id));
+  return seal(keys.encKey, 'chunk', [Uint8Array.of(codec), body], additionalData(repoId, 'chunk', id), into);
 }
 
 /** Decrypts, decompresses and re-hashes; throws IntegrityError naming the chunk. */

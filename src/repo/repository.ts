@@ -297,8 +297,8 @@ export class Repository {
   }
 
   /** What a worker thread needs to seal and open chunks (see pipeline/pool.ts). */
-  workerInit(): { master: Uint8Array; repoId: string; level: number; idHash: ChunkIdHash } {
-    return { master: this.master, repoId: this.id, level: this.compressionLevel, idHash: this.keys.idHash };
+  workerInit(): { master: Uint8Array; repoId: string; level: number; idHash: ChunkIdHash; chunkSize: number } {
+    return { master: this.master, repoId: this.id, level: this.compressionLevel, idHash: this.keys.idHash, chunkSize: this.chunkSize };
   }
 
   paperKey(): string {
