@@ -2,6 +2,8 @@
  * Worker thread: the CPU work of the data path (hashing, zero detection,
  * compression, encryption, and the reverse) so that every core is used.
  */
+import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { parentPort, workerData } from 'node:worker_threads';
 import { chunkId, deriveKeys } from '../crypto/keys.js';
 import { openChunk, sealChunk } from '../repo/chunk.js';
@@ -10,6 +12,25 @@ import type { PoolInit, PoolRequest, PoolResponse } from './pool.js';
 const init = workerData as PoolInit;
 const keys = deriveKeys(new Uint8Array(init.master), init.idHash);
 let zeros = Buffer.alloc(0);
+/**
+ * A young-generation collection (a scavenge of this thread's small heap, well under a
+ * millisecond) after each chunk sealed or opened: the cipher's output buffers die
+ * young, and without it they pile up as garbage until external-memory pressure
+ * triggers a full collection, tens of MiB of resident memory per thread in a full
+ * backup. `gc` is exposed for contexts created from now on; if it cannot be, the
+ * collector keeps its own schedule.
+ */
+const collectYoung = ((): (() => void) => {
+  try {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as unknown;
+    if (typeof gc === 'function') return () => (gc as (o: { type: string }) => void)({ type: 'minor' });
+  } catch {
+    /* the collector keeps its own schedule */
+  }
+  return () => {};
+})();
+
 /** The pool's output slots this thread has been sent (pipeline/pool.ts). */
 const slots = new Map<number, Uint8Array>();
 
@@ -47,4 +68,5 @@ parentPort!.on('message', (req: PoolRequest) => {
     res = { seq: req.seq, ok: false, name: e.name, code: e.code, message: e.message };
   }
   parentPort!.postMessage(res, transfer);
+  if (req.op !== 'hash') collectYoung();
 });
