@@ -34,11 +34,22 @@ export interface EnqueueOptions {
 
 /** The queue of one host, sharing `connection` (the caller closes both). */
 export function hostQueue(connection: RedisConnection, host: string): Queue {
-  return new Queue(hostQueueName(host), queueOptions(connection));
+  return quiet(new Queue(hostQueueName(host), queueOptions(connection)));
 }
 
 export function maintenanceQueue(connection: RedisConnection): Queue {
-  return new Queue(MAINTENANCE_QUEUE, queueOptions(connection));
+  return quiet(new Queue(MAINTENANCE_QUEUE, queueOptions(connection)));
+}
+
+/**
+ * A queue re-emits every error of its shared connection, and BullMQ prints an error
+ * nobody listens to as a raw stack trace on stderr, once per reconnection attempt
+ * while Redis is down. The connection's owner already reports them (in the service's
+ * structured log), so the queue's copies are dropped.
+ */
+function quiet(queue: Queue): Queue {
+  queue.on('error', () => {});
+  return queue;
 }
 
 export function jobOptions(opts: EnqueueOptions = {}): JobsOptions {
