@@ -76,6 +76,35 @@ function launch(args: string[], withPdeathsig: boolean) {
 type Proc = ReturnType<typeof launch>;
 type Exit = Awaited<Proc>;
 
+const SOCKET_DIR_PREFIX = 'vmvault-nbd-';
+/** How old an empty socket directory must be to be taken as left by a killed process. */
+const STALE_SOCKET_DIR_MS = 10 * 60_000;
+let sweptOnce: Promise<number> | undefined;
+
+/**
+ * Removes the empty socket directories that killed vmvault processes left in `parent`
+ * (a process that exits normally removes its own; qemu-nbd removes its socket when it
+ * ends, and ends with its parent). Only empty directories of this user, older than the
+ * longest start-up, are removed, with rmdir: a live export's directory holds its socket,
+ * and anything else is left alone. Returns how many were removed.
+ */
+export async function sweepSocketDirs(parent: string, now = Date.now()): Promise<number> {
+  let removed = 0;
+  for (const name of await fs.readdir(parent)) {
+    if (!name.startsWith(SOCKET_DIR_PREFIX)) continue;
+    const dir = path.join(parent, name);
+    const st = await fs.lstat(dir).catch(() => undefined);
+    if (!st?.isDirectory() || st.uid !== process.getuid?.() || now - st.mtimeMs < STALE_SOCKET_DIR_MS) continue;
+    try {
+      await fs.rmdir(dir);
+      removed++;
+    } catch {
+      /* not empty (a live export), or removed meanwhile */
+    }
+  }
+  return removed;
+}
+
 /** A short directory for the socket: unix socket paths are limited to 107 bytes. */
 function socketParent(): string {
   const tmp = os.tmpdir();
@@ -106,7 +135,8 @@ export async function exportImage(file: string, opts: ExportOptions): Promise<Nb
   // qemu-nbd shares every permission, and raw has no metadata to protect: without this
   // probe it would serve a raw image that a VM (or another qemu-nbd) is writing.
   if (opts.format === 'raw') await probeRawWriters(abs);
-  const dir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-')); // mkdtemp creates it 0700
+  sweptOnce ??= sweepSocketDirs(socketParent()).catch(() => 0);
+  const dir = await fs.mkdtemp(path.join(socketParent(), SOCKET_DIR_PREFIX)); // mkdtemp creates it 0700
   try {
     const first = await start(abs, opts, dir, 'none');
     if (first !== 'no-o-direct') return first;

@@ -7,6 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import fs from 'node:fs/promises';
 import { existsSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
@@ -248,5 +249,33 @@ describe('createImage and compareImages', { timeout: 60_000 }, () => {
     const diff = await compareImages(a, c, 'qcow2', 'raw');
     assert.equal(diff.identical, false);
     assert.match(diff.output, /Content mismatch at offset/);
+  });
+});
+
+describe('socket directories left by killed processes', () => {
+  test('empty ones older than ten minutes are removed; fresh, non-empty, foreign and non-directory ones stay', async () => {
+    const { sweepSocketDirs } = await import('../../src/disk/qemu-nbd.js');
+    const parent = await fs.mkdtemp(path.join(os.tmpdir(), 'vmvault-sweep-'));
+    try {
+      const old = new Date(Date.now() - 20 * 60_000);
+      const mk = async (name: string, age: Date | undefined, file?: string) => {
+        const dir = path.join(parent, name);
+        await fs.mkdir(dir);
+        if (file) await fs.writeFile(path.join(dir, file), '');
+        if (age) await fs.utimes(dir, age, age);
+        return dir;
+      };
+      const stale = await mk('vmvault-nbd-stale1', old);
+      const fresh = await mk('vmvault-nbd-fresh1', undefined);
+      const busy = await mk('vmvault-nbd-busy11', old, 'nbd.sock');
+      const other = await mk('not-vmvault-nbd-x', old);
+      await fs.writeFile(path.join(parent, 'vmvault-nbd-file11'), '');
+      await fs.symlink(other, path.join(parent, 'vmvault-nbd-link11'));
+      assert.equal(await sweepSocketDirs(parent), 1);
+      assert.equal(existsSync(stale), false);
+      for (const kept of [fresh, busy, other, path.join(parent, 'vmvault-nbd-file11'), path.join(parent, 'vmvault-nbd-link11')]) assert.ok(existsSync(kept), kept);
+    } finally {
+      await fs.rm(parent, { recursive: true, force: true });
+    }
   });
 });
