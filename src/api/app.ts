@@ -13,13 +13,12 @@
  * a client that has no worker (e.g. `qemu-img convert -f raw http://…`).
  */
 import { OpenAPIHono } from '@hono/zod-openapi';
-import type { Queue } from 'bullmq';
 import type { RedisConnection } from '../queue/connection.js';
 import { bodyLimit } from 'hono/body-limit';
 import type { Logger } from 'pino';
 import type { Config } from '../config/schema.js';
 import { errorMessage, NotFoundError } from '../errors.js';
-import { hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { QueueSet } from '../queue/enqueue.js';
 import { Catalogue, type CatalogueEntry } from '../repo/catalogue.js';
 import { VerificationCache } from '../repo/health.js';
 import type { Repository } from '../repo/repository.js';
@@ -142,8 +141,7 @@ export function createApi(deps: ApiDeps): Api {
   registerVmInventory(app, deps.inventory);
   registerDashboard(app);
   // Status and metrics read shared state only (src/ops/): the repository, queues, heartbeats.
-  const verification = new VerificationCache(repo);
-  const statusSources = { config, redis: deps.redis, backups: () => ctx.catalogue.list(), verification: () => verification.get(), queueOf: ctx.queueOf, maintenance: ctx.maintenance };
+  const statusSources = { config, redis: deps.redis, backups: () => ctx.catalogue.list(), verification: ctx.verification, queueOf: ctx.queueOf, maintenance: ctx.maintenance };
   registerStatusRoute(app, statusSources);
   registerMetricsRoute(app, statusSources);
 
@@ -164,20 +162,16 @@ function createContext(deps: ApiDeps): RouteContext & { close(): Promise<void> }
   const { config, repo } = deps;
   const catalogue = new Catalogue(repo);
   const verification = new VerificationCache(repo);
-  const queues = new Map<string, Queue>();
-  const queueOf = (host: string) => {
-    let q = queues.get(host);
-    if (!q) queues.set(host, q = hostQueue(deps.redis, host));
-    return q;
-  };
+  const queues = new QueueSet(deps.redis);
+  const { of: queueOf, maintenance } = queues;
   const hosts = [...new Set([config.host, ...Object.keys(config.hosts), ...config.vms.map((v) => v.host)])].sort();
-  const maintenance = maintenanceQueue(deps.redis);
   const closers: (() => Promise<void>)[] = [];
   return {
     config, repo, redis: deps.redis, log: deps.log, catalogue, hosts, queueOf, maintenance,
     now: deps.now ?? (() => Date.now() / 1000),
     ...(deps.wholeResponseHoldMs !== undefined ? { wholeResponseHoldMs: deps.wholeResponseHoldMs } : {}),
     jobs: new JobIndex(() => [...hosts.map(queueOf), maintenance]),
+    verification: () => verification.get(),
     shown: async (entries: CatalogueEntry[]) => {
       const states = await verification.get();
       return entries.map((b) => ({ ...b, verification: states.get(b.id) ?? null }));
@@ -192,7 +186,7 @@ function createContext(deps: ApiDeps): RouteContext & { close(): Promise<void> }
     onClose: (fn) => { closers.push(fn); },
     close: async () => {
       for (const fn of closers) await fn();
-      await Promise.all([...queues.values(), maintenance].map((q) => q.close().catch(() => {})));
+      await queues.close();
     },
   };
 }

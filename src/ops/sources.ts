@@ -3,10 +3,9 @@
  * own (`vmvault status`, the scheduler's alert checks): the repository (read only),
  * a producer connection to Redis and the queues.
  */
-import type { Queue } from 'bullmq';
 import type { Config } from '../config/schema.js';
 import { closeRedis, createConnection } from '../queue/connection.js';
-import { hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { QueueSet } from '../queue/enqueue.js';
 import { Catalogue } from '../repo/catalogue.js';
 import { VerificationCache } from '../repo/health.js';
 import { Repository } from '../repo/repository.js';
@@ -21,19 +20,13 @@ export async function openStatusSources(
   const repo = await Repository.open(openStorage(where.repository.url), where.repository.passphrase, { noLock: true });
   const redis = createConnection(where.redisUrl, 'producer');
   redis.on('error', opts.onRedisError ?? (() => {}));
-  const queues = new Map<string, Queue>();
-  const queueOf = (host: string) => {
-    let q = queues.get(host);
-    if (!q) queues.set(host, q = hostQueue(redis, host));
-    return q;
-  };
-  const maintenance = maintenanceQueue(redis);
+  const queues = new QueueSet(redis);
   const catalogue = new Catalogue(repo, opts.cacheMs ?? 2000);
   const verification = new VerificationCache(repo, opts.cacheMs ?? 2000);
   return {
-    sources: { config, redis, backups: () => catalogue.list(), verification: () => verification.get(), queueOf, maintenance },
+    sources: { config, redis, backups: () => catalogue.list(), verification: () => verification.get(), queueOf: queues.of, maintenance: queues.maintenance },
     close: async () => {
-      await Promise.all([...queues.values(), maintenance].map((q) => q.close().catch(() => {})));
+      await queues.close();
       await closeRedis(redis);
       await repo.storage.close();
     },

@@ -42,6 +42,30 @@ export function maintenanceQueue(connection: RedisConnection): Queue {
 }
 
 /**
+ * The host queues and the maintenance queue on one connection, each opened once on
+ * first use and closed together (the connection stays its owner's to close).
+ */
+export class QueueSet {
+  private readonly hosts = new Map<string, Queue>();
+  readonly maintenance: Queue;
+
+  constructor(private readonly connection: RedisConnection) {
+    this.maintenance = maintenanceQueue(connection);
+  }
+
+  /** The queue of `host`. */
+  readonly of = (host: string): Queue => {
+    let q = this.hosts.get(host);
+    if (!q) this.hosts.set(host, (q = hostQueue(this.connection, host)));
+    return q;
+  };
+
+  async close(): Promise<void> {
+    await Promise.all([...this.hosts.values(), this.maintenance].map((q) => q.close().catch(() => {})));
+  }
+}
+
+/**
  * A queue re-emits every error of its shared connection, and BullMQ prints an error
  * nobody listens to as a raw stack trace on stderr, once per reconnection attempt
  * while Redis is down. The connection's owner already reports them (in the service's

@@ -20,7 +20,6 @@ import { existsSync } from 'node:fs';
 import { chmod, mkdir, readdir, stat, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import type { Queue } from 'bullmq';
 import { pino, type Logger } from 'pino';
 import { passphrase as readPassphrase } from '../config/passphrase.js';
 import { parseConfig, selectVms } from '../config/load.js';
@@ -30,7 +29,7 @@ import { NAME_RE } from '../policy/schema.js';
 import { errnoCode, errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createConnection } from '../queue/connection.js';
 import { startEmbeddedRedis, type EmbeddedRedis } from '../queue/embedded-redis.js';
-import { enqueueBackup, enqueueDrill, enqueueMaintenance, hostQueue, maintenanceQueue } from '../queue/enqueue.js';
+import { QueueSet, enqueueBackup, enqueueDrill, enqueueMaintenance } from '../queue/enqueue.js';
 import { policyFirstSeen } from '../queue/first-seen.js';
 import { backupPayloadFor, drillPayloadFor } from '../queue/payloads.js';
 import { Catalogue } from '../repo/catalogue.js';
@@ -126,13 +125,8 @@ export async function runScheduler(
   const repo = await Repository.open(openStorage(where.url), where.passphrase);
   const connection = createConnection(redisUrl, 'producer');
   connection.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
-  const queues = new Map<string, Queue>();
-  const queueOf = (host: string) => {
-    let q = queues.get(host);
-    if (!q) queues.set(host, q = hostQueue(connection, host));
-    return q;
-  };
-  const maintenance = maintenanceQueue(connection);
+  const queues = new QueueSet(connection);
+  const { of: queueOf, maintenance } = queues;
   // Catch-up asks for every (policy, VM): the backup summaries are read at most once per minute (or per alert check), not once per question.
   const refreshMs = Math.min(config.alerts?.checkEvery ?? 60_000, 60_000);
   const catalogue = new Catalogue(repo, refreshMs);
@@ -175,7 +169,7 @@ export async function runScheduler(
     alerts = await startAlerts(config, { config, redis: connection, backups: () => catalogue.list(), verification: () => verification.get(), queueOf, maintenance }, log, opts.env);
   } catch (err) {
     await scheduler.stop().catch(() => {});
-    await maintenance.close().catch(() => {});
+    await queues.close();
     await closeRedis(connection);
     throw err;
   }
@@ -185,7 +179,7 @@ export async function runScheduler(
     stop: () => (stopping ??= (async () => {
       await alerts?.stop();
       await scheduler.stop();
-      await Promise.all([...queues.values(), maintenance].map((q) => q.close().catch(() => {})));
+      await queues.close();
       await closeRedis(connection);
       log.info({}, 'scheduler stopped');
     })()),

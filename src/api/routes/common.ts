@@ -35,6 +35,8 @@ export interface RouteContext {
   catalogue: Catalogue;
   /** Backups as the API shows them: with their verification state. */
   shown(entries: CatalogueEntry[]): Promise<(CatalogueEntry & { verification: VerificationState | null })[]>;
+  /** Every backup's verification state (cached briefly), as `shown` and the status report use it. */
+  verification(): Promise<Map<string, VerificationState>>;
   /** Every host the configuration names, sorted. */
   hosts: string[];
   queueOf(host: string): Queue;
