@@ -34,6 +34,13 @@ const collectYoung = ((): (() => void) => {
 /** The pool's output slots this thread has been sent (pipeline/pool.ts). */
 const slots = new Map<number, Uint8Array>();
 
+function slotView(slot: number, sent: SharedArrayBuffer | undefined): Uint8Array {
+  if (sent) slots.set(slot, new Uint8Array(sent));
+  const view = slots.get(slot);
+  if (!view) throw new Error(`output slot ${slot} was never sent to this thread`);
+  return view;
+}
+
 function isZero(data: Buffer): boolean {
   if (zeros.length < data.length) zeros = Buffer.alloc(data.length);
   return data.equals(zeros.subarray(0, data.length));
@@ -49,16 +56,16 @@ parentPort!.on('message', (req: PoolRequest) => {
       res = { seq: req.seq, ok: true, id: zero ? null : chunkId(keys, data), data: req.data };
       transfer.push(req.data.buffer as ArrayBuffer);
     } else if (req.op === 'seal') {
-      if (req.slotBuffer) slots.set(req.slot, new Uint8Array(req.slotBuffer));
-      const into = slots.get(req.slot);
-      if (!into) throw new Error(`output slot ${req.slot} was never sent to this thread`);
+      const into = slotView(req.slot, req.slotBuffer);
       const sealed = sealChunk(keys, init.repoId, req.id, data, init.level, into);
       // The plaintext buffer goes back too, so the main thread can reuse it.
-      res = { seq: req.seq, ok: true, data: new Uint8Array(0), plain: req.data, sealedLength: sealed.length };
+      res = { seq: req.seq, ok: true, data: new Uint8Array(0), plain: req.data, slotLength: sealed.length };
       transfer.push(req.data.buffer as ArrayBuffer);
     } else {
-      const plain = openChunk(keys, init.repoId, req.id, data);
-      res = { seq: req.seq, ok: true, data: plain };
+      // A slot has room for a sealed chunk; no plaintext may be larger than a chunk.
+      const into = req.slot === undefined ? undefined : slotView(req.slot, req.slotBuffer).subarray(0, init.chunkSize);
+      const plain = openChunk(keys, init.repoId, req.id, data, into);
+      res = into ? { seq: req.seq, ok: true, data: new Uint8Array(0), slotLength: plain.length } : { seq: req.seq, ok: true, data: plain };
     }
     if (res.data.byteOffset === 0 && res.data.byteLength === res.data.buffer.byteLength && !transfer.includes(res.data.buffer as ArrayBuffer)) {
       transfer.push(res.data.buffer as ArrayBuffer);

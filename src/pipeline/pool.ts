@@ -19,16 +19,19 @@ export type PoolRequest =
   | { seq: number; op: 'hash'; data: Uint8Array }
   /** `slot`: the output slot to seal into; `slotBuffer` is sent the first time this worker meets the slot. */
   | { seq: number; op: 'seal'; id: string; data: Uint8Array; slot: number; slotBuffer?: SharedArrayBuffer }
-  | { seq: number; op: 'open'; id: string; data: Uint8Array };
+  /** With `slot`: the plaintext goes into that output slot (see `seal`). */
+  | { seq: number; op: 'open'; id: string; data: Uint8Array; slot?: number; slotBuffer?: SharedArrayBuffer };
 export type PoolResponse =
-  /** seal: `sealedLength` bytes of the request's slot hold the sealed chunk. */
-  | { seq: number; ok: true; id?: string | null; data: Uint8Array; plain?: Uint8Array; sealedLength?: number }
+  /** seal (and open into a slot): `slotLength` bytes of the request's slot hold the result. */
+  | { seq: number; ok: true; id?: string | null; data: Uint8Array; plain?: Uint8Array; slotLength?: number }
   | { seq: number; ok: false; name: string; code: string | undefined; message: string };
 
 type Pending = { resolve: (r: PoolResponse & { ok: true }) => void; reject: (e: Error) => void };
 
 /** A sealed chunk in a shared output slot: `sealed` is valid until `release()`. */
 export interface SealedChunk { sealed: Buffer; plain: Buffer; release: () => void }
+/** An opened chunk in a shared output slot: `plain` is valid until `release()`. */
+export interface OpenedChunk { plain: Buffer; release: () => void }
 
 /** Output slots at most: more seals than this in flight at once wait for a release. */
 const MAX_SLOTS = 32;
@@ -78,6 +81,21 @@ export class ChunkPool {
    */
   async seal(id: string, data: Buffer): Promise<SealedChunk> {
     if (data.length > this.init.chunkSize) throw new RangeError(`a chunk of ${data.length} bytes is larger than the repository's ${this.init.chunkSize}`);
+    return this.inSlot((slot) => this.submit({ seq: 0, op: 'seal', id, data, slot }), (r, view, release) => ({ sealed: view, plain: asBuffer(r.plain ?? new Uint8Array(0)), release }));
+  }
+
+  /**
+   * Like `open`, into an output slot: a restore or a stream then allocates nothing per
+   * chunk on the main thread. The caller must `release()` the slot once done with `plain`.
+   */
+  async openInSlot(id: string, sealed: Uint8Array): Promise<OpenedChunk> {
+    return this.inSlot((slot) => this.submit({ seq: 0, op: 'open', id, data: sealed, slot }), (_r, view, release) => ({ plain: view, release }));
+  }
+
+  private async inSlot<T>(
+    run: (slot: number) => Promise<PoolResponse & { ok: true }>,
+    make: (r: PoolResponse & { ok: true }, view: Buffer, release: () => void) => T,
+  ): Promise<T> {
     const slot = await this.takeSlot();
     let released = false;
     const release = () => {
@@ -86,8 +104,8 @@ export class ChunkPool {
       this.giveSlot(slot);
     };
     try {
-      const r = await this.submit({ seq: 0, op: 'seal', id, data, slot });
-      return { sealed: Buffer.from(this.slots[slot]!, 0, r.sealedLength!), plain: asBuffer(r.plain ?? new Uint8Array(0)), release };
+      const r = await run(slot);
+      return make(r, Buffer.from(this.slots[slot]!, 0, r.slotLength!), release);
     } catch (err) {
       release();
       throw err;
@@ -138,7 +156,7 @@ export class ChunkPool {
       this.pending.set(req.seq, { worker: w, p });
       const d = req.data;
       const owns = d.byteOffset === 0 && d.byteLength === d.buffer.byteLength && !(d.buffer instanceof SharedArrayBuffer);
-      if (req.op === 'seal') {
+      if (req.op !== 'hash' && req.slot !== undefined) {
         const sent = this.slotsSent.get(w) ?? new Set<number>();
         this.slotsSent.set(w, sent);
         if (sent.has(req.slot)) delete req.slotBuffer;

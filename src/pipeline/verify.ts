@@ -153,7 +153,7 @@ async function readChunks(repo: Repository, ids: string[], chunkSize: number, fo
     for (const id of ids) {
       await window.add(async () => {
         try {
-          await pool.open(id, await repo.getChunkSealed(id));
+          (await pool.openInSlot(id, await repo.getChunkSealed(id))).release();
           intact.add(id);
         } catch (err) {
           if ((err as { code?: string }).code !== 'INTEGRITY') throw err;

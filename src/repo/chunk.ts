@@ -21,6 +21,7 @@ const CODEC_ZSTD = 1;
 // makes the collector run).
 let compressor: { level: number; ctx: InstanceType<typeof zstd.CCtx>; scratch: Buffer } | undefined;
 let decompressor: Decompressor | undefined;
+let dctx: InstanceType<typeof zstd.DCtx> | undefined;
 
 /** The compressed bytes of `plain`, in the thread's scratch buffer: valid until the next call. */
 function compress(plain: Uint8Array, level: number): Buffer {
@@ -67,17 +68,24 @@ export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uin
   return seal(keys.encKey, 'chunk', [Uint8Array.of(codec), body], additionalData(repoId, 'chunk', id), into);
 }
 
-/** Decrypts, decompresses and re-hashes; throws IntegrityError naming the chunk. */
-export function openChunk(keys: RepoKeys, repoId: string, id: string, sealed: Uint8Array): Buffer {
+/**
+ * Decrypts, decompresses and re-hashes; throws IntegrityError naming the chunk. With
+ * `into`, the plaintext is written there (a chunk that does not fit is damaged: no
+ * chunk is larger than the repository's chunk size) and the result is a view of it.
+ */
+export function openChunk(keys: RepoKeys, repoId: string, id: string, sealed: Uint8Array, into?: Uint8Array): Buffer {
   const what = `chunk ${chunkName(id)}`;
   const framed = open(keys.encKey, 'chunk', sealed, additionalData(repoId, 'chunk', id), what);
+  const body = framed.subarray(1);
   let plain: Buffer;
-  if (framed[0] === CODEC_RAW) plain = framed.subarray(1);
-  else if (framed[0] === CODEC_ZSTD) {
+  if (framed[0] === CODEC_RAW) {
+    if (into && body.length > into.length) throw new IntegrityError(`${what} holds ${body.length} bytes, more than a chunk of this repository`);
+    plain = into ? Buffer.from(into.buffer, into.byteOffset, body.copy(into)) : body;
+  } else if (framed[0] === CODEC_ZSTD) {
     try {
-      plain = decompress(framed.subarray(1));
+      plain = into ? Buffer.from(into.buffer, into.byteOffset, (dctx ??= new zstd.DCtx()).decompress(into, body)) : decompress(body);
     } catch (err) {
-      throw new IntegrityError(`${what} does not decompress: ${(err as Error).message}`);
+      throw new IntegrityError(`${what} does not decompress${into ? ' into a chunk of this repository' : ''}: ${(err as Error).message}`);
     }
   } else throw new IntegrityError(`${what} uses unknown codec ${framed[0]}`);
   if (chunkId(keys, plain) !== id) throw new IntegrityError(`${what} does not match its id: its content is not what was backed up`);
