@@ -9,7 +9,6 @@ import type { BackupStats } from '../repo/manifest.js';
 import type { ChunkPool } from './pool.js';
 import { dataBytes, planChunks, type ChunkPlan } from './plan.js';
 import { TaskWindow } from './window.js';
-import { BufferPool } from './buffers.js';
 import type { ProgressMeter } from './progress.js';
 
 /** What changed since the previous backup of a disk, as its driver knows it. */
@@ -75,45 +74,48 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
   const uploading = new Map<string, Promise<void>>();
   const window = new TaskWindow(inFlight);
 
-  const buffers = new BufferPool(chunkSize, inFlight);
-
   const one = async (plan: ChunkPlan) => {
-    const data = await readPlan(await client(), plan, buffers);
-    stats.bytesRead += dataBytes(plan);
-    const { id, data: plain } = await pool.hash(data);
-    meter.add(plan.length);
-    if (id === null) {
-      stats.chunksZero++;
-      buffers.give(plain);
-      return;
-    }
-    ids[plan.index] = id;
-    // Stored already (storage says so), or being stored now by this backup.
-    const stored = uploading.get(id) ?? ((await known.present(id)) ? true : uploading.get(id));
-    if (stored) {
-      stats.chunksReused++;
-      buffers.give(plain);
-      if (stored !== true) await stored;
-      return;
-    }
-    const upload = (async () => {
-      const { sealed, plain: back, release } = await pool.seal(id, plain);
-      buffers.give(back);
-      try {
-        await repo.putChunk(id, sealed);
-      } finally {
-        release();
-      }
-      stats.bytesUploaded += sealed.length;
-      stats.chunksNew++;
-      known.add(id);
-      await known.flush(false);
-    })();
-    uploading.set(id, upload);
+    // The chunk is read into a slot of the pool, hashed and sealed where it lies.
+    const input = await pool.slot();
     try {
-      await upload;
+      await readPlan(await client(), plan, input.buffer);
+      stats.bytesRead += dataBytes(plan);
+      const id = await pool.hashSlot(input, plan.length);
+      meter.add(plan.length);
+      if (id === null) {
+        stats.chunksZero++;
+        return;
+      }
+      ids[plan.index] = id;
+      // Stored already (storage says so), or being stored now by this backup.
+      const stored = uploading.get(id) ?? ((await known.present(id)) ? true : uploading.get(id));
+      if (stored) {
+        stats.chunksReused++;
+        input.release();
+        if (stored !== true) await stored;
+        return;
+      }
+      const upload = (async () => {
+        const { sealed, release } = await pool.sealSlot(id, input, plan.length);
+        input.release();
+        try {
+          await repo.putChunk(id, sealed);
+        } finally {
+          release();
+        }
+        stats.bytesUploaded += sealed.length;
+        stats.chunksNew++;
+        known.add(id);
+        await known.flush(false);
+      })();
+      uploading.set(id, upload);
+      try {
+        await upload;
+      } finally {
+        uploading.delete(id);
+      }
     } finally {
-      uploading.delete(id);
+      input.release();
     }
   };
 
@@ -198,10 +200,8 @@ class RangeCursor {
   }
 }
 
-/** Reads a chunk's data ranges into a pooled buffer; the rest of the chunk is zeros. */
-async function readPlan(client: NbdClient, plan: ChunkPlan, buffers: BufferPool): Promise<Buffer> {
-  const buf = buffers.take(plan.length);
-  if (plan.data.length !== 1 || plan.data[0]!.length !== plan.length) buf.fill(0);
+/** Reads a chunk's data ranges into the start of `buf`; the rest of the chunk is zeros. */
+async function readPlan(client: NbdClient, plan: ChunkPlan, buf: Buffer): Promise<void> {
+  if (plan.data.length !== 1 || plan.data[0]!.length !== plan.length) buf.fill(0, 0, plan.length);
   await Promise.all(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
-  return buf;
 }

@@ -31,13 +31,12 @@ const collectYoung = ((): (() => void) => {
   return () => {};
 })();
 
-/** The pool's output slots this thread has been sent (pipeline/pool.ts). */
-const slots = new Map<number, Uint8Array>();
+/** The pool's slots this thread has been sent (pipeline/pool.ts), by number. */
+const slots = new Map<number, Buffer>();
 
-function slotView(slot: number, sent: SharedArrayBuffer | undefined): Uint8Array {
-  if (sent) slots.set(slot, new Uint8Array(sent));
-  const view = slots.get(slot);
-  if (!view) throw new Error(`output slot ${slot} was never sent to this thread`);
+function slot(n: number): Buffer {
+  const view = slots.get(n);
+  if (!view) throw new Error(`slot ${n} was never sent to this thread`);
   return view;
 }
 
@@ -50,26 +49,23 @@ parentPort!.on('message', (req: PoolRequest) => {
   let res: PoolResponse;
   const transfer: ArrayBuffer[] = [];
   try {
-    const data = Buffer.from(req.data.buffer, req.data.byteOffset, req.data.byteLength);
+    for (const [n, sab] of req.send ?? []) slots.set(n, Buffer.from(sab));
+    const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : Buffer.from(req.data!.buffer, req.data!.byteOffset, req.data!.byteLength);
+    // Bytes handed over go back (the main thread reuses them); a slot stays where it is.
+    const handBack = req.in ? {} : { data: req.data! };
     if (req.op === 'hash') {
-      const zero = isZero(data);
-      res = { seq: req.seq, ok: true, id: zero ? null : chunkId(keys, data), data: req.data };
-      transfer.push(req.data.buffer as ArrayBuffer);
+      res = { seq: req.seq, ok: true, id: isZero(input) ? null : chunkId(keys, input), ...handBack };
     } else if (req.op === 'seal') {
-      const into = slotView(req.slot, req.slotBuffer);
-      const sealed = sealChunk(keys, init.repoId, req.id, data, init.level, into);
-      // The plaintext buffer goes back too, so the main thread can reuse it.
-      res = { seq: req.seq, ok: true, data: new Uint8Array(0), plain: req.data, slotLength: sealed.length };
-      transfer.push(req.data.buffer as ArrayBuffer);
+      const sealed = sealChunk(keys, init.repoId, req.id!, input, init.level, slot(req.out!));
+      res = { seq: req.seq, ok: true, length: sealed.length, ...handBack };
     } else {
       // A slot has room for a sealed chunk; no plaintext may be larger than a chunk.
-      const into = req.slot === undefined ? undefined : slotView(req.slot, req.slotBuffer).subarray(0, init.chunkSize);
-      const plain = openChunk(keys, init.repoId, req.id, data, into);
-      res = into ? { seq: req.seq, ok: true, data: new Uint8Array(0), slotLength: plain.length } : { seq: req.seq, ok: true, data: plain };
+      const into = req.out === undefined ? undefined : slot(req.out).subarray(0, init.chunkSize);
+      const plain = openChunk(keys, init.repoId, req.id!, input, into);
+      res = into ? { seq: req.seq, ok: true, length: plain.length } : { seq: req.seq, ok: true, data: plain };
     }
-    if (res.data.byteOffset === 0 && res.data.byteLength === res.data.buffer.byteLength && !transfer.includes(res.data.buffer as ArrayBuffer)) {
-      transfer.push(res.data.buffer as ArrayBuffer);
-    }
+    const out = res.data;
+    if (out && out.byteOffset === 0 && out.byteLength === out.buffer.byteLength && !(out.buffer instanceof SharedArrayBuffer)) transfer.push(out.buffer as ArrayBuffer);
   } catch (err) {
     const e = err as Error & { code?: string };
     res = { seq: req.seq, ok: false, name: e.name, code: e.code, message: e.message };

@@ -1,12 +1,17 @@
 /**
  * A pool of worker threads, one per core, that hash, seal and open chunks.
- * Buffers are transferred, not copied, where they own their whole ArrayBuffer.
  *
- * Sealed chunks are written into shared output slots (SharedArrayBuffers the pool
- * owns, each sent to a worker once) and handed to the caller as views, released once
- * stored: a backup then allocates no buffer per chunk on the main thread, where every
- * 4 MiB of garbage used to bring the collector back (about a sixth of a full backup's
- * CPU time, and tens of MiB of resident memory waiting to be collected).
+ * The data path moves chunks through shared slots: SharedArrayBuffers the pool owns,
+ * each sent to a worker once, then named by number. A backup reads a chunk into an
+ * input slot, the worker hashes it there, seals it from there into an output slot, and
+ * the caller stores the output slot's view and releases both; a restore opens a chunk
+ * into an output slot. Nothing is allocated or transferred per chunk on the main
+ * thread, where every 4 MiB of garbage used to bring the collector back (about a sixth
+ * of a full backup's CPU time, and tens of MiB of resident memory waiting to be
+ * collected), and the chunks in flight need one slot each, not a buffer per stage.
+ *
+ * Buffers handed to hash/seal/open (not slots) are transferred, not copied, where they
+ * own their whole ArrayBuffer.
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -15,26 +20,55 @@ import type { ChunkIdHash } from '../crypto/keys.js';
 import { sealedChunkBound } from '../repo/chunk.js';
 
 export interface PoolInit { master: Uint8Array; repoId: string; level: number; idHash: ChunkIdHash; chunkSize: number }
-export type PoolRequest =
-  | { seq: number; op: 'hash'; data: Uint8Array }
-  /** `slot`: the output slot to seal into; `slotBuffer` is sent the first time this worker meets the slot. */
-  | { seq: number; op: 'seal'; id: string; data: Uint8Array; slot: number; slotBuffer?: SharedArrayBuffer }
-  /** With `slot`: the plaintext goes into that output slot (see `seal`). */
-  | { seq: number; op: 'open'; id: string; data: Uint8Array; slot?: number; slotBuffer?: SharedArrayBuffer };
+export interface PoolRequest {
+  seq: number;
+  op: 'hash' | 'seal' | 'open';
+  /** seal, open: the chunk id. */
+  id?: string;
+  /** The input, as bytes handed over… */
+  data?: Uint8Array;
+  /** …or as the first `length` bytes of a slot. */
+  in?: { slot: number; length: number };
+  /** The slot the result goes into (seal: always; open: when asked). */
+  out?: number;
+  /** Slots this worker has not been sent yet. */
+  send?: [number, SharedArrayBuffer][];
+}
 export type PoolResponse =
-  /** seal (and open into a slot): `slotLength` bytes of the request's slot hold the result. */
-  | { seq: number; ok: true; id?: string | null; data: Uint8Array; plain?: Uint8Array; slotLength?: number }
+  /** `data`: the input handed back (hash, seal) or the plaintext (open without `out`); `length`: bytes of the result in `out`. */
+  | { seq: number; ok: true; id?: string | null; data?: Uint8Array; length?: number }
   | { seq: number; ok: false; name: string; code: string | undefined; message: string };
 
 type Pending = { resolve: (r: PoolResponse & { ok: true }) => void; reject: (e: Error) => void };
 
-/** A sealed chunk in a shared output slot: `sealed` is valid until `release()`. */
-export interface SealedChunk { sealed: Buffer; plain: Buffer; release: () => void }
-/** An opened chunk in a shared output slot: `plain` is valid until `release()`. */
+/** A slot taken from the pool: `buffer` (the whole slot) is the caller's until `release()`. */
+export interface Slot { readonly index: number; readonly buffer: Buffer; release(): void }
+/** A sealed chunk in an output slot: `sealed` is valid until `release()`. */
+export interface SealedChunk { sealed: Buffer; release: () => void }
+/** An opened chunk in an output slot: `plain` is valid until `release()`. */
 export interface OpenedChunk { plain: Buffer; release: () => void }
 
-/** Output slots at most: more seals than this in flight at once wait for a release. */
-const MAX_SLOTS = 32;
+/**
+ * Free slots, numbered in the pool's registry. Input and output slots come from one
+ * list, so a slot freed by a sealed input serves the next output: the chunks in flight
+ * need one slot each (two for the moment of sealing). There is no cap: every caller
+ * bounds the chunks it has in flight (a backup's `inFlight`, a restore's window), and
+ * a cap could only make a holder of an input wait on holders of inputs.
+ */
+class SlotList {
+  private readonly free: number[] = [];
+
+  constructor(private readonly make: () => number) {}
+
+  /** The most recently freed slot (fewest pages touched), or a new one. */
+  take(): number {
+    return this.free.pop() ?? this.make();
+  }
+
+  give(slot: number): void {
+    this.free.push(slot);
+  }
+}
 
 export class ChunkPool {
   private readonly workers: Worker[] = [];
@@ -44,15 +78,13 @@ export class ChunkPool {
   private seq = 0;
   private closed = false;
   private readonly slots: SharedArrayBuffer[] = [];
-  private readonly freeSlots: number[] = [];
-  private readonly slotWaiters: ((slot: number) => void)[] = [];
+  private readonly free = new SlotList(() => this.newSlot());
   /** Which slots each worker has been sent. */
   private readonly slotsSent = new Map<Worker, Set<number>>();
 
   /**
    * The workers start at the first request: a backup that change tracking says has
-   * nothing to read (an unchanged VM) pays for no thread (about 60 MiB and the
-   * WebAssembly start-up each).
+   * nothing to read (an unchanged VM) pays for no thread (about 30 MiB each).
    */
   constructor(private readonly init: PoolInit, private readonly size = availableParallelism()) {}
 
@@ -68,75 +100,94 @@ export class ChunkPool {
     }
   }
 
+  /** How many slots exist: at most the chunks ever in flight at once, plus those being sealed. */
+  get slotCount(): number {
+    return this.slots.length;
+  }
+
+  /** Every slot has room for a sealed chunk, the largest thing that goes into one. */
+  private newSlot(): number {
+    this.slots.push(new SharedArrayBuffer(sealedChunkBound(this.init.chunkSize)));
+    return this.slots.length - 1;
+  }
+
+  /** An input slot to read a chunk into (hashSlot, sealSlot); the caller releases it. */
+  async slot(): Promise<Slot> {
+    const index = this.free.take();
+    let released = false;
+    return {
+      index,
+      buffer: Buffer.from(this.slots[index]!),
+      release: () => {
+        if (released) return;
+        released = true;
+        this.free.give(index);
+      },
+    };
+  }
+
   /** Chunk id of `data`, or null when it is all zeros; `data` comes back (it was transferred). */
   async hash(data: Buffer): Promise<{ id: string | null; data: Buffer }> {
     const r = await this.submit({ seq: 0, op: 'hash', data });
-    return { id: r.id ?? null, data: asBuffer(r.data) };
+    return { id: r.id ?? null, data: asBuffer(r.data!) };
+  }
+
+  /** Chunk id of the first `length` bytes of `slot`, or null when they are all zeros. */
+  async hashSlot(slot: Slot, length: number): Promise<string | null> {
+    this.checkLength(length);
+    return (await this.submit({ seq: 0, op: 'hash', in: { slot: slot.index, length } })).id ?? null;
   }
 
   /**
-   * Compresses and encrypts into an output slot; `data` is handed over and comes back
-   * as `plain` for reuse. The caller must `release()` the slot once `sealed` is stored
-   * (or dropped): the next seal reuses it.
+   * Compresses and encrypts the first `length` bytes of `slot` into an output slot; the
+   * input slot may be released as soon as this resolves. The caller must `release()` the
+   * result once `sealed` is stored (or dropped): the next seal reuses its slot.
    */
-  async seal(id: string, data: Buffer): Promise<SealedChunk> {
-    if (data.length > this.init.chunkSize) throw new RangeError(`a chunk of ${data.length} bytes is larger than the repository's ${this.init.chunkSize}`);
-    return this.inSlot((slot) => this.submit({ seq: 0, op: 'seal', id, data, slot }), (r, view, release) => ({ sealed: view, plain: asBuffer(r.plain ?? new Uint8Array(0)), release }));
-  }
-
-  /**
-   * Like `open`, into an output slot: a restore or a stream then allocates nothing per
-   * chunk on the main thread. The caller must `release()` the slot once done with `plain`.
-   */
-  async openInSlot(id: string, sealed: Uint8Array): Promise<OpenedChunk> {
-    return this.inSlot((slot) => this.submit({ seq: 0, op: 'open', id, data: sealed, slot }), (_r, view, release) => ({ plain: view, release }));
-  }
-
-  private async inSlot<T>(
-    run: (slot: number) => Promise<PoolResponse & { ok: true }>,
-    make: (r: PoolResponse & { ok: true }, view: Buffer, release: () => void) => T,
-  ): Promise<T> {
-    const slot = await this.takeSlot();
-    let released = false;
-    const release = () => {
-      if (released) return;
-      released = true;
-      this.giveSlot(slot);
-    };
-    try {
-      const r = await run(slot);
-      return make(r, Buffer.from(this.slots[slot]!, 0, r.slotLength!), release);
-    } catch (err) {
-      release();
-      throw err;
-    }
-  }
-
-  /** A free output slot (the most recently freed: fewest pages touched), a new one, or the next released. */
-  private takeSlot(): Promise<number> {
-    const free = this.freeSlots.pop();
-    if (free !== undefined) return Promise.resolve(free);
-    if (this.slots.length < MAX_SLOTS) {
-      this.slots.push(new SharedArrayBuffer(sealedChunkBound(this.init.chunkSize)));
-      return Promise.resolve(this.slots.length - 1);
-    }
-    return new Promise((resolve) => this.slotWaiters.push(resolve));
-  }
-
-  private giveSlot(slot: number): void {
-    const waiter = this.slotWaiters.shift();
-    if (waiter) waiter(slot);
-    else this.freeSlots.push(slot);
+  async sealSlot(id: string, slot: Slot, length: number): Promise<SealedChunk> {
+    this.checkLength(length);
+    return this.intoOutput((out) => this.submit({ seq: 0, op: 'seal', id, in: { slot: slot.index, length }, out }), (view, release) => ({ sealed: view, release }));
   }
 
   /** Decrypts, decompresses and checks the id; rejects with IntegrityError. */
   async open(id: string, sealed: Uint8Array): Promise<Buffer> {
-    return asBuffer((await this.submit({ seq: 0, op: 'open', id, data: sealed })).data);
+    return asBuffer((await this.submit({ seq: 0, op: 'open', id, data: sealed })).data!);
+  }
+
+  /**
+   * Like `open`, into an output slot: a restore or a verification then allocates
+   * nothing per chunk on the main thread. The caller must `release()` the slot once
+   * done with `plain`.
+   */
+  async openInSlot(id: string, sealed: Uint8Array): Promise<OpenedChunk> {
+    return this.intoOutput((out) => this.submit({ seq: 0, op: 'open', id, data: sealed, out }), (view, release) => ({ plain: view, release }));
   }
 
   async close(): Promise<void> {
     this.closed = true;
     await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+
+  private checkLength(length: number): void {
+    if (!Number.isInteger(length) || length < 0 || length > this.init.chunkSize) {
+      throw new RangeError(`a chunk of ${length} bytes does not fit the repository's ${this.init.chunkSize}`);
+    }
+  }
+
+  private async intoOutput<T>(run: (out: number) => Promise<PoolResponse & { ok: true }>, make: (view: Buffer, release: () => void) => T): Promise<T> {
+    const out = this.free.take();
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      this.free.give(out);
+    };
+    try {
+      const r = await run(out);
+      return make(Buffer.from(this.slots[out]!, 0, r.length!), release);
+    } catch (err) {
+      release();
+      throw err;
+    }
   }
 
   private submit(req: PoolRequest): Promise<PoolResponse & { ok: true }> {
@@ -154,17 +205,18 @@ export class ChunkPool {
       const w = this.idle.pop()!;
       const { req, p } = this.queue.shift()!;
       this.pending.set(req.seq, { worker: w, p });
-      const d = req.data;
-      const owns = d.byteOffset === 0 && d.byteLength === d.buffer.byteLength && !(d.buffer instanceof SharedArrayBuffer);
-      if (req.op !== 'hash' && req.slot !== undefined) {
-        const sent = this.slotsSent.get(w) ?? new Set<number>();
-        this.slotsSent.set(w, sent);
-        if (sent.has(req.slot)) delete req.slotBuffer;
-        else {
-          req.slotBuffer = this.slots[req.slot]!;
-          sent.add(req.slot);
+      const sent = this.slotsSent.get(w) ?? new Set<number>();
+      this.slotsSent.set(w, sent);
+      const send: [number, SharedArrayBuffer][] = [];
+      for (const s of [req.in?.slot, req.out]) {
+        if (s !== undefined && !sent.has(s)) {
+          send.push([s, this.slots[s]!]);
+          sent.add(s);
         }
       }
+      if (send.length) req.send = send;
+      const d = req.data;
+      const owns = d !== undefined && d.byteOffset === 0 && d.byteLength === d.buffer.byteLength && !(d.buffer instanceof SharedArrayBuffer);
       w.postMessage(req, owns ? [d.buffer as ArrayBuffer] : []);
     }
   }

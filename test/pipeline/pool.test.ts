@@ -1,8 +1,9 @@
 /**
- * The chunk pool's output slots (src/pipeline/pool.ts): sealed and opened chunks land
- * in shared slots that are reused once released, results round-trip byte for byte,
+ * The chunk pool's slots (src/pipeline/pool.ts): chunks are hashed and sealed in the
+ * slot they were read into, sealed and opened chunks land in output slots that are
+ * reused once released, results round-trip byte for byte,
  * damaged or oversized chunks are refused with IntegrityError and give their slot
- * back, and a caller that holds every slot makes the next seal wait, not fail.
+ * back, and released slots are reused without ever being handed out twice.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -25,13 +26,22 @@ function setup() {
 const text = (n: number) => Buffer.from('log line: GET /v1/backups 200 12ms\n'.repeat(Math.ceil(n / 35)).slice(0, n));
 
 describe('chunk pool output slots', () => {
-  test('seal and open round-trip through slots; the main thread can open what a worker sealed and back', async () => {
+  test('a chunk read into a slot is hashed and sealed where it lies; seal and open round-trip, on either side', async () => {
     const { keys, pool } = setup();
     try {
-      for (const plain of [randomBytes(CHUNK), text(CHUNK), text(1000)]) {
-        const { id, data } = await pool.hash(Buffer.from(plain));
+      for (const plain of [randomBytes(CHUNK), text(CHUNK), text(1000), Buffer.alloc(CHUNK)]) {
+        const input = await pool.slot();
+        plain.copy(input.buffer);
+        const id = await pool.hashSlot(input, plain.length);
+        assert.equal((await pool.hash(Buffer.from(plain))).id, id, 'hashing handed-over bytes gives the same id');
+        if (plain.every((b) => b === 0)) {
+          assert.equal(id, null, 'all zeros: no id');
+          input.release();
+          continue;
+        }
         assert.equal(id, chunkId(keys, plain));
-        const s = await pool.seal(id!, data);
+        const s = await pool.sealSlot(id!, input, plain.length);
+        input.release();
         const sealed = Buffer.from(s.sealed); // copied before the slot is given back
         s.release();
         assert.deepEqual(openChunk(keys, REPO, id!, sealed), plain, 'a worker-sealed chunk opens on the main thread');
@@ -52,8 +62,9 @@ describe('chunk pool output slots', () => {
       const id = chunkId(keys, plain);
       const sealed = sealChunk(keys, REPO, id, plain, 1);
       sealed[sealed.length - 20]! ^= 1;
-      // More failures than there are slots: each must give its slot back, or the last would wait forever.
+      // Each failure gives its slot back: forty of them, one after another, use one slot.
       for (let i = 0; i < 40; i++) await assert.rejects(pool.openInSlot(id, Buffer.from(sealed)), IntegrityError);
+      assert.equal(pool.slotCount, 1);
       // A chunk larger than the repository's chunk size, sealed with the right key, still does not fit a slot.
       const big = randomBytes(CHUNK + 1);
       const bigId = chunkId(keys, big);
@@ -61,7 +72,9 @@ describe('chunk pool output slots', () => {
       const big2 = text(CHUNK * 2);
       const big2Id = chunkId(keys, big2);
       await assert.rejects(pool.openInSlot(big2Id, sealChunk(keys, REPO, big2Id, big2, 1)), /does not decompress into a chunk of this repository/);
-      await assert.rejects(pool.seal(bigId, big), /larger than the repository's/);
+      const input = await pool.slot();
+      await assert.rejects(pool.sealSlot(bigId, input, CHUNK + 1), /does not fit the repository's/);
+      input.release();
       const ok = await pool.openInSlot(chunkId(keys, plain), sealChunk(keys, REPO, chunkId(keys, plain), plain, 1));
       ok.release();
     } finally {
@@ -69,29 +82,37 @@ describe('chunk pool output slots', () => {
     }
   });
 
-  test('a caller holding every slot makes the next seal wait for a release, then reuses that slot', async () => {
+  test('released slots are reused: one chunk at a time needs two slots however many chunks pass; a held slot is never handed out', async () => {
     const { keys, pool } = setup();
     try {
-      const held = [];
-      for (let i = 0; i < 32; i++) {
-        const plain = randomBytes(1024);
-        held.push(await pool.seal(chunkId(keys, plain), plain));
+      for (let i = 0; i < 50; i++) {
+        const plain = randomBytes(4096);
+        const input = await pool.slot();
+        plain.copy(input.buffer);
+        const id = chunkId(keys, plain);
+        const s = await pool.sealSlot(id, input, plain.length);
+        input.release();
+        assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(s.sealed)), plain);
+        s.release();
       }
-      const plain = randomBytes(1024);
-      const id = chunkId(keys, plain);
-      let done = false;
-      // A copy goes to the pool: a buffer that owns its memory is transferred, and reads empty here afterwards.
-      const next = pool.seal(id, Buffer.from(plain)).then((s) => { done = true; return s; });
-      await new Promise((r) => setTimeout(r, 200));
-      assert.equal(done, false, 'the 33rd seal waits');
-      const firstBytes = Buffer.from(held[5]!.sealed);
-      held[5]!.release();
-      const s = await next;
-      assert.equal(s.sealed.buffer, held[5]!.sealed.buffer, 'it reuses the released slot');
-      assert.notDeepEqual(Buffer.from(s.sealed.subarray(0, firstBytes.length)), firstBytes);
-      assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(s.sealed)), plain);
-      s.release();
-      for (const h of held) h.release();
+      assert.equal(pool.slotCount, 2);
+      // Ten chunks held at once: ten slots, each distinct, each keeping its content.
+      const held = [];
+      for (let i = 0; i < 10; i++) {
+        const input = await pool.slot();
+        input.buffer.fill(i + 1, 0, 100);
+        held.push(input);
+      }
+      assert.equal(new Set(held.map((h) => h.index)).size, 10);
+      held.forEach((h, i) => assert.ok(h.buffer.subarray(0, 100).every((b) => b === i + 1)));
+      assert.equal(pool.slotCount, 10);
+      for (const h of held) {
+        h.release();
+        h.release(); // twice is harmless: the slot is not listed free twice
+      }
+      const again = await Promise.all(Array.from({ length: 10 }, () => pool.slot()));
+      assert.equal(new Set(again.map((h) => h.index)).size, 10);
+      assert.equal(pool.slotCount, 10);
     } finally {
       await pool.close();
     }
