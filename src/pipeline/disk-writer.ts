@@ -22,15 +22,20 @@ export interface DiskWriter {
   close(): Promise<void>;
 }
 
+export interface DiskWriterOptions {
+  /** Raw only: write around the page cache where the filesystem allows it (default true). */
+  direct?: boolean;
+}
+
 /**
  * Creates `file` (which must not exist) as an empty image of `format` and
  * `virtualSize` bytes, readable by its owner only (a disk holds the VM's secrets).
  */
-export function createDiskWriter(file: string, format: ImageFormat, virtualSize: number): Promise<DiskWriter> {
-  return format === 'raw' ? rawFileWriter(file, virtualSize) : nbdWriter(file, format, virtualSize);
+export function createDiskWriter(file: string, format: ImageFormat, virtualSize: number, opts: DiskWriterOptions = {}): Promise<DiskWriter> {
+  return format === 'raw' ? rawFileWriter(file, virtualSize, opts.direct ?? true) : nbdWriter(file, format, virtualSize);
 }
 
-async function rawFileWriter(file: string, virtualSize: number): Promise<DiskWriter> {
+async function rawFileWriter(file: string, virtualSize: number, useDirect: boolean): Promise<DiskWriter> {
   if (!Number.isSafeInteger(virtualSize) || virtualSize < 0) {
     throw new VmvaultError('BAD_INPUT', `cannot create ${file}: virtual size ${virtualSize} is not a non-negative whole number of bytes`);
   }
@@ -43,7 +48,7 @@ async function rawFileWriter(file: string, virtualSize: number): Promise<DiskWri
   let direct: FileHandle | undefined;
   try {
     await fh.truncate(virtualSize); // sparse: no block is allocated until data is written
-    direct = await openDirect(fh);
+    direct = useDirect ? await openDirect(fh) : undefined;
   } catch (err) {
     await fh.close();
     throw err;
@@ -77,7 +82,7 @@ async function rawFileWriter(file: string, virtualSize: number): Promise<DiskWri
  * cache, as qemu-nbd's --cache=none does (on this kind of host, a buffered write of a
  * whole disk and the fdatasync after it took about twice as long). The same file is
  * opened again through /proc/self/fd, never by its name, so nothing can be swapped in
- * between. Undefined where O_DIRECT is refused (tmpfs) or /proc is missing: buffered then.
+ * between. Undefined where O_DIRECT is refused (some filesystems) or /proc is missing: buffered then.
  */
 async function openDirect(fh: FileHandle): Promise<FileHandle | undefined> {
   return open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
