@@ -11,7 +11,10 @@ import { VmvaultError, errnoCode } from '../errors.js';
 import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
 
 /**
- * A new disk image being filled. Writes may be in flight together (never overlapping);
+ * A new disk image being filled. Writes may be in flight together but never overlap,
+ * nor share a 4 KiB block (a raw file takes the block-aligned part of a write with
+ * O_DIRECT and the rest through the page cache, and the two must not meet in one
+ * block; a restore's writes start and end on 64 KiB boundaries, or at the disk's end);
  * `flush()` makes every completed write durable; `close()` releases the file or
  * export, is idempotent, and is the caller's to call after a failure too (the file
  * itself stays: removing it is the caller's cleanup).
@@ -54,18 +57,25 @@ async function rawFileWriter(file: string, virtualSize: number, useDirect: boole
     throw err;
   }
   const staging = direct ? new Staging() : undefined;
+  const opened = direct;
   let closing: Promise<void> | undefined;
   return {
     async write(offset, data) {
       let done = 0;
-      if (direct && staging && offset % DIRECT_ALIGN === 0) {
-        const aligned = data.length - (data.length % DIRECT_ALIGN);
-        for (; done < aligned; done += SLOT_SIZE) {
-          const n = Math.min(SLOT_SIZE, aligned - done);
+      const aligned = offset % DIRECT_ALIGN === 0 ? data.length - (data.length % DIRECT_ALIGN) : 0;
+      while (done < aligned && direct && staging) {
+        const [at, n, to] = [done, Math.min(SLOT_SIZE, aligned - done), direct];
+        try {
           await staging.use(async (slot) => {
-            slot.set(data.subarray(done, done + n));
-            await writeAll(direct!, slot.subarray(0, n), offset + done);
+            slot.set(data.subarray(at, at + n));
+            await writeAll(to, slot.subarray(0, n), offset + at);
           });
+          done += n;
+        } catch (err) {
+          // Opened with O_DIRECT, yet a write refused (a block size above 4 KiB, a filesystem
+          // that accepts the flag only at open): nothing was written; the page cache from now on.
+          if (errnoCode(err) !== 'EINVAL') throw err;
+          direct = undefined;
         }
       }
       await writeAll(fh, data.subarray(done), offset + done);
@@ -73,7 +83,7 @@ async function rawFileWriter(file: string, virtualSize: number, useDirect: boole
     // fdatasync covers the size set by truncate (needed to read the data back) and
     // every write, through either handle: it syncs the file, not the descriptor.
     flush: () => fh.datasync(),
-    close: () => (closing ??= Promise.all([direct?.close(), fh.close()]).then(() => undefined)),
+    close: () => (closing ??= Promise.all([opened?.close(), fh.close()]).then(() => undefined)),
   };
 }
 
