@@ -1,17 +1,19 @@
 /**
- * Restore of a backup into a directory: each disk is created with qemu-img in the
- * requested format, filled through qemu-nbd with the non-zero parts of every non-zero
- * chunk (zero chunks, and all-zero 64 KiB runs within a chunk, are skipped, so the
- * result is as sparse as its source), flushed, and renamed into place only when
+ * Restore of a backup into a directory: each disk is created empty in the requested
+ * format (a raw one written directly as a sparse file, any other through qemu-nbd:
+ * pipeline/disk-writer.ts), filled with the non-zero parts of every non-zero chunk
+ * (zero chunks, and all-zero 64 KiB runs within a chunk, are skipped, so the result
+ * is as sparse as its source), flushed to disk, and renamed into place only when
  * every disk and file has been written. A failed restore leaves nothing behind.
  * Configuration files come back beside the disks; a libvirt domain XML has its disk
  * paths and formats rewritten to the restored images.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { chmod, mkdir, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, realpath, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
-import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
+import type { ImageFormat } from '../disk/qemu.js';
+import { createDiskWriter } from './disk-writer.js';
 import type { Repository } from '../repo/repository.js';
 import type { DiskEntry, Manifest } from '../repo/manifest.js';
 import { ChunkPool } from './pool.js';
@@ -264,13 +266,9 @@ async function restoreDisk(
   repo: Repository, pool: ChunkPool, m: Manifest, disk: DiskEntry, tmp: string, format: ImageFormat,
   stats: RestoreResult['stats'], meter: ProgressMeter, inFlight: number,
 ): Promise<void> {
-  await createImage(tmp, format, disk.virtualSize);
-  // Like the configuration files: a disk holds the VM's secrets. qemu-img creates it by
-  // the umask (0644 under 022); narrow it before any data is written.
-  await chmod(tmp, 0o600);
-  const exp = await exportImage(tmp, { format, readOnly: false });
+  const out = await createDiskWriter(tmp, format, disk.virtualSize);
+  const window = new TaskWindow(inFlight);
   try {
-    const window = new TaskWindow(inFlight);
     for (const [index, id] of disk.chunks.entries()) {
       if (id === null) continue;
       await window.add(async () => {
@@ -282,15 +280,16 @@ async function restoreDisk(
         }
         // The new image reads as zeros already: write only the runs that hold data.
         const runs = dataRuns(plain);
-        await Promise.all(runs.map((r) => exp.client.write(offset + r.start, plain.subarray(r.start, r.end))));
+        await Promise.all(runs.map((r) => out.write(offset + r.start, plain.subarray(r.start, r.end))));
         stats.bytesWritten += runs.reduce((n, r) => n + r.end - r.start, 0);
         stats.chunksWritten++;
         meter.add(m.chunkSize);
       });
     }
     await window.drain();
-    await exp.client.flush();
+    await out.flush();
   } finally {
-    await exp.close();
+    await window.drain().catch(() => undefined); // after a failure too: no write may outlive the file
+    await out.close();
   }
 }

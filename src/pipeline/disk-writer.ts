@@ -1,0 +1,151 @@
+/**
+ * Where a restored disk's bytes go. A raw image is a plain file: it is written
+ * directly with positional writes, without the qemu-nbd process, socket and copy that
+ * every write through NBD costs. Any other format goes through qemu-nbd, which knows
+ * its layout. Either way the new image reads as zeros and is allocated nowhere, so a
+ * restore that writes only the data runs of its chunks comes back sparse.
+ */
+import { constants } from 'node:fs';
+import { chmod, open, type FileHandle } from 'node:fs/promises';
+import { VmvaultError, errnoCode } from '../errors.js';
+import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
+
+/**
+ * A new disk image being filled. Writes may be in flight together but never overlap,
+ * nor share a 4 KiB block (a raw file takes the block-aligned part of a write with
+ * O_DIRECT and the rest through the page cache, and the two must not meet in one
+ * block; a restore's writes start and end on 64 KiB boundaries, or at the disk's end);
+ * `flush()` makes every completed write durable; `close()` releases the file or
+ * export, is idempotent, and is the caller's to call after a failure too (the file
+ * itself stays: removing it is the caller's cleanup).
+ */
+export interface DiskWriter {
+  write(offset: number, data: Uint8Array): Promise<void>;
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface DiskWriterOptions {
+  /** Raw only: write around the page cache where the filesystem allows it (default true). */
+  direct?: boolean;
+}
+
+/**
+ * Creates `file` (which must not exist) as an empty image of `format` and
+ * `virtualSize` bytes, readable by its owner only (a disk holds the VM's secrets).
+ */
+export function createDiskWriter(file: string, format: ImageFormat, virtualSize: number, opts: DiskWriterOptions = {}): Promise<DiskWriter> {
+  return format === 'raw' ? rawFileWriter(file, virtualSize, opts.direct ?? true) : nbdWriter(file, format, virtualSize);
+}
+
+async function rawFileWriter(file: string, virtualSize: number, useDirect: boolean): Promise<DiskWriter> {
+  if (!Number.isSafeInteger(virtualSize) || virtualSize < 0) {
+    throw new VmvaultError('BAD_INPUT', `cannot create ${file}: virtual size ${virtualSize} is not a non-negative whole number of bytes`);
+  }
+  // 'wx' is O_CREAT|O_EXCL: whatever already sits at this path, a symlink included, is
+  // an error and never followed. Mode 0600 from the first instant (the umask only narrows it).
+  const fh = await open(file, 'wx', 0o600).catch((err: unknown) => {
+    if (errnoCode(err) !== 'EEXIST') throw err;
+    throw new VmvaultError('ALREADY_EXISTS', `cannot create disk image ${file}: something already exists at that path`, { cause: err });
+  });
+  let direct: FileHandle | undefined;
+  try {
+    await fh.truncate(virtualSize); // sparse: no block is allocated until data is written
+    direct = useDirect ? await openDirect(fh) : undefined;
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  const staging = direct ? new Staging() : undefined;
+  const opened = direct;
+  let closing: Promise<void> | undefined;
+  return {
+    async write(offset, data) {
+      let done = 0;
+      const aligned = offset % DIRECT_ALIGN === 0 ? data.length - (data.length % DIRECT_ALIGN) : 0;
+      while (done < aligned && direct && staging) {
+        const [at, n, to] = [done, Math.min(SLOT_SIZE, aligned - done), direct];
+        try {
+          await staging.use(async (slot) => {
+            slot.set(data.subarray(at, at + n));
+            await writeAll(to, slot.subarray(0, n), offset + at);
+          });
+          done += n;
+        } catch (err) {
+          // Opened with O_DIRECT, yet a write refused (a block size above 4 KiB, a filesystem
+          // that accepts the flag only at open): nothing was written; the page cache from now on.
+          if (errnoCode(err) !== 'EINVAL') throw err;
+          direct = undefined;
+        }
+      }
+      await writeAll(fh, data.subarray(done), offset + done);
+    },
+    // fdatasync covers the size set by truncate (needed to read the data back) and
+    // every write, through either handle: it syncs the file, not the descriptor.
+    flush: () => fh.datasync(),
+    close: () => (closing ??= Promise.all([opened?.close(), fh.close()]).then(() => undefined)),
+  };
+}
+
+/**
+ * O_DIRECT: the data goes from the staging buffer to the device, not through the page
+ * cache, as qemu-nbd's --cache=none does (on this kind of host, a buffered write of a
+ * whole disk and the fdatasync after it took about twice as long). The same file is
+ * opened again through /proc/self/fd, never by its name, so nothing can be swapped in
+ * between. Undefined where O_DIRECT is refused (some filesystems) or /proc is missing: buffered then.
+ */
+async function openDirect(fh: FileHandle): Promise<FileHandle | undefined> {
+  return open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
+}
+
+/** O_DIRECT needs memory, offsets and lengths aligned to the device's block size: 4 KiB covers them all. */
+const DIRECT_ALIGN = 4096;
+const SLOT_SIZE = 1024 * 1024;
+const SLOTS = 8;
+/** The one WebAssembly class used here (the project's "lib" setting declares none). */
+declare const WebAssembly: { Memory: new (desc: { initial: number }) => { buffer: ArrayBuffer } };
+
+/**
+ * Page-aligned buffers for O_DIRECT writes (Node's Buffers are not aligned; a
+ * WebAssembly memory is), SLOTS of SLOT_SIZE bytes, lent out one write at a time.
+ */
+class Staging {
+  private readonly free: Buffer[];
+  private readonly waiting: ((slot: Buffer) => void)[] = [];
+
+  constructor() {
+    const mem = Buffer.from(new WebAssembly.Memory({ initial: (SLOTS * SLOT_SIZE) / 65536 }).buffer);
+    this.free = Array.from({ length: SLOTS }, (_, i) => mem.subarray(i * SLOT_SIZE, (i + 1) * SLOT_SIZE));
+  }
+
+  async use<T>(fn: (slot: Buffer) => Promise<T>): Promise<T> {
+    const slot = this.free.pop() ?? (await new Promise<Buffer>((resolve) => this.waiting.push(resolve)));
+    try {
+      return await fn(slot);
+    } finally {
+      const next = this.waiting.shift();
+      if (next) next(slot);
+      else this.free.push(slot);
+    }
+  }
+}
+
+async function writeAll(fh: FileHandle, data: Uint8Array, position: number): Promise<void> {
+  for (let done = 0; done < data.length;) {
+    const { bytesWritten } = await fh.write(data, done, data.length - done, position + done);
+    if (bytesWritten === 0) throw new Error(`writing a restored disk at byte ${position + done} made no progress`);
+    done += bytesWritten;
+  }
+}
+
+async function nbdWriter(file: string, format: ImageFormat, virtualSize: number): Promise<DiskWriter> {
+  await createImage(file, format, virtualSize);
+  // qemu-img creates it by the umask (0644 under 022): narrow it before any data is written.
+  await chmod(file, 0o600);
+  const exp = await exportImage(file, { format, readOnly: false });
+  return {
+    write: (offset, data) => exp.client.write(offset, data),
+    flush: () => exp.client.flush(),
+    close: () => exp.close(),
+  };
+}
