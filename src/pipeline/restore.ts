@@ -272,15 +272,24 @@ async function restoreDisk(
     for (const [index, id] of disk.chunks.entries()) {
       if (id === null) continue;
       await window.add(async () => {
-        const plain = await pool.open(id, await repo.getChunkSealed(id));
-        const offset = index * m.chunkSize;
-        const expected = Math.min(m.chunkSize, disk.virtualSize - offset);
-        if (plain.length !== expected) {
-          throw new VmvaultError('INTEGRITY', `chunk ${id.slice(0, 16)} of disk "${disk.name}" holds ${plain.length} bytes where ${expected} were expected`);
+        // Opened into a slot of the pool, which is given back once written.
+        const { plain, release } = await pool.openInSlot(id, await repo.getChunkSealed(id));
+        let runs;
+        try {
+          const offset = index * m.chunkSize;
+          const expected = Math.min(m.chunkSize, disk.virtualSize - offset);
+          if (plain.length !== expected) {
+            throw new VmvaultError('INTEGRITY', `chunk ${id.slice(0, 16)} of disk "${disk.name}" holds ${plain.length} bytes where ${expected} were expected`);
+          }
+          // The new image reads as zeros already: write only the runs that hold data.
+          runs = dataRuns(plain);
+          // Every write settles before the slot is given back, a failed one's siblings too.
+          const written = await Promise.allSettled(runs.map((r) => out.write(offset + r.start, plain.subarray(r.start, r.end))));
+          const failed = written.find((w): w is PromiseRejectedResult => w.status === 'rejected');
+          if (failed) throw failed.reason;
+        } finally {
+          release();
         }
-        // The new image reads as zeros already: write only the runs that hold data.
-        const runs = dataRuns(plain);
-        await Promise.all(runs.map((r) => out.write(offset + r.start, plain.subarray(r.start, r.end))));
         stats.bytesWritten += runs.reduce((n, r) => n + r.end - r.start, 0);
         stats.chunksWritten++;
         meter.add(m.chunkSize);
