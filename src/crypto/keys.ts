@@ -3,19 +3,17 @@
  * it with libsodium's crypto_kdf (BLAKE2b), so the paper backup is a single secret.
  * The master secret is stored sealed by each passphrase (Argon2id) in `keys/<id>`.
  */
-import { createHmac, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { z } from 'zod';
 import { sodium } from './sodium.js';
 import { xchachaDecrypt, xchachaEncrypt, NONCE_BYTES } from './seal.js';
+import { useBlake2b, type ChunkIdHash } from './chunk-id.js';
 
-/**
- * How chunk ids are computed: keyed BLAKE2b-256 (libsodium's generichash) in format-1
- * repositories, HMAC-SHA-256 in format-2 ones (native, and on SHA extensions where the
- * CPU has them: about 1.8 times as fast here as BLAKE2b in WebAssembly). A repository
- * keeps its function for life: the same data must get the same id in every backup.
- */
-export type ChunkIdHash = 'blake2b' | 'hmac-sha256';
+export { chunkId, type ChunkIdHash } from './chunk-id.js';
+
+// This thread has libsodium already: chunk ids of format-1 repositories use its BLAKE2b.
+useBlake2b((key, data) => sodium.crypto_generichash(32, data, key, 'hex'));
 
 export interface RepoKeys {
   /** Keys the chunk id function (`idHash`). */
@@ -107,10 +105,6 @@ export async function openMaster(file: KeyFile, passphrase: string, repoId: stri
 }
 
 /** Keyed BLAKE2b-256 of `data`, as lowercase hex: the chunk id. */
-export function chunkId(keys: Pick<RepoKeys, 'idKey' | 'idHash'>, data: Uint8Array): string {
-  if (keys.idHash === 'hmac-sha256') return createHmac('sha256', keys.idKey).update(data).digest('hex');
-  return sodium.crypto_generichash(32, data, keys.idKey, 'hex');
-}
 
 /** MAC of a string under macKey, hex. */
 export function mac(macKey: Uint8Array, text: string): string {

@@ -8,14 +8,14 @@
  *
  * The AEAD is computed as libsodium defines XChaCha20-Poly1305: HChaCha20 derives a
  * subkey from the key and the first 16 nonce bytes, then ChaCha20-Poly1305 (IETF) runs
- * with nonce 0x00000000 || nonce[16..24]. HChaCha20 comes from libsodium; the bulk
+ * with nonce 0x00000000 || nonce[16..24]. HChaCha20 is crypto/hchacha20.ts; the bulk
  * cipher from Node's OpenSSL, which is several times faster than libsodium's
  * single-threaded WebAssembly. The output is byte-for-byte what
  * crypto_aead_xchacha20poly1305_ietf_encrypt produces (checked in test/crypto).
  */
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { IntegrityError } from '../errors.js';
-import { sodium } from './sodium.js';
+import { hchacha20 } from './hchacha20.js';
 
 /** `health`: verification records and quarantined chunks (repo/health.ts); `index`: the chunk index (repo/chunk-index.ts). */
 export type ObjectType = 'chunk' | 'manifest' | 'keyfile' | 'lock' | 'health' | 'index';
@@ -35,7 +35,7 @@ export function additionalData(repoId: string, type: ObjectType, objectId: strin
 }
 
 function subkeyAndNonce(key: Uint8Array, nonce: Uint8Array): { subkey: Uint8Array; iv: Buffer } {
-  const subkey = sodium.crypto_core_hchacha20(nonce.subarray(0, 16), key, null);
+  const subkey = hchacha20(key, nonce.subarray(0, 16));
   const iv = Buffer.alloc(12);
   iv.set(nonce.subarray(16, 24), 4);
   return { subkey, iv };

@@ -1,16 +1,19 @@
 /**
  * Worker thread: the CPU work of the data path (hashing, zero detection,
- * compression, encryption, and the reverse) so that every core is used.
+ * compression, encryption, and the reverse) so that every core is used. It is given
+ * the chunk keys, never the master secret, and loads what that needs only: no schema
+ * library, and libsodium's WebAssembly only for a format-1 repository's BLAKE2b ids.
  */
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { parentPort, workerData } from 'node:worker_threads';
-import { chunkId, deriveKeys } from '../crypto/keys.js';
+import { chunkId, loadBlake2b } from '../crypto/chunk-id.js';
 import { openChunk, sealChunk } from '../repo/chunk.js';
 import type { PoolInit, PoolRequest, PoolResponse } from './pool.js';
 
 const init = workerData as PoolInit;
-const keys = deriveKeys(new Uint8Array(init.master), init.idHash);
+const keys = init.keys;
+if (keys.idHash === 'blake2b') await loadBlake2b();
 let zeros = Buffer.alloc(0);
 /**
  * A young-generation collection (a scavenge of this thread's small heap, well under a

@@ -8,8 +8,11 @@
 import { Decompressor } from 'zstd-napi';
 import zstd from 'zstd-napi/binding.js';
 import { IntegrityError } from '../errors.js';
-import { chunkId, type RepoKeys } from '../crypto/keys.js';
+import { chunkId, type ChunkIdKey } from '../crypto/chunk-id.js';
 import { SEAL_OVERHEAD, additionalData, open, seal } from '../crypto/seal.js';
+
+/** What sealing and opening chunks needs of a repository's keys (a chunk worker gets no more). */
+export type ChunkKeys = ChunkIdKey & { encKey: Uint8Array };
 
 const CODEC_RAW = 0;
 const CODEC_ZSTD = 1;
@@ -55,7 +58,7 @@ export function sealedChunkBound(plainLength: number): number {
 }
 
 /** Compresses and seals a chunk; into `into` (sealedChunkBound bytes at least) when given. */
-export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uint8Array, level: number, into?: Uint8Array): Buffer {
+export function sealChunk(keys: ChunkKeys, repoId: string, id: string, plain: Uint8Array, level: number, into?: Uint8Array): Buffer {
   let body: Uint8Array = plain;
   let codec = CODEC_RAW;
   if (level > 0) {
@@ -73,7 +76,7 @@ export function sealChunk(keys: RepoKeys, repoId: string, id: string, plain: Uin
  * `into`, the plaintext is written there (a chunk that does not fit is damaged: no
  * chunk is larger than the repository's chunk size) and the result is a view of it.
  */
-export function openChunk(keys: RepoKeys, repoId: string, id: string, sealed: Uint8Array, into?: Uint8Array): Buffer {
+export function openChunk(keys: ChunkKeys, repoId: string, id: string, sealed: Uint8Array, into?: Uint8Array): Buffer {
   const what = `chunk ${chunkName(id)}`;
   const framed = open(keys.encKey, 'chunk', sealed, additionalData(repoId, 'chunk', id), what);
   const body = framed.subarray(1);

@@ -15,7 +15,7 @@ import {
 import { cachedMaster, storeMaster, type KeyCache } from '../crypto/key-cache.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
-import { chunkName, isChunkId } from './chunk.js';
+import { chunkName, isChunkId, type ChunkKeys } from './chunk.js';
 import { backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
 import { ChunkIndex, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
@@ -297,8 +297,9 @@ export class Repository {
   }
 
   /** What a worker thread needs to seal and open chunks (see pipeline/pool.ts). */
-  workerInit(): { master: Uint8Array; repoId: string; level: number; idHash: ChunkIdHash; chunkSize: number } {
-    return { master: this.master, repoId: this.id, level: this.compressionLevel, idHash: this.keys.idHash, chunkSize: this.chunkSize };
+  workerInit(): { keys: ChunkKeys; repoId: string; level: number; chunkSize: number } {
+    const { idKey, idHash, encKey } = this.keys;
+    return { keys: { idKey, idHash, encKey }, repoId: this.id, level: this.compressionLevel, chunkSize: this.chunkSize };
   }
 
   paperKey(): string {

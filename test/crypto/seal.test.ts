@@ -40,3 +40,18 @@ test('two seals of the same plaintext differ (random nonce)', () => {
   const ad = additionalData('r', 'chunk', 'id');
   assert.notDeepEqual(seal(key, 'chunk', Buffer.from('x'), ad), seal(key, 'chunk', Buffer.from('x'), ad));
 });
+
+test('HChaCha20 gives libsodium\'s subkeys (the draft\'s test vector, and 200 random keys and nonces)', async () => {
+  const { hchacha20 } = await import('../../src/crypto/hchacha20.js');
+  const { sodium } = await import('../../src/crypto/sodium.js');
+  // draft-irtf-cfrg-xchacha-03, section 2.2.1
+  const key = Buffer.from('000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f', 'hex');
+  const nonce = Buffer.from('000000090000004a0000000031415927', 'hex');
+  assert.equal(Buffer.from(hchacha20(key, nonce)).toString('hex'), '82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc');
+  for (let i = 0; i < 200; i++) {
+    const k = randomBytes(32);
+    const n = randomBytes(16);
+    assert.deepEqual(Buffer.from(hchacha20(k, n)), Buffer.from(sodium.crypto_core_hchacha20(n, k, null)));
+  }
+  assert.throws(() => hchacha20(randomBytes(31), randomBytes(16)), RangeError);
+});

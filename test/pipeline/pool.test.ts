@@ -12,14 +12,14 @@ import { ChunkPool } from '../../src/pipeline/pool.js';
 import { deriveKeys, generateMaster, chunkId } from '../../src/crypto/keys.js';
 import { openChunk, sealChunk } from '../../src/repo/chunk.js';
 import { IntegrityError } from '../../src/errors.js';
+import { sodium } from '../../src/crypto/sodium.js';
 
 const CHUNK = 256 * 1024;
 const REPO = 'ab'.repeat(16);
 
 function setup() {
-  const master = generateMaster();
-  const keys = deriveKeys(master, 'hmac-sha256');
-  const pool = new ChunkPool({ master, repoId: REPO, level: 1, idHash: 'hmac-sha256', chunkSize: CHUNK }, 2);
+  const keys = deriveKeys(generateMaster(), 'hmac-sha256');
+  const pool = new ChunkPool({ keys: { idKey: keys.idKey, idHash: keys.idHash, encKey: keys.encKey }, repoId: REPO, level: 1, chunkSize: CHUNK }, 2);
   return { keys, pool };
 }
 
@@ -50,6 +50,24 @@ describe('chunk pool output slots', () => {
         o.release();
         assert.deepEqual(await pool.open(id!, sealed), plain);
       }
+    } finally {
+      await pool.close();
+    }
+  });
+
+  test('a pool of a format-1 repository computes keyed BLAKE2b ids in its workers', async () => {
+    const keys = deriveKeys(generateMaster(), 'blake2b');
+    const pool = new ChunkPool({ keys: { idKey: keys.idKey, idHash: keys.idHash, encKey: keys.encKey }, repoId: REPO, level: 1, chunkSize: CHUNK }, 2);
+    try {
+      const plain = text(CHUNK);
+      const input = await pool.slot();
+      plain.copy(input.buffer);
+      const id = await pool.hashSlot(input, plain.length);
+      assert.equal(id, sodium.crypto_generichash(32, plain, keys.idKey, 'hex'));
+      const s = await pool.sealSlot(id!, input, plain.length);
+      assert.deepEqual(openChunk(keys, REPO, id!, Buffer.from(s.sealed)), plain);
+      s.release();
+      input.release();
     } finally {
       await pool.close();
     }
