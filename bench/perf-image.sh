@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# vmvault vs restic on a second image, shaped like a small real VM disk: 2 GiB virtual,
+# 400 MiB of random data, 300 MiB of log-like text, the rest never written. Full backup and
+# restore (to raw), each tool in turn, BENCH_REPS rounds (median), restores compared with
+# qemu-img. Run by hand after `npm run build`: `bash bench/perf-image.sh` (see bench/README.md).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+BENCH_DIR=${BENCH_DIR:-/var/tmp/vmvault-bench}
+IMAGE=$BENCH_DIR/perf-v1.qcow2   # kept between runs
+W=$BENCH_DIR/perf-run
+RESULTS=$HERE/results/perf-image.json
+REPS=${BENCH_REPS:-3}
+MiB=$((1024 * 1024))
+
+for t in restic qemu-img qemu-io node; do command -v "$t" >/dev/null || { echo "bench: $t is missing" >&2; exit 1; }; done
+[ -x /usr/bin/time ] || { echo "bench: GNU time is missing: apt-get install -y time" >&2; exit 1; }
+[ -f "$ROOT/dist/src/cli/main.js" ] || { echo "bench: vmvault is not built: run npm run build" >&2; exit 1; }
+unset GOMAXPROCS RESTIC_REPOSITORY RESTIC_REPOSITORY_FILE RESTIC_PASSWORD_FILE RESTIC_PASSWORD_COMMAND RESTIC_CACHE_DIR RESTIC_COMPRESSION VMVAULT_REPOSITORY
+export VMVAULT_PASSWORD=bench-passphrase RESTIC_PASSWORD=bench-passphrase
+
+if [ ! -f "$IMAGE" ]; then
+  echo "building $IMAGE (2 GiB virtual: 400 MiB random at 0, 300 MiB text at 1 GiB)..."
+  mkdir -p "$BENCH_DIR"
+  raw=$BENCH_DIR/perf-build.raw
+  rm -f "$raw" && truncate -s 2G "$raw"
+  dd if=/dev/urandom of="$raw" bs=1M count=400 conv=notrunc iflag=fullblock status=none
+  node "$HERE/gen-text.mjs" 300 99 | dd of="$raw" bs=1M seek=1024 count=300 conv=notrunc iflag=fullblock status=none
+  qemu-img convert -f raw -O qcow2 "$raw" "$IMAGE.tmp" && rm -f "$raw" && mv "$IMAGE.tmp" "$IMAGE"
+fi
+
+if [ "${BENCH_KEEP:-}" != 1 ]; then trap 'rm -rf "$W"' EXIT; fi
+rm -rf "$W" && mkdir -p "$W/app" "$W/out"
+cp -r "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$W/app/" && ln -s "$ROOT/node_modules" "$W/app/node_modules"
+VMVAULT=$W/app/bin/vmvault.js
+load=$(cut -d' ' -f1 /proc/loadavg)
+cat "$IMAGE" >"$W/disk.qcow2"
+qemu-img convert -f qcow2 -O raw "$IMAGE" "$W/disk.raw"
+
+# timed NAME CMD...: one line of NAME seconds rss-KiB user sys into times.tsv
+timed() {
+  local name=$1; shift
+  cat "$W/disk.qcow2" "$W/disk.raw" >/dev/null
+  /usr/bin/time -f "$name %e %M %U %S" -a -o "$W/times.tsv" "$@" >"$W/out/$name.out" 2>"$W/out/$name.err" || { cat "$W/out/$name.err" >&2; exit 1; }
+  tail -1 "$W/times.tsv"
+}
+for rep in $(seq 1 "$REPS"); do
+  rm -rf "$W/v-repo" "$W/r-repo" "$W/v-out" "$W/r-out" "$W/r-cache"
+  env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" init >/dev/null
+  restic -r "$W/r-repo" --cache-dir "$W/r-cache" init >/dev/null
+  timed "full.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" backup --vm perf --disk "root=$W/disk.qcow2" --format qcow2 --json
+  timed "full.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" backup --json "$W/disk.raw"
+  id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).id)' "$W/out/full.vmvault.$rep.out")
+  timed "restore.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" restore latest --target "$W/r-out"
+  timed "restore.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" restore "$id" --to "$W/v-out" --format raw --json
+  qemu-img compare -f qcow2 -F raw "$W/disk.qcow2" "$W/v-out/root.raw" >/dev/null
+  qemu-img compare -f qcow2 -F raw "$W/disk.qcow2" "$W/r-out$W/disk.raw" >/dev/null
+  du -s --block-size=1 "$W/v-out/root.raw" "$W/r-out$W/disk.raw" | awk -v rep="$rep" '{ print "allocated." (NR == 1 ? "vmvault" : "restic") "." rep, $1 }' >>"$W/alloc.txt"
+done
+
+mkdir -p "$(dirname "$RESULTS")"
+W=$W RESULTS=$RESULTS LOAD=$load REPS=$REPS COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  RESTIC_VERSION="$(restic version)" node - <<'EOF'
+const fs = require('fs');
+const env = process.env;
+const rows = fs.readFileSync(`${env.W}/times.tsv`, 'utf8').trim().split('\n').map((l) => l.split(' '));
+const alloc = Object.fromEntries(fs.readFileSync(`${env.W}/alloc.txt`, 'utf8').trim().split('\n').map((l) => l.split(' ')));
+const med = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+const pick = (step, tool, i) => rows.filter((r) => r[0].startsWith(`${step}.${tool}.`)).map((r) => +r[i]);
+const out = { date: new Date().toISOString(), vmvaultCommit: env.COMMIT, restic: env.RESTIC_VERSION, loadAverageBefore: +env.LOAD, repetitions: +env.REPS,
+  image: '2 GiB virtual qcow2: 400 MiB random at 0, 300 MiB log-like text at 1 GiB, the rest never written; restic backs up its raw copy; restores to raw',
+  steps: {} };
+for (const step of ['full', 'restore']) {
+  const v = med(pick(step, 'vmvault', 1)), r = med(pick(step, 'restic', 1));
+  out.steps[step] = { vmvaultSeconds: v, resticSeconds: r, vmvaultOverRestic: +(v / r).toFixed(3),
+    goal: step === 'full' ? 0.4 : 0.5, goalMet: v / r <= (step === 'full' ? 0.4 : 0.5),
+    vmvaultPeakRssMiB: Math.max(...pick(step, 'vmvault', 2)) >> 10, resticPeakRssMiB: Math.max(...pick(step, 'restic', 2)) >> 10,
+    vmvaultRuns: pick(step, 'vmvault', 1), resticRuns: pick(step, 'restic', 1) };
+}
+out.restoredAllocatedMiB = { vmvault: Math.round(alloc['allocated.vmvault.1'] / 1048576), restic: Math.round(alloc['allocated.restic.1'] / 1048576) };
+out.restoredImagesEqualSource = true; // qemu-img compare above, or the script stopped
+fs.writeFileSync(env.RESULTS, JSON.stringify(out, null, 2) + '\n');
+for (const [k, s] of Object.entries(out.steps)) {
+  console.log(`${k.padEnd(8)} vmvault ${s.vmvaultSeconds.toFixed(2)} s (${s.vmvaultPeakRssMiB} MiB)  restic ${s.resticSeconds.toFixed(2)} s (${s.resticPeakRssMiB} MiB)  vmvault/restic ${s.vmvaultOverRestic} (goal <= ${s.goal}: ${s.goalMet ? 'yes' : 'NO'})`);
+}
+console.log(`restored file allocation: vmvault ${out.restoredAllocatedMiB.vmvault} MiB, restic ${out.restoredAllocatedMiB.restic} MiB (2048 MiB virtual)`);
+console.log(`results written to ${env.RESULTS}`);
+EOF
