@@ -330,11 +330,14 @@ describe('the index under concurrent writers', () => {
       assert.deepEqual((await indexNames(storage)).filter((n) => indexBefore.includes(n)), indexBefore, 'no index object removed');
       const [ra, rb] = await running;
       // A chunk both read at the same moment may be uploaded by both (each stats it before the
-      // other's put lands): at most the chunks in flight at once (10), never an image twice.
+      // other's put lands); each host uploads a chunk once at most. How many overlap depends on
+      // timing (reported: 2 to 14 here, the more the faster the pipeline against the puts), so
+      // the count is a diagnostic, and what is asserted is what holds whatever the timing.
       const stored = await h1.chunkIds();
       const twice = ra.stats.chunksNew + rb.stats.chunksNew - stored.size;
       t.diagnostic(`${stored.size} chunks stored, ${twice} uploaded by both hosts`);
-      assert.ok(twice >= 0 && twice <= 10, `${twice} chunks uploaded twice`);
+      assert.ok(twice >= 0 && twice <= Math.min(ra.stats.chunksNew, rb.stats.chunksNew), `${twice} chunks uploaded twice`);
+      assert.equal(stored.size, 25, 'the 24 shared chunks and the one that differs, each stored once');
       const index = await (await host('three')).chunkIndex();
       for (const id of stored) assert.ok(index.has(id), 'every stored chunk is indexed after both commits');
       await collectGarbage(h2);
