@@ -56,7 +56,8 @@ await execa('restic', ['init'], { env: resticEnv });
 const worker = await startHostWorker({ host: 'bench', redisUrl: redis.url, repoUrl, passphrase: PASS, logger: pino({ level: 'silent' }), stateDir: join(work, 'state'), progressIntervalMs: 1000 });
 const connection = createConnection(redis.url, 'producer');
 const queue = hostQueue(connection, 'bench');
-const events = new QueueEvents(queue.name, { connection: createConnection(redis.url, 'worker') });
+const eventsConnection = createConnection(redis.url, 'worker');
+const events = new QueueEvents(queue.name, { connection: eventsConnection });
 await events.waitUntilReady();
 
 /** One backup job, from enqueueing to completion. */
@@ -90,13 +91,13 @@ try {
   add('full.restic', { seconds: await restic() });
   for (let round = 1; round <= ROUNDS; round++) {
     const s = await job();
-    add('same.vmvault', { seconds: s.seconds, mode: s.result.disks[0]!.mode, bytesRead: s.result.stats.bytesRead });
+    add('same.vmvault', { seconds: s.seconds, mode: s.result.disks[0]!.mode, bytesRead: s.result.stats.bytesRead, jobSeconds: s.result.stats.seconds });
     add('same.restic', { seconds: await restic() });
   }
   for (let round = 1; round <= ROUNDS; round++) {
     await change(round);
     const s = await job();
-    add('incr.vmvault', { seconds: s.seconds, mode: s.result.disks[0]!.mode, bytesRead: s.result.stats.bytesRead });
+    add('incr.vmvault', { seconds: s.seconds, mode: s.result.disks[0]!.mode, bytesRead: s.result.stats.bytesRead, jobSeconds: s.result.stats.seconds });
     add('incr.restic', { seconds: await restic() });
     last = s.result.id;
   }
@@ -105,6 +106,7 @@ try {
   await events.close();
   await queue.close();
   connection.disconnect();
+  eventsConnection.disconnect();
   await redis.stop('SIGKILL');
 }
 // The last incremental restores identical to the disk (which nothing wrote since).

@@ -153,13 +153,17 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const id = req.id;
   if (!/^[0-9a-f]{64}$/.test(id)) throw new VmvaultError('BAD_INPUT', `"${id}" is not a backup id`);
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, chunksUnchanged: 0, seconds: 0 };
-  // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
-  // are left out: producing one uploads it again, which heals it (repo/health.ts).
-  const known = await repo.chunkIndex();
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
   const pool = new ChunkPool(repo.workerInit());
+  // A disk that will be read (in full, or where its bitmap says): the threads start while
+  // the index loads and the disk's export starts. Only a raw image found unchanged reads nothing for sure.
+  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) pool.warm();
   const disks: DiskEntry[] = [];
+  let known: Awaited<ReturnType<Repository['chunkIndex']>>;
   try {
+    // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
+    // are left out: producing one uploads it again, which heals it (repo/health.ts).
+    known = await repo.chunkIndex();
     for (const disk of req.disks) {
       meter.disk = disk.name;
       const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;

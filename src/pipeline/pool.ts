@@ -88,6 +88,14 @@ export class ChunkPool {
    */
   constructor(private readonly init: PoolInit, private readonly size = availableParallelism()) {}
 
+  /**
+   * Starts the threads now rather than at the first request, so that their start-up
+   * (about 45 ms) overlaps work the caller does before its first chunk.
+   */
+  warm(): void {
+    if (!this.closed && this.workers.length === 0) this.start();
+  }
+
   private start(): void {
     const init = this.init;
     for (let i = 0; i < Math.max(1, this.size); i++) {
