@@ -21,6 +21,8 @@ export type ErrorCode =
   | 'AMBIGUOUS'
   /** A restore drill booted the backup and the guest did not come up (recorded as boot-failed). */
   | 'DRILL_FAILED'
+  /** vmvault itself failed (a worker thread died): nothing was committed; running the operation again may succeed. */
+  | 'INTERNAL'
   | 'LOCKED';
 
 export class VmvaultError extends Error {

@@ -31,6 +31,7 @@ const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   NBD: 500,
   QEMU: 500,
   DRILL_FAILED: 500,
+  INTERNAL: 500,
   AMBIGUOUS: 400,
   LOCKED: 409,
 };

@@ -77,6 +77,8 @@ export class ChunkPool {
   private readonly pending = new Map<number, { worker: Worker; p: Pending }>();
   private seq = 0;
   private closed = false;
+  /** Why the pool can no longer be used (a thread failed or exited): every request fails with it. */
+  private broken: VmvaultError | undefined;
   private readonly slots: SharedArrayBuffer[] = [];
   private readonly free = new SlotList(() => this.newSlot());
   /** Which slots each worker has been sent. */
@@ -102,7 +104,8 @@ export class ChunkPool {
       const w = new Worker(new URL('./chunk-worker.js', import.meta.url), { workerData: init });
       w.unref();
       w.on('message', (res: PoolResponse) => this.onMessage(w, res));
-      w.on('error', (err) => this.onWorkerError(w, err));
+      w.on('error', (err) => this.onWorkerGone(w, `failed: ${err.message}`));
+      w.on('exit', (code) => this.onWorkerGone(w, `exited (code ${code})`));
       this.workers.push(w);
       this.idle.push(w);
     }
@@ -200,6 +203,7 @@ export class ChunkPool {
 
   private submit(req: PoolRequest): Promise<PoolResponse & { ok: true }> {
     if (this.closed) return Promise.reject(new Error('chunk pool is closed'));
+    if (this.broken) return Promise.reject(this.broken);
     if (this.workers.length === 0) this.start();
     req.seq = ++this.seq;
     return new Promise((resolve, reject) => {
@@ -240,13 +244,24 @@ export class ChunkPool {
     else entry.p.reject(new VmvaultError((res.code as ErrorCode) ?? 'BAD_INPUT', res.message));
   }
 
-  private onWorkerError(w: Worker, err: Error): void {
+  /**
+   * A thread that fails or exits while the pool is open: what it was doing, what is
+   * queued and every later request fail with the reason, at once. A pool short of a
+   * thread would otherwise wait for ever once the others are busy; the operation fails
+   * instead, and can be run again (a job is retried).
+   */
+  private onWorkerGone(w: Worker, why: string): void {
+    if (this.closed || !this.workers.includes(w)) return;
+    this.workers.splice(this.workers.indexOf(w), 1);
+    if (this.idle.includes(w)) this.idle.splice(this.idle.indexOf(w), 1);
+    this.broken = new VmvaultError('INTERNAL', `a chunk worker thread ${why}: the operation was stopped; run it again, and report it if it happens again`);
     for (const [seq, entry] of this.pending) {
-      if (entry.worker === w) {
-        this.pending.delete(seq);
-        entry.p.reject(new Error(`chunk worker failed: ${err.message}`));
-      }
+      this.pending.delete(seq);
+      entry.p.reject(this.broken);
     }
+    for (const { p } of this.queue.splice(0)) p.reject(this.broken);
+    for (const other of this.workers.splice(0)) void other.terminate();
+    this.idle.length = 0;
   }
 }
 

@@ -227,7 +227,7 @@ async function mkdirs(dir: string, created: string[]): Promise<void> {
 }
 
 /** fsync a directory so a rename or a new entry in it is durable. */
-async function fsyncDir(dir: string): Promise<void> {
+export async function fsyncDir(dir: string): Promise<void> {
   const fh = await open(dir, 'r');
   try {
     await fh.sync();

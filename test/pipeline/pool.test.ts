@@ -136,3 +136,29 @@ describe('chunk pool output slots', () => {
     }
   });
 });
+
+describe('a chunk pool that loses a thread', () => {
+  test('fails what it was doing, what is queued and every later request at once, with the reason; it never hangs', async () => {
+    const { keys, pool } = setup();
+    try {
+      const plain = randomBytes(CHUNK);
+      const id = chunkId(keys, plain);
+      const sealed = sealChunk(keys, REPO, id, plain, 1);
+      assert.deepEqual(await pool.open(id, Buffer.from(sealed)), plain, 'the threads are up');
+      // Twenty requests at once, then one thread ends (as a crash would end it).
+      const many = Array.from({ length: 20 }, () => pool.open(id, Buffer.from(sealed)));
+      const threads = (pool as unknown as { workers: { terminate(): Promise<number> }[] }).workers;
+      assert.equal(threads.length, 2);
+      await threads[0]!.terminate();
+      const settled = await Promise.allSettled(many);
+      const failed = settled.filter((s): s is PromiseRejectedResult => s.status === 'rejected');
+      assert.ok(failed.length > 0, 'the requests caught by the loss fail');
+      for (const f of failed) assert.match(f.reason.message, /a chunk worker thread exited \(code 1\): the operation was stopped; run it again/);
+      assert.equal(failed[0]!.reason.code, 'INTERNAL');
+      await assert.rejects(pool.open(id, Buffer.from(sealed)), /a chunk worker thread exited/);
+      await assert.rejects(pool.slot().then((s) => pool.hashSlot(s, 10)), /a chunk worker thread exited/);
+    } finally {
+      await pool.close();
+    }
+  });
+});
