@@ -54,13 +54,11 @@ parentPort!.on('message', (req: PoolRequest) => {
   try {
     for (const [n, sab] of req.send ?? []) slots.set(n, Buffer.from(sab));
     const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : Buffer.from(req.data!.buffer, req.data!.byteOffset, req.data!.byteLength);
-    // Bytes handed over go back (the main thread reuses them); a slot stays where it is.
-    const handBack = req.in ? {} : { data: req.data! };
     if (req.op === 'hash') {
-      res = { seq: req.seq, ok: true, id: isZero(input) ? null : chunkId(keys, input), ...handBack };
+      res = { seq: req.seq, ok: true, id: isZero(input) ? null : chunkId(keys, input) };
     } else if (req.op === 'seal') {
       const sealed = sealChunk(keys, init.repoId, req.id!, input, init.level, slot(req.out!));
-      res = { seq: req.seq, ok: true, length: sealed.length, ...handBack };
+      res = { seq: req.seq, ok: true, length: sealed.length };
     } else {
       // A slot has room for a sealed chunk; no plaintext may be larger than a chunk.
       const into = req.out === undefined ? undefined : slot(req.out).subarray(0, init.chunkSize);

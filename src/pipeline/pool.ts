@@ -10,8 +10,8 @@
  * of a full backup's CPU time, and tens of MiB of resident memory waiting to be
  * collected), and the chunks in flight need one slot each, not a buffer per stage.
  *
- * Buffers handed to hash/seal/open (not slots) are transferred, not copied, where they
- * own their whole ArrayBuffer.
+ * A sealed chunk handed to `open` (not a slot) is transferred, not copied, where it owns
+ * its whole ArrayBuffer.
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
@@ -25,7 +25,7 @@ export interface PoolRequest {
   op: 'hash' | 'seal' | 'open';
   /** seal, open: the chunk id. */
   id?: string;
-  /** The input, as bytes handed over… */
+  /** The input, as bytes handed over (open)… */
   data?: Uint8Array;
   /** …or as the first `length` bytes of a slot. */
   in?: { slot: number; length: number };
@@ -35,7 +35,7 @@ export interface PoolRequest {
   send?: [number, SharedArrayBuffer][];
 }
 export type PoolResponse =
-  /** `data`: the input handed back (hash, seal) or the plaintext (open without `out`); `length`: bytes of the result in `out`. */
+  /** `data`: the plaintext (open without `out`); `length`: bytes of the result in `out`. */
   | { seq: number; ok: true; id?: string | null; data?: Uint8Array; length?: number }
   | { seq: number; ok: false; name: string; code: string | undefined; message: string };
 
@@ -135,12 +135,6 @@ export class ChunkPool {
         this.free.give(index);
       },
     };
-  }
-
-  /** Chunk id of `data`, or null when it is all zeros; `data` comes back (it was transferred). */
-  async hash(data: Buffer): Promise<{ id: string | null; data: Buffer }> {
-    const r = await this.submit({ seq: 0, op: 'hash', data });
-    return { id: r.id ?? null, data: asBuffer(r.data!) };
   }
 
   /** Chunk id of the first `length` bytes of `slot`, or null when they are all zeros. */

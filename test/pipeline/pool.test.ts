@@ -33,7 +33,6 @@ describe('chunk pool output slots', () => {
         const input = await pool.slot();
         plain.copy(input.buffer);
         const id = await pool.hashSlot(input, plain.length);
-        assert.equal((await pool.hash(Buffer.from(plain))).id, id, 'hashing handed-over bytes gives the same id');
         if (plain.every((b) => b === 0)) {
           assert.equal(id, null, 'all zeros: no id');
           input.release();
