@@ -84,7 +84,13 @@ describe('first start with no configuration', () => {
     const stored = await readFile(file, 'utf8');
     assert.equal(stored.trim(), createHash('sha256').update(token).digest('hex'));
     assert.ok(!stored.includes(token));
-    assert.match(out, /dashboard: http:\/\/127\.0\.0\.1:\d+\//);
+    const dashboard = /dashboard: (http:\/\/127\.0\.0\.1:\d+\/)/.exec(out)?.[1];
+    assert.ok(dashboard, out);
+    // The printed address serves the dashboard, and its API calls take the printed token.
+    const page = await fetch(dashboard);
+    assert.equal(page.status, 200);
+    assert.match(await page.text(), /<title>vmvault<\/title>/);
+    assert.equal(new URL('/v1/vms', dashboard).origin, new URL(api).origin);
     assert.ok(!/"level"[^\n]*vv_/.test(out), 'no log line carries the token');
 
     const vms = await call('GET', '/v1/vms', { token });
