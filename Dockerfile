@@ -11,7 +11,8 @@ COPY src ./src
 COPY workers ./workers
 COPY test ./test
 COPY bench ./bench
-RUN npx tsc -p tsconfig.json && rm -rf dist/test dist/bench && npm prune --omit=dev --no-audit --no-fund
+COPY scripts ./scripts
+RUN npm run build && rm -rf dist/test dist/bench && npm prune --omit=dev --no-audit --no-fund
 
 FROM node:20-bookworm-slim
 RUN apt-get update \

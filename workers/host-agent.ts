@@ -32,7 +32,7 @@ import { toJobError } from './job-errors.js';
 import { runSnapshotJob, type SnapshotJobResult } from './snapshot-job.js';
 import { HostExports, type ExportJobResult } from './export-job.js';
 import { startHeartbeat, type Heartbeat } from '../src/queue/heartbeat.js';
-import { packageVersion } from '../src/cli/version.js';
+import { packageVersion } from '../src/package-files.js';
 import { recordFailureCode } from '../src/queue/job-failures.js';
 
 export interface HostWorkerOptions {

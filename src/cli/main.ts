@@ -6,7 +6,7 @@
 import { Command, CommanderError } from 'commander';
 import { VmvaultError } from '../errors.js';
 import type { GlobalOptions } from './context.js';
-import { packageVersion } from './version.js';
+import { packageVersion } from '../package-files.js';
 import { registerKeyCommands } from './commands/keys.js';
 import { registerBackupCommands } from './commands/backups.js';
 import { registerMaintenanceCommands } from './commands/maintenance.js';

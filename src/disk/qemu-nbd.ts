@@ -66,6 +66,17 @@ function havePdeathsig(): Promise<boolean> {
   return pdeathsig;
 }
 
+/**
+ * Starts what the first export of a process checks once (whether setpriv can tie
+ * qemu-nbd's life to vmvault's, about 20 ms; the sweep of stale socket directories), so
+ * that it overlaps the caller's own work, such as taking a snapshot, instead of
+ * delaying that export.
+ */
+export function prepareExports(): void {
+  void havePdeathsig();
+  sweptOnce ??= sweepSocketDirs(socketParent()).catch(() => 0);
+}
+
 /** Not async on purpose: execa's subprocess is a thenable, which an async function would await. */
 function launch(args: string[], withPdeathsig: boolean) {
   const [file, argv] = withPdeathsig ? ['setpriv', ['--pdeathsig', 'TERM', '--', 'qemu-nbd', ...args]] : ['qemu-nbd', args];

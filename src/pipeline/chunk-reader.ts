@@ -200,8 +200,24 @@ class RangeCursor {
   }
 }
 
-/** Reads a chunk's data ranges into the start of `buf`; the rest of the chunk is zeros. */
+/**
+ * Reads a chunk's data ranges into the start of `buf`; the rest of the chunk is zeros.
+ * Only the gaps between the ranges are zeroed (a slot holds an earlier chunk's bytes):
+ * zeroing the whole chunk first wrote a partly allocated chunk's memory twice.
+ */
 async function readPlan(client: NbdClient, plan: ChunkPlan, buf: Buffer): Promise<void> {
-  if (plan.data.length !== 1 || plan.data[0]!.length !== plan.length) buf.fill(0, 0, plan.length);
+  let at = 0;
+  for (const r of plan.data) {
+    const from = r.offset - plan.offset;
+    if (from < at) {
+      // Ranges out of order or overlapping (planChunks never makes them): zero it all.
+      buf.fill(0, 0, plan.length);
+      at = plan.length;
+      break;
+    }
+    buf.fill(0, at, from);
+    at = from + r.length;
+  }
+  buf.fill(0, Math.min(at, plan.length), plan.length);
   await Promise.all(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
 }

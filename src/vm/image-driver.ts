@@ -9,6 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import { errorMessage } from '../errors.js';
 import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
+import { prepareExports } from '../disk/qemu-nbd.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
 import { bitmapExport, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
@@ -32,6 +33,7 @@ export interface FreezeOptions extends AuditPolicy { repoId: string; backupId: s
 
 export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
+  prepareExports();
   const taken: Taken[] = [];
   const exports: NbdExport[] = [];
   let recovered = 0;

@@ -1,6 +1,6 @@
 /**
  * The web dashboard at `/`: one static page, its stylesheet, and its script (plain
- * ES modules compiled by the project's tsc from ../ui/, loaded as they are, with
+ * ES modules compiled by the project's tsc from ../ui/ into dist/src/api/ui/, loaded as they are, with
  * hono/client's own ES modules mapped by an import map). Nothing here needs a token:
  * the page holds no data; its script signs in with a bearer token kept in the tab's
  * sessionStorage and calls the API with it, as any other client does.
@@ -10,6 +10,7 @@ import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import type { Context } from 'hono';
 import { NotFoundError } from '../../errors.js';
+import { builtDir } from '../../package-files.js';
 import { DASHBOARD_CSS, dashboardHtml } from '../ui/page.js';
 import type { ApiApp, Env } from './common.js';
 
@@ -27,7 +28,7 @@ export function isDashboardPath(path: string): boolean {
 }
 
 export function registerDashboard(app: ApiApp): void {
-  const uiDir = new URL('../ui/', import.meta.url);
+  const uiDir = builtDir('src/api/ui');
   const honoDir = new URL('../', import.meta.resolve('hono/client'));
   const files = new Map<string, { url: URL; type: string }>([
     ...CLIENT_MODULES.map((f) => [`/ui/${f}`, { url: new URL(f, uiDir), type: 'text/javascript' }] as const),

@@ -1,0 +1,39 @@
+/**
+ * vmvault's own files at run time. The same module may run from tsc's output
+ * (dist/src/<layer>/) or from the CLI bundle (dist/cli/, see scripts/bundle.mjs), so a
+ * path relative to import.meta.url differs between the two; one relative to the
+ * package root (the nearest package.json named vmvault above this file) does not.
+ */
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+let found: { root: string; version: string } | null | undefined;
+
+function findPackage(): { root: string; version: string } | null {
+  if (found !== undefined) return found;
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    try {
+      const pkg = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as { name?: string; version?: string };
+      if (pkg.name === 'vmvault' && pkg.version) return (found = { root: dir, version: pkg.version });
+    } catch {
+      /* none here: look further up */
+    }
+    const parent = dirname(dir);
+    if (parent === dir) return (found = null);
+    dir = parent;
+  }
+}
+
+/** package.json's version, so the one number there is the only one to change at a release. */
+export function packageVersion(): string {
+  return findPackage()?.version ?? 'unknown';
+}
+
+/** A directory of tsc's output, e.g. builtDir('src/api/ui') for the dashboard's compiled modules. */
+export function builtDir(relative: string): URL {
+  const root = findPackage()?.root;
+  if (!root) throw new Error(`vmvault's package.json was not found above ${fileURLToPath(import.meta.url)}: reinstall vmvault`);
+  return new URL(`${relative.replace(/\/?$/, '/')}`, pathToFileURL(join(root, 'dist') + '/'));
+}
