@@ -157,7 +157,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const pool = new ChunkPool(repo.workerInit());
   // A disk that will be read (in full, or where its bitmap says): the threads start while
   // the index loads and the disk's export starts. Only a raw image found unchanged reads nothing for sure.
-  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) pool.warm(req.inFlight ?? 10);
+  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) pool.warm();
   const disks: DiskEntry[] = [];
   let known: Awaited<ReturnType<Repository['chunkIndex']>>;
   try {

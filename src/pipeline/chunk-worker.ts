@@ -53,15 +53,8 @@ parentPort!.on('message', (req: PoolRequest) => {
   const transfer: ArrayBuffer[] = [];
   try {
     for (const [n, sab] of req.send ?? []) slots.set(n, Buffer.from(sab));
-    const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : req.data ? Buffer.from(req.data.buffer, req.data.byteOffset, req.data.byteLength) : Buffer.alloc(0);
-    if (req.op === 'touch') {
-      // One write per page makes the kernel back it now; a slot's bytes mean nothing until filled.
-      for (const n of req.touch ?? []) {
-        const view = slot(n);
-        for (let at = 0; at < view.length; at += 4096) view[at] = 0;
-      }
-      res = { seq: req.seq, ok: true };
-    } else if (req.op === 'hash') {
+    const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : Buffer.from(req.data!.buffer, req.data!.byteOffset, req.data!.byteLength);
+    if (req.op === 'hash') {
       res = { seq: req.seq, ok: true, id: isZero(input) ? null : chunkId(keys, input) };
     } else if (req.op === 'seal') {
       const sealed = sealChunk(keys, init.repoId, req.id!, input, init.level, slot(req.out!));
@@ -79,5 +72,5 @@ parentPort!.on('message', (req: PoolRequest) => {
     res = { seq: req.seq, ok: false, name: e.name, code: e.code, message: e.message };
   }
   parentPort!.postMessage(res, transfer);
-  if (req.op === 'seal' || req.op === 'open') collectYoung();
+  if (req.op !== 'hash') collectYoung();
 });

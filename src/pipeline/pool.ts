@@ -22,9 +22,7 @@ import { sealedChunkBound, type ChunkKeys } from '../repo/chunk.js';
 export interface PoolInit { keys: ChunkKeys; repoId: string; level: number; chunkSize: number }
 export interface PoolRequest {
   seq: number;
-  op: 'hash' | 'seal' | 'open' | 'touch';
-  /** touch: slots whose pages to write once, so that first use takes no page faults. */
-  touch?: number[];
+  op: 'hash' | 'seal' | 'open';
   /** seal, open: the chunk id. */
   id?: string;
   /** The input, as bytes handed over (open)… */
@@ -70,10 +68,6 @@ class SlotList {
   give(slot: number): void {
     this.free.push(slot);
   }
-
-  get size(): number {
-    return this.free.length;
-  }
 }
 
 export class ChunkPool {
@@ -89,10 +83,6 @@ export class ChunkPool {
   private readonly free = new SlotList(() => this.newSlot());
   /** Which slots each worker has been sent. */
   private readonly slotsSent = new Map<Worker, Set<number>>();
-  /** Slots `warm` asked for, made at the first `slot()`; slots being touched; `slot()` calls waiting for one. */
-  private ahead = 0;
-  private touching = 0;
-  private readonly waiting: ((slot: number) => void)[] = [];
 
   /**
    * The workers start at the first request: a backup that change tracking says has
@@ -102,36 +92,10 @@ export class ChunkPool {
 
   /**
    * Starts the threads now rather than at the first request, so that their start-up
-   * (about 45 ms) overlaps work the caller does before its first chunk. With
-   * `inFlight`, the first `slot()` also makes the slots for that many chunks (plus an
-   * output slot per thread) and has the threads touch them, page by page, handing each
-   * out once touched. A fresh slot's first use otherwise takes about a thousand page
-   * faults on the main thread, in the read that fills it: a quarter of the main
-   * thread's time in a small incremental backup. A backup that reads nothing (an
-   * unchanged VM) touches nothing.
+   * (about 45 ms) overlaps work the caller does before its first chunk.
    */
-  warm(inFlight = 0): void {
-    if (this.closed) return;
-    if (this.workers.length === 0) this.start();
-    if (inFlight > 0 && this.slots.length === 0) this.ahead = inFlight + this.workers.length;
-  }
-
-  /** Makes the slots `warm` asked for; each joins the free list (or goes to a waiting `slot()`) once its thread has touched it. */
-  private touchAhead(): void {
-    const n = this.ahead;
-    this.ahead = 0;
-    for (let i = 0; i < n; i++) {
-      const slot = this.newSlot();
-      this.touching++;
-      // Handed out only once its thread is done with it: a caller who filled it meanwhile would see bytes zeroed.
-      const done = () => {
-        this.touching--;
-        const waiter = this.waiting.shift();
-        if (waiter) waiter(slot);
-        else this.free.give(slot);
-      };
-      this.submit({ seq: 0, op: 'touch', touch: [slot] }).then(done, done);
-    }
+  warm(): void {
+    if (!this.closed && this.workers.length === 0) this.start();
   }
 
   private start(): void {
@@ -160,9 +124,7 @@ export class ChunkPool {
 
   /** An input slot to read a chunk into (hashSlot, sealSlot); the caller releases it. */
   async slot(): Promise<Slot> {
-    if (this.ahead) this.touchAhead();
-    // While slots are being touched, the next one touched is worth waiting for (a few ms).
-    const index = this.free.size === 0 && this.touching > 0 ? await new Promise<number>((r) => this.waiting.push(r)) : this.free.take();
+    const index = this.free.take();
     let released = false;
     return {
       index,
@@ -252,7 +214,7 @@ export class ChunkPool {
       const sent = this.slotsSent.get(w) ?? new Set<number>();
       this.slotsSent.set(w, sent);
       const send: [number, SharedArrayBuffer][] = [];
-      for (const s of [req.in?.slot, req.out, ...(req.touch ?? [])]) {
+      for (const s of [req.in?.slot, req.out]) {
         if (s !== undefined && !sent.has(s)) {
           send.push([s, this.slots[s]!]);
           sent.add(s);

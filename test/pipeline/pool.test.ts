@@ -136,52 +136,6 @@ describe('chunk pool output slots', () => {
   });
 });
 
-describe('a warmed chunk pool', () => {
-  test('makes the slots for the chunks in flight at the first slot asked for, hands out only touched ones, and makes no more', async () => {
-    const { keys, pool } = setup();
-    try {
-      pool.warm(6);
-      assert.equal(pool.slotCount, 0, 'nothing is made before a chunk is read');
-      // Eight asked for at once, while the threads are still touching: the eight made, each once.
-      const held = await Promise.all(Array.from({ length: 8 }, () => pool.slot()));
-      assert.equal(pool.slotCount, 8, 'six chunks in flight and an output slot per thread');
-      assert.deepEqual(held.map((h) => h.index).sort((a, b) => a - b), [0, 1, 2, 3, 4, 5, 6, 7]);
-      for (const [i, h] of held.entries()) {
-        randomBytes(CHUNK).copy(h.buffer);
-        h.buffer.writeUInt32LE(i, 0);
-      }
-      for (const [i, h] of held.entries()) {
-        const chunk = Buffer.from(h.buffer.subarray(0, CHUNK));
-        assert.equal(chunk.readUInt32LE(0), i);
-        assert.equal(await pool.hashSlot(h, CHUNK), chunkId(keys, chunk), 'nothing zeroed the bytes put there');
-      }
-      // A ninth is made when nothing is being touched; warming again changes nothing.
-      const ninth = await pool.slot();
-      assert.equal(ninth.index, 8);
-      pool.warm(6);
-      [...held, ninth].forEach((h) => h.release());
-      await Promise.all(Array.from({ length: 9 }, () => pool.slot()));
-      assert.equal(pool.slotCount, 9);
-    } finally {
-      await pool.close();
-    }
-  });
-
-  test('an unwarmed pool, or one whose first slot comes before its threads are asked for anything, still works', async () => {
-    const { keys, pool } = setup();
-    try {
-      const s = await pool.slot();
-      const plain = text(CHUNK);
-      plain.copy(s.buffer);
-      assert.equal(await pool.hashSlot(s, CHUNK), chunkId(keys, plain));
-      assert.equal(pool.slotCount, 1);
-      s.release();
-    } finally {
-      await pool.close();
-    }
-  });
-});
-
 describe('a chunk pool that loses a thread', () => {
   test('fails what it was doing, what is queued and every later request at once, with the reason; it never hangs', async () => {
     const { keys, pool } = setup();
