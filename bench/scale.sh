@@ -12,7 +12,7 @@ RUNS=${RUNS:-3}
 BEFORE=${BEFORE:-f4e3728}
 OUT=bench/results/scale.json
 
-rm -rf dist && npx tsc -p tsconfig.json
+npm run --silent build
 if [ ! -f "$DIR/repo/config" ] || [ "$(cat "$DIR/chunks" 2>/dev/null)" != "$CHUNKS" ]; then
   node dist/bench/scale.js setup "$DIR" "$CHUNKS" | tee "$DIR.setup.json"
   echo "$CHUNKS" > "$DIR/chunks"

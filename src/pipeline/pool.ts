@@ -39,6 +39,9 @@ export type PoolResponse =
   | { seq: number; ok: true; id?: string | null; data?: Uint8Array; length?: number }
   | { seq: number; ok: false; name: string; code: string | undefined; message: string };
 
+/** `PoolRequest.out` of a request whose output slot is taken when a thread picks it up. */
+const OUT_AT_DISPATCH = -1;
+
 type Pending = { resolve: (r: PoolResponse & { ok: true }) => void; reject: (e: Error) => void };
 
 /** A slot taken from the pool: `buffer` (the whole slot) is the caller's until `release()`. */
@@ -150,7 +153,7 @@ export class ChunkPool {
    */
   async sealSlot(id: string, slot: Slot, length: number): Promise<SealedChunk> {
     this.checkLength(length);
-    return this.intoOutput((out) => this.submit({ seq: 0, op: 'seal', id, in: { slot: slot.index, length }, out }), (view, release) => ({ sealed: view, release }));
+    return this.intoOutput({ seq: 0, op: 'seal', id, in: { slot: slot.index, length } }, (view, release) => ({ sealed: view, release }));
   }
 
   /** Decrypts, decompresses and checks the id; rejects with IntegrityError. */
@@ -164,7 +167,7 @@ export class ChunkPool {
    * done with `plain`.
    */
   async openInSlot(id: string, sealed: Uint8Array): Promise<OpenedChunk> {
-    return this.intoOutput((out) => this.submit({ seq: 0, op: 'open', id, data: sealed, out }), (view, release) => ({ plain: view, release }));
+    return this.intoOutput({ seq: 0, op: 'open', id, data: sealed }, (view, release) => ({ plain: view, release }));
   }
 
   async close(): Promise<void> {
@@ -178,17 +181,22 @@ export class ChunkPool {
     }
   }
 
-  private async intoOutput<T>(run: (out: number) => Promise<PoolResponse & { ok: true }>, make: (view: Buffer, release: () => void) => T): Promise<T> {
-    const out = this.free.take();
+  /**
+   * Runs `req` with an output slot, taken when a thread picks the request up (dispatch),
+   * not when it is queued: chunks waiting for a thread hold no output slot, so a backup
+   * whose reads run ahead of sealing needs about inFlight + threads slots, not twice inFlight.
+   */
+  private async intoOutput<T>(req: PoolRequest, make: (view: Buffer, release: () => void) => T): Promise<T> {
+    req.out = OUT_AT_DISPATCH;
     let released = false;
     const release = () => {
-      if (released) return;
+      if (released || req.out === OUT_AT_DISPATCH) return;
       released = true;
-      this.free.give(out);
+      this.free.give(req.out!);
     };
     try {
-      const r = await run(out);
-      return make(Buffer.from(this.slots[out]!, 0, r.length!), release);
+      const r = await this.submit(req);
+      return make(Buffer.from(this.slots[req.out]!, 0, r.length!), release);
     } catch (err) {
       release();
       throw err;
@@ -210,6 +218,7 @@ export class ChunkPool {
     while (this.idle.length && this.queue.length) {
       const w = this.idle.pop()!;
       const { req, p } = this.queue.shift()!;
+      if (req.out === OUT_AT_DISPATCH) req.out = this.free.take();
       this.pending.set(req.seq, { worker: w, p });
       const sent = this.slotsSent.get(w) ?? new Set<number>();
       this.slotsSent.set(w, sent);

@@ -136,6 +136,30 @@ describe('chunk pool output slots', () => {
   });
 });
 
+describe('output slots are taken when a thread starts the work', () => {
+  test('ten chunks sealed at once on two threads need at most fourteen slots, not twenty; every one seals right', async () => {
+    const { keys, pool } = setup();
+    try {
+      const plains = Array.from({ length: 10 }, (_, i) => (i % 2 ? randomBytes(CHUNK) : text(CHUNK)));
+      const inputs = await Promise.all(plains.map(() => pool.slot()));
+      plains.forEach((p, i) => p.copy(inputs[i]!.buffer));
+      // As a backup does: each input is released once sealed, each output once stored.
+      await Promise.all(plains.map(async (plain, i) => {
+        const id = chunkId(keys, plain);
+        const s = await pool.sealSlot(id, inputs[i]!, plain.length);
+        inputs[i]!.release();
+        assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(s.sealed)), plain);
+        s.release();
+      }));
+      // Ten inputs, an output per thread sealing, and at most one per thread just sealed whose
+      // caller has not released it yet. Taken when queued, the outputs made it twenty.
+      assert.ok(pool.slotCount <= 14, `${pool.slotCount} slots`);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
 describe('a chunk pool that loses a thread', () => {
   test('fails what it was doing, what is queued and every later request at once, with the reason; it never hangs', async () => {
     const { keys, pool } = setup();
