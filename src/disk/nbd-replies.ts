@@ -97,13 +97,8 @@ export class ReplyParser {
         case State.ChunkData: {
           const n = Math.min(this.copyLeft, end - pos);
           data.copy(this.current!.dest!, this.copyAt, pos, pos + n);
-          this.copyAt += n;
-          this.copyLeft -= n;
           pos += n;
-          if (this.copyLeft === 0) {
-            if (this.state === State.SimpleData) this.done(this.current!);
-            else this.endChunk();
-          }
+          this.dataArrived(n);
           break;
         }
         case State.OffsetPrefix:
@@ -119,6 +114,35 @@ export class ReplyParser {
           break;
         }
       }
+    }
+  }
+
+  /**
+   * Where the next bytes of the stream may be read straight into: the rest of the
+   * current read's destination while its data is arriving, else undefined. The kernel
+   * then writes a reply's data where the reader wants it (a chunk's slot of shared
+   * memory, where a JavaScript copy is several times slower than memcpy). Once `n`
+   * bytes have been read there, call `receivedDirect(n)`.
+   */
+  directTarget(): Uint8Array | undefined {
+    if ((this.state !== State.SimpleData && this.state !== State.ChunkData) || this.copyLeft === 0) return undefined;
+    return this.current!.dest!.subarray(this.copyAt, this.copyAt + this.copyLeft);
+  }
+
+  /** `n` bytes (at most what `directTarget()` offered) were read into it. */
+  receivedDirect(n: number): void {
+    if ((this.state !== State.SimpleData && this.state !== State.ChunkData) || n > this.copyLeft) {
+      return this.fail(`${n} bytes read for a reply that expected ${this.copyLeft}`);
+    }
+    this.dataArrived(n);
+  }
+
+  private dataArrived(n: number): void {
+    this.copyAt += n;
+    this.copyLeft -= n;
+    if (this.copyLeft === 0) {
+      if (this.state === State.SimpleData) this.done(this.current!);
+      else this.endChunk();
     }
   }
 

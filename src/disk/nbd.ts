@@ -104,10 +104,20 @@ export class NbdClient {
     const describe = socketPath;
     const reader = new ExactReader();
     let sink = (data: Buffer): void => reader.push(data);
+    let parser: ReplyParser | undefined;
     const readBuffer = Buffer.allocUnsafe(SOCKET_READ_BUFFER);
     const socket = net.createConnection({
       path: socketPath,
-      onread: { buffer: readBuffer, callback: (n) => { sink(readBuffer.subarray(0, n)); return true; } },
+      // Once connected, a reply's data is read by the kernel straight into the reader's
+      // destination (parser.directTarget); headers and everything else go through readBuffer.
+      onread: {
+        buffer: () => parser?.directTarget() ?? readBuffer,
+        callback: (n, buf) => {
+          if (buf === readBuffer) sink(readBuffer.subarray(0, n));
+          else parser!.receivedDirect(n);
+          return true;
+        },
+      },
     });
     try {
       await new Promise<void>((resolve, reject) => {
@@ -146,6 +156,7 @@ export class NbdClient {
     }
     const client = new NbdClient(socket, negotiated, describe, opts.metaContext);
     sink = (data) => client.parser.push(data);
+    parser = client.parser;
     if (negotiated.leftover.length > 0) client.parser.push(negotiated.leftover);
     return client;
   }
