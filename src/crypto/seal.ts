@@ -16,6 +16,7 @@
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { IntegrityError } from '../errors.js';
 import { hchacha20 } from './hchacha20.js';
+import { copyBytes } from '../bytes.js';
 
 /** `health`: verification records and quarantined chunks (repo/health.ts); `index`: the chunk index (repo/chunk-index.ts). */
 export type ObjectType = 'chunk' | 'manifest' | 'keyfile' | 'lock' | 'health' | 'index';
@@ -93,7 +94,7 @@ export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array | 
   out[3] = TYPE_TAG[type];
   nonce.copy(out, HEADER);
   let at = HEADER + NONCE_BYTES;
-  for (const p of parts) at += cipher.update(p).copy(out, at);
+  for (const p of parts) at += copyBytes(cipher.update(p), out, at);
   at += cipher.final().copy(out, at);
   cipher.getAuthTag().copy(out, at);
   return out;

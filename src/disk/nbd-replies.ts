@@ -11,6 +11,7 @@ import {
   NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_SIMPLE_REPLY_SIZE,
   NBD_STRUCTURED_REPLY_MAGIC, NBD_STRUCTURED_REPLY_SIZE, errnoName, readU64,
 } from './nbd-protocol.js';
+import { copyBytes } from '../bytes.js';
 
 /** A request waiting for its reply. Owned by the client; filled in by the parser. */
 export interface Pending {
@@ -96,7 +97,7 @@ export class ReplyParser {
         case State.SimpleData:
         case State.ChunkData: {
           const n = Math.min(this.copyLeft, end - pos);
-          data.copy(this.current!.dest!, this.copyAt, pos, pos + n);
+          copyBytes(data.subarray(pos, pos + n), this.current!.dest!, this.copyAt);
           pos += n;
           this.dataArrived(n);
           break;

@@ -9,6 +9,7 @@ import { constants } from 'node:fs';
 import { chmod, open, type FileHandle } from 'node:fs/promises';
 import { VmvaultError, errnoCode } from '../errors.js';
 import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
+import { copyBytes } from '../bytes.js';
 
 /**
  * A new disk image being filled. Writes may be in flight together but never overlap,
@@ -67,7 +68,7 @@ async function rawFileWriter(file: string, virtualSize: number, useDirect: boole
         const [at, n, to] = [done, Math.min(SLOT_SIZE, aligned - done), direct];
         try {
           await staging.use(async (slot) => {
-            slot.set(data.subarray(at, at + n));
+            copyBytes(data.subarray(at, at + n), slot);
             await writeAll(to, slot.subarray(0, n), offset + at);
           });
           done += n;

@@ -10,6 +10,7 @@ import zstd from 'zstd-napi/binding.js';
 import { IntegrityError } from '../errors.js';
 import { chunkId, type ChunkIdKey } from '../crypto/chunk-id.js';
 import { SEAL_OVERHEAD, additionalData, open, seal } from '../crypto/seal.js';
+import { copyBytes } from '../bytes.js';
 
 /** What sealing and opening chunks needs of a repository's keys (a chunk worker gets no more). */
 export type ChunkKeys = ChunkIdKey & { encKey: Uint8Array };
@@ -83,7 +84,7 @@ export function openChunk(keys: ChunkKeys, repoId: string, id: string, sealed: U
   let plain: Buffer;
   if (framed[0] === CODEC_RAW) {
     if (into && body.length > into.length) throw new IntegrityError(`${what} holds ${body.length} bytes, more than a chunk of this repository`);
-    plain = into ? Buffer.from(into.buffer, into.byteOffset, body.copy(into)) : body;
+    plain = into ? Buffer.from(into.buffer, into.byteOffset, copyBytes(body, into)) : body;
   } else if (framed[0] === CODEC_ZSTD) {
     try {
       plain = into ? Buffer.from(into.buffer, into.byteOffset, (dctx ??= new zstd.DCtx()).decompress(into, body)) : decompress(body);
