@@ -127,9 +127,22 @@ describe('vmvault restore --instant --start', () => {
       proc.kill('SIGKILL');
       await proc.catch(() => undefined);
       // The guest reads its disk again (SeaBIOS after a reset): the read fails, and rerror=stop pauses the VM.
-      await qmp.execute('system_reset');
+      // The reset is repeated every 15 s until then: a reset that lands while SeaBIOS is
+      // still starting, or after it has given up on the disk, may not read it at all.
       // Generous: under software emulation on a loaded machine SeaBIOS may take long to reach the disk.
-      await waitFor('the VM to stop on an I/O error', async () => (await qmp.execute<{ status: string }>('query-status')).status === 'io-error', 90_000);
+      let lastReset = 0;
+      let status = '';
+      let jobsSeen: unknown = [];
+      await waitFor('the VM to stop on an I/O error', async () => {
+        status = (await qmp.execute<{ status: string }>('query-status')).status;
+        if (status === 'io-error') return true;
+        jobsSeen = await qmp.execute('query-block-jobs');
+        if (Date.now() - lastReset > 15_000) {
+          await qmp.execute('system_reset');
+          lastReset = Date.now();
+        }
+        return false;
+      }, 90_000, () => `status ${status}, jobs ${JSON.stringify(jobsSeen)}`, 250);
       const jobs = await qmp.execute<{ paused: boolean; 'io-status': string; ready: boolean }[]>('query-block-jobs');
       assert.equal(jobs.length, 1);
       assert.ok(!jobs[0]!.ready, 'the copy was not finished');
