@@ -29,7 +29,7 @@ export interface ExportOptions {
   /** `unix:/path` or `HOST:PORT` (port 0: any free port, reported in `uri`). */
   listen: string;
   log?: ServerLog;
-  /** Decrypted chunks kept in the cache (default 16). */
+  /** Decrypted chunks kept in the cache (DiskReader's default, 8). */
   cacheChunks?: number;
 }
 
@@ -94,7 +94,7 @@ export function exportBackupDisk(opts: ExportOptions): Promise<NbdExport> {
       const manifest = await opts.repo.loadManifest(opts.backupId);
       const disk = manifest.disks.find((d) => d.name === opts.disk);
       if (!disk) throw new NotFoundError(`backup ${manifest.id.slice(0, 12)} has no disk "${opts.disk}"; its disks are: ${manifest.disks.map((d) => d.name).join(', ')}`);
-      const reader = new DiskReader(opts.repo, opts.cacheChunks ?? 16);
+      const reader = new DiskReader(opts.repo, opts.cacheChunks);
       let server: NbdServer;
       try {
         server = await NbdServer.listen(address, {
