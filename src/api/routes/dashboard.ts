@@ -1,9 +1,9 @@
 /**
  * The web dashboard at `/`: one static page, its stylesheet, and its script (plain
  * ES modules compiled by the project's tsc from ../ui/ into dist/src/api/ui/, loaded
- * as they are, with hono/client's own ES modules mapped by an import map). Nothing here needs a token:
- * the page holds no data; its script signs in with a bearer token kept in the tab's
- * sessionStorage and calls the API with it, as any other client does.
+ * as they are, with hono/client's own ES modules mapped by an import map). Nothing
+ * here needs a token: the page holds no data; its script signs in with a bearer token
+ * kept in the tab's sessionStorage and calls the API with it, as any other client does.
  */
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
