@@ -6,6 +6,8 @@
  * redis and minio, the API's listen address, paths (mounted files, volumes, the
  * secret) to temporary directories, and the S3 credentials to the test server's.
  * Then a VM is added through the API, backed up and restored identical.
+ * The Dockerfile cannot be built here (no Docker daemon): its build stage is checked to
+ * copy every input of `npm run build` and to build with it.
  */
 import assert from 'node:assert/strict';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
@@ -192,5 +194,21 @@ describe('docker-compose.yml', () => {
     assert.equal(cmp.exitCode, 0, cmp.stdout + cmp.stderr);
     assert.equal(await stopProc(worker), 0, worker.output());
     assert.equal(await stopProc(serve), 0, serve.output());
+  });
+});
+
+describe('Dockerfile', () => {
+  test('its build stage copies everything npm run build reads, and builds with npm run build', async () => {
+    const dockerfile = await readFile(join(ROOT, 'Dockerfile'), 'utf8');
+    const build = dockerfile.split(/^FROM /m)[1]!; // the first stage
+    const copied = new Set([...build.matchAll(/^COPY (?!--from)(.+) \S+$/gm)].flatMap((m) => m[1]!.trim().split(/\s+/)));
+    const pkg = JSON.parse(await readFile(join(ROOT, 'package.json'), 'utf8')) as { scripts: Record<string, string> };
+    const tsconfig = JSON.parse(await readFile(join(ROOT, 'tsconfig.json'), 'utf8')) as { include: string[] };
+    // tsc's inputs, the scripts the build runs (node DIR/FILE), and the entry point.
+    const scripts = [...pkg.scripts.build!.matchAll(/\bnode (\S+)\//g)].map((m) => m[1]!);
+    const needed = ['package.json', 'package-lock.json', 'tsconfig.json', 'bin', ...tsconfig.include, ...scripts];
+    assert.ok(scripts.length > 0, `the build script runs no node script: ${pkg.scripts.build}`);
+    for (const path of needed) assert.ok(copied.has(path), `the Dockerfile's build stage does not copy ${path}; it copies ${[...copied].join(', ')}`);
+    assert.match(build, /^RUN npm run build\b/m, 'the image is built the way npm run build builds');
   });
 });
