@@ -146,7 +146,7 @@ export async function exportImage(file: string, opts: ExportOptions): Promise<Nb
   // qemu-nbd shares every permission, and raw has no metadata to protect: without this
   // probe it would serve a raw image that a VM (or another qemu-nbd) is writing.
   if (opts.format === 'raw') await probeRawWriters(abs);
-  sweptOnce ??= sweepSocketDirs(socketParent()).catch(() => 0);
+  prepareExports();
   const dir = await fs.mkdtemp(path.join(socketParent(), SOCKET_DIR_PREFIX)); // mkdtemp creates it 0700
   try {
     const first = await start(abs, opts, dir, 'none');

@@ -9,7 +9,7 @@
  * paths and formats rewritten to the restored images.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdir, open, realpath, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, realpath, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import type { ImageFormat } from '../disk/qemu.js';
@@ -23,7 +23,7 @@ import { FORMAT_EXT, assertSafeName, pathInside } from './names.js';
 import { withReadLock } from '../repo/locks.js';
 import { VM_NAME_RE, libvirtDisks, renameLibvirtDomain, rewriteLibvirtDiskPaths, type DiskTarget, type DomainIdentity } from './libvirt-xml.js';
 import { dataRuns } from './sparse.js';
-import { fsyncDir } from '../storage/local.js';
+import { fsyncDir, writeNewFileSynced } from '../storage/local.js';
 
 export interface RestoreRequest {
   backupId: string;
@@ -120,7 +120,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
         await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8);
       } else {
         const c = manifest.configs.find((x) => x.name === p.name)!;
-        await writeDurably(p.tmp, adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned, clone));
+        await writeNewFileSynced(p.tmp, adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned, clone));
       }
     }
     // Every file's data is on disk (disks flushed, configurations synced): now the names,
@@ -246,17 +246,6 @@ export async function assertInsideRoots(dir: string, roots: readonly string[], w
     if (real === root || real.startsWith(root.endsWith(sep) ? root : root + sep)) return;
   }
   throw new VmvaultError('BAD_INPUT', `${what.startsWith('this host') ? 'restore directory' : 'directory'} ${dir} ${real === wanted ? 'is' : `resolves to ${real}, which is`} outside ${what} (${roots.join(', ')}); nothing was written`);
-}
-
-/** A new file (0600, never an existing one) with `data`, synced before it is closed. */
-async function writeDurably(path: string, data: Uint8Array): Promise<void> {
-  const fh = await open(path, 'wx', 0o600);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 function tmpName(path: string): string {

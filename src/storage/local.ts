@@ -226,6 +226,21 @@ async function mkdirs(dir: string, created: string[]): Promise<void> {
   await mkdirs(dir, created);
 }
 
+/**
+ * Writes `data` to a new file (O_EXCL: never an existing file or a link planted at the
+ * name) created with `mode`, synced before it is closed: for the temporary file of a
+ * write that a rename then makes visible.
+ */
+export async function writeNewFileSynced(file: string, data: string | Uint8Array, mode = 0o600): Promise<void> {
+  const fh = await open(file, 'wx', mode);
+  try {
+    await fh.writeFile(data);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
 /** fsync a directory so a rename or a new entry in it is durable. */
 export async function fsyncDir(dir: string): Promise<void> {
   const fh = await open(dir, 'r');

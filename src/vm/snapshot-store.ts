@@ -21,6 +21,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VmvaultError } from '../errors.js';
+import { writeNewFileSynced } from '../storage/local.js';
 import { NAME_RE, nameRule } from '../policy/schema.js';
 
 export interface SnapshotMeta {
@@ -75,13 +76,7 @@ export async function writeSnapshotMeta(stateDir: string, vm: string, meta: Map<
   await fs.mkdir(path.dirname(file), { recursive: true, mode: 0o700 });
   const body: StoreFile = { version: 1, vm, snapshots: Object.fromEntries([...meta].sort(([a], [b]) => a.localeCompare(b))) };
   const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
-  const handle = await fs.open(tmp, 'wx', 0o600);
-  try {
-    await handle.writeFile(JSON.stringify(body, null, 2) + '\n');
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
+  await writeNewFileSynced(tmp, JSON.stringify(body, null, 2) + '\n');
   try {
     await fs.rename(tmp, file);
   } catch (err) {
