@@ -8,7 +8,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { ChunkPool } from '../../src/pipeline/pool.js';
+import { ChunkPool, type Slot } from '../../src/pipeline/pool.js';
 import { deriveKeys, generateMaster, chunkId } from '../../src/crypto/keys.js';
 import { openChunk, sealChunk } from '../../src/repo/chunk.js';
 import { IntegrityError } from '../../src/errors.js';
@@ -21,6 +21,15 @@ function setup() {
   const keys = deriveKeys(generateMaster(), 'hmac-sha256');
   const pool = new ChunkPool({ keys: { idKey: keys.idKey, idHash: keys.idHash, encKey: keys.encKey }, repoId: REPO, level: 1, chunkSize: CHUNK }, 2);
   return { keys, pool };
+}
+
+/** As a backup does: seals `plain` from its slot `input`, releases the input, checks the sealed chunk opens to `plain`, releases the output. */
+async function sealChecked(keys: ReturnType<typeof setup>['keys'], pool: ChunkPool, input: Slot, plain: Buffer): Promise<void> {
+  const id = chunkId(keys, plain);
+  const s = await pool.sealSlot(id, input, plain.length);
+  input.release();
+  assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(s.sealed)), plain);
+  s.release();
 }
 
 const text = (n: number) => Buffer.from('log line: GET /v1/backups 200 12ms\n'.repeat(Math.ceil(n / 35)).slice(0, n));
@@ -106,11 +115,7 @@ describe('chunk pool output slots', () => {
         const plain = randomBytes(4096);
         const input = await pool.slot();
         plain.copy(input.buffer);
-        const id = chunkId(keys, plain);
-        const s = await pool.sealSlot(id, input, plain.length);
-        input.release();
-        assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(s.sealed)), plain);
-        s.release();
+        await sealChecked(keys, pool, input, plain);
       }
       assert.equal(pool.slotCount, 2);
       // Ten chunks held at once: ten slots, each distinct, each keeping its content.
@@ -143,14 +148,7 @@ describe('output slots are taken when a thread starts the work', () => {
       const plains = Array.from({ length: 10 }, (_, i) => (i % 2 ? randomBytes(CHUNK) : text(CHUNK)));
       const inputs = await Promise.all(plains.map(() => pool.slot()));
       plains.forEach((p, i) => p.copy(inputs[i]!.buffer));
-      // As a backup does: each input is released once sealed, each output once stored.
-      await Promise.all(plains.map(async (plain, i) => {
-        const id = chunkId(keys, plain);
-        const s = await pool.sealSlot(id, inputs[i]!, plain.length);
-        inputs[i]!.release();
-        assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(s.sealed)), plain);
-        s.release();
-      }));
+      await Promise.all(plains.map((plain, i) => sealChecked(keys, pool, inputs[i]!, plain)));
       // Ten inputs, an output per thread sealing, and at most one per thread just sealed whose
       // caller has not released it yet. Taken when queued, the outputs made it twenty.
       assert.ok(pool.slotCount <= 14, `${pool.slotCount} slots`);
