@@ -19,6 +19,7 @@ import { readChunks, type ChangedBlocks, type ReadChunksOptions } from './chunk-
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { assertSafeName, diskNameFromPath, uniqueNames } from './names.js';
 import { withLock, type HeldLock } from '../repo/locks.js';
+import { DEFAULT_CHUNKS_IN_FLIGHT } from '../storage/storage.js';
 
 /**
  * A disk as the VM's configuration gives it: its path, optional name (default: the
@@ -74,7 +75,10 @@ export interface BackupOptions {
   policy?: string;
   host?: string;
   onProgress?: ProgressFn;
-  /** Chunks processed at once; bounds memory to about 2 × inFlight × chunk size. */
+  /**
+   * Chunks processed at once (one slot of chunk size each, plus one per sealing thread);
+   * by default what the repository's storage asks for (Storage.chunksInFlight).
+   */
   inFlight?: number;
   /**
    * Called just before the manifest is written; throwing aborts the backup without
@@ -168,7 +172,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
       meter.disk = disk.name;
       const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;
       const chunks = await backupDisk(disk, {
-        repo, pool, known, stats, meter, inFlight: req.inFlight ?? 10, startAt: startFor(req.vm, disk.name), ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
+        repo, pool, known, stats, meter, inFlight: req.inFlight ?? repo.storage.chunksInFlight ?? DEFAULT_CHUNKS_IN_FLIGHT, startAt: startFor(req.vm, disk.name), ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
       });
       disks.push({
         ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.slice(0, MAX_AUDIT_OFFSETS) } } : {}),

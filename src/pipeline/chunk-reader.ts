@@ -47,7 +47,7 @@ export interface ReadChunksOptions {
   known: KnownChunks;
   stats: BackupStats;
   meter: ProgressMeter;
-  /** Chunks processed at once; bounds memory to about 2 × inFlight × chunk size. */
+  /** Chunks processed at once; bounds memory to about (inFlight + threads) × chunk size (pool.ts). */
   inFlight: number;
   changes?: ChangedBlocks;
   /** With `changes`: read everything and tally what tracking got wrong here. */

@@ -101,8 +101,11 @@ export interface IndexLoad {
 export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefined): Promise<{ prefixes: BigUint64Array; load: IndexLoad }> {
   const names = await indexNames(repo.storage);
   const load: IndexLoad = { objects: names.length, fetched: 0, damaged: [], built: false };
-  // Each object is turned into prefixes at once and dropped: memory is 8 bytes a chunk, not 32 plus the sealed copy.
-  let prefixes = new BigUint64Array(0);
+  // Each object is turned into prefixes at once and dropped: memory is 8 bytes a chunk, not
+  // 32 plus the sealed copy. The prefixes of each object are kept apart until all are read,
+  // then copied once into an array of the exact total: growing one array by doubling held up
+  // to three times the final size at the end (the doubled array, its trimmed copy, garbage).
+  const parts: (BigUint64Array | undefined)[] = [];
   let total = 0;
   for (const name of names) {
     let sealed: Uint8Array | undefined = await cache?.get(name);
@@ -125,25 +128,29 @@ export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefine
       continue;
     }
     if (!cached) await cache?.put(name, sealed);
-    const count = ids.length / ID_BYTES;
-    if (total + count > prefixes.length) {
-      const grown = new BigUint64Array(Math.max(total + count, prefixes.length * 2));
-      grown.set(prefixes.subarray(0, total));
-      prefixes = grown;
-    }
-    for (let o = 0; o < ids.length; o += ID_BYTES) prefixes[total++] = ids.readBigUInt64BE(o);
+    const part = new BigUint64Array(ids.length / ID_BYTES);
+    for (let i = 0; i < part.length; i++) part[i] = ids.readBigUInt64BE(i * ID_BYTES);
+    parts.push(part);
+    total += part.length;
   }
   await cache?.retain(names);
-  prefixes = prefixes.slice(0, total);
+  const prefixes = new BigUint64Array(total);
+  let at = 0;
+  for (let i = 0; i < parts.length; i++) {
+    prefixes.set(parts[i]!, at);
+    at += parts[i]!.length;
+    parts[i] = undefined;
+  }
   prefixes.sort();
   return { prefixes: dedupe(prefixes), load };
 }
 
+/** Removes repeated values of a sorted array, in place; the result may be a view of it. */
 function dedupe(sorted: BigUint64Array): BigUint64Array {
   if (sorted.length < 2) return sorted;
   let w = 1;
   for (let r = 1; r < sorted.length; r++) if (sorted[r] !== sorted[w - 1]) sorted[w++] = sorted[r]!;
-  return w === sorted.length ? sorted : sorted.slice(0, w);
+  return w === sorted.length ? sorted : sorted.subarray(0, w);
 }
 
 function prefixOf(id: string): bigint {

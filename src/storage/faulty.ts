@@ -3,7 +3,7 @@
  * It lets tests prove that retries happen, that they stop, and that failure paths
  * (a lost put, a listing cut in the middle) leave the repository consistent.
  */
-import type { Storage } from './storage.js';
+import { type Storage, sameBackend } from './storage.js';
 
 export type Method = 'get' | 'put' | 'stat' | 'delete' | 'list';
 
@@ -84,7 +84,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
 
   const sweep = storage.removeTemporary?.bind(storage);
   return {
-    location: storage.location,
+    ...sameBackend(storage),
     calls,
     pending: (method) => queues[method].reduce((n, f) => n + f.times, 0),
     inject,

@@ -41,6 +41,12 @@ export class LocalStorage implements Storage {
   readonly location: string;
   /** Absolute path of the repository directory. */
   readonly root: string;
+  /**
+   * A put is a local write: two chunks being sealed, two read ahead and two being
+   * written keep the disk and both cores busy. Ten (the default) was measured as fast,
+   * with 18 MiB more resident for the slots of the extra chunks.
+   */
+  readonly chunksInFlight = 6;
 
   constructor(root: string) {
     this.root = path.resolve(root);

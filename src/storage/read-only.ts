@@ -7,14 +7,14 @@
  */
 import { VmvaultError } from '../errors.js';
 import { errnoError } from './refusal.js';
-import type { Storage } from './storage.js';
+import { type Storage, sameBackend } from './storage.js';
 
 export function readOnly(storage: Storage, why: string): Storage {
   const refuse = (op: string, name: string): Promise<never> => Promise.reject(new VmvaultError('STORAGE',
     `cannot ${op} object ${JSON.stringify(name)} in ${storage.location}: the repository is read-only for this process (${why})`,
     { cause: errnoError('EROFS', 'read-only repository') }));
   return {
-    location: storage.location,
+    ...sameBackend(storage),
     get: (name) => storage.get(name),
     put: (name) => refuse('write', name),
     stat: (name) => storage.stat(name),

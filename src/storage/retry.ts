@@ -3,7 +3,7 @@
  * stay free of retry loops and tests can drive it with faulty.ts.
  */
 import { NotFoundError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
-import type { Storage } from './storage.js';
+import { type Storage, sameBackend } from './storage.js';
 
 export interface RetryOptions {
   /** Total attempts per operation, the first included. Default 6. */
@@ -105,7 +105,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
 
   const sweep = storage.removeTemporary?.bind(storage);
   return {
-    location: storage.location,
+    ...sameBackend(storage),
     get: (name) => run('get', name, () => storage.get(name)),
     put: (name, data) => run('put', name, () => storage.put(name, data)),
     stat: (name) => run('stat', name, () => storage.stat(name)),

@@ -19,6 +19,13 @@
 export interface Storage {
   /** Where this storage points, safe to print (no credentials). */
   readonly location: string;
+  /**
+   * Optional: how many chunks a backup keeps in flight (read, sealed or being stored) to
+   * keep this backend busy; DEFAULT_CHUNKS_IN_FLIGHT when absent. Each chunk in flight
+   * holds a slot of one chunk size, so this is most of a backup's memory for its data.
+   * Wrappers pass it on (see `sameBackend`).
+   */
+  readonly chunksInFlight?: number;
   get(name: string): Promise<Uint8Array>;
   put(name: string, data: Uint8Array): Promise<void>;
   /** Size in bytes, or undefined when the object does not exist. */
@@ -33,4 +40,15 @@ export interface Storage {
   removeTemporary?(before: number): Promise<{ files: number; bytes: number }>;
   /** Release sockets and handles. */
   close(): Promise<void>;
+}
+
+/**
+ * Chunks in flight for a backend that does not say: enough to hide a round trip per put
+ * (S3) behind reading and sealing.
+ */
+export const DEFAULT_CHUNKS_IN_FLIGHT = 10;
+
+/** What a wrapper repeats of the storage it wraps: where it points and how it is best fed. */
+export function sameBackend(storage: Storage): Pick<Storage, 'location' | 'chunksInFlight'> {
+  return { location: storage.location, ...(storage.chunksInFlight !== undefined ? { chunksInFlight: storage.chunksInFlight } : {}) };
 }

@@ -28,6 +28,7 @@ class Counting implements Storage {
   readonly calls = new Map<string, number>();
   constructor(private readonly inner: Storage) {}
   get location() { return this.inner.location; }
+  get chunksInFlight() { return this.inner.chunksInFlight; }
   private count(kind: string, name: string) {
     const key = `${kind} ${name.split('/')[0]}${name.includes('/') ? '/' : ''}`;
     this.calls.set(key, (this.calls.get(key) ?? 0) + 1);
