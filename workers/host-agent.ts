@@ -16,6 +16,7 @@ import { errorMessage, VmvaultError } from '../src/errors.js';
 import { auditFailures, backupVm } from '../src/vm/drivers.js';
 import { durationMs, parseDuration } from '../src/policy/retention.js';
 import { restore, type RestoreResult } from '../src/pipeline/restore.js';
+import { PoolKeeper } from '../src/pipeline/pool.js';
 import type { Progress } from '../src/pipeline/progress.js';
 import { Repository } from '../src/repo/repository.js';
 import { summarise, type BackupStats, type BackupSummary as ManifestSummary } from '../src/repo/manifest.js';
@@ -101,7 +102,15 @@ interface Context {
   log: Logger;
   guards: Map<string, JobGuard>;
   exports: HostExports;
+  /** The chunk threads, kept between backup jobs for KEEP_THREADS_MS. */
+  pools: PoolKeeper;
 }
+
+/**
+ * How long the chunk threads (and their slots) outlive a backup job: scheduled backups
+ * come in runs, and each job then starts on threads already up.
+ */
+const KEEP_THREADS_MS = 60_000;
 
 /**
  * Starts the host agent. Refuses to start (VmvaultError BAD_INPUT) unless Redis has
@@ -137,7 +146,8 @@ export async function startHostWorker(options: HostWorkerOptions): Promise<HostW
     throw err;
   }
 
-  const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map(), exports: new HostExports(repo, log, options.exportAddress) };
+  const ctx: Context = { opts, queueName, repo, locks, maintenance: maintenanceQueue(locks), log, guards: new Map(), exports: new HostExports(repo, log, options.exportAddress),
+    pools: new PoolKeeper(() => repo.workerInit(), KEEP_THREADS_MS) };
   const worker = new Worker(queueName, (job, token, signal) => processJob(ctx, job, token, signal), {
     ...queueOptions(connection), concurrency: options.concurrency ?? 1, lockDuration: opts.jobLockMs, autorun: false,
     stalledInterval: opts.stalledIntervalMs,
@@ -175,6 +185,7 @@ async function closeWorker(ctx: Context, worker: Worker, connections: RedisConne
   }
   clearTimeout(timer);
   await graceful;
+  await ctx.pools.close();
   await ctx.exports.closeAll();
   await heartbeat.stop();
   await ctx.maintenance.close();
@@ -276,7 +287,7 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
   const warn = (message: string, fields?: Record<string, unknown>) => ctx.log.warn({ job: job.id, vm: p.vm, ...fields }, message);
   const done = await backupVm(repo, {
     vm: p.vm, driver: p.driver ?? 'image', disks: p.disks, configs: p.configs, labels: p.labels, host: ctx.opts.host,
-    ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report, warn,
+    ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report, warn, chunkPool: () => ctx.pools.lease(),
     ...(p.qmpSocket ? { qmpSocket: p.qmpSocket } : {}), ...(p.guestAgentSocket ? { guestAgentSocket: p.guestAgentSocket } : {}),
     ...(p.libvirtDomain ? { domain: p.libvirtDomain } : {}),
     ...(p.fullReadEvery ? { fullReadEveryMs: durationMs(parseDuration(p.fullReadEvery)) } : {}),

@@ -14,7 +14,7 @@ import type { NbdClient } from '../disk/nbd.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
-import { ChunkPool } from './pool.js';
+import { ownPool, type ChunkPool, type PoolLease } from './pool.js';
 import { readChunks, type ChangedBlocks, type ReadChunksOptions } from './chunk-reader.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { assertSafeName, diskNameFromPath, uniqueNames } from './names.js';
@@ -80,6 +80,8 @@ export interface BackupOptions {
    * by default what the repository's storage asks for (Storage.chunksInFlight).
    */
   inFlight?: number;
+  /** Where the chunk threads come from (a long-running process keeps them: PoolKeeper); default a pool of its own. */
+  chunkPool?: () => PoolLease;
   /**
    * Called just before the manifest is written; throwing aborts the backup without
    * committing it (a queue worker checks here that it still owns its job).
@@ -158,7 +160,8 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   if (!/^[0-9a-f]{64}$/.test(id)) throw new VmvaultError('BAD_INPUT', `"${id}" is not a backup id`);
   const stats: BackupStats = { bytesRead: 0, bytesUploaded: 0, chunksNew: 0, chunksReused: 0, chunksZero: 0, chunksUnchanged: 0, seconds: 0 };
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
-  const pool = new ChunkPool(repo.workerInit());
+  const lease = req.chunkPool?.() ?? ownPool(repo.workerInit());
+  const pool = lease.pool;
   // A disk that will be read (in full, or where its bitmap says): the threads start while
   // the index loads and the disk's export starts. Only a raw image found unchanged reads nothing for sure.
   if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) pool.warm();
@@ -182,7 +185,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
       });
     }
   } finally {
-    await pool.close();
+    await lease.release();
   }
   meter.finish();
   if (known.counts.missing) {

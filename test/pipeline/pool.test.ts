@@ -3,12 +3,14 @@
  * slot they were read into, sealed and opened chunks land in output slots that are
  * reused once released, results round-trip byte for byte,
  * damaged or oversized chunks are refused with IntegrityError and give their slot
- * back, and released slots are reused without ever being handed out twice.
+ * back, and released slots are reused without ever being handed out twice. A pool
+ * kept between operations (PoolKeeper) is reused, replaced once broken, and closed
+ * after its idle time or when the keeper closes, never under an operation using it.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { ChunkPool, type Slot } from '../../src/pipeline/pool.js';
+import { ChunkPool, PoolKeeper, type Slot } from '../../src/pipeline/pool.js';
 import { deriveKeys, generateMaster, chunkId } from '../../src/crypto/keys.js';
 import { openChunk, sealChunk } from '../../src/repo/chunk.js';
 import { IntegrityError } from '../../src/errors.js';
@@ -180,6 +182,87 @@ describe('a chunk pool that loses a thread', () => {
       await assert.rejects(pool.slot().then((s) => pool.hashSlot(s, 10)), /a chunk worker thread exited/);
     } finally {
       await pool.close();
+    }
+  });
+});
+
+describe('a pool kept between operations', () => {
+  const init = () => {
+    const keys = deriveKeys(generateMaster(), 'hmac-sha256');
+    return { keys, init: { keys: { idKey: keys.idKey, idHash: keys.idHash, encKey: keys.encKey }, repoId: REPO, level: 1, chunkSize: CHUNK } };
+  };
+  const threadsOf = (pool: ChunkPool) => (pool as unknown as { workers: { threadId: number; terminate(): Promise<number> }[] }).workers;
+  const works = async (keys: ReturnType<typeof init>['keys'], pool: ChunkPool) => {
+    const slot = await pool.slot();
+    const plain = text(CHUNK);
+    plain.copy(slot.buffer);
+    await sealChecked(keys, pool, slot, plain);
+  };
+
+  test('the next operation gets the same threads; unused for the idle time, they are closed and the next one starts new ones', async () => {
+    const { keys, init: i } = init();
+    const keeper = new PoolKeeper(() => i, 300);
+    try {
+      const a = keeper.lease();
+      await works(keys, a.pool);
+      const threads = threadsOf(a.pool).map((w) => w.threadId);
+      await a.release();
+      const b = keeper.lease();
+      assert.equal(b.pool, a.pool, 'the same pool');
+      await works(keys, b.pool);
+      assert.deepEqual(threadsOf(b.pool).map((w) => w.threadId), threads, 'on the same threads');
+      await b.release();
+      await b.release(); // twice is once
+      await new Promise((r) => setTimeout(r, 600));
+      await assert.rejects(a.pool.slot().then((s) => a.pool.hashSlot(s, 10)), /chunk pool is closed/, 'closed after the idle time');
+      const c = keeper.lease();
+      assert.notEqual(c.pool, a.pool, 'a new pool');
+      await works(keys, c.pool);
+      await c.release();
+    } finally {
+      await keeper.close();
+    }
+  });
+
+  test('operations that overlap share it; closing the keeper waits for the last of them', async () => {
+    const { keys, init: i } = init();
+    const keeper = new PoolKeeper(() => i, 60_000);
+    const a = keeper.lease();
+    const b = keeper.lease();
+    assert.equal(a.pool, b.pool);
+    await Promise.all([works(keys, a.pool), works(keys, b.pool)]);
+    await a.release();
+    await keeper.close();
+    await works(keys, b.pool); // still in use: not closed under it
+    const c = keeper.lease();
+    assert.notEqual(c.pool, b.pool, 'a closed keeper starts afresh for a new operation');
+    await b.release();
+    await assert.rejects(b.pool.slot().then((s) => b.pool.hashSlot(s, 10)), /chunk pool is closed/, 'closed by its last release');
+    await c.release();
+    await keeper.close();
+    await assert.rejects(c.pool.slot().then((s) => c.pool.hashSlot(s, 10)), /chunk pool is closed/, 'an unused pool closes at once');
+  });
+
+  test('a pool that lost a thread is not handed out again: the next operation gets new threads that work', async () => {
+    const { keys, init: i } = init();
+    const keeper = new PoolKeeper(() => i, 60_000);
+    try {
+      const a = keeper.lease();
+      await works(keys, a.pool);
+      await threadsOf(a.pool)[0]!.terminate();
+      await new Promise((r) => setImmediate(r));
+      assert.equal(a.pool.isBroken, true);
+      await assert.rejects(works(keys, a.pool), /a chunk worker thread exited/);
+      const b = keeper.lease();
+      assert.notEqual(b.pool, a.pool, 'replaced while the broken one is still leased');
+      await works(keys, b.pool);
+      await a.release();
+      await b.release();
+      const c = keeper.lease();
+      assert.equal(c.pool, b.pool, 'the replacement is the one kept');
+      await c.release();
+    } finally {
+      await keeper.close();
     }
   });
 });
