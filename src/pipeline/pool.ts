@@ -288,7 +288,9 @@ export function ownPool(init: PoolInit): PoolLease {
  * class of machine, a fifth of a 2% incremental's job. Operations that overlap share it
  * (each bounds its own chunks in flight). A pool that broke is replaced for the next
  * lease and closed when its last user releases it; one unused for `idleMs` is closed,
- * and its threads and slots freed.
+ * and its threads and slots freed. A backup that fails does not wait for the chunks it
+ * had in flight (one may hang on a stuck disk read): those finish on the kept pool, or
+ * are dropped when it closes, as they were when a backup closed a pool of its own.
  */
 export class PoolKeeper {
   private current: ChunkPool | undefined;
