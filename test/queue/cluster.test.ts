@@ -85,9 +85,9 @@ test('a host worker on a Redis Cluster runs a backup job to completion', async (
     const job = await enqueueBackup(queue, { vm, disks: [{ path: await fx.image(vm), format: 'qcow2' }] }, { jobId: `c-${host}` });
     let done: Job | undefined;
     await waitFor('the job', async () => {
-      const j = await Job.fromId(queue, job.id!);
-      const state = await j?.getState();
-      if (state === 'completed' || state === 'failed') done = j;
+      const state = await (await Job.fromId(queue, job.id!))?.getState();
+      // Read again once finished: the copy read before the state may predate the result.
+      if (state === 'completed' || state === 'failed') done = await Job.fromId(queue, job.id!);
       return done !== undefined;
     }, 60_000, () => log, 200);
     assert.equal(await done!.getState(), 'completed', done!.failedReason);

@@ -96,7 +96,8 @@ test('the primary Redis is lost during a backup: the Sentinel fails over, the jo
     await waitFor('the job to finish', async () => {
       const j = await Job.fromId(queue, job.id!).catch(() => undefined);
       const state = await j?.getState().catch(() => undefined);
-      if (state === 'completed' || state === 'failed') finished = j;
+      // Read again once finished: the copy read before the state may predate the result.
+      if (state === 'completed' || state === 'failed') finished = await Job.fromId(queue, job.id!).catch(() => undefined);
       return finished !== undefined;
     }, 120_000, worker.output, 250);
     assert.equal(await finished!.getState(), 'completed', `${finished!.failedReason}\n${worker.output()}`);
