@@ -44,7 +44,7 @@ export class LocalStorage implements Storage {
   /**
    * A put is a local write: two chunks being sealed, two read ahead and two being
    * written keep the disk and both cores busy. Ten (the default) was measured as fast,
-   * with 18 MiB more resident for the slots of the extra chunks.
+   * with about 16 MiB more resident for the slots of the extra chunks (bench/README.md).
    */
   readonly chunksInFlight = 6;
 
