@@ -102,13 +102,13 @@ interface Context {
   log: Logger;
   guards: Map<string, JobGuard>;
   exports: HostExports;
-  /** The chunk threads, kept between backup jobs for KEEP_THREADS_MS. */
+  /** The chunk threads, kept between backup and restore jobs for KEEP_THREADS_MS. */
   pools: PoolKeeper;
 }
 
 /**
- * How long the chunk threads (and their slots) outlive a backup job: scheduled backups
- * come in runs, and each job then starts on threads already up.
+ * How long the chunk threads (and their slots) outlive a backup or restore job: scheduled
+ * backups come in runs, and each job then starts on threads already up.
  */
 const KEEP_THREADS_MS = 60_000;
 
@@ -329,7 +329,7 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
   const progress = progressReporter(ctx, job);
   const backupId = await ctx.repo.resolveBackupId(p.backupId);
   const r = await restore(guard.wrap(ctx.repo, async () => {}), {
-    backupId, to: directory, force: p.overwrite, onProgress: progress.report, roots,
+    backupId, to: directory, force: p.overwrite, onProgress: progress.report, roots, chunkPool: () => ctx.pools.lease(),
     // Restore jobs come from the API: its request field is "overwrite".
     forceHint: 'set "overwrite": true in the restore request to replace them',
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),

@@ -16,7 +16,7 @@ import type { ImageFormat } from '../disk/qemu.js';
 import { createDiskWriter } from './disk-writer.js';
 import type { Repository } from '../repo/repository.js';
 import type { DiskEntry, Manifest } from '../repo/manifest.js';
-import { ChunkPool } from './pool.js';
+import { ownPool, type ChunkPool, type PoolLease } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, assertSafeName, pathInside } from './names.js';
@@ -58,6 +58,8 @@ export interface RestoreRequest {
   roots?: string[];
   onProgress?: ProgressFn;
   inFlight?: number;
+  /** Where the chunk threads come from (the host worker keeps them: PoolKeeper); default a pool of its own. */
+  chunkPool?: () => PoolLease;
 }
 
 export interface RestoredFile { kind: 'disk' | 'config'; name: string; path: string; format?: string; virtualSize?: number }
@@ -112,7 +114,8 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
 
   const stats = { bytesWritten: 0, chunksWritten: 0, seconds: 0 };
   const meter = new ProgressMeter('restore', disks.reduce((n, d) => n + d.chunks.filter(Boolean).length * manifest.chunkSize, 0), req.onProgress);
-  const pool = new ChunkPool(repo.workerInit());
+  const lease = req.chunkPool?.() ?? ownPool(repo.workerInit());
+  const pool = lease.pool;
   try {
     for (const p of planned) {
       if (p.disk) {
@@ -131,7 +134,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     await Promise.all(planned.map((p) => rm(p.tmp, { force: true })));
     throw err;
   } finally {
-    await pool.close();
+    await lease.release();
   }
   meter.finish();
   stats.seconds = (Date.now() - started) / 1000;
