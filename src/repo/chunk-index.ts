@@ -31,6 +31,9 @@ export const INDEX_PREFIX = 'index/';
 export const INDEX_FLUSH_ENTRIES = 16384;
 /** Chunks per object when gc compacts the index (2 MiB objects). */
 export const INDEX_OBJECT_ENTRIES = 65536;
+/** Index objects read at once when loading the index, and their total size (readGroups). */
+const INDEX_READS_AT_ONCE = 8;
+const INDEX_READ_BYTES = 2 * 1024 * 1024;
 
 const MAGIC = Buffer.from('VVIX');
 const VERSION = 1;
@@ -79,9 +82,38 @@ function sha256(data: Uint8Array): string {
 
 /** The names of the index objects storage has now. */
 export async function indexNames(storage: Storage): Promise<string[]> {
-  const names: string[] = [];
-  for await (const { name } of storage.list(INDEX_PREFIX)) if (isIndexName(name)) names.push(name);
-  return names.sort();
+  return (await indexObjects(storage)).map((o) => o.name);
+}
+
+/** The index objects storage has now, with their sizes, by name. */
+async function indexObjects(storage: Storage): Promise<{ name: string; size: number }[]> {
+  const objects: { name: string; size: number }[] = [];
+  for await (const o of storage.list(INDEX_PREFIX)) if (isIndexName(o.name)) objects.push({ name: o.name, size: o.size });
+  return objects.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+}
+
+/**
+ * Consecutive groups of objects to read at once: at most `count` objects and, unless one
+ * object alone is larger, `bytes` bytes each. A host with no cache (a new one, or one whose
+ * cache was lost) reads every object, and on S3 each is a round trip: the many small
+ * objects backups leave between two gc runs are read several at a time, the large ones gc
+ * writes (2 MiB) about one at a time, so that memory does not grow with the concurrency.
+ */
+function readGroups<T extends { size: number }>(objects: readonly T[], count: number, bytes: number): T[][] {
+  const groups: T[][] = [];
+  let group: T[] = [];
+  let size = 0;
+  for (const o of objects) {
+    if (group.length && (group.length === count || size + o.size > bytes)) {
+      groups.push(group);
+      group = [];
+      size = 0;
+    }
+    group.push(o);
+    size += o.size;
+  }
+  if (group.length) groups.push(group);
+  return groups;
 }
 
 export interface IndexLoad {
@@ -99,7 +131,8 @@ export interface IndexLoad {
  * object costs only the chunks it lists, which are then uploaded again when met.
  */
 export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefined): Promise<{ prefixes: BigUint64Array; load: IndexLoad }> {
-  const names = await indexNames(repo.storage);
+  const objects = await indexObjects(repo.storage);
+  const names = objects.map((o) => o.name);
   const load: IndexLoad = { objects: names.length, fetched: 0, damaged: [], built: false };
   // Each object is turned into prefixes at once and dropped: memory is 8 bytes a chunk, not
   // 32 plus the sealed copy. The prefixes of each object are kept apart until all are read,
@@ -107,14 +140,14 @@ export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefine
   // to three times the final size at the end (the doubled array, its trimmed copy, garbage).
   const parts: (BigUint64Array | undefined)[] = [];
   let total = 0;
-  for (const name of names) {
+  const readObject = async (name: string): Promise<void> => {
     let sealed: Uint8Array | undefined = await cache?.get(name);
     const cached = sealed !== undefined;
     if (!sealed) {
       try {
         sealed = await repo.storage.get(name);
       } catch (err) {
-        if (err instanceof NotFoundError) continue; // compacted by gc meanwhile
+        if (err instanceof NotFoundError) return; // compacted by gc meanwhile
         throw err;
       }
       load.fetched++;
@@ -125,14 +158,15 @@ export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefine
     } catch (err) {
       if (!(err instanceof IntegrityError)) throw err;
       load.damaged.push({ name, problem: err.message });
-      continue;
+      return;
     }
     if (!cached) await cache?.put(name, sealed);
     const part = new BigUint64Array(ids.length / ID_BYTES);
     for (let i = 0; i < part.length; i++) part[i] = ids.readBigUInt64BE(i * ID_BYTES);
     parts.push(part);
     total += part.length;
-  }
+  };
+  for (const group of readGroups(objects, INDEX_READS_AT_ONCE, INDEX_READ_BYTES)) await Promise.all(group.map((o) => readObject(o.name)));
   await cache?.retain(names);
   const prefixes = new BigUint64Array(total);
   let at = 0;

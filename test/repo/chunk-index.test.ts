@@ -6,6 +6,7 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Repository } from '../../src/repo/repository.js';
@@ -348,6 +349,56 @@ describe('the index under concurrent writers', () => {
       assert.deepEqual([...listed].sort(), [...stored].sort());
       await restoredEqual(h1, ra.manifest.id, a, join(dir.path, 'out-a'));
       await restoredEqual(h2, rb.manifest.id, b, join(dir.path, 'out-b'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a host without a cache reads small index objects several at a time and gc-sized ones one at a time, and loads every id', async () => {
+    const dir = await tempDir('vmvault-index-reads-');
+    /** Index reads take 20 ms each; counts how many ran at once. */
+    class SlowIndexReads implements Storage {
+      running = 0;
+      most = 0;
+      constructor(private readonly inner: Storage) {}
+      get location() { return this.inner.location; }
+      async get(name: string) {
+        if (!name.startsWith(INDEX_PREFIX)) return this.inner.get(name);
+        this.most = Math.max(this.most, ++this.running);
+        try {
+          await new Promise((r) => setTimeout(r, 20));
+          return await this.inner.get(name);
+        } finally {
+          this.running--;
+        }
+      }
+      put(name: string, data: Uint8Array) { return this.inner.put(name, data); }
+      stat(name: string) { return this.inner.stat(name); }
+      delete(name: string) { return this.inner.delete(name); }
+      list(prefix: string) { return this.inner.list(prefix); }
+      close() { return this.inner.close(); }
+    }
+    try {
+      const storage = new SlowIndexReads(new LocalStorage(join(dir.path, 'repo')));
+      await Repository.init(storage, PASSWORD, { kdf: 'weak', chunkSize: MiB });
+      const repo = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: () => {} });
+      const ids = (n: number) => Array.from({ length: n }, () => randomBytes(32).toString('hex'));
+      const plant = async (list: string[]) => {
+        const { name, data } = sealIndex(repo, list);
+        await storage.put(name, data);
+        return name;
+      };
+      // Twenty small objects, as backups leave them between two gc runs.
+      const small = await Promise.all(Array.from({ length: 20 }, () => plant(ids(10))));
+      assert.equal((await repo.chunkIndex()).size, 200);
+      assert.ok(storage.most > 1 && storage.most <= 8, `small objects are read several at a time, at most 8: ${storage.most}`);
+      // Two objects of the size gc writes (65536 ids, 2 MiB): one at a time.
+      for (const name of small) await storage.delete(name);
+      await plant(ids(65536));
+      await plant(ids(65536));
+      storage.most = 0;
+      assert.equal((await repo.chunkIndex()).size, 131072);
+      assert.equal(storage.most, 1, 'gc-sized objects are read one at a time');
     } finally {
       await dir.cleanup();
     }
