@@ -139,31 +139,13 @@ export async function statStamp(path: string): Promise<FileStamp> {
  * the image's own (it lives in the active image, not in the snapshot): its writes
  * after the instant only make the answer larger.
  */
-export function bitmapExport(d: NamedDisk, since: string, snapshot: string, exports: ExportSet): { changes: ChangedBlocks; connect: () => Promise<NbdClient> } {
-  // Started at once: qemu-nbd comes up while the backup takes its lock and loads the chunk index.
-  const opened = exports.add(exportImage(d.path, { format: 'qcow2', readOnly: true, snapshot, bitmap: since, shared: 2 }));
+export function bitmapExport(d: NamedDisk, since: string, snapshot: string, exports: NbdExport[]): { changes: ChangedBlocks; connect: () => Promise<NbdClient> } {
+  let opened: Promise<NbdExport> | undefined;
+  const open = () => (opened ??= exportImage(d.path, { format: 'qcow2', readOnly: true, snapshot, bitmap: since, shared: 2 }).then((e) => (exports.push(e), e)));
   return {
-    changes: { previous: d.previous!.entry.chunks, dirty: async (offset, length) => (await opened).client.dirtyExtents(offset, length) },
-    connect: async () => NbdClient.connect((await opened).socketPath),
+    changes: { previous: d.previous!.entry.chunks, dirty: async (offset, length) => (await open()).client.dirtyExtents(offset, length) },
+    connect: async () => NbdClient.connect((await open()).socketPath),
   };
-}
-
-/**
- * The exports a point in time started, closed together when it closes, including those
- * still starting then (one that came up after the close would hold the image open).
- * A failed start is reported to whoever uses that export, not here.
- */
-export class ExportSet {
-  private readonly started: Promise<NbdExport | undefined>[] = [];
-
-  add(starting: Promise<NbdExport>): Promise<NbdExport> {
-    this.started.push(starting.catch(() => undefined));
-    return starting;
-  }
-
-  async closeAll(): Promise<void> {
-    for (const e of await Promise.all(this.started.splice(0))) await e?.close();
-  }
 }
 
 /** A raw image found unchanged: nothing is dirty. */

@@ -8,11 +8,11 @@
  */
 import { randomBytes } from 'node:crypto';
 import { errorMessage } from '../errors.js';
-import { bitmapChange, snapshotCreate, snapshotDelete } from '../disk/qemu.js';
+import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
 import { prepareExports } from '../disk/qemu-nbd.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { ExportSet, bitmapExport, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
+import { bitmapExport, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
@@ -35,10 +35,10 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
   prepareExports();
   const taken: Taken[] = [];
-  const exports = new ExportSet();
+  const exports: NbdExport[] = [];
   let recovered = 0;
   const release = async (committed: boolean) => {
-    await exports.closeAll();
+    for (const e of exports.splice(0)) await e.close();
     for (const { disk } of taken) if (disk.snapshot) await snapshotDelete(disk.path, disk.snapshot, { known: true });
     // Tracking moves to the new bitmap only once its backup is saved; a bitmap that cannot
     // be removed now (a VM started meanwhile) is removed as stale by the next backup.
@@ -70,7 +70,7 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
 }
 
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
-async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: ExportSet): Promise<Taken> {
+async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: NbdExport[]): Promise<Taken> {
   const decision = withAudit(d, decide(d, { fullRead: opts.fullRead }), opts);
   const newBitmap = bitmapName(opts.repoId, opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
