@@ -41,11 +41,16 @@ test('per-second policy: two schedulers enqueue the same job ids; bad files and 
     await sleep(2600);
     const all = [...jobs.values()];
     assert.ok(all.length >= 4, `jobs: ${[...jobs.keys()].join(' ')}`);
+    // The newest slot may have fired in one scheduler and not yet in the other: each
+    // scheduler's count is checked on the slots at least a second old.
+    const settledBefore = Date.now() - 1000;
     for (const [id, reqs] of jobs) {
       assert.match(id, /^every-second\+(a|b)\+\d+$/);
-      assert.equal(reqs.length, 2, `${id} enqueued by each scheduler under the same id`);
+      if (reqs[0]!.slot.getTime() <= settledBefore) assert.equal(reqs.length, 2, `${id} enqueued by each scheduler under the same id`);
+      assert.ok(reqs.length <= 2, `${id} enqueued at most once by each scheduler`);
       assert.equal(reqs[0]!.host, inventory[reqs[0]!.vm]);
     }
+    assert.ok(all.filter((r) => r[0]!.slot.getTime() <= settledBefore).length >= 2, 'slots old enough to have been enqueued by both');
     const slotsA = all.filter((r) => r[0]!.vm === 'a').map((r) => r[0]!.slot.getTime());
     assert.equal(new Set(slotsA).size, slotsA.length, 'one job per VM per slot');
     assert.ok(r1.lines.some((l) => l.level === 'warn' && /unknown VM or tag "ghost"/.test(l.msg)));
