@@ -198,6 +198,9 @@ describe('a pool kept between operations', () => {
     plain.copy(slot.buffer);
     await sealChecked(keys, pool, slot, plain);
   };
+  /** Asserts that `pool` refuses work because it was closed. */
+  const refusesAsClosed = (pool: ChunkPool, message: string) =>
+    assert.rejects(pool.slot().then((s) => pool.hashSlot(s, 10)), /chunk pool is closed/, message);
 
   test('the next operation gets the same threads; unused for the idle time, they are closed and the next one starts new ones', async () => {
     const { keys, init: i } = init();
@@ -214,7 +217,7 @@ describe('a pool kept between operations', () => {
       await b.release();
       await b.release(); // twice is once
       await new Promise((r) => setTimeout(r, 600));
-      await assert.rejects(a.pool.slot().then((s) => a.pool.hashSlot(s, 10)), /chunk pool is closed/, 'closed after the idle time');
+      await refusesAsClosed(a.pool, 'closed after the idle time');
       const c = keeper.lease();
       assert.notEqual(c.pool, a.pool, 'a new pool');
       await works(keys, c.pool);
@@ -237,10 +240,10 @@ describe('a pool kept between operations', () => {
     const c = keeper.lease();
     assert.notEqual(c.pool, b.pool, 'a closed keeper starts afresh for a new operation');
     await b.release();
-    await assert.rejects(b.pool.slot().then((s) => b.pool.hashSlot(s, 10)), /chunk pool is closed/, 'closed by its last release');
+    await refusesAsClosed(b.pool, 'closed by its last release');
     await c.release();
     await keeper.close();
-    await assert.rejects(c.pool.slot().then((s) => c.pool.hashSlot(s, 10)), /chunk pool is closed/, 'an unused pool closes at once');
+    await refusesAsClosed(c.pool, 'an unused pool closes at once');
   });
 
   test('a pool that lost a thread is not handed out again: the next operation gets new threads that work', async () => {
