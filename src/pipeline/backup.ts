@@ -10,6 +10,7 @@ import { basename } from 'node:path';
 import { hostname } from 'node:os';
 import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
 import { exportImage, type ImageFormat } from '../disk/qemu.js';
+import { openImageFile, type BlockReader } from '../disk/direct-read.js';
 import type { NbdClient } from '../disk/nbd.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { Repository } from '../repo/repository.js';
@@ -282,25 +283,28 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
 }
 
 /**
- * Reads one frozen disk (its snapshot when it has one) through a read-only qemu-nbd
- * export, opened only once some chunk has to be read: a disk change tracking calls
- * unchanged costs no qemu-nbd at all.
+ * Reads one frozen disk (its snapshot when it has one) from its image file where
+ * src/disk/direct-read.ts can, else through a read-only qemu-nbd export; opened only
+ * once some chunk has to be read: a disk change tracking calls unchanged costs nothing.
  */
 async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' | 'size' | 'changes'>): Promise<(string | null)[]> {
-  let exp: Promise<{ client: NbdClient; close(): Promise<void> }> | undefined;
-  const open = (): Promise<{ client: NbdClient; close(): Promise<void> }> => {
-    if (disk.connect) return disk.connect().then((client) => ({ client, close: () => client.close() }));
-    return exportImage(disk.path, {
-      format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
-    });
+  let opened: Promise<BlockReader> | undefined;
+  const viaQemu = () => exportImage(disk.path, {
+    format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
+  });
+  const open = async (): Promise<BlockReader> => {
+    if (disk.connect) return disk.connect();
+    if (disk.chain.length === 0) {
+      const file = await openImageFile(disk.path, { format: disk.format, size: disk.virtualSize, viaQemu, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}) });
+      if ('reader' in file) return file.reader;
+    }
+    const exp = await viaQemu();
+    return { extents: (at, n) => exp.client.extents(at, n), readInto: (at, into) => exp.client.readInto(at, into), close: () => exp.close() };
   };
-  const client = async () => {
-    exp ??= open();
-    return (await exp).client;
-  };
+  const client = () => (opened ??= open());
   try {
     return await readChunks({ ...o, client, size: disk.virtualSize, ...(disk.changes ? { changes: disk.changes } : {}) });
   } finally {
-    if (exp) await (await exp.catch(() => undefined))?.close();
+    if (opened) await (await opened.catch(() => undefined))?.close();
   }
 }

@@ -3,7 +3,7 @@
  * with change tracking, only where they changed), hashed, deduplicated against what
  * storage has, sealed and uploaded with bounded concurrency.
  */
-import type { NbdClient } from '../disk/nbd.js';
+import type { BlockReader } from '../disk/direct-read.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats } from '../repo/manifest.js';
 import type { ChunkPool } from './pool.js';
@@ -40,8 +40,8 @@ export interface AuditTally { unchanged: number; differing: number[] }
 export interface ReadChunksOptions {
   repo: Repository;
   pool: ChunkPool;
-  /** The disk's NBD client, opened on first call: a disk with nothing to read never opens one. */
-  client: () => Promise<NbdClient>;
+  /** The disk's reader (its file, or an NBD client), opened on first call: a disk with nothing to read never opens one. */
+  client: () => Promise<Pick<BlockReader, 'extents' | 'readInto'>>;
   size: number;
   /** Chunk ids storage has (and may be reused); chunks uploaded here are added. */
   known: KnownChunks;
@@ -205,7 +205,7 @@ class RangeCursor {
  * Only the gaps between the ranges are zeroed (a slot holds an earlier chunk's bytes):
  * zeroing the whole chunk first wrote a partly allocated chunk's memory twice.
  */
-async function readPlan(client: NbdClient, plan: ChunkPlan, buf: Buffer): Promise<void> {
+async function readPlan(client: Pick<BlockReader, 'extents' | 'readInto'>, plan: ChunkPlan, buf: Buffer): Promise<void> {
   let at = 0;
   for (const r of plan.data) {
     const from = r.offset - plan.offset;
