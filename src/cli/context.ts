@@ -10,7 +10,7 @@ import path from 'node:path';
 import { passphrase, passphraseAndSource, type PassphraseSource } from '../config/passphrase.js';
 import type { KeyCache } from '../crypto/key-cache.js';
 
-export { passphrase };
+export { passphrase, passphraseAndSource };
 
 /** Warnings go to stderr, apart from the output (which may be JSON). */
 export function warn(message: string): void {

@@ -98,6 +98,12 @@ export interface InitOptions {
    * repository, which vmvault releases older than format 2 can also read.
    */
   chunkIdHash?: ChunkIdHash;
+  /**
+   * This host's key cache (src/crypto/key-cache.ts), filled as an open fills it: the
+   * next command here does not run Argon2id again for the passphrase just chosen.
+   */
+  keyCache?: KeyCache;
+  onWarning?: (message: string) => void;
 }
 
 export class Repository {
@@ -151,12 +157,20 @@ export class Repository {
       throw new VmvaultError('BAD_INPUT', `invalid repository settings: ${config.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);
     }
     const keyId = randomBytes(8).toString('hex');
-    await storage.put(`keys/${keyId}`, encodeJson(await sealMaster(master, passphrase, body.id, opts.kdf ?? 'moderate', opts.label)));
+    const keyFile = encodeJson(await sealMaster(master, passphrase, body.id, opts.kdf ?? 'moderate', opts.label));
+    await storage.put(`keys/${keyId}`, keyFile);
     const repo = new Repository(storage, config.data, keys, master, keyId);
     // An empty chunk index: a repository with none was made by an older vmvault, and is indexed by listing it once.
     await repo.writeIndex([]);
     // The config is written last: a repository exists once its config does.
     await storage.put('config', encodeJson(config.data));
+    const cache = opts.keyCache;
+    if (cache) {
+      // The key file as an open reads it back (the cache entry is bound to that).
+      const file = keyFileSchema.parse(parseJson(keyFile, `keys/${keyId}`));
+      await storeMaster(cache, body.id, keyId, file, passphrase, master).catch((err: unknown) =>
+        opts.onWarning?.(`could not write the key cache in ${cache.dir}: ${errorMessage(err)}`));
+    }
     return repo;
   }
 

@@ -54,6 +54,30 @@ describe('key cache', () => {
     }
   });
 
+  it('is filled by init: the first open after it skips Argon2id, and only the right passphrase opens the entry', async () => {
+    const dir = await tempDir();
+    try {
+      const storage = new LocalStorage(path.join(dir.path, 'repo'));
+      const cache = { dir: path.join(dir.path, 'cache') };
+      const repo = await Repository.init(storage, PW, { kdf: 'moderate', keyCache: cache });
+      const file = keyFileSchema.parse(JSON.parse(Buffer.from(await storage.get(`keys/${repo.keyId}`)).toString()));
+      const master = await cachedMaster(cache, repo.id, repo.keyId, file, PW);
+      assert.ok(master, 'init left an entry that opens the key object as storage holds it');
+      assert.equal(await cachedMaster(cache, repo.id, repo.keyId, file, 'not the passphrase'), undefined);
+      assert.equal((await fs.stat(path.join(cache.dir, `${repo.id}.${repo.keyId}`))).mode & 0o777, 0o600);
+      const entry = path.join(cache.dir, `${repo.id}.${repo.keyId}`);
+      const before = await fs.readFile(entry, 'utf8');
+      const warnings: string[] = [];
+      const opened = await Repository.open(storage, PW, { keyCache: cache, onWarning: (m) => void warnings.push(m) });
+      assert.ok(same(opened, repo));
+      // An open through Argon2id writes the entry afresh (new salt and nonce); one from the cache leaves it.
+      assert.equal(await fs.readFile(entry, 'utf8'), before, 'the first open after init went through Argon2id');
+      assert.deepEqual(warnings, []);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
   it('is bound to the key object: a rewritten or replaced key is not opened from the cache', async () => {
     const s = await setup();
     try {

@@ -4,7 +4,7 @@ import { Option, type Command } from 'commander';
 import { VmvaultError } from '../../errors.js';
 import { KDF_PRESETS, type ChunkIdHash, type KdfPreset } from '../../crypto/keys.js';
 import { Repository } from '../../repo/repository.js';
-import { openRepository, passphrase, storageFor, type GlobalOptions } from '../context.js';
+import { keyCacheFor, openRepository, passphrase, passphraseAndSource, storageFor, warn, type GlobalOptions } from '../context.js';
 import { parseSize, table } from '../format.js';
 import { print } from '../output.js';
 
@@ -28,14 +28,17 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
         print(o.json, { existed: true, location: storage.location }, () => `a repository already exists at ${storage.location}: nothing to do`);
         return;
       }
-      const pass = await passphrase(g.passwordFile, 'VMVAULT_PASSWORD', 'new repository passphrase: ');
+      const pass = await passphraseAndSource(g.passwordFile, 'VMVAULT_PASSWORD', 'new repository passphrase: ');
+      const keyCache = keyCacheFor(pass.source);
       let chunkSize: number;
       try {
         chunkSize = parseSize(o.chunkSize);
       } catch (err) {
         throw new VmvaultError('BAD_INPUT', (err as Error).message);
       }
-      const repo = await Repository.init(storage, pass, { chunkSize, compression: o.compression, kdf: o.kdf, chunkIdHash: o.chunkId });
+      const repo = await Repository.init(storage, pass.text, {
+        chunkSize, compression: o.compression, kdf: o.kdf, chunkIdHash: o.chunkId, onWarning: warn, ...(keyCache ? { keyCache } : {}),
+      });
       print(o.json, { id: repo.id, location: storage.location, format: repo.config.version, chunkSize: repo.chunkSize, compression: repo.config.compression, chunkId: repo.keys.idHash }, () =>
         `created repository ${repo.id} at ${storage.location}\n` +
         'Keep the passphrase safe: without it (or a paper key from "vmvault key export --paper") no backup can be restored.');
