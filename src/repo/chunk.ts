@@ -11,6 +11,7 @@ import { IntegrityError } from '../errors.js';
 import { chunkId, type ChunkIdKey } from '../crypto/chunk-id.js';
 import { SEAL_OVERHEAD, additionalData, open, seal } from '../crypto/seal.js';
 import { copyBytes } from '../bytes.js';
+import { looksIncompressible } from './compressible.js';
 
 /** What sealing and opening chunks needs of a repository's keys (a chunk worker gets no more). */
 export type ChunkKeys = ChunkIdKey & { encKey: Uint8Array };
@@ -62,7 +63,7 @@ export function sealedChunkBound(plainLength: number): number {
 export function sealChunk(keys: ChunkKeys, repoId: string, id: string, plain: Uint8Array, level: number, into?: Uint8Array): Buffer {
   let body: Uint8Array = plain;
   let codec = CODEC_RAW;
-  if (level > 0) {
+  if (level > 0 && !looksIncompressible(plain)) {
     const packed = compress(plain, level);
     if (packed.length < plain.length) {
       body = packed;
