@@ -5,7 +5,6 @@
  */
 import type { DRIVERS } from '../config/schema.js';
 import { backup, newBackupId, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
-import { ownPool } from '../pipeline/pool.js';
 import type { Manifest } from '../repo/manifest.js';
 import type { Repository } from '../repo/repository.js';
 import { openImages } from './image-driver.js';
@@ -39,26 +38,13 @@ export type VmBackupResult = BackupResult & PointInTimeDetails;
  */
 export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<VmBackupResult> {
   const id = newBackupId();
-  // Without a caller's pool (the CLI), the chunk threads start now and load while the
-  // disks are inspected and frozen, mostly time spent waiting for qemu-img processes.
-  const own = req.chunkPool ? undefined : ownPool(repo.workerInit());
-  own?.pool.warm();
-  let pit: PointInTime;
-  try {
-    pit = await openPointInTime(repo, req.driver, req, id);
-  } catch (err) {
-    await own?.release();
-    throw err;
-  }
+  const pit = await openPointInTime(repo, req.driver, req, id);
   let result: BackupResult | undefined;
   let failure: unknown;
   try {
-    const chunkPool = req.chunkPool ?? (() => ({ pool: own!.pool, release: async () => {} }));
-    result = await backup(repo, { ...req, chunkPool, id, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles] });
+    result = await backup(repo, { ...req, id, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles] });
   } catch (err) {
     failure = err;
-  } finally {
-    await own?.release();
   }
   try {
     await pit.close(result !== undefined);
