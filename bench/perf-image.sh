@@ -39,8 +39,11 @@ cat "$IMAGE" >"$W/disk.qcow2"
 qemu-img convert -f qcow2 -O raw "$IMAGE" "$W/disk.raw"
 
 # timed NAME CMD...: one line of NAME seconds rss-KiB user sys into times.tsv
+# Before each: earlier steps' writes are flushed (their writeback would land on the next
+# tool) and both inputs are read once, so they are in the page cache.
 timed() {
   local name=$1; shift
+  sync
   cat "$W/disk.qcow2" "$W/disk.raw" >/dev/null
   /usr/bin/time -f "$name %e %M %U %S" -a -o "$W/times.tsv" "$@" >"$W/out/$name.out" 2>"$W/out/$name.err" || { cat "$W/out/$name.err" >&2; exit 1; }
   tail -1 "$W/times.tsv"
@@ -49,11 +52,16 @@ for rep in $(seq 1 "$REPS"); do
   rm -rf "$W/v-repo" "$W/r-repo" "$W/v-out" "$W/r-out" "$W/r-cache"
   env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" init >/dev/null
   restic -r "$W/r-repo" --cache-dir "$W/r-cache" init >/dev/null
-  timed "full.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" backup --vm perf --disk "root=$W/disk.qcow2" --format qcow2 --json
-  timed "full.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" backup --json "$W/disk.raw"
-  id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).id)' "$W/out/full.vmvault.$rep.out")
-  timed "restore.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" restore latest --target "$W/r-out"
-  timed "restore.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" restore "$id" --to "$W/v-out" --format raw --json
+  v_full() { timed "full.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" backup --vm perf --disk "root=$W/disk.qcow2" --format qcow2 --json; }
+  r_full() { timed "full.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" backup --json "$W/disk.raw"; }
+  v_restore() {
+    local id
+    id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).id)' "$W/out/full.vmvault.$rep.out")
+    timed "restore.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" restore "$id" --to "$W/v-out" --format raw --json
+  }
+  r_restore() { timed "restore.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" restore latest --target "$W/r-out"; }
+  # vmvault first in odd rounds, restic first in even ones: a drift in the machine's state does not always hit the same tool.
+  if [ $((rep % 2)) -eq 1 ]; then v_full; r_full; r_restore; v_restore; else r_full; v_full; v_restore; r_restore; fi
   qemu-img compare -f qcow2 -F raw "$W/disk.qcow2" "$W/v-out/root.raw" >/dev/null
   qemu-img compare -f qcow2 -F raw "$W/disk.qcow2" "$W/r-out$W/disk.raw" >/dev/null
   du -s --block-size=1 "$W/v-out/root.raw" "$W/r-out$W/disk.raw" | awk -v rep="$rep" '{ print "allocated." (NR == 1 ? "vmvault" : "restic") "." rep, $1 }' >>"$W/alloc.txt"

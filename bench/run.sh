@@ -73,9 +73,11 @@ timed() {
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$step" "$rep" "$tool" "$secs" "$rss" "$bytes" "$user" "$sys" >>"$W/measurements.tsv"
   printf '  %-13s %-7s #%s %6.2f s  %4d MiB RSS  CPU %5.2f s user %5.2f s sys\n' "$step" "$tool" "$rep" "$secs" $(((rss + 512) / 1024)) "$user" "$sys"
 }
-# Before every timed step, of either tool: the file that step reads is read once, so it is in
-# the page cache, and each program is started once (repositories were just written: cached).
-warm() { cat "$@" >/dev/null; "$VMVAULT" --help >/dev/null; restic version >/dev/null; }
+# Before every timed step, of either tool: what earlier steps (and the preparation's copies)
+# wrote is flushed, so its writeback does not land on whichever tool comes next; the file that
+# step reads is read once, so it is in the page cache; each program is started once
+# (repositories were just written: cached).
+warm() { sync; cat "$@" >/dev/null; "$VMVAULT" --help >/dev/null; restic version >/dev/null; }
 vmvault_in() { local repo=$1; shift; env VMVAULT_REPOSITORY="$repo" "$VMVAULT" "$@"; }
 restic_in() { local repo=$1; shift; restic -r "$repo" --cache-dir "$R_CACHE" "$@"; }
 
@@ -131,7 +133,7 @@ qemu-io -f raw "${zero_writes[@]}" "$W/disk.raw" >/dev/null
 for r in "$V_REPO" "$V_RAW_REPO" "$V_FR_REPO"; do vmvault_in "$r" init >/dev/null; done
 for r in "$R_REPO" "$R_Q_REPO"; do restic_in "$r" init >/dev/null; done
 
-echo "full backups..."
+echo "full backups (round 1 of $REPS; the others at the end, into scratch repositories)..."
 v_qcow2 full 1
 r_raw full 1
 v_raw full-raw 1
@@ -155,6 +157,23 @@ id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1],
 v_out=$W/restore-vmvault/root.raw r_out=$W/restore-restic$W/disk.raw
 timed restore 1 vmvault "$W/restore-vmvault" env VMVAULT_REPOSITORY="$V_REPO" "$VMVAULT" restore "$id" --to "$W/restore-vmvault" --format raw --json
 timed restore 1 restic "$r_out" restic -r "$R_REPO" --cache-dir "$R_CACHE" restore latest --target "$W/restore-restic"
+
+# full_round ROUND: the four full backups again, each into a fresh scratch repository, in
+# alternating order. At the end, because vmvault leaves a dirty bitmap of each repository in
+# disk.qcow2: the incrementals above saw only the first repository's.
+full_round() {
+  local round=$1 S=$W/scratch
+  local V_REPO=$S/v V_RAW_REPO=$S/v-raw R_REPO=$S/r R_Q_REPO=$S/r-q
+  rm -rf "$S" && mkdir -p "$S"
+  for r in "$V_REPO" "$V_RAW_REPO"; do vmvault_in "$r" init >/dev/null; done
+  for r in "$R_REPO" "$R_Q_REPO"; do restic_in "$r" init >/dev/null; done
+  in_order "$round" "v_qcow2 full $round" "r_raw full $round" "v_raw full-raw $round" "r_qcow2 full-qcow2 $round"
+  rm -rf "$S"
+}
+if [ "$REPS" -gt 1 ]; then
+  echo "full backups, rounds 2 to $REPS (fresh scratch repositories)..."
+  for round in $(seq 2 "$REPS"); do full_round "$round"; done
+fi
 
 echo "verifying the restored images and the copies (qemu-img compare, not timed)..."
 verified=ok
@@ -208,7 +227,7 @@ function table(head, body) {
   return [line(head), '|' + widths.map((w, i) => (i ? '-'.repeat(w + 1) + ':' : '-'.repeat(w + 2))).join('|') + '|', ...body.map(line)].join('\n');
 }
 
-// 1. Full backups and restore (one run each) and the 2% incremental (median), as speed-ups.
+// 1. Full backups (median of REPS rounds), restore (one run) and the 2% incremental (median), as speed-ups.
 const ops = [
   ['full backup', 'full.vmvault', 'full.restic'],
   ['full backup, restic of the qcow2 file', 'full.vmvault', 'full-qcow2.restic'],
