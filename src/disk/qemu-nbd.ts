@@ -127,7 +127,9 @@ function socketParent(): string {
  *
  * Cache mode: `--cache=none` (O_DIRECT, host write cache still flushed on NBD flush).
  * Measured on 2 GiB here it read cold data ~20% faster than writeback and wrote
- * ~3x faster, and a backup does not evict the host's page cache. Filesystems
+ * ~3x faster, and what it reads does not evict the host's page cache. (A full backup
+ * of a raw or qcow2 image reads its file without qemu-nbd, through the page cache:
+ * src/disk/direct-read.ts.) Filesystems
  * without O_DIRECT fall back to writeback. Writable exports get `--discard=unmap`
  * so writeZeroes can leave holes.
  *
