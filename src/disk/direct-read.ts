@@ -16,12 +16,13 @@
  * cold read was as fast either way, and a cached one much faster.
  */
 import fs, { type FileHandle } from 'node:fs/promises';
-import { VmvaultError } from '../errors.js';
+import { VmvaultError, errorMessage } from '../errors.js';
 import { fileReader } from './image-refs.js';
 import type { ImageFormat } from './image-format.js';
 import type { Extent, NbdClient } from './nbd.js';
 import { openQcow2Map, type Qcow2Map, type Qcow2Run } from './qcow2-map.js';
-import { optValue, probeRawWriters, runOn } from './qemu-run.js';
+import { mustExist, optValue, probeRawWriters, runOn } from './qemu-run.js';
+import { retryIfOrphansHeld } from './qemu-nbd.js';
 
 /** What a backup reads a disk through: an NBD client, or the image file itself. */
 export interface BlockReader {
@@ -50,18 +51,24 @@ export interface FileReadOptions {
 export async function openImageFile(file: string, opts: FileReadOptions): Promise<{ reader: BlockReader } | { why: string }> {
   if (opts.format !== 'raw' && opts.format !== 'qcow2') return { why: `${opts.format} images are read by qemu` };
   if (opts.format === 'raw' && opts.snapshot !== undefined) return { why: 'a raw image has no snapshots' };
-  const fh = await fs.open(file, 'r');
+  await mustExist(file);
+  let fh: FileHandle;
+  try {
+    fh = await fs.open(file, 'r');
+  } catch (err) {
+    throw new VmvaultError('QEMU', `cannot open disk image ${file} for reading: ${errorMessage(err)}`, { cause: err });
+  }
   try {
     const st = await fh.stat();
     let opened: BlockReader | { why: string };
     if (!st.isFile()) {
       opened = { why: 'it is not a regular file' };
     } else if (opts.format === 'raw') {
-      await probeRawWriters(file);
+      await retryIfOrphansHeld(() => probeRawWriters(file));
       opened = new RawFile(file, fh, st.size, opts.size);
     } else {
       const map = await openQcow2Map(fileReader(fh), st.size, opts.size, opts.snapshot);
-      opened = 'unmapped' in map ? { why: map.unmapped } : new Qcow2File(fh, st.size, map, opts.viaQemu);
+      opened = 'unmapped' in map ? { why: map.unmapped } : new Qcow2File(file, fh, st.size, map, opts.viaQemu);
     }
     if ('why' in opened) {
       await fh.close();
@@ -75,10 +82,15 @@ export async function openImageFile(file: string, opts: FileReadOptions): Promis
 }
 
 /** Reads [position, position+target.length) of the file into target; bytes past its end read as zeros, as qemu reads them. */
-async function preadFull(fh: FileHandle, target: Uint8Array, position: number): Promise<void> {
+async function preadFull(file: string, fh: FileHandle, target: Uint8Array, position: number): Promise<void> {
   let done = 0;
   while (done < target.length) {
-    const { bytesRead } = await fh.read(target, done, target.length - done, position + done);
+    let bytesRead: number;
+    try {
+      ({ bytesRead } = await fh.read(target, done, target.length - done, position + done));
+    } catch (err) {
+      throw new VmvaultError('QEMU', `reading disk image ${file} failed at byte ${position + done} of the file: ${errorMessage(err)}`, { cause: err });
+    }
     if (bytesRead === 0) {
       target.fill(0, done);
       return;
@@ -115,7 +127,7 @@ class RawFile implements BlockReader {
     checkRange(offset, target.length, this.size);
     const inFile = Math.max(0, Math.min(target.length, this.fileSize - offset));
     target.fill(0, inFile);
-    if (inFile > 0) await preadFull(this.fh, target.subarray(0, inFile), offset);
+    if (inFile > 0) await preadFull(this.file, this.fh, target.subarray(0, inFile), offset);
   }
 
   close(): Promise<void> {
@@ -129,7 +141,7 @@ class Qcow2File implements BlockReader {
   viaQemuBytes = 0;
 
   constructor(
-    private readonly fh: FileHandle, private readonly fileSize: number, private readonly map: Qcow2Map,
+    private readonly file: string, private readonly fh: FileHandle, private readonly fileSize: number, private readonly map: Qcow2Map,
     private readonly viaQemu: FileReadOptions['viaQemu'],
   ) {}
 
@@ -163,7 +175,7 @@ class Qcow2File implements BlockReader {
     } else if (r.kind === 'data') {
       const inFile = Math.max(0, Math.min(into.length, this.fileSize - r.host));
       into.fill(0, inFile);
-      if (inFile > 0) await preadFull(this.fh, into.subarray(0, inFile), r.host);
+      if (inFile > 0) await preadFull(this.file, this.fh, into.subarray(0, inFile), r.host);
     } else {
       this.viaQemuBytes += into.length;
       this.qemu ??= this.viaQemu();

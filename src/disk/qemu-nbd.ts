@@ -22,6 +22,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { VmvaultError } from '../errors.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
 import { NbdClient } from './nbd.js';
+import { OWNER_FILE, endOrphanExports, writeOwner } from './nbd-orphans.js';
 import { mustExist, optValue, probeRawWriters, qcow2WithoutBacking, qemuFailure } from './qemu-run.js';
 
 export interface ExportOptions {
@@ -74,7 +75,10 @@ function havePdeathsig(): Promise<boolean> {
  */
 export function prepareExports(): void {
   void havePdeathsig();
-  sweptOnce ??= sweepSocketDirs(socketParent()).catch(() => 0);
+  sweptOnce ??= Promise.all([
+    sweepSocketDirs(socketParent()).catch(() => 0),
+    endOrphanExports(socketParent(), SOCKET_DIR_PREFIX).catch(() => 0),
+  ]).then(([dirs, orphans]) => ({ dirs, orphans }));
 }
 
 /** Not async on purpose: execa's subprocess is a thenable, which an async function would await. */
@@ -90,14 +94,15 @@ type Exit = Awaited<Proc>;
 const SOCKET_DIR_PREFIX = 'vmvault-nbd-';
 /** How old an empty socket directory must be to be taken as left by a killed process. */
 const STALE_SOCKET_DIR_MS = 10 * 60_000;
-let sweptOnce: Promise<number> | undefined;
+let sweptOnce: Promise<{ dirs: number; orphans: number }> | undefined;
 
 /**
- * Removes the empty socket directories that killed vmvault processes left in `parent`
+ * Removes the socket directories that killed vmvault processes left in `parent`
  * (a process that exits normally removes its own; qemu-nbd removes its socket when it
- * ends, and ends with its parent). Only empty directories of this user, older than the
- * longest start-up, are removed, with rmdir: a live export's directory holds its socket,
- * and anything else is left alone. Returns how many were removed.
+ * ends, and ends with its parent). Only directories of this user, older than the
+ * longest start-up, holding nothing but an owner file (src/disk/nbd-orphans.ts), are
+ * removed: a live export's directory holds its socket, and anything else is left alone.
+ * Returns how many were removed.
  */
 export async function sweepSocketDirs(parent: string, now = Date.now()): Promise<number> {
   let removed = 0;
@@ -106,7 +111,10 @@ export async function sweepSocketDirs(parent: string, now = Date.now()): Promise
     const dir = path.join(parent, name);
     const st = await fs.lstat(dir).catch(() => undefined);
     if (!st?.isDirectory() || st.uid !== process.getuid?.() || now - st.mtimeMs < STALE_SOCKET_DIR_MS) continue;
+    const entries = await fs.readdir(dir).catch(() => undefined);
+    if (!entries || entries.some((e) => e !== OWNER_FILE)) continue;
     try {
+      if (entries.length > 0) await fs.unlink(path.join(dir, OWNER_FILE));
       await fs.rmdir(dir);
       removed++;
     } catch {
@@ -117,7 +125,7 @@ export async function sweepSocketDirs(parent: string, now = Date.now()): Promise
 }
 
 /** A short directory for the socket: unix socket paths are limited to 107 bytes. */
-function socketParent(): string {
+export function socketParent(): string {
   const tmp = os.tmpdir();
   return tmp.length <= 60 ? tmp : '/tmp';
 }
@@ -137,7 +145,28 @@ function socketParent(): string {
  * snapshot of a non-qcow2 image), IMAGE_LOCKED (a running VM or another program
  * holds the image), QEMU (anything else qemu-nbd said).
  */
-export async function exportImage(file: string, opts: ExportOptions): Promise<NbdExport> {
+export function exportImage(file: string, opts: ExportOptions): Promise<NbdExport> {
+  return retryIfOrphansHeld(() => exportOnce(file, opts));
+}
+
+/**
+ * Runs `op`, and once more if it failed with IMAGE_LOCKED and orphaned qemu-nbd
+ * processes of earlier, killed vmvault processes were found and ended
+ * (src/disk/nbd-orphans.ts): the lock was theirs.
+ */
+export async function retryIfOrphansHeld<T>(op: () => Promise<T>): Promise<T> {
+  try {
+    return await op();
+  } catch (err) {
+    if (!(err instanceof VmvaultError && err.code === 'IMAGE_LOCKED')) throw err;
+    // This process's first sweep (prepareExports) may be ending that very orphan right now.
+    const first = sweptOnce ? (await sweptOnce).orphans : 0;
+    if (first + (await endOrphanExports(socketParent(), SOCKET_DIR_PREFIX).catch(() => 0)) === 0) throw err;
+    return await op();
+  }
+}
+
+async function exportOnce(file: string, opts: ExportOptions): Promise<NbdExport> {
   const abs = path.resolve(file);
   checkFormat(opts.format, abs);
   if (opts.snapshot !== undefined) {
@@ -151,6 +180,7 @@ export async function exportImage(file: string, opts: ExportOptions): Promise<Nb
   prepareExports();
   const dir = await fs.mkdtemp(path.join(socketParent(), SOCKET_DIR_PREFIX)); // mkdtemp creates it 0700
   try {
+    await writeOwner(dir);
     const first = await start(abs, opts, dir, 'none');
     if (first !== 'no-o-direct') return first;
     return await start(abs, opts, dir, 'writeback') as NbdExport;

@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import { errorMessage } from '../errors.js';
 import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
-import { prepareExports } from '../disk/qemu-nbd.js';
+import { prepareExports, retryIfOrphansHeld } from '../disk/qemu-nbd.js';
 import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
 import { bitmapExport, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
@@ -19,10 +19,13 @@ import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } fro
 /** Internal snapshots this tool creates are named with this prefix, so leftovers can be found. */
 export const SNAPSHOT_PREFIX = 'vmvault-';
 
-export async function openImages(repo: Repository, target: PointInTimeTarget, backupId: string): Promise<PointInTime> {
-  // Every disk is inspected before any is snapshotted.
-  const disks = await inspectDisks(repo, target.vm, target.disks);
-  return freezeImages(disks, { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
+export function openImages(repo: Repository, target: PointInTimeTarget, backupId: string): Promise<PointInTime> {
+  // A disk locked by a qemu-nbd that a killed vmvault left behind is freed, and all is tried again.
+  return retryIfOrphansHeld(async () => {
+    // Every disk is inspected before any is snapshotted.
+    const disks = await inspectDisks(repo, target.vm, target.disks);
+    return freezeImages(disks, { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
+  });
 }
 
 interface Taken { disk: FrozenDisk; newBitmap?: string; oldBitmap?: string }

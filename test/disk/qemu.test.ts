@@ -253,7 +253,7 @@ describe('createImage and compareImages', { timeout: 60_000 }, () => {
 });
 
 describe('socket directories left by killed processes', () => {
-  test('empty ones older than ten minutes are removed; fresh, non-empty, foreign and non-directory ones stay', async () => {
+  test('empty ones (or holding only an owner file) older than ten minutes are removed; fresh, busy, foreign and non-directory ones stay', async () => {
     const { sweepSocketDirs } = await import('../../src/disk/qemu-nbd.js');
     const parent = await fs.mkdtemp(path.join(os.tmpdir(), 'vmvault-sweep-'));
     try {
@@ -266,16 +266,67 @@ describe('socket directories left by killed processes', () => {
         return dir;
       };
       const stale = await mk('vmvault-nbd-stale1', old);
+      const owned = await mk('vmvault-nbd-owned1', old, 'owner');
       const fresh = await mk('vmvault-nbd-fresh1', undefined);
+      const freshOwned = await mk('vmvault-nbd-fresh2', undefined, 'owner');
       const busy = await mk('vmvault-nbd-busy11', old, 'nbd.sock');
       const other = await mk('not-vmvault-nbd-x', old);
       await fs.writeFile(path.join(parent, 'vmvault-nbd-file11'), '');
       await fs.symlink(other, path.join(parent, 'vmvault-nbd-link11'));
-      assert.equal(await sweepSocketDirs(parent), 1);
+      assert.equal(await sweepSocketDirs(parent), 2);
       assert.equal(existsSync(stale), false);
-      for (const kept of [fresh, busy, other, path.join(parent, 'vmvault-nbd-file11'), path.join(parent, 'vmvault-nbd-link11')]) assert.ok(existsSync(kept), kept);
+      assert.equal(existsSync(owned), false);
+      for (const kept of [fresh, freshOwned, busy, other, path.join(parent, 'vmvault-nbd-file11'), path.join(parent, 'vmvault-nbd-link11')]) assert.ok(existsSync(kept), kept);
     } finally {
       await fs.rm(parent, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('qemu-nbd processes orphaned by a killed vmvault', () => {
+  /** A qemu-nbd serving `image` writable (holding its lock) in a fresh export directory owned by `owner`, as a killed vmvault leaves it. */
+  async function orphanLike(image: string, owner: string) {
+    const { socketParent } = await import('../../src/disk/qemu-nbd.js');
+    const sockDir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-'));
+    await fs.writeFile(path.join(sockDir, 'owner'), `${owner}\n`);
+    const socket = path.join(sockDir, 'nbd.sock');
+    const proc = execa('qemu-nbd', ['-f', 'qcow2', '--shared=1', '-k', socket, image], { reject: false, stdin: 'ignore' });
+    for (let i = 0; i < 500 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 10));
+    assert.ok(existsSync(socket), 'qemu-nbd is serving');
+    return { proc, sockDir, pid: proc.pid! };
+  }
+
+  test('one whose vmvault is gone is ended when an export finds the image locked, and the export goes ahead', async () => {
+    const image = await makeImage(dir.path, 'orphaned.qcow2', 'qcow2', 4 * MiB, [{ offset: 0, length: MiB, pattern: 0x5a }]);
+    const dead = execa('true');
+    await dead;
+    const orphan = await orphanLike(image, `${dead.pid} 1`);
+    const exp = await exportImage(image, { format: 'qcow2', readOnly: true });
+    try {
+      const head = Buffer.alloc(512);
+      await exp.client.readInto(0, head);
+      assert.ok(head.equals(Buffer.alloc(512, 0x5a)));
+      assert.ok(await waitForExit(orphan.pid, 5000), 'the orphan was ended');
+      assert.equal(existsSync(orphan.sockDir), false, 'its directory was removed');
+    } finally {
+      await exp.close();
+      orphan.proc.kill('SIGKILL');
+      await orphan.proc;
+    }
+  });
+
+  test('one whose vmvault still runs is left alone: the export reports the lock', async () => {
+    const { processIdentity } = await import('../../src/disk/nbd-orphans.js');
+    const image = await makeImage(dir.path, 'owned.qcow2', 'qcow2', 4 * MiB);
+    const live = await orphanLike(image, (await processIdentity(process.pid))!);
+    try {
+      await assert.rejects(exporting(exportImage(image, { format: 'qcow2', readOnly: true })), isError('IMAGE_LOCKED', /in use/));
+      assert.ok(processAlive(live.pid), 'its qemu-nbd still runs');
+      assert.ok(existsSync(live.sockDir));
+    } finally {
+      live.proc.kill('SIGTERM');
+      await live.proc;
+      await fs.rm(live.sockDir, { recursive: true, force: true });
     }
   });
 });
