@@ -16,7 +16,13 @@ import { openQcow2Map } from '../../src/disk/qcow2-map.js';
 import { exportImage, type ImageFormat } from '../../src/disk/qemu.js';
 import type { Extent } from '../../src/disk/nbd.js';
 import { VmvaultError } from '../../src/errors.js';
-import { holdImageLock, qemuIo, tempDir, type TempDir } from '../helpers/images.js';
+import { holdImageLock, qemuIo, tempDir, waitForExit, type TempDir } from '../helpers/images.js';
+import { existsSync } from 'node:fs';
+import { backupVm } from '../../src/vm/drivers.js';
+import { restore } from '../../src/pipeline/restore.js';
+import { Repository } from '../../src/repo/repository.js';
+import { LocalStorage } from '../../src/storage/local.js';
+import { socketParent } from '../../src/disk/qemu-nbd.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -229,6 +235,48 @@ describe('reading raw images from their files', () => {
         (err: unknown) => err instanceof VmvaultError && err.code === 'IMAGE_LOCKED');
     } finally {
       await release();
+    }
+  });
+});
+
+describe('backups through the file reader', () => {
+  let repo: Repository;
+  before(async () => { repo = await Repository.init(new LocalStorage(path.join(dir.path, 'repo')), 'direct', { kdf: 'weak' }); });
+
+  async function backupAndCompare(vm: string, image: string): Promise<void> {
+    const { manifest } = await backupVm(repo, { vm, driver: 'image', disks: [{ path: image, name: 'root', format: 'qcow2' }] });
+    const r = await restore(repo, { backupId: manifest.id, to: path.join(dir.path, `restored-${vm}`), format: 'raw' });
+    await execa('qemu-img', ['compare', '-q', '-f', 'qcow2', '-F', 'raw', image, r.files.find((f) => f.kind === 'disk')!.path]);
+  }
+
+  test('an image with compressed clusters (read partly through qemu) restores identical', async () => {
+    const raw = await rawBase('backup-comp.raw');
+    await qemuIo(raw, 'raw', ['write -P 0x41 7340032 2097152', 'write -P 0x43 14680064 1048576']);
+    const image = path.join(dir.path, 'backup-comp.qcow2');
+    await execa('qemu-img', ['convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', raw, image]);
+    await qemuIo(image, 'qcow2', ['write -P 0x44 0 1048576', 'write -z 20971520 1048576']);
+    await backupAndCompare('comp', image);
+  });
+
+  test('an image a killed vmvault\'s qemu-nbd still holds is freed and backed up, restoring identical', async () => {
+    const raw = await rawBase('held.raw');
+    const image = path.join(dir.path, 'held.qcow2');
+    await execa('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', raw, image]);
+    const dead = execa('true');
+    await dead;
+    const sockDir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-'));
+    await fs.writeFile(path.join(sockDir, 'owner'), `${dead.pid} 1\n`);
+    const socket = path.join(sockDir, 'nbd.sock');
+    const orphan = execa('qemu-nbd', ['-f', 'qcow2', '--shared=1', '-k', socket, image], { reject: false, stdin: 'ignore' });
+    try {
+      for (let i = 0; i < 500 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 10));
+      assert.ok(existsSync(socket), 'the orphan serves the image');
+      await backupAndCompare('held', image);
+      assert.ok(await waitForExit(orphan.pid!, 5000), 'the orphan was ended');
+    } finally {
+      orphan.kill('SIGKILL');
+      await orphan;
+      await fs.rm(sockDir, { recursive: true, force: true });
     }
   });
 });
