@@ -65,6 +65,9 @@ async function exportsUnder(parent: string, prefix: string): Promise<ServingExpo
     if (path.dirname(dir) !== parent || !path.basename(dir).startsWith(prefix)) continue;
     const st = await fs.stat(`/proc/${pid}`).catch(() => undefined);
     if (!st || st.uid !== uid) continue;
+    // The directory too must be this user's own (made by mkdtemp, 0700), not a look-alike.
+    const d = await fs.lstat(dir).catch(() => undefined);
+    if (!d?.isDirectory() || d.uid !== uid) continue;
     out.push({ pid, dir });
   }
   return out;
