@@ -19,7 +19,7 @@ import fs, { type FileHandle } from 'node:fs/promises';
 import { VmvaultError, errorMessage } from '../errors.js';
 import { fileReader } from './image-refs.js';
 import type { ImageFormat } from './image-format.js';
-import type { Extent, NbdClient } from './nbd.js';
+import { appendExtent, type Extent, type NbdClient } from './nbd.js';
 import { openQcow2Map, type Qcow2Map, type Qcow2Run } from './qcow2-map.js';
 import { mustExist, optValue, probeRawWriters, runOn } from './qemu-run.js';
 import { retryIfOrphansHeld } from './qemu-nbd.js';
@@ -65,10 +65,10 @@ export async function openImageFile(file: string, opts: FileReadOptions): Promis
       opened = { why: 'it is not a regular file' };
     } else if (opts.format === 'raw') {
       await retryIfOrphansHeld(() => probeRawWriters(file));
-      opened = new RawFile(file, fh, st.size, opts.size);
+      opened = new RawFile(file, fh, opts.size);
     } else {
       const map = await openQcow2Map(fileReader(fh), st.size, opts.size, opts.snapshot);
-      opened = 'unmapped' in map ? { why: map.unmapped } : new Qcow2File(file, fh, st.size, map, opts.viaQemu);
+      opened = 'unmapped' in map ? { why: map.unmapped } : new Qcow2File(file, fh, map, opts.viaQemu);
     }
     if ('why' in opened) {
       await fh.close();
@@ -100,7 +100,7 @@ async function preadFull(file: string, fh: FileHandle, target: Uint8Array, posit
 }
 
 class RawFile implements BlockReader {
-  constructor(private readonly file: string, private readonly fh: FileHandle, private readonly fileSize: number, private readonly size: number) {}
+  constructor(private readonly file: string, private readonly fh: FileHandle, private readonly size: number) {}
 
   /** Holes and data as `qemu-img map` finds them (SEEK_DATA/SEEK_HOLE), the raw driver pinned: nothing in the file is interpreted. */
   async extents(offset: number, length: number): Promise<Extent[]> {
@@ -110,11 +110,7 @@ class RawFile implements BlockReader {
     const out = await runOn('qemu-img', this.file, ['map', '--output=json', `--start-offset=${offset}`, `--max-length=${length}`, '--image-opts', spec]);
     const extents: Extent[] = [];
     for (const e of JSON.parse(out) as { start: number; length: number; zero: boolean; data: boolean }[]) {
-      const zero = e.zero || !e.data;
-      const hole = !e.data;
-      const last = extents[extents.length - 1];
-      if (last && last.zero === zero && last.hole === hole) last.length += e.length;
-      else extents.push({ offset: e.start, length: e.length, zero, hole });
+      appendExtent(extents, e.start, e.length, e.zero || !e.data, !e.data);
     }
     const covered = extents.reduce((n, e) => n + e.length, 0);
     if (extents[0]?.offset !== offset || covered !== length) {
@@ -125,9 +121,7 @@ class RawFile implements BlockReader {
 
   async readInto(offset: number, target: Uint8Array): Promise<void> {
     checkRange(offset, target.length, this.size);
-    const inFile = Math.max(0, Math.min(target.length, this.fileSize - offset));
-    target.fill(0, inFile);
-    if (inFile > 0) await preadFull(this.file, this.fh, target.subarray(0, inFile), offset);
+    await preadFull(this.file, this.fh, target, offset);
   }
 
   close(): Promise<void> {
@@ -141,7 +135,7 @@ class Qcow2File implements BlockReader {
   viaQemuBytes = 0;
 
   constructor(
-    private readonly file: string, private readonly fh: FileHandle, private readonly fileSize: number, private readonly map: Qcow2Map,
+    private readonly file: string, private readonly fh: FileHandle, private readonly map: Qcow2Map,
     private readonly viaQemu: FileReadOptions['viaQemu'],
   ) {}
 
@@ -151,10 +145,7 @@ class Qcow2File implements BlockReader {
     for (const r of await this.map.runs(offset, length)) {
       // As qemu reports them: anything without data is a hole (NBD_STATE_HOLE), zero clusters too.
       const zero = r.kind === 'zero' || r.kind === 'hole';
-      const hole = zero;
-      const last = out[out.length - 1];
-      if (last && last.zero === zero && last.hole === hole) last.length += r.length;
-      else out.push({ offset: r.offset, length: r.length, zero, hole });
+      appendExtent(out, r.offset, r.length, zero, zero);
     }
     return out;
   }
@@ -173,9 +164,7 @@ class Qcow2File implements BlockReader {
     if (r.kind === 'zero' || r.kind === 'hole') {
       into.fill(0);
     } else if (r.kind === 'data') {
-      const inFile = Math.max(0, Math.min(into.length, this.fileSize - r.host));
-      into.fill(0, inFile);
-      if (inFile > 0) await preadFull(this.file, this.fh, into.subarray(0, inFile), r.host);
+      await preadFull(this.file, this.fh, into, r.host);
     } else {
       this.viaQemuBytes += into.length;
       this.qemu ??= this.viaQemu();

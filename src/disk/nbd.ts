@@ -27,6 +27,13 @@ export interface Extent {
   hole: boolean;
 }
 
+/** Appends [offset, offset+length) to `out`, merged into the last extent when the flags are the same. */
+export function appendExtent(out: Extent[], offset: number, length: number, zero: boolean, hole: boolean): void {
+  const last = out[out.length - 1];
+  if (last && last.zero === zero && last.hole === hole) last.length += length;
+  else out.push({ offset, length, zero, hole });
+}
+
 export interface NbdConnectOptions {
   /** Export to open; qemu-nbd's default export is the empty name. */
   exportName?: string;
@@ -234,11 +241,7 @@ export class NbdClient {
     }
     const out: Extent[] = [];
     await this.status(offset, length, (at, len, flags) => {
-      const zero = (flags & NBD_STATE_ZERO) !== 0;
-      const hole = (flags & NBD_STATE_HOLE) !== 0;
-      const last = out[out.length - 1];
-      if (last && last.zero === zero && last.hole === hole) last.length += len;
-      else out.push({ offset: at, length: len, zero, hole });
+      appendExtent(out, at, len, (flags & NBD_STATE_ZERO) !== 0, (flags & NBD_STATE_HOLE) !== 0);
     });
     return out;
   }
