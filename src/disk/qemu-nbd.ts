@@ -77,7 +77,7 @@ export function prepareExports(): void {
   void havePdeathsig();
   sweptOnce ??= Promise.all([
     sweepSocketDirs(socketParent()).catch(() => 0),
-    endOrphanExports(socketParent(), SOCKET_DIR_PREFIX).catch(() => 0),
+    endOrphans(),
   ]).then(([dirs, orphans]) => ({ dirs, orphans }));
 }
 
@@ -124,6 +124,11 @@ export async function sweepSocketDirs(parent: string, now = Date.now()): Promise
   return removed;
 }
 
+/** Ends the orphaned exports of killed vmvault processes (src/disk/nbd-orphans.ts); how many. */
+function endOrphans(): Promise<number> {
+  return endOrphanExports(socketParent(), SOCKET_DIR_PREFIX).catch(() => 0);
+}
+
 /** A short directory for the socket: unix socket paths are limited to 107 bytes. */
 export function socketParent(): string {
   const tmp = os.tmpdir();
@@ -161,7 +166,7 @@ export async function retryIfOrphansHeld<T>(op: () => Promise<T>): Promise<T> {
     if (!(err instanceof VmvaultError && err.code === 'IMAGE_LOCKED')) throw err;
     // This process's first sweep (prepareExports) may be ending that very orphan right now.
     const first = sweptOnce ? (await sweptOnce).orphans : 0;
-    if (first + (await endOrphanExports(socketParent(), SOCKET_DIR_PREFIX).catch(() => 0)) === 0) throw err;
+    if (first + (await endOrphans()) === 0) throw err;
     return await op();
   }
 }

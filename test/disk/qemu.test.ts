@@ -15,7 +15,7 @@ import {
 } from '../../src/disk/qemu.js';
 import { NotFoundError, VmvaultError, type ErrorCode } from '../../src/errors.js';
 import {
-  expectedContent, holdImageLock, makeImage, processAlive, tempDir, waitForExit, writePattern, type PatternWrite, type TempDir,
+  expectedContent, exportLeftBy, holdImageLock, makeImage, processAlive, tempDir, waitForExit, writePattern, type PatternWrite, type TempDir,
 } from '../helpers/images.js';
 
 const MiB = 1024 * 1024;
@@ -284,23 +284,9 @@ describe('socket directories left by killed processes', () => {
 });
 
 describe('qemu-nbd processes orphaned by a killed vmvault', () => {
-  /** A qemu-nbd serving `image` writable (holding its lock) in a fresh export directory owned by `owner`, as a killed vmvault leaves it. */
-  async function orphanLike(image: string, owner: string) {
-    const { socketParent } = await import('../../src/disk/qemu-nbd.js');
-    const sockDir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-'));
-    await fs.writeFile(path.join(sockDir, 'owner'), `${owner}\n`);
-    const socket = path.join(sockDir, 'nbd.sock');
-    const proc = execa('qemu-nbd', ['-f', 'qcow2', '--shared=1', '-k', socket, image], { reject: false, stdin: 'ignore' });
-    for (let i = 0; i < 500 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 10));
-    assert.ok(existsSync(socket), 'qemu-nbd is serving');
-    return { proc, sockDir, pid: proc.pid! };
-  }
-
   test('one whose vmvault is gone is ended when an export finds the image locked, and the export goes ahead', async () => {
     const image = await makeImage(dir.path, 'orphaned.qcow2', 'qcow2', 4 * MiB, [{ offset: 0, length: MiB, pattern: 0x5a }]);
-    const dead = execa('true');
-    await dead;
-    const orphan = await orphanLike(image, `${dead.pid} 1`);
+    const orphan = await exportLeftBy(image);
     const exp = await exportImage(image, { format: 'qcow2', readOnly: true });
     try {
       const head = Buffer.alloc(512);
@@ -310,23 +296,20 @@ describe('qemu-nbd processes orphaned by a killed vmvault', () => {
       assert.equal(existsSync(orphan.sockDir), false, 'its directory was removed');
     } finally {
       await exp.close();
-      orphan.proc.kill('SIGKILL');
-      await orphan.proc;
+      await orphan.stop();
     }
   });
 
   test('one whose vmvault still runs is left alone: the export reports the lock', async () => {
     const { processIdentity } = await import('../../src/disk/nbd-orphans.js');
     const image = await makeImage(dir.path, 'owned.qcow2', 'qcow2', 4 * MiB);
-    const live = await orphanLike(image, (await processIdentity(process.pid))!);
+    const live = await exportLeftBy(image, (await processIdentity(process.pid))!);
     try {
       await assert.rejects(exporting(exportImage(image, { format: 'qcow2', readOnly: true })), isError('IMAGE_LOCKED', /in use/));
       assert.ok(processAlive(live.pid), 'its qemu-nbd still runs');
       assert.ok(existsSync(live.sockDir));
     } finally {
-      live.proc.kill('SIGTERM');
-      await live.proc;
-      await fs.rm(live.sockDir, { recursive: true, force: true });
+      await live.stop();
     }
   });
 });

@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { ImageFormat } from '../../src/disk/qemu.js';
+import { socketParent } from '../../src/disk/qemu-nbd.js';
 
 export interface PatternWrite {
   offset: number;
@@ -144,4 +145,33 @@ export async function holdImageLock(file: string, format: ImageFormat, opts: { b
     await release();
     throw new Error(`could not hold the lock of ${file}: ${result.stderr || 'timed out'}`);
   }
+}
+
+/**
+ * What a vmvault killed while starting an export leaves: a qemu-nbd serving the qcow2
+ * `image` writable (so holding its lock), never connected to, in a fresh export
+ * directory whose owner file names `owner` (by default a process that has exited).
+ * `stop()` ends it and removes the directory.
+ */
+export async function exportLeftBy(image: string, owner?: string): Promise<{ pid: number; sockDir: string; stop(): Promise<void> }> {
+  if (owner === undefined) {
+    const gone = execa('true');
+    await gone;
+    owner = `${gone.pid} 1`;
+  }
+  const sockDir = await fs.mkdtemp(path.join(socketParent(), 'vmvault-nbd-'));
+  await fs.writeFile(path.join(sockDir, 'owner'), `${owner}\n`);
+  const socket = path.join(sockDir, 'nbd.sock');
+  const proc = execa('qemu-nbd', ['-f', 'qcow2', '--shared=1', '-k', socket, image], { reject: false, stdin: 'ignore' });
+  const stop = async () => {
+    proc.kill('SIGKILL');
+    await proc;
+    await fs.rm(sockDir, { recursive: true, force: true });
+  };
+  for (let i = 0; i < 500 && !existsSync(socket); i++) await sleep(10);
+  if (!existsSync(socket)) {
+    await stop();
+    throw new Error(`qemu-nbd did not start serving ${image}`);
+  }
+  return { pid: proc.pid!, sockDir, stop };
 }
