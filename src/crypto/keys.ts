@@ -32,10 +32,13 @@ export function generateMaster(): Uint8Array {
   return new Uint8Array(randomBytes(MASTER_BYTES));
 }
 
+/** The KDF subkey id of each chunk id function's key (2 and 3 are the encryption and MAC keys). */
+const ID_SUBKEY: Record<ChunkIdHash, number> = { blake2b: 1, 'hmac-sha256': 4, blake3: 5 };
+
 export function deriveKeys(master: Uint8Array, idHash: ChunkIdHash = 'blake2b'): RepoKeys {
   const derive = (id: number) => sodium.crypto_kdf_derive_from_key(32, id, KDF_CONTEXT, master);
   // Each id function has its own subkey: one key is never used with two functions.
-  return { idKey: derive(idHash === 'blake2b' ? 1 : 4), idHash, encKey: derive(2), macKey: derive(3) };
+  return { idKey: derive(ID_SUBKEY[idHash]), idHash, encKey: derive(2), macKey: derive(3) };
 }
 
 /** Argon2id cost. `moderate` is the default; `weak` exists for tests only. */

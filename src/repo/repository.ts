@@ -13,6 +13,7 @@ import {
   type ChunkIdHash, type KdfPreset, type KeyFile, type RepoKeys,
 } from '../crypto/keys.js';
 import { cachedMaster, storeMaster, type KeyCache } from '../crypto/key-cache.js';
+import { blake3Unavailable } from '../crypto/chunk-id.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId, type ChunkKeys } from './chunk.js';
@@ -33,22 +34,36 @@ const configFields = {
 /**
  * Format 1: chunk ids are keyed BLAKE2b (every vmvault reads it). Format 2 names its
  * chunk id function (`chunkIdHash`); vmvault before format 2 refuses such a repository
- * instead of writing chunks under ids that would not match.
+ * instead of writing chunks under ids that would not match. Format 3 is format 2 with
+ * keyed BLAKE3 chunk ids, under a new number so that vmvault before it says "made by
+ * a newer vmvault" rather than "damaged".
  */
 const configSchema = z.discriminatedUnion('version', [
   z.object({ version: z.literal(1), ...configFields }),
   z.object({ version: z.literal(2), chunkIdHash: z.enum(['blake2b', 'hmac-sha256']), ...configFields }),
+  z.object({ version: z.literal(3), chunkIdHash: z.literal('blake3'), ...configFields }),
 ]);
 export type RepoConfig = z.infer<typeof configSchema>;
 /** The newest repository format this vmvault reads and writes. */
-export const REPOSITORY_FORMAT = 2;
+export const REPOSITORY_FORMAT = 3;
+
+/** The format a new repository with this chunk id function gets. */
+const FORMAT_OF: Record<ChunkIdHash, 1 | 2 | 3> = { blake2b: 1, 'hmac-sha256': 2, blake3: 3 };
 
 function configMac(keys: RepoKeys, c: DistributiveOmit<RepoConfig, 'mac'>): string {
   const fields: unknown[] = [c.version, c.id, c.chunkSize, c.compression, c.created];
-  if (c.version === 2) fields.push(c.chunkIdHash);
+  if (c.version !== 1) fields.push(c.chunkIdHash);
   return mac(keys.macKey, JSON.stringify(fields));
 }
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+
+/** Keyed BLAKE3 where this host has its native code, else HMAC-SHA-256 (and a warning saying why). */
+function defaultChunkIdHash(onWarning?: (message: string) => void): ChunkIdHash {
+  const why = blake3Unavailable();
+  if (!why) return 'blake3';
+  onWarning?.(`this host cannot load BLAKE3's native code (@napi-rs/blake-hash: ${why}): the new repository's chunk ids are HMAC-SHA-256 (format 2)`);
+  return 'hmac-sha256';
+}
 
 /** The chunk id function of a repository with this config. */
 export function chunkIdHashOf(c: RepoConfig): ChunkIdHash {
@@ -94,8 +109,10 @@ export interface InitOptions {
   kdf?: KdfPreset;
   label?: string;
   /**
-   * The chunk id function; HMAC-SHA-256 by default. `blake2b` makes a format-1
-   * repository, which vmvault releases older than format 2 can also read.
+   * The chunk id function: keyed BLAKE3 (format 3) by default, or HMAC-SHA-256 where
+   * this host cannot load BLAKE3's native code (with a warning). `hmac-sha256` makes a
+   * format-2 repository and `blake2b` a format-1 one, for vmvault releases older than
+   * format 3 or 2 to read.
    */
   chunkIdHash?: ChunkIdHash;
   /**
@@ -141,7 +158,10 @@ export class Repository {
       throw new VmvaultError('ALREADY_EXISTS', `a repository already exists at ${storage.location}; nothing was changed`);
     }
     const master = generateMaster();
-    const idHash = opts.chunkIdHash ?? 'hmac-sha256';
+    const idHash = opts.chunkIdHash ?? defaultChunkIdHash(opts.onWarning);
+    if (idHash === 'blake3' && blake3Unavailable()) {
+      throw new VmvaultError('UNSUPPORTED', `cannot make a repository with BLAKE3 chunk ids: this host cannot load its native code (@napi-rs/blake-hash: ${blake3Unavailable()}); choose --chunk-id hmac-sha256; nothing was changed`);
+    }
     const keys = deriveKeys(master, idHash);
     const common = {
       id: randomBytes(16).toString('hex'),
@@ -149,9 +169,10 @@ export class Repository {
       compression: opts.compression ?? 'zstd',
       created: new Date().toISOString(),
     };
-    const body: DistributiveOmit<RepoConfig, 'mac'> = idHash === 'blake2b'
+    const format = FORMAT_OF[idHash];
+    const body: DistributiveOmit<RepoConfig, 'mac'> = format === 1
       ? { version: 1, ...common }
-      : { version: 2, chunkIdHash: idHash, ...common };
+      : format === 2 ? { version: 2, chunkIdHash: idHash as 'hmac-sha256', ...common } : { version: 3, chunkIdHash: 'blake3', ...common };
     const config = configSchema.safeParse({ ...body, mac: configMac(keys, body) });
     if (!config.success) {
       throw new VmvaultError('BAD_INPUT', `invalid repository settings: ${config.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ')}`);

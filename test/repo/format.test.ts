@@ -1,12 +1,14 @@
 /**
- * Repository formats: format 2 (the default) names its chunk id function, HMAC-SHA-256;
- * format 1 (`--chunk-id blake2b`) is what vmvault wrote before, keyed BLAKE2b. Both back
- * up and restore identical, each keeps its function, a config from a newer vmvault is
+ * Repository formats: format 3 (the default) has keyed BLAKE3 chunk ids; format 2
+ * (`--chunk-id hmac-sha256`) names its function, HMAC-SHA-256; format 1
+ * (`--chunk-id blake2b`) is what the first vmvault wrote, keyed BLAKE2b. All back up
+ * and restore identical, each keeps its function, a config from a newer vmvault is
  * refused with what to do, and the id function cannot be switched by editing the config.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
+import { createRequire } from 'node:module';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Repository } from '../../src/repo/repository.js';
@@ -22,9 +24,11 @@ import { cli } from '../helpers/cli.js';
 import { makeImage, tempDir } from '../helpers/images.js';
 
 const PASSWORD = 'format test passphrase';
+/** The package itself, beside vmvault's use of it (its output is checked against BLAKE3's test vectors in test/crypto/chunk-id.test.ts). */
+const { Blake3Hasher } = createRequire(import.meta.url)('@napi-rs/blake-hash') as { Blake3Hasher: { newKeyed(key: Buffer): { update(d: Uint8Array): { digest(f: 'hex'): string } } } };
 const MiB = 1024 * 1024;
 
-async function backupAndRestore(chunkIdHash: 'hmac-sha256' | 'blake2b' | undefined) {
+async function backupAndRestore(chunkIdHash: 'hmac-sha256' | 'blake2b' | 'blake3' | undefined) {
   const dir = await tempDir('vmvault-format-');
   const storage = new LocalStorage(join(dir.path, 'repo'));
   await Repository.init(storage, PASSWORD, { kdf: 'weak', chunkSize: MiB, ...(chunkIdHash ? { chunkIdHash } : {}) });
@@ -39,8 +43,26 @@ async function backupAndRestore(chunkIdHash: 'hmac-sha256' | 'blake2b' | undefin
 }
 
 describe('repository formats', () => {
-  test('a new repository is format 2 with HMAC-SHA-256 chunk ids under their own subkey; it backs up and restores identical', async () => {
+  test('a new repository is format 3 with keyed BLAKE3 chunk ids (computed in the chunk threads) under their own subkey; it backs up and restores identical', async () => {
     const { dir, repo, first } = await backupAndRestore(undefined);
+    try {
+      const config = JSON.parse(await readFile(join(dir.path, 'repo', 'config'), 'utf8'));
+      assert.equal(config.version, 3);
+      assert.equal(config.chunkIdHash, 'blake3');
+      assert.equal(repo.keys.idHash, 'blake3');
+      const plain = Buffer.alloc(MiB, 0x5a);
+      assert.equal(first, Blake3Hasher.newKeyed(Buffer.from(repo.keys.idKey)).update(plain).digest('hex'));
+      assert.equal(chunkId(repo.keys, plain), first);
+      const master = new Uint8Array(32);
+      const subkeys = (['blake3', 'hmac-sha256', 'blake2b'] as const).map((h) => Buffer.from(deriveKeys(master, h).idKey).toString('hex'));
+      assert.equal(new Set(subkeys).size, 3, 'each id function has its own subkey');
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('format 2 (--chunk-id hmac-sha256) has HMAC-SHA-256 chunk ids under their own subkey; it backs up and restores identical', async () => {
+    const { dir, repo, first } = await backupAndRestore('hmac-sha256');
     try {
       const config = JSON.parse(await readFile(join(dir.path, 'repo', 'config'), 'utf8'));
       assert.equal(config.version, 2);
@@ -74,8 +96,16 @@ describe('repository formats', () => {
     try {
       const path = join(dir.path, 'repo', 'config');
       const config = JSON.parse(await readFile(path, 'utf8'));
-      await writeFile(path, JSON.stringify({ ...config, chunkIdHash: 'blake2b' }));
-      await assert.rejects(Repository.open(storage, PASSWORD, { cacheDir: false }), /does not match its keys: it was modified/);
+      // Format 3 names only BLAKE3; as format 2 or 1, the config's MAC no longer matches.
+      const edits: [object, RegExp][] = [
+        [{ ...config, chunkIdHash: 'blake2b' }, /config .* is damaged or from an unknown version/],
+        [{ ...config, version: 2, chunkIdHash: 'hmac-sha256' }, /does not match its keys: it was modified/],
+        [{ ...config, version: 1, chunkIdHash: undefined }, /does not match its keys: it was modified/],
+      ];
+      for (const [edited, refusal] of edits) {
+        await writeFile(path, JSON.stringify(edited));
+        await assert.rejects(Repository.open(storage, PASSWORD, { cacheDir: false }), refusal);
+      }
     } finally {
       await dir.cleanup();
     }
@@ -99,31 +129,34 @@ describe('repository formats', () => {
     try {
       const path = join(dir.path, 'repo', 'config');
       const config = JSON.parse(await readFile(path, 'utf8'));
-      await writeFile(path, JSON.stringify({ ...config, version: 3 }));
+      await writeFile(path, JSON.stringify({ ...config, version: 4 }));
       const storage = new LocalStorage(join(dir.path, 'repo'));
       await assert.rejects(Repository.open(storage, PASSWORD, { cacheDir: false }), (err: unknown) =>
-        err instanceof VmvaultError && err.code === 'UNSUPPORTED' && /format 3, made by a newer vmvault.*upgrade vmvault/.test(err.message));
+        err instanceof VmvaultError && err.code === 'UNSUPPORTED' && /format 4, made by a newer vmvault.*formats 1 to 3.*upgrade vmvault/.test(err.message));
       const r = await cli(['backups', '--json'], { VMVAULT_REPOSITORY: join(dir.path, 'repo'), VMVAULT_PASSWORD: PASSWORD });
       assert.equal(r.code, 1);
-      assert.match(r.stderr, /format 3, made by a newer vmvault/);
+      assert.match(r.stderr, /format 4, made by a newer vmvault/);
     } finally {
       await dir.cleanup();
     }
   });
 
-  test('vmvault init --chunk-id blake2b makes a format-1 repository; the default is format 2', async () => {
+  test('vmvault init: format 3 by default, --chunk-id hmac-sha256 makes format 2 and blake2b format 1', async () => {
     const dir = await tempDir('vmvault-format-cli-');
     try {
       const env = { VMVAULT_PASSWORD: PASSWORD };
       const a = await cli(['--repo', join(dir.path, 'a'), 'init', '--kdf', 'weak', '--json'], env);
       assert.equal(a.code, 0, a.stderr);
-      assert.deepEqual([JSON.parse(a.stdout).format, JSON.parse(a.stdout).chunkId], [2, 'hmac-sha256']);
+      assert.deepEqual([JSON.parse(a.stdout).format, JSON.parse(a.stdout).chunkId], [3, 'blake3']);
+      const h = await cli(['--repo', join(dir.path, 'h'), 'init', '--kdf', 'weak', '--chunk-id', 'hmac-sha256', '--json'], env);
+      assert.equal(h.code, 0, h.stderr);
+      assert.deepEqual([JSON.parse(h.stdout).format, JSON.parse(h.stdout).chunkId], [2, 'hmac-sha256']);
       const b = await cli(['--repo', join(dir.path, 'b'), 'init', '--kdf', 'weak', '--chunk-id', 'blake2b', '--json'], env);
       assert.equal(b.code, 0, b.stderr);
       assert.deepEqual([JSON.parse(b.stdout).format, JSON.parse(b.stdout).chunkId], [1, 'blake2b']);
       const c = await cli(['--repo', join(dir.path, 'c'), 'init', '--kdf', 'weak', '--chunk-id', 'md5'], env);
       assert.notEqual(c.code, 0);
-      assert.match(c.stderr, /Allowed choices are hmac-sha256, blake2b/);
+      assert.match(c.stderr, /Allowed choices are blake3, hmac-sha256, blake2b/);
     } finally {
       await dir.cleanup();
     }

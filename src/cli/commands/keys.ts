@@ -18,10 +18,10 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
     .option('--chunk-size <size>', 'chunk size, a power of two (e.g. 4M)', '4M')
     .addOption(new Option('--compression <codec>', 'chunk compression').choices(['zstd', 'none']).default('zstd'))
     .addOption(kdfOption())
-    .addOption(new Option('--chunk-id <hash>', 'how chunk ids are computed: hmac-sha256 (format 2), or blake2b (format 1, which vmvault before format 2 also reads)').choices(['hmac-sha256', 'blake2b']).default('hmac-sha256'))
+    .addOption(new Option('--chunk-id <hash>', 'how chunk ids are computed: blake3 (format 3, the default where this host has its native code), hmac-sha256 (format 2, which vmvault before format 3 also reads), or blake2b (format 1, read by every vmvault)').choices(['blake3', 'hmac-sha256', 'blake2b']))
     .option('--if-missing', 'do nothing (exit 0) when the repository already exists: for a container or unit that runs at every start')
     .option('--json', 'print JSON')
-    .action(async (o: { chunkSize: string; compression: 'zstd' | 'none'; kdf: KdfPreset; chunkId: ChunkIdHash; json?: boolean; ifMissing?: boolean }) => {
+    .action(async (o: { chunkSize: string; compression: 'zstd' | 'none'; kdf: KdfPreset; chunkId?: ChunkIdHash; json?: boolean; ifMissing?: boolean }) => {
       const g = globals();
       const storage = storageFor(g);
       if (o.ifMissing && await storage.stat('config')) {
@@ -37,7 +37,7 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
         throw new VmvaultError('BAD_INPUT', (err as Error).message);
       }
       const repo = await Repository.init(storage, pass.text, {
-        chunkSize, compression: o.compression, kdf: o.kdf, chunkIdHash: o.chunkId, onWarning: warn, ...(keyCache ? { keyCache } : {}),
+        chunkSize, compression: o.compression, kdf: o.kdf, ...(o.chunkId ? { chunkIdHash: o.chunkId } : {}), onWarning: warn, ...(keyCache ? { keyCache } : {}),
       });
       print(o.json, { id: repo.id, location: storage.location, format: repo.config.version, chunkSize: repo.chunkSize, compression: repo.config.compression, chunkId: repo.keys.idHash }, () =>
         `created repository ${repo.id} at ${storage.location}\n` +
