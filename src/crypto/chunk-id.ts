@@ -41,7 +41,7 @@ export function blake3Unavailable(): string | undefined {
 function blake3Keyed(key: Uint8Array, data: Uint8Array): string {
   const m = loadBlake3();
   if (m instanceof Error) {
-    throw new VmvaultError('UNSUPPORTED', `this repository's chunk ids are keyed BLAKE3 (format 3), and this host cannot load its native code (@napi-rs/blake-hash: ${m.message.split('\n')[0]}): run vmvault where that package installs (Linux, macOS, Windows or FreeBSD on x86-64 or arm64); nothing was changed`);
+    throw new VmvaultError('UNSUPPORTED', `this repository's chunk ids are keyed BLAKE3 (format 3), and this host cannot load its native code (@napi-rs/blake-hash: ${m.message.split('\n')[0]}): reinstall vmvault's packages (npm ci), or run vmvault where that package has a build (Linux, macOS, Windows or FreeBSD on x86-64 or arm64); nothing was changed`);
   }
   return m.Blake3Hasher.newKeyed(Buffer.from(key.buffer, key.byteOffset, key.byteLength)).update(data).digest('hex');
 }

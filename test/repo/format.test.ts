@@ -9,8 +9,9 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { createRequire } from 'node:module';
-import { readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { cp, mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { execa } from 'execa';
 import { Repository } from '../../src/repo/repository.js';
 import { openChunk } from '../../src/repo/chunk.js';
 import { chunkId, deriveKeys } from '../../src/crypto/keys.js';
@@ -20,8 +21,8 @@ import { backupVm } from '../../src/vm/drivers.js';
 import { restore } from '../../src/pipeline/restore.js';
 import { compareImages } from '../../src/disk/qemu.js';
 import { VmvaultError } from '../../src/errors.js';
-import { cli } from '../helpers/cli.js';
-import { makeImage, tempDir } from '../helpers/images.js';
+import { BIN, cli } from '../helpers/cli.js';
+import { makeImage, tempDir, writePattern } from '../helpers/images.js';
 
 const PASSWORD = 'format test passphrase';
 /** The package itself, beside vmvault's use of it (its output is checked against BLAKE3's test vectors in test/crypto/chunk-id.test.ts). */
@@ -40,6 +41,12 @@ async function backupAndRestore(chunkIdHash: 'hmac-sha256' | 'blake2b' | 'blake3
   const manifest = await repo.loadManifest(b.manifest.id);
   const first = manifest.disks[0]!.chunks[0]!;
   return { dir, storage, repo, first };
+}
+
+/** Runs the vmvault installed at `app`. */
+async function execStripped(app: string, args: string[], env: Record<string, string>): Promise<{ code: number; stdout: string; stderr: string }> {
+  const r = await execa(process.execPath, [join(app, 'bin', 'vmvault.js'), ...args], { reject: false, env, stdin: 'ignore' });
+  return { code: r.exitCode ?? -1, stdout: String(r.stdout), stderr: String(r.stderr) };
 }
 
 describe('repository formats', () => {
@@ -157,6 +164,55 @@ describe('repository formats', () => {
       const c = await cli(['--repo', join(dir.path, 'c'), 'init', '--kdf', 'weak', '--chunk-id', 'md5'], env);
       assert.notEqual(c.code, 0);
       assert.match(c.stderr, /Allowed choices are blake3, hmac-sha256, blake2b/);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a host that cannot load BLAKE3: init falls back to format 2 and says so; a format-3 repository lists, and a backup into it stops with what to do', async () => {
+    const dir = await tempDir('vmvault-format-noblake-');
+    try {
+      // vmvault as installed, but without @napi-rs/blake-hash (as on a platform it has no build for).
+      const root = dirname(dirname(BIN));
+      const app = join(dir.path, 'app');
+      await mkdir(join(app, 'node_modules', '@napi-rs'), { recursive: true });
+      await cp(join(root, 'bin'), join(app, 'bin'), { recursive: true });
+      await cp(join(root, 'dist', 'cli'), join(app, 'dist', 'cli'), { recursive: true });
+      await cp(join(root, 'package.json'), join(app, 'package.json'));
+      for (const name of await readdir(join(root, 'node_modules'))) {
+        if (name !== '@napi-rs') await symlink(join(root, 'node_modules', name), join(app, 'node_modules', name));
+      }
+      for (const name of await readdir(join(root, 'node_modules', '@napi-rs'))) {
+        if (!name.startsWith('blake-hash')) await symlink(join(root, 'node_modules', '@napi-rs', name), join(app, 'node_modules', '@napi-rs', name));
+      }
+      const stripped = (args: string[], env: Record<string, string>) => execStripped(app, args, env);
+      const env = { VMVAULT_PASSWORD: PASSWORD };
+
+      const a = await stripped(['--repo', join(dir.path, 'a'), 'init', '--kdf', 'weak', '--json'], env);
+      assert.equal(a.code, 0, a.stderr);
+      assert.deepEqual([JSON.parse(a.stdout).format, JSON.parse(a.stdout).chunkId], [2, 'hmac-sha256']);
+      assert.match(a.stderr, /cannot load BLAKE3's native code .*chunk ids are HMAC-SHA-256 \(format 2\)/);
+      const b = await stripped(['--repo', join(dir.path, 'b'), 'init', '--kdf', 'weak', '--chunk-id', 'blake3'], env);
+      assert.equal(b.code, 1);
+      assert.match(b.stderr, /cannot make a repository with BLAKE3 chunk ids: this host cannot load its native code .*choose --chunk-id hmac-sha256; nothing was changed/);
+      assert.equal(await readFile(join(dir.path, 'b', 'config'), 'utf8').catch(() => 'absent'), 'absent');
+
+      // A format-3 repository with one backup, made where BLAKE3 loads.
+      const repoEnv = { ...env, VMVAULT_REPOSITORY: join(dir.path, 'c') };
+      assert.equal((await cli(['init', '--kdf', 'weak'], repoEnv)).code, 0);
+      const source = await makeImage(dir.path, 'disk.qcow2', 'qcow2', 4 * MiB, [{ offset: 0, length: MiB, pattern: 0x42 }]);
+      const made = await cli(['backup', '--vm', 'f', '--disk', `root=${source}`, '--format', 'qcow2', '--json'], repoEnv);
+      assert.equal(made.code, 0, made.stderr);
+      const listed = await stripped(['backups', '--json'], repoEnv);
+      assert.equal(listed.code, 0, listed.stderr);
+      assert.equal(JSON.parse(listed.stdout).length, 1);
+      // New data must be hashed (an unchanged disk needs no id at all, and is backed up).
+      await writePattern(source, 'qcow2', 2 * MiB, MiB, 0x17);
+      const refused = await stripped(['backup', '--vm', 'f', '--disk', `root=${source}`, '--format', 'qcow2'], repoEnv);
+      assert.equal(refused.code, 1);
+      assert.match(refused.stderr, /chunk ids are keyed BLAKE3 \(format 3\), and this host cannot load its native code .*reinstall vmvault's packages \(npm ci\), or run vmvault where that package has a build/);
+      const after = await cli(['backups', '--json'], repoEnv);
+      assert.equal(JSON.parse(after.stdout).length, 1, 'the refused backup left no backup behind');
     } finally {
       await dir.cleanup();
     }
