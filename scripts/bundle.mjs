@@ -16,6 +16,7 @@
  */
 import { build } from 'esbuild';
 import { rm } from 'node:fs/promises';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -34,6 +35,22 @@ const externals = {
   },
 };
 
+// zod exports its 60-odd message locales as a namespace, which a bundle cannot leave out:
+// they were 368 KB of the 825 KB chunk every command parses at start. vmvault uses
+// English only (zod's default, which zod/v4/classic/schemas.js imports by itself), so
+// that namespace is English alone here.
+const zodLocales = {
+  name: 'vmvault-zod-locales',
+  setup(b) {
+    b.onResolve({ filter: /^\.\.\/locales\/index\.js$/ }, (args) =>
+      /[/\\]node_modules[/\\]zod[/\\]v4[/\\](core|classic)$/.test(args.resolveDir) ? { path: 'en-only', namespace: 'zod-locales', pluginData: args.resolveDir } : undefined);
+    b.onLoad({ filter: /.*/, namespace: 'zod-locales' }, (args) => ({
+      contents: `export { default as en } from ${JSON.stringify(path.join(args.pluginData, '..', 'locales', 'en.js'))};`,
+      resolveDir: args.pluginData,
+    }));
+  },
+};
+
 await rm(`${root}/dist/cli`, { recursive: true, force: true });
 await build({
   absWorkingDir: root,
@@ -49,7 +66,7 @@ await build({
   format: 'esm',
   platform: 'node',
   target: 'node20',
-  plugins: [externals],
+  plugins: [externals, zodLocales],
   // commander is CommonJS: its require() calls need a require in an ES module.
   banner: { js: "import { createRequire as __vmvaultCreateRequire } from 'node:module'; const require = __vmvaultCreateRequire(import.meta.url);" },
   logLevel: 'warning',
