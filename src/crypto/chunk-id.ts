@@ -2,14 +2,13 @@
  * Chunk ids: keyed BLAKE3 (repository format 3), HMAC-SHA-256 (format 2) or keyed
  * BLAKE2b-256 (format 1) of a chunk's plaintext under the repository's id subkey
  * (crypto/keys.ts). BLAKE3 is native code (@napi-rs/blake-hash, the reference Rust
- * implementation), loaded on first use. BLAKE2b comes from libsodium's WebAssembly,
- * which this module does not load by itself: the main thread has it (keys.ts
- * registers it), and a chunk worker of a format-1 repository loads it at start
- * (`loadBlake2b`). Other workers never load it.
+ * implementation), loaded on first use; so is BLAKE2b (crypto/blake2b.ts), whose
+ * libsodium fallback a thread loads with `blake2bReady()`.
  */
 import { createHmac } from 'node:crypto';
 import { createRequire } from 'node:module';
 import { VmvaultError } from '../errors.js';
+import { blake2b } from './blake2b.js';
 
 /**
  * How chunk ids are computed. A repository keeps its function for life: the same data
@@ -48,23 +47,8 @@ function blake3Keyed(key: Uint8Array, data: Uint8Array): string {
 
 export interface ChunkIdKey { idKey: Uint8Array; idHash: ChunkIdHash }
 
-type Blake2b = (key: Uint8Array, data: Uint8Array) => string;
-let blake2b: Blake2b | undefined;
-
-/** Makes keyed BLAKE2b available to chunkId (keys.ts does, with the libsodium it loads anyway). */
-export function useBlake2b(fn: Blake2b): void {
-  blake2b = fn;
-}
-
-/** Loads libsodium for keyed BLAKE2b: for a thread that has not loaded it. */
-export async function loadBlake2b(): Promise<void> {
-  const { sodium } = await import('./sodium.js');
-  useBlake2b((key, data) => sodium.crypto_generichash(32, data, key, 'hex'));
-}
-
 export function chunkId(keys: ChunkIdKey, data: Uint8Array): string {
   if (keys.idHash === 'blake3') return blake3Keyed(keys.idKey, data);
   if (keys.idHash === 'hmac-sha256') return createHmac('sha256', keys.idKey).update(data).digest('hex');
-  if (!blake2b) throw new Error('keyed BLAKE2b is not loaded in this thread (loadBlake2b)');
-  return blake2b(keys.idKey, data);
+  return Buffer.from(blake2b(32, data, keys.idKey)).toString('hex');
 }

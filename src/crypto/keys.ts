@@ -1,19 +1,17 @@
 /**
  * Keys. One 32-byte master secret per repository; every working key is derived from
- * it with libsodium's crypto_kdf (BLAKE2b), so the paper backup is a single secret.
- * The master secret is stored sealed by each passphrase (Argon2id) in `keys/<id>`.
+ * it with libsodium's crypto_kdf (BLAKE2b, crypto/blake2b.ts), so the paper backup is a
+ * single secret. The master secret is stored sealed by each passphrase (Argon2id, in
+ * libsodium, on a worker thread) in `keys/<id>`.
  */
-import { randomBytes } from 'node:crypto';
+import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
 import { z } from 'zod';
-import { sodium } from './sodium.js';
+import { blake2b, kdfDerive } from './blake2b.js';
 import { xchachaDecrypt, xchachaEncrypt, NONCE_BYTES } from './seal.js';
-import { useBlake2b, type ChunkIdHash } from './chunk-id.js';
+import type { ChunkIdHash } from './chunk-id.js';
 
 export { chunkId, type ChunkIdHash } from './chunk-id.js';
-
-// This thread has libsodium already: chunk ids of format-1 repositories use its BLAKE2b.
-useBlake2b((key, data) => sodium.crypto_generichash(32, data, key, 'hex'));
 
 export interface RepoKeys {
   /** Keys the chunk id function (`idHash`). */
@@ -26,6 +24,8 @@ export interface RepoKeys {
 }
 
 export const MASTER_BYTES = 32;
+/** crypto_pwhash_SALTBYTES. */
+const ARGON2_SALT_BYTES = 16;
 const KDF_CONTEXT = 'vmvault_';
 
 export function generateMaster(): Uint8Array {
@@ -36,7 +36,7 @@ export function generateMaster(): Uint8Array {
 const ID_SUBKEY: Record<ChunkIdHash, number> = { blake2b: 1, 'hmac-sha256': 4, blake3: 5 };
 
 export function deriveKeys(master: Uint8Array, idHash: ChunkIdHash = 'blake2b'): RepoKeys {
-  const derive = (id: number) => sodium.crypto_kdf_derive_from_key(32, id, KDF_CONTEXT, master);
+  const derive = (id: number) => kdfDerive(32, id, KDF_CONTEXT, master);
   // Each id function has its own subkey: one key is never used with two functions.
   return { idKey: derive(ID_SUBKEY[idHash]), idHash, encKey: derive(2), macKey: derive(3) };
 }
@@ -86,7 +86,7 @@ function passKey(passphrase: string, salt: Uint8Array, opsLimit: number, memLimi
 
 export async function sealMaster(master: Uint8Array, passphrase: string, repoId: string, preset: KdfPreset, label?: string): Promise<KeyFile> {
   const { opsLimit, memLimit } = KDF_PRESETS[preset];
-  const salt = new Uint8Array(randomBytes(sodium.crypto_pwhash_SALTBYTES));
+  const salt = new Uint8Array(randomBytes(ARGON2_SALT_BYTES));
   const nonce = new Uint8Array(randomBytes(NONCE_BYTES));
   const key = await passKey(passphrase, salt, opsLimit, memLimit);
   const sealed = xchachaEncrypt(key, nonce, master, adFor(repoId));
@@ -107,14 +107,14 @@ export async function openMaster(file: KeyFile, passphrase: string, repoId: stri
   return plain && plain.length === MASTER_BYTES ? new Uint8Array(plain) : undefined;
 }
 
-/** Keyed BLAKE2b-256 of `data`, as lowercase hex: the chunk id. */
-
 /** MAC of a string under macKey, hex. */
 export function mac(macKey: Uint8Array, text: string): string {
-  return sodium.crypto_generichash(32, new TextEncoder().encode(text), macKey, 'hex');
+  return Buffer.from(blake2b(32, new TextEncoder().encode(text), macKey)).toString('hex');
 }
 
+const HEX = /^[0-9a-fA-F]*$/;
+
 export function constantTimeEqualHex(a: string, b: string): boolean {
-  if (a.length !== b.length) return false;
-  return sodium.memcmp(sodium.from_hex(a), sodium.from_hex(b));
+  if (a.length !== b.length || a.length % 2 !== 0 || !HEX.test(a) || !HEX.test(b)) return false;
+  return timingSafeEqual(Buffer.from(a, 'hex'), Buffer.from(b, 'hex'));
 }

@@ -10,7 +10,7 @@
  *   check: H2QX
  */
 import { VmvaultError } from '../errors.js';
-import { sodium } from './sodium.js';
+import { blake2b } from './blake2b.js';
 import { MASTER_BYTES } from './keys.js';
 
 const ALPHABET = '0123456789ABCDEFGHJKMNPQRSTVWXYZ';
@@ -56,7 +56,7 @@ function normalise(text: string): string {
 }
 
 function check(text: string, chars: number): string {
-  const digest = sodium.crypto_generichash(16, new TextEncoder().encode(text), null);
+  const digest = blake2b(16, new TextEncoder().encode(text), null);
   return toBase32(digest).slice(0, chars);
 }
 

@@ -2,18 +2,20 @@
  * Worker thread: the CPU work of the data path (hashing, zero detection,
  * compression, encryption, and the reverse) so that every core is used. It is given
  * the chunk keys, never the master secret, and loads what that needs only: no schema
- * library, and libsodium's WebAssembly only for a format-1 repository's BLAKE2b ids.
+ * library, and libsodium's WebAssembly only for a format-1 repository's BLAKE2b ids on a
+ * host where BLAKE2b's native code cannot load (crypto/blake2b.ts).
  */
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { parentPort, workerData } from 'node:worker_threads';
-import { chunkId, loadBlake2b } from '../crypto/chunk-id.js';
+import { chunkId } from '../crypto/chunk-id.js';
+import { blake2bReady } from '../crypto/blake2b.js';
 import { openChunk, sealChunk } from '../repo/chunk.js';
 import type { PoolInit, PoolRequest, PoolResponse } from './pool.js';
 
 const init = workerData as PoolInit;
 const keys = init.keys;
-if (keys.idHash === 'blake2b') await loadBlake2b();
+if (keys.idHash === 'blake2b') await blake2bReady();
 let zeros = Buffer.alloc(0);
 /**
  * A young-generation collection (a scavenge of this thread's small heap, well under a

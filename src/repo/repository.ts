@@ -14,6 +14,7 @@ import {
 } from '../crypto/keys.js';
 import { cachedMaster, storeMaster, type KeyCache } from '../crypto/key-cache.js';
 import { blake3Unavailable } from '../crypto/chunk-id.js';
+import { blake2bReady } from '../crypto/blake2b.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId, type ChunkKeys } from './chunk.js';
@@ -154,6 +155,7 @@ export class Repository {
   get compressionLevel(): number { return this.config.compression === 'zstd' ? 1 : 0; }
 
   static async init(storage: Storage, passphrase: string, opts: InitOptions = {}): Promise<Repository> {
+    await blake2bReady();
     if (await storage.stat('config')) {
       throw new VmvaultError('ALREADY_EXISTS', `a repository already exists at ${storage.location}; nothing was changed`);
     }
@@ -218,6 +220,7 @@ export class Repository {
   }
 
   static async open(storage: Storage, passphrase: string, opts: OpenOptions = {}): Promise<Repository> {
+    await blake2bReady();
     const session = defaultSession(opts);
     const store = session.noLock ? readOnly(storage, 'opened with --no-lock, which only reads') : storage;
     const config = await Repository.readConfig(store);
