@@ -161,8 +161,9 @@ export class Repository {
     }
     const master = generateMaster();
     const idHash = opts.chunkIdHash ?? defaultChunkIdHash(opts.onWarning);
-    if (idHash === 'blake3' && blake3Unavailable()) {
-      throw new VmvaultError('UNSUPPORTED', `cannot make a repository with BLAKE3 chunk ids: this host cannot load its native code (@napi-rs/blake-hash: ${blake3Unavailable()}); choose --chunk-id hmac-sha256; nothing was changed`);
+    const noBlake3 = idHash === 'blake3' ? blake3Unavailable() : undefined;
+    if (noBlake3) {
+      throw new VmvaultError('UNSUPPORTED', `cannot make a repository with BLAKE3 chunk ids: this host cannot load its native code (@napi-rs/blake-hash: ${noBlake3}); choose --chunk-id hmac-sha256; nothing was changed`);
     }
     const keys = deriveKeys(master, idHash);
     const common = {
