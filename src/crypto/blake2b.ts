@@ -6,7 +6,7 @@
  * Native code from @napi-rs/blake-hash (blake2b_simd), which starts in about 10 ms,
  * where libsodium's WebAssembly took 65 ms of every command's start on the bench
  * machine. libsodium stays the fallback, for a host where that package cannot load:
- * `await blake2bReady()` (Repository.init and open do) loads whichever is there; the
+ * `await blake2bReady()` (Repository.init, open and importPaper do) loads whichever is there; the
  * functions below are synchronous after that. test/crypto/blake2b.test.ts checks both
  * against each other.
  */
@@ -82,6 +82,8 @@ export function blake2b(outlen: number, data: Uint8Array, key: Uint8Array | null
 
 /** crypto_kdf_derive_from_key: subkey `id` of `master` under the 8-character `context`. */
 export function kdfDerive(outlen: number, id: number, context: string, master: Uint8Array): Uint8Array {
-  if (context.length !== 8) throw new RangeError(`a KDF context is 8 characters, not ${context.length}`);
+  // libsodium's checks, which the native call would not make (an empty key there means unkeyed).
+  if (context.length !== 8 || !/^[\x20-\x7e]*$/.test(context)) throw new RangeError(`a KDF context is 8 ASCII characters, not ${JSON.stringify(context)}`);
+  if (master.length !== 32) throw new RangeError(`a KDF master key is 32 bytes, not ${master.length}`);
   return loaded().derive(outlen, id, context, master);
 }

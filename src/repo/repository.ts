@@ -264,6 +264,7 @@ export class Repository {
 
   /** Adds a passphrase from a paper key when every other passphrase is lost. */
   static async importPaper(storage: Storage, paper: string, passphrase: string, kdf: KdfPreset = 'moderate', label?: string): Promise<Repository> {
+    await blake2bReady();
     const config = await Repository.readConfig(storage);
     const { master, repoId } = fromPaper(paper);
     if (repoId !== config.id) {

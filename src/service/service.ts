@@ -317,7 +317,7 @@ async function stateRepository(stateDir: string, say: (line: string) => void): P
   const pass = randomBytes(32).toString('base64url');
   await writeFile(passFile, `${pass}\n`, { mode: 0o600, flag: 'w' });
   await chmod(passFile, 0o600);
-  const repo = await Repository.init(openStorage(url), pass);
+  const repo = await Repository.init(openStorage(url), pass, { onWarning: (m) => say(`vmvault: ${m}`) });
   say(`vmvault: created the repository ${url} (id ${repo.id})`);
   say(`vmvault: its passphrase is in ${passFile} (mode 0600); without it or a paper key no backup can be restored.`);
   say('vmvault: keep a paper copy of the key offline, printed by:');

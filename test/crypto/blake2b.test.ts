@@ -40,6 +40,8 @@ describe('BLAKE2b', () => {
       assert.equal(hex(keys.idKey), hex(sodium.crypto_kdf_derive_from_key(32, 5, 'vmvault_', master)));
       assert.equal(mac(keys.macKey, '[2,"x"]'), sodium.crypto_generichash(32, new TextEncoder().encode('[2,"x"]'), keys.macKey, 'hex'));
     }
-    assert.throws(() => kdfDerive(32, 1, 'short', generateMaster()), /a KDF context is 8 characters/);
+    // libsodium's own checks: the native call would take an empty master as no key at all.
+    assert.throws(() => kdfDerive(32, 1, 'short', generateMaster()), /a KDF context is 8 ASCII characters/);
+    assert.throws(() => kdfDerive(32, 1, 'vmvault_', new Uint8Array(0)), /a KDF master key is 32 bytes, not 0/);
   });
 });

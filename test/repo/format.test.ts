@@ -191,7 +191,7 @@ describe('repository formats', () => {
       const a = await stripped(['--repo', join(dir.path, 'a'), 'init', '--kdf', 'weak', '--json'], env);
       assert.equal(a.code, 0, a.stderr);
       assert.deepEqual([JSON.parse(a.stdout).format, JSON.parse(a.stdout).chunkId], [2, 'hmac-sha256']);
-      assert.match(a.stderr, /cannot load BLAKE3's native code .*chunk ids are HMAC-SHA-256 \(format 2\)/);
+      assert.match(a.stderr, /cannot load BLAKE3's native code \(@napi-rs\/blake-hash: the package is not installed\): .*chunk ids are HMAC-SHA-256 \(format 2\)/);
       const b = await stripped(['--repo', join(dir.path, 'b'), 'init', '--kdf', 'weak', '--chunk-id', 'blake3'], env);
       assert.equal(b.code, 1);
       assert.match(b.stderr, /cannot make a repository with BLAKE3 chunk ids: this host cannot load its native code .*choose --chunk-id hmac-sha256; nothing was changed/);
@@ -213,6 +213,16 @@ describe('repository formats', () => {
       assert.match(refused.stderr, /chunk ids are keyed BLAKE3 \(format 3\), and this host cannot load its native code .*reinstall vmvault's packages \(npm ci\), or run vmvault where that package has a build/);
       const after = await cli(['backups', '--json'], repoEnv);
       assert.equal(JSON.parse(after.stdout).length, 1, 'the refused backup left no backup behind');
+
+      // Recovery from a paper key works there too (its checksum and the keys are BLAKE2b, from libsodium then).
+      const paper = await cli(['key', 'export', '--paper'], repoEnv);
+      assert.equal(paper.code, 0, paper.stderr);
+      await writeFile(join(dir.path, 'paper.txt'), paper.stdout);
+      const imported = await stripped(['key', 'import', join(dir.path, 'paper.txt'), '--kdf', 'weak'], { VMVAULT_REPOSITORY: repoEnv.VMVAULT_REPOSITORY, VMVAULT_PASSWORD: 'a new passphrase' });
+      assert.equal(imported.code, 0, imported.stderr);
+      const listedWithNew = await stripped(['backups', '--json'], { VMVAULT_REPOSITORY: repoEnv.VMVAULT_REPOSITORY, VMVAULT_PASSWORD: 'a new passphrase' });
+      assert.equal(listedWithNew.code, 0, listedWithNew.stderr);
+      assert.equal(JSON.parse(listedWithNew.stdout).length, 1);
     } finally {
       await dir.cleanup();
     }
