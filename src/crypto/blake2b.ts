@@ -10,40 +10,27 @@
  * functions below are synchronous after that. test/crypto/blake2b.test.ts checks both
  * against each other.
  */
-import { createRequire } from 'node:module';
+import { blakeHash } from './blake-hash.js';
 
 interface Impl {
-  hash(outlen: number, data: Uint8Array, key: Uint8Array | null): Uint8Array;
-  derive(outlen: number, id: number, context: string, master: Uint8Array): Uint8Array;
-}
-
-interface Params { key(k: Buffer): void; salt(s: Buffer): void; personal(p: Buffer): void; hashLength(n: number): void }
-interface NativeBlake2b {
-  Blake2BParam: new () => Params;
-  Blake2BHasher: { withParams(p: Params): { update(d: Uint8Array): { digestBuffer(): Buffer } } };
+  hash(outlen: number, data: Uint8Array, key: Uint8Array | null): Buffer;
+  derive(outlen: number, id: number, context: string, master: Uint8Array): Buffer;
 }
 
 let impl: Impl | undefined;
-let nativeTried = false;
 
 const asBuffer = (b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
 
 function loadNative(): Impl | undefined {
-  if (nativeTried) return undefined;
-  nativeTried = true;
-  let m: NativeBlake2b;
-  try {
-    m = createRequire(import.meta.url)('@napi-rs/blake-hash') as NativeBlake2b;
-  } catch {
-    return undefined;
-  }
-  const run = (outlen: number, data: Uint8Array, key: Uint8Array | null, salt?: Buffer, personal?: Buffer): Uint8Array => {
+  const m = blakeHash();
+  if (m instanceof Error) return undefined;
+  const run = (outlen: number, data: Uint8Array, key: Uint8Array | null, salt?: Buffer, personal?: Buffer): Buffer => {
     const p = new m.Blake2BParam();
     p.hashLength(outlen);
     if (key && key.length) p.key(asBuffer(key));
     if (salt) p.salt(salt);
     if (personal) p.personal(personal);
-    return new Uint8Array(m.Blake2BHasher.withParams(p).update(data).digestBuffer());
+    return m.Blake2BHasher.withParams(p).update(data).digestBuffer();
   };
   return {
     hash: (outlen, data, key) => run(outlen, data, key),
@@ -65,8 +52,8 @@ export async function blake2bReady(): Promise<void> {
   if ((impl ??= loadNative())) return;
   const { sodium } = await import('./sodium.js');
   impl = {
-    hash: (outlen, data, key) => sodium.crypto_generichash(outlen, data, key),
-    derive: (outlen, id, context, master) => sodium.crypto_kdf_derive_from_key(outlen, id, context, master),
+    hash: (outlen, data, key) => asBuffer(sodium.crypto_generichash(outlen, data, key)),
+    derive: (outlen, id, context, master) => asBuffer(sodium.crypto_kdf_derive_from_key(outlen, id, context, master)),
   };
 }
 
@@ -76,12 +63,12 @@ function loaded(): Impl {
 }
 
 /** crypto_generichash: BLAKE2b of `data`, `outlen` bytes, keyed when `key` is given. */
-export function blake2b(outlen: number, data: Uint8Array, key: Uint8Array | null): Uint8Array {
+export function blake2b(outlen: number, data: Uint8Array, key: Uint8Array | null): Buffer {
   return loaded().hash(outlen, data, key);
 }
 
 /** crypto_kdf_derive_from_key: subkey `id` of `master` under the 8-character `context`. */
-export function kdfDerive(outlen: number, id: number, context: string, master: Uint8Array): Uint8Array {
+export function kdfDerive(outlen: number, id: number, context: string, master: Uint8Array): Buffer {
   // libsodium's checks, which the native call would not make (an empty key there means unkeyed).
   if (context.length !== 8 || !/^[\x20-\x7e]*$/.test(context)) throw new RangeError(`a KDF context is 8 ASCII characters, not ${JSON.stringify(context)}`);
   if (master.length !== 32) throw new RangeError(`a KDF master key is 32 bytes, not ${master.length}`);

@@ -109,7 +109,7 @@ export async function openMaster(file: KeyFile, passphrase: string, repoId: stri
 
 /** MAC of a string under macKey, hex. */
 export function mac(macKey: Uint8Array, text: string): string {
-  return Buffer.from(blake2b(32, new TextEncoder().encode(text), macKey)).toString('hex');
+  return blake2b(32, new TextEncoder().encode(text), macKey).toString('hex');
 }
 
 const HEX = /^[0-9a-fA-F]*$/;
