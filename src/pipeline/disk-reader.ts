@@ -10,7 +10,7 @@ import { VmvaultError } from '../errors.js';
 import type { Repository } from '../repo/repository.js';
 import type { DiskEntry } from '../repo/manifest.js';
 import { PromiseLru } from './lru.js';
-import { ChunkPool } from './pool.js';
+import { ChunkPool, openStoredChunk } from './pool.js';
 
 /**
  * The largest piece a stream hands out. An HTTP response writes whatever it is given
@@ -108,7 +108,7 @@ export class DiskReader {
       // Opened into a slot of the pool and copied out by this thread: a chunk made by a
       // worker thread and dropped here (when the cache lets it go) left glibc's per-thread
       // arenas holding freed memory, about 60 MiB more resident for a reader of a 4 GiB disk.
-      const opened = await pool.openInSlot(id, await this.repo.getChunkSealed(id));
+      const opened = await openStoredChunk(this.repo, pool, id);
       try {
         const own = Buffer.allocUnsafeSlow(opened.plain.length);
         copyBytes(opened.plain, own);

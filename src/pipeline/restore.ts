@@ -16,7 +16,7 @@ import type { ImageFormat } from '../disk/qemu.js';
 import { createDiskWriter } from './disk-writer.js';
 import type { Repository } from '../repo/repository.js';
 import type { DiskEntry, Manifest } from '../repo/manifest.js';
-import { ownPool, type ChunkPool, type PoolLease } from './pool.js';
+import { openStoredChunk, ownPool, type ChunkPool, type PoolLease } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, assertSafeName, pathInside } from './names.js';
@@ -279,8 +279,8 @@ async function restoreDisk(
     for (const [index, id] of disk.chunks.entries()) {
       if (id === null) continue;
       await window.add(async () => {
-        // Opened into a slot of the pool, which is given back once written.
-        const { plain, release } = await pool.openInSlot(id, await repo.getChunkSealed(id));
+        // Read into a slot of the pool and opened into another, which is given back once written.
+        const { plain, release } = await openStoredChunk(repo, pool, id);
         let runs;
         try {
           const offset = index * m.chunkSize;

@@ -19,7 +19,7 @@ import {
 } from '../repo/health.js';
 import { backupName, type Manifest } from '../repo/manifest.js';
 import { mapLimit, type Repository } from '../repo/repository.js';
-import { ChunkPool } from './pool.js';
+import { ChunkPool, openStoredChunk } from './pool.js';
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { formatSubset, selectSubset, type Subset } from './subset.js';
@@ -153,11 +153,11 @@ async function readChunks(repo: Repository, ids: string[], chunkSize: number, fo
     for (const id of ids) {
       await window.add(async () => {
         try {
-          (await pool.openInSlot(id, await repo.getChunkSealed(id))).release();
+          (await openStoredChunk(repo, pool, id)).release();
           intact.add(id);
         } catch (err) {
           if ((err as { code?: string }).code !== 'INTEGRITY') throw err;
-          // getChunkSealed says INTEGRITY for a chunk deleted since the listing too.
+          // getChunkSealedInto says INTEGRITY for a chunk deleted since the listing too.
           found.set(id, { problem: (await repo.storage.stat(chunkName(id))) ? 'damaged' : 'missing', detail: errorMessage(err) });
         }
         meter.add(chunkSize);

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { z } from 'zod';
 import { compress, decompress } from 'zstd-napi';
 import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
-import type { Storage } from '../storage/storage.js';
+import { getInto, type Storage } from '../storage/storage.js';
 import { readOnly } from '../storage/read-only.js';
 import {
   constantTimeEqualHex, deriveKeys, generateMaster, keyFileSchema, mac, openMaster, sealMaster,
@@ -422,6 +422,20 @@ export class Repository {
       return await this.storage.get(chunkName(id));
     } catch (err) {
       if (err instanceof NotFoundError) throw new IntegrityError(`chunk ${chunkName(id)} is missing from the repository`);
+      throw err;
+    }
+  }
+
+  /**
+   * Reads chunk `id` as stored (sealed) into the start of `into`, which must have room
+   * for any sealed chunk of this repository (sealedChunkBound); returns its size.
+   */
+  async getChunkSealedInto(id: string, into: Uint8Array): Promise<number> {
+    try {
+      return await getInto(this.storage, chunkName(id), into);
+    } catch (err) {
+      if (err instanceof NotFoundError) throw new IntegrityError(`chunk ${chunkName(id)} is missing from the repository`);
+      if (err instanceof IntegrityError) throw new IntegrityError(`chunk ${chunkName(id)} is damaged: ${err.message}`, { cause: err });
       throw err;
     }
   }

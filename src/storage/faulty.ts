@@ -3,7 +3,7 @@
  * It lets tests prove that retries happen, that they stop, and that failure paths
  * (a lost put, a listing cut in the middle) leave the repository consistent.
  */
-import { type Storage, sameBackend } from './storage.js';
+import { type Storage, getInto, sameBackend } from './storage.js';
 
 export type Method = 'get' | 'put' | 'stat' | 'delete' | 'list';
 
@@ -89,6 +89,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
     pending: (method) => queues[method].reduce((n, f) => n + f.times, 0),
     inject,
     get: (name) => call('get', name, () => storage.get(name)),
+    getInto: (name, into) => call('get', name, () => getInto(storage, name, into)),
     put: (name, data) => call('put', name, () => storage.put(name, data)),
     stat: (name) => call('stat', name, () => storage.stat(name)),
     delete: (name) => call('delete', name, () => storage.delete(name)),

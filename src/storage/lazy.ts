@@ -3,7 +3,7 @@
  * 0.1 s of start-up for every command, also those that never touch S3 (a directory
  * repository, `--help`). Behaves exactly as the backend it loads.
  */
-import type { Storage } from './storage.js';
+import { getInto, type Storage } from './storage.js';
 
 export function lazyStorage(location: string, load: () => Promise<Storage>): Storage {
   let backend: Promise<Storage> | undefined;
@@ -11,6 +11,7 @@ export function lazyStorage(location: string, load: () => Promise<Storage>): Sto
   return {
     location,
     get: async (name) => (await get()).get(name),
+    getInto: async (name, into) => getInto(await get(), name, into),
     put: async (name, data) => (await get()).put(name, data),
     stat: async (name) => (await get()).stat(name),
     delete: async (name) => (await get()).delete(name),

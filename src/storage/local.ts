@@ -9,7 +9,7 @@ import { lstat, mkdir, open, opendir, readFile, rename, stat, unlink } from 'nod
 import path from 'node:path';
 import { NotFoundError, VmvaultError, isRetriable } from '../errors.js';
 import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
-import type { Storage } from './storage.js';
+import { tooLarge, type Storage } from './storage.js';
 
 /** Files are sealed data and keys: readable by the owner only, as restic does. */
 const FILE_MODE = 0o600;
@@ -61,6 +61,33 @@ export class LocalStorage implements Storage {
     } catch (err) {
       if (isMissing(err)) throw new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}`, { cause: err });
       throw this.fail('read', name, file, err);
+    }
+  }
+
+  async getInto(name: string, into: Uint8Array): Promise<number> {
+    const file = this.pathOf(name);
+    let fh: FileHandle;
+    try {
+      fh = await open(file, 'r');
+    } catch (err) {
+      if (isMissing(err)) throw new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}`, { cause: err });
+      throw this.fail('read', name, file, err);
+    }
+    try {
+      const { size } = await fh.stat();
+      if (size > into.length) throw tooLarge(this, name, size, into.length);
+      let at = 0;
+      while (at < size) {
+        const { bytesRead } = await fh.read(into, at, size - at, at);
+        if (bytesRead === 0) break; // shorter than it was a moment ago: objects are replaced whole, so it is what it is
+        at += bytesRead;
+      }
+      return at;
+    } catch (err) {
+      if (err instanceof VmvaultError) throw err;
+      throw this.fail('read', name, file, err);
+    } finally {
+      await fh.close();
     }
   }
 

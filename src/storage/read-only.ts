@@ -7,7 +7,7 @@
  */
 import { VmvaultError } from '../errors.js';
 import { errnoError } from './refusal.js';
-import { type Storage, sameBackend } from './storage.js';
+import { type Storage, getInto, sameBackend } from './storage.js';
 
 export function readOnly(storage: Storage, why: string): Storage {
   const refuse = (op: string, name: string): Promise<never> => Promise.reject(new VmvaultError('STORAGE',
@@ -16,6 +16,7 @@ export function readOnly(storage: Storage, why: string): Storage {
   return {
     ...sameBackend(storage),
     get: (name) => storage.get(name),
+    getInto: (name, into) => getInto(storage, name, into),
     put: (name) => refuse('write', name),
     stat: (name) => storage.stat(name),
     delete: (name) => refuse('delete', name),

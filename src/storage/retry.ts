@@ -3,7 +3,7 @@
  * stay free of retry loops and tests can drive it with faulty.ts.
  */
 import { NotFoundError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
-import { type Storage, sameBackend } from './storage.js';
+import { type Storage, getInto, sameBackend } from './storage.js';
 
 export interface RetryOptions {
   /** Total attempts per operation, the first included. Default 6. */
@@ -107,6 +107,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
   return {
     ...sameBackend(storage),
     get: (name) => run('get', name, () => storage.get(name)),
+    getInto: (name, into) => run('get', name, () => getInto(storage, name, into)),
     put: (name, data) => run('put', name, () => storage.put(name, data)),
     stat: (name) => run('stat', name, () => storage.stat(name)),
     delete: (name) => run('delete', name, () => storage.delete(name)),

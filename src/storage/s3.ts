@@ -15,7 +15,8 @@ import {
 } from '@aws-sdk/client-s3';
 import { NotFoundError, ThrottledError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
 import { checkName, checkPrefix } from './names.js';
-import type { Storage } from './storage.js';
+import { tooLarge, type Storage } from './storage.js';
+import { copyBytes } from '../bytes.js';
 
 export interface S3StorageOptions {
   bucket: string;
@@ -115,6 +116,29 @@ export class S3Storage implements Storage {
       if (!res.Body) return new Uint8Array(0);
       return await res.Body.transformToByteArray();
     } catch (err) {
+      throw this.translate(err, 'get', name);
+    }
+  }
+
+  async getInto(name: string, into: Uint8Array): Promise<number> {
+    const Key = this.key(name);
+    try {
+      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }));
+      const body = res.Body as (AsyncIterable<Uint8Array> & { destroy?: () => void }) | undefined;
+      if (!body) return 0;
+      if (res.ContentLength !== undefined && res.ContentLength > into.length) {
+        body.destroy?.();
+        throw tooLarge(this, name, res.ContentLength, into.length);
+      }
+      // The response's pieces go straight where they belong: no list of them, no concatenation.
+      let at = 0;
+      for await (const piece of body) {
+        if (at + piece.length > into.length) throw tooLarge(this, name, at + piece.length, into.length);
+        at += copyBytes(piece, into, at);
+      }
+      return at;
+    } catch (err) {
+      if (err instanceof VmvaultError) throw err;
       throw this.translate(err, 'get', name);
     }
   }

@@ -1,3 +1,6 @@
+import { copyBytes } from '../bytes.js';
+import { IntegrityError } from '../errors.js';
+
 /**
  * The storage seam: a flat namespace of immutable objects addressed by
  * slash-separated names such as `config`, `keys/<id>`, `chunks/ab/<id>`,
@@ -27,6 +30,14 @@ export interface Storage {
    */
   readonly chunksInFlight?: number;
   get(name: string): Promise<Uint8Array>;
+  /**
+   * Optional: reads the whole object into the start of `into` and returns its size, so
+   * that a caller with a buffer of its own (a chunk slot: pipeline/pool.ts) allocates and
+   * copies nothing per object. An object larger than `into` throws IntegrityError (no
+   * valid object of that kind is that large); a missing one NotFoundError, as `get`.
+   * Use `getInto(storage, …)`, which falls back to `get` for a backend without it.
+   */
+  getInto?(name: string, into: Uint8Array): Promise<number>;
   put(name: string, data: Uint8Array): Promise<void>;
   /** Size in bytes, or undefined when the object does not exist. */
   stat(name: string): Promise<{ size: number } | undefined>;
@@ -40,6 +51,19 @@ export interface Storage {
   removeTemporary?(before: number): Promise<{ files: number; bytes: number }>;
   /** Release sockets and handles. */
   close(): Promise<void>;
+}
+
+/** `storage.getInto`, or `get` and a copy where the backend has no such method. */
+export async function getInto(storage: Storage, name: string, into: Uint8Array): Promise<number> {
+  if (storage.getInto) return storage.getInto(name, into);
+  const data = await storage.get(name);
+  if (data.length > into.length) throw tooLarge(storage, name, data.length, into.length);
+  return copyBytes(data, into);
+}
+
+/** What `getInto` throws for an object that does not fit. */
+export function tooLarge(storage: Pick<Storage, 'location'>, name: string, size: number, room: number): IntegrityError {
+  return new IntegrityError(`object ${JSON.stringify(name)} in ${storage.location} is ${size} bytes, more than the ${room} any valid one can be: it is damaged`);
 }
 
 /**

@@ -20,7 +20,7 @@
  * quick HEADs that succeed must not raise the limit of uploads that are being refused.
  */
 import { isThrottling } from '../errors.js';
-import { type Storage, sameBackend } from './storage.js';
+import { type Storage, getInto, sameBackend } from './storage.js';
 
 export interface ConcurrencyOptions {
   /** Upper bound, and the start. Default 32 (S3Storage's sockets). */
@@ -160,6 +160,7 @@ export function withAdaptiveConcurrency(storage: Storage, opts: ConcurrencyOptio
   return {
     ...sameBackend(storage),
     get: (name) => limiter.run(() => storage.get(name)),
+    getInto: (name, into) => limiter.run(() => getInto(storage, name, into)),
     put: (name, data) => writes.run(() => storage.put(name, data)),
     stat: (name) => limiter.run(() => storage.stat(name)),
     delete: (name) => writes.run(() => storage.delete(name)),

@@ -117,6 +117,16 @@ for (const b of all) {
         assert.match(r.stderr, /failed authentication|damaged|does not match/);
         assert.deepEqual(existsSync(dir) ? await readdir(dir) : [], [], 'a failed restore leaves nothing behind');
 
+        // Grown past the size of any sealed chunk (data appended): damaged, and not read whole.
+        await storage.put(victim, Buffer.concat([original, Buffer.alloc(5 * MiB)]));
+        const grown = await cli(['verify', '--read-data', '--json'], env);
+        assert.notEqual(grown.code, 0);
+        assert.deepEqual(JSON.parse(grown.stdout).problems.map((p: any) => p.object), [victim]);
+        assert.match(grown.stdout, /more than the \d+ any valid one can be/);
+        const grownOut = await cli(['restore', made.id, '--to', join(work, `grown-out-${b.name}`)], env);
+        assert.notEqual(grownOut.code, 0);
+        assert.match(grownOut.stderr, new RegExp(`chunk ${victim} is damaged: .*more than the \\d+ any valid one can be`));
+
         await storage.put(victim, original);
         assert.equal((await cli(['verify', '--read-data'], env)).code, 0);
         await storage.put(names[1]!, original); // a valid chunk object under another chunk's name

@@ -6,8 +6,8 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, test } from 'node:test';
-import { NotFoundError, VmvaultError } from '../../src/errors.js';
-import type { Storage } from '../../src/storage/storage.js';
+import { IntegrityError, NotFoundError, VmvaultError } from '../../src/errors.js';
+import { getInto, type Storage } from '../../src/storage/storage.js';
 import { mapLimit } from '../../src/repo/repository.js';
 
 export interface StorageFixture {
@@ -67,6 +67,23 @@ export function runStorageConformance(name: string, makeStorage: () => Promise<S
         assert.ok(Buffer.from(got).equals(Buffer.from(data)), `content of ${n}`);
         assert.deepEqual(await storage.stat(n), { size: data.byteLength });
       }
+    });
+
+    test('getInto reads a whole object into shared memory at an offset, and refuses one that does not fit', async () => {
+      const big = new Uint8Array(randomBytes(5 * 1024 * 1024 + 7));
+      await storage.put('big/5mib', big);
+      await storage.put('empty', new Uint8Array(0));
+      // A view into a SharedArrayBuffer, as a chunk slot is; the bytes around it must stay as they were.
+      const whole = Buffer.from(new SharedArrayBuffer(6 * 1024 * 1024)).fill(0xee);
+      const into = whole.subarray(3, 3 + big.length + 100);
+      assert.equal(await getInto(storage, 'big/5mib', into), big.length);
+      assert.ok(into.subarray(0, big.length).equals(big), 'content');
+      assert.equal(whole[2], 0xee, 'nothing before the view');
+      assert.ok(into.subarray(big.length).every((b) => b === 0xee), 'nothing after the object');
+      assert.equal(await getInto(storage, 'empty', into), 0);
+      await assert.rejects(getInto(storage, 'big/5mib', Buffer.alloc(big.length - 1)), (err: unknown) =>
+        err instanceof IntegrityError && /5242887 bytes, more than the 5242886/.test(err.message));
+      await assert.rejects(getInto(storage, 'keys/missing', into), NotFoundError);
     });
 
     test('put over an existing name replaces it', async () => {
@@ -158,6 +175,7 @@ export function runStorageConformance(name: string, makeStorage: () => Promise<S
         const label = JSON.stringify(bad);
         await assert.rejects(storage.put(bad, new Uint8Array(1)), isBadInput, `put(${label})`);
         await assert.rejects(storage.get(bad), isBadInput, `get(${label})`);
+        await assert.rejects(getInto(storage, bad, Buffer.alloc(8)), isBadInput, `getInto(${label})`);
         await assert.rejects(storage.stat(bad), isBadInput, `stat(${label})`);
         await assert.rejects(storage.delete(bad), isBadInput, `delete(${label})`);
       }
