@@ -59,8 +59,6 @@ export interface ReadChunksOptions {
 
 /** Block status is asked for, and dirty ranges looked at, this much of the disk at a time. */
 const STATUS_WINDOW = 1024 * 1024 * 1024;
-/** Places of a disk read at once (see the lanes in readChunks). */
-const READ_LANES = 2;
 
 /**
  * Reads a disk chunk by chunk through `client` (opened on first need), hashing,
@@ -139,12 +137,17 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     return true;
   };
 
-  /** Reads window `w`: its dirty ranges and extents, then its chunks, into the task window. */
-  const readWindow = async (w: number) => {
-    const start = w * STATUS_WINDOW;
+  // Windows, and the chunks to read within each, are taken from a place of their own per
+  // VM and disk onwards and wrapped around: backups of clones that start together (one
+  // schedule, many hosts) then upload different parts first and find the rest stored by
+  // the others, instead of reading the same chunk at the same moment and both uploading it.
+  const windows = Math.ceil(size / STATUS_WINDOW);
+  const firstWindow = o.startAt && windows ? o.startAt(windows) : 0;
+  for (let w = 0; w < windows && window.ok; w++) {
+    const start = ((firstWindow + w) % windows) * STATUS_WINDOW;
     const end = Math.min(size, start + STATUS_WINDOW);
     const changed = changes ? await changes.dirty(start, end - start) : undefined;
-    if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) return;
+    if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
     const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
     const dirty = changed ? new RangeCursor(changed) : undefined;
     const toRead: ChunkPlan[] = [];
@@ -168,40 +171,12 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
       toRead.push(plan);
     }
     const first = o.startAt && toRead.length ? o.startAt(toRead.length) : 0;
-    for (let i = 0; i < toRead.length && !stopped(); i++) {
+    for (let i = 0; i < toRead.length; i++) {
+      signal?.throwIfAborted();
       const plan = toRead[(first + i) % toRead.length]!;
       await window.add(() => one(plan));
     }
-  };
-
-  // Windows, and the chunks to read within each, are taken from a place of their own per
-  // VM and disk onwards and wrapped around: backups of clones that start together (one
-  // schedule, many hosts) then upload different parts first and find the rest stored by
-  // the others, instead of reading the same chunk at the same moment and both uploading it.
-  //
-  // The windows are read in READ_LANES lanes at once, each a run of consecutive windows,
-  // sharing the chunks in flight: the parts of a disk cost different things (text costs
-  // compression, random data costs storage writes, a hole costs nothing), and reading one
-  // part at a time leaves the CPU idle while random data is written, and the storage idle
-  // while text is compressed. Two places at once overlap them.
-  const windows = Math.ceil(size / STATUS_WINDOW);
-  const firstWindow = o.startAt && windows ? o.startAt(windows) : 0;
-  const lanes = Math.min(READ_LANES, windows);
-  let laneFailed = false;
-  const stopped = () => laneFailed || !window.ok || (signal?.aborted ?? false);
-  const lane = async (k: number) => {
-    try {
-      const from = Math.floor((k * windows) / lanes);
-      const to = Math.floor(((k + 1) * windows) / lanes);
-      for (let w = from; w < to && !stopped(); w++) await readWindow((firstWindow + w) % windows);
-    } catch (err) {
-      laneFailed = true; // the other lanes stop at their next step
-      throw err;
-    }
-  };
-  // A failure is thrown at once, as a stopped backup does not wait for the chunks in flight (one may hang on a stuck read).
-  await Promise.all(Array.from({ length: lanes }, (_, k) => lane(k)));
-  signal?.throwIfAborted();
+  }
   await window.drain();
   if (audit) {
     for (const [index, prev] of expected) {
