@@ -54,7 +54,7 @@ parentPort!.on('message', (req: PoolRequest) => {
   let res: PoolResponse;
   const transfer: ArrayBuffer[] = [];
   try {
-    for (const [n, sab] of req.send ?? []) slots.set(n, Buffer.from(sab));
+    for (const [n, memory, offset, size] of req.send ?? []) slots.set(n, Buffer.from(memory, offset, size));
     const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : Buffer.from(req.data!.buffer, req.data!.byteOffset, req.data!.byteLength);
     if (req.op === 'hash') {
       res = { seq: req.seq, ok: true, id: isZero(input) ? null : chunkId(keys, input) };

@@ -59,11 +59,23 @@ async function rawFileWriter(file: string, virtualSize: number, useDirect: boole
   }
   const staging = direct ? new Staging() : undefined;
   const opened = direct;
+  /** Whether the data given (chunk pool slots: page-aligned) is written with O_DIRECT as it is, without staging. */
+  let asGiven = true;
   let closing: Promise<void> | undefined;
   return {
     async write(offset, data) {
       let done = 0;
       const aligned = offset % DIRECT_ALIGN === 0 ? data.length - (data.length % DIRECT_ALIGN) : 0;
+      if (aligned > 0 && direct && asGiven) {
+        try {
+          await writeAll(direct, data.subarray(0, aligned), offset);
+          done = aligned;
+        } catch (err) {
+          // EINVAL: this memory is not aligned (not a pool slot); staged from now on, which also tells a refusing filesystem.
+          if (errnoCode(err) !== 'EINVAL') throw err;
+          asGiven = false;
+        }
+      }
       while (done < aligned && direct && staging) {
         const [at, n, to] = [done, Math.min(SLOT_SIZE, aligned - done), direct];
         try {

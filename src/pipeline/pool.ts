@@ -1,8 +1,8 @@
 /**
  * A pool of worker threads, one per core, that hash, seal and open chunks.
  *
- * The data path moves chunks through shared slots: SharedArrayBuffers the pool owns,
- * each sent to a worker once, then named by number. A backup reads a chunk into an
+ * The data path moves chunks through shared slots: shared memory the pool owns (see
+ * slotMemory), each slot sent to a worker once, then named by number. A backup reads a chunk into an
  * input slot, the worker hashes it there, seals it from there into an output slot, and
  * the caller stores the output slot's view and releases both; a restore opens a chunk
  * into an output slot. Nothing is allocated or transferred per chunk on the main
@@ -32,8 +32,8 @@ export interface PoolRequest {
   in?: { slot: number; length: number };
   /** The slot the result goes into (seal: always; open: when asked). */
   out?: number;
-  /** Slots this worker has not been sent yet. */
-  send?: [number, SharedArrayBuffer][];
+  /** Slots this worker has not been sent yet: number, the shared memory holding it, and where in it. */
+  send?: [number, SharedArrayBuffer, number, number][];
 }
 export type PoolResponse =
   /** `data`: the plaintext (open without `out`); `length`: bytes of the result in `out`. */
@@ -83,7 +83,9 @@ export class ChunkPool {
   private closed = false;
   /** Why the pool can no longer be used (a thread failed or exited): every request fails with it. */
   private broken: VmvaultError | undefined;
-  private readonly slots: SharedArrayBuffer[] = [];
+  private readonly slots: SlotPlace[] = [];
+  /** Places carved from a slot memory (slotMemory) and not yet numbered. */
+  private readonly spare: SlotPlace[] = [];
   private readonly free = new SlotList(() => this.newSlot());
   /** Which slots each worker has been sent. */
   private readonly slotsSent = new Map<Worker, Set<number>>();
@@ -122,8 +124,15 @@ export class ChunkPool {
 
   /** Every slot has room for a sealed chunk, the largest thing that goes into one. */
   private newSlot(): number {
-    this.slots.push(new SharedArrayBuffer(sealedChunkBound(this.init.chunkSize)));
+    if (this.spare.length === 0) this.spare.push(...slotMemory(sealedChunkBound(this.init.chunkSize)));
+    this.slots.push(this.spare.shift()!);
     return this.slots.length - 1;
+  }
+
+  /** The whole of slot `index`, or its first `length` bytes. */
+  private view(index: number, length?: number): Buffer {
+    const { memory, offset, size } = this.slots[index]!;
+    return Buffer.from(memory, offset, length ?? size);
   }
 
   /** An input slot to read a chunk into (hashSlot, sealSlot); the caller releases it. */
@@ -132,7 +141,7 @@ export class ChunkPool {
     let released = false;
     return {
       index,
-      buffer: Buffer.from(this.slots[index]!),
+      buffer: this.view(index),
       release: () => {
         if (released) return;
         released = true;
@@ -214,7 +223,7 @@ export class ChunkPool {
     };
     try {
       const r = await this.submit(req);
-      return make(Buffer.from(this.slots[req.out]!, 0, r.length!), release);
+      return make(this.view(req.out!, r.length!), release);
     } catch (err) {
       release();
       throw err;
@@ -240,10 +249,11 @@ export class ChunkPool {
       this.pending.set(req.seq, { worker: w, p });
       const sent = this.slotsSent.get(w) ?? new Set<number>();
       this.slotsSent.set(w, sent);
-      const send: [number, SharedArrayBuffer][] = [];
+      const send: [number, SharedArrayBuffer, number, number][] = [];
       for (const s of [req.in?.slot, req.out]) {
         if (s !== undefined && !sent.has(s)) {
-          send.push([s, this.slots[s]!]);
+          const { memory, offset, size } = this.slots[s]!;
+          send.push([s, memory, offset, size]);
           sent.add(s);
         }
       }
@@ -298,6 +308,35 @@ export async function openStoredChunk(repo: Pick<Repository, 'getChunkSealedInto
     return await pool.openSlot(id, input, await repo.getChunkSealedInto(id, input.buffer));
   } finally {
     input.release();
+  }
+}
+
+/** Where a slot lies: `size` bytes at `offset` in a shared memory. */
+interface SlotPlace { memory: SharedArrayBuffer; offset: number; size: number }
+
+/** Slots carved from one shared memory. */
+const SLOTS_PER_MEMORY = 4;
+/** A WebAssembly page: the unit a WebAssembly memory is sized in. */
+const WASM_PAGE = 64 * 1024;
+/** The one WebAssembly class used here (the project's "lib" setting declares none). */
+declare const WebAssembly: { Memory: new (desc: { initial: number; maximum: number; shared: true }) => { buffer: SharedArrayBuffer } };
+
+/**
+ * SLOTS_PER_MEMORY slots of `size` bytes, each starting on a page boundary: carved from a
+ * shared WebAssembly memory, which is page-aligned where a plain SharedArrayBuffer is not
+ * (its first byte sits a malloc header past one). A slot can then be written to a file
+ * with O_DIRECT as it is (pipeline/disk-writer.ts), without a copy into an aligned buffer
+ * first. Where such a memory cannot be had (the address space it reserves is refused),
+ * plain shared memory, one slot each: correct, only copied before O_DIRECT writes.
+ */
+function slotMemory(size: number): SlotPlace[] {
+  const stride = Math.ceil(size / WASM_PAGE) * WASM_PAGE;
+  try {
+    const pages = (stride * SLOTS_PER_MEMORY) / WASM_PAGE;
+    const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true }).buffer;
+    return Array.from({ length: SLOTS_PER_MEMORY }, (_, i) => ({ memory, offset: i * stride, size }));
+  } catch {
+    return [{ memory: new SharedArrayBuffer(size), offset: 0, size }];
   }
 }
 
