@@ -10,6 +10,11 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { constants } from 'node:fs';
+import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { execa } from 'execa';
 import { ChunkPool, PoolKeeper, type Slot } from '../../src/pipeline/pool.js';
 import { deriveKeys, generateMaster, chunkId } from '../../src/crypto/keys.js';
 import { openChunk, sealChunk } from '../../src/repo/chunk.js';
@@ -266,6 +271,68 @@ describe('a pool kept between operations', () => {
       await c.release();
     } finally {
       await keeper.close();
+    }
+  });
+});
+
+describe('slots start on a page boundary', () => {
+  test('a slot is written to a file with O_DIRECT as it is; a plain SharedArrayBuffer is refused (what the slots avoid)', async (t) => {
+    const dir = await mkdtemp(join(tmpdir(), 'vmvault-slot-align-'));
+    const { pool } = setup();
+    try {
+      const fh = await open(join(dir, 'f'), 'w');
+      const direct = await open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
+      try {
+        if (!direct) return t.skip(`${dir}: this filesystem refuses O_DIRECT`);
+        const slots = [await pool.slot(), await pool.slot(), await pool.slot(), await pool.slot(), await pool.slot()];
+        for (const s of slots) {
+          assert.ok(s.buffer.buffer.byteLength > s.buffer.length, 'carved from a larger WebAssembly memory');
+          s.buffer.fill(0x5a);
+          assert.equal((await direct.write(s.buffer, 0, 64 * 1024, 0)).bytesWritten, 64 * 1024, `slot ${s.index} written as it is`);
+          s.release();
+        }
+        await assert.rejects(direct.write(Buffer.from(new SharedArrayBuffer(256 * 1024)), 0, 64 * 1024, 0), { code: 'EINVAL' });
+      } finally {
+        await direct?.close();
+        await fh.close();
+      }
+    } finally {
+      await pool.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('where WebAssembly memory is refused, slots are plain shared memory, and chunks still seal and open right', async () => {
+    // V8 is told to allow no WebAssembly memory of a slot's size: the pool falls back.
+    const poolUrl = new URL('../../src/pipeline/pool.js', import.meta.url).href;
+    const keysUrl = new URL('../../src/crypto/keys.js', import.meta.url).href;
+    const script = `
+      import { ChunkPool } from ${JSON.stringify(poolUrl)};
+      import { deriveKeys, generateMaster, chunkId } from ${JSON.stringify(keysUrl)};
+      const keys = deriveKeys(generateMaster(), 'hmac-sha256');
+      const pool = new ChunkPool({ keys, repoId: '${REPO}', level: 1, chunkSize: ${CHUNK} }, 2);
+      const plain = Buffer.from('a log line, compressible\\n'.repeat(${CHUNK} / 25).slice(0, ${CHUNK}));
+      const input = await pool.slot();
+      plain.copy(input.buffer);
+      const id = await pool.hashSlot(input, plain.length);
+      const sealed = await pool.sealSlot(id, input, plain.length);
+      const reread = await pool.slot();
+      sealed.sealed.copy(reread.buffer);
+      const opened = await pool.openSlot(id, reread, sealed.sealed.length);
+      // A slot of plain memory is a SharedArrayBuffer of its own; carved ones share a larger memory.
+      const own = [input, reread].every((s) => s.buffer.buffer.byteLength === s.buffer.length);
+      console.log(JSON.stringify({ same: id === chunkId(keys, plain) && opened.plain.equals(plain), own, slots: pool.slotCount }));
+      await pool.close();
+    `;
+    // A file, not --eval: the pool's threads inherit node's flags, and --input-type is for --eval only.
+    const dir = await mkdtemp(join(tmpdir(), 'vmvault-slot-fallback-'));
+    try {
+      await writeFile(join(dir, 'run.mjs'), script);
+      const r = await execa(process.execPath, ['--wasm-max-mem-pages=1', join(dir, 'run.mjs')], { reject: false });
+      assert.equal(r.exitCode, 0, r.stderr);
+      assert.deepEqual(JSON.parse(r.stdout), { same: true, own: true, slots: 4 });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
     }
   });
 });
