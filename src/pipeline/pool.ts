@@ -314,8 +314,12 @@ export async function openStoredChunk(repo: Pick<Repository, 'getChunkSealedInto
 /** Where a slot lies: `size` bytes at `offset` in a shared memory. */
 interface SlotPlace { memory: SharedArrayBuffer; offset: number; size: number }
 
-/** Slots carved from one shared memory. */
-const SLOTS_PER_MEMORY = 4;
+/**
+ * Slots carved from one shared memory. V8 reserves about 10 GiB of address space for
+ * each WebAssembly memory (guard regions; nothing resident until used): one memory for
+ * the slots of a typical pool keeps a process's virtual size at that, not a multiple.
+ */
+const SLOTS_PER_MEMORY = 16;
 /** A WebAssembly page: the unit a WebAssembly memory is sized in. */
 const WASM_PAGE = 64 * 1024;
 /** The one WebAssembly class used here (the project's "lib" setting declares none). */
