@@ -85,12 +85,16 @@ for (const step of ['full', 'restore']) {
     goal: step === 'full' ? 0.4 : 0.5, goalMet: v / r <= (step === 'full' ? 0.4 : 0.5),
     vmvaultPeakRssMiB: Math.max(...pick(step, 'vmvault', 2)) >> 10, resticPeakRssMiB: Math.max(...pick(step, 'restic', 2)) >> 10,
     vmvaultRuns: pick(step, 'vmvault', 1), resticRuns: pick(step, 'restic', 1) };
+  // Each round runs both tools back to back: the ratio within a round is the least touched
+  // by this machine's drift between rounds (its speed moves by 10-20% over minutes).
+  const paired = pick(step, 'vmvault', 1).map((x, i) => +(x / pick(step, 'restic', 1)[i]).toFixed(3));
+  Object.assign(out.steps[step], { roundRatios: paired, medianRoundRatio: med(paired) });
 }
 out.restoredAllocatedMiB = { vmvault: Math.round(alloc['allocated.vmvault.1'] / 1048576), restic: Math.round(alloc['allocated.restic.1'] / 1048576) };
 out.restoredImagesEqualSource = true; // qemu-img compare above, or the script stopped
 fs.writeFileSync(env.RESULTS, JSON.stringify(out, null, 2) + '\n');
 for (const [k, s] of Object.entries(out.steps)) {
-  console.log(`${k.padEnd(8)} vmvault ${s.vmvaultSeconds.toFixed(2)} s (${s.vmvaultPeakRssMiB} MiB)  restic ${s.resticSeconds.toFixed(2)} s (${s.resticPeakRssMiB} MiB)  vmvault/restic ${s.vmvaultOverRestic} (goal <= ${s.goal}: ${s.goalMet ? 'yes' : 'NO'})`);
+  console.log(`${k.padEnd(8)} vmvault ${s.vmvaultSeconds.toFixed(2)} s (${s.vmvaultPeakRssMiB} MiB)  restic ${s.resticSeconds.toFixed(2)} s (${s.resticPeakRssMiB} MiB)  vmvault/restic ${s.vmvaultOverRestic} (goal <= ${s.goal}: ${s.goalMet ? 'yes' : 'NO'}; by round ${s.roundRatios.join(' / ')})`);
 }
 console.log(`restored file allocation: vmvault ${out.restoredAllocatedMiB.vmvault} MiB, restic ${out.restoredAllocatedMiB.restic} MiB (2048 MiB virtual)`);
 console.log(`results written to ${env.RESULTS}`);

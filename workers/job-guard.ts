@@ -54,10 +54,10 @@ export class JobGuard {
           return repo.putChunk(id, sealed);
         },
       },
-      getChunkSealed: {
-        value: async (id: string) => {
+      getChunkSealedInto: {
+        value: async (id: string, into: Uint8Array) => {
           this.check();
-          return repo.getChunkSealed(id);
+          return repo.getChunkSealedInto(id, into);
         },
       },
       saveManifest: {

@@ -129,9 +129,10 @@ export class ChunkPool {
     return this.slots.length - 1;
   }
 
-  /** The whole of slot `index`, or its first `length` bytes. */
+  /** The whole of slot `index`, or its first `length` bytes: never a byte of the next slot in the same memory. */
   private view(index: number, length?: number): Buffer {
     const { memory, offset, size } = this.slots[index]!;
+    if (length !== undefined && !(length >= 0 && length <= size)) throw new RangeError(`${length} bytes do not fit slot ${index} of ${size}`);
     return Buffer.from(memory, offset, length ?? size);
   }
 
@@ -335,14 +336,19 @@ declare const WebAssembly: { Memory: new (desc: { initial: number; maximum: numb
  */
 function slotMemory(size: number): SlotPlace[] {
   const stride = Math.ceil(size / WASM_PAGE) * WASM_PAGE;
-  try {
-    const pages = (stride * SLOTS_PER_MEMORY) / WASM_PAGE;
-    const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true }).buffer;
-    return Array.from({ length: SLOTS_PER_MEMORY }, (_, i) => ({ memory, offset: i * stride, size }));
-  } catch {
-    return [{ memory: new SharedArrayBuffer(size), offset: 0, size }];
+  if (!wasmMemoryRefused) {
+    try {
+      const pages = (stride * SLOTS_PER_MEMORY) / WASM_PAGE;
+      const memory = new WebAssembly.Memory({ initial: pages, maximum: pages, shared: true }).buffer;
+      return Array.from({ length: SLOTS_PER_MEMORY }, (_, i) => ({ memory, offset: i * stride, size }));
+    } catch {
+      // Not asked again by this process: before refusing, V8 runs full collections to find room.
+      wasmMemoryRefused = true;
+    }
   }
+  return [{ memory: new SharedArrayBuffer(size), offset: 0, size }];
 }
+let wasmMemoryRefused = false;
 
 /** A pool to use until `release()`. */
 export interface PoolLease { readonly pool: ChunkPool; release(): Promise<void> }

@@ -417,15 +417,6 @@ export class Repository {
     }
   }
 
-  async getChunkSealed(id: string): Promise<Uint8Array> {
-    try {
-      return await this.storage.get(chunkName(id));
-    } catch (err) {
-      if (err instanceof NotFoundError) throw new IntegrityError(`chunk ${chunkName(id)} is missing from the repository`);
-      throw err;
-    }
-  }
-
   /**
    * Reads chunk `id` as stored (sealed) into the start of `into`, which must have room
    * for any sealed chunk of this repository (sealedChunkBound); returns its size.

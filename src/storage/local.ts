@@ -74,7 +74,9 @@ export class LocalStorage implements Storage {
       throw this.fail('read', name, file, err);
     }
     try {
-      const { size } = await fh.stat();
+      const st = await fh.stat();
+      if (!st.isFile()) throw new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}: ${file} is not a regular file`);
+      const size = st.size;
       if (size > into.length) throw tooLarge(this, name, size, into.length);
       let at = 0;
       while (at < size) {
@@ -87,7 +89,7 @@ export class LocalStorage implements Storage {
       if (err instanceof VmvaultError) throw err;
       throw this.fail('read', name, file, err);
     } finally {
-      await fh.close();
+      await fh.close().catch(() => undefined); // read only: nothing a failed close could lose
     }
   }
 

@@ -276,7 +276,7 @@ describe('a pool kept between operations', () => {
 });
 
 describe('slots start on a page boundary', () => {
-  test('a slot is written to a file with O_DIRECT as it is; a plain SharedArrayBuffer is refused (what the slots avoid)', async (t) => {
+  test('slots are carved on 64 KiB boundaries of one WebAssembly memory, and each is written to a file with O_DIRECT as it is', async (t) => {
     const dir = await mkdtemp(join(tmpdir(), 'vmvault-slot-align-'));
     const { pool } = setup();
     try {
@@ -285,13 +285,16 @@ describe('slots start on a page boundary', () => {
       try {
         if (!direct) return t.skip(`${dir}: this filesystem refuses O_DIRECT`);
         const slots = [await pool.slot(), await pool.slot(), await pool.slot(), await pool.slot(), await pool.slot()];
+        // A WebAssembly memory starts on a page boundary (a plain SharedArrayBuffer does not);
+        // whether a kernel refuses unaligned O_DIRECT memory depends on the filesystem and device.
+        assert.equal(new Set(slots.map((s) => s.buffer.buffer)).size, 1, 'one memory holds them all');
         for (const s of slots) {
           assert.ok(s.buffer.buffer.byteLength > s.buffer.length, 'carved from a larger WebAssembly memory');
+          assert.equal(s.buffer.byteOffset % (64 * 1024), 0, `slot ${s.index} starts on a 64 KiB boundary`);
           s.buffer.fill(0x5a);
           assert.equal((await direct.write(s.buffer, 0, 64 * 1024, 0)).bytesWritten, 64 * 1024, `slot ${s.index} written as it is`);
           s.release();
         }
-        await assert.rejects(direct.write(Buffer.from(new SharedArrayBuffer(256 * 1024)), 0, 64 * 1024, 0), { code: 'EINVAL' });
       } finally {
         await direct?.close();
         await fh.close();

@@ -1,9 +1,13 @@
 /**
  * A worker that has lost its job lock never commits: the guarded repository checks
  * ownership of the BullMQ job (and of the VM lock) right before the manifest write.
- * Real Redis, real BullMQ lock, real backup pipeline.
+ * A restore through it stops at its next chunk read once the job is aborted (cancelled,
+ * lost, shutting down). Real Redis, real BullMQ lock, real backup and restore pipeline.
  */
 import { after, before, test } from 'node:test';
+import { existsSync } from 'node:fs';
+import { readdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { Queue, Worker, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
@@ -11,6 +15,7 @@ import { startRedis, type TestRedis } from '../helpers/redis.js';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
 import { tryAcquireVmLock } from '../../src/queue/vm-lock.js';
 import { backupVm } from '../../src/vm/drivers.js';
+import { restore } from '../../src/pipeline/restore.js';
 import { JobAbortedError, JobGuard } from '../../workers/job-guard.js';
 import { fixture, uniqueHost, type Fixture } from './setup.js';
 
@@ -71,3 +76,28 @@ for (const lose of ['nothing', 'the job lock', 'the VM lock'] as const) {
     }
   });
 }
+
+test('a restore through a guarded repository stops at its next chunk once the job is aborted, and leaves nothing', async () => {
+  const name = uniqueHost('guard-restore');
+  const vm = `vm-${name}`;
+  const made = await backupVm(fx.repo, { vm, driver: 'image', disks: [{ path: await fx.image(vm), format: 'qcow2' }] });
+  const { queue, worker, job, token } = await takeJob(name);
+  const lock = await tryAcquireVmLock(conn, vm, { ttlMs: 10_000 });
+  assert.ok(lock);
+  try {
+    const guard = new JobGuard(job, token, lock, 30_000);
+    const repo = guard.wrap(fx.repo, async () => {});
+    // Not aborted: the guarded repository restores as the plain one does.
+    const ok = await restore(repo, { backupId: made.manifest.id, to: join(fx.dir, `${name}-ok`), format: 'qcow2' });
+    assert.equal(ok.stats.chunksWritten, 1);
+    guard.abort({ kind: 'cancelled', message: 'cancelled by the test' });
+    const to = join(fx.dir, `${name}-cancelled`);
+    await assert.rejects(restore(repo, { backupId: made.manifest.id, to, format: 'raw' }), (err: Error) => err instanceof JobAbortedError && /cancelled by the test/.test(err.message));
+    assert.deepEqual(existsSync(to) ? await readdir(to) : [], [], 'nothing left behind');
+  } finally {
+    await lock.release();
+    await worker.close();
+    await queue.obliterate({ force: true });
+    await queue.close();
+  }
+});

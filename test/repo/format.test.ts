@@ -13,7 +13,7 @@ import { cp, mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promis
 import { dirname, join } from 'node:path';
 import { execa } from 'execa';
 import { Repository } from '../../src/repo/repository.js';
-import { openChunk } from '../../src/repo/chunk.js';
+import { chunkName, openChunk } from '../../src/repo/chunk.js';
 import { chunkId, deriveKeys } from '../../src/crypto/keys.js';
 import { sodium } from '../../src/crypto/sodium.js';
 import { LocalStorage } from '../../src/storage/local.js';
@@ -121,7 +121,7 @@ describe('repository formats', () => {
   test('a chunk whose content does not hash to its id under the repository function is refused', async () => {
     const { dir, repo, first } = await backupAndRestore(undefined);
     try {
-      const sealed = await repo.getChunkSealed(first);
+      const sealed = await repo.storage.get(chunkName(first));
       // The same sealed chunk read as if the repository used BLAKE2b: the id check fails.
       const wrong = { ...repo.keys, idHash: 'blake2b' as const };
       assert.throws(() => openChunk(wrong, repo.id, first, sealed), /does not match its id/);

@@ -81,9 +81,24 @@ export function runStorageConformance(name: string, makeStorage: () => Promise<S
       assert.equal(whole[2], 0xee, 'nothing before the view');
       assert.ok(into.subarray(big.length).every((b) => b === 0xee), 'nothing after the object');
       assert.equal(await getInto(storage, 'empty', into), 0);
-      await assert.rejects(getInto(storage, 'big/5mib', Buffer.alloc(big.length - 1)), (err: unknown) =>
+      // One byte short, in shared memory: refused, and nothing written past the room given.
+      whole.fill(0xee);
+      const short = whole.subarray(3, 3 + big.length - 1);
+      await assert.rejects(getInto(storage, 'big/5mib', short), (err: unknown) =>
         err instanceof IntegrityError && /5242887 bytes, more than the 5242886/.test(err.message));
+      assert.equal(whole[3 + big.length - 1], 0xee, 'the byte past the room is untouched');
       await assert.rejects(getInto(storage, 'keys/missing', into), NotFoundError);
+    });
+
+    test('getInto on a storage without its own (a wrapper of a plain get) reads the same, and refuses the same', async () => {
+      const data = new Uint8Array(randomBytes(300_000));
+      await storage.put('chunks/ab/x', data);
+      const plain: Storage = { location: storage.location, get: (n) => storage.get(n), put: (n, d) => storage.put(n, d), stat: (n) => storage.stat(n), delete: (n) => storage.delete(n), list: (p) => storage.list(p), close: async () => {} };
+      const into = Buffer.alloc(400_000);
+      assert.equal(await getInto(plain, 'chunks/ab/x', into), data.length);
+      assert.ok(into.subarray(0, data.length).equals(data));
+      await assert.rejects(getInto(plain, 'chunks/ab/x', Buffer.alloc(299_999)), IntegrityError);
+      await assert.rejects(getInto(plain, 'chunks/ab/none', into), NotFoundError);
     });
 
     test('put over an existing name replaces it', async () => {

@@ -37,11 +37,12 @@ type Tamper = 'none' | 'flip' | 'truncate';
 /**
  * An HTTP proxy in front of s3rver that can change PUT bodies on the way: flip one byte
  * (same length) or drop the second half (Content-Length adjusted), as a faulty network
- * or middlebox would. It records the headers of every PUT it forwards.
+ * or middlebox would. It records the headers of every PUT it forwards. With `cutGets`,
+ * that many GET answers are cut off halfway through their body.
  */
-async function tamperingProxy(target: string): Promise<{ endpoint: string; mode: Tamper; puts: Array<{ headers: IncomingHttpHeaders; body: Buffer }>; close(): Promise<void> }> {
+async function tamperingProxy(target: string): Promise<{ endpoint: string; mode: Tamper; cutGets: number; puts: Array<{ headers: IncomingHttpHeaders; body: Buffer }>; close(): Promise<void> }> {
   const t = new URL(target);
-  const state = { mode: 'none' as Tamper, puts: [] as Array<{ headers: IncomingHttpHeaders; body: Buffer }> };
+  const state = { mode: 'none' as Tamper, cutGets: 0, puts: [] as Array<{ headers: IncomingHttpHeaders; body: Buffer }> };
   const server: Server = createHttpServer((req, res) => {
     const parts: Buffer[] = [];
     req.on('data', (d: Buffer) => parts.push(d));
@@ -59,6 +60,18 @@ async function tamperingProxy(target: string): Promise<{ endpoint: string; mode:
         }
       }
       const out = httpRequest({ host: t.hostname, port: t.port, method: req.method, path: req.url, headers }, (answer) => {
+        if (req.method === 'GET' && answer.statusCode === 200 && state.cutGets > 0) {
+          // The connection drops halfway through the body, after its full Content-Length was promised.
+          state.cutGets--;
+          const got: Buffer[] = [];
+          answer.on('data', (d: Buffer) => got.push(d));
+          answer.on('end', () => {
+            const whole = Buffer.concat(got);
+            res.writeHead(200, answer.headers);
+            res.write(whole.subarray(0, whole.length >> 1), () => res.socket?.destroy());
+          });
+          return;
+        }
         res.writeHead(answer.statusCode ?? 502, answer.headers);
         answer.pipe(res);
       });
@@ -183,6 +196,31 @@ describe('S3Storage', () => {
     } finally {
       await viaProxy.close();
       await direct.close();
+      await proxy.close();
+    }
+  });
+
+  test('a read into a buffer cut short by a dropped connection is retried whole, not taken as damage', async () => {
+    const proxy = await tamperingProxy(server.endpoint);
+    const prefix = `cut-${randomBytes(6).toString('hex')}`;
+    const viaProxy = new S3Storage({ bucket: server.bucket, prefix, endpoint: proxy.endpoint, forcePathStyle: true });
+    try {
+      const data = randomBytes(3 * 1024 * 1024 + 5);
+      await viaProxy.put('chunks/cc/x', data);
+      const into = Buffer.alloc(4 * 1024 * 1024);
+      proxy.cutGets = 1;
+      await assert.rejects(viaProxy.getInto('chunks/cc/x', into), (err: unknown) => {
+        assert.ok(err instanceof VmvaultError && err.code === 'STORAGE' && err.retriable, `a retriable storage error, not ${String(err)}`);
+        return true;
+      });
+      proxy.cutGets = 2;
+      const retried: string[] = [];
+      const storage = withRetry(viaProxy, { attempts: 3, baseDelayMs: 1, onRetry: (r) => retried.push(r.op) });
+      assert.equal(await storage.getInto!('chunks/cc/x', into), data.length);
+      assert.ok(into.subarray(0, data.length).equals(data), 'the whole object, after two cut attempts');
+      assert.deepEqual(retried, ['get', 'get']);
+    } finally {
+      await viaProxy.close();
       await proxy.close();
     }
   });
