@@ -5,7 +5,8 @@
 import { randomBytes } from 'node:crypto';
 import type { Dirent } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
-import { lstat, mkdir, open, opendir, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { lstat, mkdir, open, opendir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { NotFoundError, VmvaultError, isRetriable } from '../errors.js';
 import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
@@ -54,37 +55,43 @@ export class LocalStorage implements Storage {
   }
 
   async get(name: string): Promise<Uint8Array> {
-    const file = this.pathOf(name);
-    try {
-      const buf = await readFile(file);
-      return new Uint8Array(buf.buffer, buf.byteOffset, buf.byteLength);
-    } catch (err) {
-      if (isMissing(err)) throw new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}`, { cause: err });
-      throw this.fail('read', name, file, err);
-    }
+    return this.read(name, (size) => Buffer.allocUnsafeSlow(size));
   }
 
   async getInto(name: string, into: Uint8Array): Promise<number> {
+    return (await this.read(name, (size) => {
+      if (size > into.length) throw tooLarge(this, name, size, into.length);
+      return into;
+    })).length;
+  }
+
+  /**
+   * Reads object `name` into what `place` gives for its size, and returns the bytes read.
+   * Only a regular file is an object: the file is opened non-blocking and checked before
+   * anything is read, so a FIFO or device planted at an object's name (a shared
+   * repository directory) is "not found" instead of a read that never returns.
+   */
+  private async read(name: string, place: (size: number) => Uint8Array): Promise<Uint8Array> {
     const file = this.pathOf(name);
+    const notFound = (cause?: unknown) => new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}`, { cause });
     let fh: FileHandle;
     try {
-      fh = await open(file, 'r');
+      fh = await open(file, constants.O_RDONLY | constants.O_NONBLOCK);
     } catch (err) {
-      if (isMissing(err)) throw new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}`, { cause: err });
+      if (isMissing(err)) throw notFound(err);
       throw this.fail('read', name, file, err);
     }
     try {
       const st = await fh.stat();
-      if (!st.isFile()) throw new NotFoundError(`object ${JSON.stringify(name)} not found in ${this.location}: ${file} is not a regular file`);
-      const size = st.size;
-      if (size > into.length) throw tooLarge(this, name, size, into.length);
+      if (!st.isFile()) throw notFound(new Error(`${file} is not a regular file`));
+      const into = place(st.size);
       let at = 0;
-      while (at < size) {
-        const { bytesRead } = await fh.read(into, at, size - at, at);
-        if (bytesRead === 0) break; // shorter than it was a moment ago: objects are replaced whole, so it is what it is
+      while (at < st.size) {
+        const { bytesRead } = await fh.read(into, at, st.size - at, at);
+        if (bytesRead === 0) break; // objects are replaced whole (rename), never cut: this one is what it is
         at += bytesRead;
       }
-      return at;
+      return new Uint8Array(into.buffer, into.byteOffset, at);
     } catch (err) {
       if (err instanceof VmvaultError) throw err;
       throw this.fail('read', name, file, err);

@@ -1,10 +1,10 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import { VmvaultError } from '../../src/errors.js';
+import { NotFoundError, VmvaultError } from '../../src/errors.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { listNames, runStorageConformance } from './conformance.js';
 
@@ -110,5 +110,23 @@ describe('LocalStorage', () => {
   test('location is the absolute path of the directory', () => {
     const storage = new LocalStorage('some/rel/dir');
     assert.equal(storage.location, path.resolve('some/rel/dir'));
+  });
+
+  test('a FIFO or a directory planted at an object\'s name is not found at once, by get and getInto; it is neither listed nor a stat', async (t) => {
+    const dir = await tempDir();
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    const storage = new LocalStorage(dir);
+    await storage.put('chunks/ab/real', new Uint8Array([7]));
+    execFileSync('mkfifo', [path.join(dir, 'chunks/ab/fifo'), path.join(dir, 'config')]);
+    await mkdir(path.join(dir, 'chunks/ab/dir'));
+    // A read of a FIFO with no writer would wait for ever: each must answer within seconds.
+    const soon = <T>(p: Promise<T>) => Promise.race([p, new Promise<never>((_, reject) => setTimeout(() => reject(new Error('still waiting after 5 s')), 5000).unref())]);
+    for (const name of ['chunks/ab/fifo', 'config', 'chunks/ab/dir']) {
+      await assert.rejects(soon(storage.get(name)), NotFoundError, `get ${name}`);
+      await assert.rejects(soon(storage.getInto(name, Buffer.alloc(16))), NotFoundError, `getInto ${name}`);
+      assert.equal(await storage.stat(name), undefined, `stat ${name}`);
+    }
+    assert.deepEqual(await listNames(storage, ''), ['chunks/ab/real']);
+    assert.deepEqual([...(await storage.get('chunks/ab/real'))], [7]);
   });
 });
