@@ -6,6 +6,11 @@
  * exactly the length to fill is one memcpy in C++, whatever memory it is.
  */
 
+/** `u` as a Buffer over the same memory (no copy): itself when it is one already. */
+export function asBuffer(u: Uint8Array): Buffer {
+  return Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength);
+}
+
 /** Copies all of `source` into `target` at `at`; returns source.length. */
 export function copyBytes(source: Uint8Array, target: Uint8Array, at = 0): number {
   const n = source.length;

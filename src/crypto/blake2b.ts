@@ -10,6 +10,7 @@
  * functions below are synchronous after that. test/crypto/blake2b.test.ts checks both
  * against each other.
  */
+import { asBuffer } from '../bytes.js';
 import { blakeHash } from './blake-hash.js';
 
 interface Impl {
@@ -18,8 +19,6 @@ interface Impl {
 }
 
 let impl: Impl | undefined;
-
-const asBuffer = (b: Uint8Array) => Buffer.from(b.buffer, b.byteOffset, b.byteLength);
 
 function loadNative(): Impl | undefined {
   const m = blakeHash();

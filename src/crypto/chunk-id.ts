@@ -6,6 +6,7 @@
  * libsodium fallback a thread loads with `blake2bReady()`.
  */
 import { createHmac } from 'node:crypto';
+import { asBuffer } from '../bytes.js';
 import { VmvaultError } from '../errors.js';
 import { blake2b } from './blake2b.js';
 import { blakeHash, blakeHashUnavailable } from './blake-hash.js';
@@ -27,7 +28,7 @@ function blake3Keyed(key: Uint8Array, data: Uint8Array): string {
   if (m instanceof Error) {
     throw new VmvaultError('UNSUPPORTED', `this repository's chunk ids are keyed BLAKE3 (format 3), and this host cannot load its native code (@napi-rs/blake-hash: ${blake3Unavailable()}): reinstall vmvault's packages (npm ci), or run vmvault where that package has a build (Linux or macOS on x86-64 or arm64, Windows, FreeBSD on x86-64); nothing was changed`);
   }
-  return m.Blake3Hasher.newKeyed(Buffer.from(key.buffer, key.byteOffset, key.byteLength)).update(data).digest('hex');
+  return m.Blake3Hasher.newKeyed(asBuffer(key)).update(data).digest('hex');
 }
 
 export interface ChunkIdKey { idKey: Uint8Array; idHash: ChunkIdHash }

@@ -15,6 +15,7 @@
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
+import { asBuffer } from '../bytes.js';
 import { IntegrityError, VmvaultError, type ErrorCode } from '../errors.js';
 import { sealedChunkBound, type ChunkKeys } from '../repo/chunk.js';
 import type { Repository } from '../repo/repository.js';
@@ -422,8 +423,4 @@ export class PoolKeeper {
     this.current = undefined;
     if (pool && !this.users.has(pool)) await pool.close();
   }
-}
-
-function asBuffer(u: Uint8Array): Buffer {
-  return Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 }
