@@ -188,9 +188,7 @@ export class ChunkPool {
    * input slot may be released as soon as this resolves.
    */
   async openSlot(id: string, slot: Slot, length: number): Promise<OpenedChunk> {
-    if (!Number.isInteger(length) || length < 0 || length > sealedChunkBound(this.init.chunkSize)) {
-      throw new RangeError(`a sealed chunk of ${length} bytes does not fit a slot of this repository`);
-    }
+    this.checkLength(length, 'sealed');
     return this.intoOutput({ seq: 0, op: 'open', id, in: { slot: slot.index, length } }, (view, release) => ({ plain: view, release }));
   }
 
@@ -204,9 +202,11 @@ export class ChunkPool {
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
 
-  private checkLength(length: number): void {
-    if (!Number.isInteger(length) || length < 0 || length > this.init.chunkSize) {
-      throw new RangeError(`a chunk of ${length} bytes does not fit the repository's ${this.init.chunkSize}`);
+  /** A chunk's length (a sealed one's: up to sealedChunkBound) must fit this repository's slots. */
+  private checkLength(length: number, kind: 'plain' | 'sealed' = 'plain'): void {
+    const max = kind === 'sealed' ? sealedChunkBound(this.init.chunkSize) : this.init.chunkSize;
+    if (!Number.isInteger(length) || length < 0 || length > max) {
+      throw new RangeError(`a ${kind === 'sealed' ? 'sealed ' : ''}chunk of ${length} bytes does not fit the repository's ${max}`);
     }
   }
 
