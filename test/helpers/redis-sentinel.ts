@@ -8,10 +8,10 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
+import { freePort } from './ports.js';
 
 export const SENTINEL_NAME = 'vmvault-primary';
 
@@ -31,15 +31,6 @@ export interface SentinelSetup {
   stop(): Promise<void>;
 }
 
-/** A free TCP port on 127.0.0.1 (bound, read, released). */
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
-  const { port } = srv.address() as AddressInfo;
-  await new Promise((resolve) => srv.close(resolve));
-  return port;
-}
-
 async function waitUntil(what: string, fn: () => Promise<boolean>, ms: number, diag: () => string): Promise<void> {
   const deadline = Date.now() + ms;
   for (;;) {
@@ -51,30 +42,50 @@ async function waitUntil(what: string, fn: () => Promise<boolean>, ms: number, d
 
 export async function startSentinelSetup(): Promise<SentinelSetup> {
   const dir = await mkdtemp(join(tmpdir(), 'vmvault-sentinel-'));
-  const ports = { primary: await freePort(), replica: await freePort(), sentinel: await freePort() };
   const procs = new Map<number, ChildProcess>();
   let log = '';
-  const launch = async (name: string, port: number, args: string[]): Promise<void> => {
-    const p = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    p.stdout?.on('data', (d: Buffer) => { log += `[${name}] ${d.toString()}`; });
-    p.stderr?.on('data', (d: Buffer) => { log += `[${name}] ${d.toString()}`; });
-    const failed = new Promise<never>((_, reject) => {
-      p.once('error', reject);
-      p.once('exit', (code, sig) => reject(new Error(`redis-server (${name}) exited (${sig ?? code}) at start\n${log}`)));
-    });
-    failed.catch(() => {}); // also after a good start: the process is killed at the end
-    procs.set(port, p);
-    const ping = async () => {
-      const c = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
-      c.on('error', () => {});
+  /**
+   * Starts one redis-server on a fresh port and returns the port once the server there
+   * answers as this very process (INFO's process_id): a port taken by another server
+   * between the check and the bind makes this one exit, and it is tried again on another.
+   */
+  const launch = async (name: string, argsFor: (port: number) => Promise<string[]> | string[]): Promise<number> => {
+    for (let attempt = 1; ; attempt++) {
+      const port = await freePort();
+      const p = spawn('redis-server', await argsFor(port), { stdio: ['ignore', 'pipe', 'pipe'] });
+      let own = '';
+      const take = (d: Buffer) => { own += d.toString(); log += `[${name}] ${d.toString()}`; };
+      p.stdout?.on('data', take);
+      p.stderr?.on('data', take);
+      const failed = new Promise<never>((_, reject) => {
+        p.once('error', reject);
+        p.once('exit', (code, sig) => reject(new Error(`redis-server (${name}) exited (${sig ?? code}) at start\n${log}`)));
+      });
+      failed.catch(() => {}); // also after a good start: the process is killed at the end
+      const ours = async () => {
+        const c = new Redis({ port, host: '127.0.0.1', lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null });
+        c.on('error', () => {});
+        try {
+          await c.connect();
+          return new RegExp(`process_id:${p.pid}\\b`).test(await c.info('server'));
+        } finally {
+          c.disconnect();
+        }
+      };
       try {
-        await c.connect();
-        return (await c.ping()) === 'PONG';
-      } finally {
-        c.disconnect();
+        await Promise.race([waitUntil(`${name} to answer on port ${port}`, ours, 10_000, () => log), failed]);
+        procs.set(port, p);
+        return port;
+      } catch (err) {
+        if (p.exitCode === null && p.signalCode === null) {
+          const exited = once(p, 'exit');
+          p.kill('SIGKILL');
+          await exited;
+        }
+        if (attempt < 5 && /Address already in use/.test(own)) continue;
+        throw err;
       }
-    };
-    await Promise.race([waitUntil(`${name} to answer`, ping, 10_000, () => log), failed]);
+    }
   };
   const server = (port: number, sub: string, more: string[] = []) => [
     '--port', String(port), '--bind', '127.0.0.1', '--dir', join(dir, sub), '--appendonly', 'yes', '--save', '',
@@ -95,19 +106,23 @@ export async function startSentinelSetup(): Promise<SentinelSetup> {
     c.on('error', () => {});
     try { return await fn(c); } finally { c.disconnect(); }
   };
+  let ports = { primary: 0, replica: 0, sentinel: 0 };
   try {
     for (const sub of ['primary', 'replica', 'sentinel']) await mkdir(join(dir, sub));
-    await launch('primary', ports.primary, server(ports.primary, 'primary'));
-    await launch('replica', ports.replica, server(ports.replica, 'replica', ['--replicaof', '127.0.0.1', String(ports.primary)]));
+    const primary = await launch('primary', (port) => server(port, 'primary'));
+    const replica = await launch('replica', (port) => server(port, 'replica', ['--replicaof', '127.0.0.1', String(primary)]));
     const conf = join(dir, 'sentinel', 'sentinel.conf');
-    await writeFile(conf, [
-      `port ${ports.sentinel}`, 'bind 127.0.0.1', `dir ${join(dir, 'sentinel')}`,
-      `sentinel monitor ${SENTINEL_NAME} 127.0.0.1 ${ports.primary} 1`,
-      `sentinel down-after-milliseconds ${SENTINEL_NAME} 1000`,
-      `sentinel failover-timeout ${SENTINEL_NAME} 10000`,
-      `sentinel parallel-syncs ${SENTINEL_NAME} 1`, '',
-    ].join('\n'));
-    await launch('sentinel', ports.sentinel, [conf, '--sentinel', '--loglevel', 'notice']);
+    const sentinel = await launch('sentinel', async (port) => {
+      await writeFile(conf, [
+        `port ${port}`, 'bind 127.0.0.1', `dir ${join(dir, 'sentinel')}`,
+        `sentinel monitor ${SENTINEL_NAME} 127.0.0.1 ${primary} 1`,
+        `sentinel down-after-milliseconds ${SENTINEL_NAME} 1000`,
+        `sentinel failover-timeout ${SENTINEL_NAME} 10000`,
+        `sentinel parallel-syncs ${SENTINEL_NAME} 1`, '',
+      ].join('\n'));
+      return [conf, '--sentinel', '--loglevel', 'notice'];
+    });
+    ports = { primary, replica, sentinel };
     await waitUntil('the replica to be in sync', async () => /master_link_status:up/.test(await ask(ports.replica, (c) => c.info('replication'))), 20_000, () => log);
     await waitUntil('the Sentinel to know the replica', async () => {
       const replicas = await ask(ports.sentinel, (c) => c.call('SENTINEL', 'REPLICAS', SENTINEL_NAME)) as unknown[];

@@ -10,7 +10,6 @@ import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Job, Queue } from 'bullmq';
@@ -18,6 +17,7 @@ import { Cluster, Redis } from 'ioredis';
 import { closeRedis, createConnection } from '../../src/queue/connection.js';
 import { enqueueBackup, hostQueue } from '../../src/queue/enqueue.js';
 import { startHostWorker, type BackupJobResult } from '../../workers/host-agent.js';
+import { freePort } from '../helpers/ports.js';
 import { waitFor } from '../helpers/procs.js';
 import { fixture, silent, uniqueHost, PASSWORD, type Fixture } from './setup.js';
 
@@ -29,10 +29,7 @@ let fx: Fixture;
 
 before(async () => {
   dir = await mkdtemp(join(tmpdir(), 'vmvault-cluster-'));
-  const probe = createServer();
-  await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
-  port = (probe.address() as AddressInfo).port;
-  await new Promise((resolve) => probe.close(resolve));
+  port = await freePort();
   server = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--dir', dir, '--cluster-enabled', 'yes',
     '--cluster-config-file', join(dir, 'nodes.conf'), '--cluster-announce-ip', '127.0.0.1', '--appendonly', 'yes', '--save', '', '--maxmemory-policy', 'noeviction', '--loglevel', 'warning'],
   { stdio: ['ignore', 'pipe', 'pipe'] });

@@ -8,7 +8,6 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { createServer } from 'node:net';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -16,16 +15,9 @@ import { execa } from 'execa';
 import { cli } from '../helpers/cli.js';
 import { BASE_ENV, start, stopProc, waitFor, type Proc } from '../helpers/procs.js';
 import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
+import { freePort } from '../helpers/ports.js';
 
 const MiB = 1024 * 1024;
-
-async function freePort(): Promise<number> {
-  const srv = createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as { port: number }).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 describe('first start with no configuration', () => {
   let dir: TempDir;

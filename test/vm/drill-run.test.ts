@@ -15,6 +15,7 @@ import { execa, type ResultPromise } from 'execa';
 import { nbdBlockdev, runDrill } from '../../src/vm/drill-run.js';
 import { BOOT_MARKER, makeBootImage } from '../helpers/boot-image.js';
 import { tempDir, type TempDir } from '../helpers/images.js';
+import { freePort } from '../helpers/ports.js';
 
 let dir: TempDir;
 let image: string;
@@ -26,9 +27,7 @@ const sha = (f: string) => createHash('sha256').update(readFileSync(f)).digest('
 before(async () => {
   dir = await tempDir('vmvault-drill-run-');
   image = await makeBootImage(dir.path, 'boot.raw');
-  port = await new Promise<number>((resolve) => {
-    const s = net.createServer().listen(0, '127.0.0.1', () => { const p = (s.address() as net.AddressInfo).port; s.close(() => resolve(p)); });
-  });
+  port = await freePort();
   server = execa('qemu-nbd', ['--read-only', '-f', 'raw', '-x', 'boot', '-b', '127.0.0.1', '-p', String(port), '--shared', '4', '--persistent', image], { reject: false });
   for (let i = 0; i < 100; i++) {
     const up = await new Promise<boolean>((resolve) => {
