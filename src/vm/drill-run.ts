@@ -51,6 +51,8 @@ export interface DrillRunOptions {
   memoryMiB?: number;
   /** Default `pc,accel=kvm:tcg`. */
   machine?: string;
+  /** Where a TCP probe's host port comes from: default a free port of 127.0.0.1, asked again when QEMU could not bind it. */
+  hostPort?: () => Promise<number>;
 }
 
 export interface DrillOutcome {
@@ -128,19 +130,13 @@ export async function runDrill(o: DrillRunOptions): Promise<DrillOutcome> {
     const r = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', paths.overlays[i]!, String(d.size)]);
     if (r.exitCode !== 0) throw new VmvaultError('QEMU', `could not create the drill's overlay ${paths.overlays[i]}: ${stderrText(r.stderr)}`);
   }
-  const hostPort = o.probe.kind === 'tcp' ? await freePort() : undefined;
-  const proc = execa('qemu-system-x86_64', qemuArgs(o, paths, hostPort), { reject: false, stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', encoding: 'utf8', cleanup: true });
-  let exited: { code?: number; stderr: string } | undefined;
-  const done = proc.then((r) => { exited = { ...(r.exitCode !== undefined ? { code: r.exitCode } : {}), stderr: stderrText(String(r.stderr ?? '')) }; });
-  let qmp: QmpClient | undefined;
+  const removeFiles = () => Promise.all([paths.qmp, paths.qga, ...paths.overlays].map((p) => rm(p, { force: true })));
+  const { proc, done, qmp, hostPort, exited } = await startQemu(o, paths).catch(async (err: unknown) => {
+    await removeFiles();
+    throw err;
+  });
   try {
-    qmp = await connectQmp(paths.qmp, () => exited);
-    if (!qmp) {
-      await done;
-      if (exited?.code === undefined) throw new VmvaultError('QEMU', 'qemu-system-x86_64 could not be run: install qemu-system-x86');
-      throw new VmvaultError('QEMU', `QEMU did not start for the drill: ${exited?.stderr || `exit ${exited?.code}`}`);
-    }
-    const reason = await probe(o, paths, hostPort, () => exited, started);
+    const reason = await probe(o, paths, hostPort, exited, started);
     const shot = await qmp.execute('screendump', { filename: screenshot }).then(() => screenshot, () => undefined);
     const outcome: DrillOutcome = {
       ok: reason === undefined, probe: describeProbe(o.probe), serialLog: paths.serial,
@@ -149,12 +145,37 @@ export async function runDrill(o: DrillRunOptions): Promise<DrillOutcome> {
     };
     return outcome;
   } finally {
-    await qmp?.execute('quit').catch(() => undefined);
-    qmp?.close();
+    await qmp.execute('quit').catch(() => undefined);
+    qmp.close();
     const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
     await done;
     clearTimeout(timer);
-    await Promise.all([paths.qmp, paths.qga, ...paths.overlays].map((p) => rm(p, { force: true })));
+    await removeFiles();
+  }
+}
+
+type Exit = { code?: number; stderr: string };
+
+/**
+ * Starts QEMU and connects to its QMP socket. A TCP probe's host port is found free
+ * and then bound by QEMU a moment later: when another process took it in between,
+ * QEMU exits at once, and is started again on another port (three tries).
+ */
+async function startQemu(o: DrillRunOptions, paths: Parameters<typeof qemuArgs>[1]) {
+  for (let attempt = 1; ; attempt++) {
+    const hostPort = o.probe.kind === 'tcp' ? await (o.hostPort ?? freePort)() : undefined;
+    const proc = execa('qemu-system-x86_64', qemuArgs(o, paths, hostPort), { reject: false, stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', encoding: 'utf8', cleanup: true });
+    let gone: Exit | undefined;
+    const exited = () => gone;
+    const done = proc.then((r) => { gone = { ...(r.exitCode !== undefined ? { code: r.exitCode } : {}), stderr: stderrText(String(r.stderr ?? '')) }; });
+    const qmp = await connectQmp(paths.qmp, exited);
+    if (qmp) return { proc, done, qmp, hostPort, exited };
+    proc.kill('SIGKILL'); // no QMP socket in 10 s and still running: it will not come
+    await done;
+    await rm(paths.qmp, { force: true });
+    if (gone?.code === undefined) throw new VmvaultError('QEMU', 'qemu-system-x86_64 could not be run: install qemu-system-x86');
+    if (hostPort !== undefined && attempt < 3 && /host forwarding/i.test(gone.stderr)) continue;
+    throw new VmvaultError('QEMU', `QEMU did not start for the drill: ${gone.stderr || `exit ${gone.code}`}`);
   }
 }
 
@@ -173,7 +194,7 @@ async function connectQmp(socket: string, exited: () => unknown): Promise<QmpCli
 }
 
 /** Undefined when the probe succeeded; otherwise why not. */
-async function probe(o: DrillRunOptions, paths: { serial: string; qga: string }, hostPort: number | undefined, exited: () => { code?: number; stderr: string } | undefined, started: number): Promise<string | undefined> {
+async function probe(o: DrillRunOptions, paths: { serial: string; qga: string }, hostPort: number | undefined, exited: () => Exit | undefined, started: number): Promise<string | undefined> {
   const deadline = started + o.timeoutMs;
   const seconds = Math.round(o.timeoutMs / 1000);
   while (Date.now() < deadline) {

@@ -69,3 +69,26 @@ test('boots a disk from stock qemu-nbd over TCP: the marker is seen, the image i
   assert.deepEqual(await readdir(work), [], 'overlay and sockets are gone');
   assert.equal(sha(image), before, 'the served image is unchanged');
 });
+
+test('a TCP probe whose host port is taken before QEMU binds it starts QEMU again on another port', async () => {
+  const work = join(dir.path, 'work-port');
+  await mkdir(work);
+  const holder = net.createServer();
+  await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+  const taken = (holder.address() as net.AddressInfo).port;
+  const given: number[] = [];
+  try {
+    const r = await runDrill({
+      disks: [{ uri: `nbd://127.0.0.1:${port}/boot`, size: 4 * 1024 * 1024, bus: 'ide' }],
+      probe: { kind: 'tcp', port: 22 }, timeoutMs: 1500, workDir: work,
+      serialLog: join(work, 'serial.log'), screenshot: join(work, 'screen.ppm'), memoryMiB: 32, machine: 'pc,accel=tcg',
+      hostPort: async () => { const p = given.length ? await freePort() : taken; given.push(p); return p; },
+    });
+    assert.equal(given.length, 2, 'asked for a second port after QEMU could not bind the first');
+    assert.equal(r.ok, false);
+    assert.match(r.reason ?? '', /nothing answered on guest TCP port 22 within 2 s/);
+  } finally {
+    holder.close();
+  }
+  assert.deepEqual((await readdir(work)).filter((f) => !/^(serial\.log|screen\.ppm)$/.test(f)), [], 'overlay and sockets are gone');
+});
