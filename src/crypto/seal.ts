@@ -16,6 +16,7 @@
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { IntegrityError } from '../errors.js';
 import { hchacha20 } from './hchacha20.js';
+import { nativeAead } from './native-aead.js';
 import { copyBytes } from '../bytes.js';
 
 /** `health`: verification records and quarantined chunks (repo/health.ts); `index`: the chunk index (repo/chunk-index.ts). */
@@ -27,6 +28,8 @@ export const NONCE_BYTES = 24;
 const TAG_BYTES = 16;
 /** Bytes a sealed object adds to its plaintext. */
 export const SEAL_OVERHEAD = HEADER + NONCE_BYTES + TAG_BYTES;
+/** Where in a sealed object its ciphertext starts (and, sealed or opened in place, the plaintext). */
+export const PLAIN_AT = HEADER + NONCE_BYTES;
 
 const encoder = new TextEncoder();
 
@@ -101,20 +104,73 @@ export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array | 
 }
 
 /**
+ * Seals in place: `buf` holds the plaintext at [PLAIN_AT, PLAIN_AT + length), with room
+ * for the tag after it; the header and nonce are written before it, the ciphertext over
+ * it and the tag after. Returns the sealed object, a view of `buf`: byte for byte what
+ * `seal` makes of the same plaintext and nonce. Native code encrypts where the bytes
+ * lie; without it, Node's cipher makes a copy that is written back.
+ */
+export function sealInPlace(key: Uint8Array, type: ObjectType, buf: Uint8Array, length: number, ad: Uint8Array): Buffer {
+  if (buf.length < SEAL_OVERHEAD + length) throw new RangeError(`${SEAL_OVERHEAD + length} bytes do not fit in ${buf.length}`);
+  const out = Buffer.from(buf.buffer, buf.byteOffset, SEAL_OVERHEAD + length);
+  out[0] = 0x56; // V
+  out[1] = 0x56; // V
+  out[2] = 1;
+  out[3] = TYPE_TAG[type];
+  const nonce = randomBytes(NONCE_BYTES);
+  nonce.copy(out, HEADER);
+  const plain = out.subarray(PLAIN_AT, PLAIN_AT + length);
+  const aead = nativeAead();
+  if (aead) aead.crypto_aead_xchacha20poly1305_ietf_encrypt(out.subarray(PLAIN_AT), plain, ad, null, nonce, key);
+  else xchachaEncrypt(key, nonce, plain, ad).copy(out, PLAIN_AT);
+  return out;
+}
+
+/**
  * Opens a sealed object or throws IntegrityError naming `what` (e.g. the object's
  * storage name): a wrong key, a flipped bit, a truncated object and an object
  * stored under another name all fail here.
  */
 export function open(key: Uint8Array, type: ObjectType, sealed: Uint8Array, ad: Uint8Array, what: string): Buffer {
+  checkHeader(type, sealed, what);
+  const nonce = sealed.subarray(HEADER, HEADER + NONCE_BYTES);
+  const plain = xchachaDecrypt(key, nonce, sealed.subarray(PLAIN_AT), ad);
+  if (!plain) throw notAuthentic(what);
+  return plain;
+}
+
+/**
+ * Opens in place: the plaintext is written over the ciphertext, and the result is a
+ * view of `sealed` at PLAIN_AT. Fails as `open` does; after a failure, what `sealed`
+ * holds is undefined (libsodium clears what it wrote).
+ */
+export function openInPlace(key: Uint8Array, type: ObjectType, sealed: Uint8Array, ad: Uint8Array, what: string): Buffer {
+  checkHeader(type, sealed, what);
+  const nonce = sealed.subarray(HEADER, HEADER + NONCE_BYTES);
+  const plain = Buffer.from(sealed.buffer, sealed.byteOffset + PLAIN_AT, sealed.length - SEAL_OVERHEAD);
+  const aead = nativeAead();
+  if (aead) {
+    try {
+      aead.crypto_aead_xchacha20poly1305_ietf_decrypt(plain, null, sealed.subarray(PLAIN_AT), ad, nonce, key);
+    } catch {
+      throw notAuthentic(what);
+    }
+  } else {
+    const opened = xchachaDecrypt(key, nonce, sealed.subarray(PLAIN_AT), ad);
+    if (!opened) throw notAuthentic(what);
+    opened.copy(plain);
+  }
+  return plain;
+}
+
+function checkHeader(type: ObjectType, sealed: Uint8Array, what: string): void {
   if (sealed.length < SEAL_OVERHEAD || sealed[0] !== 0x56 || sealed[1] !== 0x56) {
     throw new IntegrityError(`${what} is damaged: it is not a vmvault object (bad header or too short)`);
   }
   if (sealed[2] !== 1) throw new IntegrityError(`${what} has unknown object format ${sealed[2]}: upgrade vmvault`);
   if (sealed[3] !== TYPE_TAG[type]) throw new IntegrityError(`${what} is damaged: it is not a ${type} object`);
-  const nonce = sealed.subarray(HEADER, HEADER + NONCE_BYTES);
-  const plain = xchachaDecrypt(key, nonce, sealed.subarray(HEADER + NONCE_BYTES), ad);
-  if (!plain) {
-    throw new IntegrityError(`${what} failed authentication: it was modified, damaged, or stored under another name`);
-  }
-  return plain;
+}
+
+function notAuthentic(what: string): IntegrityError {
+  return new IntegrityError(`${what} failed authentication: it was modified, damaged, or stored under another name`);
 }

@@ -64,7 +64,9 @@ parentPort!.on('message', (req: PoolRequest) => {
     } else {
       // A slot has room for a sealed chunk; no plaintext may be larger than a chunk.
       const into = req.out === undefined ? undefined : slot(req.out).subarray(0, init.chunkSize);
-      const plain = openChunk(keys, init.repoId, req.id!, input, into);
+      // A slot (or a copy made by postMessage) is opened where it lies; bytes the sender shares are not its to overwrite.
+      const shared = req.in === undefined && input.buffer instanceof SharedArrayBuffer;
+      const plain = openChunk(keys, init.repoId, req.id!, input, into, shared);
       res = into ? { seq: req.seq, ok: true, length: plain.length } : { seq: req.seq, ok: true, data: plain };
     }
     const out = res.data;

@@ -184,8 +184,9 @@ export class ChunkPool {
 
   /**
    * Like `openInSlot`, for a sealed chunk already in `slot` (its first `length` bytes):
-   * read there from storage (`openStoredChunk`), it is neither copied nor sent. The
-   * input slot may be released as soon as this resolves.
+   * read there from storage (`openStoredChunk`), it is neither copied nor sent, and it is
+   * decrypted where it lies (the slot holds no sealed chunk afterwards). The input slot
+   * may be released as soon as this resolves.
    */
   async openSlot(id: string, slot: Slot, length: number): Promise<OpenedChunk> {
     this.checkLength(length, 'sealed');

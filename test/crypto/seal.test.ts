@@ -2,7 +2,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { sodium } from '../../src/crypto/sodium.js';
-import { additionalData, open, seal, xchachaDecrypt, xchachaEncrypt } from '../../src/crypto/seal.js';
+import { PLAIN_AT, SEAL_OVERHEAD, additionalData, open, openInPlace, seal, sealInPlace, xchachaDecrypt, xchachaEncrypt } from '../../src/crypto/seal.js';
+import { nativeAead, useNativeAead } from '../../src/crypto/native-aead.js';
 import { IntegrityError } from '../../src/errors.js';
 
 test('xchacha output is exactly libsodium crypto_aead_xchacha20poly1305_ietf', () => {
@@ -55,3 +56,50 @@ test('HChaCha20 gives libsodium\'s subkeys (the draft\'s test vector, and 200 ra
   }
   assert.throws(() => hchacha20(randomBytes(31), randomBytes(16)), RangeError);
 });
+
+test('the native AEAD (sodium-native) loads here: the in-place path is the one measured and shipped', () => {
+  assert.ok(nativeAead(), 'sodium-native did not load: run npm ci');
+});
+
+for (const native of [true, false]) {
+  test(`sealed and opened in place (${native ? 'native libsodium' : "fallback: Node's cipher"}): the same objects as seal and open, in shared memory too, and every damage refused`, () => {
+    useNativeAead(native);
+    try {
+      const key = new Uint8Array(randomBytes(32));
+      const ad = additionalData('repo1', 'chunk', 'aa');
+      for (const size of [0, 1, 63, 64, 65, 4096, 1 << 20]) {
+        const msg = randomBytes(size);
+        // In a shared memory at an odd offset, as a pool slot's view may be; bytes around it stay untouched.
+        const mem = new SharedArrayBuffer(SEAL_OVERHEAD + size + 64);
+        const around = new Uint8Array(mem);
+        around.fill(0xee);
+        const buf = new Uint8Array(mem, 7, SEAL_OVERHEAD + size);
+        buf.set(msg, PLAIN_AT);
+        const sealed = sealInPlace(key, 'chunk', buf, size, ad);
+        assert.equal(sealed.length, SEAL_OVERHEAD + size);
+        assert.equal(sealed.buffer, mem, 'a view of the memory given, not a copy');
+        assert.ok(around.subarray(0, 7).every((b) => b === 0xee) && around.subarray(7 + SEAL_OVERHEAD + size).every((b) => b === 0xee), `nothing written outside (size ${size})`);
+        assert.deepEqual(open(key, 'chunk', sealed, ad, 'x'), msg, `open reads what sealInPlace made (size ${size})`);
+        // libsodium itself opens it: nonce at 4, ciphertext and tag after.
+        assert.deepEqual(Buffer.from(sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(null, new Uint8Array(sealed.subarray(PLAIN_AT)), ad, new Uint8Array(sealed.subarray(4, PLAIN_AT)), key)), msg);
+        const other = Buffer.from(seal(key, 'chunk', msg, ad));
+        const opened = openInPlace(key, 'chunk', other, ad, 'x');
+        assert.deepEqual(opened, msg, `openInPlace reads what seal made (size ${size})`);
+        assert.equal(opened.buffer, other.buffer, 'opened where it lay');
+        assert.equal(opened.byteOffset, other.byteOffset + PLAIN_AT);
+      }
+      const sealed = Buffer.from(seal(key, 'chunk', Buffer.from('hello world'), ad));
+      for (let i = 0; i < sealed.length; i++) {
+        const bad = Buffer.from(sealed);
+        bad[i]! ^= 0x01;
+        assert.throws(() => openInPlace(key, 'chunk', bad, ad, 'obj'), IntegrityError, `flip at ${i}`);
+      }
+      assert.throws(() => openInPlace(key, 'chunk', Buffer.from(sealed), additionalData('repo1', 'chunk', 'bb'), 'obj'), /obj failed authentication: it was modified, damaged, or stored under another name/);
+      assert.throws(() => openInPlace(key, 'manifest', Buffer.from(sealed), ad, 'obj'), /not a manifest object/);
+      assert.throws(() => openInPlace(key, 'chunk', Buffer.from(sealed.subarray(0, 20)), ad, 'obj'), /too short/);
+      assert.throws(() => sealInPlace(key, 'chunk', Buffer.alloc(SEAL_OVERHEAD + 9), 10, ad), RangeError);
+    } finally {
+      useNativeAead(true);
+    }
+  });
+}

@@ -17,7 +17,8 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { ChunkPool, PoolKeeper, type Slot } from '../../src/pipeline/pool.js';
 import { deriveKeys, generateMaster, chunkId } from '../../src/crypto/keys.js';
-import { openChunk, sealChunk } from '../../src/repo/chunk.js';
+import { openChunk, sealChunk, sealedChunkBound } from '../../src/repo/chunk.js';
+import { useNativeAead } from '../../src/crypto/native-aead.js';
 import { IntegrityError } from '../../src/errors.js';
 import { sodium } from '../../src/crypto/sodium.js';
 
@@ -69,6 +70,55 @@ describe('chunk pool output slots', () => {
       await pool.close();
     }
   });
+
+  test('a sealed chunk in a slot is opened where it lies; sealed bytes the caller shares are left as they were', async () => {
+    const { keys, pool } = setup();
+    try {
+      for (const plain of [randomBytes(CHUNK), text(CHUNK), randomBytes(1000), text(1000), randomBytes(CHUNK - 1)]) {
+        const id = chunkId(keys, plain);
+        const sealed = sealChunk(keys, REPO, id, plain, 1);
+        const input = await pool.slot();
+        sealed.copy(input.buffer);
+        const o = await pool.openSlot(id, input, sealed.length);
+        assert.deepEqual(Buffer.from(o.plain), plain);
+        assert.notDeepEqual(input.buffer.subarray(0, sealed.length), sealed, 'decrypted in the input slot itself');
+        input.release();
+        o.release();
+        const shared = Buffer.from(new SharedArrayBuffer(sealed.length));
+        sealed.copy(shared);
+        const o2 = await pool.openInSlot(id, shared);
+        assert.deepEqual(Buffer.from(o2.plain), plain);
+        o2.release();
+        assert.deepEqual(shared, sealed, "the caller's shared bytes are untouched");
+      }
+    } finally {
+      await pool.close();
+    }
+  });
+
+  for (const native of [true, false]) {
+    test(`chunks sealed into a given buffer (${native ? 'native libsodium' : "Node's cipher"}): zstd only where it shrinks the chunk, stored as is otherwise, and both open right`, () => {
+      useNativeAead(native);
+      try {
+        const keys = deriveKeys(generateMaster(), 'blake3');
+        for (const [plain, compressed] of [[text(CHUNK), true], [randomBytes(CHUNK), false], [randomBytes(1000), false], [text(1000), true], [Buffer.alloc(0), false]] as const) {
+          const id = chunkId(keys, plain);
+          const room = Buffer.alloc(sealedChunkBound(plain.length) + 3);
+          const sealed = sealChunk(keys, REPO, id, plain, 3, room);
+          assert.equal(sealed.buffer, room.buffer, 'made in the buffer given');
+          if (compressed) assert.ok(sealed.length < sealedChunkBound(plain.length) - plain.length / 4, `compressed: ${sealed.length}`);
+          else assert.equal(sealed.length, sealedChunkBound(plain.length), `stored as is (zstd would not shrink ${plain.length} bytes)`);
+          assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(sealed)), plain);
+          const into = Buffer.alloc(CHUNK);
+          assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(sealed), into), plain);
+          assert.deepEqual(openChunk(keys, REPO, id, Buffer.from(sealChunk(keys, REPO, id, plain, 3)), into), plain, 'the allocating seal opens in place');
+          assert.throws(() => sealChunk(keys, REPO, id, plain, 3, Buffer.alloc(sealedChunkBound(plain.length) - 1)), RangeError);
+        }
+      } finally {
+        useNativeAead(true);
+      }
+    });
+  }
 
   test('a pool of a format-1 repository computes keyed BLAKE2b ids in its workers', async () => {
     const keys = deriveKeys(generateMaster(), 'blake2b');
