@@ -59,6 +59,8 @@ await build({
     // Started with new Worker(new URL('./<name>.js', import.meta.url)): they must sit beside the chunks.
     'chunk-worker': 'dist/src/pipeline/chunk-worker.js',
     'kdf-worker': 'dist/src/crypto/kdf-worker.js',
+    // Loaded by bin/vmvault.js before main: chunk threads started while main loads.
+    prestart: 'dist/src/pipeline/prestart.js',
   },
   outdir: 'dist/cli',
   bundle: true,

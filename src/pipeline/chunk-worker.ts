@@ -7,15 +7,19 @@
  */
 import v8 from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
 import { chunkId } from '../crypto/chunk-id.js';
 import { blake2bReady } from '../crypto/blake2b.js';
+import { blakeHash } from '../crypto/blake-hash.js';
+import { nativeAead } from '../crypto/native-aead.js';
 import { openChunk, sealChunk } from '../repo/chunk.js';
 import type { PoolInit, PoolRequest, PoolResponse } from './pool.js';
 
-const init = workerData as PoolInit;
-const keys = init.keys;
-if (keys.idHash === 'blake2b') await blake2bReady();
+// The native code every chunk needs, loaded now: a thread started before its pool
+// exists (pipeline/prestart.ts) has this done by the time its first chunk comes.
+nativeAead();
+blakeHash();
+
 let zeros = Buffer.alloc(0);
 /**
  * A young-generation collection (a scavenge of this thread's small heap, well under a
@@ -50,10 +54,35 @@ function isZero(data: Buffer): boolean {
   return data.equals(zeros.subarray(0, data.length));
 }
 
-parentPort!.on('message', (req: PoolRequest) => {
+/** Set by the pool's first message: the chunk keys (never the master secret), the repository id, zstd level and chunk size. */
+let init: PoolInit | undefined;
+let keys: PoolInit['keys'];
+/** Requests that came while the keys' code was still loading (format 1 without native BLAKE2b). */
+let waiting: PoolRequest[] | undefined;
+
+parentPort!.on('message', (msg: PoolRequest | { init: PoolInit }) => {
+  if ('init' in msg) {
+    init = msg.init;
+    keys = init.keys;
+    if (keys.idHash === 'blake2b') {
+      waiting = [];
+      void blake2bReady().then(() => {
+        const queued = waiting ?? [];
+        waiting = undefined;
+        for (const req of queued) handle(req);
+      });
+    }
+    return;
+  }
+  if (waiting) waiting.push(msg);
+  else handle(msg);
+});
+
+function handle(req: PoolRequest): void {
   let res: PoolResponse;
   const transfer: ArrayBuffer[] = [];
   try {
+    const init = initOf();
     for (const [n, memory, offset, size] of req.send ?? []) slots.set(n, Buffer.from(memory, offset, size));
     const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : Buffer.from(req.data!.buffer, req.data!.byteOffset, req.data!.byteLength);
     if (req.op === 'hash') {
@@ -77,4 +106,9 @@ parentPort!.on('message', (req: PoolRequest) => {
   }
   parentPort!.postMessage(res, transfer);
   if (req.op !== 'hash') collectYoung();
-});
+}
+
+function initOf(): PoolInit {
+  if (!init) throw new Error('a chunk thread was sent work before its keys');
+  return init;
+}

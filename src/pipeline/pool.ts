@@ -14,11 +14,12 @@
  * its whole ArrayBuffer.
  */
 import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { asBuffer } from '../bytes.js';
 import { IntegrityError, VmvaultError, type ErrorCode } from '../errors.js';
 import { sealedChunkBound, type ChunkKeys } from '../repo/chunk.js';
 import type { Repository } from '../repo/repository.js';
+import { takeChunkThread } from './prestart.js';
 
 /** What a worker needs: the chunk keys only (never the master secret), the repository id, zstd level and chunk size. */
 export interface PoolInit { keys: ChunkKeys; repoId: string; level: number; chunkSize: number }
@@ -108,8 +109,8 @@ export class ChunkPool {
   private start(): void {
     const init = this.init;
     for (let i = 0; i < Math.max(1, this.size); i++) {
-      const w = new Worker(new URL('./chunk-worker.js', import.meta.url), { workerData: init });
-      w.unref();
+      const w = takeChunkThread();
+      w.postMessage({ init }); // its first message: the keys
       w.on('message', (res: PoolResponse) => this.onMessage(w, res));
       w.on('error', (err) => this.onWorkerGone(w, `failed: ${err.message}`));
       w.on('exit', (code) => this.onWorkerGone(w, `exited (code ${code})`));

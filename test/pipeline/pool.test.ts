@@ -19,6 +19,7 @@ import { ChunkPool, PoolKeeper, type Slot } from '../../src/pipeline/pool.js';
 import { deriveKeys, generateMaster, chunkId } from '../../src/crypto/keys.js';
 import { openChunk, sealChunk, sealedChunkBound } from '../../src/repo/chunk.js';
 import { useNativeAead } from '../../src/crypto/native-aead.js';
+import { prestartChunkThreads, prestartedCount } from '../../src/pipeline/prestart.js';
 import { IntegrityError } from '../../src/errors.js';
 import { sodium } from '../../src/crypto/sodium.js';
 
@@ -195,6 +196,33 @@ describe('chunk pool output slots', () => {
     } finally {
       await pool.close();
     }
+  });
+});
+
+describe('chunk threads started before their pool', () => {
+  test('a pool adopts threads started ahead, sends them its keys first, and they seal and open right; unadopted ones hold no process open', async () => {
+    prestartChunkThreads(2);
+    assert.equal(prestartedCount(), 2);
+    await new Promise((r) => setTimeout(r, 300)); // they come up with no keys, and wait
+    const { keys, pool } = setup();
+    try {
+      for (const plain of [randomBytes(CHUNK), text(CHUNK)]) {
+        const input = await pool.slot();
+        plain.copy(input.buffer);
+        const id = await pool.hashSlot(input, plain.length);
+        assert.equal(id, chunkId(keys, plain));
+        await sealChecked(keys, pool, input, plain);
+      }
+      assert.equal(prestartedCount(), 0, 'both adopted');
+    } finally {
+      await pool.close();
+    }
+    // A process that prestarts threads and never uses them exits on its own, at once.
+    const script = `import('${new URL('../../src/pipeline/prestart.js', import.meta.url).href}').then((m) => m.prestartChunkThreads(2))`;
+    const started = Date.now();
+    const r = await execa(process.execPath, ['--input-type=module', '-e', script], { timeout: 20_000, reject: false });
+    assert.equal(r.exitCode, 0, r.stderr);
+    assert.ok(Date.now() - started < 15_000);
   });
 });
 
