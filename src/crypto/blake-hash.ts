@@ -20,10 +20,28 @@ let loaded: BlakeHash | Error | undefined;
 /** The package, or the error that loading it gave. */
 export function blakeHash(): BlakeHash | Error {
   try {
-    return (loaded ??= createRequire(import.meta.url)('@napi-rs/blake-hash') as BlakeHash);
+    return (loaded ??= load());
   } catch (err) {
     return (loaded = err instanceof Error ? err : new Error(String(err)));
   }
+}
+
+/**
+ * On Linux with glibc, the platform's build is loaded directly: the package's own loader
+ * tells glibc from musl with process.report.getReport(), which takes about 20 ms (on the
+ * main thread of every command). Where that build does not load (musl, or not installed),
+ * the package's loader decides as before.
+ */
+function load(): BlakeHash {
+  const require = createRequire(import.meta.url);
+  if (process.platform === 'linux' && (process.arch === 'x64' || process.arch === 'arm64')) {
+    try {
+      return require(`@napi-rs/blake-hash-linux-${process.arch}-gnu`) as BlakeHash;
+    } catch {
+      /* the package's loader decides */
+    }
+  }
+  return require('@napi-rs/blake-hash') as BlakeHash;
 }
 
 /**
