@@ -6,11 +6,13 @@
  *
  * Layout of a sealed object: magic "VV" | format 0x01 | type tag | nonce (24) | ciphertext+tag.
  *
- * The AEAD is computed as libsodium defines XChaCha20-Poly1305: HChaCha20 derives a
- * subkey from the key and the first 16 nonce bytes, then ChaCha20-Poly1305 (IETF) runs
- * with nonce 0x00000000 || nonce[16..24]. HChaCha20 is crypto/hchacha20.ts; the bulk
- * cipher from Node's OpenSSL, which is several times faster than libsodium's
- * single-threaded WebAssembly. The output is byte-for-byte what
+ * Two ways to the same bytes. Chunks, sealed and opened in place in the chunk threads
+ * (`sealInPlace`, `openInPlace`), use libsodium's own native code (sodium-native,
+ * crypto/native-aead.ts), which writes where the bytes lie. Everything else (`seal`,
+ * `open`), and chunks where that package does not load, computes the AEAD as libsodium
+ * defines XChaCha20-Poly1305: HChaCha20 (crypto/hchacha20.ts) derives a subkey from the
+ * key and the first 16 nonce bytes, then Node's OpenSSL runs ChaCha20-Poly1305 (IETF)
+ * with nonce 0x00000000 || nonce[16..24]. Either output is byte-for-byte what
  * crypto_aead_xchacha20poly1305_ietf_encrypt produces (checked in test/crypto).
  */
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
