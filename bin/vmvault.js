@@ -28,7 +28,11 @@ const args = process.argv.slice(2);
 const command = args.find((a) => !a.startsWith('-'));
 if (command === 'restore' || (command === 'verify' && args.some((a) => a.startsWith('--read-data'))) || (command === 'backup' && args.some((a) => /(^|=)qcow2$/.test(a)))) {
   const at = new URL(entry === bundled ? '../dist/cli/prestart.js' : '../dist/src/pipeline/prestart.js', import.meta.url);
-  (await import(at.href)).prestartChunkThreads(availableParallelism());
+  try {
+    (await import(at.href)).prestartChunkThreads(availableParallelism());
+  } catch {
+    // Only a head start: the pool starts its own threads, and says why if it cannot.
+  }
 }
 const { main } = await import(entry.href);
 const code = await main(process.argv);

@@ -16,7 +16,7 @@
  * crypto_aead_xchacha20poly1305_ietf_encrypt produces (checked in test/crypto).
  */
 import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
-import { IntegrityError } from '../errors.js';
+import { IntegrityError, VmvaultError, errorMessage } from '../errors.js';
 import { hchacha20 } from './hchacha20.js';
 import { nativeAead } from './native-aead.js';
 import { copyBytes } from '../bytes.js';
@@ -124,7 +124,7 @@ export function sealInPlace(key: Uint8Array, type: ObjectType, buf: Uint8Array, 
   const plain = out.subarray(PLAIN_AT, PLAIN_AT + length);
   const aead = nativeAead();
   if (aead) aead.crypto_aead_xchacha20poly1305_ietf_encrypt(out.subarray(PLAIN_AT), plain, ad, null, nonce, key);
-  else xchachaEncrypt(key, nonce, plain, ad).copy(out, PLAIN_AT);
+  else copyBytes(xchachaEncrypt(key, nonce, plain, ad), out, PLAIN_AT);
   return out;
 }
 
@@ -143,8 +143,9 @@ export function open(key: Uint8Array, type: ObjectType, sealed: Uint8Array, ad: 
 
 /**
  * Opens in place: the plaintext is written over the ciphertext, and the result is a
- * view of `sealed` at PLAIN_AT. Fails as `open` does; after a failure, what `sealed`
- * holds is undefined (libsodium clears what it wrote).
+ * view of `sealed` at PLAIN_AT. Fails as `open` does; after a failure `sealed` no longer
+ * holds the object (libsodium checks the tag first and then zeroes the whole plaintext
+ * range, the ciphertext itself here).
  */
 export function openInPlace(key: Uint8Array, type: ObjectType, sealed: Uint8Array, ad: Uint8Array, what: string): Buffer {
   checkHeader(type, sealed, what);
@@ -154,16 +155,23 @@ export function openInPlace(key: Uint8Array, type: ObjectType, sealed: Uint8Arra
   if (aead) {
     try {
       aead.crypto_aead_xchacha20poly1305_ietf_decrypt(plain, null, sealed.subarray(PLAIN_AT), ad, nonce, key);
-    } catch {
-      throw notAuthentic(what);
+    } catch (err) {
+      // Only a tag that does not verify is the object's fault; anything else (a key of the
+      // wrong size, an argument the package refuses) is vmvault's, and must not make a
+      // verification call an intact chunk damaged.
+      if (errorMessage(err) === NATIVE_NOT_VERIFIED) throw notAuthentic(what);
+      throw new VmvaultError('INTERNAL', `opening ${what} failed in libsodium's native code: ${errorMessage(err)}`, { cause: err });
     }
   } else {
     const opened = xchachaDecrypt(key, nonce, sealed.subarray(PLAIN_AT), ad);
     if (!opened) throw notAuthentic(what);
-    opened.copy(plain);
+    copyBytes(opened, plain);
   }
   return plain;
 }
+
+/** What sodium-native throws, and only throws, when a tag does not verify. */
+const NATIVE_NOT_VERIFIED = 'could not verify data';
 
 function checkHeader(type: ObjectType, sealed: Uint8Array, what: string): void {
   if (sealed.length < SEAL_OVERHEAD || sealed[0] !== 0x56 || sealed[1] !== 0x56) {

@@ -23,8 +23,9 @@ blakeHash();
 let zeros = Buffer.alloc(0);
 /**
  * A young-generation collection (a scavenge of this thread's small heap, well under a
- * millisecond) after each chunk sealed or opened: the cipher's output buffers die
- * young, and without it they pile up as garbage until external-memory pressure
+ * millisecond) after each chunk sealed or opened: what a chunk leaves behind (Node's
+ * cipher's output buffers where libsodium's native code does not load, a plaintext
+ * sent back whole) dies young, and without it piles up as garbage until external-memory pressure
  * triggers a full collection, tens of MiB of resident memory per thread in a full
  * backup. `gc` is exposed for contexts created from now on; if it cannot be, the
  * collector keeps its own schedule.
@@ -59,6 +60,8 @@ let init: PoolInit | undefined;
 let keys: PoolInit['keys'];
 /** Requests that came while the keys' code was still loading (format 1 without native BLAKE2b). */
 let waiting: PoolRequest[] | undefined;
+/** Why the keys' code could not be loaded: every request is answered with it. */
+let loadFailed: Error | undefined;
 
 parentPort!.on('message', (msg: PoolRequest | { init: PoolInit }) => {
   if ('init' in msg) {
@@ -66,10 +69,14 @@ parentPort!.on('message', (msg: PoolRequest | { init: PoolInit }) => {
     keys = init.keys;
     if (keys.idHash === 'blake2b') {
       waiting = [];
-      void blake2bReady().then(() => {
+      const answerWaiting = () => {
         const queued = waiting ?? [];
         waiting = undefined;
         for (const req of queued) handle(req);
+      };
+      blake2bReady().then(answerWaiting, (err: unknown) => {
+        loadFailed = err instanceof Error ? err : new Error(String(err));
+        answerWaiting();
       });
     }
     return;
@@ -82,8 +89,10 @@ function handle(req: PoolRequest): void {
   let res: PoolResponse;
   const transfer: ArrayBuffer[] = [];
   try {
-    const init = initOf();
+    // The slots first: the pool counts them as sent whatever becomes of this request.
     for (const [n, memory, offset, size] of req.send ?? []) slots.set(n, Buffer.from(memory, offset, size));
+    if (loadFailed) throw loadFailed;
+    const init = initOf();
     const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : Buffer.from(req.data!.buffer, req.data!.byteOffset, req.data!.byteLength);
     if (req.op === 'hash') {
       res = { seq: req.seq, ok: true, id: isZero(input) ? null : chunkId(keys, input) };

@@ -109,7 +109,7 @@ export function sealChunk(keys: ChunkKeys, repoId: string, id: string, plain: Ui
  * `into`, the plaintext is written there (a chunk that does not fit is damaged: no
  * chunk is larger than the repository's chunk size) and the result is a view of it;
  * `sealed` is then decrypted where it lies, and holds no sealed chunk afterwards
- * (unless `keepSealed`): nothing is allocated.
+ * (unless `keepSealed`): with libsodium's native code, nothing is allocated.
  */
 export function openChunk(keys: ChunkKeys, repoId: string, id: string, sealed: Uint8Array, into?: Uint8Array, keepSealed = false): Buffer {
   const what = `chunk ${chunkName(id)}`;

@@ -154,7 +154,8 @@ export async function runDrill(o: DrillRunOptions): Promise<DrillOutcome> {
   }
 }
 
-type Exit = { code?: number; stderr: string };
+/** How QEMU ended: its exit code or the signal that ended it, or that it could not be run at all. */
+type Exit = { code?: number; signal?: string; notFound?: boolean; stderr: string };
 
 /**
  * Starts QEMU and connects to its QMP socket. A TCP probe's host port is found free
@@ -167,15 +168,23 @@ async function startQemu(o: DrillRunOptions, paths: Parameters<typeof qemuArgs>[
     const proc = execa('qemu-system-x86_64', qemuArgs(o, paths, hostPort), { reject: false, stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', encoding: 'utf8', cleanup: true });
     let gone: Exit | undefined;
     const exited = () => gone;
-    const done = proc.then((r) => { gone = { ...(r.exitCode !== undefined ? { code: r.exitCode } : {}), stderr: stderrText(String(r.stderr ?? '')) }; });
+    const done = proc.then((r) => {
+      gone = {
+        ...(r.exitCode !== undefined ? { code: r.exitCode } : {}), ...(r.signal ? { signal: r.signal } : {}),
+        ...((r as { code?: string }).code === 'ENOENT' ? { notFound: true } : {}), stderr: stderrText(String(r.stderr ?? '')),
+      };
+    });
     const qmp = await connectQmp(paths.qmp, exited);
     if (qmp) return { proc, done, qmp, hostPort, exited };
+    const running = !exited();
     proc.kill('SIGKILL'); // no QMP socket in 10 s and still running: it will not come
     await done;
     await rm(paths.qmp, { force: true });
-    if (gone?.code === undefined) throw new VmvaultError('QEMU', 'qemu-system-x86_64 could not be run: install qemu-system-x86');
-    if (hostPort !== undefined && attempt < 3 && /host forwarding/i.test(gone.stderr)) continue;
-    throw new VmvaultError('QEMU', `QEMU did not start for the drill: ${gone.stderr || `exit ${gone.code}`}`);
+    const end = gone as Exit | undefined;
+    if (end?.notFound) throw new VmvaultError('QEMU', 'qemu-system-x86_64 could not be run: install qemu-system-x86');
+    if (running) throw new VmvaultError('QEMU', `QEMU did not open its QMP socket within 10 s and was stopped${end?.stderr ? `: ${end.stderr}` : ''}`);
+    if (hostPort !== undefined && attempt < 3 && /host forwarding/i.test(end?.stderr ?? '')) continue;
+    throw new VmvaultError('QEMU', `QEMU did not start for the drill: ${end?.stderr || (end?.signal ? `killed by ${end.signal}` : `exit ${end?.code}`)}`);
   }
 }
 

@@ -61,6 +61,19 @@ test('the native AEAD (sodium-native) loads here: the in-place path is the one m
   assert.ok(nativeAead(), 'sodium-native did not load: run npm ci');
 });
 
+test("a native failure that is not the object's (a key of the wrong size) is vmvault's error, never a damaged object", () => {
+  const key = new Uint8Array(randomBytes(32));
+  const ad = additionalData('repo1', 'chunk', 'aa');
+  const sealed = Buffer.from(seal(key, 'chunk', Buffer.from('hello world'), ad));
+  assert.throws(() => openInPlace(new Uint8Array(31), 'chunk', Buffer.from(sealed), ad, 'obj'), (err: Error & { code?: string }) => {
+    assert.ok(!(err instanceof IntegrityError), `reported as damage: ${err.message}`);
+    assert.equal(err.code, 'INTERNAL');
+    assert.match(err.message, /opening obj failed in libsodium's native code: k must be/);
+    return true;
+  });
+  assert.deepEqual(openInPlace(key, 'chunk', sealed, ad, 'obj'), Buffer.from('hello world'), 'the object itself is fine');
+});
+
 for (const native of [true, false]) {
   test(`sealed and opened in place (${native ? 'native libsodium' : "fallback: Node's cipher"}): the same objects as seal and open, in shared memory too, and every damage refused`, () => {
     useNativeAead(native);

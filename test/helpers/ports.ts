@@ -6,9 +6,10 @@
  * outgoing connection and every other `listen(0)` of the parallel test files also draws
  * from: released and used a moment later, it can be taken in between, and a server that
  * then fails to bind (or a ping that reaches someone else's server) breaks a test for
- * no reason of its own. So these ports are drawn at random from below the ephemeral
- * range, and checked free by binding them once. Callers that can should still check
- * that the server answering is theirs (see redis-sentinel.ts).
+ * no reason of its own. So these ports are drawn at random from 20000 up to the start
+ * of the ephemeral range (32768 by default; 20000–32767 where the range starts lower, in
+ * part inside it then), and checked free by binding them once. Callers that can should
+ * still check that the server answering is theirs (see redis-sentinel.ts).
  */
 import { readFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
@@ -29,7 +30,7 @@ function bindable(port: number): Promise<boolean> {
   });
 }
 
-/** A port on 127.0.0.1 that is free now and outside the kernel's ephemeral range. */
+/** A port on 127.0.0.1 that is free now, below the kernel's ephemeral range where it leaves room. */
 export async function freePort(): Promise<number> {
   const top = await ephemeralFloor();
   for (let i = 0; i < 200; i++) {
