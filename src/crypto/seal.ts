@@ -77,31 +77,10 @@ export function xchachaDecrypt(key: Uint8Array, nonce: Uint8Array, sealed: Uint8
   }
 }
 
-/**
- * Seals the concatenation of `parts` (e.g. a one-byte codec tag and a body) without
- * first copying them into one buffer: the bulk path makes one ciphertext and one
- * output buffer per object, which keeps worker threads' memory churn low. With `into`
- * (at least SEAL_OVERHEAD + the plaintext's length), the object is written there and
- * the result is a view of it: no output buffer is allocated at all.
- */
-export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array | Uint8Array[], ad: Uint8Array, into?: Uint8Array): Buffer {
-  const parts = Array.isArray(plaintext) ? plaintext : [plaintext];
-  const length = parts.reduce((n, p) => n + p.length, 0);
-  const nonce = randomBytes(NONCE_BYTES);
-  const { subkey, iv } = subkeyAndNonce(key, nonce);
-  const cipher = createCipheriv('chacha20-poly1305', subkey, iv, { authTagLength: TAG_BYTES });
-  cipher.setAAD(ad, { plaintextLength: length });
-  if (into && into.length < SEAL_OVERHEAD + length) throw new RangeError(`${SEAL_OVERHEAD + length} bytes do not fit in ${into.length}`);
-  const out = into ? Buffer.from(into.buffer, into.byteOffset, SEAL_OVERHEAD + length) : Buffer.allocUnsafeSlow(SEAL_OVERHEAD + length);
-  out[0] = 0x56; // V
-  out[1] = 0x56; // V
-  out[2] = 1;
-  out[3] = TYPE_TAG[type];
-  nonce.copy(out, HEADER);
-  let at = HEADER + NONCE_BYTES;
-  for (const p of parts) at += copyBytes(cipher.update(p), out, at);
-  at += cipher.final().copy(out, at);
-  cipher.getAuthTag().copy(out, at);
+/** Seals `plaintext` into a new object (manifests, locks, index and health objects: Node's cipher, on any thread). */
+export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array, ad: Uint8Array): Buffer {
+  const out = Buffer.allocUnsafeSlow(SEAL_OVERHEAD + plaintext.length);
+  copyBytes(xchachaEncrypt(key, writeHeader(out, type), plaintext, ad), out, PLAIN_AT);
   return out;
 }
 
@@ -115,17 +94,23 @@ export function seal(key: Uint8Array, type: ObjectType, plaintext: Uint8Array | 
 export function sealInPlace(key: Uint8Array, type: ObjectType, buf: Uint8Array, length: number, ad: Uint8Array): Buffer {
   if (buf.length < SEAL_OVERHEAD + length) throw new RangeError(`${SEAL_OVERHEAD + length} bytes do not fit in ${buf.length}`);
   const out = Buffer.from(buf.buffer, buf.byteOffset, SEAL_OVERHEAD + length);
+  const nonce = writeHeader(out, type);
+  const plain = out.subarray(PLAIN_AT, PLAIN_AT + length);
+  const aead = nativeAead();
+  if (aead) aead.crypto_aead_xchacha20poly1305_ietf_encrypt(out.subarray(PLAIN_AT), plain, ad, null, nonce, key);
+  else copyBytes(xchachaEncrypt(key, nonce, plain, ad), out, PLAIN_AT);
+  return out;
+}
+
+/** Writes an object's header and a fresh random nonce at the start of `out`; returns the nonce. */
+function writeHeader(out: Buffer, type: ObjectType): Buffer {
   out[0] = 0x56; // V
   out[1] = 0x56; // V
   out[2] = 1;
   out[3] = TYPE_TAG[type];
   const nonce = randomBytes(NONCE_BYTES);
   nonce.copy(out, HEADER);
-  const plain = out.subarray(PLAIN_AT, PLAIN_AT + length);
-  const aead = nativeAead();
-  if (aead) aead.crypto_aead_xchacha20poly1305_ietf_encrypt(out.subarray(PLAIN_AT), plain, ad, null, nonce, key);
-  else copyBytes(xchachaEncrypt(key, nonce, plain, ad), out, PLAIN_AT);
-  return out;
+  return nonce;
 }
 
 /**

@@ -13,10 +13,10 @@ import { Worker } from 'node:worker_threads';
 const started: Worker[] = [];
 
 /** Where the chunk thread's code is: beside this module, in the bundle and in tsc's output alike. */
-export const CHUNK_WORKER_URL = new URL('./chunk-worker.js', import.meta.url);
+const CHUNK_WORKER_URL = new URL('./chunk-worker.js', import.meta.url);
 
 /** A new chunk thread, waiting for its pool's first message. */
-export function chunkThread(): Worker {
+function chunkThread(): Worker {
   const w = new Worker(CHUNK_WORKER_URL);
   w.unref();
   return w;

@@ -9,7 +9,7 @@ import { Decompressor } from 'zstd-napi';
 import zstd from 'zstd-napi/binding.js';
 import { IntegrityError } from '../errors.js';
 import { chunkId, type ChunkIdKey } from '../crypto/chunk-id.js';
-import { PLAIN_AT, SEAL_OVERHEAD, additionalData, open, openInPlace, seal, sealInPlace } from '../crypto/seal.js';
+import { PLAIN_AT, SEAL_OVERHEAD, additionalData, open, openInPlace, sealInPlace } from '../crypto/seal.js';
 import { copyBytes } from '../bytes.js';
 import { looksIncompressible } from './compressible.js';
 
@@ -20,36 +20,27 @@ const CODEC_RAW = 0;
 const CODEC_ZSTD = 1;
 
 // One (de)compression context per thread, reused: a fresh context per chunk costs
-// megabytes of native allocation each time. Compression writes into one scratch buffer
-// per thread, or straight into the chunk's slot, so a chunk leaves no compressed garbage
-// behind (the high-level API allocates a compressBound-sized buffer per call, and
-// garbage of that size is what makes the collector run).
-let compressor: { level: number; ctx: InstanceType<typeof zstd.CCtx>; scratch: Buffer } | undefined;
+// megabytes of native allocation each time. Compression writes straight into the
+// sealed chunk's buffer, so a chunk leaves no compressed garbage behind (the high-level
+// API allocates a compressBound-sized buffer per call, and garbage of that size is what
+// makes the collector run).
+let compressor: { level: number; ctx: InstanceType<typeof zstd.CCtx> } | undefined;
 let decompressor: Decompressor | undefined;
 let dctx: InstanceType<typeof zstd.DCtx> | undefined;
 
-function cctx(level: number): NonNullable<typeof compressor> {
+function cctx(level: number): InstanceType<typeof zstd.CCtx> {
   if (compressor?.level !== level) {
     const ctx = new zstd.CCtx();
     ctx.setParameter(zstd.CParameter.compressionLevel, level);
-    compressor = { level, ctx, scratch: compressor?.scratch ?? Buffer.alloc(0) };
+    compressor = { level, ctx };
   }
-  return compressor;
-}
-
-/** The compressed bytes of `plain`, in the thread's scratch buffer: valid until the next call. */
-function compress(plain: Uint8Array, level: number): Buffer {
-  const c = cctx(level);
-  const bound = zstd.compressBound(plain.length);
-  if (c.scratch.length < bound) c.scratch = Buffer.allocUnsafeSlow(bound);
-  const n = c.ctx.compress2(c.scratch, plain);
-  return c.scratch.subarray(0, n);
+  return compressor.ctx;
 }
 
 /** Compresses `plain` into `dst`; -1 when the result would not fit (so not worth storing compressed). */
 function compressInto(dst: Uint8Array, plain: Uint8Array, level: number): number {
   try {
-    return cctx(level).ctx.compress2(dst, plain);
+    return cctx(level).compress2(dst, plain);
   } catch (err) {
     if ((err as Error).message === 'Destination buffer is too small') return -1;
     throw err;
@@ -75,33 +66,20 @@ export function sealedChunkBound(plainLength: number): number {
 }
 
 /**
- * Compresses and seals a chunk. With `into` (sealedChunkBound bytes at least), the
- * object is made there and the result is a view of it: zstd writes straight to where
- * the plaintext of the sealed object lies, refused when it would not come out shorter
- * than the chunk (then the chunk is copied there as it is), and the cipher encrypts it
- * where it lies.
+ * Compresses and seals a chunk, into `into` (sealedChunkBound bytes at least) when
+ * given, else into a new buffer; the result is a view of it. zstd writes straight to
+ * where the plaintext of the sealed object lies, refused when it would not come out
+ * shorter than the chunk (then the chunk is copied there as it is), and the cipher
+ * encrypts it where it lies.
  */
-export function sealChunk(keys: ChunkKeys, repoId: string, id: string, plain: Uint8Array, level: number, into?: Uint8Array): Buffer {
-  const ad = additionalData(repoId, 'chunk', id);
-  const tryZstd = level > 0 && !looksIncompressible(plain);
-  if (!into) {
-    let body: Uint8Array = plain;
-    let codec = CODEC_RAW;
-    if (tryZstd) {
-      const packed = compress(plain, level);
-      if (packed.length < plain.length) {
-        body = packed;
-        codec = CODEC_ZSTD;
-      }
-    }
-    return seal(keys.encKey, 'chunk', [Uint8Array.of(codec), body], ad);
-  }
+export function sealChunk(keys: ChunkKeys, repoId: string, id: string, plain: Uint8Array, level: number, into: Uint8Array = Buffer.allocUnsafeSlow(sealedChunkBound(plain.length))): Buffer {
   if (into.length < sealedChunkBound(plain.length)) throw new RangeError(`a sealed chunk of ${plain.length} bytes needs ${sealedChunkBound(plain.length)}, not ${into.length}`);
   const body = into.subarray(PLAIN_AT + 1, PLAIN_AT + 1 + plain.length);
-  let length = tryZstd && plain.length > 0 ? compressInto(body.subarray(0, plain.length - 1), plain, level) : -1;
+  const tryZstd = level > 0 && plain.length > 0 && !looksIncompressible(plain);
+  let length = tryZstd ? compressInto(body.subarray(0, plain.length - 1), plain, level) : -1;
   into[PLAIN_AT] = length >= 0 ? CODEC_ZSTD : CODEC_RAW;
   if (length < 0) length = copyBytes(plain, body);
-  return sealInPlace(keys.encKey, 'chunk', into, 1 + length, ad);
+  return sealInPlace(keys.encKey, 'chunk', into, 1 + length, additionalData(repoId, 'chunk', id));
 }
 
 /**
