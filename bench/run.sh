@@ -157,6 +157,9 @@ id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1],
 v_out=$W/restore-vmvault/root.raw r_out=$W/restore-restic$W/disk.raw
 timed restore 1 vmvault "$W/restore-vmvault" env VMVAULT_REPOSITORY="$V_REPO" "$VMVAULT" restore "$id" --to "$W/restore-vmvault" --format raw --json
 timed restore 1 restic "$r_out" restic -r "$R_REPO" --cache-dir "$R_CACHE" restore latest --target "$W/restore-restic"
+# restic's restore ends with its data in the page cache, vmvault's with an fdatasync of the
+# restored file: the durable comparison adds what making restic's file durable takes.
+timed restore-sync 1 restic "$r_out" sync --data "$r_out"
 
 # full_round ROUND: the four full backups again, each into a fresh scratch repository, in
 # alternating order. At the end, because vmvault leaves a dirty bitmap of each repository in
@@ -203,11 +206,11 @@ for (const line of fs.readFileSync(`${W}/measurements.tsv`, 'utf8').trim().split
   const [step, rep, tool, seconds, rssKiB, bytes, user, sys] = line.split('\t');
   const out = fs.readFileSync(`${W}/out/${step}.${rep}.${tool}.out`, 'utf8');
   const run = { run: +rep, seconds: +seconds, cpuUserSeconds: +user, cpuSysSeconds: +sys, peakRssMiB: Math.round(+rssKiB / 1024),
-    [step === 'restore' ? 'restoredFileAllocatedBytes' : 'repositoryBytes']: +bytes };
+    [step.startsWith('restore') ? 'restoredFileAllocatedBytes' : 'repositoryBytes']: +bytes };
   if (tool === 'vmvault' && step !== 'restore') {
     const r = JSON.parse(out);
     Object.assign(run, { mode: r.disks[0].mode, reason: r.disks[0].reason, bytesRead: r.stats.bytesRead, stats: r.stats });
-  } else if (tool === 'restic' && step !== 'restore') {
+  } else if (tool === 'restic' && !step.startsWith('restore')) {
     const sum = out.split('\n').filter((l) => l.includes('"summary"')).map((l) => JSON.parse(l))[0];
     Object.assign(run, { filesUnmodified: sum.files_unmodified, stats: sum });
   }
@@ -302,6 +305,11 @@ console.log(`\ngoals: full backup <= 0.4x restic: ${yn(goals.fullBackupAtMost0_4
   `  2% incremental <= 0.1x restic: ${yn(goals.incrementalAtMost0_1xRestic)} (${changeTracking[0].vmvaultOverRestic}x); ` +
   `unchanged re-backup <= 0.5x restic: qcow2 ${yn(goals.unchangedQcow2AtMost0_5xRestic)} (${changeTracking[3].vmvaultOverRestic}x), ` +
   `raw ${yn(goals.unchangedRawAtMost0_5xRestic)} (${changeTracking[4].vmvaultOverRestic}x)`);
+// Both durable: restic's restore plus `sync --data` of its file, against vmvault's restore (which ends with fdatasync).
+const durableRestore = { resticSeconds: +(med('restore.restic') + med('restore-sync.restic')).toFixed(2), resticSyncSeconds: med('restore-sync.restic') };
+durableRestore.vmvaultOverRestic = +(rest.vmvaultSeconds / durableRestore.resticSeconds).toFixed(3);
+console.log(`restore, both durable: vmvault ${fmt(rest.vmvaultSeconds, 2)} s, restic + sync --data ${fmt(durableRestore.resticSeconds, 2)} s ` +
+  `(sync ${fmt(durableRestore.resticSyncSeconds, 2)} s): vmvault/restic ${durableRestore.vmvaultOverRestic}`);
 console.log(`restored images and copies equal the source: ${env.VERIFIED}`);
 for (const p of problems) console.error(`bench: WRONG MODE: ${p}`);
 console.log(`whole run: ${env.WALL_SECONDS} s`);
@@ -312,7 +320,7 @@ const result = {
   image: { path: env.IMAGE, virtualGiB: 4, dataMiB: DATA_MIB, layout: '64 MiB slots; even slots data (cycling random, log-like text, zeros written as data), odd slots unallocated' },
   incremental: `each round, 20 of 1024 4-MiB regions (in data slots) get 1 MiB of a new byte pattern; same qemu-io writes on every copy`,
   inputs: { vmvault: 'disk.qcow2 (bitmaps), disk-fr.qcow2 (--full-read), disk.raw (raw rows)', restic: 'disk.raw (full, incr, same-raw, restore), disk-restic.qcow2: the qcow2 file itself (full-qcow2, incr-qcow2, same-qcow2)' },
-  rows, changeTracking, bitmapGain, runs, goals, problems, restoredImagesEqualSource: env.VERIFIED === 'ok',
+  rows, changeTracking, bitmapGain, durableRestore, runs, goals, problems, restoredImagesEqualSource: env.VERIFIED === 'ok',
 };
 fs.writeFileSync(env.RESULTS, JSON.stringify(result, null, 2) + '\n');
 console.log(`results written to ${env.RESULTS}`);
