@@ -18,6 +18,7 @@ import { registerExportCommand } from './commands/export.js'; // export over NBD
 import { registerTokenCommands } from './commands/token.js'; // token create (issue 12)
 import { registerStatusCommand } from './commands/status.js'; // status (issue 12)
 import { registerDrillCommand } from './commands/drill.js'; // restore drills (issue 13)
+import { registerBitmapCommands } from './commands/bitmaps.js'; // dirty bitmaps of repositories that are gone
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -40,6 +41,7 @@ export function buildProgram(): Command {
   registerTokenCommands(program); // token create (issue 12)
   registerStatusCommand(program); // status (issue 12)
   registerDrillCommand(program, globals); // restore drills (issue 13)
+  registerBitmapCommands(program, globals); // dirty bitmaps of repositories that are gone
   return program;
 }
 

@@ -11,7 +11,9 @@
  * - `revert` checks every disk before changing any; offline, an image a process
  *   holds (a running VM) is refused with IMAGE_LOCKED: qemu-img must never write an
  *   image in use, and reverting a running VM's disks under it would corrupt it;
- * - `remove` deletes the snapshot from the disks that have it.
+ * - `remove` deletes the snapshot from the disks that have it;
+ * - `bitmaps` lists vmvault's dirty bitmaps on each disk, `removeBitmap` removes one
+ *   (src/vm/bitmaps.ts: those of repositories that are gone).
  */
 import path from 'node:path';
 import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
@@ -43,7 +45,18 @@ export interface SnapshotDriver {
   revert(name: string): Promise<void>;
   /** Deletes `name` from the disks (indexes into target.disks) that hold it. */
   remove(name: string, disks: number[]): Promise<void>;
+  /** Per inventory disk (same order), its `vmvault-` dirty bitmaps (other bitmaps are not vmvault's business). */
+  bitmaps(): Promise<DiskBitmap[][]>;
+  /** Removes dirty bitmap `name` from disk `disk` (an index into target.disks). */
+  removeBitmap(disk: number, name: string): Promise<void>;
   close(): Promise<void>;
+}
+
+/** A dirty bitmap on a disk, and whether it can be trusted as it is. */
+export interface DiskBitmap {
+  name: string;
+  /** `recording`; `disabled` (not recording); `in use` (a QEMU that had the image open did not close it cleanly, or has it open); `inconsistent`; `busy` (a job or export uses it). */
+  state: 'recording' | 'disabled' | 'in use' | 'inconsistent' | 'busy';
 }
 
 /**
@@ -135,6 +148,28 @@ class OfflineDriver implements SnapshotDriver {
   async remove(name: string, disks: number[]): Promise<void> {
     await this.inspect();
     for (const i of disks) await snapshotDelete(this.target.disks[i]!.path, name);
+  }
+
+  async bitmaps(): Promise<DiskBitmap[][]> {
+    const out: DiskBitmap[][] = [];
+    for (const d of this.target.disks) {
+      // Only qcow2 holds bitmaps: another disk of the VM has none. Inspected like every image (format pinned, not in use).
+      const info = await inspectDisk(d);
+      if (info.format !== 'qcow2') {
+        out.push([]);
+        continue;
+      }
+      out.push(info.bitmaps.filter((b) => b.name.startsWith(BITMAP_PREFIX)).map((b) => ({
+        name: b.name,
+        state: b.flags.includes('in-use') ? 'in use' : b.flags.includes('inconsistent') ? 'inconsistent' : b.flags.includes('auto') ? 'recording' : 'disabled',
+      })));
+    }
+    return out;
+  }
+
+  async removeBitmap(disk: number, name: string): Promise<void> {
+    await inspectDisk(this.target.disks[disk]!); // not in use, qcow2 as pinned
+    await bitmapChange(this.target.disks[disk]!.path, '--remove', name);
   }
 
   async close(): Promise<void> {}
@@ -235,6 +270,20 @@ class RunningDriver implements SnapshotDriver {
     const nodes = await this.nodes();
     const devices = disks.map((i) => nodes[i]!.node);
     if (devices.length > 0) await this.qmp.runJob('snapshot-delete', { 'job-id': this.jobId('delete'), tag: name, devices }, JOB_TIMEOUT_MS);
+  }
+
+  async bitmaps(): Promise<DiskBitmap[][]> {
+    const [nodes, onNodes] = [await this.nodes(), await nodeBitmaps(this.qmp)];
+    return nodes.map((n) => (onNodes.get(n.node) ?? []).filter((b) => b.name.startsWith(BITMAP_PREFIX)).map((b) => ({
+      name: b.name,
+      state: b.inconsistent ? 'inconsistent' : b.busy ? 'busy' : b.recording ? 'recording' : 'disabled',
+    })));
+  }
+
+  async removeBitmap(disk: number, name: string): Promise<void> {
+    const nodes = await this.nodes();
+    // QEMU refuses a busy bitmap (a backup's export of it): the error says so.
+    await this.qmp.execute('block-dirty-bitmap-remove', { node: nodes[disk]!.node, name });
   }
 
   async close(): Promise<void> {
