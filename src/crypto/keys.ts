@@ -49,14 +49,22 @@ export const KDF_PRESETS = {
 } as const;
 export type KdfPreset = keyof typeof KDF_PRESETS;
 
+/**
+ * The most Argon2id cost a key file may ask for: four times the strong preset's passes,
+ * and libsodium's "sensitive" memory. Every key is tried at open, so a key file planted
+ * in keys/ with a cost of hours (or gigabytes) would otherwise stall every command of
+ * every host: beyond these it is a damaged key file, skipped with a warning.
+ */
+export const KDF_MAX = { opsLimit: 16, memLimit: 1024 * 1024 * 1024 } as const;
+
 export const keyFileSchema = z.object({
   version: z.literal(1),
   created: z.string(),
   label: z.string().optional(),
   kdf: z.object({
     algorithm: z.literal('argon2id13'),
-    opsLimit: z.number().int().positive(),
-    memLimit: z.number().int().positive(),
+    opsLimit: z.number().int().positive().max(KDF_MAX.opsLimit),
+    memLimit: z.number().int().positive().max(KDF_MAX.memLimit),
     salt: z.string(),
   }),
   nonce: z.string(),

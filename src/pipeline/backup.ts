@@ -193,6 +193,10 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
       'other backups may use them too; run "vmvault verify" to find and heal them');
   }
+  if (known.counts.damaged) {
+    repo.warn(`${known.counts.damaged} chunk object(s) in storage had a size no chunk has (cut short, or empty after a crash) and were replaced by the data just read, ` +
+      'which heals the other backups that use them; run "vmvault verify" to find damaged chunks this backup did not meet');
+  }
   stats.seconds = (Date.now() - started) / 1000;
   const manifest: Manifest = {
     version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),

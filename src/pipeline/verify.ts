@@ -13,7 +13,7 @@
  */
 import { hostname } from 'node:os';
 import { errorMessage } from '../errors.js';
-import { chunkName } from '../repo/chunk.js';
+import { chunkName, implausibleChunkSize } from '../repo/chunk.js';
 import {
   newRunId, nextRecord, quarantine, quarantinedChunkIds, readQuarantine, readRecords, release, writeRecord, type QuarantineEntry,
 } from '../repo/health.js';
@@ -83,13 +83,18 @@ async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport>
   const problems: VerifyProblem[] = [];
   const manifests = await loadManifests(repo, opts.backupIds, problems);
   const users = chunkUsers(manifests);
-  const [stored, entries] = await Promise.all([repo.chunkIds(), readQuarantine(repo)]);
+  const [stored, entries] = await Promise.all([repo.storedChunks(), readQuarantine(repo)]);
   const quarantined = new Map(entries.map((e) => [e.chunk, e]));
   const found = new Map<string, Finding>();
   const present: string[] = [];
+  const largest = Math.max(repo.chunkSize, ...manifests.map((m) => m.chunkSize));
   for (const id of users.keys()) {
-    if (stored.has(id)) present.push(id);
-    else found.set(id, { problem: 'missing', detail: 'missing' });
+    const size = stored.get(id);
+    // A stored object of a size no sealed chunk has is damaged without reading it (an empty file after a crash).
+    const implausible = size === undefined ? undefined : implausibleChunkSize(size, largest);
+    if (size === undefined) found.set(id, { problem: 'missing', detail: 'missing' });
+    else if (implausible) found.set(id, { problem: 'damaged', detail: implausible });
+    else present.push(id);
   }
   const toRead = chunksToRead(present, new Set(quarantined.keys()), opts);
   const intact = await readChunks(repo, [...toRead], manifests[0]?.chunkSize ?? repo.chunkSize, found, opts.onProgress);

@@ -23,7 +23,7 @@ import { createHash } from 'node:crypto';
 import { IntegrityError, NotFoundError } from '../errors.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import type { Storage } from '../storage/storage.js';
-import { chunkName, isChunkId } from './chunk.js';
+import { chunkName, implausibleChunkSize, isChunkId } from './chunk.js';
 import type { IndexCache } from './index-cache.js';
 
 export const INDEX_PREFIX = 'index/';
@@ -224,8 +224,8 @@ export class ChunkIndex {
   private readonly sure = new Set<string>();
   /** Chunks storage turned out to lack. */
   private readonly lacking = new Set<string>();
-  /** Stats asked of storage; index claims found missing; chunks found stored but not indexed. */
-  readonly counts = { checked: 0, missing: 0, unindexed: 0 };
+  /** Stats asked of storage; index claims found missing; chunks found stored but not indexed; stored objects no sealed chunk can be (uploaded again). */
+  readonly counts = { checked: 0, missing: 0, unindexed: 0, damaged: 0 };
 
   /**
    * This backup's chunks that no index object lists yet (stored now, or found stored):
@@ -242,6 +242,8 @@ export class ChunkIndex {
     readonly load: IndexLoad,
     /** Writes index objects (Repository.writeIndex). */
     private readonly write: (ids: readonly string[]) => Promise<unknown> = async () => {},
+    /** The repository's chunk size: a stored object no sealed chunk of it can be is not a chunk (chunk.ts implausibleChunkSize). */
+    private readonly chunkSize = Number.MAX_SAFE_INTEGER,
   ) {}
 
   /** Writes the pending entries as an index object: all of them, or only once INDEX_FLUSH_ENTRIES have gathered. */
@@ -279,7 +281,15 @@ export class ChunkIndex {
     if (this.excluded.has(id) || this.lacking.has(id)) return false;
     const claimed = contains(this.prefixes, prefixOf(id));
     this.counts.checked++;
-    if (await this.storage.stat(chunkName(id))) {
+    const stored = await this.storage.stat(chunkName(id));
+    // An object of a size no sealed chunk has (zero-length after a crash that lost its data,
+    // a copy cut short) is not reused: the chunk just read is uploaded over it.
+    if (stored && implausibleChunkSize(stored.size, this.chunkSize)) {
+      this.counts.damaged++;
+      this.lacking.add(id);
+      return false;
+    }
+    if (stored) {
       this.sure.add(id);
       if (!claimed) {
         this.counts.unindexed++;

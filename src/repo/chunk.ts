@@ -66,6 +66,19 @@ export function sealedChunkBound(plainLength: number): number {
 }
 
 /**
+ * Why a stored chunk of `size` bytes cannot be a sealed chunk of a repository with
+ * `chunkSize`-byte chunks (shorter than a sealed empty payload, or longer than the
+ * largest), or undefined when its size is possible. A crash on a filesystem that loses
+ * unsynced data, or a copy cut short, leaves such objects (zero-length most often):
+ * they must be neither reused by a backup nor counted as present by verify.
+ */
+export function implausibleChunkSize(size: number, chunkSize: number): string | undefined {
+  if (size < SEAL_OVERHEAD + 2) return `damaged: ${size} bytes, shorter than any sealed chunk`;
+  if (size > sealedChunkBound(chunkSize)) return `damaged: ${size} bytes, longer than any sealed chunk of ${chunkSize}-byte chunks`;
+  return undefined;
+}
+
+/**
  * Compresses and seals a chunk, into `into` (sealedChunkBound bytes at least) when
  * given, else into a new buffer; the result is a view of it. zstd writes straight to
  * where the plaintext of the sealed object lies, refused when it would not come out

@@ -26,7 +26,7 @@ import { VmvaultError } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
 import { chunkName, isChunkId } from './chunk.js';
 import { removeOrphanHealth } from './health.js';
-import { lockName, readLocks, withLock } from './locks.js';
+import { lockName, readLocks, withLock, type HeldLock } from './locks.js';
 import { mapLimit, type DamagedObject, type Repository } from './repository.js';
 import type { Manifest } from './manifest.js';
 
@@ -71,9 +71,9 @@ export async function collectGarbage(repo: Repository, opts: GcOptions = {}): Pr
   for (;;) {
     let locked = false;
     try {
-      return await withLock(repo, 'exclusive', { purpose: 'garbage collection' }, () => {
+      return await withLock(repo, 'exclusive', { purpose: 'garbage collection' }, (lock) => {
         locked = true;
-        return collect(repo, opts, freed);
+        return collect(repo, opts, freed, lock);
       });
     } catch (err) {
       if (locked || opts.dryRun || writeRefusal(err) !== 'full') throw err;
@@ -87,7 +87,7 @@ export async function collectGarbage(repo: Repository, opts: GcOptions = {}): Pr
   }
 }
 
-async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise<GcReport> {
+async function collect(repo: Repository, opts: GcOptions, freed: Freed, lock: HeldLock): Promise<GcReport> {
   const now = opts.now ?? Date.now;
   if (!opts.dryRun && repo.storage.removeTemporary) {
     const t = await repo.storage.removeTemporary(now() - (opts.tempAgeMs ?? DEFAULT_TEMP_AGE_MS));
@@ -100,7 +100,7 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
   const garbage = [...sizes.keys()].filter((name) => isGarbage(name, referenced));
   const deleting = damaged.length ? [] : garbage;
   let indexObjects = 0;
-  if (!opts.dryRun) indexObjects = await deleteAndReindex(repo, [...sizes.keys()], deleting);
+  if (!opts.dryRun) indexObjects = await deleteAndReindex(repo, [...sizes.keys()], deleting, () => lock.confirm());
   const bytesDeleted = deleting.reduce((n, name) => n + sizes.get(name)!, 0);
   const bytesListed = [...sizes.values()].reduce((n, b) => n + b, 0);
   // Verification records of pruned backups, quarantine entries of chunks nothing uses
@@ -134,9 +134,17 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed): Promise
  * and indexes (Repository.chunkIndex); and nothing is written before space is freed, so
  * a nearly full repository gets its room first. Returns the number of objects written.
  */
-async function deleteAndReindex(repo: Repository, stored: readonly string[], deleting: readonly string[]): Promise<number> {
+async function deleteAndReindex(repo: Repository, stored: readonly string[], deleting: readonly string[], confirm: () => Promise<void>): Promise<number> {
+  // What is garbage was decided under the exclusive lock: deleting it is safe only while that
+  // lock is still ours. One that lapsed (not refreshed for its lifetime: storage refusing the
+  // refreshes, a suspended process) may have been removed as stale, and a backup may since
+  // have found one of these chunks stored and be about to commit a manifest that uses it.
+  await confirm();
   await mapLimit(await repo.indexNames(), 16, (name) => repo.storage.delete(name));
-  await mapLimit(deleting, 16, (name) => repo.storage.delete(name));
+  for (let at = 0; at < deleting.length; at += DELETE_BATCH) {
+    if (at > 0) await confirm();
+    await mapLimit(deleting.slice(at, at + DELETE_BATCH), 16, (name) => repo.storage.delete(name));
+  }
   const gone = new Set(deleting);
   const staying: string[] = [];
   for (const name of stored) {
@@ -145,6 +153,9 @@ async function deleteAndReindex(repo: Repository, stored: readonly string[], del
   }
   return (await repo.writeIndex(staying)).length;
 }
+
+/** Chunks deleted between two confirmations of gc's lock (each a stat and a put of the lock). */
+const DELETE_BATCH = 1000;
 
 function referencedChunks(manifests: readonly Manifest[]): Set<string> {
   const referenced = new Set<string>();

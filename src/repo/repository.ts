@@ -350,12 +350,17 @@ export class Repository {
 
   /** Every chunk in the chunk store, by listing it: for gc and verify, never for backups (see chunkIndex). */
   async chunkIds(): Promise<Set<string>> {
-    const ids = new Set<string>();
-    for await (const { name } of this.storage.list('chunks/')) {
+    return new Set((await this.storedChunks()).keys());
+  }
+
+  /** Every chunk in the chunk store with its stored size, by listing it (verify: a size no sealed chunk has is damage found without a read). */
+  async storedChunks(): Promise<Map<string, number>> {
+    const sizes = new Map<string, number>();
+    for await (const { name, size } of this.storage.list('chunks/')) {
       const id = name.slice(name.lastIndexOf('/') + 1);
-      if (isChunkId(id)) ids.add(id);
+      if (isChunkId(id)) sizes.set(id, size);
     }
-    return ids;
+    return sizes;
   }
 
   /**
@@ -376,7 +381,7 @@ export class Repository {
       if (ids.length) this.warn(`the repository had no chunk index: its ${ids.length} chunk(s) were listed once and indexed`);
     }
     for (const id of quarantined) this.toHeal.add(id);
-    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, (ids) => this.writeIndex(ids));
+    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, (ids) => this.writeIndex(ids), this.chunkSize);
   }
 
   /**

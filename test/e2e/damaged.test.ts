@@ -16,7 +16,7 @@ import { acquireLock } from '../../src/repo/locks.js';
 import { Repository } from '../../src/repo/repository.js';
 import { openStorage } from '../../src/storage/open.js';
 import { makeImage } from '../helpers/images.js';
-import { cli, cliJson, spawnCli } from '../helpers/cli.js';
+import { BIN, cli, cliJson, spawnCli } from '../helpers/cli.js';
 import { e2eFile, backupJson, initRepo, objects, PASSWORD } from './harness.js';
 
 const MiB = 1024 * 1024;
@@ -105,6 +105,22 @@ for (const b of all) {
       const removed = await cli(['key', 'remove', spare], env);
       assert.equal(removed.code, 0, removed.stderr);
       assert.doesNotMatch((await cli(['backups'], env)).stderr, /warning/);
+    });
+
+    test('a key file asking for an absurd Argon2 cost is skipped as damaged, not computed: no command stalls on it', async () => {
+      const { repo, env } = await initRepo(b);
+      const keys = await cliJson(['key', 'list'], env);
+      const real = JSON.parse(Buffer.from(await get(repo, `keys/${keys[0].id}`)).toString('utf8'));
+      // The same key, at a cost of hours (and 4 GiB): every key is tried when a passphrase opens none.
+      const planted = 'f'.repeat(keys[0].id.length);
+      await put(repo, `keys/${planted}`, Buffer.from(JSON.stringify({ ...real, kdf: { ...real.kdf, opsLimit: 2_000_000_000, memLimit: 4 * 1024 ** 3 - 1 } })));
+      const wrong = await execa(process.execPath, [BIN, 'backups'], { reject: false, env: { ...env, VMVAULT_PASSWORD: 'not the passphrase', VMVAULT_KEY_CACHE: 'off' }, timeout: 120_000, stdin: 'ignore' });
+      assert.equal(wrong.timedOut, false, 'the planted key was computed');
+      assert.equal(wrong.exitCode, 1);
+      assert.match(wrong.stderr, new RegExp(`wrong passphrase: .*1 key file\\(s\\) are damaged and were skipped: keys/${planted}`));
+      const listed = await cli(['backups'], env);
+      assert.equal(listed.code, 0, listed.stderr);
+      assert.match(listed.stderr, new RegExp(`key file keys/${planted} is damaged`));
     });
 
     test('damaged and swapped manifests are listed as damaged; every other backup lists, shows, restores and prunes; gc deletes no chunk', async () => {

@@ -17,6 +17,7 @@ import { LocalStorage } from '../../src/storage/local.js';
 import type { Storage } from '../../src/storage/storage.js';
 import { backupVm } from '../../src/vm/drivers.js';
 import { restore } from '../../src/pipeline/restore.js';
+import { verify } from '../../src/pipeline/verify.js';
 import { compareImages } from '../../src/disk/qemu.js';
 import { IntegrityError } from '../../src/errors.js';
 import { makeImage, tempDir, writePattern } from '../helpers/images.js';
@@ -125,6 +126,35 @@ describe('chunk index', () => {
     }
   });
 
+  test('a chunk object left empty or cut short by a crash is neither reused nor counted present: the next backup of that data replaces it, verify finds it unread', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const img = await makeImage(dir.path, 'a.qcow2', 'qcow2', 8 * MiB, random(6, 4));
+      const first = await backupVm(repo, { vm: 'a', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      const ids = first.manifest.disks[0]!.chunks.filter((c): c is string => c !== null);
+      // An empty file (data lost in a crash) and one cut to a few bytes: sizes no sealed chunk has.
+      await writeFile(join(dir.path, 'repo', chunkName(ids[1]!)), '');
+      await writeFile(join(dir.path, 'repo', chunkName(ids[4]!)), Buffer.alloc(20, 7));
+      const warnings: string[] = [];
+      const again = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: (m) => warnings.push(m) });
+      const second = await backupVm(again, { vm: 'copy', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      assert.equal(second.stats.chunksNew, 2, 'the two damaged chunks, and nothing else, are uploaded');
+      assert.ok(warnings.some((w) => /2 chunk object\(s\) in storage had a size no chunk has/.test(w)), warnings.join('\n'));
+      await restoredEqual(again, second.manifest.id, img, join(dir.path, 'out-2'));
+      await restoredEqual(again, first.manifest.id, img, join(dir.path, 'out-1'));
+
+      await writeFile(join(dir.path, 'repo', chunkName(ids[2]!)), '');
+      const report = await verify(again, {});
+      assert.equal(report.ok, false);
+      assert.equal(report.chunksRead, 0, 'found by its size, without a read');
+      assert.deepEqual(report.problems.map((p) => p.problem), ['damaged: 0 bytes, shorter than any sealed chunk']);
+      await backupVm(again, { vm: 'third', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      assert.equal((await verify(again, { readData: true })).ok, true, 'healed for every backup that shares it');
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
   test('chunks storage has but no index lists (a backup killed before its index) are not uploaded again, and get indexed', async () => {
     const { dir, storage, repo } = await setup();
     try {
@@ -188,6 +218,40 @@ describe('chunk index', () => {
       storage.reset();
       await (await Repository.open(storage, PASSWORD, { cacheDir: false })).chunkIndex();
       assert.equal(storage.n('list chunks/'), 0);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('gc deletes nothing once its lock is no longer its own (removed as stale while it listed the chunks)', async () => {
+    const dir = await tempDir('vmvault-index-');
+    try {
+      let steal = false;
+      // Another process removes gc's lock as stale while gc lists chunks/ (gc's refreshes failed, or it was suspended).
+      const inner = new LocalStorage(join(dir.path, 'repo'));
+      const storage = new (class extends Counting {
+        override list(prefix: string) {
+          const listing = super.list(prefix);
+          if (!steal || prefix !== 'chunks/') return listing;
+          return (async function* () {
+            for (const n of await readdir(join(dir.path, 'repo', 'locks'))) await inner.delete(`locks/${n}`);
+            yield* listing;
+          })();
+        }
+      })(inner);
+      await Repository.init(storage, PASSWORD, { kdf: 'weak', chunkSize: MiB });
+      const repo = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: () => {} });
+      const b = await makeImage(dir.path, 'b.qcow2', 'qcow2', 8 * MiB, random(4, 8));
+      const gone = await backupVm(repo, { vm: 'b', driver: 'image', disks: [{ path: b, format: 'qcow2' }] });
+      await repo.deleteManifest(gone.manifest.id);
+      const chunksBefore = [...(await repo.chunkIds())].sort();
+      const indexBefore = await indexNames(storage);
+      steal = true;
+      await assert.rejects(collectGarbage(repo), (e: Error & { code?: string }) => e.code === 'LOCKED' && /exclusive lock for garbage collection was lost \(another process removed it as stale\)/.test(e.message));
+      steal = false;
+      assert.deepEqual([...(await repo.chunkIds())].sort(), chunksBefore, 'no chunk deleted');
+      assert.deepEqual(await indexNames(storage), indexBefore, 'the index untouched');
+      assert.equal((await collectGarbage(repo)).chunksDeleted, chunksBefore.length, 'a gc that keeps its lock collects them');
     } finally {
       await dir.cleanup();
     }
