@@ -9,9 +9,9 @@
  * paths and formats rewritten to the restored images.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdir, realpath, rename, rm, stat } from 'node:fs/promises';
+import { realpath, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
+import { NotFoundError, VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import type { ImageFormat } from '../disk/qemu.js';
 import { createDiskWriter } from './disk-writer.js';
 import type { Repository } from '../repo/repository.js';
@@ -23,7 +23,7 @@ import { FORMAT_EXT, assertSafeName, pathInside } from './names.js';
 import { withReadLock } from '../repo/locks.js';
 import { VM_NAME_RE, libvirtDisks, renameLibvirtDomain, rewriteLibvirtDiskPaths, type DiskTarget, type DomainIdentity } from './libvirt-xml.js';
 import { dataRuns } from './sparse.js';
-import { fsyncDir, writeNewFileSynced } from '../storage/local.js';
+import { fsyncDir, mkdirs, writeNewFileSynced } from '../storage/local.js';
 
 export interface RestoreRequest {
   backupId: string;
@@ -108,8 +108,13 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
   if (taken.length && !req.force) {
     throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or ${req.forceHint ?? 'ask for existing files to be replaced'}; nothing was written`);
   }
-  await mkdir(dir, { recursive: true });
-  for (const p of targets.values()) await mkdir(dirname(p), { recursive: true });
+  try {
+    // As mkdir -p with the umask's mode (the hypervisor's user may need to enter them), but with the real errno (EROFS, not ENOENT).
+    await mkdirs(dir, [], 0o777);
+    for (const p of targets.values()) await mkdirs(dirname(p), [], 0o777);
+  } catch (err) {
+    throw targetError(err, dir, 'nothing was written');
+  }
   await checkPlaces(); // Again: a symlink may have appeared meanwhile.
 
   const stats = { bytesWritten: 0, chunksWritten: 0, seconds: 0 };
@@ -132,7 +137,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     for (const d of new Set(planned.map((p) => dirname(p.path)))) await fsyncDir(d);
   } catch (err) {
     await Promise.all(planned.map((p) => rm(p.tmp, { force: true })));
-    throw err;
+    throw targetError(err, dir, 'the partly written files were removed');
   } finally {
     await lease.release();
   }
@@ -145,6 +150,25 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     stats,
     ...(clone ? { clone: { name: clone.name, uuid: clone.uuid } } : {}),
   };
+}
+
+/** errno codes of the restore's own target (not the repository) whose fix is the operator's, with what to tell them. */
+const TARGET_ADVICE: Record<string, string> = {
+  ENOSPC: 'its file system is full: free some space there, or restore into another directory',
+  EDQUOT: 'the disk quota there is exhausted: free some space or raise the quota, or restore into another directory',
+  EROFS: 'its file system is read-only: remount it read-write, or restore into another directory',
+  EACCES: 'permission denied: fix the permissions of that directory, or restore into another one',
+  EPERM: 'operation not permitted: fix the permissions (or attributes) of that directory, or restore into another one',
+  ENOTDIR: 'a component of the path is a regular file, not a directory: choose another directory',
+  EFBIG: 'its file system cannot hold a file this large: restore onto another file system',
+};
+
+/** A file system error of the restore's target as an error that says what to do; anything else as it is. */
+function targetError(err: unknown, dir: string, outcome: string): unknown {
+  const code = errnoCode(err);
+  const advice = code ? TARGET_ADVICE[code] : undefined;
+  if (!advice) return err;
+  return new VmvaultError('STORAGE', `cannot restore into ${dir}: ${advice} (${errorMessage(err)}); ${outcome}`, { cause: err });
 }
 
 function selectDisks(m: Manifest, wanted: string[] | undefined): DiskEntry[] {

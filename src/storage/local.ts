@@ -254,9 +254,9 @@ function isMissing(err: unknown): boolean {
  * ENOENT on a read-only file system instead of EROFS. Pushes what it created to
  * `created`, parents first. A directory created meanwhile by a concurrent put is fine.
  */
-async function mkdirs(dir: string, created: string[]): Promise<void> {
+export async function mkdirs(dir: string, created: string[] = [], mode = DIR_MODE): Promise<void> {
   try {
-    await mkdir(dir, DIR_MODE);
+    await mkdir(dir, mode);
     created.push(dir);
     return;
   } catch (err) {
@@ -264,8 +264,8 @@ async function mkdirs(dir: string, created: string[]): Promise<void> {
     if (code === 'EEXIST' && (await stat(dir)).isDirectory()) return;
     if (code !== 'ENOENT' || path.dirname(dir) === dir) throw err;
   }
-  await mkdirs(path.dirname(dir), created);
-  await mkdirs(dir, created);
+  await mkdirs(path.dirname(dir), created, mode);
+  await mkdirs(dir, created, mode);
 }
 
 /**

@@ -8,7 +8,7 @@
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, rmdir, stat, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rmdir, stat, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -18,7 +18,8 @@ import { writeRefusal } from '../../src/storage/refusal.js';
 import { compareImages } from '../../src/disk/qemu.js';
 import { makeImage } from '../helpers/images.js';
 import { cli, cliJson } from '../helpers/cli.js';
-import { e2eFile, backupJson, envFor, objects, PASSWORD } from './harness.js';
+import { e2eFile, backupJson, envFor, initRepo, objects, PASSWORD } from './harness.js';
+import { readOnlyDir } from '../helpers/read-only-dir.js';
 
 const MiB = 1024 * 1024;
 const { all, work } = await e2eFile('vmvault-full-');
@@ -120,4 +121,24 @@ describe('a full repository', () => {
     const v = await cli(['verify', '--read-data'], env);
     assert.equal(v.code, 0, v.stdout + v.stderr);
   });
+
+  test('a restore onto a full, then read-only, file system says so and what to do, and leaves nothing behind', async () => {
+    const { env } = await initRepo(local);
+    const raw = await randomRaw('restore-target.raw', 2 * MiB);
+    const made = await backupJson(env, 'rt', [raw], ['--format', 'raw']);
+    const small = await smallDisk(512 * 1024);
+    const full = await cli(['restore', made.id, '--to', join(small, 'out'), '--format', 'raw'], env);
+    assert.equal(full.code, 1, full.stderr);
+    assert.match(full.stderr, /^vmvault: error: cannot restore into .*\/out: its file system is full: free some space there, or restore into another directory \(.*ENOSPC.*\); the partly written files were removed/);
+    assert.deepEqual(await readdir(join(small, 'out')), [], 'no partial file left');
+    const ro = await readOnlyDir(small);
+    try {
+      const refused = await cli(['restore', made.id, '--to', join(ro.path, 'new', 'dir'), '--format', 'raw'], env);
+      assert.equal(refused.code, 1, refused.stderr);
+      assert.match(refused.stderr, /^vmvault: error: cannot restore into .*\/new\/dir: its file system is read-only: remount it read-write, or restore into another directory \(.*EROFS.*\); nothing was written/);
+    } finally {
+      await ro.release();
+    }
+  });
 });
+
