@@ -11,7 +11,7 @@
  */
 import { IntegrityError, NotFoundError } from '../errors.js';
 import { readQuarantine, type QuarantineEntry } from '../repo/health.js';
-import type { Manifest } from '../repo/manifest.js';
+import { UnreadableManifestError, type Manifest } from '../repo/manifest.js';
 import { mapLimit, type Repository } from '../repo/repository.js';
 
 export type RepairBackup = Pick<Manifest, 'id' | 'vm' | 'time'> & { disks: { name: string; chunks: (string | null)[] }[] };
@@ -20,7 +20,10 @@ export interface RepairVerdict {
   id: string;
   vm?: string;
   time?: string;
+  /** False: beyond healing, removed by `repair --remove`. */
   healable: boolean;
+  /** Its manifest authenticates but this vmvault cannot read it (another version's format): never removed, whatever `healable` says of its chunks. */
+  otherVersion?: true;
   /** Why, in words an operator can act on. */
   reason: string;
   damagedDisks: string[];
@@ -38,7 +41,7 @@ export interface RepairReport {
 const short = (id: string) => id.slice(0, 12);
 
 export function planRepair(
-  backups: readonly RepairBackup[], unreadable: readonly { id: string; problem: string }[], quarantine: readonly QuarantineEntry[],
+  backups: readonly RepairBackup[], unreadable: readonly { id: string; problem: string; otherVersion?: boolean }[], quarantine: readonly QuarantineEntry[],
 ): RepairVerdict[] {
   const entries = new Map(quarantine.map((e) => [e.chunk, e]));
   const latest = new Map<string, number>();
@@ -49,9 +52,9 @@ export function planRepair(
   }
   // A chunk cannot heal when every VM using it has a backup that started after it was quarantined.
   const hopeless = (c: string) => [...vmsOf.get(c)!].every((vm) => latest.get(vm)! > Date.parse(entries.get(c)!.found));
-  const out: RepairVerdict[] = unreadable.map((u) => ({
-    id: u.id, healable: false, reason: `its manifest cannot be opened (${u.problem})`, damagedDisks: [], damagedChunks: 0,
-  }));
+  const out: RepairVerdict[] = unreadable.map((u) => (u.otherVersion
+    ? { id: u.id, healable: true, otherVersion: true as const, reason: `kept: ${u.problem}`, damagedDisks: [], damagedChunks: 0 }
+    : { id: u.id, healable: false, reason: `its manifest cannot be opened (${u.problem})`, damagedDisks: [], damagedChunks: 0 }));
   for (const b of backups) {
     const damaged = new Set<string>();
     const damagedDisks = b.disks.filter((d) => {
@@ -80,13 +83,13 @@ export async function repair(repo: Repository, opts: { remove?: boolean } = {}):
       if (err instanceof NotFoundError) return undefined; // deleted meanwhile
       // Only damage counts: a network error says nothing about the backup.
       if (!(err instanceof IntegrityError)) throw err;
-      unreadable.push({ id, problem: err.message });
+      unreadable.push({ id, problem: err.message, ...(err instanceof UnreadableManifestError ? { otherVersion: true } : {}) });
       return undefined;
     }
   });
   const quarantine = await readQuarantine(repo);
   const backups = planRepair(loaded.filter((m): m is Manifest => m !== undefined), unreadable, quarantine);
-  const removed = opts.remove ? backups.filter((b) => !b.healable).map((b) => b.id) : [];
+  const removed = opts.remove ? backups.filter((b) => !b.healable && !b.otherVersion).map((b) => b.id) : [];
   await mapLimit(removed, 8, (id) => repo.deleteManifest(id));
   return { backups, removed, quarantinedChunks: quarantine.length };
 }

@@ -4,6 +4,7 @@
  * Names in it (VM, disks, config files) live only inside the encrypted manifest.
  */
 import { z } from 'zod';
+import { IntegrityError } from '../errors.js';
 import { IMAGE_FORMATS } from '../disk/qemu.js';
 
 const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
@@ -114,3 +115,18 @@ export function summarise(m: Manifest): BackupSummary {
 export function backupName(id: string): string {
   return `backups/${id}`;
 }
+
+/**
+ * A manifest that decrypts and authenticates with this repository's key, so a holder of
+ * the key wrote it exactly so (storage damage cannot forge the tag), yet this vmvault
+ * cannot read it: most likely a newer vmvault's format. Counted with the damaged ones
+ * where all manifests are needed (gc deletes no chunk meanwhile), but never removed as
+ * damage (repair).
+ */
+export class UnreadableManifestError extends IntegrityError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'UnreadableManifestError';
+  }
+}
+

@@ -18,7 +18,7 @@ import { blake2bReady } from '../crypto/blake2b.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import { toPaper, fromPaper } from '../crypto/paper.js';
 import { chunkName, isChunkId, type ChunkKeys } from './chunk.js';
-import { backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
+import { UnreadableManifestError, backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
 import { ChunkIndex, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
 import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
@@ -455,8 +455,22 @@ export class Repository {
     }
     const what = `backup manifest ${backupName(id)}`;
     const plain = open(this.keys.encKey, 'manifest', sealed, additionalData(this.id, 'manifest', id), what);
-    const parsed = manifestSchema.safeParse(parseJson(decompress(plain), what));
-    if (!parsed.success || parsed.data.id !== id) throw new IntegrityError(`${what} is not a valid manifest`);
+    // It authenticates: whatever fails from here on was written so by a holder of the key.
+    const unreadable = (why: string, cause?: unknown) => new UnreadableManifestError(`${what} authenticates with this repository's key, ` +
+      `but this vmvault cannot read it (${why}): it was most likely written by a newer vmvault; read it with that version, and do not delete it`, cause === undefined ? undefined : { cause });
+    let json: unknown;
+    try {
+      json = parseJson(decompress(plain), what);
+    } catch (err) {
+      throw unreadable(errorMessage(err), err);
+    }
+    const parsed = manifestSchema.safeParse(json);
+    if (!parsed.success) {
+      const version = (json as { version?: unknown } | null)?.version;
+      const issue = parsed.error.issues[0];
+      throw unreadable(version !== 1 ? `manifest format ${JSON.stringify(version)}, this vmvault reads 1` : `${issue?.path.join('.') || 'its content'}: ${issue?.message ?? 'not a manifest'}`);
+    }
+    if (parsed.data.id !== id) throw new IntegrityError(`${what} is not a valid manifest: it names backup ${parsed.data.id}`);
     return parsed.data;
   }
 

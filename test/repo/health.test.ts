@@ -9,7 +9,11 @@ import { randomBytes } from 'node:crypto';
 import { VmvaultError } from '../../src/errors.js';
 import { parseSubset, selectSubset, formatSubset } from '../../src/pipeline/subset.js';
 import { chunksToRead, verify } from '../../src/pipeline/verify.js';
-import { planRepair } from '../../src/pipeline/repair.js';
+import { planRepair, repair } from '../../src/pipeline/repair.js';
+import { collectGarbage } from '../../src/repo/gc.js';
+import { UnreadableManifestError, backupName } from '../../src/repo/manifest.js';
+import { additionalData, seal } from '../../src/crypto/seal.js';
+import { compress } from 'zstd-napi';
 import { backupVm } from '../../src/vm/drivers.js';
 import { nextRecord, readRecords, verificationState, verificationStates, type QuarantineEntry, type VerificationRecord } from '../../src/repo/health.js';
 import { chunkName } from '../../src/repo/chunk.js';
@@ -191,6 +195,30 @@ describe('verify against a real repository', () => {
       await verify(repo, { readDataSubset: { kind: 'slice', k: other, n: 3 } });
       assert.equal((await verificationStates(repo)).get(id)?.status, 'damaged');
       assert.equal((await readRecords(repo)).get(id)!.length, 1, 'older records are replaced');
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('a manifest that authenticates but this version cannot read (a newer format) is never removed by repair, and gc deletes no chunk meanwhile', async () => {
+    const { dir, storage, repo, id } = await setup();
+    try {
+      // As a newer vmvault would write it: sealed with the repository's key, in a format this one does not know.
+      const m = await repo.loadManifest(id);
+      const newer = { ...m, version: 2, disks: m.disks.map((d) => ({ ...d, extents: [{ at: 0 }] })) };
+      await storage.put(backupName(id), seal(repo.keys.encKey, 'manifest', compress(Buffer.from(JSON.stringify(newer))), additionalData(repo.id, 'manifest', id)));
+      await assert.rejects(repo.loadManifest(id), (e: Error) => e instanceof UnreadableManifestError &&
+        /authenticates with this repository's key, but this vmvault cannot read it \(manifest format 2, this vmvault reads 1\).*do not delete it/.test(e.message));
+      const report = await repair(repo, { remove: true });
+      assert.deepEqual(report.removed, []);
+      assert.deepEqual(report.backups.map((b) => [b.id, b.otherVersion]), [[id, true]]);
+      assert.ok(await storage.stat(backupName(id)), 'still there');
+      const gc = await collectGarbage(repo);
+      assert.equal(gc.chunksDeleted, 0);
+      assert.equal(gc.damagedManifests.length, 1);
+      // Random bytes do not authenticate: that is damage, and repair removes it.
+      await storage.put(backupName(id), randomBytes(200));
+      assert.deepEqual((await repair(repo, { remove: true })).removed, [id]);
     } finally {
       await dir.cleanup();
     }

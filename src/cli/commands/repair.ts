@@ -41,7 +41,7 @@ function repairText(r: RepairReport, remove: boolean): string {
   return [
     table([
       ['ID', 'TIME', 'VM', 'DISKS', 'VERDICT', 'WHY'],
-      ...r.backups.map((b) => [b.id.slice(0, 12), b.time ?? '-', b.vm ?? '-', b.damagedDisks.join(',') || '-', b.healable ? 'may heal' : 'beyond healing', b.reason]),
+      ...r.backups.map((b) => [b.id.slice(0, 12), b.time ?? '-', b.vm ?? '-', b.damagedDisks.join(',') || '-', b.otherVersion ? 'other version' : b.healable ? 'may heal' : 'beyond healing', b.reason]),
     ]),
     lost.length === 0
       ? 'no backup is beyond healing'
