@@ -160,40 +160,117 @@ async function qcow2Extensions(read: ReadAt, start: number): Promise<Map<number,
   return out;
 }
 
+const VMDK3_MAGIC = Buffer.from('COWD', 'latin1');
+/** What qemu reads of a descriptor (block/vmdk.c, vmdk_read_desc): the file's first MiB less a byte, as a C string. */
+const VMDK_DESC_READ = 1024 * 1024 - 1;
+/** What qemu searches for the parent (vmdk_parent_open): DESC_SIZE, 20 sectors. */
+const VMDK_PARENT_WINDOW = 20 * 512;
+const PARENT_HINT = 'parentFileNameHint';
+/** The longest extent name qemu takes (`%511[^\n\r"]`); a longer one is cut there. */
+const MAX_EXTENT_NAME = 511;
+
 /**
- * vmdk: the extents and parent named by its descriptor, which is the whole file
- * (a text descriptor) or embedded in a sparse extent (header fields 28–43, in
- * sectors). qemu reads a sparse file as its own one extent, ignoring the embedded
- * extent lines, but follows its parentFileNameHint.
+ * vmdk, read the way qemu 7.2's block/vmdk.c reads it:
+ * - a text descriptor (any file without a sparse magic) is the whole file: its
+ *   extent lines name other files;
+ * - a sparse file (KDMV, COWD) is its own one extent, and qemu ignores the extent
+ *   lines of the descriptor embedded in it, except when the header's capacity is 0
+ *   and its descriptor offset is not (vmdk_open_vmdk4): that descriptor is then
+ *   opened as a descriptor file, its extents followed;
+ * - the parent is the first `parentFileNameHint` anywhere in the descriptor window
+ *   (a strstr, comments included), at offset 0 for a text descriptor and always at
+ *   0x200 for a sparse file, wherever its header puts the descriptor.
  */
 async function vmdkReferences(read: ReadAt, ownName: string): Promise<ImageReference[]> {
-  const head = await read(0, 64);
-  let text: string;
-  const sparse = head.subarray(0, 4).equals(VMDK_SPARSE_MAGIC);
-  if (sparse) {
-    const offset = Number(head.readBigUInt64LE(28)) * 512;
-    const size = Math.min(Number(head.readBigUInt64LE(36)) * 512, 1024 * 1024);
-    if (offset === 0 || size === 0) return []; // No embedded descriptor: the sparse extent stands alone.
-    text = (await read(offset, size)).toString('latin1');
-  } else {
-    text = (await read(0, 1024 * 1024)).toString('latin1');
-  }
+  const head = zeroFilled(await read(0, 64), 64); // qemu reads past the end as zeros
+  const magic = head.subarray(0, 4);
+  const sparse = magic.equals(VMDK_SPARSE_MAGIC) || magic.equals(VMDK3_MAGIC);
   const refs: ImageReference[] = [];
-  for (const raw of text.split(/\r?\n/)) {
-    const line = raw.replace(/\0.*$/, '').trim();
-    // Extent lines: ACCESS SECTORS TYPE "FILENAME" [OFFSET]
-    const extent = /^(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+(?:\s+"([^"]*)")?/.exec(line);
-    if (extent) {
-      if (sparse) continue;
-      const name = extent[1];
-      if (name !== undefined && name !== ownName) refs.push({ kind: 'vmdk extent', name });
-      else if (name === undefined && !/\bZERO\b/.test(line)) refs.push({ kind: 'vmdk extent', name: '(unnamed extent)' });
-      continue;
-    }
-    const parent = /^parentFileNameHint\s*=\s*"([^"]*)"/.exec(line);
-    if (parent) refs.push({ kind: 'vmdk parent', name: parent[1]! });
+  if (!sparse) {
+    refs.push(...vmdkExtents(cString(await read(0, VMDK_DESC_READ)), ownName));
+  } else if (magic.equals(VMDK_SPARSE_MAGIC) && head.readBigUInt64LE(12) === 0n && head.readBigUInt64LE(28) !== 0n) {
+    // qemu shifts the sector in 64 bits; an offset past any file reads as zeros there: an empty descriptor.
+    const at = (head.readBigUInt64LE(28) << 9n) & 0xffffffffffffffffn;
+    if (at <= BigInt(Number.MAX_SAFE_INTEGER)) refs.push(...vmdkExtents(cString(await read(Number(at), VMDK_DESC_READ)), ownName));
   }
+  const parent = vmdkParent(await read(sparse ? 512 : 0, VMDK_PARENT_WINDOW));
+  if (parent !== undefined) refs.push({ kind: 'vmdk parent', name: parent });
   return refs;
+}
+
+/** C's isspace in the C locale, which qemu's sscanf skips (newlines included). */
+const C_SPACE = ' \t\n\v\f\r';
+/**
+ * An extent line as qemu's sscanf reads it, `%10s %SCNd64 %10s "%511[^\n\r"]" %SCNd64`,
+ * made wider: any access word of VMware's (qemu takes RW only), any type, a missing
+ * closing quote (qemu takes the name without it). Like sscanf, it crosses line ends
+ * wherever whitespace may stand, takes a signed number, and needs no space between
+ * the number and the type, nor between a type and the quote.
+ */
+const EXTENT_LINE = new RegExp(
+  `(?:RW|RDONLY|NOACCESS)[${C_SPACE}]+[+-]?[0-9]+[${C_SPACE}]*([^${C_SPACE}"]+)(?:[${C_SPACE}]*"([^\n\r"]{1,${MAX_EXTENT_NAME}}))?`, 'y');
+
+/**
+ * The files other than the image itself (`ownName`, in its directory) that the extent
+ * lines of a descriptor name, and '(unnamed extent)' for an extent line without a
+ * name (other than ZERO), which qemu skips. qemu's vmdk_parse_extents runs
+ * its sscanf from the start of every line; one that skips blank lines lands on the
+ * first character of the next line that is not, so trying each line's first
+ * non-blank character tries every place qemu does.
+ */
+function vmdkExtents(desc: string, ownName: string): ImageReference[] {
+  const names = new Set<string>();
+  for (let line = 0; line < desc.length;) {
+    let at = line;
+    while (at < desc.length && ' \t\v\f\r'.includes(desc[at]!)) at++;
+    const nl = desc.indexOf('\n', line);
+    line = nl < 0 ? desc.length : nl + 1;
+    if (at >= desc.length || desc[at] === '\n') continue;
+    EXTENT_LINE.lastIndex = at;
+    const m = EXTENT_LINE.exec(desc);
+    if (!m) continue;
+    const [, type, name] = m;
+    if (name !== undefined) {
+      if (fileName(name) !== ownName) names.add(fileName(name));
+    } else if (type !== 'ZERO') {
+      names.add('(unnamed extent)');
+    }
+  }
+  return [...names].map((name) => ({ kind: 'vmdk extent', name }));
+}
+
+/**
+ * qemu's vmdk_parent_open: the first `parentFileNameHint` before the window's first
+ * NUL, then, two characters on (`="`, not checked), the name up to the next `"`.
+ * None when there is no closing quote (qemu then fails to open the image) or the name
+ * is empty (qemu opens no parent).
+ */
+function vmdkParent(window: Buffer): string | undefined {
+  const desc = zeroFilled(window, VMDK_PARENT_WINDOW + 1);
+  const nul = desc.indexOf(0);
+  const at = desc.subarray(0, nul < 0 ? desc.length : nul).indexOf(PARENT_HINT, 0, 'latin1');
+  if (at < 0) return undefined;
+  const start = at + PARENT_HINT.length + 2;
+  let end = start;
+  while (end < desc.length && desc[end] !== 0x22 && desc[end] !== 0) end++;
+  if (end >= desc.length || desc[end] !== 0x22 || end === start) return undefined;
+  return desc.subarray(start, end).toString('utf8');
+}
+
+/** `buf` padded with zeros to `length`. */
+function zeroFilled(buf: Buffer, length: number): Buffer {
+  return buf.length >= length ? buf : Buffer.concat([buf, Buffer.alloc(length - buf.length)]);
+}
+
+/** The text qemu sees in a buffer it reads as a C string: up to the first NUL, byte for character. */
+function cString(buf: Buffer): string {
+  const nul = buf.indexOf(0);
+  return buf.subarray(0, nul < 0 ? buf.length : nul).toString('latin1');
+}
+
+/** A name taken from `cString` text, as the file name its bytes spell (UTF-8). */
+function fileName(latin1: string): string {
+  return Buffer.from(latin1, 'latin1').toString('utf8');
 }
 
 /**

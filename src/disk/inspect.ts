@@ -59,8 +59,8 @@ export async function inspectDisk(src: DiskSource): Promise<InspectedDisk> {
   const chain = refs.length === 0 ? [] : await allowedChain(abs, format, refs, src, what);
   const info = await imageInfo(abs, format);
   // Second layer: what qemu itself says the image names must be what we allowed.
-  const unexpected = info.references.filter((r) => !chain.includes(path.resolve(path.dirname(abs), r)));
-  if (unexpected.length > 0) throw refused(what, format, unexpected.map((name) => ({ kind: 'backing file', name })));
+  const unexpected = info.references.filter((r) => !chain.includes(path.resolve(path.dirname(abs), r.name)));
+  if (unexpected.length > 0) throw refused(what, format, unexpected);
   return { ...info, formatSource: src.format !== undefined ? 'declared' : 'detected', chain };
 }
 
@@ -91,7 +91,18 @@ function refused(what: string, format: ImageFormat, refs: ImageReference[]): Vmv
   const named = refs.map((r) => `${r.kind} "${r.name}"`).join(', ');
   return new VmvaultError('UNSAFE_IMAGE',
     `${what}, read as ${format}, names another file: ${named}. vmvault never lets an image's metadata choose a host file to read. ` +
-    'If the VM uses this disk as a raw disk, set format: raw for it in the inventory (--format raw); if it is a linked clone you trust, set allowChain: true for it (--allow-chain); nothing was read');
+    `If the VM uses this disk as a raw disk, set format: raw for it in the inventory (--format raw); if it is ${chainKinds(refs)} you trust, set allowChain: true for it (--allow-chain); nothing was read`);
+}
+
+/** What an image naming `refs` is when the operator meant it: said in their words. */
+function chainKinds(refs: ImageReference[]): string {
+  const kinds = new Set(refs.map((r) => ({
+    'backing file': 'a linked clone',
+    'vmdk parent': 'a linked clone',
+    'data file': 'a qcow2 image with a data file',
+    'vmdk extent': 'a vmdk made of extent files',
+  })[r.kind]));
+  return [...kinds].join(' or ');
 }
 
 /**

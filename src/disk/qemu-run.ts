@@ -38,9 +38,18 @@ export function qemuFailure(tool: string, image: string, stderr: string): Vmvaul
 
 export interface RunResult { exitCode: number; stdout: string; stderr: string }
 
-/** Run a qemu tool to completion; rejects with VmvaultError('QEMU') only when it could not start. */
-export async function runTool(tool: string, args: string[]): Promise<RunResult> {
-  const r = await execa(tool, args, { reject: false, stdin: 'ignore', encoding: 'utf8' });
+export interface RunOptions {
+  /** Stop the tool (SIGTERM, then SIGKILL 5 s later) when it has not exited after this long. */
+  timeoutMs?: number;
+}
+
+/** The tool was stopped after `RunOptions.timeoutMs`. */
+class ToolTimeout extends Error {}
+
+/** Run a qemu tool to completion; rejects with VmvaultError('QEMU') only when it could not start, ToolTimeout when it was stopped. */
+export async function runTool(tool: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  const r = await execa(tool, args, { reject: false, stdin: 'ignore', encoding: 'utf8', ...(opts.timeoutMs !== undefined ? { timeout: opts.timeoutMs } : {}) });
+  if (r.timedOut) throw new ToolTimeout(r.shortMessage);
   if (r.exitCode === undefined) {
     const missing = (r.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT';
     throw new VmvaultError('QEMU', missing
@@ -50,9 +59,23 @@ export async function runTool(tool: string, args: string[]): Promise<RunResult> 
   return { exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr };
 }
 
-/** Run a qemu tool on `image` and return its stdout; any non-zero exit becomes `qemuFailure`. */
-export async function runOn(tool: string, image: string, args: string[]): Promise<string> {
-  const r = await runTool(tool, args);
+/**
+ * Run a qemu tool on `image` and return its stdout; any non-zero exit becomes
+ * `qemuFailure`. A tool stopped after `opts.timeoutMs` is a QEMU error saying so: an
+ * open() that never returns (a FIFO the image names, a hung network mount) would
+ * otherwise hold the backup for ever.
+ */
+export async function runOn(tool: string, image: string, args: string[], opts: RunOptions = {}): Promise<string> {
+  let r: RunResult;
+  try {
+    r = await runTool(tool, args, opts);
+  } catch (err) {
+    if (!(err instanceof ToolTimeout)) throw err;
+    throw new VmvaultError('QEMU',
+      `${tool} did not answer within ${(opts.timeoutMs ?? 0) / 1000} s on ${image} and was stopped: it may be blocked opening a file the image names ` +
+      '(a FIFO or device named as a vmdk extent or backing file) or on storage that does not answer (a hung network mount). ' +
+      "Check the files the image's metadata names and the storage it lives on; nothing was read", { cause: err });
+  }
   if (r.exitCode !== 0) throw qemuFailure(tool, image, r.stderr);
   return r.stdout;
 }

@@ -13,6 +13,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
+import type { ImageReference } from './image-refs.js';
 import { mustExist, probeRawWriters, qcow2WithoutBacking, qemuFailure, runOn, runTool } from './qemu-run.js';
 
 export { IMAGE_FORMATS, isImageFormat, type ImageFormat } from './image-format.js';
@@ -27,10 +28,10 @@ export interface ImageInfo {
   actualSize: number;
   backingFile?: string;
   /**
-   * Every other file qemu says the image names: backing file, qcow2 data file, vmdk
-   * extents other than the image itself (as qemu prints them).
+   * Every other file qemu says the image names: backing file (a vmdk's parent), qcow2
+   * data file, vmdk extents other than the image itself (names as qemu prints them).
    */
-  references: string[];
+  references: ImageReference[];
   /** Internal snapshots (qcow2). */
   snapshots: { id: string; name: string }[];
   /** Persistent dirty bitmaps (qcow2) with qemu's flags: `auto` (tracking), `in-use` or `inconsistent` (not to be trusted). */
@@ -48,15 +49,26 @@ interface QemuImgInfoJson {
 }
 
 /** The files other than `abs` that qemu's view of an image names. */
-function referencesOf(abs: string, j: QemuImgInfoJson): string[] {
+function referencesOf(abs: string, j: QemuImgInfoJson): ImageReference[] {
   const data = j['format-specific']?.data;
-  const names = [j['full-backing-filename'] ?? j['backing-filename'], data?.['data-file'], ...(data?.extents ?? []).map((e) => e.filename)];
-  return names.filter((n): n is string => n !== undefined && path.resolve(path.dirname(abs), n) !== abs);
+  const backing = j['full-backing-filename'] ?? j['backing-filename'];
+  const refs: ImageReference[] = [];
+  if (backing !== undefined) refs.push({ kind: j.format === 'vmdk' ? 'vmdk parent' : 'backing file', name: backing });
+  if (data?.['data-file'] !== undefined) refs.push({ kind: 'data file', name: data['data-file'] });
+  for (const e of data?.extents ?? []) if (e.filename !== undefined) refs.push({ kind: 'vmdk extent', name: e.filename });
+  return refs.filter((r) => path.resolve(path.dirname(abs), r.name) !== abs);
 }
 
-async function infoJson(abs: string, format?: ImageFormat): Promise<QemuImgInfoJson> {
+/**
+ * qemu-img info reads headers only: a minute is far more than it needs. It can block
+ * for good in open() (a FIFO named by an image, a hung network mount), and must not
+ * hold a backup for ever.
+ */
+const INFO_TIMEOUT_MS = 60_000;
+
+async function infoJson(abs: string, format?: ImageFormat, timeoutMs = INFO_TIMEOUT_MS): Promise<QemuImgInfoJson> {
   const args = ['info', '--output=json', ...(format ? ['-f', format] : []), abs];
-  const out = await runOn('qemu-img', abs, args);
+  const out = await runOn('qemu-img', abs, args, { timeoutMs });
   try {
     return JSON.parse(out) as QemuImgInfoJson;
   } catch (err) {
@@ -70,13 +82,14 @@ async function infoJson(abs: string, format?: ImageFormat): Promise<QemuImgInfoJ
  * pins the format and refuses references to other files before qemu opens anything.
  * NotFoundError when it does not exist, UNSUPPORTED for a
  * format outside IMAGE_FORMATS, IMAGE_LOCKED when a running VM or another program
- * holds it.
+ * holds it, QEMU when qemu-img fails or does not answer within `opts.timeoutMs`
+ * (default a minute).
  */
-export async function imageInfo(file: string, format?: ImageFormat): Promise<ImageInfo> {
+export async function imageInfo(file: string, format?: ImageFormat, opts: { timeoutMs?: number } = {}): Promise<ImageInfo> {
   const abs = path.resolve(file);
   if (format !== undefined) checkFormat(format, abs);
   await mustExist(abs);
-  const j = await infoJson(abs, format);
+  const j = await infoJson(abs, format, opts.timeoutMs);
   checkFormat(j.format, abs);
   if (j.format === 'raw') await probeRawWriters(abs); // qemu-img info alone misses writers of raw images.
   const backing = j['full-backing-filename'] ?? j['backing-filename'];

@@ -5,10 +5,13 @@
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execa } from 'execa';
-import { open } from 'node:fs/promises';
+import { mkdir, open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileReader, imageReferences, isProtocolName, isVmdkDescriptor, probeFormat } from '../../src/disk/image-refs.js';
+import { inspectDisk } from '../../src/disk/inspect.js';
 import { exportImage, snapshotCreate, snapshotDelete, snapshotList } from '../../src/disk/qemu.js';
+import { VmvaultError } from '../../src/errors.js';
+import { hostSecret, qemuVmdkNames, sparseVmdkOfCapacity0, vmdkDescriptor } from '../helpers/hostile.js';
 import { tempDir } from '../helpers/images.js';
 
 const dir = await tempDir('vmvault-refs-');
@@ -114,6 +117,127 @@ describe('image headers', () => {
       const r = await probeFormat(async (pos, len) => Buffer.concat([Buffer.from(magic, 'latin1'), Buffer.alloc(512)]).subarray(pos, pos + len));
       assert.deepEqual(r, { foreign: name });
     }
+  });
+});
+
+/** A qemu-img-made monolithicSparse image whose embedded descriptor has `edit` applied (within its 20 sectors). */
+async function editedSparseVmdk(name: string, edit: (desc: string) => string, create: string[] = []): Promise<string> {
+  const file = join(dir.path, name);
+  await execa('qemu-img', ['create', '-q', '-f', 'vmdk', ...create, file, ...(create.length ? [] : [`${MiB}`])]);
+  const img = await readFile(file);
+  const area = img.subarray(512, 512 + 20 * 512);
+  const desc = area.subarray(0, area.indexOf(0)).toString('latin1');
+  const edited = Buffer.from(edit(desc), 'latin1');
+  assert.ok(edited.length < area.length);
+  area.fill(0);
+  edited.copy(area);
+  await writeFile(file, img);
+  return file;
+}
+
+async function vmdkRefs(file: string) {
+  const r = await read(file);
+  try {
+    return await r.refs('vmdk');
+  } finally {
+    await r.close();
+  }
+}
+
+describe('vmdk: every file qemu would open is named', { timeout: 120_000 }, () => {
+  test('a sparse vmdk of capacity 0 has its descriptor opened as a descriptor file, extents and all; a normal one does not', async () => {
+    const secret = await hostSecret(dir.path);
+    const desc = vmdkDescriptor(`RW 2048 FLAT "${secret.path}" 0`);
+    const hostile = join(dir.path, 'capacity0.vmdk');
+    await writeFile(hostile, sparseVmdkOfCapacity0(desc));
+    // The trap is real: qemu reads the host's file as the disk.
+    assert.deepEqual(await qemuVmdkNames(hostile), [secret.path]);
+    const r = await read(hostile);
+    try {
+      assert.deepEqual(r.probe, { format: 'vmdk' });
+      assert.deepEqual(await r.refs('vmdk'), [{ kind: 'vmdk extent', name: secret.path }]);
+    } finally {
+      await r.close();
+    }
+    // The same extent line in a normal sparse vmdk's descriptor: qemu ignores it, and so does vmvault.
+    const normal = await editedSparseVmdk('normal-sparse.vmdk', (d) => d.replace('# Extent description\n', `# Extent description\nRW 2048 FLAT "${secret.path}" 0\n`));
+    assert.deepEqual(await qemuVmdkNames(normal), []);
+    assert.deepEqual(await vmdkRefs(normal), []);
+  });
+
+  test("extent lines and parent hints as qemu's sscanf and strstr read them are named", async () => {
+    const gone = (k: string) => join(dir.path, `gone-${k}`);
+    const cases: [string, Buffer][] = [
+      ['signed', vmdkDescriptor(`RW +2048 FLAT "${gone('signed')}" 0`)],
+      ['no-space', vmdkDescriptor(`RW 2048FLAT "${gone('no-space')}" 0`)],
+      ['over-lines', vmdkDescriptor(`RW\n2048\n\nFLAT\n"${gone('over-lines')}" 0`)],
+      ['unterminated', vmdkDescriptor(`RW 2048 SPARSE "${gone('unterminated')}`)],
+      ['ten-letter-type', vmdkDescriptor(`RW 2048 VMFSSPARSE"${gone('ten-letter-type')}"`)],
+      ['c-spaces', vmdkDescriptor(`\t RW\v2048\fFLAT\r"${gone('c-spaces')}" 0\r`)],
+      ['vmfs', vmdkDescriptor(`RW 2048 VMFS "${gone('vmfs')}"`)],
+      ['parent-in-comment', vmdkDescriptor(`#parentFileNameHint="${gone('parent-in-comment')}"\nRW 2048 FLAT "self.vmdk" 0`)],
+      ['parent-mid-line', vmdkDescriptor(`ddb.note = "x" parentFileNameHint="${gone('parent-mid-line')}"\nRW 2048 FLAT "self.vmdk" 0`)],
+    ];
+    const files: [string, string][] = [];
+    for (const [k, bytes] of cases) {
+      const sub = join(dir.path, `case-${k}`);
+      await mkdir(sub);
+      const file = join(sub, 'self.vmdk'); // extents naming self.vmdk are the image itself
+      await writeFile(file, bytes);
+      files.push([k, file]);
+    }
+    files.push(['capacity0-plus', join(dir.path, 'capacity0-plus.vmdk')]);
+    await writeFile(files.at(-1)![1], sparseVmdkOfCapacity0(vmdkDescriptor(`RW +2048 FLAT "${gone('capacity0-plus')}" 0`)));
+    // A sparse vmdk's parent is read at 0x200 whatever its header says of its descriptor.
+    const vbase = join(dir.path, 'hint-base.vmdk');
+    await execa('qemu-img', ['create', '-q', '-f', 'vmdk', vbase, `${MiB}`]);
+    const child = await editedSparseVmdk('hint-child.vmdk', (d) => d.replace(vbase, gone('sparse-parent')), ['-b', vbase, '-F', 'vmdk']);
+    const img = await readFile(child);
+    img.writeBigUInt64LE(0n, 28);
+    await writeFile(child, img);
+    files.push(['sparse-parent', child]);
+
+    for (const [k, file] of files) {
+      // qemu opens (or, for a parent, names) the file: the case is one qemu really follows.
+      assert.deepEqual(await qemuVmdkNames(file), [gone(k)], k);
+      assert.deepEqual((await vmdkRefs(file)).map((r) => r.name), [gone(k)], k);
+    }
+  });
+});
+
+describe('inspectDisk refuses a hostile vmdk before qemu opens what it names', { timeout: 120_000 }, () => {
+  // A FIFO: had qemu opened it, the inspection would block (until qemu-img info is stopped).
+  const refusal = (name: string) => (err: unknown): boolean => {
+    assert.ok(err instanceof VmvaultError, String(err));
+    assert.equal(err.code, 'UNSAFE_IMAGE', err.message);
+    assert.ok(err.message.includes(`names another file: vmdk extent "${name}"`), err.message);
+    assert.match(err.message, /--format raw/);
+    assert.match(err.message, /if it is a vmdk made of extent files you trust, set allowChain: true for it \(--allow-chain\)/);
+    assert.doesNotMatch(err.message, /backing file/);
+    return true;
+  };
+
+  test('capacity 0 and a signed sector count, naming a FIFO, are refused; vmdks qemu-img makes are read as before', async () => {
+    const fifo = join(dir.path, 'extent-fifo');
+    await execa('mkfifo', [fifo]);
+    const capacity0 = join(dir.path, 'fifo-capacity0.vmdk');
+    await writeFile(capacity0, sparseVmdkOfCapacity0(vmdkDescriptor(`RW 2048 FLAT "${fifo}" 0`)));
+    const signed = join(dir.path, 'fifo-signed.vmdk');
+    await writeFile(signed, vmdkDescriptor(`RW +2048 FLAT "${fifo}" 0`));
+    for (const file of [capacity0, signed]) {
+      await assert.rejects(inspectDisk({ path: file }), refusal(fifo), file);
+      await assert.rejects(inspectDisk({ path: file, format: 'vmdk' }), refusal(fifo), file);
+    }
+
+    const sparse = join(dir.path, 'made-sparse.vmdk');
+    await execa('qemu-img', ['create', '-q', '-f', 'vmdk', sparse, `${MiB}`]);
+    const s = await inspectDisk({ path: sparse });
+    assert.deepEqual([s.format, s.formatSource, s.virtualSize, s.chain], ['vmdk', 'detected', MiB, []]);
+    const flat = join(dir.path, 'made-flat.vmdk');
+    await execa('qemu-img', ['create', '-q', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', flat, `${MiB}`]);
+    await assert.rejects(inspectDisk({ path: flat }), refusal('made-flat-flat.vmdk'));
+    const f = await inspectDisk({ path: flat, allowChain: true });
+    assert.deepEqual([f.format, f.virtualSize, f.chain], ['vmdk', MiB, [join(dir.path, 'made-flat-flat.vmdk')]]);
   });
 });
 

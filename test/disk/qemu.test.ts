@@ -14,6 +14,7 @@ import {
   compareImages, createImage, exportImage, IMAGE_FORMATS, imageInfo, snapshotCreate, snapshotDelete, type ImageFormat, type NbdExport,
 } from '../../src/disk/qemu.js';
 import { NotFoundError, VmvaultError, type ErrorCode } from '../../src/errors.js';
+import { vmdkDescriptor } from '../helpers/hostile.js';
 import {
   expectedContent, exportLeftBy, holdImageLock, makeImage, processAlive, tempDir, waitForExit, writePattern, type PatternWrite, type TempDir,
 } from '../helpers/images.js';
@@ -77,6 +78,18 @@ describe('imageInfo', { timeout: 60_000 }, () => {
       assert.equal(err.message, `disk image ${missing} does not exist`);
       return true;
     });
+  });
+
+  test('qemu-img info that does not answer is stopped, with an error saying so', async () => {
+    // An extent naming a FIFO: qemu-img blocks in open() until a writer comes, which none does.
+    const fifo = path.join(dir.path, 'info-fifo');
+    await execa('mkfifo', [fifo]);
+    const image = path.join(dir.path, 'names-fifo.vmdk');
+    await fs.writeFile(image, vmdkDescriptor(`RW 2048 FLAT "${fifo}" 0`));
+    const started = Date.now();
+    await assert.rejects(imageInfo(image, 'vmdk', { timeoutMs: 1500 }),
+      isError('QEMU', new RegExp(`qemu-img did not answer within 1.5 s on ${image} and was stopped: .*a FIFO.*Check the files the image's metadata names`)));
+    assert.ok(Date.now() - started < 15_000, 'stopped soon after the timeout');
   });
 
   for (const format of ['qed', 'vpc']) {

@@ -74,3 +74,41 @@ export async function qemuWouldFollow(file: string): Promise<string> {
   const r = await execa('qemu-img', ['info', '--output=json', file], { reject: false });
   return r.stdout + r.stderr;
 }
+
+/** A text vmdk descriptor (qemu's monolithicFlat header lines) followed by `body`: its extent lines, and anything else. */
+export function vmdkDescriptor(body: string): Buffer {
+  return Buffer.from(`# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n${body}\n`, 'latin1');
+}
+
+/**
+ * A 64 KiB sparse vmdk written byte by byte: a KDMV header of capacity 0 whose
+ * descriptor (at sector 1, 20 sectors) is `descriptor`. qemu's vmdk_open_vmdk4 opens
+ * such a descriptor as a descriptor file and follows its extent lines.
+ */
+export function sparseVmdkOfCapacity0(descriptor: Buffer): Buffer {
+  const img = Buffer.alloc(64 * 1024);
+  img.write('KDMV', 0, 'latin1');
+  img.writeUInt32LE(1, 4); // version
+  img.writeUInt32LE(3, 8); // flags: newline detection, redundant grain table
+  img.writeBigUInt64LE(0n, 12); // capacity, in sectors
+  img.writeBigUInt64LE(128n, 20); // granularity
+  img.writeBigUInt64LE(1n, 28); // descriptor offset, in sectors
+  img.writeBigUInt64LE(20n, 36); // descriptor size, in sectors
+  img.writeUInt32LE(512, 44); // grain table entries per grain table
+  img.write('\n \r\n', 73, 'latin1'); // the newline check bytes
+  if (descriptor.length > 20 * 512) throw new Error('descriptor longer than 20 sectors');
+  descriptor.copy(img, 512);
+  return img;
+}
+
+/** The files a `qemu-img info -f vmdk` of `file` opened or names (extents, parent), `file` itself aside. */
+export async function qemuVmdkNames(file: string): Promise<string[]> {
+  const r = await execa('qemu-img', ['info', '--output=json', '-f', 'vmdk', file], { reject: false, timeout: 30_000 });
+  const names = [...r.stderr.matchAll(/Could not open '([^']+)'/g)].map((m) => m[1]!);
+  if (r.exitCode === 0) {
+    const j = JSON.parse(r.stdout) as { 'backing-filename'?: string; 'format-specific'?: { data?: { extents?: { filename: string }[] } } };
+    names.push(...(j['format-specific']?.data?.extents ?? []).map((e) => e.filename));
+    if (j['backing-filename'] !== undefined) names.push(j['backing-filename']);
+  }
+  return [...new Set(names)].filter((n) => n !== file);
+}
