@@ -24,7 +24,7 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { Repository } from '../src/repo/repository.js';
 import { LocalStorage } from '../src/storage/local.js';
-import type { Storage } from '../src/storage/storage.js';
+import type { GetOptions, Storage } from '../src/storage/storage.js';
 import { backupVm } from '../src/vm/drivers.js';
 
 const PASSWORD = 'scale bench passphrase';
@@ -41,7 +41,7 @@ class Counting implements Storage {
     const key = `${kind} ${name.split('/')[0]}`;
     this.total.set(key, (this.total.get(key) ?? 0) + 1);
   }
-  get(name: string) { this.count('GET', name); return this.inner.get(name); }
+  get(name: string, opts?: GetOptions) { this.count('GET', name); return this.inner.get(name, opts); }
   put(name: string, data: Uint8Array) {
     if (name.startsWith('chunks/') && this.firstUploadAt === undefined) {
       this.firstUploadAt = performance.now();

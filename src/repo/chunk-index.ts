@@ -21,7 +21,7 @@
  */
 import { createHash } from 'node:crypto';
 import { IntegrityError, NotFoundError } from '../errors.js';
-import { additionalData, open, seal } from '../crypto/seal.js';
+import { SEAL_OVERHEAD, additionalData, open, seal } from '../crypto/seal.js';
 import type { Storage } from '../storage/storage.js';
 import { chunkName, implausibleChunkSize, isChunkId } from './chunk.js';
 import type { IndexCache } from './index-cache.js';
@@ -39,6 +39,14 @@ const MAGIC = Buffer.from('VVIX');
 const VERSION = 1;
 const HEADER = 12;
 const ID_BYTES = 32;
+
+/**
+ * The most bytes a valid index object has as stored: writers put at most
+ * INDEX_OBJECT_ENTRIES ids in one (Repository.writeIndex), 2 MiB and a header sealed.
+ * Twice that, so a larger object is refused as damaged before it is read
+ * (repo/object-limits.ts says why reads are bounded).
+ */
+export const INDEX_OBJECT_MAX_BYTES = 2 * (HEADER + INDEX_OBJECT_ENTRIES * ID_BYTES + SEAL_OVERHEAD);
 
 /** What this module needs of a repository (Repository has it). */
 export interface IndexRepo {
@@ -145,10 +153,12 @@ export async function loadPrefixes(repo: IndexRepo, cache: IndexCache | undefine
     const cached = sealed !== undefined;
     if (!sealed) {
       try {
-        sealed = await repo.storage.get(name);
+        sealed = await repo.storage.get(name, { maxBytes: INDEX_OBJECT_MAX_BYTES });
       } catch (err) {
         if (err instanceof NotFoundError) return; // compacted by gc meanwhile
-        throw err;
+        if (!(err instanceof IntegrityError)) throw err;
+        load.damaged.push({ name, problem: err.message }); // far too large to be an index object
+        return;
       }
       load.fetched++;
     }

@@ -32,6 +32,7 @@ import { IntegrityError, NotFoundError, errorMessage } from '../errors.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import type { Storage } from '../storage/storage.js';
 import { isChunkId } from './chunk.js';
+import { SMALL_OBJECT_MAX_BYTES, VERIFICATION_RECORD_MAX_BYTES } from './object-limits.js';
 
 /** What this module needs of a repository (Repository has it). */
 export interface HealthRepo {
@@ -111,11 +112,14 @@ function sealed(repo: HealthRepo, name: string, value: unknown): Uint8Array {
   return seal(repo.keys.encKey, 'health', Buffer.from(JSON.stringify(value)), additionalData(repo.id, 'health', name));
 }
 
-/** The object's content; undefined when it is gone (deleted meanwhile). Throws IntegrityError when damaged. */
-async function opened<T>(repo: HealthRepo, name: string, schema: z.ZodType<T>): Promise<T | undefined> {
+/**
+ * The object's content; undefined when it is gone (deleted meanwhile). Throws IntegrityError
+ * when damaged, or larger than `maxBytes` (then it is not read: repo/object-limits.ts).
+ */
+async function opened<T>(repo: HealthRepo, name: string, schema: z.ZodType<T>, maxBytes: number): Promise<T | undefined> {
   let raw: Uint8Array;
   try {
-    raw = await repo.storage.get(name);
+    raw = await repo.storage.get(name, { maxBytes });
   } catch (err) {
     if (err instanceof NotFoundError) return undefined;
     throw err;
@@ -161,7 +165,7 @@ export async function readQuarantine(repo: HealthRepo): Promise<QuarantineEntry[
   const out: QuarantineEntry[] = [];
   await eachLimit(ids, 16, async (chunk) => {
     try {
-      const e = await opened(repo, quarantineName(chunk), quarantineSchema);
+      const e = await opened(repo, quarantineName(chunk), quarantineSchema, SMALL_OBJECT_MAX_BYTES);
       if (e) out.push(e);
     } catch (err) {
       if (!(err instanceof IntegrityError)) throw err;
@@ -204,7 +208,7 @@ export async function readRecords(
     let record = cache?.get(name);
     if (!record) {
       try {
-        record = await opened(repo, name, recordSchema);
+        record = await opened(repo, name, recordSchema, VERIFICATION_RECORD_MAX_BYTES);
       } catch (err) {
         if (!(err instanceof IntegrityError)) throw err;
       }
@@ -322,7 +326,7 @@ export async function readDrills(repo: HealthRepo, backups?: ReadonlySet<string>
   await eachLimit(names, 16, async (name) => {
     let record: DrillRecord | undefined;
     try {
-      record = await opened(repo, name, drillSchema);
+      record = await opened(repo, name, drillSchema, SMALL_OBJECT_MAX_BYTES);
     } catch (err) {
       if (!(err instanceof IntegrityError)) throw err; // Advice, like verification records: an unreadable one is skipped.
     }

@@ -24,10 +24,11 @@
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { z } from 'zod';
-import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
+import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import type { Repository } from './repository.js';
+import { SMALL_OBJECT_MAX_BYTES } from './object-limits.js';
 
 export type LockKind = 'shared' | 'exclusive';
 
@@ -78,9 +79,13 @@ export async function readLocks(repo: Repository, now = Date.now()): Promise<Fou
     const id = name.slice('locks/'.length);
     let sealed: Uint8Array;
     try {
-      sealed = await repo.storage.get(name);
+      sealed = await repo.storage.get(name, { maxBytes: SMALL_OBJECT_MAX_BYTES });
     } catch (err) {
       if (err instanceof NotFoundError) continue; // released meanwhile
+      if (err instanceof IntegrityError) { // far too large to be a lock: not read
+        out.push({ id, stale: false, damaged: errorMessage(err) });
+        continue;
+      }
       throw err; // the storage failed, not the lock: say so
     }
     try {

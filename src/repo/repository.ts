@@ -21,6 +21,7 @@ import { chunkName, isChunkId, type ChunkKeys } from './chunk.js';
 import { UnreadableManifestError, backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
 import { ChunkIndex, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
+import { MANIFEST_MAX_BYTES, SMALL_OBJECT_MAX_BYTES } from './object-limits.js';
 import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
@@ -201,10 +202,13 @@ export class Repository {
   static async readConfig(storage: Storage): Promise<RepoConfig> {
     let raw: Uint8Array;
     try {
-      raw = await storage.get('config');
+      raw = await storage.get('config', { maxBytes: SMALL_OBJECT_MAX_BYTES });
     } catch (err) {
       if (err instanceof NotFoundError) {
         throw new VmvaultError('NO_REPOSITORY', `there is no vmvault repository at ${storage.location}: check --repo or VMVAULT_REPOSITORY, or create one with "vmvault init"`);
+      }
+      if (err instanceof IntegrityError) {
+        throw new IntegrityError(`the repository config at ${storage.location} is damaged: ${err.message}; put back a copy of the file "config" (it holds no secret)`, { cause: err });
       }
       throw err;
     }
@@ -292,10 +296,12 @@ export class Repository {
       const id = name.slice('keys/'.length);
       let raw: Uint8Array;
       try {
-        raw = await storage.get(name);
+        raw = await storage.get(name, { maxBytes: SMALL_OBJECT_MAX_BYTES });
       } catch (err) {
         if (err instanceof NotFoundError) continue; // removed meanwhile
-        throw err;
+        if (!(err instanceof IntegrityError)) throw err;
+        damaged.push({ id, name, problem: err.message }); // far too large to be a key file
+        continue;
       }
       let parsed;
       try {
@@ -448,9 +454,12 @@ export class Repository {
   async loadManifest(id: string): Promise<Manifest> {
     let sealed: Uint8Array;
     try {
-      sealed = await this.storage.get(backupName(id));
+      sealed = await this.storage.get(backupName(id), { maxBytes: MANIFEST_MAX_BYTES });
     } catch (err) {
       if (err instanceof NotFoundError) throw new NotFoundError(`backup ${id} does not exist`);
+      if (err instanceof IntegrityError) {
+        throw new IntegrityError(`backup manifest ${backupName(id)} is damaged: ${err.message}; put back a good copy, or delete it with "vmvault repair --remove" if it is no backup of yours`, { cause: err });
+      }
       throw err;
     }
     const what = `backup manifest ${backupName(id)}`;

@@ -88,7 +88,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
     calls,
     pending: (method) => queues[method].reduce((n, f) => n + f.times, 0),
     inject,
-    get: (name) => call('get', name, () => storage.get(name)),
+    get: (name, opts) => call('get', name, () => storage.get(name, opts)),
     getInto: (name, into) => call('get', name, () => getInto(storage, name, into)),
     put: (name, data) => call('put', name, () => storage.put(name, data)),
     stat: (name) => call('stat', name, () => storage.stat(name)),

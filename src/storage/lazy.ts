@@ -10,7 +10,7 @@ export function lazyStorage(location: string, load: () => Promise<Storage>): Sto
   const get = () => (backend ??= load());
   return {
     location,
-    get: async (name) => (await get()).get(name),
+    get: async (name, opts) => (await get()).get(name, opts),
     getInto: async (name, into) => getInto(await get(), name, into),
     put: async (name, data) => (await get()).put(name, data),
     stat: async (name) => (await get()).stat(name),

@@ -10,7 +10,7 @@ import { lstat, mkdir, open, opendir, rename, stat, unlink } from 'node:fs/promi
 import path from 'node:path';
 import { NotFoundError, VmvaultError, isRetriable } from '../errors.js';
 import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
-import { tooLarge, type Storage } from './storage.js';
+import { tooLarge, type GetOptions, type Storage } from './storage.js';
 
 /** Files are sealed data and keys: readable by the owner only, as restic does. */
 const FILE_MODE = 0o600;
@@ -54,8 +54,13 @@ export class LocalStorage implements Storage {
     this.location = this.root;
   }
 
-  async get(name: string): Promise<Uint8Array> {
-    return this.read(name, (size) => Buffer.allocUnsafeSlow(size));
+  async get(name: string, opts: GetOptions = {}): Promise<Uint8Array> {
+    return this.read(name, (size) => {
+      // Checked against the file's size before anything is allocated: a sparse file of
+      // terabytes costs a stat, not memory (nor Node's RangeError beyond its buffer limit).
+      if (opts.maxBytes !== undefined && size > opts.maxBytes) throw tooLarge(this, name, size, opts.maxBytes);
+      return Buffer.allocUnsafeSlow(size);
+    });
   }
 
   async getInto(name: string, into: Uint8Array): Promise<number> {

@@ -15,7 +15,7 @@ export function readOnly(storage: Storage, why: string): Storage {
     { cause: errnoError('EROFS', 'read-only repository') }));
   return {
     ...sameBackend(storage),
-    get: (name) => storage.get(name),
+    get: (name, opts) => storage.get(name, opts),
     getInto: (name, into) => getInto(storage, name, into),
     put: (name) => refuse('write', name),
     stat: (name) => storage.stat(name),

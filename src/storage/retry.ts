@@ -106,7 +106,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
   const sweep = storage.removeTemporary?.bind(storage);
   return {
     ...sameBackend(storage),
-    get: (name) => run('get', name, () => storage.get(name)),
+    get: (name, opts) => run('get', name, () => storage.get(name, opts)),
     getInto: (name, into) => run('get', name, () => getInto(storage, name, into)),
     put: (name, data) => run('put', name, () => storage.put(name, data)),
     stat: (name) => run('stat', name, () => storage.stat(name)),

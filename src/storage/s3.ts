@@ -15,7 +15,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { NotFoundError, ThrottledError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
 import { checkName, checkPrefix } from './names.js';
-import { tooLarge, type Storage } from './storage.js';
+import { tooLarge, type GetOptions, type Storage } from './storage.js';
 import { copyBytes } from '../bytes.js';
 
 export interface S3StorageOptions {
@@ -109,13 +109,35 @@ export class S3Storage implements Storage {
     });
   }
 
-  async get(name: string): Promise<Uint8Array> {
+  /**
+   * With maxBytes, a response whose Content-Length is larger is refused before its body
+   * is read (the connection is dropped), and the body is counted as it arrives, in case
+   * the length was absent or wrong: memory never holds more than maxBytes of it.
+   */
+  async get(name: string, opts: GetOptions = {}): Promise<Uint8Array> {
     const Key = this.key(name);
+    const max = opts.maxBytes ?? Infinity;
     try {
       const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }));
-      if (!res.Body) return new Uint8Array(0);
-      return await res.Body.transformToByteArray();
+      const body = res.Body as (AsyncIterable<Uint8Array> & { destroy?: () => void }) | undefined;
+      if (!body) return new Uint8Array(0);
+      if (res.ContentLength !== undefined && res.ContentLength > max) {
+        body.destroy?.();
+        throw tooLarge(this, name, res.ContentLength, max);
+      }
+      const pieces: Uint8Array[] = [];
+      let size = 0;
+      for await (const piece of body) {
+        size += piece.length;
+        if (size > max) throw tooLarge(this, name, size, max, true); // leaving the loop destroys the body
+        pieces.push(piece);
+      }
+      const out = new Uint8Array(size);
+      let at = 0;
+      for (const piece of pieces) at += copyBytes(piece, out, at);
+      return out;
     } catch (err) {
+      if (err instanceof VmvaultError) throw err;
       throw this.translate(err, 'get', name);
     }
   }
@@ -133,7 +155,7 @@ export class S3Storage implements Storage {
       // The response's pieces go straight where they belong: no list of them, no concatenation.
       let at = 0;
       for await (const piece of body) {
-        if (at + piece.length > into.length) throw tooLarge(this, name, at + piece.length, into.length);
+        if (at + piece.length > into.length) throw tooLarge(this, name, at + piece.length, into.length, true);
         at += copyBytes(piece, into, at);
       }
       return at;

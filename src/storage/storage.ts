@@ -29,7 +29,14 @@ export interface Storage {
    * Wrappers pass it on (see `sameBackend`).
    */
   readonly chunksInFlight?: number;
-  get(name: string): Promise<Uint8Array>;
+  /**
+   * The whole object. With `maxBytes`, an object larger than that throws IntegrityError
+   * (tooLarge) before it is read into memory: the backend checks the size it knows first
+   * (a file's, a response's Content-Length) and counts what arrives too, in case that
+   * size was wrong. Callers read only objects of a kind whose valid size has a bound
+   * (repo/object-limits.ts), so a stray or hostile huge file costs an error, not memory.
+   */
+  get(name: string, opts?: GetOptions): Promise<Uint8Array>;
   /**
    * Optional: reads the whole object into the start of `into` and returns its size, so
    * that a caller with a buffer of its own (a chunk slot: pipeline/pool.ts) allocates and
@@ -53,17 +60,26 @@ export interface Storage {
   close(): Promise<void>;
 }
 
-/** `storage.getInto`, or `get` and a copy where the backend has no such method. */
+export interface GetOptions {
+  /** The most bytes a valid object of this kind can have; larger ones throw IntegrityError. */
+  maxBytes?: number;
+}
+
+/** `storage.getInto`, or `get` (bounded by `into`) and a copy where the backend has no such method. */
 export async function getInto(storage: Storage, name: string, into: Uint8Array): Promise<number> {
   if (storage.getInto) return storage.getInto(name, into);
-  const data = await storage.get(name);
+  const data = await storage.get(name, { maxBytes: into.length });
   if (data.length > into.length) throw tooLarge(storage, name, data.length, into.length);
   return copyBytes(data, into);
 }
 
-/** What `getInto` throws for an object that does not fit. */
-export function tooLarge(storage: Pick<Storage, 'location'>, name: string, size: number, room: number): IntegrityError {
-  return new IntegrityError(`object ${JSON.stringify(name)} in ${storage.location} is ${size} bytes, more than the ${room} any valid one can be: it is damaged`);
+/**
+ * What `get` with maxBytes and `getInto` throw for an object larger than any valid one
+ * of its kind. `atLeast`: the size is what arrived before the read was cut off.
+ */
+export function tooLarge(storage: Pick<Storage, 'location'>, name: string, size: number, room: number, atLeast = false): IntegrityError {
+  return new IntegrityError(`object ${JSON.stringify(name)} in ${storage.location} is ${atLeast ? 'at least ' : ''}${size} bytes, ` +
+    `more than the ${room} any valid one can be: it is damaged (or not vmvault's), and was not read`);
 }
 
 /**

@@ -159,7 +159,7 @@ export function withAdaptiveConcurrency(storage: Storage, opts: ConcurrencyOptio
   const sweep = storage.removeTemporary?.bind(storage);
   return {
     ...sameBackend(storage),
-    get: (name) => limiter.run(() => storage.get(name)),
+    get: (name, opts) => limiter.run(() => storage.get(name, opts)),
     getInto: (name, into) => limiter.run(() => getInto(storage, name, into)),
     put: (name, data) => writes.run(() => storage.put(name, data)),
     stat: (name) => limiter.run(() => storage.stat(name)),

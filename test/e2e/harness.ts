@@ -3,9 +3,9 @@
  * prefix in a real S3-protocol server. Every end-to-end test runs on both.
  */
 import { after } from 'node:test';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { openStorage } from '../../src/storage/open.js';
 import type { Storage } from '../../src/storage/storage.js';
@@ -17,6 +17,11 @@ export interface Backend {
   /** A new, empty repository URL. */
   newRepo(): Promise<string>;
   env: Env;
+  /**
+   * Makes object `name` of `repo` a sparse file of `size` bytes (no disk used): a stray,
+   * damaged or hostile object far larger than any valid one.
+   */
+  plantSparse(repo: string, name: string, size: number): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -41,6 +46,7 @@ export async function backends(): Promise<Backend[]> {
     name: 'local',
     newRepo: async () => join(base, `repo-${n++}`),
     env: {},
+    plantSparse: async (repo, name, size) => sparseFile(join(repo, name), size),
     stop: () => rm(base, { recursive: true, force: true }),
   };
   const s3: S3Server = await startS3Server();
@@ -48,6 +54,12 @@ export async function backends(): Promise<Backend[]> {
     name: 's3',
     newRepo: async () => s3.repoUrl(`repo-${randomBytes(4).toString('hex')}`),
     env: s3.env,
+    plantSparse: async (repo, name, size) => {
+      const storage = openStorage(repo);
+      try { await storage.put(name, new Uint8Array(1)); } finally { await storage.close(); }
+      const prefix = new URL(repo).pathname.replace(/^\/+/, '');
+      await sparseFile(s3.objectFile(`${prefix}/${name}`), size);
+    },
     stop: () => s3.stop(),
   };
   return [local, remote];
@@ -83,4 +95,11 @@ export async function objects(repo: string): Promise<Map<string, number>> {
 
 export async function backupJson(env: Env, vm: string, disks: string[], more: string[] = []): Promise<any> {
   return cliJson(['backup', '--vm', vm, ...disks.flatMap((d) => ['--disk', d]), ...more], env);
+}
+
+/** A file of `size` bytes that takes no disk space (ftruncate of an empty file). */
+async function sparseFile(file: string, size: number): Promise<void> {
+  await mkdir(dirname(file), { recursive: true });
+  const fh = await open(file, 'w', 0o600);
+  try { await fh.truncate(size); } finally { await fh.close(); }
 }

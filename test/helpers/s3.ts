@@ -35,6 +35,11 @@ export interface S3Server {
   repoUrl(prefix: string): string;
   /** Credentials and region for child processes (also set in this process). */
   env: Record<string, string>;
+  /**
+   * The file holding object `key` of the bucket in s3rver's store: its size is the
+   * object's (a test may make it a sparse file of gigabytes after putting the object).
+   */
+  objectFile(key: string): string;
   stop(): Promise<void>;
 }
 
@@ -134,6 +139,11 @@ export async function startS3Server(): Promise<S3Server> {
     bucket,
     env,
     repoUrl: (prefix) => `s3://${bucket}/${prefix}?endpoint=${endpoint}`,
+    // s3rver's filesystem store: <directory>/<bucket>/<key's folders>/<key's last part>._S3rver_object
+    objectFile: (key) => {
+      const parts = key.split('/');
+      return path.join(directory, bucket, ...parts.slice(0, -1), `${parts.at(-1)!}._S3rver_object`);
+    },
     stop: async () => {
       if (child.exitCode === null && child.signalCode === null) {
         const exited = new Promise((resolve) => child.once('exit', resolve));

@@ -13,7 +13,7 @@ import { LocalStorage } from '../../src/storage/local.js';
 import { openStorage } from '../../src/storage/open.js';
 import { readOnly } from '../../src/storage/read-only.js';
 import { withAdaptiveConcurrency } from '../../src/storage/throttle.js';
-import { DEFAULT_CHUNKS_IN_FLIGHT, type Storage } from '../../src/storage/storage.js';
+import { DEFAULT_CHUNKS_IN_FLIGHT, type GetOptions, type Storage } from '../../src/storage/storage.js';
 import { backupVm } from '../../src/vm/drivers.js';
 import { restore } from '../../src/pipeline/restore.js';
 import { compareImages } from '../../src/disk/qemu.js';
@@ -29,7 +29,7 @@ class SlowChunkWrites implements Storage {
   maxRunning = 0;
   constructor(private readonly inner: Storage, readonly chunksInFlight: number) {}
   get location() { return this.inner.location; }
-  get(name: string) { return this.inner.get(name); }
+  get(name: string, opts?: GetOptions) { return this.inner.get(name, opts); }
   async put(name: string, data: Uint8Array) {
     if (!name.startsWith('chunks/')) return this.inner.put(name, data);
     this.maxRunning = Math.max(this.maxRunning, ++this.running);

@@ -14,7 +14,7 @@ import { ChunkIndex, INDEX_PREFIX, indexNames, openIndex, sealIndex } from '../.
 import { chunkName } from '../../src/repo/chunk.js';
 import { collectGarbage } from '../../src/repo/gc.js';
 import { LocalStorage } from '../../src/storage/local.js';
-import type { Storage } from '../../src/storage/storage.js';
+import type { GetOptions, Storage } from '../../src/storage/storage.js';
 import { backupVm } from '../../src/vm/drivers.js';
 import { restore } from '../../src/pipeline/restore.js';
 import { verify } from '../../src/pipeline/verify.js';
@@ -37,7 +37,7 @@ class Counting implements Storage {
   }
   reset() { this.calls.clear(); }
   n(key: string) { return this.calls.get(key) ?? 0; }
-  get(name: string) { this.count('get', name); return this.inner.get(name); }
+  get(name: string, opts?: GetOptions) { this.count('get', name); return this.inner.get(name, opts); }
   put(name: string, data: Uint8Array) { this.count('put', name); return this.inner.put(name, data); }
   stat(name: string) { this.count('stat', name); return this.inner.stat(name); }
   delete(name: string) { this.count('delete', name); return this.inner.delete(name); }
@@ -426,12 +426,12 @@ describe('the index under concurrent writers', () => {
       most = 0;
       constructor(private readonly inner: Storage) {}
       get location() { return this.inner.location; }
-      async get(name: string) {
-        if (!name.startsWith(INDEX_PREFIX)) return this.inner.get(name);
+      async get(name: string, opts?: GetOptions) {
+        if (!name.startsWith(INDEX_PREFIX)) return this.inner.get(name, opts);
         this.most = Math.max(this.most, ++this.running);
         try {
           await new Promise((r) => setTimeout(r, 20));
-          return await this.inner.get(name);
+          return await this.inner.get(name, opts);
         } finally {
           this.running--;
         }

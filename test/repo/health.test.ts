@@ -233,7 +233,7 @@ describe('verify against a real repository', () => {
       };
       const readOnly: Storage = {
         location: storage.location,
-        get: (n) => storage.get(n), stat: (n) => storage.stat(n), list: (p) => storage.list(p), close: () => storage.close(),
+        get: (n, o) => storage.get(n, o), stat: (n) => storage.stat(n), list: (p) => storage.list(p), close: () => storage.close(),
         put: async (n, d) => { await refuse(n); await storage.put(n, d); },
         delete: async (n) => { await refuse(n); await storage.delete(n); },
       };

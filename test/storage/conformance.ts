@@ -93,12 +93,22 @@ export function runStorageConformance(name: string, makeStorage: () => Promise<S
     test('getInto on a storage without its own (a wrapper of a plain get) reads the same, and refuses the same', async () => {
       const data = new Uint8Array(randomBytes(300_000));
       await storage.put('chunks/ab/x', data);
-      const plain: Storage = { location: storage.location, get: (n) => storage.get(n), put: (n, d) => storage.put(n, d), stat: (n) => storage.stat(n), delete: (n) => storage.delete(n), list: (p) => storage.list(p), close: async () => {} };
+      const plain: Storage = { location: storage.location, get: (n, o) => storage.get(n, o), put: (n, d) => storage.put(n, d), stat: (n) => storage.stat(n), delete: (n) => storage.delete(n), list: (p) => storage.list(p), close: async () => {} };
       const into = Buffer.alloc(400_000);
       assert.equal(await getInto(plain, 'chunks/ab/x', into), data.length);
       assert.ok(into.subarray(0, data.length).equals(data));
       await assert.rejects(getInto(plain, 'chunks/ab/x', Buffer.alloc(299_999)), IntegrityError);
       await assert.rejects(getInto(plain, 'chunks/ab/none', into), NotFoundError);
+    });
+
+    test('get with maxBytes reads an object up to that size and refuses a larger one as damaged, naming it, its size and the bound', async () => {
+      const data = new Uint8Array(randomBytes(300_000));
+      await storage.put('locks/big', data);
+      assert.deepEqual(await storage.get('locks/big', { maxBytes: 300_000 }), data);
+      await assert.rejects(storage.get('locks/big', { maxBytes: 299_999 }), (err: unknown) =>
+        err instanceof IntegrityError && err.message.includes('"locks/big"') && /300000 bytes, more than the 299999 .*damaged/.test(err.message));
+      await assert.rejects(storage.get('locks/none', { maxBytes: 10 }), NotFoundError);
+      assert.equal((await storage.get('locks/big')).length, 300_000, 'no bound: read whole');
     });
 
     test('put over an existing name replaces it', async () => {

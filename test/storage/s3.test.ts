@@ -3,7 +3,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { createServer as createHttpServer, request as httpRequest, type IncomingHttpHeaders, type Server } from 'node:http';
 import { createServer, type AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
-import { NotFoundError, VmvaultError } from '../../src/errors.js';
+import { IntegrityError, NotFoundError, VmvaultError } from '../../src/errors.js';
 import { openStorage } from '../../src/storage/open.js';
 import { withRetry } from '../../src/storage/retry.js';
 import { S3Storage } from '../../src/storage/s3.js';
@@ -240,6 +240,42 @@ describe('S3Storage', () => {
     } finally {
       process.env['AWS_ACCESS_KEY_ID'] = saved;
       await storage.close();
+    }
+  });
+});
+
+describe('S3 reads bounded by maxBytes', () => {
+  test('a body with no Content-Length (chunked) is counted as it arrives and cut off past the bound: memory never holds the rest', async () => {
+    let sent = 0;
+    let closed = false;
+    // A body of 64 MiB, sent as fast as the client takes it.
+    const server = createHttpServer((req, res) => {
+      res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Transfer-Encoding': 'chunked' });
+      const piece = Buffer.alloc(64 * 1024, 0x5a);
+      const pump = () => {
+        while (!res.destroyed && sent < 64 * 1024 * 1024) {
+          sent += piece.length;
+          if (!res.write(piece)) return;
+        }
+        if (!res.destroyed) res.end();
+      };
+      res.on('drain', pump);
+      res.on('close', () => { closed = true; });
+      pump();
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as AddressInfo;
+    const storage = new S3Storage({ bucket: 'b', endpoint: `http://127.0.0.1:${port}`, forcePathStyle: true });
+    try {
+      await assert.rejects(storage.get('backups/huge', { maxBytes: 1024 * 1024 }), (err: unknown) =>
+        err instanceof IntegrityError && /"backups\/huge" .* is at least \d+ bytes, more than the 1048576 /.test(err.message));
+      for (let i = 0; i < 100 && !closed; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.ok(closed, 'the connection was dropped');
+      assert.ok(sent < 32 * 1024 * 1024, `the server got to send ${sent} bytes only`);
+    } finally {
+      await storage.close();
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
     }
   });
 });
