@@ -13,7 +13,7 @@
  */
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { BITMAP_PREFIX } from './change-tracking.js';
-import { openSnapshotDriver, type DiskBitmap, type SnapshotDriver, type SnapshotTarget } from './snapshot-drivers.js';
+import { withSnapshotDriver, type DiskBitmap, type SnapshotTarget } from './snapshot-drivers.js';
 
 /** A vmvault bitmap of one disk, with what its name says. */
 export interface VmvaultBitmap extends DiskBitmap {
@@ -44,7 +44,7 @@ export type BitmapSelector = { tag: string } | { name: string };
 
 /** Every vmvault bitmap on the target's disks, disk by disk. */
 export async function listBitmaps(target: SnapshotTarget): Promise<VmvaultBitmap[]> {
-  return withDriver(target, async (driver) => described(target, await driver.bitmaps()));
+  return withSnapshotDriver(target, async (driver) => described(target, await driver.bitmaps()));
 }
 
 /**
@@ -64,7 +64,7 @@ export async function removeBitmaps(target: SnapshotTarget, select: BitmapSelect
     throw new VmvaultError('UNSUPPORTED', `VM "${target.vm}" is a libvirt domain: its vmvault bitmaps are libvirt checkpoints. ` +
       `List them with "virsh checkpoint-list ${target.vm}" and remove one with "virsh checkpoint-delete ${target.vm} NAME", which removes its bitmaps too`);
   }
-  return withDriver(target, async (driver) => {
+  return withSnapshotDriver(target, async (driver) => {
     const all = described(target, await driver.bitmaps());
     const chosen = all.filter((b) => ('tag' in select ? b.tag === select.tag : b.name === select.name));
     if (chosen.length === 0) {
@@ -91,11 +91,3 @@ function described(target: SnapshotTarget, perDisk: DiskBitmap[][]): VmvaultBitm
   return perDisk.flatMap((bitmaps, i) => bitmaps.map((b) => ({ disk: target.disks[i]!.name, ...b, ...parseBitmapName(b.name) })));
 }
 
-async function withDriver<T>(target: SnapshotTarget, fn: (d: SnapshotDriver) => Promise<T>): Promise<T> {
-  const driver = await openSnapshotDriver(target);
-  try {
-    return await fn(driver);
-  } finally {
-    await driver.close();
-  }
-}

@@ -73,6 +73,16 @@ export async function openSnapshotDriver(target: SnapshotTarget): Promise<Snapsh
   return new OfflineDriver(target);
 }
 
+/** Runs `fn` with the driver for `target` now, closing it whatever happens. */
+export async function withSnapshotDriver<T>(target: SnapshotTarget, fn: (d: SnapshotDriver) => Promise<T>): Promise<T> {
+  const driver = await openSnapshotDriver(target);
+  try {
+    return await fn(driver);
+  } finally {
+    await driver.close();
+  }
+}
+
 /** The QMP client, or undefined when no QEMU runs on the socket (missing, or connection refused). */
 export async function connectIfRunning(socket: string): Promise<QmpClient | undefined> {
   try {

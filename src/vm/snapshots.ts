@@ -14,7 +14,7 @@ import { vmsOnHost } from '../config/load.js';
 import type { Config, VmConfig } from '../config/schema.js';
 import { NAME_RE, nameRule } from '../policy/schema.js';
 import { isZeroDuration, parseDuration, shiftByDuration } from '../policy/retention.js';
-import { openSnapshotDriver, type SnapshotDriver, type SnapshotTarget } from './snapshot-drivers.js';
+import { withSnapshotDriver, type SnapshotDriver, type SnapshotTarget } from './snapshot-drivers.js';
 import { readSnapshotMeta, withVmSnapshotLock, writeSnapshotMeta, type SnapshotMeta } from './snapshot-store.js';
 
 export type { SnapshotTarget } from './snapshot-drivers.js';
@@ -140,19 +140,11 @@ function describe(target: SnapshotTarget, perDisk: InternalSnapshot[][], meta: M
   return out.sort((a, b) => a.created.localeCompare(b.created) || a.name.localeCompare(b.name));
 }
 
-async function withDriver<T>(target: SnapshotTarget, fn: (d: SnapshotDriver) => Promise<T>): Promise<T> {
-  const driver = await openSnapshotDriver(target);
-  try {
-    return await fn(driver);
-  } finally {
-    await driver.close();
-  }
-}
 
 /** Snapshots of the VM, oldest first. */
 export async function listSnapshots(target: SnapshotTarget, opts: SnapshotOptions): Promise<SnapshotInfo[]> {
   const meta = await readSnapshotMeta(opts.stateDir, target.vm);
-  return withDriver(target, async (d) => describe(target, await d.list(), meta));
+  return withSnapshotDriver(target, async (d) => describe(target, await d.list(), meta));
 }
 
 /** The current snapshots and metadata, with entries of vanished snapshots dropped. */
@@ -183,7 +175,7 @@ export async function createSnapshot(target: SnapshotTarget, req: CreateSnapshot
   assertLabel(label);
   const now = opts.now?.() ?? new Date();
   const expiresAt = req.expireIn !== undefined ? expiryFrom(req.expireIn, now) : undefined;
-  const created = await withVmSnapshotLock(opts.stateDir, target.vm, () => withDriver(target, async (d) => {
+  const created = await withVmSnapshotLock(opts.stateDir, target.vm, () => withSnapshotDriver(target, async (d) => {
     const { list, meta } = await current(target, d, opts);
     if (list.some((s) => s.name === req.name)) {
       throw new VmvaultError('ALREADY_EXISTS', `VM "${target.vm}" already has a snapshot "${req.name}": choose another name, or delete it first (vmvault snapshot delete ${target.vm} ${req.name})`);
@@ -219,7 +211,7 @@ export async function createSnapshot(target: SnapshotTarget, req: CreateSnapshot
  */
 export async function revertSnapshot(target: SnapshotTarget, name: string, opts: SnapshotOptions): Promise<SnapshotInfo> {
   assertSnapshotName(name);
-  return withVmSnapshotLock(opts.stateDir, target.vm, () => withDriver(target, async (d) => {
+  return withVmSnapshotLock(opts.stateDir, target.vm, () => withSnapshotDriver(target, async (d) => {
     try {
       const { list } = await current(target, d, opts);
       const s = find(target, list, name);
@@ -244,7 +236,7 @@ export async function revertSnapshot(target: SnapshotTarget, name: string, opts:
 /** Deletes snapshot `name` from every disk holding it, and its metadata. */
 export async function deleteSnapshot(target: SnapshotTarget, name: string, opts: SnapshotOptions): Promise<SnapshotInfo> {
   assertSnapshotName(name);
-  return withVmSnapshotLock(opts.stateDir, target.vm, () => withDriver(target, async (d) => deleteLocked(target, d, name, opts)));
+  return withVmSnapshotLock(opts.stateDir, target.vm, () => withSnapshotDriver(target, async (d) => deleteLocked(target, d, name, opts)));
 }
 
 async function deleteLocked(target: SnapshotTarget, d: SnapshotDriver, name: string, opts: SnapshotOptions): Promise<SnapshotInfo> {
@@ -295,7 +287,7 @@ export async function expireSnapshots(
     const target = snapshotTargetOf(vm);
     const opts = { stateDir: config.stateDir, now: () => now };
     try {
-      const ran = await exclusive(vm.name, () => withVmSnapshotLock(config.stateDir, vm.name, () => withDriver(target, async (d) => {
+      const ran = await exclusive(vm.name, () => withVmSnapshotLock(config.stateDir, vm.name, () => withSnapshotDriver(target, async (d) => {
         for (const name of due) {
           try {
             // `due` was read before the lock: the snapshot may have been deleted and taken
