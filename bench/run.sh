@@ -68,8 +68,10 @@ timed() {
     echo "bench: $tool $step (run $rep) FAILED:" >&2; cat "$tag.err" >&2; exit 1
   fi
   read -r secs rss user sys <"$tag.time"
-  if [ "$step" = restore ]; then bytes=$(du -s --block-size=1 "$sized" | cut -f1)   # allocated
-  else bytes=$(du -sb "$sized" | cut -f1); fi
+  case $step in
+    restore*) bytes=$(du -s --block-size=1 "$sized" | cut -f1) ;;   # allocated
+    *) bytes=$(du -sb "$sized" | cut -f1) ;;
+  esac
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$step" "$rep" "$tool" "$secs" "$rss" "$bytes" "$user" "$sys" >>"$W/measurements.tsv"
   printf '  %-13s %-7s #%s %6.2f s  %4d MiB RSS  CPU %5.2f s user %5.2f s sys\n' "$step" "$tool" "$rep" "$secs" $(((rss + 512) / 1024)) "$user" "$sys"
 }

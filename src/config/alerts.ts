@@ -4,7 +4,7 @@
  * HMAC key, the SMTP password) come from a file or an environment variable, never
  * from the file itself, and are never logged. See README.md, "Alerts".
  */
-import { z } from 'zod';
+import * as z from 'zod';
 
 export const ALERT_EVENTS = ['job_failed', 'backup_overdue', 'worker_offline', 'verify_damage'] as const;
 export type AlertEvent = (typeof ALERT_EVENTS)[number];

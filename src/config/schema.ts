@@ -9,7 +9,7 @@
 import { hostname } from 'node:os';
 import { isIP } from 'node:net';
 import { isAbsolute } from 'node:path';
-import { z } from 'zod';
+import * as z from 'zod';
 import { IMAGE_FORMATS } from '../disk/image-format.js';
 import { diskNameFromPath } from '../pipeline/names.js';
 import { formatPath, type YamlIssue, type YamlPosition } from '../policy/load.js';

@@ -13,7 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { lazy } from '../lazy-require.js';
-import { z } from 'zod';
+import * as z from 'zod';
 import { errnoCode, VmvaultError } from '../errors.js';
 import { formatProblem, validateYaml, type YamlFileKind } from '../policy/load.js';
 import { ConfigFileError } from './load.js';

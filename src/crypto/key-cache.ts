@@ -32,7 +32,7 @@
 import { createHash, createHmac, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { z } from 'zod';
+import * as z from 'zod';
 import { NONCE_BYTES, xchachaDecrypt, xchachaEncrypt } from './seal.js';
 import type { KeyFile } from './keys.js';
 

@@ -6,7 +6,7 @@
  */
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { Worker } from 'node:worker_threads';
-import { z } from 'zod';
+import * as z from 'zod';
 import { blake2b, kdfDerive } from './blake2b.js';
 import { xchachaDecrypt, xchachaEncrypt, NONCE_BYTES } from './seal.js';
 import type { ChunkIdHash } from './chunk-id.js';

@@ -62,8 +62,9 @@ export async function runTool(tool: string, args: string[], opts: RunOptions = {
 /**
  * Run a qemu tool on `image` and return its stdout; any non-zero exit becomes
  * `qemuFailure`. A tool stopped after `opts.timeoutMs` is a QEMU error saying so: an
- * open() that never returns (a FIFO the image names, a hung network mount) would
- * otherwise hold the backup for ever.
+ * open() that never returns (a FIFO the image names) would otherwise hold the backup
+ * for ever. (One stuck in the kernel on a hung hard network mount cannot be killed,
+ * and is waited for.)
  */
 export async function runOn(tool: string, image: string, args: string[], opts: RunOptions = {}): Promise<string> {
   let r: RunResult;

@@ -61,8 +61,9 @@ function referencesOf(abs: string, j: QemuImgInfoJson): ImageReference[] {
 
 /**
  * qemu-img info reads headers only: a minute is far more than it needs. It can block
- * for good in open() (a FIFO named by an image, a hung network mount), and must not
- * hold a backup for ever.
+ * for good in open() (a FIFO named by an image), and must not hold a backup for ever.
+ * (A process stuck in the kernel on a hung hard network mount cannot be killed at all:
+ * that still holds its caller until the mount answers.)
  */
 const INFO_TIMEOUT_MS = 60_000;
 

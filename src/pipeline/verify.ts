@@ -87,7 +87,7 @@ async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport>
   const quarantined = new Map(entries.map((e) => [e.chunk, e]));
   const found = new Map<string, Finding>();
   const present: string[] = [];
-  const largest = Math.max(repo.chunkSize, ...manifests.map((m) => m.chunkSize));
+  const largest = manifests.reduce((n, m) => Math.max(n, m.chunkSize), repo.chunkSize);
   for (const id of users.keys()) {
     const size = stored.get(id);
     // A stored object of a size no sealed chunk has is damaged without reading it (an empty file after a crash).

@@ -7,7 +7,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Document, LineCounter, Node } from 'yaml';
 import { lazy } from '../lazy-require.js';
-import type { z } from 'zod';
+import type * as z from 'zod';
 import { VmvaultError } from '../errors.js';
 import { POLICY_KEYS, policySchema, type Policy } from './schema.js';
 

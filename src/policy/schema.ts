@@ -18,7 +18,7 @@
  * Unknown keys are errors (a typo must not silently keep or delete backups).
  */
 import { lazy } from '../lazy-require.js';
-import { z } from 'zod';
+import * as z from 'zod';
 import { durationMs, isValidTimeZone, parseDuration } from './retention.js';
 
 const cron = lazy<typeof import('node-cron')>('node-cron');

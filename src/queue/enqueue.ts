@@ -13,7 +13,7 @@ import {
   backupPayloadSchema, describeIssues, drillPayloadSchema, exportPayloadSchema, maintenancePayloadSchema, restorePayloadSchema, snapshotPayloadSchema,
   type BackupPayloadInput, type DrillPayloadInput, type ExportPayloadInput, type MaintenancePayloadInput, type RestorePayloadInput, type SnapshotPayloadInput,
 } from './payloads.js';
-import type { z } from 'zod';
+import type * as z from 'zod';
 
 /** Completed and failed jobs kept: at most 1000, at most 7 days (BullMQ counts age in seconds). */
 export const JOB_HISTORY = { count: 1000, age: 7 * 24 * 3600 } as const;

@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { RedisConnection } from './connection.js';
-import { z } from 'zod';
+import * as z from 'zod';
 
 const PREFIX = 'vmvault:worker:';
 

@@ -3,7 +3,7 @@
  * the caller) and when a worker takes the job (anything else in Redis fails the job
  * as unrecoverable). The job's name says which payload it carries.
  */
-import { z } from 'zod';
+import * as z from 'zod';
 import { IMAGE_FORMATS, isImageFormat, type ImageFormat } from '../disk/image-format.js';
 import { VmvaultError } from '../errors.js';
 import { DRIVERS, type VmConfig } from '../config/schema.js';

@@ -100,7 +100,7 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed, lock: He
   const garbage = [...sizes.keys()].filter((name) => isGarbage(name, referenced));
   const deleting = damaged.length ? [] : garbage;
   let indexObjects = 0;
-  if (!opts.dryRun) indexObjects = await deleteAndReindex(repo, [...sizes.keys()], deleting, () => lock.confirm());
+  if (!opts.dryRun) indexObjects = await deleteAndReindex(repo, [...sizes.keys()], deleting, () => lock.check());
   const bytesDeleted = deleting.reduce((n, name) => n + sizes.get(name)!, 0);
   const bytesListed = [...sizes.values()].reduce((n, b) => n + b, 0);
   // Verification records of pruned backups, quarantine entries of chunks nothing uses
@@ -139,6 +139,7 @@ async function deleteAndReindex(repo: Repository, stored: readonly string[], del
   // lock is still ours. One that lapsed (not refreshed for its lifetime: storage refusing the
   // refreshes, a suspended process) may have been removed as stale, and a backup may since
   // have found one of these chunks stored and be about to commit a manifest that uses it.
+  // A check writes nothing: on a full repository, nothing is written before space is freed.
   await confirm();
   await mapLimit(await repo.indexNames(), 16, (name) => repo.storage.delete(name));
   for (let at = 0; at < deleting.length; at += DELETE_BATCH) {

@@ -27,7 +27,7 @@
  * (Repository.deleteManifest), and gc removes any left over (removeOrphanHealth).
  */
 import { randomBytes } from 'node:crypto';
-import { z } from 'zod';
+import * as z from 'zod';
 import { IntegrityError, NotFoundError, errorMessage } from '../errors.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import type { Storage } from '../storage/storage.js';

@@ -23,7 +23,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
-import { z } from 'zod';
+import * as z from 'zod';
 import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
@@ -52,13 +52,22 @@ export interface LockOptions {
 
 export interface HeldLock {
   readonly id: string;
-  /** Extends the expiry; called automatically every ttl/4 until release. */
+  /**
+   * Extends the expiry of a lock that is still ours (see `check`); called automatically
+   * every ttl/4 until release. A lock found lapsed or gone is lost for good: it is
+   * never written again, since another process may have removed it as stale and gone
+   * on (a gc deleting, a backup committing) on the strength of that.
+   */
   refresh(): Promise<void>;
   /**
-   * Before a commit: throws (LOCKED, retriable) unless the lock is still ours and
-   * live — refreshed within its lifetime and not removed as stale by another
-   * process — then refreshes it. A backup whose lock lapsed may have had chunks
-   * collected under it, so it must not write its manifest.
+   * Throws (LOCKED, retriable) unless the lock is still ours and live: refreshed within
+   * its lifetime and not removed as stale by another process. Writes nothing (a full
+   * repository's gc checks before it frees anything).
+   */
+  check(): Promise<void>;
+  /**
+   * Before a commit: `check`, then refresh. A backup whose lock lapsed may have had
+   * chunks collected under it, so it must not write its manifest.
    */
   confirm(): Promise<void>;
   release(): Promise<void>;
@@ -149,17 +158,30 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   }
   if (damaged.length) repo.warn(`${damagedAdvice(damaged)}; ${opts.purpose} goes on`);
   let released = false;
-  const timer = setInterval(() => void write().catch(() => undefined), Math.max(1000, ttl / 4));
-  timer.unref();
+  let lostWhy: string | undefined;
   const lost = (why: string) => new VmvaultError('LOCKED', `the ${kind} lock for ${opts.purpose} was lost (${why}): nothing was committed; run it again`, { retriable: true });
+  const check = async () => {
+    if (lostWhy === undefined && now() - lastWritten >= ttl) lostWhy = `not refreshed for ${Math.round((now() - lastWritten) / 1000)} s`;
+    if (lostWhy === undefined && !(await repo.storage.stat(lockName(id)))) lostWhy = 'another process removed it as stale';
+    if (lostWhy !== undefined) {
+      clearInterval(timer);
+      throw lost(lostWhy);
+    }
+  };
+  const refresh = async () => {
+    await check();
+    await write();
+  };
+  // A refresh that finds the lock lost stops the timer: a process that was suspended, or
+  // whose storage refused the refreshes for a whole lifetime, never writes back a lock
+  // that another process removed as stale.
+  const timer = setInterval(() => void refresh().catch(() => undefined), Math.max(1000, ttl / 4));
+  timer.unref();
   return {
     id,
-    refresh: write,
-    confirm: async () => {
-      if (now() - lastWritten >= ttl) throw lost(`not refreshed for ${Math.round((now() - lastWritten) / 1000)} s`);
-      if (!(await repo.storage.stat(lockName(id)))) throw lost('another process removed it as stale');
-      await write();
-    },
+    refresh,
+    check,
+    confirm: refresh,
     release: async () => {
       if (released) return;
       released = true;

@@ -3,7 +3,7 @@
  * `backups/<id>`; written last, so a backup exists if and only if its manifest does.
  * Names in it (VM, disks, config files) live only inside the encrypted manifest.
  */
-import { z } from 'zod';
+import * as z from 'zod';
 import { IntegrityError } from '../errors.js';
 import { IMAGE_FORMATS } from '../disk/qemu.js';
 

@@ -3,7 +3,7 @@
  * manifests, on any Storage. Opening needs a passphrase that opens one of the keys.
  */
 import { randomBytes } from 'node:crypto';
-import { z } from 'zod';
+import * as z from 'zod';
 import { compress, decompress } from 'zstd-napi';
 import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import { getInto, type Storage } from '../storage/storage.js';

@@ -65,14 +65,19 @@ export async function removeBitmaps(target: SnapshotTarget, select: BitmapSelect
       `List them with "virsh checkpoint-list ${target.vm}" and remove one with "virsh checkpoint-delete ${target.vm} NAME", which removes its bitmaps too`);
   }
   return withSnapshotDriver(target, async (driver) => {
-    const all = described(target, await driver.bitmaps());
-    const chosen = all.filter((b) => ('tag' in select ? b.tag === select.tag : b.name === select.name));
+    const perDisk = await driver.bitmaps();
+    const all = described(target, perDisk);
+    const picked = (b: VmvaultBitmap) => ('tag' in select ? b.tag === select.tag : b.name === select.name);
+    const chosen = all.filter(picked);
     if (chosen.length === 0) {
       const what = 'tag' in select ? `of repository tag ${select.tag}` : `named ${select.name}`;
       throw new NotFoundError(`no disk of VM "${target.vm}" has a vmvault bitmap ${what}` +
         (all.length ? ` (its disks carry: ${summary(all)})` : ' (its disks carry no vmvault bitmap)'));
     }
-    for (const b of chosen) await driver.removeBitmap(target.disks.findIndex((d) => d.name === b.disk), b.name);
+    // By disk index, not name: one backup gives every disk of a VM the same bitmap name.
+    for (const [i, bitmaps] of perDisk.entries()) {
+      for (const b of bitmaps) if (picked({ disk: target.disks[i]!.name, ...b, ...parseBitmapName(b.name) })) await driver.removeBitmap(i, b.name);
+    }
     return chosen;
   });
 }

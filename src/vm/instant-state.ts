@@ -8,7 +8,7 @@
  */
 import { rename, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { z } from 'zod';
+import * as z from 'zod';
 import { NotFoundError, VmvaultError, errnoCode } from '../errors.js';
 
 export const STATE_FILE = 'instant-restore.json';

@@ -206,7 +206,10 @@ class RunningDriver implements SnapshotDriver {
   constructor(private readonly target: SnapshotTarget, private readonly qmp: QmpClient) {}
 
   /** The block node of every inventory disk, matched by image path, with its snapshots. */
-  private async nodes(): Promise<{ node: string; snapshots: InternalSnapshot[] }[]> {
+  /** With `anyFormat`, a disk that is not qcow2 (bitmaps: it has none) comes back without a node instead of refused. */
+  private async nodes(): Promise<{ node: string; snapshots: InternalSnapshot[] }[]>;
+  private async nodes(anyFormat: true): Promise<{ node?: string; snapshots: InternalSnapshot[] }[]>;
+  private async nodes(anyFormat = false): Promise<{ node?: string; snapshots: InternalSnapshot[] }[]> {
     const blocks = await this.qmp.execute<BlockInfo[]>('query-block');
     return this.target.disks.map((d) => {
       const want = path.resolve(d.path);
@@ -225,6 +228,7 @@ class RunningDriver implements SnapshotDriver {
         throw new NotFoundError(`disk "${d.name}" of VM "${this.target.vm}" (${want}) is not attached to the QEMU on ${this.target.qmpSocket} (attached: ${attached.join(', ') || 'none'}): fix the inventory's disk paths`);
       }
       if (b.inserted.drv !== 'qcow2') {
+        if (anyFormat) return { snapshots: [] };
         throw new VmvaultError('UNSUPPORTED', `disk "${d.name}" of VM "${this.target.vm}" is ${b.inserted.drv} in the running QEMU: internal snapshots need qcow2 images`);
       }
       const node = b.inserted['node-name'];
@@ -283,17 +287,18 @@ class RunningDriver implements SnapshotDriver {
   }
 
   async bitmaps(): Promise<DiskBitmap[][]> {
-    const [nodes, onNodes] = [await this.nodes(), await nodeBitmaps(this.qmp)];
-    return nodes.map((n) => (onNodes.get(n.node) ?? []).filter((b) => b.name.startsWith(BITMAP_PREFIX)).map((b) => ({
+    const [nodes, onNodes] = [await this.nodes(true), await nodeBitmaps(this.qmp)];
+    return nodes.map((n) => (n.node === undefined ? [] : onNodes.get(n.node) ?? []).filter((b) => b.name.startsWith(BITMAP_PREFIX)).map((b) => ({
       name: b.name,
       state: b.inconsistent ? 'inconsistent' : b.busy ? 'busy' : b.recording ? 'recording' : 'disabled',
     })));
   }
 
   async removeBitmap(disk: number, name: string): Promise<void> {
-    const nodes = await this.nodes();
+    const node = (await this.nodes(true))[disk]!.node;
+    if (node === undefined) throw new NotFoundError(`disk "${this.target.disks[disk]!.name}" of VM "${this.target.vm}" is not qcow2: it has no bitmap ${name}`);
     // QEMU refuses a busy bitmap (a backup's export of it): the error says so.
-    await this.qmp.execute('block-dirty-bitmap-remove', { node: nodes[disk]!.node, name });
+    await this.qmp.execute('block-dirty-bitmap-remove', { node, name });
   }
 
   async close(): Promise<void> {

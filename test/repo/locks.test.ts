@@ -70,19 +70,28 @@ test('refresh extends a lock', async () => {
   }
 });
 
-test('confirm() passes for a live lock, and fails when it lapsed or was removed as stale', async () => {
+test('confirm() passes for a live lock, and fails when it lapsed or was removed as stale; a lost lock stays lost', async () => {
   const { repo: r, cleanup } = await repo();
   try {
     let clock = Date.now();
     const held = await acquireLock(r, 'shared', { purpose: 'backup x', ttlMs: 60_000, now: () => clock });
     await held.confirm();
+    await held.check();
     clock += 61_000; // no refresh for longer than the lock lives: gc may have run
     await assert.rejects(held.confirm(), (e: any) => e.code === 'LOCKED' && e.retriable && /backup x was lost \(not refreshed/.test(e.message));
-    await held.refresh();
-    await held.confirm();
-    await r.storage.delete(`locks/${held.id}`); // as the next acquirer does with a stale lock
-    await assert.rejects(held.confirm(), /removed it as stale/);
+    // A refresh after the lapse (a suspended process waking up) must not write it back: another process may have removed it and gone on.
+    await r.storage.delete(`locks/${held.id}`);
+    await assert.rejects(held.refresh(), /backup x was lost \(not refreshed/);
+    assert.equal(await r.storage.stat(`locks/${held.id}`), undefined, 'not written back');
+    await assert.rejects(held.check(), /was lost/);
     await held.release();
+
+    const other = await acquireLock(r, 'shared', { purpose: 'backup y', ttlMs: 60_000, now: () => clock });
+    await r.storage.delete(`locks/${other.id}`); // as the next acquirer does with a lock it takes for stale (clocks of two hosts disagree)
+    await assert.rejects(other.check(), /backup y was lost \(another process removed it as stale\)/);
+    await assert.rejects(other.refresh(), /removed it as stale/);
+    assert.equal(await r.storage.stat(`locks/${other.id}`), undefined, 'not written back');
+    await other.release();
   } finally {
     await cleanup();
   }

@@ -7,7 +7,7 @@
 import path from 'node:path';
 import type { Command } from 'commander';
 import { configPathFrom, loadConfig } from '../../config/load.js';
-import { VmvaultError } from '../../errors.js';
+import { VmvaultError, errorMessage } from '../../errors.js';
 import { listBitmaps, removeBitmaps, repositoryTag, summary, type BitmapSelector, type VmvaultBitmap } from '../../vm/bitmaps.js';
 import type { SnapshotTarget } from '../../vm/snapshot-drivers.js';
 import { findVm, snapshotTargetOf } from '../../vm/snapshots.js';
@@ -25,7 +25,10 @@ async function targetOf(vm: string | undefined, o: Flags): Promise<SnapshotTarge
     if (vm) throw new VmvaultError('BAD_INPUT', 'give either a VM of the inventory or its images with --qcow2, not both');
     return {
       vm: o.qmp ? `the VM on ${o.qmp}` : 'the images given', driver: o.qmp ? 'qemu' : 'image',
-      disks: o.qcow2.map((p) => ({ path: p, name: path.basename(p), format: 'qcow2' as const })),
+      // Named by file name, or by path where two share one.
+      disks: o.qcow2.map((p, _, all) => ({
+        path: p, name: all.filter((q) => path.basename(q) === path.basename(p)).length > 1 ? p : path.basename(p), format: 'qcow2' as const,
+      })),
       ...(o.qmp ? { qmpSocket: o.qmp } : {}),
     };
   }
@@ -41,10 +44,19 @@ async function targetOf(vm: string | undefined, o: Flags): Promise<SnapshotTarge
   return snapshotTargetOf(found);
 }
 
-/** The tag of the repository given by --repo or VMVAULT_REPOSITORY, if one is: its bitmaps are marked as this repository's. */
+/**
+ * The tag of the repository given by --repo or VMVAULT_REPOSITORY, if one is and it
+ * opens: its bitmaps are marked as this repository's. One that does not open (deleted:
+ * the very case of this cleanup) is a warning, and the list goes on unmarked.
+ */
 async function givenRepositoryTag(globals: GlobalOptions): Promise<string | undefined> {
   if (!(globals.repo ?? process.env.VMVAULT_REPOSITORY)) return undefined;
-  return repositoryTag((await openRepository({ ...globals, lock: false })).id);
+  try {
+    return repositoryTag((await openRepository({ ...globals, lock: false })).id);
+  } catch (err) {
+    process.stderr.write(`vmvault: warning: the repository given could not be opened (${errorMessage(err)}): no bitmap is marked as its own\n`);
+    return undefined;
+  }
 }
 
 function rows(list: VmvaultBitmap[], own: string | undefined): string[][] {
