@@ -35,3 +35,12 @@ export const MANIFEST_MAX_BYTES = 513 * MiB;
 
 /** A verification record lists at most the chunk ids of its backup's manifest: the same bound. */
 export const VERIFICATION_RECORD_MAX_BYTES = MANIFEST_MAX_BYTES;
+
+/**
+ * Stored bytes of manifests read at once (Repository.loadManifest; callers run 16 reads
+ * together): each manifest is bounded above, and this bounds their sum, so a repository
+ * with several huge objects under backups/ costs one of them at a time, not sixteen.
+ * Real manifests are kilobytes to a few hundred MiB (a 20 TiB disk): one such is read
+ * alone, and the many small ones of an ordinary repository never wait.
+ */
+export const MANIFEST_READ_BUDGET = 128 * MiB;

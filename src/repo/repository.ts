@@ -21,8 +21,9 @@ import { chunkName, isChunkId, type ChunkKeys } from './chunk.js';
 import { UnreadableManifestError, backupName, manifestSchema, summarise, type BackupSummary, type Manifest } from './manifest.js';
 import { quarantinedChunkIds, release, removeVerification } from './health.js';
 import { ChunkIndex, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
-import { MANIFEST_MAX_BYTES, SMALL_OBJECT_MAX_BYTES } from './object-limits.js';
+import { MANIFEST_MAX_BYTES, MANIFEST_READ_BUDGET, SMALL_OBJECT_MAX_BYTES } from './object-limits.js';
 import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
+import { ByteBudget } from './byte-budget.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 
@@ -128,6 +129,9 @@ export interface InitOptions {
 export class Repository {
   /** Quarantined chunks chunkIndex() left out: the next put of one of them heals it. */
   private readonly toHeal = new Set<string>();
+  /** Manifest sizes from the last listing of backups/, and the bytes of manifests being read at once (loadManifest). */
+  private readonly listedManifestBytes = new Map<string, number>();
+  private readonly manifestReads = new ByteBudget(MANIFEST_READ_BUDGET);
   private cache: IndexCache | undefined | null = null;
   private summaries: SummaryCache | undefined | null = null;
 
@@ -451,7 +455,17 @@ export class Repository {
     await this.summaryCache()?.put(m.id, Buffer.from(JSON.stringify(summarise(m))));
   }
 
-  async loadManifest(id: string): Promise<Manifest> {
+  /**
+   * One backup's manifest. Callers read many at once (16): together they stay within
+   * MANIFEST_READ_BUDGET bytes by the sizes the listing gave, so a repository holding a
+   * few huge objects under backups/ (each refused only past MANIFEST_MAX_BYTES) cannot
+   * take gigabytes of memory.
+   */
+  loadManifest(id: string): Promise<Manifest> {
+    return this.manifestReads.run(this.listedManifestBytes.get(id) ?? 0, () => this.readManifest(id));
+  }
+
+  private async readManifest(id: string): Promise<Manifest> {
     let sealed: Uint8Array;
     try {
       sealed = await this.storage.get(backupName(id), { maxBytes: MANIFEST_MAX_BYTES });
@@ -485,9 +499,11 @@ export class Repository {
 
   async backupIds(): Promise<string[]> {
     const ids: string[] = [];
-    for await (const { name } of this.storage.list('backups/')) {
+    for await (const { name, size } of this.storage.list('backups/')) {
       const id = name.slice('backups/'.length);
-      if (/^[0-9a-f]{64}$/.test(id)) ids.push(id);
+      if (!/^[0-9a-f]{64}$/.test(id)) continue;
+      ids.push(id);
+      this.listedManifestBytes.set(id, size);
     }
     return ids;
   }
