@@ -32,7 +32,8 @@ import { IntegrityError, NotFoundError, errorMessage } from '../errors.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
 import type { Storage } from '../storage/storage.js';
 import { isChunkId } from './chunk.js';
-import { SMALL_OBJECT_MAX_BYTES, VERIFICATION_RECORD_MAX_BYTES } from './object-limits.js';
+import { RECORD_READ_BUDGET, SMALL_OBJECT_MAX_BYTES, VERIFICATION_RECORD_MAX_BYTES } from './object-limits.js';
+import { ByteBudget } from './byte-budget.js';
 
 /** What this module needs of a repository (Repository has it). */
 export interface HealthRepo {
@@ -197,18 +198,24 @@ export async function readRecords(
   repo: HealthRepo, backups?: ReadonlySet<string>, cache?: Map<string, VerificationRecord>,
 ): Promise<Map<string, StoredRecord[]>> {
   const names: string[] = [];
-  for await (const { name } of repo.storage.list(BACKUPS)) {
+  const sizes = new Map<string, number>();
+  for await (const { name, size } of repo.storage.list(BACKUPS)) {
     const [backup, run, extra] = name.slice(BACKUPS.length).split('/');
-    if (backup && run && extra === undefined && isChunkId(backup) && (!backups || backups.has(backup))) names.push(name);
+    if (backup && run && extra === undefined && isChunkId(backup) && (!backups || backups.has(backup))) {
+      names.push(name);
+      sizes.set(name, size);
+    }
   }
   const out = new Map<string, StoredRecord[]>();
   const seen = new Set(names);
   for (const name of cache?.keys() ?? []) if (!seen.has(name)) cache!.delete(name);
+  // Each record is bounded; together, as manifests, they stay within a byte budget.
+  const budget = new ByteBudget(RECORD_READ_BUDGET);
   await eachLimit(names, 16, async (name) => {
     let record = cache?.get(name);
     if (!record) {
       try {
-        record = await opened(repo, name, recordSchema, VERIFICATION_RECORD_MAX_BYTES);
+        record = await budget.run(sizes.get(name) ?? 0, () => opened(repo, name, recordSchema, VERIFICATION_RECORD_MAX_BYTES));
       } catch (err) {
         if (!(err instanceof IntegrityError)) throw err;
       }

@@ -44,3 +44,6 @@ export const VERIFICATION_RECORD_MAX_BYTES = MANIFEST_MAX_BYTES;
  * alone, and the many small ones of an ordinary repository never wait.
  */
 export const MANIFEST_READ_BUDGET = 128 * MiB;
+
+/** Stored bytes of verification records read at once (repo/health.ts readRecords): as for manifests. */
+export const RECORD_READ_BUDGET = MANIFEST_READ_BUDGET;

@@ -124,8 +124,8 @@ for (const b of all) {
   });
 }
 
-describe('many large manifests at once', () => {
-  test('are read within a byte budget, not sixteen at a time: memory stays near one of them', async () => {
+describe('many large manifests and verification records at once', () => {
+  test('are read within a byte budget, not sixteen at a time, and so are verification records: memory stays near one of them', async () => {
     const b = all.find((x) => x.name === 'local')!;
     const { repo, env } = await initRepo(b);
     const img = await makeImage(work, 'budget.qcow2', 'qcow2', 8 * MiB, [{ offset: 0, length: MiB, pattern: 0x3d }]);
@@ -133,9 +133,11 @@ describe('many large manifests at once', () => {
     // Under the size bound each, so each is read (and found damaged); six at once would be 2.4 GiB of reads and decryption.
     const planted = Array.from({ length: 6 }, () => hex(32));
     for (const id of planted) await b.plantSparse(repo, `backups/${id}`, 200 * MiB);
+    // And six verification records of the real backup, read (with every backup's records) to list its state.
+    for (let i = 0; i < 6; i++) await b.plantSparse(repo, `health/backups/${made.id}/${hex(8)}`, 200 * MiB);
     const listed = await measured(['backups', '--json'], env);
     assert.equal(listed.code, 0, listed.stderr);
-    assert.ok(listed.maxRss < 900 * MiB, `backups peaked at ${Math.round(listed.maxRss / MiB)} MiB resident reading six 200 MiB objects`);
+    assert.ok(listed.maxRss < 900 * MiB, `backups peaked at ${Math.round(listed.maxRss / MiB)} MiB resident reading six 200 MiB manifests and six 200 MiB records`);
     const rows = JSON.parse(listed.stdout) as Array<{ id: string; damaged?: string }>;
     assert.deepEqual(rows.filter((r) => !r.damaged).map((r) => r.id), [made.id]);
     assert.equal(rows.filter((r) => r.damaged).length, 6);
