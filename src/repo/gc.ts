@@ -134,16 +134,16 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed, lock: He
  * and indexes (Repository.chunkIndex); and nothing is written before space is freed, so
  * a nearly full repository gets its room first. Returns the number of objects written.
  */
-async function deleteAndReindex(repo: Repository, stored: readonly string[], deleting: readonly string[], confirm: () => Promise<void>): Promise<number> {
+async function deleteAndReindex(repo: Repository, stored: readonly string[], deleting: readonly string[], check: () => Promise<void>): Promise<number> {
   // What is garbage was decided under the exclusive lock: deleting it is safe only while that
   // lock is still ours. One that lapsed (not refreshed for its lifetime: storage refusing the
   // refreshes, a suspended process) may have been removed as stale, and a backup may since
   // have found one of these chunks stored and be about to commit a manifest that uses it.
   // A check writes nothing: on a full repository, nothing is written before space is freed.
-  await confirm();
+  await check();
   await mapLimit(await repo.indexNames(), 16, (name) => repo.storage.delete(name));
   for (let at = 0; at < deleting.length; at += DELETE_BATCH) {
-    if (at > 0) await confirm();
+    if (at > 0) await check();
     await mapLimit(deleting.slice(at, at + DELETE_BATCH), 16, (name) => repo.storage.delete(name));
   }
   const gone = new Set(deleting);
@@ -155,7 +155,7 @@ async function deleteAndReindex(repo: Repository, stored: readonly string[], del
   return (await repo.writeIndex(staying)).length;
 }
 
-/** Chunks deleted between two confirmations of gc's lock (each a stat and a put of the lock). */
+/** Chunks deleted between two checks of gc's lock (each a stat of the lock). */
 const DELETE_BATCH = 1000;
 
 function referencedChunks(manifests: readonly Manifest[]): Set<string> {
