@@ -82,7 +82,7 @@ export async function removeBitmaps(target: SnapshotTarget, select: BitmapSelect
   });
 }
 
-/** "tag 1a2b3c4d (2 disks), names without a tag (1 disk)": what remove can be given. */
+/** "tag 1a2b3c4d on root, data; vmvault-<backup id> (no tag) on root": what remove can be given. */
 export function summary(bitmaps: VmvaultBitmap[]): string {
   const by = new Map<string, Set<string>>();
   for (const b of bitmaps) {
