@@ -134,23 +134,20 @@ export function open(key: Uint8Array, type: ObjectType, sealed: Uint8Array, ad: 
  */
 export function openInPlace(key: Uint8Array, type: ObjectType, sealed: Uint8Array, ad: Uint8Array, what: string): Buffer {
   checkHeader(type, sealed, what);
-  const nonce = sealed.subarray(HEADER, HEADER + NONCE_BYTES);
   const plain = Buffer.from(sealed.buffer, sealed.byteOffset + PLAIN_AT, sealed.length - SEAL_OVERHEAD);
   const aead = nativeAead();
-  if (aead) {
-    try {
-      aead.crypto_aead_xchacha20poly1305_ietf_decrypt(plain, null, sealed.subarray(PLAIN_AT), ad, nonce, key);
-    } catch (err) {
-      // Only a tag that does not verify is the object's fault; anything else (a key of the
-      // wrong size, an argument the package refuses) is vmvault's, and must not make a
-      // verification call an intact chunk damaged.
-      if (errorMessage(err) === NATIVE_NOT_VERIFIED) throw notAuthentic(what);
-      throw new VmvaultError('INTERNAL', `opening ${what} failed in libsodium's native code: ${errorMessage(err)}`, { cause: err });
-    }
-  } else {
-    const opened = xchachaDecrypt(key, nonce, sealed.subarray(PLAIN_AT), ad);
-    if (!opened) throw notAuthentic(what);
-    copyBytes(opened, plain);
+  if (!aead) {
+    copyBytes(open(key, type, sealed, ad, what), plain);
+    return plain;
+  }
+  try {
+    aead.crypto_aead_xchacha20poly1305_ietf_decrypt(plain, null, sealed.subarray(PLAIN_AT), ad, sealed.subarray(HEADER, PLAIN_AT), key);
+  } catch (err) {
+    // Only a tag that does not verify is the object's fault; anything else (a key of the
+    // wrong size, an argument the package refuses) is vmvault's, and must not make a
+    // verification call an intact chunk damaged.
+    if (errorMessage(err) === NATIVE_NOT_VERIFIED) throw notAuthentic(what);
+    throw new VmvaultError('INTERNAL', `opening ${what} failed in libsodium's native code: ${errorMessage(err)}`, { cause: err });
   }
   return plain;
 }

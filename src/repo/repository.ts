@@ -129,8 +129,8 @@ export interface InitOptions {
 export class Repository {
   /** Quarantined chunks chunkIndex() left out: the next put of one of them heals it. */
   private readonly toHeal = new Set<string>();
-  /** Manifest sizes from the last listing of backups/, and the bytes of manifests being read at once (loadManifest). */
-  private readonly listedManifestBytes = new Map<string, number>();
+  /** Manifest sizes from the last listing of backups/ (replaced by each: pruned ones drop out), and the bytes of manifests being read at once (loadManifest). */
+  private listedManifestBytes = new Map<string, number>();
   private readonly manifestReads = new ByteBudget(MANIFEST_READ_BUDGET);
   private cache: IndexCache | undefined | null = null;
   private summaries: SummaryCache | undefined | null = null;
@@ -498,14 +498,13 @@ export class Repository {
   }
 
   async backupIds(): Promise<string[]> {
-    const ids: string[] = [];
+    const sizes = new Map<string, number>();
     for await (const { name, size } of this.storage.list('backups/')) {
       const id = name.slice('backups/'.length);
-      if (!/^[0-9a-f]{64}$/.test(id)) continue;
-      ids.push(id);
-      this.listedManifestBytes.set(id, size);
+      if (/^[0-9a-f]{64}$/.test(id)) sizes.set(id, size);
     }
-    return ids;
+    this.listedManifestBytes = sizes;
+    return [...sizes.keys()];
   }
 
   /**

@@ -44,9 +44,9 @@ before(async () => {
   assert.deepEqual([a.disks[0]!.mode, b.disks[0]!.mode], ['full', 'full']);
   await execa('qemu-img', ['bitmap', '--add', '-f', 'qcow2', disk, GONE]);
   await execa('qemu-img', ['bitmap', '--add', '-f', 'qcow2', disk, 'other']);
-  const byBackup = (id: string) => (now: string[]) => now.find((n) => n.endsWith(`-${id}`))!.slice('vmvault-'.length, 'vmvault-'.length + 8);
   const now = await names();
-  [tagA, tagB] = [byBackup(a.id)(now), byBackup(b.id)(now)];
+  const tagOf = (id: string) => now.find((n) => n.endsWith(`-${id}`))!.slice('vmvault-'.length, 'vmvault-'.length + 8);
+  [tagA, tagB] = [tagOf(a.id), tagOf(b.id)];
   assert.notEqual(tagA, tagB);
 });
 
