@@ -84,6 +84,11 @@ export interface BackupOptions {
   /** Where the chunk threads come from (a long-running process keeps them: PoolKeeper); default a pool of its own. */
   chunkPool?: () => PoolLease;
   /**
+   * Called once every disk was read, before anything is committed: the driver may give
+   * back what held the instant for reading (PointInTime.read) while the backup commits.
+   */
+  onRead?: () => void;
+  /**
    * Called just before the manifest is written; throwing aborts the backup without
    * committing it (a queue worker checks here that it still owns its job).
    */
@@ -165,7 +170,9 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const pool = lease.pool;
   // A disk that will be read (in full, or where its bitmap says): the threads start while
   // the index loads and the disk's export starts. Only a raw image found unchanged reads nothing for sure.
-  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) pool.warm();
+  // Its slots too: about one per chunk in flight and one per thread (chunk-reader.ts).
+  const inFlight = req.inFlight ?? repo.storage.chunksInFlight ?? DEFAULT_CHUNKS_IN_FLIGHT;
+  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void pool.warm(inFlight + pool.threads);
   const disks: DiskEntry[] = [];
   let known: Awaited<ReturnType<Repository['chunkIndex']>>;
   try {
@@ -176,7 +183,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
       meter.disk = disk.name;
       const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;
       const chunks = await backupDisk(disk, {
-        repo, pool, known, stats, meter, inFlight: req.inFlight ?? repo.storage.chunksInFlight ?? DEFAULT_CHUNKS_IN_FLIGHT, startAt: startFor(req.vm, disk.name), ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
+        repo, pool, known, stats, meter, inFlight, startAt: startFor(req.vm, disk.name), ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
       });
       disks.push({
         ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.slice(0, MAX_AUDIT_OFFSETS) } } : {}),
@@ -189,6 +196,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     await lease.release();
   }
   meter.finish();
+  req.onRead?.();
   if (known.counts.missing) {
     repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
       'other backups may use them too; run "vmvault verify" to find and heal them');

@@ -94,7 +94,10 @@ function handle(req: PoolRequest): void {
     if (loadFailed) throw loadFailed;
     const init = initOf();
     const input = req.in ? slot(req.in.slot).subarray(0, req.in.length) : Buffer.from(req.data!.buffer, req.data!.byteOffset, req.data!.byteLength);
-    if (req.op === 'hash') {
+    if (req.op === 'touch') {
+      touchPages(input);
+      res = { seq: req.seq, ok: true };
+    } else if (req.op === 'hash') {
       res = { seq: req.seq, ok: true, id: isZero(input) ? null : chunkId(keys, input) };
     } else if (req.op === 'seal') {
       const sealed = sealChunk(keys, init.repoId, req.id!, input, init.level, slot(req.out!));
@@ -114,8 +117,19 @@ function handle(req: PoolRequest): void {
     res = { seq: req.seq, ok: false, name: e.name, code: e.code, message: e.message };
   }
   parentPort!.postMessage(res, transfer);
-  if (req.op !== 'hash') collectYoung();
+  if (req.op === 'seal' || req.op === 'open') collectYoung();
 }
+
+/**
+ * Faults in every page of a slot (pool.ts prepareSlots) without changing a byte: an
+ * atomic add of zero is a write the kernel must back with memory, and atomic, so a
+ * chunk the main thread reads into the slot meanwhile is never disturbed.
+ */
+function touchPages(slot: Buffer): void {
+  const words = new Int32Array(slot.buffer, slot.byteOffset, slot.byteLength >> 2);
+  for (let i = 0; i < words.length; i += PAGE_BYTES >> 2) Atomics.add(words, i, 0);
+}
+const PAGE_BYTES = 4096;
 
 function initOf(): PoolInit {
   if (!init) throw new Error('a chunk thread was sent work before its keys');

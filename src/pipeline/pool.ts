@@ -25,7 +25,7 @@ import { takeChunkThread } from './prestart.js';
 export interface PoolInit { keys: ChunkKeys; repoId: string; level: number; chunkSize: number }
 export interface PoolRequest {
   seq: number;
-  op: 'hash' | 'seal' | 'open';
+  op: 'hash' | 'seal' | 'open' | 'touch';
   /** seal, open: the chunk id. */
   id?: string;
   /** The input, as bytes handed over (open)… */
@@ -100,15 +100,37 @@ export class ChunkPool {
 
   /**
    * Starts the threads now rather than at the first request, so that their start-up
-   * (about 45 ms) overlaps work the caller does before its first chunk.
+   * (about 45 ms) overlaps work the caller does before its first chunk; with `slots`,
+   * also makes that many slots ready (see prepareSlots).
    */
-  warm(): void {
-    if (!this.closed && this.workers.length === 0) this.start();
+  warm(slots = 0): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    if (this.workers.length === 0) this.start();
+    return this.prepareSlots(slots);
+  }
+
+  /**
+   * Makes at least `n` slots exist, and has the threads, idle until the first chunk,
+   * fault in the pages of the new ones. A slot's memory is reserved but not resident
+   * until first written; the first chunks would otherwise pay for that (about 2,000 page
+   * faults per 4 MiB slot, each 13 µs on this class of virtual machine: 0.1 s of CPU for
+   * a backup's slots) in the reads and seals of the data path, when both cores are
+   * busy. Each page is written with an atomic add of zero, which changes no byte: the
+   * slots are in the free list meanwhile, and a chunk read into one is never disturbed.
+   * Resolves once every page was touched; nobody needs to wait for it.
+   */
+  private async prepareSlots(n: number): Promise<void> {
+    const made: number[] = [];
+    while (this.slots.length < n) made.push(this.newSlot());
+    // Given back highest first, so that take() (the most recently freed) hands out the lowest, touched first.
+    for (let i = made.length - 1; i >= 0; i--) this.free.give(made[i]!);
+    // A thread that fails says so to the next real request (onWorkerGone): a touch is only a head start.
+    await Promise.all(made.map((index) => this.submit({ seq: 0, op: 'touch', in: { slot: index, length: this.slots[index]!.size } }).catch(() => undefined)));
   }
 
   private start(): void {
     const init = this.init;
-    for (let i = 0; i < Math.max(1, this.size); i++) {
+    for (let i = 0; i < this.threads; i++) {
       const w = takeChunkThread();
       w.postMessage({ init }); // its first message: the keys
       w.on('message', (res: PoolResponse) => this.onMessage(w, res));
@@ -117,6 +139,11 @@ export class ChunkPool {
       this.workers.push(w);
       this.idle.push(w);
     }
+  }
+
+  /** How many threads the pool runs (started or not). */
+  get threads(): number {
+    return Math.max(1, this.size);
   }
 
   /** How many slots exist: at most the chunks ever in flight at once, plus those being sealed. */

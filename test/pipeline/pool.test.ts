@@ -11,7 +11,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
-import { mkdtemp, open, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -193,6 +193,42 @@ describe('chunk pool output slots', () => {
       const again = await Promise.all(Array.from({ length: 10 }, () => pool.slot()));
       assert.equal(new Set(again.map((h) => h.index)).size, 10);
       assert.equal(pool.slotCount, 10);
+    } finally {
+      await pool.close();
+    }
+  });
+});
+
+describe('slots made ready before the first chunk', () => {
+  /** This process's resident memory, in bytes. */
+  const resident = async () => Number(/VmRSS:\s+(\d+) kB/.exec(await readFile('/proc/self/status', 'utf8'))![1]) * 1024;
+
+  test('warm(n) makes n slots, whose pages the threads fault in, and a chunk read into one meanwhile is left as it was', async () => {
+    const keys = deriveKeys(generateMaster(), 'hmac-sha256');
+    const chunkSize = 4 * 1024 * 1024;
+    const pool = new ChunkPool({ keys: { idKey: keys.idKey, idHash: keys.idHash, encKey: keys.encKey }, repoId: REPO, level: 1, chunkSize }, 2);
+    try {
+      // The threads first, and one slot: their start-up memory is not what is measured.
+      const first = await pool.slot();
+      await pool.hashSlot(first, 4096);
+      first.release();
+      const before = await resident();
+      const touched = pool.warm(6);
+      assert.equal(pool.slotCount, 6);
+      await touched;
+      const grown = (await resident()) - before;
+      assert.ok(grown >= 5 * chunkSize * 0.95, `resident memory grew by ${grown >> 20} MiB, not the five new slots' ${(5 * chunkSize) >> 20} MiB`);
+
+      // Chunks read into warmed slots while their touches still run keep every byte.
+      void pool.warm(12);
+      const held = await Promise.all(Array.from({ length: 6 }, () => pool.slot()));
+      const plains = held.map(() => randomBytes(chunkSize));
+      held.forEach((h, i) => plains[i]!.copy(h.buffer));
+      const ids = await Promise.all(held.map((h, i) => pool.hashSlot(h, plains[i]!.length)));
+      ids.forEach((id, i) => assert.equal(id, chunkId(keys, plains[i]!)));
+      held.forEach((h, i) => assert.ok(h.buffer.subarray(0, chunkSize).equals(plains[i]!), `slot ${h.index} changed`));
+      for (const h of held) h.release();
+      assert.equal(pool.slotCount, 12);
     } finally {
       await pool.close();
     }
