@@ -41,8 +41,12 @@ export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<
   const pit = await openPointInTime(repo, req.driver, req, id);
   let result: BackupResult | undefined;
   let failure: unknown;
+  // Read in full: the snapshot goes while the backup commits. Its failure is close()'s to report.
+  const onRead = pit.read ? () => void pit.read!().catch(() => undefined) : undefined;
   try {
-    result = await backup(repo, { ...req, id, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles] });
+    result = await backup(repo, {
+      ...req, id, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles], ...(onRead ? { onRead } : {}),
+    });
   } catch (err) {
     failure = err;
   }

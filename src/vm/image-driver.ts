@@ -36,13 +36,17 @@ export interface FreezeOptions extends AuditPolicy { repoId: string; backupId: s
 
 export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
-  prepareExports();
   const taken: Taken[] = [];
   const exports: NbdExport[] = [];
   let recovered = 0;
-  const release = async (committed: boolean) => {
+  let dropped: Promise<void> | undefined;
+  // The exports and snapshots, once: as soon as the backup has read everything (read), or at close.
+  const dropInstant = () => (dropped ??= (async () => {
     for (const e of exports.splice(0)) await e.close();
     for (const { disk } of taken) if (disk.snapshot) await snapshotDelete(disk.path, disk.snapshot, { known: true });
+  })());
+  const release = async (committed: boolean) => {
+    await dropInstant();
     // Tracking moves to the new bitmap only once its backup is saved; a bitmap that cannot
     // be removed now (a VM started meanwhile) is removed as stale by the next backup.
     for (const t of taken) {
@@ -68,6 +72,7 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
   let closing: Promise<void> | undefined;
   return {
     disks: taken.map((t) => t.disk), consistency: 'offline', configFiles: [], details: { recovered },
+    read: dropInstant,
     close: (committed) => (closing ??= release(committed)),
   };
 }
@@ -75,6 +80,10 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
 async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: NbdExport[]): Promise<Taken> {
   const decision = withAudit(d, decide(d, { fullRead: opts.fullRead }), opts);
+  // A qemu-nbd will serve the bitmap: what its start checks overlaps the snapshot. A disk
+  // read in full is read from its file (disk/direct-read.ts) and needs none: the check
+  // (a setpriv process, a sweep of /proc) would only delay it.
+  if (decision.since) prepareExports();
   const newBitmap = bitmapName(opts.repoId, opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {

@@ -2,7 +2,9 @@
  * One point-in-time driver interface (DESIGN.md, data path step 1): a driver freezes
  * a VM's disks at one instant and hands the pipeline a read-only view of each; the
  * pipeline reads, chunks and commits; `close()` gives the instant back (deletes the
- * internal snapshot, merges the overlays). Drivers are chosen from one table, as
+ * internal snapshot, merges the overlays). A driver may give back what only reading
+ * needed earlier, once everything is read and while the backup commits (`read()`: the
+ * image driver deletes its snapshot there). Drivers are chosen from one table, as
  * storage backends are (src/vm/drivers.ts), and `backupVm` there is the one backup
  * entry point for the CLI, the worker and snapshot export.
  *
@@ -62,6 +64,13 @@ export interface PointInTime {
   /** Configuration files the driver captured (a libvirt domain's XML), stored with the backup. */
   configFiles: string[];
   details: PointInTimeDetails;
+  /**
+   * Everything was read: what held the instant for reading (an internal snapshot, the
+   * exports serving it) may go, while the backup commits. Change tracking is left to
+   * `close`, which also does this (once) for a driver whose `read` was never called,
+   * and reports its failure. Optional: a driver without it gives everything back at `close`.
+   */
+  read?(): Promise<void>;
   /**
    * Gives the instant back. `committed` says whether the backup was saved: change
    * tracking moves to the new backup only then (the previous bitmap stays otherwise).

@@ -1,0 +1,75 @@
+/**
+ * The image driver gives back the instant it read from as soon as the backup has read
+ * everything (PointInTime.read): the internal snapshot is deleted while the backup
+ * commits, not after, while change tracking (the new bitmap) is settled only at close.
+ * On real qcow2 images with real qemu-img; the backup restores identical.
+ */
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { execa } from 'execa';
+import { compareImages, snapshotList } from '../../src/disk/qemu.js';
+import { restore } from '../../src/pipeline/restore.js';
+import { Repository } from '../../src/repo/repository.js';
+import { LocalStorage } from '../../src/storage/local.js';
+import { backupVm } from '../../src/vm/drivers.js';
+import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
+import { waitFor } from '../helpers/procs.js';
+
+const MiB = 1024 * 1024;
+
+async function bitmapsOf(file: string): Promise<string[]> {
+  const info = JSON.parse((await execa('qemu-img', ['info', '--output=json', '-U', '-f', 'qcow2', file])).stdout) as { 'format-specific': { data: { bitmaps?: { name: string }[] } } };
+  return (info['format-specific'].data.bitmaps ?? []).map((b) => b.name);
+}
+
+const ours = (names: string[]) => names.filter((n) => n.startsWith('vmvault-'));
+
+describe('image driver: the snapshot goes once everything is read', () => {
+  let dir: TempDir;
+  let repo: Repository;
+
+  before(async () => {
+    dir = await tempDir();
+    repo = await Repository.init(new LocalStorage(path.join(dir.path, 'repo')), 'pw', { kdf: 'weak' });
+  });
+  after(async () => dir.cleanup());
+
+  it('deletes the snapshot before the manifest is written, keeps the new bitmap until close, and the backup restores identical', async () => {
+    const img = await makeImage(dir.path, 'root.qcow2', 'qcow2', 16 * MiB, [
+      { offset: 0, length: 5 * MiB, pattern: 0x31 },
+      { offset: 9 * MiB, length: MiB, pattern: 0x32 },
+    ]);
+    let atCommit: { snapshots: string[]; bitmaps: string[] } | undefined;
+    const r = await backupVm(repo, {
+      vm: 'v', driver: 'image', disks: [{ path: img, format: 'qcow2' }],
+      beforeCommit: async () => {
+        // Without the early give-back the snapshot goes only after the commit: this would time out.
+        await waitFor('the snapshot to be deleted before the commit', async () => ours((await snapshotList(img)).map((s) => s.name)).length === 0, 20_000);
+        atCommit = { snapshots: (await snapshotList(img)).map((s) => s.name), bitmaps: await bitmapsOf(img) };
+      },
+    });
+    const bitmap = r.manifest.disks[0]!.bitmap;
+    assert.ok(bitmap, 'the backup left a bitmap for the next one');
+    assert.deepEqual(ours(atCommit!.snapshots), []);
+    assert.ok(atCommit!.bitmaps.includes(bitmap), 'the new bitmap is still there at the commit');
+    // After close: no snapshot of ours, the committed backup's bitmap alone.
+    assert.deepEqual(ours((await snapshotList(img)).map((s) => s.name)), []);
+    assert.deepEqual(ours(await bitmapsOf(img)), [bitmap]);
+
+    const out = path.join(dir.path, 'out');
+    await restore(repo, { backupId: r.manifest.id, to: out, format: 'qcow2' });
+    const cmp = await compareImages(img, path.join(out, 'root.qcow2'), 'qcow2', 'qcow2');
+    assert.ok(cmp.identical, cmp.output);
+  });
+
+  it('a backup that fails after reading still gives everything back: no snapshot, and its new bitmap removed', async () => {
+    const img = await makeImage(dir.path, 'fail.qcow2', 'qcow2', 8 * MiB, [{ offset: MiB, length: 2 * MiB, pattern: 0x41 }]);
+    await assert.rejects(backupVm(repo, {
+      vm: 'f', driver: 'image', disks: [{ path: img, format: 'qcow2' }],
+      beforeCommit: async () => { throw new Error('lost the job'); },
+    }), /lost the job/);
+    assert.deepEqual(ours((await snapshotList(img)).map((s) => s.name)), []);
+    assert.deepEqual(ours(await bitmapsOf(img)), [], 'an uncommitted backup leaves no bitmap');
+  });
+});
