@@ -196,6 +196,25 @@ describe('the raw disk writer creates its file exclusively', () => {
     });
   }
 
+  for (const direct of [true, false]) {
+    test(`${direct ? 'O_DIRECT' : 'buffered'}: fdatasyncs started as the writes go leave every write in place, and flush still waits for the last`, async () => {
+      const file = join(dir.path, `syncing-${direct}.raw`);
+      const pieces = Array.from({ length: 48 }, (_, i) => ({ offset: i * 320 * KiB, data: randomBytes(256 * KiB + (i % 2) * 64 * KiB) }));
+      const size = 48 * 320 * KiB;
+      // A sync started every 256 KiB written: many run while other writes are in flight.
+      const w = await createDiskWriter(file, 'raw', size, { direct, syncEvery: 256 * KiB });
+      try {
+        for (let i = 0; i < pieces.length; i += 8) await Promise.all(pieces.slice(i, i + 8).map((p) => w.write(p.offset, p.data)));
+        await w.flush();
+      } finally {
+        await w.close();
+      }
+      const expected = Buffer.alloc(size);
+      for (const p of pieces) p.data.copy(expected, p.offset);
+      assert.ok((await readFile(file)).equals(expected), 'the file holds exactly the written pieces, zeros elsewhere');
+    });
+  }
+
   test('a file it creates is 0600 before any data is written, and sized sparse', async () => {
     const file = join(dir.path, 'fresh.raw');
     const w = await createDiskWriter(file, 'raw', 16 * MiB);
