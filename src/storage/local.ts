@@ -8,9 +8,15 @@ import type { FileHandle } from 'node:fs/promises';
 import { constants } from 'node:fs';
 import { lstat, mkdir, open, opendir, rename, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
-import { NotFoundError, VmvaultError, isRetriable } from '../errors.js';
+import { NotFoundError, VmvaultError, errnoCode, isRetriable } from '../errors.js';
 import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
 import { tooLarge, type GetOptions, type Storage } from './storage.js';
+
+/** O_DIRECT needs memory, offsets and lengths aligned to the device's block size: 4 KiB covers them all. */
+const DIRECT_ALIGN = 4096;
+/** Smaller objects (manifests, index objects, locks) are not worth a second descriptor. */
+const DIRECT_MIN_BYTES = 256 * 1024;
+const BUFFERED_PIECE = 512 * 1024;
 
 /** Files are sealed data and keys: readable by the owner only, as restic does. */
 const FILE_MODE = 0o600;
@@ -48,6 +54,8 @@ export class LocalStorage implements Storage {
    * with about 16 MiB more resident for the slots of the extra chunks (bench/README.md).
    */
   readonly chunksInFlight = 6;
+  /** The file system refused O_DIRECT (writeObject): objects go through the page cache. */
+  private directRefused = false;
 
   constructor(root: string) {
     this.root = path.resolve(root);
@@ -112,7 +120,7 @@ export class LocalStorage implements Storage {
     try {
       const fh = await this.createTemp(tmp);
       try {
-        await fh.writeFile(data);
+        await this.writeObject(fh, data);
         await fh.sync(); // the data must be on disk before the rename makes it visible
       } finally {
         await fh.close();
@@ -216,6 +224,56 @@ export class LocalStorage implements Storage {
   private pathOf(name: string): string {
     checkName(name);
     return path.join(this.root, name);
+  }
+
+  /**
+   * Writes a new object's bytes. A large one (a chunk) goes to the device with O_DIRECT
+   * where its memory allows (a chunk pool's slots are page-aligned), through a second
+   * descriptor of the same file (/proc/self/fd: never reopened by name); only the last
+   * partial block goes through the page cache. A chunk is written once and read back
+   * rarely (a restore, a verification), and on a hypervisor the page cache belongs to
+   * the VMs: a backup through it evicted as much of their cache as it wrote. It also
+   * cost a copy into memory the kernel must find, which on this class of virtual
+   * machine is often far dearer than the copy (1.3 s of CPU for 480 MiB of buffered
+   * writes, against 0.1 s a minute later; O_DIRECT: 0.06 s). In the benchmark's full
+   * backup, side by side on one path: 2.56 s against 3.01 s (medians of 9). The cost: a
+   * restore right after a backup reads its chunks from the device (0.2–0.3 s more for
+   * the second benchmark image). The fsync that follows is still what makes the object
+   * durable. Memory that is not aligned, or a file system that refuses O_DIRECT, is
+   * written through the page cache.
+   */
+  private async writeObject(fh: FileHandle, data: Uint8Array): Promise<void> {
+    const aligned = data.length >= DIRECT_MIN_BYTES && !this.directRefused ? data.length - (data.length % DIRECT_ALIGN) : 0;
+    let done = 0;
+    if (aligned > 0) {
+      let direct: FileHandle | undefined;
+      try {
+        direct = await open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT);
+      } catch (err) {
+        // tmpfs and some others refuse the flag at open (EINVAL): not asked again. No /proc: this write only.
+        if (errnoCode(err) === 'EINVAL') this.directRefused = true;
+      }
+      if (direct) {
+        try {
+          while (done < aligned) {
+            const { bytesWritten } = await direct.write(data, done, aligned - done, done);
+            if (bytesWritten === 0) break;
+            done += bytesWritten;
+          }
+        } catch (err) {
+          // EINVAL: memory not page-aligned (not a slot), or a write the file system refuses; nothing of it was written.
+          if (errnoCode(err) !== 'EINVAL') throw err;
+        } finally {
+          await direct.close();
+        }
+      }
+    }
+    // The rest through the page cache, at most 512 KiB per write as FileHandle.writeFile does.
+    while (done < data.length) {
+      const { bytesWritten } = await fh.write(data, done, Math.min(BUFFERED_PIECE, data.length - done), done);
+      if (bytesWritten === 0) throw new Error(`a write at byte ${done} of ${data.length} made no progress`);
+      done += bytesWritten;
+    }
   }
 
   /** Opens a new temporary file, creating its directory (and parents) when missing. */

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
 import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -21,6 +22,54 @@ async function allFiles(dir: string): Promise<string[]> {
   const entries = await readdir(dir, { recursive: true, withFileTypes: true });
   return entries.filter((e) => e.isFile()).map((e) => path.relative(dir, path.join(e.parentPath, e.name))).sort();
 }
+
+/** Bytes of `file` in the page cache (util-linux fincore). */
+async function cachedBytes(file: string): Promise<number> {
+  return Number(execFileSync('fincore', ['--bytes', '--noheadings', '--output', 'RES', file], { encoding: 'utf8' }).trim());
+}
+
+/** The one WebAssembly class used here (the project's "lib" setting declares none). */
+declare const WebAssembly: { Memory: new (desc: { initial: number }) => { buffer: ArrayBuffer } };
+
+describe('LocalStorage writes large objects around the page cache', () => {
+  test('from page-aligned memory (a chunk slot) with O_DIRECT, the last partial block aside; from any other memory through the page cache; every byte lands either way', async (t) => {
+    const size = 1024 * 1024 + 123;
+    const dir = await tempDir();
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    const storage = new LocalStorage(dir);
+    const aligned = Buffer.from(new WebAssembly.Memory({ initial: 32 }).buffer, 0, size);
+    randomFillSync(aligned);
+    const unaligned = Buffer.alloc(size + 1).subarray(1);
+    randomFillSync(unaligned);
+    await storage.put('chunks/aa/aligned', aligned);
+    await storage.put('chunks/aa/unaligned', unaligned);
+    assert.ok(Buffer.from(await storage.get('chunks/aa/aligned')).equals(aligned));
+    assert.ok(Buffer.from(await storage.get('chunks/aa/unaligned')).equals(unaligned));
+    // (The gets above read both through the page cache: put them again before looking.)
+    await storage.put('chunks/aa/aligned', aligned);
+    await storage.put('chunks/aa/unaligned', unaligned);
+    const fsType = execFileSync('stat', ['-f', '-c', '%T', dir], { encoding: 'utf8' }).trim();
+    if (fsType !== 'tmpfs') {
+      assert.ok(await cachedBytes(path.join(dir, 'chunks/aa/aligned')) <= 4096, 'only the last partial block went through the page cache');
+      assert.ok(await cachedBytes(path.join(dir, 'chunks/aa/unaligned')) >= size - 4096, 'unaligned memory went through the page cache');
+    }
+    assert.deepEqual(await allFiles(dir), ['chunks/aa/aligned', 'chunks/aa/unaligned'], 'no temporary file is left');
+  });
+
+  test('on tmpfs (which may refuse O_DIRECT): the same bytes, through the page cache', async (t) => {
+    const dir = await tempDir();
+    t.after(async () => {
+      execFileSync('umount', [dir]);
+      await rm(dir, { recursive: true, force: true });
+    });
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=16m,mode=0700', 'tmpfs', dir]);
+    const storage = new LocalStorage(dir);
+    const aligned = Buffer.from(new WebAssembly.Memory({ initial: 32 }).buffer, 0, 1024 * 1024 + 5);
+    randomFillSync(aligned);
+    await storage.put('chunks/bb/one', aligned);
+    assert.ok(Buffer.from(await storage.get('chunks/bb/one')).equals(aligned));
+  });
+});
 
 describe('LocalStorage', () => {
   test('a put leaves no .tmp- file behind, and list never shows one', async (t) => {
