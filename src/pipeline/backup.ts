@@ -170,9 +170,9 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const pool = lease.pool;
   // A disk that will be read (in full, or where its bitmap says): the threads start while
   // the index loads and the disk's export starts. Only a raw image found unchanged reads nothing for sure.
-  // Its slots too: about one per chunk in flight and one per thread (chunk-reader.ts).
+  // Its slots too: one per chunk in flight, and a second for each chunk being sealed (pool.ts).
   const inFlight = req.inFlight ?? repo.storage.chunksInFlight ?? DEFAULT_CHUNKS_IN_FLIGHT;
-  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void pool.warm(inFlight + pool.threads);
+  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void pool.warm(inFlight + Math.min(inFlight, pool.threads));
   const disks: DiskEntry[] = [];
   let known: Awaited<ReturnType<Repository['chunkIndex']>>;
   try {

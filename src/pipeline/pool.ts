@@ -74,6 +74,14 @@ class SlotList {
   give(slot: number): void {
     this.free.push(slot);
   }
+
+  /**
+   * A new slot, taken only after every slot freed before it (those were used, so they
+   * are resident); new slots given lowest first are taken lowest first.
+   */
+  giveFresh(slot: number): void {
+    this.free.unshift(slot);
+  }
 }
 
 export class ChunkPool {
@@ -117,13 +125,18 @@ export class ChunkPool {
    * a backup's slots) in the reads and seals of the data path, when both cores are
    * busy. Each page is written with an atomic add of zero, which changes no byte: the
    * slots are in the free list meanwhile, and a chunk read into one is never disturbed.
-   * Resolves once every page was touched; nobody needs to wait for it.
+   * Resolves once every page was touched (or the pool closed with touches pending: then
+   * never); nobody needs to wait for it.
    */
   private async prepareSlots(n: number): Promise<void> {
     const made: number[] = [];
-    while (this.slots.length < n) made.push(this.newSlot());
-    // Given back highest first, so that take() (the most recently freed) hands out the lowest, touched first.
-    for (let i = made.length - 1; i >= 0; i--) this.free.give(made[i]!);
+    try {
+      while (this.slots.length < n) made.push(this.newSlot());
+    } catch {
+      // No memory for more (a refused allocation): the chunks make their own slots as they go, and say so if they cannot.
+    }
+    // Below the slots already free (resident from earlier work, in a kept pool), lowest first: the order they are touched in.
+    for (const index of made) this.free.giveFresh(index);
     // A thread that fails says so to the next real request (onWorkerGone): a touch is only a head start.
     await Promise.all(made.map((index) => this.submit({ seq: 0, op: 'touch', in: { slot: index, length: this.slots[index]!.size } }).catch(() => undefined)));
   }

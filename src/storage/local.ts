@@ -228,7 +228,7 @@ export class LocalStorage implements Storage {
 
   /**
    * Writes a new object's bytes. A large one (a chunk) goes to the device with O_DIRECT
-   * where its memory allows (a chunk pool's slots are page-aligned), through a second
+   * where its memory allows (a chunk pool's slots: shared memory on page boundaries), through a second
    * descriptor of the same file (/proc/self/fd: never reopened by name); only the last
    * partial block goes through the page cache. A chunk is written once and read back
    * rarely (a restore, a verification), and on a hypervisor the page cache belongs to
@@ -243,7 +243,9 @@ export class LocalStorage implements Storage {
    * written through the page cache.
    */
   private async writeObject(fh: FileHandle, data: Uint8Array): Promise<void> {
-    const aligned = data.length >= DIRECT_MIN_BYTES && !this.directRefused ? data.length - (data.length % DIRECT_ALIGN) : 0;
+    // Only shared memory on a page boundary can be a slot: other memory (an index object's buffer) would fail each time.
+    const slotLike = data.buffer instanceof SharedArrayBuffer && data.byteOffset % DIRECT_ALIGN === 0;
+    const aligned = slotLike && data.length >= DIRECT_MIN_BYTES && !this.directRefused ? data.length - (data.length % DIRECT_ALIGN) : 0;
     let done = 0;
     if (aligned > 0) {
       let direct: FileHandle | undefined;
@@ -264,7 +266,8 @@ export class LocalStorage implements Storage {
           // EINVAL: memory not page-aligned (not a slot), or a write the file system refuses; nothing of it was written.
           if (errnoCode(err) !== 'EINVAL') throw err;
         } finally {
-          await direct.close();
+          // Its writes are the file's: the fsync below makes them durable or fails.
+          await direct.close().catch(() => undefined);
         }
       }
     }

@@ -219,12 +219,19 @@ describe('slots made ready before the first chunk', () => {
       const grown = (await resident()) - before;
       assert.ok(grown >= 5 * chunkSize * 0.95, `resident memory grew by ${grown >> 20} MiB, not the five new slots' ${(5 * chunkSize) >> 20} MiB`);
 
-      // Chunks read into warmed slots while their touches still run keep every byte.
-      void pool.warm(12);
-      const held = await Promise.all(Array.from({ length: 6 }, () => pool.slot()));
-      const plains = held.map(() => randomBytes(chunkSize));
+      // A touch changes no byte: the touched slots still read as zeros.
+      const fresh = await Promise.all(Array.from({ length: 6 }, () => pool.slot()));
+      for (const f of fresh) assert.ok(f.buffer.every((b) => b === 0), `slot ${f.index} is not zeros after its touch`);
+      assert.deepEqual(fresh.map((f) => f.index).sort((a, b) => a - b), [0, 1, 2, 3, 4, 5], 'the slots warm() made are the ones handed out');
+      for (const f of fresh) f.release();
+
+      // Chunks read into slots while their touches still run keep every byte.
+      const plains = Array.from({ length: 12 }, () => randomBytes(chunkSize));
+      const touching = pool.warm(12);
+      const held = await Promise.all(plains.map(() => pool.slot()));
       held.forEach((h, i) => plains[i]!.copy(h.buffer));
       const ids = await Promise.all(held.map((h, i) => pool.hashSlot(h, plains[i]!.length)));
+      await touching;
       ids.forEach((id, i) => assert.equal(id, chunkId(keys, plains[i]!)));
       held.forEach((h, i) => assert.ok(h.buffer.subarray(0, chunkSize).equals(plains[i]!), `slot ${h.index} changed`));
       for (const h of held) h.release();

@@ -18,10 +18,17 @@ import { waitFor } from '../helpers/procs.js';
 
 const MiB = 1024 * 1024;
 
-async function bitmapsOf(file: string): Promise<string[]> {
-  const info = JSON.parse((await execa('qemu-img', ['info', '--output=json', '-U', '-f', 'qcow2', file])).stdout) as { 'format-specific': { data: { bitmaps?: { name: string }[] } } };
-  return (info['format-specific'].data.bitmaps ?? []).map((b) => b.name);
+/**
+ * The image's bitmaps and snapshots, read without a lock (-U): a locking reader would
+ * make the driver's own `qemu-img snapshot -d` fail while it looks.
+ */
+async function infoOf(file: string): Promise<{ bitmaps: string[]; snapshots: string[] }> {
+  const info = JSON.parse((await execa('qemu-img', ['info', '--output=json', '-U', '-f', 'qcow2', file])).stdout) as {
+    snapshots?: { name: string }[]; 'format-specific': { data: { bitmaps?: { name: string }[] } };
+  };
+  return { bitmaps: (info['format-specific'].data.bitmaps ?? []).map((b) => b.name), snapshots: (info.snapshots ?? []).map((x) => x.name) };
 }
+const bitmapsOf = async (file: string) => (await infoOf(file)).bitmaps;
 
 const ours = (names: string[]) => names.filter((n) => n.startsWith('vmvault-'));
 
@@ -45,8 +52,8 @@ describe('image driver: the snapshot goes once everything is read', () => {
       vm: 'v', driver: 'image', disks: [{ path: img, format: 'qcow2' }],
       beforeCommit: async () => {
         // Without the early give-back the snapshot goes only after the commit: this would time out.
-        await waitFor('the snapshot to be deleted before the commit', async () => ours((await snapshotList(img)).map((s) => s.name)).length === 0, 20_000);
-        atCommit = { snapshots: (await snapshotList(img)).map((s) => s.name), bitmaps: await bitmapsOf(img) };
+        await waitFor('the snapshot to be deleted before the commit', async () => ours((await infoOf(img)).snapshots).length === 0, 20_000);
+        atCommit = await infoOf(img);
       },
     });
     const bitmap = r.manifest.disks[0]!.bitmap;
