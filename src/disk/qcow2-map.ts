@@ -50,7 +50,7 @@ export interface Qcow2Map {
 /** Why an image is not mapped (it is then read through qemu-nbd as a whole). */
 export interface Unmapped { unmapped: string }
 
-interface Header {
+export interface Header {
   version: number;
   clusterBits: number;
   size: number;
@@ -58,25 +58,29 @@ interface Header {
   l1Offset: number;
   snapshots: number;
   snapshotsOffset: number;
+  /** Where the header extensions start (version 2: 72). */
+  headerLength: number;
+  /** Autoclear feature bit 0: the bitmaps extension is consistent (version 3 only). */
+  bitmapsConsistent: boolean;
 }
 
 /** A 64-bit big-endian field as a number, or undefined when it does not fit one exactly. */
-function u64(buf: Buffer, at: number): number | undefined {
+export function u64(buf: Buffer, at: number): number | undefined {
   const hi = buf.readUInt32BE(at);
   if (hi >= MAX_SAFE_HIGH) return undefined;
   return hi * 2 ** 32 + buf.readUInt32BE(at + 4);
 }
 
-async function readExactly(read: ReadAt, at: number, length: number, what: string): Promise<Buffer | Unmapped> {
+export async function readExactly(read: ReadAt, at: number, length: number, what: string): Promise<Buffer | Unmapped> {
   const buf = await read(at, length);
   return buf.length === length ? buf : { unmapped: `${what} runs past the end of the file` };
 }
 
-function isUnmapped(x: unknown): x is Unmapped {
+export function isUnmapped(x: unknown): x is Unmapped {
   return typeof x === 'object' && x !== null && 'unmapped' in x;
 }
 
-async function readHeader(read: ReadAt, fileSize: number): Promise<Header | Unmapped> {
+export async function readHeader(read: ReadAt, fileSize: number): Promise<Header | Unmapped> {
   const h = await readExactly(read, 0, 104, 'the qcow2 header');
   if (isUnmapped(h)) return h;
   if (h.readUInt32BE(0) !== QCOW_MAGIC) return { unmapped: 'it does not start with the qcow2 magic' };
@@ -99,7 +103,12 @@ async function readHeader(read: ReadAt, fileSize: number): Promise<Header | Unma
     if (incompatible & ~BigInt(KNOWN_INCOMPATIBLE)) return { unmapped: `unknown incompatible features 0x${incompatible.toString(16)}` };
   }
   if (l1Offset >= fileSize || snapshotsOffset > fileSize) return { unmapped: 'a table lies outside the file' };
-  return { version, clusterBits, size, l1Size: h.readUInt32BE(36), l1Offset, snapshots: h.readUInt32BE(60), snapshotsOffset };
+  const headerLength = version === 3 ? h.readUInt32BE(100) : 72;
+  if (version === 3 && (headerLength < 104 || headerLength % 8 !== 0 || headerLength >= 2 ** clusterBits)) return { unmapped: `header length ${headerLength}` };
+  return {
+    version, clusterBits, size, l1Size: h.readUInt32BE(36), l1Offset, snapshots: h.readUInt32BE(60), snapshotsOffset,
+    headerLength, bitmapsConsistent: version === 3 && (h.readBigUInt64BE(88) & 1n) === 1n,
+  };
 }
 
 /** The L1 table (offset, entries) and disk size of snapshot `name`, from the snapshot table. */

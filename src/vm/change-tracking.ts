@@ -18,7 +18,10 @@
  * Running VMs (the qemu driver) keep the same bitmaps in the running QEMU instead:
  * see src/vm/live-bitmaps.ts; `decideRunning` below is their decision.
  */
+import { constants as fsConstants } from 'node:fs';
 import fs from 'node:fs/promises';
+import { fileReader } from '../disk/image-refs.js';
+import { openQcow2Bitmap } from '../disk/qcow2-bitmap.js';
 import { exportImage, type NbdExport } from '../disk/qemu.js';
 import { NbdClient } from '../disk/nbd.js';
 import type { ChangedBlocks, FileStamp, FrozenDisk, NamedDisk } from '../pipeline/backup.js';
@@ -139,13 +142,40 @@ export async function statStamp(path: string): Promise<FileStamp> {
  * the image's own (it lives in the active image, not in the snapshot): its writes
  * after the instant only make the answer larger.
  */
-export function bitmapExport(d: NamedDisk, since: string, snapshot: string, exports: NbdExport[]): { changes: ChangedBlocks; connect: () => Promise<NbdClient> } {
+export function bitmapExport(d: NamedDisk, since: string, snapshot: string, exports: { close(): Promise<void> }[]): { changes: ChangedBlocks; connect: () => Promise<NbdClient> } {
   let opened: Promise<NbdExport> | undefined;
   const open = () => (opened ??= exportImage(d.path, { format: 'qcow2', readOnly: true, snapshot, bitmap: since, shared: 2 }).then((e) => (exports.push(e), e)));
   return {
     changes: { previous: d.previous!.entry.chunks, dirty: async (offset, length) => (await open()).client.dirtyExtents(offset, length) },
     connect: async () => NbdClient.connect((await open()).socketPath),
   };
+}
+
+/**
+ * The changes of a disk no VM has open, from bitmap `since` read out of the image file
+ * itself (src/disk/qcow2-bitmap.ts): no qemu-nbd is started, and the pipeline reads
+ * the snapshot from the file too. `why` when the bitmap cannot be read with certainty
+ * here; the caller then serves it through qemu-nbd (bitmapExport). `close` releases
+ * the file once the backup has read everything.
+ */
+export async function bitmapFromFile(d: NamedDisk, since: string): Promise<{ changes: ChangedBlocks; close(): Promise<void> } | { why: string }> {
+  let fh: fs.FileHandle;
+  try {
+    // Non-blocking: something other than a regular file at the path is refused, never waited on.
+    fh = await fs.open(d.path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  } catch (err) {
+    return { why: `cannot open ${d.path}: ${(err as Error).message}` };
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile()) throw new Error('it is not a regular file');
+    const bitmap = await openQcow2Bitmap(fileReader(fh), st.size, d.virtualSize, since);
+    if ('unmapped' in bitmap) throw new Error(bitmap.unmapped);
+    return { changes: { previous: d.previous!.entry.chunks, dirty: (offset, length) => bitmap.dirty(offset, length) }, close: () => fh.close() };
+  } catch (err) {
+    await fh.close();
+    return { why: (err as Error).message };
+  }
 }
 
 /** A raw image found unchanged: nothing is dirty. */

@@ -8,11 +8,12 @@
  */
 import { randomBytes } from 'node:crypto';
 import { errorMessage } from '../errors.js';
-import { bitmapChange, snapshotCreate, snapshotDelete, type NbdExport } from '../disk/qemu.js';
+import { bitmapChange, snapshotCreate, snapshotDelete } from '../disk/qemu.js';
+import type { NbdClient } from '../disk/nbd.js';
 import { prepareExports, retryIfOrphansHeld } from '../disk/qemu-nbd.js';
-import { inspectDisks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
+import { inspectDisks, type ChangedBlocks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { bitmapExport, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
+import { bitmapExport, bitmapFromFile, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
@@ -37,7 +38,8 @@ export interface FreezeOptions extends AuditPolicy { repoId: string; backupId: s
 export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
   const taken: Taken[] = [];
-  const exports: NbdExport[] = [];
+  // What serves the changes: a qemu-nbd of a bitmap, or the image file its bitmap is read from.
+  const exports: { close(): Promise<void> }[] = [];
   let recovered = 0;
   let dropped: Promise<void> | undefined;
   // The exports and snapshots, once: as soon as the backup has read everything (read), or at close.
@@ -78,12 +80,8 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
 }
 
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
-async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: NbdExport[]): Promise<Taken> {
+async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: { close(): Promise<void> }[]): Promise<Taken> {
   const decision = withAudit(d, decide(d, { fullRead: opts.fullRead }), opts);
-  // A qemu-nbd will serve the bitmap: what its start checks overlaps the snapshot. A disk
-  // read in full is read from its file (disk/direct-read.ts) and needs none: the check
-  // (a setpriv process, a sweep of /proc) would only delay it.
-  if (decision.since) prepareExports();
   const newBitmap = bitmapName(opts.repoId, opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {
@@ -92,11 +90,26 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
     await bitmapChange(d.path, '--remove', newBitmap).catch(() => {});
     throw err;
   }
-  const served = decision.since ? bitmapExport(d, decision.since, snapshot, exports) : undefined;
+  const served = decision.since ? await changesSince(d, decision.since, snapshot, exports) : undefined;
   return {
     disk: tracked(d, decision, served?.changes, { snapshot, bitmap: newBitmap, ...(served ? { connect: served.connect } : {}) }),
     newBitmap, ...(d.previous?.entry.bitmap ? { oldBitmap: d.previous.entry.bitmap } : {}),
   };
+}
+
+/**
+ * The changes since bitmap `since`: read from the image file where its bitmap can be
+ * read with certainty (no process started; the snapshot is then read from the file
+ * too), else served by a qemu-nbd of the snapshot with the bitmap.
+ */
+async function changesSince(d: NamedDisk, since: string, snapshot: string, open: { close(): Promise<void> }[]): Promise<{ changes: ChangedBlocks; connect?: () => Promise<NbdClient> }> {
+  const fromFile = await bitmapFromFile(d, since);
+  if ('changes' in fromFile) {
+    open.push(fromFile);
+    return { changes: fromFile.changes };
+  }
+  prepareExports();
+  return bitmapExport(d, since, snapshot, open);
 }
 
 /**

@@ -1,0 +1,202 @@
+/**
+ * A persistent dirty bitmap of a qcow2 image, read from the image's own file
+ * (docs/interop/qcow2.txt in QEMU, "Bitmaps"): the header's bitmaps extension, the
+ * bitmap directory, the named bitmap's table and its data clusters. An offline
+ * incremental backup asks it which ranges changed instead of starting a qemu-nbd to
+ * serve the bitmap over NBD (about 0.3 s and two processes per disk, most of an
+ * unchanged VM's backup).
+ *
+ * Only what is certain is used, as in qcow2-map.ts: a bitmap that is in use (a QEMU
+ * had the image open and did not store it), disabled, of another type, with extra data
+ * that may not be ignored, of a size other than the disk's, or whose directory, table
+ * or data lie outside the file or have reserved bits set, is not read, and the caller
+ * asks qemu instead. Every offset is one in this image's file, checked against its size.
+ */
+import type { ReadAt } from './image-refs.js';
+import { isUnmapped, readExactly, readHeader, u64, type Unmapped } from './qcow2-map.js';
+
+const BITMAPS_EXTENSION = 0x23852875;
+/** qemu's own limits (block/qcow2.h, block/qcow2-bitmap.c). */
+const MAX_BITMAPS = 65535;
+const MAX_DIRECTORY_BYTES = 1024 * MAX_BITMAPS;
+const MAX_NAME_BYTES = 1023;
+/** Table entries read at once: 8 MiB of table covers 32 TiB of disk at 64 KiB granularity and clusters; larger goes to qemu. */
+const MAX_TABLE_ENTRIES = 1024 * 1024;
+
+const FLAG_IN_USE = 1;
+const FLAG_AUTO = 2;
+const FLAG_EXTRA_DATA_COMPATIBLE = 4;
+
+/** A dirty bitmap that can be asked which ranges were written. */
+export interface DirtyBitmap {
+  /** Bytes of disk per bit. */
+  readonly granularity: number;
+  /** The ranges of [offset, offset+length) the bitmap marks as written, in order, merged, clipped to it. */
+  dirty(offset: number, length: number): Promise<{ offset: number; length: number }[]>;
+}
+
+/** The bitmap extension's directory: where it is and how many entries it holds. */
+async function findDirectory(read: ReadAt, headerLength: number, clusterSize: number): Promise<{ count: number; size: number; offset: number } | Unmapped> {
+  // The extensions lie between the header and the end of the first cluster.
+  for (let at = headerLength; at + 8 <= clusterSize;) {
+    const head = await readExactly(read, at, 8, 'the header extensions');
+    if (isUnmapped(head)) return head;
+    const type = head.readUInt32BE(0);
+    const length = head.readUInt32BE(4);
+    if (type === 0) break;
+    if (at + 8 + length > clusterSize) return { unmapped: 'a header extension runs past the first cluster' };
+    if (type === BITMAPS_EXTENSION) {
+      if (length < 24) return { unmapped: 'the bitmaps extension is too short' };
+      const ext = await readExactly(read, at + 8, 24, 'the bitmaps extension');
+      if (isUnmapped(ext)) return ext;
+      const size = u64(ext, 8);
+      const offset = u64(ext, 16);
+      if (ext.readUInt32BE(4) !== 0 || size === undefined || offset === undefined) return { unmapped: 'the bitmaps extension has a field out of range' };
+      return { count: ext.readUInt32BE(0), size, offset };
+    }
+    at += 8 + length + ((8 - (length % 8)) % 8);
+  }
+  return { unmapped: 'it has no bitmaps extension' };
+}
+
+/**
+ * Bitmap `name` of the image (its current state: bitmaps belong to the image, not to a
+ * snapshot), for a disk of `virtualSize` bytes, or why it is not read here.
+ */
+export async function openQcow2Bitmap(read: ReadAt, fileSize: number, virtualSize: number, name: string): Promise<DirtyBitmap | Unmapped> {
+  const h = await readHeader(read, fileSize);
+  if (isUnmapped(h)) return h;
+  if (h.version !== 3) return { unmapped: 'qcow2 version 2 images hold no bitmaps' };
+  if (!h.bitmapsConsistent) return { unmapped: 'its bitmaps extension is marked inconsistent (autoclear bit 0 is clear)' };
+  if (h.size !== virtualSize) return { unmapped: `its size is ${h.size} bytes, not the ${virtualSize} inspected` };
+  const clusterSize = 2 ** h.clusterBits;
+  const dir = await findDirectory(read, h.headerLength, clusterSize);
+  if (isUnmapped(dir)) return dir;
+  if (dir.count < 1 || dir.count > MAX_BITMAPS || dir.size > MAX_DIRECTORY_BYTES) return { unmapped: `a bitmap directory of ${dir.count} entries in ${dir.size} bytes` };
+  if (dir.offset % clusterSize !== 0 || dir.offset + dir.size > fileSize) return { unmapped: 'the bitmap directory lies outside the file' };
+  const entries = await readExactly(read, dir.offset, dir.size, 'the bitmap directory');
+  if (isUnmapped(entries)) return entries;
+
+  let found: { tableOffset: number; tableSize: number; flags: number; type: number; granularityBits: number; extra: number } | undefined;
+  let at = 0;
+  for (let i = 0; i < dir.count; i++) {
+    if (at + 24 > entries.length) return { unmapped: 'the bitmap directory is shorter than its entries' };
+    const nameSize = entries.readUInt16BE(at + 18);
+    const extra = entries.readUInt32BE(at + 20);
+    const end = at + 24 + extra + nameSize;
+    if (nameSize === 0 || nameSize > MAX_NAME_BYTES || end > entries.length) return { unmapped: `bitmap directory entry ${i} is malformed` };
+    if (entries.toString('utf8', at + 24 + extra, end) === name) {
+      if (found) return { unmapped: `two bitmaps are named "${name}"` };
+      const tableOffset = u64(entries, at);
+      if (tableOffset === undefined) return { unmapped: `bitmap "${name}" has a field out of range` };
+      found = { tableOffset, tableSize: entries.readUInt32BE(at + 8), flags: entries.readUInt32BE(at + 12), type: entries[at + 16]!, granularityBits: entries[at + 17]!, extra };
+    }
+    at = end + ((8 - (end % 8)) % 8);
+  }
+  if (!found) return { unmapped: `it has no bitmap named "${name}"` };
+  const b = found;
+  if (b.flags & FLAG_IN_USE) return { unmapped: `bitmap "${name}" is in use: a QEMU that had the image open did not store it` };
+  if (!(b.flags & FLAG_AUTO)) return { unmapped: `bitmap "${name}" is disabled` };
+  if (b.flags & ~(FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE)) return { unmapped: `bitmap "${name}" has unknown flags 0x${b.flags.toString(16)}` };
+  if (b.type !== 1) return { unmapped: `bitmap "${name}" is of type ${b.type}, not a dirty tracking bitmap` };
+  if (b.extra !== 0 && !(b.flags & FLAG_EXTRA_DATA_COMPATIBLE)) return { unmapped: `bitmap "${name}" has extra data that must not be ignored` };
+  if (b.granularityBits < 9 || b.granularityBits > 31) return { unmapped: `bitmap "${name}" has granularity bits ${b.granularityBits}` };
+  const granularity = 2 ** b.granularityBits;
+  const bits = Math.ceil(virtualSize / granularity);
+  const clusterBits = clusterSize * 8;
+  const expected = Math.ceil(bits / clusterBits);
+  if (b.tableSize !== expected) return { unmapped: `bitmap "${name}" has ${b.tableSize} table entries where the disk needs ${expected}` };
+  if (b.tableSize > MAX_TABLE_ENTRIES) return { unmapped: `bitmap "${name}" has ${b.tableSize} table entries` };
+  if (b.tableOffset % clusterSize !== 0 || b.tableOffset + b.tableSize * 8 > fileSize) return { unmapped: `the table of bitmap "${name}" lies outside the file` };
+  const table = await readExactly(read, b.tableOffset, b.tableSize * 8, `the table of bitmap "${name}"`);
+  if (isUnmapped(table)) return table;
+
+  /** Per data cluster: its offset in the file, or ZEROS / ONES for an unallocated one. */
+  const places = new Float64Array(b.tableSize);
+  for (let i = 0; i < b.tableSize; i++) {
+    const hi = table.readUInt32BE(i * 8);
+    const lo = table.readUInt32BE(i * 8 + 4);
+    if ((hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0) return { unmapped: `the table of bitmap "${name}" has reserved bits set` };
+    const offset = (hi & 0x00ffffff) * 2 ** 32 + ((lo & 0xfffffe00) >>> 0);
+    if (offset === 0) {
+      places[i] = lo & 1 ? ONES : ZEROS;
+      continue;
+    }
+    if (lo & 1 || offset % clusterSize !== 0 || offset + clusterSize > fileSize) return { unmapped: `the table of bitmap "${name}" names a cluster outside the file` };
+    places[i] = offset;
+  }
+  return new FileBitmap(read, granularity, bits, clusterSize, places);
+}
+
+const ZEROS = -1;
+const ONES = -2;
+
+class FileBitmap implements DirtyBitmap {
+  private cached: { index: number; data: Buffer } | undefined;
+
+  constructor(
+    private readonly read: ReadAt,
+    readonly granularity: number,
+    private readonly bits: number,
+    private readonly clusterSize: number,
+    private readonly places: Float64Array,
+  ) {}
+
+  async dirty(offset: number, length: number): Promise<{ offset: number; length: number }[]> {
+    const out: { offset: number; length: number }[] = [];
+    if (length <= 0) return out;
+    const end = offset + length;
+    const first = Math.floor(offset / this.granularity);
+    const last = Math.min(this.bits, Math.ceil(end / this.granularity));
+    const perCluster = this.clusterSize * 8;
+    const add = (fromBit: number, toBit: number) => {
+      const from = Math.max(offset, fromBit * this.granularity);
+      const to = Math.min(end, toBit * this.granularity);
+      if (to <= from) return;
+      const prev = out[out.length - 1];
+      if (prev && prev.offset + prev.length === from) prev.length += to - from;
+      else out.push({ offset: from, length: to - from });
+    };
+    for (let bit = first; bit < last;) {
+      const index = Math.floor(bit / perCluster);
+      const clusterEnd = Math.min(last, (index + 1) * perCluster);
+      const place = this.places[index]!;
+      if (place === ONES) {
+        add(bit, clusterEnd);
+        bit = clusterEnd;
+        continue;
+      }
+      if (place === ZEROS) {
+        bit = clusterEnd;
+        continue;
+      }
+      const data = await this.cluster(index, place);
+      let runStart = -1;
+      for (; bit < clusterEnd; bit++) {
+        const inCluster = bit - index * perCluster;
+        const byte = data[inCluster >> 3]!;
+        // A byte of zeros skips eight bits at once (most of a bitmap is clean).
+        if (byte === 0 && (inCluster & 7) === 0 && runStart < 0 && bit + 8 <= clusterEnd) {
+          bit += 7;
+          continue;
+        }
+        const set = (byte >> (inCluster & 7)) & 1;
+        if (set && runStart < 0) runStart = bit;
+        else if (!set && runStart >= 0) {
+          add(runStart, bit);
+          runStart = -1;
+        }
+      }
+      if (runStart >= 0) add(runStart, clusterEnd);
+    }
+    return out;
+  }
+
+  private async cluster(index: number, place: number): Promise<Buffer> {
+    if (this.cached?.index === index) return this.cached.data;
+    const data = await this.read(place, this.clusterSize);
+    if (data.length !== this.clusterSize) throw new Error(`a data cluster of the dirty bitmap at byte ${place} runs past the end of the file`);
+    this.cached = { index, data };
+    return data;
+  }
+}
