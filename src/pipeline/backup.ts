@@ -65,6 +65,11 @@ export interface FrozenDisk extends NamedDisk {
    * driver's `close()` stops its server.
    */
   connect?: () => Promise<NbdClient>;
+  /**
+   * Called after each read of this disk: throws when what was read may no longer be the
+   * instant's (a disk read without a snapshot, which the driver checks is still unwritten).
+   */
+  verifyRead?: () => Promise<void>;
 }
 
 /** What the pipeline needs of a backup besides the frozen disks. */
@@ -313,9 +318,18 @@ async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' 
     const exp = await viaQemu();
     return { extents: (at, n) => exp.client.extents(at, n), readInto: (at, into) => exp.client.readInto(at, into), close: () => exp.close() };
   };
-  const client = () => (opened ??= open());
+  const checked = async (): Promise<BlockReader> => {
+    const r = await open();
+    const verify = disk.verifyRead;
+    if (!verify) return r;
+    return { extents: (at, n) => r.extents(at, n), readInto: async (at, into) => { await r.readInto(at, into); await verify(); }, close: () => r.close() };
+  };
+  const client = () => (opened ??= checked());
   try {
-    return await readChunks({ ...o, client, size: disk.virtualSize, ...(disk.changes ? { changes: disk.changes } : {}) });
+    const ids = await readChunks({ ...o, client, size: disk.virtualSize, ...(disk.changes ? { changes: disk.changes } : {}) });
+    // Once more at the end: what was taken from the disk's allocation map (zeros) is covered too.
+    if (opened && disk.verifyRead) await disk.verifyRead();
+    return ids;
   } finally {
     if (opened) await (await opened.catch(() => undefined))?.close();
   }

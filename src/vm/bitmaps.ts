@@ -20,7 +20,10 @@ export interface VmvaultBitmap extends DiskBitmap {
   disk: string;
   /** Tag of the repository it belongs to (first 8 hex digits of the repository id); absent for names from before tags (`vmvault-<backup id>`). */
   tag?: string;
-  /** The backup that added it: the repository's newest backup of this disk, while the bitmap is current. */
+  /**
+   * The backup that added it. While the bitmap is current, the repository's newest backup
+   * of this disk records it: that backup, or a later one that found the disk unchanged.
+   */
   backupId?: string;
 }
 

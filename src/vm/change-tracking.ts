@@ -153,12 +153,12 @@ export function bitmapExport(d: NamedDisk, since: string, snapshot: string, expo
 
 /**
  * The changes of a disk no VM has open, from bitmap `since` read out of the image file
- * itself (src/disk/qcow2-bitmap.ts): no qemu-nbd is started, and the pipeline reads
- * the snapshot from the file too. `why` when the bitmap cannot be read with certainty
- * here; the caller then serves it through qemu-nbd (bitmapExport). `close` releases
- * the file once the backup has read everything.
+ * itself (src/disk/qcow2-bitmap.ts, whole, into memory): no qemu-nbd is started, and the
+ * pipeline reads the snapshot from the file too. `clean`: nothing was written since the
+ * bitmap was added. `why` when the bitmap cannot be read with certainty here; the caller
+ * then serves it through qemu-nbd (bitmapExport).
  */
-export async function bitmapFromFile(d: NamedDisk, since: string): Promise<{ changes: ChangedBlocks; close(): Promise<void> } | { why: string }> {
+export async function bitmapFromFile(d: NamedDisk, since: string): Promise<{ changes: ChangedBlocks; clean: boolean } | { why: string }> {
   let fh: fs.FileHandle;
   try {
     // Non-blocking: something other than a regular file at the path is refused, never waited on.
@@ -168,13 +168,14 @@ export async function bitmapFromFile(d: NamedDisk, since: string): Promise<{ cha
   }
   try {
     const st = await fh.stat();
-    if (!st.isFile()) throw new Error('it is not a regular file');
+    if (!st.isFile()) return { why: 'it is not a regular file' };
     const bitmap = await openQcow2Bitmap(fileReader(fh), st.size, d.virtualSize, since);
-    if ('unmapped' in bitmap) throw new Error(bitmap.unmapped);
-    return { changes: { previous: d.previous!.entry.chunks, dirty: (offset, length) => bitmap.dirty(offset, length) }, close: () => fh.close() };
+    if ('unmapped' in bitmap) return { why: bitmap.unmapped };
+    return { changes: { previous: d.previous!.entry.chunks, dirty: (offset, length) => bitmap.dirty(offset, length) }, clean: bitmap.clean };
   } catch (err) {
-    await fh.close();
     return { why: (err as Error).message };
+  } finally {
+    await fh.close();
   }
 }
 

@@ -7,7 +7,7 @@
  * is refused by the inspection's lock probe).
  */
 import { randomBytes } from 'node:crypto';
-import { errorMessage } from '../errors.js';
+import { VmvaultError, errorMessage } from '../errors.js';
 import { bitmapChange, snapshotCreate, snapshotDelete } from '../disk/qemu.js';
 import type { NbdClient } from '../disk/nbd.js';
 import { prepareExports, retryIfOrphansHeld } from '../disk/qemu-nbd.js';
@@ -38,7 +38,7 @@ export interface FreezeOptions extends AuditPolicy { repoId: string; backupId: s
 export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
   const taken: Taken[] = [];
-  // What serves the changes: a qemu-nbd of a bitmap, or the image file its bitmap is read from.
+  // The qemu-nbd exports that serve bitmaps the image file could not give with certainty.
   const exports: { close(): Promise<void> }[] = [];
   let recovered = 0;
   let dropped: Promise<void> | undefined;
@@ -82,6 +82,22 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
 async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: { close(): Promise<void> }[]): Promise<Taken> {
   const decision = withAudit(d, decide(d, { fullRead: opts.fullRead }), opts);
+  // Nothing written since the previous backup (its bitmap, read from the file, is clean):
+  // there is nothing to read, so no snapshot is taken, and that bitmap goes on counting
+  // for the next backup (it holds the changes since an instant whose content this backup
+  // records again). An image no VM has open cannot change in between: a QEMU that opens
+  // it marks the bitmap in use, which the next backup sees.
+  if (decision.mode === 'incremental' && decision.since && !decision.audit && await bitmapClean(d, decision.since)) {
+    const reason = `unchanged since backup ${d.previous!.backupId.slice(0, 12)} (bitmap ${decision.since} is clean)`;
+    const since = decision.since;
+    // A chunk storage lacks is read from the image itself (which heals it): the bitmap, still
+    // clean and not in use after the read, proves nothing wrote to the image meanwhile.
+    const verifyRead = async () => {
+      if (await bitmapClean(d, since)) return;
+      throw new VmvaultError('QEMU', `${d.path} was written to while this backup read it (it had found the disk unchanged and took no snapshot): run the backup again`, { retriable: true });
+    };
+    return { disk: tracked(d, { ...decision, reason }, unchanged(d), { bitmap: since, verifyRead }) };
+  }
   const newBitmap = bitmapName(opts.repoId, opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {
@@ -97,6 +113,12 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
   };
 }
 
+/** Whether bitmap `since` of the image file marks nothing written (false when it cannot be read with certainty). */
+async function bitmapClean(d: NamedDisk, since: string): Promise<boolean> {
+  const fromFile = await bitmapFromFile(d, since);
+  return 'clean' in fromFile && fromFile.clean;
+}
+
 /**
  * The changes since bitmap `since`: read from the image file where its bitmap can be
  * read with certainty (no process started; the snapshot is then read from the file
@@ -104,10 +126,7 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
  */
 async function changesSince(d: NamedDisk, since: string, snapshot: string, open: { close(): Promise<void> }[]): Promise<{ changes: ChangedBlocks; connect?: () => Promise<NbdClient> }> {
   const fromFile = await bitmapFromFile(d, since);
-  if ('changes' in fromFile) {
-    open.push(fromFile);
-    return { changes: fromFile.changes };
-  }
+  if ('changes' in fromFile) return { changes: fromFile.changes };
   prepareExports();
   return bitmapExport(d, since, snapshot, open);
 }

@@ -31,7 +31,7 @@ async function fromFile(file: string, name: string, size: number): Promise<Dirty
     if ('unmapped' in b) return b;
     // Read it all now, while the file is open.
     const all = await b.dirty(0, size);
-    return { granularity: b.granularity, dirty: async (o, l) => all.flatMap((r) => {
+    return { granularity: b.granularity, clean: b.clean, dirty: async (o, l) => all.flatMap((r) => {
       const from = Math.max(o, r.offset);
       const to = Math.min(o + l, r.offset + r.length);
       return to > from ? [{ offset: from, length: to - from }] : [];
@@ -87,6 +87,7 @@ describe('dirty bitmaps read from the qcow2 file', () => {
       const clean = await fromFile(img, 'b', size);
       assert.ok(!('unmapped' in clean), 'unmapped' in clean ? clean.unmapped : '');
       assert.deepEqual(await clean.dirty(0, size), []);
+      assert.equal(clean.clean, true);
       // Writes of every shape: tiny, spanning granules, at both ends, and one across a bitmap data cluster's edge.
       const writes = [[0, 512], [size - 4096, 4096], [3 * MiB + 100, 70 * KiB], [Math.floor(size / 2), 2 * MiB]];
       for (let i = 0; i < 12; i++) writes.push([randomInt(0, size - MiB), randomInt(1, 300 * KiB)]);
@@ -157,6 +158,34 @@ describe('dirty bitmaps read from the qcow2 file', () => {
     await writeFile(img, cleared);
     const stale = await fromFile(img, 'b', 64 * MiB);
     assert.ok('unmapped' in stale && /inconsistent/.test(stale.unmapped), JSON.stringify(stale));
+  });
+
+  it('bitmaps stored again while one is read (a QEMU program closing the image) are noticed: refused, never read as clean', async () => {
+    const size = 8 * GiB;
+    const img = await create(dir.path, 'moved.qcow2', size, 4 * KiB);
+    await execa('qemu-img', ['bitmap', '--add', '-g', '65536', '-f', 'qcow2', img, 'b']);
+    await qemuIo(img, 'qcow2', [0, 2, 4, 6].map((g) => `write -P 9 ${g * GiB + MiB} 64k`));
+    const fh = await open(img, 'r');
+    try {
+      const plain = fileReader(fh);
+      let reads = 0;
+      // Between reading the table and the first data cluster, another repository's backup adds its bitmap:
+      // qemu-img stores every bitmap to new clusters and frees the old ones.
+      const racing = async (at: number, length: number) => {
+        if (++reads === 5) await execa('qemu-img', ['bitmap', '--add', '-f', 'qcow2', img, 'other']);
+        return plain(at, length);
+      };
+      const b = await openQcow2Bitmap(racing, (await fh.stat()).size, size, 'b');
+      assert.ok('unmapped' in b, 'the bitmap was not refused');
+      assert.match(b.unmapped, /changed while bitmap "b" was read/);
+    } finally {
+      await fh.close();
+    }
+    // Read again, afterwards, it is whole and agrees with qemu.
+    const again = await fromFile(img, 'b', size);
+    assert.ok(!('unmapped' in again), 'unmapped' in again ? again.unmapped : '');
+    assert.deepEqual(await again.dirty(0, size), await fromQemu(img, 'b', size));
+    assert.equal(again.clean, false);
   });
 
   it('bitmapFromFile refuses what is not a regular file without waiting on it', async () => {

@@ -101,6 +101,52 @@ describe('image driver: the snapshot goes once everything is read', () => {
     assert.ok(cmp.identical, cmp.output);
   });
 
+  it('an unchanged disk is backed up without a snapshot or a new bitmap: the clean bitmap goes on counting, and the next change is caught', async () => {
+    const img = await makeImage(dir.path, 'same.qcow2', 'qcow2', 16 * MiB, [{ offset: 2 * MiB, length: 5 * MiB, pattern: 0x61 }]);
+    const first = await backupVm(repo, { vm: 'same', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+    const tracking = first.manifest.disks[0]!.bitmap!;
+    let atCommit: { snapshots: string[]; bitmaps: string[] } | undefined;
+    const second = await backupVm(repo, {
+      vm: 'same', driver: 'image', disks: [{ path: img, format: 'qcow2' }],
+      beforeCommit: async () => { atCommit = await infoOf(img); },
+    });
+    const entry = second.manifest.disks[0]!;
+    assert.equal(entry.mode, 'incremental');
+    assert.match(entry.reason ?? '', /unchanged since backup .* is clean/);
+    assert.equal(entry.bitmap, tracking, 'the first backup\'s bitmap is the one that counts on');
+    assert.deepEqual(ours(atCommit!.snapshots), [], 'no snapshot was taken');
+    assert.deepEqual(ours(atCommit!.bitmaps), [tracking], 'no bitmap was added');
+    assert.deepEqual(ours(await bitmapsOf(img)), [tracking]);
+    assert.equal(second.manifest.stats.bytesRead, 0);
+    assert.deepEqual(entry.chunks, first.manifest.disks[0]!.chunks);
+
+    // A write after it is counted by that bitmap: the next backup reads it.
+    await qemuIo(img, 'qcow2', ['write -P 0x62 9M 64k']);
+    const third = await backupVm(repo, { vm: 'same', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+    assert.equal(third.manifest.disks[0]!.mode, 'incremental');
+    assert.ok(third.manifest.stats.bytesRead > 0);
+    assert.notEqual(third.manifest.disks[0]!.bitmap, tracking, 'a changed disk moves tracking to a new bitmap');
+    const out = path.join(dir.path, 'out-same');
+    await restore(repo, { backupId: third.manifest.id, to: out, format: 'raw' });
+    const cmp = await compareImages(img, path.join(out, 'same.raw'), 'qcow2', 'raw');
+    assert.ok(cmp.identical, cmp.output);
+  });
+
+  it('a disk read without a snapshot refuses what was read once the image was written meanwhile', async () => {
+    const img = await makeImage(dir.path, 'raced.qcow2', 'qcow2', 8 * MiB, [{ offset: 0, length: 4 * MiB, pattern: 0x71 }]);
+    await backupVm(repo, { vm: 'raced', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+    const pit = await openImages(repo, { vm: 'raced', disks: [{ path: img, format: 'qcow2' }] }, newBackupId());
+    try {
+      const d = pit.disks[0]!;
+      assert.equal(d.snapshot, undefined, 'unchanged: no snapshot');
+      await d.verifyRead!(); // nothing written yet
+      await qemuIo(img, 'qcow2', ['write -P 0x72 1M 4k']);
+      await assert.rejects(d.verifyRead!(), /was written to while this backup read it/);
+    } finally {
+      await pit.close(false);
+    }
+  });
+
   it('a backup that fails after reading still gives everything back: no snapshot, and its new bitmap removed', async () => {
     const img = await makeImage(dir.path, 'fail.qcow2', 'qcow2', 8 * MiB, [{ offset: MiB, length: 2 * MiB, pattern: 0x41 }]);
     await assert.rejects(backupVm(repo, {
