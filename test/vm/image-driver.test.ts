@@ -34,6 +34,13 @@ const bitmapsOf = async (file: string) => (await infoOf(file)).bitmaps;
 
 const ours = (names: string[]) => names.filter((n) => n.startsWith('vmvault-'));
 
+/** Restores `backupId` into `out` as `format` and compares the disk with `img`. */
+async function restoresIdentical(repo: Repository, backupId: string, img: string, out: string, format: 'qcow2' | 'raw'): Promise<void> {
+  await restore(repo, { backupId, to: out, format });
+  const cmp = await compareImages(img, path.join(out, `${path.basename(img, '.qcow2')}.${format}`), 'qcow2', format);
+  assert.ok(cmp.identical, cmp.output);
+}
+
 describe('image driver: the snapshot goes once everything is read', () => {
   let dir: TempDir;
   let repo: Repository;
@@ -66,10 +73,7 @@ describe('image driver: the snapshot goes once everything is read', () => {
     assert.deepEqual(ours((await snapshotList(img)).map((s) => s.name)), []);
     assert.deepEqual(ours(await bitmapsOf(img)), [bitmap]);
 
-    const out = path.join(dir.path, 'out');
-    await restore(repo, { backupId: r.manifest.id, to: out, format: 'qcow2' });
-    const cmp = await compareImages(img, path.join(out, 'root.qcow2'), 'qcow2', 'qcow2');
-    assert.ok(cmp.identical, cmp.output);
+    await restoresIdentical(repo, r.manifest.id, img, path.join(dir.path, 'out'), 'qcow2');
   });
 
   it('an incremental reads the changes from the bitmap in the image file, starting no qemu-nbd, and restores identical', async () => {
@@ -95,10 +99,7 @@ describe('image driver: the snapshot goes once everything is read', () => {
     // others, the rest never written); chunks 0 and 2, data the bitmap calls clean, came from the first backup.
     assert.equal(second.manifest.stats.chunksUnchanged, 2);
     assert.equal(second.manifest.stats.bytesRead, 6 * MiB);
-    const out = path.join(dir.path, 'out-inc');
-    await restore(repo, { backupId: second.manifest.id, to: out, format: 'qcow2' });
-    const cmp = await compareImages(img, path.join(out, 'inc.qcow2'), 'qcow2', 'qcow2');
-    assert.ok(cmp.identical, cmp.output);
+    await restoresIdentical(repo, second.manifest.id, img, path.join(dir.path, 'out-inc'), 'qcow2');
   });
 
   it('an unchanged disk is backed up without a snapshot or a new bitmap: the clean bitmap goes on counting, and the next change is caught', async () => {
@@ -126,10 +127,7 @@ describe('image driver: the snapshot goes once everything is read', () => {
     assert.equal(third.manifest.disks[0]!.mode, 'incremental');
     assert.ok(third.manifest.stats.bytesRead > 0);
     assert.notEqual(third.manifest.disks[0]!.bitmap, tracking, 'a changed disk moves tracking to a new bitmap');
-    const out = path.join(dir.path, 'out-same');
-    await restore(repo, { backupId: third.manifest.id, to: out, format: 'raw' });
-    const cmp = await compareImages(img, path.join(out, 'same.raw'), 'qcow2', 'raw');
-    assert.ok(cmp.identical, cmp.output);
+    await restoresIdentical(repo, third.manifest.id, img, path.join(dir.path, 'out-same'), 'raw');
   });
 
   it('a disk read without a snapshot refuses what was read once the image was written meanwhile', async () => {
