@@ -252,7 +252,7 @@ export class LocalStorage implements Storage {
       try {
         direct = await open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT);
       } catch (err) {
-        // tmpfs and some others refuse the flag at open (EINVAL): not asked again. No /proc: this write only.
+        // ramfs (and tmpfs before Linux 6.6) refuse the flag at open (EINVAL): not asked again. No /proc: this write only.
         if (errnoCode(err) === 'EINVAL') this.directRefused = true;
       }
       if (direct) {
