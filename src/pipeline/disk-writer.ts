@@ -5,11 +5,11 @@
  * its layout. Either way the new image reads as zeros and is allocated nowhere, so a
  * restore that writes only the data runs of its chunks comes back sparse.
  */
-import { constants } from 'node:fs';
 import { chmod, open, type FileHandle } from 'node:fs/promises';
 import { VmvaultError, errnoCode } from '../errors.js';
 import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
 import { copyBytes } from '../bytes.js';
+import { DIRECT_ALIGN, openDirect, writeAll } from '../storage/local.js';
 
 /**
  * A new disk image being filled. Writes may be in flight together but never overlap,
@@ -54,7 +54,11 @@ async function rawFileWriter(file: string, virtualSize: number, useDirect: boole
   let direct: FileHandle | undefined;
   try {
     await fh.truncate(virtualSize); // sparse: no block is allocated until data is written
-    direct = useDirect ? await openDirect(fh) : undefined;
+    // O_DIRECT: the data goes from the slot (or a staging buffer) to the device, not through
+    // the page cache, as qemu-nbd's --cache=none does (on this kind of host, a buffered write
+    // of a whole disk and the fdatasync after it took about twice as long). Where the file
+    // system refuses it, or /proc is missing: buffered.
+    direct = useDirect ? await openDirect(fh).catch(() => undefined) : undefined;
   } catch (err) {
     await fh.close();
     throw err;
@@ -123,21 +127,8 @@ async function rawFileWriter(file: string, virtualSize: number, useDirect: boole
   };
 }
 
-/**
- * O_DIRECT: the data goes from the staging buffer to the device, not through the page
- * cache, as qemu-nbd's --cache=none does (on this kind of host, a buffered write of a
- * whole disk and the fdatasync after it took about twice as long). The same file is
- * opened again through /proc/self/fd, never by its name, so nothing can be swapped in
- * between. Undefined where O_DIRECT is refused (some filesystems) or /proc is missing: buffered then.
- */
-async function openDirect(fh: FileHandle): Promise<FileHandle | undefined> {
-  return open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
-}
-
 /** Bytes written between the fdatasyncs a raw restore starts as it goes. */
 const SYNC_EVERY = 128 * 1024 * 1024;
-/** O_DIRECT needs memory, offsets and lengths aligned to the device's block size: 4 KiB covers them all. */
-const DIRECT_ALIGN = 4096;
 const SLOT_SIZE = 1024 * 1024;
 const SLOTS = 8;
 /** The one WebAssembly class used here (the project's "lib" setting declares none). */
@@ -165,14 +156,6 @@ class Staging {
       if (next) next(slot);
       else this.free.push(slot);
     }
-  }
-}
-
-async function writeAll(fh: FileHandle, data: Uint8Array, position: number): Promise<void> {
-  for (let done = 0; done < data.length;) {
-    const { bytesWritten } = await fh.write(data, done, data.length - done, position + done);
-    if (bytesWritten === 0) throw new Error(`writing a restored disk at byte ${position + done} made no progress`);
-    done += bytesWritten;
   }
 }
 

@@ -13,7 +13,7 @@ import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
 import { tooLarge, type GetOptions, type Storage } from './storage.js';
 
 /** O_DIRECT needs memory, offsets and lengths aligned to the device's block size: 4 KiB covers them all. */
-const DIRECT_ALIGN = 4096;
+export const DIRECT_ALIGN = 4096;
 /** Smaller objects (manifests, index objects, locks) are not worth a second descriptor. */
 const DIRECT_MIN_BYTES = 256 * 1024;
 const BUFFERED_PIECE = 512 * 1024;
@@ -250,20 +250,17 @@ export class LocalStorage implements Storage {
     if (aligned > 0) {
       let direct: FileHandle | undefined;
       try {
-        direct = await open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT);
+        direct = await openDirect(fh);
       } catch (err) {
         // ramfs (and tmpfs before Linux 6.6) refuse the flag at open (EINVAL): not asked again. No /proc: this write only.
         if (errnoCode(err) === 'EINVAL') this.directRefused = true;
       }
       if (direct) {
         try {
-          while (done < aligned) {
-            const { bytesWritten } = await direct.write(data, done, aligned - done, done);
-            if (bytesWritten === 0) break;
-            done += bytesWritten;
-          }
+          await writeAll(direct, data.subarray(0, aligned), 0);
+          done = aligned;
         } catch (err) {
-          // EINVAL: memory not page-aligned (not a slot), or a write the file system refuses; nothing of it was written.
+          // EINVAL: memory not page-aligned (not a slot), or a write the file system refuses: all of it through the page cache.
           if (errnoCode(err) !== 'EINVAL') throw err;
         } finally {
           // Its writes are the file's: the fsync below makes them durable or fails.
@@ -272,11 +269,7 @@ export class LocalStorage implements Storage {
       }
     }
     // The rest through the page cache, at most 512 KiB per write as FileHandle.writeFile does.
-    while (done < data.length) {
-      const { bytesWritten } = await fh.write(data, done, Math.min(BUFFERED_PIECE, data.length - done), done);
-      if (bytesWritten === 0) throw new Error(`a write at byte ${done} of ${data.length} made no progress`);
-      done += bytesWritten;
-    }
+    await writeAll(fh, data.subarray(done), done, BUFFERED_PIECE);
   }
 
   /** Opens a new temporary file, creating its directory (and parents) when missing. */
@@ -346,6 +339,24 @@ export async function writeNewFileSynced(file: string, data: string | Uint8Array
     await fh.sync();
   } finally {
     await fh.close();
+  }
+}
+
+/**
+ * The file of `fh` opened again for writing with O_DIRECT, through /proc/self/fd: never
+ * by its name, so nothing can be swapped in between. Rejects where the file system
+ * refuses the flag (EINVAL) or /proc is missing.
+ */
+export function openDirect(fh: FileHandle): Promise<FileHandle> {
+  return open(`/proc/self/fd/${fh.fd}`, constants.O_WRONLY | constants.O_DIRECT);
+}
+
+/** Writes all of `data` at `position`, at most `piece` bytes per write call. */
+export async function writeAll(fh: FileHandle, data: Uint8Array, position: number, piece = data.length): Promise<void> {
+  for (let done = 0; done < data.length;) {
+    const { bytesWritten } = await fh.write(data, done, Math.min(piece, data.length - done), position + done);
+    if (bytesWritten === 0) throw new Error(`a write at byte ${position + done} made no progress`);
+    done += bytesWritten;
   }
 }
 
