@@ -157,6 +157,20 @@ export async function nameDisks(repo: Repository, vm: string, disks: BackupDisk[
   });
 }
 
+/** How many chunks a backup with `req` processes at once: by default what the repository's storage asks for. */
+function chunksInFlight(repo: Repository, req: Pick<BackupOptions, 'inFlight'>): number {
+  return req.inFlight ?? repo.storage.chunksInFlight ?? DEFAULT_CHUNKS_IN_FLIGHT;
+}
+
+/**
+ * Has `pool` make ready the slots a backup with `req` holds at once: one per chunk in
+ * flight, and a second for each chunk being sealed (ChunkPool.warm; it starts the threads too).
+ */
+export function readySlots(repo: Repository, req: Pick<BackupOptions, 'inFlight'>, pool: ChunkPool): Promise<void> {
+  const inFlight = chunksInFlight(repo, req);
+  return pool.warm(inFlight + Math.min(inFlight, pool.threads));
+}
+
 /** Reads, chunks and commits the frozen disks of one point in time. */
 export async function backup(repo: Repository, req: BackupRequest): Promise<BackupResult> {
   const started = Date.now();
@@ -174,10 +188,11 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const lease = req.chunkPool?.() ?? ownPool(repo.workerInit());
   const pool = lease.pool;
   // A disk that will be read (in full, or where its bitmap says): the threads start while
-  // the index loads and the disk's export starts. Only a raw image found unchanged reads nothing for sure.
-  // Its slots too: one per chunk in flight, and a second for each chunk being sealed (pool.ts).
-  const inFlight = req.inFlight ?? repo.storage.chunksInFlight ?? DEFAULT_CHUNKS_IN_FLIGHT;
-  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void pool.warm(inFlight + Math.min(inFlight, pool.threads));
+  // the index loads and the disk's export starts, and make their slots ready (a driver's
+  // caller may have asked already, while the point in time was taken: backupVm).
+  // Only a raw image found unchanged reads nothing for sure.
+  const inFlight = chunksInFlight(repo, req);
+  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void readySlots(repo, req, pool);
   const disks: DiskEntry[] = [];
   let known: Awaited<ReturnType<Repository['chunkIndex']>>;
   try {

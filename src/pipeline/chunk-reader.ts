@@ -141,41 +141,36 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
   // VM and disk onwards and wrapped around: backups of clones that start together (one
   // schedule, many hosts) then upload different parts first and find the rest stored by
   // the others, instead of reading the same chunk at the same moment and both uploading it.
+  //
+  // And from two places at once: the first half of the windows, in that order, and the
+  // second half, a chunk of each in turn. Parts of a disk differ in what they cost:
+  // text and binaries are CPU for zstd and little to write, random or already compressed
+  // data is little CPU and all of it to write. Read one part after the other and the
+  // cores wait on the storage through one, the storage on the cores through the other;
+  // read two and both stay busy. The benchmark's second image (400 MiB random, then
+  // 300 MiB text, a window apart): full backup 2.70–3.01 s against 2.95–3.39 s, 6 of 6
+  // pairs faster. Each half is still read in order, and a half with nothing to read
+  // leaves the other to go on alone.
   const windows = Math.ceil(size / STATUS_WINDOW);
   const firstWindow = o.startAt && windows ? o.startAt(windows) : 0;
-  for (let w = 0; w < windows && window.ok; w++) {
-    const start = ((firstWindow + w) % windows) * STATUS_WINDOW;
-    const end = Math.min(size, start + STATUS_WINDOW);
-    const changed = changes ? await changes.dirty(start, end - start) : undefined;
-    if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
-    const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
-    const dirty = changed ? new RangeCursor(changed) : undefined;
-    const toRead: ChunkPlan[] = [];
-    for (const plan of plans) {
-      if (dirty && !dirty.meets(plan.offset, plan.length)) {
-        // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
-        // chunk (collected, or quarantined as damaged): then it is read, which also heals it.
-        const prev = changes!.previous[plan.index] ?? null;
-        if (audit) {
-          expected.set(plan.index, prev);
-        } else if (reusable(prev)) {
-          takePrevious(plan.index, prev, plan.length);
+  const half = Math.ceil(windows / 2);
+  const streams = [planWindows(0, half), planWindows(half, windows)];
+  try {
+    while (streams.length > 0 && window.ok) {
+      for (let s = 0; s < streams.length && window.ok;) {
+        const next = await streams[s]!.next();
+        if (next.done) {
+          streams.splice(s, 1);
           continue;
         }
+        signal?.throwIfAborted();
+        const plan = next.value;
+        await window.add(() => one(plan));
+        s++;
       }
-      if (plan.data.length === 0) {
-        stats.chunksZero++;
-        meter.add(plan.length);
-        continue;
-      }
-      toRead.push(plan);
     }
-    const first = o.startAt && toRead.length ? o.startAt(toRead.length) : 0;
-    for (let i = 0; i < toRead.length; i++) {
-      signal?.throwIfAborted();
-      const plan = toRead[(first + i) % toRead.length]!;
-      await window.add(() => one(plan));
-    }
+  } finally {
+    for (const stream of streams) await stream.return(undefined);
   }
   await window.drain();
   if (audit) {
@@ -185,6 +180,40 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     }
   }
   return ids;
+
+  /** The chunks to read in windows [from, to) of the reading order, window by window (each asked about when reached). */
+  async function* planWindows(from: number, to: number): AsyncGenerator<ChunkPlan, void, undefined> {
+    for (let w = from; w < to && window.ok; w++) {
+      const start = ((firstWindow + w) % windows) * STATUS_WINDOW;
+      const end = Math.min(size, start + STATUS_WINDOW);
+      const changed = changes ? await changes.dirty(start, end - start) : undefined;
+      if (changed?.length === 0 && !audit && takeUnchanged(changes!.previous, start, end)) continue;
+      const plans = planChunks(await (await client()).extents(start, end - start), start, end, chunkSize);
+      const dirty = changed ? new RangeCursor(changed) : undefined;
+      const toRead: ChunkPlan[] = [];
+      for (const plan of plans) {
+        if (dirty && !dirty.meets(plan.offset, plan.length)) {
+          // Unchanged since the previous backup: its chunk id stands, unless storage lacks that
+          // chunk (collected, or quarantined as damaged): then it is read, which also heals it.
+          const prev = changes!.previous[plan.index] ?? null;
+          if (audit) {
+            expected.set(plan.index, prev);
+          } else if (reusable(prev)) {
+            takePrevious(plan.index, prev, plan.length);
+            continue;
+          }
+        }
+        if (plan.data.length === 0) {
+          stats.chunksZero++;
+          meter.add(plan.length);
+          continue;
+        }
+        toRead.push(plan);
+      }
+      const first = o.startAt && toRead.length ? o.startAt(toRead.length) : 0;
+      for (let i = 0; i < toRead.length; i++) yield toRead[(first + i) % toRead.length]!;
+    }
+  }
 }
 
 /** Sorted, disjoint ranges asked about in increasing order: each range is looked at once. */

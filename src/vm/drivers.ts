@@ -4,7 +4,8 @@
  * for the contract every driver keeps).
  */
 import type { DRIVERS } from '../config/schema.js';
-import { backup, newBackupId, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
+import { backup, newBackupId, readySlots, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
+import { ownPool } from '../pipeline/pool.js';
 import type { Manifest } from '../repo/manifest.js';
 import type { Repository } from '../repo/repository.js';
 import { openImages } from './image-driver.js';
@@ -38,18 +39,34 @@ export type VmBackupResult = BackupResult & PointInTimeDetails;
  */
 export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<VmBackupResult> {
   const id = newBackupId();
-  const pit = await openPointInTime(repo, req.driver, req, id);
+  // The chunk threads make their slots ready while the point in time is taken, which is
+  // mostly waiting for qemu-img or the hypervisor: the pages would otherwise be faulted
+  // in on the data path (ChunkPool.warm). A backup of images all declared raw may read
+  // nothing (an unchanged file), and waits for backup() to know.
+  const lease = (req.chunkPool ?? (() => ownPool(repo.workerInit())))();
+  let handed = false;
+  const chunkPool = () => { handed = true; return lease; };
   let result: BackupResult | undefined;
   let failure: unknown;
+  let pit: PointInTime;
+  try {
+    if (!(req.driver === 'image' && req.disks.every((d) => d.format === 'raw'))) void readySlots(repo, req, lease.pool);
+    pit = await openPointInTime(repo, req.driver, req, id);
+  } catch (err) {
+    await lease.release();
+    throw err;
+  }
   // Read in full: the snapshot goes while the backup commits. Its failure is close()'s to report.
   const onRead = pit.read ? () => void pit.read!().catch(() => undefined) : undefined;
   try {
     result = await backup(repo, {
-      ...req, id, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles], ...(onRead ? { onRead } : {}),
+      ...req, id, disks: pit.disks, consistency: pit.consistency, configs: [...(req.configs ?? []), ...pit.configFiles], chunkPool, ...(onRead ? { onRead } : {}),
     });
   } catch (err) {
     failure = err;
   }
+  // backup() releases the pool it took; one that failed before taking it did not.
+  if (!handed) await lease.release().catch(() => undefined);
   try {
     await pit.close(result !== undefined);
   } catch (closeErr) {
