@@ -187,15 +187,15 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   const meter = new ProgressMeter('backup', req.disks.reduce((n, d) => n + d.virtualSize, 0), req.onProgress);
   const lease = req.chunkPool?.() ?? ownPool(repo.workerInit());
   const pool = lease.pool;
-  // A disk that will be read (in full, or where its bitmap says): the threads start while
-  // the index loads and the disk's export starts, and make their slots ready (a driver's
-  // caller may have asked already, while the point in time was taken: backupVm).
-  // Only a raw image found unchanged reads nothing for sure.
   const inFlight = chunksInFlight(repo, req);
-  if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void readySlots(repo, req, pool);
   const disks: DiskEntry[] = [];
   let known: Awaited<ReturnType<Repository['chunkIndex']>>;
   try {
+    // A disk that will be read (in full, or where its bitmap says): the threads start while
+    // the index loads and the disk's export starts, and make their slots ready (a driver's
+    // caller may have asked already, while the point in time was taken: backupVm).
+    // Only a raw image found unchanged reads nothing for sure.
+    if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void readySlots(repo, req, pool);
     // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
     // are left out: producing one uploads it again, which heals it (repo/health.ts).
     known = await repo.chunkIndex();
@@ -206,7 +206,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
         repo, pool, known, stats, meter, inFlight, startAt: startFor(req.vm, disk.name), ...(audit ? { audit } : {}), ...(req.signal ? { signal: req.signal } : {}),
       });
       disks.push({
-        ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.slice(0, MAX_AUDIT_OFFSETS) } } : {}),
+        ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.sort((a, b) => a - b).slice(0, MAX_AUDIT_OFFSETS) } } : {}),
         name: disk.name, format: disk.format, formatSource: disk.formatSource, ...(disk.chain.length ? { chain: disk.chain } : {}),
         mode: disk.mode, reason: disk.reason, ...(disk.bitmap ? { bitmap: disk.bitmap } : {}), ...(disk.fileStamp ? { fileStamp: disk.fileStamp } : {}),
         virtualSize: disk.virtualSize, sourcePath: disk.path, chunks,

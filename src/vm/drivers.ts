@@ -39,10 +39,12 @@ export type VmBackupResult = BackupResult & PointInTimeDetails;
  */
 export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<VmBackupResult> {
   const id = newBackupId();
-  // The chunk threads make their slots ready while the point in time is taken, which is
-  // mostly waiting for qemu-img or the hypervisor: the pages would otherwise be faulted
-  // in on the data path (ChunkPool.warm). A backup of images all declared raw may read
-  // nothing (an unchanged file), and waits for backup() to know.
+  // The chunk threads make their slots ready while an image's point in time is taken,
+  // which is mostly waiting for qemu-img: the pages would otherwise be faulted in on the
+  // data path (ChunkPool.warm). Only for images declared other than raw: a raw image (or
+  // one whose format is pinned only later, from its previous backup) may read nothing at
+  // all when unchanged, and should start no thread; and a running guest's freeze is not
+  // to be lengthened by their start. backup() makes them ready then, once it knows.
   const lease = (req.chunkPool ?? (() => ownPool(repo.workerInit())))();
   let handed = false;
   const chunkPool = () => { handed = true; return lease; };
@@ -50,10 +52,10 @@ export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<
   let failure: unknown;
   let pit: PointInTime;
   try {
-    if (!(req.driver === 'image' && req.disks.every((d) => d.format === 'raw'))) void readySlots(repo, req, lease.pool);
+    if (req.driver === 'image' && req.disks.some((d) => d.format !== undefined && d.format !== 'raw')) void readySlots(repo, req, lease.pool);
     pit = await openPointInTime(repo, req.driver, req, id);
   } catch (err) {
-    await lease.release();
+    await lease.release().catch(() => undefined);
     throw err;
   }
   // Read in full: the snapshot goes while the backup commits. Its failure is close()'s to report.

@@ -20,12 +20,17 @@ import { tempDir, type TempDir } from '../helpers/images.js';
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 
-/** A disk of `windows` GiB with data in the first `perWindow` MiB of each window listed in `withData`; records where it is read. */
-function recordingDisk(windows: number, withData: number[], perWindow: number) {
+/**
+ * A disk of `windows` GiB with data in the first `perWindow` MiB of each window listed in
+ * `withData`; records where it is read. Chunks whose offsets are in `changed` hold other
+ * bytes; asking for the extents of window `failAt` fails.
+ */
+function recordingDisk(windows: number, withData: number[], perWindow: number, opts: { changed?: number[]; failAt?: number } = {}) {
   const reads: number[] = [];
   const hasData = (w: number) => withData.includes(w);
   const reader = {
     async extents(offset: number, length: number): Promise<Extent[]> {
+      if (opts.failAt !== undefined && Math.floor(offset / GiB) === opts.failAt) throw new Error(`no extents for window ${opts.failAt}`);
       const out: Extent[] = [];
       for (let at = offset; at < offset + length;) {
         const w = Math.floor(at / GiB);
@@ -40,7 +45,8 @@ function recordingDisk(windows: number, withData: number[], perWindow: number) {
     async readInto(offset: number, target: Uint8Array): Promise<void> {
       reads.push(offset);
       // Different bytes in every chunk: each one is new to the repository.
-      for (let i = 0; i < target.length; i += 4096) target.fill(1 + ((offset / MiB + i / 4096) % 251), i, Math.min(target.length, i + 4096));
+      const salt = opts.changed?.includes(offset) ? 100 : 0;
+      for (let i = 0; i < target.length; i += 4096) target.fill(1 + ((offset / MiB + i / 4096 + salt) % 251), i, Math.min(target.length, i + 4096));
     },
     async close() {},
   };
@@ -114,6 +120,36 @@ describe('the order a backup reads a disk in', () => {
     await read(disk);
     // Halves [0, 1] and [2]: window 2 goes with window 0, then window 1 goes on alone.
     assert.deepEqual(disk.reads, [at(0, 0), at(2, 0), at(1, 0)]);
+  });
+
+  test('an incremental across both halves reads only what changed there; an audit reads it all and finds the change tracking missed', async () => {
+    const before = recordingDisk(4, [0, 1, 2, 3], 3);
+    const { ids: previous } = await read(before);
+    const dirtyAt = [at(0, 1), at(2, 2)];
+    const changes = {
+      previous,
+      dirty: async (offset: number, length: number) => dirtyAt.filter((x) => x >= offset && x < offset + length).map((x) => ({ offset: x, length: 4096 })),
+    };
+    // The dirty chunks hold new bytes, and so does one that tracking does not report.
+    const after = recordingDisk(4, [0, 1, 2, 3], 3, { changed: [...dirtyAt, at(3, 0)] });
+    const inc = await read(after, 1, { changes });
+    assert.deepEqual(after.reads, dirtyAt, 'the two changed chunks, one from each half');
+    assert.equal(inc.stats.chunksUnchanged, 10);
+    assert.equal(inc.stats.chunksNew, 2);
+    assert.deepEqual(inc.ids.map((id, i) => (id === previous[i] ? '=' : 'new')).filter((x) => x === 'new').length, 2);
+
+    after.reads.length = 0;
+    const audit = { unchanged: 0, differing: [] as number[] };
+    const audited = await read(after, 3, { changes, audit });
+    assert.equal(after.reads.length, 12, 'an audit reads every chunk');
+    assert.equal(audit.unchanged, 4096 - 2, 'every chunk but the two dirty ones (holes included) was called unchanged');
+    assert.deepEqual(audit.differing, [at(3, 0)], 'the write tracking missed, by its offset');
+    assert.equal(audited.stats.chunksNew, 1, 'only the missed chunk is new: the dirty ones were stored by the incremental');
+  });
+
+  test('a window whose extents cannot be had, in the second half with chunks of the first in flight: the backup fails with that error', async () => {
+    const disk = recordingDisk(4, [0, 1, 2, 3], 3, { failAt: 3 });
+    await assert.rejects(read(disk, 4), /no extents for window 3/);
   });
 
   test('a reading start among the windows: the halves follow it, wrapped around', async () => {

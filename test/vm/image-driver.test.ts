@@ -15,6 +15,7 @@ import { LocalStorage } from '../../src/storage/local.js';
 import { backupVm } from '../../src/vm/drivers.js';
 import { openImages } from '../../src/vm/image-driver.js';
 import { newBackupId } from '../../src/pipeline/backup.js';
+import { ChunkPool, type PoolLease } from '../../src/pipeline/pool.js';
 import { makeImage, qemuIo, tempDir, type TempDir } from '../helpers/images.js';
 import { waitFor } from '../helpers/procs.js';
 
@@ -153,5 +154,41 @@ describe('image driver: the snapshot goes once everything is read', () => {
     }), /lost the job/);
     assert.deepEqual(ours((await snapshotList(img)).map((s) => s.name)), []);
     assert.deepEqual(ours(await bitmapsOf(img)), [], 'an uncommitted backup leaves no bitmap');
+  });
+
+  it('the chunk threads make their slots ready while a qcow2 point in time is taken, and an unchanged raw image of undeclared format starts none', async () => {
+    /** A pool of the backup's own that records its warm-ups and when they came, released when the backup is done with it. */
+    const recordingLease = (events: string[]): { lease: () => PoolLease; warmed: () => number; released: () => boolean } => {
+      const pool = new ChunkPool(repo.workerInit());
+      let warmed = 0;
+      let released = false;
+      const warm = pool.warm.bind(pool);
+      pool.warm = (n?: number) => {
+        warmed++;
+        events.push('warm');
+        return warm(n);
+      };
+      return { lease: () => ({ pool, release: async () => { released = true; await pool.close(); } }), warmed: () => warmed, released: () => released };
+    };
+    const img = await makeImage(dir.path, 'warm.qcow2', 'qcow2', 8 * MiB, [{ offset: 0, length: 3 * MiB, pattern: 0x51 }]);
+    const events: string[] = [];
+    const q = recordingLease(events);
+    const r = await backupVm(repo, {
+      vm: 'warm', driver: 'image', disks: [{ path: img, format: 'qcow2' }], chunkPool: q.lease,
+      beforeCommit: async () => { events.push('commit'); },
+    });
+    // Once by backupVm before the point in time, once more by backup() (which finds them ready): before the commit both.
+    assert.deepEqual(events, ['warm', 'warm', 'commit']);
+    assert.ok(q.released(), 'the pool is given back');
+    await restoresIdentical(repo, r.manifest.id, img, path.join(dir.path, 'out-warm'), 'raw');
+
+    // A raw image given without a format: pinned raw by its first backup, then unchanged: nothing read, no thread started.
+    const raw = await makeImage(dir.path, 'still.raw', 'raw', 8 * MiB, [{ offset: MiB, length: MiB, pattern: 0x52 }]);
+    await backupVm(repo, { vm: 'still', driver: 'image', disks: [{ path: raw, format: 'raw' }] });
+    const s = recordingLease([]);
+    const again = await backupVm(repo, { vm: 'still', driver: 'image', disks: [{ path: raw }], chunkPool: s.lease });
+    assert.equal(again.manifest.stats.bytesRead, 0);
+    assert.equal(s.warmed(), 0, 'no thread started and no slot made for a disk with nothing to read');
+    assert.ok(s.released(), 'the pool is given back');
   });
 });
