@@ -70,6 +70,11 @@ export interface FrozenDisk extends NamedDisk {
    * instant's (a disk read without a snapshot, which the driver checks is still unwritten).
    */
   verifyRead?: () => Promise<void>;
+  /**
+   * The driver found nothing to read (the disk is unchanged): only a chunk that storage
+   * lacks is read from it. No chunk threads are started for such a disk alone.
+   */
+  readsNothing?: boolean;
 }
 
 /** What the pipeline needs of a backup besides the frozen disks. */
@@ -192,10 +197,10 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
   let known: Awaited<ReturnType<Repository['chunkIndex']>>;
   try {
     // A disk that will be read (in full, or where its bitmap says): the threads start while
-    // the index loads and the disk's export starts, and make their slots ready (a driver's
-    // caller may have asked already, while the point in time was taken: backupVm).
-    // Only a raw image found unchanged reads nothing for sure.
-    if (req.disks.some((d) => !(d.format === 'raw' && d.mode === 'incremental'))) void readySlots(repo, req, pool);
+    // the index loads and the disk's export starts, and make their slots ready (backupVm
+    // may have had this done already, while the driver took the point in time). A disk the
+    // driver found unchanged, or a raw image found unchanged, reads nothing for sure.
+    if (req.disks.some((d) => !d.readsNothing && !(d.format === 'raw' && d.mode === 'incremental'))) void readySlots(repo, req, pool);
     // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
     // are left out: producing one uploads it again, which heals it (repo/health.ts).
     known = await repo.chunkIndex();

@@ -39,21 +39,30 @@ export type VmBackupResult = BackupResult & PointInTimeDetails;
  */
 export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<VmBackupResult> {
   const id = newBackupId();
-  // The chunk threads make their slots ready while an image's point in time is taken,
-  // which is mostly waiting for qemu-img: the pages would otherwise be faulted in on the
-  // data path (ChunkPool.warm). Only for images declared other than raw: a raw image (or
-  // one whose format is pinned only later, from its previous backup) may read nothing at
-  // all when unchanged, and should start no thread; and a running guest's freeze is not
-  // to be lengthened by their start. backup() makes them ready then, once it knows.
+  // The chunk threads make their slots ready while the point in time is taken, once the
+  // driver knows something will be read (PointInTimeTarget.willRead): for images, that is
+  // mostly waiting for qemu-img, and the pages would otherwise be faulted in on the data
+  // path (ChunkPool.warm). A disk found unchanged starts no thread; drivers of running
+  // guests do not call it (their freeze is not to be lengthened), and backup() does it then.
   const lease = (req.chunkPool ?? (() => ownPool(repo.workerInit())))();
   let handed = false;
   const chunkPool = () => { handed = true; return lease; };
+  let readying = false;
+  const willRead = () => {
+    req.willRead?.();
+    if (readying) return;
+    readying = true;
+    try {
+      void readySlots(repo, req, lease.pool);
+    } catch {
+      // Threads that cannot start now are started, or their failure reported, by backup().
+    }
+  };
   let result: BackupResult | undefined;
   let failure: unknown;
   let pit: PointInTime;
   try {
-    if (req.driver === 'image' && req.disks.some((d) => d.format !== undefined && d.format !== 'raw')) void readySlots(repo, req, lease.pool);
-    pit = await openPointInTime(repo, req.driver, req, id);
+    pit = await openPointInTime(repo, req.driver, { ...req, willRead }, id);
   } catch (err) {
     await lease.release().catch(() => undefined);
     throw err;

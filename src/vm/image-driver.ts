@@ -25,7 +25,9 @@ export function openImages(repo: Repository, target: PointInTimeTarget, backupId
   return retryIfOrphansHeld(async () => {
     // Every disk is inspected before any is snapshotted.
     const disks = await inspectDisks(repo, target.vm, target.disks);
-    return freezeImages(disks, { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn });
+    return freezeImages(disks, {
+      ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn, ...(target.willRead ? { willRead: target.willRead } : {}),
+    });
   });
 }
 
@@ -33,7 +35,7 @@ interface Taken { disk: FrozenDisk; newBitmap?: string; oldBitmap?: string }
 
 /** Snapshots and tracks already-inspected images (the libvirt driver's shut-off domains come here too). */
 /** `repoId` and `backupId` name the new bitmaps (change-tracking.ts bitmapName). */
-export interface FreezeOptions extends AuditPolicy { repoId: string; backupId: string; fullRead: boolean; warn: Warn }
+export interface FreezeOptions extends AuditPolicy { repoId: string; backupId: string; fullRead: boolean; warn: Warn; willRead?: () => void }
 
 export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Promise<PointInTime> {
   const snapshot = `${SNAPSHOT_PREFIX}${randomBytes(8).toString('hex')}`;
@@ -64,7 +66,9 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
       } else {
         const stamp = d.format === 'raw' ? await statStamp(d.path) : undefined;
         const decision = withAudit(d, decide(d, { fullRead: opts.fullRead, ...(stamp ? { stamp } : {}) }), opts);
-        taken.push({ disk: tracked(d, decision, decision.mode === 'incremental' ? unchanged(d) : undefined, stamp ? { fileStamp: stamp } : {}) });
+        const same = decision.mode === 'incremental' && !decision.audit;
+        if (!same) opts.willRead?.();
+        taken.push({ disk: tracked(d, decision, decision.mode === 'incremental' ? unchanged(d) : undefined, { ...(stamp ? { fileStamp: stamp } : {}), ...(same ? { readsNothing: true } : {}) }) });
       }
     }
   } catch (err) {
@@ -96,8 +100,9 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
       if (await bitmapClean(d, since)) return;
       throw new VmvaultError('QEMU', `${d.path} was written to while this backup read it (it had found the disk unchanged and took no snapshot): run the backup again`, { retriable: true });
     };
-    return { disk: tracked(d, { ...decision, reason }, unchanged(d), { bitmap: since, verifyRead }) };
+    return { disk: tracked(d, { ...decision, reason }, unchanged(d), { bitmap: since, verifyRead, readsNothing: true }) };
   }
+  opts.willRead?.();
   const newBitmap = bitmapName(opts.repoId, opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
   try {

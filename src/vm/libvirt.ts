@@ -73,7 +73,7 @@ export async function openLibvirt(repo: Repository, target: PointInTimeTarget, b
     const pit = running
       ? await freezeRunningDomain(repo, target, backupId, disks, domain, entries, warn)
       // A disk locked by a qemu-nbd that a killed vmvault left behind is freed, and all is tried again (as openImages does).
-      : { ...(await retryIfOrphansHeld(async () => freezeImages(await inspectDisks(repo, target.vm, disks), { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn }))), details: { running: false, guestFrozen: false } };
+      : { ...(await retryIfOrphansHeld(async () => freezeImages(await inspectDisks(repo, target.vm, disks), { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn, ...(target.willRead ? { willRead: target.willRead } : {}) }))), details: { running: false, guestFrozen: false } };
     let closing: Promise<void> | undefined;
     return {
       ...pit, configFiles: [xmlFile],

@@ -46,6 +46,13 @@ export interface PointInTimeTarget {
   fullReadEveryMs?: number;
   /** Warnings (crash-consistent fallback, recovered leftovers). Default: stderr. */
   warn?: Warn;
+  /**
+   * Called by a driver once it knows some disk will be read, before it takes the instant
+   * (the image driver: before its qemu-img runs), so that what reading needs is made ready
+   * meanwhile (backupVm: the chunk threads' slots). A driver that does not call it leaves
+   * that to the backup, which does it when it starts.
+   */
+  willRead?: () => void;
 }
 
 /** What a driver reports of how it took the instant. */

@@ -156,7 +156,7 @@ describe('image driver: the snapshot goes once everything is read', () => {
     assert.deepEqual(ours(await bitmapsOf(img)), [], 'an uncommitted backup leaves no bitmap');
   });
 
-  it('the chunk threads make their slots ready while a qcow2 point in time is taken, and an unchanged raw image of undeclared format starts none', async () => {
+  it('the chunk threads make their slots ready while a qcow2 point in time is taken; an unchanged qcow2 image, or raw image of undeclared format, starts none', async () => {
     /** A pool of the backup's own that records its warm-ups and when they came, released when the backup is done with it. */
     const recordingLease = (events: string[]): { lease: () => PoolLease; warmed: () => number; released: () => boolean } => {
       const pool = new ChunkPool(repo.workerInit());
@@ -181,6 +181,13 @@ describe('image driver: the snapshot goes once everything is read', () => {
     assert.deepEqual(events, ['warm', 'warm', 'commit']);
     assert.ok(q.released(), 'the pool is given back');
     await restoresIdentical(repo, r.manifest.id, img, path.join(dir.path, 'out-warm'), 'raw');
+
+    // The same image again, unchanged: nothing to read, so no slot made and no thread started.
+    const u = recordingLease([]);
+    const same = await backupVm(repo, { vm: 'warm', driver: 'image', disks: [{ path: img, format: 'qcow2' }], chunkPool: u.lease });
+    assert.equal(same.manifest.stats.bytesRead, 0);
+    assert.equal(u.warmed(), 0, 'an unchanged qcow2 image starts no thread');
+    assert.ok(u.released());
 
     // A raw image given without a format: pinned raw by its first backup, then unchanged: nothing read, no thread started.
     const raw = await makeImage(dir.path, 'still.raw', 'raw', 8 * MiB, [{ offset: MiB, length: MiB, pattern: 0x52 }]);
