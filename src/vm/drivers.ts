@@ -47,11 +47,9 @@ export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<
   const lease = (req.chunkPool ?? (() => ownPool(repo.workerInit())))();
   let handed = false;
   const chunkPool = () => { handed = true; return lease; };
-  let readying = false;
+  // Asked again (another disk, a retried freeze), warm() has the slots already and does nothing.
   const willRead = () => {
     req.willRead?.();
-    if (readying) return;
-    readying = true;
     try {
       void readySlots(repo, req, lease.pool);
     } catch {

@@ -25,10 +25,13 @@ export function openImages(repo: Repository, target: PointInTimeTarget, backupId
   return retryIfOrphansHeld(async () => {
     // Every disk is inspected before any is snapshotted.
     const disks = await inspectDisks(repo, target.vm, target.disks);
-    return freezeImages(disks, {
-      ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn: target.warn ?? stderrWarn, ...(target.willRead ? { willRead: target.willRead } : {}),
-    });
+    return freezeImages(disks, freezeOptions(repo, target, backupId, target.warn ?? stderrWarn));
   });
+}
+
+/** What freezeImages needs of a backup's target (the libvirt driver's shut-off domains too). */
+export function freezeOptions(repo: Repository, target: PointInTimeTarget, backupId: string, warn: Warn): FreezeOptions {
+  return { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn, ...(target.willRead ? { willRead: target.willRead } : {}) };
 }
 
 interface Taken { disk: FrozenDisk; newBitmap?: string; oldBitmap?: string }
@@ -66,9 +69,10 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
       } else {
         const stamp = d.format === 'raw' ? await statStamp(d.path) : undefined;
         const decision = withAudit(d, decide(d, { fullRead: opts.fullRead, ...(stamp ? { stamp } : {}) }), opts);
-        const same = decision.mode === 'incremental' && !decision.audit;
+        // Incremental here means unchanged (the file's stamp is the same); an audit is a full read.
+        const same = decision.mode === 'incremental';
         if (!same) opts.willRead?.();
-        taken.push({ disk: tracked(d, decision, decision.mode === 'incremental' ? unchanged(d) : undefined, { ...(stamp ? { fileStamp: stamp } : {}), ...(same ? { readsNothing: true } : {}) }) });
+        taken.push({ disk: tracked(d, decision, same ? unchanged(d) : undefined, { ...(stamp ? { fileStamp: stamp } : {}), ...(same ? { readsNothing: true } : {}) }) });
       }
     }
   } catch (err) {

@@ -24,7 +24,7 @@ import { diskNameFromPath } from '../pipeline/names.js';
 import type { Repository } from '../repo/repository.js';
 import type { Warn } from './guest-agent.js';
 import { retryIfOrphansHeld } from '../disk/qemu-nbd.js';
-import { freezeImages } from './image-driver.js';
+import { freezeImages, freezeOptions } from './image-driver.js';
 import { openRunningDomain } from './libvirt-backup.js';
 import { auditPolicy, combineFailures, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 import { isOverlayFile, OVERLAY_MARK } from './qemu-blocks.js';
@@ -73,7 +73,7 @@ export async function openLibvirt(repo: Repository, target: PointInTimeTarget, b
     const pit = running
       ? await freezeRunningDomain(repo, target, backupId, disks, domain, entries, warn)
       // A disk locked by a qemu-nbd that a killed vmvault left behind is freed, and all is tried again (as openImages does).
-      : { ...(await retryIfOrphansHeld(async () => freezeImages(await inspectDisks(repo, target.vm, disks), { ...auditPolicy(target), repoId: repo.id, backupId, fullRead: target.fullRead ?? false, warn, ...(target.willRead ? { willRead: target.willRead } : {}) }))), details: { running: false, guestFrozen: false } };
+      : { ...(await retryIfOrphansHeld(async () => freezeImages(await inspectDisks(repo, target.vm, disks), freezeOptions(repo, target, backupId, warn)))), details: { running: false, guestFrozen: false } };
     let closing: Promise<void> | undefined;
     return {
       ...pit, configFiles: [xmlFile],
