@@ -12,6 +12,7 @@
  */
 import { asBuffer } from '../bytes.js';
 import { blakeHash } from './blake-hash.js';
+import { loadSodium } from './sodium-loader.js';
 
 interface Impl {
   hash(outlen: number, data: Uint8Array, key: Uint8Array | null): Buffer;
@@ -49,7 +50,7 @@ function loadNative(): Impl | undefined {
 /** Loads a BLAKE2b for this thread: native where the package loads, libsodium's otherwise. */
 export async function blake2bReady(): Promise<void> {
   if ((impl ??= loadNative())) return;
-  const { sodium } = await import('./sodium.js');
+  const sodium = await loadSodium();
   impl = {
     hash: (outlen, data, key) => asBuffer(sodium.crypto_generichash(outlen, data, key)),
     derive: (outlen, id, context, master) => asBuffer(sodium.crypto_kdf_derive_from_key(outlen, id, context, master)),

@@ -1,11 +1,8 @@
 /**
- * The one door to libsodium. The sumo build is required: the default
- * `libsodium-wrappers` build lacks crypto_pwhash (Argon2id) at run time.
- * Top-level await makes every importer (main thread and worker threads alike)
- * see a ready library.
+ * libsodium for ES modules, ready (crypto/sodium-loader.ts): top-level await makes
+ * every importer (the KDF thread, tests) see a ready library. Code the CLI bundles
+ * (CommonJS) awaits loadSodium() instead.
  */
-import sodiumModule from 'libsodium-wrappers-sumo';
+import { loadSodium } from './sodium-loader.js';
 
-await sodiumModule.ready;
-
-export const sodium = sodiumModule;
+export const sodium = await loadSodium();

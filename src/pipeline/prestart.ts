@@ -10,7 +10,14 @@
  */
 import { Worker } from 'node:worker_threads';
 
-const started: Worker[] = [];
+const PRESTARTED = Symbol.for('vmvault.prestartedChunkThreads');
+
+/**
+ * The threads started and not yet adopted, kept on the global object rather than in this
+ * module: the launcher loads this module as its own ES module, and the CLI, a CommonJS
+ * bundle (scripts/bundle.mjs), has its own copy of it, which must adopt the same threads.
+ */
+const started: Worker[] = ((globalThis as { [PRESTARTED]?: Worker[] })[PRESTARTED] ??= []);
 
 /** Where the chunk thread's code is: beside this module, in the bundle and in tsc's output alike. */
 const CHUNK_WORKER_URL = new URL('./chunk-worker.js', import.meta.url);

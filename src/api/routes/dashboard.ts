@@ -6,8 +6,11 @@
  * kept in the tab's sessionStorage and calls the API with it, as any other client does.
  */
 import { createHash } from 'node:crypto';
+import { existsSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { Context } from 'hono';
 import { NotFoundError } from '../../errors.js';
 import { builtDir } from '../../package-files.js';
@@ -22,6 +25,23 @@ const HONO_MODULES = ['client/index.js', 'client/client.js', 'client/utils.js', 
 
 const IMPORT_MAP = JSON.stringify({ imports: { 'hono/client': '/ui/vendor/hono/client/index.js' } });
 
+/**
+ * node_modules/hono/dist/, where hono's ES modules are: found from the package's root,
+ * which the CommonJS resolution of `hono` leads to as well (the CLI runs as one
+ * CommonJS bundle, where import.meta.resolve does not exist, and require.resolve
+ * would name hono's CommonJS files, which a browser cannot load).
+ */
+function honoDist(): URL {
+  let dir = path.dirname(createRequire(import.meta.url).resolve('hono'));
+  for (;;) {
+    const manifest = path.join(dir, 'package.json');
+    if (existsSync(manifest) && (JSON.parse(readFileSync(manifest, 'utf8')) as { name?: unknown }).name === 'hono') return pathToFileURL(path.join(dir, 'dist/'));
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error('the hono package was not found above its own files: reinstall vmvault (npm ci)');
+    dir = up;
+  }
+}
+
 /** Paths the dashboard serves without a token (GET and HEAD). */
 export function isDashboardPath(path: string): boolean {
   return path === '/' || /^\/ui\/[a-z0-9./-]+$/.test(path);
@@ -29,7 +49,7 @@ export function isDashboardPath(path: string): boolean {
 
 export function registerDashboard(app: ApiApp): void {
   const uiDir = builtDir('src/api/ui');
-  const honoDir = new URL('../', import.meta.resolve('hono/client'));
+  const honoDir = honoDist();
   const files = new Map<string, { url: URL; type: string }>([
     ...CLIENT_MODULES.map((f) => [`/ui/${f}`, { url: new URL(f, uiDir), type: 'text/javascript' }] as const),
     ...HONO_MODULES.map((f) => [`/ui/vendor/hono/${f}`, { url: new URL(f, honoDir), type: 'text/javascript' }] as const),
