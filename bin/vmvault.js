@@ -49,7 +49,8 @@ setTimeout(() => process.exit(code), 0).unref();
  * Runs the CommonJS bundle as require() would, but compiled with the V8 code cache
  * beside it (`<file>.cache`, made by scripts/bundle.mjs), which spares compiling it
  * again at every start. The cache starts with the SHA-256 of the source it was made
- * from, and is used for that source only (V8's own check compares lengths, not bytes);
+ * from and of itself, and is used for that source only and whole (V8's own checks compare
+ * the source's length, not its bytes, and a release build does not checksum the cache);
  * one V8 refuses (another Node.js version, other V8 flags) is only not used. With
  * VMVAULT_WRITE_CODE_CACHE=1 (the build), the cache is written as the process exits,
  * with the code the command compiled. The bundle has no import() (the build checks):
@@ -57,14 +58,14 @@ setTimeout(() => process.exit(code), 0).unref();
  */
 function loadBundle(file) {
   const bytes = readFileSync(file);
-  const digest = createHash('sha256').update(bytes).digest();
+  const digestOf = (payload) => createHash('sha256').update(bytes).update(payload).digest();
   const cacheFile = `${file}.cache`;
   const writeCache = process.env.VMVAULT_WRITE_CODE_CACHE === '1';
   let cachedData;
   if (!writeCache) {
     try {
       const cache = readFileSync(cacheFile);
-      if (cache.subarray(0, digest.length).equals(digest)) cachedData = cache.subarray(digest.length);
+      if (digestOf(cache.subarray(32)).equals(cache.subarray(0, 32))) cachedData = cache.subarray(32);
     } catch {
       // No cache: compiled from its source, as require() would.
     }
@@ -76,7 +77,8 @@ function loadBundle(file) {
   script.runInThisContext().call(module.exports, module.exports, createRequire(file), module, file, dirname(file));
   if (writeCache) {
     process.once('exit', () => {
-      writeFileSync(`${cacheFile}.tmp`, Buffer.concat([digest, script.createCachedData()]));
+      const payload = script.createCachedData();
+      writeFileSync(`${cacheFile}.tmp`, Buffer.concat([digestOf(payload), payload]));
       renameSync(`${cacheFile}.tmp`, cacheFile);
     });
   }

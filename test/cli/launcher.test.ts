@@ -1,8 +1,8 @@
 /**
  * bin/vmvault.js runs the CLI's CommonJS bundle (dist/cli/main.cjs) compiled with the
  * V8 code cache the build made beside it. The cache is used for the source it was made
- * from only: a bundle changed since (same length, which V8's own check does not tell
- * apart) runs as it now is; a damaged or missing cache only costs the compilation.
+ * from only, and whole: a bundle changed since (same length, which V8's own check does
+ * not tell apart) runs as it now is; a damaged or missing cache only costs the compilation.
  * On a copy of the built launcher and bundle, run as operators run it.
  */
 import assert from 'node:assert/strict';
@@ -47,8 +47,9 @@ describe('the launcher and the bundle\'s code cache', () => {
   });
   after(async () => dir.cleanup());
 
-  it('the build made a cache for this bundle, headed by its SHA-256, and the CLI runs with it', async () => {
-    assert.ok(originalCache.subarray(0, 32).equals(createHash('sha256').update(original).digest()), 'the cache names the source it was made from');
+  it('the build made a cache for this bundle, headed by the SHA-256 of both, and the CLI runs with it', async () => {
+    const digest = createHash('sha256').update(original).update(originalCache.subarray(32)).digest();
+    assert.ok(originalCache.subarray(0, 32).equals(digest), 'the cache names the source it was made from, and itself');
     assert.ok(originalCache.length > 100_000, `a cache of the code the CLI runs at start, not ${originalCache.length} bytes`);
     const r = await run('--help');
     assert.equal(r.code, 0, r.stderr);
@@ -72,7 +73,7 @@ describe('the launcher and the bundle\'s code cache', () => {
 
   it('a damaged cache, or none, only costs the compilation', async () => {
     try {
-      // The right header, garbage after it: V8 refuses it.
+      // The header of the good cache, garbage after it: not used.
       await writeFile(cache, Buffer.concat([originalCache.subarray(0, 32), Buffer.alloc(4096, 0x5a)]));
       let r = await run('--version');
       assert.equal(r.code, 0, r.stderr);
