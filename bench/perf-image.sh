@@ -32,7 +32,7 @@ fi
 
 if [ "${BENCH_KEEP:-}" != 1 ]; then trap 'rm -rf "$W"' EXIT; fi
 rm -rf "$W" && mkdir -p "$W/app" "$W/out"
-cp -r "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$W/app/" && ln -s "$ROOT/node_modules" "$W/app/node_modules"
+cp -a "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$W/app/" && ln -s "$ROOT/node_modules" "$W/app/node_modules"
 VMVAULT=$W/app/bin/vmvault.js
 load=$(cut -d' ' -f1 /proc/loadavg)
 cat "$IMAGE" >"$W/disk.qcow2"
@@ -66,9 +66,10 @@ for rep in $(seq 1 "$REPS"); do
     timed "restore.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" restore latest --target "$W/r-out"
     /usr/bin/time -f "restore-sync.restic.$rep %e %M %U %S" -a -o "$W/times.tsv" sync --data "$W/r-out$W/disk.raw"
   }
-  # The floor of a durable restore on this machine, whatever the tool: dd writes the restored
-  # image's data (sparse, O_DIRECT, 4 MiB writes) into a new file and fdatasyncs it, and a bare
-  # `node -e 0` is what any Node.js command pays to start. Neither decrypts nor decompresses.
+  # A durable restore by dd, as a reference for this machine (not a proven floor: dd writes one
+  # request at a time): dd writes the restored image's data (sparse, O_DIRECT, 4 MiB writes)
+  # into a new file and fdatasyncs it, and a bare `node -e 0` is what any Node.js command pays
+  # to start. Neither decrypts nor decompresses.
   floor() {
     cat "$W/v-out/root.raw" >/dev/null
     timed "floor.dd.$rep" dd if="$W/v-out/root.raw" of="$W/floor.raw" bs=4M oflag=direct conv=sparse,fdatasync status=none
@@ -113,7 +114,7 @@ for (const step of ['full', 'restore']) {
   out.steps.restore.durable = { resticRestorePlusSyncRuns: durable, resticSyncRuns: pick('restore-sync', 'restic', 1), resticSeconds: r, vmvaultOverRestic: +(v / r).toFixed(3),
     roundRatios: pick('restore', 'vmvault', 1).map((x, i) => +(x / durable[i]).toFixed(3)) };
 }
-// The floor: no durable sparse restore of this image, by any tool started with Node.js, can take less here.
+// A durable sparse restore of this image by dd, started as cheaply as Node.js starts: a reference for the machine.
 {
   const dd = pick('floor', 'dd', 1), node = pick('floor', 'node', 1);
   const floors = dd.map((x, i) => +(x + node[i]).toFixed(2));
@@ -128,7 +129,7 @@ for (const [k, s] of Object.entries(out.steps)) {
   console.log(`${k.padEnd(8)} vmvault ${s.vmvaultSeconds.toFixed(2)} s (${s.vmvaultPeakRssMiB} MiB)  restic ${s.resticSeconds.toFixed(2)} s (${s.resticPeakRssMiB} MiB)  vmvault/restic ${s.vmvaultOverRestic} (goal <= ${s.goal}: ${s.goalMet ? 'yes' : 'NO'}; by round ${s.roundRatios.join(' / ')})`);
 }
 { const d = out.steps.restore.durable; console.log(`restore, both durable: vmvault ${out.steps.restore.vmvaultSeconds.toFixed(2)} s  restic + sync --data ${d.resticSeconds.toFixed(2)} s (sync ${d.resticSyncRuns.join(' / ')} s)  vmvault/restic ${d.vmvaultOverRestic} (by round ${d.roundRatios.join(' / ')})`); }
-{ const f = out.steps.restore.floor; console.log(`restore floor (dd of the restored data, sparse + O_DIRECT + fdatasync, plus node's start): ${f.floorSeconds.toFixed(2)} s (by round ${f.floorRuns.join(' / ')}); half of restic's restore: ${f.halfOfResticSeconds.toFixed(2)} s; vmvault above the floor: ${f.vmvaultAboveFloorSeconds.toFixed(2)} s`); }
+{ const f = out.steps.restore.floor; console.log(`durable restore by dd (the restored data, sparse + O_DIRECT + fdatasync, plus node's start): ${f.floorSeconds.toFixed(2)} s (by round ${f.floorRuns.join(' / ')}); half of restic's restore: ${f.halfOfResticSeconds.toFixed(2)} s; vmvault above it: ${f.vmvaultAboveFloorSeconds.toFixed(2)} s`); }
 console.log(`restored file allocation: vmvault ${out.restoredAllocatedMiB.vmvault} MiB, restic ${out.restoredAllocatedMiB.restic} MiB (2048 MiB virtual)`);
 console.log(`results written to ${env.RESULTS}`);
 EOF

@@ -16,11 +16,11 @@ export VMVAULT_PASSWORD=bench-passphrase RESTIC_PASSWORD=bench-passphrase
 unset VMVAULT_REPOSITORY RESTIC_REPOSITORY
 mkdir -p "$B/app"
 # A copy of this build: others may rebuild dist/ while this runs.
-rm -rf "$B/app/new"; mkdir -p "$B/app/new"; cp -r "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$B/app/new/"
+rm -rf "$B/app/new"; mkdir -p "$B/app/new"; cp -a "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$B/app/new/"
 ln -sfn "$(readlink -f "$ROOT/node_modules")" "$B/app/new/node_modules"
 apps=(new)
 if [ -n "${OLD:-}" ]; then
-  rm -rf "$B/app/old"; mkdir -p "$B/app/old"; cp -r "$OLD/bin" "$OLD/dist" "$OLD/package.json" "$B/app/old/"
+  rm -rf "$B/app/old"; mkdir -p "$B/app/old"; cp -a "$OLD/bin" "$OLD/dist" "$OLD/package.json" "$B/app/old/"
   ln -sfn "$(readlink -f "$ROOT/node_modules")" "$B/app/old/node_modules"; apps+=(old)
 fi
 

@@ -120,7 +120,7 @@ change() {
 [ -f "$IMAGE" ] || build_image
 if [ "${BENCH_KEEP:-}" != 1 ]; then trap 'rm -rf "$W"' EXIT; fi
 rm -rf "$W" && mkdir -p "$W/app" "$W/out"
-cp -r "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$W/app/" && ln -s "$ROOT/node_modules" "$W/app/node_modules"
+cp -a "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$W/app/" && ln -s "$ROOT/node_modules" "$W/app/node_modules"
 load=$(cut -d' ' -f1 /proc/loadavg)
 if awk "BEGIN { exit !($load > 1) }"; then echo "bench: WARNING: load average is $load: other work on this machine will skew the numbers" >&2; fi
 started=$(date +%s)

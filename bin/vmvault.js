@@ -76,6 +76,7 @@ function loadBundle(file) {
   const module = { exports: {} };
   script.runInThisContext().call(module.exports, module.exports, createRequire(file), module, file, dirname(file));
   if (writeCache) {
+    // A write that fails is reported on stderr; the build, which asked for it, checks the file is there.
     process.once('exit', () => {
       const payload = script.createCachedData();
       writeFileSync(`${cacheFile}.tmp`, Buffer.concat([digestOf(payload), payload]));

@@ -88,20 +88,31 @@ await build({
   format: 'cjs',
   plugins: [externals, zodLocales],
   define: { 'import.meta.url': '__vmvaultImportMetaUrl' },
-  banner: { js: "var __vmvaultImportMetaUrl = require('node:url').pathToFileURL(__filename).href;" },
+  // An import() becomes a require() (the launcher's vm.Script has no import of its own).
+  supported: { 'dynamic-import': false },
+  // Strict, as the ES modules it is made of: the directive must come before any statement.
+  banner: { js: "'use strict'; var __vmvaultImportMetaUrl = require('node:url').pathToFileURL(__filename).href;" },
 });
 // bin/vmvault.js compiles it with vm.Script, which has no import() of its own without an
-// experimental option: what the CLI loads as it runs, it loads with require().
-const cli = await readFile(`${root}/dist/cli/main.cjs`, 'utf8');
-const dynamicImport = /\bimport\(\s*["'`]/.exec(cli);
-if (dynamicImport) {
-  const line = cli.slice(0, dynamicImport.index).split('\n').length;
-  throw new Error(`bundle: dist/cli/main.cjs line ${line} has an import() the launcher cannot run: load that module with require() (src/lazy-require.ts) or link it in`);
-}
-// Its code cache, made by the launcher from one run (the code every command runs at start).
-const made = spawnSync(process.execPath, [path.join(root, 'bin', 'vmvault.js'), '--version'], {
-  env: { ...process.env, VMVAULT_WRITE_CODE_CACHE: '1' }, stdio: ['ignore', 'ignore', 'inherit'],
-});
-if (made.status !== 0 || !existsSync(`${root}/dist/cli/main.cjs.cache`)) {
-  throw new Error(`bundle: running the bundled CLI to make its code cache failed (exit ${made.status ?? made.signal})`);
+// experimental option: esbuild was told to turn each into a require(), and none may remain.
+// A bundle that fails a check is removed, so that the launcher falls back to tsc's output.
+const bundle = `${root}/dist/cli/main.cjs`;
+try {
+  const cli = await readFile(bundle, 'utf8');
+  const dynamicImport = /\bimport\(/.exec(cli);
+  if (dynamicImport) {
+    const line = cli.slice(0, dynamicImport.index).split('\n').length;
+    throw new Error(`bundle: dist/cli/main.cjs line ${line} has an import() the launcher cannot run: load that module with require() (src/lazy-require.ts) or link it in`);
+  }
+  // Its code cache, made by the launcher from one run (the code every command runs at start).
+  const made = spawnSync(process.execPath, [path.join(root, 'bin', 'vmvault.js'), '--version'], {
+    env: { ...process.env, VMVAULT_WRITE_CODE_CACHE: '1' }, stdio: ['ignore', 'ignore', 'inherit'],
+  });
+  if (made.status !== 0 || !existsSync(`${bundle}.cache`)) {
+    throw new Error(`bundle: running the bundled CLI to make its code cache failed (exit ${made.status ?? made.signal})`);
+  }
+} catch (err) {
+  await rm(bundle, { force: true });
+  await rm(`${bundle}.cache`, { force: true });
+  throw err;
 }
