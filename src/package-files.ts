@@ -10,20 +10,31 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 
 let found: { root: string; version: string } | null | undefined;
 
-function findPackage(): { root: string; version: string } | null {
-  if (found !== undefined) return found;
-  let dir = dirname(fileURLToPath(import.meta.url));
+interface PackageJson { name?: string; version?: string }
+
+/**
+ * The nearest directory at or above `start` holding a package.json that `wanted`
+ * accepts, with that package.json; undefined when there is none up to the root.
+ */
+export function packageAbove(start: string, wanted: (pkg: PackageJson) => boolean): { root: string; pkg: PackageJson } | undefined {
+  let dir = start;
   for (;;) {
     try {
-      const pkg = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as { name?: string; version?: string };
-      if (pkg.name === 'vmvault' && pkg.version) return (found = { root: dir, version: pkg.version });
+      const pkg = JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as PackageJson;
+      if (wanted(pkg)) return { root: dir, pkg };
     } catch {
       /* none here: look further up */
     }
     const parent = dirname(dir);
-    if (parent === dir) return (found = null);
+    if (parent === dir) return undefined;
     dir = parent;
   }
+}
+
+function findPackage(): { root: string; version: string } | null {
+  if (found !== undefined) return found;
+  const at = packageAbove(dirname(fileURLToPath(import.meta.url)), (pkg) => pkg.name === 'vmvault' && !!pkg.version);
+  return (found = at ? { root: at.root, version: at.pkg.version! } : null);
 }
 
 /** package.json's version, so the one number there is the only one to change at a release. */

@@ -7,17 +7,15 @@
  * module at run time without an experimental vm feature nor wait at its top level.
  * crypto/sodium.ts gives ES modules (the KDF thread, tests) the same object, ready.
  */
-import { createRequire } from 'node:module';
+import { lazy } from '../lazy-require.js';
 
 export type Sodium = typeof import('libsodium-wrappers-sumo');
 
-let loading: Promise<Sodium> | undefined;
+const sodiumPackage = lazy<Sodium>('libsodium-wrappers-sumo');
 
 /** libsodium, ready to use: one instance per thread, loaded by the first call. */
-export function loadSodium(): Promise<Sodium> {
-  return (loading ??= (async () => {
-    const sodium = createRequire(import.meta.url)('libsodium-wrappers-sumo') as Sodium;
-    await sodium.ready;
-    return sodium;
-  })());
+export async function loadSodium(): Promise<Sodium> {
+  const sodium = sodiumPackage();
+  await sodium.ready;
+  return sodium;
 }

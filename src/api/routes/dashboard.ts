@@ -6,14 +6,13 @@
  * kept in the tab's sessionStorage and calls the API with it, as any other client does.
  */
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { Context } from 'hono';
 import { NotFoundError } from '../../errors.js';
-import { builtDir } from '../../package-files.js';
+import { builtDir, packageAbove } from '../../package-files.js';
 import { DASHBOARD_CSS, dashboardHtml } from '../ui/page.js';
 import type { ApiApp, Env } from './common.js';
 
@@ -32,14 +31,9 @@ const IMPORT_MAP = JSON.stringify({ imports: { 'hono/client': '/ui/vendor/hono/c
  * would name hono's CommonJS files, which a browser cannot load).
  */
 function honoDist(): URL {
-  let dir = path.dirname(createRequire(import.meta.url).resolve('hono'));
-  for (;;) {
-    const manifest = path.join(dir, 'package.json');
-    if (existsSync(manifest) && (JSON.parse(readFileSync(manifest, 'utf8')) as { name?: unknown }).name === 'hono') return pathToFileURL(path.join(dir, 'dist/'));
-    const up = path.dirname(dir);
-    if (up === dir) throw new Error('the hono package was not found above its own files: reinstall vmvault (npm ci)');
-    dir = up;
-  }
+  const hono = packageAbove(path.dirname(createRequire(import.meta.url).resolve('hono')), (pkg) => pkg.name === 'hono');
+  if (!hono) throw new Error('the hono package was not found above its own files: reinstall vmvault (npm ci)');
+  return pathToFileURL(path.join(hono.root, 'dist/'));
 }
 
 /** Paths the dashboard serves without a token (GET and HEAD). */
