@@ -97,7 +97,7 @@ async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport>
     else present.push(id);
   }
   const toRead = chunksToRead(present, new Set(quarantined.keys()), opts);
-  const intact = await readChunks(repo, [...toRead], manifests[0]?.chunkSize ?? repo.chunkSize, found, opts.onProgress);
+  const intact = await readStoredChunks(repo, [...toRead], manifests[0]?.chunkSize ?? repo.chunkSize, found, opts.onProgress);
   const healed = [...quarantined.keys()].filter((id) => intact.has(id));
   for (const [id, f] of found) problems.push({ object: chunkName(id), problem: f.detail, backups: [...users.get(id)!].sort() });
   const readData = opts.readData ? 'all' : opts.readDataSubset ? formatSubset(opts.readDataSubset) : 'none';
@@ -148,7 +148,7 @@ function chunkUsers(manifests: readonly Manifest[]): Map<string, Set<string>> {
 }
 
 /** Reads and re-hashes `ids`; damaged ones go into `found`. Returns the intact ones. */
-async function readChunks(repo: Repository, ids: string[], chunkSize: number, found: Map<string, Finding>, onProgress?: ProgressFn): Promise<Set<string>> {
+export async function readStoredChunks(repo: Repository, ids: string[], chunkSize: number, found: Map<string, Finding>, onProgress?: ProgressFn): Promise<Set<string>> {
   const intact = new Set<string>();
   if (ids.length === 0) return intact;
   const meter = new ProgressMeter('verify', ids.length * chunkSize, onProgress);

@@ -154,10 +154,23 @@ describe('repair verdicts', () => {
       [], [q(c1, '2025-01-03T00:00:00Z')],
     );
     assert.deepEqual(later.map((p) => [p.id, p.healable]).sort(), [[a1, false], [b1, false]].sort());
-    assert.match(later[0]!.reason, /not produced again by the backups of vm-a, vm-b/);
+    assert.match(later[0]!.reason, /not produced again by the backups of disk root of vm-a, disk root of vm-b/);
     // A backup that started before the chunk was quarantined proves nothing.
     const early = planRepair([bk(a1, 'vm-a', '2025-01-01T00:00:00Z', [c1]), bk(a2, 'vm-a', '2025-01-02T00:00:00Z', [c3])], [], [q(c1, '2025-01-03T00:00:00Z')]);
     assert.deepEqual(early.map((p) => p.healable), [true]);
+  });
+
+  test("by disk: a later backup of a VM's other disk says nothing of the damaged disk's chunks", () => {
+    const [d1, r1, d2] = ids(3) as [string, string, string];
+    const disk = (name: string, chunks: string[]) => ({ name, chunks });
+    const data = { id: d1, vm: 'vm-a', time: '2025-01-01T00:00:00Z', disks: [disk('data', [c1, c2])] };
+    const rootOnly = { id: r1, vm: 'vm-a', time: '2025-01-05T00:00:00Z', disks: [disk('root', [c3])] };
+    const plan = planRepair([data, rootOnly], [], [q(c1, '2025-01-03T00:00:00Z')]);
+    assert.deepEqual(plan.map((p) => [p.id, p.healable]), [[d1, true]], 'disk data was not backed up since: its chunk may come back');
+    assert.match(plan[0]!.reason, /may come back with the next backup of disk data of vm-a/);
+    // A backup of disk data since, without the chunk: now it cannot.
+    const dataAgain = { id: d2, vm: 'vm-a', time: '2025-01-06T00:00:00Z', disks: [disk('data', [c3, c2])] };
+    assert.deepEqual(planRepair([data, rootOnly, dataAgain], [], [q(c1, '2025-01-03T00:00:00Z')]).map((p) => [p.id, p.healable]), [[d1, false]]);
   });
 });
 
@@ -219,6 +232,37 @@ describe('verify against a real repository', () => {
       // Random bytes do not authenticate: that is damage, and repair removes it.
       await storage.put(backupName(id), randomBytes(200));
       assert.deepEqual((await repair(repo, { remove: true })).removed, [id]);
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('repair reads quarantined chunks again: one put back intact since verify decides nothing, and --remove takes it out of quarantine', async () => {
+    const { dir, storage, repo, id, chunks } = await setup();
+    try {
+      // The damaged chunk's intact bytes are kept aside, as if it were on a mount that came back.
+      const name = chunkName(chunks[1]!);
+      const damaged = Buffer.from(await storage.get(name));
+      const intactBytes = Buffer.from(damaged);
+      intactBytes[intactBytes.length - 1]! ^= 1;
+      assert.equal((await verify(repo, { readData: true })).ok, false);
+      // A newer backup of the same disk that does not produce the chunk: the entry alone would make the first backup hopeless.
+      const img2 = await makeImage(dir.path, 'vm2', 'qcow2', 8 * MiB, [{ offset: 0, length: MiB, pattern: 0x77 }]);
+      const diskName = (await repo.loadManifest(id)).disks[0]!.name;
+      await backupVm(repo, { vm: 'vm', driver: 'image', disks: [{ path: img2, name: diskName }] });
+      const listed = await repair(repo);
+      assert.deepEqual(listed.backups.map((b) => [b.id, b.healable]), [[id, false]], 'still damaged: beyond healing');
+      await storage.put(name, intactBytes);
+      const listing = await repair(repo);
+      assert.deepEqual(listing.backups, [], 'read again, the chunk is intact: no backup is damaged');
+      assert.equal(listing.intactAgain, 1);
+      assert.equal(listing.quarantinedChunks, 0);
+      assert.equal((await verificationStates(repo)).get(id)?.status, 'damaged', 'listing writes nothing');
+      const report = await repair(repo, { remove: true });
+      assert.deepEqual(report.removed, []);
+      assert.equal(report.released, 1);
+      assert.ok(await storage.stat(backupName(id)), 'the backup is kept');
+      assert.equal((await verificationStates(repo)).get(id)?.status, 'ok', 'out of quarantine');
     } finally {
       await dir.cleanup();
     }
