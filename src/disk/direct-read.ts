@@ -23,6 +23,7 @@ import { appendExtent, type Extent, type NbdClient } from './nbd.js';
 import { openQcow2Map, type Qcow2Map, type Qcow2Run } from './qcow2-map.js';
 import { mustExist, optValue, probeRawWriters, runOn } from './qemu-run.js';
 import { retryIfOrphansHeld } from './qemu-nbd.js';
+import { settleAll } from '../settle.js';
 
 /** What a backup reads a disk through: an NBD client, or the image file itself. */
 export interface BlockReader {
@@ -157,7 +158,7 @@ class Qcow2File implements BlockReader {
       const into = target.subarray(r.offset - offset, r.offset - offset + r.length);
       reads.push(this.readRun(r, into));
     }
-    await Promise.all(reads);
+    await settleAll(reads); // none may land in `target` after this fails
   }
 
   private async readRun(r: Qcow2Run, into: Uint8Array): Promise<void> {

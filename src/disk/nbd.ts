@@ -10,6 +10,7 @@
  */
 import net from 'node:net';
 import { VmvaultError } from '../errors.js';
+import { settleAll } from '../settle.js';
 import { ExactReader, negotiate, type Negotiated } from './nbd-handshake.js';
 import {
   DEFAULT_MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_CMD_WRITE,
@@ -185,7 +186,7 @@ export class NbdClient {
       const n = Math.min(this.maxRequest, dest.length - done);
       parts.push(this.send(NBD_CMD_READ, offset + done, n, { dest, destAt: done }));
     }
-    await Promise.all(parts);
+    await settleAll(parts); // none may land in `target` after this fails
   }
 
   /** Write `data` at `offset`. `data` must not change until the promise settles. */
@@ -196,7 +197,7 @@ export class NbdClient {
       const n = Math.min(this.maxRequest, data.length - done);
       parts.push(this.send(NBD_CMD_WRITE, offset + done, n, { payload: data.subarray(done, done + n) }));
     }
-    await Promise.all(parts);
+    await settleAll(parts); // `data` is the caller's again only once no part still sends it
   }
 
   /**
@@ -216,7 +217,7 @@ export class NbdClient {
         parts.push(this.write(offset + done, zeros.subarray(0, Math.min(zeros.length, length - done))));
       }
     }
-    await Promise.all(parts);
+    await settleAll(parts);
   }
 
   /** Persist every write already acknowledged. A no-op when the server has no write cache to flush. */

@@ -10,6 +10,7 @@ import type { ChunkPool } from './pool.js';
 import { dataBytes, planChunks, type ChunkPlan } from './plan.js';
 import { TaskWindow } from './window.js';
 import type { ProgressMeter } from './progress.js';
+import { settleAll } from '../settle.js';
 
 /** What changed since the previous backup of a disk, as its driver knows it. */
 export interface ChangedBlocks {
@@ -249,5 +250,7 @@ async function readPlan(client: Pick<BlockReader, 'extents' | 'readInto'>, plan:
     at = from + r.length;
   }
   buf.fill(0, Math.min(at, plan.length), plan.length);
-  await Promise.all(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
+  // Every read settles before this returns, a failed one's siblings too: the caller gives
+  // the slot back on failure, and a read still landing in it would change another chunk.
+  await settleAll(plan.data.map((r) => client.readInto(r.offset, buf.subarray(r.offset - plan.offset, r.offset - plan.offset + r.length))));
 }

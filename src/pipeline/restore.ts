@@ -24,6 +24,7 @@ import { withReadLock } from '../repo/locks.js';
 import { VM_NAME_RE, libvirtDisks, renameLibvirtDomain, rewriteLibvirtDiskPaths, type DiskTarget, type DomainIdentity } from './libvirt-xml.js';
 import { dataRuns } from './sparse.js';
 import { fsyncDir, mkdirs, writeNewFileSynced } from '../storage/local.js';
+import { settleAll } from '../settle.js';
 
 export interface RestoreRequest {
   backupId: string;
@@ -315,9 +316,7 @@ async function restoreDisk(
           // The new image reads as zeros already: write only the runs that hold data.
           runs = dataRuns(plain);
           // Every write settles before the slot is given back, a failed one's siblings too.
-          const written = await Promise.allSettled(runs.map((r) => out.write(offset + r.start, plain.subarray(r.start, r.end))));
-          const failed = written.find((w): w is PromiseRejectedResult => w.status === 'rejected');
-          if (failed) throw failed.reason;
+          await settleAll(runs.map((r) => out.write(offset + r.start, plain.subarray(r.start, r.end))));
         } finally {
           release();
         }
