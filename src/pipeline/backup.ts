@@ -58,6 +58,8 @@ export interface FrozenDisk extends NamedDisk {
    */
   audit?: boolean;
   fileStamp?: FileStamp;
+  /** The identity of each file of `chain` (DiskEntry.chainStamps). */
+  chainStamps?: FileStamp[];
   /**
    * The driver serves this disk itself (libvirt's NBD export of a pull-mode backup, or
    * the qemu-nbd that also serves the bitmap): the pipeline reads through a client
@@ -213,7 +215,7 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
       disks.push({
         ...(audit ? { audit: { unchanged: audit.unchanged, differing: audit.differing.length, offsets: audit.differing.sort((a, b) => a - b).slice(0, MAX_AUDIT_OFFSETS) } } : {}),
         name: disk.name, format: disk.format, formatSource: disk.formatSource, ...(disk.chain.length ? { chain: disk.chain } : {}),
-        mode: disk.mode, reason: disk.reason, ...(disk.bitmap ? { bitmap: disk.bitmap } : {}), ...(disk.fileStamp ? { fileStamp: disk.fileStamp } : {}),
+        mode: disk.mode, reason: disk.reason, ...(disk.bitmap ? { bitmap: disk.bitmap } : {}), ...(disk.fileStamp ? { fileStamp: disk.fileStamp } : {}), ...(disk.chainStamps?.length ? { chainStamps: disk.chainStamps } : {}),
         virtualSize: disk.virtualSize, sourcePath: disk.path, chunks,
       });
     }

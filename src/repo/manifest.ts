@@ -7,6 +7,9 @@ import * as z from 'zod';
 import { IntegrityError } from '../errors.js';
 import { IMAGE_FORMATS } from '../disk/qemu.js';
 
+/** A file's identity and times, to nanoseconds (change-tracking.ts statStamp). */
+const stampSchema = z.object({ dev: z.number(), ino: z.number(), size: z.number(), mtimeNs: z.string(), ctimeNs: z.string() });
+
 const hex64 = z.string().regex(/^[0-9a-f]{64}$/);
 
 export const diskSchema = z.object({
@@ -32,7 +35,13 @@ export const diskSchema = z.object({
   /** The persistent dirty bitmap this backup left in the image: it counts changes since this backup's instant. */
   bitmap: z.string().optional(),
   /** A raw image's file identity and times at this backup (restic's test for an unchanged file). */
-  fileStamp: z.object({ dev: z.number(), ino: z.number(), size: z.number(), mtimeNs: z.string(), ctimeNs: z.string() }).optional(),
+  fileStamp: stampSchema.optional(),
+  /**
+   * The identity of each file of `chain`, in its order: an incremental backup of a
+   * linked clone needs its backing files unchanged (its bitmap counts writes to the
+   * image only). Absent in older backups, and where a driver did not record it.
+   */
+  chainStamps: z.array(stampSchema).optional(),
   virtualSize: z.number().int().nonnegative(),
   sourcePath: z.string(),
   /** One entry per chunk of the virtual disk: the chunk id, or null for all zeros. */

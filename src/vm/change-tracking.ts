@@ -80,7 +80,7 @@ export function withAudit(d: NamedDisk, decision: Decision, policy: AuditPolicy)
 const full = (reason: string): Decision => ({ mode: 'full', reason });
 
 /** How a disk can be read, from what it is now and what its previous backup recorded. Pure. */
-export function decide(d: NamedDisk, opts: { fullRead?: boolean; stamp?: FileStamp }): Decision {
+export function decide(d: NamedDisk, opts: { fullRead?: boolean; stamp?: FileStamp; chainStamps?: FileStamp[] }): Decision {
   if (opts.fullRead) return full('a full read was asked for');
   if (d.format !== 'qcow2' && d.format !== 'raw') return full(`${d.format} images have no change tracking`);
   const prev = d.previous;
@@ -92,12 +92,18 @@ export function decide(d: NamedDisk, opts: { fullRead?: boolean; stamp?: FileSta
   if (p.chunks.length !== Math.ceil(d.virtualSize / prev.chunkSize)) return full(`${since} has a chunk list of another length`);
   if (d.format === 'raw') {
     if (!p.fileStamp || !opts.stamp) return full(`${since} recorded no file identity`);
-    const same = (Object.keys(opts.stamp) as (keyof FileStamp)[]).every((k) => opts.stamp![k] === p.fileStamp![k]);
-    return same
+    return sameStamp(opts.stamp, p.fileStamp)
       ? { mode: 'incremental', reason: `unchanged since ${since} (same device, inode, size, mtime and ctime)` }
       : full(`the raw image changed since ${since}`);
   }
   if (!p.bitmap) return full(`${since} left no bitmap`);
+  // A linked clone's bitmap counts writes to the image only, never to its backing files.
+  if (d.chain.length) {
+    if (!p.chainStamps || !opts.chainStamps) return full(`the image has a backing chain, and ${since} recorded no identity of its files: its bitmap counts writes to the image only`);
+    const same = p.chain?.length === d.chain.length && d.chain.every((f, i) => p.chain![i] === f) &&
+      p.chainStamps.length === opts.chainStamps.length && opts.chainStamps.every((s, i) => sameStamp(s, p.chainStamps![i]!));
+    if (!same) return full(`a file of the image's backing chain changed since ${since} (its bitmap counts writes to the image only)`);
+  }
   const bitmap = d.bitmaps.find((b) => b.name === p.bitmap);
   if (!bitmap) return full(`bitmap ${p.bitmap} of ${since} is missing from the image`);
   if (bitmap.flags.includes('in-use') || bitmap.flags.includes('inconsistent')) {
@@ -116,7 +122,7 @@ export interface NodeBitmap { name: string; recording: boolean; busy: boolean; p
  * bitmap (`untrackable` says why this one cannot, e.g. qcow2 version 2); one is trusted only if QEMU lists it on the disk's node, persistent,
  * recording, neither inconsistent (QEMU killed while it was in use) nor busy. Pure.
  */
-export function decideRunning(d: NamedDisk, onNode: readonly NodeBitmap[], opts: { fullRead?: boolean; untrackable?: string }): Decision {
+export function decideRunning(d: NamedDisk, onNode: readonly NodeBitmap[], opts: { fullRead?: boolean; untrackable?: string; chainStamps?: FileStamp[] }): Decision {
   if (opts.fullRead) return full('a full read was asked for');
   if (d.format !== 'qcow2') return full(`${d.format} disks of a running VM are read in full: only a qcow2 image can hold a dirty bitmap`);
   if (opts.untrackable) return full(opts.untrackable);
@@ -128,6 +134,16 @@ export function decideRunning(d: NamedDisk, onNode: readonly NodeBitmap[], opts:
   const used = onNode.find((b) => b.name === decision.since);
   if (decision.since && used && !used.persistent) return full(`bitmap ${used.name} is not persistent`);
   return decision;
+}
+
+/** Whether two stamps are of one file, unchanged. */
+function sameStamp(a: FileStamp, b: FileStamp): boolean {
+  return (Object.keys(a) as (keyof FileStamp)[]).every((k) => a[k] === b[k]);
+}
+
+/** The stamps of a disk's backing chain, in its order (none without one). */
+export function chainStamps(d: Pick<NamedDisk, 'chain'>): Promise<FileStamp[]> {
+  return Promise.all(d.chain.map(statStamp));
 }
 
 /** A file's identity and times, to nanoseconds. */

@@ -13,7 +13,7 @@ import type { NbdClient } from '../disk/nbd.js';
 import { prepareExports, retryIfOrphansHeld } from '../disk/qemu-nbd.js';
 import { inspectDisks, type ChangedBlocks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { bitmapExport, bitmapFromFile, bitmapName, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
+import { bitmapExport, bitmapFromFile, bitmapName, chainStamps, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
@@ -89,7 +89,8 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
 
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
 async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: { close(): Promise<void> }[]): Promise<Taken> {
-  const decision = withAudit(d, decide(d, { fullRead: opts.fullRead }), opts);
+  const stamps = await chainStamps(d);
+  const decision = withAudit(d, decide(d, { fullRead: opts.fullRead, chainStamps: stamps }), opts);
   // Nothing written since the previous backup (its bitmap, read from the file, is clean):
   // there is nothing to read, so no snapshot is taken, and that bitmap goes on counting
   // for the next backup (it holds the changes since an instant whose content this backup
@@ -104,7 +105,7 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
       if (await bitmapClean(d, since)) return;
       throw new VmvaultError('QEMU', `${d.path} was written to while this backup read it (it had found the disk unchanged and took no snapshot): run the backup again`, { retriable: true });
     };
-    return { disk: tracked(d, { ...decision, reason }, unchanged(d), { bitmap: since, verifyRead, readsNothing: true }) };
+    return { disk: tracked(d, { ...decision, reason }, unchanged(d), { bitmap: since, verifyRead, readsNothing: true, chainStamps: stamps }) };
   }
   opts.willRead?.();
   const newBitmap = bitmapName(opts.repoId, opts.backupId);
@@ -117,7 +118,7 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
   }
   const served = decision.since ? await changesSince(d, decision.since, snapshot, exports) : undefined;
   return {
-    disk: tracked(d, decision, served?.changes, { snapshot, bitmap: newBitmap, ...(served ? { connect: served.connect } : {}) }),
+    disk: tracked(d, decision, served?.changes, { snapshot, bitmap: newBitmap, chainStamps: stamps, ...(served ? { connect: served.connect } : {}) }),
     newBitmap, ...(d.previous?.entry.bitmap ? { oldBitmap: d.previous.entry.bitmap } : {}),
   };
 }

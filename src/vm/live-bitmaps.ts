@@ -27,7 +27,7 @@ import path from 'node:path';
 import { NbdClient } from '../disk/nbd.js';
 import { errorMessage, VmvaultError } from '../errors.js';
 import type { ChangedBlocks, FrozenDisk, NamedDisk } from '../pipeline/backup.js';
-import { bitmapName, decideRunning, ownBitmap, tracked, withAudit, type AuditPolicy, type NodeBitmap } from './change-tracking.js';
+import { bitmapName, chainStamps, decideRunning, ownBitmap, tracked, withAudit, type AuditPolicy, type NodeBitmap } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import type { TransactionAction } from './overlays.js';
 import type { AttachedDisk } from './qemu-blocks.js';
@@ -155,7 +155,8 @@ export class LiveTracking {
       const t = this.tracked.find((x) => x.index === i);
       if (t) Object.assign(t, { previous: d.previous?.entry.bitmap, previousKnown: true });
       const untrackable = this.untrackable.get(i);
-      let decision = withAudit(d, decideRunning(d, t ? onNodes.get(t.disk.topNode) ?? [] : [], { fullRead, ...(untrackable ? { untrackable } : {}) }), audit);
+      const stamps = await chainStamps(d);
+      let decision = withAudit(d, decideRunning(d, t ? onNodes.get(t.disk.topNode) ?? [] : [], { fullRead, chainStamps: stamps, ...(untrackable ? { untrackable } : {}) }), audit);
       let changes: ChangedBlocks | undefined;
       if (t && decision.since) {
         try {
@@ -165,7 +166,7 @@ export class LiveTracking {
           decision = { mode: 'full', reason: `bitmap ${decision.since} could not be read through QEMU's NBD server: ${errorMessage(err)}` };
         }
       }
-      out.push(tracked(d, decision, changes, t && this.added ? { bitmap: this.newBitmap } : {}));
+      out.push(tracked(d, decision, changes, { chainStamps: stamps, ...(t && this.added ? { bitmap: this.newBitmap } : {}) }));
     }
     return out;
   }

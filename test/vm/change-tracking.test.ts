@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { NamedDisk } from '../../src/pipeline/backup.js';
-import { bitmapName, decideRunning, ownBitmap, withAudit, type NodeBitmap } from '../../src/vm/change-tracking.js';
+import { bitmapName, decide, decideRunning, ownBitmap, withAudit, type NodeBitmap } from '../../src/vm/change-tracking.js';
 
 const MiB = 1024 * 1024;
 const P = `vmvault-${'a'.repeat(64)}`;
@@ -93,5 +93,24 @@ describe('bitmap names carry their repository', () => {
     assert.ok(!ownBitmap(repoB, bitmapName(repoA, id)), 'another repository\'s bitmap is left alone');
     assert.ok(ownBitmap(repoB, `vmvault-${id}`), 'a bitmap named before the repository tag is taken as one\'s own');
     for (const other of ['vmvault-export-1', 'vmvault-0123abcd', 'backup-nightly', `vmvault-${id}x`]) assert.ok(!ownBitmap(repoA, other), other);
+  });
+});
+
+describe('a linked clone (a disk with a backing chain)', () => {
+  const stamp = (mtimeNs: string) => ({ dev: 1, ino: 2, size: 3, mtimeNs, ctimeNs: mtimeNs });
+  const clone = (prevStamps?: ReturnType<typeof stamp>[], prevChain = ['/vm/base.qcow2']): NamedDisk => {
+    const d = disk({ chain: ['/vm/base.qcow2'], bitmaps: [{ name: P, flags: ['auto'] }] });
+    return { ...d, previous: { ...d.previous!, entry: { ...d.previous!.entry, chain: prevChain, ...(prevStamps ? { chainStamps: prevStamps } : {}) } } };
+  };
+  it('is incremental only while every backing file is the one the previous backup recorded, unchanged', () => {
+    assert.equal(decide(clone([stamp('1')]), { chainStamps: [stamp('1')] }).mode, 'incremental');
+    const changed = decide(clone([stamp('1')]), { chainStamps: [stamp('2')] });
+    assert.deepEqual([changed.mode, changed.since], ['full', undefined]);
+    assert.match(changed.reason, /a file of the image's backing chain changed since backup bbbbbbbbbbbb \(its bitmap counts writes to the image only\)/);
+    assert.match(decide(clone(), { chainStamps: [stamp('1')] }).reason, /recorded no identity of its files/, 'an older backup recorded none');
+    assert.equal(decide(clone([stamp('1')]), {}).mode, 'full', 'a driver that gives none');
+    assert.equal(decide(clone([stamp('1')], ['/vm/other.qcow2']), { chainStamps: [stamp('1')] }).mode, 'full', 'another backing file');
+    assert.equal(decideRunning(clone([stamp('1')]), [good], { chainStamps: [stamp('1')] }).mode, 'incremental');
+    assert.equal(decideRunning(clone([stamp('1')]), [good], { chainStamps: [stamp('9')] }).mode, 'full');
   });
 });

@@ -103,6 +103,26 @@ describe('image driver: the snapshot goes once everything is read', () => {
     await restoresIdentical(repo, second.manifest.id, img, path.join(dir.path, 'out-inc'), 'qcow2');
   });
 
+  it('a linked clone whose backing file changed is read in full (its bitmap counts writes to the clone only), and restores as qemu reads it', async () => {
+    const base = await makeImage(dir.path, 'base.qcow2', 'qcow2', 16 * MiB, [{ offset: 0, length: 4 * MiB, pattern: 0x11 }]);
+    const top = path.join(dir.path, 'clone.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    const disks = [{ path: top, format: 'qcow2' as const, allowChain: true }];
+    const first = await backupVm(repo, { vm: 'clone', driver: 'image', disks });
+    assert.deepEqual(first.manifest.disks[0]!.chain, [base]);
+    assert.equal(first.manifest.disks[0]!.chainStamps?.length, 1);
+    // Nothing written to the clone: its own bitmap stays clean. Unchanged base: nothing to read.
+    const same = await backupVm(repo, { vm: 'clone', driver: 'image', disks });
+    assert.equal(same.manifest.disks[0]!.mode, 'incremental', same.manifest.disks[0]!.reason);
+    // The base changes in place (an updated template): the clone reads differently, its bitmap says nothing.
+    await qemuIo(base, 'qcow2', ['write -P 0x22 0 4M']);
+    const second = await backupVm(repo, { vm: 'clone', driver: 'image', disks });
+    const entry = second.manifest.disks[0]!;
+    assert.equal(entry.mode, 'full');
+    assert.match(entry.reason!, /a file of the image's backing chain changed since backup/);
+    await restoresIdentical(repo, second.manifest.id, top, path.join(dir.path, 'out-clone'), 'raw');
+  });
+
   it('an unchanged disk is backed up without a snapshot or a new bitmap: the clean bitmap goes on counting, and the next change is caught', async () => {
     const img = await makeImage(dir.path, 'same.qcow2', 'qcow2', 16 * MiB, [{ offset: 2 * MiB, length: 5 * MiB, pattern: 0x61 }]);
     const first = await backupVm(repo, { vm: 'same', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
