@@ -52,6 +52,31 @@ function known(info: ExportInfo, name: string): boolean {
  * for something else (the connection should then be closed). Rejects on a protocol
  * violation or a dropped connection.
  */
+/**
+ * Reply bytes a connection may leave unread before the server stops reading its
+ * requests: a client that pipelines requests and never reads what they answer would
+ * otherwise make the server keep every reply in memory.
+ */
+export const REPLY_BACKLOG = 1024 * 1024;
+
+/**
+ * Resolves once `socket` can take more: at once unless a write was refused (it holds more
+ * than its high-water mark), else at its 'drain' (or close). Node emits 'drain' only
+ * after a refused write: waiting for it otherwise would wait for good.
+ */
+export function drained(socket: Socket): Promise<void> {
+  if (!socket.writableNeedDrain || socket.destroyed) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const done = (): void => {
+      socket.off('drain', done);
+      socket.off('close', done);
+      resolve();
+    };
+    socket.on('drain', done);
+    socket.on('close', done);
+  });
+}
+
 export async function serveHandshake(socket: Socket, reader: ExactReader, info: ExportInfo): Promise<Agreed | undefined> {
   const greeting = Buffer.allocUnsafe(18);
   greeting.writeBigUInt64BE(NBD_INIT_MAGIC, 0);
@@ -74,6 +99,12 @@ export async function serveHandshake(socket: Socket, reader: ExactReader, info: 
   const refuse = (opt: number, type: number, why: string): void => reply(opt, type, Buffer.from(why, 'utf8'));
 
   for (;;) {
+    // A client that sends options without reading the replies: stop reading it until it does.
+    if (socket.writableLength > REPLY_BACKLOG) {
+      socket.pause();
+      await drained(socket);
+      socket.resume();
+    }
     const head = await reader.read(16);
     if (head.readBigUInt64BE(0) !== NBD_OPTS_MAGIC) throw new VmvaultError('NBD', 'NBD client sent an option without the IHAVEOPT magic');
     const opt = head.readUInt32BE(8);

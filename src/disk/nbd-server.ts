@@ -12,17 +12,22 @@
  *   never receives bytes the source did not vouch for.
  * - Memory is bounded by design: a connection serves at most PER_CONNECTION_ACTIVE
  *   requests at once and stops reading the socket while PER_CONNECTION_QUEUED more
- *   wait; a request writes one run at a time and waits for the socket to drain before
- *   the next; at most `loads` runs are being produced at once across all connections;
- *   and connections beyond `maxConnections` are refused.
+ *   wait, or while more than REPLY_BACKLOG bytes of replies are unread; a request
+ *   writes one run at a time and waits for the socket to drain before the next; a
+ *   read without structured replies (whole before it is sent, so that an error can
+ *   still be told) takes its bytes from SIMPLE_READ_BUDGET across all connections
+ *   until they are written; at most `loads` runs are being produced at once across
+ *   all connections; and connections beyond `maxConnections`, or beyond
+ *   PER_PEER_CONNECTIONS from one TCP address, are refused.
  * - Writes are refused with EPERM (the export is read-only), after their payload has
  *   been read and dropped, so the stream stays in step.
  */
 import net from 'node:net';
 import { rm, stat } from 'node:fs/promises';
 import { VmvaultError, errnoCode, errorMessage } from '../errors.js';
+import { ByteBudget } from '../byte-budget.js';
 import { ExactReader } from './nbd-handshake.js';
-import { serveHandshake, type Agreed, type ExportInfo } from './nbd-server-options.js';
+import { REPLY_BACKLOG, drained, serveHandshake, type Agreed, type ExportInfo } from './nbd-server-options.js';
 import {
   DEFAULT_MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH,
   NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_EPERM,
@@ -73,10 +78,17 @@ const PER_CONNECTION_QUEUED = 32;
 /** Block status answers at most this many descriptors at once; the client asks again for the rest. */
 const MAX_DESCRIPTORS = 4096;
 const HANDSHAKE_TIMEOUT_MS = 30_000;
+/** Connections from one TCP address at once: one client cannot take every connection. */
+const PER_PEER_CONNECTIONS = 16;
+/** Bytes of reads without structured replies produced and not yet written, across all connections. */
+const SIMPLE_READ_BUDGET = 256 * 1024 * 1024;
+/** How long a client that sent NBD_CMD_DISC may keep its side of the connection open. */
+const DISCONNECT_GRACE_MS = 5_000;
 
 export class NbdServer {
   private readonly connections = new Set<net.Socket>();
   private readonly loads: Limiter;
+  private readonly simpleBytes = new ByteBudget(SIMPLE_READ_BUDGET);
   private readonly info: ExportInfo;
   private closed = false;
 
@@ -123,8 +135,10 @@ export class NbdServer {
 
   private accept(socket: net.Socket): void {
     const max = this.opts.maxConnections ?? 64;
-    if (this.closed || this.connections.size >= max) {
-      this.opts.log?.warn({ connections: this.connections.size }, 'NBD connection refused: too many connections');
+    const peer = socket.remoteAddress;
+    const fromPeer = peer === undefined ? 0 : [...this.connections].filter((s) => s.remoteAddress === peer).length;
+    if (this.closed || this.connections.size >= max || fromPeer >= PER_PEER_CONNECTIONS) {
+      this.opts.log?.warn({ connections: this.connections.size, ...(peer ? { peer, fromPeer } : {}) }, 'NBD connection refused: too many connections');
       socket.destroy();
       return;
     }
@@ -157,7 +171,7 @@ export class NbdServer {
       socket.end();
       return;
     }
-    const t = new Transmission(socket, this.opts.source, agreed, this.loads, this.info.maxPayload);
+    const t = new Transmission(socket, this.opts.source, agreed, this.loads, this.simpleBytes, this.info.maxPayload);
     socket.on('data', (d: Buffer) => t.push(d));
     const leftover = reader.leftover();
     if (leftover.length > 0) t.push(leftover);
@@ -217,17 +231,36 @@ class Transmission {
   private disconnecting = false;
   private dead = false;
   private zeros: Buffer | undefined;
+  /** Requests not yet parsed, kept while the client leaves more than REPLY_BACKLOG of replies unread. */
+  private held: Buffer | undefined;
 
   constructor(
     private readonly socket: net.Socket, private readonly source: NbdSource, private readonly agreed: Agreed,
-    private readonly loads: Limiter, private readonly maxPayload: number,
+    private readonly loads: Limiter, private readonly simpleBytes: ByteBudget, private readonly maxPayload: number,
   ) {
     socket.on('close', () => { this.dead = true; });
   }
 
   push(data: Buffer): void {
+    if (this.held) {
+      this.held = Buffer.concat([this.held, data]);
+      return;
+    }
     let pos = 0;
     while (pos < data.length && !this.dead && !this.disconnecting) {
+      // Replies answered at once (writes refused, flushes) are not queued: a client that
+      // sends them without reading what they answer is read no further until it does.
+      if (this.socket.writableLength > REPLY_BACKLOG) {
+        this.held = data.subarray(pos);
+        this.socket.pause();
+        void drained(this.socket).then(() => {
+          const rest = this.held!;
+          this.held = undefined;
+          this.resume();
+          this.push(rest);
+        });
+        return;
+      }
       if (this.discard > 0) {
         const n = Math.min(this.discard, data.length - pos);
         this.discard -= n;
@@ -287,16 +320,25 @@ class Transmission {
       this.active++;
       void this.handle(r).catch(() => this.socket.destroy()).finally(() => {
         this.active--;
-        if (this.queue.length <= PER_CONNECTION_QUEUED / 2 && !this.disconnecting) this.socket.resume();
+        this.resume();
         this.pump();
         this.maybeEnd();
       });
     }
   }
 
+  /** Reads requests again, unless too many wait or replies are held up. */
+  private resume(): void {
+    if (this.queue.length <= PER_CONNECTION_QUEUED / 2 && !this.disconnecting && !this.held && !this.dead) this.socket.resume();
+  }
+
   /** After NBD_CMD_DISC: answer what was asked before it, then close. */
   private maybeEnd(): void {
-    if (this.disconnecting && this.active === 0 && this.queue.length === 0 && !this.dead) this.socket.end();
+    if (this.disconnecting && this.active === 0 && this.queue.length === 0 && !this.dead) {
+      this.socket.end();
+      // A client that keeps its side open would hold a connection for good.
+      setTimeout(() => this.socket.destroy(), DISCONNECT_GRACE_MS).unref();
+    }
   }
 
   private async handle(r: Request): Promise<void> {
@@ -342,8 +384,15 @@ class Transmission {
     }
   }
 
-  /** Without structured replies the error goes in the header, so every run is produced before anything is sent. */
-  private async readSimple(r: Request): Promise<void> {
+  /**
+   * Without structured replies the error goes in the header, so every run is produced
+   * before anything is sent: its bytes are taken from the server's budget until written.
+   */
+  private readSimple(r: Request): Promise<void> {
+    return this.simpleBytes.run(r.length, () => this.produceSimple(r));
+  }
+
+  private async produceSimple(r: Request): Promise<void> {
     const parts: Buffer[] = [];
     try {
       for (const run of this.source.layout(r.offset, r.length)) {
@@ -358,6 +407,7 @@ class Transmission {
       return this.simple(r, NBD_EIO);
     }
     await this.send([this.simpleHeader(r, 0), ...parts]);
+    await drained(this.socket);
   }
 
   private simpleHeader(r: Request, errno: number): Buffer {
@@ -399,15 +449,6 @@ class Transmission {
     if (this.dead) throw new VmvaultError('NBD', 'connection closed', { retriable: false });
     let ok = true;
     for (const b of bufs) ok = this.socket.write(b);
-    if (ok) return;
-    await new Promise<void>((resolve) => {
-      const done = (): void => {
-        this.socket.off('drain', done);
-        this.socket.off('close', done);
-        resolve();
-      };
-      this.socket.on('drain', done);
-      this.socket.on('close', done);
-    });
+    if (!ok) await drained(this.socket);
   }
 }

@@ -33,7 +33,7 @@ import { additionalData, open, seal } from '../crypto/seal.js';
 import type { Storage } from '../storage/storage.js';
 import { isChunkId } from './chunk.js';
 import { RECORD_READ_BUDGET, SMALL_OBJECT_MAX_BYTES, VERIFICATION_RECORD_MAX_BYTES } from './object-limits.js';
-import { ByteBudget } from './byte-budget.js';
+import { ByteBudget } from '../byte-budget.js';
 
 /** What this module needs of a repository (Repository has it). */
 export interface HealthRepo {

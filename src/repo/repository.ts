@@ -23,7 +23,7 @@ import { quarantinedChunkIds, release, removeVerification } from './health.js';
 import { ChunkIndex, INDEX_OBJECT_ENTRIES, indexNames, loadPrefixes, sealIndex } from './chunk-index.js';
 import { MANIFEST_MAX_BYTES, MANIFEST_READ_BUDGET, SMALL_OBJECT_MAX_BYTES } from './object-limits.js';
 import { IndexCache, SummaryCache, defaultCacheDir } from './index-cache.js';
-import { ByteBudget } from './byte-budget.js';
+import { ByteBudget } from '../byte-budget.js';
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024;
 

@@ -13,7 +13,7 @@ import { NbdClient } from '../../src/disk/nbd.js';
 import { ExactReader } from '../../src/disk/nbd-handshake.js';
 import { NbdServer, type NbdSource, type SourceRun } from '../../src/disk/nbd-server.js';
 import {
-  NBD_CMD_DISC, NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST,
+  NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST,
   NBD_REP_ACK, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_SERVER, NBD_SIMPLE_REPLY_MAGIC, encodeOption, encodeRequest, lengthPrefixed, readU64,
 } from '../../src/disk/nbd-protocol.js';
 import { VmvaultError } from '../../src/errors.js';
@@ -140,6 +140,81 @@ describe('NBD server', () => {
       await new Promise<void>((resolve) => socket.once('close', () => resolve()));
     } finally {
       socket.destroy();
+    }
+  });
+
+  test('a client that sends requests without reading the replies is read no further: the replies the server holds stay bounded, and the client gets every one once it reads', async () => {
+    /** The most reply bytes any of the server's connections holds unwritten. */
+    const serverBacklog = () => Math.max(0, ...[...(server['connections'] as Set<net.Socket>)].map((c) => c.writableLength));
+    /**
+     * Writes `data`, and waits until the server's reply backlog stops growing (client
+     * and server share this event loop): it must stay near its 1 MiB bound, where it
+     * would hold every reply if the server went on reading.
+     */
+    const flood = async (socket: net.Socket, data: Buffer) => {
+      socket.write(data);
+      let last = -1;
+      for (let still = 0; still < 3;) {
+        await new Promise((r) => setTimeout(r, 150));
+        still = serverBacklog() === last ? still + 1 : 0;
+        last = serverBacklog();
+      }
+      assert.ok(serverBacklog() < 2 * 1024 * KiB, `the server holds ${serverBacklog()} bytes of replies`);
+    };
+    const { socket, reader } = await raw();
+    try {
+      // In the handshake: 100,000 NBD_OPT_LIST, 5.6 MB of replies.
+      socket.pause();
+      const lists = Buffer.concat(Array.from({ length: 100_000 }, () => encodeOption(NBD_OPT_LIST)));
+      await flood(socket, lists);
+      socket.resume();
+      for (let i = 0; i < 100_000; i++) {
+        assert.equal((await optionReply(reader)).type, NBD_REP_SERVER);
+        assert.equal((await optionReply(reader)).type, NBD_REP_ACK);
+      }
+      socket.write(encodeOption(NBD_OPT_GO, Buffer.concat([lengthPrefixed('disk'), Buffer.from([0, 0])])));
+      let r;
+      do r = await optionReply(reader); while (r.type !== NBD_REP_ACK);
+      // In transmission: 200,000 flushes (answered at once, never queued), 3.2 MB of replies.
+      socket.pause();
+      const flushes = Buffer.concat(Array.from({ length: 200_000 }, (_, i) => encodeRequest(0, NBD_CMD_FLUSH, i, 0, 0)));
+      await flood(socket, flushes);
+      socket.resume();
+      for (let i = 0; i < 200_000; i++) {
+        const head = await reader.read(16);
+        assert.equal(head.readUInt32BE(4), 0);
+        assert.equal(readU64(head, 8), i);
+      }
+      // Still in step: a read after them all.
+      socket.write(encodeRequest(0, NBD_CMD_READ, 7, 0, 4));
+      const ok = await reader.read(16);
+      assert.equal(readU64(ok, 8), 7);
+      assert.deepEqual(Buffer.from(await reader.read(4)), expected(0, 4));
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  test('one TCP address gets 16 connections at once, not every one the server has', async () => {
+    const tcp = await NbdServer.listen({ host: '127.0.0.1', port: 0 }, { source, name: 'disk' });
+    const port = 'port' in tcp.address ? tcp.address.port : 0;
+    const open: net.Socket[] = [];
+    /** A connection, and whether the server greets it (a refused one is closed at once). */
+    const connect = () => new Promise<boolean>((resolve) => {
+      const s = net.createConnection(port, '127.0.0.1');
+      open.push(s);
+      s.once('data', () => resolve(true));
+      s.once('close', () => resolve(false));
+    });
+    try {
+      for (let i = 0; i < 16; i++) assert.equal(await connect(), true, `connection ${i + 1}`);
+      assert.equal(await connect(), false, 'the 17th from the same address is refused');
+      open[0]!.destroy();
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(await connect(), true, 'one closed: room for another');
+    } finally {
+      for (const s of open) s.destroy();
+      await tcp.close();
     }
   });
 

@@ -1,11 +1,11 @@
 /**
- * ByteBudget (src/repo/byte-budget.ts), pure logic: reads in flight never add up past
+ * ByteBudget (src/byte-budget.ts), pure logic: reads in flight never add up past
  * the budget, except one alone; waiters go in order; a failing read gives its bytes back.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ByteBudget } from '../../src/repo/byte-budget.js';
+import { ByteBudget } from '../src/byte-budget.js';
 
 test('reads in flight stay within the budget, one larger than it goes alone, and all finish', async () => {
   const budget = new ByteBudget(100);
