@@ -58,6 +58,9 @@ export interface ReadChunksOptions {
   startAt?: (n: number) => number;
 }
 
+/** Stats of chunks taken unread asked of storage at once (checkUnread). */
+const UNREAD_CHECKS = 32;
+
 /** Block status is asked for, and dirty ranges looked at, this much of the disk at a time. */
 const STATUS_WINDOW = 1024 * 1024 * 1024;
 
@@ -122,11 +125,16 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
 
   /** A previous chunk id may stand when it is all zeros or storage has that chunk (not collected, not quarantined). */
   const reusable = (prev: string | null) => prev === null || known.has(prev);
+  /** Chunks taken unread: index → id. Storage is asked for each before the disk is done (checkUnread). */
+  const unread = new Map<number, string>();
   /** Takes chunk `index` (`length` bytes) from the previous backup, unread. */
   const takePrevious = (index: number, prev: string | null, length: number) => {
     ids[index] = prev;
     if (prev === null) stats.chunksZero++;
-    else stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
+    else {
+      stats.chunksUnchanged = (stats.chunksUnchanged ?? 0) + 1;
+      unread.set(index, prev);
+    }
     meter.add(length);
   };
   /** A window with nothing dirty whose previous chunks storage all has: taken whole, without even asking for its extents. */
@@ -175,6 +183,7 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     for (const stream of streams) await stream.return(undefined);
   }
   await window.drain();
+  if (window.ok) await checkUnread();
   if (audit) {
     for (const [index, prev] of expected) {
       audit.unchanged++;
@@ -182,6 +191,38 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     }
   }
   return ids;
+
+  /**
+   * The chunks taken unread stand on the index's word, which is wrong where storage lost
+   * an object behind vmvault's back (a restored bucket, a deleted file): each is asked
+   * of storage once (a stat, UNREAD_CHECKS at a time: requests bounded by this disk, not
+   * the repository), and one storage lacks is read from the disk and uploaded like any
+   * other, before the manifest that uses it commits. Counted in the index's `missing`.
+   */
+  async function checkUnread(): Promise<void> {
+    const wanted = [...new Set(unread.values())];
+    const lacking = new Set<string>();
+    const check = new TaskWindow(UNREAD_CHECKS);
+    for (const id of wanted) await check.add(async () => { if (!(await known.present(id))) lacking.add(id); });
+    await check.drain();
+    if (lacking.size === 0) return;
+    for (const [index, id] of unread) {
+      if (!lacking.has(id)) continue;
+      stats.chunksUnchanged = (stats.chunksUnchanged ?? 1) - 1;
+      const start = index * chunkSize;
+      const end = Math.min(size, start + chunkSize);
+      for (const plan of planChunks(await (await client()).extents(start, end - start), start, end, chunkSize)) {
+        if (plan.data.length === 0) {
+          ids[plan.index] = null;
+          stats.chunksZero++;
+          continue;
+        }
+        meter.add(-plan.length); // counted when it was taken; counted again when read
+        await window.add(() => one(plan));
+      }
+    }
+    await window.drain();
+  }
 
   /** The chunks to read in windows [from, to) of the reading order, window by window (each asked about when reached). */
   async function* planWindows(from: number, to: number): AsyncGenerator<ChunkPlan, void, undefined> {

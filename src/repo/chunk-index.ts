@@ -219,8 +219,8 @@ function contains(sorted: BigUint64Array, p: bigint): boolean {
  * - `has(id)`, for a chunk the backup does not read (unchanged since the previous
  *   backup of the disk): the index's claim, minus quarantined chunks (repo/health.ts).
  *   gc never deletes a chunk a manifest references, so the claim is true unless storage
- *   lost the object behind vmvault's back; verify finds that and quarantines the chunk,
- *   and the next backup then reads it again.
+ *   lost the object behind vmvault's back; the reader asks `present` of each such chunk
+ *   before the disk is done (chunk-reader.ts checkUnread), and reads one storage lacks.
  * - `present(id)`, for a chunk the backup has just read and hashed: one stat of its
  *   object, once per session. A chunk the index claims but storage lacks is uploaded
  *   again; a chunk storage has but the index does not know (uploaded by a backup killed

@@ -166,16 +166,13 @@ describe('incremental backups of offline images', () => {
     assert.ok(first.id);
   });
 
-  test('a chunk the previous backup used but storage lost is read and uploaded again once verify has found it', async () => {
+  test('a chunk the previous backup used but storage lost is read and uploaded again before the incremental commits, with no verify in between', async () => {
     const { repo, env } = await initRepo(local);
     const img = await makeImage(work, 'lost.qcow2', 'qcow2', 64 * MiB, BASE);
     await backupAndCheck(env, img);
     const chunks = [...(await objects(repo)).keys()].filter((k) => k.startsWith('chunks/'));
+    // Lost behind vmvault's back: the chunk index still lists it, and change tracking calls its data unchanged.
     await rm(join(repo, chunks[0]!));
-    // An unchanged chunk is taken on the chunk index's word (no request per chunk); the loss
-    // happened behind vmvault's back, and verify is what finds it and quarantines the chunk.
-    const found = await cli(['verify', '--json'], env);
-    assert.equal(JSON.parse(found.stdout).ok, false, found.stderr);
     await writePattern(img, 'qcow2', 50 * MiB, MiB, 0x50);
     const healed = await backupAndCheck(env, img);
     assert.equal(healed.disk.mode, 'incremental');

@@ -126,6 +126,32 @@ describe('chunk index', () => {
     }
   });
 
+  test('an unchanged disk whose chunk storage lost: the chunks taken unread are asked of storage once each, the lost one is read and uploaded, and the backup restores identical', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const img = await makeImage(dir.path, 'u.qcow2', 'qcow2', 8 * MiB, random(6, 5));
+      const first = await backupVm(repo, { vm: 'u', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      const stored = first.manifest.disks[0]!.chunks.filter((c): c is string => c !== null);
+      await storage.delete(chunkName(stored[2]!));
+      storage.reset();
+      const warnings: string[] = [];
+      const again = await Repository.open(storage, PASSWORD, { cacheDir: false, onWarning: (m) => warnings.push(m) });
+      const second = await backupVm(again, { vm: 'u', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      const disk = second.manifest.disks[0]!;
+      assert.equal(disk.mode, 'incremental', disk.reason);
+      assert.equal(second.stats.chunksNew, 1, 'the lost chunk, read from the disk again');
+      assert.equal(second.stats.chunksUnchanged, stored.length - 1);
+      assert.equal(second.stats.bytesRead, MiB, 'that chunk alone was read');
+      assert.equal(storage.n('stat chunks/'), new Set(stored).size, 'one stat per distinct chunk taken unread');
+      assert.equal(storage.n('list chunks/'), 0);
+      assert.ok(warnings.some((w) => /1 chunk\(s\) the chunk index lists were missing from storage/.test(w)), warnings.join('\n'));
+      await restoredEqual(again, second.manifest.id, img, join(dir.path, 'out-u2'));
+      await restoredEqual(again, first.manifest.id, img, join(dir.path, 'out-u1'));
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
   test('a chunk object left empty or cut short by a crash is neither reused nor counted present: the next backup of that data replaces it, verify finds it unread', async () => {
     const { dir, storage, repo } = await setup();
     try {
