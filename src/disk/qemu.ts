@@ -164,16 +164,35 @@ export async function snapshotDelete(file: string, name: string, opts: { known?:
   await runOn('qemu-img', abs, ['snapshot', '-q', '-d', name, await qcow2WithoutBacking(abs)]);
 }
 
-/** `qemu-img snapshot -d|-a NAME` once the snapshot is known to exist (NotFoundError otherwise). */
+/** `qemu-img snapshot -d|-a NAME` once the snapshot is known to exist (NotFoundError otherwise) and to be the only one NAME can mean. */
 async function onExistingSnapshot(file: string, name: string, op: '-d' | '-a'): Promise<void> {
   const abs = path.resolve(file);
   checkSnapshotName(name, abs);
   await mustExist(abs);
   const j = await infoJson(abs, 'qcow2');
-  if (!(j.snapshots ?? []).some((s) => s.name === name)) {
+  const snapshots = (j.snapshots ?? []).map((s) => ({ id: String(s.id), name: s.name }));
+  if (!snapshots.some((s) => s.name === name)) {
     throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
   }
+  const ambiguous = ambiguousSnapshot(snapshots, name, abs);
+  if (ambiguous) throw ambiguous;
   await runOn('qemu-img', abs, ['snapshot', '-q', op, name, await qcow2WithoutBacking(abs)]);
+}
+
+/**
+ * Why `name` does not name one snapshot of `where` for QEMU, or undefined when it does.
+ * QEMU (qemu-img snapshot -a and -d, snapshot-load, snapshot-delete) takes the first
+ * snapshot whose id or name is the tag, ids first; an id is any string the image holds,
+ * so an image (its guest's, or a copied one) could carry a snapshot whose id is the name
+ * of another, and a revert would load that one.
+ */
+export function ambiguousSnapshot(snapshots: readonly { id: string; name: string }[], name: string, where: string): VmvaultError | undefined {
+  const named = snapshots.filter((s) => s.name === name);
+  const byId = snapshots.filter((s) => s.id === name && s.name !== name);
+  if (named.length <= 1 && byId.length === 0) return undefined;
+  const what = [...named.map((s) => `id ${s.id} named "${s.name}"`), ...byId.map((s) => `id "${s.id}" named "${s.name}"`)].join(', ');
+  return new VmvaultError('AMBIGUOUS', `snapshot name "${name}" means more than one snapshot of ${where} (${what}): QEMU would take the first whose id or name matches, ` +
+    'ids first. Nothing was changed. Look at them with "qemu-img snapshot -l", and delete or rename the one that is not yours (qemu-img snapshot -d ID, on a copy first if unsure)');
 }
 
 /**

@@ -18,7 +18,7 @@
 import path from 'node:path';
 import { errorMessage, NotFoundError, VmvaultError } from '../errors.js';
 import {
-  bitmapChange, imageInfo, snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
+  ambiguousSnapshot, bitmapChange, imageInfo, snapshotApply, snapshotCreate, snapshotDelete, snapshotList, type ImageFormat, type InternalSnapshot,
 } from '../disk/qemu.js';
 import { inspectDisk } from '../disk/inspect.js';
 import { BITMAP_PREFIX } from './change-tracking.js';
@@ -134,6 +134,11 @@ class OfflineDriver implements SnapshotDriver {
 
   async revert(name: string): Promise<void> {
     await this.inspect(); // Every image, before any is changed: IMAGE_LOCKED when a VM runs on one.
+    // And on every image, the name means one snapshot: QEMU takes ids first (ambiguousSnapshot).
+    for (const d of this.target.disks) {
+      const ambiguous = ambiguousSnapshot(await snapshotList(d.path), name, `disk image ${path.resolve(d.path)}`);
+      if (ambiguous) throw ambiguous;
+    }
     // A revert changes the disks behind change tracking's back (and qemu refuses it while
     // bitmaps exist): vmvault's bitmaps go, and the next backup reads these disks in full.
     for (const d of this.target.disks) {
@@ -264,6 +269,10 @@ class RunningDriver implements SnapshotDriver {
 
   async revert(name: string): Promise<void> {
     const nodes = await this.nodes();
+    for (const n of nodes) {
+      const ambiguous = ambiguousSnapshot(n.snapshots, name, `the disk of node ${n.node} of VM "${this.target.vm}"`);
+      if (ambiguous) throw ambiguous;
+    }
     const holder = nodes.find((n) => n.snapshots.some((s) => s.name === name && s.vmStateSize > 0));
     if (!holder) {
       throw new VmvaultError('UNSUPPORTED',

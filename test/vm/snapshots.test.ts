@@ -140,6 +140,27 @@ describe('snapshots of a stopped VM (qemu-img)', () => {
     assert.match(noConfig.stderr, /no configuration: pass --config FILE or set VMVAULT_CONFIG/);
   });
 
+  test('a snapshot whose id is the name of another (an image can carry any id) makes a revert refuse, changing nothing', async () => {
+    const s = await setup();
+    // A snapshot whose 14-byte name becomes id "nightly" + name "planted!" in place (the same 15 bytes).
+    await qemuIo(s.a, 'qcow2', ['write -P 0xaa 0 64k']);
+    await execa('qemu-img', ['snapshot', '-c', 'ABCDEFGHIJKLMN', s.a]);
+    const img = await readFile(s.a);
+    const table = Number(img.readBigUInt64BE(64));
+    const extra = img.readUInt32BE(table + 36);
+    img.writeUInt16BE(7, table + 12);
+    img.writeUInt16BE(8, table + 14);
+    img.write('nightlyplanted!', table + 40 + extra, 'latin1');
+    await writeFile(s.a, img);
+    assert.deepEqual((await snapshotList(s.a)).map((x) => [x.id, x.name]), [['nightly', 'planted!']]);
+    await qemuIo(s.a, 'qcow2', ['write -P 0x00 0 64k']);
+    await createSnapshot(s.web, { name: 'nightly' }, { stateDir: s.stateDir });
+    await qemuIo(s.a, 'qcow2', ['write -P 0xbb 0 64k']);
+    await assert.rejects(revertSnapshot(s.web, 'nightly', { stateDir: s.stateDir }), (e: VmvaultError) =>
+      e.code === 'AMBIGUOUS' && /snapshot name "nightly" means more than one snapshot of .*a\.qcow2 \(id \d+ named "nightly", id "nightly" named "planted!"\).*Nothing was changed/.test(e.message));
+    await verifyPatterns(s.a, 'qcow2', [{ offset: 0, length: 64 * 1024, pattern: 0xbb }]);
+  });
+
   test('a VM running under the offline driver is never reverted: IMAGE_LOCKED, no disk changed', async () => {
     const s = await setup();
     await createSnapshot(s.web, { name: 'pre' }, { stateDir: s.stateDir });
