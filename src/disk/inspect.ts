@@ -78,11 +78,14 @@ async function withReader<T>(abs: string, fn: (read: ReadAt) => Promise<T>): Pro
 
 async function detect(read: ReadAt, abs: string, what: string, pinned: ImageFormat | undefined): Promise<ImageFormat> {
   const probe = await probeFormat(read);
+  // The pin first: a raw disk's guest writes any header it likes into sector 0, and advice
+  // to convert what is now only its data would let qemu take the format from the guest.
+  const now = 'foreign' in probe ? probe.foreign : probe.format;
+  if (pinned !== undefined && pinned !== now) {
+    throw new VmvaultError('UNSAFE_IMAGE', `${what} was ${pinned} and now looks like ${now}: set its format in the inventory (format: ${pinned} if the VM still uses it as ${pinned}, --format with the CLI); nothing was read`);
+  }
   if ('foreign' in probe) {
     throw new VmvaultError('UNSUPPORTED', `${what} looks like a ${probe.foreign} image, which vmvault does not read: convert it (qemu-img convert -O qcow2), or if the VM uses it as a raw disk, set format: raw for it in the inventory (--format raw)`);
-  }
-  if (pinned !== undefined && pinned !== probe.format) {
-    throw new VmvaultError('UNSAFE_IMAGE', `${what} was ${pinned} and now looks like ${probe.format}: set its format in the inventory (format: ${pinned} if the VM still uses it as ${pinned}, --format with the CLI); nothing was read`);
   }
   return probe.format;
 }
