@@ -144,7 +144,28 @@ export async function inspectDisks(repo: Repository, vm: string, disks: BackupDi
     const pin = d.format === undefined ? prev?.entry.format as ImageFormat | undefined : undefined;
     out.push({ ...(await inspectDisk({ ...d, name, ...(pin ? { pinned: pin } : {}) })), name, ...(prev ? { previous: prev } : {}) });
   }
+  checkChunkCount(vm, out, repo.chunkSize);
   return out;
+}
+
+/**
+ * The most chunks one backup's disks may have. A manifest is one JSON string, which V8
+ * caps at 2^29 - 24 characters: at 67 characters a chunk id, about 8 million ids
+ * (object-limits.ts MANIFEST_MAX_BYTES). A disk's virtual size is what its image says
+ * (a crafted qcow2 header claims petabytes in a few MiB): refused before anything is
+ * read, rather than a backup that runs out of memory or a manifest no vmvault can read.
+ */
+export const MAX_BACKUP_CHUNKS = 8_000_000;
+
+/** Refuses a backup whose disks have more than MAX_BACKUP_CHUNKS chunks of `chunkSize`. */
+export function checkChunkCount(vm: string, disks: readonly { name: string; virtualSize: number }[], chunkSize: number): void {
+  const chunks = disks.reduce((n, d) => n + Math.ceil(d.virtualSize / chunkSize), 0);
+  if (chunks <= MAX_BACKUP_CHUNKS) return;
+  const tib = (n: number) => `${(n / 2 ** 40).toFixed(1)} TiB`;
+  const sizes = disks.map((d) => `"${d.name}" ${tib(d.virtualSize)}`).join(', ');
+  throw new VmvaultError('UNSUPPORTED', `VM "${vm}" has ${chunks} chunks of ${chunkSize / 2 ** 20} MiB in its disks (${sizes}): one backup holds at most ` +
+    `${MAX_BACKUP_CHUNKS} (${tib(MAX_BACKUP_CHUNKS * chunkSize)} at this repository's chunk size). Check the disks' virtual sizes (qemu-img info); ` +
+    'for disks this large, back them up into a repository with larger chunks (vmvault init --chunk-size), or one disk per backup; nothing was read');
 }
 
 /**
@@ -182,6 +203,7 @@ export function readySlots(repo: Repository, req: Pick<BackupOptions, 'inFlight'
 export async function backup(repo: Repository, req: BackupRequest): Promise<BackupResult> {
   const started = Date.now();
   if (req.disks.length === 0) throw new VmvaultError('BAD_INPUT', `no disk given for VM "${req.vm}"`);
+  checkChunkCount(req.vm, req.disks, repo.chunkSize);
   const configs = await readConfigs(req.configs ?? []);
   // A shared lock: garbage collection (exclusive) cannot delete the chunks this backup reuses.
   return withLock(repo, 'shared', { purpose: `backup of ${req.vm}` }, (lock) => run(repo, req, configs, started, lock));

@@ -123,6 +123,14 @@ describe('image driver: the snapshot goes once everything is read', () => {
     await restoresIdentical(repo, second.manifest.id, top, path.join(dir.path, 'out-clone'), 'raw');
   });
 
+  it('a disk whose header claims more than a backup can hold (40 TiB in a few MiB of file) is refused before anything is read or changed', async () => {
+    const huge = path.join(dir.path, 'huge.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=2M', huge, '40T']);
+    await assert.rejects(backupVm(repo, { vm: 'huge', driver: 'image', disks: [{ path: huge, format: 'qcow2' }] }), (e: Error & { code?: string }) =>
+      e.code === 'UNSUPPORTED' && /VM "huge" has 10485760 chunks of 4 MiB in its disks \("huge" 40\.0 TiB\): one backup holds at most 8000000 \(30\.5 TiB .*vmvault init --chunk-size.*nothing was read/.test(e.message));
+    assert.deepEqual(await infoOf(huge), { bitmaps: [], snapshots: [] }, 'no bitmap, no snapshot');
+  });
+
   it('an unchanged disk is backed up without a snapshot or a new bitmap: the clean bitmap goes on counting, and the next change is caught', async () => {
     const img = await makeImage(dir.path, 'same.qcow2', 'qcow2', 16 * MiB, [{ offset: 2 * MiB, length: 5 * MiB, pattern: 0x61 }]);
     const first = await backupVm(repo, { vm: 'same', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
