@@ -227,7 +227,8 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     if (req.disks.some((d) => !d.readsNothing && !(d.format === 'raw' && d.mode === 'incremental'))) void readySlots(repo, req, pool);
     // What storage has, from the chunk index, never by listing chunks/. Quarantined chunks
     // are left out: producing one uploads it again, which heals it (repo/health.ts).
-    known = await repo.chunkIndex();
+    // The index never lists chunks under a lock that was lost (gc may have collected them since): checked before each write.
+    known = await repo.chunkIndex({ beforeWrite: () => lock.check() });
     for (const disk of req.disks) {
       meter.disk = disk.name;
       const audit = disk.changes && disk.audit ? { unchanged: 0, differing: [] as number[] } : undefined;

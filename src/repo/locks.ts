@@ -150,7 +150,12 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   if (conflicts.length) {
     await repo.storage.delete(lockName(id));
     const who = conflicts.map((c) => `${c.lock.kind} lock for ${c.lock.purpose} by ${c.lock.host} pid ${c.lock.pid} since ${c.lock.created}`).join('; ');
-    throw new VmvaultError('LOCKED', `the repository is locked (${who}): try again when that finishes; a lock whose holder crashed expires by itself`, { retriable: true });
+    // A holder this host's process table proves gone (killed, crashed) is not coming back: say how to clear it now.
+    const dead = conflicts.filter((c) => heldByDeadProcess(c.lock));
+    const advice = dead.length === conflicts.length
+      ? `process${dead.length === 1 ? ` ${dead[0]!.lock.pid} is` : `es ${dead.map((c) => c.lock.pid).join(', ')} are`} gone from this host (killed or crashed): run "vmvault unlock" to remove ${dead.length === 1 ? 'its lock' : 'their locks'}, then try again (or wait: a lock expires ${Math.round(ttl / 60_000)} minutes after its last refresh)`
+      : 'try again when that finishes; a lock whose holder crashed expires by itself';
+    throw new VmvaultError('LOCKED', `the repository is locked (${who}): ${advice}`, { retriable: true });
   }
   if (damaged.length && kind === 'exclusive') {
     await repo.storage.delete(lockName(id));

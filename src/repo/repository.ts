@@ -368,7 +368,8 @@ export class Repository {
     const sizes = new Map<string, number>();
     for await (const { name, size } of this.storage.list('chunks/')) {
       const id = name.slice(name.lastIndexOf('/') + 1);
-      if (isChunkId(id)) sizes.set(id, size);
+      // Only under its own name: a chunk in another chunks/xx/ is not where restore, gc and backups look.
+      if (isChunkId(id) && name === chunkName(id)) sizes.set(id, size);
     }
     return sizes;
   }
@@ -379,7 +380,7 @@ export class Repository {
    * A backup that produces a quarantined chunk therefore uploads it, and putChunk heals it.
    * The chunk store is never listed, except once in a repository that has no index yet.
    */
-  async chunkIndex(): Promise<ChunkIndex> {
+  async chunkIndex(opts: { beforeWrite?: () => Promise<void> } = {}): Promise<ChunkIndex> {
     const [loaded, quarantined] = await Promise.all([loadPrefixes(this, this.indexCache()), quarantinedChunkIds(this)]);
     let { prefixes, load } = loaded;
     for (const d of load.damaged) this.warn(`${d.problem}: its chunks will be uploaded again when met; "vmvault gc" rewrites the index`);
@@ -391,7 +392,11 @@ export class Repository {
       if (ids.length) this.warn(`the repository had no chunk index: its ${ids.length} chunk(s) were listed once and indexed`);
     }
     for (const id of quarantined) this.toHeal.add(id);
-    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, (ids) => this.writeIndex(ids), this.chunkSize);
+    const write = async (ids: readonly string[]) => {
+      await opts.beforeWrite?.();
+      return this.writeIndex(ids);
+    };
+    return new ChunkIndex(prefixes, new Set(quarantined), this.storage, load, write, this.chunkSize);
   }
 
   /**
@@ -609,12 +614,22 @@ export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (it
   return out;
 }
 
+/**
+ * What a cached summary must hold to be used (this host's cache may hold one another
+ * vmvault wrote, or a damaged file): anything else is a cache miss, and the manifest
+ * is read instead.
+ */
+const cachedSummary = z.object({
+  id: z.string(), vm: z.string(), host: z.string(), time: z.string(), labels: z.array(z.string()), configs: z.array(z.string()),
+  disks: z.array(z.object({ name: z.string(), format: z.string(), virtualSize: z.number() }).passthrough()),
+}).passthrough();
+
 /** A cached summary, if it is one and of this backup. */
 function parseSummary(raw: Buffer | undefined, id: string): BackupSummary | undefined {
   if (!raw) return undefined;
   try {
-    const s = JSON.parse(raw.toString('utf8')) as BackupSummary;
-    return s && s.id === id && typeof s.vm === 'string' && typeof s.time === 'string' && Array.isArray(s.disks) ? s : undefined;
+    const s = cachedSummary.safeParse(JSON.parse(raw.toString('utf8')));
+    return s.success && s.data.id === id ? (s.data as BackupSummary) : undefined;
   } catch {
     return undefined;
   }

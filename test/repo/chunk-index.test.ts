@@ -393,6 +393,31 @@ describe("a VM's previous backups", () => {
       assert.ok(warnings.some((w) => w.includes(`backup ${bId} as one of VM "a", but it is of "b"`)), warnings.join('\n'));
       assert.equal(after.manifest.disks[0]!.mode, 'incremental', "a's own previous backup still counts");
       await restoredEqual(fooled, after.manifest.id, images.get('a')!, join(dir.path, 'out'));
+      // A cached summary of the wrong shape (another vmvault's, or damaged) is a cache miss, never a crash.
+      const newest = (await fooled.vmBackups('a')).at(-1)!.id;
+      for (const bad of [{ id: newest, vm: 'a', time: 'x', disks: [null] }, { id: newest, vm: 'a', time: 'x', disks: [{}] }]) {
+        await writeFile(join(summaries, newest), JSON.stringify(bad));
+        const r = await Repository.open(storage, PASSWORD, { cacheDir: cache, onWarning: () => {} });
+        const again = await backupVm(r, { vm: 'a', driver: 'image', disks: [{ path: images.get('a')!, format: 'qcow2' }] });
+        assert.equal(again.manifest.disks[0]!.mode, 'incremental', JSON.stringify(bad));
+      }
+    } finally {
+      await dir.cleanup();
+    }
+  });
+
+  test('verify counts a chunk present only under its own name: one moved to another chunks/ directory is missing, as restore finds it', async () => {
+    const { dir, storage, repo } = await setup();
+    try {
+      const img = await makeImage(dir.path, 'w.qcow2', 'qcow2', 4 * MiB, random(2, 9));
+      const made = await backupVm(repo, { vm: 'w', driver: 'image', disks: [{ path: img, format: 'qcow2' }] });
+      const id = made.manifest.disks[0]!.chunks.find((c): c is string => c !== null)!;
+      const other = id.startsWith('00') ? '01' : '00';
+      await storage.put(`chunks/${other}/${id}`, await storage.get(chunkName(id)));
+      await storage.delete(chunkName(id));
+      const report = await verify(repo);
+      assert.equal(report.ok, false);
+      assert.deepEqual(report.problems.map((p) => [p.object, p.problem]), [[chunkName(id), 'missing']]);
     } finally {
       await dir.cleanup();
     }

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Repository } from '../../src/repo/repository.js';
@@ -203,6 +203,32 @@ test('an unreadable lock: shared lockers go on with a warning, the exclusive one
     assert.equal(heldByDeadProcess({ ...body, pid: process.pid }), false, 'our own');
     assert.equal(heldByDeadProcess({ ...body, pid: 1 }), false, 'alive');
     assert.equal(heldByDeadProcess({ ...body, host: 'another-host', pid: Number(child.stdout) }), false, 'another host: cannot tell');
+  } finally {
+    await cleanup();
+  }
+});
+
+test('a lock whose holder is gone from this host (a gc killed) refuses with the way out: the process is named gone, and "vmvault unlock" is what to run', async () => {
+  const { repo: r, cleanup } = await repo();
+  try {
+    // A process that takes the exclusive lock and dies without releasing it, as a killed gc does.
+    const src = (m: string) => new URL(`../../src/${m}`, import.meta.url).href;
+    const script = `const { Repository } = await import(${JSON.stringify(src('repo/repository.js'))});
+      const { LocalStorage } = await import(${JSON.stringify(src('storage/local.js'))});
+      const { acquireLock } = await import(${JSON.stringify(src('repo/locks.js'))});
+      const r = await Repository.open(new LocalStorage(${JSON.stringify(r.storage.location)}), 'pw', { cacheDir: false });
+      await acquireLock(r, 'exclusive', { purpose: 'garbage collection' });
+      process.stdout.write(String(process.pid));
+      process.exit(0);`;
+    const file = join(tmpdir(), `vmvault-lock-holder-${process.pid}.mjs`);
+    await writeFile(file, script);
+    const child = await execa(process.execPath, [file]).finally(() => rm(file, { force: true }));
+    await assert.rejects(acquireLock(r, 'shared', { purpose: 'backup of web' }), (e: VmvaultError) => e.code === 'LOCKED' &&
+      e.message.includes(`exclusive lock for garbage collection by ${hostname()} pid ${child.stdout}`) &&
+      e.message.includes(`process ${child.stdout} is gone from this host (killed or crashed): run "vmvault unlock" to remove its lock, then try again`));
+    // A holder that is alive (this process) gets the usual advice.
+    const held = await acquireLock(r, 'shared', { purpose: 'restore' }).catch(() => undefined);
+    assert.equal(held, undefined, 'the dead exclusive lock still stands until unlock');
   } finally {
     await cleanup();
   }
