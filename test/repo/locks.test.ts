@@ -226,7 +226,7 @@ test('a lock whose holder is gone from this host (a gc killed) refuses with the 
     await assert.rejects(acquireLock(r, 'shared', { purpose: 'backup of web' }), (e: VmvaultError) => e.code === 'LOCKED' &&
       e.message.includes(`exclusive lock for garbage collection by ${hostname()} pid ${child.stdout}`) &&
       e.message.includes(`process ${child.stdout} is gone from this host (killed or crashed): run "vmvault unlock" to remove its lock, then try again`));
-    // A holder that is alive (this process) gets the usual advice.
+    // Nothing removes it behind the operator's back: it stands until unlock (or its expiry).
     const held = await acquireLock(r, 'shared', { purpose: 'restore' }).catch(() => undefined);
     assert.equal(held, undefined, 'the dead exclusive lock still stands until unlock');
   } finally {
