@@ -26,7 +26,7 @@ import { VmvaultError } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
 import { chunkName, isChunkId } from './chunk.js';
 import { removeOrphanHealth } from './health.js';
-import { lockName, readLocks, withLock, type HeldLock } from './locks.js';
+import { lockName, readLocks, withLock, withReadLock, type HeldLock } from './locks.js';
 import { mapLimit, type DamagedObject, type Repository } from './repository.js';
 import type { Manifest } from './manifest.js';
 
@@ -67,6 +67,8 @@ interface Freed { chunks: number; chunkBytes: number; tempFiles: number; tempByt
 
 export async function collectGarbage(repo: Repository, opts: GcOptions = {}): Promise<GcReport> {
   const freed: Freed = { chunks: 0, chunkBytes: 0, tempFiles: 0, tempBytes: 0 };
+  // A dry run only reads: a shared lock (none on a repository that refuses writes, with a warning), as verify takes.
+  if (opts.dryRun) return withReadLock(repo, 'garbage collection (dry run)', () => collect(repo, opts, freed, undefined));
   let room: RoomMaker | undefined;
   for (;;) {
     let locked = false;
@@ -87,7 +89,7 @@ export async function collectGarbage(repo: Repository, opts: GcOptions = {}): Pr
   }
 }
 
-async function collect(repo: Repository, opts: GcOptions, freed: Freed, lock: HeldLock): Promise<GcReport> {
+async function collect(repo: Repository, opts: GcOptions, freed: Freed, lock: HeldLock | undefined): Promise<GcReport> {
   const now = opts.now ?? Date.now;
   if (!opts.dryRun && repo.storage.removeTemporary) {
     const t = await repo.storage.removeTemporary(now() - (opts.tempAgeMs ?? DEFAULT_TEMP_AGE_MS));
@@ -100,7 +102,7 @@ async function collect(repo: Repository, opts: GcOptions, freed: Freed, lock: He
   const garbage = [...sizes.keys()].filter((name) => isGarbage(name, referenced));
   const deleting = damaged.length ? [] : garbage;
   let indexObjects = 0;
-  if (!opts.dryRun) indexObjects = await deleteAndReindex(repo, [...sizes.keys()], deleting, () => lock.check());
+  if (!opts.dryRun) indexObjects = await deleteAndReindex(repo, [...sizes.keys()], deleting, () => lock!.check());
   const bytesDeleted = deleting.reduce((n, name) => n + sizes.get(name)!, 0);
   const bytesListed = [...sizes.values()].reduce((n, b) => n + b, 0);
   // Verification records of pruned backups, quarantine entries of chunks nothing uses

@@ -8,6 +8,7 @@ import { hostname } from 'node:os';
 import { execa } from 'execa';
 import { VmvaultError } from '../../src/errors.js';
 import { acquireLock, heldByDeadProcess, readLocks, withLock, withReadLock } from '../../src/repo/locks.js';
+import { collectGarbage } from '../../src/repo/gc.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { faulty, httpError, networkError, type FaultyStorage } from '../../src/storage/faulty.js';
 import { readOnly } from '../../src/storage/read-only.js';
@@ -132,6 +133,12 @@ test('withReadLock goes on without a lock, with a warning, when the storage refu
       assert.equal(await withReadLock(r, 'restore', async () => 'read'), 'read', what);
       assert.equal(warnings.length, 1, what);
       assert.match(warnings[0]!, /no lock was taken for restore: .* refuses writes/, what);
+      // gc --dry-run only reads: it runs as a reader does; gc itself needs its lock.
+      const dry = await collectGarbage(r, { dryRun: true });
+      assert.equal(dry.dryRun, true, what);
+      assert.match(warnings[1]!, /no lock was taken for garbage collection \(dry run\)/, what);
+      // (A full repository's gc first frees what it can without its lock: gc's own tests.)
+      if (what !== 'full') await assert.rejects(collectGarbage(r), (e: any) => e.code === 'STORAGE' && /garbage collection cannot run/.test(e.message), what);
       await assert.rejects(withLock(r, 'shared', { purpose: 'backup of x' }, async () => 'never'),
         (e: any) => e.code === 'STORAGE' && /^backup of x cannot run: the repository at .* (is read-only for this process|is full)/.test(e.message), what);
     } finally {
