@@ -9,7 +9,7 @@
  * paths and formats rewritten to the restored images.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { realpath, rename, rm, stat } from 'node:fs/promises';
+import { lstat, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { NotFoundError, VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import type { ImageFormat } from '../disk/qemu.js';
@@ -68,6 +68,8 @@ export interface RestoreResult {
   backup: string; vm: string; files: RestoredFile[]; stats: { bytesWritten: number; chunksWritten: number; seconds: number };
   /** Restored as a new VM (`name`): its name and UUID. */
   clone?: { name: string; uuid: string };
+  /** Temporary files of an interrupted restore of the same files (killed before it could remove them), removed. */
+  leftoversRemoved?: string[];
 }
 
 export function restore(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
@@ -117,6 +119,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     throw targetError(err, dir, 'nothing was written');
   }
   await checkPlaces(); // Again: a symlink may have appeared meanwhile.
+  const leftovers = await removeLeftovers(planned.map((p) => p.path), Date.now() - LEFTOVER_AGE_MS);
 
   const stats = { bytesWritten: 0, chunksWritten: 0, seconds: 0 };
   const meter = new ProgressMeter('restore', disks.reduce((n, d) => n + d.chunks.filter(Boolean).length * manifest.chunkSize, 0), req.onProgress);
@@ -149,6 +152,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     vm: manifest.vm,
     files: planned.map(({ tmp: _t, disk: _d, ...f }) => f),
     stats,
+    ...(leftovers.length ? { leftoversRemoved: leftovers } : {}),
     ...(clone ? { clone: { name: clone.name, uuid: clone.uuid } } : {}),
   };
 }
@@ -277,8 +281,37 @@ export async function assertInsideRoots(dir: string, roots: readonly string[], w
 }
 
 function tmpName(path: string): string {
-  const base = path.slice(dirname(path).length + 1);
-  return join(dirname(path), `.${base}.vmvault-tmp-${randomBytes(4).toString('hex')}`);
+  return join(dirname(path), `${tmpPrefix(path)}${randomBytes(4).toString('hex')}`);
+}
+
+const tmpPrefix = (path: string) => `.${path.slice(dirname(path).length + 1)}.vmvault-tmp-`;
+
+/**
+ * A restore killed (kill -9, a crash) leaves its hidden temporary files beside the files
+ * it was restoring, as large as the disks. A later restore of the same files removes
+ * those last written before `before` (a restore still under way writes its own all the
+ * time), and says which.
+ */
+const LEFTOVER_AGE_MS = 10 * 60 * 1000;
+
+async function removeLeftovers(paths: readonly string[], before: number): Promise<string[]> {
+  const removed: string[] = [];
+  for (const p of paths) {
+    let names: string[];
+    try {
+      names = await readdir(dirname(p));
+    } catch {
+      continue;
+    }
+    for (const n of names.filter((x) => x.startsWith(tmpPrefix(p)) && /^[0-9a-f]{8}$/.test(x.slice(tmpPrefix(p).length)))) {
+      const file = join(dirname(p), n);
+      const st = await lstat(file).catch(() => undefined);
+      if (!st?.isFile() || st.mtimeMs >= before) continue;
+      await rm(file, { force: true });
+      removed.push(file);
+    }
+  }
+  return removed;
 }
 
 async function existing(paths: string[]): Promise<string[]> {

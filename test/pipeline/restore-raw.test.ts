@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rmdir, stat, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rmdir, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -99,6 +99,21 @@ describe('restore to raw writes the file directly', () => {
 
   test('on tmpfs (a memory filesystem, often /tmp): the same', async () => {
     await restoredWell(join(await tmpfs(), 'to'), { direct: false });
+  });
+
+  test("an interrupted restore's temporary files (a restore killed) are removed by the next restore of the same file, not those still being written", async () => {
+    const to = join(dir.path, 'to-leftovers');
+    await mkdir(to);
+    const old = join(to, '.root.raw.vmvault-tmp-0badc0de');
+    const fresh = join(to, '.root.raw.vmvault-tmp-00c0ffee');
+    const other = join(to, '.other.raw.vmvault-tmp-0badc0de');
+    for (const f of [old, fresh, other]) await writeFile(f, 'partial');
+    const hourAgo = new Date(Date.now() - 3600_000);
+    for (const f of [old, other]) await utimes(f, hourAgo, hourAgo);
+    const r = await restore(repo, { backupId: manifest.id, to, format: 'raw' });
+    assert.deepEqual(r.leftoversRemoved, [old]);
+    assert.deepEqual((await readdir(to)).sort(), ['.other.raw.vmvault-tmp-0badc0de', '.root.raw.vmvault-tmp-00c0ffee', 'root.raw'], 'a fresh one, and another file\'s, stay');
+    await execa('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, join(to, 'root.raw')]);
   });
 });
 

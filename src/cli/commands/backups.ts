@@ -208,6 +208,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       print(o.json, result, () => [
         `restored backup ${result.backup} of ${result.vm}${result.clone ? ` as new VM ${result.clone.name} (uuid ${result.clone.uuid})` : ''}:`,
         ...result.files.map((f) => `  ${f.path}`),
+        ...(result.leftoversRemoved ?? []).map((f) => `removed ${f}, left by a restore that was interrupted`),
       ].join('\n'));
     });
 }
