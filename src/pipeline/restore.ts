@@ -11,7 +11,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { lstat, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
-import { NotFoundError, VmvaultError, errnoCode, errorMessage } from '../errors.js';
+import { IntegrityError, NotFoundError, VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import type { ImageFormat } from '../disk/qemu.js';
 import { createDiskWriter } from './disk-writer.js';
 import type { Repository } from '../repo/repository.js';
@@ -338,7 +338,11 @@ async function restoreDisk(
       if (id === null) continue;
       await window.add(async () => {
         // Read into a slot of the pool and opened into another, which is given back once written.
-        const { plain, release } = await openStoredChunk(repo, pool, id);
+        const { plain, release } = await openStoredChunk(repo, pool, id).catch((err: unknown) => {
+          if (!(err instanceof IntegrityError)) throw err;
+          throw new IntegrityError(`${err.message}: disk "${disk.name}" of backup ${m.id.slice(0, 12)} cannot be restored whole. Restore another backup of it, ` +
+            'or run "vmvault verify" (it quarantines the chunk, and the next backup that reads that data uploads it again, which heals every backup using it)', { cause: err });
+        });
         let runs;
         try {
           const offset = index * m.chunkSize;

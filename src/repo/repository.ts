@@ -216,14 +216,20 @@ export class Repository {
       }
       throw err;
     }
-    const json = parseJson(raw, 'config');
+    const fix = 'put back a copy of the file "config" (it holds no secret), from another copy of this repository or a backup of it';
+    let json: unknown;
+    try {
+      json = parseJson(raw, 'config');
+    } catch (err) {
+      throw new IntegrityError(`the repository config at ${storage.location} is damaged (${raw.length} bytes, not valid JSON): ${fix}`, { cause: err });
+    }
     const parsed = configSchema.safeParse(json);
     if (!parsed.success) {
       const version = (json as { version?: unknown } | null)?.version;
       if (typeof version === 'number' && Number.isInteger(version) && version > REPOSITORY_FORMAT) {
         throw new VmvaultError('UNSUPPORTED', `the repository at ${storage.location} has format ${version}, made by a newer vmvault; this vmvault reads formats 1 to ${REPOSITORY_FORMAT}: upgrade vmvault on this host; nothing was changed`);
       }
-      throw new IntegrityError(`the repository config at ${storage.location} is damaged or from an unknown version`);
+      throw new IntegrityError(`the repository config at ${storage.location} is damaged or from an unknown version: ${fix}`);
     }
     return parsed.data;
   }

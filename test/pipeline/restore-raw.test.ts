@@ -136,7 +136,7 @@ describe('a raw restore that fails leaves nothing behind', () => {
     const saved = await readFile(file);
     await execa('rm', [file]);
     try {
-      await failsCleanly('to-missing', /is missing from the repository/);
+      await failsCleanly('to-missing', /is missing from the repository: disk "root" of backup [0-9a-f]{12} cannot be restored whole. Restore another backup of it, or run "vmvault verify"/);
     } finally {
       await writeFile(file, saved);
     }

@@ -105,13 +105,19 @@ describe('repository formats', () => {
       const config = JSON.parse(await readFile(path, 'utf8'));
       // Format 3 names only BLAKE3; as format 2 or 1, the config's MAC no longer matches.
       const edits: [object, RegExp][] = [
-        [{ ...config, chunkIdHash: 'blake2b' }, /config .* is damaged or from an unknown version/],
+        [{ ...config, chunkIdHash: 'blake2b' }, /config .* is damaged or from an unknown version: put back a copy of the file "config"/],
         [{ ...config, version: 2, chunkIdHash: 'hmac-sha256' }, /does not match its keys: it was modified/],
         [{ ...config, version: 1, chunkIdHash: undefined }, /does not match its keys: it was modified/],
       ];
       for (const [edited, refusal] of edits) {
         await writeFile(path, JSON.stringify(edited));
         await assert.rejects(Repository.open(storage, PASSWORD, { cacheDir: false }), refusal);
+      }
+      // Emptied by a crash, or cut short: where it is, and what to do.
+      for (const bytes of ['', '{"version": 3, "id"']) {
+        await writeFile(path, bytes);
+        await assert.rejects(Repository.open(storage, PASSWORD, { cacheDir: false }),
+          new RegExp(`the repository config at .*repo is damaged \\(${bytes.length} bytes, not valid JSON\\): put back a copy of the file "config" \\(it holds no secret\\)`));
       }
     } finally {
       await dir.cleanup();
