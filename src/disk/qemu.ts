@@ -196,6 +196,34 @@ export function ambiguousSnapshot(snapshots: readonly { id: string; name: string
 }
 
 /**
+ * What `qemu-img check` finds in a qcow2 image's metadata: `corrupt` (clusters whose
+ * refcounts or tables disagree: qemu may allocate a cluster that holds guest data for
+ * its own metadata, and a write overwrites it), or why it could not tell. Leaked
+ * clusters (allocated, unused) are harmless and not counted. Read-only, no backing file
+ * opened, bounded in time (a crafted table can make the check long).
+ */
+export async function imageCheck(file: string, timeoutMs = CHECK_TIMEOUT_MS): Promise<{ corruptions: number } | { failed: string }> {
+  const abs = path.resolve(file);
+  await mustExist(abs);
+  let r;
+  try {
+    r = await runTool('qemu-img', ['check', '--output=json', await qcow2WithoutBacking(abs)], { timeoutMs });
+  } catch (err) {
+    return { failed: err instanceof Error ? err.message : String(err) };
+  }
+  // 0: clean; 2: corruptions; 3: leaks only; 1: the check could not complete; 63: not supported.
+  if (r.exitCode !== 0 && r.exitCode !== 2 && r.exitCode !== 3) return { failed: `qemu-img check exited with ${r.exitCode}: ${r.stderr.trim().split('\n')[0] ?? ''}` };
+  try {
+    const j = JSON.parse(r.stdout) as { corruptions?: number; 'check-errors'?: number };
+    if (j['check-errors']) return { failed: `qemu-img check met ${j['check-errors']} error(s) it could not get past` };
+    return { corruptions: j.corruptions ?? 0 };
+  } catch {
+    return { failed: 'qemu-img check printed something other than JSON' };
+  }
+}
+const CHECK_TIMEOUT_MS = 5 * 60 * 1000;
+
+/**
  * Adds (`--add`, persistent and enabled: every later write through any qemu program
  * marks it) or removes a dirty bitmap of a qcow2 image nobody has open. The json:
  * filename pins the format and opens no backing file.

@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { VmvaultError, errorMessage } from '../errors.js';
-import { bitmapChange, snapshotCreate, snapshotDelete } from '../disk/qemu.js';
+import { bitmapChange, imageCheck, snapshotCreate, snapshotDelete } from '../disk/qemu.js';
 import type { NbdClient } from '../disk/nbd.js';
 import { prepareExports, retryIfOrphansHeld } from '../disk/qemu-nbd.js';
 import { inspectDisks, type ChangedBlocks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
@@ -64,6 +64,12 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
   try {
     for (const d of disks) {
       if (d.format === 'qcow2') {
+        // Nothing is written to an image whose metadata is wrong: it is read as it is.
+        const check = await imageCheck(d.path);
+        if ('failed' in check || check.corruptions > 0) {
+          taken.push({ disk: await readAsIs(d, check, opts) });
+          continue;
+        }
         recovered += await removeLeftovers(d, opts.repoId);
         taken.push(await freezeQcow2(d, snapshot, opts, exports));
       } else {
@@ -121,6 +127,28 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
     disk: tracked(d, decision, served?.changes, { snapshot, bitmap: newBitmap, chainStamps: stamps, ...(served ? { connect: served.connect } : {}) }),
     newBitmap, ...(d.previous?.entry.bitmap ? { oldBitmap: d.previous.entry.bitmap } : {}),
   };
+}
+
+/**
+ * A qcow2 image whose metadata `qemu-img check` finds wrong (clusters whose refcounts
+ * disagree with the tables that use them), or cannot check: a bitmap or a snapshot would
+ * make qemu allocate clusters for its own metadata, and one it thinks free may hold guest
+ * data, overwritten then. So nothing is written to it: it is read in full as qemu reads
+ * it now, with no snapshot (its identity unchanged after every read proves nothing wrote
+ * to it meanwhile) and no bitmap (the next backup reads in full again).
+ */
+async function readAsIs(d: NamedDisk, check: { corruptions: number } | { failed: string }, opts: FreezeOptions): Promise<FrozenDisk> {
+  const what = 'failed' in check ? `could not be checked (${check.failed})` : `has ${check.corruptions} metadata corruption(s) (qemu-img check)`;
+  opts.warn(`disk image ${d.path} ${what}: it is backed up as qemu reads it now, without a snapshot or dirty bitmap, because qemu writing to it could ` +
+    'overwrite guest data. Stop using it, and repair a copy first (qemu-img check -r all on the copy, then compare); until then, every backup of it reads it in full');
+  const before = await statStamp(d.path);
+  const verifyRead = async () => {
+    const now = await statStamp(d.path);
+    if ((Object.keys(before) as (keyof typeof before)[]).every((k) => before[k] === now[k])) return;
+    throw new VmvaultError('QEMU', `${d.path} was written to while this backup read it (it took no snapshot: the image's metadata is damaged): stop what writes to it, then run the backup again`, { retriable: true });
+  };
+  opts.willRead?.();
+  return tracked(d, { mode: 'full', reason: `the image ${what}: read as it is, without a snapshot or bitmap` }, undefined, { verifyRead, chainStamps: await chainStamps(d) });
 }
 
 /** Whether bitmap `since` of the image file marks nothing written (false when it cannot be read with certainty). */

@@ -16,7 +16,8 @@ import { backupVm } from '../../src/vm/drivers.js';
 import { openImages } from '../../src/vm/image-driver.js';
 import { newBackupId } from '../../src/pipeline/backup.js';
 import { ChunkPool, type PoolLease } from '../../src/pipeline/pool.js';
-import { makeImage, qemuIo, tempDir, type TempDir } from '../helpers/images.js';
+import { readFile, writeFile } from 'node:fs/promises';
+import { makeImage, qemuIo, tempDir, verifyPatterns, type TempDir } from '../helpers/images.js';
 import { waitFor } from '../helpers/procs.js';
 
 const MiB = 1024 * 1024;
@@ -121,6 +122,35 @@ describe('image driver: the snapshot goes once everything is read', () => {
     assert.equal(entry.mode, 'full');
     assert.match(entry.reason!, /a file of the image's backing chain changed since backup/);
     await restoresIdentical(repo, second.manifest.id, top, path.join(dir.path, 'out-clone'), 'raw');
+  });
+
+  it('an image whose metadata is damaged (a data cluster with refcount 0) is read as it is and never written: no bitmap, no snapshot, guest data intact, restores as qemu read it', async () => {
+    const img = await makeImage(dir.path, 'rc0.qcow2', 'qcow2', 16 * MiB, [{ offset: MiB, length: 64 * 1024, pattern: 0x5c }, { offset: 2 * MiB, length: 64 * 1024, pattern: 0x5d }]);
+    // The refcount of the cluster holding guest data at 1 MiB set to 0: qemu would take it for its own metadata.
+    const bytes = await readFile(img);
+    const clusterBits = bytes.readUInt32BE(20);
+    const l1 = Number(bytes.readBigUInt64BE(40));
+    const refTable = Number(bytes.readBigUInt64BE(48));
+    const mask = 0x00fffffffffffe00n;
+    const l2 = Number(bytes.readBigUInt64BE(l1) & mask);
+    const host = Number(bytes.readBigUInt64BE(l2 + (MiB >> clusterBits) * 8) & mask);
+    const block = Number(bytes.readBigUInt64BE(refTable) & ~0x1ffn);
+    bytes.writeUInt16BE(0, block + (host >> clusterBits) * 2);
+    await writeFile(img, bytes);
+    const before = path.join(dir.path, 'rc0-before.raw');
+    await execa('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, before]);
+    const warnings: string[] = [];
+    const r = await backupVm(repo, { vm: 'rc0', driver: 'image', disks: [{ path: img, format: 'qcow2' }], warn: (m: string) => warnings.push(m) });
+    const entry = r.manifest.disks[0]!;
+    assert.equal(entry.mode, 'full');
+    assert.match(entry.reason!, /the image has \d+ metadata corruption\(s\) \(qemu-img check\): read as it is, without a snapshot or bitmap/);
+    assert.equal(entry.bitmap, undefined);
+    assert.ok(warnings.some((w) => /metadata corruption.*qemu-img check -r all on the copy/.test(w)), warnings.join('\n'));
+    assert.deepEqual(await infoOf(img), { bitmaps: [], snapshots: [] }, 'nothing was written to the image');
+    assert.equal(Buffer.compare(await readFile(img), bytes), 0, 'the image file is byte for byte as it was');
+    await verifyPatterns(img, 'qcow2', [{ offset: MiB, length: 64 * 1024, pattern: 0x5c }]);
+    await restore(repo, { backupId: r.manifest.id, to: path.join(dir.path, 'out-rc0'), format: 'raw' });
+    assert.ok((await compareImages(before, path.join(dir.path, 'out-rc0', 'rc0.raw'), 'raw', 'raw')).identical);
   });
 
   it('a disk whose header claims more than a backup can hold (40 TiB in a few MiB of file) is refused before anything is read or changed', async () => {
