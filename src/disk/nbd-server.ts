@@ -23,7 +23,7 @@
  *   been read and dropped, so the stream stays in step.
  */
 import net from 'node:net';
-import { rm, stat } from 'node:fs/promises';
+import { chmod, rm, stat } from 'node:fs/promises';
 import { VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import { ByteBudget } from '../byte-budget.js';
 import { ExactReader } from './nbd-handshake.js';
@@ -104,7 +104,7 @@ export class NbdServer {
   /**
    * Listen on a unix socket or a TCP address. A unix socket path that already exists
    * is replaced only when it is a socket nobody listens on (left by a killed server);
-   * anything else there is refused.
+   * anything else there is refused. A unix socket is made the owner's only (0600).
    */
   static async listen(address: ListenAddress, opts: NbdServerOptions): Promise<NbdServer> {
     if ('path' in address) await clearStaleSocket(address.path);
@@ -113,6 +113,11 @@ export class NbdServer {
       server.once('error', (err) => reject(new VmvaultError('NBD', `cannot listen on ${describeAddress(address)}: ${errnoCode(err) ?? err.message}`, { cause: err })));
       if ('path' in address) server.listen(address.path, () => resolve());
       else server.listen(address.port, address.host, () => resolve());
+    });
+    // The owner's only, whatever the umask: a local user who can connect reads the disk.
+    if ('path' in address) await chmod(address.path, 0o600).catch(async (err: unknown) => {
+      server.close();
+      throw new VmvaultError('NBD', `cannot make ${address.path} private: ${errnoCode(err) ?? errorMessage(err)}`, { cause: err });
     });
     const bound = server.address();
     const actual: ListenAddress = typeof bound === 'object' && bound && 'port' in address ? { host: address.host, port: bound.port } : address;

@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -192,6 +193,21 @@ describe('NBD server', () => {
       assert.deepEqual(Buffer.from(await reader.read(4)), expected(0, 4));
     } finally {
       socket.destroy();
+    }
+  });
+
+  test('its unix socket is the owner\'s only, whatever the umask', async () => {
+    const old = process.umask(0o002);
+    try {
+      const p = join(dir.path, 'private.sock');
+      const s = await NbdServer.listen({ path: p }, { source, name: 'disk' });
+      try {
+        assert.equal(((await stat(p)).mode & 0o777).toString(8), '600');
+      } finally {
+        await s.close();
+      }
+    } finally {
+      process.umask(old);
     }
   });
 
