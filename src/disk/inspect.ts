@@ -37,6 +37,12 @@ export interface InspectedDisk extends ImageInfo {
   formatSource: 'declared' | 'detected';
   /** The other files read through this image (allowed chains only), absolute. */
   chain: string[];
+  /**
+   * Of those, the ones this image's own writes never change: its backing files and what
+   * they name (not its own data file or extents). A bitmap of this image says nothing of
+   * them (change-tracking.ts chainStamps).
+   */
+  below?: string[];
 }
 
 const MAX_CHAIN = 16;
@@ -56,12 +62,12 @@ export async function inspectDisk(src: DiskSource): Promise<InspectedDisk> {
     const format = src.format ?? (await detect(read, abs, what, src.pinned));
     return { format, refs: await imageReferences(read, format, path.basename(abs)) };
   });
-  const chain = refs.length === 0 ? [] : await allowedChain(abs, format, refs, src, what);
+  const { chain, below } = refs.length === 0 ? { chain: [], below: [] } : await allowedChain(abs, format, refs, src, what);
   const info = await imageInfo(abs, format);
   // Second layer: what qemu itself says the image names must be what we allowed.
   const unexpected = info.references.filter((r) => !chain.includes(path.resolve(path.dirname(abs), r.name)));
   if (unexpected.length > 0) throw refused(what, format, unexpected);
-  return { ...info, formatSource: src.format !== undefined ? 'declared' : 'detected', chain };
+  return { ...info, formatSource: src.format !== undefined ? 'declared' : 'detected', chain, below };
 }
 
 /** Opens without following a FIFO's open semantics (O_NONBLOCK) and re-checks the type on the open handle. */
@@ -113,9 +119,10 @@ function chainKinds(refs: ImageReference[]): string {
  * protocol names, a backing file whose format the image does not state (qemu would
  * probe it), a format vmvault does not read, and chains longer than MAX_CHAIN.
  */
-async function allowedChain(abs: string, format: ImageFormat, refs: ImageReference[], src: DiskSource, what: string): Promise<string[]> {
+async function allowedChain(abs: string, format: ImageFormat, refs: ImageReference[], src: DiskSource, what: string): Promise<{ chain: string[]; below: string[] }> {
   if (!src.allowChain) throw refused(what, format, refs);
   const chain: string[] = [];
+  const below: string[] = [];
   let current = { abs, refs };
   for (let depth = 0; ; depth++) {
     const protocol = current.refs.filter((r) => isProtocolName(r.name) || r.name.startsWith('('));
@@ -124,7 +131,9 @@ async function allowedChain(abs: string, format: ImageFormat, refs: ImageReferen
     for (const r of current.refs) {
       const file = path.resolve(path.dirname(current.abs), r.name);
       chain.push(file);
-      if (r.kind !== 'backing file' && r.kind !== 'vmdk parent') continue;
+      const backing = r.kind === 'backing file' || r.kind === 'vmdk parent';
+      if (depth > 0 || backing) below.push(file);
+      if (!backing) continue;
       const f = r.kind === 'vmdk parent' ? 'vmdk' : r.format;
       if (f === undefined) {
         throw new VmvaultError('UNSAFE_IMAGE', `${what}: backing file ${file} has no format stated in the image, so qemu would probe it: state it with qemu-img rebase -u -F FORMAT -b ${r.name} ${current.abs}`);
@@ -132,7 +141,7 @@ async function allowedChain(abs: string, format: ImageFormat, refs: ImageReferen
       checkFormat(f, file);
       next = { abs: file, format: f };
     }
-    if (!next) return chain;
+    if (!next) return { chain, below };
     if (depth >= MAX_CHAIN) throw new VmvaultError('UNSAFE_IMAGE', `${what}: its backing chain is longer than ${MAX_CHAIN} files`);
     await mustExist(next.abs);
     const nextFormat = next.format;

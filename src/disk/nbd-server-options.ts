@@ -60,14 +60,24 @@ function known(info: ExportInfo, name: string): boolean {
 export const REPLY_BACKLOG = 1024 * 1024;
 
 /**
+ * How long a client may leave replies unread before the server closes its connection: it
+ * holds a connection (and what its replies hold) for as long as it does.
+ */
+export const REPLY_STALL_MS = 120_000;
+
+/**
  * Resolves once `socket` can take more: at once unless a write was refused (it holds more
  * than its high-water mark), else at its 'drain' (or close). Node emits 'drain' only
- * after a refused write: waiting for it otherwise would wait for good.
+ * after a refused write: waiting for it otherwise would wait for good. A client that
+ * reads nothing for `stallMs` is disconnected (then this resolves too).
  */
-export function drained(socket: Socket): Promise<void> {
+export function drained(socket: Socket, stallMs = REPLY_STALL_MS): Promise<void> {
   if (!socket.writableNeedDrain || socket.destroyed) return Promise.resolve();
   return new Promise<void>((resolve) => {
+    const stalled = setTimeout(() => socket.destroy(), stallMs);
+    stalled.unref();
     const done = (): void => {
+      clearTimeout(stalled);
       socket.off('drain', done);
       socket.off('close', done);
       resolve();
@@ -77,7 +87,7 @@ export function drained(socket: Socket): Promise<void> {
   });
 }
 
-export async function serveHandshake(socket: Socket, reader: ExactReader, info: ExportInfo): Promise<Agreed | undefined> {
+export async function serveHandshake(socket: Socket, reader: ExactReader, info: ExportInfo, stallMs = REPLY_STALL_MS): Promise<Agreed | undefined> {
   const greeting = Buffer.allocUnsafe(18);
   greeting.writeBigUInt64BE(NBD_INIT_MAGIC, 0);
   greeting.writeBigUInt64BE(NBD_OPTS_MAGIC, 8);
@@ -102,7 +112,7 @@ export async function serveHandshake(socket: Socket, reader: ExactReader, info: 
     // A client that sends options without reading the replies: stop reading it until it does.
     if (socket.writableLength > REPLY_BACKLOG) {
       socket.pause();
-      await drained(socket);
+      await drained(socket, stallMs);
       socket.resume();
     }
     const head = await reader.read(16);

@@ -27,7 +27,7 @@ import { chmod, rm, stat } from 'node:fs/promises';
 import { VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import { ByteBudget } from '../byte-budget.js';
 import { ExactReader } from './nbd-handshake.js';
-import { REPLY_BACKLOG, drained, serveHandshake, type Agreed, type ExportInfo } from './nbd-server-options.js';
+import { REPLY_BACKLOG, REPLY_STALL_MS, drained, serveHandshake, type Agreed, type ExportInfo } from './nbd-server-options.js';
 import {
   DEFAULT_MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH,
   NBD_CMD_READ, NBD_CMD_TRIM, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_EINVAL, NBD_EIO, NBD_EPERM,
@@ -67,6 +67,10 @@ export interface NbdServerOptions {
   maxConnections?: number;
   /** Runs produced at once across all connections (default 8). */
   loads?: number;
+  /** A client that reads none of its replies for this long is disconnected (default REPLY_STALL_MS, 2 minutes). */
+  stallMs?: number;
+  /** A client that has not finished the handshake after this long is disconnected (default 30 s). */
+  handshakeTimeoutMs?: number;
   log?: ServerLog;
 }
 
@@ -98,7 +102,7 @@ export class NbdServer {
       name: opts.name, description: opts.description ?? '', size: opts.source.size,
       transmissionFlags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN, maxPayload: DEFAULT_MAX_PAYLOAD,
     };
-    server.on('connection', (socket) => this.accept(socket));
+    accepting.set(server, (socket) => this.accept(socket));
   }
 
   /**
@@ -108,7 +112,8 @@ export class NbdServer {
    */
   static async listen(address: ListenAddress, opts: NbdServerOptions): Promise<NbdServer> {
     if ('path' in address) await clearStaleSocket(address.path);
-    const server = net.createServer({ pauseOnConnect: false });
+    // Served once the server is set up (its socket private): one that connects earlier is closed.
+    const server = net.createServer({ pauseOnConnect: false }, (socket) => (accepting.get(server) ?? ((s: net.Socket) => s.destroy()))(socket));
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err) => reject(new VmvaultError('NBD', `cannot listen on ${describeAddress(address)}: ${errnoCode(err) ?? err.message}`, { cause: err })));
       if ('path' in address) server.listen(address.path, () => resolve());
@@ -163,10 +168,14 @@ export class NbdServer {
     const onClose = (): void => reader.fail(new VmvaultError('NBD', 'NBD client left during the handshake'));
     socket.on('data', onData);
     socket.on('close', onClose);
-    const timer = setTimeout(() => reader.fail(new VmvaultError('NBD', 'NBD client did not finish the handshake in time')), HANDSHAKE_TIMEOUT_MS);
+    // Closed too: the handshake may be waiting for the client to read its replies, not on the reader.
+    const timer = setTimeout(() => {
+      reader.fail(new VmvaultError('NBD', 'NBD client did not finish the handshake in time'));
+      socket.destroy();
+    }, this.opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS);
     let agreed: Agreed | undefined;
     try {
-      agreed = await serveHandshake(socket, reader, this.info);
+      agreed = await serveHandshake(socket, reader, this.info, this.opts.stallMs);
     } finally {
       clearTimeout(timer);
       socket.off('data', onData);
@@ -176,12 +185,15 @@ export class NbdServer {
       socket.end();
       return;
     }
-    const t = new Transmission(socket, this.opts.source, agreed, this.loads, this.simpleBytes, this.info.maxPayload);
+    const t = new Transmission(socket, this.opts.source, agreed, this.loads, this.simpleBytes, this.info.maxPayload, this.opts.stallMs ?? REPLY_STALL_MS);
     socket.on('data', (d: Buffer) => t.push(d));
     const leftover = reader.leftover();
     if (leftover.length > 0) t.push(leftover);
   }
 }
+
+/** Each listening server's connection handler, set once it is ready to serve. */
+const accepting = new WeakMap<net.Server, (socket: net.Socket) => void>();
 
 function describeAddress(a: ListenAddress): string {
   return 'path' in a ? `unix socket ${a.path}` : `${a.host}:${a.port}`;
@@ -241,7 +253,7 @@ class Transmission {
 
   constructor(
     private readonly socket: net.Socket, private readonly source: NbdSource, private readonly agreed: Agreed,
-    private readonly loads: Limiter, private readonly simpleBytes: ByteBudget, private readonly maxPayload: number,
+    private readonly loads: Limiter, private readonly simpleBytes: ByteBudget, private readonly maxPayload: number, private readonly stallMs: number,
   ) {
     socket.on('close', () => { this.dead = true; });
   }
@@ -258,7 +270,7 @@ class Transmission {
       if (this.socket.writableLength > REPLY_BACKLOG) {
         this.held = data.subarray(pos);
         this.socket.pause();
-        void drained(this.socket).then(() => {
+        void drained(this.socket, this.stallMs).then(() => {
           const rest = this.held!;
           this.held = undefined;
           this.resume();
@@ -412,7 +424,7 @@ class Transmission {
       return this.simple(r, NBD_EIO);
     }
     await this.send([this.simpleHeader(r, 0), ...parts]);
-    await drained(this.socket);
+    await drained(this.socket, this.stallMs);
   }
 
   private simpleHeader(r: Request, errno: number): Buffer {
@@ -454,6 +466,6 @@ class Transmission {
     if (this.dead) throw new VmvaultError('NBD', 'connection closed', { retriable: false });
     let ok = true;
     for (const b of bufs) ok = this.socket.write(b);
-    if (!ok) await drained(this.socket);
+    if (!ok) await drained(this.socket, this.stallMs);
   }
 }

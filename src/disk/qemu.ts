@@ -174,17 +174,19 @@ async function onExistingSnapshot(file: string, name: string, op: '-d' | '-a'): 
   if (!snapshots.some((s) => s.name === name)) {
     throw new NotFoundError(`snapshot "${name}" does not exist in disk image ${abs}`);
   }
-  const ambiguous = ambiguousSnapshot(snapshots, name, abs);
+  // -d goes by name only: there, only two snapshots of that name are ambiguous.
+  const ambiguous = ambiguousSnapshot(op === '-a' ? snapshots : snapshots.filter((s) => s.name === name), name, abs);
   if (ambiguous) throw ambiguous;
   await runOn('qemu-img', abs, ['snapshot', '-q', op, name, await qcow2WithoutBacking(abs)]);
 }
 
 /**
  * Why `name` does not name one snapshot of `where` for QEMU, or undefined when it does.
- * QEMU (qemu-img snapshot -a and -d, snapshot-load, snapshot-delete) takes the first
- * snapshot whose id or name is the tag, ids first; an id is any string the image holds,
- * so an image (its guest's, or a copied one) could carry a snapshot whose id is the name
- * of another, and a revert would load that one.
+ * QEMU's revert (qemu-img snapshot -a, snapshot-load) takes the first snapshot whose id
+ * or name is the tag, ids first; an id is any string the image holds, so an image (a
+ * copied one, or crafted) could carry a snapshot whose id is the name of another, and a
+ * revert would load that one. `qemu-img snapshot -d` goes by name only, but takes the
+ * first of two of the same name.
  */
 export function ambiguousSnapshot(snapshots: readonly { id: string; name: string }[], name: string, where: string): VmvaultError | undefined {
   const named = snapshots.filter((s) => s.name === name);
@@ -192,7 +194,8 @@ export function ambiguousSnapshot(snapshots: readonly { id: string; name: string
   if (named.length <= 1 && byId.length === 0) return undefined;
   const what = [...named.map((s) => `id ${s.id} named "${s.name}"`), ...byId.map((s) => `id "${s.id}" named "${s.name}"`)].join(', ');
   return new VmvaultError('AMBIGUOUS', `snapshot name "${name}" means more than one snapshot of ${where} (${what}): QEMU would take the first whose id or name matches, ` +
-    'ids first. Nothing was changed. Look at them with "qemu-img snapshot -l", and delete or rename the one that is not yours (qemu-img snapshot -d ID, on a copy first if unsure)');
+    'ids first. Nothing was changed. Look at them with "qemu-img snapshot -l"; the one that is not yours must go, deleted by its name with "qemu-img snapshot -d NAME" ' +
+    '(which goes by name only) while the VM is stopped, on a copy of the image first if unsure');
 }
 
 /**
@@ -200,7 +203,8 @@ export function ambiguousSnapshot(snapshots: readonly { id: string; name: string
  * refcounts or tables disagree: qemu may allocate a cluster that holds guest data for
  * its own metadata, and a write overwrites it), or why it could not tell. Leaked
  * clusters (allocated, unused) are harmless and not counted. Read-only, no backing file
- * opened, bounded in time (a crafted table can make the check long).
+ * opened, bounded in time (a crafted table can make the check long). IMAGE_LOCKED when a
+ * process holds the image.
  */
 export async function imageCheck(file: string, timeoutMs = CHECK_TIMEOUT_MS): Promise<{ corruptions: number } | { failed: string }> {
   const abs = path.resolve(file);
@@ -212,7 +216,12 @@ export async function imageCheck(file: string, timeoutMs = CHECK_TIMEOUT_MS): Pr
     return { failed: err instanceof Error ? err.message : String(err) };
   }
   // 0: clean; 2: corruptions; 3: leaks only; 1: the check could not complete; 63: not supported.
-  if (r.exitCode !== 0 && r.exitCode !== 2 && r.exitCode !== 3) return { failed: `qemu-img check exited with ${r.exitCode}: ${r.stderr.trim().split('\n')[0] ?? ''}` };
+  if (r.exitCode !== 0 && r.exitCode !== 2 && r.exitCode !== 3) {
+    // Held by a process (a VM started since the image was inspected): that is no damage.
+    const failure = qemuFailure('qemu-img', abs, r.stderr);
+    if (failure.code === 'IMAGE_LOCKED') throw failure;
+    return { failed: `qemu-img check exited with ${r.exitCode}: ${r.stderr.trim().split('\n')[0] ?? ''}` };
+  }
   try {
     const j = JSON.parse(r.stdout) as { corruptions?: number; 'check-errors'?: number };
     if (j['check-errors']) return { failed: `qemu-img check met ${j['check-errors']} error(s) it could not get past` };

@@ -151,11 +151,12 @@ export async function inspectDisks(repo: Repository, vm: string, disks: BackupDi
 /**
  * The most chunks one backup's disks may have. A manifest is one JSON string, which V8
  * caps at 2^29 - 24 characters: at 67 characters a chunk id, about 8 million ids
- * (object-limits.ts MANIFEST_MAX_BYTES). A disk's virtual size is what its image says
+ * (object-limits.ts MANIFEST_MAX_BYTES), less room for the rest (configuration files
+ * up to 16 MiB, base64: about 22 million characters). A disk's virtual size is what its image says
  * (a crafted qcow2 header claims petabytes in a few MiB): refused before anything is
  * read, rather than a backup that runs out of memory or a manifest no vmvault can read.
  */
-export const MAX_BACKUP_CHUNKS = 8_000_000;
+export const MAX_BACKUP_CHUNKS = 7_500_000;
 
 /** Refuses a backup whose disks have more than MAX_BACKUP_CHUNKS chunks of `chunkSize`. */
 export function checkChunkCount(vm: string, disks: readonly { name: string; virtualSize: number }[], chunkSize: number): void {

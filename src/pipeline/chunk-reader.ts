@@ -203,7 +203,10 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
     const wanted = [...new Set(unread.values())];
     const lacking = new Set<string>();
     const check = new TaskWindow(UNREAD_CHECKS);
-    for (const id of wanted) await check.add(async () => { if (!(await known.present(id))) lacking.add(id); });
+    for (const id of wanted) {
+      signal?.throwIfAborted();
+      await check.add(async () => { if (!(await known.present(id))) lacking.add(id); });
+    }
     await check.drain();
     if (lacking.size === 0) return;
     for (const [index, id] of unread) {

@@ -110,8 +110,10 @@ async function run(repo: Repository, opts: { remove?: boolean }): Promise<Repair
   const manifests = loaded.filter((m): m is Manifest => m !== undefined);
   const entries = await readQuarantine(repo);
   // The quarantined chunks some backup uses, read again: one intact now is no damage.
-  const used = new Set(manifests.flatMap((m) => m.disks.flatMap((d) => d.chunks)));
-  const intact = await readStoredChunks(repo, entries.map((e) => e.chunk).filter((c) => used.has(c)), repo.chunkSize, new Map());
+  const quarantined = new Set(entries.map((e) => e.chunk));
+  const used = new Set<string>();
+  for (const m of manifests) for (const d of m.disks) for (const c of d.chunks) if (c !== null && quarantined.has(c)) used.add(c);
+  const intact = await readStoredChunks(repo, [...used], repo.chunkSize, new Map());
   const quarantine = entries.filter((e) => !intact.has(e.chunk));
   const backups = planRepair(manifests, unreadable, quarantine);
   const removed = opts.remove ? backups.filter((b) => !b.healable && !b.otherVersion).map((b) => b.id) : [];

@@ -280,8 +280,9 @@ export async function assertInsideRoots(dir: string, roots: readonly string[], w
   throw new VmvaultError('BAD_INPUT', `${what.startsWith('this host') ? 'restore directory' : 'directory'} ${dir} ${real === wanted ? 'is' : `resolves to ${real}, which is`} outside ${what} (${roots.join(', ')}); nothing was written`);
 }
 
+/** `.NAME.vmvault-tmp-PID-RANDOM`: the process that writes it is named, so another restore can tell whether it is gone. */
 function tmpName(path: string): string {
-  return join(dirname(path), `${tmpPrefix(path)}${randomBytes(4).toString('hex')}`);
+  return join(dirname(path), `${tmpPrefix(path)}${process.pid}-${randomBytes(4).toString('hex')}`);
 }
 
 const tmpPrefix = (path: string) => `.${path.slice(dirname(path).length + 1)}.vmvault-tmp-`;
@@ -289,10 +290,22 @@ const tmpPrefix = (path: string) => `.${path.slice(dirname(path).length + 1)}.vm
 /**
  * A restore killed (kill -9, a crash) leaves its hidden temporary files beside the files
  * it was restoring, as large as the disks. A later restore of the same files removes
- * those last written before `before` (a restore still under way writes its own all the
- * time), and says which.
+ * those last written before `before` whose process is gone from this host (a restore
+ * still under way may leave one disk's file untouched for hours while it writes the
+ * next), and says which. Names without a process (older vmvault) go by age alone.
  */
 const LEFTOVER_AGE_MS = 10 * 60 * 1000;
+
+/** Whether process `pid` exists on this host (EPERM: it does, someone else's). */
+function processAlive(pid: number): boolean {
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return errnoCode(err) !== 'ESRCH';
+  }
+}
 
 async function removeLeftovers(paths: readonly string[], before: number): Promise<string[]> {
   const removed: string[] = [];
@@ -303,7 +316,9 @@ async function removeLeftovers(paths: readonly string[], before: number): Promis
     } catch {
       continue;
     }
-    for (const n of names.filter((x) => x.startsWith(tmpPrefix(p)) && /^[0-9a-f]{8}$/.test(x.slice(tmpPrefix(p).length)))) {
+    for (const n of names.filter((x) => x.startsWith(tmpPrefix(p)))) {
+      const tail = /^(?:(\d+)-)?[0-9a-f]{8}$/.exec(n.slice(tmpPrefix(p).length));
+      if (!tail || (tail[1] !== undefined && processAlive(Number(tail[1])))) continue;
       const file = join(dirname(p), n);
       const st = await lstat(file).catch(() => undefined);
       if (!st?.isFile() || st.mtimeMs >= before) continue;

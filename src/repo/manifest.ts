@@ -37,9 +37,10 @@ export const diskSchema = z.object({
   /** A raw image's file identity and times at this backup (restic's test for an unchanged file). */
   fileStamp: stampSchema.optional(),
   /**
-   * The identity of each file of `chain`, in its order: an incremental backup of a
-   * linked clone needs its backing files unchanged (its bitmap counts writes to the
-   * image only). Absent in older backups, and where a driver did not record it.
+   * The identity of each file below the image (its backing files and what they name,
+   * in `chain` order; not its own data file or extents): an incremental backup of a
+   * linked clone needs them unchanged (its bitmap counts writes to the image only).
+   * Absent in older backups, and where a driver did not record it.
    */
   chainStamps: z.array(stampSchema).optional(),
   virtualSize: z.number().int().nonnegative(),

@@ -98,9 +98,9 @@ export function decide(d: NamedDisk, opts: { fullRead?: boolean; stamp?: FileSta
   }
   if (!p.bitmap) return full(`${since} left no bitmap`);
   // A linked clone's bitmap counts writes to the image only, never to its backing files.
-  if (d.chain.length) {
+  if ((d.below ?? d.chain).length) {
     if (!p.chainStamps || !opts.chainStamps) return full(`the image has a backing chain, and ${since} recorded no identity of its files: its bitmap counts writes to the image only`);
-    const same = p.chain?.length === d.chain.length && d.chain.every((f, i) => p.chain![i] === f) &&
+    const same = (p.chain ?? []).length === d.chain.length && d.chain.every((f, i) => p.chain![i] === f) &&
       p.chainStamps.length === opts.chainStamps.length && opts.chainStamps.every((s, i) => sameStamp(s, p.chainStamps![i]!));
     if (!same) return full(`a file of the image's backing chain changed since ${since} (its bitmap counts writes to the image only)`);
   }
@@ -141,9 +141,9 @@ function sameStamp(a: FileStamp, b: FileStamp): boolean {
   return (Object.keys(a) as (keyof FileStamp)[]).every((k) => a[k] === b[k]);
 }
 
-/** The stamps of a disk's backing chain, in its order (none without one). */
-export function chainStamps(d: Pick<NamedDisk, 'chain'>): Promise<FileStamp[]> {
-  return Promise.all(d.chain.map(statStamp));
+/** The stamps of the files below a disk (its backing chain, in order: InspectedDisk.below); none without one. */
+export function chainStamps(d: Pick<NamedDisk, 'chain' | 'below'>): Promise<FileStamp[]> {
+  return Promise.all((d.below ?? d.chain).map(statStamp));
 }
 
 /** A file's identity and times, to nanoseconds. */

@@ -64,14 +64,19 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
   try {
     for (const d of disks) {
       if (d.format === 'qcow2') {
-        // Nothing is written to an image whose metadata is wrong: it is read as it is.
-        const check = await imageCheck(d.path);
-        if ('failed' in check || check.corruptions > 0) {
-          taken.push({ disk: await readAsIs(d, check, opts) });
-          continue;
+        // Nothing is written to an image whose metadata is wrong: checked before the first
+        // write (none for a disk found unchanged), and then it is read as it is.
+        let checked: Promise<Unwritable | undefined> | undefined;
+        const unwritable = () => (checked ??= checkBeforeWriting(d));
+        if (leftoversOf(d, opts.repoId).length) {
+          const bad = await unwritable();
+          if (bad) {
+            taken.push({ disk: await readAsIs(d, bad, opts) });
+            continue;
+          }
+          recovered += await removeLeftovers(d, opts.repoId);
         }
-        recovered += await removeLeftovers(d, opts.repoId);
-        taken.push(await freezeQcow2(d, snapshot, opts, exports));
+        taken.push(await freezeQcow2(d, snapshot, opts, exports, unwritable));
       } else {
         const stamp = d.format === 'raw' ? await statStamp(d.path) : undefined;
         const decision = withAudit(d, decide(d, { fullRead: opts.fullRead, ...(stamp ? { stamp } : {}) }), opts);
@@ -94,7 +99,9 @@ export async function freezeImages(disks: NamedDisk[], opts: FreezeOptions): Pro
 }
 
 /** The new bitmap first, then the snapshot: a write between the two is counted, never missed. */
-async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: { close(): Promise<void> }[]): Promise<Taken> {
+async function freezeQcow2(
+  d: NamedDisk, snapshot: string, opts: FreezeOptions, exports: { close(): Promise<void> }[], unwritable: () => Promise<Unwritable | undefined>,
+): Promise<Taken> {
   const stamps = await chainStamps(d);
   const decision = withAudit(d, decide(d, { fullRead: opts.fullRead, chainStamps: stamps }), opts);
   // Nothing written since the previous backup (its bitmap, read from the file, is clean):
@@ -113,6 +120,8 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
     };
     return { disk: tracked(d, { ...decision, reason }, unchanged(d), { bitmap: since, verifyRead, readsNothing: true, chainStamps: stamps }) };
   }
+  const bad = await unwritable();
+  if (bad) return { disk: await readAsIs(d, bad, opts) };
   opts.willRead?.();
   const newBitmap = bitmapName(opts.repoId, opts.backupId);
   await bitmapChange(d.path, '--add', newBitmap);
@@ -137,7 +146,15 @@ async function freezeQcow2(d: NamedDisk, snapshot: string, opts: FreezeOptions, 
  * it now, with no snapshot (its identity unchanged after every read proves nothing wrote
  * to it meanwhile) and no bitmap (the next backup reads in full again).
  */
-async function readAsIs(d: NamedDisk, check: { corruptions: number } | { failed: string }, opts: FreezeOptions): Promise<FrozenDisk> {
+type Unwritable = { corruptions: number } | { failed: string };
+
+/** Why qemu must not write to image `d` (qemu-img check), or undefined. IMAGE_LOCKED when a process holds it (a VM that started since inspection). */
+async function checkBeforeWriting(d: NamedDisk): Promise<Unwritable | undefined> {
+  const check = await imageCheck(d.path);
+  return 'failed' in check || check.corruptions > 0 ? check : undefined;
+}
+
+async function readAsIs(d: NamedDisk, check: Unwritable, opts: FreezeOptions): Promise<FrozenDisk> {
   const what = 'failed' in check ? `could not be checked (${check.failed})` : `has ${check.corruptions} metadata corruption(s) (qemu-img check)`;
   opts.warn(`disk image ${d.path} ${what}: it is backed up as qemu reads it now, without a snapshot or dirty bitmap, because qemu writing to it could ` +
     'overwrite guest data. Stop using it, and repair a copy first (qemu-img check -r all on the copy, then compare); until then, every backup of it reads it in full');
@@ -176,15 +193,18 @@ async function changesSince(d: NamedDisk, since: string, snapshot: string, open:
  * repository's bitmaps are its own to rotate).
  */
 async function removeLeftovers(d: NamedDisk, repoId: string): Promise<number> {
-  let n = 0;
-  for (const s of d.snapshots.filter((x) => x.name.startsWith(SNAPSHOT_PREFIX))) {
-    await snapshotDelete(d.path, s.name, { known: true });
-    n++;
+  const left = leftoversOf(d, repoId);
+  for (const l of left) {
+    if (l.kind === 'snapshot') await snapshotDelete(d.path, l.name, { known: true });
+    else await bitmapChange(d.path, '--remove', l.name);
   }
+  return left.length;
+}
+
+function leftoversOf(d: NamedDisk, repoId: string): { kind: 'snapshot' | 'bitmap'; name: string }[] {
   const keep = d.previous?.entry.bitmap;
-  for (const b of d.bitmaps.filter((x) => ownBitmap(repoId, x.name) && x.name !== keep)) {
-    await bitmapChange(d.path, '--remove', b.name);
-    n++;
-  }
-  return n;
+  return [
+    ...d.snapshots.filter((x) => x.name.startsWith(SNAPSHOT_PREFIX)).map((s) => ({ kind: 'snapshot' as const, name: s.name })),
+    ...d.bitmaps.filter((x) => ownBitmap(repoId, x.name) && x.name !== keep).map((b) => ({ kind: 'bitmap' as const, name: b.name })),
+  ];
 }

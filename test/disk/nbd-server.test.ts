@@ -19,6 +19,7 @@ import {
 } from '../../src/disk/nbd-protocol.js';
 import { VmvaultError } from '../../src/errors.js';
 import { tempDir, type TempDir } from '../helpers/images.js';
+import { waitFor } from '../helpers/procs.js';
 
 const KiB = 1024;
 const BLOCK = 64 * KiB;
@@ -193,6 +194,47 @@ describe('NBD server', () => {
       assert.deepEqual(Buffer.from(await reader.read(4)), expected(0, 4));
     } finally {
       socket.destroy();
+    }
+  });
+
+  test('a client that never reads its replies is disconnected: in the handshake at its timeout, in transmission after the stall limit', async () => {
+    // The handshake's timeout is what ends the first (the stall limit is a minute there); the stall limit ends the second.
+    const p = join(dir.path, 'stall.sock');
+    const q = join(dir.path, 'stall2.sock');
+    const s = await NbdServer.listen({ path: p }, { source, name: 'disk', handshakeTimeoutMs: 1000, stallMs: 60_000 });
+    const s2 = await NbdServer.listen({ path: q }, { source, name: 'disk', stallMs: 1500 });
+    /** A raw client on `p`; resolves how long after `start` the server closed it. */
+    const closedAfter = (socket: net.Socket, start: number) => new Promise<number>((resolve) => socket.once('close', () => resolve(Date.now() - start)));
+    try {
+      // Handshake: options it never reads the replies of, until the timeout.
+      const a = net.createConnection(p);
+      const aClosed = closedAfter(a, Date.now());
+      const flags = Buffer.alloc(4);
+      flags.writeUInt32BE(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES, 0);
+      a.pause();
+      a.write(Buffer.concat([flags, ...Array.from({ length: 100_000 }, () => encodeOption(NBD_OPT_LIST))]));
+      a.on('error', () => {});
+      const t1 = await aClosed;
+      assert.ok(t1 >= 900 && t1 < 5000, `closed after ${t1} ms`);
+      // Transmission: flushes it never reads the replies of.
+      const b = net.createConnection(q);
+      const reader = new ExactReader();
+      b.on('data', (d) => reader.push(d));
+      b.on('error', () => {});
+      await reader.read(18);
+      b.write(flags);
+      b.write(encodeOption(NBD_OPT_GO, Buffer.concat([lengthPrefixed('disk'), Buffer.from([0, 0])])));
+      let r;
+      do r = await optionReply(reader); while (r.type !== NBD_REP_ACK);
+      b.pause();
+      const bClosed = closedAfter(b, Date.now());
+      b.write(Buffer.concat(Array.from({ length: 200_000 }, (_, i) => encodeRequest(0, NBD_CMD_FLUSH, i, 0, 0))));
+      const t2 = await bClosed;
+      assert.ok(t2 >= 1400 && t2 < 15_000, `closed after ${t2} ms`);
+      await waitFor('the servers to drop them', async () => s.connectionCount + s2.connectionCount === 0, 5000);
+    } finally {
+      await s.close();
+      await s2.close();
     }
   });
 

@@ -104,15 +104,19 @@ describe('restore to raw writes the file directly', () => {
   test("an interrupted restore's temporary files (a restore killed) are removed by the next restore of the same file, not those still being written", async () => {
     const to = join(dir.path, 'to-leftovers');
     await mkdir(to);
-    const old = join(to, '.root.raw.vmvault-tmp-0badc0de');
+    const gone = Number((await execa(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'])).stdout);
+    const old = join(to, '.root.raw.vmvault-tmp-0badc0de'); // an older vmvault's name: by age alone
+    const dead = join(to, `.root.raw.vmvault-tmp-${gone}-0badc0de`); // its process is gone
+    const live = join(to, `.root.raw.vmvault-tmp-${process.pid}-0badc0de`); // its process runs (a restore writing another disk)
     const fresh = join(to, '.root.raw.vmvault-tmp-00c0ffee');
     const other = join(to, '.other.raw.vmvault-tmp-0badc0de');
-    for (const f of [old, fresh, other]) await writeFile(f, 'partial');
+    for (const f of [old, dead, live, fresh, other]) await writeFile(f, 'partial');
     const hourAgo = new Date(Date.now() - 3600_000);
-    for (const f of [old, other]) await utimes(f, hourAgo, hourAgo);
+    for (const f of [old, dead, live, other]) await utimes(f, hourAgo, hourAgo);
     const r = await restore(repo, { backupId: manifest.id, to, format: 'raw' });
-    assert.deepEqual(r.leftoversRemoved, [old]);
-    assert.deepEqual((await readdir(to)).sort(), ['.other.raw.vmvault-tmp-0badc0de', '.root.raw.vmvault-tmp-00c0ffee', 'root.raw'], 'a fresh one, and another file\'s, stay');
+    assert.deepEqual(r.leftoversRemoved?.sort(), [dead, old].sort());
+    assert.deepEqual((await readdir(to)).sort(), ['.other.raw.vmvault-tmp-0badc0de', '.root.raw.vmvault-tmp-00c0ffee', `.root.raw.vmvault-tmp-${process.pid}-0badc0de`, 'root.raw'].sort(),
+      "a fresh one, one whose process runs, and another file's, stay");
     await execa('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, join(to, 'root.raw')]);
   });
 });

@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { execa } from 'execa';
-import { compareImages, snapshotList } from '../../src/disk/qemu.js';
+import { compareImages, imageCheck, snapshotList } from '../../src/disk/qemu.js';
 import { restore } from '../../src/pipeline/restore.js';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
@@ -17,7 +17,7 @@ import { openImages } from '../../src/vm/image-driver.js';
 import { newBackupId } from '../../src/pipeline/backup.js';
 import { ChunkPool, type PoolLease } from '../../src/pipeline/pool.js';
 import { readFile, writeFile } from 'node:fs/promises';
-import { makeImage, qemuIo, tempDir, verifyPatterns, type TempDir } from '../helpers/images.js';
+import { holdImageLock, makeImage, qemuIo, tempDir, verifyPatterns, type TempDir } from '../helpers/images.js';
 import { waitFor } from '../helpers/procs.js';
 
 const MiB = 1024 * 1024;
@@ -151,13 +151,22 @@ describe('image driver: the snapshot goes once everything is read', () => {
     await verifyPatterns(img, 'qcow2', [{ offset: MiB, length: 64 * 1024, pattern: 0x5c }]);
     await restore(repo, { backupId: r.manifest.id, to: path.join(dir.path, 'out-rc0'), format: 'raw' });
     assert.ok((await compareImages(before, path.join(dir.path, 'out-rc0', 'rc0.raw'), 'raw', 'raw')).identical);
+    // An image a process holds (a VM started since it was inspected) is not "damaged": IMAGE_LOCKED, as a snapshot would say.
+    const held = await makeImage(dir.path, 'held.qcow2', 'qcow2', 4 * MiB, [{ offset: 0, length: MiB, pattern: 0x61 }]);
+    const release = await holdImageLock(held, 'qcow2');
+    try {
+      await assert.rejects(imageCheck(held), (e: Error & { code?: string }) => e.code === 'IMAGE_LOCKED');
+    } finally {
+      await release();
+    }
+    assert.deepEqual(await imageCheck(held), { corruptions: 0 });
   });
 
   it('a disk whose header claims more than a backup can hold (40 TiB in a few MiB of file) is refused before anything is read or changed', async () => {
     const huge = path.join(dir.path, 'huge.qcow2');
     await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=2M', huge, '40T']);
     await assert.rejects(backupVm(repo, { vm: 'huge', driver: 'image', disks: [{ path: huge, format: 'qcow2' }] }), (e: Error & { code?: string }) =>
-      e.code === 'UNSUPPORTED' && /VM "huge" has 10485760 chunks of 4 MiB in its disks \("huge" 40\.0 TiB\): one backup holds at most 8000000 \(30\.5 TiB .*vmvault init --chunk-size.*nothing was read/.test(e.message));
+      e.code === 'UNSUPPORTED' && /VM "huge" has 10485760 chunks of 4 MiB in its disks \("huge" 40\.0 TiB\): one backup holds at most 7500000 \(28\.6 TiB .*vmvault init --chunk-size.*nothing was read/.test(e.message));
     assert.deepEqual(await infoOf(huge), { bitmaps: [], snapshots: [] }, 'no bitmap, no snapshot');
   });
 

@@ -36,9 +36,13 @@ function verifyText(r: VerifyReport): string {
 }
 
 function repairText(r: RepairReport, remove: boolean): string {
-  if (r.backups.length === 0) return `no damaged backup known (${r.quarantinedChunks} chunk(s) in quarantine); run "vmvault verify --read-data" for a full check`;
+  const intact = r.intactAgain === 0 ? [] : [r.released !== undefined
+    ? `${r.intactAgain} quarantined chunk(s) read intact again: taken out of quarantine`
+    : `${r.intactAgain} quarantined chunk(s) read intact again (put back, or uploaded since verify): they count for nothing here; "vmvault repair --remove" or the next verify takes them out of quarantine`];
+  if (r.backups.length === 0) return [`no damaged backup known (${r.quarantinedChunks} damaged chunk(s) in quarantine); run "vmvault verify --read-data" for a full check`, ...intact].join('\n');
   const lost = r.backups.filter((b) => !b.healable);
   return [
+    ...intact,
     table([
       ['ID', 'TIME', 'VM', 'DISKS', 'VERDICT', 'WHY'],
       ...r.backups.map((b) => [b.id.slice(0, 12), b.time ?? '-', b.vm ?? '-', b.damagedDisks.join(',') || '-', b.otherVersion ? 'other version' : b.healable ? 'may heal' : 'beyond healing', b.reason]),
