@@ -32,6 +32,8 @@ export interface LibvirtDisk {
   bus?: string;
   /** Image format from `driver type=`. */
   format?: string;
+  /** The files of its `<backingStore>` chain, top down (a running domain's XML lists the chain libvirt found). */
+  backing: string[];
 }
 
 function parse(xml: string): Document {
@@ -80,7 +82,14 @@ export function libvirtDisks(xml: string): LibvirtDisk[] {
     const target = children(el, 'target')[0]?.getAttribute('dev') ?? undefined;
     const bus = children(el, 'target')[0]?.getAttribute('bus') ?? undefined;
     const format = children(el, 'driver')[0]?.getAttribute('type') ?? undefined;
+    const backing: string[] = [];
+    for (let b = children(el, 'backingStore')[0]; b; b = children(b, 'backingStore')[0]) {
+      const src = children(b, 'source')[0];
+      const file = src?.getAttribute('file') || src?.getAttribute('dev');
+      if (file) backing.push(file);
+    }
     return {
+      backing,
       type: el.getAttribute('type') ?? 'file', device: el.getAttribute('device') ?? 'disk', path: source.getAttribute(attr)!,
       ...(target ? { target } : {}), ...(bus ? { bus } : {}), ...(format ? { format } : {}),
     };

@@ -31,9 +31,10 @@ import path from 'node:path';
 import { NbdClient } from '../disk/nbd.js';
 import type { ImageFormat } from '../disk/image-format.js';
 import { errorMessage, VmvaultError } from '../errors.js';
-import { nameDisks, type BackupDisk, type ChangedBlocks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
+import { nameDisks, type BackupDisk, type ChangedBlocks, type FileStamp, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
+import { libvirtDisks } from '../pipeline/libvirt-xml.js';
 import type { Repository } from '../repo/repository.js';
-import { bitmapName, decide, ownBitmap, tracked, withAudit, type AuditPolicy, type Decision } from './change-tracking.js';
+import { bitmapName, chainStamps, decide, ownBitmap, tracked, withAudit, type AuditPolicy, type Decision } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import type { PointInTime } from './point-in-time.js';
 import { virsh } from './virsh.js';
@@ -55,20 +56,20 @@ export interface RunningDomainOptions {
   warn: Warn;
 }
 
-interface Planned { named: NamedDisk; disk: DomainDisk; decision: Decision; scratch: string }
+interface Planned { named: NamedDisk; disk: DomainDisk; decision: Decision; scratch: string; stamps: FileStamp[] | undefined }
 
 /**
  * How a running domain's disk can be read, from its previous backup and the domain's
  * checkpoints. Pure: the same rules as every other driver (src/vm/change-tracking.ts).
  */
-export function decideDomainDisk(d: NamedDisk, checkpoints: readonly string[], fullRead: boolean): Decision {
+export function decideDomainDisk(d: NamedDisk, checkpoints: readonly string[], fullRead: boolean, chainStamps?: FileStamp[]): Decision {
   if (fullRead) return { mode: 'full', reason: 'a full read was asked for' };
   if (d.format !== 'qcow2') return { mode: 'full', reason: `${d.format} disks of a running libvirt domain are read in full: only a qcow2 image can hold a dirty bitmap` };
   const p = d.previous?.entry.bitmap;
   if (d.previous && p && !checkpoints.includes(p)) {
     return { mode: 'full', reason: `libvirt has no checkpoint ${p} for backup ${d.previous.backupId.slice(0, 12)} (was the domain backed up while shut off, or the checkpoint deleted?)` };
   }
-  const decision = decide({ ...d, bitmaps: checkpoints.map((name) => ({ name, flags: ['auto'] })) }, {});
+  const decision = decide({ ...d, bitmaps: checkpoints.map((name) => ({ name, flags: ['auto'] })) }, chainStamps ? { chainStamps } : {});
   return decision.since ? { ...decision, reason: `changes since backup ${d.previous!.backupId.slice(0, 12)} (libvirt checkpoint ${decision.since})` } : decision;
 }
 
@@ -173,6 +174,8 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
   const { domain, warn } = o;
   await abortLeftoverJob(domain, warn);
   const existing = await checkpoints(domain, repo.id);
+  // The chain libvirt found below each disk (a linked clone's template): its bitmap counts writes to the disk only.
+  const live = libvirtDisks(await virsh(['dumpxml', domain], domain));
   const plans: Planned[] = [];
   for (const { disk, name, previous } of await nameDisks(repo, o.vm, o.disks)) {
     const d = disk as DomainDisk;
@@ -181,9 +184,12 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
     const named: NamedDisk = {
       path: path.resolve(d.path), format: d.format, virtualSize: await capacity(domain, d.target), actualSize: 0,
       references: [], snapshots: [], bitmaps: [], formatSource: 'declared', chain: [], name, ...(previous ? { previous } : {}),
+      below: (live.find((x) => x.target === d.target)?.backing ?? []).map((f) => path.resolve(f)),
     };
+    // A file that cannot be looked at (another host's path, a protocol libvirt reads) proves nothing: a full read.
+    const stamps = await chainStamps(named).catch(() => undefined);
     const scratch = path.join(o.scratchDir ?? path.dirname(named.path), `${path.basename(named.path)}.vmvault-scratch-${d.target}-${o.backupId.slice(0, 12)}.qcow2`);
-    plans.push({ named, disk: d, decision: withAudit(named, decideDomainDisk(named, existing, o.fullRead), o.audit), scratch });
+    plans.push({ named, disk: d, decision: withAudit(named, decideDomainDisk(named, existing, o.fullRead, stamps), o.audit), scratch, stamps });
   }
   const others = (await virsh(['domblklist', domain, '--details'], domain)).split('\n')
     .map((l) => /^\s*\S+\s+disk\s+(\S+)\s/.exec(l)?.[1]).filter((t): t is string => !!t && !o.disks.some((d) => d.target === t));
@@ -247,6 +253,7 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
         }
       }
       disks.push(tracked(p.named, p.decision, changes, {
+        ...(p.stamps ? { chainStamps: p.stamps } : {}),
         connect: () => NbdClient.connect(socket, { exportName: e.exportName }), ...(withCheckpoint && p.named.format === 'qcow2' ? { bitmap: checkpoint } : {}),
       }));
     }

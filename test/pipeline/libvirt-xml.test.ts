@@ -48,9 +48,9 @@ const DOMAIN = `<?xml version="1.0"?>
 describe('libvirt domain XML', () => {
   it('lists file and block disks with their targets, buses and formats', () => {
     assert.deepEqual(libvirtDisks(DOMAIN), [
-      { type: 'file', device: 'disk', path: '/var/lib/libvirt/images/web1-root.qcow2', target: 'vda', bus: 'virtio', format: 'qcow2' },
-      { type: 'block', device: 'disk', path: '/dev/vg0/web1-data', target: 'vdb', bus: 'virtio', format: 'raw' },
-      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', bus: 'sata', format: 'raw' },
+      { type: 'file', device: 'disk', path: '/var/lib/libvirt/images/web1-root.qcow2', target: 'vda', bus: 'virtio', format: 'qcow2', backing: ['/var/lib/libvirt/images/base.qcow2'] },
+      { type: 'block', device: 'disk', path: '/dev/vg0/web1-data', target: 'vdb', bus: 'virtio', format: 'raw', backing: [] },
+      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', bus: 'sata', format: 'raw', backing: [] },
     ]);
   });
 
@@ -61,9 +61,9 @@ describe('libvirt domain XML', () => {
       'not-a-disk': '/nowhere',
     });
     assert.deepEqual(libvirtDisks(out), [
-      { type: 'file', device: 'disk', path: '/srv/restore/web1-root.qcow2', target: 'vda', bus: 'virtio', format: 'qcow2' },
-      { type: 'file', device: 'disk', path: '/srv/restore/web1-data.qcow2', target: 'vdb', bus: 'virtio', format: 'qcow2' },
-      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', bus: 'sata', format: 'raw' },
+      { type: 'file', device: 'disk', path: '/srv/restore/web1-root.qcow2', target: 'vda', bus: 'virtio', format: 'qcow2', backing: [] },
+      { type: 'file', device: 'disk', path: '/srv/restore/web1-data.qcow2', target: 'vdb', bus: 'virtio', format: 'qcow2', backing: [] },
+      { type: 'file', device: 'cdrom', path: '/isos/debian.iso', target: 'sda', bus: 'sata', format: 'raw', backing: [] },
     ]);
     // The old chain is gone: a restored image has no backing file.
     assert.doesNotMatch(out, /backingStore|base\.qcow2/);

@@ -19,6 +19,7 @@ import { newBackupId } from '../../src/pipeline/backup.js';
 import { defineDomain, guestWrite, libvirtMissing, startLibvirt, type TestLibvirt } from '../helpers/libvirt.js';
 import { makeImage, writePattern } from '../helpers/images.js';
 import { waitFor } from '../helpers/procs.js';
+import { execa } from 'execa';
 
 const MiB = 1024 * 1024;
 const CHUNK = 4 * MiB;
@@ -141,5 +142,40 @@ describe('libvirt driver: changed-block incrementals of a running domain', { ski
     assert.equal(mode(r, 'root').mode, 'incremental', mode(r, 'root').reason);
     assert.match(warnings.join('\n'), /aborting the libvirt backup job an earlier run left/);
     assert.ok(left.disks.length > 0);
+  });
+});
+
+describe('libvirt driver: a running linked clone whose template changed while it was off', { skip }, () => {
+  let lv: TestLibvirt;
+  const domain = `vv-clone-${process.pid}`;
+  after(async () => {
+    await lv?.stop();
+  });
+
+  it('is read in full (its checkpoint counts writes to the clone only), and restores as QEMU reads it', async () => {
+    lv = await startLibvirt();
+    const repo = await Repository.init(new LocalStorage(path.join(lv.imageDir, 'repo')), 'pw', { kdf: 'weak' });
+    const base = await makeImage(lv.imageDir, 'template.qcow2', 'qcow2', 16 * MiB, [{ offset: 0, length: 4 * MiB, pattern: 0x11 }]);
+    const clone = path.join(lv.imageDir, 'clone.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', clone]);
+    for (const f of [base, clone]) await lv.own(f);
+    await defineDomain(lv, domain, [{ path: clone, format: 'qcow2' }]);
+    const backup = () => backupVm(repo, { driver: 'libvirt', vm: 'clone', disks: [], domain, warn: () => {} });
+    const first = await backup();
+    assert.equal(first.manifest.disks[0]!.chainStamps?.length, 1, 'the template\'s identity is recorded');
+    const same = await backup();
+    assert.equal(same.manifest.disks[0]!.mode, 'incremental', same.manifest.disks[0]!.reason);
+    // The template changes while the domain is off; nothing is written to the clone.
+    await lv.virsh('destroy', domain, '--graceful');
+    await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 0 4M', base]);
+    await lv.virsh('start', domain, '--paused');
+    const after = await backup();
+    assert.equal(after.manifest.disks[0]!.mode, 'full');
+    assert.match(after.manifest.disks[0]!.reason!, /a file of the image's backing chain changed since backup/);
+    const to = await fs.mkdtemp(path.join(lv.imageDir, 'restore-clone-'));
+    await restore(repo, { backupId: after.manifest.id, to });
+    await lv.virsh('destroy', domain); // QEMU holds the clone's lock while it runs
+    const cmp = await compareImages(path.join(to, 'clone.qcow2'), clone, 'qcow2', 'qcow2');
+    assert.ok(cmp.identical, cmp.output);
   });
 });
