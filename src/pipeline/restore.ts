@@ -20,7 +20,7 @@ import { openStoredChunk, ownPool, type ChunkPool, type PoolLease } from './pool
 import { TaskWindow } from './window.js';
 import { ProgressMeter, type ProgressFn } from './progress.js';
 import { FORMAT_EXT, assertSafeName, pathInside } from './names.js';
-import { withReadLock } from '../repo/locks.js';
+import { processGone, withReadLock } from '../repo/locks.js';
 import { VM_NAME_RE, libvirtDisks, renameLibvirtDomain, rewriteLibvirtDiskPaths, type DiskTarget, type DomainIdentity } from './libvirt-xml.js';
 import { dataRuns } from './sparse.js';
 import { fsyncDir, mkdirs, writeNewFileSynced } from '../storage/local.js';
@@ -296,17 +296,6 @@ const tmpPrefix = (path: string) => `.${path.slice(dirname(path).length + 1)}.vm
  */
 const LEFTOVER_AGE_MS = 10 * 60 * 1000;
 
-/** Whether process `pid` exists on this host (EPERM: it does, someone else's). */
-function processAlive(pid: number): boolean {
-  if (pid === process.pid) return true;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return errnoCode(err) !== 'ESRCH';
-  }
-}
-
 async function removeLeftovers(paths: readonly string[], before: number): Promise<string[]> {
   const removed: string[] = [];
   for (const p of paths) {
@@ -318,7 +307,7 @@ async function removeLeftovers(paths: readonly string[], before: number): Promis
     }
     for (const n of names.filter((x) => x.startsWith(tmpPrefix(p)))) {
       const tail = /^(?:(\d+)-)?[0-9a-f]{8}$/.exec(n.slice(tmpPrefix(p).length));
-      if (!tail || (tail[1] !== undefined && processAlive(Number(tail[1])))) continue;
+      if (!tail || (tail[1] !== undefined && !processGone(Number(tail[1])))) continue;
       const file = join(dirname(p), n);
       const st = await lstat(file).catch(() => undefined);
       if (!st?.isFile() || st.mtimeMs >= before) continue;

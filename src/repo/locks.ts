@@ -110,12 +110,16 @@ export async function readLocks(repo: Repository, now = Date.now()): Promise<Fou
 
 /** A lock this host's process table proves dead: same host name, no such pid (restic's rule). */
 export function heldByDeadProcess(lock: LockBody, host = hostname()): boolean {
-  if (lock.host !== host || lock.pid === process.pid) return false;
+  return lock.host === host && lock.pid !== process.pid && processGone(lock.pid);
+}
+
+/** Whether this host's process table proves process `pid` gone (EPERM: alive, someone else's). */
+export function processGone(pid: number): boolean {
   try {
-    process.kill(lock.pid, 0);
+    process.kill(pid, 0);
     return false;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'ESRCH'; // EPERM: alive, someone else's
+    return (err as NodeJS.ErrnoException).code === 'ESRCH';
   }
 }
 

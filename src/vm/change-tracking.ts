@@ -137,7 +137,7 @@ export function decideRunning(d: NamedDisk, onNode: readonly NodeBitmap[], opts:
 }
 
 /** Whether two stamps are of one file, unchanged. */
-function sameStamp(a: FileStamp, b: FileStamp): boolean {
+export function sameStamp(a: FileStamp, b: FileStamp): boolean {
   return (Object.keys(a) as (keyof FileStamp)[]).every((k) => a[k] === b[k]);
 }
 

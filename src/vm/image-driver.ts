@@ -13,7 +13,7 @@ import type { NbdClient } from '../disk/nbd.js';
 import { prepareExports, retryIfOrphansHeld } from '../disk/qemu-nbd.js';
 import { inspectDisks, type ChangedBlocks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
 import type { Repository } from '../repo/repository.js';
-import { bitmapExport, bitmapFromFile, bitmapName, chainStamps, ownBitmap, decide, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
+import { bitmapExport, bitmapFromFile, bitmapName, chainStamps, ownBitmap, decide, sameStamp, statStamp, tracked, unchanged, withAudit, type AuditPolicy } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import { auditPolicy, stderrWarn, type PointInTime, type PointInTimeTarget } from './point-in-time.js';
 
@@ -161,7 +161,7 @@ async function readAsIs(d: NamedDisk, check: Unwritable, opts: FreezeOptions): P
   const before = await statStamp(d.path);
   const verifyRead = async () => {
     const now = await statStamp(d.path);
-    if ((Object.keys(before) as (keyof typeof before)[]).every((k) => before[k] === now[k])) return;
+    if (sameStamp(before, now)) return;
     throw new VmvaultError('QEMU', `${d.path} was written to while this backup read it (it took no snapshot: the image's metadata is damaged): stop what writes to it, then run the backup again`, { retriable: true });
   };
   opts.willRead?.();
