@@ -4,8 +4,10 @@
  * holds the exclusive lock, so it never deletes a chunk a running backup may use.
  *
  * A lock is a sealed object `locks/<random id>` holding its kind, holder and expiry.
- * Holders refresh it while they work; a lock past its expiry is stale (its holder
- * crashed) and is ignored and removed by the next acquirer.
+ * Holders refresh it while they work; a lock not refreshed for its lifetime is stale
+ * (its holder crashed) and is ignored and removed by the next acquirer. That is judged
+ * on the storage's clock (when each lock was last written), never by comparing the
+ * holder's clock with the acquirer's: hosts' clocks may disagree by hours.
  *
  * Acquisition writes the lock first and then looks for conflicts, backing off (and
  * deleting its own lock) when it finds one: two racing acquirers may both back off,
@@ -39,6 +41,8 @@ const lockSchema = z.object({
   purpose: z.string(),
   created: z.string(),
   expires: z.string(),
+  /** Its lifetime without refresh (absent in locks of earlier versions: the default). */
+  ttlMs: z.number().positive().optional(),
 });
 type LockBody = z.infer<typeof lockSchema>;
 
@@ -82,9 +86,17 @@ export type FoundLock =
   | { id: string; lock: LockBody; stale: boolean; damaged?: undefined }
   | { id: string; lock?: undefined; stale: false; damaged: string };
 
-export async function readLocks(repo: Repository, now = Date.now()): Promise<FoundLock[]> {
+/**
+ * The repository's locks. `own` is the id of a lock the caller has just written: its
+ * write time, on the storage's clock, is then the "now" that the others' last writes
+ * are compared with (isStale).
+ */
+export async function readLocks(repo: Repository, now = Date.now(), own?: string): Promise<FoundLock[]> {
   const out: FoundLock[] = [];
-  for await (const { name } of repo.storage.list('locks/')) {
+  const listed: { name: string; modified?: number }[] = [];
+  for await (const { name, modified } of repo.storage.list('locks/')) listed.push({ name, ...(modified !== undefined ? { modified } : {}) });
+  const reference = own === undefined ? undefined : listed.find((l) => l.name === lockName(own))?.modified;
+  for (const { name, modified } of listed) {
     const id = name.slice('locks/'.length);
     let sealed: Uint8Array;
     try {
@@ -100,12 +112,29 @@ export async function readLocks(repo: Repository, now = Date.now()): Promise<Fou
     try {
       const plain = open(repo.keys.encKey, 'lock', sealed, additionalData(repo.id, 'lock', id), name);
       const lock = lockSchema.parse(JSON.parse(plain.toString('utf8')));
-      out.push({ id, lock, stale: Date.parse(lock.expires) < now });
+      out.push({ id, lock, stale: isStale(lock, { now, modified, reference }) });
     } catch (err) {
       out.push({ id, stale: false, damaged: errorMessage(err) });
     }
   }
   return out;
+}
+
+/**
+ * Whether a lock's holder has not refreshed it for its lifetime. With the storage's time
+ * of its last write (`modified`) and of the reader's own lock just written (`reference`),
+ * on that one clock only: a holder whose clock runs an hour behind writes expiries an
+ * hour early, and judged by them, a gc's live exclusive lock would be removed by the next
+ * backup, which would then commit chunks the gc goes on deleting. Without a reference (a
+ * reader that wrote no lock: unlock, a full repository's gc), the expiry the holder wrote
+ * must have passed on this host's clock and the last write be a lifetime old on it too,
+ * so that one wrong clock alone, the holder's, makes no lock stale.
+ */
+function isStale(lock: LockBody, at: { now: number; modified: number | undefined; reference: number | undefined }): boolean {
+  const ttl = lock.ttlMs ?? DEFAULT_LOCK_TTL_MS;
+  if (at.modified === undefined) return Date.parse(lock.expires) < at.now;
+  if (at.reference !== undefined) return at.reference - at.modified > ttl;
+  return Date.parse(lock.expires) < at.now && at.now - at.modified > ttl;
 }
 
 /** A lock this host's process table proves dead: same host name, no such pid (restic's rule). */
@@ -134,7 +163,7 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   let lastWritten = 0;
   const write = async () => {
     const at = now();
-    const body: LockBody = { kind, host: hostname(), pid: process.pid, purpose: opts.purpose, created, expires: new Date(at + ttl).toISOString() };
+    const body: LockBody = { kind, host: hostname(), pid: process.pid, purpose: opts.purpose, created, expires: new Date(at + ttl).toISOString(), ttlMs: ttl };
     await repo.storage.put(lockName(id), seal(repo.keys.encKey, 'lock', Buffer.from(JSON.stringify(body)), additionalData(repo.id, 'lock', id)));
     lastWritten = at;
   };
@@ -142,7 +171,7 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   let conflicts: Array<FoundLock & { lock: LockBody }>;
   let damaged: string[];
   try {
-    const all = await readLocks(repo, now());
+    const all = await readLocks(repo, now(), id);
     for (const s of all.filter((l) => l.stale)) await repo.storage.delete(lockName(s.id));
     damaged = all.filter((l) => l.damaged !== undefined).map((l) => l.id);
     conflicts = all.filter((l): l is FoundLock & { lock: LockBody } =>

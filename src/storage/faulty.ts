@@ -3,7 +3,7 @@
  * It lets tests prove that retries happen, that they stop, and that failure paths
  * (a lost put, a listing cut in the middle) leave the repository consistent.
  */
-import { type Storage, getInto, sameBackend } from './storage.js';
+import { type Storage, getInto, sameBackend, type StoredObject } from './storage.js';
 
 export type Method = 'get' | 'put' | 'stat' | 'delete' | 'list';
 
@@ -70,7 +70,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
     throw fault.error;
   }
 
-  async function* list(prefix: string): AsyncGenerator<{ name: string; size: number }> {
+  async function* list(prefix: string): AsyncGenerator<StoredObject> {
     const fault = take('list', prefix);
     if (fault && !fault.after) throw fault.error;
     let yielded = 0;

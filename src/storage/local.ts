@@ -10,7 +10,7 @@ import { lstat, mkdir, open, opendir, rename, stat, unlink } from 'node:fs/promi
 import path from 'node:path';
 import { NotFoundError, VmvaultError, errnoCode, isRetriable } from '../errors.js';
 import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
-import { tooLarge, type GetOptions, type Storage } from './storage.js';
+import { tooLarge, type GetOptions, type ObjectStat, type Storage, type StoredObject } from './storage.js';
 
 /** O_DIRECT needs memory, offsets and lengths aligned to the device's block size: 4 KiB covers them all. */
 export const DIRECT_ALIGN = 4096;
@@ -133,11 +133,11 @@ export class LocalStorage implements Storage {
     }
   }
 
-  async stat(name: string): Promise<{ size: number } | undefined> {
+  async stat(name: string): Promise<ObjectStat | undefined> {
     const file = this.pathOf(name);
     try {
       const st = await stat(file);
-      return st.isFile() ? { size: st.size } : undefined;
+      return st.isFile() ? { size: st.size, modified: st.mtimeMs } : undefined;
     } catch (err) {
       if (isMissing(err)) return undefined;
       throw this.fail('stat', name, file, err);
@@ -154,7 +154,7 @@ export class LocalStorage implements Storage {
     }
   }
 
-  async *list(prefix: string): AsyncIterable<{ name: string; size: number }> {
+  async *list(prefix: string): AsyncIterable<StoredObject> {
     checkPrefix(prefix);
     // Start at the deepest directory the prefix names in full: `chunks/ab` → `chunks/`.
     const cut = prefix.lastIndexOf('/') + 1;
@@ -198,7 +198,7 @@ export class LocalStorage implements Storage {
   }
 
   /** Yields the files under directory `rel` (a name prefix ending in "/" or "") that start with `prefix`. */
-  private async *walk(rel: string, prefix: string): AsyncGenerator<{ name: string; size: number }> {
+  private async *walk(rel: string, prefix: string): AsyncGenerator<StoredObject> {
     const dirPath = path.join(this.root, rel);
     let entries: Dirent[];
     try {
@@ -215,8 +215,8 @@ export class LocalStorage implements Storage {
         // Descend only where names can still match the prefix.
         if (name.startsWith(prefix) || prefix.startsWith(name + '/')) yield* this.walk(name + '/', prefix);
       } else if (entry.isFile() && name.startsWith(prefix)) {
-        const size = await this.stat(name);
-        if (size) yield { name, size: size.size }; // undefined: deleted meanwhile
+        const st = await this.stat(name);
+        if (st) yield { name, ...st }; // undefined: deleted meanwhile
       }
     }
   }

@@ -3,7 +3,7 @@
  * stay free of retry loops and tests can drive it with faulty.ts.
  */
 import { NotFoundError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
-import { type Storage, getInto, sameBackend } from './storage.js';
+import { type Storage, getInto, sameBackend, type StoredObject } from './storage.js';
 
 export interface RetryOptions {
   /** Total attempts per operation, the first included. Default 6. */
@@ -85,7 +85,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
     }
   }
 
-  async function* list(prefix: string): AsyncGenerator<{ name: string; size: number }> {
+  async function* list(prefix: string): AsyncGenerator<StoredObject> {
     const seen = new Set<string>();
     for (let attempt = 1; ; attempt++) {
       const before = seen.size;

@@ -15,7 +15,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { NotFoundError, ThrottledError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
 import { checkName, checkPrefix } from './names.js';
-import { tooLarge, type GetOptions, type Storage } from './storage.js';
+import { tooLarge, type GetOptions, type ObjectStat, type Storage, type StoredObject } from './storage.js';
 import { copyBytes } from '../bytes.js';
 
 export interface S3StorageOptions {
@@ -175,11 +175,11 @@ export class S3Storage implements Storage {
     }
   }
 
-  async stat(name: string): Promise<{ size: number } | undefined> {
+  async stat(name: string): Promise<ObjectStat | undefined> {
     const Key = this.key(name);
     try {
       const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key }));
-      return { size: res.ContentLength ?? 0 };
+      return { size: res.ContentLength ?? 0, ...(res.LastModified ? { modified: res.LastModified.getTime() } : {}) };
     } catch (err) {
       const e = this.translate(err, 'stat', name);
       if (!(e instanceof NotFoundError)) throw e;
@@ -204,7 +204,7 @@ export class S3Storage implements Storage {
     }
   }
 
-  async *list(prefix: string): AsyncIterable<{ name: string; size: number }> {
+  async *list(prefix: string): AsyncIterable<StoredObject> {
     checkPrefix(prefix);
     let token: string | undefined;
     do {
@@ -221,7 +221,7 @@ export class S3Storage implements Storage {
         const name = obj.Key.slice(this.keyPrefix.length);
         // "folder/" placeholders made by S3 consoles are not objects of ours.
         if (name === '' || name.endsWith('/')) continue;
-        yield { name, size: obj.Size ?? 0 };
+        yield { name, size: obj.Size ?? 0, ...(obj.LastModified ? { modified: obj.LastModified.getTime() } : {}) };
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
     } while (token);

@@ -46,10 +46,10 @@ export interface Storage {
    */
   getInto?(name: string, into: Uint8Array): Promise<number>;
   put(name: string, data: Uint8Array): Promise<void>;
-  /** Size in bytes, or undefined when the object does not exist. */
-  stat(name: string): Promise<{ size: number } | undefined>;
+  /** Size in bytes (and when it was last written, where the backend knows), or undefined when the object does not exist. */
+  stat(name: string): Promise<ObjectStat | undefined>;
   delete(name: string): Promise<void>;
-  list(prefix: string): AsyncIterable<{ name: string; size: number }>;
+  list(prefix: string): AsyncIterable<StoredObject>;
   /**
    * Optional: removes what writes that never finished left behind (the temporary file of
    * a writer killed mid-put), if last modified before `before` (ms since the epoch).
@@ -59,6 +59,20 @@ export interface Storage {
   /** Release sockets and handles. */
   close(): Promise<void>;
 }
+
+export interface ObjectStat {
+  size: number;
+  /**
+   * When the object was last written, in ms since the epoch on the storage's own clock
+   * (a file's mtime, S3's Last-Modified), where the backend knows it. One clock for every
+   * host that uses the repository: lock expiry is judged on it (repo/locks.ts), as hosts'
+   * own clocks may disagree by hours.
+   */
+  modified?: number;
+}
+
+/** One object of a listing. */
+export interface StoredObject extends ObjectStat { name: string }
 
 export interface GetOptions {
   /** The most bytes a valid object of this kind can have; larger ones throw IntegrityError. */

@@ -20,7 +20,7 @@
  * quick HEADs that succeed must not raise the limit of uploads that are being refused.
  */
 import { isThrottling } from '../errors.js';
-import { type Storage, getInto, sameBackend } from './storage.js';
+import { type Storage, getInto, sameBackend, type StoredObject } from './storage.js';
 
 export interface ConcurrencyOptions {
   /** Upper bound, and the start. Default 32 (S3Storage's sockets). */
@@ -143,7 +143,7 @@ export function withAdaptiveConcurrency(storage: Storage, opts: ConcurrencyOptio
 
   // A listing holds a slot while it waits for its next item (a page request, mostly);
   // not between items, so a slow consumer does not starve the uploads.
-  async function* list(prefix: string): AsyncGenerator<{ name: string; size: number }> {
+  async function* list(prefix: string): AsyncGenerator<StoredObject> {
     const it = storage.list(prefix)[Symbol.asyncIterator]();
     try {
       for (;;) {

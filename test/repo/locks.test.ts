@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Repository } from '../../src/repo/repository.js';
@@ -15,9 +15,16 @@ import { readOnly } from '../../src/storage/read-only.js';
 import { writeRefusal } from '../../src/storage/refusal.js';
 import type { Storage } from '../../src/storage/storage.js';
 
-async function repo(): Promise<{ repo: Repository; cleanup(): Promise<void> }> {
+async function repo(): Promise<{ repo: Repository; dir: string; cleanup(): Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), 'vmvault-locks-'));
-  return { repo: await Repository.init(new LocalStorage(dir), 'pw', { kdf: 'weak' }), cleanup: () => rm(dir, { recursive: true, force: true }) };
+  return { repo: await Repository.init(new LocalStorage(dir), 'pw', { kdf: 'weak' }), dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
+}
+
+/** Makes lock `id`'s last write `ms` older on the storage's clock (its file's mtime), as time passing without a refresh does. */
+async function age(dir: string, id: string, ms: number): Promise<void> {
+  const file = join(dir, 'locks', id);
+  const { mtimeMs } = await stat(file);
+  await utimes(file, new Date(), new Date(mtimeMs - ms));
 }
 
 test('shared locks coexist; the exclusive lock excludes them and they exclude it', async () => {
@@ -40,14 +47,15 @@ test('shared locks coexist; the exclusive lock excludes them and they exclude it
 });
 
 test('a lock whose holder stopped refreshing expires, and the next acquirer removes it', async () => {
-  const { repo: r, cleanup } = await repo();
+  const { repo: r, dir, cleanup } = await repo();
   try {
-    let clock = Date.now();
-    const crashed = await acquireLock(r, 'shared', { purpose: 'crashed backup', ttlMs: 60_000, now: () => clock });
-    await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc', now: () => clock }), /crashed backup/);
-    clock += 61_000;
-    const gc = await acquireLock(r, 'exclusive', { purpose: 'gc', now: () => clock });
-    const left = await readLocks(r, clock);
+    const crashed = await acquireLock(r, 'shared', { purpose: 'crashed backup', ttlMs: 60_000 });
+    await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc' }), /crashed backup/);
+    await age(dir, crashed.id, 50_000);
+    await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc' }), /crashed backup/, 'within its lifetime on the storage clock');
+    await age(dir, crashed.id, 11_000);
+    const gc = await acquireLock(r, 'exclusive', { purpose: 'gc' });
+    const left = await readLocks(r);
     assert.deepEqual(left.map((l) => l.id), [gc.id], 'the stale lock was removed');
     await gc.release();
     await crashed.release(); // idempotent even though it was removed
@@ -57,15 +65,43 @@ test('a lock whose holder stopped refreshing expires, and the next acquirer remo
 });
 
 test('refresh extends a lock', async () => {
-  const { repo: r, cleanup } = await repo();
+  const { repo: r, dir, cleanup } = await repo();
   try {
     let clock = Date.now();
     const held = await acquireLock(r, 'shared', { purpose: 'long backup', ttlMs: 60_000, now: () => clock });
     clock += 50_000;
+    await age(dir, held.id, 50_000);
     await held.refresh();
     clock += 50_000;
+    await age(dir, held.id, 50_000);
     await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc', now: () => clock }), /long backup/);
     await held.release();
+  } finally {
+    await cleanup();
+  }
+});
+
+test("hosts' clocks that disagree by an hour make no live lock stale: expiry is judged on the storage's clock", async () => {
+  const { repo: r, dir, cleanup } = await repo();
+  const hour = 60 * 60 * 1000;
+  try {
+    // A gc on a host whose clock is an hour behind: the expiry it writes has passed on every other host's clock.
+    const gc = await acquireLock(r, 'exclusive', { purpose: 'gc behind', now: () => Date.now() - hour });
+    await assert.rejects(acquireLock(r, 'shared', { purpose: 'backup' }), (e: any) => e.code === 'LOCKED' && /exclusive lock for gc behind/.test(e.message));
+    assert.equal(await r.storage.stat(`locks/${gc.id}`).then((s) => s !== undefined), true, 'the live lock was not removed');
+    // The other way round: a backup on a host whose clock is an hour ahead sees a correct host's lock expired.
+    await assert.rejects(acquireLock(r, 'shared', { purpose: 'backup ahead', now: () => Date.now() + hour }), /exclusive lock for gc behind/);
+    // unlock and a full repository's gc read locks without writing one: one wrong clock (the holder's) does not make it stale there either.
+    const found = await readLocks(r);
+    assert.equal(found.find((l) => l.id === gc.id)?.stale, false);
+    await gc.release();
+    // A lock of an earlier version (no lifetime recorded) lives the default 30 minutes, also on the storage's clock.
+    const old = await acquireLock(r, 'shared', { purpose: 'old backup', now: () => Date.now() - hour });
+    await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc' }), /old backup/);
+    await age(dir, old.id, 31 * 60 * 1000);
+    const next = await acquireLock(r, 'exclusive', { purpose: 'gc' });
+    assert.deepEqual((await readLocks(r)).map((l) => l.id), [next.id], 'stale once not written for its lifetime');
+    await next.release();
   } finally {
     await cleanup();
   }

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import { IntegrityError, NotFoundError, VmvaultError } from '../../src/errors.js';
-import { getInto, type Storage } from '../../src/storage/storage.js';
+import { getInto, type Storage, type StoredObject } from '../../src/storage/storage.js';
 import { mapLimit } from '../../src/repo/repository.js';
 
 export interface StorageFixture {
@@ -17,8 +17,8 @@ export interface StorageFixture {
 
 export const hex64 = (): string => randomBytes(32).toString('hex');
 
-export async function collect(it: AsyncIterable<{ name: string; size: number }>): Promise<Array<{ name: string; size: number }>> {
-  const items: Array<{ name: string; size: number }> = [];
+export async function collect(it: AsyncIterable<StoredObject>): Promise<StoredObject[]> {
+  const items: StoredObject[] = [];
   for await (const item of it) items.push(item);
   return items;
 }
@@ -65,7 +65,7 @@ export function runStorageConformance(name: string, makeStorage: () => Promise<S
         assert.ok(got instanceof Uint8Array, `get(${n}) returns a Uint8Array`);
         assert.equal(got.byteLength, data.byteLength, `size of ${n}`);
         assert.ok(Buffer.from(got).equals(Buffer.from(data)), `content of ${n}`);
-        assert.deepEqual(await storage.stat(n), { size: data.byteLength });
+        assert.equal((await storage.stat(n))?.size, data.byteLength);
       }
     });
 
@@ -115,8 +115,21 @@ export function runStorageConformance(name: string, makeStorage: () => Promise<S
       await storage.put('config', new Uint8Array([1, 2, 3, 4, 5]));
       await storage.put('config', new Uint8Array([9]));
       assert.deepEqual([...(await storage.get('config'))], [9]);
-      assert.deepEqual(await storage.stat('config'), { size: 1 });
+      assert.equal((await storage.stat('config'))?.size, 1);
       assert.deepEqual(await listNames(storage, ''), ['config']);
+    });
+
+    test("stat and list say when an object was last written, on the storage's clock; an overwrite moves it on", async () => {
+      await storage.put('locks/l1', new Uint8Array([1]));
+      const first = await storage.stat('locks/l1');
+      assert.equal(typeof first?.modified, 'number', 'stat gives the time of the last write');
+      // The storage's clock is this host's here (a local directory, a test server on this host).
+      assert.ok(Math.abs(first!.modified! - Date.now()) < 5 * 60_000, `${first!.modified} is about now`);
+      const listed = (await collect(storage.list('locks/'))).find((i) => i.name === 'locks/l1');
+      assert.equal(listed?.modified, first!.modified, 'list gives the same time as stat');
+      await new Promise((r) => setTimeout(r, 1100)); // S3 gives whole seconds
+      await storage.put('locks/l1', new Uint8Array([2]));
+      assert.ok((await storage.stat('locks/l1'))!.modified! > first!.modified!, 'an overwrite is a later write');
     });
 
     test('concurrent puts of one name leave one whole version', async () => {

@@ -40,7 +40,7 @@ describe('withRetry', () => {
     assert.equal(f.calls.put, 3);
     assert.deepEqual([...(await s.get('keys/a'))], [1, 2]);
     assert.equal(f.calls.get, 4);
-    assert.deepEqual(await s.stat('keys/a'), { size: 2 });
+    assert.equal((await s.stat('keys/a'))?.size, 2);
     assert.equal(f.calls.stat, 2);
     await s.delete('keys/a');
     assert.equal(f.calls.delete, 2);
