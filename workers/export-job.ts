@@ -35,7 +35,7 @@ export class HostExports {
     const entry = { exp, timer: setTimeout(() => void this.stop(entry), p.ttlSeconds * 1000) };
     entry.timer.unref();
     this.live.add(entry);
-    this.log.info({ backup: backupId, disk: p.disk, uri: exp.uri, expiresAt }, 'NBD export started');
+    this.log.info({ backup: backupId, disk: p.disk, uri: exp.shownUri, expiresAt }, 'NBD export started');
     return { backup: backupId, disk: p.disk, uri: exp.uri, size: exp.size, expiresAt: expiresAt.toISOString() };
   }
 
@@ -43,7 +43,7 @@ export class HostExports {
     clearTimeout(entry.timer);
     if (!this.live.delete(entry)) return;
     await entry.exp.close().catch((err: unknown) => this.log.warn({ err: String(err) }, 'NBD export did not close cleanly'));
-    this.log.info({ uri: entry.exp.uri }, 'NBD export stopped');
+    this.log.info({ uri: entry.exp.shownUri }, 'NBD export stopped');
   }
 
   /** Stop every export (the worker is shutting down). */

@@ -7,6 +7,7 @@
  * Constants and encoders are the client's (nbd-protocol.ts); the reader is its
  * ExactReader, fed by the connection.
  */
+import { timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { VmvaultError } from '../errors.js';
 import type { ExactReader } from './nbd-handshake.js';
@@ -22,6 +23,12 @@ import {
 /** The one export a server offers, as the handshake describes it. */
 export interface ExportInfo {
   name: string;
+  /**
+   * The name is a secret the client must know (an export on TCP, where anyone who can
+   * reach the port could otherwise read the disk): only it reaches the export, not the
+   * empty name; NBD_OPT_LIST names nothing, and refusals never repeat it.
+   */
+  secretName?: boolean;
   description: string;
   size: number;
   transmissionFlags: number;
@@ -41,9 +48,12 @@ export const ALLOCATION_CONTEXT_ID = 1;
 /** Option payloads are names and a few queries; anything bigger is refused unread. */
 const MAX_OPTION_DATA = 64 * 1024;
 
-/** An export name matches ours, or is the empty name (the default export, as `nbd+unix:///?socket=` asks). */
+/** An export name matches ours, or is the empty name (the default export, as `nbd+unix:///?socket=` asks) when ours is not secret. */
 function known(info: ExportInfo, name: string): boolean {
-  return name === '' || name === info.name;
+  if (!info.secretName) return name === '' || name === info.name;
+  const asked = Buffer.from(name, 'utf8');
+  const ours = Buffer.from(info.name, 'utf8');
+  return asked.length === ours.length && timingSafeEqual(asked, ours);
 }
 
 /**
@@ -139,7 +149,7 @@ export async function serveHandshake(socket: Socket, reader: ExactReader, info: 
         return undefined;
       case NBD_OPT_LIST:
         if (length !== 0) { refuse(opt, NBD_REP_ERR_INVALID, 'NBD_OPT_LIST takes no data'); break; }
-        reply(opt, NBD_REP_SERVER, lengthPrefixed(info.name));
+        if (!info.secretName) reply(opt, NBD_REP_SERVER, lengthPrefixed(info.name));
         reply(opt, NBD_REP_ACK);
         break;
       case NBD_OPT_STRUCTURED_REPLY:
@@ -155,7 +165,7 @@ export async function serveHandshake(socket: Socket, reader: ExactReader, info: 
       case NBD_OPT_GO: {
         const parsed = parseInfoRequest(data);
         if (!parsed) { refuse(opt, NBD_REP_ERR_INVALID, 'malformed NBD_OPT_INFO/NBD_OPT_GO request'); break; }
-        if (!known(info, parsed.name)) { refuse(opt, NBD_REP_ERR_UNKNOWN, `no export named "${parsed.name}"; this server offers "${info.name}"`); break; }
+        if (!known(info, parsed.name)) { refuse(opt, NBD_REP_ERR_UNKNOWN, info.secretName ? `no export named "${parsed.name}"` : `no export named "${parsed.name}"; this server offers "${info.name}"`); break; }
         sendInfo(opt, info, parsed.items, reply);
         reply(opt, NBD_REP_ACK);
         if (opt === NBD_OPT_GO) return agreed;

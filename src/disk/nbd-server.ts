@@ -60,8 +60,10 @@ export interface ServerLog {
 
 export interface NbdServerOptions {
   source: NbdSource;
-  /** The export's name (what `nbd://host/NAME` asks for); the empty name reaches it too. */
+  /** The export's name (what `nbd://host/NAME` asks for); the empty name reaches it too, unless `secretName`. */
   name: string;
+  /** Only the name reaches the export, and no reply tells it (ExportInfo.secretName). */
+  secretName?: boolean;
   description?: string;
   /** Connections served at once (default 64); more are closed at once. */
   maxConnections?: number;
@@ -99,7 +101,7 @@ export class NbdServer {
   private constructor(private readonly server: net.Server, private readonly opts: NbdServerOptions, readonly address: ListenAddress) {
     this.loads = new Limiter(opts.loads ?? 8);
     this.info = {
-      name: opts.name, description: opts.description ?? '', size: opts.source.size,
+      name: opts.name, ...(opts.secretName ? { secretName: true } : {}), description: opts.description ?? '', size: opts.source.size,
       transmissionFlags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN, maxPayload: DEFAULT_MAX_PAYLOAD,
     };
     accepting.set(server, (socket) => this.accept(socket));

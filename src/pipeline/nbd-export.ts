@@ -6,6 +6,7 @@
  * local disk. The export holds a shared repository lock while it runs, so gc does
  * not collect its chunks under it.
  */
+import { randomBytes } from 'node:crypto';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { NbdServer, type ListenAddress, type NbdSource, type ServerLog, type SourceRun } from '../disk/nbd-server.js';
 import type { Repository } from '../repo/repository.js';
@@ -14,8 +15,14 @@ import { withReadLock } from '../repo/locks.js';
 import { DiskReader } from './disk-reader.js';
 
 export interface NbdExport {
-  /** Where to connect: `nbd+unix:///DISK?socket=PATH` or `nbd://HOST:PORT/DISK`. */
+  /**
+   * Where to connect: `nbd+unix:///DISK?socket=PATH`, or on TCP `nbd://HOST:PORT/DISK.SECRET`,
+   * whose name is the only way in (a random secret: anyone who can reach a TCP port could
+   * otherwise read the disk; a unix socket is the owner's only, mode 0600).
+   */
   uri: string;
+  /** The URI to print in logs: the secret replaced by `…`. */
+  shownUri: string;
   /** The disk's virtual size in bytes. */
   size: number;
   /** Stop serving: connections are dropped, the socket file removed, the lock released. */
@@ -95,10 +102,11 @@ export function exportBackupDisk(opts: ExportOptions): Promise<NbdExport> {
       const disk = manifest.disks.find((d) => d.name === opts.disk);
       if (!disk) throw new NotFoundError(`backup ${manifest.id.slice(0, 12)} has no disk "${opts.disk}"; its disks are: ${manifest.disks.map((d) => d.name).join(', ')}`);
       const reader = new DiskReader(opts.repo, opts.cacheChunks);
+      const secret = 'host' in address ? randomBytes(16).toString('hex') : undefined;
       let server: NbdServer;
       try {
         server = await NbdServer.listen(address, {
-          source: diskSource(reader, disk, manifest.chunkSize), name: disk.name,
+          source: diskSource(reader, disk, manifest.chunkSize), name: secret ? `${disk.name}.${secret}` : disk.name, ...(secret ? { secretName: true } : {}),
           description: `vmvault backup ${manifest.id.slice(0, 12)} of ${manifest.vm}, disk ${disk.name}`,
           ...(opts.log ? { log: opts.log } : {}),
         });
@@ -106,11 +114,13 @@ export function exportBackupDisk(opts: ExportOptions): Promise<NbdExport> {
         await reader.close();
         throw err;
       }
-      const uri = exportUri(server.address, disk.name);
-      opts.log?.info({ backup: manifest.id, disk: disk.name, uri }, 'NBD export listening');
+      const uri = exportUri(server.address, secret ? `${disk.name}.${secret}` : disk.name);
+      const shownUri = secret ? uri.replace(secret, '…') : uri;
+      opts.log?.info({ backup: manifest.id, disk: disk.name, uri: shownUri }, 'NBD export listening');
       let closing: Promise<void> | undefined;
       resolveExport({
         uri,
+        shownUri,
         size: disk.virtualSize,
         close: () => closing ??= (async () => {
           await server.close();

@@ -73,12 +73,27 @@ describe('NBD export read by qemu tools', () => {
     }
   });
 
-  test('over TCP on loopback, with a port chosen by the system', async () => {
-    const exp = await exportBackupDisk({ repo, backupId, disk: 'root', listen: '127.0.0.1:0' });
+  test('over TCP on loopback, with a port chosen by the system; only the name with its secret reaches the disk, and no reply or log tells it', async () => {
+    const logged: string[] = [];
+    const log = { info: (o: object, m: string) => logged.push(`${m} ${JSON.stringify(o)}`), warn: (o: object, m: string) => logged.push(`${m} ${JSON.stringify(o)}`) };
+    const exp = await exportBackupDisk({ repo, backupId, disk: 'root', listen: '127.0.0.1:0', log });
     try {
-      assert.match(exp.uri, /^nbd:\/\/127\.0\.0\.1:\d+\/root$/);
+      const m = /^nbd:\/\/127\.0\.0\.1:(\d+)\/root\.([0-9a-f]{32})$/.exec(exp.uri);
+      assert.ok(m, exp.uri);
       assert.doesNotMatch(exp.uri, /:0\//);
       await execa('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, exp.uri]);
+      const [, port, secret] = m;
+      // Anyone who can reach the port: the disk's name, the default (empty) name, a guess, and the list of exports.
+      for (const guess of [`nbd://127.0.0.1:${port}/root`, `nbd://127.0.0.1:${port}`, `nbd://127.0.0.1:${port}/root.${'0'.repeat(32)}`]) {
+        const r = await execa('qemu-img', ['info', '-f', 'raw', guess], { reject: false });
+        assert.notEqual(r.exitCode, 0, `${guess} was refused`);
+        assert.doesNotMatch(r.stderr, new RegExp(secret!), 'the refusal does not tell the name');
+      }
+      const list = await execa('qemu-nbd', ['--list', '-b', '127.0.0.1', '-p', port!], { reject: false });
+      assert.doesNotMatch(`${list.stdout}${list.stderr}`, new RegExp(secret!), 'NBD_OPT_LIST names nothing');
+      assert.ok(logged.some((l) => l.includes('NBD export listening')), logged.join('\n'));
+      assert.ok(!logged.some((l) => l.includes(secret!)), 'logs show the URI without its secret');
+      assert.equal(exp.shownUri, `nbd://127.0.0.1:${port}/root.…`);
     } finally {
       await exp.close();
     }

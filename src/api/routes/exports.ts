@@ -1,8 +1,8 @@
 /**
  * `POST /v1/backups/{id}/exports` (operator): serve one disk of a backup read-only over
  * NBD from a host, for a limited time. The API only enqueues the job; the host's
- * worker starts the export and answers where to connect (`nbd://ADDRESS:PORT/DISK`)
- * and until when. The export listens on loopback, or on the one address the host's
+ * worker starts the export and answers where to connect (`nbd://ADDRESS:PORT/DISK.SECRET`:
+ * the export name carries a random secret, the only way in) and until when. The export listens on loopback, or on the one address the host's
  * configuration allows (`hosts.<host>.exportAddress`): the worker checks that again.
  */
 import { z } from '@hono/zod-openapi';
@@ -34,7 +34,7 @@ export const ExportSchema = z.object({
   backup: z.string(),
   disk: z.string(),
   host: z.string(),
-  uri: z.string().openapi({ description: 'nbd://ADDRESS:PORT/DISK, for qemu-img, qemu or nbdinfo' }),
+  uri: z.string().openapi({ description: 'nbd://ADDRESS:PORT/DISK.SECRET, for qemu-img, qemu or nbdinfo: the name, with its random secret, is the only way in; treat the URI as a password until the export expires' }),
   size: z.number().int(),
   expiresAt: z.string().openapi({ description: 'when the export stops (ISO-8601)' }),
 }).openapi('Export');

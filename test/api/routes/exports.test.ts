@@ -76,7 +76,7 @@ test('an operator gets an NBD export on loopback that qemu-img reads back; it st
   const started = Date.now();
   const r = await post({ disk: 'root', ttl: '1min' });
   assert.equal(r.status, 201, JSON.stringify(r.body));
-  assert.match(r.body.uri, /^nbd:\/\/127\.0\.0\.1:\d+\/root$/);
+  assert.match(r.body.uri, /^nbd:\/\/127\.0\.0\.1:\d+\/root\.[0-9a-f]{32}$/);
   assert.equal(r.body.size, 8 * MiB);
   assert.equal(r.body.backup, backupId);
   const expires = Date.parse(r.body.expiresAt);
@@ -85,7 +85,7 @@ test('an operator gets an NBD export on loopback that qemu-img reads back; it st
 
   const short = await post({ disk: 'root', ttl: '1min', address: '127.0.0.2' });
   assert.equal(short.status, 201, JSON.stringify(short.body));
-  assert.match(short.body.uri, /^nbd:\/\/127\.0\.0\.2:\d+\/root$/, 'the configured address is allowed');
+  assert.match(short.body.uri, /^nbd:\/\/127\.0\.0\.2:\d+\/root\.[0-9a-f]{32}$/, 'the configured address is allowed');
 });
 
 test('a TTL ends the export: the port stops answering', async () => {
