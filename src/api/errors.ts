@@ -8,6 +8,7 @@ import type { Context } from 'hono';
 import { HTTPException } from 'hono/http-exception';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { errorMessage, VmvaultError, type ErrorCode } from '../errors.js';
+import { API_COMMAND_TIMEOUT_MS } from '../queue/connection.js';
 
 export class ApiError extends Error {
   constructor(readonly status: ContentfulStatusCode, readonly code: string, message: string, readonly details?: unknown) {
@@ -42,6 +43,7 @@ export function toApiError(err: unknown): ApiError {
   // Hono's own refusals (e.g. a body that is not JSON) carry their status.
   if (err instanceof HTTPException) return new ApiError(err.status as ContentfulStatusCode, err.status === 400 ? 'BAD_REQUEST' : 'HTTP', err.message);
   if (err instanceof VmvaultError) return new ApiError(STATUS[err.code] ?? 500, err.code, err.message);
+  if (isRedisSilent(err)) return new ApiError(503, 'UNAVAILABLE', `the queue (Redis) did not answer within ${API_COMMAND_TIMEOUT_MS / 1000} s: check that redis-server runs and is not stopped or overloaded. A request that enqueues work may still take effect once Redis answers again: look at the job list before sending it again`);
   if (isRedisDown(err)) return new ApiError(503, 'UNAVAILABLE', `the queue (Redis) is unreachable: ${errorMessage(err)}; check that redis-server runs and redis.url in the configuration`);
   return new ApiError(500, 'INTERNAL', 'internal error: see the service log');
 }
@@ -51,6 +53,11 @@ export function toApiError(err: unknown): ApiError {
  * enough: a missing file (e.g. the policies directory) would be reported as Redis
  * being down, with the file's path shown to the client.
  */
+/** ioredis' commandTimeout: the server kept the connection and did not answer. */
+function isRedisSilent(err: unknown): boolean {
+  return /^Command timed out$/.test(errorMessage(err));
+}
+
 function isRedisDown(err: unknown): boolean {
   const m = errorMessage(err);
   return /^connect (ECONNREFUSED|ENOENT|ETIMEDOUT)\b|Connection is closed|max retries per request|Stream isn't writeable/i.test(m);

@@ -38,7 +38,7 @@ export async function startApiServer(
     opts.logger.warn({}, 'api.tokens is empty: every API route but /v1/health will answer 401; add tokens to the configuration');
   }
   const repo = await Repository.open(openStorage(opts.repository.url), opts.repository.passphrase);
-  const redis = createConnection(opts.redisUrl, 'producer');
+  const redis = createConnection(opts.redisUrl, 'api');
   redis.on('error', (err) => opts.logger.warn({ err: err.message }, 'redis connection error'));
   const log = opts.logger.child({ component: 'api' });
   const api = createApi({ config, repo, redis, log, ...(opts.inventory ? { inventory: opts.inventory } : {}) });

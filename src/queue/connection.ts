@@ -17,7 +17,16 @@ import { Cluster, Redis, type ClusterOptions, type RedisOptions } from 'ioredis'
 import { parseRedisUrl } from '../config/redis.js';
 import { VmvaultError, errorMessage } from '../errors.js';
 
-export type ConnectionRole = 'worker' | 'producer';
+/**
+ * worker: waits for Redis forever (a worker survives a restart or failover); producer:
+ * a command fails after a few reconnection attempts; api: a producer whose commands also
+ * fail when Redis stops answering (a stopped or overloaded server keeps the connection
+ * open), so that an HTTP request answers 503 in seconds instead of hanging.
+ */
+export type ConnectionRole = 'worker' | 'producer' | 'api';
+
+/** How long the API waits for Redis to answer one command. */
+export const API_COMMAND_TIMEOUT_MS = 5_000;
 
 /** A connection to one server (or a Sentinel-managed primary), or to a cluster. */
 export type RedisConnection = Redis | Cluster;
@@ -56,6 +65,7 @@ function commonOptions(role: ConnectionRole, extra: RedisOptions): RedisOptions 
     retryStrategy: (times) => Math.min(50 * 2 ** times, 2000),
     reconnectOnError: reconnectOnReadonly,
     ...(role === 'worker' ? { maxRetriesPerRequest: null } : { maxRetriesPerRequest: 3 }),
+    ...(role === 'api' ? { commandTimeout: API_COMMAND_TIMEOUT_MS } : {}),
     ...extra,
   };
 }

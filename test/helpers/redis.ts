@@ -25,6 +25,8 @@ export interface TestRedis {
   /** Always undefined: the server listens on the socket only (`--port 0`). */
   port?: number;
   dir: string;
+  /** The server's pid while it runs (to stop it with SIGSTOP, as a hung server). */
+  readonly pid: number | undefined;
   /** Stops the server cleanly (SIGTERM: AOF is flushed) and starts it again on the same socket and data. */
   restart(): Promise<void>;
   /** Kills the server and removes its directory. */
@@ -44,6 +46,7 @@ export async function startRedis(opts: RedisOptions = {}): Promise<TestRedis> {
       url: server.url,
       socketPath: server.socketPath,
       dir,
+      get pid() { return server.pid; },
       restart: () => server.restart(),
       async stop() {
         await server.stop('SIGKILL');

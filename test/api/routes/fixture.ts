@@ -73,7 +73,7 @@ export async function startFixture(opts: { workers?: boolean } = {}): Promise<Fi
     `  - { name: gone, host: hosta, disks: [{ path: ${JSON.stringify(join(dir, 'gone.qcow2'))}, format: qcow2 }] }`,
     '',
   ].join('\n'), join(dir, 'vmvault.yaml'), { host: 'hosta' });
-  const producer = createRedis(redis.url, 'producer');
+  const producer = createRedis(redis.url, 'api'); // as src/api/server.ts
   producer.on('error', () => {});
   const clock = { now: Date.now() / 1000 };
   const api = createApi({ config, repo, redis: producer, log: pino({ level: 'silent' }), now: () => clock.now });

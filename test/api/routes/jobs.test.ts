@@ -44,4 +44,22 @@ describe('/v1/jobs', () => {
     assertError(await f.call('GET', '/v1/jobs?cursor=-1', { role: 'viewer' }), 400, 'BAD_REQUEST', /cursor/);
     assertError(await f.call('GET', '/v1/jobs/api-backup-0000', { role: 'viewer' }), 404, 'NOT_FOUND', /no job "api-backup-0000" in any queue/);
   });
+
+  test('a Redis that stops answering (the connection stays open) gets 503 in seconds, not a request that hangs', async () => {
+    const pid = f.redis.pid!;
+    process.kill(pid, 'SIGSTOP');
+    try {
+      const started = Date.now();
+      const r = await f.call('GET', '/v1/jobs', { role: 'viewer' });
+      const took = Date.now() - started;
+      assert.equal(r.status, 503, JSON.stringify(r.body));
+      assert.equal(r.body.error.code, 'UNAVAILABLE');
+      assert.match(r.body.error.message, /did not answer within 5 s.*look at the job list before sending it again/);
+      assert.ok(took < 15_000, `answered after ${took} ms`);
+    } finally {
+      process.kill(pid, 'SIGCONT');
+    }
+    const again = await f.call('GET', '/v1/jobs', { role: 'viewer' });
+    assert.equal(again.status, 200, 'answers again once Redis does');
+  });
 });
