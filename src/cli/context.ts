@@ -2,8 +2,9 @@
  * What every repository command needs: the repository URL and the passphrase,
  * from flags or the environment, and the opened repository.
  */
-import { VmvaultError } from '../errors.js';
+import { VmvaultError, errorMessage } from '../errors.js';
 import { openStorage } from '../storage/open.js';
+import type { RetryEvent } from '../storage/retry.js';
 import type { Storage } from '../storage/storage.js';
 import { Repository } from '../repo/repository.js';
 import path from 'node:path';
@@ -27,7 +28,29 @@ export function repositoryUrl(opts: GlobalOptions): string {
 }
 
 export function storageFor(opts: GlobalOptions): Storage {
-  return openStorage(repositoryUrl(opts));
+  return openStorage(repositoryUrl(opts), { retry: { onRetry: retryNotice(warn) } });
+}
+
+/**
+ * Says that storage operations are being retried: the first retry at once, then at most
+ * one line every 30 s. A storage that stops answering is retried for minutes (a socket
+ * timeout of 2 minutes, six attempts) before the command fails, and silence would look
+ * like a hang.
+ */
+export function retryNotice(say: (message: string) => void, everyMs = 30_000, now: () => number = Date.now): (event: RetryEvent) => void {
+  let last: number | undefined;
+  let quiet = 0;
+  return (e) => {
+    const t = now();
+    if (last !== undefined && t - last < everyMs) {
+      quiet++;
+      return;
+    }
+    const more = quiet ? ` (and ${quiet} other retr${quiet === 1 ? 'y' : 'ies'} since the last notice)` : '';
+    say(`storage ${e.op} of ${JSON.stringify(e.name)} failed, attempt ${e.attempt}: ${errorMessage(e.error)}; retrying in ${(e.delayMs / 1000).toFixed(1)} s${more}`);
+    last = t;
+    quiet = 0;
+  };
 }
 
 export async function openRepository(opts: GlobalOptions): Promise<Repository> {

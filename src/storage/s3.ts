@@ -75,12 +75,14 @@ export class S3Storage implements Storage {
   private readonly keyPrefix: string;
   private readonly agents: Array<HttpAgent | HttpsAgent>;
   private readonly contentMd5: boolean;
+  private readonly socketTimeoutMs: number;
   /** Set once the bucket is known to exist, see `stat`. */
   private bucketChecked: Promise<void> | undefined;
 
   constructor(opts: S3StorageOptions) {
     this.bucket = opts.bucket;
     this.contentMd5 = opts.contentMd5 ?? true;
+    this.socketTimeoutMs = opts.socketTimeoutMs ?? 120_000;
     this.prefix = (opts.prefix ?? '').replace(/^\/+|\/+$/g, '');
     if (this.prefix) checkName(this.prefix);
     this.keyPrefix = this.prefix ? `${this.prefix}/` : '';
@@ -104,7 +106,7 @@ export class S3Storage implements Storage {
         httpAgent,
         httpsAgent,
         connectionTimeout: opts.connectionTimeoutMs ?? 10_000,
-        socketTimeout: opts.socketTimeoutMs ?? 120_000,
+        socketTimeout: this.socketTimeoutMs,
       },
     });
   }
@@ -280,6 +282,14 @@ export class S3Storage implements Storage {
       return new VmvaultError('STORAGE',
         `S3 ${what} in ${where}: no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) (${errorMessage(err)})`,
         { cause: err });
+    }
+    // The connection was made, and then nothing came for the socket timeout: a stuck or
+    // overloaded server, or a proxy or firewall that drops the connection silently.
+    if (errName === 'TimeoutError' && /of inactivity|because of no activity/.test(errorMessage(err))) {
+      return new VmvaultError('STORAGE',
+        `S3 ${what} in ${where}: the endpoint accepted the connection and then stopped answering for ${this.socketTimeoutMs / 1000} s: ` +
+        'the server is stuck or overloaded, or a proxy or firewall on the way drops the connection; check the server and the network path to it',
+        { cause: err, retriable: true });
     }
     const unreachable = UNREACHABLE[code];
     if (unreachable || errName === 'TimeoutError') {

@@ -278,4 +278,20 @@ describe('S3 reads bounded by maxBytes', () => {
       await new Promise((resolve) => server.close(resolve));
     }
   });
+
+  test('an endpoint that accepts the connection and never answers: the error says so, not that it cannot be reached', async () => {
+    const held: import('node:net').Socket[] = [];
+    const server = createServer((socket) => { held.push(socket); }); // reads the request, never answers
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as AddressInfo;
+    const storage = new S3Storage({ bucket: 'b', endpoint: `http://127.0.0.1:${port}`, forcePathStyle: true, socketTimeoutMs: 500 });
+    try {
+      await assert.rejects(storage.stat('config'), (err: unknown) => err instanceof VmvaultError && err.retriable === true &&
+        /accepted the connection and then stopped answering for 0\.5 s: the server is stuck or overloaded/.test(err.message) && !/cannot reach/.test(err.message));
+    } finally {
+      await storage.close();
+      for (const s of held) s.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    }
+  });
 });
