@@ -1,6 +1,8 @@
 /**
  * The maintenance worker: consumes the shared queue (prune, gc, verify), which any
- * host may run. Prune finds its policy by name in the policies directory. GC takes
+ * host may run. Prune finds its policy by name in the policies directory, and hands
+ * prune the other policies there and the inventory (to resolve tags): an on-demand
+ * backup goes only when every policy selecting its VM would remove it. GC takes
  * the repository's exclusive lock; while backups hold shared ones it fails with a
  * retriable LOCKED error and BullMQ tries again later with backoff. A verify that
  * finds problems fails the job, naming them, so that it shows in job history.
@@ -10,6 +12,7 @@ import { pino, type Logger } from 'pino';
 import { IntegrityError, NotFoundError } from '../src/errors.js';
 import { loadPolicies } from '../src/policy/load.js';
 import type { Policy } from '../src/policy/schema.js';
+import { selectionOf, type InventoryVm } from '../src/policy/select.js';
 import { prune } from '../src/pipeline/prune.js';
 import { verify } from '../src/pipeline/verify.js';
 import { parseSubset } from '../src/pipeline/subset.js';
@@ -27,6 +30,12 @@ export interface MaintenanceWorkerOptions {
   repoUrl: string;
   passphrase: string;
   policiesDir: string;
+  /**
+   * The VMs of the inventory (read at each prune: it may change), to resolve the
+   * policies' tags. Without it, or for a VM it does not list, a policy selecting by
+   * tag governs no on-demand backup of that VM, and counts as wanting to keep them.
+   */
+  inventory?: () => readonly InventoryVm[];
   logger?: Logger;
   stalledIntervalMs?: number;
 }
@@ -49,7 +58,7 @@ export async function startMaintenanceWorker(options: MaintenanceWorkerOptions):
     try {
       const payload = parseMaintenancePayload(job.data);
       log.info({ job: job.id, kind: payload.kind }, 'maintenance job started');
-      return await run(repo, options.policiesDir, payload, log);
+      return await run(repo, options, payload, log);
     } catch (err) {
       await recordFailureCode(job, err);
       throw toJobError(err);
@@ -66,12 +75,26 @@ export async function startMaintenanceWorker(options: MaintenanceWorkerOptions):
   };
 }
 
-async function run(repo: Repository, policiesDir: string, p: MaintenancePayload, log: Logger): Promise<unknown> {
+async function run(repo: Repository, options: MaintenanceWorkerOptions, p: MaintenancePayload, log: Logger): Promise<unknown> {
   switch (p.kind) {
     case 'prune': {
-      const policy = await findPolicy(policiesDir, p.policy);
-      const plan = await prune(repo, policy, { dryRun: p.dryRun, ...(p.vms ? { onlyVms: p.vms } : {}) });
-      return { policy: policy.name, dryRun: p.dryRun, kept: plan.filter((d) => d.keep).length, removed: plan.filter((d) => !d.keep).map((d) => d.id) };
+      const { policy, policies, invalidFiles } = await findPolicy(options.policiesDir, p.policy);
+      const warnings: string[] = [];
+      const warn = (message: string) => {
+        warnings.push(message);
+        log.warn({ policy: policy.name }, message);
+      };
+      if (invalidFiles.length) {
+        warn(`policy file(s) ${invalidFiles.join(', ')} cannot be read: prune removes no on-demand backup until they are fixed (what they select is unknown); "vmvault policy validate" shows the problems`);
+      }
+      const plan = await prune(repo, policy, {
+        dryRun: p.dryRun, ...(p.vms ? { onlyVms: p.vms } : {}), warn,
+        selection: selectionOf(options.inventory), policies, invalidPolicyFiles: invalidFiles,
+      });
+      return {
+        policy: policy.name, dryRun: p.dryRun, kept: plan.filter((d) => d.keep).length, removed: plan.filter((d) => !d.keep).map((d) => d.id),
+        ...(warnings.length ? { warnings } : {}),
+      };
     }
     case 'gc': {
       const report = await collectGarbage(repo, { dryRun: p.dryRun });
@@ -97,9 +120,10 @@ async function run(repo: Repository, policiesDir: string, p: MaintenancePayload,
   }
 }
 
-async function findPolicy(dir: string, name: string): Promise<Policy> {
-  const { policies } = await loadPolicies(dir);
+/** The policy named `name`, every valid policy of `dir`, and the files that are not valid. */
+async function findPolicy(dir: string, name: string): Promise<{ policy: Policy; policies: Policy[]; invalidFiles: string[] }> {
+  const { policies, problems } = await loadPolicies(dir);
   const found = policies.find((l) => l.policy.name === name);
   if (!found) throw new NotFoundError(`policy "${name}" is not among the valid policies in ${dir}`);
-  return found.policy;
+  return { policy: found.policy, policies: policies.map((l) => l.policy), invalidFiles: [...new Set(problems.map((x) => x.file))] };
 }

@@ -218,6 +218,12 @@ export const RetentionPreview = z.object({
     id: z.string(), vm: z.string(), time: z.string(), labels: z.array(z.string()),
     ruleLabel: z.string().optional().openapi({ description: 'the byLabel rules used, when the backup carries such a label' }),
     keep: z.boolean(),
-    reasons: z.array(z.string()).openapi({ description: 'the rules that keep it (e.g. daily, last, within); empty when it would be forgotten' }),
+    reasons: z.array(z.string()).openapi({
+      description: 'why it is kept; empty when it would be forgotten. The retention rules (last, hourly, daily, weekly, monthly, yearly, "oldest daily"…, within, "empty policy"), ' +
+        'or: damaged (verify found a chunk it uses missing or damaged: never removed, takes no retention slot), "future time" (dated later than now: its host\'s clock is probably wrong; takes no slot), ' +
+        '"unreadable time", "kept by policy NAME" (an on-demand backup another policy selecting its VM keeps), "last of disk NAME" (no other backup of the VM that stays holds that disk undamaged), ' +
+        '"invalid policy file" (an on-demand backup, while a policy file cannot be read)',
+    }),
   })).openapi({ description: 'the backups the policy governs, per VM newest first' }),
+  warnings: z.array(z.string()).openapi({ description: 'what to look at: backups dated in the future or with a time that cannot be read' }),
 }).openapi('RetentionPreview');

@@ -34,9 +34,14 @@ export class VmInventory {
 
   /** Loads the file (throws ConfigFileError when it is invalid) and watches the state directory. */
   async start(): Promise<void> {
+    await this.load();
+    this.watch();
+  }
+
+  /** Loads the file once, without watching it (a command that runs and exits); throws ConfigFileError when it is invalid. */
+  async load(): Promise<void> {
     const text = await readVmFileText(this.file);
     this.apply(text === undefined ? [] : parseVmFile(text, this.file, this.base));
-    this.watch();
   }
 
   stop(): void {

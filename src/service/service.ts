@@ -258,6 +258,8 @@ export async function runWorker(
   // Every host agent also serves the shared maintenance queue (prune, gc, verify).
   const maintenance = await startMaintenanceWorker({
     redisUrl, repoUrl: where.url, passphrase: where.passphrase, policiesDir: config.policiesDir, logger: log,
+    // Live under up (the VM file adds to config.vms); a worker of another host knows its configuration's VMs only.
+    inventory: () => config.vms,
     ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
   }).catch(async (err: unknown) => {
     await worker.close();

@@ -34,7 +34,8 @@ test('backups under a policy are pruned by maintenance jobs; gc and verify run a
   cleanups.push(() => mq.close());
 
   for (const pattern of [0x11, 0x22]) {
-    const job = await enqueueBackup(hq.queue, { vm: 'm1', disks: [{ path: await fx.image(`m1-${pattern}`, pattern) }], policy: 'keep1' });
+    // One disk, named alike in both backups: prune keeps the last backup of each disk name.
+    const job = await enqueueBackup(hq.queue, { vm: 'm1', disks: [{ path: await fx.image(`m1-${pattern}`, pattern), name: 'root' }], policy: 'keep1' });
     const done = await hq.finished(job);
     assert.equal(done.failedReason, undefined);
   }

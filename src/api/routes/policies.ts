@@ -4,8 +4,9 @@
  * as a dry run that needs no job: the catalogue has every backup's summary).
  */
 import { NotFoundError } from '../../errors.js';
-import { planPrune } from '../../pipeline/prune.js';
+import { planPrune, pruneWarnings } from '../../pipeline/prune.js';
 import { checkPolicyText, formatProblem, loadPolicies } from '../../policy/load.js';
+import { selectionOf } from '../../policy/select.js';
 import { ApiError } from '../errors.js';
 import * as S from '../schemas.js';
 import { body, errors, json, route, type ApiApp, type RouteContext } from './common.js';
@@ -28,13 +29,19 @@ export function registerPolicies(app: ApiApp, ctx: RouteContext) {
     .openapi(policyRoutes.previewRetention, async (c) => {
       const { name } = c.req.valid('param');
       const { vm } = c.req.valid('query');
-      const { policies } = await loadPolicies(ctx.config.policiesDir);
+      const { policies, problems } = await loadPolicies(ctx.config.policiesDir);
       const found = policies.find((p) => p.policy.name === name);
       if (!found) throw new NotFoundError(`no valid policy "${name}" in the policies directory; valid policies: ${policies.map((p) => p.policy.name).join(', ') || '(none)'} (GET /v1/policies lists the problems of the others)`);
       if (vm !== undefined) ctx.vmOf(vm);
       const at = new Date(ctx.now() * 1000);
-      const plan = planPrune(await ctx.catalogue.list(), found.policy, { now: at, ...(vm !== undefined ? { onlyVms: [vm] } : {}) });
-      return c.json({ policy: name, at: at.toISOString(), items: plan }, 200);
+      // What the maintenance worker's prune is given: the inventory (config.vms is live), the other policies, verify's findings.
+      const backups = await ctx.catalogue.list();
+      const plan = planPrune(backups, found.policy, {
+        now: at, ...(vm !== undefined ? { onlyVms: [vm] } : {}),
+        selection: selectionOf(() => ctx.config.vms), policies: policies.map((p) => p.policy),
+        invalidPolicyFiles: [...new Set(problems.map((p) => p.file))], verification: await ctx.verification(),
+      });
+      return c.json({ policy: name, at: at.toISOString(), items: plan, warnings: pruneWarnings(plan, backups, found.policy) }, 200);
     })
     .openapi(policyRoutes.validatePolicy, async (c) => {
       const req = c.req.valid('json');

@@ -1,10 +1,14 @@
 /** `vmvault prune`, `vmvault gc` and `vmvault unlock`. */
 import type { Command } from 'commander';
 import { collectGarbage } from '../../repo/gc.js';
-import { loadPolicyFile } from '../../policy/load.js';
-import { prune } from '../../pipeline/prune.js';
+import { loadPolicies, loadPolicyFile } from '../../policy/load.js';
+import { prune, type PruneOptions } from '../../pipeline/prune.js';
+import { configPathFrom, loadConfig } from '../../config/load.js';
+import { VmInventory } from '../../config/inventory.js';
+import type { Policy } from '../../policy/schema.js';
+import { selectionOf } from '../../policy/select.js';
 import { heldByDeadProcess, lockName, readLocks, type FoundLock } from '../../repo/locks.js';
-import { openRepository, type GlobalOptions } from '../context.js';
+import { openRepository, warn, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
 
@@ -15,10 +19,12 @@ export function registerMaintenanceCommands(program: Command, globals: () => Glo
     .requiredOption('--policy <file>', 'policy file (YAML)')
     .option('--dry-run', 'only show what would be removed')
     .option('--json', 'print the decisions as JSON')
-    .action(async (o: { policy: string; dryRun?: boolean; json?: boolean }) => {
+    .option('-c, --config <file>', 'service configuration (env VMVAULT_CONFIG): its inventory resolves tags, and the policies of its policiesDir keep the on-demand backups they would keep')
+    .action(async (o: { policy: string; dryRun?: boolean; json?: boolean; config?: string }) => {
       const policy = await loadPolicyFile(o.policy);
+      const service = await serviceContext(o.config, policy);
       const repo = await openRepository(globals());
-      const plan = await prune(repo, policy, { dryRun: !!o.dryRun });
+      const plan = await prune(repo, policy, { dryRun: !!o.dryRun, ...service });
       const removed = plan.filter((d) => !d.keep).length;
       print(o.json, plan, () => [
         plan.length === 0 ? `policy ${policy.name} governs no backup` : table([
@@ -69,4 +75,30 @@ export function registerMaintenanceCommands(program: Command, globals: () => Glo
       }
       console.log(`removed ${removed} lock(s); ${locks.length - removed} live lock(s) remain`);
     });
+}
+
+/**
+ * What the service's prune knows, from the configuration when there is one: its
+ * inventory (VMs and their tags, the state directory's VM file included) and the
+ * policies of its policiesDir. Without one, prune says what it cannot know.
+ */
+async function serviceContext(flag: string | undefined, policy: Policy): Promise<Pick<PruneOptions, 'selection' | 'policies' | 'invalidPolicyFiles'>> {
+  const file = configPathFrom(flag);
+  if (!file) {
+    if (policy.select.tags?.length) {
+      warn(`policy ${policy.name} selects VMs by tag (${policy.select.tags.join(', ')}), and without a configuration (--config FILE or VMVAULT_CONFIG) ` +
+        'prune cannot read the inventory: it leaves the on-demand backups of the VMs it selects by tag alone (those of VMs named in select.vms are pruned)');
+    }
+    warn(`without a configuration (--config FILE or VMVAULT_CONFIG) prune knows no other policy: policy ${policy.name}'s rules alone decide ` +
+      'which on-demand backups of its VMs go, even where another policy selecting those VMs would keep them');
+    return {};
+  }
+  const config = await loadConfig(file);
+  await new VmInventory(config).load();
+  const { policies, problems } = await loadPolicies(config.policiesDir);
+  const invalid = [...new Set(problems.map((p) => p.file))];
+  if (invalid.length) {
+    warn(`policy file(s) ${invalid.join(', ')} cannot be read: prune removes no on-demand backup until they are fixed (what they select is unknown); "vmvault policy validate" shows the problems`);
+  }
+  return { selection: selectionOf(() => config.vms), policies: policies.map((l) => l.policy), invalidPolicyFiles: invalid };
 }

@@ -67,7 +67,7 @@ export async function startFixture(opts: { workers?: boolean } = {}): Promise<Fi
     `  hosta: { restoreRoots: [${JSON.stringify(restoreRoot)}] }`,
     '  hostb: { restoreRoots: [] }',
     'vms:',
-    `  - { name: web, host: hosta, disks: [{ path: ${JSON.stringify(webDisk)}, name: root, format: qcow2 }] }`,
+    `  - { name: web, host: hosta, tags: [web], disks: [{ path: ${JSON.stringify(webDisk)}, name: root, format: qcow2 }] }`,
     `  - { name: db, host: hostb, disks: [{ path: ${JSON.stringify(join(dir, 'db.raw'))}, format: raw }] }`,
     // Its disk file does not exist: its backups fail on hosta's worker.
     `  - { name: gone, host: hosta, disks: [{ path: ${JSON.stringify(join(dir, 'gone.qcow2'))}, format: qcow2 }] }`,
@@ -82,7 +82,7 @@ export async function startFixture(opts: { workers?: boolean } = {}): Promise<Fi
   let maintenance: MaintenanceWorker | undefined;
   if (opts.workers) {
     host = await startHostWorker({ host: 'hosta', redisUrl: redis.url, repoUrl, passphrase: PASSPHRASE, restoreRoots: [restoreRoot], stateDir: join(dir, 'state'), logger, progressIntervalMs: 100 });
-    maintenance = await startMaintenanceWorker({ redisUrl: redis.url, repoUrl, passphrase: PASSPHRASE, policiesDir, logger });
+    maintenance = await startMaintenanceWorker({ redisUrl: redis.url, repoUrl, passphrase: PASSPHRASE, policiesDir, logger, inventory: () => config.vms });
   }
 
   const call: Fixture['call'] = async (method, path, o = {}) => {

@@ -1,6 +1,6 @@
 /** /v1/maintenance in-process, with a real maintenance worker: prune, gc and verify jobs, and bad input. */
 import assert from 'node:assert/strict';
-import { writeFile } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { assertError, backupWeb, listedBackups, startFixture, type Fixture } from './fixture.js';
@@ -41,6 +41,20 @@ describe('/v1/maintenance', () => {
     assertError(await f.call('GET', '/v1/policies/nope/preview', { role: 'viewer' }), 404, 'NOT_FOUND', /no valid policy "nope" in the policies directory; valid policies: keep1/);
     assertError(await f.call('GET', '/v1/policies/keep1/preview?vm=nope', { role: 'viewer' }), 404, 'NOT_FOUND', /VM "nope"/);
     assertError(await f.call('GET', '/v1/policies/keep1/preview?vm=', { role: 'viewer' }), 400, 'BAD_REQUEST', /vm/);
+  });
+
+  test('another policy selecting the VM by tag keeps the on-demand backups it would keep, in the preview and in prune', async (t) => {
+    const weekly = join(f.policiesDir, 'weekly.yaml');
+    await writeFile(weekly, 'name: weekly\nschedule: "0 3 * * 0"\nselect:\n  tags: [web]\nretention:\n  keepLast: 2\n');
+    t.after(() => rm(weekly));
+    const r = await f.call('GET', '/v1/policies/keep1/preview?vm=web', { role: 'viewer' });
+    assert.deepEqual(r.body.items.map((i: any) => [i.id, i.keep, i.reasons]), [[ids[1], true, ['last']], [ids[0], true, ['kept by policy weekly']]]);
+    assert.deepEqual(r.body.warnings, []);
+    const tagged = await f.call('GET', '/v1/policies/weekly/preview', { role: 'viewer' });
+    assert.deepEqual(tagged.body.items.map((i: any) => [i.id, i.keep]), [[ids[1], true], [ids[0], true]], 'its tag is resolved through the inventory');
+    const job = await run('/v1/maintenance/prune', { policy: 'keep1' });
+    assert.deepEqual([job.result.kept, job.result.removed], [2, []]);
+    await listedBackups(f, '', (items) => items.length === 2);
   });
 
   test('prune applies the policy: a dry run keeps everything, a real one keeps the last', async () => {
