@@ -26,10 +26,12 @@
  *   of their removals applying. A policy whose selection of the VM is unknown (tags
  *   without an inventory that lists the VM) counts as selecting it.
  * - Retention groups by VM, not by disk. After it, every disk a governed backup of a
- *   VM holds must still be held, undamaged on that disk, by a backup of that VM that
- *   stays (kept, or not governed by this policy); otherwise the newest governed
- *   backup holding it is kept (`last of disk NAME`). A disk removed from a VM for
- *   good therefore keeps its last backup.
+ *   VM holds must still be held, undamaged on that disk, by a backup this plan keeps;
+ *   otherwise the newest governed backup holding it is kept (`last of disk NAME`).
+ *   Backups this policy does not govern do not count: another policy's prune, which
+ *   takes no lock and may run at the same time on another host, could be counting on
+ *   this one's, and both copies would go. So each policy keeps its own last copy of
+ *   each disk, and a disk removed from a VM for good keeps its last backup.
  */
 import type { Policy } from '../policy/schema.js';
 import { retentionFor } from '../policy/schema.js';
@@ -116,7 +118,7 @@ export function planPrune(backups: readonly BackupSummary[], policy: Policy, opt
     }
   }
   keepWhatOtherPoliciesKeep(backups, governed, policy, decisions, selection, opts);
-  keepLastOfEachDisk(backups, governed, decisions, timeZone, opts);
+  keepLastOfEachDisk(governed, decisions, timeZone, opts);
   const newestFirst = (a: PruneDecision, b: PruneDecision) =>
     a.vm.localeCompare(b.vm) || (timeOf(b, timeZone) - timeOf(a, timeZone)) || b.time.localeCompare(a.time) || a.id.localeCompare(b.id);
   return [...decisions.values()].sort(newestFirst);
@@ -164,15 +166,14 @@ function keepWhatOtherPoliciesKeep(
   }
 }
 
-/** Every disk a governed backup of a VM holds stays held, undamaged, by a backup of that VM. */
-function keepLastOfEachDisk(backups: readonly BackupSummary[], governed: readonly BackupSummary[], decisions: Decisions, timeZone: string, opts: PruneOptions): void {
-  const stays = (b: BackupSummary) => decisions.get(b.id)?.keep ?? true; // not governed: this prune leaves it
+/** Every disk a governed backup of a VM holds stays held, undamaged, by a backup this plan keeps. */
+function keepLastOfEachDisk(governed: readonly BackupSummary[], decisions: Decisions, timeZone: string, opts: PruneOptions): void {
+  const stays = (b: BackupSummary) => decisions.get(b.id)?.keep === true;
   for (const vm of new Set(governed.map((b) => b.vm))) {
-    const ofVm = backups.filter((b) => b.vm === vm);
     const mine = governed.filter((b) => b.vm === vm);
     for (const disk of [...new Set(mine.flatMap((b) => b.disks.map((d) => d.name)))].sort()) {
       const holds = (b: BackupSummary) => b.disks.some((d) => d.name === disk) && !opts.verification?.get(b.id)?.damagedDisks.includes(disk);
-      if (ofVm.some((b) => holds(b) && stays(b))) continue;
+      if (mine.some((b) => holds(b) && stays(b))) continue;
       const newest = mine.filter((b) => holds(b) && !stays(b)).sort((a, b) => timeOf(b, timeZone) - timeOf(a, timeZone) || a.id.localeCompare(b.id))[0];
       if (!newest) continue; // every backup of the disk is damaged on it: those are kept anyway
       const d = decisions.get(newest.id)!;
