@@ -33,6 +33,8 @@ import { createHash, createHmac, randomBytes } from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import * as z from 'zod';
+import { errnoCode } from '../errors.js';
+import { fsyncDir, mkdirs, writeNewFileSynced } from '../storage/local.js';
 import { NONCE_BYTES, xchachaDecrypt, xchachaEncrypt } from './seal.js';
 import type { KeyFile } from './keys.js';
 
@@ -72,29 +74,55 @@ async function privateFile(file: string): Promise<boolean> {
   return (st.mode & 0o077) === 0 && (process.getuid === undefined || st.uid === process.getuid());
 }
 
-async function readSecret(dir: string, create: boolean): Promise<Buffer | undefined> {
-  const file = path.join(dir, 'host-secret');
+type SecretFile = { secret: Buffer } | { absent: true } | { wrongLength: number };
+
+async function readSecretFile(file: string): Promise<SecretFile> {
   try {
     if (!(await privateFile(file))) throw new Error(`${file} can be read by others than its owner: the key cache is not used (chmod 600 it, or remove the directory)`);
     const secret = await fs.readFile(file);
-    return secret.length === SECRET_BYTES ? secret : undefined;
+    return secret.length === SECRET_BYTES ? { secret } : { wrongLength: secret.length };
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || !create) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw err;
-    }
-  }
-  await fs.mkdir(dir, { recursive: true, mode: 0o700 });
-  await fs.chmod(dir, 0o700);
-  const secret = randomBytes(SECRET_BYTES);
-  try {
-    await fs.writeFile(file, secret, { mode: 0o600, flag: 'wx' });
-    return secret;
-  } catch (err) {
-    // Another process made it first: use theirs.
-    if ((err as NodeJS.ErrnoException).code === 'EEXIST') return readSecret(dir, false);
+    if (errnoCode(err) === 'ENOENT') return { absent: true };
     throw err;
   }
+}
+
+/**
+ * The host secret; with `create`, made when missing. A file of the wrong length (an
+ * older vmvault left an empty one when its write failed on a full disk) is treated as
+ * missing and replaced: otherwise nothing would ever be cached again, and every
+ * command would run Argon2id without a word.
+ */
+async function readSecret(dir: string, create: boolean): Promise<Buffer | undefined> {
+  const file = path.join(dir, 'host-secret');
+  const found = await readSecretFile(file);
+  if ('secret' in found) return found.secret;
+  if (!create) return undefined;
+  await mkdirs(dir, [], 0o700);
+  await fs.chmod(dir, 0o700);
+  // Written whole and synced under a temporary name, then put in place in one step: a
+  // concurrent process (or a crash, or a full disk) never sees a partial secret.
+  const tmp = `${file}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  try {
+    await writeNewFileSynced(tmp, randomBytes(SECRET_BYTES), 0o600);
+    if ('absent' in found) {
+      // link, not rename: a secret another process put there meanwhile is kept (entries may be sealed under it).
+      await fs.link(tmp, file).catch(async (err: unknown) => {
+        if (errnoCode(err) !== 'EEXIST') throw err;
+        const theirs = await readSecretFile(file);
+        if ('wrongLength' in theirs) await fs.rename(tmp, file);
+      });
+    } else {
+      // No vmvault writes a partial secret any more, so none is being made there: replace it.
+      await fs.rename(tmp, file);
+    }
+    await fsyncDir(dir);
+  } finally {
+    await fs.rm(tmp, { force: true }).catch(() => undefined);
+  }
+  // Ours, or the one a concurrent process put there first (or last, when both replaced a
+  // wrong one: an entry sealed under the loser's is a cache miss, rewritten after the next open).
+  return readSecret(dir, false);
 }
 
 function entryPath(cache: KeyCache, repoId: string, keyId: string): string | undefined {
@@ -113,7 +141,7 @@ export async function cachedMaster(cache: KeyCache, repoId: string, keyId: strin
   try {
     raw = await fs.readFile(p, 'utf8');
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    if (errnoCode(err) === 'ENOENT') return undefined;
     throw err;
   }
   if (!(await privateFile(p))) throw new Error(`${p} can be read by others than its owner: the key cache is not used`);
@@ -144,6 +172,12 @@ export async function storeMaster(cache: KeyCache, repoId: string, keyId: string
     version: 1, repoId, keyId, salt: salt.toString('base64'), nonce: nonce.toString('base64'), sealed: sealed.toString('base64'),
   };
   const tmp = `${p}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-  await fs.writeFile(tmp, JSON.stringify(entry), { mode: 0o600 });
-  await fs.rename(tmp, p);
+  try {
+    await writeNewFileSynced(tmp, JSON.stringify(entry), 0o600);
+    await fs.rename(tmp, p);
+  } catch (err) {
+    // A write that failed (a full disk) leaves no temporary file behind.
+    await fs.rm(tmp, { force: true }).catch(() => undefined);
+    throw err;
+  }
 }

@@ -133,6 +133,11 @@ export function errnoName(errno: number): string {
   return ERRNO_NAMES[errno] ?? `error ${errno}`;
 }
 
+/** The errno code of an NBD error number (`ENOSPC`), or undefined for one the protocol does not define. */
+export function errnoCodeOf(errno: number): string | undefined {
+  return ERRNO_NAMES[errno]?.split(' ')[0];
+}
+
 /**
  * When the server sends no NBD_INFO_BLOCK_SIZE, the spec tells clients not to send
  * payloads above 32 MiB; qemu-nbd's own limit (NBD_MAX_BUFFER_SIZE) is the same.

@@ -9,9 +9,10 @@ import {
   COMMAND_NAMES, NBD_CMD_BLOCK_STATUS, NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_BLOCK_STATUS, NBD_REPLY_TYPE_ERROR_BIT, NBD_REPLY_TYPE_ERROR_OFFSET, NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA, NBD_REPLY_TYPE_OFFSET_HOLE, NBD_SIMPLE_REPLY_MAGIC, NBD_SIMPLE_REPLY_SIZE,
-  NBD_STRUCTURED_REPLY_MAGIC, NBD_STRUCTURED_REPLY_SIZE, errnoName, readU64,
+  NBD_STRUCTURED_REPLY_MAGIC, NBD_STRUCTURED_REPLY_SIZE, errnoCodeOf, errnoName, readU64,
 } from './nbd-protocol.js';
 import { copyBytes } from '../bytes.js';
+import { errnoError } from '../storage/refusal.js';
 
 /** A request waiting for its reply. Owned by the client; filled in by the parser. */
 export interface Pending {
@@ -316,5 +317,7 @@ export function requestError(p: Pending, readOnly: boolean): VmvaultError {
   if (e.message) text += `: ${e.message}`;
   const writes = p.cmd === NBD_CMD_WRITE || p.cmd === NBD_CMD_WRITE_ZEROES;
   if (writes && readOnly && !/read-only/i.test(e.message)) text += ' (the export is read-only)';
-  return new VmvaultError('NBD', text);
+  // The errno as a cause, as a file system call gives it: callers tell a full target (ENOSPC) from a broken one by it.
+  const code = errnoCodeOf(e.errno);
+  return new VmvaultError('NBD', text, code ? { cause: errnoError(code, e.message || errnoName(e.errno)) } : {});
 }

@@ -7,6 +7,7 @@ import { execa } from 'execa';
 import type { Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import { NotFoundError, VmvaultError } from '../errors.js';
+import { errnoError } from '../storage/refusal.js';
 
 /** qemu's wording when an image's OFD lock is held (file-posix raw_check_lock_bytes). */
 const LOCKED = /Failed to get (?:shared )?"[a-z ]+" lock|Is another process using the image/;
@@ -33,8 +34,22 @@ export function qemuFailure(tool: string, image: string, stderr: string): Vmvaul
   }
   if (MISSING_SNAPSHOT.test(stderr)) return new NotFoundError(`snapshot not found in disk image ${image} (${tool}: ${said})`);
   if (MISSING_FILE.test(stderr)) return new NotFoundError(`disk image ${image} does not exist (${tool}: ${said})`);
-  return new VmvaultError('QEMU', `${tool} failed on ${image}: ${said}`);
+  const errno = STDERR_ERRNO.find(([, words]) => words.test(stderr))?.[0];
+  return new VmvaultError('QEMU', `${tool} failed on ${image}: ${said}`, errno ? { cause: errnoError(errno, said) } : {});
 }
+
+/**
+ * strerror() texts qemu prints for the errors of the file system it writes to, as
+ * errno codes: given as the error's cause, so that a restore says its target is full
+ * or read-only as it does when its own write fails.
+ */
+const STDERR_ERRNO: ReadonlyArray<readonly [string, RegExp]> = [
+  ['ENOSPC', /No space left on device/],
+  ['EDQUOT', /Disk quota exceeded/],
+  ['EROFS', /Read-only file system/],
+  ['EACCES', /Permission denied/],
+  ['EFBIG', /File too large/],
+];
 
 export interface RunResult { exitCode: number; stdout: string; stderr: string }
 

@@ -9,7 +9,7 @@
  * paths and formats rewritten to the restored images.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { lstat, readdir, realpath, rename, rm, stat } from 'node:fs/promises';
+import { lstat, readdir, realpath, rename, rm, rmdir, stat } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { IntegrityError, NotFoundError, VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import type { ImageFormat } from '../disk/qemu.js';
@@ -111,11 +111,17 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
   if (taken.length && !req.force) {
     throw new VmvaultError('ALREADY_EXISTS', `${taken.join(', ')} already exist${taken.length === 1 ? 's' : ''}: choose another directory or ${req.forceHint ?? 'ask for existing files to be replaced'}; nothing was written`);
   }
+  // Directories this restore made: a failed one removes those still empty, leaving the target as it found it.
+  const created: string[] = [];
+  const removeCreated = async () => {
+    for (const d of [...created].reverse()) await rmdir(d).catch(() => undefined);
+  };
   try {
     // As mkdir -p with the umask's mode (the hypervisor's user may need to enter them), but with the real errno (EROFS, not ENOENT).
-    await mkdirs(dir, [], 0o777);
-    for (const p of targets.values()) await mkdirs(dirname(p), [], 0o777);
+    await mkdirs(dir, created, 0o777);
+    for (const p of targets.values()) await mkdirs(dirname(p), created, 0o777);
   } catch (err) {
+    await removeCreated();
     throw targetError(err, dir, 'nothing was written');
   }
   await checkPlaces(); // Again: a symlink may have appeared meanwhile.
@@ -141,6 +147,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     for (const d of new Set(planned.map((p) => dirname(p.path)))) await fsyncDir(d);
   } catch (err) {
     await Promise.all(planned.map((p) => rm(p.tmp, { force: true })));
+    await removeCreated();
     throw targetError(err, dir, 'the partly written files were removed');
   } finally {
     await lease.release();
@@ -168,9 +175,15 @@ const TARGET_ADVICE: Record<string, string> = {
   EFBIG: 'its file system cannot hold a file this large: restore onto another file system',
 };
 
-/** A file system error of the restore's target as an error that says what to do; anything else as it is. */
+/**
+ * A file system error of the restore's target as an error that says what to do; anything
+ * else as it is. The errno is the error's own (a file system call), or the one qemu-img
+ * or an NBD error reply reported about the image being written (their cause); never one
+ * along another error's causes, which may be the repository's.
+ */
 function targetError(err: unknown, dir: string, outcome: string): unknown {
-  const code = errnoCode(err);
+  const ofImage = err instanceof VmvaultError && (err.code === 'NBD' || err.code === 'QEMU');
+  const code = errnoCode(ofImage ? err.cause : err);
   const advice = code ? TARGET_ADVICE[code] : undefined;
   if (!advice) return err;
   return new VmvaultError('STORAGE', `cannot restore into ${dir}: ${advice} (${errorMessage(err)}); ${outcome}`, { cause: err });

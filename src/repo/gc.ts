@@ -26,7 +26,7 @@ import { VmvaultError } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
 import { chunkName, isChunkId } from './chunk.js';
 import { removeOrphanHealth } from './health.js';
-import { lockName, readLocks, withLock, withReadLock, type HeldLock } from './locks.js';
+import { heldByDeadProcess, lockName, readLocks, withLock, withReadLock, type HeldLock } from './locks.js';
 import { mapLimit, type DamagedObject, type Repository } from './repository.js';
 import type { Manifest } from './manifest.js';
 
@@ -192,7 +192,15 @@ class RoomMaker {
     const live = locks.filter((l) => l.lock && !l.stale);
     if (live.length) {
       const who = live.map(({ lock }) => lock && `${lock.kind} lock for ${lock.purpose} by ${lock.host} pid ${lock.pid}`).join('; ');
-      throw new VmvaultError('LOCKED', `the repository is full and locked (${who}): that work will fail for want of space and release its lock; run gc again then`, { retriable: true });
+      // A holder this host's process table proves gone (a backup killed by the full disk's
+      // trouble, kill -9) will never release its lock: waiting for it is no advice.
+      const dead = live.filter(({ lock }) => lock && heldByDeadProcess(lock)).map(({ lock }) => lock!.pid);
+      const advice = !dead.length
+        ? 'that work will fail for want of space and release its lock; run gc again then'
+        : `process${dead.length === 1 ? ` ${dead[0]} is` : `es ${dead.join(', ')} are`} gone from this host (killed or crashed): ` +
+          `run "vmvault unlock" to remove ${dead.length === 1 ? 'its lock' : 'their locks'}, then run gc again` +
+          (dead.length < live.length ? ' once the other work has failed for want of space and released its lock' : '');
+      throw new VmvaultError('LOCKED', `the repository is full and locked (${who}): ${advice}`, { retriable: true });
     }
     const damaged = locks.filter((l) => l.damaged !== undefined);
     if (damaged.length) {

@@ -17,10 +17,12 @@
  * state directory's `cache/`.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdir, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, join } from 'node:path';
 import { errorMessage } from '../errors.js';
+// mkdir -p that reports EROFS where Node's recursive mkdir says ENOENT: the warning names the real cause.
+import { mkdirs } from '../storage/local.js';
 
 /** The cache directory the environment asks for, or undefined for none. */
 export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): string | undefined {
@@ -70,7 +72,7 @@ class CacheDir {
     const file = join(this.dir, basename(name));
     const tmp = join(this.dir, `.tmp-${randomBytes(6).toString('hex')}`);
     try {
-      await mkdir(this.dir, { recursive: true, mode: 0o700 });
+      await mkdirs(this.dir, [], 0o700);
       await writeFile(tmp, data, { mode: 0o600 });
       await rename(tmp, file);
     } catch (err) {

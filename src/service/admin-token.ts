@@ -33,19 +33,27 @@ export async function readAdminTokenHash(stateDir: string): Promise<string | und
   return hash;
 }
 
-/** A new random token; its hash replaces the state directory's (atomically, mode 0600). Returns the token. */
-export async function createAdminToken(stateDir: string): Promise<string> {
-  const token = `vv_${randomBytes(24).toString('base64url')}`;
+const newToken = (): string => `vv_${randomBytes(24).toString('base64url')}`;
+const sha256Hex = (token: string): string => createHash('sha256').update(token).digest('hex');
+
+/** Makes `token`'s hash the state directory's (atomically, mode 0600). */
+async function storeTokenHash(stateDir: string, token: string): Promise<void> {
   const file = adminTokenPath(stateDir);
   await mkdir(stateDir, { recursive: true, mode: 0o700 });
   const tmp = `${file}.${randomBytes(6).toString('hex')}.tmp`;
   try {
-    await writeFile(tmp, `${createHash('sha256').update(token).digest('hex')}\n`, { mode: 0o600, flag: 'wx' });
+    await writeFile(tmp, `${sha256Hex(token)}\n`, { mode: 0o600, flag: 'wx' });
     await rename(tmp, file);
   } catch (err) {
     await rm(tmp, { force: true });
     throw err;
   }
+}
+
+/** A new random token; its hash replaces the state directory's (atomically, mode 0600). Returns the token. */
+export async function createAdminToken(stateDir: string): Promise<string> {
+  const token = newToken();
+  await storeTokenHash(stateDir, token);
   return token;
 }
 
@@ -56,22 +64,38 @@ export function withStateToken(config: Config, hash: string | undefined): Config
   return { ...config, api: { ...config.api, tokens: [...config.api.tokens.filter((t) => t.name !== STATE_TOKEN_NAME), token] } };
 }
 
+/** The admin token a starting service uses: its hash, and what to tell the operator once it has started. */
+export interface StartToken {
+  /** The SHA-256 the API accepts (undefined when the configuration has its own admin token). */
+  hash: string | undefined;
+  /** Called once the service has started: keeps a new token's hash and prints the token, or says where the stored one is. */
+  announce(say: (line: string) => void): Promise<void>;
+}
+
 /**
- * `up`'s first start: with no admin token in the configuration and none stored, makes
- * one and prints it (once); later starts say where its hash is and how to replace it.
- * Returns the stored hash (undefined when the configuration has its own admin token).
+ * `up`'s (and serve's) admin token: with no admin token in the configuration and none
+ * stored, a new one. It is kept and printed only by `announce`, once the service has
+ * started: a start that fails leaves no hash of a token nobody saw, and the next start
+ * makes (and prints) one again.
  */
-export async function ensureAdminToken(config: Config, stateDir: string, say: (line: string) => void): Promise<string | undefined> {
+export async function adminTokenForStart(config: Config, stateDir: string): Promise<StartToken> {
   const file = adminTokenPath(stateDir);
   const stored = await readAdminTokenHash(stateDir);
   if (stored) {
-    say(`vmvault: the admin token's SHA-256 is in ${file} (the token was printed when it was made); a new one: vmvault token create --state-dir ${stateDir} (or remove the file), then restart`);
-    return stored;
+    return {
+      hash: stored,
+      announce: async (say) => say(`vmvault: the admin token's SHA-256 is in ${file} (the token was printed when it was made); a new one: vmvault token create --state-dir ${stateDir} (or remove the file), then restart`),
+    };
   }
-  if (config.api.tokens.some((t) => t.role === 'admin')) return undefined;
-  const token = await createAdminToken(stateDir);
-  say(`vmvault: created an admin API token, shown this once (only its SHA-256 is kept, in ${file}):`);
-  say(`vmvault: admin token: ${token}`);
-  say(`vmvault: use it as "Authorization: Bearer TOKEN"; a new one: vmvault token create --state-dir ${stateDir}, then restart`);
-  return readAdminTokenHash(stateDir);
+  if (config.api.tokens.some((t) => t.role === 'admin')) return { hash: undefined, announce: async () => {} };
+  const token = newToken();
+  return {
+    hash: sha256Hex(token),
+    announce: async (say) => {
+      await storeTokenHash(stateDir, token);
+      say(`vmvault: created an admin API token, shown this once (only its SHA-256 is kept, in ${file}):`);
+      say(`vmvault: admin token: ${token}`);
+      say(`vmvault: use it as "Authorization: Bearer TOKEN"; a new one: vmvault token create --state-dir ${stateDir}, then restart`);
+    },
+  };
 }

@@ -15,9 +15,7 @@
  *   VMVAULT_HEARTBEAT_MS       how often a worker refreshes its heartbeat in Redis (default 10000; gone after 3 missed)
  * and VMVAULT_API_LISTEN (host:port) overrides api.listen.
  */
-import { randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
-import { chmod, mkdir, readdir, stat, writeFile } from 'node:fs/promises';
+import { mkdir, stat } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { pino, type Logger } from 'pino';
@@ -39,9 +37,10 @@ import { openStorage } from '../storage/open.js';
 import { startApiServer, type ApiServer } from '../api/server.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
-import { ensureAdminToken, withStateToken } from './admin-token.js';
+import { adminTokenForStart, withStateToken } from './admin-token.js';
 import { joinCommand, joinRedisUrl, parseRedisListen, stateRedisPassword } from './join.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
+import { stateRepository } from './state-repository.js';
 import { startAlerts } from '../ops/alerts/start.js';
 import { VerificationCache } from '../repo/health.js';
 
@@ -203,14 +202,20 @@ export async function runServe(
   await preparePoliciesDir(config, log);
   // As up does: with no admin token configured, the first start makes one (printed once, kept hashed in stateDir).
   const say = opts.say ?? ((line: string) => process.stdout.write(`${line}\n`));
-  const adminHash = await ensureAdminToken(config, config.stateDir, say);
+  const adminToken = await adminTokenForStart(config, config.stateDir);
   const inventory = await startInventory(config, log);
   const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository }).catch((err: unknown) => {
     inventory.stop();
     throw err;
   });
-  const apiConfig = withStateToken(config, adminHash);
+  const apiConfig = withStateToken(config, adminToken.hash);
   const api = await startApi(apiConfig, opts, { redisUrl, repository, logger: log, inventory }).catch(async (err: unknown) => {
+    await scheduler.stop();
+    inventory.stop();
+    throw err;
+  });
+  await adminToken.announce(say).catch(async (err: unknown) => {
+    await api.stop();
     await scheduler.stop();
     inventory.stop();
     throw err;
@@ -307,26 +312,6 @@ export function defaultConfig(stateDir: string): Config {
   return parseConfig(text, join(stateDir, '(built-in configuration)'));
 }
 
-/** The directory repository of the state directory; created with a new random passphrase on first start. */
-async function stateRepository(stateDir: string, say: (line: string) => void): Promise<{ url: string; passphrase: string }> {
-  const url = join(stateDir, 'repository');
-  const passFile = join(stateDir, 'passphrase');
-  const exists = existsSync(url) && (await readdir(url)).length > 0;
-  if (exists) {
-    if (!existsSync(passFile)) throw new VmvaultError('BAD_INPUT', `${url} exists but its passphrase file ${passFile} is missing: restore the file, or configure repository: { url, passwordFile } in vmvault.yaml`);
-    return { url, passphrase: await readPassphrase(passFile, 'VMVAULT_PASSWORD', '') };
-  }
-  const pass = randomBytes(32).toString('base64url');
-  await writeFile(passFile, `${pass}\n`, { mode: 0o600, flag: 'w' });
-  await chmod(passFile, 0o600);
-  const repo = await Repository.init(openStorage(url), pass, { onWarning: (m) => say(`vmvault: ${m}`) });
-  say(`vmvault: created the repository ${url} (id ${repo.id})`);
-  say(`vmvault: its passphrase is in ${passFile} (mode 0600); without it or a paper key no backup can be restored.`);
-  say('vmvault: keep a paper copy of the key offline, printed by:');
-  say(`  vmvault --repo ${url} --password-file ${passFile} key export --paper`);
-  return { url, passphrase: pass };
-}
-
 /** Scheduler and this host's worker in one process, with Redis and a repository of its own when none is configured. */
 export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpService> {
   const say = opts.say ?? ((line: string) => process.stdout.write(`${line}\n`));
@@ -360,15 +345,17 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
       try { await checkNoEviction(c); } finally { await closeRedis(c); }
     }
     const repository = config.repository ? await repositoryFrom(config) : await stateRepository(stateDir, say);
-    const adminHash = await ensureAdminToken(config, stateDir, say);
+    const adminToken = await adminTokenForStart(config, stateDir);
     const inventory = await startInventory(config, log);
     cleanups.push(async () => inventory.stop());
     const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository });
     cleanups.push(() => scheduler.stop());
     const worker = await runWorker(config, { ...opts, logger: log, redisUrl, repository, host: config.host });
     cleanups.push(() => worker.stop());
-    const api = await startApi(withStateToken(config, adminHash), opts, { redisUrl, repository, logger: log, inventory });
+    const api = await startApi(withStateToken(config, adminToken.hash), opts, { redisUrl, repository, logger: log, inventory });
     cleanups.push(() => api.stop());
+    // Only now: a start that failed has printed no token (and kept no hash of one).
+    await adminToken.announce(say);
     say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}`);
     say(`vmvault: API on ${api.url} (routes under /v1; dashboard: ${api.url}/); add VMs with POST /v1/vms or in ${inventory.file}`);
     if (tcp && redisPassword) {

@@ -5,15 +5,19 @@
  * permissions are not what they were.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, it } from 'node:test';
 import { keyCacheFor } from '../../src/cli/context.js';
 import { cachedMaster } from '../../src/crypto/key-cache.js';
 import { keyFileSchema, sealMaster } from '../../src/crypto/keys.js';
+import { IndexCache } from '../../src/repo/index-cache.js';
 import { Repository } from '../../src/repo/repository.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { tempDir } from '../helpers/images.js';
+import { readOnlyDir } from '../helpers/read-only-dir.js';
 
 const PW = 'key cache passphrase';
 
@@ -123,6 +127,85 @@ describe('key cache', () => {
       assert.match(s.warnings.join('\n'), /host-secret can be read by others than its owner: the key cache is not used/);
     } finally {
       await s.dir.cleanup();
+    }
+  });
+
+  it('replaces a host secret of the wrong length (an empty one left by a failed write): caching works again', async () => {
+    const s = await setup();
+    try {
+      await fs.mkdir(s.cache.dir, { mode: 0o700 });
+      await fs.writeFile(path.join(s.cache.dir, 'host-secret'), '', { mode: 0o600 });
+      await s.open();
+      assert.equal((await fs.readFile(path.join(s.cache.dir, 'host-secret'))).length, 32);
+      const file = keyFileSchema.parse(JSON.parse(await fs.readFile(path.join(s.dir.path, 'repo', 'keys', s.repo.keyId), 'utf8')));
+      assert.ok(await cachedMaster(s.cache, s.repo.id, s.repo.keyId, file, PW), 'the next open skips Argon2id');
+      assert.deepEqual(s.warnings, []);
+    } finally {
+      await s.dir.cleanup();
+    }
+  });
+
+  // A real full file system: a one-page tmpfs. Mounting needs CAP_SYS_ADMIN; where it is
+  // refused the test says so and skips.
+  it('on a full file system leaves neither an empty host secret nor temporary files, and works once there is room', async (t) => {
+    const s = await setup();
+    const mnt = path.join(s.dir.path, 'cache');
+    await fs.mkdir(mnt);
+    let mounted = false;
+    t.after(async () => {
+      if (mounted) execFileSync('umount', [mnt]);
+      await s.dir.cleanup();
+    });
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4k,mode=0700', 'tmpfs', mnt], { stdio: 'pipe' });
+      mounted = true;
+    } catch (err) {
+      t.skip(`cannot mount a tmpfs here: ${String(err).split('\n')[0]}`);
+      return;
+    }
+    const filler = path.join(mnt, 'filler');
+    await fs.writeFile(filler, Buffer.alloc(4096));
+    // No room for the host secret.
+    assert.ok(same(await s.open(), s.repo));
+    assert.match(s.warnings.join('\n'), /could not write the key cache in .*ENOSPC/);
+    assert.deepEqual(await fs.readdir(mnt), ['filler'], 'no host-secret, no temporary file');
+    // Room for the host secret, not for the entry.
+    await fs.rm(filler);
+    s.warnings.length = 0;
+    assert.ok(same(await s.open(), s.repo));
+    assert.match(s.warnings.join('\n'), /could not write the key cache in .*ENOSPC/);
+    assert.deepEqual(await fs.readdir(mnt), ['host-secret'], 'no temporary file of the entry');
+    assert.equal((await fs.readFile(path.join(mnt, 'host-secret'))).length, 32);
+    // Room again: the entry is written and used.
+    execFileSync('mount', ['-o', 'remount,size=1m', mnt]);
+    s.warnings.length = 0;
+    await s.open();
+    const file = keyFileSchema.parse(JSON.parse(await fs.readFile(path.join(s.dir.path, 'repo', 'keys', s.repo.keyId), 'utf8')));
+    assert.ok(await cachedMaster(s.cache, s.repo.id, s.repo.keyId, file, PW));
+    assert.deepEqual(s.warnings, []);
+  });
+
+  it('on a read-only file system, the key cache and the index cache say so (EROFS or EACCES), not ENOENT', async () => {
+    const dir = await tempDir();
+    const repoDir = await fs.mkdtemp(path.join(tmpdir(), 'vmvault-kc-'));
+    const ro = await readOnlyDir(dir.path);
+    try {
+      const storage = new LocalStorage(path.join(repoDir, 'repo'));
+      const repo = await Repository.init(storage, PW, { kdf: 'weak' });
+      const warnings: string[] = [];
+      await Repository.open(storage, PW, { keyCache: { dir: path.join(ro.path, 'home', '.cache', 'vmvault', 'keys') }, cacheDir: false, onWarning: (m) => void warnings.push(m) });
+      assert.equal(warnings.length, 1, warnings.join('\n'));
+      assert.match(warnings[0]!, /could not write the key cache in .*(EROFS|EACCES)/);
+      assert.doesNotMatch(warnings[0]!, /ENOENT/);
+      warnings.length = 0;
+      const index = new IndexCache(path.join(ro.path, 'home', '.cache', 'vmvault'), repo.id, (m) => void warnings.push(m));
+      await index.put('index/abc', new Uint8Array(3));
+      assert.equal(warnings.length, 1, warnings.join('\n'));
+      assert.match(warnings[0]!, /cannot be used \((EROFS|EACCES)/);
+    } finally {
+      await ro.release();
+      await dir.cleanup();
+      await fs.rm(repoDir, { recursive: true, force: true });
     }
   });
 

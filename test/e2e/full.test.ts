@@ -8,7 +8,7 @@
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, rmdir, stat, utimes, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, rmdir, stat, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -130,7 +130,7 @@ describe('a full repository', () => {
     const full = await cli(['restore', made.id, '--to', join(small, 'out'), '--format', 'raw'], env);
     assert.equal(full.code, 1, full.stderr);
     assert.match(full.stderr, /^vmvault: error: cannot restore into .*\/out: its file system is full: free some space there, or restore into another directory \(.*ENOSPC.*\); the partly written files were removed/);
-    assert.deepEqual(await readdir(join(small, 'out')), [], 'no partial file left');
+    assert.deepEqual(await readdir(small), [], 'no partial file left, nor the directory the restore made');
     const ro = await readOnlyDir(small);
     try {
       const refused = await cli(['restore', made.id, '--to', join(ro.path, 'new', 'dir'), '--format', 'raw'], env);
@@ -140,5 +140,37 @@ describe('a full repository', () => {
       await ro.release();
     }
   });
-});
 
+  test('a restore to qcow2, vmdk or vdi onto a full, then read-only, file system says so as a raw one does, and removes the directory it made', async () => {
+    const { env } = await initRepo(local);
+    const raw = await randomRaw('restore-target-img.raw', 2 * MiB);
+    const made = await backupJson(env, 'ri', [raw], ['--format', 'raw']);
+    const small = await smallDisk(512 * 1024);
+    const fullMessage = (to: string) => new RegExp(`^vmvault: error: cannot restore into ${to}: its file system is full: free some space there, or restore into another directory \\(.*(ENOSPC|No space left on device).*\\); the partly written files were removed`);
+    for (const format of ['qcow2', 'vmdk', 'vdi']) {
+      // Room for the image's header, not for its data: an NBD write fails.
+      const to = join(small, format);
+      const r = await cli(['restore', made.id, '--to', to, '--format', format], env);
+      assert.equal(r.code, 1, r.stderr);
+      assert.match(r.stderr, fullMessage(to), format);
+      assert.deepEqual(await readdir(small), [], `${format}: the directory the restore made is gone`);
+    }
+    // No room for the header either: qemu-img create fails.
+    await execa('sh', ['-c', `cat /dev/zero > ${join(small, 'filler')}`], { reject: false });
+    const header = await cli(['restore', made.id, '--to', join(small, 'q'), '--format', 'qcow2'], env);
+    assert.equal(header.code, 1, header.stderr);
+    assert.match(header.stderr, fullMessage(join(small, 'q')));
+    assert.deepEqual(await readdir(small), ['filler']);
+    await rm(join(small, 'filler'));
+    await mkdir(join(small, 'kept'));
+    const ro = await readOnlyDir(small);
+    try {
+      const refused = await cli(['restore', made.id, '--to', join(ro.path, 'kept'), '--format', 'qcow2'], env);
+      assert.equal(refused.code, 1, refused.stderr);
+      assert.match(refused.stderr, /^vmvault: error: cannot restore into .*\/kept: (its file system is read-only: remount it read-write|permission denied: fix the permissions of that directory), or restore into another directory \(.*(EROFS|EACCES|Read-only file system|Permission denied).*\); the partly written files were removed/);
+    } finally {
+      await ro.release();
+    }
+    assert.deepEqual(await readdir(small), ['kept'], 'a directory the restore did not make stays');
+  });
+});
