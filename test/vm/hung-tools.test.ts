@@ -1,10 +1,10 @@
 /**
- * qemu-img runs that never finish (storage that stopped answering) are stopped after
- * their bound, and the backup fails with an error naming the tool, the subcommand and
- * the image: the repository lock is given back, nothing is committed, and the image is
- * left as the real qemu-img last wrote it. A fake qemu-img, first in PATH, hangs on the
- * subcommands a test names and hands everything else to the real one; bounds are
- * shortened with VMVAULT_TOOL_TIMEOUTS.
+ * qemu-img and virsh runs that never finish (storage that stopped answering, a dead
+ * libvirtd) are stopped after their bound, and the backup fails with an error naming
+ * the tool, the subcommand and the image: the repository lock is given back, nothing
+ * is committed, and the image is left as the real qemu-img last wrote it. Fakes of
+ * both tools, first in PATH, hang on the subcommands a test names and hand everything
+ * else to the real qemu-img; bounds are shortened with VMVAULT_TOOL_TIMEOUTS.
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs/promises';
@@ -17,6 +17,7 @@ import { Repository } from '../../src/repo/repository.js';
 import { readLocks } from '../../src/repo/locks.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { backupVm } from '../../src/vm/drivers.js';
+import { virsh, VirshTimeout } from '../../src/vm/virsh.js';
 import { makeImage, tempDir, verifyPatterns, type TempDir } from '../helpers/images.js';
 
 const MiB = 1024 * 1024;
@@ -31,7 +32,7 @@ async function oursIn(file: string): Promise<{ bitmaps: string[]; snapshots: str
   return { bitmaps: ours((info['format-specific'].data.bitmaps ?? []).map((b) => b.name)), snapshots: ours((info.snapshots ?? []).map((x) => x.name)) };
 }
 
-describe('qemu-img runs that do not finish', { timeout: 180_000 }, () => {
+describe('qemu-img and virsh runs that do not finish', { timeout: 180_000 }, () => {
   let dir: TempDir;
   let bin: string;
   let repo: Repository;
@@ -53,6 +54,11 @@ here=$(dirname "$0")
 if [[ -s "$here/hang" && "$*" =~ $(cat "$here/hang") ]]; then touch "$here/hung"; exec sleep 1000; fi
 if [[ "$1" == check && -s "$here/check-says" && -e "$here/hung" ]]; then cat "$here/check-says"; exit 2; fi
 exec ${real} "$@"
+`, { mode: 0o755 });
+    // virsh: records its arguments, then never answers.
+    await fs.writeFile(path.join(bin, 'virsh'), `#!/bin/bash
+echo "$*" >> "$(dirname "$0")/virsh.log"
+exec sleep 1000
 `, { mode: 0o755 });
     process.env.PATH = `${bin}:${process.env.PATH}`;
     repo = await Repository.init(new LocalStorage(path.join(dir.path, 'repo')), 'pw', { kdf: 'weak' });
@@ -133,6 +139,28 @@ exec ${real} "$@"
     assert.match(w, /qemu writes nothing to an image whose metadata was not checked.*qemu-img check -f qcow2 .*VMVAULT_TOOL_TIMEOUTS=check=/);
     assert.doesNotMatch(w, /Stop using it|repair a copy/);
     assert.deepEqual(await oursIn(img), { bitmaps: [], snapshots: [] });
+  });
+
+  it('virsh that does not answer is stopped after its subcommand\'s bound, with keepalive asked for', async () => {
+    process.env.VMVAULT_TOOL_TIMEOUTS = 'virsh-query=700,virsh-job=2500';
+    const log = path.join(bin, 'virsh.log');
+    let started = Date.now();
+    await assert.rejects(virsh(['domstate', 'vm1'], 'vm1'), (err: Error) => err instanceof VirshTimeout &&
+      /^virsh domstate on domain "vm1" did not finish within 0.7 s and was stopped: libvirtd, the domain's QEMU or its guest agent is not answering\. Check "virsh domstate vm1"/.test(err.message));
+    const query = Date.now() - started;
+    started = Date.now();
+    await assert.rejects(virsh(['domjobabort', 'vm1'], 'vm1'), (err: Error) => err instanceof VirshTimeout &&
+      /within 2.5 s .*may still be under way in libvirt \(virsh domjobinfo vm1\)/.test(err.message));
+    const job = Date.now() - started;
+    assert.ok(query < 5000 && job >= 2400 && job < 10_000, `query stopped after ${query} ms, job after ${job} ms`);
+    assert.deepEqual((await fs.readFile(log, 'utf8')).trim().split('\n'), ['-k 5 -K 3 domstate vm1', '-k 5 -K 3 domjobabort vm1']);
+    // The libvirt driver's first call meets it: the backup fails, its lock given back, nothing committed.
+    const committed = await repo.backupIds();
+    started = Date.now();
+    await assert.rejects(backupVm(repo, { vm: 'lv', driver: 'libvirt', domain: 'vm1', disks: [], warn: () => {} }), VirshTimeout);
+    assert.ok(Date.now() - started < 10_000);
+    assert.deepEqual(await readLocks(repo), []);
+    assert.deepEqual(await repo.backupIds(), committed);
   });
 
   it('VMVAULT_TOOL_TIMEOUTS overrides the bounds it names and refuses what it cannot read', () => {
