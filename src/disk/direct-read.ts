@@ -22,6 +22,7 @@ import type { ImageFormat } from './image-format.js';
 import { appendExtent, type Extent, type NbdClient } from './nbd.js';
 import { openQcow2Map, type Qcow2Map, type Qcow2Run } from './qcow2-map.js';
 import { mustExist, optValue, probeRawWriters, runOn } from './qemu-run.js';
+import { toolTimeoutMs } from './tool-timeouts.js';
 import { retryIfOrphansHeld } from './qemu-nbd.js';
 import { settleAll } from '../settle.js';
 
@@ -108,7 +109,7 @@ class RawFile implements BlockReader {
     checkRange(offset, length, this.size);
     if (length === 0) return [];
     const spec = `driver=raw,file.driver=file,file.filename=${optValue(this.file)}`;
-    const out = await runOn('qemu-img', this.file, ['map', '--output=json', `--start-offset=${offset}`, `--max-length=${length}`, '--image-opts', spec]);
+    const out = await runOn('qemu-img', this.file, ['map', '--output=json', `--start-offset=${offset}`, `--max-length=${length}`, '--image-opts', spec], { timeoutMs: toolTimeoutMs('map') });
     const extents: Extent[] = [];
     for (const e of JSON.parse(out) as { start: number; length: number; zero: boolean; data: boolean }[]) {
       appendExtent(extents, e.start, e.length, e.zero || !e.data, !e.data);

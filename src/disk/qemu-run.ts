@@ -8,6 +8,7 @@ import type { Stats } from 'node:fs';
 import fs from 'node:fs/promises';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { errnoError } from '../storage/refusal.js';
+import { boundText, toolTimeoutMs } from './tool-timeouts.js';
 
 /** qemu's wording when an image's OFD lock is held (file-posix raw_check_lock_bytes). */
 const LOCKED = /Failed to get (?:shared )?"[a-z ]+" lock|Is another process using the image/;
@@ -59,7 +60,7 @@ export interface RunOptions {
 }
 
 /** The tool was stopped after `RunOptions.timeoutMs`. */
-class ToolTimeout extends Error {}
+export class ToolTimeout extends Error {}
 
 /** Run a qemu tool to completion; rejects with VmvaultError('QEMU') only when it could not start, ToolTimeout when it was stopped. */
 export async function runTool(tool: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
@@ -88,7 +89,7 @@ export async function runOn(tool: string, image: string, args: string[], opts: R
   } catch (err) {
     if (!(err instanceof ToolTimeout)) throw err;
     throw new VmvaultError('QEMU',
-      `${tool} did not answer within ${(opts.timeoutMs ?? 0) / 1000} s on ${image} and was stopped: it may be blocked opening a file the image names ` +
+      `${tool} ${args[0] ?? ''} did not answer within ${boundText(opts.timeoutMs ?? 0)} on ${image} and was stopped: it may be blocked opening a file the image names ` +
       '(a FIFO or device named as a vmdk extent or backing file) or on storage that does not answer (a hung network mount). ' +
       "Check the files the image's metadata names and the storage it lives on; nothing was read", { cause: err });
   }
@@ -150,5 +151,5 @@ export function optValue(value: string): string {
  */
 export async function probeRawWriters(abs: string): Promise<void> {
   const spec = `driver=raw,size=0,file.filename=${optValue(abs)}`;
-  await runOn('qemu-img', abs, ['convert', '-q', '-n', '--image-opts', spec, '-O', 'raw', '/dev/null']);
+  await runOn('qemu-img', abs, ['convert', '-q', '-n', '--image-opts', spec, '-O', 'raw', '/dev/null'], { timeoutMs: toolTimeoutMs('inspect') });
 }

@@ -14,7 +14,8 @@ import path from 'node:path';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
 import type { ImageReference } from './image-refs.js';
-import { mustExist, probeRawWriters, qcow2WithoutBacking, qemuFailure, runOn, runTool } from './qemu-run.js';
+import { mustExist, probeRawWriters, qcow2WithoutBacking, qemuFailure, runOn, runTool, ToolTimeout, type RunResult } from './qemu-run.js';
+import { boundText, COMPARE_BYTES_PER_SECOND, toolTimeoutMs } from './tool-timeouts.js';
 
 export { IMAGE_FORMATS, isImageFormat, type ImageFormat } from './image-format.js';
 export { exportImage, type ExportOptions, type NbdExport } from './qemu-nbd.js';
@@ -60,14 +61,11 @@ function referencesOf(abs: string, j: QemuImgInfoJson): ImageReference[] {
 }
 
 /**
- * qemu-img info reads headers only: a minute is far more than it needs. It can block
- * for good in open() (a FIFO named by an image), and must not hold a backup for ever.
- * (A process stuck in the kernel on a hung hard network mount cannot be killed at all:
- * that still holds its caller until the mount answers.)
+ * qemu-img info reads headers only: a minute (tool-timeouts.ts `inspect`) is far more
+ * than it needs. It can block for good in open() (a FIFO named by an image), and must
+ * not hold a backup for ever.
  */
-const INFO_TIMEOUT_MS = 60_000;
-
-async function infoJson(abs: string, format?: ImageFormat, timeoutMs = INFO_TIMEOUT_MS): Promise<QemuImgInfoJson> {
+async function infoJson(abs: string, format?: ImageFormat, timeoutMs = toolTimeoutMs('inspect')): Promise<QemuImgInfoJson> {
   const args = ['info', '--output=json', ...(format ? ['-f', format] : []), abs];
   const out = await runOn('qemu-img', abs, args, { timeoutMs });
   try {
@@ -124,7 +122,63 @@ export async function createImage(file: string, format: ImageFormat, virtualSize
   // preallocation=off is qcow2's default, stated so a changed default cannot bloat restores;
   // vmdk defaults to monolithicSparse and vdi to dynamic, raw files are created sparse.
   const opts = format === 'qcow2' ? ['-o', 'preallocation=off'] : [];
-  await runOn('qemu-img', abs, ['create', '-q', '-f', format, ...opts, abs, String(virtualSize)]);
+  const timeoutMs = toolTimeoutMs('metadata');
+  let r: RunResult;
+  try {
+    r = await runTool('qemu-img', ['create', '-q', '-f', format, ...opts, abs, String(virtualSize)], { timeoutMs });
+  } catch (err) {
+    if (!(err instanceof ToolTimeout)) throw err;
+    // The file did not exist before: what the stopped qemu-img left of it is ours, and incomplete.
+    await fs.rm(abs, { force: true }).catch(() => {});
+    throw new VmvaultError('QEMU', `qemu-img create did not finish within ${boundText(timeoutMs)} making ${abs} and was stopped, and the file removed: ` +
+      `the storage of ${dir} may not be answering (a hung network mount). Check it, then try again`, { cause: err });
+  }
+  if (r.exitCode !== 0) throw qemuFailure('qemu-img', abs, r.stderr);
+}
+
+/**
+ * A qemu-img command (`what`: its subcommand and options, as an operator would type
+ * them) that writes qcow2 image `abs`'s metadata, stopped after the `metadata` bound.
+ * A writer stopped mid-write can leave the image with leaked clusters or worse, so the
+ * image is then checked (read-only) and the error says what the check found.
+ */
+async function runWriter(abs: string, what: string, args: string[]): Promise<void> {
+  const timeoutMs = toolTimeoutMs('metadata');
+  let r: RunResult;
+  try {
+    r = await runTool('qemu-img', args, { timeoutMs });
+  } catch (err) {
+    if (!(err instanceof ToolTimeout)) throw err;
+    throw await writerStopped(abs, what, timeoutMs, err);
+  }
+  if (r.exitCode !== 0) throw qemuFailure('qemu-img', abs, r.stderr);
+}
+
+/**
+ * A qemu-img writer of `image` was stopped for its time bound. `checksClean`: a
+ * read-only `qemu-img check` run since finds the image's metadata consistent, so
+ * qemu may go on writing to it (undoing what the stopped command began); otherwise
+ * nothing more should be written to it.
+ */
+export class WriterStopped extends VmvaultError {
+  constructor(readonly image: string, readonly checksClean: boolean, message: string, options: { cause: unknown }) {
+    super('QEMU', message, options);
+    this.name = 'WriterStopped';
+  }
+}
+
+async function writerStopped(abs: string, what: string, timeoutMs: number, cause: unknown): Promise<WriterStopped> {
+  const check = await imageCheck(abs).catch((err: unknown) => ({ failed: err instanceof Error ? err.message : String(err) }));
+  const clean = 'corruptions' in check && check.corruptions === 0;
+  const verdict = clean
+    ? 'the image checks clean (qemu-img check; leaked clusters, if any, only waste space)'
+    : 'corruptions' in check
+      ? `the image has ${check.corruptions} metadata corruption(s) (qemu-img check): start no VM on it and write nothing to it; restore the disk ` +
+        'from its last backup (vmvault restore), or repair a copy (qemu-img check -r all on the copy, then compare its contents with the last backup)'
+      : `the image could not be checked (${check.failed}): once its storage answers, run "qemu-img check -f qcow2 ${abs}" before a VM uses it`;
+  return new WriterStopped(abs, clean, `qemu-img ${what} did not finish within ${boundText(timeoutMs)} on ${abs} and was stopped (its storage may not be ` +
+    `answering, as a hung network mount does, or the image is very large or crafted); since then ${verdict}. ` +
+    'Check the storage before the next backup (VMVAULT_TOOL_TIMEOUTS=metadata=MILLISECONDS waits longer)', { cause });
 }
 
 
@@ -148,7 +202,7 @@ export async function snapshotCreate(file: string, name: string, existing?: read
     throw new VmvaultError('ALREADY_EXISTS', `snapshot "${name}" already exists in disk image ${abs}`);
   }
   // qemu-img snapshot has no -f in QEMU 7.2: the json: filename pins the format (and opens no backing file).
-  await runOn('qemu-img', abs, ['snapshot', '-q', '-c', name, await qcow2WithoutBacking(abs)]);
+  await runWriter(abs, `snapshot -c ${name}`, ['snapshot', '-q', '-c', name, await qcow2WithoutBacking(abs)]);
 }
 
 /**
@@ -161,7 +215,7 @@ export async function snapshotDelete(file: string, name: string, opts: { known?:
   const abs = path.resolve(file);
   checkSnapshotName(name, abs);
   await mustExist(abs);
-  await runOn('qemu-img', abs, ['snapshot', '-q', '-d', name, await qcow2WithoutBacking(abs)]);
+  await runWriter(abs, `snapshot -d ${name}`, ['snapshot', '-q', '-d', name, await qcow2WithoutBacking(abs)]);
 }
 
 /** `qemu-img snapshot -d|-a NAME` once the snapshot is known to exist (NotFoundError otherwise) and to be the only one NAME can mean. */
@@ -177,7 +231,7 @@ async function onExistingSnapshot(file: string, name: string, op: '-d' | '-a'): 
   // -d goes by name only: there, only two snapshots of that name are ambiguous.
   const ambiguous = ambiguousSnapshot(op === '-a' ? snapshots : snapshots.filter((s) => s.name === name), name, abs);
   if (ambiguous) throw ambiguous;
-  await runOn('qemu-img', abs, ['snapshot', '-q', op, name, await qcow2WithoutBacking(abs)]);
+  await runWriter(abs, `snapshot ${op} ${name}`, ['snapshot', '-q', op, name, await qcow2WithoutBacking(abs)]);
 }
 
 /**
@@ -203,16 +257,18 @@ export function ambiguousSnapshot(snapshots: readonly { id: string; name: string
  * refcounts or tables disagree: qemu may allocate a cluster that holds guest data for
  * its own metadata, and a write overwrites it), or why it could not tell. Leaked
  * clusters (allocated, unused) are harmless and not counted. Read-only, no backing file
- * opened, bounded in time (a crafted table can make the check long). IMAGE_LOCKED when a
+ * opened, bounded in time (a crafted table can make the check long): `timedOut` says the
+ * check was stopped for that, which says nothing of the image. IMAGE_LOCKED when a
  * process holds the image.
  */
-export async function imageCheck(file: string, timeoutMs = CHECK_TIMEOUT_MS): Promise<{ corruptions: number } | { failed: string }> {
+export async function imageCheck(file: string, timeoutMs = toolTimeoutMs('check')): Promise<{ corruptions: number } | { failed: string; timedOut?: true }> {
   const abs = path.resolve(file);
   await mustExist(abs);
   let r;
   try {
     r = await runTool('qemu-img', ['check', '--output=json', await qcow2WithoutBacking(abs)], { timeoutMs });
   } catch (err) {
+    if (err instanceof ToolTimeout) return { failed: `qemu-img check did not finish within ${boundText(timeoutMs)} and was stopped`, timedOut: true };
     return { failed: err instanceof Error ? err.message : String(err) };
   }
   // 0: clean; 2: corruptions; 3: leaks only; 1: the check could not complete; 63: not supported.
@@ -230,7 +286,6 @@ export async function imageCheck(file: string, timeoutMs = CHECK_TIMEOUT_MS): Pr
     return { failed: 'qemu-img check printed something other than JSON' };
   }
 }
-const CHECK_TIMEOUT_MS = 5 * 60 * 1000;
 
 /**
  * Adds (`--add`, persistent and enabled: every later write through any qemu program
@@ -240,7 +295,7 @@ const CHECK_TIMEOUT_MS = 5 * 60 * 1000;
 export async function bitmapChange(file: string, op: '--add' | '--remove', name: string): Promise<void> {
   const abs = path.resolve(file);
   await mustExist(abs);
-  await runOn('qemu-img', abs, ['bitmap', op, await qcow2WithoutBacking(abs), name]);
+  await runWriter(abs, `bitmap ${op} ${name}`, ['bitmap', op, await qcow2WithoutBacking(abs), name]);
 }
 
 /** One internal snapshot of a qcow2 image, as qemu-img reports it. */
@@ -287,7 +342,17 @@ export async function compareImages(a: string, b: string, fa?: ImageFormat, fb?:
   checkFormat(formatB, absB);
   await mustExist(absA);
   await mustExist(absB);
-  const r = await runTool('qemu-img', ['compare', '-f', formatA, '-F', formatB, absA, absB]);
+  // It reads both images' data: the bound grows with their files' sizes.
+  const bytes = (await fs.stat(absA)).size + (await fs.stat(absB)).size;
+  const timeoutMs = toolTimeoutMs('compare') + Math.ceil(bytes / COMPARE_BYTES_PER_SECOND) * 1000;
+  let r: RunResult;
+  try {
+    r = await runTool('qemu-img', ['compare', '-f', formatA, '-F', formatB, absA, absB], { timeoutMs });
+  } catch (err) {
+    if (!(err instanceof ToolTimeout)) throw err;
+    throw new VmvaultError('QEMU', `qemu-img compare did not finish within ${boundText(timeoutMs)} on ${absA} and ${absB} and was stopped (nothing was changed): ` +
+      'their storage may not be answering (a hung network mount). Check it, then compare again', { cause: err });
+  }
   // Exit status: 0 identical, 1 different, anything else an error.
   if (r.exitCode !== 0 && r.exitCode !== 1) throw qemuFailure('qemu-img compare', `${absA} or ${absB}`, r.stderr);
   return { identical: r.exitCode === 0, output: r.stdout.trim() };

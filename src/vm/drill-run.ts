@@ -19,7 +19,8 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VmvaultError } from '../errors.js';
-import { runTool, stderrText } from '../disk/qemu-run.js';
+import { runTool, stderrText, ToolTimeout } from '../disk/qemu-run.js';
+import { boundText, toolTimeoutMs } from '../disk/tool-timeouts.js';
 import { GuestAgent } from './guest-agent.js';
 import { QmpClient } from './qmp.js';
 
@@ -127,7 +128,12 @@ export async function runDrill(o: DrillRunOptions): Promise<DrillOutcome> {
   const screenshot = o.screenshot;
   await Promise.all([rm(screenshot, { force: true }), rm(paths.serial, { force: true })]);
   for (const [i, d] of o.disks.entries()) {
-    const r = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', paths.overlays[i]!, String(d.size)]);
+    const timeoutMs = toolTimeoutMs('metadata');
+    const r = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', paths.overlays[i]!, String(d.size)], { timeoutMs }).catch((err: unknown) => {
+      if (!(err instanceof ToolTimeout)) throw err;
+      throw new VmvaultError('QEMU', `qemu-img create did not make the drill's overlay ${paths.overlays[i]} within ${boundText(timeoutMs)}: ` +
+        `check that the drill's work directory ${o.workDir} is on storage that answers`, { cause: err });
+    });
     if (r.exitCode !== 0) throw new VmvaultError('QEMU', `could not create the drill's overlay ${paths.overlays[i]}: ${stderrText(r.stderr)}`);
   }
   const removeFiles = () => Promise.all([paths.qmp, paths.qga, ...paths.overlays].map((p) => rm(p, { force: true })));

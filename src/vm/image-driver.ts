@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { VmvaultError, errorMessage } from '../errors.js';
-import { bitmapChange, imageCheck, snapshotCreate, snapshotDelete } from '../disk/qemu.js';
+import { bitmapChange, imageCheck, snapshotCreate, snapshotDelete, WriterStopped } from '../disk/qemu.js';
 import type { NbdClient } from '../disk/nbd.js';
 import { prepareExports, retryIfOrphansHeld } from '../disk/qemu-nbd.js';
 import { inspectDisks, type ChangedBlocks, type FrozenDisk, type NamedDisk } from '../pipeline/backup.js';
@@ -128,7 +128,8 @@ async function freezeQcow2(
   try {
     await snapshotCreate(d.path, snapshot, d.snapshots);
   } catch (err) {
-    await bitmapChange(d.path, '--remove', newBitmap).catch(() => {});
+    // A snapshot stopped for its time bound leaves an image qemu must not write to unless it checks clean.
+    if (!(err instanceof WriterStopped) || err.checksClean) await bitmapChange(d.path, '--remove', newBitmap).catch(() => {});
     throw err;
   }
   const served = decision.since ? await changesSince(d, decision.since, snapshot, exports) : undefined;
@@ -146,7 +147,7 @@ async function freezeQcow2(
  * it now, with no snapshot (its identity unchanged after every read proves nothing wrote
  * to it meanwhile) and no bitmap (the next backup reads in full again).
  */
-type Unwritable = { corruptions: number } | { failed: string };
+type Unwritable = { corruptions: number } | { failed: string; timedOut?: true };
 
 /** Why qemu must not write to image `d` (qemu-img check), or undefined. IMAGE_LOCKED when a process holds it (a VM that started since inspection). */
 async function checkBeforeWriting(d: NamedDisk): Promise<Unwritable | undefined> {
@@ -156,8 +157,16 @@ async function checkBeforeWriting(d: NamedDisk): Promise<Unwritable | undefined>
 
 async function readAsIs(d: NamedDisk, check: Unwritable, opts: FreezeOptions): Promise<FrozenDisk> {
   const what = 'failed' in check ? `could not be checked (${check.failed})` : `has ${check.corruptions} metadata corruption(s) (qemu-img check)`;
-  opts.warn(`disk image ${d.path} ${what}: it is backed up as qemu reads it now, without a snapshot or dirty bitmap, because qemu writing to it could ` +
-    'overwrite guest data. Stop using it, and repair a copy first (qemu-img check -r all on the copy, then compare); until then, every backup of it reads it in full');
+  if ('timedOut' in check) {
+    // A slow check says nothing of the image: only that its metadata was not verified before qemu would write to it.
+    opts.warn(`disk image ${d.path} ${what}: it is backed up as qemu reads it now, without a snapshot or dirty bitmap, because qemu writes nothing ` +
+      'to an image whose metadata was not checked. A check takes long on a very large image, on slow storage or on one crafted to make it long: ' +
+      `run "qemu-img check -f qcow2 ${d.path}" yourself while nothing writes to it, and if it finishes clean, give later backups the time it took ` +
+      '(VMVAULT_TOOL_TIMEOUTS=check=MILLISECONDS); until then, every backup of it reads it in full');
+  } else {
+    opts.warn(`disk image ${d.path} ${what}: it is backed up as qemu reads it now, without a snapshot or dirty bitmap, because qemu writing to it could ` +
+      'overwrite guest data. Stop using it, and repair a copy first (qemu-img check -r all on the copy, then compare); until then, every backup of it reads it in full');
+  }
   const before = await statStamp(d.path);
   const verifyRead = async () => {
     const now = await statStamp(d.path);

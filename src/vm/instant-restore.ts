@@ -17,7 +17,8 @@ import { chmod, mkdir, rm, stat, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { VmvaultError, errorMessage, errnoCode } from '../errors.js';
 import { createImage } from '../disk/qemu.js';
-import { runTool, stderrText } from '../disk/qemu-run.js';
+import { runTool, stderrText, ToolTimeout } from '../disk/qemu-run.js';
+import { boundText, toolTimeoutMs } from '../disk/tool-timeouts.js';
 import { exportBackupDisk, type NbdExport } from '../pipeline/nbd-export.js';
 import { FORMAT_EXT, pathInside } from '../pipeline/names.js';
 import { adjustConfig } from '../pipeline/restore.js';
@@ -184,7 +185,11 @@ async function prepareImages(d: InstantDisk, force: boolean): Promise<void> {
   if (force) await rm(d.target, { force: true });
   await rm(d.overlay, { force: true });
   const backing = `json:${JSON.stringify({ driver: 'nbd', server: { type: 'unix', path: d.socket }, export: d.name })}`;
-  const r = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', backing, '-F', 'raw', d.overlay, String(d.size)]);
+  const timeoutMs = toolTimeoutMs('metadata');
+  const r = await runTool('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', backing, '-F', 'raw', d.overlay, String(d.size)], { timeoutMs }).catch((err: unknown) => {
+    if (!(err instanceof ToolTimeout)) throw err;
+    throw new VmvaultError('QEMU', `qemu-img create did not make the overlay ${d.overlay} within ${boundText(timeoutMs)}: check that its directory is on storage that answers`, { cause: err });
+  });
   if (r.exitCode !== 0) throw new VmvaultError('QEMU', `could not create the overlay ${d.overlay}: ${stderrText(r.stderr)}`);
   await chmod(d.overlay, 0o600);
   await createImage(d.target, d.format, d.size);

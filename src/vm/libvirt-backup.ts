@@ -37,7 +37,7 @@ import type { Repository } from '../repo/repository.js';
 import { bitmapName, chainStamps, decide, ownBitmap, tracked, withAudit, type AuditPolicy, type Decision } from './change-tracking.js';
 import type { Warn } from './guest-agent.js';
 import type { PointInTime } from './point-in-time.js';
-import { virsh } from './virsh.js';
+import { virsh, VirshTimeout } from './virsh.js';
 
 const SOCKET_DIR_PREFIX = 'vmvault-libvirt-backup-';
 
@@ -145,6 +145,8 @@ async function begin(domain: string, dir: string, socket: string, plans: Planned
       await virsh(['backup-begin', domain, bx, ...(withCheckpoint ? [cx] : [])], domain);
       return withCheckpoint;
     } catch (err) {
+      // libvirt may have started the job after all: trying again would meet it.
+      if (err instanceof VirshTimeout) throw err;
       const said = errorMessage(err);
       const named = plans.find((p) => p.decision.since && new RegExp(`\\b(${p.disk.target}|${p.decision.since})\\b`).test(said));
       const incremental = plans.filter((p) => p.decision.since);
@@ -228,10 +230,16 @@ export async function openRunningDomain(repo: Repository, o: RunningDomainOption
       guestFrozen = true;
     } catch (err) {
       warn(`guest filesystems could not be frozen through libvirt: backing up crash-consistent (${errorMessage(err)})`, { domain });
+      // The agent may still freeze the guest after virsh was stopped: a guest left frozen stops writing.
+      if (err instanceof VirshTimeout) await virsh(['domfsthaw', domain], domain).catch(() => {});
     }
     try {
       withCheckpoint = await begin(domain, dir, socket, plans, others, checkpoint, warn);
       started = true;
+    } catch (err) {
+      // A backup-begin stopped for its bound may have started the job: close aborts it (or finds none).
+      if (err instanceof VirshTimeout) started = true;
+      throw err;
     } finally {
       if (guestFrozen) await virsh(['domfsthaw', domain], domain).catch((err: unknown) => warn(`could not thaw the guest's filesystems (${errorMessage(err)})`, { domain }));
     }

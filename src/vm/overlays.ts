@@ -18,6 +18,7 @@ import { VmvaultError, errorMessage } from '../errors.js';
 import { attachedDisks, filesInUse, isOverlayFile, nodeOfFile, overlayPath, overlayPrefix, type AttachedDisk } from './qemu-blocks.js';
 import type { QmpClient } from './qmp.js';
 import { runTool } from '../disk/qemu-run.js';
+import { toolTimeoutMs } from '../disk/tool-timeouts.js';
 import type { Warn } from './guest-agent.js';
 
 export interface Overlay {
@@ -174,7 +175,7 @@ export async function recoverOverlays(qmp: QmpClient, paths: string[], warn: War
  */
 async function holdsData(file: string): Promise<boolean> {
   const spec = `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: file }, backing: null })}`;
-  const r = await runTool('qemu-img', ['map', '--output=json', spec]).catch(() => undefined);
+  const r = await runTool('qemu-img', ['map', '--output=json', spec], { timeoutMs: toolTimeoutMs('map') }).catch(() => undefined);
   if (!r || r.exitCode !== 0) return true;
   try {
     return (JSON.parse(r.stdout) as { data: boolean; depth: number }[]).some((e) => e.data && e.depth === 0);

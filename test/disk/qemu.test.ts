@@ -88,7 +88,7 @@ describe('imageInfo', { timeout: 60_000 }, () => {
     await fs.writeFile(image, vmdkDescriptor(`RW 2048 FLAT "${fifo}" 0`));
     const started = Date.now();
     await assert.rejects(imageInfo(image, 'vmdk', { timeoutMs: 1500 }),
-      isError('QEMU', new RegExp(`qemu-img did not answer within 1.5 s on ${image} and was stopped: .*a FIFO.*Check the files the image's metadata names`)));
+      isError('QEMU', new RegExp(`qemu-img info did not answer within 1.5 s on ${image} and was stopped: .*a FIFO.*Check the files the image's metadata names`)));
     assert.ok(Date.now() - started < 15_000, 'stopped soon after the timeout');
   });
 
