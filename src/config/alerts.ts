@@ -61,12 +61,19 @@ const emailSchema = z.strictObject({
     port: z.number({ error: 'expected a port number' }).int().min(1).max(65535).default(587),
     /** TLS from the start (port 465); otherwise STARTTLS when the server offers it. */
     secure: z.boolean({ error: 'expected true or false' }).default(false),
-    /** Refuse to send unless the server upgrades to TLS (STARTTLS). */
-    requireTLS: z.boolean({ error: 'expected true or false' }).default(false),
+    /**
+     * Refuse to send unless the server upgrades to TLS (STARTTLS). Default: true when
+     * there is a password (a server offering no STARTTLS, or a man in the middle
+     * removing it from the server's answer, would otherwise be sent it in cleartext),
+     * false otherwise.
+     */
+    requireTLS: z.boolean({ error: 'expected true or false' }).optional(),
+    /** The explicit opt-out: send the password without TLS when the server offers none (a trusted local relay only). */
+    allowPlaintextAuth: z.boolean({ error: 'expected true or false' }).default(false),
     user: z.string({ error: 'expected a user name' }).min(1).optional(),
     passwordFile: z.string({ error: 'expected a file path' }).min(1).optional(),
     passwordEnv: envName.optional(),
-  }, { error: 'expected smtp: { host, port?, secure?, requireTLS?, user?, passwordFile | passwordEnv }' })
+  }, { error: 'expected smtp: { host, port?, secure?, requireTLS?, allowPlaintextAuth?, user?, passwordFile | passwordEnv }' })
     .superRefine(secretSource('passwordFile', 'passwordEnv', 'the SMTP password', false))
     .superRefine((s, ctx) => {
       if (s.user === undefined && (s.passwordFile !== undefined || s.passwordEnv !== undefined)) {
@@ -75,7 +82,12 @@ const emailSchema = z.strictObject({
       if (s.user !== undefined && s.passwordFile === undefined && s.passwordEnv === undefined) {
         ctx.addIssue({ code: 'custom', path: [], message: `user "${s.user}" needs a password: set passwordFile or passwordEnv` });
       }
-    }),
+      if (s.user !== undefined && s.requireTLS === false && !s.allowPlaintextAuth && !s.secure) {
+        ctx.addIssue({ code: 'custom', path: ['requireTLS'], message: 'requireTLS: false would send the SMTP password in cleartext to a server that offers no STARTTLS: remove it, or add allowPlaintextAuth: true for a trusted relay' });
+      }
+    })
+    // What is sent is decided here: TLS is required with a password unless plain AUTH is explicitly allowed.
+    .transform((s) => ({ ...s, requireTLS: s.requireTLS ?? (s.user !== undefined && !s.allowPlaintextAuth) })),
   from: z.string({ error: 'expected the sender address' }).min(3),
   to: z.array(z.string().regex(/^[^\s@]+@[^\s@]+$/, 'expected an e-mail address'), { error: 'expected a list of addresses' }).min(1, 'expected at least one address'),
   events,
@@ -98,4 +110,4 @@ export type EmailConfig = NonNullable<AlertsConfig['email']>;
 
 /** Every key of the section, for typo suggestions. */
 export const ALERT_KEYS = ['alerts', ...Object.keys(alertsSchema.shape), 'url', 'secretFile', 'secretEnv', 'events', 'attempts', 'retryDelay',
-  'smtp', 'host', 'port', 'secure', 'requireTLS', 'user', 'passwordFile', 'passwordEnv', 'from', 'to'];
+  'smtp', 'host', 'port', 'secure', 'requireTLS', 'allowPlaintextAuth', 'user', 'passwordFile', 'passwordEnv', 'from', 'to'];

@@ -9,6 +9,7 @@ import { readFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { VmvaultError } from '../errors.js';
+import { hideFromTools } from '../tool-env.js';
 import { formatProblem, validateYaml, type PolicyProblem, type YamlFileKind } from '../policy/load.js';
 import { parseRepositoryUrl } from '../storage/open.js';
 import { checkConfig, CONFIG_KEYS, configSchema, DEFAULT_POLICIES_DIR, effectiveDiskName, type Config, type VmConfig } from './schema.js';
@@ -46,7 +47,7 @@ export function parseConfig(text: string, file: string, options: { host?: string
   const parsed = result.value;
   const dir = dirname(resolve(file));
   const repo = parsed.repository;
-  return {
+  const config: Config = {
     ...parsed,
     repository: repo && (repo.passwordFile !== undefined
       ? { url: relativeRepository(repo.url, dir), passwordFile: resolve(dir, repo.passwordFile) }
@@ -61,6 +62,19 @@ export function parseConfig(text: string, file: string, options: { host?: string
     })),
     api: { listen: parsed.api.listen, tokens: parsed.api.tokens.map(({ token: _token, ...t }) => t), ...(parsed.api.publicUrl ? { publicUrl: parsed.api.publicUrl } : {}) },
   };
+  // Whatever they are called, the variables that hold this configuration's secrets stay out of qemu's and the other tools' environment.
+  hideFromTools(secretEnvNames(config));
+  return config;
+}
+
+/** The environment variables the configuration takes a secret from. */
+export function secretEnvNames(config: Config): string[] {
+  const repo = config.repository;
+  return [
+    ...(repo && 'passwordEnv' in repo && repo.passwordEnv ? [repo.passwordEnv] : []),
+    ...(config.alerts?.webhooks ?? []).flatMap((w) => (w.secretEnv ? [w.secretEnv] : [])),
+    ...(config.alerts?.email?.smtp.passwordEnv ? [config.alerts.email.smtp.passwordEnv] : []),
+  ];
 }
 
 /** A directory repository written as a relative path is relative to the configuration file. */

@@ -6,6 +6,7 @@ import { readFile } from 'node:fs/promises';
 import { createInterface } from 'node:readline';
 import { Writable } from 'node:stream';
 import { VmvaultError } from '../errors.js';
+import { hideFromTools } from '../tool-env.js';
 
 /** A passphrase from a file, an environment variable, or (on a terminal only) a prompt. */
 export async function passphrase(file: string | undefined, envName: string, prompt: string): Promise<string> {
@@ -28,7 +29,10 @@ export async function passphraseAndSource(file: string | undefined, envName: str
     }
   }
   const env = process.env[envName];
-  if (env) return { text: env, source: 'env' };
+  if (env) {
+    hideFromTools([envName]);
+    return { text: env, source: 'env' };
+  }
   if (process.stdin.isTTY && process.stderr.isTTY) return { text: await ask(prompt), source: 'prompt' };
   const flag = envName === 'VMVAULT_NEW_PASSWORD' ? '--new-password-file' : '--password-file';
   throw new VmvaultError('BAD_INPUT', `no passphrase: set ${envName} or pass ${flag}`);

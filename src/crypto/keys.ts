@@ -57,6 +57,17 @@ export type KdfPreset = keyof typeof KDF_PRESETS;
  */
 export const KDF_MAX = { opsLimit: 16, memLimit: 1024 * 1024 * 1024 } as const;
 
+/** A key file's Argon2id cost, in bytes times passes: what trying it takes. */
+export const kdfCost = (f: Pick<KeyFile, 'kdf'>): number => f.kdf.opsLimit * f.kdf.memLimit;
+
+/**
+ * The most Argon2id cost one open may spend, over every key file it tries: four keys of
+ * the strong preset (about a second each), or twenty of the default. Key files are
+ * tried cheapest first, so a costly key file planted in keys/ delays no open that a
+ * cheaper one answers, and many planted ones cannot make an open last more than this.
+ */
+export const KDF_OPEN_BUDGET = 4 * KDF_PRESETS.strong.opsLimit * KDF_PRESETS.strong.memLimit;
+
 export const keyFileSchema = z.object({
   version: z.literal(1),
   created: z.string(),

@@ -20,6 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VmvaultError } from '../errors.js';
+import { toolEnv } from '../tool-env.js';
 import { checkFormat, type ImageFormat } from './image-format.js';
 import { NbdClient } from './nbd.js';
 import { OWNER_FILE, endOrphanExports, writeOwner } from './nbd-orphans.js';
@@ -62,7 +63,7 @@ const EXIT_GRACE_MS = 5_000;
 
 let pdeathsig: Promise<boolean> | undefined;
 function havePdeathsig(): Promise<boolean> {
-  pdeathsig ??= execa('setpriv', ['--pdeathsig', 'TERM', '--', 'true'], { reject: false, stdin: 'ignore' })
+  pdeathsig ??= execa('setpriv', ['--pdeathsig', 'TERM', '--', 'true'], { reject: false, stdin: 'ignore', env: toolEnv(), extendEnv: false })
     .then((r) => r.exitCode === 0, () => false);
   return pdeathsig;
 }
@@ -85,7 +86,7 @@ export function prepareExports(): void {
 function launch(args: string[], withPdeathsig: boolean) {
   const [file, argv] = withPdeathsig ? ['setpriv', ['--pdeathsig', 'TERM', '--', 'qemu-nbd', ...args]] : ['qemu-nbd', args];
   return execa(file, argv, {
-    reject: false, stdin: 'ignore', stdout: 'ignore', encoding: 'utf8', cleanup: true, forceKillAfterDelay: false,
+    reject: false, stdin: 'ignore', stdout: 'ignore', encoding: 'utf8', cleanup: true, forceKillAfterDelay: false, env: toolEnv(), extendEnv: false,
   });
 }
 type Proc = ReturnType<typeof launch>;

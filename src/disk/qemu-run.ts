@@ -9,6 +9,7 @@ import fs from 'node:fs/promises';
 import { NotFoundError, VmvaultError } from '../errors.js';
 import { errnoError } from '../storage/refusal.js';
 import { boundText, toolTimeoutMs } from './tool-timeouts.js';
+import { toolEnv } from '../tool-env.js';
 
 /** qemu's wording when an image's OFD lock is held (file-posix raw_check_lock_bytes). */
 const LOCKED = /Failed to get (?:shared )?"[a-z ]+" lock|Is another process using the image/;
@@ -64,7 +65,7 @@ export class ToolTimeout extends Error {}
 
 /** Run a qemu tool to completion; rejects with VmvaultError('QEMU') only when it could not start, ToolTimeout when it was stopped. */
 export async function runTool(tool: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
-  const r = await execa(tool, args, { reject: false, stdin: 'ignore', encoding: 'utf8', ...(opts.timeoutMs !== undefined ? { timeout: opts.timeoutMs } : {}) });
+  const r = await execa(tool, args, { reject: false, stdin: 'ignore', encoding: 'utf8', env: toolEnv(), extendEnv: false, ...(opts.timeoutMs !== undefined ? { timeout: opts.timeoutMs } : {}) });
   if (r.timedOut) throw new ToolTimeout(r.shortMessage);
   if (r.exitCode === undefined) {
     const missing = (r.cause as NodeJS.ErrnoException | undefined)?.code === 'ENOENT';

@@ -10,6 +10,7 @@ import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { VmvaultError } from '../errors.js';
+import { toolEnv } from '../tool-env.js';
 
 export interface EmbeddedRedisOptions {
   /** Data directory (AOF files); created 0700 when missing. */
@@ -92,7 +93,7 @@ export async function startEmbeddedRedis(opts: EmbeddedRedisOptions): Promise<Em
 
 /** Starts redis-server and resolves once it answers PING on its socket. */
 async function launch(args: string[], socketPath: string, timeoutMs: number, password?: string): Promise<ChildProcess> {
-  const proc = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn('redis-server', args, { stdio: ['ignore', 'pipe', 'pipe'], env: toolEnv() });
   let output = '';
   proc.stdout!.on('data', (d: Buffer) => { output += d.toString(); });
   proc.stderr!.on('data', (d: Buffer) => { output += d.toString(); });

@@ -2,8 +2,11 @@
  * Workers on other hosts joining `vmvault up`: up's own Redis listens only on a unix
  * socket unless `--redis-listen HOST:PORT` asks for TCP too, always with a password
  * (`STATE_DIR/redis.password`, mode 0600, made once). The join command up prints
- * names that Redis and up's repository; the password travels in the environment
- * (VMVAULT_REDIS_PASSWORD), not on the command line that `ps` shows everyone.
+ * names that Redis and up's repository; the password is never on the command line
+ * that `ps` shows everyone: it is read from a file (`--redis-password-file`) or, when
+ * up prints to a terminal, given in the environment (VMVAULT_REDIS_PASSWORD). What up
+ * prints elsewhere (a journal, a log file) names the file only: those outlive the
+ * terminal and are read by more people than the state directory is.
  */
 import { randomBytes } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
@@ -44,16 +47,35 @@ export function joinRedisUrl(listen: { host: string; port: number }): string {
   return `redis://${host.includes(':') ? `[${host}]` : host}:${listen.port}`;
 }
 
-/** The one command that starts a worker on another host, joined to this up. */
-export function joinCommand(o: { redisUrl: string; password: string; repoUrl: string; passphraseFile: string }): string {
-  return `${REDIS_PASSWORD_ENV}=${o.password} vmvault --repo ${shellWord(o.repoUrl)} --password-file ${shellWord(o.passphraseFile)} worker --join ${o.redisUrl}`;
+/**
+ * The one command that starts a worker on another host, joined to this up. With
+ * `password` (for a terminal only) it is given in the environment; with
+ * `passwordFile` the command names the file, which that host needs a copy of.
+ */
+export function joinCommand(o: { redisUrl: string; repoUrl: string; passphraseFile: string } & ({ password: string } | { passwordFile: string })): string {
+  const base = `vmvault --repo ${shellWord(o.repoUrl)} --password-file ${shellWord(o.passphraseFile)} worker --join ${o.redisUrl}`;
+  return 'password' in o ? `${REDIS_PASSWORD_ENV}=${o.password} ${base}` : `${base} --redis-password-file ${shellWord(o.passwordFile)}`;
+}
+
+/** The password of `worker --redis-password-file FILE` (its first line; the file up made holds just that). */
+export async function readRedisPasswordFile(file: string): Promise<string> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw new VmvaultError('BAD_INPUT', `--redis-password-file ${file}: ${(err as Error).message}; copy the file ${REDIS_PASSWORD_FILE} of up's state directory to this host`, { cause: err });
+  }
+  const password = text.split('\n')[0]!.trim();
+  if (!password) throw new VmvaultError('BAD_INPUT', `--redis-password-file ${file} is empty: copy the file ${REDIS_PASSWORD_FILE} of up's state directory to this host`);
+  return password;
 }
 
 /**
- * The Redis URL of `worker --join URL`: the password comes from VMVAULT_REDIS_PASSWORD
- * (or the URL itself). Anything but redis:// or rediss:// with a host is refused.
+ * The Redis URL of `worker --join URL`: the password is `password` (from
+ * --redis-password-file) or else VMVAULT_REDIS_PASSWORD (or the URL's own).
+ * Anything but redis:// or rediss:// with a host is refused.
  */
-export function joinUrlWithPassword(url: string, env: NodeJS.ProcessEnv): string {
+export function joinUrlWithPassword(url: string, env: NodeJS.ProcessEnv, passwordFromFile?: string): string {
   let u: URL;
   try {
     u = new URL(url);
@@ -61,7 +83,7 @@ export function joinUrlWithPassword(url: string, env: NodeJS.ProcessEnv): string
     throw new VmvaultError('BAD_INPUT', `--join "${url}": expected redis://HOST:PORT (as printed by vmvault up --redis-listen)`);
   }
   if ((u.protocol !== 'redis:' && u.protocol !== 'rediss:') || !u.hostname) throw new VmvaultError('BAD_INPUT', `--join: expected redis://HOST:PORT (as printed by vmvault up --redis-listen), not ${u.protocol}//…`);
-  const password = env[REDIS_PASSWORD_ENV];
+  const password = passwordFromFile ?? env[REDIS_PASSWORD_ENV];
   if (password) u.password = encodeURIComponent(password);
   return u.toString().replace(/\/$/, '');
 }

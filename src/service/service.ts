@@ -38,7 +38,7 @@ import { startApiServer, type ApiServer } from '../api/server.js';
 import { startHostWorker, type HostWorker } from '../../workers/host-agent.js';
 import { startMaintenanceWorker } from '../../workers/maintenance.js';
 import { adminTokenForStart, withStateToken } from './admin-token.js';
-import { joinCommand, joinRedisUrl, parseRedisListen, stateRedisPassword } from './join.js';
+import { joinCommand, joinRedisUrl, parseRedisListen, REDIS_PASSWORD_FILE, stateRedisPassword } from './join.js';
 import { startSnapshotSweep } from './snapshot-sweep.js';
 import { stateRepository } from './state-repository.js';
 import { startAlerts } from '../ops/alerts/start.js';
@@ -194,14 +194,15 @@ function startApi(config: Config, opts: ServiceOptions, where: Omit<Parameters<t
 /** `vmvault serve`: the scheduler and the HTTP API. */
 export async function runServe(
   config: Config,
-  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string }; say?: (line: string) => void } = {},
+  opts: ServiceOptions & { redisUrl?: string; repository?: { url: string; passphrase: string }; say?: (line: string) => void; terminal?: boolean } = {},
 ): Promise<Service> {
   const log = opts.logger ?? serviceLogger('vmvault');
   const redisUrl = opts.redisUrl ?? redisFrom(config);
   const repository = opts.repository ?? await repositoryFrom(config);
   await preparePoliciesDir(config, log);
-  // As up does: with no admin token configured, the first start makes one (printed once, kept hashed in stateDir).
+  // As up does: with no admin token configured, the first start makes one (shown once, kept hashed in stateDir).
   const say = opts.say ?? ((line: string) => process.stdout.write(`${line}\n`));
+  const terminal = opts.terminal ?? stdoutIsTerminal();
   const adminToken = await adminTokenForStart(config, config.stateDir);
   const inventory = await startInventory(config, log);
   const scheduler = await runScheduler(config, { ...opts, logger: log, redisUrl, repository }).catch((err: unknown) => {
@@ -214,7 +215,7 @@ export async function runServe(
     inventory.stop();
     throw err;
   });
-  await adminToken.announce(say).catch(async (err: unknown) => {
+  await adminToken.announce({ say, terminal }).catch(async (err: unknown) => {
     await api.stop();
     await scheduler.stop();
     inventory.stop();
@@ -287,6 +288,8 @@ export interface UpOptions extends ServiceOptions {
   stateDir?: string;
   /** Told to the operator (stdout). */
   say?: (line: string) => void;
+  /** Whether `say` reaches a terminal: secrets (a new admin token, the Redis password) are shown only then. Default: stdout is a TTY. */
+  terminal?: boolean;
   /** `--redis-listen HOST:PORT`: the embedded Redis also listens there, with a password, for workers on other hosts. */
   redisListen?: string;
 }
@@ -345,6 +348,7 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
       try { await checkNoEviction(c); } finally { await closeRedis(c); }
     }
     const repository = config.repository ? await repositoryFrom(config) : await stateRepository(stateDir, say);
+    const terminal = opts.terminal ?? stdoutIsTerminal();
     const adminToken = await adminTokenForStart(config, stateDir);
     const inventory = await startInventory(config, log);
     cleanups.push(async () => inventory.stop());
@@ -355,13 +359,17 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
     const api = await startApi(withStateToken(config, adminToken.hash), opts, { redisUrl, repository, logger: log, inventory });
     cleanups.push(() => api.stop());
     // Only now: a start that failed has printed no token (and kept no hash of one).
-    await adminToken.announce(say);
+    await adminToken.announce({ say, terminal });
     say(`vmvault: up: host ${config.host}, policies in ${config.policiesDir}, state in ${stateDir}`);
     say(`vmvault: API on ${api.url} (routes under /v1; dashboard: ${api.url}/); add VMs with POST /v1/vms or in ${inventory.file}`);
     if (tcp && redisPassword) {
       const passphraseFile = !config.repository ? join(stateDir, 'passphrase') : 'passwordFile' in config.repository ? config.repository.passwordFile : undefined;
-      say(`vmvault: Redis also listens on ${opts.redisListen} (password in ${join(stateDir, 'redis.password')}); a worker on another host joins with:`);
-      say(`  ${joinCommand({ redisUrl: joinRedisUrl(tcp), password: redisPassword, repoUrl: repository.url, passphraseFile: passphraseFile ?? '/path/to/passphrase' })}`);
+      const passwordFile = join(stateDir, REDIS_PASSWORD_FILE);
+      say(`vmvault: Redis also listens on ${opts.redisListen} (password in ${passwordFile}); a worker on another host joins with:`);
+      // Off a terminal the command names the password's file, never the password: a journal keeps what is printed.
+      const secret = terminal ? { password: redisPassword } : { passwordFile };
+      say(`  ${joinCommand({ redisUrl: joinRedisUrl(tcp), ...secret, repoUrl: repository.url, passphraseFile: passphraseFile ?? '/path/to/passphrase' })}`);
+      if (!terminal) say(`vmvault: (that host needs a copy of ${passwordFile} at that path, mode 0600)`);
       if (!/^[a-z0-9]+:\/\//.test(repository.url) || repository.url.startsWith('file://')) {
         say(`vmvault: (the repository ${repository.url} is a directory of this host: that host needs it at the same path, e.g. an NFS mount, and a copy of the passphrase file)`);
       }
@@ -383,6 +391,9 @@ export async function up(configIn: Config, opts: UpOptions = {}): Promise<UpServ
     throw err;
   }
 }
+
+/** Whether what the service prints reaches a person at a terminal rather than a journal or a log file. */
+const stdoutIsTerminal = (): boolean => process.stdout.isTTY === true;
 
 /** Resolves on the first SIGTERM or SIGINT. */
 export function untilSignal(): Promise<NodeJS.Signals> {

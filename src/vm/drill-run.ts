@@ -19,6 +19,7 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { VmvaultError } from '../errors.js';
+import { toolEnv } from '../tool-env.js';
 import { runTool, stderrText, ToolTimeout } from '../disk/qemu-run.js';
 import { boundText, toolTimeoutMs } from '../disk/tool-timeouts.js';
 import { GuestAgent } from './guest-agent.js';
@@ -171,7 +172,8 @@ type Exit = { code?: number; signal?: string; notFound?: boolean; stderr: string
 async function startQemu(o: DrillRunOptions, paths: Parameters<typeof qemuArgs>[1]) {
   for (let attempt = 1; ; attempt++) {
     const hostPort = o.probe.kind === 'tcp' ? await (o.hostPort ?? freePort)() : undefined;
-    const proc = execa('qemu-system-x86_64', qemuArgs(o, paths, hostPort), { reject: false, stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', encoding: 'utf8', cleanup: true });
+    // The guest is untrusted: its QEMU gets none of vmvault's secrets (tool-env.ts).
+    const proc = execa('qemu-system-x86_64', qemuArgs(o, paths, hostPort), { reject: false, stdin: 'ignore', stdout: 'ignore', stderr: 'pipe', encoding: 'utf8', cleanup: true, env: toolEnv(), extendEnv: false });
     let gone: Exit | undefined;
     const exited = () => gone;
     const done = proc.then((r) => {

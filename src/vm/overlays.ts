@@ -60,6 +60,7 @@ export async function createOverlays(qmp: QmpClient, disks: AttachedDisk[], id: 
   const overlays = disks.map((d, i): Overlay => ({
     path: d.path, device: d.device, file: overlayPath(d.path, id, dir), node: `vmvault-ov-${id}-${i}`, baseNode: d.topNode,
   }));
+  await createPrivateFiles(overlays);
   const actions = [...first, ...overlays.map((o) => ({
     type: 'blockdev-snapshot-sync',
     data: { 'node-name': o.baseNode, 'snapshot-file': o.file, 'snapshot-node-name': o.node, format: 'qcow2', mode: 'absolute-paths' },
@@ -91,6 +92,36 @@ export async function createOverlays(qmp: QmpClient, disks: AttachedDisk[], id: 
     throw new OverlaysRefused(`could not put the VM's disks on overlays (${errorMessage(err)}); the VM runs on as before`, { cause: err });
   }
   return overlays;
+}
+
+/**
+ * Makes each overlay's file, empty, mode 0600, owned like its base image, before QEMU
+ * formats it. QEMU would create it under its own umask (0644 as a rule), readable by
+ * every local user while it holds the guest's writes; a file that exists keeps its mode
+ * and owner when QEMU formats it. The owner is the base's (QEMU's user, which must
+ * write the base) when this process may give it away (root); otherwise it is this
+ * process's, as QEMU's own file would be when QEMU runs as the same user. A file of
+ * the same name (a random id: never, but not overwritten either) is an error, and
+ * whatever was made here is removed.
+ */
+async function createPrivateFiles(overlays: Overlay[]): Promise<void> {
+  const made: string[] = [];
+  try {
+    for (const o of overlays) {
+      const fh = await fs.open(o.file, 'wx', 0o600);
+      made.push(o.file);
+      try {
+        const base = await fs.stat(o.path).catch(() => undefined);
+        if (base && process.getuid?.() === 0 && (base.uid !== 0 || base.gid !== 0)) await fh.chown(base.uid, base.gid);
+        await fh.chmod(0o600); // the mode asked of open() is masked by the umask; this one is not
+      } finally {
+        await fh.close();
+      }
+    }
+  } catch (err) {
+    await Promise.all(made.map((f) => fs.rm(f, { force: true })));
+    throw new VmvaultError('QEMU', `could not create the overlay files beside the VM's disks (${errorMessage(err)}): check that the disks' directory is writable and has room; the VM runs on as before`, { cause: err });
+  }
 }
 
 /**

@@ -1,6 +1,7 @@
 /** Running `virsh` for the libvirt driver, with errors an operator can act on. */
 import { execa } from 'execa';
 import { NotFoundError, VmvaultError } from '../errors.js';
+import { toolEnv } from '../tool-env.js';
 import { boundText, toolTimeoutMs, type ToolBound } from '../disk/tool-timeouts.js';
 
 /**
@@ -29,7 +30,7 @@ export class VirshTimeout extends VmvaultError {
 let available: Promise<boolean> | undefined;
 /** True when `virsh` can be run here. */
 export function virshAvailable(): Promise<boolean> {
-  available ??= execa('virsh', ['--version'], { reject: false, stdin: 'ignore', timeout: toolTimeoutMs('virsh-query') }).then((r) => r.exitCode === 0, () => false);
+  available ??= execa('virsh', ['--version'], { reject: false, stdin: 'ignore', timeout: toolTimeoutMs('virsh-query'), env: toolEnv(), extendEnv: false }).then((r) => r.exitCode === 0, () => false);
   return available;
 }
 
@@ -40,7 +41,7 @@ export function virshAvailable(): Promise<boolean> {
 export async function virsh(args: string[], domain: string): Promise<string> {
   const bound = SLOW[args[0] ?? ''] ?? 'virsh-query';
   const timeoutMs = toolTimeoutMs(bound);
-  const r = await execa('virsh', [...KEEPALIVE, ...args], { reject: false, stdin: 'ignore', encoding: 'utf8', timeout: timeoutMs });
+  const r = await execa('virsh', [...KEEPALIVE, ...args], { reject: false, stdin: 'ignore', encoding: 'utf8', timeout: timeoutMs, env: toolEnv(), extendEnv: false });
   if (r.timedOut) {
     const job = args[0] === 'blockcommit' ? `virsh blockjob ${domain} ${args[2] ?? ''} --info` : `virsh domjobinfo ${domain}`;
     const still = bound === 'virsh-query' ? '' : `; what it asked for may still be under way in libvirt (${job})`;

@@ -62,7 +62,7 @@ describe('alerts configuration', () => {
       await writeFile(file, 'file-secret\n');
       const c = parse(`  webhooks: [{ url: "http://127.0.0.1:9/x", secretFile: ${JSON.stringify(file)} }, { url: "http://127.0.0.1:9/y", secretEnv: HOOK_SECRET }]\n`);
       const channels = await alertChannels(c, { HOOK_SECRET: 'env-secret' });
-      assert.deepEqual(channels.map((ch) => ch.name), ['webhook http://127.0.0.1:9/x', 'webhook http://127.0.0.1:9/y']);
+      assert.deepEqual(channels.map((ch) => ch.name), ['webhook http://127.0.0.1:9 (alerts.webhooks[0])', 'webhook http://127.0.0.1:9 (alerts.webhooks[1])']);
       await assert.rejects(alertChannels(c, {}), (err: unknown) => err instanceof VmvaultError && err.code === 'BAD_INPUT' &&
         err.message === 'the secret of alerts.webhooks[1] is to come from the environment variable HOOK_SECRET, which is not set');
       const gone = parse(`  webhooks: [{ url: "http://127.0.0.1:9/x", secretFile: ${JSON.stringify(join(dir, 'nope'))} }]\n`);
@@ -70,6 +70,18 @@ describe('alerts configuration', () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+
+  test('STARTTLS is required with a password unless allowPlaintextAuth opts out; requireTLS: false alone is refused', () => {
+    const smtp = (s: string) => parse(`  email: { smtp: { host: m.example.com, ${s} }, from: a@example.com, to: [b@example.com] }\n`).alerts!.email!.smtp;
+    assert.equal(smtp('user: u, passwordEnv: P').requireTLS, true);
+    assert.equal(smtp('user: u, passwordEnv: P, allowPlaintextAuth: true').requireTLS, false);
+    assert.equal(smtp('user: u, passwordEnv: P, allowPlaintextAuth: true, requireTLS: false').requireTLS, false);
+    assert.equal(smtp('port: 465, secure: true, user: u, passwordEnv: P').requireTLS, true);
+    assert.equal(smtp('port: 25').requireTLS, false, 'no password, nothing to protect: STARTTLS when offered');
+    assert.equal(smtp('port: 25, requireTLS: true').requireTLS, true);
+    const p = problems('  email: { smtp: { host: m, user: u, passwordEnv: P, requireTLS: false }, from: a@b.c, to: [x@y.z] }\n');
+    assert.ok(p.some((l) => /alerts\.email\.smtp\.requireTLS: requireTLS: false would send the SMTP password in cleartext .*allowPlaintextAuth: true/.test(l)), p.join('\n'));
   });
 
   test('the signature is HMAC-SHA-256 of "timestamp.body", as documented', () => {

@@ -160,8 +160,11 @@ describe('docker-compose.yml', () => {
     const diag = () => `${serve.output()}\n---\n${worker.output()}`;
     const api = await waitFor('serve\'s API', () => /API on (http:\/\/\S+) /.exec(serve.output())?.[1], 40_000, diag);
     await waitFor('the worker', () => worker.output().includes('worker started'), 40_000, diag);
-    const token = /admin token: (\S+)/.exec(serve.output())?.[1];
-    assert.ok(token, serve.output());
+    // Not a terminal (a container log): the token is in a file of the state volume, named in the output.
+    const tokenFile = /admin API token; it is in (\S+) \(mode 0600\)/.exec(serve.output())?.[1];
+    assert.ok(tokenFile, serve.output());
+    const token = (await readFile(tokenFile, 'utf8')).trim();
+    assert.ok(token && !serve.output().includes(token), serve.output());
     const call = async (method: string, path: string, body?: unknown) => {
       const r = await fetch(`${api}${path}`, {
         method, headers: { authorization: `Bearer ${token}`, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },

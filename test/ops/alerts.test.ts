@@ -137,7 +137,8 @@ before(async () => {
       '  offlineAfter: 8s',
       `  webhooks: [{ url: ${JSON.stringify(hookUrl)}, secretFile: ${JSON.stringify(secretFile)}, retryDelay: 100ms }]`,
       '  email:',
-      `    smtp: { host: 127.0.0.1, port: ${smtpPort}, user: ${SMTP_USER}, passwordEnv: VMVAULT_SMTP_PASSWORD }`,
+      // A local test relay without STARTTLS: the password in cleartext is allowed explicitly.
+      `    smtp: { host: 127.0.0.1, port: ${smtpPort}, user: ${SMTP_USER}, passwordEnv: VMVAULT_SMTP_PASSWORD, allowPlaintextAuth: true }`,
       '    from: vmvault@backup.example',
       '    to: [ops@example.com, oncall@example.com]',
     ],

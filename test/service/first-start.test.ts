@@ -1,14 +1,16 @@
 /**
  * A first start as a new user makes it: `vmvault up` from an empty state directory
- * with no configuration prints an admin token once, the token opens the API, a VM
+ * with no configuration, its stdout not a terminal (as under systemd), writes an
+ * admin token to STATE_DIR/admin-token (0600) and prints only that path; the token
+ * opens the API, a VM
  * (a real qcow2 image) is added through the API, backed up and restored identical
  * (qemu-img compare); the VM file is reloaded while up runs; a worker on "another
- * host" joins with the printed command over up's password-protected Redis; a second
- * start prints no token, and wrong or replaced tokens are refused.
+ * host" joins with the printed command, which names the Redis password's file, never
+ * the password; a second start prints no token, and wrong or replaced tokens are refused.
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -67,10 +69,15 @@ describe('first start with no configuration', () => {
     await dir.cleanup();
   });
 
-  test('up prints an admin token once, stored only as its SHA-256 (0600); the API takes it and refuses others', async () => {
+  test('up writes a new admin token to a 0600 file, not to its output; the hash is kept (0600); the API takes it and refuses others', async () => {
     const out = await startUp();
-    token = /admin token: (\S+)/.exec(out)?.[1] ?? '';
-    assert.ok(token.length >= 32, out);
+    const tokenFile = join(stateDir, 'admin-token');
+    assert.match(out, new RegExp(`admin API token; it is in ${tokenFile} \\(mode 0600\\).*read it \\(cat ${tokenFile}\\) and delete the file`, 's'));
+    assert.doesNotMatch(out, /admin token: /);
+    assert.equal((await stat(tokenFile)).mode & 0o777, 0o600);
+    token = (await readFile(tokenFile, 'utf8')).trim();
+    assert.match(token, /^vv_[A-Za-z0-9_-]{32}$/);
+    assert.ok(!out.includes(token), 'the token is not in up\'s output');
     const file = join(stateDir, 'admin-token.sha256');
     assert.equal((await stat(file)).mode & 0o777, 0o600);
     const stored = await readFile(file, 'utf8');
@@ -142,30 +149,37 @@ describe('first start with no configuration', () => {
     assert.equal((await call('DELETE', '/v1/vms/db', { token })).status, 404);
   });
 
-  test('a worker on another host joins with the printed command, over a Redis that wants the password', async () => {
+  test('a worker on another host joins with the printed command, which names the password\'s file, over a Redis that wants the password', async () => {
     const line = up!.output().split('\n').find((l) => l.includes('worker --join'));
     assert.ok(line, up!.output());
-    const m = /^\s*VMVAULT_REDIS_PASSWORD=(\S+) vmvault (.*)$/.exec(line);
+    const passwordFile = join(stateDir, 'redis.password');
+    const password = (await readFile(passwordFile, 'utf8')).trim();
+    assert.ok(!up!.output().includes(password), 'the Redis password is not in up\'s output');
+    const m = /^\s*vmvault (.*) --redis-password-file (\S+)$/.exec(line);
     assert.ok(m, line);
-    const args = m[2]!.split(' ');
-    assert.ok(!args.some((a) => a.includes(m[1]!)), 'the password is not on the command line');
+    assert.equal(m[2], passwordFile);
     // No password: refused by up's Redis.
     const noAuth = await execa('redis-cli', ['-h', '127.0.0.1', '-p', String(redisPort), 'ping'], { reject: false });
     assert.match(noAuth.stdout + noAuth.stderr, /NOAUTH/);
-    const worker = start([...args, '--host', 'hostb', '--state-dir', join(dir.path, 'hostb')], { VMVAULT_REDIS_PASSWORD: m[1]! });
+    const worker = start([...m[1]!.split(' '), '--redis-password-file', m[2]!, '--host', 'hostb', '--state-dir', join(dir.path, 'hostb')], {});
     joined.push(worker);
     await waitFor('the joined worker', () => worker.output().includes('worker started'), 30_000, () => worker.output());
-    const clients = await execa('redis-cli', ['-h', '127.0.0.1', '-p', String(redisPort), '--no-auth-warning', '-a', m[1]!, 'client', 'list']);
+    const clients = await execa('redis-cli', ['-h', '127.0.0.1', '-p', String(redisPort), '--no-auth-warning', '-a', password, 'client', 'list']);
     assert.match(clients.stdout, /addr=127\.0\.0\.1:\d+/, 'the joined worker is connected over TCP');
     assert.equal(await stopProc(worker), 0, worker.output());
   });
 
   test('a second start prints no token; the stored one still works and a wrong one is refused; token create replaces it', async () => {
     await stopUp();
-    const out = await startUp();
+    let out = await startUp();
     assert.doesNotMatch(out, /admin token:/);
     assert.ok(!out.includes(token));
     assert.match(out, /admin token's SHA-256 is in .*admin-token\.sha256.*token create/);
+    assert.match(out, /admin-token still holds the admin API token; delete it once read/, 'an unread token file is pointed out');
+    await rm(join(stateDir, 'admin-token'));
+    await stopUp();
+    out = await startUp();
+    assert.doesNotMatch(out, /still holds the admin API token/);
     assert.deepEqual((await call('GET', '/v1/vms', { token })).body.items.map((v: { name: string }) => v.name), ['web']);
     assert.equal((await call('GET', '/v1/vms', { token: 'vv_not-the-token-at-all-000000000' })).status, 401);
 

@@ -61,6 +61,11 @@ describe('qemu driver (running VM)', () => {
     return (await fs.readdir(d)).filter((n) => n.includes('.vmvault-overlay-'));
   }
 
+  /** The permission bits of the overlays in `d`, while a backup runs: they hold the guest's writes. */
+  async function overlayModes(d: string): Promise<string[]> {
+    return Promise.all((await overlaysIn(d)).map(async (n) => `${n}: ${((await fs.stat(path.join(d, n))).mode & 0o777).toString(8)}`));
+  }
+
   /**
    * A running VM with one qcow2 disk of 128 MiB of random content, so a backup has real
    * work to do (compress, encrypt, store) and the window between overlay and commit is wide;
@@ -89,10 +94,12 @@ describe('qemu driver (running VM)', () => {
     await vm.write(0, 0, 48 * MiB, A);
     let bWritten: Promise<number> | undefined;
     let progressAtB = -1;
+    let modes: Promise<string[]> | undefined;
     const result = await backupRunningVm(repo, {
       vm: 'web', disks: [{ path: disks[0]! }], qmpSocket: vm.qmpSocket, warn, inFlight: 2,
       onProgress: (p) => {
         if (bWritten || p.bytesDone === 0) return;
+        modes = overlayModes(path.dirname(disks[0]!));
         progressAtB = p.bytesDone;
         // Pattern B while the backup reads: over what was read already and what is still to come.
         bWritten = (async () => {
@@ -104,6 +111,9 @@ describe('qemu driver (running VM)', () => {
     });
     const finished = Date.now();
     assert.ok(bWritten, 'the backup reported progress');
+    const seen = await modes!;
+    assert.equal(seen.length, 1, 'the overlay existed while the backup read');
+    assert.match(seen[0]!, /: 600$/, 'the overlay, which holds the guest\'s writes, is readable by its owner only');
     assert.ok((await bWritten) <= finished, 'pattern B was written while the backup ran');
     assert.ok(progressAtB < 64 * MiB, 'pattern B went in before the backup had read everything');
     assert.equal(result.guestFrozen, false);

@@ -5,7 +5,7 @@
  */
 import type { Command } from 'commander';
 import { configPathFrom, loadConfig, parseConfig } from '../../config/load.js';
-import { joinUrlWithPassword } from '../../service/join.js';
+import { joinUrlWithPassword, readRedisPasswordFile } from '../../service/join.js';
 import type { Config } from '../../config/schema.js';
 import { VmvaultError } from '../../errors.js';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -14,7 +14,7 @@ import type { Service, serviceLogger } from '../../service/service.js';
 /** The service (BullMQ, Redis, the API) loads only for the commands that run it: every other command starts faster. */
 const loadService = () => import('../../service/service.js');
 
-interface ServiceFlags { config?: string; host?: string; stateDir?: string; redisListen?: string; join?: string }
+interface ServiceFlags { config?: string; host?: string; stateDir?: string; redisListen?: string; join?: string; redisPasswordFile?: string }
 
 async function requireConfig(flags: ServiceFlags): Promise<Config> {
   const file = configPathFrom(flags.config);
@@ -23,13 +23,15 @@ async function requireConfig(flags: ServiceFlags): Promise<Config> {
 }
 
 /**
- * The configuration of `worker --join REDIS_URL`: a configuration file when one is
+ * The configuration of `worker --join REDIS_URL` (its password from
+ * --redis-password-file or VMVAULT_REDIS_PASSWORD): a configuration file when one is
  * given (its redis.url replaced), else one made of the flags: the repository of
  * --repo (or VMVAULT_REPOSITORY) and --password-file (or VMVAULT_PASSWORD), this
  * host's name (or --host), the state directory.
  */
 async function joinConfig(flags: ServiceFlags, globals: { repo?: string; passwordFile?: string }): Promise<Config> {
-  const redisUrl = joinUrlWithPassword(flags.join!, process.env);
+  const fromFile = flags.redisPasswordFile ? await readRedisPasswordFile(flags.redisPasswordFile) : undefined;
+  const redisUrl = joinUrlWithPassword(flags.join!, process.env, fromFile);
   const file = configPathFrom(flags.config);
   if (file) return { ...(await loadConfig(file, flags.host ? { host: flags.host } : {})), redis: { url: redisUrl } };
   const repo = globals.repo ?? (process.env.VMVAULT_REPOSITORY || undefined);
@@ -116,9 +118,11 @@ export function registerServiceCommands(program: Command): void {
     .description('run the worker of one host: back up and restore the VMs of that host')
     .option('-c, --config <file>', 'configuration file (env VMVAULT_CONFIG)')
     .option('--host <name>', 'the host whose queue to serve (default: the configuration\'s host)')
-    .option('--join <redis-url>', 'join a vmvault up on another host: its Redis (redis://HOST:PORT, password in env VMVAULT_REDIS_PASSWORD) and the repository of --repo/--password-file; no configuration file needed')
+    .option('--join <redis-url>', 'join a vmvault up on another host: its Redis (redis://HOST:PORT, password from --redis-password-file or env VMVAULT_REDIS_PASSWORD) and the repository of --repo/--password-file; no configuration file needed')
+    .option('--redis-password-file <file>', 'with --join: a file holding the Redis password (a copy of up\'s STATE_DIR/redis.password)')
     .option('--state-dir <dir>', 'with --join and no configuration: the state directory (env VMVAULT_STATE_DIR; default /var/lib/vmvault)')
     .action(async (flags: ServiceFlags, cmd: Command) => {
+      if (flags.redisPasswordFile && !flags.join) throw new VmvaultError('BAD_INPUT', '--redis-password-file is for worker --join; with a configuration file, put the password in redis.url');
       const config = flags.join ? await joinConfig(flags, cmd.optsWithGlobals()) : await requireConfig(flags);
       const { runWorker, serviceLogger } = await loadService();
       const log = serviceLogger('vmvault-worker');

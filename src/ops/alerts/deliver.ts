@@ -56,10 +56,18 @@ export function signature(secret: string, timestamp: number, body: string): stri
 /** A delivery that must not be retried (the receiver refused the request itself). */
 class Refused extends Error {}
 
-export function webhookChannel(c: WebhookConfig, secret: string, now: () => number = Date.now): Channel {
-  const u = new URL(c.url);
+/**
+ * A webhook's name in logs: its origin and its place in alerts.webhooks. Never its path
+ * or query: for Slack, Discord and the like the path is the secret that lets anyone post.
+ */
+export function webhookName(url: string, index: number): string {
+  return `webhook ${new URL(url).origin} (alerts.webhooks[${index}])`;
+}
+
+export function webhookChannel(c: WebhookConfig, secret: string, o: { index: number; now?: () => number }): Channel {
+  const now = o.now ?? Date.now;
   return {
-    name: `webhook ${u.origin}${u.pathname}`,
+    name: webhookName(c.url, o.index),
     wants: (a) => c.events.includes(a.event),
     attempts: c.attempts,
     retryDelayMs: c.retryDelay,
@@ -97,11 +105,21 @@ export function emailChannel(c: EmailConfig, password: string | undefined): Chan
     retryDelayMs: c.retryDelay,
     close: () => transport.close(),
     async send(alert) {
-      await transport.sendMail({
-        from: c.from, to: c.to, subject: `[vmvault] ${alert.summary}`,
-        text: `${alert.summary}\n\n${alert.text}\n\nevent: ${alert.event}\ntime: ${alert.at}\nalert id: ${alert.id}\n\n${JSON.stringify(alert.details, null, 2)}\n`,
-        headers: { 'X-Vmvault-Event': alert.event, 'X-Vmvault-Delivery': alert.id },
-      });
+      try {
+        await transport.sendMail({
+          from: c.from, to: c.to, subject: `[vmvault] ${alert.summary}`,
+          text: `${alert.summary}\n\n${alert.text}\n\nevent: ${alert.event}\ntime: ${alert.at}\nalert id: ${alert.id}\n\n${JSON.stringify(alert.details, null, 2)}\n`,
+          headers: { 'X-Vmvault-Event': alert.event, 'X-Vmvault-Delivery': alert.id },
+        });
+      } catch (err) {
+        // The server refused STARTTLS (or does not offer it): retrying would not change that.
+        const e = err as { code?: string; command?: string; response?: string };
+        if (e.code === 'ETLS' && e.command === 'STARTTLS' && e.response) {
+          throw new Refused(`${c.smtp.host}:${c.smtp.port} does not offer STARTTLS (it answered "${e.response.trim()}"), and the password is sent over TLS only: ` +
+            'use its TLS port with secure: true (usually 465), or, for a trusted relay only, allowPlaintextAuth: true');
+        }
+        throw err;
+      }
     },
   };
 }

@@ -15,7 +15,7 @@ export async function alertChannels(config: Pick<Config, 'alerts'>, env: NodeJS.
   const channels: Channel[] = [];
   for (const [i, w] of a.webhooks.entries()) {
     const secret = await readSecret(w.secretFile, w.secretEnv, `the secret of alerts.webhooks[${i}]`, env);
-    channels.push(webhookChannel(w, secret!));
+    channels.push(webhookChannel(w, secret!, { index: i }));
   }
   if (a.email) {
     const pass = await readSecret(a.email.smtp.passwordFile, a.email.smtp.passwordEnv, 'the SMTP password of alerts.email', env);
