@@ -25,7 +25,7 @@ function* causes(err: unknown): Generator<object> {
 }
 
 /** The first errno-style code (`ENOSPC`, `EROFS`…) along the cause chain, if any. */
-export function errnoCode(err: unknown): string | undefined {
+export function errnoInChain(err: unknown): string | undefined {
   for (const e of causes(err)) {
     const code = (e as { code?: unknown }).code;
     if (typeof code === 'string' && /^E[A-Z0-9]+$/.test(code)) return code;
@@ -35,7 +35,7 @@ export function errnoCode(err: unknown): string | undefined {
 
 /** Whether `err` (from a put or delete) says the repository refuses writes, and why. */
 export function writeRefusal(err: unknown): WriteRefusal | undefined {
-  const code = errnoCode(err);
+  const code = errnoInChain(err);
   if (code && READ_ONLY_ERRNO.has(code)) return 'read-only';
   if (code && FULL_ERRNO.has(code)) return 'full';
   for (const e of causes(err)) {
