@@ -26,12 +26,13 @@ export function repositoryUrl(opts: GlobalOptions): string {
   return url;
 }
 
-export function storageFor(opts: GlobalOptions): Storage {
-  return openStorage(repositoryUrl(opts));
+/** `signal`: once it aborts, storage operations are no longer retried (storage/retry.ts). */
+export function storageFor(opts: GlobalOptions, signal?: AbortSignal): Storage {
+  return openStorage(repositoryUrl(opts), signal ? { retry: { signal } } : {});
 }
 
-export async function openRepository(opts: GlobalOptions): Promise<Repository> {
-  const storage = storageFor(opts);
+export async function openRepository(opts: GlobalOptions, io: { signal?: AbortSignal } = {}): Promise<Repository> {
+  const storage = storageFor(opts, io.signal);
   const pass = await passphraseAndSource(opts.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ');
   const cache = keyCacheFor(pass.source);
   return Repository.open(storage, pass.text, { noLock: opts.lock === false, onWarning: warn, ...(cache ? { keyCache: cache } : {}) });
