@@ -65,6 +65,12 @@ export interface NbdConnectOptions {
  * far beyond any working server and short beside the lock's lifetime.
  */
 export const NBD_REPLY_TIMEOUT_MS = 180_000;
+/**
+ * A flush is silent while it writes out the server's whole cache: with qemu-nbd's
+ * writeback fallback (no O_DIRECT) that is gigabytes of a restore, minutes on a slow
+ * NFS mount. While one waits, the bound is this many times longer.
+ */
+const FLUSH_TIMEOUT_FACTOR = 10;
 
 /** NBD_REPLY_TIMEOUT_MS, or VMVAULT_NBD_REPLY_TIMEOUT_MS when set (tests, or an operator whose storage is slower still). */
 export function replyTimeoutMs(env: NodeJS.ProcessEnv = process.env): number {
@@ -404,13 +410,14 @@ export class NbdClient {
     const check = (): void => {
       this.watchdog = undefined;
       if (this.pending.size === 0 || this.failure) return;
+      const bound = [...this.pending.values()].some((p) => p.cmd === NBD_CMD_FLUSH) ? this.replyTimeout * FLUSH_TIMEOUT_FACTOR : this.replyTimeout;
       const quiet = Date.now() - this.lastHeard;
-      if (quiet < this.replyTimeout) {
-        this.watchdog = setTimeout(check, this.replyTimeout - quiet).unref();
+      if (quiet < bound) {
+        this.watchdog = setTimeout(check, bound - quiet).unref();
         return;
       }
       const n = this.pending.size;
-      const s = this.replyTimeout / 1000;
+      const s = bound / 1000;
       this.abort(new VmvaultError('NBD', `${this.server} did not answer for ${s} s (${n} request${n === 1 ? '' : 's'} waiting): ` +
         'the process may be stopped or stuck on its storage (look at its state with ps, and at the storage holding the image); ' +
         'once it answers again, or is gone, run this again (VMVAULT_NBD_REPLY_TIMEOUT_MS sets how long to wait, in ms)'));
