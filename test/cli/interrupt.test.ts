@@ -20,6 +20,7 @@ let dir: TempDir;
 let env: Env;
 let raw: string;
 let vmdk: string;
+let clone: string;
 let backupId: string;
 const stopped = new Set<number>();
 
@@ -69,7 +70,15 @@ before(async () => {
   await execa('sh', ['-c', `head -c ${256 * MiB} /dev/urandom > ${random}`]);
   vmdk = join(dir.path, 'random.vmdk');
   await execa('qemu-img', ['convert', '-f', 'raw', '-O', 'vmdk', random, vmdk]);
+  // A linked clone: its snapshot is read through qemu-nbd (--allow-chain).
+  const base = join(dir.path, 'base.qcow2');
+  await execa('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', random, base]);
+  clone = join(dir.path, 'clone.qcow2');
+  await execa('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', clone]);
 });
+
+const snapshotsOf = async (image: string) => (await execa('qemu-img', ['snapshot', '-l', '-U', image])).stdout;
+const bitmapsOf = async (image: string) => (JSON.parse((await execa('qemu-img', ['info', '-U', '--output=json', image])).stdout) as { 'format-specific'?: { data?: { bitmaps?: { name: string }[] } } })['format-specific']?.data?.bitmaps?.map((b) => b.name) ?? [];
 
 afterEach(() => {
   for (const pid of stopped) {
@@ -138,11 +147,13 @@ describe('Ctrl-C', { timeout: 300_000 }, () => {
     assert.deepEqual(await locks(), []);
   });
 
-  test('twice: a backup exits at once, releases its lock and says what is left', async () => {
+  test('twice: a backup exits at once, releases its lock and says what is left, which the next backup removes', async () => {
     const before = await manifests();
-    const p = start(['backup', '--vm', 'v', '--disk', `root=${vmdk}`, '--format', 'vmdk'], env);
-    await stopQemuNbd(p, async () => { await new Promise((r) => setTimeout(r, 500)); return true; });
+    const args = ['backup', '--vm', 'c', '--disk', `root=${clone}`, '--format', 'qcow2', '--allow-chain'];
+    const p = start(args, env);
+    const pid = await stopQemuNbd(p, async () => { await new Promise((r) => setTimeout(r, 500)); return true; });
     p.kill('SIGINT');
+    // The cleanup now waits for the stopped qemu-nbd to exit: the second signal does not wait for it.
     await waitFor('the first signal to be taken', () => /stopping the backup/.test(p.output()), 20_000, p.output);
     const at = Date.now();
     p.kill('SIGINT');
@@ -150,8 +161,18 @@ describe('Ctrl-C', { timeout: 300_000 }, () => {
     assert.equal(r.exitCode, 130, p.output());
     assert.ok(Date.now() - at < 4000, `took ${Date.now() - at} ms`);
     assert.match(p.output(), /SIGINT again: exiting without finishing the cleanup/);
-    assert.match(p.output(), /the backup left (nothing behind|behind:)/);
+    const left = /internal snapshot (vmvault-[0-9a-f]+) and dirty bitmap (vmvault-\S+) in (\S+): the next backup of this image removes them/.exec(p.output());
+    assert.ok(left, p.output());
+    assert.equal(left[3], clone);
     assert.deepEqual(await locks(), []);
     assert.equal(await manifests(), before);
+    // What it says is there is there, and goes with the next backup.
+    process.kill(pid, 'SIGCONT');
+    process.kill(pid, 'SIGKILL');
+    assert.match(await snapshotsOf(clone), new RegExp(left[1]!));
+    assert.ok((await bitmapsOf(clone)).includes(left[2]!));
+    await cliJson(args, env);
+    assert.doesNotMatch(await snapshotsOf(clone), new RegExp(left[1]!));
+    assert.ok(!(await bitmapsOf(clone)).includes(left[2]!));
   });
 });
