@@ -27,8 +27,9 @@ export function repositoryUrl(opts: GlobalOptions): string {
   return url;
 }
 
-export function storageFor(opts: GlobalOptions): Storage {
-  return openStorage(repositoryUrl(opts), { retry: { onRetry: retryNotice(warn) } });
+/** `signal`: once it aborts, storage operations are no longer retried (storage/retry.ts). */
+export function storageFor(opts: GlobalOptions, signal?: AbortSignal): Storage {
+  return openStorage(repositoryUrl(opts), { retry: { onRetry: retryNotice(warn), ...(signal ? { signal } : {}) } });
 }
 
 /**
@@ -53,8 +54,8 @@ export function retryNotice(say: (message: string) => void, everyMs = 30_000, no
   };
 }
 
-export async function openRepository(opts: GlobalOptions): Promise<Repository> {
-  const storage = storageFor(opts);
+export async function openRepository(opts: GlobalOptions, io: { signal?: AbortSignal } = {}): Promise<Repository> {
+  const storage = storageFor(opts, io.signal);
   const pass = await passphraseAndSource(opts.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ');
   const cache = keyCacheFor(pass.source);
   return Repository.open(storage, pass.text, { noLock: opts.lock === false, onWarning: warn, ...(cache ? { keyCache: cache } : {}) });

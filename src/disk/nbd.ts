@@ -5,8 +5,9 @@
  *
  * Errors: everything rejects with VmvaultError('NBD') (BAD_INPUT for a negative or
  * fractional offset/length). A failed request (the server reported an error for it)
- * rejects only that request; a protocol violation or a dropped connection rejects
- * every request in flight and every later one.
+ * rejects only that request; a protocol violation, a dropped connection, a server
+ * that stops answering (replyTimeoutMs) or abort() rejects every request in flight
+ * and every later one.
  */
 import net from 'node:net';
 import { VmvaultError } from '../errors.js';
@@ -45,6 +46,39 @@ export interface NbdConnectOptions {
    * `qemu:dirty-bitmap:NAME`: `extents()` is then unavailable and `dirtyExtents()` answers.
    */
   metaContext?: string;
+  /**
+   * Fail the connection when requests wait and the server has sent nothing for this
+   * long (default NBD_REPLY_TIMEOUT_MS; VMVAULT_NBD_REPLY_TIMEOUT_MS overrides it).
+   */
+  replyTimeoutMs?: number;
+  /** How errors name the server, e.g. `qemu-nbd for /images/vm.qcow2` (default: NBD server SOCKET). */
+  server?: string;
+}
+
+/**
+ * How long requests may wait on a server that sends nothing at all. A local qemu-nbd
+ * answers in milliseconds, but one whose image sits on a slow NFS server, or that
+ * writes a 32 MiB request into a qcow2 growing on a busy disk, may be silent for
+ * seconds to tens of seconds; a qemu-nbd that is stopped (SIGSTOP), or stuck in the
+ * kernel on a dead mount, never answers, and without a bound the backup or restore
+ * waiting on it, and its repository lock, lived for good. Three minutes of silence is
+ * far beyond any working server and short beside the lock's lifetime.
+ */
+export const NBD_REPLY_TIMEOUT_MS = 180_000;
+/**
+ * A flush is silent while it writes out the server's whole cache: with qemu-nbd's
+ * writeback fallback (no O_DIRECT) that is gigabytes of a restore, minutes on a slow
+ * NFS mount. While one waits, the bound is this many times longer.
+ */
+const FLUSH_TIMEOUT_FACTOR = 10;
+
+/** NBD_REPLY_TIMEOUT_MS, or VMVAULT_NBD_REPLY_TIMEOUT_MS when set (tests, or an operator whose storage is slower still). */
+export function replyTimeoutMs(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.VMVAULT_NBD_REPLY_TIMEOUT_MS;
+  if (v === undefined || v === '') return NBD_REPLY_TIMEOUT_MS;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n <= 0) throw new VmvaultError('BAD_INPUT', `VMVAULT_NBD_REPLY_TIMEOUT_MS=${v}: expected a whole number of milliseconds > 0`);
+  return n;
 }
 
 /**
@@ -57,6 +91,21 @@ const SOCKET_READ_BUFFER = 1024 * 1024;
 const MAX_STATUS_REQUEST = 2 ** 31;
 /** One write-zeroes request covers at most this much. */
 const MAX_ZEROES_REQUEST = 2 ** 30;
+
+/**
+ * Aborts `client` (NbdClient.abort) when `signal` aborts, at once if it has; returns
+ * what stops listening. A reason that is not a VmvaultError is wrapped in one.
+ */
+export function abortWith(client: NbdClient, signal: AbortSignal | undefined): () => void {
+  if (!signal) return () => {};
+  const onAbort = (): void => {
+    const r: unknown = signal.reason;
+    client.abort(r instanceof VmvaultError ? r : new VmvaultError('NBD', `NBD requests were cancelled: ${r instanceof Error ? r.message : String(r)}`, { cause: r }));
+  };
+  if (signal.aborted) onAbort();
+  else signal.addEventListener('abort', onAbort, { once: true });
+  return () => signal.removeEventListener('abort', onAbort);
+}
 
 export class NbdClient {
   /** Export size in bytes. */
@@ -75,12 +124,17 @@ export class NbdClient {
   private closing: Promise<void> | undefined;
   private readonly socketClosed: Promise<void>;
   private whenIdle: (() => void) | undefined;
+  /** When the server last sent anything, or requests last started waiting on an idle connection. */
+  private lastHeard = Date.now();
+  private watchdog: NodeJS.Timeout | undefined;
 
   private constructor(
     private readonly socket: net.Socket,
     private readonly negotiated: Negotiated,
     private readonly describe: string,
     private readonly metaContext: string | undefined,
+    private readonly replyTimeout: number,
+    private readonly server: string,
   ) {
     this.size = negotiated.size;
     this.readOnly = (negotiated.transmissionFlags & NBD_FLAG_READ_ONLY) !== 0;
@@ -99,6 +153,7 @@ export class NbdClient {
       this.fail(new VmvaultError('NBD', `NBD connection to ${describe} failed: ${err.message}`, { cause: err }));
     });
     socket.on('close', () => {
+      clearTimeout(this.watchdog);
       const n = this.pending.size;
       const inFlight = n > 0 ? ` with ${n} request${n === 1 ? '' : 's'} in flight` : '';
       this.fail(this.closing
@@ -113,6 +168,7 @@ export class NbdClient {
     const reader = new ExactReader();
     let sink = (data: Buffer): void => reader.push(data);
     let parser: ReplyParser | undefined;
+    let client: NbdClient | undefined;
     const readBuffer = Buffer.allocUnsafe(SOCKET_READ_BUFFER);
     const socket = net.createConnection({
       path: socketPath,
@@ -122,7 +178,10 @@ export class NbdClient {
         buffer: () => parser?.directTarget() ?? readBuffer,
         callback: (n, buf) => {
           if (buf === readBuffer) sink(readBuffer.subarray(0, n));
-          else parser!.receivedDirect(n);
+          else {
+            client!.lastHeard = Date.now();
+            parser!.receivedDirect(n);
+          }
           return true;
         },
       },
@@ -162,8 +221,11 @@ export class NbdClient {
       socket.off('error', onError);
       socket.off('close', onClose);
     }
-    const client = new NbdClient(socket, negotiated, describe, opts.metaContext);
-    sink = (data) => client.parser.push(data);
+    client = new NbdClient(socket, negotiated, describe, opts.metaContext, opts.replyTimeoutMs ?? replyTimeoutMs(), opts.server ?? `NBD server ${describe}`);
+    sink = (data) => {
+      client.lastHeard = Date.now();
+      client.parser.push(data);
+    };
     parser = client.parser;
     if (negotiated.leftover.length > 0) client.parser.push(negotiated.leftover);
     return client;
@@ -284,7 +346,20 @@ export class NbdClient {
     }
   }
 
-  /** Wait for requests in flight, send NBD_CMD_DISC, and end the socket. Idempotent. */
+  /**
+   * Fail every request in flight and every later one with `reason`, and drop the
+   * connection at once: a cancelled backup or restore does not wait for replies.
+   */
+  abort(reason: VmvaultError): void {
+    this.fail(reason);
+    this.socket.destroy();
+  }
+
+  /**
+   * Wait for requests in flight, send NBD_CMD_DISC, and end the socket. Idempotent.
+   * Bounded: requests that get no reply fail after the reply timeout, and a server
+   * that does not close its end is cut off 5 s after that.
+   */
   close(): Promise<void> {
     this.closing ??= this.doClose();
     return this.closing;
@@ -317,9 +392,37 @@ export class NbdClient {
   // --- internals --------------------------------------------------------------
 
   private idle(): void {
+    clearTimeout(this.watchdog);
+    this.watchdog = undefined;
     const w = this.whenIdle;
     this.whenIdle = undefined;
     w?.();
+  }
+
+  /**
+   * Armed while requests wait: one timer for the connection, not one per request (a
+   * backup keeps hundreds in flight). Any byte from the server is an answer; a server
+   * that is merely slow keeps sending, one that is stopped sends nothing.
+   */
+  private watch(): void {
+    if (this.watchdog) return;
+    if (this.pending.size === 0) this.lastHeard = Date.now(); // the clock starts with the first request waiting
+    const check = (): void => {
+      this.watchdog = undefined;
+      if (this.pending.size === 0 || this.failure) return;
+      const bound = [...this.pending.values()].some((p) => p.cmd === NBD_CMD_FLUSH) ? this.replyTimeout * FLUSH_TIMEOUT_FACTOR : this.replyTimeout;
+      const quiet = Date.now() - this.lastHeard;
+      if (quiet < bound) {
+        this.watchdog = setTimeout(check, bound - quiet).unref();
+        return;
+      }
+      const n = this.pending.size;
+      const s = bound / 1000;
+      this.abort(new VmvaultError('NBD', `${this.server} did not answer for ${s} s (${n} request${n === 1 ? '' : 's'} waiting): ` +
+        'the process may be stopped or stuck on its storage (look at its state with ps, and at the storage holding the image); ' +
+        'once it answers again, or is gone, run this again (VMVAULT_NBD_REPLY_TIMEOUT_MS sets how long to wait, in ms)'));
+    };
+    this.watchdog = setTimeout(check, this.replyTimeout).unref();
   }
 
   private fail(err: VmvaultError): void {
@@ -344,6 +447,7 @@ export class NbdClient {
     if (this.closing) return Promise.reject(new VmvaultError('NBD', `NBD client for ${this.describe} is closed`));
     if (this.failure) return Promise.reject(this.failure);
     const handle = this.nextHandle++;
+    this.watch();
     return new Promise<Pending>((resolve, reject) => {
       const p: Pending = {
         handle, cmd, offset, length, dest: io.dest, destAt: io.destAt ?? 0, covered: 0, next: offset,

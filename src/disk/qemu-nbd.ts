@@ -218,7 +218,7 @@ async function start(abs: string, opts: ExportOptions, dir: string, cache: 'none
       throw failed(exited);
     }
     try {
-      const client = await NbdClient.connect(socketPath, opts.bitmap !== undefined ? { metaContext: `qemu:dirty-bitmap:${opts.bitmap}` } : {});
+      const client = await NbdClient.connect(socketPath, { server: `qemu-nbd for ${abs}`, ...(opts.bitmap !== undefined ? { metaContext: `qemu:dirty-bitmap:${opts.bitmap}` } : {}) });
       return makeExport(proc, exit, client, dir, socketPath, abs);
     } catch (err) {
       const code = ((err as VmvaultError).cause as NodeJS.ErrnoException | undefined)?.code;

@@ -11,7 +11,7 @@ import { hostname } from 'node:os';
 import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
 import { exportImage, type ImageFormat } from '../disk/qemu.js';
 import { openImageFile, type BlockReader } from '../disk/direct-read.js';
-import type { NbdClient } from '../disk/nbd.js';
+import { abortWith, type NbdClient } from '../disk/nbd.js';
 import { inspectDisk, type InspectedDisk } from '../disk/inspect.js';
 import type { Repository } from '../repo/repository.js';
 import type { BackupStats, DiskEntry, Manifest } from '../repo/manifest.js';
@@ -352,11 +352,22 @@ async function readConfigs(paths: string[]): Promise<Manifest['configs']> {
  */
 async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' | 'size' | 'changes'>): Promise<(string | null)[]> {
   let opened: Promise<BlockReader> | undefined;
-  const viaQemu = () => exportImage(disk.path, {
-    format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
-  });
+  // A cancelled backup drops its NBD connections at once: requests to a server that
+  // hangs would otherwise hold it (and its lock) until the reply timeout.
+  const unlisten: (() => void)[] = [];
+  const cancellable = (client: NbdClient): NbdClient => {
+    unlisten.push(abortWith(client, o.signal));
+    return client;
+  };
+  const viaQemu = async () => {
+    const exp = await exportImage(disk.path, {
+      format: disk.format, readOnly: true, allowBacking: disk.chain.length > 0, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}),
+    });
+    cancellable(exp.client);
+    return exp;
+  };
   const open = async (): Promise<BlockReader> => {
-    if (disk.connect) return disk.connect();
+    if (disk.connect) return cancellable(await disk.connect());
     if (disk.chain.length === 0) {
       const file = await openImageFile(disk.path, { format: disk.format, size: disk.virtualSize, viaQemu, ...(disk.snapshot ? { snapshot: disk.snapshot } : {}) });
       if ('reader' in file) return file.reader;
@@ -378,5 +389,6 @@ async function backupDisk(disk: FrozenDisk, o: Omit<ReadChunksOptions, 'client' 
     return ids;
   } finally {
     if (opened) await (await opened.catch(() => undefined))?.close();
+    for (const off of unlisten) off();
   }
 }

@@ -9,6 +9,7 @@ import { chmod, open, type FileHandle } from 'node:fs/promises';
 import { VmvaultError, errnoCode } from '../errors.js';
 import { createImage, exportImage, type ImageFormat } from '../disk/qemu.js';
 import { copyBytes } from '../bytes.js';
+import { abortWith } from '../disk/nbd.js';
 import { DIRECT_ALIGN, openDirect, writeAll } from '../storage/local.js';
 
 /**
@@ -31,6 +32,8 @@ export interface DiskWriterOptions {
   direct?: boolean;
   /** Raw only: bytes written between the fdatasyncs started as the writes go (default SYNC_EVERY). */
   syncEvery?: number;
+  /** Through qemu-nbd: once aborted, every write in flight fails at once (a hung qemu-nbd is not waited for). */
+  signal?: AbortSignal;
 }
 
 /**
@@ -38,7 +41,7 @@ export interface DiskWriterOptions {
  * `virtualSize` bytes, readable by its owner only (a disk holds the VM's secrets).
  */
 export function createDiskWriter(file: string, format: ImageFormat, virtualSize: number, opts: DiskWriterOptions = {}): Promise<DiskWriter> {
-  return format === 'raw' ? rawFileWriter(file, virtualSize, opts.direct ?? true, opts.syncEvery ?? SYNC_EVERY) : nbdWriter(file, format, virtualSize);
+  return format === 'raw' ? rawFileWriter(file, virtualSize, opts.direct ?? true, opts.syncEvery ?? SYNC_EVERY) : nbdWriter(file, format, virtualSize, opts.signal);
 }
 
 async function rawFileWriter(file: string, virtualSize: number, useDirect: boolean, syncEvery: number): Promise<DiskWriter> {
@@ -159,14 +162,18 @@ class Staging {
   }
 }
 
-async function nbdWriter(file: string, format: ImageFormat, virtualSize: number): Promise<DiskWriter> {
+async function nbdWriter(file: string, format: ImageFormat, virtualSize: number, signal: AbortSignal | undefined): Promise<DiskWriter> {
   await createImage(file, format, virtualSize);
   // qemu-img creates it by the umask (0644 under 022): narrow it before any data is written.
   await chmod(file, 0o600);
   const exp = await exportImage(file, { format, readOnly: false });
+  const unlisten = abortWith(exp.client, signal);
   return {
     write: (offset, data) => exp.client.write(offset, data),
     flush: () => exp.client.flush(),
-    close: () => exp.close(),
+    close: () => {
+      unlisten();
+      return exp.close();
+    },
   };
 }

@@ -61,6 +61,11 @@ export interface RestoreRequest {
   inFlight?: number;
   /** Where the chunk threads come from (the host worker keeps them: PoolKeeper); default a pool of its own. */
   chunkPool?: () => PoolLease;
+  /**
+   * Stops the restore (rejecting with the signal's reason) before its next chunk, and
+   * drops a qemu-nbd connection at once; the temporary files are removed, nothing is renamed.
+   */
+  signal?: AbortSignal;
 }
 
 export interface RestoredFile { kind: 'disk' | 'config'; name: string; path: string; format?: string; virtualSize?: number }
@@ -135,12 +140,13 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     for (const p of planned) {
       if (p.disk) {
         meter.disk = p.name;
-        await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8);
+        await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8, req.signal);
       } else {
         const c = manifest.configs.find((x) => x.name === p.name)!;
         await writeNewFileSynced(p.tmp, adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned, clone));
       }
     }
+    req.signal?.throwIfAborted();
     // Every file's data is on disk (disks flushed, configurations synced): now the names,
     // and the directories that hold them, so a crash after the restore loses nothing.
     for (const p of planned) await rename(p.tmp, p.path);
@@ -346,13 +352,15 @@ async function existing(paths: string[]): Promise<string[]> {
 
 async function restoreDisk(
   repo: Repository, pool: ChunkPool, m: Manifest, disk: DiskEntry, tmp: string, format: ImageFormat,
-  stats: RestoreResult['stats'], meter: ProgressMeter, inFlight: number,
+  stats: RestoreResult['stats'], meter: ProgressMeter, inFlight: number, signal: AbortSignal | undefined,
 ): Promise<void> {
-  const out = await createDiskWriter(tmp, format, disk.virtualSize);
+  signal?.throwIfAborted();
+  const out = await createDiskWriter(tmp, format, disk.virtualSize, signal ? { signal } : {});
   const window = new TaskWindow(inFlight);
   try {
     for (const [index, id] of disk.chunks.entries()) {
       if (id === null) continue;
+      signal?.throwIfAborted();
       await window.add(async () => {
         // Read into a slot of the pool and opened into another, which is given back once written.
         const { plain, release } = await openStoredChunk(repo, pool, id).catch((err: unknown) => {

@@ -23,6 +23,12 @@ export interface RetryOptions {
   random?: () => number;
   /** Called before each retry, e.g. to log it. */
   onRetry?: (event: RetryEvent) => void;
+  /**
+   * Once aborted, no operation is retried: a failure is thrown as it is, and a wait for
+   * the next attempt ends with the signal's reason. A cancelled backup does not sit out
+   * a minute of backoff on a storage that is down (its cleanup still gets one attempt).
+   */
+  signal?: AbortSignal;
 }
 
 export interface RetryEvent {
@@ -75,12 +81,27 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
     return delayMs;
   };
 
+  /** Waits before attempt `attempt` + 1 of `op`, which failed with `err`; cut short when `opts.signal` aborts. */
+  const pause = async (op: string, name: string, attempt: number, err: unknown): Promise<void> => {
+    const ms = onFailure(op, name, attempt, err);
+    const signal = opts.signal;
+    if (!signal) return sleep(ms);
+    if (signal.aborted) throw asStorageError(storage.location, op, name, attempt, err, false);
+    let onAbort: (() => void) | undefined;
+    const aborted = new Promise<never>((_, reject) => signal.addEventListener('abort', onAbort = () => reject(signal.reason), { once: true }));
+    try {
+      await Promise.race([sleep(ms), aborted]);
+    } finally {
+      signal.removeEventListener('abort', onAbort!);
+    }
+  };
+
   async function run<T>(op: string, name: string, fn: () => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       try {
         return await fn();
       } catch (err) {
-        await sleep(onFailure(op, name, attempt, err));
+        await pause(op, name, attempt, err);
       }
     }
   }
@@ -98,7 +119,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
         return;
       } catch (err) {
         if (seen.size > before) attempt = 1; // progress since the last failure
-        await sleep(onFailure('list', prefix, attempt, err));
+        await pause('list', prefix, attempt, err);
       }
     }
   }

@@ -4,7 +4,7 @@
  * for the contract every driver keeps).
  */
 import type { DRIVERS } from '../config/schema.js';
-import { backup, newBackupId, readySlots, type BackupOptions, type BackupResult } from '../pipeline/backup.js';
+import { backup, newBackupId, readySlots, type BackupOptions, type BackupResult, type FrozenDisk } from '../pipeline/backup.js';
 import { ownPool } from '../pipeline/pool.js';
 import type { Manifest } from '../repo/manifest.js';
 import type { Repository } from '../repo/repository.js';
@@ -28,6 +28,11 @@ export function openPointInTime(repo: Repository, driver: Driver, target: PointI
 
 export interface VmBackupRequest extends PointInTimeTarget, BackupOptions {
   driver: Driver;
+  /**
+   * Called once the point in time is taken, with its disks (their snapshots and new
+   * bitmaps): a caller that may have to exit without giving it back can say what is left.
+   */
+  onFrozen?: (disks: readonly FrozenDisk[]) => void;
 }
 
 export type VmBackupResult = BackupResult & PointInTimeDetails;
@@ -65,6 +70,7 @@ export async function backupVm(repo: Repository, req: VmBackupRequest): Promise<
     await lease.release().catch(() => undefined);
     throw err;
   }
+  req.onFrozen?.(pit.disks);
   // Read in full: the snapshot goes while the backup commits. Its failure is close()'s to report.
   const onRead = pit.read ? () => void pit.read!().catch(() => undefined) : undefined;
   try {

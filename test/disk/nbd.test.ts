@@ -8,7 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import path from 'node:path';
 import net from 'node:net';
-import { NbdClient, type Extent } from '../../src/disk/nbd.js';
+import { NbdClient, abortWith, type Extent, type NbdConnectOptions } from '../../src/disk/nbd.js';
 import { compareImages, exportImage, IMAGE_FORMATS, type ImageFormat, type NbdExport } from '../../src/disk/qemu.js';
 import { VmvaultError } from '../../src/errors.js';
 import { expectedContent, makeImage, tempDir, verifyPatterns, waitForExit, type PatternWrite, type TempDir } from '../helpers/images.js';
@@ -302,11 +302,11 @@ describe('NbdClient against a scripted server', { timeout: 60_000 }, () => {
   before(async () => { dir = await tempDir(); });
   after(async () => { await dir?.cleanup(); });
 
-  async function withServer(respond: Responder, body: (client: NbdClient) => Promise<void>, structured = true): Promise<void> {
+  async function withServer(respond: Responder, body: (client: NbdClient) => Promise<void>, structured = true, opts: NbdConnectOptions = {}): Promise<void> {
     const sock = path.join(dir.path, `scripted-${Math.random().toString(36).slice(2)}.sock`);
     const server = net.createServer((s) => scriptedServer(s, respond, structured)).listen(sock);
     await new Promise((r) => server.once('listening', r));
-    const client = await NbdClient.connect(sock);
+    const client = await NbdClient.connect(sock, opts);
     try {
       await body(client);
     } finally {
@@ -359,6 +359,42 @@ describe('NbdClient against a scripted server', { timeout: 60_000 }, () => {
     assert.ok(reads[0].equals(Buffer.alloc(1000, 9)) && reads[1].equals(Buffer.alloc(3 * 4096, 9)));
     assert.deepEqual(await client.extents(0, 1 * MiB), [{ offset: 0, length: 1 * MiB, zero: false, hole: false }]);
   }, false));
+
+  test('a server that stops answering fails every request waiting, and later ones, after the reply timeout', () => withServer(() => {
+    // Never answers: a stopped qemu-nbd.
+  }, async (client) => {
+    const started = Date.now();
+    const reads = [client.read(0, 4096), client.read(4096, 4096), client.write(8192, Buffer.alloc(512))];
+    for (const r of reads) await assert.rejects(r, isNbdError(/^qemu-nbd for \/images\/a\.qcow2 did not answer for 0\.3 s \(3 requests waiting\): .*VMVAULT_NBD_REPLY_TIMEOUT_MS/));
+    const took = Date.now() - started;
+    assert.ok(took >= 290 && took < 5000, `failed after ${took} ms`);
+    await assert.rejects(client.read(0, 512), isNbdError(/did not answer/));
+    const closing = Date.now();
+    await client.close();
+    assert.ok(Date.now() - closing < 1000, 'close() does not wait for the silent server');
+  }, true, { replyTimeoutMs: 300, server: 'qemu-nbd for /images/a.qcow2' }));
+
+  test('a slow server that keeps sending is waited for, however long the whole takes', () => withServer((req, send) => {
+    // One reply every 150 ms, each well within the 400 ms timeout; 8 of them take 1.2 s.
+    const at = req.offset / 4096;
+    setTimeout(() => send(chunk(1, 1, req.handle, Buffer.concat([u64(req.offset), Buffer.alloc(req.length, at)]))), 150 * (at + 1));
+  }, async (client) => {
+    const reads = await Promise.all(Array.from({ length: 8 }, (_, i) => client.read(i * 4096, 4096)));
+    reads.forEach((r, i) => assert.ok(r.equals(Buffer.alloc(4096, i))));
+    // Idle between requests is not silence: the clock starts with the next request.
+    await new Promise((r) => setTimeout(r, 600));
+    assert.ok((await client.read(0, 4096)).equals(Buffer.alloc(4096, 0)));
+  }, true, { replyTimeoutMs: 400 }));
+
+  test('abort() fails every request in flight at once, with its reason', () => withServer(() => undefined, async (client) => {
+    const reads = [client.read(0, 4096), client.read(4096, 4096)];
+    const stop = new AbortController();
+    const off = abortWith(client, stop.signal);
+    stop.abort(new VmvaultError('BAD_INPUT', 'the backup was interrupted (SIGINT): nothing was saved'));
+    for (const r of reads) await assert.rejects(r, /the backup was interrupted/);
+    await assert.rejects(client.read(0, 512), /the backup was interrupted/);
+    off();
+  }, true, { replyTimeoutMs: 60_000 }));
 
   for (const [what, respond, message] of [
     ['garbage instead of a reply', (_req: Request, send: (b: Buffer) => void) => send(Buffer.from('this is not an NBD reply header')), /bad reply magic/],

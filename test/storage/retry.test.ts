@@ -153,6 +153,22 @@ describe('withRetry', () => {
     assert.equal(g.calls.list, 1);
   });
 
+  test('an aborted signal ends the wait for the next attempt, and stops retrying', async () => {
+    const stop = new AbortController();
+    const reason = new VmvaultError('BAD_INPUT', 'interrupted');
+    const f = faulty(inner, { get: [{ error: networkError(), times: 10 }] });
+    const s = withRetry(f, { baseDelayMs: 60_000, signal: stop.signal });
+    const started = Date.now();
+    const got = s.get('config');
+    setTimeout(() => stop.abort(reason), 50);
+    await assert.rejects(got, (err) => err === reason);
+    assert.ok(Date.now() - started < 5000, 'the minute of backoff was not waited');
+    assert.equal(f.calls.get, 1);
+    // Once aborted, an operation (the cleanup's) gets one attempt, and fails with its own error.
+    await assert.rejects(s.get('config'), (err) => err instanceof VmvaultError && err.code === 'STORAGE' && /after 1 attempt/.test(err.message));
+    assert.equal(f.calls.get, 2);
+  });
+
   test('close and location pass through', async () => {
     const s = withRetry(inner);
     assert.equal(s.location, inner.location);

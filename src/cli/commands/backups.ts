@@ -3,7 +3,7 @@ import { Option, type Command } from 'commander';
 import { VmvaultError } from '../../errors.js';
 import { IMAGE_FORMATS, type ImageFormat } from '../../disk/qemu.js';
 import { summarise, type Manifest } from '../../repo/manifest.js';
-import type { BackupDisk } from '../../pipeline/backup.js';
+import type { BackupDisk, FrozenDisk } from '../../pipeline/backup.js';
 import { auditFailures, backupVm } from '../../vm/drivers.js';
 import { restore } from '../../pipeline/restore.js';
 import { verificationStates, type VerificationState } from '../../repo/health.js';
@@ -13,6 +13,10 @@ import { print } from '../output.js';
 import { progressBar } from '../progress-bar.js';
 import { describeVerification } from './repair.js';
 import { runInstant, type InstantOptions } from './instant.js';
+import { onInterrupt } from '../interrupt.js';
+import type { Overlay } from '../../vm/overlays.js';
+import { readdirSync } from 'node:fs';
+import path from 'node:path';
 
 const collect = (v: string, prev: string[] = []) => [...prev, v];
 
@@ -43,6 +47,41 @@ function verifiedColumn(v: VerificationState | null): string {
   if (v.status === 'damaged') return `DAMAGED (${v.damagedDisks.join(',')})`;
   if (v.status === 'boot-failed') return `BOOT-FAILED ${v.boot!.time}`;
   return `${v.status} ${v.status === 'boot-verified' ? v.boot!.time : v.lastVerified}`;
+}
+
+/** What a backup that exits without its cleanup leaves, and how it goes. */
+function backupLeftovers(vm: string, given: readonly BackupDisk[], frozen: readonly FrozenDisk[], overlays: readonly Overlay[]): string[] {
+  const out: string[] = [];
+  for (const ov of overlays) {
+    out.push(`VM "${vm}" writes disk ${ov.path} into the temporary overlay ${ov.file}: the next backup of the VM merges it back first (its qemu must keep running until then)`);
+  }
+  for (const d of frozen) {
+    // A disk found unchanged takes no snapshot and keeps its previous bitmap: nothing of it is left.
+    if (!d.snapshot) continue;
+    out.push(`internal snapshot ${d.snapshot}${d.bitmap ? ` and dirty bitmap ${d.bitmap}` : ''} in ${d.path}: the next backup of this image removes them ` +
+      `(or by hand, while nothing uses the image: qemu-img snapshot -d ${d.snapshot} ${d.path}${d.bitmap ? `; qemu-img bitmap --remove ${d.path} ${d.bitmap}` : ''})`);
+  }
+  if (!frozen.length && !overlays.length) {
+    out.push(`the point in time was perhaps being taken: a snapshot or bitmap named vmvault-… in ${given.map((d) => d.path).join(', ')} is removed by the next backup`);
+  }
+  return out;
+}
+
+/** The temporary files of this process's restore (.NAME.vmvault-tmp-PID-…) in its directories. */
+function restoreLeftovers(to: string, diskPaths: readonly string[]): string[] {
+  const dirs = new Set([path.resolve(to), ...diskPaths.map((p) => path.dirname(path.resolve(to, p)))]);
+  const mine = `.vmvault-tmp-${process.pid}-`;
+  const files: string[] = [];
+  for (const dir of dirs) {
+    let names: string[] = [];
+    try {
+      names = readdirSync(dir);
+    } catch {
+      continue; // not created yet
+    }
+    files.push(...names.filter((n) => n.startsWith('.') && n.includes(mine)).map((n) => path.join(dir, n)));
+  }
+  return files.map((f) => `temporary file ${f}: remove it (rm), or a later restore of the same files removes it once it is 10 minutes old`);
 }
 
 function listing(m: Manifest) {
@@ -98,28 +137,28 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       const disks = givenDisks();
       if (!disks.length) throw new VmvaultError('BAD_INPUT', 'no disk given: pass --disk PATH (repeatable)');
       if (!o.qmp && (o.guestAgent || o.overlayDir)) throw new VmvaultError('BAD_INPUT', '--guest-agent and --overlay-dir apply to a running VM only: pass --qmp SOCKET too');
-      const repo = await openRepository(globals());
-      const bar = progressBar(!o.json);
       // Ctrl-C or SIGTERM stops the backup cleanly: its snapshot is removed, a running VM's
       // overlays are merged back, nothing is committed. A second signal exits at once.
-      const stop = new AbortController();
-      const onSignal = (sig: NodeJS.Signals) => {
-        if (stop.signal.aborted) process.exit(130);
-        process.stderr.write(`\nvmvault: ${sig}: stopping the backup and cleaning up (${o.qmp ? 'merging the overlays back' : 'removing its snapshot'}); send it again to exit at once\n`);
-        stop.abort(new VmvaultError('BAD_INPUT', `the backup was interrupted (${sig}): nothing was saved`));
-      };
-      process.on('SIGINT', onSignal);
-      process.on('SIGTERM', onSignal);
+      const interrupt = new AbortController();
+      const repo = await openRepository(globals(), { signal: interrupt.signal });
+      const bar = progressBar(!o.json);
+      let frozen: readonly FrozenDisk[] = [];
+      let overlays: readonly Overlay[] = [];
+      const stop = onInterrupt({
+        what: 'the backup', outcome: 'nothing was saved', repo, controller: interrupt,
+        stopping: `stopping the backup and cleaning up (${o.qmp ? 'merging the overlays back' : 'removing its snapshot'})`,
+        leftovers: () => backupLeftovers(o.vm, disks, frozen, overlays),
+      });
       let result;
       try {
         result = await backupVm(repo, {
           vm: o.vm, driver: o.qmp ? 'qemu' : 'image', disks, configs: o.config ?? [], labels: o.label ?? [], ...(o.fullRead ? { fullRead: true } : {}), ...(o.audit ? { audit: true } : {}),
           ...(o.host ? { host: o.host } : {}), ...(o.policy ? { policy: o.policy } : {}), onProgress: bar.update, signal: stop.signal,
           ...(o.qmp ? { qmpSocket: o.qmp } : {}), ...(o.guestAgent ? { guestAgentSocket: o.guestAgent } : {}), ...(o.overlayDir ? { overlayDir: o.overlayDir } : {}),
+          onFrozen: (d) => { frozen = d; }, onPointInTime: (ov) => { overlays = ov; },
         });
       } finally {
-        process.off('SIGINT', onSignal);
-        process.off('SIGTERM', onSignal);
+        stop.dispose();
       }
       const { manifest, stats } = result;
       bar.done();
@@ -196,14 +235,27 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         if (o[flag] !== undefined) throw new VmvaultError('BAD_INPUT', `--${flag} applies to --instant restores only`);
       }
       if (id === undefined || !o.to) throw new VmvaultError('BAD_INPUT', 'restore needs the backup id and --to DIR');
-      const repo = await openRepository(globals());
-      const bar = progressBar(!o.json);
       const { disks, diskPaths } = restoreDisks(o.disk ?? []);
-      const result = await restore(repo, {
-        backupId: await repo.resolveBackupId(id), to: o.to, ...(o.format ? { format: o.format } : {}),
-        ...(disks.length ? { disks } : {}), ...(Object.keys(diskPaths).length ? { diskPaths } : {}), ...(o.name !== undefined ? { name: o.name } : {}),
-        force: !!o.force, forceHint: 'pass --force to replace them', onProgress: bar.update,
+      // As for backup: the first signal stops the restore and removes its temporary files; a second exits at once.
+      const interrupt = new AbortController();
+      const repo = await openRepository(globals(), { signal: interrupt.signal });
+      const bar = progressBar(!o.json);
+      const to = o.to;
+      const stop = onInterrupt({
+        what: 'the restore', outcome: 'its partly written files were removed', repo, controller: interrupt,
+        stopping: 'stopping the restore and removing its partly written files',
+        leftovers: () => restoreLeftovers(to, Object.values(diskPaths)),
       });
+      let result;
+      try {
+        result = await restore(repo, {
+          backupId: await repo.resolveBackupId(id), to, ...(o.format ? { format: o.format } : {}),
+          ...(disks.length ? { disks } : {}), ...(Object.keys(diskPaths).length ? { diskPaths } : {}), ...(o.name !== undefined ? { name: o.name } : {}),
+          force: !!o.force, forceHint: 'pass --force to replace them', onProgress: bar.update, signal: stop.signal,
+        });
+      } finally {
+        stop.dispose();
+      }
       bar.done();
       print(o.json, result, () => [
         `restored backup ${result.backup} of ${result.vm}${result.clone ? ` as new VM ${result.clone.name} (uuid ${result.clone.uuid})` : ''}:`,
