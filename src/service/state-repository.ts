@@ -19,6 +19,7 @@ import { Repository } from '../repo/repository.js';
 import { fsyncDir, writeNewFileSynced } from '../storage/local.js';
 import { TEMP_PREFIX } from '../storage/names.js';
 import { openStorage } from '../storage/open.js';
+import { exists } from '../files.js';
 
 /** Clock skew allowed between the passphrase file's mtime and the key file's `created` written after it. */
 const CLOCK_SLACK_MS = 60_000;
@@ -45,16 +46,6 @@ export async function stateRepository(stateDir: string, say: (line: string) => v
   say('vmvault: keep a paper copy of the key offline, printed by:');
   say(`  vmvault --repo ${url} --password-file ${passFile} key export --paper`);
   return { url, passphrase: pass };
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await stat(file);
-    return true;
-  } catch (err) {
-    if (errnoCode(err) === 'ENOENT') return false;
-    throw err;
-  }
 }
 
 /**

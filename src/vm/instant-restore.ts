@@ -13,9 +13,9 @@
  * so vmvault dying is the export dying: the VM then pauses on I/O errors (never reads
  * anything else) until a resume.
  */
-import { chmod, mkdir, rm, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, rm, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
-import { VmvaultError, errorMessage, errnoCode } from '../errors.js';
+import { VmvaultError, errorMessage } from '../errors.js';
 import { createImage } from '../disk/qemu.js';
 import { runTool, stderrText, ToolTimeout } from '../disk/qemu-run.js';
 import { boundText, toolTimeoutMs } from '../disk/tool-timeouts.js';
@@ -28,6 +28,7 @@ import type { Manifest } from '../repo/manifest.js';
 import { addNodes, copyAndPivot, deviceOptions, dropSource, nodeNames, pivotedAlready, revive, sourceNodes, startMirror } from './instant-copy.js';
 import { STATE_FILE, readState, writeState, type InstantDisk, type InstantState } from './instant-state.js';
 import { QmpClient } from './qmp.js';
+import { exists } from '../files.js';
 
 export interface StartOptions { machine?: string; memoryMiB?: number; cpus?: number }
 
@@ -250,12 +251,3 @@ async function attach(socket: string, state: InstantState): Promise<QmpClient> {
   }
 }
 
-async function exists(path: string): Promise<boolean> {
-  try {
-    await stat(path);
-    return true;
-  } catch (err) {
-    if (errnoCode(err) === 'ENOENT') return false;
-    throw err;
-  }
-}
