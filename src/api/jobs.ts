@@ -6,6 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Job, JobType, Queue } from 'bullmq';
 import { NotFoundError } from '../errors.js';
+import { shownExportUri } from '../pipeline/nbd-export.js';
 
 export const JOB_STATES = ['active', 'waiting', 'delayed', 'prioritized', 'waiting-children', 'completed', 'failed'] as const;
 export type JobState = (typeof JOB_STATES)[number];
@@ -33,11 +34,22 @@ export function newJobId(kind: string): string {
 const iso = (ms: number | undefined) => (ms ? new Date(ms).toISOString() : null);
 
 /**
+ * A job's result as listings show it: an export's URI without its secret (viewers read
+ * job listings; the URI reads the disk, and only the operator who asked gets it, in the
+ * answer to POST /v1/backups/{id}/exports).
+ */
+function shownResult(job: Job): unknown {
+  const r = job.returnvalue as unknown;
+  if (job.name !== 'export' || typeof r !== 'object' || r === null || typeof (r as { uri?: unknown }).uri !== 'string') return r ?? null;
+  return { ...r, uri: shownExportUri((r as { uri: string }).uri) };
+}
+
+/**
  * A job's view. The job's fields and its state are two reads: a job read while
  * running and found finished a moment later is read again, so a finished job
  * always shows its result.
  */
-export async function jobView(job: Job, state?: string, reload?: () => Promise<Job | undefined>): Promise<JobView> {
+export async function jobView(job: Job, state?: string, reload?: () => Promise<Job | undefined>, secrets = false): Promise<JobView> {
   state ??= await job.getState();
   if ((state === 'completed' || state === 'failed') && !job.finishedOn && reload) job = (await reload()) ?? job;
   return {
@@ -47,7 +59,7 @@ export async function jobView(job: Job, state?: string, reload?: () => Promise<J
     state,
     data: job.data,
     progress: typeof job.progress === 'object' || (typeof job.progress === 'number' && job.progress > 0) ? job.progress : null,
-    result: job.returnvalue ?? null,
+    result: secrets ? job.returnvalue ?? null : shownResult(job),
     error: job.failedReason || null,
     attemptsMade: job.attemptsMade,
     attempts: job.opts.attempts ?? 1,
@@ -82,14 +94,18 @@ export class JobIndex {
     return { items: await Promise.all(page.map((j) => jobView(j.job, undefined, () => j.queue.getJob(j.job.id!)))), more: all.length > opts.offset + opts.limit };
   }
 
-  /** The job once it has finished, polled; undefined when it has not within `timeoutMs`. */
-  async wait(queue: Queue, id: string, timeoutMs: number): Promise<JobView | undefined> {
+  /**
+   * The job once it has finished, polled; undefined when it has not within `timeoutMs`.
+   * `secrets`: its result whole (an export's URI with its secret), for the route that
+   * answers the request that made it.
+   */
+  async wait(queue: Queue, id: string, timeoutMs: number, secrets = false): Promise<JobView | undefined> {
     const deadline = Date.now() + timeoutMs;
     for (let delay = 20; ; delay = Math.min(delay * 2, 250)) {
       const job = await queue.getJob(id);
       if (!job) return undefined;
       const state = await job.getState();
-      if (state === 'completed' || state === 'failed') return jobView(job, state, () => queue.getJob(id));
+      if (state === 'completed' || state === 'failed') return jobView(job, state, () => queue.getJob(id), secrets);
       if (Date.now() > deadline) return undefined;
       await new Promise((r) => setTimeout(r, delay));
     }

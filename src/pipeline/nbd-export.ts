@@ -60,6 +60,11 @@ export function exportUri(address: ListenAddress, disk: string): string {
   return `nbd://${host}:${address.port}/${name}`;
 }
 
+/** `uri` with the secret of a TCP export's name (`DISK.SECRET`) replaced by `…`: for logs and job listings. */
+export function shownExportUri(uri: string): string {
+  return uri.replace(/\.[0-9a-f]{32}$/, '.…');
+}
+
 /** The disk as an NbdSource: layout from the manifest, bytes from the reader. */
 export function diskSource(reader: DiskReader, disk: DiskEntry, chunkSize: number): NbdSource {
   return {
@@ -115,7 +120,7 @@ export function exportBackupDisk(opts: ExportOptions): Promise<NbdExport> {
         throw err;
       }
       const uri = exportUri(server.address, secret ? `${disk.name}.${secret}` : disk.name);
-      const shownUri = secret ? uri.replace(secret, '…') : uri;
+      const shownUri = shownExportUri(uri);
       opts.log?.info({ backup: manifest.id, disk: disk.name, uri: shownUri }, 'NBD export listening');
       let closing: Promise<void> | undefined;
       resolveExport({

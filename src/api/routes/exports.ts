@@ -78,7 +78,7 @@ export function registerExportRoutes(app: ApiApp, deps: ExportRouteDeps): void {
     const ttlSeconds = Math.round(ttlMs(req.ttl ?? DEFAULT_TTL) / 1000);
     const queue = deps.queueOf(host);
     const job = await enqueueExport(queue, { backupId: b.id, disk: req.disk, address, ttlSeconds }, { jobId: newJobId('export') });
-    const done = await deps.jobs.wait(queue, job.id!, START_WAIT_MS);
+    const done = await deps.jobs.wait(queue, job.id!, START_WAIT_MS, true);
     if (!done) throw new ApiError(504, 'TIMEOUT', `host "${host}" did not start the export within ${START_WAIT_MS / 1000} s: is its worker running? (job ${job.id})`, { job: job.id });
     if (done.state === 'failed') throw new ApiError(502, 'JOB_FAILED', done.error ?? 'the export job failed', { job: job.id });
     const r = done.result as { backup: string; disk: string; uri: string; size: number; expiresAt: string };

@@ -82,6 +82,13 @@ test('an operator gets an NBD export on loopback that qemu-img reads back; it st
   const expires = Date.parse(r.body.expiresAt);
   assert.ok(expires >= started + 59_000 && expires <= Date.now() + 61_000, r.body.expiresAt);
   await execa('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', r.body.uri, image]);
+  // Viewers read job listings: the export's job shows the URI without its secret.
+  const job = await api.app.request(`/v1/jobs/${encodeURIComponent(r.body.job)}`, { headers: { authorization: `Bearer ${TOKENS.viewer}` } });
+  assert.equal(job.status, 200);
+  const view = await job.json() as { result: { uri: string } };
+  assert.equal(view.result.uri, r.body.uri.replace(/\.[0-9a-f]{32}$/, '.…'));
+  const listed = await (await api.app.request('/v1/jobs', { headers: { authorization: `Bearer ${TOKENS.viewer}` } })).text();
+  assert.ok(!listed.includes(r.body.uri.split('/').pop()!), 'no listing holds the secret');
 
   const short = await post({ disk: 'root', ttl: '1min', address: '127.0.0.2' });
   assert.equal(short.status, 201, JSON.stringify(short.body));
