@@ -61,11 +61,14 @@ export const KDF_MAX = { opsLimit: 16, memLimit: 1024 * 1024 * 1024 } as const;
 export const kdfCost = (f: Pick<KeyFile, 'kdf'>): number => f.kdf.opsLimit * f.kdf.memLimit;
 
 /**
- * The most Argon2id cost one open may spend, over every key file it tries: four keys of
- * the strong preset (about a second each), or twenty of the default. Key files are
- * tried cheapest first, so a costly key file planted in keys/ delays no open that a
- * cheaper one answers, and many planted ones cannot make an open last more than this.
+ * Key files are tried cheapest first, so a costly key file planted in keys/ delays no
+ * open that a cheaper one answers. Every key that costs no more than the strongest
+ * preset is tried: vmvault makes no other, and a bound on those could lock a holder of
+ * a real key out (a repository with five strong keys). Costlier key files, which only a
+ * hand or an attacker makes, are tried within this much Argon2id cost in all: four keys
+ * of the strong preset (about a second each).
  */
+export const KDF_PRESET_MAX_COST = Math.max(...Object.values(KDF_PRESETS).map((p) => p.opsLimit * p.memLimit));
 export const KDF_OPEN_BUDGET = 4 * KDF_PRESETS.strong.opsLimit * KDF_PRESETS.strong.memLimit;
 
 export const keyFileSchema = z.object({

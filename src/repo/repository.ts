@@ -9,7 +9,7 @@ import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../er
 import { getInto, type Storage } from '../storage/storage.js';
 import { readOnly } from '../storage/read-only.js';
 import {
-  constantTimeEqualHex, deriveKeys, generateMaster, KDF_OPEN_BUDGET, kdfCost, keyFileSchema, mac, openMaster, sealMaster,
+  constantTimeEqualHex, deriveKeys, generateMaster, KDF_OPEN_BUDGET, KDF_PRESET_MAX_COST, kdfCost, keyFileSchema, mac, openMaster, sealMaster,
   type ChunkIdHash, type KdfPreset, type KeyFile, type RepoKeys,
 } from '../crypto/keys.js';
 import { cachedMaster, storeMaster, type KeyCache } from '../crypto/key-cache.js';
@@ -255,16 +255,19 @@ export class Repository {
         if (master) return opened(master, keyId);
       }
     }
-    // Cheapest first, within one budget: see KDF_OPEN_BUDGET.
+    // Cheapest first; keys costlier than any preset within one budget: see KDF_OPEN_BUDGET.
     const order = [...files].sort(([a, fa], [b, fb]) => kdfCost(fa) - kdfCost(fb) || (a < b ? -1 : a > b ? 1 : 0));
     let spent = 0;
     const skipped: string[] = [];
     for (const [keyId, file] of order) {
-      if (spent + kdfCost(file) > KDF_OPEN_BUDGET) {
-        skipped.push(keyId);
-        continue;
+      const cost = kdfCost(file);
+      if (cost > KDF_PRESET_MAX_COST) {
+        if (spent + cost > KDF_OPEN_BUDGET) {
+          skipped.push(keyId);
+          continue;
+        }
+        spent += cost;
       }
-      spent += kdfCost(file);
       let master: Uint8Array | undefined;
       try {
         master = await openMaster(file, passphrase, config.id);
@@ -286,7 +289,7 @@ export class Repository {
       const costly = skipped.map((id) => `keys/${id} (${files.get(id)!.kdf.opsLimit} passes of ${Math.round(files.get(id)!.kdf.memLimit / 2 ** 20)} MiB)`).join(', ');
       throw new VmvaultError('WRONG_PASSWORD',
         `the passphrase opens none of the ${files.size - skipped.length} key(s) tried, cheapest first, of the repository at ${storage.location}; ` +
-        `${skipped.length} more were not tried, as the key derivation of one open is bounded (${KDF_OPEN_BUDGET / 2 ** 30} GiB × passes in all): ${costly}${broken}. ` +
+        `${skipped.length} more, costlier than any key vmvault makes, were not tried, as their key derivation in one open is bounded (${KDF_OPEN_BUDGET / 2 ** 30} GiB × passes in all): ${costly}${broken}. ` +
         'If your passphrase is one of those, or they were not made by you (key files planted to slow every open), ' +
         'open the repository with another passphrase and remove them with "vmvault key remove ID" (see vmvault key list), or delete them from the storage; nothing was changed');
     }
