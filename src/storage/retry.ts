@@ -83,10 +83,14 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
 
   /** Waits before attempt `attempt` + 1 of `op`, which failed with `err`; cut short when `opts.signal` aborts. */
   const pause = async (op: string, name: string, attempt: number, err: unknown): Promise<void> => {
-    const ms = onFailure(op, name, attempt, err);
     const signal = opts.signal;
+    // Aborted: the failure is final, and no retry is announced (onRetry) that will not happen.
+    if (signal?.aborted) {
+      if (err instanceof NotFoundError) throw err;
+      throw asStorageError(storage.location, op, name, attempt, err, false);
+    }
+    const ms = onFailure(op, name, attempt, err);
     if (!signal) return sleep(ms);
-    if (signal.aborted) throw asStorageError(storage.location, op, name, attempt, err, false);
     let onAbort: (() => void) | undefined;
     const aborted = new Promise<never>((_, reject) => signal.addEventListener('abort', onAbort = () => reject(signal.reason), { once: true }));
     try {

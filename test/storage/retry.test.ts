@@ -157,7 +157,8 @@ describe('withRetry', () => {
     const stop = new AbortController();
     const reason = new VmvaultError('BAD_INPUT', 'interrupted');
     const f = faulty(inner, { get: [{ error: networkError(), times: 10 }] });
-    const s = withRetry(f, { baseDelayMs: 60_000, signal: stop.signal });
+    const notices: number[] = [];
+    const s = withRetry(f, { baseDelayMs: 60_000, signal: stop.signal, onRetry: (e) => notices.push(e.attempt) });
     const started = Date.now();
     const got = s.get('config');
     setTimeout(() => stop.abort(reason), 50);
@@ -167,6 +168,7 @@ describe('withRetry', () => {
     // Once aborted, an operation (the cleanup's) gets one attempt, and fails with its own error.
     await assert.rejects(s.get('config'), (err) => err instanceof VmvaultError && err.code === 'STORAGE' && /after 1 attempt/.test(err.message));
     assert.equal(f.calls.get, 2);
+    assert.deepEqual(notices, [1], 'no retry is announced once aborted');
   });
 
   test('close and location pass through', async () => {
