@@ -16,6 +16,7 @@ import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ApiToken, Config } from '../config/schema.js';
 import { errnoCode, VmvaultError } from '../errors.js';
+import { writeNewFileSynced } from '../storage/local.js';
 
 export const ADMIN_TOKEN_FILE = 'admin-token.sha256';
 /** The new token itself, when it could not be shown on a terminal: read once, then deleted by the operator. */
@@ -45,14 +46,10 @@ export async function readAdminTokenHash(stateDir: string): Promise<string | und
 const newToken = (): string => `vv_${randomBytes(24).toString('base64url')}`;
 const sha256Hex = (token: string): string => createHash('sha256').update(token).digest('hex');
 
-/**
- * Makes `token`'s hash the state directory's (atomically, mode 0600). A token file left
- * by an earlier start is removed: it holds a token no longer accepted.
- */
+/** Makes `token`'s hash the state directory's (atomically, mode 0600). */
 async function storeTokenHash(stateDir: string, token: string): Promise<void> {
   const file = adminTokenPath(stateDir);
   await mkdir(stateDir, { recursive: true, mode: 0o700 });
-  await rm(newAdminTokenPath(stateDir), { force: true });
   const tmp = `${file}.${randomBytes(6).toString('hex')}.tmp`;
   try {
     await writeFile(tmp, `${sha256Hex(token)}\n`, { mode: 0o600, flag: 'wx' });
@@ -63,9 +60,14 @@ async function storeTokenHash(stateDir: string, token: string): Promise<void> {
   }
 }
 
-/** A new random token; its hash replaces the state directory's (atomically, mode 0600). Returns the token. */
+/**
+ * A new random token; its hash replaces the state directory's (atomically, mode 0600).
+ * A token file left by an earlier start is removed: it holds a token no longer accepted.
+ * Returns the token.
+ */
 export async function createAdminToken(stateDir: string): Promise<string> {
   const token = newToken();
+  await rm(newAdminTokenPath(stateDir), { force: true });
   await storeTokenHash(stateDir, token);
   return token;
 }
@@ -117,13 +119,22 @@ export async function adminTokenForStart(config: Config, stateDir: string): Prom
   return {
     hash: sha256Hex(token),
     announce: async ({ say, terminal }) => {
-      await storeTokenHash(stateDir, token);
       if (terminal) {
+        await rm(tokenFile, { force: true }); // a token no longer accepted
+        await storeTokenHash(stateDir, token);
         say(`vmvault: created an admin API token, shown this once (only its SHA-256 is kept, in ${file}):`);
         say(`vmvault: admin token: ${token}`);
       } else {
-        // Not a terminal: a journal or container log would keep the token for all its readers.
-        await writeFile(tokenFile, `${token}\n`, { mode: 0o600, flag: 'wx' });
+        // Not a terminal: a journal or container log would keep the token for all its
+        // readers. The token's file is made durable before its hash is kept: a hash
+        // whose token nobody has would leave no way in but "vmvault token create".
+        await rm(tokenFile, { force: true });
+        await mkdir(stateDir, { recursive: true, mode: 0o700 });
+        await writeNewFileSynced(tokenFile, `${token}\n`);
+        await storeTokenHash(stateDir, token).catch(async (err: unknown) => {
+          await rm(tokenFile, { force: true });
+          throw err;
+        });
         say(`vmvault: created an admin API token; it is in ${tokenFile} (mode 0600), not printed here as this output is not a terminal`);
         say(`vmvault: read it (cat ${tokenFile}) and delete the file; only its SHA-256 is kept, in ${file}`);
       }
