@@ -236,6 +236,13 @@ async function removeOrphans(qmp: QmpClient, paths: string[], warn: Warn, dir?: 
       if (!n.startsWith(prefix) || !isOverlayFile(n)) continue;
       const real = await fs.realpath(file).catch(() => file);
       if (inUse.has(real)) continue;
+      // An empty file: made by this tool before QEMU formatted it (createPrivateFiles), and
+      // the run ended before QEMU did. It holds nothing, and qemu-img cannot read it.
+      if ((await fs.stat(file).catch(() => undefined))?.size === 0) {
+        warn(`deleting overlay file ${file} left empty by an earlier run`);
+        await fs.rm(file, { force: true });
+        continue;
+      }
       // An overlay with data holds guest writes. A run killed between its merge and the deletion
       // leaves one whose writes are in the base already; but if the VM was started again on its
       // base image, it is their only copy. Which one cannot be told safely here: set it aside.

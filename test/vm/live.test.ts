@@ -175,8 +175,9 @@ describe('qemu driver (running VM)', () => {
     const { where, original, disks, vm, env } = await randomVm('app');
     const child = spawnCli(['backup', '--vm', 'app', '--disk', disks[0]!, '--qmp', vm.qmpSocket, '--json'], env);
     const deadline = Date.now() + 60_000;
-    while ((await overlaysIn(where)).length === 0) {
-      assert.ok(Date.now() < deadline, 'the overlay appeared');
+    // Until the VM runs on the overlay (the file itself is made, empty, just before).
+    while (!(await vm.activeFiles()).some((f) => f.includes('.vmvault-overlay-'))) {
+      assert.ok(Date.now() < deadline, 'the overlay became active');
       if (!processAlive(child.pid!)) {
         const r = await child;
         assert.fail(`the backup ended before its overlay was seen: exit ${r.exitCode}: ${r.stderr}${r.stdout}`);
@@ -244,6 +245,9 @@ describe('qemu driver (running VM)', () => {
     // writes that were never merged (the VM restarted on its base, say): set aside, never deleted.
     const orphan = path.join(where, 'job.qcow2.vmvault-overlay-deadbeef.qcow2');
     await execa('qemu-img', ['create', '-q', '-f', 'qcow2', orphan, `${8 * MiB}`]);
+    // One this tool made (mode 0600) before QEMU formatted it, left by a run that ended then: not a qcow2 at all.
+    const unformatted = path.join(where, 'job.qcow2.vmvault-overlay-0e0e0e0e.qcow2');
+    await fs.writeFile(unformatted, '', { mode: 0o600 });
     const unmerged = path.join(where, 'job.qcow2.vmvault-overlay-feedface.qcow2');
     await execa('qemu-img', ['create', '-q', '-f', 'qcow2', unmerged, `${8 * MiB}`]);
     await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 64k', unmerged]);
@@ -254,6 +258,8 @@ describe('qemu driver (running VM)', () => {
     // The empty orphan is deleted; the one with data is set aside under a name no recovery picks up again.
     assert.deepEqual(await overlaysIn(where), [`${path.basename(unmerged)}.unmerged`]);
     assert.ok(warnings.some((w) => w.includes('may never have been merged') && w.includes('.unmerged')), warnings.join('\n'));
+    assert.ok(warnings.some((w) => w.includes(`${unformatted} left empty`)), warnings.join('\n'));
+    assert.ok(!warnings.some((w) => w.includes('may never have been merged') && w.includes(unformatted)), 'an empty file is no unmerged overlay');
     assert.deepEqual(await vm.qmp.execute('query-block-jobs'), []);
     const to = await restoreTo(result.manifest.id);
     await verifyPatterns(path.join(to, 'job.qcow2'), 'qcow2', [{ offset: 0, length: MiB, pattern: A }, { offset: MiB, length: MiB, pattern: B }]);
