@@ -17,7 +17,7 @@ import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { NotFoundError, VmvaultError, errorMessage } from '../errors.js';
-import { virsh } from './virsh.js';
+import { virsh, VirshTimeout } from './virsh.js';
 export { virshAvailable } from './virsh.js';
 import { inspectDisks, type BackupDisk } from '../pipeline/backup.js';
 import { diskNameFromPath } from '../pipeline/names.js';
@@ -120,8 +120,14 @@ async function commit(domain: string, target: string, overlay: string): Promise<
   try {
     await virsh(['blockcommit', domain, target, '--active', '--pivot', '--wait'], domain);
   } catch (err) {
+    // Stopped for its bound, virsh leaves the commit job in libvirt, waiting for a pivot no
+    // one will ask for; another blockcommit on that disk is refused while it exists.
+    const next = err instanceof VirshTimeout
+      ? `The merge may still be under way in libvirt: see "virsh blockjob ${domain} ${target} --info"; once it is ready (100 %), finish it with ` +
+        `"virsh blockjob ${domain} ${target} --pivot" and delete ${overlay}, or cancel it with "virsh blockjob ${domain} ${target} --abort", after which the next backup merges again.`
+      : 'The next backup tries again.';
     throw new VmvaultError('QEMU', `could not merge overlay ${overlay} back (domain "${domain}", disk ${target}): ${errorMessage(err)}. ` +
-      'The VM keeps running on the overlay, which holds its newest writes: do not delete it. The next backup tries again.', { cause: err });
+      `The VM keeps running on the overlay, which holds its newest writes: do not delete it before the merge is done. ${next}`, { cause: err });
   }
   await fs.rm(overlay, { force: true });
 }
