@@ -5,6 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Repository } from '../../src/repo/repository.js';
 import { hostname } from 'node:os';
+import { randomBytes } from 'node:crypto';
+import { additionalData, seal } from '../../src/crypto/seal.js';
 import { execa } from 'execa';
 import { VmvaultError } from '../../src/errors.js';
 import { acquireLock, heldByDeadProcess, readLocks, withLock, withReadLock } from '../../src/repo/locks.js';
@@ -95,10 +97,15 @@ test("hosts' clocks that disagree by an hour make no live lock stale: expiry is 
     const found = await readLocks(r);
     assert.equal(found.find((l) => l.id === gc.id)?.stale, false);
     await gc.release();
-    // A lock of an earlier version (no lifetime recorded) lives the default 30 minutes, also on the storage's clock.
-    const old = await acquireLock(r, 'shared', { purpose: 'old backup', now: () => Date.now() - hour });
+    // A lock of an earlier version (no lifetime recorded), written by a host an hour behind:
+    // it lives the default 30 minutes, also on the storage's clock.
+    const old = { id: randomBytes(16).toString('hex') };
+    const body = { kind: 'shared', host: 'elsewhere', pid: 1, purpose: 'old backup', created: new Date(Date.now() - hour).toISOString(), expires: new Date(Date.now() - hour + 60_000).toISOString() };
+    await r.storage.put(`locks/${old.id}`, seal(r.keys.encKey, 'lock', Buffer.from(JSON.stringify(body)), additionalData(r.id, 'lock', old.id)));
     await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc' }), /old backup/);
-    await age(dir, old.id, 31 * 60 * 1000);
+    await age(dir, old.id, 29 * 60 * 1000);
+    await assert.rejects(acquireLock(r, 'exclusive', { purpose: 'gc' }), /old backup/, 'within the default lifetime');
+    await age(dir, old.id, 2 * 60 * 1000);
     const next = await acquireLock(r, 'exclusive', { purpose: 'gc' });
     assert.deepEqual((await readLocks(r)).map((l) => l.id), [next.id], 'stale once not written for its lifetime');
     await next.release();
