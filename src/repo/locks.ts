@@ -120,6 +120,34 @@ export async function readLocks(repo: Repository, now = Date.now(), own?: string
   return out;
 }
 
+/** Writes lock `id` of this process, written at `at` (this host's clock) and living `ttl` from then. */
+async function putLock(repo: Repository, id: string, l: { kind: LockKind; purpose: string; created: string; at: number; ttl: number }): Promise<void> {
+  const body: LockBody = { kind: l.kind, host: hostname(), pid: process.pid, purpose: l.purpose, created: l.created, expires: new Date(l.at + l.ttl).toISOString(), ttlMs: l.ttl };
+  await repo.storage.put(lockName(id), seal(repo.keys.encKey, 'lock', Buffer.from(JSON.stringify(body)), additionalData(repo.id, 'lock', id)));
+}
+
+/**
+ * The repository's locks, judged on the storage's clock by a reader that holds no lock
+ * (`vmvault unlock`): it writes a lock of its own for the time of one listing, to learn
+ * the storage's time, then removes it. A repository that refuses the write (full,
+ * read-only) gets readLocks' judgement without a reference.
+ */
+export async function readLocksNow(repo: Repository, purpose: string): Promise<FoundLock[]> {
+  const id = randomBytes(16).toString('hex');
+  const at = Date.now();
+  try {
+    await putLock(repo, id, { kind: 'shared', purpose, created: new Date(at).toISOString(), at, ttl: DEFAULT_LOCK_TTL_MS });
+  } catch (err) {
+    if (!writeRefusal(err)) throw err;
+    return readLocks(repo);
+  }
+  try {
+    return (await readLocks(repo, Date.now(), id)).filter((l) => l.id !== id);
+  } finally {
+    await repo.storage.delete(lockName(id));
+  }
+}
+
 /**
  * Whether a lock's holder has not refreshed it for its lifetime. With the storage's time
  * of its last write (`modified`) and of the reader's own lock just written (`reference`),
@@ -163,8 +191,7 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   let lastWritten = 0;
   const write = async () => {
     const at = now();
-    const body: LockBody = { kind, host: hostname(), pid: process.pid, purpose: opts.purpose, created, expires: new Date(at + ttl).toISOString(), ttlMs: ttl };
-    await repo.storage.put(lockName(id), seal(repo.keys.encKey, 'lock', Buffer.from(JSON.stringify(body)), additionalData(repo.id, 'lock', id)));
+    await putLock(repo, id, { kind, purpose: opts.purpose, created, at, ttl });
     lastWritten = at;
   };
   await write();

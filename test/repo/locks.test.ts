@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { additionalData, seal } from '../../src/crypto/seal.js';
 import { execa } from 'execa';
 import { VmvaultError } from '../../src/errors.js';
-import { acquireLock, heldByDeadProcess, readLocks, withLock, withReadLock } from '../../src/repo/locks.js';
+import { acquireLock, heldByDeadProcess, readLocks, readLocksNow, withLock, withReadLock } from '../../src/repo/locks.js';
 import { collectGarbage } from '../../src/repo/gc.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { faulty, httpError, networkError, type FaultyStorage } from '../../src/storage/faulty.js';
@@ -96,6 +96,12 @@ test("hosts' clocks that disagree by an hour make no live lock stale: expiry is 
     // unlock and a full repository's gc read locks without writing one: one wrong clock (the holder's) does not make it stale there either.
     const found = await readLocks(r);
     assert.equal(found.find((l) => l.id === gc.id)?.stale, false);
+    // unlock learns the storage's time by writing a lock of its own for one listing, removed after.
+    const now = await readLocksNow(r, 'unlock');
+    assert.deepEqual(now.map((l) => [l.id, l.stale]), [[gc.id, false]]);
+    assert.deepEqual((await readLocks(r)).map((l) => l.id), [gc.id], 'the probe is gone');
+    await age(dir, gc.id, 61 * 60 * 1000);
+    assert.deepEqual((await readLocksNow(r, 'unlock')).map((l) => [l.id, l.stale]), [[gc.id, true]], 'stale once not written for its lifetime on the storage clock');
     await gc.release();
     // A lock of an earlier version (no lifetime recorded), written by a host an hour behind:
     // it lives the default 30 minutes, also on the storage's clock.

@@ -7,7 +7,7 @@ import { configPathFrom, loadConfig } from '../../config/load.js';
 import { VmInventory } from '../../config/inventory.js';
 import type { Policy } from '../../policy/schema.js';
 import { selectionOf } from '../../policy/select.js';
-import { heldByDeadProcess, lockName, readLocks, type FoundLock } from '../../repo/locks.js';
+import { heldByDeadProcess, lockName, readLocksNow, type FoundLock } from '../../repo/locks.js';
 import { openRepository, warn, type GlobalOptions } from '../context.js';
 import { formatBytes, table } from '../format.js';
 import { print } from '../output.js';
@@ -58,7 +58,7 @@ export function registerMaintenanceCommands(program: Command, globals: () => Glo
     .option('--all', 'also remove live locks: only when no vmvault process is running')
     .action(async (o: { all?: boolean }) => {
       const repo = await openRepository(globals());
-      const locks = await readLocks(repo);
+      const locks = await readLocksNow(repo, 'unlock');
       const why = (l: FoundLock): string | undefined => {
         if (l.damaged !== undefined) return `it cannot be read: ${l.damaged}`;
         if (l.stale) return `expired at ${l.lock.expires}`;
