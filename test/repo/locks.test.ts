@@ -93,7 +93,7 @@ test("hosts' clocks that disagree by an hour make no live lock stale: expiry is 
     assert.equal(await r.storage.stat(`locks/${gc.id}`).then((s) => s !== undefined), true, 'the live lock was not removed');
     // The other way round: a backup on a host whose clock is an hour ahead sees a correct host's lock expired.
     await assert.rejects(acquireLock(r, 'shared', { purpose: 'backup ahead', now: () => Date.now() + hour }), /exclusive lock for gc behind/);
-    // unlock and a full repository's gc read locks without writing one: one wrong clock (the holder's) does not make it stale there either.
+    // A full repository's gc reads locks without writing one: one wrong clock (the holder's) does not make it stale there either.
     const found = await readLocks(r);
     assert.equal(found.find((l) => l.id === gc.id)?.stale, false);
     // unlock learns the storage's time by writing a lock of its own for one listing, removed after.
