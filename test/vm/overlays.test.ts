@@ -48,8 +48,8 @@ describe('overlays', () => {
     async function setup(name: string) {
       const base = path.join(dir.path, name);
       await fs.writeFile(base, 'base');
+      // The overlay file is made by createOverlays itself (mode 0600) before the transaction.
       const overlay = overlayPath(base, 'abcd1234');
-      await fs.writeFile(overlay, 'overlay QEMU created and may write to');
       const disk: AttachedDisk = { path: base, device: 'vd0', topNode: 'n0', format: 'qcow2' };
       return { base, overlay, disk };
     }
