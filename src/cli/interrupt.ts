@@ -6,10 +6,8 @@
  * for that cleanup: the repository locks of this process are still removed (bounded,
  * FORCED_UNLOCK_MS), and what is left behind is printed with how to clear it.
  */
-import { hostname } from 'node:os';
 import { VmvaultError, errorMessage } from '../errors.js';
-import { lockName, readLocks } from '../repo/locks.js';
-import type { Repository } from '../repo/repository.js';
+import { removeHeldLocks } from '../repo/locks.js';
 
 /** How long a forced exit tries to remove this process's locks: an operator pressing Ctrl-C twice wants out now. */
 export const FORCED_UNLOCK_MS = 2000;
@@ -21,8 +19,6 @@ export interface InterruptOptions {
   outcome: string;
   /** What the first signal does, as in "stopping the backup and cleaning up (…)". */
   stopping: string;
-  /** Where this process's locks are. */
-  repo: Repository;
   /** The controller to abort (one whose signal the repository's storage was opened with); default a new one. */
   controller?: AbortController;
   /** At a forced exit: what is left behind and how to clear it, one line each. */
@@ -62,7 +58,7 @@ export function onInterrupt(o: InterruptOptions): Interrupt {
 async function forcedExit(o: InterruptOptions, sig: NodeJS.Signals): Promise<never> {
   process.stderr.write(`\nvmvault: ${sig} again: exiting without finishing the cleanup\n`);
   const timer = new Promise<string>((resolve) => setTimeout(() => resolve(`not done within ${FORCED_UNLOCK_MS / 1000} s`), FORCED_UNLOCK_MS).unref());
-  const unlocked = await Promise.race([removeOwnLocks(o.repo).then(() => undefined, (err: unknown) => errorMessage(err)), timer]);
+  const unlocked = await Promise.race([removeHeldLocks().then(() => undefined, (err: unknown) => errorMessage(err)), timer]);
   const lines = o.leftovers();
   if (unlocked !== undefined) {
     lines.push(`its repository lock may remain (removing it failed: ${unlocked}): remove it with "vmvault unlock" (it removes the locks of processes gone from this host), or it expires by itself within 30 minutes`);
@@ -73,11 +69,3 @@ async function forcedExit(o: InterruptOptions, sig: NodeJS.Signals): Promise<nev
   process.exit(130);
 }
 
-/** Removes the repository locks this process holds (the pipeline's own release is still waiting on its cleanup). */
-async function removeOwnLocks(repo: Repository): Promise<void> {
-  if (repo.noLock) return;
-  const host = hostname();
-  for (const l of await readLocks(repo)) {
-    if (l.lock?.host === host && l.lock.pid === process.pid) await repo.storage.delete(lockName(l.id));
-  }
-}

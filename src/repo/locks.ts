@@ -242,6 +242,8 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
   // that another process removed as stale.
   const timer = setInterval(() => void refresh().catch(() => undefined), Math.max(1000, ttl / 4));
   timer.unref();
+  const remove = () => repo.storage.delete(lockName(id));
+  heldHere.add(remove);
   return {
     id,
     refresh,
@@ -251,9 +253,24 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
       if (released) return;
       released = true;
       clearInterval(timer);
-      await repo.storage.delete(lockName(id));
+      heldHere.delete(remove);
+      await remove();
     },
   };
+}
+
+/** How to remove each lock this process holds and has not released. */
+const heldHere = new Set<() => Promise<void>>();
+
+/**
+ * Removes every lock this process holds, for a forced exit that cannot wait for their
+ * holders to release them (src/cli/interrupt.ts): nothing is listed or read.
+ */
+export async function removeHeldLocks(): Promise<void> {
+  for (const remove of [...heldHere]) {
+    await remove();
+    heldHere.delete(remove);
+  }
 }
 
 /**

@@ -145,7 +145,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       let frozen: readonly FrozenDisk[] = [];
       let overlays: readonly Overlay[] = [];
       const stop = onInterrupt({
-        what: 'the backup', outcome: 'nothing was saved', repo, controller: interrupt,
+        what: 'the backup', outcome: 'nothing was saved', controller: interrupt,
         stopping: `stopping the backup and cleaning up (${o.qmp ? 'merging the overlays back' : 'removing its snapshot'})`,
         leftovers: () => backupLeftovers(o.vm, disks, frozen, overlays),
       });
@@ -242,7 +242,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
       const bar = progressBar(!o.json);
       const to = o.to;
       const stop = onInterrupt({
-        what: 'the restore', outcome: 'its partly written files were removed', repo, controller: interrupt,
+        what: 'the restore', outcome: 'its partly written files were removed', controller: interrupt,
         stopping: 'stopping the restore and removing its partly written files',
         leftovers: () => restoreLeftovers(to, Object.values(diskPaths)),
       });
