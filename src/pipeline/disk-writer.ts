@@ -17,7 +17,7 @@ import { DIRECT_ALIGN, openDirect, writeAll } from '../storage/local.js';
  * nor share a 4 KiB block (a raw file takes the block-aligned part of a write with
  * O_DIRECT and the rest through the page cache, and the two must not meet in one
  * block; a restore's writes start and end on 64 KiB boundaries, or at the disk's end);
- * `flush()` makes every completed write durable; `close()` releases the file or
+ * `flush()` makes every completed write durable (with `durable: false`, only waits); `close()` releases the file or
  * export, is idempotent, and is the caller's to call after a failure too (the file
  * itself stays: removing it is the caller's cleanup).
  */
@@ -34,6 +34,12 @@ export interface DiskWriterOptions {
   syncEvery?: number;
   /** Through qemu-nbd: once aborted, every write in flight fails at once (a hung qemu-nbd is not waited for). */
   signal?: AbortSignal;
+  /**
+   * False: `flush()` asks nothing of the device, and a raw file gets no fdatasync as it
+   * goes. The data is in the file for every reader, but not durable until the kernel
+   * writes it back (or `sync`): for a restore that is compared and thrown away.
+   */
+  durable?: boolean;
 }
 
 /**
@@ -41,10 +47,13 @@ export interface DiskWriterOptions {
  * `virtualSize` bytes, readable by its owner only (a disk holds the VM's secrets).
  */
 export function createDiskWriter(file: string, format: ImageFormat, virtualSize: number, opts: DiskWriterOptions = {}): Promise<DiskWriter> {
-  return format === 'raw' ? rawFileWriter(file, virtualSize, opts.direct ?? true, opts.syncEvery ?? SYNC_EVERY) : nbdWriter(file, format, virtualSize, opts.signal);
+  const durable = opts.durable ?? true;
+  return format === 'raw'
+    ? rawFileWriter(file, virtualSize, opts.direct ?? true, durable ? opts.syncEvery ?? SYNC_EVERY : Infinity, durable)
+    : nbdWriter(file, format, virtualSize, opts.signal, durable);
 }
 
-async function rawFileWriter(file: string, virtualSize: number, useDirect: boolean, syncEvery: number): Promise<DiskWriter> {
+async function rawFileWriter(file: string, virtualSize: number, useDirect: boolean, syncEvery: number, durable: boolean): Promise<DiskWriter> {
   if (!Number.isSafeInteger(virtualSize) || virtualSize < 0) {
     throw new VmvaultError('BAD_INPUT', `cannot create ${file}: virtual size ${virtualSize} is not a non-negative whole number of bytes`);
   }
@@ -124,7 +133,7 @@ async function rawFileWriter(file: string, virtualSize: number, useDirect: boole
     async flush() {
       await syncing;
       if (syncFailure !== undefined) throw syncFailure;
-      await fh.datasync();
+      if (durable) await fh.datasync();
     },
     close: () => (closing ??= Promise.all([opened?.close(), fh.close()]).then(() => undefined)),
   };
@@ -162,7 +171,7 @@ class Staging {
   }
 }
 
-async function nbdWriter(file: string, format: ImageFormat, virtualSize: number, signal: AbortSignal | undefined): Promise<DiskWriter> {
+async function nbdWriter(file: string, format: ImageFormat, virtualSize: number, signal: AbortSignal | undefined, durable: boolean): Promise<DiskWriter> {
   await createImage(file, format, virtualSize);
   // qemu-img creates it by the umask (0644 under 022): narrow it before any data is written.
   await chmod(file, 0o600);
@@ -170,7 +179,7 @@ async function nbdWriter(file: string, format: ImageFormat, virtualSize: number,
   const unlisten = abortWith(exp.client, signal);
   return {
     write: (offset, data) => exp.client.write(offset, data),
-    flush: () => exp.client.flush(),
+    flush: () => (durable ? exp.client.flush() : Promise.resolve()),
     close: () => {
       unlisten();
       return exp.close();

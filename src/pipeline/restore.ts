@@ -9,7 +9,7 @@
  * paths and formats rewritten to the restored images.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
-import { lstat, readdir, realpath, rename, rm, rmdir, stat } from 'node:fs/promises';
+import { lstat, readdir, realpath, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { IntegrityError, NotFoundError, VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import type { ImageFormat } from '../disk/qemu.js';
@@ -66,6 +66,13 @@ export interface RestoreRequest {
    * drops a qemu-nbd connection at once; the temporary files are removed, nothing is renamed.
    */
   signal?: AbortSignal;
+  /**
+   * False: nothing is made durable (no fdatasync of the files, no fsync of their
+   * directories). Every reader sees the restored files at once, but a crash of this
+   * host before the kernel writes them back can lose them: for a restore that is
+   * compared or tested and thrown away, as PostgreSQL's `--no-sync` is. Default true.
+   */
+  sync?: boolean;
 }
 
 export interface RestoredFile { kind: 'disk' | 'config'; name: string; path: string; format?: string; virtualSize?: number }
@@ -75,6 +82,8 @@ export interface RestoreResult {
   clone?: { name: string; uuid: string };
   /** Temporary files of an interrupted restore of the same files (killed before it could remove them), removed. */
   leftoversRemoved?: string[];
+  /** False when asked not to sync (`sync: false`): the files may not have reached the device yet. */
+  durable: boolean;
 }
 
 export function restore(repo: Repository, req: RestoreRequest): Promise<RestoreResult> {
@@ -133,6 +142,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
   const leftovers = await removeLeftovers(planned.map((p) => p.path), Date.now() - LEFTOVER_AGE_MS);
 
   const stats = { bytesWritten: 0, chunksWritten: 0, seconds: 0 };
+  const durable = req.sync ?? true;
   const meter = new ProgressMeter('restore', disks.reduce((n, d) => n + d.chunks.filter(Boolean).length * manifest.chunkSize, 0), req.onProgress);
   const lease = req.chunkPool?.() ?? ownPool(repo.workerInit());
   const pool = lease.pool;
@@ -140,17 +150,18 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     for (const p of planned) {
       if (p.disk) {
         meter.disk = p.name;
-        await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8, req.signal);
+        await restoreDisk(repo, pool, manifest, p.disk, p.tmp, p.format as ImageFormat, stats, meter, req.inFlight ?? 8, req.signal, durable);
       } else {
         const c = manifest.configs.find((x) => x.name === p.name)!;
-        await writeNewFileSynced(p.tmp, adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned, clone));
+        const data = adjustConfig(c.name, Buffer.from(c.data, 'base64'), planned, clone);
+        await (durable ? writeNewFileSynced(p.tmp, data) : writeFile(p.tmp, data, { flag: 'wx', mode: 0o600 }));
       }
     }
     req.signal?.throwIfAborted();
     // Every file's data is on disk (disks flushed, configurations synced): now the names,
     // and the directories that hold them, so a crash after the restore loses nothing.
     for (const p of planned) await rename(p.tmp, p.path);
-    for (const d of new Set(planned.map((p) => dirname(p.path)))) await fsyncDir(d);
+    if (durable) for (const d of new Set(planned.map((p) => dirname(p.path)))) await fsyncDir(d);
   } catch (err) {
     await Promise.all(planned.map((p) => rm(p.tmp, { force: true })));
     await removeCreated();
@@ -165,6 +176,7 @@ async function run(repo: Repository, req: RestoreRequest): Promise<RestoreResult
     vm: manifest.vm,
     files: planned.map(({ tmp: _t, disk: _d, ...f }) => f),
     stats,
+    durable,
     ...(leftovers.length ? { leftoversRemoved: leftovers } : {}),
     ...(clone ? { clone: { name: clone.name, uuid: clone.uuid } } : {}),
   };
@@ -352,10 +364,10 @@ async function existing(paths: string[]): Promise<string[]> {
 
 async function restoreDisk(
   repo: Repository, pool: ChunkPool, m: Manifest, disk: DiskEntry, tmp: string, format: ImageFormat,
-  stats: RestoreResult['stats'], meter: ProgressMeter, inFlight: number, signal: AbortSignal | undefined,
+  stats: RestoreResult['stats'], meter: ProgressMeter, inFlight: number, signal: AbortSignal | undefined, durable: boolean,
 ): Promise<void> {
   signal?.throwIfAborted();
-  const out = await createDiskWriter(tmp, format, disk.virtualSize, signal ? { signal } : {});
+  const out = await createDiskWriter(tmp, format, disk.virtualSize, { durable, ...(signal ? { signal } : {}) });
   const window = new TaskWindow(inFlight);
   try {
     for (const [index, id] of disk.chunks.entries()) {

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { lineChecksum } from '../../src/crypto/paper.js';
 import { mkdtemp, readdir, stat } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { execa } from 'execa';
 import { compareImages, imageInfo } from '../../src/disk/qemu.js';
 import { openStorage } from '../../src/storage/open.js';
@@ -86,6 +86,16 @@ for (const b of all) {
       assert.ok(st.blocks * 512 < 200 * MiB, `restored raw uses ${st.blocks * 512} bytes on disk`);
       const cmp = await compareImages(img, raw, 'qcow2', 'raw');
       assert.ok(cmp.identical, cmp.output);
+      // --no-sync: the same file, and the output says it is not durable yet.
+      const fastDir = join(work, `sparse-out-nosync-${b.name}`);
+      const fast = await cli(['restore', made.id, '--to', fastDir, '--format', 'raw', '--no-sync'], env);
+      assert.equal(fast.code, 0, fast.stderr);
+      assert.match(fast.stdout, /not synced \(--no-sync\).*run "sync"/);
+      const fastCmp = await compareImages(img, join(fastDir, basename(raw)), 'qcow2', 'raw');
+      assert.ok(fastCmp.identical, fastCmp.output);
+      const instant = await cli(['restore', made.id, '--to', join(work, `sparse-instant-${b.name}`), '--instant', '--no-sync'], env);
+      assert.notEqual(instant.code, 0, instant.stderr);
+      assert.match(instant.stderr, /--no-sync applies to a plain restore only/);
     });
 
     test('one flipped byte, or a chunk copied over another, is found by verify and stops restore', async () => {

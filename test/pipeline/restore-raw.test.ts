@@ -9,8 +9,8 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rmdir, stat, symlink, utimes, writeFile } from 'node:fs/promises';
+import { existsSync, readlinkSync } from 'node:fs';
+import { mkdir, open, readdir, readFile, rmdir, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
@@ -99,6 +99,37 @@ describe('restore to raw writes the file directly', () => {
 
   test('on tmpfs (a memory filesystem, often /tmp): the same', async () => {
     await restoredWell(join(await tmpfs(), 'to'), { direct: false });
+  });
+
+  test('sync: false makes nothing under the target durable (no fdatasync, no directory fsync), and restores the same; the default syncs the file and its directory', async () => {
+    // Every sync of a file handle made during a restore, by the path of its descriptor.
+    const proto = Object.getPrototypeOf(await open(process.execPath, 'r').then(async (fh) => (await fh.close(), fh))) as { sync: () => Promise<void>; datasync: () => Promise<void> };
+    const synced: string[] = [];
+    const [sync, datasync] = [proto.sync, proto.datasync];
+    const record = (orig: () => Promise<void>) => function (this: { fd: number }) {
+      synced.push(readlinkSync(`/proc/self/fd/${this.fd}`));
+      return orig.call(this);
+    };
+    proto.sync = record(sync);
+    proto.datasync = record(datasync);
+    const restoreTo = async (to: string, sync?: boolean) => {
+      synced.length = 0;
+      const r = await restore(repo, { backupId: manifest.id, to, format: 'raw', ...(sync === undefined ? {} : { sync }) });
+      await execa('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, join(to, 'root.raw')]);
+      return { r, under: synced.filter((f) => f === to || f.startsWith(`${to}/`)) };
+    };
+    try {
+      const fast = await restoreTo(join(dir.path, 'to-no-sync'), false);
+      assert.equal(fast.r.durable, false);
+      assert.deepEqual(fast.under, [], 'nothing under the target is synced');
+      const safe = await restoreTo(join(dir.path, 'to-sync'));
+      assert.equal(safe.r.durable, true);
+      assert.ok(safe.under.some((f) => f.includes('.root.raw.vmvault-tmp-')), `the disk's file is synced before its rename (synced: ${safe.under.join(', ')})`);
+      assert.ok(safe.under.includes(join(dir.path, 'to-sync')), 'and its directory after it');
+    } finally {
+      proto.sync = sync;
+      proto.datasync = datasync;
+    }
   });
 
   test("an interrupted restore's temporary files (a restore killed) are removed by the next restore of the same file, not those still being written", async () => {

@@ -220,6 +220,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--disk <name>', 'restore only this disk, or NAME=PATH: only this disk, at PATH (inside --to; relative to it) (repeatable)', collect)
     .option('--name <vm>', 'restore as a new VM: the libvirt domain XML gets this name, a fresh UUID and fresh MAC addresses')
     .option('--force', 'replace existing files')
+    .option('--no-sync', 'do not make the restored files durable (no fdatasync): faster, for a restore to be compared or tested and thrown away; a crash of this host can lose them')
     .option('--json', 'print the result as JSON')
     .option('--instant', 'start the VM on overlays backed by an NBD export of the backup, then copy to the final images and pivot')
     .option('--start', '--instant: run QEMU (qemu-system-x86_64) with the restored configuration; its QMP monitor is DIR/qmp.sock')
@@ -228,8 +229,9 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
     .option('--machine <type>', '--start: QEMU machine (default pc,accel=kvm:tcg)')
     .option('--memory <size>', '--start: guest memory (default: from the libvirt domain, else 512M)')
     .option('--resume <dir>', 'finish an instant restore whose vmvault or export died')
-    .action(async (id: string | undefined, o: InstantOptions & { to?: string; format?: ImageFormat; disk?: string[]; force?: boolean; json?: boolean; name?: string }) => {
+    .action(async (id: string | undefined, o: InstantOptions & { to?: string; format?: ImageFormat; disk?: string[]; force?: boolean; json?: boolean; name?: string; sync: boolean }) => {
       if ((o.instant || o.resume !== undefined) && o.name !== undefined) throw new VmvaultError('BAD_INPUT', '--name applies to a plain restore only: leave out --instant');
+      if ((o.instant || o.resume !== undefined) && !o.sync) throw new VmvaultError('BAD_INPUT', '--no-sync applies to a plain restore only: an instant restore\'s images are the running VM\'s, always made durable');
       if (o.instant || o.resume !== undefined) return runInstant(id, o, globals());
       for (const flag of ['start', 'qmp', 'rate', 'machine', 'memory'] as const) {
         if (o[flag] !== undefined) throw new VmvaultError('BAD_INPUT', `--${flag} applies to --instant restores only`);
@@ -251,7 +253,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         result = await restore(repo, {
           backupId: await repo.resolveBackupId(id), to, ...(o.format ? { format: o.format } : {}),
           ...(disks.length ? { disks } : {}), ...(Object.keys(diskPaths).length ? { diskPaths } : {}), ...(o.name !== undefined ? { name: o.name } : {}),
-          force: !!o.force, forceHint: 'pass --force to replace them', onProgress: bar.update, signal: stop.signal,
+          force: !!o.force, forceHint: 'pass --force to replace them', onProgress: bar.update, signal: stop.signal, sync: o.sync,
         });
       } finally {
         stop.dispose();
@@ -261,6 +263,7 @@ export function registerBackupCommands(program: Command, globals: () => GlobalOp
         `restored backup ${result.backup} of ${result.vm}${result.clone ? ` as new VM ${result.clone.name} (uuid ${result.clone.uuid})` : ''}:`,
         ...result.files.map((f) => `  ${f.path}`),
         ...(result.leftoversRemoved ?? []).map((f) => `removed ${f}, left by a restore that was interrupted`),
+        ...(result.durable ? [] : ['not synced (--no-sync): a crash of this host before the kernel writes them back can lose these files; run "sync" to make them durable']),
       ].join('\n'));
     });
 }
