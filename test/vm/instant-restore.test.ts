@@ -114,7 +114,7 @@ describe('vmvault restore --instant --start', () => {
     assert.equal(info['backing-filename'], undefined, 'the final image names no backing file');
   });
 
-  test('killing vmvault (the exporter) during the copy pauses the VM on an I/O error; --resume completes with an identical image', { timeout: 300_000 }, async () => {
+  test('Ctrl-C during the copy only warns; a second one exits (as a kill would): the VM pauses on an I/O error, and --resume completes with an identical image', { timeout: 300_000 }, async () => {
     const to = join(dir.path, 'b');
     const proc = start(['restore', backupId.slice(0, 12), '--instant', '--to', to, '--start', '--machine', 'pc,accel=tcg', '--memory', '64', '--rate', '2M'], env);
     const { qmp, at: _ } = await firstAnswer(join(to, 'qmp.sock'), proc);
@@ -124,8 +124,17 @@ describe('vmvault restore --instant --start', () => {
         const jobs = await qmp.execute<{ offset: number }[]>('query-block-jobs');
         return jobs.length === 1 && jobs[0]!.offset > 0;
       }, 30_000, () => proc.output());
-      proc.kill('SIGKILL');
-      await proc.catch(() => undefined);
+      // The first Ctrl-C says what exiting would do to the VM, and the restore goes on.
+      proc.kill('SIGINT');
+      await waitFor('the warning', () => /exiting now pauses it \(I\/O error\) until "vmvault restore --resume /.test(proc.output()), 10_000, () => proc.output(), 50);
+      const before = (await qmp.execute<{ offset: number }[]>('query-block-jobs'))[0]!.offset;
+      await waitFor('the copy to go on', async () => (await qmp.execute<{ offset: number }[]>('query-block-jobs'))[0]!.offset > before, 30_000, () => proc.output());
+      assert.equal(proc.exitCode, null, 'still running');
+      // The second exits at once, as a kill would (the exports die with it).
+      proc.kill('SIGINT');
+      const ended = await proc.catch((e: { exitCode?: number }) => e);
+      assert.equal(ended.exitCode, 130, proc.output());
+      assert.match(proc.output(), new RegExp(`exiting; a VM running on this restore pauses .*Finish the restore with "vmvault restore --resume ${to}"`));
       // The guest reads its disk again (SeaBIOS after a reset): the read fails, and rerror=stop pauses the VM.
       // The reset is repeated every 15 s until then: a reset that lands while SeaBIOS is
       // still starting, or after it has given up on the disk, may not read it at all.

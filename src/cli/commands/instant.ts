@@ -27,12 +27,43 @@ function report(json: boolean | undefined, r: InstantRestoreResult): void {
   ].join('\n'));
 }
 
+/**
+ * Ctrl-C (or SIGTERM) during an instant restore: the VM reads what is not copied yet from
+ * this process's exports, so exiting pauses it on an I/O error until a resume. The first
+ * signal only says so; a second exits, naming the command that finishes the restore.
+ */
+function guardRunningVm(dir: string): () => void {
+  let warned = false;
+  const resume = `vmvault restore --resume ${dir}`;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    if (warned) {
+      process.stderr.write(`\nvmvault: ${sig} again: exiting; a VM running on this restore pauses on its next read of an uncopied block. Finish the restore with "${resume}"\n`);
+      process.exit(130);
+    }
+    warned = true;
+    process.stderr.write(`\nvmvault: ${sig}: the VM reads the disks' uncopied blocks from this process: exiting now pauses it (I/O error) until "${resume}". ` +
+      'The restore goes on; send the signal again to exit anyway\n');
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  return () => {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  };
+}
+
 export async function runInstant(id: string | undefined, o: InstantOptions, globals: GlobalOptions): Promise<void> {
   if (o.resume !== undefined) {
     if (id !== undefined || o.instant || o.to) throw new VmvaultError('BAD_INPUT', '--resume DIR takes no backup id, --instant or --to: everything is recorded in DIR');
     const repo = await openRepository(globals);
     const bar = progressBar(!o.json);
-    const r = await resumeInstantRestore(repo, o.resume, { onProgress: bar.update });
+    const unguard = guardRunningVm(o.resume);
+    let r;
+    try {
+      r = await resumeInstantRestore(repo, o.resume, { onProgress: bar.update });
+    } finally {
+      unguard();
+    }
     bar.done();
     report(o.json, r);
     return;
@@ -44,14 +75,20 @@ export async function runInstant(id: string | undefined, o: InstantOptions, glob
   const memoryMiB = o.memory === undefined ? undefined : Math.round(parseSize(o.memory.match(/^\d+$/) ? `${o.memory}M` : o.memory) / 1024 ** 2);
   const repo = await openRepository(globals);
   const bar = progressBar(!o.json);
-  const r = await instantRestore(repo, {
-    backupId: await repo.resolveBackupId(id), to: o.to, force: !!o.force,
-    vm: o.start ? { start: { ...(o.machine ? { machine: o.machine } : {}), ...(memoryMiB ? { memoryMiB } : {}) } } : { qmp: o.qmp! },
-    ...(o.format ? { format: o.format as 'qcow2' | 'raw' } : {}), ...(rate(o.rate) ? { rate: rate(o.rate)! } : {}),
-    onProgress: bar.update,
-    // Said as soon as it is true, on stderr: stdout carries the result (JSON with --json).
-    onRunning: (w) => process.stderr.write(`vmvault: the VM runs from the backup; QMP at ${w.qmpSocket}; copying its disks underneath\n`),
-  });
+  const unguard = guardRunningVm(o.to);
+  let r;
+  try {
+    r = await instantRestore(repo, {
+      backupId: await repo.resolveBackupId(id), to: o.to, force: !!o.force,
+      vm: o.start ? { start: { ...(o.machine ? { machine: o.machine } : {}), ...(memoryMiB ? { memoryMiB } : {}) } } : { qmp: o.qmp! },
+      ...(o.format ? { format: o.format as 'qcow2' | 'raw' } : {}), ...(rate(o.rate) ? { rate: rate(o.rate)! } : {}),
+      onProgress: bar.update,
+      // Said as soon as it is true, on stderr: stdout carries the result (JSON with --json).
+      onRunning: (w) => process.stderr.write(`vmvault: the VM runs from the backup; QMP at ${w.qmpSocket}; copying its disks underneath\n`),
+    });
+  } finally {
+    unguard();
+  }
   bar.done();
   report(o.json, r);
 }
