@@ -44,6 +44,11 @@ const DEFAULTS = {
   'virsh-job': 10 * MINUTE,
   /** virsh blockcommit --wait: copies everything the overlay holds back into its base. */
   'virsh-commit': 60 * MINUTE,
+  /**
+   * qemu-system-x86_64 -daemonize of an instant restore: it returns once the machine is
+   * set up, its disks opened through vmvault's exports; no guest code has run yet.
+   */
+  'vm-start': 2 * MINUTE,
 } satisfies Record<string, number>;
 
 export type ToolBound = keyof typeof DEFAULTS;

@@ -13,11 +13,13 @@
  * so vmvault dying is the export dying: the VM then pauses on I/O errors (never reads
  * anything else) until a resume.
  */
-import { chmod, mkdir, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { spawn } from 'node:child_process';
 import { join, resolve } from 'node:path';
 import { VmvaultError, errorMessage } from '../errors.js';
 import { createImage } from '../disk/qemu.js';
 import { runTool, stderrText, ToolTimeout } from '../disk/qemu-run.js';
+import { toolEnv } from '../tool-env.js';
 import { boundText, toolTimeoutMs } from '../disk/tool-timeouts.js';
 import { exportBackupDisk, type NbdExport } from '../pipeline/nbd-export.js';
 import { FORMAT_EXT, pathInside } from '../pipeline/names.js';
@@ -232,9 +234,60 @@ async function startQemu(state: InstantState, m: Manifest, dir: string, o: Start
     for (const node of sourceNodes(d)) args.push('-blockdev', JSON.stringify(node));
     args.push('-device', JSON.stringify(deviceOptions(d, i === 0 ? 0 : undefined)));
   });
-  const r = await runTool('qemu-system-x86_64', args);
-  if (r.exitCode !== 0) throw new VmvaultError('QEMU', `QEMU did not start: ${stderrText(r.stderr)}`);
+  // -daemonize: the command returns once the machine is set up (its disks opened through
+  // the exports of this process). One that never does is stopped, and so is the QEMU it
+  // forked. Its stderr goes straight to a file (a descriptor, not a pipe): that QEMU would
+  // hold a pipe open, and a wait for the pipe's end would never finish.
+  const timeoutMs = toolTimeoutMs('vm-start');
+  const log = join(dir, '.qemu-start.log');
+  const logFile = await open(log, 'w', 0o600);
+  let r: { code: number | null; timedOut: boolean; error?: NodeJS.ErrnoException };
+  try {
+    const child = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', logFile.fd], env: toolEnv() });
+    r = await new Promise((resolve) => {
+      let timedOut = false;
+      const timer = setTimeout(() => { timedOut = true; child.kill('SIGKILL'); }, timeoutMs);
+      child.once('error', (error) => { clearTimeout(timer); resolve({ code: null, timedOut, error }); });
+      child.once('exit', (code) => { clearTimeout(timer); resolve({ code, timedOut }); });
+    });
+  } finally {
+    await logFile.close();
+  }
+  const stderr = await readFile(log, 'utf8').catch(() => '');
+  const said = stderrText(stderr);
+  await rm(log, { force: true });
+  if (r.timedOut) {
+    const stopped = await stopStarted(state.pidFile!);
+    throw new VmvaultError('QEMU', `QEMU did not finish starting within ${boundText(timeoutMs)} and was stopped${stopped.length ? ` (and the QEMU it had forked, pid ${stopped.join(', ')})` : ''}` +
+      `${stderr.trim() ? `; it said: ${said}` : ''}. Check the host's load and the backup's disks (vmvault export); nothing of the restore was kept`);
+  }
+  if (r.error) {
+    throw new VmvaultError('QEMU', r.error.code === 'ENOENT'
+      ? 'qemu-system-x86_64 is not installed: install qemu-system-x86, or give the disks to a running QEMU with --qmp'
+      : `qemu-system-x86_64 could not be run: ${r.error.message}`, { cause: r.error });
+  }
+  if (r.code !== 0) throw new VmvaultError('QEMU', `QEMU did not start: ${said}`);
   return QmpClient.connect(state.qmpSocket);
+}
+
+/**
+ * Kills (SIGKILL: no guest code has run) every process started with `-pidfile PIDFILE`:
+ * the QEMU a stopped -daemonize forked, which may not have written that file yet. Their pids.
+ */
+async function stopStarted(pidFile: string): Promise<number[]> {
+  const killed: number[] = [];
+  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
+    if (!/^\d+$/.test(entry)) continue;
+    const args = (await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (!args.some((a, i) => a === pidFile && args[i - 1] === '-pidfile')) continue;
+    try {
+      process.kill(Number(entry), 'SIGKILL');
+      killed.push(Number(entry));
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+  return killed;
 }
 
 async function attach(socket: string, state: InstantState): Promise<QmpClient> {

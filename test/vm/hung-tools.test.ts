@@ -18,7 +18,8 @@ import { readLocks } from '../../src/repo/locks.js';
 import { LocalStorage } from '../../src/storage/local.js';
 import { backupVm } from '../../src/vm/drivers.js';
 import { virsh, VirshTimeout } from '../../src/vm/virsh.js';
-import { makeImage, tempDir, verifyPatterns, type TempDir } from '../helpers/images.js';
+import { makeImage, tempDir, verifyPatterns, waitForExit, type TempDir } from '../helpers/images.js';
+import { instantRestore } from '../../src/vm/instant-restore.js';
 
 const MiB = 1024 * 1024;
 const DATA = [{ offset: MiB, length: 2 * MiB, pattern: 0x4d }];
@@ -161,6 +162,33 @@ exec sleep 1000
     assert.ok(Date.now() - started < 10_000);
     assert.deepEqual(await readLocks(repo), []);
     assert.deepEqual(await repo.backupIds(), committed);
+  });
+
+  it("an instant restore's QEMU that never finishes starting is stopped after its bound, with the QEMU it had left running; nothing of the restore is kept", async () => {
+    // A fake qemu-system-x86_64: starts a "daemon" that writes the pid file (its command line
+    // names it, as QEMU's does), then never returns, as a -daemonize that never finishes setting up.
+    await fs.writeFile(path.join(bin, 'qemu-system-x86_64'), `#!/bin/bash
+pf=""; prev=""; for a in "$@"; do [[ "$prev" == -pidfile ]] && pf=$a; prev=$a; done
+node -e 'setTimeout(() => {}, 1e6)' -- qemu-daemon -pidfile "$pf" &
+echo $! > "$pf"
+exec sleep 1000
+`, { mode: 0o755 });
+    process.env.VMVAULT_TOOL_TIMEOUTS = 'vm-start=1500';
+    const img = await makeImage(dir.path, 'instant.qcow2', 'qcow2', 8 * MiB, DATA);
+    const { manifest } = await backupVm(repo, { vm: 'instant', driver: 'image', disks: [{ path: img, format: 'qcow2', name: 'root' }] });
+    const to = path.join(dir.path, 'instant-out');
+    let daemon = 0;
+    const started = Date.now();
+    await assert.rejects(instantRestore(repo, { backupId: manifest.id, to, vm: { start: {} } }), (err: Error) => {
+      const m = /^QEMU did not finish starting within 1.5 s and was stopped \(and the QEMU it had forked, pid (\d+)\)\. .*nothing of the restore was kept$/.exec(err.message);
+      daemon = Number(m?.[1] ?? 0);
+      return m !== null;
+    });
+    assert.ok(Date.now() - started < 15_000, `failed after ${Date.now() - started} ms`);
+    await waitForExit(daemon, 5000);
+    assert.equal(await fs.readFile(`/proc/${daemon}/cmdline`, 'utf8').then((c) => c.includes('qemu-daemon'), () => false), false, 'the QEMU it left is gone');
+    const left = await fs.readdir(to);
+    assert.deepEqual(left.filter((f) => /instant-restore\.json|overlay|root\.(qcow2|raw)$/.test(f)), [], `left: ${left.join(', ')}`);
   });
 
   it('VMVAULT_TOOL_TIMEOUTS overrides the bounds it names and refuses what it cannot read', () => {
