@@ -33,7 +33,6 @@ const MAX_BITMAP_BYTES = 64 * 1024 * 1024;
 
 const FLAG_IN_USE = 1;
 const FLAG_AUTO = 2;
-const FLAG_EXTRA_DATA_COMPATIBLE = 4;
 
 /** A dirty bitmap that can be asked which ranges were written. */
 export interface DirtyBitmap {
@@ -114,9 +113,10 @@ export async function openQcow2Bitmap(read: ReadAt, fileSize: number, virtualSiz
   const b = found;
   if (b.flags & FLAG_IN_USE) return { unmapped: `bitmap "${name}" is in use: a QEMU that had the image open did not store it` };
   if (!(b.flags & FLAG_AUTO)) return { unmapped: `bitmap "${name}" is disabled` };
-  if (b.flags & ~(FLAG_IN_USE | FLAG_AUTO | FLAG_EXTRA_DATA_COMPATIBLE)) return { unmapped: `bitmap "${name}" has unknown flags 0x${b.flags.toString(16)}` };
+  // As qemu (BME_RESERVED_FLAGS): flag bit 2, extra_data_compatible, is reserved too, and an image with it does not open.
+  if (b.flags & ~(FLAG_IN_USE | FLAG_AUTO)) return { unmapped: `bitmap "${name}" has unknown flags 0x${b.flags.toString(16)}` };
   if (b.type !== 1) return { unmapped: `bitmap "${name}" is of type ${b.type}, not a dirty tracking bitmap` };
-  if (b.extra !== 0 && !(b.flags & FLAG_EXTRA_DATA_COMPATIBLE)) return { unmapped: `bitmap "${name}" has extra data that must not be ignored` };
+  if (b.extra !== 0) return { unmapped: `bitmap "${name}" has ${b.extra} bytes of extra data` };
   if (b.granularityBits < 9 || b.granularityBits > 31) return { unmapped: `bitmap "${name}" has granularity bits ${b.granularityBits}` };
   const granularity = 2 ** b.granularityBits;
   const bits = Math.ceil(virtualSize / granularity);

@@ -94,6 +94,8 @@ export async function readHeader(read: ReadAt, fileSize: number): Promise<Header
   const l1Offset = u64(h, 40);
   const snapshotsOffset = u64(h, 64);
   if (size === undefined || l1Offset === undefined || snapshotsOffset === undefined) return { unmapped: 'a header field is out of range' };
+  // qemu rounds such a size down to whole sectors (qemu-img never writes one): the disk would not be the header's.
+  if (size % 512 !== 0) return { unmapped: `its size of ${size} bytes is not a whole number of 512-byte sectors` };
   if (version === 3) {
     const incompatible = h.readBigUInt64BE(72);
     if (incompatible & 1n) return { unmapped: 'its dirty flag is set (qemu repairs its reference counts on the next write open)' };
@@ -150,6 +152,8 @@ export async function openQcow2Map(read: ReadAt, fileSize: number, expectSize: n
   const table = snapshot === undefined ? { l1Offset: h.l1Offset, l1Size: h.l1Size, size: h.size } : await findSnapshot(read, h, snapshot);
   if (isUnmapped(table)) return table;
   if (table.size !== expectSize) return { unmapped: `its size is ${table.size} bytes, not the ${expectSize} inspected` };
+  // qemu reads a snapshot (qemu-nbd -l, qemu-img convert -l) with the image's current size, not the snapshot's.
+  if (table.size !== h.size) return { unmapped: `snapshot "${snapshot}" is of ${table.size} bytes, the image of ${h.size}` };
   const clusterSize = 2 ** h.clusterBits;
   const perL2 = clusterSize / 8;
   const needed = Math.ceil(table.size / (clusterSize * perL2));
