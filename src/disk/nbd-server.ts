@@ -19,6 +19,9 @@
  *   until they are written; at most `loads` runs are being produced at once across
  *   all connections; and connections beyond `maxConnections`, or beyond
  *   PER_PEER_CONNECTIONS from one TCP address, are refused.
+ * - Each request starts on an event-loop turn of its own, and a block status looks at
+ *   most BLOCK_STATUS_SPAN ahead: a client that pipelines cheap requests cannot keep
+ *   the loop (and every other client of the process) for itself.
  * - Writes are refused with EPERM (the export is read-only), after their payload has
  *   been read and dropped, so the stream stays in step.
  */
@@ -83,12 +86,25 @@ const PER_CONNECTION_ACTIVE = 4;
 const PER_CONNECTION_QUEUED = 32;
 /** Block status answers at most this many descriptors at once; the client asks again for the rest. */
 const MAX_DESCRIPTORS = 4096;
+/**
+ * Block status looks at most this far from its offset; the client asks again for the
+ * rest (the spec lets a reply cover less than asked). The source's layout is built
+ * whole and at once, on the event loop: for all of a 4 GiB request over 64 KiB chunks
+ * that is 65,536 runs, tens of milliseconds, and a client may pipeline thousands.
+ */
+const BLOCK_STATUS_SPAN = 256 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT_MS = 30_000;
 /** Connections from one TCP address at once: one client cannot take every connection. */
 const PER_PEER_CONNECTIONS = 16;
 /** Bytes of reads without structured replies produced and not yet written, across all connections. */
 const SIMPLE_READ_BUDGET = 256 * 1024 * 1024;
-/** How long a client that sent NBD_CMD_DISC may keep its side of the connection open. */
+/**
+ * The zeros of holes in simple replies, sent as many times as a hole needs: one buffer
+ * for the whole server, where one the size of the largest hole per connection would
+ * keep up to 32 MiB for each connection, outside every other bound.
+ */
+let zeros: Buffer | undefined;
+/** How long a client that sent NBD_CMD_DISC, or whose handshake ended without an export, may keep its side of the connection open. */
 const DISCONNECT_GRACE_MS = 5_000;
 
 export class NbdServer {
@@ -185,6 +201,10 @@ export class NbdServer {
     }
     if (!agreed) {
       socket.end();
+      // The handshake's timer is gone: a client that keeps its side open (never reading
+      // our FIN) would otherwise hold the connection, and its slot, for good, without
+      // ever having named the export.
+      setTimeout(() => socket.destroy(), DISCONNECT_GRACE_MS).unref();
       return;
     }
     const t = new Transmission(socket, this.opts.source, agreed, this.loads, this.simpleBytes, this.info.maxPayload, this.opts.stallMs ?? REPLY_STALL_MS);
@@ -249,7 +269,6 @@ class Transmission {
   private active = 0;
   private disconnecting = false;
   private dead = false;
-  private zeros: Buffer | undefined;
   /** Requests not yet parsed, kept while the client leaves more than REPLY_BACKLOG of replies unread. */
   private held: Buffer | undefined;
 
@@ -361,6 +380,12 @@ class Transmission {
   }
 
   private async handle(r: Request): Promise<void> {
+    // Each request starts on a turn of its own: a reply that needs no waiting (a block
+    // status, a cached chunk, a socket that takes all it is given) would otherwise start
+    // the next queued request at once, and a client that pipelines thousands would keep
+    // the event loop, and every other client and job of this process, from running.
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    if (this.dead) return;
     const bad = r.offset + r.length > this.source.size || r.length === 0 || (r.type === NBD_CMD_READ && r.length > this.maxPayload);
     if (r.type === NBD_CMD_READ) {
       if (bad) return this.fail(r, NBD_EINVAL, `read of ${r.length} bytes at ${r.offset} is outside the ${this.source.size}-byte export or too large`);
@@ -369,7 +394,7 @@ class Transmission {
     if (!this.agreed.structuredReplies || this.agreed.allocationContext === undefined) return this.fail(r, NBD_EINVAL, 'block status needs the base:allocation meta context');
     if (bad) return this.fail(r, NBD_EINVAL, `block status of ${r.length} bytes at ${r.offset} is outside the ${this.source.size}-byte export`);
     const out: number[] = [];
-    for (const run of this.source.layout(r.offset, r.length)) {
+    for (const run of this.source.layout(r.offset, Math.min(r.length, BLOCK_STATUS_SPAN))) {
       const flags = run.zero ? NBD_STATE_HOLE | NBD_STATE_ZERO : 0;
       if (out.length && out[out.length - 1] === flags) out[out.length - 2] = out[out.length - 2]! + run.length;
       else if (out.length / 2 >= MAX_DESCRIPTORS || (out.length && r.flags & NBD_CMD_FLAG_REQ_ONE)) break;
@@ -393,6 +418,7 @@ class Transmission {
         await this.chunk(r, flags, NBD_REPLY_TYPE_OFFSET_HOLE, [where]);
         continue;
       }
+      if (this.dead) return; // Its client left: the rest would only take loads from the others.
       let data: Buffer;
       try {
         data = await this.loads.run(() => this.source.read(run.offset, run.length));
@@ -408,7 +434,8 @@ class Transmission {
    * before anything is sent: its bytes are taken from the server's budget until written.
    */
   private readSimple(r: Request): Promise<void> {
-    return this.simpleBytes.run(r.length, () => this.produceSimple(r));
+    // Checked again once the budget lets it go: the client may have left while it waited.
+    return this.simpleBytes.run(r.length, async () => { if (!this.dead) await this.produceSimple(r); });
   }
 
   private async produceSimple(r: Request): Promise<void> {
@@ -416,11 +443,13 @@ class Transmission {
     try {
       for (const run of this.source.layout(r.offset, r.length)) {
         if (run.zero) {
-          if (!this.zeros || this.zeros.length < run.length) this.zeros = Buffer.alloc(Math.max(run.length, 1024 * 1024));
-          parts.push(this.zeros.subarray(0, run.length));
-        } else {
-          parts.push(await this.loads.run(() => this.source.read(run.offset, run.length)));
+          zeros ??= Buffer.alloc(1024 * 1024);
+          for (let at = 0; at < run.length; at += zeros.length) parts.push(zeros.subarray(0, Math.min(zeros.length, run.length - at)));
+          continue;
         }
+        // A client that left gets nothing: the rest of its read would only take loads from the others.
+        if (this.dead) return;
+        parts.push(await this.loads.run(() => this.source.read(run.offset, run.length)));
       }
     } catch {
       return this.simple(r, NBD_EIO);

@@ -8,14 +8,17 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { after, before, describe, test } from 'node:test';
 import { execa } from 'execa';
 import { NbdClient } from '../../src/disk/nbd.js';
 import { ExactReader } from '../../src/disk/nbd-handshake.js';
 import { NbdServer, type NbdSource, type SourceRun } from '../../src/disk/nbd-server.js';
 import {
-  NBD_CMD_DISC, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST,
-  NBD_REP_ACK, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_SERVER, NBD_SIMPLE_REPLY_MAGIC, encodeOption, encodeRequest, lengthPrefixed, readU64,
+  NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
+  NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK,
+  NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_SERVER, NBD_SIMPLE_REPLY_MAGIC, encodeOption, encodeRequest, lengthPrefixed, readU64,
 } from '../../src/disk/nbd-protocol.js';
 import { VmvaultError } from '../../src/errors.js';
 import { tempDir, type TempDir } from '../helpers/images.js';
@@ -84,6 +87,32 @@ async function raw(): Promise<{ socket: net.Socket; reader: ExactReader }> {
   const flags = Buffer.alloc(4);
   flags.writeUInt32BE(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES, 0);
   socket.write(flags);
+  return { socket, reader };
+}
+
+/** A raw connection to the export `disk` of the server on `path`, in transmission (structured replies and base:allocation when `structured`). */
+async function transmission(path: string, structured: boolean): Promise<{ socket: net.Socket; reader: ExactReader }> {
+  const socket = net.createConnection(path);
+  const reader = new ExactReader();
+  socket.on('data', (d) => reader.push(d));
+  socket.on('close', () => reader.fail(new Error('closed')));
+  socket.on('error', () => {});
+  await reader.read(18);
+  const flags = Buffer.alloc(4);
+  flags.writeUInt32BE(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES, 0);
+  socket.write(flags);
+  const until = async () => {
+    let r;
+    do r = await optionReply(reader); while (r.type !== NBD_REP_ACK);
+  };
+  if (structured) {
+    socket.write(encodeOption(NBD_OPT_STRUCTURED_REPLY));
+    await until();
+    socket.write(encodeOption(NBD_OPT_SET_META_CONTEXT, Buffer.concat([lengthPrefixed('disk'), Buffer.from([0, 0, 0, 1]), lengthPrefixed('base:allocation')])));
+    await until();
+  }
+  socket.write(encodeOption(NBD_OPT_GO, Buffer.concat([lengthPrefixed('disk'), Buffer.from([0, 0])])));
+  await until();
   return { socket, reader };
 }
 
@@ -298,6 +327,169 @@ describe('NBD server', () => {
       assert.deepEqual(Buffer.from(await reader.read(8)), expected(5 * BLOCK, 8));
     } finally {
       socket.destroy();
+    }
+  });
+});
+
+describe('NBD server against hostile clients', () => {
+  test('a client whose handshake ended without an export, and that keeps its side open, is dropped all the same', async () => {
+    // Without the secret name, a client could otherwise hold connection slots for good.
+    const ends: [string, number, (s: net.Socket) => void][] = [
+      ['NBD_OPT_ABORT', NBD_FLAG_C_FIXED_NEWSTYLE, (s) => s.write(encodeOption(NBD_OPT_ABORT))],
+      ['unknown client flags', 0x80, () => {}],
+      ['NBD_OPT_EXPORT_NAME of another export', NBD_FLAG_C_FIXED_NEWSTYLE, (s) => s.write(encodeOption(NBD_OPT_EXPORT_NAME, Buffer.from('other')))],
+    ];
+    const p = join(dir.path, 'half-open.sock');
+    const s = await NbdServer.listen({ path: p }, { source, name: 'disk' });
+    const open: net.Socket[] = [];
+    try {
+      await Promise.all(ends.map(async ([what, flags, end]) => {
+        const c = net.createConnection({ path: p, allowHalfOpen: true });
+        open.push(c);
+        c.on('error', () => {});
+        const finned = new Promise<void>((resolve) => c.once('end', () => resolve())); // The server's FIN: this client ignores it.
+        await new Promise((resolve) => c.once('data', resolve));
+        const f = Buffer.alloc(4);
+        f.writeUInt32BE(flags, 0);
+        c.write(f);
+        end(c);
+        await waitFor(`the server to end its side after ${what}`, () => finned.then(() => true), 10_000);
+      }));
+      assert.equal(s.connectionCount, ends.length, 'each still open on the server once it ended its side');
+      await waitFor('the server to drop them', () => s.connectionCount === 0, 20_000, () => `${s.connectionCount} still open`);
+    } finally {
+      for (const c of open) c.destroy();
+      await s.close();
+    }
+  });
+
+  test('a client without structured replies that leaves mid-read takes no more loads: the rest of its read is not produced', async () => {
+    let reads = 0;
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => { open = resolve; });
+    const gated: NbdSource = { size: SIZE, layout: (o, l) => source.layout(o, l), read: async (o, l) => { reads++; await gate; return source.read(o, l); } };
+    const p = join(dir.path, 'gated.sock');
+    const s = await NbdServer.listen({ path: p }, { source: gated, name: 'disk' });
+    try {
+      const { socket } = await transmission(p, false);
+      // Blocks 4 to 8: five data runs, produced one after another before anything is sent.
+      socket.write(encodeRequest(0, NBD_CMD_READ, 1, 4 * BLOCK, 5 * BLOCK));
+      await waitFor('the first run to be asked for', () => reads === 1, 10_000);
+      socket.destroy();
+      await waitFor('the server to see it gone', () => s.connectionCount === 0, 10_000);
+      open();
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(reads, 1, 'no run produced after the client left');
+    } finally {
+      open();
+      await s.close();
+    }
+  });
+
+  test('holes read without structured replies keep no memory per connection once sent', async () => {
+    setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as () => void;
+    const HOLE = 32 * 1024 * KiB;
+    const holes: NbdSource = { size: 2 * HOLE, layout: (offset, length) => [{ offset, length, zero: true }], read: () => Promise.reject(new Error('no data here')) };
+    const p = join(dir.path, 'holes.sock');
+    const s = await NbdServer.listen({ path: p }, { source: holes, name: 'disk' });
+    const open: net.Socket[] = [];
+    try {
+      gc();
+      const before = process.memoryUsage().arrayBuffers;
+      /** One read of the hole on a connection of its own, left open; nothing of what it read is kept. */
+      const readHole = async (i: number): Promise<void> => {
+        const { socket, reader } = await transmission(p, false);
+        open.push(socket);
+        socket.write(encodeRequest(0, NBD_CMD_READ, i, HOLE / 2, HOLE));
+        assert.equal((await reader.read(16)).readUInt32BE(4), 0);
+        assert.ok((await reader.read(HOLE)).every((b) => b === 0));
+      };
+      for (let i = 0; i < 4; i++) await readHole(i);
+      // The connections stay open: what each kept of its read would still be held.
+      // Four kept zero buffers would be 128 MiB; what the reads leave to collect, far less.
+      for (let i = 0; i < 3; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+        gc();
+      }
+      const grown = process.memoryUsage().arrayBuffers - before;
+      assert.ok(grown < 64 * 1024 * KiB, `${grown} bytes more are held after four reads of a 32 MiB hole`);
+    } finally {
+      for (const c of open) c.destroy();
+      await s.close();
+    }
+  });
+
+  test('a client that pipelines thousands of requests does not keep the event loop: requests start a few per turn', async () => {
+    let layouts = 0;
+    const counted: NbdSource = { size: SIZE, layout: (o, l) => { layouts++; return source.layout(o, l); }, read: (o, l) => source.read(o, l) };
+    const p = join(dir.path, 'pipelined.sock');
+    const s = await NbdServer.listen({ path: p }, { source: counted, name: 'disk' });
+    const { socket, reader } = await transmission(p, true);
+    /** Requests started on each turn of the event loop, while the test runs. */
+    const perTurn: number[] = [];
+    let seen = 0;
+    let probing = true;
+    const probe = (): void => {
+      perTurn.push(layouts - seen);
+      seen = layouts;
+      if (probing) setImmediate(probe);
+    };
+    try {
+      const N = 2000;
+      // One write; each reply (REQ_ONE: one descriptor) is 32 bytes, so no write ever waits on the client.
+      socket.write(Buffer.concat(Array.from({ length: N }, (_, i) => encodeRequest(NBD_CMD_FLAG_REQ_ONE, NBD_CMD_BLOCK_STATUS, i, 0, SIZE))));
+      setImmediate(probe);
+      for (let i = 0; i < N; i++) {
+        const head = await reader.read(20);
+        assert.equal(head.readUInt16BE(6), 5, 'a block status chunk');
+        await reader.read(head.readUInt32BE(16));
+      }
+      probing = false;
+      assert.equal(layouts, N);
+      assert.ok(Math.max(...perTurn) <= 16, `up to ${Math.max(...perTurn)} requests were served on one turn of the event loop`);
+    } finally {
+      probing = false;
+      socket.destroy();
+      await s.close();
+    }
+  });
+
+  test('block status looks at most 256 MiB ahead at once; vmvault\'s client and qemu-img map still see the whole disk', async () => {
+    const MiB = 1024 * KiB;
+    const DATA = 700 * MiB;
+    /** 1 GiB, all hole but one 64 KiB block at 700 MiB. */
+    let longest = 0;
+    const sparse: NbdSource = {
+      size: 1024 * MiB,
+      layout(offset, length) {
+        longest = Math.max(longest, length);
+        const end = offset + length;
+        const runs: SourceRun[] = [];
+        if (offset < DATA) runs.push({ offset, length: Math.min(end, DATA) - offset, zero: true });
+        if (offset < DATA + BLOCK && end > DATA) runs.push({ offset: Math.max(offset, DATA), length: Math.min(end, DATA + BLOCK) - Math.max(offset, DATA), zero: false });
+        if (end > DATA + BLOCK) runs.push({ offset: Math.max(offset, DATA + BLOCK), length: end - Math.max(offset, DATA + BLOCK), zero: true });
+        return runs;
+      },
+      read: async (o, l) => Buffer.alloc(l, 0x5a),
+    };
+    const p = join(dir.path, 'sparse.sock');
+    const s = await NbdServer.listen({ path: p }, { source: sparse, name: 'disk' });
+    try {
+      const client = await NbdClient.connect(p, { exportName: 'disk' });
+      try {
+        const ext = await client.extents(0, 1024 * MiB);
+        assert.deepEqual(ext.filter((e) => !e.hole).map((e) => [e.offset, e.length]), [[DATA, BLOCK]]);
+        assert.equal(ext.reduce((n, e) => n + e.length, 0), 1024 * MiB);
+      } finally {
+        await client.close();
+      }
+      assert.ok(longest <= 256 * MiB, `the source was asked for the layout of ${longest} bytes at once`);
+      const map = await execa('qemu-img', ['map', '--output=json', '-f', 'raw', `nbd+unix:///disk?socket=${p}`]);
+      const data = (JSON.parse(map.stdout) as { start: number; length: number; data: boolean }[]).filter((e) => e.data);
+      assert.deepEqual(data.map((e) => [e.start, e.length]), [[DATA, BLOCK]]);
+    } finally {
+      await s.close();
     }
   });
 });
