@@ -38,6 +38,10 @@ load=$(cut -d' ' -f1 /proc/loadavg)
 cat "$IMAGE" >"$W/disk.qcow2"
 qemu-img convert -f qcow2 -O raw "$IMAGE" "$W/disk.raw"
 
+# warm_repo DIR: a restore's input is its repository, read once before it as a backup's file is.
+# vmvault writes its chunks around the page cache (O_DIRECT), restic through it: unread, vmvault's
+# restore would read from the device while restic's read memory.
+warm_repo() { sync; find "$1" -type f -print0 | xargs -0 -r cat >/dev/null; }
 # timed NAME CMD...: one line of NAME seconds rss-KiB user sys into times.tsv
 # Before each: earlier steps' writes are flushed (their writeback would land on the next
 # tool) and both inputs are read once, so they are in the page cache.
@@ -57,6 +61,7 @@ for rep in $(seq 1 "$REPS"); do
   v_restore() {
     local id
     id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).id)' "$W/out/full.vmvault.$rep.out")
+    warm_repo "$W/v-repo"
     timed "restore.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" restore "$id" --to "$W/v-out" --format raw --json
   }
   # The same restore with --no-sync: like restic's, it ends with its last write (the like-for-like
@@ -64,12 +69,14 @@ for rep in $(seq 1 "$REPS"); do
   v_restore_nosync() {
     local id
     id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).id)' "$W/out/full.vmvault.$rep.out")
+    warm_repo "$W/v-repo"
     timed "restore-nosync.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" restore "$id" --to "$W/v-out-ns" --format raw --no-sync --json
   }
   # restic's restore ends with its last write: its data is still in the page cache. vmvault's
   # ends with an fdatasync of the restored file. `sync --data` right after restic's restore
   # times what making its file durable costs, for the durable comparison (restore-sync rows).
   r_restore() {
+    warm_repo "$W/r-repo"
     timed "restore.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" restore latest --target "$W/r-out"
     /usr/bin/time -f "restore-sync.restic.$rep %e %M %U %S" -a -o "$W/times.tsv" sync --data "$W/r-out$W/disk.raw"
   }

@@ -157,7 +157,13 @@ done
 echo "restore of the last incremental backup..."
 id=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).id)' "$W/out/incr.$REPS.vmvault.out")
 v_out=$W/restore-vmvault/root.raw r_out=$W/restore-restic$W/disk.raw
+# A restore's input is its repository: read once before it, as a backup's file is. vmvault writes
+# its chunks around the page cache (O_DIRECT), restic through it: unread, vmvault's restore would
+# read from the device while restic's read memory.
+warm_repo() { sync; find "$1" -type f -print0 | xargs -0 -r cat >/dev/null; }
+warm_repo "$V_REPO"
 timed restore 1 vmvault "$W/restore-vmvault" env VMVAULT_REPOSITORY="$V_REPO" "$VMVAULT" restore "$id" --to "$W/restore-vmvault" --format raw --json
+warm_repo "$R_REPO"
 timed restore 1 restic "$r_out" restic -r "$R_REPO" --cache-dir "$R_CACHE" restore latest --target "$W/restore-restic"
 # restic's restore ends with its data in the page cache, vmvault's with an fdatasync of the
 # restored file: the durable comparison adds what making restic's file durable takes.
