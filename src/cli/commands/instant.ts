@@ -28,14 +28,19 @@ function report(json: boolean | undefined, r: InstantRestoreResult): void {
 }
 
 /**
- * Ctrl-C (or SIGTERM) during an instant restore: the VM reads what is not copied yet from
- * this process's exports, so exiting pauses it on an I/O error until a resume. The first
- * signal only says so; a second exits, naming the command that finishes the restore.
+ * Ctrl-C (or SIGTERM) during an instant restore: once the VM runs, it reads what is not
+ * copied yet from this process's exports, so exiting pauses it on an I/O error until a
+ * resume. The first signal then only says so; a second exits, naming the command that
+ * finishes the restore. Before the VM runs, a signal exits at once, as before.
  */
-function guardRunningVm(dir: string): () => void {
+function guardRunningVm(dir: string, runs: boolean): { running(): void; dispose(): void } {
   let warned = false;
   const resume = `vmvault restore --resume ${dir}`;
   const onSignal = (sig: NodeJS.Signals): void => {
+    if (!runs) {
+      process.stderr.write(`\nvmvault: ${sig}: the instant restore stopped before the VM started\n`);
+      process.exit(130);
+    }
     if (warned) {
       process.stderr.write(`\nvmvault: ${sig} again: exiting; a VM running on this restore pauses on its next read of an uncopied block. Finish the restore with "${resume}"\n`);
       process.exit(130);
@@ -46,9 +51,12 @@ function guardRunningVm(dir: string): () => void {
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
-  return () => {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+  return {
+    running: () => { runs = true; },
+    dispose: () => {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+    },
   };
 }
 
@@ -57,12 +65,13 @@ export async function runInstant(id: string | undefined, o: InstantOptions, glob
     if (id !== undefined || o.instant || o.to) throw new VmvaultError('BAD_INPUT', '--resume DIR takes no backup id, --instant or --to: everything is recorded in DIR');
     const repo = await openRepository(globals);
     const bar = progressBar(!o.json);
-    const unguard = guardRunningVm(o.resume);
+    // The VM of a resumed restore runs (paused) already.
+    const guard = guardRunningVm(o.resume, true);
     let r;
     try {
       r = await resumeInstantRestore(repo, o.resume, { onProgress: bar.update });
     } finally {
-      unguard();
+      guard.dispose();
     }
     bar.done();
     report(o.json, r);
@@ -75,7 +84,7 @@ export async function runInstant(id: string | undefined, o: InstantOptions, glob
   const memoryMiB = o.memory === undefined ? undefined : Math.round(parseSize(o.memory.match(/^\d+$/) ? `${o.memory}M` : o.memory) / 1024 ** 2);
   const repo = await openRepository(globals);
   const bar = progressBar(!o.json);
-  const unguard = guardRunningVm(o.to);
+  const guard = guardRunningVm(o.to, false);
   let r;
   try {
     r = await instantRestore(repo, {
@@ -84,10 +93,13 @@ export async function runInstant(id: string | undefined, o: InstantOptions, glob
       ...(o.format ? { format: o.format as 'qcow2' | 'raw' } : {}), ...(rate(o.rate) ? { rate: rate(o.rate)! } : {}),
       onProgress: bar.update,
       // Said as soon as it is true, on stderr: stdout carries the result (JSON with --json).
-      onRunning: (w) => process.stderr.write(`vmvault: the VM runs from the backup; QMP at ${w.qmpSocket}; copying its disks underneath\n`),
+      onRunning: (w) => {
+        guard.running();
+        process.stderr.write(`vmvault: the VM runs from the backup; QMP at ${w.qmpSocket}; copying its disks underneath\n`);
+      },
     });
   } finally {
-    unguard();
+    guard.dispose();
   }
   bar.done();
   report(o.json, r);
