@@ -121,6 +121,10 @@ export class NbdServer {
       transmissionFlags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN, maxPayload: DEFAULT_MAX_PAYLOAD,
     };
     accepting.set(server, (socket) => this.accept(socket));
+    // An error accepting a connection (EMFILE when the process is out of descriptors) is
+    // emitted on the server: without a listener of its own, the second one (the listen
+    // step's `once` takes the first) would end the whole process, every other export with it.
+    server.on('error', (err) => this.opts.log?.warn({ err: errorMessage(err) }, 'NBD server could not accept a connection'));
   }
 
   /**

@@ -267,6 +267,25 @@ describe('NBD server', () => {
     }
   });
 
+  test('errors accepting connections (EMFILE) are logged, and the server goes on serving', async () => {
+    const p = join(dir.path, 'accept-errors.sock');
+    const warned: string[] = [];
+    const s = await NbdServer.listen({ path: p }, { source, name: 'disk', log: { info: () => {}, warn: (_o: object, msg: string) => { warned.push(msg); } } });
+    try {
+      const inner = (s as unknown as { server: net.Server }).server;
+      for (let i = 0; i < 3; i++) inner.emit('error', Object.assign(new Error('accept EMFILE'), { code: 'EMFILE' }));
+      assert.equal(warned.filter((m) => m === 'NBD server could not accept a connection').length, 3);
+      const greeted = await new Promise<boolean>((resolve) => {
+        const c = net.createConnection(p);
+        c.once('data', () => { c.destroy(); resolve(true); });
+        c.once('close', () => resolve(false));
+      });
+      assert.equal(greeted, true, 'a new client is still served');
+    } finally {
+      await s.close();
+    }
+  });
+
   test('its unix socket is the owner\'s only, whatever the umask', async () => {
     const old = process.umask(0o002);
     try {
