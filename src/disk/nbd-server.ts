@@ -344,9 +344,12 @@ class Transmission {
       case NBD_CMD_WRITE_ZEROES:
       case NBD_CMD_TRIM:
         return this.simple(r, NBD_EPERM);
-      case NBD_CMD_FLUSH:
       case NBD_CMD_CACHE:
-        return this.simple(r, 0); // Nothing written, nothing to flush; caching is a hint.
+        // A hint, but of a range: one outside the export is an error, as for a read (the spec's SHOULD).
+        if (r.offset + r.length > this.source.size) return this.simple(r, NBD_EINVAL);
+        return this.simple(r, 0);
+      case NBD_CMD_FLUSH:
+        return this.simple(r, 0); // Nothing written, nothing to flush.
       case NBD_CMD_DISC:
         this.disconnecting = true;
         this.maybeEnd();

@@ -56,6 +56,9 @@ describe('the launcher and the bundle\'s code cache', () => {
     assert.match(r.stdout, new RegExp(TAGLINE));
     // Strict, as the ES modules it was made from: the directive opens the file.
     assert.ok(original.toString('utf8', 0, 64).startsWith("'use strict';"), original.toString('utf8', 0, 64));
+    // ASCII only: one other character (in a comment) makes V8 hold the whole source as a two-byte string.
+    const other = original.findIndex((b) => b > 0x7f);
+    assert.equal(other, -1, `a byte that is not ASCII at ${other}: ${original.toString('utf8', Math.max(0, other - 40), other + 20)}`);
   });
 
   it('V8 takes the cache for the bundle, compiled as the launcher compiles it', async () => {

@@ -16,7 +16,7 @@ import { NbdClient } from '../../src/disk/nbd.js';
 import { ExactReader } from '../../src/disk/nbd-handshake.js';
 import { NbdServer, type NbdSource, type SourceRun } from '../../src/disk/nbd-server.js';
 import {
-  NBD_CMD_BLOCK_STATUS, NBD_CMD_DISC, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
+  NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH, NBD_CMD_READ, NBD_EINVAL, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
   NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_LIST, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK,
   NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, NBD_REP_SERVER, NBD_SIMPLE_REPLY_MAGIC, encodeOption, encodeRequest, lengthPrefixed, readU64,
 } from '../../src/disk/nbd-protocol.js';
@@ -351,6 +351,27 @@ describe('NBD server', () => {
 });
 
 describe('NBD server against hostile clients', () => {
+  test('NBD_CMD_CACHE is a hint inside the export and EINVAL outside it; NBD_CMD_FLUSH succeeds', async () => {
+    const p = join(dir.path, 'cache.sock');
+    const s = await NbdServer.listen({ path: p }, { source, name: 'disk' });
+    try {
+      const { socket, reader } = await transmission(p, false);
+      const reply = async (type: number, handle: number, offset: number, length: number) => {
+        socket.write(encodeRequest(0, type, handle, offset, length));
+        const r = await reader.read(16);
+        assert.equal(r.readUInt32BE(0), NBD_SIMPLE_REPLY_MAGIC);
+        assert.equal(Number(readU64(r, 8)), handle);
+        return r.readUInt32BE(4);
+      };
+      assert.equal(await reply(NBD_CMD_CACHE, 1, 0, BLOCK), 0);
+      assert.equal(await reply(NBD_CMD_CACHE, 2, SIZE - BLOCK, 2 * BLOCK), NBD_EINVAL);
+      assert.equal(await reply(NBD_CMD_FLUSH, 3, 0, 0), 0);
+      socket.destroy();
+    } finally {
+      await s.close();
+    }
+  });
+
   test('a client whose handshake ended without an export, and that keeps its side open, is dropped all the same', async () => {
     // Without the secret name, a client could otherwise hold connection slots for good.
     const ends: [string, number, (s: net.Socket) => void][] = [
