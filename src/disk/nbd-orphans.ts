@@ -49,22 +49,36 @@ export async function writeOwner(dir: string): Promise<void> {
 
 interface ServingExport { pid: number; dir: string }
 
-/** This user's qemu-nbd processes serving a socket in a directory `parent/<prefix>*`. */
-async function exportsUnder(parent: string, prefix: string): Promise<ServingExport[]> {
+/** This user's processes whose command line `wanted` accepts, with it (from /proc). */
+export async function ownProcesses(wanted: (argv: string[]) => boolean): Promise<{ pid: number; argv: string[] }[]> {
   const uid = process.getuid?.();
-  const out: ServingExport[] = [];
+  const out: { pid: number; argv: string[] }[] = [];
   for (const name of await fs.readdir('/proc').catch(() => [] as string[])) {
     if (!/^\d+$/.test(name)) continue;
     const pid = Number(name);
     const argv = await fs.readFile(`/proc/${pid}/cmdline`, 'utf8').then((s) => s.split('\0'), () => undefined);
-    if (!argv || path.basename(argv[0] ?? '') !== 'qemu-nbd') continue;
-    const k = argv.indexOf('-k');
-    const socket = k < 0 ? undefined : argv[k + 1];
-    if (!socket) continue;
-    const dir = path.dirname(socket);
-    if (path.dirname(dir) !== parent || !path.basename(dir).startsWith(prefix)) continue;
+    if (!argv || !wanted(argv)) continue;
     const st = await fs.stat(`/proc/${pid}`).catch(() => undefined);
-    if (!st || st.uid !== uid) continue;
+    if (st?.uid === uid) out.push({ pid, argv });
+  }
+  return out;
+}
+
+/** The directory of the socket a qemu-nbd command line serves (`-k PATH`). */
+function socketDir(argv: string[]): string | undefined {
+  if (path.basename(argv[0] ?? '') !== 'qemu-nbd') return undefined;
+  const k = argv.indexOf('-k');
+  const socket = k < 0 ? undefined : argv[k + 1];
+  return socket ? path.dirname(socket) : undefined;
+}
+
+/** This user's qemu-nbd processes serving a socket in a directory `parent/<prefix>*`. */
+async function exportsUnder(parent: string, prefix: string): Promise<ServingExport[]> {
+  const uid = process.getuid?.();
+  const inside = (dir: string | undefined): dir is string => dir !== undefined && path.dirname(dir) === parent && path.basename(dir).startsWith(prefix);
+  const out: ServingExport[] = [];
+  for (const { pid, argv } of await ownProcesses((argv) => inside(socketDir(argv)))) {
+    const dir = socketDir(argv)!;
     // The directory too must be this user's own (made by mkdtemp, 0700), not a look-alike.
     const d = await fs.lstat(dir).catch(() => undefined);
     if (!d?.isDirectory() || d.uid !== uid) continue;

@@ -13,13 +13,14 @@
  * so vmvault dying is the export dying: the VM then pauses on I/O errors (never reads
  * anything else) until a resume.
  */
-import { chmod, mkdir, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { spawn } from 'node:child_process';
 import { join, resolve } from 'node:path';
 import { VmvaultError, errorMessage } from '../errors.js';
 import { createImage } from '../disk/qemu.js';
 import { runTool, stderrText, ToolTimeout } from '../disk/qemu-run.js';
 import { toolEnv } from '../tool-env.js';
+import { ownProcesses } from '../disk/nbd-orphans.js';
 import { boundText, toolTimeoutMs } from '../disk/tool-timeouts.js';
 import { exportBackupDisk, type NbdExport } from '../pipeline/nbd-export.js';
 import { FORMAT_EXT, pathInside } from '../pipeline/names.js';
@@ -271,18 +272,16 @@ async function startQemu(state: InstantState, m: Manifest, dir: string, o: Start
 }
 
 /**
- * Kills (SIGKILL: no guest code has run) every process started with `-pidfile PIDFILE`:
- * the QEMU a stopped -daemonize forked, which may not have written that file yet. Their pids.
+ * Kills (SIGKILL: no guest code has run) every process of this user started with
+ * `-pidfile PIDFILE`: the QEMU a stopped -daemonize forked, which may not have written
+ * that file yet. Their pids.
  */
 async function stopStarted(pidFile: string): Promise<number[]> {
   const killed: number[] = [];
-  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
-    if (!/^\d+$/.test(entry)) continue;
-    const args = (await readFile(`/proc/${entry}/cmdline`, 'utf8').catch(() => '')).split('\0');
-    if (!args.some((a, i) => a === pidFile && args[i - 1] === '-pidfile')) continue;
+  for (const { pid } of await ownProcesses((args) => args.some((a, i) => a === pidFile && args[i - 1] === '-pidfile'))) {
     try {
-      process.kill(Number(entry), 'SIGKILL');
-      killed.push(Number(entry));
+      process.kill(pid, 'SIGKILL');
+      killed.push(pid);
     } catch {
       // Gone meanwhile.
     }
