@@ -8,7 +8,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { hostname } from 'node:os';
-import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
+import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import { exportImage, type ImageFormat } from '../disk/qemu.js';
 import { openImageFile, type BlockReader } from '../disk/direct-read.js';
 import { abortWith, type NbdClient } from '../disk/nbd.js';
@@ -243,11 +243,28 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
         virtualSize: disk.virtualSize, sourcePath: disk.path, chunks,
       });
     }
-  } finally {
+  } catch (err) {
     await lease.release();
+    throw err;
   }
-  meter.finish();
+  // Read in full: the point in time goes (a snapshot deleted), and the threads stop, while the backup commits.
   req.onRead?.();
+  const released = lease.release();
+  try {
+    return await commit(repo, req, { id, configs, started, lock, known, stats, disks, meter });
+  } finally {
+    // The backup stands (or failed) on its own: threads that do not stop cleanly are only reported.
+    await released.catch((err: unknown) => repo.warn(`the chunk threads did not stop cleanly: ${errorMessage(err)}`));
+  }
+}
+
+/** Writes the manifest of a backup whose chunks are all stored (the index of those new first). */
+async function commit(
+  repo: Repository, req: BackupRequest,
+  o: { id: string; configs: Manifest['configs']; started: number; lock: HeldLock; known: Awaited<ReturnType<Repository['chunkIndex']>>; stats: BackupStats; disks: DiskEntry[]; meter: ProgressMeter },
+): Promise<BackupResult> {
+  const { id, configs, started, lock, known, stats, disks, meter } = o;
+  meter.finish();
   if (known.counts.missing) {
     repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
       'other backups may use them too; run "vmvault verify" to find and heal them');
