@@ -194,6 +194,11 @@ function mutateSparse(img: Buffer, r: Rng, self: string): string {
     bytes.copy(area);
     return `embedded descriptor: ${what}`;
   }
+  if (r.chance(0.06)) {
+    const magic = r.pick(['COWD', 'KDMW', '# Di', 'vers']);
+    img.write(magic, 0, 'latin1');
+    return `magic ${magic}`;
+  }
   if (r.chance(0.1)) {
     const at = r.int(Math.min(img.length, 0x200 + 20 * 512));
     img[at] = r.int(256);
