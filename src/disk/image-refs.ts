@@ -130,7 +130,10 @@ async function qcow2References(read: ReadAt): Promise<ImageReference[]> {
   }
   const ext = await qcow2Extensions(read, headerLength);
   if (backingOffset !== 0n) {
-    const name = backingSize > 0 && backingSize <= MAX_NAME
+    // An offset past any file (qemu refuses it) still names a backing file: described, not
+    // read, as Node reads a position beyond 2^53 from somewhere else in the file.
+    const readable = backingSize > 0 && backingSize <= MAX_NAME && backingOffset <= BigInt(Number.MAX_SAFE_INTEGER - MAX_NAME);
+    const name = readable
       ? (await read(Number(backingOffset), backingSize)).toString('utf8')
       : `(backing file name of ${backingSize} bytes at offset ${backingOffset})`;
     const format = ext.get(EXT_BACKING_FORMAT)?.toString('utf8');

@@ -98,6 +98,28 @@ describe('image headers', () => {
     assert.deepEqual(await snapshotList(img), []);
   });
 
+  test('a qcow2 backing file name at an offset past any file is named, not read (found by refs-fuzz)', async () => {
+    const base = join(dir.path, 'far-base.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', base, `${MiB}`]);
+    const file = join(dir.path, 'far-top.qcow2');
+    await execa('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'far-base.qcow2', '-F', 'qcow2', file]);
+    const img = await readFile(file);
+    img.writeBigUInt64BE(0xffffffffffffffffn, 8); // backing_file_offset; its size stays 14
+    await writeFile(file, img);
+    // qemu refuses the image; Node would have read such a position from elsewhere in the file.
+    assert.match((await execa('qemu-img', ['info', '-f', 'qcow2', file], { reject: false })).stderr, /Invalid backing file offset/);
+    const positions: number[] = [];
+    const fh = await open(file, 'r');
+    try {
+      const fr = fileReader(fh);
+      const refs = await imageReferences(async (position, length) => { positions.push(position); return fr(position, length); }, 'qcow2', 'far-top.qcow2');
+      assert.deepEqual(refs, [{ kind: 'backing file', name: '(backing file name of 14 bytes at offset 18446744073709551615)', format: 'qcow2' }]);
+      assert.ok(positions.every((p) => Number.isSafeInteger(p)), `read at ${positions.join(', ')}`);
+    } finally {
+      await fh.close();
+    }
+  });
+
   test("vmdk descriptors are recognised by qemu's rule: comments and blank lines, then version=", () => {
     assert.ok(isVmdkDescriptor(Buffer.from('# Disk DescriptorFile\nversion=1\n')));
     assert.ok(isVmdkDescriptor(Buffer.from('# anything\n   \nversion=3\r\n')));
