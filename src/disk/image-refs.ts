@@ -12,6 +12,7 @@
  * Pure parsing over a small positional reader; no qemu, no writes.
  */
 import type { FileHandle } from 'node:fs/promises';
+import { VmvaultError } from '../errors.js';
 import type { ImageFormat } from './image-format.js';
 
 /** Another file (or protocol address) an image's metadata names. */
@@ -28,6 +29,11 @@ export type ReadAt = (position: number, length: number) => Promise<Buffer>;
 
 export function fileReader(fh: FileHandle): ReadAt {
   return async (position, length) => {
+    // Node reads a position past 2^53 (a 64-bit offset from an image's metadata, made a
+    // number) from somewhere else in the file, without an error: refused here for every parser.
+    if (!Number.isSafeInteger(position) || position < 0 || !Number.isSafeInteger(length) || length < 0) {
+      throw new VmvaultError('UNSAFE_IMAGE', `the image's metadata asks for ${length} bytes at byte ${position}, which no file holds: it is damaged or crafted; nothing was read there`);
+    }
     const buf = Buffer.alloc(length);
     const { bytesRead } = await fh.read(buf, 0, length, position);
     return buf.subarray(0, bytesRead);

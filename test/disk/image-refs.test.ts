@@ -120,6 +120,21 @@ describe('image headers', () => {
     }
   });
 
+  test('the file reader every image parser uses refuses a position Node would read from elsewhere (past 2^53), and negative ones', async () => {
+    const file = join(dir.path, 'positions.raw');
+    await writeFile(file, Buffer.alloc(4096, 7));
+    const fh = await open(file, 'r');
+    try {
+      const read = fileReader(fh);
+      assert.equal((await read(4000, 200)).length, 96, 'a read past the end is short, as before');
+      for (const [at, n] of [[2 ** 53 + 2, 14], [Number(0xffffffffffffffffn), 14], [-512, 14], [0, -1], [1.5, 4]] as const) {
+        await assert.rejects(read(at, n), (err: unknown) => err instanceof VmvaultError && err.code === 'UNSAFE_IMAGE' && /damaged or crafted/.test(err.message), `read(${at}, ${n})`);
+      }
+    } finally {
+      await fh.close();
+    }
+  });
+
   test("vmdk descriptors are recognised by qemu's rule: comments and blank lines, then version=", () => {
     assert.ok(isVmdkDescriptor(Buffer.from('# Disk DescriptorFile\nversion=1\n')));
     assert.ok(isVmdkDescriptor(Buffer.from('# anything\n   \nversion=3\r\n')));
