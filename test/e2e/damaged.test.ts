@@ -7,7 +7,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { writeFile } from 'node:fs/promises';
+import { symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { compareImages } from '../../src/disk/qemu.js';
@@ -105,6 +105,19 @@ for (const b of all) {
       const removed = await cli(['key', 'remove', spare], env);
       assert.equal(removed.code, 0, removed.stderr);
       assert.doesNotMatch((await cli(['backups'], env)).stderr, /warning/);
+    });
+
+    test('with no readable key file (deleted, or a symlink, which is no object) the error says so, not "wrong passphrase"', async () => {
+      const { repo, env } = await initRepo(b);
+      const keys = await cliJson(['key', 'list'], env);
+      const s = openStorage(repo);
+      await s.delete(`keys/${keys[0].id}`);
+      await s.close();
+      if (b.name === 'local') await symlink(join(repo, 'config'), join(repo, `keys/${keys[0].id}`));
+      const listed = await cli(['backups'], env);
+      assert.equal(listed.code, 1);
+      assert.doesNotMatch(listed.stderr, /wrong passphrase/);
+      assert.match(listed.stderr, /has no readable key file .*put back a good copy of keys\/.*vmvault key import/);
     });
 
     test('a key file asking for an absurd Argon2 cost is skipped as damaged, not computed: no command stalls on it', async () => {
