@@ -97,16 +97,27 @@ async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport>
     else present.push(id);
   }
   const toRead = chunksToRead(present, new Set(quarantined.keys()), opts);
-  const intact = await readStoredChunks(repo, [...toRead], manifests[0]?.chunkSize ?? repo.chunkSize, found, opts.onProgress);
+  // Reading everything, read the chunks no readable manifest uses too: one may belong to a
+  // manifest that cannot be read or is not listed (a damaged backups/ object), and a backup
+  // must not deduplicate against it damaged. Those found damaged are quarantined, not
+  // reported as problems (gc would delete them anyway once every manifest reads).
+  const unused = opts.readData && !opts.backupIds ? [...stored.keys()].filter((id) => !users.has(id)) : [];
+  const all = [...toRead, ...unused];
+  const intact = await readStoredChunks(repo, all, manifests[0]?.chunkSize ?? repo.chunkSize, found, opts.onProgress);
   const healed = [...quarantined.keys()].filter((id) => intact.has(id));
-  for (const [id, f] of found) problems.push({ object: chunkName(id), problem: f.detail, backups: [...users.get(id)!].sort() });
+  for (const [id, f] of found) if (users.has(id)) problems.push({ object: chunkName(id), problem: f.detail, backups: [...users.get(id)!].sort() });
+  const unusedDamaged = unused.filter((id) => found.has(id));
   const readData = opts.readData ? 'all' : opts.readDataSubset ? formatSubset(opts.readDataSubset) : 'none';
   const { recorded, warnings } = await record(repo, { started, readData, manifests, found, healed, quarantined });
+  if (unusedDamaged.length) {
+    warnings.push(`${unusedDamaged.length} chunk(s) that no readable backup uses are damaged (${unusedDamaged.slice(0, 3).map(chunkName).join(', ')}` +
+      `${unusedDamaged.length > 3 ? ', …' : ''}): they were quarantined, so no new backup reuses them; "vmvault gc" deletes them once every backup manifest reads`);
+  }
   return {
     ok: problems.length === 0,
     backupsChecked: manifests.length,
     chunksChecked: users.size,
-    chunksRead: toRead.size,
+    chunksRead: all.length,
     readData: !!opts.readData,
     ...(!opts.readData && opts.readDataSubset ? { readDataSubset: readData } : {}),
     problems,

@@ -293,6 +293,11 @@ export class Repository {
         'If your passphrase is one of those, or they were not made by you (key files planted to slow every open), ' +
         'open the repository with another passphrase and remove them with "vmvault key remove ID" (see vmvault key list), or delete them from the storage; nothing was changed');
     }
+    if (files.size === 0) {
+      // No passphrase was tried: "wrong passphrase" would send the operator after the wrong thing.
+      throw new IntegrityError(`the repository at ${storage.location} has no readable key file (keys/ holds no regular file that parses as a key${broken}), ` +
+        'so no passphrase can open it: put back a good copy of keys/ (from a copy of the repository), or add a key from the paper key with "vmvault key import"; nothing was changed');
+    }
     throw new VmvaultError('WRONG_PASSWORD', `wrong passphrase: it opens none of the ${files.size} readable key(s) of the repository at ${storage.location}${broken}; nothing was changed`);
   }
 

@@ -7,7 +7,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { writeFile } from 'node:fs/promises';
+import { symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { compareImages } from '../../src/disk/qemu.js';
@@ -15,7 +15,7 @@ import { Catalogue } from '../../src/repo/catalogue.js';
 import { acquireLock } from '../../src/repo/locks.js';
 import { Repository } from '../../src/repo/repository.js';
 import { openStorage } from '../../src/storage/open.js';
-import { makeImage } from '../helpers/images.js';
+import { makeImage, writePattern } from '../helpers/images.js';
 import { BIN, cli, cliJson, spawnCli } from '../helpers/cli.js';
 import { e2eFile, backupJson, initRepo, objects, PASSWORD } from './harness.js';
 
@@ -107,6 +107,19 @@ for (const b of all) {
       assert.doesNotMatch((await cli(['backups'], env)).stderr, /warning/);
     });
 
+    test('with no readable key file (deleted, or a symlink, which is no object) the error says so, not "wrong passphrase"', async () => {
+      const { repo, env } = await initRepo(b);
+      const keys = await cliJson(['key', 'list'], env);
+      const s = openStorage(repo);
+      await s.delete(`keys/${keys[0].id}`);
+      await s.close();
+      if (b.name === 'local') await symlink(join(repo, 'config'), join(repo, `keys/${keys[0].id}`));
+      const listed = await cli(['backups'], env);
+      assert.equal(listed.code, 1);
+      assert.doesNotMatch(listed.stderr, /wrong passphrase/);
+      assert.match(listed.stderr, /has no readable key file .*put back a good copy of keys\/.*vmvault key import/);
+    });
+
     test('a key file asking for an absurd Argon2 cost is skipped as damaged, not computed: no command stalls on it', async () => {
       const { repo, env } = await initRepo(b);
       const keys = await cliJson(['key', 'list'], env);
@@ -121,6 +134,28 @@ for (const b of all) {
       const listed = await cli(['backups'], env);
       assert.equal(listed.code, 0, listed.stderr);
       assert.match(listed.stderr, new RegExp(`key file keys/${planted} is damaged`));
+    });
+
+    test('verify --read-data quarantines a damaged chunk only a damaged manifest uses, so the next backup uploads it again', async () => {
+      const { repo, env } = await initRepo(b);
+      const img = await makeImage(work, `orph-${b.name}.qcow2`, 'qcow2', 8 * MiB, [{ offset: 0, length: MiB, pattern: 0x31 }]);
+      await backupJson(env, 'o', [img]);
+      const first = chunkNames(await objects(repo));
+      await writePattern(img, 'qcow2', 4 * MiB, MiB, 0x32);
+      const second = await backupJson(env, 'o', [img]);
+      const only = chunkNames(await objects(repo)).filter((n) => !first.includes(n));
+      assert.equal(only.length, 1, 'the second backup added one chunk');
+      const bytes = Buffer.from(await get(repo, only[0]!));
+      bytes[bytes.length - 20]! ^= 0x40;
+      await put(repo, only[0]!, bytes);
+      await put(repo, `backups/${second.id}`, randomBytes(300)); // the one manifest that uses it
+      const verified = await cli(['verify', '--read-data'], env);
+      assert.equal(verified.code, 1, 'the damaged manifest is a problem');
+      assert.match(verified.stdout, new RegExp(`1 chunk\\(s\\) that no readable backup uses are damaged \\(${only[0]}\\): they were quarantined`));
+      const again = await backupJson(env, 'o', [img]);
+      const restored = await cliJson(['restore', again.id, '--to', join(work, `orph-out-${b.name}`)], env);
+      const cmp = await compareImages(img, restored.files[0].path, 'qcow2', 'qcow2');
+      assert.ok(cmp.identical, cmp.output);
     });
 
     test('damaged and swapped manifests are listed as damaged; every other backup lists, shows, restores and prunes; gc deletes no chunk', async () => {
