@@ -27,6 +27,7 @@ import type { ReadAt } from '../../src/disk/image-refs.js';
 import { openQcow2Map, type Qcow2Run } from '../../src/disk/qcow2-map.js';
 import { openQcow2Bitmap } from '../../src/disk/qcow2-bitmap.js';
 import { qemuIo, tempDir, type TempDir } from '../helpers/images.js';
+import { Rng, eachMutant } from '../helpers/rng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -39,23 +40,6 @@ const MAX_READ = 1024 * 65535;
 /** Disks larger than this (a mutated size) are mapped and walked in part, not compared with qemu. */
 const COMPARE_MAX = 64 * MiB;
 const OFFSET_MASK = 0x00fffffffffffe00n;
-
-// ---------------------------------------------------------------------------
-// A seeded generator (mulberry32): mutant n depends on the seed and n only.
-
-class Rng {
-  constructor(private state: number) {}
-  next(): number {
-    let t = (this.state = (this.state + 0x6d2b79f5) | 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  int(n: number): number { return Math.floor(this.next() * n); }
-  pick<T>(xs: readonly T[]): T { return xs[this.int(xs.length)]!; }
-  chance(p: number): boolean { return this.next() < p; }
-  u64(): bigint { return (BigInt(this.int(2 ** 32)) << 32n) | BigInt(this.int(2 ** 32)); }
-}
 
 // ---------------------------------------------------------------------------
 // The base images and where their metadata lies (read from the qemu-made image).
@@ -296,6 +280,7 @@ const KINDS = Object.keys(MUTATIONS);
 
 /** A mutant: the base image with 1–3 mutations, maybe truncated; and which view of it to read. */
 function mutant(bases: Layout[], index: number): { base: Layout; img: Buffer; view: 'current' | 's1' | 'bitmap'; steps: string[]; kinds: string[] } {
+  // Mutant n depends on the seed and n only (test/helpers/rng.ts).
   const r = new Rng((SEED ^ Math.imul(index + 1, 0x9e3779b1)) >>> 0);
   const base = r.pick(bases);
   let img = Buffer.from(base.bytes);
@@ -515,28 +500,22 @@ describe('qcow2 metadata fuzzed, read by vmvault and by qemu', () => {
     const kinds = new Map<string, number>();
     const violations: string[] = [];
     let compared = 0;
-    let next = ONLY ?? 0;
     const last = ONLY === undefined ? ITERATIONS : ONLY + 1;
     const started = Date.now();
-    const worker = async (w: number) => {
-      for (;;) {
-        const index = next++;
-        if (index >= last) return;
-        const m = mutant(bases, index);
-        for (const k of m.kinds) kinds.set(k, (kinds.get(k) ?? 0) + 1);
-        const file = path.join(dir.path, `w${w}.qcow2`);
-        const out = path.join(dir.path, `w${w}.out`);
-        const r = m.view === 'bitmap' ? await checkBitmap(m.img, m.base, file, out) : await checkMap(m.img, m.base, m.view, file, out);
-        outcomes.set(`${m.view}: ${r.outcome}`, (outcomes.get(`${m.view}: ${r.outcome}`) ?? 0) + 1);
-        compared += r.compared;
-        if (r.violation) {
-          violations.push(`mutant ${index} (seed ${SEED}) of ${m.base.name}, ${m.view}: ${m.steps.join('; ')}\n  ${r.violation}`);
-          if (KEEP) await fs.writeFile(path.join(KEEP, `mutant-${SEED}-${index}.qcow2`), m.img);
-        }
-        if (ONLY !== undefined) t.diagnostic(`mutant ${index} of ${m.base.name}, ${m.view}: ${m.steps.join('; ')} -> ${r.outcome}`);
+    await eachMutant(ONLY ?? 0, last, 2, async (index, w) => {
+      const m = mutant(bases, index);
+      for (const k of m.kinds) kinds.set(k, (kinds.get(k) ?? 0) + 1);
+      const file = path.join(dir.path, `w${w}.qcow2`);
+      const out = path.join(dir.path, `w${w}.out`);
+      const r = m.view === 'bitmap' ? await checkBitmap(m.img, m.base, file, out) : await checkMap(m.img, m.base, m.view, file, out);
+      outcomes.set(`${m.view}: ${r.outcome}`, (outcomes.get(`${m.view}: ${r.outcome}`) ?? 0) + 1);
+      compared += r.compared;
+      if (r.violation) {
+        violations.push(`mutant ${index} (seed ${SEED}) of ${m.base.name}, ${m.view}: ${m.steps.join('; ')}\n  ${r.violation}`);
+        if (KEEP) await fs.writeFile(path.join(KEEP, `mutant-${SEED}-${index}.qcow2`), m.img);
       }
-    };
-    await Promise.all([worker(0), worker(1)]);
+      if (ONLY !== undefined) t.diagnostic(`mutant ${index} of ${m.base.name}, ${m.view}: ${m.steps.join('; ')} -> ${r.outcome}`);
+    });
     t.diagnostic(`${last - (ONLY ?? 0)} mutants in ${((Date.now() - started) / 1000).toFixed(1)} s, ${(compared / MiB).toFixed(0)} MiB compared with qemu`);
     t.diagnostic(`mutations: ${[...kinds].map(([k, n]) => `${k} ${n}`).join(', ')}`);
     t.diagnostic(`outcomes: ${[...outcomes].sort().map(([k, n]) => `${k} ${n}`).join(', ')}`);

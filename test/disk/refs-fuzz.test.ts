@@ -26,6 +26,7 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileReader, imageReferences, probeFormat, type ImageReference, type ReadAt } from '../../src/disk/image-refs.js';
 import { tempDir, type TempDir } from '../helpers/images.js';
+import { Rng, eachMutant } from '../helpers/rng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -41,23 +42,6 @@ const CALL_TIMEOUT_MS = 5_000;
 const SYSTEM = ['/usr/', '/lib/', '/lib64/', '/etc/', '/proc/', '/sys/', '/dev/', '/run/', '/var/lib/', '/var/cache/', '/nix/'];
 
 type Format = 'qcow2' | 'vmdk' | 'vdi';
-
-// ---------------------------------------------------------------------------
-// A seeded generator (mulberry32): mutant n depends on the seed and n only.
-
-class Rng {
-  constructor(private state: number) {}
-  next(): number {
-    let t = (this.state = (this.state + 0x6d2b79f5) | 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  int(n: number): number { return Math.floor(this.next() * n); }
-  pick<T>(xs: readonly T[]): T { return xs[this.int(xs.length)]!; }
-  chance(p: number): boolean { return this.next() < p; }
-  u64(): bigint { return (BigInt(this.int(2 ** 32)) << 32n) | BigInt(this.int(2 ** 32)); }
-}
 
 // ---------------------------------------------------------------------------
 // The directory: root/ holds decoy2 and decoy3, root/img/ the seeds, their extents
@@ -314,6 +298,7 @@ function mutateVdi(img: Buffer, r: Rng): string {
 
 /** A mutant: a seed with 1–3 mutations, maybe truncated; written as `self` in root/img. */
 function mutant(index: number, self: string): { seed: Seed; img: Buffer; steps: string[] } {
+  // Mutant n depends on the seed and n only (test/helpers/rng.ts).
   const r = new Rng((SEED ^ Math.imul(index + 1, 0x9e3779b1)) >>> 0);
   const seed = r.pick(seeds);
   let img = Buffer.from(seed.bytes);
@@ -500,26 +485,20 @@ describe('image metadata fuzzed: every file qemu opens is one vmvault names', ()
     const outcomes = new Map<string, number>();
     const bySeed = new Map<string, number>();
     const violations: string[] = [];
-    let next = ONLY ?? 0;
     const last = ONLY === undefined ? ITERATIONS : ONLY + 1;
     const started = Date.now();
-    const worker = async (w: number) => {
-      for (;;) {
-        const index = next++;
-        if (index >= last) return;
-        const self = `m${w}.img`;
-        const m = mutant(index, self);
-        bySeed.set(m.seed.name, (bySeed.get(m.seed.name) ?? 0) + 1);
-        const r = await check(m.img, m.seed, path.join(imgDir, self), path.join(root, `m${w}.log`));
-        outcomes.set(`${m.seed.format}: ${r.outcome}`, (outcomes.get(`${m.seed.format}: ${r.outcome}`) ?? 0) + 1);
-        if (r.violation) {
-          violations.push(`mutant ${index} (seed ${SEED}) of ${m.seed.name} as ${self}: ${m.steps.join('; ')}\n  ${r.violation}`);
-          if (KEEP) await fs.writeFile(path.join(KEEP, `refs-mutant-${SEED}-${index}-${m.seed.name}`), m.img);
-        }
-        if (ONLY !== undefined) t.diagnostic(`mutant ${index} of ${m.seed.name}: ${m.steps.join('; ')} -> ${r.outcome}`);
+    await eachMutant(ONLY ?? 0, last, 2, async (index, w) => {
+      const self = `m${w}.img`;
+      const m = mutant(index, self);
+      bySeed.set(m.seed.name, (bySeed.get(m.seed.name) ?? 0) + 1);
+      const r = await check(m.img, m.seed, path.join(imgDir, self), path.join(root, `m${w}.log`));
+      outcomes.set(`${m.seed.format}: ${r.outcome}`, (outcomes.get(`${m.seed.format}: ${r.outcome}`) ?? 0) + 1);
+      if (r.violation) {
+        violations.push(`mutant ${index} (seed ${SEED}) of ${m.seed.name} as ${self}: ${m.steps.join('; ')}\n  ${r.violation}`);
+        if (KEEP) await fs.writeFile(path.join(KEEP, `refs-mutant-${SEED}-${index}-${m.seed.name}`), m.img);
       }
-    };
-    await Promise.all([worker(0), worker(1)]);
+      if (ONLY !== undefined) t.diagnostic(`mutant ${index} of ${m.seed.name}: ${m.steps.join('; ')} -> ${r.outcome}`);
+    });
     t.diagnostic(`${last - (ONLY ?? 0)} mutants in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     t.diagnostic(`seeds: ${[...bySeed].sort().map(([k, n]) => `${k} ${n}`).join(', ')}`);
     t.diagnostic(`outcomes: ${[...outcomes].sort().map(([k, n]) => `${k} ${n}`).join(', ')}`);

@@ -27,6 +27,7 @@ import { compareImages, type ImageFormat } from '../../src/disk/qemu.js';
 import { makeImage, writePattern } from '../helpers/images.js';
 import { BIN, type Env } from '../helpers/cli.js';
 import { envFor, initRepo, type Backend } from './harness.js';
+import { prng } from '../helpers/rng.js';
 
 const MiB = 1024 * 1024;
 const ITERATIONS = Number(process.env.VMVAULT_FUZZ_ITERATIONS ?? 6);
@@ -41,17 +42,6 @@ const local: Backend = {
   plantSparse: async () => { throw new Error('not used here'); }, stop: async () => {},
 };
 
-/** mulberry32: small, seeded, good enough to pick damages. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 type Rand = () => number;
 const int = (r: Rand, n: number) => Math.floor(r() * n);
 const pick = <T>(r: Rand, xs: readonly T[]): T => xs[int(r, xs.length)]!;

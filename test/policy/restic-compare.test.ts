@@ -14,21 +14,11 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { planRetention, type RetentionRules } from '../../src/policy/retention.js';
 import { createResticRepo, hasOldestRule, resticVersion, type ResticRepo } from './restic-repo.js';
+import { prng } from '../helpers/rng.js';
 
 const FIXTURE = fileURLToPath(new URL('../../../test/policy/fixtures/restic-forget.json', import.meta.url));
 
 // ---- generated timelines (deterministic: a seeded PRNG, whole seconds, unique times) ----
-
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Timeline { host: string; times: Date[]; real?: boolean; zone?: string }
 
