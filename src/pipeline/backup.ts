@@ -247,46 +247,37 @@ async function run(repo: Repository, req: BackupRequest, configs: Manifest['conf
     await lease.release();
     throw err;
   }
+  meter.finish();
   // Read in full: the point in time goes (a snapshot deleted), and the threads stop, while the backup commits.
   req.onRead?.();
   const released = lease.release();
   try {
-    return await commit(repo, req, { id, configs, started, lock, known, stats, disks, meter });
+    if (known.counts.missing) {
+      repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
+        'other backups may use them too; run "vmvault verify" to find and heal them');
+    }
+    if (known.counts.damaged) {
+      repo.warn(`${known.counts.damaged} chunk object(s) in storage had a size no chunk has (cut short, or empty after a crash) and were replaced by the data just read, ` +
+        'which heals the other backups that use them; run "vmvault verify" to find damaged chunks this backup did not meet');
+    }
+    stats.seconds = (Date.now() - started) / 1000;
+    const manifest: Manifest = {
+      version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),
+      labels: [...new Set(req.labels ?? [])], ...(req.policy ? { policy: req.policy } : {}),
+      consistency: req.consistency,
+      chunkSize: repo.chunkSize, disks, configs, stats,
+    };
+    req.signal?.throwIfAborted();
+    await req.beforeCommit?.();
+    // The chunks it stored or found go into the index before the manifest that uses them.
+    await known.flush(true);
+    await lock.confirm();
+    await repo.saveManifest(manifest);
+    return { manifest, stats };
   } finally {
     // The backup stands (or failed) on its own: threads that do not stop cleanly are only reported.
     await released.catch((err: unknown) => repo.warn(`the chunk threads did not stop cleanly: ${errorMessage(err)}`));
   }
-}
-
-/** Writes the manifest of a backup whose chunks are all stored (the index of those new first). */
-async function commit(
-  repo: Repository, req: BackupRequest,
-  o: { id: string; configs: Manifest['configs']; started: number; lock: HeldLock; known: Awaited<ReturnType<Repository['chunkIndex']>>; stats: BackupStats; disks: DiskEntry[]; meter: ProgressMeter },
-): Promise<BackupResult> {
-  const { id, configs, started, lock, known, stats, disks, meter } = o;
-  meter.finish();
-  if (known.counts.missing) {
-    repo.warn(`${known.counts.missing} chunk(s) the chunk index lists were missing from storage and were uploaded again: ` +
-      'other backups may use them too; run "vmvault verify" to find and heal them');
-  }
-  if (known.counts.damaged) {
-    repo.warn(`${known.counts.damaged} chunk object(s) in storage had a size no chunk has (cut short, or empty after a crash) and were replaced by the data just read, ` +
-      'which heals the other backups that use them; run "vmvault verify" to find damaged chunks this backup did not meet');
-  }
-  stats.seconds = (Date.now() - started) / 1000;
-  const manifest: Manifest = {
-    version: 1, id, vm: req.vm, host: req.host ?? hostname(), time: new Date(started).toISOString(),
-    labels: [...new Set(req.labels ?? [])], ...(req.policy ? { policy: req.policy } : {}),
-    consistency: req.consistency,
-    chunkSize: repo.chunkSize, disks, configs, stats,
-  };
-  req.signal?.throwIfAborted();
-  await req.beforeCommit?.();
-  // The chunks it stored or found go into the index before the manifest that uses them.
-  await known.flush(true);
-  await lock.confirm();
-  await repo.saveManifest(manifest);
-  return { manifest, stats };
 }
 
 /** Where a disk's reading starts (chunk-reader.ts): the same for every backup of that disk, different for other VMs' disks. */
