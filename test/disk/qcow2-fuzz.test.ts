@@ -27,14 +27,11 @@ import type { ReadAt } from '../../src/disk/image-refs.js';
 import { openQcow2Map, type Qcow2Run } from '../../src/disk/qcow2-map.js';
 import { openQcow2Bitmap } from '../../src/disk/qcow2-bitmap.js';
 import { qemuIo, tempDir, type TempDir } from '../helpers/images.js';
-import { Rng, eachMutant } from '../helpers/rng.js';
+import { Rng, eachMutant, fuzzRun } from '../helpers/rng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const ITERATIONS = Number(process.env.VMVAULT_FUZZ_ITERATIONS ?? 450);
-const SEED = Number(process.env.VMVAULT_FUZZ_SEED ?? 0x5eed);
-const ONLY = process.env.VMVAULT_FUZZ_ONLY === undefined ? undefined : Number(process.env.VMVAULT_FUZZ_ONLY);
-const KEEP = process.env.VMVAULT_FUZZ_KEEP;
+const { iterations: ITERATIONS, seed: SEED, only: ONLY, keep: KEEP } = fuzzRun({ iterations: 450, seed: 0x5eed });
 /** The largest single read the parsers may ask for: the bitmap directory (qcow2-bitmap.ts's MAX_DIRECTORY_BYTES). */
 const MAX_READ = 1024 * 65535;
 /** Disks larger than this (a mutated size) are mapped and walked in part, not compared with qemu. */

@@ -26,14 +26,11 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import { fileReader, imageReferences, probeFormat, type ImageReference, type ReadAt } from '../../src/disk/image-refs.js';
 import { tempDir, type TempDir } from '../helpers/images.js';
-import { Rng, eachMutant } from '../helpers/rng.js';
+import { Rng, eachMutant, fuzzRun } from '../helpers/rng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const ITERATIONS = Number(process.env.VMVAULT_FUZZ_ITERATIONS ?? 320);
-const SEED = Number(process.env.VMVAULT_FUZZ_SEED ?? 0x7ef5);
-const ONLY = process.env.VMVAULT_FUZZ_ONLY === undefined ? undefined : Number(process.env.VMVAULT_FUZZ_ONLY);
-const KEEP = process.env.VMVAULT_FUZZ_KEEP;
+const { iterations: ITERATIONS, seed: SEED, only: ONLY, keep: KEEP } = fuzzRun({ iterations: 320, seed: 0x7ef5 });
 /** The largest single read image-refs.ts may ask for: a vmdk descriptor (qemu's 1 MiB less a byte). */
 const MAX_READ = MiB;
 /** All reads of one call together: two descriptor windows, or 64 qcow2 extensions of 64 KiB. */

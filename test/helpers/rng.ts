@@ -37,3 +37,18 @@ export async function eachMutant(first: number, last: number, lanes: number, eac
   };
   await Promise.all(Array.from({ length: lanes }, (_, w) => lane(w)));
 }
+
+/**
+ * A fuzzer's run, from the environment: VMVAULT_FUZZ_ITERATIONS mutants (else `iterations`)
+ * of VMVAULT_FUZZ_SEED (else `seed`), or only mutant VMVAULT_FUZZ_ONLY, keeping the mutants
+ * that break an invariant in directory VMVAULT_FUZZ_KEEP.
+ */
+export function fuzzRun(defaults: { iterations: number; seed: number }): { iterations: number; seed: number; only: number | undefined; keep: string | undefined } {
+  const env = process.env;
+  return {
+    iterations: Number(env.VMVAULT_FUZZ_ITERATIONS ?? defaults.iterations),
+    seed: Number(env.VMVAULT_FUZZ_SEED ?? defaults.seed),
+    only: env.VMVAULT_FUZZ_ONLY === undefined ? undefined : Number(env.VMVAULT_FUZZ_ONLY),
+    keep: env.VMVAULT_FUZZ_KEEP,
+  };
+}
