@@ -18,7 +18,13 @@
  *   still be told) takes its bytes from SIMPLE_READ_BUDGET across all connections
  *   until they are written; at most `loads` runs are being produced at once across
  *   all connections; and connections beyond `maxConnections`, or beyond
- *   PER_PEER_CONNECTIONS from one TCP address, are refused.
+ *   PER_PEER_CONNECTIONS from one client (an IPv4 address, an IPv6 /64: nbd-peers.ts),
+ *   are refused, after a few log lines a minute (LogBudget), not one each.
+ * - A handshake left unfinished holds no slot against a new client for long: when the
+ *   server (or that client's share) is full, a newcomer takes the place of the oldest
+ *   connection still in its handshake after HANDSHAKE_YIELD_MS. A real client finishes
+ *   its handshake in milliseconds; one that opens connections and stalls them can no
+ *   longer keep everyone else out for the 30 s of the handshake's timeout.
  * - Each request starts on an event-loop turn of its own, and a block status looks at
  *   most BLOCK_STATUS_SPAN ahead: a client that pipelines cheap requests cannot keep
  *   the loop (and every other client of the process) for itself.
@@ -30,6 +36,7 @@ import { chmod, rm, stat } from 'node:fs/promises';
 import { VmvaultError, errnoCode, errorMessage } from '../errors.js';
 import { ByteBudget } from '../byte-budget.js';
 import { ExactReader } from './nbd-handshake.js';
+import { LogBudget, peerKey } from './nbd-peers.js';
 import { REPLY_BACKLOG, REPLY_STALL_MS, drained, serveHandshake, type Agreed, type ExportInfo } from './nbd-server-options.js';
 import {
   DEFAULT_MAX_PAYLOAD, NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, NBD_CMD_DISC, NBD_CMD_FLAG_REQ_ONE, NBD_CMD_FLUSH,
@@ -76,6 +83,8 @@ export interface NbdServerOptions {
   stallMs?: number;
   /** A client that has not finished the handshake after this long is disconnected (default 30 s). */
   handshakeTimeoutMs?: number;
+  /** A connection in its handshake for this long gives its place to a new client when the server is full (default HANDSHAKE_YIELD_MS). */
+  handshakeYieldMs?: number;
   log?: ServerLog;
 }
 
@@ -94,7 +103,9 @@ const MAX_DESCRIPTORS = 4096;
  */
 const BLOCK_STATUS_SPAN = 256 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT_MS = 30_000;
-/** Connections from one TCP address at once: one client cannot take every connection. */
+/** After this long in its handshake, a connection makes room for a new client when the server is full. */
+const HANDSHAKE_YIELD_MS = 2_000;
+/** Connections from one client (nbd-peers.ts peerKey) at once: one client cannot take every connection. */
 const PER_PEER_CONNECTIONS = 16;
 /** Bytes of reads without structured replies produced and not yet written, across all connections. */
 const SIMPLE_READ_BUDGET = 256 * 1024 * 1024;
@@ -108,7 +119,12 @@ let zeros: Buffer | undefined;
 const DISCONNECT_GRACE_MS = 5_000;
 
 export class NbdServer {
-  private readonly connections = new Set<net.Socket>();
+  /** Open connections, each with its client's key (peerKey). */
+  private readonly connections = new Map<net.Socket, string | undefined>();
+  /** Connections still in their handshake, with when they came. */
+  private readonly handshaking = new Map<net.Socket, number>();
+  private readonly refusals: LogBudget;
+  private readonly failures: LogBudget;
   private readonly loads: Limiter;
   private readonly simpleBytes = new ByteBudget(SIMPLE_READ_BUDGET);
   private readonly info: ExportInfo;
@@ -116,6 +132,8 @@ export class NbdServer {
 
   private constructor(private readonly server: net.Server, private readonly opts: NbdServerOptions, readonly address: ListenAddress) {
     this.loads = new Limiter(opts.loads ?? 8);
+    this.refusals = new LogBudget((held) => opts.log?.warn({ refused: held }, `NBD connections refused and not logged one by one: ${held} in the last minute`));
+    this.failures = new LogBudget((held) => opts.log?.warn({ failed: held }, `NBD connections ended on an error and not logged one by one: ${held} in the last minute`));
     this.info = {
       name: opts.name, ...(opts.secretName ? { secretName: true } : {}), description: opts.description ?? '', size: opts.source.size,
       transmissionFlags: NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN, maxPayload: DEFAULT_MAX_PAYLOAD,
@@ -160,28 +178,59 @@ export class NbdServer {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const s of this.connections) s.destroy();
+    for (const s of this.connections.keys()) s.destroy();
+    this.refusals.flush();
+    this.failures.flush();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
     if ('path' in this.address) await rm(this.address.path, { force: true });
   }
 
   private accept(socket: net.Socket): void {
     const max = this.opts.maxConnections ?? 64;
-    const peer = socket.remoteAddress;
-    const fromPeer = peer === undefined ? 0 : [...this.connections].filter((s) => s.remoteAddress === peer).length;
-    if (this.closed || this.connections.size >= max || fromPeer >= PER_PEER_CONNECTIONS) {
-      this.opts.log?.warn({ connections: this.connections.size, ...(peer ? { peer, fromPeer } : {}) }, 'NBD connection refused: too many connections');
+    const peer = peerKey(socket.remoteAddress);
+    const fromPeer = (): number => peer === undefined ? 0 : [...this.connections.values()].filter((k) => k === peer).length;
+    if (!this.closed && this.connections.size >= max) this.yieldHandshake();
+    if (!this.closed && peer !== undefined && fromPeer() >= PER_PEER_CONNECTIONS) this.yieldHandshake(peer);
+    if (this.closed || this.connections.size >= max || fromPeer() >= PER_PEER_CONNECTIONS) {
+      if (this.refusals.take()) {
+        this.opts.log?.warn({ connections: this.connections.size, ...(peer ? { peer, fromPeer: fromPeer() } : {}) }, 'NBD connection refused: too many connections');
+      }
       socket.destroy();
       return;
     }
-    this.connections.add(socket);
+    this.connections.set(socket, peer);
+    this.handshaking.set(socket, Date.now());
     socket.setNoDelay?.(true);
     socket.on('error', () => socket.destroy());
-    socket.on('close', () => this.connections.delete(socket));
+    socket.on('close', () => {
+      this.connections.delete(socket);
+      this.handshaking.delete(socket);
+    });
     void this.serve(socket).catch((err) => {
-      this.opts.log?.warn({ err: errorMessage(err) }, 'NBD connection ended on an error');
+      if (this.failures.take()) this.opts.log?.warn({ err: errorMessage(err) }, 'NBD connection ended on an error');
       socket.destroy();
     });
+  }
+
+  /**
+   * Closes the connection (of client `peer`, or any) that has been in its handshake the
+   * longest, if that is longer than the handshake yield time, to make room for a new one.
+   */
+  private yieldHandshake(peer?: string): void {
+    const before = Date.now() - (this.opts.handshakeYieldMs ?? HANDSHAKE_YIELD_MS);
+    let oldest: net.Socket | undefined;
+    let oldestAt = Infinity;
+    // In the order they came: of those that came in the same millisecond, the first.
+    for (const [s, at] of this.handshaking) {
+      if (at <= before && at < oldestAt && (peer === undefined || this.connections.get(s) === peer)) {
+        oldest = s;
+        oldestAt = at;
+      }
+    }
+    if (!oldest) return;
+    this.handshaking.delete(oldest);
+    this.connections.delete(oldest);
+    oldest.destroy();
   }
 
   private async serve(socket: net.Socket): Promise<void> {
@@ -199,6 +248,7 @@ export class NbdServer {
     try {
       agreed = await serveHandshake(socket, reader, this.info, this.opts.stallMs);
     } finally {
+      this.handshaking.delete(socket);
       clearTimeout(timer);
       socket.off('data', onData);
       socket.off('close', onClose);

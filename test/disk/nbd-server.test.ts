@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import { networkInterfaces } from 'node:os';
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setFlagsFromString } from 'node:v8';
@@ -176,7 +177,7 @@ describe('NBD server', () => {
 
   test('a client that sends requests without reading the replies is read no further: the replies the server holds stay bounded, and the client gets every one once it reads', async () => {
     /** The most reply bytes any of the server's connections holds unwritten. */
-    const serverBacklog = () => Math.max(0, ...[...(server['connections'] as Set<net.Socket>)].map((c) => c.writableLength));
+    const serverBacklog = () => Math.max(0, ...[...(server['connections'] as Map<net.Socket, unknown>).keys()].map((c) => c.writableLength));
     /**
      * Writes `data`, and waits until the server's reply backlog stops growing (client
      * and server share this event loop): it must stay near its 1 MiB bound, where it
@@ -302,7 +303,8 @@ describe('NBD server', () => {
   });
 
   test('one TCP address gets 16 connections at once, not every one the server has', async () => {
-    const tcp = await NbdServer.listen({ host: '127.0.0.1', port: 0 }, { source, name: 'disk' });
+    // Connections held in their handshake here: none gives way to a newcomer however slow this machine is.
+    const tcp = await NbdServer.listen({ host: '127.0.0.1', port: 0 }, { source, name: 'disk', handshakeYieldMs: 600_000 });
     const port = 'port' in tcp.address ? tcp.address.port : 0;
     const open: net.Socket[] = [];
     /** A connection, and whether the server greets it (a refused one is closed at once). */
@@ -321,6 +323,70 @@ describe('NBD server', () => {
     } finally {
       for (const s of open) s.destroy();
       await tcp.close();
+    }
+  });
+
+  test('an IPv4 client on a dual-stack socket counts by its IPv4 address, and refusals are a few log lines a minute, then one summary', async () => {
+    const warned: { obj: Record<string, unknown>; msg: string }[] = [];
+    const log = { info: () => {}, warn: (obj: object, msg: string) => { warned.push({ obj: obj as Record<string, unknown>, msg }); } };
+    // Dual-stack where the machine has IPv6 (an IPv4 client then shows as ::ffff:127.0.0.1).
+    const dualStack = Object.values(networkInterfaces()).flat().some((i) => i?.family === 'IPv6' && i.internal);
+    const tcp = await NbdServer.listen({ host: dualStack ? '::' : '127.0.0.1', port: 0 }, { source, name: 'disk', log, handshakeYieldMs: 600_000 });
+    const port = 'port' in tcp.address ? tcp.address.port : 0;
+    const open: net.Socket[] = [];
+    const connect = () => new Promise<boolean>((resolve) => {
+      const s = net.createConnection(port, '127.0.0.1');
+      open.push(s);
+      s.on('error', () => {});
+      s.once('data', () => resolve(true));
+      s.once('close', () => resolve(false));
+    });
+    try {
+      for (let i = 0; i < 16; i++) assert.equal(await connect(), true, `connection ${i + 1}`);
+      for (let i = 0; i < 40; i++) assert.equal(await connect(), false, `refused connection ${i + 1}`);
+      const refused = warned.filter((w) => w.msg === 'NBD connection refused: too many connections');
+      assert.equal(refused.length, 10, 'ten lines, not forty');
+      assert.equal(refused[0]!.obj.peer, '127.0.0.1', 'the mapped address counted as the IPv4 one');
+      await tcp.close();
+      const summary = warned.find((w) => /refused and not logged one by one/.test(w.msg));
+      assert.ok(summary, 'closing the server tells what it held back');
+      assert.equal(summary.obj.refused, 30);
+    } finally {
+      for (const s of open) s.destroy();
+      await tcp.close();
+    }
+  });
+
+  test('connections that stall in their handshake make room for a new client once the server is full', async () => {
+    const p = join(dir.path, 'stalled-handshakes.sock');
+    const s = await NbdServer.listen({ path: p }, { source, name: 'disk', maxConnections: 4, handshakeYieldMs: 300 });
+    const stalled: net.Socket[] = [];
+    try {
+      // Four clients take every slot and never answer the greeting.
+      const closed: Promise<void>[] = [];
+      for (let i = 0; i < 4; i++) {
+        const c = net.createConnection(p);
+        c.on('error', () => {});
+        closed.push(new Promise((resolve) => c.once('close', () => resolve())));
+        await new Promise((resolve) => c.once('data', resolve));
+        stalled.push(c);
+      }
+      assert.equal(s.connectionCount, 4);
+      // Right away, a newcomer is refused: a handshake just begun is not taken for a stalled one.
+      await assert.rejects(NbdClient.connect(p, { exportName: 'disk' }));
+      await new Promise((r) => setTimeout(r, 400));
+      const client = await NbdClient.connect(p, { exportName: 'disk' });
+      try {
+        assert.deepEqual(await client.read(0, BLOCK), expected(0, BLOCK), 'the newcomer is served');
+        // The oldest stalled one made room; the others still hold their slots until their timeout.
+        await Promise.race([closed[0], new Promise((_, reject) => setTimeout(() => reject(new Error('the oldest stalled client was not closed')), 5000))]);
+        assert.equal(s.connectionCount, 4);
+      } finally {
+        await client.close();
+      }
+    } finally {
+      for (const c of stalled) c.destroy();
+      await s.close();
     }
   });
 
