@@ -193,7 +193,7 @@ export class NbdServer {
     if (!this.closed && peer !== undefined && fromPeer() >= PER_PEER_CONNECTIONS) this.yieldHandshake(peer);
     if (this.closed || this.connections.size >= max || fromPeer() >= PER_PEER_CONNECTIONS) {
       if (this.refusals.take()) {
-        this.opts.log?.warn({ connections: this.connections.size, ...(peer ? { peer, fromPeer: fromPeer() } : {}) }, 'NBD connection refused: too many connections');
+        this.opts.log?.warn({ connections: this.connections.size, ...(peer ? { peer, address: socket.remoteAddress, fromPeer: fromPeer() } : {}) }, 'NBD connection refused: too many connections');
       }
       socket.destroy();
       return;
