@@ -14,6 +14,7 @@
  */
 import { OpenAPIHono } from '@hono/zod-openapi';
 import type { RedisConnection } from '../queue/connection.js';
+import type { Job } from 'bullmq';
 import { bodyLimit } from 'hono/body-limit';
 import type { Logger } from 'pino';
 import type { Config } from '../config/schema.js';
@@ -24,7 +25,7 @@ import { VerificationCache } from '../repo/health.js';
 import type { Repository } from '../repo/repository.js';
 import { TokenTable } from './auth.js';
 import { ApiError, sendError, toApiError } from './errors.js';
-import { JobIndex, jobView } from './jobs.js';
+import { JobIndex, earlierJob, jobView, requestJobId } from './jobs.js';
 import { backupRoutes, registerBackups } from './routes/backups.js';
 import type { Env, RouteContext } from './routes/common.js';
 import { isDashboardPath, registerDashboard } from './routes/dashboard.js';
@@ -166,6 +167,8 @@ function createContext(deps: ApiDeps): RouteContext & { close(): Promise<void> }
   const { of: queueOf, maintenance } = queues;
   const hosts = [...new Set([config.host, ...Object.keys(config.hosts), ...config.vms.map((v) => v.host)])].sort();
   const closers: (() => Promise<void>)[] = [];
+  // Jobs a request found made by its earlier try (RouteContext.enqueue): shown in their state of now.
+  const replays = new WeakSet<Job>();
   return {
     config, repo, redis: deps.redis, log: deps.log, catalogue, hosts, queueOf, maintenance,
     now: deps.now ?? (() => Date.now() / 1000),
@@ -182,7 +185,16 @@ function createContext(deps: ApiDeps): RouteContext & { close(): Promise<void> }
       if (!vm) throw new NotFoundError(`VM "${name}" is not in the inventory; known VMs: ${config.vms.map((v) => v.name).join(', ') || '(none)'}`);
       return vm;
     },
-    accepted: async (job) => ({ job: await jobView(job, 'waiting') }),
+    enqueue: async (c, queue, kind, add) => {
+      const key = c.req.header('idempotency-key');
+      const added = await add(requestJobId(kind, key, c.get('principal')?.name ?? ''));
+      const earlier = key === undefined ? undefined : await earlierJob(queue, added);
+      if (!earlier) return added;
+      c.header('Idempotent-Replayed', 'true');
+      replays.add(earlier);
+      return earlier;
+    },
+    accepted: async (job) => ({ job: await jobView(job, replays.has(job) ? undefined : 'waiting') }),
     onClose: (fn) => { closers.push(fn); },
     close: async () => {
       for (const fn of closers) await fn();

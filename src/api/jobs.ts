@@ -3,9 +3,10 @@
  * API-made jobs get ids that are unique across queues (`api-<kind>-<random>`);
  * scheduled ones carry their deterministic ids. A lookup by id asks each queue.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { Job, JobType, Queue } from 'bullmq';
 import { NotFoundError } from '../errors.js';
+import { ApiError } from './errors.js';
 import { shownExportUri } from '../pipeline/nbd-export.js';
 
 export const JOB_STATES = ['active', 'waiting', 'delayed', 'prioritized', 'waiting-children', 'completed', 'failed'] as const;
@@ -29,6 +30,39 @@ export interface JobView {
 
 export function newJobId(kind: string): string {
   return `api-${kind}-${randomBytes(8).toString('hex')}`;
+}
+
+/** What an Idempotency-Key may be: 1 to 255 visible ASCII characters (a UUID, say). */
+const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/;
+
+/**
+ * The id of the job a request makes. Without an Idempotency-Key: a fresh one (newJobId).
+ * With one: an id derived from the key, the token's name and the job's kind, so that a
+ * client retrying a POST whose answer it lost (a timeout, a dropped connection: the job
+ * may or may not have been made) gets the job its first try made, not a second backup,
+ * restore or revert. BullMQ adds nothing under an id it still holds; a key is remembered
+ * as long as its job is kept (finished jobs: 7 days, at most 1000 per queue). Another
+ * token's same key is another job; the key itself is not in the id.
+ */
+export function requestJobId(kind: string, key: string | undefined, principal: string): string {
+  if (key === undefined) return newJobId(kind);
+  if (!IDEMPOTENCY_KEY.test(key)) throw new ApiError(400, 'BAD_INPUT', 'the Idempotency-Key header must be 1 to 255 visible ASCII characters (a UUID, say)');
+  return `api-${kind}-k${createHash('sha256').update(`${principal}\0${kind}\0${key}`).digest('hex').slice(0, 32)}`;
+}
+
+/**
+ * After `queue.add` with an id from an Idempotency-Key: the job an earlier request made
+ * under it, when there was one (BullMQ then added nothing), else undefined. A key used
+ * before for another request (other data) is refused with 422: answering with that job
+ * would say something was done that was not asked.
+ */
+export async function earlierJob(queue: Queue, added: Job): Promise<Job | undefined> {
+  const stored = await queue.getJob(added.id!);
+  if (!stored) return undefined; // made and already removed: nothing to compare
+  if (stored.name !== added.name || JSON.stringify(stored.data) !== JSON.stringify(added.data)) {
+    throw new ApiError(422, 'IDEMPOTENCY_KEY_REUSED', `this Idempotency-Key was used for another request (job ${stored.id}): send a new key for a new request`, { job: stored.id });
+  }
+  return stored.timestamp === added.timestamp ? undefined : stored;
 }
 
 const iso = (ms: number | undefined) => (ms ? new Date(ms).toISOString() : null);

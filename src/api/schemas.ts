@@ -186,6 +186,15 @@ export const HealthSchema = z.object({
 
 export const JobAccepted = z.object({ job: JobSchema }).openapi('JobAccepted');
 
+/** The header of a request that makes a job (api/jobs.ts requestJobId). */
+export const IdempotencyHeader = z.object({
+  'idempotency-key': z.string().regex(/^[\x21-\x7e]{1,255}$/, 'the Idempotency-Key header must be 1 to 255 visible ASCII characters (a UUID, say)').optional().openapi({
+    description: 'Any unique value (a UUID): a retry of this request with the same key, by the same token, gets the job its first try made ' +
+      '(with Idempotent-Replayed: true) instead of a second one, as long as that job is kept (7 days, at most 1000 finished jobs per queue); ' +
+      'the same key for another request is refused with 422',
+  }),
+});
+
 export const SnapshotParam = VmParam.extend({ name: z.string().min(1).max(64).openapi({ description: 'snapshot name' }) });
 
 export const SnapshotRequest = z.strictObject({

@@ -381,6 +381,58 @@ describe('HTTP API', () => {
     assert.deepEqual((await call('GET', '/v1/vms/db/snapshots', { role: 'viewer' })).body.items, []);
   });
 
+  test('a retried POST with the same Idempotency-Key gets the job of its first try: a revert is not done twice', async () => {
+    const headers = { 'idempotency-key': 'revert-db-7d1c9a' };
+    /** The first byte of each MiB of the db disk's first 2 MiB, as the guest sees them. */
+    const firstBytes = async () => {
+      const raw = join(dir.path, 'db-now.raw');
+      await execa('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', dbDisk, raw]);
+      const b = await readFile(raw);
+      return [b[0], b[MiB]];
+    };
+    const created = await finished((await call('POST', '/v1/vms/db/snapshots', { role: 'operator', body: { name: 'idem' } })).body.job.id);
+    assert.equal(created.state, 'completed', created.error);
+    await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x44 0 2M', dbDisk]);
+
+    const first = await call('POST', '/v1/vms/db/snapshots/idem/revert', { role: 'operator', headers });
+    assert.equal(first.status, 202, JSON.stringify(first.body));
+    assert.equal(first.headers.get('idempotent-replayed'), null);
+    const again = await call('POST', '/v1/vms/db/snapshots/idem/revert', { role: 'operator', headers });
+    assert.equal(again.status, 202, JSON.stringify(again.body));
+    assert.equal(again.body.job.id, first.body.job.id, 'the retry is answered with the first try\'s job');
+    assert.equal(again.headers.get('idempotent-replayed'), 'true');
+    const done = await finished(first.body.job.id);
+    assert.equal(done.state, 'completed', done.error);
+    assert.deepEqual(await firstBytes(), [0x11, 0x00], 'reverted to the snapshot');
+
+    // The VM writes after the revert; a late retry of the same request must not revert again.
+    await execa('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x33 0 1M', dbDisk]);
+    const late = await call('POST', '/v1/vms/db/snapshots/idem/revert', { role: 'operator', headers });
+    assert.equal(late.status, 202, JSON.stringify(late.body));
+    assert.equal(late.body.job.id, first.body.job.id);
+    assert.equal(late.body.job.state, 'completed', 'a replay shows the job as it is now');
+    const jobs = await call('GET', '/v1/jobs?limit=1000', { role: 'viewer' });
+    assert.equal(jobs.body.items.filter((j: any) => j.name === 'snapshot' && j.data.op === 'revert' && j.data.name === 'idem').length, 1, 'one revert job');
+    assert.deepEqual(await firstBytes(), [0x33, 0x00], 'the write after the revert is still there');
+
+    // The same key for another request is refused; another token's same key is its own.
+    const conflict = await call('POST', '/v1/vms/db/snapshots/other/revert', { role: 'operator', headers });
+    assert.equal(conflict.status, 422, JSON.stringify(conflict.body));
+    assert.equal(conflict.body.error.code, 'IDEMPOTENCY_KEY_REUSED');
+    assert.match(conflict.body.error.message, /new key/);
+    const admins = await call('POST', '/v1/vms/db/snapshots/other/revert', { role: 'admin', headers });
+    assert.equal(admins.status, 202, JSON.stringify(admins.body));
+    assert.notEqual(admins.body.job.id, first.body.job.id);
+    assert.equal((await finished(admins.body.job.id)).state, 'failed', 'there is no snapshot "other"');
+    for (const bad of ['', 'has space', 'x'.repeat(256)]) {
+      const r = await call('POST', '/v1/vms/db/snapshots/idem/revert', { role: 'operator', headers: { 'idempotency-key': bad } });
+      assert.equal(r.status, 400, `${JSON.stringify(bad)}: ${JSON.stringify(r.body)}`);
+    }
+    assert.deepEqual(await firstBytes(), [0x33, 0x00], 'no refused request reverted anything');
+    const deleted = await finished((await call('DELETE', '/v1/vms/db/snapshots/idem', { role: 'operator' })).body.job.id);
+    assert.equal(deleted.state, 'completed', deleted.error);
+  });
+
   test('the OpenAPI document validates and lists every route', async () => {
     const r = await call('GET', '/v1/openapi.json', { role: 'viewer' });
     assert.equal(r.status, 200);

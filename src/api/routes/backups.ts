@@ -5,14 +5,13 @@ import { assertSafeName } from '../../pipeline/names.js';
 import { VM_NAME_RE } from '../../pipeline/libvirt-xml.js';
 import { enqueueRestore } from '../../queue/enqueue.js';
 import { ApiError } from '../errors.js';
-import { newJobId } from '../jobs.js';
 import * as S from '../schemas.js';
 import { body, errors, json, pageOf, route, type ApiApp, type RouteContext } from './common.js';
 
 export const backupRoutes = {
   listBackups: route({ method: 'get', path: '/v1/backups', role: 'viewer', summary: 'Backups, newest first', request: { query: S.BackupQuery }, responses: { 200: json(S.BackupPage, 'backups'), ...errors } }),
   getBackup: route({ method: 'get', path: '/v1/backups/{id}', role: 'viewer', summary: 'One backup', request: { params: S.BackupParam }, responses: { 200: json(S.BackupSchema, 'the backup'), ...errors } }),
-  restore: route({ method: 'post', path: '/v1/backups/{id}/restore', role: 'operator', summary: 'Restore a backup onto a host (its worker writes the files)', request: { params: S.BackupParam, ...body(S.RestoreRequest) }, responses: { 202: json(S.JobAccepted, 'the restore job'), ...errors } }),
+  restore: route({ method: 'post', path: '/v1/backups/{id}/restore', role: 'operator', summary: 'Restore a backup onto a host (its worker writes the files)', request: { params: S.BackupParam, ...body(S.RestoreRequest), headers: S.IdempotencyHeader }, responses: { 202: json(S.JobAccepted, 'the restore job'), ...errors } }),
 };
 
 /** These routes' types, for the typed client (`hc<BackupsApp>` from hono/client). */
@@ -48,10 +47,11 @@ export function registerBackups(app: ApiApp, ctx: RouteContext) {
         checkDiskPath(req.directory, d, path);
       }
       if (req.name !== undefined && !VM_NAME_RE.test(req.name)) throw new ApiError(400, 'BAD_INPUT', `"${req.name}" is not a VM name: use letters, digits, ".", "_", "+" or "-", starting with a letter or digit`);
-      const job = await enqueueRestore(ctx.queueOf(req.host), {
+      const queue = ctx.queueOf(req.host);
+      const job = await ctx.enqueue(c, queue, 'restore', (jobId) => enqueueRestore(queue, {
         backupId: b.id, directory: req.directory, format: req.format as never, overwrite: req.overwrite, ...(req.disks ? { disks: req.disks } : {}),
         ...(req.diskPaths ? { diskPaths: req.diskPaths } : {}), ...(req.name !== undefined ? { name: req.name } : {}),
-      }, { jobId: newJobId('restore') });
+      }, { jobId }));
       return c.json(await ctx.accepted(job), 202);
     });
 }

@@ -6,7 +6,7 @@
 import { OpenAPIHono, createRoute, z, type RouteConfig } from '@hono/zod-openapi';
 import type { Job, Queue } from 'bullmq';
 import type { RedisConnection } from '../../queue/connection.js';
-import type { MiddlewareHandler } from 'hono';
+import type { Context, MiddlewareHandler } from 'hono';
 import type { Logger } from 'pino';
 import type { Config, VmConfig } from '../../config/schema.js';
 import type { Catalogue, CatalogueEntry } from '../../repo/catalogue.js';
@@ -44,7 +44,14 @@ export interface RouteContext {
   jobs: JobIndex;
   /** The VM of the inventory, or NotFoundError naming the known ones. */
   vmOf(name: string): VmConfig;
-  /** The answer to a request that enqueued `job`. */
+  /**
+   * Enqueues a job with `add(jobId)` under the id the request calls for (jobs.ts
+   * requestJobId: from its Idempotency-Key header, if any). A retried request gets the job
+   * its first try made, with the header Idempotent-Replayed: true; the same key with
+   * another request is refused (422).
+   */
+  enqueue(c: Context<Env>, queue: Queue, kind: string, add: (jobId: string) => Promise<Job>): Promise<Job>;
+  /** The answer to a request that enqueued `job` (a replayed one as it is now). */
   accepted(job: Job): Promise<{ job: JobView }>;
   /** Runs `fn` when the API closes (after the server has stopped). */
   onClose(fn: () => Promise<void>): void;

@@ -10,12 +10,11 @@ import { errorMessage } from '../../errors.js';
 import { durationMs, parseDuration } from '../../policy/retention.js';
 import { enqueueExport } from '../../queue/enqueue.js';
 import { ApiError } from '../errors.js';
-import { newJobId } from '../jobs.js';
-import { BackupParam, ErrorSchema } from '../schemas.js';
+import { BackupParam, ErrorSchema, IdempotencyHeader } from '../schemas.js';
 import { body, errors, json, route, type ApiApp, type RouteContext } from './common.js';
 
 /** What the export route needs of the app's context. */
-export type ExportRouteDeps = Pick<RouteContext, 'config' | 'catalogue' | 'hosts' | 'queueOf' | 'jobs'>;
+export type ExportRouteDeps = Pick<RouteContext, 'config' | 'catalogue' | 'hosts' | 'queueOf' | 'jobs' | 'enqueue'>;
 
 /** How long POST …/exports waits for the host to start the export. */
 const START_WAIT_MS = 30_000;
@@ -43,7 +42,7 @@ const exportRoute = route({
   method: 'post', path: '/v1/backups/{id}/exports', role: 'operator',
   summary: 'Serve one disk of a backup read-only over NBD from a host, for a while',
   description: 'The host\'s worker starts the export and answers where to connect and until when.',
-  request: { params: BackupParam, ...body(ExportRequest) },
+  request: { params: BackupParam, ...body(ExportRequest), headers: IdempotencyHeader },
   responses: {
     201: json(ExportSchema, 'the export, serving'), ...errors,
     502: json(ErrorSchema, 'the host could not start the export'), 504: json(ErrorSchema, 'the host did not answer in time'),
@@ -77,7 +76,7 @@ export function registerExportRoutes(app: ApiApp, deps: ExportRouteDeps): void {
     }
     const ttlSeconds = Math.round(ttlMs(req.ttl ?? DEFAULT_TTL) / 1000);
     const queue = deps.queueOf(host);
-    const job = await enqueueExport(queue, { backupId: b.id, disk: req.disk, address, ttlSeconds }, { jobId: newJobId('export') });
+    const job = await deps.enqueue(c, queue, 'export', (jobId) => enqueueExport(queue, { backupId: b.id, disk: req.disk, address, ttlSeconds }, { jobId }));
     const done = await deps.jobs.wait(queue, job.id!, START_WAIT_MS, true);
     if (!done) throw new ApiError(504, 'TIMEOUT', `host "${host}" did not start the export within ${START_WAIT_MS / 1000} s: is its worker running? (job ${job.id})`, { job: job.id });
     if (done.state === 'failed') throw new ApiError(502, 'JOB_FAILED', done.error ?? 'the export job failed', { job: job.id });

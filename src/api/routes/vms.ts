@@ -1,14 +1,13 @@
 /** The VMs of the inventory, and on-demand backups of one. */
 import { enqueueBackup } from '../../queue/enqueue.js';
 import { backupPayloadFor } from '../../queue/payloads.js';
-import { newJobId } from '../jobs.js';
 import * as S from '../schemas.js';
 import { body, errors, json, pageOf, route, vmView, type ApiApp, type RouteContext } from './common.js';
 
 export const vmRoutes = {
   listVms: route({ method: 'get', path: '/v1/vms', role: 'viewer', summary: 'VMs of the inventory', request: { query: S.PageQuery }, responses: { 200: json(S.VmPage, 'VMs'), ...errors } }),
   getVm: route({ method: 'get', path: '/v1/vms/{vm}', role: 'viewer', summary: 'A VM with its last backup and its unfinished jobs', request: { params: S.VmParam }, responses: { 200: json(S.VmDetailSchema, 'the VM'), ...errors } }),
-  backupVm: route({ method: 'post', path: '/v1/vms/{vm}/backups', role: 'operator', summary: 'Back up a VM now', request: { params: S.VmParam, ...body(S.BackupRequest, false) }, responses: { 202: json(S.JobAccepted, 'the backup job'), ...errors } }),
+  backupVm: route({ method: 'post', path: '/v1/vms/{vm}/backups', role: 'operator', summary: 'Back up a VM now', request: { params: S.VmParam, ...body(S.BackupRequest, false), headers: S.IdempotencyHeader }, responses: { 202: json(S.JobAccepted, 'the backup job'), ...errors } }),
 };
 
 /** These routes' types, for the typed client (`hc<VmsApp>` from hono/client). */
@@ -29,7 +28,8 @@ export function registerVms(app: ApiApp, ctx: RouteContext) {
     .openapi(vmRoutes.backupVm, async (c) => {
       const vm = ctx.vmOf(c.req.valid('param').vm);
       const req = S.BackupRequest.parse(c.req.valid('json') ?? {});
-      const job = await enqueueBackup(ctx.queueOf(vm.host), backupPayloadFor(vm, { labels: req.labels }), { jobId: newJobId('backup') });
+      const queue = ctx.queueOf(vm.host);
+      const job = await ctx.enqueue(c, queue, 'backup', (jobId) => enqueueBackup(queue, backupPayloadFor(vm, { labels: req.labels }), { jobId }));
       return c.json(await ctx.accepted(job), 202);
     });
 }

@@ -23,7 +23,7 @@ function acting(what: string, fn: () => Promise<void>, refresh: () => void): voi
 export function rowActions(refresh: () => void): RowActions {
   const actions: RowActions = {
     backup: (vm) => acting(`backup of ${vm}`, async () => {
-      const r = await ok(api.vms[':vm'].backups.$post({ param: { vm }, json: { labels: [] } }));
+      const r = await ok(api.vms[':vm'].backups.$post({ param: { vm }, header: {}, json: { labels: [] } }));
       notice(`backup of ${vm} queued: job ${r.job.id}`);
     }, refresh),
     select: (vm) => {
@@ -51,7 +51,7 @@ export function rowActions(refresh: () => void): RowActions {
     revert: (vm, name) => {
       if (!browser.confirm(`Revert ${vm} to snapshot ${name}? Everything written since the snapshot is lost.`)) return;
       acting(`revert of ${vm}`, async () => {
-        const r = await ok(api.snapshots[':vm'].snapshots[':name'].revert.$post({ param: { vm, name } }));
+        const r = await ok(api.snapshots[':vm'].snapshots[':name'].revert.$post({ param: { vm, name }, header: {} }));
         notice(`revert of ${vm} to ${name} queued: job ${r.job.id}`);
         await settled(r.job.id);
         loadSnapshots();
@@ -60,7 +60,7 @@ export function rowActions(refresh: () => void): RowActions {
     remove: (vm, name) => {
       if (!browser.confirm(`Delete snapshot ${name} of ${vm}?`)) return;
       acting(`deletion of ${name}`, async () => {
-        const r = await ok(api.snapshots[':vm'].snapshots[':name'].$delete({ param: { vm, name } }));
+        const r = await ok(api.snapshots[':vm'].snapshots[':name'].$delete({ param: { vm, name }, header: {} }));
         notice(`deletion of snapshot ${name} queued: job ${r.job.id}`);
         await settled(r.job.id);
         loadSnapshots();
@@ -100,6 +100,7 @@ function wireForms(refresh: () => void, loadSnapshots: () => void): void {
     acting('restore', async () => {
       const r = await ok(api.backups[':id'].restore.$post({
         param: { id },
+        header: {},
         json: { host: field(restore, 'host').value, directory: field(restore, 'directory').value, format: field(restore, 'format').value, overwrite: field(restore, 'overwrite').checked },
       }));
       restore.hidden = true;
@@ -117,7 +118,7 @@ function wireForms(refresh: () => void, loadSnapshots: () => void): void {
     const label = optional('label');
     const expireIn = optional('expireIn');
     acting(`snapshot of ${vm}`, async () => {
-      const r = await ok(api.snapshots[':vm'].snapshots.$post({ param: { vm }, json: { name: field(snap, 'name').value, ...(label ? { label } : {}), ...(expireIn ? { expireIn } : {}) } }));
+      const r = await ok(api.snapshots[':vm'].snapshots.$post({ param: { vm }, header: {}, json: { name: field(snap, 'name').value, ...(label ? { label } : {}), ...(expireIn ? { expireIn } : {}) } }));
       notice(`snapshot of ${vm} queued: job ${r.job.id}`);
       field(snap, 'name').value = '';
       await settled(r.job.id);
