@@ -1,6 +1,6 @@
 /**
- * A seeded damage fuzzer for a directory repository: a repository can be partly damaged
- * on the day it is needed. One small repository (two VMs, a full and an incremental
+ * A seeded damage fuzzer for a repository, on both backends: a repository can be partly
+ * damaged on the day it is needed. One small repository (two VMs, a full and an incremental
  * backup each, a verify's health records and a quarantine entry) is built once; each
  * iteration copies it, applies 1–3 random damages to random objects, and runs what an
  * operator would: list, restore every backup (raw and qcow2), verify, verify
@@ -15,7 +15,12 @@
  * - I5 nothing hangs on a FIFO, and damaged chunks (planted symlinks to host files
  *   included) fail verify --read-data.
  *
- * VMVAULT_FUZZ_ITERATIONS and VMVAULT_FUZZ_SEED run it longer or elsewhere by hand.
+ * On S3 the damage is what a bucket can suffer (objects overwritten, cut, emptied,
+ * swapped, replaced by another repository's or deleted); on a directory also what a file
+ * system can hold at an object's name (a directory, a FIFO, symlinks, a stray temporary).
+ *
+ * VMVAULT_FUZZ_ITERATIONS and VMVAULT_FUZZ_SEED run it longer or elsewhere by hand
+ * (VMVAULT_FUZZ_S3_ITERATIONS for S3).
  */
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -26,21 +31,71 @@ import { execa } from 'execa';
 import { compareImages, type ImageFormat } from '../../src/disk/qemu.js';
 import { makeImage, writePattern } from '../helpers/images.js';
 import { BIN, type Env } from '../helpers/cli.js';
-import { envFor, initRepo, type Backend } from './harness.js';
+import { backends, envFor, initRepo, type Backend } from './harness.js';
+import { openStorage } from '../../src/storage/open.js';
 import { prng } from '../helpers/rng.js';
 
 const MiB = 1024 * 1024;
 const ITERATIONS = Number(process.env.VMVAULT_FUZZ_ITERATIONS ?? 6);
+const S3_ITERATIONS = Number(process.env.VMVAULT_FUZZ_S3_ITERATIONS ?? 4);
 const SEED = Number(process.env.VMVAULT_FUZZ_SEED ?? 20261202);
 const COMMAND_TIMEOUT_MS = 60_000;
-// The directory backend only (no S3 server to start): damage is planted with fs calls.
-const work = await mkdtemp(join(tmpdir(), 'vmvault-dmgfuzz-'));
-after(() => rm(work, { recursive: true, force: true }));
-let repos = 0;
-const local: Backend = {
-  name: 'local', env: {}, newRepo: async () => join(work, `repo-${repos++}`),
-  plantSparse: async () => { throw new Error('not used here'); }, stop: async () => {},
-};
+const workRoot = await mkdtemp(join(tmpdir(), 'vmvault-dmgfuzz-'));
+const [local, s3] = await backends();
+after(async () => {
+  await Promise.all([local!.stop(), s3!.stop()]);
+  await rm(workRoot, { recursive: true, force: true });
+});
+
+/** A repository's objects, as the fuzzer reads, writes and damages them. */
+interface Objects {
+  /** Every object's name (a directory's dot-files and temporaries left out). */
+  list(): Promise<string[]>;
+  read(name: string): Promise<Buffer>;
+  write(name: string, data: Uint8Array): Promise<void>;
+  remove(name: string): Promise<void>;
+  /** A copy of the whole repository at a new URL of the same backend. */
+  copy(to: string): Promise<void>;
+}
+
+/** A directory repository's objects: its files. */
+function dirObjects(root: string): Objects {
+  return {
+    list: async () => (await filesUnder(root)).map((p) => p.slice(root.length + 1)).filter((n) => !n.split('/').some((x) => x.startsWith('.'))),
+    read: async (name) => {
+      // Never a planted FIFO (a read would wait for a writer) or what a symlink points at.
+      if (!(await lstat(join(root, name))).isFile()) throw new Error(`${name} is not a file`);
+      return readFile(join(root, name));
+    },
+    write: async (name, data) => { await mkdir(dirname(join(root, name)), { recursive: true }); await writeFile(join(root, name), data); },
+    remove: (name) => rm(join(root, name), { force: true }),
+    copy: (to) => cp(root, to, { recursive: true }),
+  };
+}
+
+/** An S3 repository's objects, through vmvault's own S3 storage (the AWS SDK). */
+function s3Objects(url: string): Objects {
+  const withStorage = async <T>(fn: (st: ReturnType<typeof openStorage>) => Promise<T>): Promise<T> => {
+    const st = openStorage(url);
+    try { return await fn(st); } finally { await st.close(); }
+  };
+  const list = () => withStorage(async (st) => { const out: string[] = []; for await (const o of st.list('')) out.push(o.name); return out; });
+  return {
+    list,
+    read: (name) => withStorage(async (st) => Buffer.from(await st.get(name))),
+    write: (name, data) => withStorage((st) => st.put(name, data)),
+    remove: (name) => withStorage((st) => st.delete(name)),
+    copy: async (to) => {
+      const names = await list();
+      await withStorage(async (from) => {
+        const dest = openStorage(to);
+        try { for (const n of names) await dest.put(n, await from.get(n)); } finally { await dest.close(); }
+      });
+    },
+  };
+}
+
+const objectsOf = (b: Backend, repo: string): Objects => (b.name === 's3' ? s3Objects(repo) : dirObjects(repo));
 
 type Rand = () => number;
 const int = (r: Rand, n: number) => Math.floor(r() * n);
@@ -105,46 +160,51 @@ async function backup(env: Env, vm: string, image: string, copyTo: string): Prom
   return { id: (JSON.parse(r.stdout) as { id: string }).id, vm, source: copyTo };
 }
 
-/** Every object of a directory repository, by name, with its kind (its first path segments). */
-async function listObjects(root: string): Promise<string[]> {
-  return (await filesUnder(root)).map((p) => p.slice(root.length + 1)).filter((n) => !n.split('/').some((s) => s.startsWith('.')));
-}
+/** An object's kind: its first path segments. */
 const kindOf = (name: string) => name.startsWith('health/') ? name.split('/').slice(0, 2).join('/') : name.split('/')[0]!;
 
 const DAMAGES = ['flip', 'truncate', 'empty', 'delete', 'swap', 'foreign', 'directory', 'fifo', 'symlink-host', 'symlink-object', 'stray-tmp'] as const;
 type Damage = typeof DAMAGES[number];
+/** What a bucket can suffer: no file types, no temporaries (S3 has no rename). */
+const S3_DAMAGES: readonly Damage[] = ['flip', 'truncate', 'empty', 'delete', 'swap', 'foreign'];
 interface Applied { name: string; kind: string; damage: Damage }
 
-/** Damages object `name` of the repository at `root`; `foreign` is another repository's root. */
-async function damageObject(r: Rand, root: string, foreign: string, name: string, damage: Damage, objs: string[], foreignObjs: string[]): Promise<void> {
-  const file = join(root, name);
-  const exists = await lstat(file).then(() => true, () => false);
+/**
+ * Damages object `name` of `store`; `foreign` is another repository's. `root` is the
+ * repository's directory, for what only a file system can hold at a name (local only).
+ */
+async function damageObject(r: Rand, store: Objects, foreign: Objects, root: string | undefined, name: string, damage: Damage, objs: string[], foreignObjs: string[]): Promise<void> {
+  const existing = objs.includes(name) ? await store.read(name).catch(() => undefined) : undefined;
   const sameKind = objs.filter((o) => o !== name && kindOf(o) === kindOf(name));
-  await mkdir(dirname(file), { recursive: true });
   switch (damage) {
     case 'flip': {
-      const bytes = exists ? await readFile(file) : Buffer.alloc(0);
-      if (bytes.length === 0) return writeFile(file, Buffer.from([int(r, 256)]));
+      const bytes = existing ?? Buffer.alloc(0);
+      if (bytes.length === 0) return store.write(name, Buffer.from([int(r, 256)]));
       for (let i = 0, n = 1 + int(r, 4); i < n; i++) { const at = int(r, bytes.length); bytes[at] = bytes[at]! ^ (1 << int(r, 8)); }
-      return writeFile(file, bytes);
+      return store.write(name, bytes);
     }
     case 'truncate': {
-      const size = exists ? (await lstat(file)).size : 0;
-      return size > 1 ? truncate(file, 1 + int(r, size - 1)) : writeFile(file, Buffer.alloc(0));
+      const size = existing?.length ?? 0;
+      return store.write(name, size > 1 ? existing!.subarray(0, 1 + int(r, size - 1)) : Buffer.alloc(0));
     }
-    case 'empty': return writeFile(file, Buffer.alloc(0));
-    case 'delete': return rm(file, { force: true });
+    case 'empty': return store.write(name, Buffer.alloc(0));
+    case 'delete': return store.remove(name);
     case 'swap': {
-      if (sameKind.length === 0) return writeFile(file, Buffer.from('not an object'));
-      const other = join(root, pick(r, sameKind));
-      const [a, b] = [await readFile(file).catch(() => Buffer.alloc(0)), await readFile(other)];
-      await writeFile(file, b);
-      return writeFile(other, a);
+      if (sameKind.length === 0) return store.write(name, Buffer.from('not an object'));
+      const other = pick(r, sameKind);
+      const b = await store.read(other);
+      await store.write(name, b);
+      return store.write(other, existing ?? Buffer.alloc(0));
     }
     case 'foreign': {
       const same = foreignObjs.includes(name) ? name : pick(r, foreignObjs.filter((o) => kindOf(o) === kindOf(name)).concat(foreignObjs.filter((o) => o.startsWith('chunks/'))));
-      return writeFile(file, await readFile(join(foreign, same)));
+      return store.write(name, await foreign.read(same));
     }
+  }
+  if (!root) throw new Error(`${damage} needs a directory repository`);
+  const file = join(root, name);
+  await mkdir(dirname(file), { recursive: true });
+  switch (damage) {
     case 'directory':
       await rm(file, { force: true });
       await mkdir(file);
@@ -167,10 +227,17 @@ async function damageObject(r: Rand, root: string, foreign: string, name: string
 /** Damage that changes what a chunk's name reads as (a stray temporary file does not). */
 const changesContent = (d: Applied) => d.damage !== 'stray-tmp';
 
-test(`damage fuzzer: ${ITERATIONS} iteration(s) from seed ${SEED} on a directory repository`, { timeout: 30 * 60_000 }, async () => {
+test(`damage fuzzer: ${ITERATIONS} iteration(s) from seed ${SEED} on a directory repository`, { timeout: 30 * 60_000 }, () => fuzz(local!, ITERATIONS, DAMAGES));
+test(`damage fuzzer: ${S3_ITERATIONS} iteration(s) from seed ${SEED} on an S3 repository`, { timeout: 30 * 60_000 }, () => fuzz(s3!, S3_ITERATIONS, S3_DAMAGES));
+
+async function fuzz(backend: Backend, iterations: number, damages: readonly Damage[]): Promise<void> {
   const started = Date.now();
-  const { repo, env } = await initRepo(local, ['--chunk-size', '64K']);
-  const { repo: foreign, env: foreignEnv } = await initRepo(local, ['--chunk-size', '64K']);
+  const { repo, env } = await initRepo(backend, ['--chunk-size', '64K']);
+  const { repo: foreign, env: foreignEnv } = await initRepo(backend, ['--chunk-size', '64K']);
+  const store = objectsOf(backend, repo);
+  const foreignStore = objectsOf(backend, foreign);
+  const work = join(workRoot, backend.name);
+  await mkdir(work);
   const src = join(work, 'sources');
   await mkdir(src);
   const a = await makeImage(work, 'a.qcow2', 'qcow2', 4 * MiB, [{ offset: 0, length: MiB, pattern: 0x11 }, { offset: 2 * MiB, length: 256 * 1024, pattern: 0x12 }]);
@@ -187,14 +254,14 @@ test(`damage fuzzer: ${ITERATIONS} iteration(s) from seed ${SEED} on a directory
   await backup(foreignEnv, 'b', b, join(src, 'foreign-b.qcow2'));
   // Health objects: a quarantine entry (a chunk damaged, found by verify, then put back
   // intact: the entry stays until a verify reads it) and verification records.
-  const someChunk = (await listObjects(repo)).find((n) => n.startsWith('chunks/'))!;
-  const good = await readFile(join(repo, someChunk));
-  await writeFile(join(repo, someChunk), Buffer.concat([good.subarray(0, good.length - 1), Buffer.from([good.at(-1)! ^ 1])]));
+  const someChunk = (await store.list()).find((n) => n.startsWith('chunks/'))!;
+  const good = await store.read(someChunk);
+  await store.write(someChunk, Buffer.concat([good.subarray(0, good.length - 1), Buffer.from([good.at(-1)! ^ 1])]));
   assert.equal((await run(['verify', '--read-data'], env)).code, 1);
-  await writeFile(join(repo, someChunk), good);
+  await store.write(someChunk, good);
   for (const e of [foreignEnv]) assert.equal((await run(['verify'], e)).code, 0);
-  const objs = await listObjects(repo);
-  const foreignObjs = await listObjects(foreign);
+  const objs = await store.list();
+  const foreignObjs = await foreignStore.list();
   const kinds = [...new Set(objs.map(kindOf)), 'locks'];
   assert.ok(kinds.includes('health/chunks') && kinds.includes('health/backups') && kinds.includes('config') && kinds.includes('keys'), kinds.join(' '));
 
@@ -209,26 +276,28 @@ test(`damage fuzzer: ${ITERATIONS} iteration(s) from seed ${SEED} on a directory
   const weighted = kinds.flatMap((k) => k === 'chunks' ? [k, k, k] : k === 'backups' ? [k, k] : [k]);
   const failures: string[] = [];
   const tally = { restoresOk: 0, restoresFailed: 0, backupsRefused: 0, verifyFailed: 0 };
-  for (let it = 0; it < ITERATIONS; it++) {
+  for (let it = 0; it < iterations; it++) {
     // One generator per iteration: "seed S iteration I" replays alone, whatever came before.
     const rand = prng(Math.imul(SEED, 0x9e3779b1) + it);
     const root = join(work, `it-${it}`);
-    const copy = join(root, 'repo');
-    await cp(repo, copy, { recursive: true });
-    const itEnv = envFor(local, copy);
+    await mkdir(root, { recursive: true });
+    const copy = backend.name === 's3' ? await backend.newRepo() : join(root, 'repo');
+    await store.copy(copy);
+    const copyStore = objectsOf(backend, copy);
+    const itEnv = envFor(backend, copy);
     const applied: Applied[] = [];
-    const copyObjs = await listObjects(copy);
+    const copyObjs = await copyStore.list();
     for (let d = 0, n = 1 + int(rand, 3); d < n; d++) {
       const kind = pick(rand, weighted);
       let name: string;
       const ofKind = copyObjs.filter((o) => kindOf(o) === kind);
       if (ofKind.length === 0) name = `${kind}/${Math.floor(rand() * 2 ** 48).toString(16).padStart(12, '0')}${'0'.repeat(52)}`;
       else name = pick(rand, ofKind);
-      const damage = pick(rand, DAMAGES);
-      await damageObject(rand, copy, foreign, name, damage, copyObjs, foreignObjs);
+      const damage = pick(rand, damages);
+      await damageObject(rand, copyStore, foreignStore, backend.name === 'local' ? copy : undefined, name, damage, copyObjs, foreignObjs);
       applied.push({ name, kind, damage });
     }
-    const ctx = `seed ${SEED} iteration ${it}: ${applied.map((d) => `${d.damage} ${d.name}`).join(', ')}`;
+    const ctx = `${backend.name}, seed ${SEED} iteration ${it}: ${applied.map((d) => `${d.damage} ${d.name}`).join(', ')}`;
     const t0 = Date.now();
     try {
       await exercise(ctx);
@@ -289,9 +358,9 @@ test(`damage fuzzer: ${ITERATIONS} iteration(s) from seed ${SEED} on a directory
   }
   assert.deepEqual(failures, [], `${failures.length} iteration(s) broke an invariant`);
   console.log(`tally ${JSON.stringify(tally)} in ${((Date.now() - started) / 1000).toFixed(1)} s`);
-  if (ITERATIONS >= 4) {
+  if (iterations >= 4) {
     // The fuzzer still exercises damage: some restores fail, some succeed.
     assert.ok(tally.restoresFailed > 0, `no restore failed: the damage does not reach anything (${JSON.stringify(tally)})`);
     assert.ok(tally.restoresOk > 0, `no restore succeeded (${JSON.stringify(tally)})`);
   }
-});
+}
