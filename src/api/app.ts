@@ -25,7 +25,7 @@ import { VerificationCache } from '../repo/health.js';
 import type { Repository } from '../repo/repository.js';
 import { TokenTable } from './auth.js';
 import { ApiError, sendError, toApiError } from './errors.js';
-import { JobIndex, earlierJob, jobView, requestJobId } from './jobs.js';
+import { JobIndex, earlierJob, jobView, refuseKeyElsewhere, requestJobId } from './jobs.js';
 import { backupRoutes, registerBackups } from './routes/backups.js';
 import type { Env, RouteContext } from './routes/common.js';
 import { isDashboardPath, registerDashboard } from './routes/dashboard.js';
@@ -187,7 +187,9 @@ function createContext(deps: ApiDeps): RouteContext & { close(): Promise<void> }
     },
     enqueue: async (c, queue, kind, add) => {
       const key = c.req.header('idempotency-key');
-      const added = await add(requestJobId(kind, key, c.get('principal')?.name ?? ''));
+      const id = requestJobId(kind, key, c.get('principal')?.name ?? '');
+      if (key !== undefined) await refuseKeyElsewhere(id, queue, [...hosts.map(queueOf), maintenance]);
+      const added = await add(id);
       const earlier = key === undefined ? undefined : await earlierJob(queue, added);
       if (!earlier) return added;
       c.header('Idempotent-Replayed', 'true');

@@ -1,7 +1,8 @@
 /**
  * Jobs as the API shows them, across every host queue and the maintenance queue.
- * API-made jobs get ids that are unique across queues (`api-<kind>-<random>`);
- * scheduled ones carry their deterministic ids. A lookup by id asks each queue.
+ * API-made jobs get ids that are unique across queues (`api-<kind>-<random>`, or
+ * `api-<kind>-k<digest>` for a request with an Idempotency-Key: requestJobId); scheduled
+ * ones carry their deterministic ids. A lookup by id asks each queue.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type { Job, JobType, Queue } from 'bullmq';
@@ -59,11 +60,24 @@ export function requestJobId(kind: string, key: string | undefined, principal: s
 export async function earlierJob(queue: Queue, added: Job): Promise<Job | undefined> {
   const stored = await queue.getJob(added.id!);
   if (!stored) return undefined; // made and already removed: nothing to compare
-  if (stored.name !== added.name || JSON.stringify(stored.data) !== JSON.stringify(added.data)) {
-    throw new ApiError(422, 'IDEMPOTENCY_KEY_REUSED', `this Idempotency-Key was used for another request (job ${stored.id}): send a new key for a new request`, { job: stored.id });
-  }
+  if (stored.name !== added.name || JSON.stringify(stored.data) !== JSON.stringify(added.data)) throw keyReused(stored);
   return stored.timestamp === added.timestamp ? undefined : stored;
 }
+
+/**
+ * Before adding job `id` (from an Idempotency-Key) to `queue`: refuses (422) when another
+ * of `queues` holds it, a request for another host with the same key, before anything is
+ * added.
+ */
+export async function refuseKeyElsewhere(id: string, queue: Queue, queues: Queue[]): Promise<void> {
+  for (const q of queues) {
+    const elsewhere = q.name === queue.name ? undefined : await q.getJob(id);
+    if (elsewhere) throw keyReused(elsewhere);
+  }
+}
+
+const keyReused = (job: Job) => new ApiError(422, 'IDEMPOTENCY_KEY_REUSED',
+  `this Idempotency-Key was used for another request (job ${job.id}): send a new key for a new request`, { job: job.id });
 
 const iso = (ms: number | undefined) => (ms ? new Date(ms).toISOString() : null);
 

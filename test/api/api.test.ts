@@ -429,6 +429,18 @@ describe('HTTP API', () => {
       assert.equal(r.status, 400, `${JSON.stringify(bad)}: ${JSON.stringify(r.body)}`);
     }
     assert.deepEqual(await firstBytes(), [0x33, 0x00], 'no refused request reverted anything');
+
+    // The same key for a restore onto another host (another queue) is another request: refused before anything is queued.
+    assert.ok(backupId, 'needs the backup of an earlier test');
+    const restoreKey = { 'idempotency-key': 'restore-web-5e2f' };
+    const onB = await call('POST', `/v1/backups/${backupId}/restore`, { role: 'operator', headers: restoreKey, body: { host: 'hostb', directory: join(rootB, 'idem'), format: 'raw' } });
+    assert.equal(onB.status, 202, JSON.stringify(onB.body));
+    const jobsBefore = (await call('GET', '/v1/jobs?limit=1000', { role: 'viewer' })).body.items.length;
+    const onA = await call('POST', `/v1/backups/${backupId}/restore`, { role: 'operator', headers: restoreKey, body: { host: 'hosta', directory: join(rootA, 'idem'), format: 'raw' } });
+    assert.equal(onA.status, 422, JSON.stringify(onA.body));
+    assert.equal(onA.body.error.details.job, onB.body.job.id);
+    assert.equal((await call('GET', '/v1/jobs?limit=1000', { role: 'viewer' })).body.items.length, jobsBefore, 'nothing was queued for host A');
+    assert.equal((await finished(onB.body.job.id)).state, 'completed');
     const deleted = await finished((await call('DELETE', '/v1/vms/db/snapshots/idem', { role: 'operator' })).body.job.id);
     assert.equal(deleted.state, 'completed', deleted.error);
   });
