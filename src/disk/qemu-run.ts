@@ -10,6 +10,7 @@ import { NotFoundError, VmvaultError } from '../errors.js';
 import { errnoError } from '../storage/refusal.js';
 import { boundText, toolTimeoutMs } from './tool-timeouts.js';
 import { toolEnv } from '../tool-env.js';
+import { fileKind } from '../files.js';
 
 /** qemu's wording when an image's OFD lock is held (file-posix raw_check_lock_bytes). */
 const LOCKED = /Failed to get (?:shared )?"[a-z ]+" lock|Is another process using the image/;
@@ -117,13 +118,6 @@ export async function mustExist(file: string): Promise<void> {
   }
 }
 
-function fileKind(st: Stats): string {
-  if (st.isDirectory()) return 'a directory';
-  if (st.isFIFO()) return 'a FIFO (named pipe)';
-  if (st.isSocket()) return 'a socket';
-  if (st.isCharacterDevice()) return 'a character device';
-  return 'not a regular file';
-}
 
 /**
  * A qcow2 image as a `json:` filename with its format pinned and `"backing": null`:

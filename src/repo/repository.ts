@@ -611,9 +611,22 @@ export class Repository {
     return this.summaries;
   }
 
-  /** Resolves a unique prefix of a backup id, as git does. */
+  /**
+   * Resolves a unique prefix of a backup id, as git does. When none matches but a
+   * directory repository holds something else at such a name (a FIFO, a symbolic link, a
+   * directory: Storage.strays), the error says what is there: the manifest is damaged,
+   * not absent.
+   */
   async resolveBackupId(prefix: string): Promise<string> {
-    return resolvePrefix(prefix, await this.backupIds(), 'backup');
+    try {
+      return resolvePrefix(prefix, await this.backupIds(), 'backup');
+    } catch (err) {
+      if (!(err instanceof NotFoundError) || !this.storage.strays) throw err;
+      const [stray, ...more] = await this.storage.strays(backupName(prefix.trim().toLowerCase())).catch(() => []);
+      if (!stray) throw err;
+      throw new IntegrityError(`${stray.name} is ${stray.kind}, not a backup manifest vmvault wrote${more.length ? ` (and ${more.length} more like it)` : ''}: ` +
+        'the repository is damaged there, or something else put it there; move it out of the repository, then put back a good copy of the manifest if there is one', { cause: err });
+    }
   }
 
   /** Deletes a backup: its manifest, then its verification records (gc removes any a crash leaves). */

@@ -10,7 +10,8 @@ import { lstat, mkdir, open, opendir, rename, stat, unlink } from 'node:fs/promi
 import path from 'node:path';
 import { NotFoundError, VmvaultError, errnoCode, isRetriable } from '../errors.js';
 import { TEMP_PREFIX, checkName, checkPrefix } from './names.js';
-import { tooLarge, type GetOptions, type ObjectStat, type Storage, type StoredObject } from './storage.js';
+import { tooLarge, type GetOptions, type ObjectStat, type Storage, type Stray, type StoredObject } from './storage.js';
+import { fileKind } from '../files.js';
 
 /** O_DIRECT needs memory, offsets and lengths aligned to the device's block size: 4 KiB covers them all. */
 export const DIRECT_ALIGN = 4096;
@@ -159,6 +160,27 @@ export class LocalStorage implements Storage {
     // Start at the deepest directory the prefix names in full: `chunks/ab` → `chunks/`.
     const cut = prefix.lastIndexOf('/') + 1;
     yield* this.walk(prefix.slice(0, cut), prefix);
+  }
+
+  async strays(prefix: string): Promise<Stray[]> {
+    checkPrefix(prefix);
+    const rel = prefix.slice(0, prefix.lastIndexOf('/') + 1);
+    const dirPath = path.join(this.root, rel);
+    const out: Stray[] = [];
+    try {
+      for await (const entry of await opendir(dirPath)) {
+        const name = rel + entry.name;
+        if (entry.isFile() || entry.name.startsWith(TEMP_PREFIX) || !name.startsWith(prefix)) continue;
+        // The directories vmvault makes itself: the kinds at the top, and chunks/ab/.
+        if (entry.isDirectory() && (rel === '' || rel === 'chunks/')) continue;
+        const st = await lstat(path.join(this.root, name)).catch(() => undefined);
+        if (st && !st.isFile()) out.push({ name, kind: fileKind(st) });
+      }
+    } catch (err) {
+      if (isMissing(err)) return out;
+      throw this.fail('list', rel || '(root)', dirPath, err);
+    }
+    return out;
   }
 
   async close(): Promise<void> {

@@ -56,6 +56,14 @@ export interface Storage {
    * Only backends that leave such files implement it (local.ts); wrappers pass it on.
    */
   removeTemporary?(before: number): Promise<{ files: number; bytes: number }>;
+  /**
+   * Optional: what lies at names starting with `prefix` (in its last directory) that is no
+   * object, and that `list` therefore leaves out: a FIFO, a symbolic link, a directory or
+   * a device where vmvault only ever writes regular files (a damaged or tampered directory
+   * repository). Lets "not found" say what is there instead. Only local.ts has them;
+   * wrappers pass it on (sameBackend).
+   */
+  strays?(prefix: string): Promise<Stray[]>;
   /** Release sockets and handles. */
   close(): Promise<void>;
 }
@@ -70,6 +78,9 @@ export interface ObjectStat {
    */
   modified?: number;
 }
+
+/** Something at an object's name that is no object (Storage.strays), and what it is in words ("a FIFO (named pipe)"). */
+export interface Stray { name: string; kind: string }
 
 /** One object of a listing. */
 export interface StoredObject extends ObjectStat { name: string }
@@ -103,6 +114,9 @@ export function tooLarge(storage: Pick<Storage, 'location'>, name: string, size:
 export const DEFAULT_CHUNKS_IN_FLIGHT = 10;
 
 /** What a wrapper repeats of the storage it wraps: where it points and how it is best fed. */
-export function sameBackend(storage: Storage): Pick<Storage, 'location' | 'chunksInFlight'> {
-  return { location: storage.location, ...(storage.chunksInFlight !== undefined ? { chunksInFlight: storage.chunksInFlight } : {}) };
+export function sameBackend(storage: Storage): Pick<Storage, 'location' | 'chunksInFlight' | 'strays'> {
+  return {
+    location: storage.location, ...(storage.chunksInFlight !== undefined ? { chunksInFlight: storage.chunksInFlight } : {}),
+    ...(storage.strays ? { strays: storage.strays.bind(storage) } : {}),
+  };
 }

@@ -7,7 +7,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { symlink, writeFile } from 'node:fs/promises';
+import { rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { compareImages } from '../../src/disk/qemu.js';
@@ -223,3 +223,29 @@ for (const b of all) {
     });
   });
 }
+
+describe('a directory repository with something else at a manifest\'s name', () => {
+  test('show and restore say what is there (a FIFO, a symbolic link), not that no backup has that id; an unknown id is still "no backup"', async () => {
+    const local = all.find((b) => b.name === 'local')!;
+    const { repo, env } = await initRepo(local);
+    const img = await makeImage(work, 'stray-manifest.qcow2', 'qcow2', 4 * MiB, [{ offset: 0, length: MiB, pattern: 0x31 }]);
+    const made = await backupJson(env, 'st', [img]);
+    const manifest = join(repo, 'backups', made.id);
+    for (const [plant, kind] of [
+      [() => execa('mkfifo', [manifest]), 'a FIFO \\(named pipe\\)'],
+      [() => symlink('/etc/hostname', manifest), 'a symbolic link'],
+    ] as const) {
+      await rm(manifest, { force: true });
+      await plant();
+      for (const args of [['show', made.id.slice(0, 12)], ['restore', made.id, '--to', join(work, 'stray-out')]]) {
+        const r = await execa(process.execPath, [BIN, ...args], { env, reject: false, timeout: 30_000, stdin: 'ignore' });
+        assert.equal(r.timedOut, false, `${args[0]} hung`);
+        assert.equal(r.exitCode, 1, String(r.stderr));
+        assert.match(String(r.stderr), new RegExp(`backups/${made.id} is ${kind}, not a backup manifest vmvault wrote.*move it out of the repository`), String(r.stderr));
+      }
+    }
+    const unknown = await cli(['show', 'ffff0000'], env);
+    assert.equal(unknown.code, 1);
+    assert.match(unknown.stderr, /no backup id starts with "ffff0000"/);
+  });
+});

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
@@ -182,5 +182,29 @@ describe('LocalStorage', () => {
     }
     assert.deepEqual(await listNames(storage, ''), ['chunks/ab/real']);
     assert.deepEqual([...(await storage.get('chunks/ab/real'))], [7]);
+  });
+
+  test('strays: what lies at names under a prefix that is no object, and what it is; never objects, temporaries or the directories vmvault makes', async (t) => {
+    const dir = await tempDir();
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    const storage = new LocalStorage(dir);
+    await storage.put('backups/aa01', new Uint8Array([1]));
+    await storage.put('chunks/ab/abcd', new Uint8Array([2]));
+    execFileSync('mkfifo', [path.join(dir, 'backups/aa02')]);
+    await symlink('/etc/hostname', path.join(dir, 'backups/aa03'));
+    await mkdir(path.join(dir, 'backups/aa04'));
+    await writeFile(path.join(dir, 'backups/.tmp-aa05'), 'half');
+    execFileSync('mkfifo', [path.join(dir, 'chunks/ab/abce')]);
+    const byName = (xs: { name: string; kind: string }[]) => xs.sort((a, b) => a.name.localeCompare(b.name)).map((x) => `${x.name}: ${x.kind}`);
+    assert.deepEqual(byName(await storage.strays('backups/aa')), [
+      'backups/aa02: a FIFO (named pipe)', 'backups/aa03: a symbolic link', 'backups/aa04: a directory',
+    ]);
+    assert.deepEqual(byName(await storage.strays('backups/aa03')), ['backups/aa03: a symbolic link']);
+    assert.deepEqual(await storage.strays('backups/aa01'), [], 'an object is no stray');
+    assert.deepEqual(await storage.strays('backups/bb'), []);
+    assert.deepEqual(await storage.strays('chunks/'), [], 'chunks/ab/ is vmvault\'s own directory');
+    assert.deepEqual(byName(await storage.strays('chunks/ab/')), ['chunks/ab/abce: a FIFO (named pipe)']);
+    assert.deepEqual(await storage.strays(''), [], 'the kinds\' directories at the top are vmvault\'s');
+    assert.deepEqual(await storage.strays('locks/'), [], 'a directory not made yet');
   });
 });
