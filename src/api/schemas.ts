@@ -149,9 +149,11 @@ export const LinkRequest = z.strictObject({
 }).openapi('LinkRequest');
 
 export const LinkSchema = z.object({
-  url: z.string().openapi({ description: 'GET or HEAD it without a bearer header; supports Range' }),
+  url: z.string().openapi({ description: 'GET or HEAD it without a bearer header; supports Range. It holds the capability: treat it as a password until it expires' }),
   expiresAt: z.string(),
-  command: z.string().openapi({ description: 'a qemu-img command line that restores the disk from the link as qcow2 into the working directory (-m 1: QEMU 7.2\'s curl driver hangs now and then with parallel requests)' }),
+  cookieUrl: z.string().openapi({ description: 'the same link without its signature, which then goes in the Cookie header (`cookie`): for clients that can send one, so that the capability is not in the URL' }),
+  cookie: z.string().openapi({ description: 'vmvault_link=MAC: the Cookie header for cookieUrl' }),
+  command: z.string().openapi({ description: 'a shell command that restores the disk from the link as qcow2 into the working directory with stock qemu-img, the signature sent as a cookie from a file it writes and removes (so it is on no process\'s command line); -m 1: QEMU 7.2\'s curl driver hangs now and then with parallel requests' }),
 }).openapi('Link');
 
 export const PruneRequest = z.strictObject({ policy: z.string().min(1), vms: z.array(z.string().min(1)).optional(), dryRun: z.boolean().default(false) }).openapi('PruneRequest');

@@ -273,14 +273,42 @@ describe('HTTP API', () => {
     // Where no worker runs: stock qemu-img through QEMU's curl driver, with the command
     // line the API answers and the README documents (-m 1: QEMU 7.2's curl driver hangs
     // now and then with parallel requests).
+    // The link's signature goes to the server as a cookie, from a file the shell's own
+    // printf writes: it appears once in the command, in that builtin, and on no process's
+    // command line (checked in /proc while qemu-img runs).
     const command: string = link.body.command;
-    assert.equal(command, `qemu-img convert -p -m 1 -f raw -O qcow2 '${url}' root.qcow2`);
+    const signature = url.slice(url.lastIndexOf('.') + 1);
+    const cookieUrl = url.slice(0, url.lastIndexOf('.'));
+    assert.equal(command, `(umask 077; trap 'rm -f root.link' EXIT; printf '%s' 'vmvault_link=${signature}' > root.link && qemu-img convert -p -m 1 ` +
+      `--object secret,id=vmvault-link,file=root.link -O qcow2 'json:{"driver":"raw","file":{"driver":"http","url":"${cookieUrl}","cookie-secret":"vmvault-link"}}' root.qcow2)`);
     const readme = await readFile(new URL('../../../README.md', import.meta.url), 'utf8');
-    assert.ok(readme.includes("qemu-img convert -p -m 1 -f raw -O qcow2 'http://backup-host:8740/v1/links/…' root.qcow2"), 'the README shows the same command');
+    assert.ok(readme.includes("(umask 077; trap 'rm -f root.link' EXIT; printf '%s' 'vmvault_link=…' > root.link && qemu-img convert -p -m 1 " +
+      '--object secret,id=vmvault-link,file=root.link -O qcow2 \'json:{"driver":"raw","file":{"driver":"http","url":"http://backup-host:8740/v1/links/…","cookie-secret":"vmvault-link"}}\' root.qcow2)'),
+    'the README shows the same command');
     const cwd = join(dir.path, 'via-link');
     await mkdir(cwd);
-    await execa('sh', ['-c', command], { cwd, timeout: 120_000 });
+    const seen: string[] = [];
+    let watching = true;
+    const watch = (async () => {
+      while (watching) {
+        for (const pid of await readdir('/proc').catch(() => [] as string[])) {
+          if (!/^\d+$/.test(pid)) continue;
+          const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+          if (cmdline.startsWith('qemu-img\0convert')) seen.push(cmdline);
+        }
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    try {
+      await execa('sh', ['-c', command], { cwd, timeout: 120_000 });
+    } finally {
+      watching = false;
+      await watch;
+    }
+    assert.ok(seen.length > 0, 'qemu-img was seen running');
+    assert.ok(seen.every((c) => !c.includes(signature)), 'the signature is on no command line');
     assert.equal((await compareImages(source, join(cwd, 'root.qcow2'), 'qcow2', 'qcow2')).identical, true);
+    assert.deepEqual(await readdir(cwd), ['root.qcow2'], 'the cookie file is removed');
 
     const [payload, mac] = url.slice(url.lastIndexOf('/') + 1).split('.') as [string, string];
     const base = url.slice(0, url.lastIndexOf('/') + 1);

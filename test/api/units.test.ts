@@ -4,12 +4,12 @@ import { createHash } from 'node:crypto';
 import { mkdir, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
-import { checkRestoreDirectory, headerSafeName, redact } from '../../src/api/app.js';
+import { checkRestoreDirectory, headerSafeName, qemuImgCommand, redact } from '../../src/api/app.js';
 import { TokenTable, allows } from '../../src/api/auth.js';
 import { Limiter } from '../../src/api/bounded.js';
 import { PromiseLru } from '../../src/pipeline/lru.js';
 import { ApiError, toApiError } from '../../src/api/errors.js';
-import { linkKey, signLink, verifyLink } from '../../src/api/links.js';
+import { linkKey, presentedToken, signLink, splitToken, verifyLink } from '../../src/api/links.js';
 import { parseRange } from '../../src/api/range.js';
 import { assertInsideRoots } from '../../src/pipeline/restore.js';
 import { tempDir } from '../helpers/images.js';
@@ -45,6 +45,12 @@ describe('signed links', () => {
     }
     assert.throws(() => verifyLink(linkKey(new Uint8Array(32).fill(8)), t, 1000), /signature/);
     assert.throws(() => verifyLink(key, 'nonsense', 1000), /not a valid signed link/);
+    // The signature in a cookie: the path's payload and the cookie's MAC make the token; a path with its own signature keeps it.
+    const { payload, mac } = splitToken(t);
+    assert.equal(`${payload}.${mac}`, t);
+    assert.deepEqual(verifyLink(key, presentedToken(payload, ` ${mac} `), 1000), claims);
+    assert.equal(presentedToken(t, 'A'.repeat(43)), t);
+    assert.throws(() => verifyLink(key, presentedToken(payload, undefined), 1000), /this link has no signature/);
   });
 });
 
@@ -116,6 +122,9 @@ describe('secrets and errors', () => {
 
   test('disk names in headers keep to safe characters', () => {
     assert.equal(headerSafeName('root'), 'root');
+    const command = qemuImgCommand('https://h/v1/links/p', 'vmvault_link=m', '-rf *');
+    assert.ok(command.includes("trap 'rm -f ./-rf__.link' EXIT; printf '%s' 'vmvault_link=m' > ./-rf__.link") && command.endsWith(`"cookie-secret":"vmvault-link"}}' ./-rf__.qcow2)`), command);
+    assert.ok(command.includes('"driver":"https","url":"https://h/v1/links/p"'), 'the curl driver of the link\'s scheme');
     assert.equal(headerSafeName('a"b\u20acc d'), 'a_b_c_d');
     assert.doesNotThrow(() => new Headers({ 'content-disposition': `attachment; filename="${headerSafeName('\u20ac"\r\n')}.raw"` }));
   });

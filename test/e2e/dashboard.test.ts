@@ -197,7 +197,7 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     await page.locator('#backups tbody tr').first().locator('button[data-action="link"]').click();
     await page.locator('#link-output').waitFor();
     const url = await text('#link-output .url');
-    assert.match(await text('#link-output .command'), /^qemu-img convert -p -m 1 -f raw -O qcow2 'http:\/\/127\.0\.0\.1:\d+\/v1\/links\/[^']+' root\.qcow2$/);
+    assert.match(await text('#link-output .command'), /^\(umask 077; trap 'rm -f root\.link' EXIT; printf '%s' 'vmvault_link=[A-Za-z0-9_-]{43}' > root\.link && qemu-img convert -p -m 1 --object secret,id=vmvault-link,file=root\.link -O qcow2 'json:\{"driver":"raw","file":\{"driver":"http","url":"http:\/\/127\.0\.0\.1:\d+\/v1\/links\/[A-Za-z0-9_-]+","cookie-secret":"vmvault-link"\}\}' root\.qcow2\)$/);
     const head = await fetch(url, { method: 'HEAD' });
     assert.equal(head.status, 200);
     assert.equal(head.headers.get('content-length'), String(128 * MiB));

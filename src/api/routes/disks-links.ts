@@ -11,7 +11,8 @@ import { PromiseLru } from '../../pipeline/lru.js';
 import type { Manifest } from '../../repo/manifest.js';
 import { Limiter } from '../bounded.js';
 import { ApiError, errorBody } from '../errors.js';
-import { linkKey, signLink, verifyLink } from '../links.js';
+import { getCookie } from 'hono/cookie';
+import { LINK_COOKIE, linkKey, presentedToken, signLink, splitToken, verifyLink } from '../links.js';
 import { parseRange } from '../range.js';
 import * as S from '../schemas.js';
 import { binary, body, errors, json, route, type ApiApp, type Env, type RouteContext } from './common.js';
@@ -152,23 +153,37 @@ export function registerDisksLinks(app: ApiApp, ctx: RouteContext) {
       const token = signLink(key, { backup: b.id, disk: p.disk, expires });
       // Behind a proxy the request's own origin is the inside one: api.publicUrl says what clients use.
       const origin = config.api.publicUrl ? new URL(config.api.publicUrl).origin : new URL(c.req.url).origin;
-      const url = `${origin}/v1/links/${token}`;
-      return c.json({ url, expiresAt: new Date(expires * 1000).toISOString(), command: qemuImgCommand(url, p.disk) }, 201);
+      const { payload, mac } = splitToken(token);
+      const cookie = `${LINK_COOKIE}=${mac}`;
+      return c.json({
+        url: `${origin}/v1/links/${token}`, expiresAt: new Date(expires * 1000).toISOString(),
+        cookieUrl: `${origin}/v1/links/${payload}`, cookie, command: qemuImgCommand(`${origin}/v1/links/${payload}`, cookie, p.disk),
+      }, 201);
     })
     .openapi(diskRoutes.link, async (c) => {
-      const claims = verifyLink(key, c.req.valid('param').token, ctx.now());
+      const claims = verifyLink(key, presentedToken(c.req.valid('param').token, getCookie(c, LINK_COOKIE)), ctx.now());
       return serveDisk(c, claims.backup, claims.disk) as never;
     });
 }
 
 /**
  * The command that restores a disk from a signed link with stock qemu-img (as the
- * README shows it). `-m 1`: QEMU 7.2's curl driver (Debian 12) hangs about one run in
- * twenty with qemu-img convert's default parallel requests, and never with one.
- * The link's characters need no quoting; the file name is kept to safe ones.
+ * README shows it). The link's MAC goes in a cookie that QEMU's curl driver reads from
+ * a secret file: the shell's own `printf` (a builtin, no process of its own) writes the
+ * file, readable by its owner only, and the subshell removes it when it ends, so the
+ * capability is on no command line in /proc while the restore runs. The format is
+ * pinned (`"driver":"raw"`): nothing is probed. `-m 1`: QEMU 7.2's curl driver (Debian
+ * 12) hangs about one run in twenty with qemu-img convert's default parallel requests,
+ * and never with one. The link's characters need no quoting (base64url, and an
+ * origin); the file names are kept to safe ones.
  */
-export function qemuImgCommand(url: string, disk: string): string {
-  return `qemu-img convert -p -m 1 -f raw -O qcow2 '${url}' ${headerSafeName(disk)}.qcow2`;
+export function qemuImgCommand(cookieUrl: string, cookie: string, disk: string): string {
+  // A disk name may start with "-": as ./-NAME, no command takes it for an option.
+  const name = headerSafeName(disk).replace(/^-/, './-');
+  const scheme = new URL(cookieUrl).protocol.slice(0, -1);
+  const spec = JSON.stringify({ driver: 'raw', file: { driver: scheme, url: cookieUrl, 'cookie-secret': 'vmvault-link' } });
+  return `(umask 077; trap 'rm -f ${name}.link' EXIT; printf '%s' '${cookie}' > ${name}.link && ` +
+    `qemu-img convert -p -m 1 --object secret,id=vmvault-link,file=${name}.link -O qcow2 'json:${spec}' ${name}.qcow2)`;
 }
 
 /** A disk name as it may appear in a header: anything but safe characters becomes "_". */

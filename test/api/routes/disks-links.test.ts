@@ -40,7 +40,20 @@ describe('/v1/backups/{id}/disks/{disk}', () => {
     const r = await f.call('POST', `/v1/backups/${id}/disks/root/links`, { role: 'operator', body: { expiresIn: 60 } });
     assert.equal(r.status, 201, JSON.stringify(r.body));
     const path = new URL(r.body.url).pathname;
-    assert.match(r.body.command, /^qemu-img convert -p -m 1 -f raw -O qcow2 'http:\/\/localhost\/v1\/links\/[^']+' root\.qcow2$/);
+    const [payload, mac] = path.slice('/v1/links/'.length).split('.') as [string, string];
+    assert.equal(r.body.cookieUrl, `http://localhost/v1/links/${payload}`);
+    assert.equal(r.body.cookie, `vmvault_link=${mac}`);
+    assert.equal(r.body.command, "(umask 077; trap 'rm -f root.link' EXIT; printf '%s' 'vmvault_link=" + mac + "' > root.link && qemu-img convert -p -m 1 " +
+      `--object secret,id=vmvault-link,file=root.link -O qcow2 'json:{"driver":"raw","file":{"driver":"http","url":"http://localhost/v1/links/${payload}","cookie-secret":"vmvault-link"}}' root.qcow2)`);
+    // The signature in a cookie instead of the path: served; missing or wrong, refused.
+    const viaCookie = await f.call('GET', `/v1/links/${payload}`, { headers: { range: 'bytes=0-3', cookie: `other=1; ${r.body.cookie}` } });
+    assert.equal(viaCookie.status, 206);
+    assert.deepEqual([...viaCookie.body], [0x5a, 0x5a, 0x5a, 0x5a]);
+    assertError(await f.call('GET', `/v1/links/${payload}`), 403, 'FORBIDDEN', /this link has no signature: give it in the path \(…\/links\/PAYLOAD\.MAC\) or in a vmvault_link=MAC cookie/);
+    const wrongMac = mac.slice(0, -2) + (mac.endsWith('AA') ? 'BB' : 'AA');
+    assertError(await f.call('GET', `/v1/links/${payload}`, { headers: { cookie: `vmvault_link=${wrongMac}` } }), 403, 'FORBIDDEN', /signature does not match/);
+    // A path that carries its own signature is judged by it, whatever the cookie says.
+    assertError(await f.call('GET', `/v1/links/${payload}.${wrongMac}`, { headers: { cookie: r.body.cookie } }), 403, 'FORBIDDEN', /signature does not match/);
     assert.equal(Date.parse(r.body.expiresAt), (Math.floor(f.clock.now) + 60) * 1000);
     const got = await f.call('GET', path, { headers: { range: 'bytes=0-3' } });
     assert.equal(got.status, 206);
