@@ -329,6 +329,15 @@ export class Repository {
     const damaged: DamagedObject[] = [];
     for await (const { name } of storage.list('keys/')) {
       const id = name.slice('keys/'.length);
+      const slash = id.indexOf('/');
+      if (slash >= 0) {
+        // A directory at a key's name, holding files: no key file, and nothing in it is one.
+        const dir = `keys/${id.slice(0, slash)}`;
+        if (!damaged.some((d) => d.name === dir)) {
+          damaged.push({ id: id.slice(0, slash), name: dir, problem: `it is a directory (holding ${name}), not a key file vmvault wrote: move it out of the repository, then put back a good copy of the key file if there is one` });
+        }
+        continue;
+      }
       let raw: Uint8Array;
       try {
         raw = await storage.get(name, { maxBytes: SMALL_OBJECT_MAX_BYTES });

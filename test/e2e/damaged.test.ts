@@ -7,7 +7,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { rm, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { compareImages } from '../../src/disk/qemu.js';
@@ -118,6 +118,15 @@ for (const b of all) {
       assert.equal(listed.code, 1);
       assert.doesNotMatch(listed.stderr, /wrong passphrase/);
       assert.match(listed.stderr, /has no readable key file .*put back a good copy of keys\/.*vmvault key import/);
+      if (b.name !== 'local') return;
+      // A directory at the key's name, with a file in it: called a directory, not a damaged key file.
+      await rm(join(repo, `keys/${keys[0].id}`));
+      await mkdir(join(repo, `keys/${keys[0].id}`));
+      await writeFile(join(repo, `keys/${keys[0].id}/copy`), '{}');
+      const inDir = await cli(['backups'], env);
+      assert.equal(inDir.code, 1);
+      assert.ok(inDir.stderr.includes(`keys/${keys[0].id} (it is a directory (holding keys/${keys[0].id}/copy), not a key file vmvault wrote: move it out of the repository`), inDir.stderr);
+      assert.doesNotMatch(inDir.stderr, /not valid JSON|wrong passphrase/);
     });
 
     test('a key file asking for an absurd Argon2 cost is skipped as damaged, not computed: no command stalls on it', async () => {
