@@ -564,7 +564,7 @@ export class Repository {
 
   /**
    * Every manifest, oldest first, and apart those that are there but cannot be read
-   * (damaged, swapped with another, of another repository): one damaged manifest costs
+   * (damaged, swapped with another, of another repository, or no file at all): one damaged manifest costs
    * only its own backup. Storage errors (network, permissions) still throw: they say
    * nothing about the manifest. Callers decide what a damaged one means for them
    * (gc, for one, must not delete anything it might reference).
@@ -582,6 +582,15 @@ export class Repository {
         return undefined;
       }
     });
+    // What a directory repository holds at manifests' names that is no file (a FIFO, a
+    // symbolic link, a directory: Storage.strays) may be a manifest damaged in place: it
+    // counts as a damaged one, listed as such and keeping gc from deleting chunks it may use.
+    for (const stray of this.storage.strays ? await this.storage.strays('backups/') : []) {
+      damaged.push({
+        id: stray.name.slice('backups/'.length), name: stray.name,
+        problem: `${stray.name} is ${stray.kind}, not a backup manifest vmvault wrote: move it out of the repository, then put back a good copy of the manifest if there is one`,
+      });
+    }
     const manifests = loaded.filter((m): m is Manifest => m !== undefined);
     manifests.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
     return { manifests, damaged: damaged.sort((a, b) => a.id.localeCompare(b.id)) };

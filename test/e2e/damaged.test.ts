@@ -252,6 +252,18 @@ describe('a directory repository with something else at a manifest\'s name', () 
         assert.equal(r.exitCode, 1, String(r.stderr));
         assert.match(String(r.stderr), new RegExp(`backups/${made.id} is ${kind}, not a backup manifest vmvault wrote.*move it out of the repository`), String(r.stderr));
       }
+      // The listing shows it as a damaged backup, and gc deletes none of the chunks it may use.
+      const listed = await cli(['backups', '--json'], env);
+      assert.equal(listed.code, 0, listed.stderr);
+      assert.deepEqual(JSON.parse(listed.stdout).map((b: { id: string }) => b.id), [made.id]);
+      assert.match(JSON.parse(listed.stdout)[0].damaged, new RegExp(`^backups/${made.id} is ${kind}, not a backup manifest`));
+      assert.match(listed.stderr, new RegExp(`warning: backups/${made.id} is ${kind}.*: backup ${made.id.slice(0, 12)} cannot be listed or restored`));
+      const chunksBefore = [...(await objects(repo)).keys()].filter((o) => o.startsWith('chunks/'));
+      const gc = await cli(['gc', '--json'], env);
+      assert.equal(JSON.parse(gc.stdout).damagedManifests.length, 1, gc.stdout);
+      assert.match(gc.stderr, /garbage collection deleted no chunk: 1 backup manifest\(s\) cannot be read/);
+      assert.ok(chunksBefore.length > 0);
+      assert.deepEqual([...(await objects(repo)).keys()].filter((o) => o.startsWith('chunks/')), chunksBefore);
     }
     const unknown = await cli(['show', 'ffff0000'], env);
     assert.equal(unknown.code, 1);
