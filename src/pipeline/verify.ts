@@ -78,6 +78,26 @@ export function chunksToRead(
   return out;
 }
 
+/**
+ * A chunk found missing in a directory repository may be there as something that is no
+ * file (a FIFO, a symbolic link, a directory: Storage.strays): its finding says what it
+ * is. One look per chunk directory that has missing chunks, however many they are.
+ */
+async function nameStrays(repo: Repository, found: Map<string, Finding>): Promise<void> {
+  const strays = repo.storage.strays?.bind(repo.storage);
+  if (!strays) return;
+  const missing = [...found].filter(([, f]) => f.problem === 'missing').map(([id]) => chunkName(id));
+  const dirs = [...new Set(missing.map((name) => name.slice(0, name.lastIndexOf('/') + 1)))];
+  const kinds = new Map<string, string>();
+  await mapLimit(dirs, 8, async (dir) => {
+    for (const s of await strays(dir)) kinds.set(s.name, s.kind);
+  });
+  for (const [id, f] of found) {
+    const kind = f.problem === 'missing' ? kinds.get(chunkName(id)) : undefined;
+    if (kind) f.detail = `missing: ${chunkName(id)} is ${kind}, not a chunk vmvault wrote (move it out of the repository; the next backup that needs the chunk stores it again)`;
+  }
+}
+
 async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport> {
   const started = (opts.now ?? (() => new Date()))().toISOString();
   const problems: VerifyProblem[] = [];
@@ -96,6 +116,7 @@ async function run(repo: Repository, opts: VerifyOptions): Promise<VerifyReport>
     else if (implausible) found.set(id, { problem: 'damaged', detail: implausible });
     else present.push(id);
   }
+  await nameStrays(repo, found);
   const toRead = chunksToRead(present, new Set(quarantined.keys()), opts);
   // Reading everything, read the chunks no readable manifest uses too: one may belong to a
   // manifest that cannot be read or is not listed (a damaged backups/ object), and a backup

@@ -269,4 +269,26 @@ describe('a directory repository with something else at a manifest\'s name', () 
     assert.equal(unknown.code, 1);
     assert.match(unknown.stderr, /no backup id starts with "ffff0000"/);
   });
+
+  test('verify says what lies at a chunk\'s name (a FIFO, a directory) rather than only "missing"; a backup then stores the chunk again over the FIFO', async () => {
+    const local = all.find((b) => b.name === 'local')!;
+    const { repo, env } = await initRepo(local);
+    const img = await makeImage(work, 'stray-chunk.qcow2', 'qcow2', 8 * MiB, [{ offset: 0, length: 4 * MiB, pattern: 0x47 }, { offset: 4 * MiB, length: 4 * MiB, pattern: 0x48 }]);
+    await backupJson(env, 'sc', [img]);
+    const chunks = [...(await objects(repo)).keys()].filter((o) => o.startsWith('chunks/'));
+    assert.ok(chunks.length >= 2);
+    const [fifo, dir] = chunks as [string, string];
+    await rm(join(repo, fifo));
+    await execa('mkfifo', [join(repo, fifo)]);
+    await rm(join(repo, dir));
+    await mkdir(join(repo, dir));
+    const verify = await cli(['verify'], env);
+    assert.equal(verify.code, 1);
+    assert.ok(verify.stdout.includes(`missing: ${fifo} is a FIFO (named pipe), not a chunk vmvault wrote (move it out of the repository`), verify.stdout);
+    assert.ok(verify.stdout.includes(`missing: ${dir} is a directory, not a chunk vmvault wrote`), verify.stdout);
+    await rm(join(repo, dir), { recursive: true });
+    const again = await backupJson(env, 'sc', [img]);
+    assert.ok(again.id);
+    assert.equal((await cli(['verify', '--read-data'], env)).code, 0, 'the FIFO was replaced by the chunk, the directory\'s chunk stored again');
+  });
 });
