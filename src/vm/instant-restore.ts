@@ -222,14 +222,28 @@ function sizing(m: Manifest): { memoryMiB?: number; cpus?: number } {
   return {};
 }
 
+/**
+ * The serial log, made here, readable by its owner only, before QEMU opens it: QEMU
+ * would create it under the umask (readable by all, in a directory that existed
+ * before), or follow a symbolic link left at its name. What was there is removed, not
+ * followed.
+ */
+async function makeSerialLog(dir: string): Promise<string> {
+  const file = join(dir, 'serial.log');
+  await rm(file, { force: true });
+  await (await open(file, 'wx', 0o600)).close();
+  return file;
+}
+
 async function startQemu(state: InstantState, m: Manifest, dir: string, o: StartOptions): Promise<QmpClient> {
   const fromConfig = sizing(m);
+  const serialLog = await makeSerialLog(dir);
   const args = [
     '-name', `vmvault-restore-${m.vm.replace(/[^A-Za-z0-9_.-]/g, '_')}`,
     '-machine', o.machine ?? 'pc,accel=kvm:tcg', '-m', String(o.memoryMiB ?? fromConfig.memoryMiB ?? 512), '-smp', String(o.cpus ?? fromConfig.cpus ?? 1),
     '-nodefaults', '-no-user-config', '-display', 'none',
     '-qmp', `unix:${state.userQmpSocket},server=on,wait=off`, '-qmp', `unix:${state.qmpSocket},server=on,wait=off`,
-    '-serial', `file:${join(dir, 'serial.log')}`, '-daemonize', '-pidfile', state.pidFile!,
+    '-serial', `file:${serialLog}`, '-daemonize', '-pidfile', state.pidFile!,
   ];
   state.disks.forEach((d, i) => {
     for (const node of sourceNodes(d)) args.push('-blockdev', JSON.stringify(node));

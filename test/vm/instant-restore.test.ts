@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { readdir, readFile } from 'node:fs/promises';
+import { lstat, mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -76,6 +76,11 @@ async function quit(qmp: QmpClient, pid: number): Promise<void> {
 describe('vmvault restore --instant --start', () => {
   test('the VM answers within seconds while the copy runs; after the pivot the final image equals the backup and nothing else is left', { timeout: 180_000 }, async () => {
     const to = join(dir.path, 'a');
+    // A directory that existed, readable by all, with a symbolic link where the serial log goes: the link is replaced, not followed.
+    await mkdir(to, { mode: 0o755 });
+    const outside = join(dir.path, 'outside.txt');
+    await writeFile(outside, 'keep');
+    await symlink(outside, join(to, 'serial.log'));
     const t0 = Date.now();
     const proc = start(['restore', backupId.slice(0, 12), '--instant', '--to', to, '--start', '--machine', 'pc,accel=tcg', '--memory', '64', '--format', 'qcow2', '--rate', '4M', '--json'], env);
     const { qmp, at } = await firstAnswer(join(to, 'qmp.sock'), proc);
@@ -105,6 +110,10 @@ describe('vmvault restore --instant --start', () => {
       assert.equal(blocks.find((b) => b.inserted)!.inserted!.backing_file, undefined);
       const left = (await readdir(to)).sort();
       assert.deepEqual(left, ['.vmvault-qmp.sock', 'qemu.pid', 'qmp.sock', 'root.qcow2', 'serial.log'].sort());
+      const serial = await lstat(join(to, 'serial.log'));
+      assert.ok(serial.isFile(), 'the serial log is a file of its own');
+      assert.equal(serial.mode & 0o777, 0o600, 'readable by its owner only');
+      assert.equal(await readFile(outside, 'utf8'), 'keep', 'the link was not followed');
       assert.equal((await qmp.execute<{ status: string }>('query-status')).status, 'running');
     } finally {
       await quit(qmp, pid);
