@@ -24,43 +24,9 @@ import {
 import { VmvaultError } from '../../src/errors.js';
 import { tempDir, type TempDir } from '../helpers/images.js';
 import { waitFor } from '../helpers/procs.js';
+import { BLOCK, BROKEN, SIZE, ZERO, expected, source } from '../helpers/nbd-source.js';
 
 const KiB = 1024;
-const BLOCK = 64 * KiB;
-const SIZE = 16 * BLOCK;
-/** Blocks 2, 3 and 9 are zero; block 12 cannot be produced; the rest hold their index + 1. */
-const ZERO = new Set([2, 3, 9]);
-const BROKEN = 12;
-
-const source: NbdSource = {
-  size: SIZE,
-  layout(offset, length) {
-    const runs: SourceRun[] = [];
-    for (let at = offset; at < offset + length;) {
-      const b = Math.floor(at / BLOCK);
-      const next = Math.min(offset + length, (b + 1) * BLOCK);
-      const last = runs[runs.length - 1];
-      if (ZERO.has(b) && last?.zero) last.length += next - at;
-      else runs.push({ offset: at, length: next - at, zero: ZERO.has(b) });
-      at = next;
-    }
-    return runs;
-  },
-  async read(offset, length) {
-    const b = Math.floor(offset / BLOCK);
-    if (b === BROKEN) throw new VmvaultError('INTEGRITY', `block ${b} failed verification`);
-    return Buffer.alloc(length, b + 1);
-  },
-};
-
-function expected(offset: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) {
-    const b = Math.floor((offset + i) / BLOCK);
-    out[i] = ZERO.has(b) ? 0 : b + 1;
-  }
-  return out;
-}
 
 let dir: TempDir;
 let server: NbdServer;
