@@ -357,6 +357,11 @@ export class Repository {
       if (parsed.success) files.set(id, parsed.data);
       else damaged.push({ id, name, problem: 'it is not a vmvault key file' });
     }
+    // What a directory repository holds at a key's name that is no file (a FIFO, a symbolic link, an empty directory).
+    for (const stray of storage.strays ? await storage.strays('keys/') : []) {
+      if (damaged.some((d) => d.name === stray.name)) continue;
+      damaged.push({ id: stray.name.slice('keys/'.length), name: stray.name, problem: `it is ${stray.kind}, not a key file vmvault wrote: move it out of the repository, then put back a good copy of the key file if there is one` });
+    }
     return { files, damaged };
   }
 

@@ -119,6 +119,7 @@ for (const b of all) {
       assert.doesNotMatch(listed.stderr, /wrong passphrase/);
       assert.match(listed.stderr, /has no readable key file .*put back a good copy of keys\/.*vmvault key import/);
       if (b.name !== 'local') return;
+      assert.ok(listed.stderr.includes(`keys/${keys[0].id} (it is a symbolic link, not a key file vmvault wrote`), listed.stderr);
       // A directory at the key's name, with a file in it: called a directory, not a damaged key file.
       await rm(join(repo, `keys/${keys[0].id}`));
       await mkdir(join(repo, `keys/${keys[0].id}`));
