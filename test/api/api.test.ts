@@ -274,8 +274,10 @@ describe('HTTP API', () => {
     // line the API answers and the README documents (-m 1: QEMU 7.2's curl driver hangs
     // now and then with parallel requests).
     // The link's signature goes to the server as a cookie, from a file the shell's own
-    // printf writes: it appears once in the command, in that builtin, and on no process's
-    // command line (checked in /proc while qemu-img runs).
+    // printf writes: it appears once in the command, in that builtin, and never on
+    // qemu-img's command line (checked in /proc while it runs). The test's own `sh -c`
+    // carries the text, as any shell given it as an argument would; typed at a prompt,
+    // no process does.
     const command: string = link.body.command;
     const signature = url.slice(url.lastIndexOf('.') + 1);
     const cookieUrl = url.slice(0, url.lastIndexOf('.'));
