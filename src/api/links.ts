@@ -8,7 +8,7 @@
  *
  * The MAC may also come in a cookie (LINK_COOKIE), with only the payload in the path:
  * QEMU's curl driver sends a cookie read from a secret file (`--object secret,file=…`),
- * so the command that restores from a link puts the capability on no process's command
+ * so the command that restores from a link keeps the capability off qemu-img's command
  * line, where any local user could read it in /proc for as long as the restore runs.
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';

@@ -153,7 +153,7 @@ export const LinkSchema = z.object({
   expiresAt: z.string(),
   cookieUrl: z.string().openapi({ description: 'the same link without its signature, which then goes in the Cookie header (`cookie`): for clients that can send one, so that the capability is not in the URL' }),
   cookie: z.string().openapi({ description: 'vmvault_link=MAC: the Cookie header for cookieUrl' }),
-  command: z.string().openapi({ description: 'a shell command that restores the disk from the link as qcow2 into the working directory with stock qemu-img, the signature sent as a cookie from a file it writes and removes (so it is on no process\'s command line); -m 1: QEMU 7.2\'s curl driver hangs now and then with parallel requests' }),
+  command: z.string().openapi({ description: 'a shell command that restores the disk from the link as qcow2 into the working directory with stock qemu-img, the signature sent as a cookie from a file it writes with the shell\'s printf and removes (typed at a prompt, it is on no command line; qemu-img\'s holds only the payload); -m 1: QEMU 7.2\'s curl driver hangs now and then with parallel requests' }),
 }).openapi('Link');
 
 export const PruneRequest = z.strictObject({ policy: z.string().min(1), vms: z.array(z.string().min(1)).optional(), dryRun: z.boolean().default(false) }).openapi('PruneRequest');

@@ -170,8 +170,9 @@ export function registerDisksLinks(app: ApiApp, ctx: RouteContext) {
  * The command that restores a disk from a signed link with stock qemu-img (as the
  * README shows it). The link's MAC goes in a cookie that QEMU's curl driver reads from
  * a secret file: the shell's own `printf` (a builtin, no process of its own) writes the
- * file, readable by its owner only, and the subshell removes it when it ends, so the
- * capability is on no command line in /proc while the restore runs. The format is
+ * file, readable by its owner only, and the subshell removes it when it ends: typed at
+ * a prompt, the capability is on no command line in /proc while the restore runs
+ * (qemu-img's holds only the payload; a shell given the text as an argument holds it all). The format is
  * pinned (`"driver":"raw"`): nothing is probed. `-m 1`: QEMU 7.2's curl driver (Debian
  * 12) hangs about one run in twenty with qemu-img convert's default parallel requests,
  * and never with one. The link's characters need no quoting (base64url, and an
