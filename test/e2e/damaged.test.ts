@@ -265,6 +265,15 @@ describe('a directory repository with something else at a manifest\'s name', () 
       assert.match(gc.stderr, /garbage collection deleted no chunk: 1 backup manifest\(s\) cannot be read/);
       assert.ok(chunksBefore.length > 0);
       assert.deepEqual([...(await objects(repo)).keys()].filter((o) => o.startsWith('chunks/')), chunksBefore);
+      // The API's catalogue says the same, once.
+      const warnings: string[] = [];
+      const opened = await Repository.open(openStorage(repo), PASSWORD, { onWarning: (m) => warnings.push(m) });
+      const catalogue = new Catalogue(opened, 0);
+      assert.deepEqual(await catalogue.list(), []);
+      await assert.rejects(catalogue.get(made.id.slice(0, 12)), (e: Error & { code?: string }) => e.code === 'INTEGRITY' && new RegExp(`backups/${made.id} is ${kind}`).test(e.message));
+      assert.equal((await catalogue.damaged()).length, 1);
+      assert.equal(warnings.filter((w) => w.includes(`backups/${made.id} is`)).length, 1, 'reported once');
+      await opened.storage.close();
     }
     const unknown = await cli(['show', 'ffff0000'], env);
     assert.equal(unknown.code, 1);
