@@ -118,7 +118,6 @@ export async function mustExist(file: string): Promise<void> {
   }
 }
 
-
 /**
  * A qcow2 image as a `json:` filename with its format pinned and `"backing": null`:
  * qemu opens no backing file, whatever the image's header says (qemu-img snapshot

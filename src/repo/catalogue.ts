@@ -61,16 +61,13 @@ export class Catalogue {
     const started = Date.now();
     const ids = new Set(await this.repo.backupIds());
     // What a directory repository holds at a manifest's name that is no file: a damaged manifest, as readManifests counts it.
-    const storage = this.repo.storage;
-    const strays = storage.strays ? await storage.strays('backups/') : [];
-    const strayIds = new Set(strays.map((s) => s.name.slice('backups/'.length)));
+    const strays = await this.repo.strayManifests();
+    const strayIds = new Set(strays.map((d) => d.id));
     for (const id of this.entries.keys()) if (!ids.has(id)) this.entries.delete(id);
     for (const id of this.broken.keys()) if (!ids.has(id) && !strayIds.has(id)) this.broken.delete(id);
-    for (const stray of strays) {
-      const id = stray.name.slice('backups/'.length);
-      const problem = `${stray.name} is ${stray.kind}, not a backup manifest vmvault wrote: move it out of the repository, then put back a good copy of the manifest if there is one`;
-      if (this.broken.get(id)?.problem !== problem) this.repo.warn(`${problem}: backup ${id} is left out of the listing; every other backup is unaffected`);
-      this.broken.set(id, { id, name: stray.name, problem });
+    for (const d of strays) {
+      if (this.broken.get(d.id)?.problem !== d.problem) this.repo.warn(`${d.problem}: backup ${d.id} is left out of the listing; every other backup is unaffected`);
+      this.broken.set(d.id, d);
     }
     const missing = [...ids].filter((id) => !this.entries.has(id));
     const loaded = await mapLimit(missing, 16, async (id) => {

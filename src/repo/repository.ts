@@ -587,18 +587,24 @@ export class Repository {
         return undefined;
       }
     });
-    // What a directory repository holds at manifests' names that is no file (a FIFO, a
-    // symbolic link, a directory: Storage.strays) may be a manifest damaged in place: it
-    // counts as a damaged one, listed as such and keeping gc from deleting chunks it may use.
-    for (const stray of this.storage.strays ? await this.storage.strays('backups/') : []) {
-      damaged.push({
-        id: stray.name.slice('backups/'.length), name: stray.name,
-        problem: `${stray.name} is ${stray.kind}, not a backup manifest vmvault wrote: move it out of the repository, then put back a good copy of the manifest if there is one`,
-      });
-    }
+    damaged.push(...await this.strayManifests());
     const manifests = loaded.filter((m): m is Manifest => m !== undefined);
     manifests.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
     return { manifests, damaged: damaged.sort((a, b) => a.id.localeCompare(b.id)) };
+  }
+
+  /**
+   * What a directory repository holds at manifests' names that is no file (a FIFO, a
+   * symbolic link, a directory: Storage.strays). Each may be a manifest damaged in place,
+   * so it counts as a damaged one: listed as such, and keeping gc from deleting chunks it
+   * may use. None on storage that has no such things.
+   */
+  async strayManifests(): Promise<DamagedObject[]> {
+    const strays = this.storage.strays ? await this.storage.strays('backups/') : [];
+    return strays.map((stray) => ({
+      id: stray.name.slice('backups/'.length), name: stray.name,
+      problem: `${stray.name} is ${stray.kind}, not a backup manifest vmvault wrote: move it out of the repository, then put back a good copy of the manifest if there is one`,
+    }));
   }
 
   /**
