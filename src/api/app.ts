@@ -142,7 +142,7 @@ export function createApi(deps: ApiDeps): Api {
   registerVmInventory(app, deps.inventory);
   registerDashboard(app);
   // Status and metrics read shared state only (src/ops/): the repository, queues, heartbeats.
-  const statusSources = { config, redis: deps.redis, backups: () => ctx.catalogue.list(), verification: ctx.verification, queueOf: ctx.queueOf, maintenance: ctx.maintenance };
+  const statusSources = { config, redis: deps.redis, backups: () => ctx.catalogue.list(), unreadable: () => ctx.catalogue.unreadable(), verification: ctx.verification, queueOf: ctx.queueOf, maintenance: ctx.maintenance };
   registerStatusRoute(app, statusSources);
   registerMetricsRoute(app, statusSources);
 

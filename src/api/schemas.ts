@@ -21,9 +21,10 @@ export const PageQuery = z.object({
   cursor: z.string().regex(/^\d{1,9}$/, 'a cursor returned as nextCursor').optional().openapi({ description: 'nextCursor of the previous page' }),
 });
 
-const page = <T extends z.ZodType>(item: T, name: string) => z.object({
+const page = <T extends z.ZodType, X extends z.ZodRawShape = {}>(item: T, name: string, extra?: X) => z.object({
   items: z.array(item),
   nextCursor: z.string().nullable().openapi({ description: 'pass as cursor for the next page; null on the last page' }),
+  ...(extra ?? ({} as X)),
 }).openapi(name);
 
 export const StatsSchema = z.object({
@@ -69,7 +70,17 @@ export const BackupSchema = z.object({
   verification: VerificationSchema.nullable().openapi({ description: 'null: never verified' }),
 }).openapi('Backup');
 
-export const BackupPage = page(BackupSchema, 'BackupPage');
+/** A backup whose manifest cannot be read (src/ops/status.ts, UnreadableStatus). */
+export const UnreadableSchema = z.object({
+  id: z.string(),
+  kind: z.enum(['damaged', 'other-version', 'stray']).openapi({ description: 'damaged (does not authenticate or parse), other-version (written by a vmvault whose format this one cannot read: not damage), or stray (no file at its name)' }),
+  problem: z.string(),
+  advice: z.string().openapi({ description: 'what to do about it' }),
+}).openapi('UnreadableBackup');
+
+export const BackupPage = page(BackupSchema, 'BackupPage', {
+  unreadable: z.array(UnreadableSchema).openapi({ description: 'backups whose manifest cannot be read, whatever the filters (their VM and time are in the manifest): never in items' }),
+});
 
 export const JobSchema = z.object({
   id: z.string(),

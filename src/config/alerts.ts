@@ -6,7 +6,7 @@
  */
 import * as z from 'zod';
 
-export const ALERT_EVENTS = ['job_failed', 'backup_overdue', 'worker_offline', 'verify_damage'] as const;
+export const ALERT_EVENTS = ['job_failed', 'backup_overdue', 'worker_offline', 'verify_damage', 'backup_unreadable'] as const;
 export type AlertEvent = (typeof ALERT_EVENTS)[number];
 
 const UNITS = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 } as const;

@@ -91,6 +91,9 @@ export class Metrics {
       for (const e of byKey.values()) failed.set({ queue: q.name, kind: e.kind, code: e.code }, e.n);
     }
 
+    const unreadable = gauge('vmvault_backups_unreadable', 'Backups whose manifest cannot be read, by kind (damaged, other-version, stray): in no other series, and gc deletes no chunk while one is there', ['kind']);
+    for (const kind of ['damaged', 'other-version', 'stray'] as const) unreadable.set({ kind }, status.unreadableBackups.filter((u) => u.kind === kind).length);
+
     const gc = await this.lastGc();
     if (gc) {
       gauge('vmvault_repository_size_bytes', 'What the repository\'s chunks weigh in storage, as the newest gc found it').set(gc.result.bytesStored!);

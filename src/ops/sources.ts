@@ -24,7 +24,7 @@ export async function openStatusSources(
   const catalogue = new Catalogue(repo, opts.cacheMs ?? 2000);
   const verification = new VerificationCache(repo, opts.cacheMs ?? 2000);
   return {
-    sources: { config, redis, backups: () => catalogue.list(), verification: () => verification.get(), queueOf: queues.of, maintenance: queues.maintenance },
+    sources: { config, redis, backups: () => catalogue.list(), unreadable: () => catalogue.unreadable(), verification: () => verification.get(), queueOf: queues.of, maintenance: queues.maintenance },
     close: async () => {
       await queues.close();
       await closeRedis(redis);

@@ -1,7 +1,8 @@
 /**
  * What the service is doing, for `GET /v1/status`, `vmvault status`, the metrics and
  * the alerts: each policy's next run, each VM's last backup and last failure and
- * whether it is overdue, each host's live workers (heartbeats) and queue depths.
+ * whether it is overdue, each host's live workers (heartbeats) and queue depths, and
+ * the backups whose manifest cannot be read.
  *
  * Everything is read from what every process shares, so any process can answer:
  * the repository (backups, verification records), the policy files, BullMQ's queues
@@ -17,7 +18,7 @@ import type { Policy } from '../policy/schema.js';
 import { policyFirstSeenIfRecorded } from '../queue/first-seen.js';
 import { liveWorkers, type WorkerBeat } from '../queue/heartbeat.js';
 import { failureCode } from '../queue/job-failures.js';
-import type { CatalogueEntry } from '../repo/catalogue.js';
+import type { CatalogueEntry, UnreadableBackup } from '../repo/catalogue.js';
 import type { VerificationState } from '../repo/health.js';
 import { isOverdue, nextSlot } from '../scheduler/slots.js';
 
@@ -26,6 +27,8 @@ export interface StatusSources {
   redis: RedisConnection;
   /** Every backup, newest first (a Catalogue's list()). */
   backups(): Promise<CatalogueEntry[]>;
+  /** Backups whose manifest cannot be read (a Catalogue's unreadable()). */
+  unreadable(): Promise<UnreadableBackup[]>;
   verification(): Promise<Map<string, VerificationState>>;
   queueOf(host: string): Queue;
   maintenance: Queue;
@@ -66,11 +69,31 @@ export interface HostStatus {
   queue: QueueDepth;
 }
 
+/** A backup whose manifest cannot be read: in no VM's figures, and gc deletes no chunk while it stays. */
+export interface UnreadableStatus {
+  id: string;
+  /** damaged, other-version (not damage: a vmvault that reads it does) or stray (no file at its name): UnreadableBackup. */
+  kind: UnreadableBackup['kind'];
+  problem: string;
+  /** What to do about it. */
+  advice: string;
+}
+
 export interface Status {
   generatedAt: string;
   policies: { name: string; schedule: string; nextRun: string | null }[];
   vms: VmStatus[];
   hosts: HostStatus[];
+  unreadableBackups: UnreadableStatus[];
+}
+
+/** What an operator does about a backup whose manifest cannot be read. */
+export function unreadableAdvice(u: Pick<UnreadableBackup, 'name' | 'kind'>): string {
+  const gc = 'gc deletes no chunk while it is there, since any may be its';
+  if (u.kind === 'other-version') return `open the repository with the vmvault version that wrote it (or a newer one); this one keeps it, and ${gc}`;
+  const lost = u.kind === 'stray' ? 'move what lies there out of the repository' : '"vmvault repair --remove" deletes it';
+  return `put a good copy of ${u.name} back into the repository if there is one (the backup is listed again at the next refresh); ` +
+    `if that backup is lost, ${lost}. Until then ${gc}`;
 }
 
 /** Hosts the configuration knows (its own, hosts:, the VMs') plus any with a live worker. */
@@ -116,7 +139,7 @@ export async function collectStatus(src: StatusSources): Promise<Status> {
   const active: ActivePolicy[] = await Promise.all(policies.filter((l) => l.policy.enabled).map(async ({ policy }) => ({
     policy, since: await policyFirstSeenIfRecorded(src.redis, policy.name), nextRun: nextSlot(policy.schedule, now, policy.timezone),
   })));
-  const [backups, states, beats] = await Promise.all([src.backups(), src.verification(), liveWorkers(src.redis)]);
+  const [backups, unreadable, states, beats] = await Promise.all([src.backups(), src.unreadable(), src.verification(), liveWorkers(src.redis)]);
   const hosts = knownHosts(src.config, beats);
   const failures = new Map<string, Awaited<ReturnType<typeof failuresByVm>>>();
   const depths = new Map<string, QueueDepth>();
@@ -148,6 +171,7 @@ export async function collectStatus(src: StatusSources): Promise<Status> {
       const workers = beats.filter((b) => b.host === host).map((b) => ({ id: b.id, pid: b.pid, version: b.version, lastSeen: b.lastSeen }));
       return { host, online: workers.length > 0, workers, queue: depths.get(host)! };
     }),
+    unreadableBackups: unreadable.map((u) => ({ id: u.id, kind: u.kind, problem: u.problem, advice: unreadableAdvice(u) })),
   };
 }
 

@@ -79,6 +79,9 @@ export interface KeyInfo { id: string; created: string; label?: string; current:
 /** An object that is there but cannot be used (not JSON, fails authentication, swapped…). */
 export interface DamagedObject { id: string; name: string; problem: string }
 
+/** A manifest as the storage lists it. */
+export interface ListedBackup { id: string; size: number; modified?: number }
+
 export interface OpenOptions {
   /**
    * The caller promises to only read (`--no-lock`): read paths take no lock, and the
@@ -548,13 +551,18 @@ export class Repository {
   }
 
   async backupIds(): Promise<string[]> {
-    const sizes = new Map<string, number>();
-    for await (const { name, size } of this.storage.list('backups/')) {
+    return (await this.listBackups()).map((b) => b.id);
+  }
+
+  /** The manifests in storage with what the listing says of each (size, and when it was last written where the backend knows). */
+  async listBackups(): Promise<ListedBackup[]> {
+    const listed: ListedBackup[] = [];
+    for await (const { name, size, modified } of this.storage.list('backups/')) {
       const id = name.slice('backups/'.length);
-      if (/^[0-9a-f]{64}$/.test(id)) sizes.set(id, size);
+      if (/^[0-9a-f]{64}$/.test(id)) listed.push({ id, size, ...(modified !== undefined ? { modified } : {}) });
     }
-    this.listedManifestBytes = sizes;
-    return [...sizes.keys()];
+    this.listedManifestBytes = new Map(listed.map((b) => [b.id, b.size]));
+    return listed;
   }
 
   /**

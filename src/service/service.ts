@@ -165,7 +165,7 @@ export async function runScheduler(
     await scheduler.start();
     // Alerts (config alerts:) are checked here: one place that sees every queue, whichever host runs the jobs.
     const verification = new VerificationCache(repo, refreshMs);
-    alerts = await startAlerts(config, { config, redis: connection, backups: () => catalogue.list(), verification: () => verification.get(), queueOf, maintenance }, log, opts.env);
+    alerts = await startAlerts(config, { config, redis: connection, backups: () => catalogue.list(), unreadable: () => catalogue.unreadable(), verification: () => verification.get(), queueOf, maintenance }, log, opts.env);
   } catch (err) {
     await scheduler.stop().catch(() => {});
     await queues.close();

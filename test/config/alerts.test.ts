@@ -26,7 +26,7 @@ describe('alerts configuration', () => {
     const c = parse('  webhooks: [{ url: "https://hooks.example.com/x", secretEnv: HOOK_SECRET }]\n  email: { smtp: { host: mail.example.com }, from: a@example.com, to: [b@example.com] }\n');
     assert.equal(c.alerts!.checkEvery, 60_000);
     assert.equal(c.alerts!.offlineAfter, 120_000);
-    assert.deepEqual(c.alerts!.webhooks[0]!.events, ['job_failed', 'backup_overdue', 'worker_offline', 'verify_damage']);
+    assert.deepEqual(c.alerts!.webhooks[0]!.events, ['job_failed', 'backup_overdue', 'worker_offline', 'verify_damage', 'backup_unreadable']);
     assert.equal(c.alerts!.webhooks[0]!.attempts, 5);
     assert.equal(c.alerts!.webhooks[0]!.retryDelay, 1000);
     assert.equal(c.alerts!.email!.smtp.port, 587);

@@ -225,7 +225,7 @@ for (const b of all) {
       const catalogue = new Catalogue(opened, 0);
       assert.deepEqual((await catalogue.list()).map((e) => e.id), [b1.id]);
       await assert.rejects(catalogue.get(a1.id.slice(0, 12)), (e: { code?: string }) => e.code === 'INTEGRITY');
-      assert.equal((await catalogue.damaged()).length, 2);
+      assert.deepEqual((await catalogue.unreadable()).map((u) => u.kind), ['damaged', 'damaged']);
       assert.equal(warnings.length, 2, 'each damaged manifest reported once');
       await put(repo, `backups/${a1.id}`, goodA1); // a good copy put back
       assert.deepEqual((await catalogue.list()).map((e) => e.id).sort(), [a1.id, b1.id].sort());
@@ -271,7 +271,7 @@ describe('a directory repository with something else at a manifest\'s name', () 
       const catalogue = new Catalogue(opened, 0);
       assert.deepEqual(await catalogue.list(), []);
       await assert.rejects(catalogue.get(made.id.slice(0, 12)), (e: Error & { code?: string }) => e.code === 'INTEGRITY' && new RegExp(`backups/${made.id} is ${kind}`).test(e.message));
-      assert.equal((await catalogue.damaged()).length, 1);
+      assert.deepEqual((await catalogue.unreadable()).map((u) => [u.id, u.kind]), [[made.id, 'stray']]);
       assert.equal(warnings.filter((w) => w.includes(`backups/${made.id} is`)).length, 1, 'reported once');
       await opened.storage.close();
     }

@@ -8,7 +8,7 @@
  * policy's retention. Screenshots go to test-artifacts/dashboard/.
  */
 import assert from 'node:assert/strict';
-import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
@@ -246,6 +246,25 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     await shot('08-retention-preview');
   });
 
+  test('a backup whose manifest cannot be read: a red section names it and says what to do, until a good copy is back', async () => {
+    assert.equal(await page.locator('#unreadable').isHidden(), true, 'hidden while every manifest reads');
+    const file = join(service!.repoUrl, 'backups', firstBackup);
+    const good = await readFile(file);
+    await writeFile(file, good.subarray(0, 100)); // cut short
+    try {
+      const row = page.locator(`#unreadable tr[data-unreadable="${firstBackup}"]`);
+      await row.waitFor({ timeout: 15_000 });
+      assert.equal(await page.locator('#unreadable').isVisible(), true);
+      assert.match(await row.innerText(), new RegExp(`${firstBackup.slice(0, 12)}\\s+damaged\\s+.*backups/${firstBackup}.*\\s+put a good copy of backups/${firstBackup} back.*repair --remove`, 's'));
+      assert.equal(await page.locator(`#backups tr[data-backup="${firstBackup}"]`).count(), 0, 'not in the VM\'s list');
+      await shot('09-unreadable-backup');
+    } finally {
+      await writeFile(file, good);
+    }
+    await page.locator('#unreadable').waitFor({ state: 'hidden', timeout: 15_000 });
+    await page.locator(`#backups tr[data-backup="${firstBackup}"]`).waitFor({ timeout: 15_000 });
+  });
+
   test('hosts: from GET /v1/status when the server has it, "status not available" otherwise', async () => {
     const status = await fetch(`${service!.api}/v1/status`, { headers: { authorization: `Bearer ${TOKENS.viewer}` } });
     if (status.status === 404) {
@@ -258,7 +277,7 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
       assert.match(await text('#hosts tr[data-host="hosta"]'), /online/);
       for (const vm of s.vms) assert.equal(await page.locator(`#vms tr[data-vm="${vm.name}"].overdue`).count(), vm.overdue ? 1 : 0, vm.name);
     }
-    await shot('09-hosts');
+    await shot('10-hosts');
   });
 
   test('sign out forgets the token', async () => {

@@ -225,6 +225,38 @@ describe('alerts', () => {
     assert.equal(failed.body.details.code, 'INTEGRITY');
   });
 
+  test('a backup whose manifest cannot be read: a webhook and an e-mail with what to do, once per episode', async () => {
+    const storage = new LocalStorage(service!.repoUrl);
+    const id = (await (await Repository.open(storage, PASSPHRASE)).backupIds())[0]!;
+    const name = `backups/${id}`;
+    const good = Buffer.from(await storage.get(name));
+    const bad = Buffer.from(good);
+    bad[bad.length - 20]! ^= 0x01;
+    await storage.put(name, bad);
+    try {
+      const { hook, mail } = await both('the unreadable backup', (h) => h.event === 'backup_unreadable' && h.body.details.backup === id,
+        (m) => m.text.includes('X-Vmvault-Event: backup_unreadable'));
+      assert.equal(hook.signed, true);
+      assert.equal(hook.body.details.kind, 'damaged');
+      assert.match(hook.body.details.problem, new RegExp(name));
+      assert.match(hook.body.details.advice, /"vmvault repair --remove" deletes it/);
+      assert.match(mail.text, new RegExp(`the manifest of backup ${id.slice(0, 12)} cannot be read`));
+      // Several more checks run (every 500 ms): the same episode is not alerted again.
+      await new Promise((r) => setTimeout(r, 2500));
+      assert.equal(hooks.filter((h) => h.event === 'backup_unreadable').length, 1);
+    } finally {
+      await storage.put(name, good);
+      await storage.close();
+    }
+    // Put back: the episode ends (its member leaves the Redis set), so a new damage would alert again.
+    const conn = createRedis(redis.url, 'producer');
+    try {
+      await waitFor('the episode to end', async () => (await conn.smembers('vmvault:alerts:episodes:unreadable')).length === 0 || undefined, 15_000, output);
+    } finally {
+      await closeRedis(conn);
+    }
+  });
+
   test('no secret reaches a log, a webhook or an e-mail', () => {
     const all = [output(), ...hooks.map((h) => JSON.stringify(h.body)), ...mails.map((m) => m.raw)].join('\n');
     for (const s of [SECRET, SMTP_PASSWORD]) assert.ok(!all.includes(s), `${s.slice(0, 8)}… leaked`);

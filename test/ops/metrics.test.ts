@@ -6,7 +6,7 @@
  * The example alert rules must parse and name only series that /metrics exports.
  */
 import assert from 'node:assert/strict';
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
@@ -106,6 +106,7 @@ describe('metrics', () => {
     assert.ok(Math.abs(dedupRatio(s) - 1 / 3) < 1e-9);
     assert.equal(sampleValue(families, 'vmvault_vm_backups_damaged', vm), 0);
     assert.equal(sampleValue(families, 'vmvault_vm_overdue', vm), 0);
+    for (const kind of ['damaged', 'other-version', 'stray']) assert.equal(sampleValue(families, 'vmvault_backups_unreadable', { kind }), 0, kind);
   });
 
   test('failures by code, queue depths, workers and the repository size from gc', async () => {
@@ -120,11 +121,31 @@ describe('metrics', () => {
     assert.ok(sampleValue(families, 'vmvault_gc_last_timestamp_seconds')! <= Date.now() / 1000);
   });
 
+  test('a backup whose manifest cannot be read is counted by kind, and in no VM\'s series', async () => {
+    const file = join(service!.repoUrl, 'backups', backup.result.id);
+    const good = await readFile(file);
+    await writeFile(file, good.subarray(0, good.length - 7)); // cut short
+    try {
+      const now = await waitFor('the unreadable backup to be counted', async () => {
+        const f = parsePrometheusText((await call('GET', '/metrics', 'viewer')).text);
+        return sampleValue(f, 'vmvault_backups_unreadable', { kind: 'damaged' }) === 1 ? f : undefined;
+      }, 15_000, output);
+      assert.equal(sampleValue(now, 'vmvault_backups_unreadable', { kind: 'stray' }), 0);
+      assert.equal(sampleValue(now, 'vmvault_vm_backups', { vm: 'web' }), 0);
+    } finally {
+      await writeFile(file, good);
+    }
+    await waitFor('the backup to be counted again', async () => {
+      const f = parsePrometheusText((await call('GET', '/metrics', 'viewer')).text);
+      return sampleValue(f, 'vmvault_backups_unreadable', { kind: 'damaged' }) === 0 && sampleValue(f, 'vmvault_vm_backups', { vm: 'web' }) === 1 ? f : undefined;
+    }, 15_000, output);
+  });
+
   test('the example alert rules parse and name only exported series', async () => {
     const doc = parseYaml(await readFile(RULES, 'utf8')) as { groups: { name: string; rules: { alert: string; expr: string; for?: string }[] }[] };
     const rules = doc.groups.flatMap((g) => g.rules);
     const names = rules.map((r) => r.alert);
-    for (const wanted of ['VmvaultNoRecentBackup', 'VmvaultWorkerDown', 'VmvaultVerifyFoundDamage']) assert.ok(names.includes(wanted), wanted);
+    for (const wanted of ['VmvaultNoRecentBackup', 'VmvaultWorkerDown', 'VmvaultVerifyFoundDamage', 'VmvaultBackupUnreadable']) assert.ok(names.includes(wanted), wanted);
     assert.match(rules.find((r) => r.alert === 'VmvaultNoRecentBackup')!.expr, /vmvault_vm_last_success_timestamp_seconds > 26 \* 3600/);
     for (const r of rules) {
       assert.equal(typeof r.expr, 'string', `${r.alert} has an expr`);

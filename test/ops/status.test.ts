@@ -6,6 +6,7 @@
  * against them; a worker's heartbeat goes when it stops.
  */
 import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { closeRedis, createRedis } from '../../src/queue/connection.js';
@@ -127,6 +128,7 @@ describe('status', () => {
     assert.equal(hostb.online, false);
     assert.deepEqual(hostb.workers, []);
     assert.deepEqual(hostb.queue, { waiting: 1, active: 0, delayed: 0, failed: 0 });
+    assert.deepEqual(s.unreadableBackups, []);
   });
 
   test('health is degraded, with the reason, while a host has queued jobs and no live worker', async () => {
@@ -153,6 +155,48 @@ describe('status', () => {
     assert.match(t.stdout, /\n {2}web +hosta +nightly +\d+s ago +16\.0 MiB .*full .*ok\n/);
     assert.match(t.stdout, /broken: last failure \d+s ago \(NOT_FOUND\): .*missing\.qcow2/);
     assert.match(t.stdout, /\n {2}hostb +OFFLINE +1 +0 +0 +0$/);
+  });
+
+  test('a backup whose manifest cannot be read: in GET /v1/status, the listing and vmvault status, with what to do; listed again once put back', async () => {
+    const file = join(service!.repoUrl, 'backups', backupId);
+    const good = await readFile(file);
+    const bad = Buffer.from(good);
+    bad[Math.floor(bad.length / 2)]! ^= 0x40;
+    await writeFile(file, bad);
+    try {
+      // The API's catalogue is refreshed at most every 2 s.
+      const s = await waitFor('the status to count it', async () => {
+        const b = (await call('GET', '/v1/status', 'viewer')).body;
+        return b.unreadableBackups.length ? b : undefined;
+      }, 15_000, output);
+      assert.equal(s.unreadableBackups.length, 1);
+      const u = s.unreadableBackups[0];
+      assert.equal(u.id, backupId);
+      assert.equal(u.kind, 'damaged');
+      assert.match(u.problem, new RegExp(`backups/${backupId}`));
+      assert.match(u.advice, new RegExp(`put a good copy of backups/${backupId} back .*"vmvault repair --remove" deletes it.*gc deletes no chunk`));
+      assert.equal(s.vms.find((v: any) => v.name === 'web').lastBackup, null, 'in no VM\'s figures');
+
+      const listed = (await call('GET', '/v1/backups', 'viewer')).body;
+      assert.deepEqual(listed.items.map((b: any) => b.id), []);
+      assert.deepEqual(listed.unreadable, [u]);
+      // Whatever the filters: an unreadable manifest's VM is unknown.
+      assert.deepEqual((await call('GET', '/v1/backups?vm=late', 'viewer')).body.unreadable, [u]);
+
+      const env = { ...BASE_ENV, VMVAULT_CONFIG: service!.configFile };
+      const t = await cli(['status'], env);
+      assert.equal(t.code, 0, t.stderr);
+      assert.match(t.stdout, new RegExp(`\\nBackups that cannot be read \\(1\\).*gc deletes no chunk.*\\n {2}${backupId.slice(0, 12)} DAMAGED: .*backups/${backupId}.*\\n {4}what to do: put a good copy`));
+      assert.deepEqual(JSON.parse((await cli(['status', '--json'], env)).stdout).unreadableBackups, [u]);
+    } finally {
+      await writeFile(file, good);
+    }
+    const back = await waitFor('the backup to be listed again', async () => {
+      const b = (await call('GET', '/v1/status', 'viewer')).body;
+      return b.unreadableBackups.length === 0 ? b : undefined;
+    }, 15_000, output);
+    assert.equal(back.vms.find((v: any) => v.name === 'web').lastBackup.id, backupId);
+    assert.deepEqual((await call('GET', '/v1/backups', 'viewer')).body.unreadable, []);
   });
 
   test('a stopped worker leaves no heartbeat', async () => {

@@ -1,12 +1,12 @@
 /**
  * `GET /v1/status` (viewer): policies with their next run, VMs with their last backup,
  * last failure and whether they are overdue, hosts with their live workers and queue
- * depths. The report itself is src/ops/status.ts (the CLI's `vmvault status` prints
+ * depths, and the backups whose manifest cannot be read. The report itself is src/ops/status.ts (the CLI's `vmvault status` prints
  * the same); this module only declares the route and its schema.
  */
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { collectStatus, type StatusSources } from '../../ops/status.js';
-import { ErrorSchema, VerificationSchema } from '../schemas.js';
+import { ErrorSchema, UnreadableSchema, VerificationSchema } from '../schemas.js';
 import { needsRole, type ApiEnv } from './access.js';
 
 const time = z.string().openapi({ format: 'date-time' });
@@ -33,6 +33,7 @@ export const StatusSchema = z.object({
     workers: z.array(z.object({ id: z.string(), pid: z.number(), version: z.string(), lastSeen: time })),
     queue: depth,
   })),
+  unreadableBackups: z.array(UnreadableSchema).openapi({ description: 'backups whose manifest cannot be read: in no VM\'s figures, and gc deletes no chunk while one is there' }),
 }).openapi('Status');
 
 export const statusRoute = createRoute({

@@ -8,7 +8,7 @@ import { rowActions, notice } from './actions.js';
 import { browser } from './browser.js';
 import { byId, field, h } from './dom.js';
 import { state } from './state.js';
-import { renderBackups, renderHostList, renderHosts, renderJobs, renderPolicies, renderSnapshots, renderVms, type RowActions } from './views.js';
+import { renderBackups, renderHostList, renderHosts, renderJobs, renderPolicies, renderSnapshots, renderUnreadable, renderVms, type RowActions } from './views.js';
 
 const FAST_MS = 1000;
 const SLOW_MS = 3000;
@@ -62,11 +62,12 @@ async function refresh(): Promise<void> {
   if (mine !== generation || !actions) return; // signed out, or a newer refresh started
   const failed = [vms, backups, jobs, policies].find((r): r is PromiseRejectedResult => r.status === 'rejected');
   if (vms.status === 'fulfilled') state.vms = vms.value.items;
-  if (backups.status === 'fulfilled') state.backups = backups.value.items;
+  if (backups.status === 'fulfilled') { state.backups = backups.value.items; state.unreadable = backups.value.unreadable; }
   if (jobs.status === 'fulfilled') state.jobs = jobs.value.items;
   if (policies.status === 'fulfilled') { state.policies = policies.value.items; state.problems = policies.value.problems; }
   state.status = st.status === 'fulfilled' ? st.value : undefined;
   state.selected ??= state.vms[0]?.name;
+  renderUnreadable(state);
   renderVms(state, actions);
   renderJobs(state);
   renderBackups(state, actions);

@@ -26,6 +26,8 @@ export function dashboardHtml(importMap: string): string {
 </form>
 <main id="app" hidden>
   <p id="notice" role="status"></p>
+  <section id="unreadable" class="alarm" role="alert" hidden><h2>Backups that cannot be read</h2>
+    <p class="hint">Their manifests are damaged, or not files vmvault wrote: they are in no list below, and gc deletes no chunk until each is put back or removed.</p><div class="body"></div></section>
   <section id="vms"><h2>Virtual machines</h2><div class="body"></div></section>
   <section id="jobs"><h2>Jobs</h2><div class="body"></div></section>
   <section id="backups"><h2>Backups <span class="vm-name"></span></h2><div class="body"></div>
@@ -89,6 +91,8 @@ input, select, button { font: inherit; }
 button { cursor: pointer; }
 pre { background: #f4f6f8; padding: .5em; white-space: pre-wrap; word-break: break-all; }
 #notice:empty { display: none; }
+section.alarm { border-color: #b3261e; border-left: 4px solid #b3261e; }
+#unreadable td { overflow-wrap: anywhere; }
 #notice { background: #e6f0fa; padding: .4em .8em; border-radius: 4px; }
 #notice.error { background: #fbe3e1; }
 `;

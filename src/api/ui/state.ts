@@ -5,6 +5,7 @@ import type { StatusView } from './api.js';
 
 export type Vm = z.output<typeof S.VmSchema>;
 export type Backup = z.output<typeof S.BackupSchema>;
+export type Unreadable = z.output<typeof S.UnreadableSchema>;
 export type Job = z.output<typeof S.JobSchema>;
 export type Snapshot = z.output<typeof S.SnapshotSchema>;
 export type PolicyItem = z.output<typeof S.PoliciesSchema>['items'][number];
@@ -17,6 +18,8 @@ export interface Progress { phase: string; disk?: string; bytesDone: number; byt
 export interface State {
   vms: Vm[];
   backups: Backup[];
+  /** Backups whose manifest cannot be read (GET /v1/backups). */
+  unreadable: Unreadable[];
   jobs: Job[];
   policies: PolicyItem[];
   problems: PolicyProblem[];
@@ -27,4 +30,4 @@ export interface State {
   snapshots: { vm: string; items: Snapshot[] } | undefined;
 }
 
-export const state: State = { vms: [], backups: [], jobs: [], policies: [], problems: [], status: undefined, selected: undefined, snapshots: undefined };
+export const state: State = { vms: [], backups: [], unreadable: [], jobs: [], policies: [], problems: [], status: undefined, selected: undefined, snapshots: undefined };

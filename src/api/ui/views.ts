@@ -31,6 +31,15 @@ const verificationOf = (b: Backup): Child => b.verification
   ? h('span', { class: b.verification.status }, `${b.verification.status} (${relative(b.verification.lastVerified)})`)
   : h('span', { class: 'hint' }, 'not verified');
 
+/** Shown only while some backup's manifest cannot be read. */
+export function renderUnreadable(s: State): void {
+  const rows = s.unreadable.map((u) => h('tr', { 'data-unreadable': u.id },
+    h('td', { title: u.id }, h('code', {}, shortId(u.id))), h('td', { class: 'failed' }, u.kind), h('td', {}, u.problem), h('td', {}, u.advice)));
+  fill('unreadable', table(['Backup', 'Kind', 'Problem', 'What to do'], rows, ''));
+  const section = browser.document.getElementById('unreadable');
+  if (section) section.hidden = s.unreadable.length === 0;
+}
+
 export function renderVms(s: State, act: RowActions): void {
   const now = Date.now();
   const rows = s.vms.map((vm) => {

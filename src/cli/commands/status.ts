@@ -69,5 +69,9 @@ export function formatStatus(s: Status): string {
     `  ${h.host}`, h.online ? h.workers.map((w) => `pid ${w.pid} (${w.version})`).join(', ') : 'OFFLINE',
     String(h.queue.waiting), String(h.queue.active), String(h.queue.delayed), String(h.queue.failed),
   ])]));
+  if (s.unreadableBackups.length) {
+    out.push('', `Backups that cannot be read (${s.unreadableBackups.length}): in no VM's figures above, and gc deletes no chunk while one is there`);
+    for (const u of s.unreadableBackups) out.push(`  ${u.id.slice(0, 12)} ${u.kind.toUpperCase()}: ${u.problem}`, `    what to do: ${u.advice}`);
+  }
   return `${out.join('\n')}\n`;
 }

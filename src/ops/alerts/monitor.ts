@@ -6,7 +6,10 @@
  *   (the status report's `overdue`);
  * - worker_offline: a host with VMs or queued jobs and no worker heartbeat for
  *   `alerts.offlineAfter`;
- * - verify_damage: a backup that verify found damaged.
+ * - verify_damage: a backup that verify found damaged;
+ * - backup_unreadable: a backup whose manifest cannot be read (damaged, of another
+ *   version, or no file at its name): it is in no listing or VM figure, and gc deletes
+ *   no chunk while it stays, so the repository only grows until it is dealt with.
  *
  * State lives in Redis, so scheduler replicas and restarts agree: a failed job is
  * alerted once (a key per job, kept as long as job history), and the others once per
@@ -21,7 +24,7 @@ import type { Logger } from 'pino';
 import { JOB_HISTORY } from '../../queue/enqueue.js';
 import { failureCode } from '../../queue/job-failures.js';
 import { errorMessage } from '../../errors.js';
-import { collectStatus, pending, type Status, type StatusSources } from '../status.js';
+import { collectStatus, pending, type Status, type StatusSources, type UnreadableStatus } from '../status.js';
 import { newAlert, type Alert } from './alert.js';
 import { deliver, type Channel } from './deliver.js';
 
@@ -100,6 +103,9 @@ export class AlertMonitor {
         'They are quarantined: the next backup that produces them uploads them again and heals it. Run "vmvault verify" and see "vmvault repair" for the backups that stay damaged.',
         { backup: id, vm: b?.vm ?? null, host: b?.host ?? null, time: b?.time ?? null, ...s }, now);
     });
+    // By id and kind: a manifest that goes from damaged to a stray (or back) is a new episode.
+    const unreadable = new Map(status.unreadableBackups.map((u) => [`${u.id}:${u.kind}`, u]));
+    await this.episodes('unreadable', [...unreadable.keys()], (key) => unreadableAlert(unreadable.get(key)!, now));
   }
 
   private async failedJobs(q: Queue, since: number, now: Date): Promise<void> {
@@ -153,6 +159,13 @@ export class AlertMonitor {
       void p.finally(() => this.deliveries.delete(p));
     }
   }
+}
+
+function unreadableAlert(u: UnreadableStatus, now: Date): Alert {
+  const what = u.kind === 'other-version' ? 'was written by another version of vmvault' : 'cannot be read';
+  return newAlert('backup_unreadable', `the manifest of backup ${u.id.slice(0, 12)} ${what}`,
+    `Backup ${u.id}: ${u.problem}. It is left out of every listing and restore. What to do: ${u.advice}.`,
+    { backup: u.id, kind: u.kind, problem: u.problem, advice: u.advice }, now);
 }
 
 function overdueAlert(status: Status, name: string, now: Date): Alert {

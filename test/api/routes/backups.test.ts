@@ -27,7 +27,7 @@ describe('/v1/backups', () => {
     assert.equal(b.stats.bytesRead, 3 * 1024 * 1024, 'only the allocated 3 MiB is read');
     assert.deepEqual((await f.call('GET', '/v1/backups?label=pre-update', { role: 'viewer' })).body.items.map((x: any) => x.id), [first]);
     assert.deepEqual((await f.call('GET', '/v1/backups?vm=db', { role: 'viewer' })).body.items, []);
-    assert.deepEqual((await f.call('GET', '/v1/backups?host=hosta&limit=1', { role: 'viewer' })).body, { items: [all.body.items[0]], nextCursor: '1' });
+    assert.deepEqual((await f.call('GET', '/v1/backups?host=hosta&limit=1', { role: 'viewer' })).body, { items: [all.body.items[0]], nextCursor: '1', unreadable: [] });
     assert.equal((await f.call('GET', '/v1/backups?since=2000-01-01', { role: 'viewer' })).body.items.length, 2);
     assert.equal((await f.call('GET', '/v1/backups?since=2999-01-01T00:00:00Z', { role: 'viewer' })).body.items.length, 0);
     assertError(await f.call('GET', '/v1/backups?since=yesterday', { role: 'viewer' }), 400, 'BAD_REQUEST', /since/);
