@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # vmvault vs restic on a second image, shaped like a small real VM disk: 2 GiB virtual,
-# 400 MiB of random data, 300 MiB of log-like text, the rest never written. Full backup and
-# restore (to raw), each tool in turn, BENCH_REPS rounds (median), restores compared with
-# qemu-img. Run by hand after `npm run build`: `bash bench/perf-image.sh` (see bench/README.md).
+# 400 MiB of random data, 300 MiB of log-like text, the rest never written. Full backup,
+# restore (to raw), then an incremental after 2% of the disk changed, each tool in turn,
+# BENCH_REPS rounds (median), restores compared with qemu-img. Run by hand after
+# `npm run build`: `bash bench/perf-image.sh` (see bench/README.md).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,8 +36,24 @@ rm -rf "$W" && mkdir -p "$W/app" "$W/out"
 cp -a "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$W/app/" && ln -s "$ROOT/node_modules" "$W/app/node_modules"
 VMVAULT=$W/app/bin/vmvault.js
 load=$(cut -d' ' -f1 /proc/loadavg)
-cat "$IMAGE" >"$W/disk.qcow2"
-qemu-img convert -f qcow2 -O raw "$IMAGE" "$W/disk.raw"
+# fresh_disks: each round starts from the image as built (the last round's incremental changed
+# the copies, and its bitmaps stay in the qcow2 copy).
+fresh_disks() {
+  cat "$IMAGE" >"$W/disk.qcow2"
+  qemu-img convert -f qcow2 -O raw "$IMAGE" "$W/disk.raw"
+}
+# change: 2% of the disk changed (40 MiB of chunks): 1 MiB of a new byte pattern in each of 10
+# chunk-sized regions, 5 in the random data and 5 in the text; the same writes, through
+# qemu-io, on both copies (the qcow2 one as qcow2, so its dirty bitmap records them).
+change() {
+  local c=()
+  for i in 0 1 2 3 4; do
+    c+=(-c "write -P $((0x61 + i)) $(((13 + 19 * i) * 4 * MiB)) 1M")
+    c+=(-c "write -P $((0x71 + i)) $((1024 * MiB + (7 + 16 * i) * 4 * MiB)) 1M")
+  done
+  qemu-io -f qcow2 "${c[@]}" "$W/disk.qcow2" >/dev/null
+  qemu-io -f raw "${c[@]}" "$W/disk.raw" >/dev/null
+}
 
 # warm_repo DIR: a restore's input is its repository, read once before it as a backup's file is.
 # vmvault writes its chunks around the page cache (O_DIRECT), restic through it: unread, vmvault's
@@ -53,7 +70,8 @@ timed() {
   tail -1 "$W/times.tsv"
 }
 for rep in $(seq 1 "$REPS"); do
-  rm -rf "$W/v-repo" "$W/r-repo" "$W/v-out" "$W/v-out-ns" "$W/r-out" "$W/r-cache"
+  rm -rf "$W/v-repo" "$W/r-repo" "$W/v-out" "$W/v-out-ns" "$W/v-out-incr" "$W/r-out" "$W/r-cache"
+  fresh_disks
   env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" init >/dev/null
   restic -r "$W/r-repo" --cache-dir "$W/r-cache" init >/dev/null
   v_full() { timed "full.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" backup --vm perf --disk "root=$W/disk.qcow2" --format qcow2 --json; }
@@ -98,6 +116,18 @@ for rep in $(seq 1 "$REPS"); do
   qemu-img compare -f qcow2 -F raw "$W/disk.qcow2" "$W/v-out-ns/root.raw" >/dev/null
   qemu-img compare -f qcow2 -F raw "$W/disk.qcow2" "$W/r-out$W/disk.raw" >/dev/null
   du -s --block-size=1 "$W/v-out/root.raw" "$W/r-out$W/disk.raw" | awk -v rep="$rep" '{ print "allocated." (NR == 1 ? "vmvault" : "restic") "." rep, $1 }' >>"$W/alloc.txt"
+  # The incremental: vmvault reads what the dirty bitmap says changed; restic reads the whole raw
+  # file again and uploads the new chunks. vmvault's is restored and compared.
+  change
+  v_incr() { timed "incr.vmvault.$rep" env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" backup --vm perf --disk "root=$W/disk.qcow2" --format qcow2 --json; }
+  r_incr() { timed "incr.restic.$rep" restic -r "$W/r-repo" --cache-dir "$W/r-cache" backup --json "$W/disk.raw"; }
+  if [ $((rep % 2)) -eq 1 ]; then v_incr; r_incr; else r_incr; v_incr; fi
+  node -e 'const j = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")); const d = j.disks[0];
+    if (d.mode !== "incremental") { console.error(`bench: the incremental read ${d.mode} (${d.reason})`); process.exit(1); }
+    console.log(j.id)' "$W/out/incr.vmvault.$rep.out" >"$W/incr-id"
+  env VMVAULT_REPOSITORY="$W/v-repo" "$VMVAULT" restore "$(cat "$W/incr-id")" --to "$W/v-out-incr" --format raw --no-sync --json >/dev/null
+  qemu-img compare -f qcow2 -F raw "$W/disk.qcow2" "$W/v-out-incr/root.raw" >/dev/null
+  node -e 'const j = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")); console.log(`read.vmvault.${process.argv[2]} ${j.stats.bytesRead}`)' "$W/out/incr.vmvault.$rep.out" "$rep" >>"$W/alloc.txt"
 done
 
 mkdir -p "$(dirname "$RESULTS")"
@@ -112,10 +142,11 @@ const pick = (step, tool, i) => rows.filter((r) => r[0].startsWith(`${step}.${to
 const out = { date: new Date().toISOString(), vmvaultCommit: env.COMMIT, restic: env.RESTIC_VERSION, loadAverageBefore: +env.LOAD, repetitions: +env.REPS,
   image: '2 GiB virtual qcow2: 400 MiB random at 0, 300 MiB log-like text at 1 GiB, the rest never written; restic backs up its raw copy; restores to raw',
   steps: {} };
-for (const step of ['full', 'restore']) {
+const goals = { full: 0.4, restore: 0.5, incr: null };
+for (const step of ['full', 'restore', 'incr']) {
   const v = med(pick(step, 'vmvault', 1)), r = med(pick(step, 'restic', 1));
   out.steps[step] = { vmvaultSeconds: v, resticSeconds: r, vmvaultOverRestic: +(v / r).toFixed(3),
-    goal: step === 'full' ? 0.4 : 0.5, goalMet: v / r <= (step === 'full' ? 0.4 : 0.5),
+    goal: goals[step], goalMet: goals[step] === null ? null : v / r <= goals[step],
     vmvaultPeakRssMiB: Math.max(...pick(step, 'vmvault', 2)) >> 10, resticPeakRssMiB: Math.max(...pick(step, 'restic', 2)) >> 10,
     vmvaultRuns: pick(step, 'vmvault', 1), resticRuns: pick(step, 'restic', 1) };
   // Each round runs both tools back to back: the ratio within a round is the least touched
@@ -146,12 +177,16 @@ for (const step of ['full', 'restore']) {
   out.steps.restore.floor = { ddSparseDirectFdatasyncRuns: dd, nodeStartRuns: node, floorRuns: floors, floorSeconds: med(floors),
     halfOfResticSeconds: +(r.resticSeconds / 2).toFixed(2), vmvaultAboveFloorSeconds: +(r.vmvaultSeconds - med(floors)).toFixed(2) };
 }
+out.steps.incr.change = '1 MiB written in each of 10 chunk-sized regions (5 in the random data, 5 in the text): 2% of the disk in chunks';
+out.steps.incr.vmvaultReadMiB = Math.round(+alloc['read.vmvault.1'] / 1048576);
 out.restoredAllocatedMiB = { vmvault: Math.round(alloc['allocated.vmvault.1'] / 1048576), restic: Math.round(alloc['allocated.restic.1'] / 1048576) };
 out.restoredImagesEqualSource = true; // qemu-img compare above, or the script stopped
 fs.writeFileSync(env.RESULTS, JSON.stringify(out, null, 2) + '\n');
 for (const [k, s] of Object.entries(out.steps)) {
-  console.log(`${k.padEnd(8)} vmvault ${s.vmvaultSeconds.toFixed(2)} s (${s.vmvaultPeakRssMiB} MiB)  restic ${s.resticSeconds.toFixed(2)} s (${s.resticPeakRssMiB} MiB)  vmvault/restic ${s.vmvaultOverRestic} (goal <= ${s.goal}: ${s.goalMet ? 'yes' : 'NO'}; by round ${s.roundRatios.join(' / ')})`);
+  const goal = s.goal === null ? 'no goal' : `goal <= ${s.goal}: ${s.goalMet ? 'yes' : 'NO'}`;
+  console.log(`${k.padEnd(8)} vmvault ${s.vmvaultSeconds.toFixed(2)} s (${s.vmvaultPeakRssMiB} MiB)  restic ${s.resticSeconds.toFixed(2)} s (${s.resticPeakRssMiB} MiB)  vmvault/restic ${s.vmvaultOverRestic} (${goal}; by round ${s.roundRatios.join(' / ')})`);
 }
+console.log(`incremental: vmvault read ${out.steps.incr.vmvaultReadMiB} MiB (its dirty bitmap); restic read the whole raw file again`);
 { const d = out.steps.restore.durable; console.log(`restore, both durable: vmvault ${out.steps.restore.vmvaultSeconds.toFixed(2)} s  restic + sync --data ${d.resticSeconds.toFixed(2)} s (sync ${d.resticSyncRuns.join(' / ')} s)  vmvault/restic ${d.vmvaultOverRestic} (by round ${d.roundRatios.join(' / ')})`); }
 { const n = out.steps.restore.noSync; console.log(`restore, neither durable: vmvault --no-sync ${n.vmvaultSeconds.toFixed(2)} s (${n.vmvaultPeakRssMiB} MiB)  restic ${n.resticSeconds.toFixed(2)} s  vmvault/restic ${n.vmvaultOverRestic} (goal <= 0.5: ${n.goalMet ? 'yes' : 'NO'}; by round ${n.roundRatios.join(' / ')})`); }
 { const f = out.steps.restore.floor; console.log(`durable restore by dd (the restored data, sparse + O_DIRECT + fdatasync, plus node's start): ${f.floorSeconds.toFixed(2)} s (by round ${f.floorRuns.join(' / ')}); half of restic's restore: ${f.halfOfResticSeconds.toFixed(2)} s; vmvault above it: ${f.vmvaultAboveFloorSeconds.toFixed(2)} s`); }
