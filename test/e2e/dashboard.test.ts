@@ -280,6 +280,31 @@ describe('the dashboard in Chromium', { timeout: 180_000 }, () => {
     await shot('10-hosts');
   });
 
+  test('a backup whose answer is lost on the way is asked for again with the same Idempotency-Key: one job, not two', async () => {
+    const backupsOfWeb = async () => (await api('GET', '/v1/jobs?limit=200')).body.items.filter((j: any) => j.name === 'backup' && j.data?.vm === 'web').map((j: any) => j.id);
+    const before = await backupsOfWeb();
+    const keys: (string | undefined)[] = [];
+    const url = '**/v1/vms/web/backups';
+    await page.route(url, async (route) => {
+      keys.push(route.request().headers()['idempotency-key']);
+      if (keys.length > 1) return route.continue();
+      await route.fetch(); // the API makes the job...
+      await route.abort('connectionreset'); // ...and its answer never reaches the page
+    });
+    try {
+      await page.click('#vms tr[data-vm="web"] button[data-action="backup"]');
+      const id = await queuedJob('backup of web');
+      assert.equal(keys.length, 2, 'sent again once');
+      assert.match(keys[0] ?? '', /^dashboard-[0-9a-f]{32}$/);
+      assert.equal(keys[1], keys[0], 'with the same key');
+      assert.equal((await jobEnd(id)).state, 'completed', await text(`#jobs tr[data-job="${id}"]`));
+      const after = await backupsOfWeb();
+      assert.deepEqual(after.filter((j: string) => !before.includes(j)), [id], 'one new backup job');
+    } finally {
+      await page.unroute(url);
+    }
+  });
+
   test('sign out forgets the token', async () => {
     await page.click('#sign-out');
     await page.locator('#sign-in').waitFor();

@@ -15,6 +15,29 @@ export function notice(text: string, error = false): void {
 
 const failure = (what: string, err: unknown) => notice(`${what}: ${err instanceof ApiFailure ? err.message : String(err)}`, true);
 
+/** Waits between tries of a request whose answer was lost: 1 s, then 2 s. */
+const RETRY_WAITS_MS = [1000, 2000];
+
+/**
+ * A request that makes a job, sent with one Idempotency-Key per action of the user, and
+ * sent again with the same key when no answer came back (the network failed, not the
+ * API: an ApiFailure is the API's answer and is not retried). The API answers a repeat
+ * with the job the first one made, so an answer lost on the way costs no second backup,
+ * restore or revert.
+ */
+export async function once<R>(send: (header: { 'idempotency-key': string }) => Promise<R>): Promise<R> {
+  const bytes = browser.crypto.getRandomValues(new Uint8Array(16));
+  const header = { 'idempotency-key': `dashboard-${Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('')}` };
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await send(header);
+    } catch (err) {
+      if (err instanceof ApiFailure || attempt >= RETRY_WAITS_MS.length) throw err;
+      await new Promise((r) => setTimeout(r, RETRY_WAITS_MS[attempt]));
+    }
+  }
+}
+
 /** Runs `fn`, reports its failure as a notice, and refreshes. */
 function acting(what: string, fn: () => Promise<void>, refresh: () => void): void {
   fn().then(refresh, (err: unknown) => failure(what, err));
@@ -23,7 +46,7 @@ function acting(what: string, fn: () => Promise<void>, refresh: () => void): voi
 export function rowActions(refresh: () => void): RowActions {
   const actions: RowActions = {
     backup: (vm) => acting(`backup of ${vm}`, async () => {
-      const r = await ok(api.vms[':vm'].backups.$post({ param: { vm }, header: {}, json: { labels: [] } }));
+      const r = await once((header) => ok(api.vms[':vm'].backups.$post({ param: { vm }, header, json: { labels: [] } })));
       notice(`backup of ${vm} queued: job ${r.job.id}`);
     }, refresh),
     select: (vm) => {
@@ -51,7 +74,7 @@ export function rowActions(refresh: () => void): RowActions {
     revert: (vm, name) => {
       if (!browser.confirm(`Revert ${vm} to snapshot ${name}? Everything written since the snapshot is lost.`)) return;
       acting(`revert of ${vm}`, async () => {
-        const r = await ok(api.snapshots[':vm'].snapshots[':name'].revert.$post({ param: { vm, name }, header: {} }));
+        const r = await once((header) => ok(api.snapshots[':vm'].snapshots[':name'].revert.$post({ param: { vm, name }, header })));
         notice(`revert of ${vm} to ${name} queued: job ${r.job.id}`);
         await settled(r.job.id);
         loadSnapshots();
@@ -60,7 +83,7 @@ export function rowActions(refresh: () => void): RowActions {
     remove: (vm, name) => {
       if (!browser.confirm(`Delete snapshot ${name} of ${vm}?`)) return;
       acting(`deletion of ${name}`, async () => {
-        const r = await ok(api.snapshots[':vm'].snapshots[':name'].$delete({ param: { vm, name }, header: {} }));
+        const r = await once((header) => ok(api.snapshots[':vm'].snapshots[':name'].$delete({ param: { vm, name }, header })));
         notice(`deletion of snapshot ${name} queued: job ${r.job.id}`);
         await settled(r.job.id);
         loadSnapshots();
@@ -98,11 +121,8 @@ function wireForms(refresh: () => void, loadSnapshots: () => void): void {
     e.preventDefault();
     const id = field(restore, 'backup').value;
     acting('restore', async () => {
-      const r = await ok(api.backups[':id'].restore.$post({
-        param: { id },
-        header: {},
-        json: { host: field(restore, 'host').value, directory: field(restore, 'directory').value, format: field(restore, 'format').value, overwrite: field(restore, 'overwrite').checked },
-      }));
+      const json = { host: field(restore, 'host').value, directory: field(restore, 'directory').value, format: field(restore, 'format').value, overwrite: field(restore, 'overwrite').checked };
+      const r = await once((header) => ok(api.backups[':id'].restore.$post({ param: { id }, header, json })));
       restore.hidden = true;
       notice(`restore of ${shortId(id)} queued: job ${r.job.id}`);
     }, refresh);
@@ -118,7 +138,8 @@ function wireForms(refresh: () => void, loadSnapshots: () => void): void {
     const label = optional('label');
     const expireIn = optional('expireIn');
     acting(`snapshot of ${vm}`, async () => {
-      const r = await ok(api.snapshots[':vm'].snapshots.$post({ param: { vm }, header: {}, json: { name: field(snap, 'name').value, ...(label ? { label } : {}), ...(expireIn ? { expireIn } : {}) } }));
+      const json = { name: field(snap, 'name').value, ...(label ? { label } : {}), ...(expireIn ? { expireIn } : {}) };
+      const r = await once((header) => ok(api.snapshots[':vm'].snapshots.$post({ param: { vm }, header, json })));
       notice(`snapshot of ${vm} queued: job ${r.job.id}`);
       field(snap, 'name').value = '';
       await settled(r.job.id);

@@ -30,6 +30,8 @@ export interface Browser {
   document: { createElement(tag: string): Elem; getElementById(id: string): Elem | null; readonly readyState: string; addEventListener(type: string, listener: () => void): void };
   sessionStorage: { getItem(key: string): string | null; setItem(key: string, value: string): void; removeItem(key: string): void };
   location: { readonly origin: string };
+  /** getRandomValues, unlike randomUUID, is there on a page served over plain HTTP too. */
+  crypto: { getRandomValues<T extends Uint8Array>(array: T): T };
   confirm(message: string): boolean;
   addEventListener(type: string, listener: () => void): void;
   dispatchEvent(event: Event): boolean;
