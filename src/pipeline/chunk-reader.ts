@@ -103,7 +103,8 @@ export async function readChunks(o: ReadChunksOptions): Promise<(string | null)[
         const { sealed, release } = await pool.sealSlot(id, input, plan.length);
         input.release();
         try {
-          await repo.putChunk(id, sealed);
+          // A cancelled backup does not wait for its chunk uploads (on a slow link, many seconds each).
+          await repo.putChunk(id, sealed, signal ? { signal } : {});
         } finally {
           release();
         }

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import * as z from 'zod';
 import { compress, decompress } from 'zstd-napi';
 import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
-import { getInto, type Storage } from '../storage/storage.js';
+import { getInto, type PutOptions, type Storage } from '../storage/storage.js';
 import { readOnly } from '../storage/read-only.js';
 import {
   constantTimeEqualHex, deriveKeys, generateMaster, KDF_OPEN_BUDGET, KDF_PRESET_MAX_COST, kdfCost, keyFileSchema, mac, openMaster, sealMaster,
@@ -477,8 +477,8 @@ export class Repository {
    * damaged object; then the chunk leaves quarantine, which heals every backup using it.
    * The backup that stores it indexes it (ChunkIndex.add and flush).
    */
-  async putChunk(id: string, sealed: Uint8Array): Promise<void> {
-    await this.storage.put(chunkName(id), sealed);
+  async putChunk(id: string, sealed: Uint8Array, opts: PutOptions = {}): Promise<void> {
+    await this.storage.put(chunkName(id), sealed, opts);
     if (this.toHeal.has(id)) {
       await release(this, [id]);
       this.toHeal.delete(id);

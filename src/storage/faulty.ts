@@ -90,7 +90,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
     inject,
     get: (name, opts) => call('get', name, () => storage.get(name, opts)),
     getInto: (name, into) => call('get', name, () => getInto(storage, name, into)),
-    put: (name, data) => call('put', name, () => storage.put(name, data)),
+    put: (name, data, opts) => call('put', name, () => storage.put(name, data, opts)),
     stat: (name) => call('stat', name, () => storage.stat(name)),
     delete: (name) => call('delete', name, () => storage.delete(name)),
     list,

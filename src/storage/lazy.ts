@@ -12,7 +12,7 @@ export function lazyStorage(location: string, load: () => Promise<Storage>): Sto
     location,
     get: async (name, opts) => (await get()).get(name, opts),
     getInto: async (name, into) => getInto(await get(), name, into),
-    put: async (name, data) => (await get()).put(name, data),
+    put: async (name, data, opts) => (await get()).put(name, data, opts),
     stat: async (name) => (await get()).stat(name),
     delete: async (name) => (await get()).delete(name),
     list: (prefix) => ({

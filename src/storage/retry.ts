@@ -133,7 +133,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
     ...sameBackend(storage),
     get: (name, opts) => run('get', name, () => storage.get(name, opts)),
     getInto: (name, into) => run('get', name, () => getInto(storage, name, into)),
-    put: (name, data) => run('put', name, () => storage.put(name, data)),
+    put: (name, data, opts) => run('put', name, () => storage.put(name, data, opts)),
     stat: (name) => run('stat', name, () => storage.stat(name)),
     delete: (name) => run('delete', name, () => storage.delete(name)),
     list,

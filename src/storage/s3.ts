@@ -15,7 +15,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { NotFoundError, ThrottledError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
 import { checkName, checkPrefix } from './names.js';
-import { tooLarge, type GetOptions, type ObjectStat, type Storage, type StoredObject } from './storage.js';
+import { tooLarge, type GetOptions, type ObjectStat, type PutOptions, type Storage, type StoredObject } from './storage.js';
 import { copyBytes } from '../bytes.js';
 
 export interface S3StorageOptions {
@@ -167,12 +167,16 @@ export class S3Storage implements Storage {
     }
   }
 
-  async put(name: string, data: Uint8Array): Promise<void> {
+  async put(name: string, data: Uint8Array, opts: PutOptions = {}): Promise<void> {
     const Key = this.key(name);
+    const signal = opts.signal;
     try {
+      signal?.throwIfAborted();
       const ContentMD5 = this.contentMd5 ? createHash('md5').update(data).digest('base64') : undefined;
-      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.byteLength, ContentMD5 }));
+      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.byteLength, ContentMD5 }), signal ? { abortSignal: signal } : {});
     } catch (err) {
+      // Cut short by the caller: its reason, not the SDK's "Request aborted".
+      if (signal?.aborted) throw signal.reason;
       throw this.translate(err, 'put', name);
     }
   }

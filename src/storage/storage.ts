@@ -45,7 +45,14 @@ export interface Storage {
    * Use `getInto(storage, …)`, which falls back to `get` for a backend without it.
    */
   getInto?(name: string, into: Uint8Array): Promise<number>;
-  put(name: string, data: Uint8Array): Promise<void>;
+  /**
+   * Writes the object whole, replacing what was there. With `opts.signal`, a backend that
+   * sends it over the network (S3) stops the request when the signal aborts and rejects
+   * with its reason: only for writes whose outcome nobody needs to know, such as a chunk
+   * of a backup being cancelled (it is stored whole or not at all, and no manifest
+   * references it). Wrappers pass `opts` on.
+   */
+  put(name: string, data: Uint8Array, opts?: PutOptions): Promise<void>;
   /** Size in bytes (and when it was last written, where the backend knows), or undefined when the object does not exist. */
   stat(name: string): Promise<ObjectStat | undefined>;
   delete(name: string): Promise<void>;
@@ -84,6 +91,11 @@ export interface Stray { name: string; kind: string }
 
 /** One object of a listing. */
 export interface StoredObject extends ObjectStat { name: string }
+
+export interface PutOptions {
+  /** Aborting it cuts the request short (see Storage.put). */
+  signal?: AbortSignal;
+}
 
 export interface GetOptions {
   /** The most bytes a valid object of this kind can have; larger ones throw IntegrityError. */

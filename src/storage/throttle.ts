@@ -161,7 +161,7 @@ export function withAdaptiveConcurrency(storage: Storage, opts: ConcurrencyOptio
     ...sameBackend(storage),
     get: (name, opts) => limiter.run(() => storage.get(name, opts)),
     getInto: (name, into) => limiter.run(() => getInto(storage, name, into)),
-    put: (name, data) => writes.run(() => storage.put(name, data)),
+    put: (name, data, opts) => writes.run(() => storage.put(name, data, opts)),
     stat: (name) => limiter.run(() => storage.stat(name)),
     delete: (name) => writes.run(() => storage.delete(name)),
     list,

@@ -43,6 +43,8 @@ export interface S3Proxy {
   throttle?: ThrottlePolicy;
   /** Wait this long before forwarding or refusing a PUT (a slow link: uploads overlap as they would on one). */
   putDelayMs?: number;
+  /** When set, the wait for a PUT of this path instead of putDelayMs (e.g. only chunk uploads held back). */
+  putDelayFor?: (path: string) => number;
   /** When the proxy started (ms since the epoch): `start` and `end` of `log` count from it. */
   startedAt: number;
   /** Every request so far, in order of arrival. */
@@ -91,8 +93,9 @@ export async function startS3Proxy(targetEndpoint: string, mode: ProxyMode = 'pa
       inFlight--;
       if (serving) putsServing--;
       entry.end = Date.now() - t0;
-      entry.status = res.statusCode;
-      if (method === 'PUT' && res.statusCode >= 200 && res.statusCode < 300) {
+      // Closed before any answer (the client gave up): no status, and no PUT stored.
+      entry.status = res.headersSent ? res.statusCode : undefined;
+      if (method === 'PUT' && res.headersSent && res.statusCode >= 200 && res.statusCode < 300) {
         const key = objectKey(path);
         proxy.puts.set(key, (proxy.puts.get(key) ?? 0) + 1);
       }
@@ -114,8 +117,11 @@ export async function startS3Proxy(targetEndpoint: string, mode: ProxyMode = 'pa
       }
       forward(req, res);
     };
-    if (method === 'PUT' && proxy.putDelayMs) setTimeout(proceed, proxy.putDelayMs);
-    else proceed();
+    const delay = method === 'PUT' ? proxy.putDelayFor?.(path) ?? proxy.putDelayMs ?? 0 : 0;
+    if (delay > 0) {
+      const timer = setTimeout(proceed, delay);
+      res.on('close', () => clearTimeout(timer)); // the client gave up: nothing to forward
+    } else proceed();
   });
   server.on('connection', (s: Socket) => {
     sockets.add(s);
