@@ -346,10 +346,11 @@ export class ChunkPool {
  * into a new buffer cost a fifth of a restore's CPU in page faults alone). The caller
  * must `release()` the result.
  */
-export async function openStoredChunk(repo: Pick<Repository, 'getChunkSealedInto'>, pool: ChunkPool, id: string): Promise<OpenedChunk> {
+export async function openStoredChunk(repo: Pick<Repository, 'getChunkSealedInto'>, pool: ChunkPool, id: string, signal?: AbortSignal): Promise<OpenedChunk> {
   const input = await pool.slot();
   try {
-    return await pool.openSlot(id, input, await repo.getChunkSealedInto(id, input.buffer));
+    // With a signal, a read on a slow link is cut when it aborts (a cancelled restore): the slot is freed only once nothing writes into it.
+    return await pool.openSlot(id, input, await repo.getChunkSealedInto(id, input.buffer, signal ? { signal } : {}));
   } finally {
     input.release();
   }

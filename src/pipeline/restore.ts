@@ -375,7 +375,7 @@ async function restoreDisk(
       signal?.throwIfAborted();
       await window.add(async () => {
         // Read into a slot of the pool and opened into another, which is given back once written.
-        const { plain, release } = await openStoredChunk(repo, pool, id).catch((err: unknown) => {
+        const { plain, release } = await openStoredChunk(repo, pool, id, signal).catch((err: unknown) => {
           if (!(err instanceof IntegrityError)) throw err;
           throw new IntegrityError(`${err.message}: disk "${disk.name}" of backup ${m.id.slice(0, 12)} cannot be restored whole. Restore another backup of it, ` +
             'or run "vmvault verify" (it quarantines the chunk, and the next backup that reads that data uploads it again, which heals every backup using it)', { cause: err });

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import * as z from 'zod';
 import { compress, decompress } from 'zstd-napi';
 import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
-import { getInto, type PutOptions, type Storage } from '../storage/storage.js';
+import { getInto, type RequestOptions, type Storage } from '../storage/storage.js';
 import { readOnly } from '../storage/read-only.js';
 import {
   constantTimeEqualHex, deriveKeys, generateMaster, KDF_OPEN_BUDGET, KDF_PRESET_MAX_COST, kdfCost, keyFileSchema, mac, openMaster, sealMaster,
@@ -477,7 +477,7 @@ export class Repository {
    * damaged object; then the chunk leaves quarantine, which heals every backup using it.
    * The backup that stores it indexes it (ChunkIndex.add and flush).
    */
-  async putChunk(id: string, sealed: Uint8Array, opts: PutOptions = {}): Promise<void> {
+  async putChunk(id: string, sealed: Uint8Array, opts: RequestOptions = {}): Promise<void> {
     await this.storage.put(chunkName(id), sealed, opts);
     if (this.toHeal.has(id)) {
       await release(this, [id]);
@@ -489,9 +489,9 @@ export class Repository {
    * Reads chunk `id` as stored (sealed) into the start of `into`, which must have room
    * for any sealed chunk of this repository (sealedChunkBound); returns its size.
    */
-  async getChunkSealedInto(id: string, into: Uint8Array): Promise<number> {
+  async getChunkSealedInto(id: string, into: Uint8Array, opts: RequestOptions = {}): Promise<number> {
     try {
-      return await getInto(this.storage, chunkName(id), into);
+      return await getInto(this.storage, chunkName(id), into, opts);
     } catch (err) {
       if (err instanceof NotFoundError) throw new IntegrityError(`chunk ${chunkName(id)} is missing from the repository`);
       if (err instanceof IntegrityError) throw new IntegrityError(`chunk ${chunkName(id)} is damaged: ${err.message}`, { cause: err });

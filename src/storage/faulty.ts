@@ -89,7 +89,7 @@ export function faulty(storage: Storage, plan: FaultPlan = {}): FaultyStorage {
     pending: (method) => queues[method].reduce((n, f) => n + f.times, 0),
     inject,
     get: (name, opts) => call('get', name, () => storage.get(name, opts)),
-    getInto: (name, into) => call('get', name, () => getInto(storage, name, into)),
+    getInto: (name, into, opts) => call('get', name, () => getInto(storage, name, into, opts)),
     put: (name, data, opts) => call('put', name, () => storage.put(name, data, opts)),
     stat: (name) => call('stat', name, () => storage.stat(name)),
     delete: (name) => call('delete', name, () => storage.delete(name)),

@@ -11,7 +11,7 @@ export function lazyStorage(location: string, load: () => Promise<Storage>): Sto
   return {
     location,
     get: async (name, opts) => (await get()).get(name, opts),
-    getInto: async (name, into) => getInto(await get(), name, into),
+    getInto: async (name, into, opts) => getInto(await get(), name, into, opts),
     put: async (name, data, opts) => (await get()).put(name, data, opts),
     stat: async (name) => (await get()).stat(name),
     delete: async (name) => (await get()).delete(name),

@@ -16,7 +16,7 @@ export function readOnly(storage: Storage, why: string): Storage {
   return {
     ...sameBackend(storage),
     get: (name, opts) => storage.get(name, opts),
-    getInto: (name, into) => getInto(storage, name, into),
+    getInto: (name, into, opts) => getInto(storage, name, into, opts),
     put: (name) => refuse('write', name),
     stat: (name) => storage.stat(name),
     delete: (name) => refuse('delete', name),

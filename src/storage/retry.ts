@@ -132,7 +132,7 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
   return {
     ...sameBackend(storage),
     get: (name, opts) => run('get', name, () => storage.get(name, opts)),
-    getInto: (name, into) => run('get', name, () => getInto(storage, name, into)),
+    getInto: (name, into, opts) => run('get', name, () => getInto(storage, name, into, opts)),
     put: (name, data, opts) => run('put', name, () => storage.put(name, data, opts)),
     stat: (name) => run('stat', name, () => storage.stat(name)),
     delete: (name) => run('delete', name, () => storage.delete(name)),

@@ -15,7 +15,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { NotFoundError, ThrottledError, VmvaultError, errorMessage, isRetriable, isThrottling } from '../errors.js';
 import { checkName, checkPrefix } from './names.js';
-import { tooLarge, type GetOptions, type ObjectStat, type PutOptions, type Storage, type StoredObject } from './storage.js';
+import { tooLarge, type GetOptions, type ObjectStat, type RequestOptions, type Storage, type StoredObject } from './storage.js';
 import { copyBytes } from '../bytes.js';
 
 export interface S3StorageOptions {
@@ -144,10 +144,12 @@ export class S3Storage implements Storage {
     }
   }
 
-  async getInto(name: string, into: Uint8Array): Promise<number> {
+  async getInto(name: string, into: Uint8Array, opts: RequestOptions = {}): Promise<number> {
     const Key = this.key(name);
+    const signal = opts.signal;
     try {
-      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }));
+      signal?.throwIfAborted();
+      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }), signal ? { abortSignal: signal } : {});
       const body = res.Body as (AsyncIterable<Uint8Array> & { destroy?: () => void }) | undefined;
       if (!body) return 0;
       if (res.ContentLength !== undefined && res.ContentLength > into.length) {
@@ -156,18 +158,28 @@ export class S3Storage implements Storage {
       }
       // The response's pieces go straight where they belong: no list of them, no concatenation.
       let at = 0;
-      for await (const piece of body) {
-        if (at + piece.length > into.length) throw tooLarge(this, name, at + piece.length, into.length, true);
-        at += copyBytes(piece, into, at);
+      // Cut while the body arrives, too (not only before the answer).
+      const cut = () => body.destroy?.();
+      signal?.addEventListener('abort', cut, { once: true });
+      try {
+        for await (const piece of body) {
+          if (at + piece.length > into.length) throw tooLarge(this, name, at + piece.length, into.length, true);
+          at += copyBytes(piece, into, at);
+        }
+      } finally {
+        signal?.removeEventListener('abort', cut);
       }
+      signal?.throwIfAborted();
       return at;
     } catch (err) {
+      // Cut short by the caller: its reason, not the SDK's "Request aborted".
+      if (signal?.aborted) throw signal.reason;
       if (err instanceof VmvaultError) throw err;
       throw this.translate(err, 'get', name);
     }
   }
 
-  async put(name: string, data: Uint8Array, opts: PutOptions = {}): Promise<void> {
+  async put(name: string, data: Uint8Array, opts: RequestOptions = {}): Promise<void> {
     const Key = this.key(name);
     const signal = opts.signal;
     try {

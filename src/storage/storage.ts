@@ -43,8 +43,11 @@ export interface Storage {
    * copies nothing per object. An object larger than `into` throws IntegrityError (no
    * valid object of that kind is that large); a missing one NotFoundError, as `get`.
    * Use `getInto(storage, …)`, which falls back to `get` for a backend without it.
+   * With `opts.signal`, a network backend stops reading when the signal aborts and
+   * rejects with its reason (a restore being cancelled); what was read into `into` is
+   * then not to be used.
    */
-  getInto?(name: string, into: Uint8Array): Promise<number>;
+  getInto?(name: string, into: Uint8Array, opts?: RequestOptions): Promise<number>;
   /**
    * Writes the object whole, replacing what was there. With `opts.signal`, a backend that
    * sends it over the network (S3) stops the request when the signal aborts and rejects
@@ -52,7 +55,7 @@ export interface Storage {
    * of a backup being cancelled (it is stored whole or not at all, and no manifest
    * references it). Wrappers pass `opts` on.
    */
-  put(name: string, data: Uint8Array, opts?: PutOptions): Promise<void>;
+  put(name: string, data: Uint8Array, opts?: RequestOptions): Promise<void>;
   /** Size in bytes (and when it was last written, where the backend knows), or undefined when the object does not exist. */
   stat(name: string): Promise<ObjectStat | undefined>;
   delete(name: string): Promise<void>;
@@ -92,8 +95,9 @@ export interface Stray { name: string; kind: string }
 /** One object of a listing. */
 export interface StoredObject extends ObjectStat { name: string }
 
-export interface PutOptions {
-  /** Aborting it cuts the request short (see Storage.put). */
+/** For `put` and `getInto`: see there. */
+export interface RequestOptions {
+  /** Aborting it cuts the request short. */
   signal?: AbortSignal;
 }
 
@@ -103,8 +107,8 @@ export interface GetOptions {
 }
 
 /** `storage.getInto`, or `get` (bounded by `into`) and a copy where the backend has no such method. */
-export async function getInto(storage: Storage, name: string, into: Uint8Array): Promise<number> {
-  if (storage.getInto) return storage.getInto(name, into);
+export async function getInto(storage: Storage, name: string, into: Uint8Array, opts?: RequestOptions): Promise<number> {
+  if (storage.getInto) return storage.getInto(name, into, opts);
   const data = await storage.get(name, { maxBytes: into.length });
   if (data.length > into.length) throw tooLarge(storage, name, data.length, into.length);
   return copyBytes(data, into);

@@ -160,7 +160,7 @@ export function withAdaptiveConcurrency(storage: Storage, opts: ConcurrencyOptio
   return {
     ...sameBackend(storage),
     get: (name, opts) => limiter.run(() => storage.get(name, opts)),
-    getInto: (name, into) => limiter.run(() => getInto(storage, name, into)),
+    getInto: (name, into, opts) => limiter.run(() => getInto(storage, name, into, opts)),
     put: (name, data, opts) => writes.run(() => storage.put(name, data, opts)),
     stat: (name) => limiter.run(() => storage.stat(name)),
     delete: (name) => writes.run(() => storage.delete(name)),

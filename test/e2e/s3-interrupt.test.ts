@@ -1,15 +1,16 @@
 /**
- * Ctrl-C during a backup to S3 over a slow link: the chunk uploads in flight are cut,
- * not waited for. A proxy in front of the S3 test server holds every chunk PUT for a
- * minute (a link on which each upload takes that long); the real CLI, with the real AWS
- * SDK, is sent SIGINT once uploads are under way. It must exit within seconds, say it was
- * interrupted, leave no lock and no manifest, and the proxy must see the held uploads
- * closed by the client. A backup run afterwards through the same repository completes
- * and restores identical (what the cut uploads may have left is only unreferenced).
+ * Ctrl-C during a backup to S3, or a restore from it, over a slow link: the chunk
+ * requests in flight are cut, not waited for. A proxy in front of the S3 test server
+ * holds every chunk PUT (then GET) for a minute (a link on which each takes that long);
+ * the real CLI, with the real AWS SDK, is sent SIGINT once they are under way. It must
+ * exit within seconds, say it was interrupted, leave no lock and no manifest (no
+ * restored file), and the proxy must see the held requests closed by the client. The
+ * backup run afterwards through the same repository completes and restores identical
+ * (what the cut uploads may have left is only unreferenced).
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { compareImages } from '../../src/disk/qemu.js';
@@ -39,7 +40,7 @@ after(async () => {
 
 const isChunkPut = (r: ProxiedRequest) => r.method === 'PUT' && r.path.includes('/chunks/');
 
-test('SIGINT during a backup to S3 cuts the chunk uploads in flight: out within seconds, nothing committed, no lock', async () => {
+test('SIGINT during a backup to S3, then a restore from it, cuts the chunk requests in flight: out within seconds, nothing committed or left', async () => {
   const proxy = await startS3Proxy(s3.endpoint);
   try {
     const repo = proxy.via(s3.repoUrl('interrupt'));
@@ -49,7 +50,7 @@ test('SIGINT during a backup to S3 cuts the chunk uploads in flight: out within 
     const src = await makeImage(work, 'slow.qcow2', 'qcow2', CHUNKS * CHUNK,
       Array.from({ length: CHUNKS }, (_, i) => ({ offset: i * CHUNK, length: CHUNK, pattern: i + 1 })));
 
-    proxy.putDelayFor = (path) => (path.includes('/chunks/') ? HELD_MS : 0);
+    proxy.delayFor = (method, path) => (method === 'PUT' && path.includes('/chunks/') ? HELD_MS : 0);
     const p = start(['backup', '--vm', 'slow', '--disk', src, '--json'], env);
     await waitFor('chunk uploads to be under way', () => proxy.log.filter(isChunkPut).length >= 2, 60_000, p.output);
     const at = Date.now();
@@ -64,7 +65,7 @@ test('SIGINT during a backup to S3 cuts the chunk uploads in flight: out within 
     await waitFor('the held uploads to be closed by the client', () => held.every((h) => h.end !== undefined && h.end - h.start < HELD_MS / 2), 5000, p.output);
     assert.ok(held.every((h) => h.status !== 200), 'no held upload was stored');
 
-    proxy.putDelayFor = undefined;
+    proxy.delayFor = undefined;
     const storage = openStorage(s3.repoUrl('interrupt'));
     try {
       const names = async (prefix: string) => { const out: string[] = []; for await (const o of storage.list(prefix)) out.push(o.name); return out; };
@@ -74,6 +75,26 @@ test('SIGINT during a backup to S3 cuts the chunk uploads in flight: out within 
       await storage.close();
     }
     const made = await cliJson(['backup', '--vm', 'slow', '--disk', src], env);
+
+    // The restore of it, with every chunk GET held: cut at SIGINT too, its files removed.
+    const isChunkGet = (q: ProxiedRequest) => q.method === 'GET' && q.path.includes('/chunks/');
+    proxy.delayFor = (method, path) => (method === 'GET' && path.includes('/chunks/') ? HELD_MS : 0);
+    const out = join(work, 'cut');
+    const rp = start(['restore', made.id, '--to', out, '--json'], env);
+    await waitFor('chunk reads to be under way', () => proxy.log.filter(isChunkGet).length >= 2, 60_000, rp.output);
+    const rAt = Date.now();
+    rp.kill('SIGINT');
+    const rr = await rp;
+    const rTook = Date.now() - rAt;
+    assert.notEqual(rr.exitCode, 0, rp.output());
+    assert.ok(rTook < 15_000, `the restore took ${rTook} ms to stop (chunk reads are held ${HELD_MS} ms)`);
+    assert.match(rp.output(), /the restore was interrupted \(SIGINT\): its partly written files were removed/);
+    const reads = proxy.log.filter(isChunkGet);
+    console.log(`# s3 interrupt: the restore stopped ${rTook} ms after SIGINT; ${reads.length} chunk read(s) were held`);
+    await waitFor('the held reads to be closed by the client', () => reads.every((h) => h.end !== undefined && h.end - h.start < HELD_MS / 2), 5000, rp.output);
+    assert.deepEqual(await readdir(out).catch(() => []), [], 'no file left in the restore directory');
+    proxy.delayFor = undefined;
+
     const restored = await cliJson(['restore', made.id, '--to', join(work, 'out')], env);
     const cmp = await compareImages(src, restored.files[0].path, 'qcow2', 'qcow2');
     assert.ok(cmp.identical, cmp.output);

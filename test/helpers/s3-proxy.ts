@@ -43,8 +43,8 @@ export interface S3Proxy {
   throttle?: ThrottlePolicy;
   /** Wait this long before forwarding or refusing a PUT (a slow link: uploads overlap as they would on one). */
   putDelayMs?: number;
-  /** When set, the wait for a PUT of this path instead of putDelayMs (e.g. only chunk uploads held back). */
-  putDelayFor?: (path: string) => number;
+  /** When set, how long to hold back each request before forwarding it, instead of putDelayMs (e.g. only chunk uploads). */
+  delayFor?: (method: string, path: string) => number;
   /** When the proxy started (ms since the epoch): `start` and `end` of `log` count from it. */
   startedAt: number;
   /** Every request so far, in order of arrival. */
@@ -117,7 +117,7 @@ export async function startS3Proxy(targetEndpoint: string, mode: ProxyMode = 'pa
       }
       forward(req, res);
     };
-    const delay = method === 'PUT' ? proxy.putDelayFor?.(path) ?? proxy.putDelayMs ?? 0 : 0;
+    const delay = proxy.delayFor?.(method, path) ?? (method === 'PUT' ? proxy.putDelayMs ?? 0 : 0);
     if (delay > 0) {
       const timer = setTimeout(proceed, delay);
       res.on('close', () => clearTimeout(timer)); // the client gave up: nothing to forward
