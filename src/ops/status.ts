@@ -87,8 +87,13 @@ export interface Status {
   unreadableBackups: UnreadableStatus[];
 }
 
+/** A backup whose manifest cannot be read, as the status report, the backup listing and the alerts give it. */
+export function unreadableStatus(u: UnreadableBackup): UnreadableStatus {
+  return { id: u.id, kind: u.kind, problem: u.problem, advice: unreadableAdvice(u) };
+}
+
 /** What an operator does about a backup whose manifest cannot be read. */
-export function unreadableAdvice(u: Pick<UnreadableBackup, 'name' | 'kind'>): string {
+function unreadableAdvice(u: Pick<UnreadableBackup, 'name' | 'kind'>): string {
   const gc = 'gc deletes no chunk while it is there, since any may be its';
   if (u.kind === 'other-version') return `open the repository with the vmvault version that wrote it (or a newer one); this one keeps it, and ${gc}`;
   const lost = u.kind === 'stray' ? 'move what lies there out of the repository' : '"vmvault repair --remove" deletes it';
@@ -171,7 +176,7 @@ export async function collectStatus(src: StatusSources): Promise<Status> {
       const workers = beats.filter((b) => b.host === host).map((b) => ({ id: b.id, pid: b.pid, version: b.version, lastSeen: b.lastSeen }));
       return { host, online: workers.length > 0, workers, queue: depths.get(host)! };
     }),
-    unreadableBackups: unreadable.map((u) => ({ id: u.id, kind: u.kind, problem: u.problem, advice: unreadableAdvice(u) })),
+    unreadableBackups: unreadable.map(unreadableStatus),
   };
 }
 

@@ -44,7 +44,7 @@ export class Catalogue {
     return [...this.entries.values()].sort((a, b) => b.time.localeCompare(a.time) || b.id.localeCompare(a.id));
   }
 
-  /** Backups whose manifest cannot be read (damaged, or of another version), by id. */
+  /** Backups whose manifest cannot be read (damaged, of another version, or a stray at its name), by id. */
   async unreadable(): Promise<UnreadableBackup[]> {
     await this.fresh();
     return [...this.broken.values()].sort((a, b) => a.id.localeCompare(b.id));

@@ -4,7 +4,7 @@ import { errorMessage, NotFoundError } from '../../errors.js';
 import { assertSafeName } from '../../pipeline/names.js';
 import { VM_NAME_RE } from '../../pipeline/libvirt-xml.js';
 import { enqueueRestore } from '../../queue/enqueue.js';
-import { unreadableAdvice } from '../../ops/status.js';
+import { unreadableStatus } from '../../ops/status.js';
 import { ApiError } from '../errors.js';
 import * as S from '../schemas.js';
 import { body, errors, json, pageOf, route, type ApiApp, type RouteContext } from './common.js';
@@ -27,7 +27,7 @@ export function registerBackups(app: ApiApp, ctx: RouteContext) {
       const all = (await catalogue.list()).filter((b) =>
         (!q.vm || b.vm === q.vm) && (!q.host || b.host === q.host) && (!q.label || b.labels.includes(q.label)) && (since === undefined || Date.parse(b.time) >= since));
       const page = pageOf(all, q);
-      const unreadable = (await catalogue.unreadable()).map((u) => ({ id: u.id, kind: u.kind, problem: u.problem, advice: unreadableAdvice(u) }));
+      const unreadable = (await catalogue.unreadable()).map(unreadableStatus);
       return c.json({ ...page, items: await ctx.shown(page.items), unreadable }, 200);
     })
     .openapi(backupRoutes.getBackup, async (c) => c.json((await ctx.shown([await catalogue.get(c.req.valid('param').id)]))[0]!, 200))

@@ -1,8 +1,9 @@
 /**
  * `GET /v1/status` (viewer): policies with their next run, VMs with their last backup,
  * last failure and whether they are overdue, hosts with their live workers and queue
- * depths, and the backups whose manifest cannot be read. The report itself is src/ops/status.ts (the CLI's `vmvault status` prints
- * the same); this module only declares the route and its schema.
+ * depths, and the backups whose manifest cannot be read. The report itself is
+ * src/ops/status.ts (the CLI's `vmvault status` prints the same); this module only
+ * declares the route and its schema.
  */
 import { createRoute, z, type OpenAPIHono } from '@hono/zod-openapi';
 import { collectStatus, type StatusSources } from '../../ops/status.js';
