@@ -38,7 +38,6 @@ after(async () => {
   await rm(work, { recursive: true, force: true });
 });
 
-const isChunkPut = (r: ProxiedRequest) => r.method === 'PUT' && r.path.includes('/chunks/');
 
 test('SIGINT during a backup to S3, then a restore from it, cuts the chunk requests in flight: out within seconds, nothing committed or left', async () => {
   const proxy = await startS3Proxy(s3.endpoint);
@@ -50,22 +49,31 @@ test('SIGINT during a backup to S3, then a restore from it, cuts the chunk reque
     const src = await makeImage(work, 'slow.qcow2', 'qcow2', CHUNKS * CHUNK,
       Array.from({ length: CHUNKS }, (_, i) => ({ offset: i * CHUNK, length: CHUNK, pattern: i + 1 })));
 
-    proxy.delayFor = (method, path) => (method === 'PUT' && path.includes('/chunks/') ? HELD_MS : 0);
-    const p = start(['backup', '--vm', 'slow', '--disk', src, '--json'], env);
-    await waitFor('chunk uploads to be under way', () => proxy.log.filter(isChunkPut).length >= 2, 60_000, p.output);
-    const at = Date.now();
-    p.kill('SIGINT');
-    const r = await p;
-    const took = Date.now() - at;
-    assert.notEqual(r.exitCode, 0, p.output());
-    assert.ok(took < 15_000, `the backup took ${took} ms to stop (chunk uploads are held ${HELD_MS} ms)`);
-    assert.match(p.output(), /the backup was interrupted \(SIGINT\): nothing was saved/);
-    const held = proxy.log.filter(isChunkPut);
-    console.log(`# s3 interrupt: stopped ${took} ms after SIGINT; ${held.length} chunk upload(s) were held, ${held.filter((h) => h.end !== undefined).length} closed`);
-    await waitFor('the held uploads to be closed by the client', () => held.every((h) => h.end !== undefined && h.end - h.start < HELD_MS / 2), 5000, p.output);
-    assert.ok(held.every((h) => h.status !== 200), 'no held upload was stored');
+    /** Runs `args` with every chunk request of `method` held, and SIGINTs it once two are: it must stop within seconds, cutting them. */
+    const interrupted = async (args: string[], method: 'PUT' | 'GET', what: string) => {
+      const isHeld = (q: ProxiedRequest) => q.method === method && q.path.includes('/chunks/');
+      proxy.delayFor = (m, path) => (m === method && path.includes('/chunks/') ? HELD_MS : 0);
+      try {
+        const p = start(args, env);
+        await waitFor(`chunk ${method}s to be under way`, () => proxy.log.filter(isHeld).length >= 2, 60_000, p.output);
+        const at = Date.now();
+        p.kill('SIGINT');
+        const r = await p;
+        const took = Date.now() - at;
+        assert.notEqual(r.exitCode, 0, p.output());
+        assert.ok(took < 15_000, `the ${what} took ${took} ms to stop (chunk ${method}s are held ${HELD_MS} ms)`);
+        assert.match(p.output(), new RegExp(`the ${what} was interrupted \\(SIGINT\\)`));
+        const held = proxy.log.filter(isHeld);
+        console.log(`# s3 interrupt: the ${what} stopped ${took} ms after SIGINT; ${held.length} chunk ${method}(s) were held`);
+        await waitFor(`the held ${method}s to be closed by the client`, () => held.every((h) => h.end !== undefined && h.end - h.start < HELD_MS / 2), 5000, p.output);
+        assert.ok(held.every((h) => h.status === undefined), 'none was answered');
+        return p.output();
+      } finally {
+        proxy.delayFor = undefined;
+      }
+    };
 
-    proxy.delayFor = undefined;
+    assert.match(await interrupted(['backup', '--vm', 'slow', '--disk', src, '--json'], 'PUT', 'backup'), /nothing was saved/);
     const storage = openStorage(s3.repoUrl('interrupt'));
     try {
       const names = async (prefix: string) => { const out: string[] = []; for await (const o of storage.list(prefix)) out.push(o.name); return out; };
@@ -77,23 +85,9 @@ test('SIGINT during a backup to S3, then a restore from it, cuts the chunk reque
     const made = await cliJson(['backup', '--vm', 'slow', '--disk', src], env);
 
     // The restore of it, with every chunk GET held: cut at SIGINT too, its files removed.
-    const isChunkGet = (q: ProxiedRequest) => q.method === 'GET' && q.path.includes('/chunks/');
-    proxy.delayFor = (method, path) => (method === 'GET' && path.includes('/chunks/') ? HELD_MS : 0);
     const out = join(work, 'cut');
-    const rp = start(['restore', made.id, '--to', out, '--json'], env);
-    await waitFor('chunk reads to be under way', () => proxy.log.filter(isChunkGet).length >= 2, 60_000, rp.output);
-    const rAt = Date.now();
-    rp.kill('SIGINT');
-    const rr = await rp;
-    const rTook = Date.now() - rAt;
-    assert.notEqual(rr.exitCode, 0, rp.output());
-    assert.ok(rTook < 15_000, `the restore took ${rTook} ms to stop (chunk reads are held ${HELD_MS} ms)`);
-    assert.match(rp.output(), /the restore was interrupted \(SIGINT\): its partly written files were removed/);
-    const reads = proxy.log.filter(isChunkGet);
-    console.log(`# s3 interrupt: the restore stopped ${rTook} ms after SIGINT; ${reads.length} chunk read(s) were held`);
-    await waitFor('the held reads to be closed by the client', () => reads.every((h) => h.end !== undefined && h.end - h.start < HELD_MS / 2), 5000, rp.output);
+    assert.match(await interrupted(['restore', made.id, '--to', out, '--json'], 'GET', 'restore'), /its partly written files were removed/);
     assert.deepEqual(await readdir(out).catch(() => []), [], 'no file left in the restore directory');
-    proxy.delayFor = undefined;
 
     const restored = await cliJson(['restore', made.id, '--to', join(work, 'out')], env);
     const cmp = await compareImages(src, restored.files[0].path, 'qcow2', 'qcow2');
