@@ -38,7 +38,6 @@ after(async () => {
   await rm(work, { recursive: true, force: true });
 });
 
-
 test('SIGINT during a backup to S3, then a restore from it, cuts the chunk requests in flight: out within seconds, nothing committed or left', async () => {
   const proxy = await startS3Proxy(s3.endpoint);
   try {
