@@ -11,6 +11,7 @@ import type { Job } from 'bullmq';
 import { VmvaultError } from '../src/errors.js';
 import type { Repository } from '../src/repo/repository.js';
 import type { Manifest } from '../src/repo/manifest.js';
+import type { RequestOptions } from '../src/storage/storage.js';
 import type { VmLock } from '../src/queue/vm-lock.js';
 
 export class JobGuard {
@@ -49,15 +50,15 @@ export class JobGuard {
     const guarded = Object.create(repo) as Repository;
     Object.defineProperties(guarded, {
       putChunk: {
-        value: async (id: string, sealed: Uint8Array) => {
+        value: async (id: string, sealed: Uint8Array, opts?: RequestOptions) => {
           this.check();
-          return repo.putChunk(id, sealed);
+          return repo.putChunk(id, sealed, opts);
         },
       },
       getChunkSealedInto: {
-        value: async (id: string, into: Uint8Array) => {
+        value: async (id: string, into: Uint8Array, opts?: RequestOptions) => {
           this.check();
-          return repo.getChunkSealedInto(id, into);
+          return repo.getChunkSealedInto(id, into, opts);
         },
       },
       saveManifest: {
