@@ -2,7 +2,7 @@
  * A cache of backup summaries for services that answer many listing requests (the
  * API). The repository stays the source of truth: each refresh lists `backups/`
  * (one LIST) and loads only the manifests it has not seen, or whose listing changed
- * since it read them (another size, or written again: a manifest is never rewritten by
+ * since it read them (another size, time or S3 ETag: a manifest is never rewritten by
  * vmvault, so that is damage or a copy put back), and forgets those that are gone
  * (pruned). Refreshes are at most `maxAgeMs` apart and never run twice at once.
  * Only summaries are kept: a manifest's chunk list can weigh megabytes.
@@ -112,4 +112,4 @@ export class Catalogue {
 }
 
 /** What a listing says of a manifest: a change means its bytes may have changed. */
-const stampOf = (b: ListedBackup) => `${b.size}:${b.modified ?? ''}`;
+const stampOf = (b: ListedBackup) => `${b.size}:${b.modified ?? ''}:${b.etag ?? ''}`;

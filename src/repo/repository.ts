@@ -80,7 +80,7 @@ export interface KeyInfo { id: string; created: string; label?: string; current:
 export interface DamagedObject { id: string; name: string; problem: string }
 
 /** A manifest as the storage lists it. */
-export interface ListedBackup { id: string; size: number; modified?: number }
+export interface ListedBackup { id: string; size: number; modified?: number; etag?: string }
 
 export interface OpenOptions {
   /**
@@ -557,9 +557,9 @@ export class Repository {
   /** The manifests in storage with what the listing says of each (size, and when it was last written where the backend knows). */
   async listBackups(): Promise<ListedBackup[]> {
     const listed: ListedBackup[] = [];
-    for await (const { name, size, modified } of this.storage.list('backups/')) {
+    for await (const { name, size, modified, etag } of this.storage.list('backups/')) {
       const id = name.slice('backups/'.length);
-      if (/^[0-9a-f]{64}$/.test(id)) listed.push({ id, size, ...(modified !== undefined ? { modified } : {}) });
+      if (/^[0-9a-f]{64}$/.test(id)) listed.push({ id, size, ...(modified !== undefined ? { modified } : {}), ...(etag !== undefined ? { etag } : {}) });
     }
     this.listedManifestBytes = new Map(listed.map((b) => [b.id, b.size]));
     return listed;

@@ -239,7 +239,7 @@ export class S3Storage implements Storage {
         const name = obj.Key.slice(this.keyPrefix.length);
         // "folder/" placeholders made by S3 consoles are not objects of ours.
         if (name === '' || name.endsWith('/')) continue;
-        yield { name, size: obj.Size ?? 0, ...(obj.LastModified ? { modified: obj.LastModified.getTime() } : {}) };
+        yield { name, size: obj.Size ?? 0, ...(obj.LastModified ? { modified: obj.LastModified.getTime() } : {}), ...(obj.ETag ? { etag: obj.ETag } : {}) };
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
     } while (token);

@@ -93,7 +93,15 @@ export interface ObjectStat {
 export interface Stray { name: string; kind: string }
 
 /** One object of a listing. */
-export interface StoredObject extends ObjectStat { name: string }
+export interface StoredObject extends ObjectStat {
+  name: string;
+  /**
+   * What the backend says identifies the object's content, where a listing gives it (S3's
+   * ETag: another ETag, other bytes). A catalogue compares it to notice an object
+   * rewritten in place (repo/catalogue.ts).
+   */
+  etag?: string;
+}
 
 /** For `put` and `getInto`: see there. */
 export interface RequestOptions {

@@ -229,6 +229,22 @@ for (const b of all) {
       assert.equal(warnings.length, 2, 'each damaged manifest reported once');
       await put(repo, `backups/${a1.id}`, goodA1); // a good copy put back
       assert.deepEqual((await catalogue.list()).map((e) => e.id).sort(), [a1.id, b1.id].sort());
+
+      // Damaged in place after the catalogue read it, at the same size: read again, since the
+      // listing shows a change. On S3 the ETag shows it even where the time cannot (Last-Modified
+      // has whole seconds): here the listing's times are hidden, so only the ETag can tell.
+      const plain = openStorage(repo);
+      const timeless = { ...plain, list: async function* (prefix: string) { for await (const o of plain.list(prefix)) yield { ...o, modified: 0 }; } };
+      const watched = b.name === 's3' ? new Catalogue(await Repository.open(timeless, PASSWORD), 0) : catalogue;
+      assert.ok((await watched.list()).some((e) => e.id === a1.id));
+      const flipped = Buffer.from(goodA1);
+      flipped[flipped.length >> 1]! ^= 0x01;
+      await put(repo, `backups/${a1.id}`, flipped);
+      assert.deepEqual((await watched.unreadable()).map((u) => [u.id, u.kind]), [[a1.id, 'damaged'], [a2.id, 'damaged']].sort((x, y) => x[0]!.localeCompare(y[0]!)));
+      assert.ok(!(await watched.list()).some((e) => e.id === a1.id));
+      await put(repo, `backups/${a1.id}`, goodA1);
+      assert.ok((await watched.list()).some((e) => e.id === a1.id));
+      await plain.close();
       await opened.storage.close();
     });
   });
