@@ -287,7 +287,7 @@ async function runBackup(ctx: Context, job: Job, guard: JobGuard, p: BackupPaylo
   const warn = (message: string, fields?: Record<string, unknown>) => ctx.log.warn({ job: job.id, vm: p.vm, ...fields }, message);
   const done = await backupVm(repo, {
     vm: p.vm, driver: p.driver ?? 'image', disks: p.disks, configs: p.configs, labels: p.labels, host: ctx.opts.host,
-    ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report, warn, chunkPool: () => ctx.pools.lease(),
+    ...(p.policy ? { policy: p.policy } : {}), onProgress: progress.report, warn, chunkPool: () => ctx.pools.lease(), signal: guard.signal,
     ...(p.qmpSocket ? { qmpSocket: p.qmpSocket } : {}), ...(p.guestAgentSocket ? { guestAgentSocket: p.guestAgentSocket } : {}),
     ...(p.libvirtDomain ? { domain: p.libvirtDomain } : {}),
     ...(p.fullReadEvery ? { fullReadEveryMs: durationMs(parseDuration(p.fullReadEvery)) } : {}),
@@ -329,7 +329,7 @@ async function runRestore(ctx: Context, job: Job, guard: JobGuard, p: RestorePay
   const progress = progressReporter(ctx, job);
   const backupId = await ctx.repo.resolveBackupId(p.backupId);
   const r = await restore(guard.wrap(ctx.repo, async () => {}), {
-    backupId, to: directory, force: p.overwrite, onProgress: progress.report, roots, chunkPool: () => ctx.pools.lease(),
+    backupId, to: directory, force: p.overwrite, onProgress: progress.report, roots, chunkPool: () => ctx.pools.lease(), signal: guard.signal,
     // Restore jobs come from the API: its request field is "overwrite".
     forceHint: 'set "overwrite": true in the restore request to replace them',
     ...(p.format ? { format: p.format } : {}), ...(p.disks ? { disks: p.disks } : {}),

@@ -24,16 +24,21 @@ export class JobGuard {
     private readonly jobLockMs: number,
   ) {}
 
+  /**
+   * Aborted with a JobAbortedError: the job's pipeline is given it (it stops before its
+   * next chunk, cutting the chunk requests in flight), and whatever throws its reason
+   * throws that error, which says why (hand back at shutdown, retry when lost).
+   */
   get signal(): AbortSignal { return this.controller.signal; }
 
-  /** Stops the job at its next repository write. `reason` says why (shown in the error). */
+  /** Stops the job: its pipeline at once, its repository writes from now on. `reason` says why (shown in the error). */
   abort(reason: AbortReason): void {
-    if (!this.controller.signal.aborted) this.controller.abort(reason);
+    if (!this.controller.signal.aborted) this.controller.abort(new JobAbortedError(reason));
   }
 
-  /** Throws when the job was aborted (lost lock, shutdown, cancel). */
+  /** Throws the JobAbortedError when the job was aborted (lost lock, shutdown, cancel). */
   check(): void {
-    if (this.controller.signal.aborted) throw abortError(this.controller.signal.reason as AbortReason);
+    this.controller.signal.throwIfAborted();
   }
 
   /** Right before a commit: the job and the VM must still be ours, in Redis, now. */
@@ -81,8 +86,4 @@ export class JobAbortedError extends VmvaultError {
     super('LOCKED', `stopped before commit: ${reason.message}`, { retriable: true });
     this.name = 'JobAbortedError';
   }
-}
-
-function abortError(reason: AbortReason | undefined): JobAbortedError {
-  return new JobAbortedError(reason ?? { kind: 'cancelled', message: 'cancelled' });
 }

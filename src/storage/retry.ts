@@ -100,11 +100,13 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
     }
   };
 
-  async function run<T>(op: string, name: string, fn: () => Promise<T>): Promise<T> {
+  /** `call`: the request's own signal (RequestOptions): once it aborts, its reason is the outcome, never retried or wrapped. */
+  async function run<T>(op: string, name: string, fn: () => Promise<T>, call?: AbortSignal): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       try {
         return await fn();
       } catch (err) {
+        if (call?.aborted) throw call.reason;
         await pause(op, name, attempt, err);
       }
     }
@@ -132,8 +134,8 @@ export function withRetry(storage: Storage, opts: RetryOptions = {}): Storage {
   return {
     ...sameBackend(storage),
     get: (name, opts) => run('get', name, () => storage.get(name, opts)),
-    getInto: (name, into, opts) => run('get', name, () => getInto(storage, name, into, opts)),
-    put: (name, data, opts) => run('put', name, () => storage.put(name, data, opts)),
+    getInto: (name, into, opts) => run('get', name, () => getInto(storage, name, into, opts), opts?.signal),
+    put: (name, data, opts) => run('put', name, () => storage.put(name, data, opts), opts?.signal),
     stat: (name) => run('stat', name, () => storage.stat(name)),
     delete: (name) => run('delete', name, () => storage.delete(name)),
     list,
