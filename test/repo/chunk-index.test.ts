@@ -427,6 +427,7 @@ describe("a VM's previous backups", () => {
 describe('the index under concurrent writers', () => {
   test('two hosts back up clones at once, gc waits for them, and the index then lists exactly what is stored', async (t) => {
     const { dir, storage } = await setup();
+    let running: Promise<unknown> | undefined;
     try {
       const host = (name: string) => Repository.open(storage, PASSWORD, { cacheDir: join(dir.path, `cache-${name}`), onWarning: () => {} });
       const [h1, h2] = await Promise.all([host('one'), host('two')]);
@@ -434,18 +435,25 @@ describe('the index under concurrent writers', () => {
       const a = await makeImage(dir.path, 'a.qcow2', 'qcow2', 32 * MiB, base);
       const b = await makeImage(dir.path, 'b.qcow2', 'qcow2', 32 * MiB, base);
       await writePattern(b, 'qcow2', 30 * MiB, MiB, 0x99);
-      const running = Promise.all([
-        backupVm(h1, { vm: 'a', driver: 'image', disks: [{ path: a, format: 'qcow2' }] }),
-        backupVm(h2, { vm: 'b', driver: 'image', disks: [{ path: b, format: 'qcow2' }] }),
+      // A backup reports progress once it holds its lock and has read data: its lock file
+      // alone is not enough (written before it looks for others' locks, it would meet gc's
+      // and back off, which is right, but not what this test is about).
+      const reading = new Set<string>();
+      const onProgress = (vm: string) => () => { reading.add(vm); };
+      const both = Promise.all([
+        backupVm(h1, { vm: 'a', driver: 'image', disks: [{ path: a, format: 'qcow2' }], onProgress: onProgress('a') }),
+        backupVm(h2, { vm: 'b', driver: 'image', disks: [{ path: b, format: 'qcow2' }], onProgress: onProgress('b') }),
       ]);
-      // gc while a backup holds its shared lock: refused, nothing deleted, the index untouched.
-      // (Once both hold theirs: a backup that meets gc's lock backs off, as gc does on meeting theirs.)
+      running = both;
+      let ended = false;
+      void both.finally(() => { ended = true; }).catch(() => undefined);
+      // gc while the backups hold their shared locks: refused, nothing deleted, the index untouched.
       const locks = async () => { let n = 0; for await (const _ of storage.list('locks/')) n++; return n; };
-      while ((await locks()) < 2) await new Promise((r) => setTimeout(r, 5));
+      while (!ended && (reading.size < 2 || (await locks()) < 2)) await new Promise((r) => setTimeout(r, 5));
       const indexBefore = await indexNames(storage);
       await assert.rejects(collectGarbage(h1), (e: { code?: string }) => e.code === 'LOCKED');
       assert.deepEqual((await indexNames(storage)).filter((n) => indexBefore.includes(n)), indexBefore, 'no index object removed');
-      const [ra, rb] = await running;
+      const [ra, rb] = await both;
       // A chunk both read at the same moment may be uploaded by both (each stats it before the
       // other's put lands); each host uploads a chunk once at most. How many overlap depends on
       // timing (reported: 2 to 14 here, the more the faster the pipeline against the puts), so
@@ -465,6 +473,9 @@ describe('the index under concurrent writers', () => {
       await restoredEqual(h1, ra.manifest.id, a, join(dir.path, 'out-a'));
       await restoredEqual(h2, rb.manifest.id, b, join(dir.path, 'out-b'));
     } finally {
+      // A failure above leaves a backup running: it ends before its files are removed (or the
+      // removal fails, hiding what went wrong).
+      await running?.catch(() => undefined);
       await dir.cleanup();
     }
   });
