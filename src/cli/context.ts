@@ -10,6 +10,7 @@ import { Repository } from '../repo/repository.js';
 import path from 'node:path';
 import { passphrase, passphraseAndSource, type PassphraseSource } from '../config/passphrase.js';
 import type { KeyCache } from '../crypto/key-cache.js';
+import { durationMs, parseDuration } from '../policy/retention.js';
 
 export { passphrase, passphraseAndSource };
 
@@ -19,7 +20,25 @@ export function warn(message: string): void {
 }
 
 /** `lock` is false with `--no-lock` (commander's negated flag). */
-export interface GlobalOptions { repo?: string; passwordFile?: string; lock?: boolean }
+export interface GlobalOptions { repo?: string; passwordFile?: string; lock?: boolean; retryLock?: string }
+
+/**
+ * How long to wait for a lock another process holds (`--retry-lock`, env
+ * VMVAULT_RETRY_LOCK), in ms: seconds (`90s`) or a duration as policies write them
+ * (`5min`, `1h`); 0 when neither is given.
+ */
+export function lockWaitMs(opts: GlobalOptions, env: NodeJS.ProcessEnv = process.env): number {
+  const text = opts.retryLock ?? env.VMVAULT_RETRY_LOCK;
+  if (text === undefined || text.trim() === '') return 0;
+  const from = opts.retryLock !== undefined ? '--retry-lock' : 'VMVAULT_RETRY_LOCK';
+  const seconds = /^\s*(\d{1,7})\s*s\s*$/.exec(text);
+  if (seconds) return Number(seconds[1]) * 1000;
+  try {
+    return durationMs(parseDuration(text));
+  } catch (err) {
+    throw new VmvaultError('BAD_INPUT', `${from}: ${errorMessage(err)}; or seconds, e.g. 90s`);
+  }
+}
 
 export function repositoryUrl(opts: GlobalOptions): string {
   const url = opts.repo ?? process.env.VMVAULT_REPOSITORY;
@@ -58,7 +77,13 @@ export async function openRepository(opts: GlobalOptions, io: { signal?: AbortSi
   const storage = storageFor(opts, io.signal);
   const pass = await passphraseAndSource(opts.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ');
   const cache = keyCacheFor(pass.source);
-  return Repository.open(storage, pass.text, { noLock: opts.lock === false, onWarning: warn, ...(cache ? { keyCache: cache } : {}) });
+  const wait = lockWaitMs(opts);
+  return Repository.open(storage, pass.text, {
+    noLock: opts.lock === false,
+    onWarning: warn,
+    ...(cache ? { keyCache: cache } : {}),
+    ...(wait ? { lockWait: { ms: wait, ...(io.signal ? { signal: io.signal } : {}) } } : {}),
+  });
 }
 
 /**

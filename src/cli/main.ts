@@ -27,6 +27,7 @@ export function buildProgram(): Command {
     .option('-r, --repo <url>', 'repository: a directory, or s3://BUCKET/PREFIX?endpoint=URL (env VMVAULT_REPOSITORY)')
     .option('--password-file <file>', 'file holding the repository passphrase (env VMVAULT_PASSWORD)')
     .option('--no-lock', 'take no lock and write nothing (commands that only read; automatic, with a warning, when the repository refuses writes)')
+    .option('--retry-lock <duration>', 'wait up to this long (90s, 5min, 1h) for a lock another process holds, trying again, instead of failing at once (env VMVAULT_RETRY_LOCK)')
     .showHelpAfterError()
     .exitOverride();
   const globals = () => program.opts<GlobalOptions>();

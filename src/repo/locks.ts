@@ -11,7 +11,9 @@
  *
  * Acquisition writes the lock first and then looks for conflicts, backing off (and
  * deleting its own lock) when it finds one: two racing acquirers may both back off,
- * but can never both succeed.
+ * but can never both succeed. A repository opened with a lock wait (`--retry-lock`)
+ * tries again, with growing and jittered delays (so that two that backed off together
+ * do not meet again), until the wait is over; without one, a held lock fails at once.
  *
  * A lock that cannot be read (garbage, or sealed for another repository) is reported,
  * never trusted: shared lockers go on with a warning (they only need to know of an
@@ -29,7 +31,7 @@ import * as z from 'zod';
 import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
 import { additionalData, open, seal } from '../crypto/seal.js';
-import type { Repository } from './repository.js';
+import type { LockWait, Repository } from './repository.js';
 import { SMALL_OBJECT_MAX_BYTES } from './object-limits.js';
 
 export type LockKind = 'shared' | 'exclusive';
@@ -52,6 +54,8 @@ export interface LockOptions {
   ttlMs?: number;
   /** Clock, for tests. */
   now?: () => number;
+  /** How long to wait for a lock another process holds; default the repository's (OpenOptions.lockWait). */
+  wait?: LockWait;
 }
 
 export interface HeldLock {
@@ -183,7 +187,65 @@ export function processGone(pid: number): boolean {
 const damagedAdvice = (ids: string[]) =>
   `lock ${ids.map(lockName).join(', ')} cannot be read (damaged, or of another repository): remove ${ids.length === 1 ? 'it' : 'them'} with "vmvault unlock"`;
 
+/** The first delay before trying again for a held lock, and the longest (each is jittered ±50%). */
+export const LOCK_RETRY_FIRST_MS = 500;
+export const LOCK_RETRY_MAX_MS = 15_000;
+
+/** Another live process holds a lock this one excludes (not damage: worth waiting for). */
+class HeldElsewhere extends VmvaultError {
+  constructor(message: string, readonly who: string) {
+    super('LOCKED', message, { retriable: true });
+  }
+}
+
+/**
+ * Takes a lock of `kind`. When another process holds one it excludes: LOCKED at once, or,
+ * with a lock wait (opts.wait, else the repository's), once that wait is over, having
+ * tried again meanwhile. A damaged lock, a refused write or a storage failure is never
+ * waited for.
+ */
 export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOptions): Promise<HeldLock> {
+  const wait = opts.wait ?? repo.lockWait;
+  if (!wait || wait.ms <= 0) return tryLock(repo, kind, opts);
+  const started = Date.now();
+  let delay = LOCK_RETRY_FIRST_MS;
+  let waitingFor: string | undefined;
+  for (;;) {
+    try {
+      return await tryLock(repo, kind, opts);
+    } catch (err) {
+      if (!(err instanceof HeldElsewhere)) throw err;
+      const left = started + wait.ms - Date.now();
+      const waited = `${Math.round((Date.now() - started) / 1000)} s`;
+      if (left <= 0) {
+        throw new VmvaultError('LOCKED', `${err.message} (waited ${waited} for it, as --retry-lock allows: a longer wait may be enough)`, { retriable: true });
+      }
+      if (err.who !== waitingFor) repo.warn(`${opts.purpose} is waiting for the repository's lock (${err.who}), up to ${Math.ceil(left / 1000)} s more`);
+      waitingFor = err.who;
+      await pause(Math.min(left, delay * (0.5 + Math.random())), wait);
+      delay = Math.min(delay * 2, LOCK_RETRY_MAX_MS);
+    }
+  }
+}
+
+/** Waits `ms`, or until the wait's signal aborts (then throws its reason). */
+async function pause(ms: number, wait: LockWait): Promise<void> {
+  const signal = wait.signal;
+  signal?.throwIfAborted();
+  await new Promise<void>((resolve, reject) => {
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(signal!.reason);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+async function tryLock(repo: Repository, kind: LockKind, opts: LockOptions): Promise<HeldLock> {
   const ttl = opts.ttlMs ?? DEFAULT_LOCK_TTL_MS;
   const now = opts.now ?? Date.now;
   const id = randomBytes(16).toString('hex');
@@ -215,7 +277,7 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
     const advice = dead.length === conflicts.length
       ? `process${dead.length === 1 ? ` ${dead[0]!.lock.pid} is` : `es ${dead.map((c) => c.lock.pid).join(', ')} are`} gone from this host (killed or crashed): run "vmvault unlock" to remove ${dead.length === 1 ? 'its lock' : 'their locks'}, then try again (or wait: a lock expires ${Math.round(ttl / 60_000)} minutes after its last refresh)`
       : 'try again when that finishes; a lock whose holder crashed expires by itself';
-    throw new VmvaultError('LOCKED', `the repository is locked (${who}): ${advice}`, { retriable: true });
+    throw new HeldElsewhere(`the repository is locked (${who}): ${advice}`, who);
   }
   if (damaged.length && kind === 'exclusive') {
     await repo.storage.delete(lockName(id));

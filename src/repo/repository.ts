@@ -99,12 +99,21 @@ export interface OpenOptions {
    * stored on the host anyway (a file, the environment, the service's configuration).
    */
   keyCache?: KeyCache;
+  /**
+   * How long to wait for a lock another process holds (`--retry-lock`), trying again
+   * with backoff, before failing with LOCKED; default 0 (fail at once). `signal` ends
+   * the wait early (Ctrl-C).
+   */
+  lockWait?: LockWait;
 }
 
-interface Session { noLock: boolean; warn: (message: string) => void; cacheDir: string | undefined }
+export interface LockWait { ms: number; signal?: AbortSignal }
+
+interface Session { noLock: boolean; warn: (message: string) => void; cacheDir: string | undefined; lockWait: LockWait | undefined }
 
 const defaultSession = (opts: OpenOptions = {}): Session => ({
   noLock: !!opts.noLock,
+  lockWait: opts.lockWait,
   warn: opts.onWarning ?? ((message) => process.emitWarning(message, { code: 'VMVAULT' })),
   cacheDir: opts.cacheDir === false ? undefined : opts.cacheDir ?? defaultCacheDir(),
 });
@@ -150,6 +159,9 @@ export class Repository {
 
   /** True when opened with `noLock`: see OpenOptions. */
   get noLock(): boolean { return this.session.noLock; }
+
+  /** How long lock acquisition waits for another process's lock: see OpenOptions. */
+  get lockWait(): LockWait | undefined { return this.session.lockWait; }
 
   /** Reports something the operator should know that does not stop the operation. */
   warn(message: string): void { this.session.warn(message); }

@@ -7,7 +7,10 @@ import { readFileSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { cli, cliJson, type Env } from '../helpers/cli.js';
+import { cli, cliJson, spawnCli, type Env } from '../helpers/cli.js';
+import { Repository } from '../../src/repo/repository.js';
+import { LocalStorage } from '../../src/storage/local.js';
+import { acquireLock, readLocks } from '../../src/repo/locks.js';
 import { makeImage, tempDir, type TempDir } from '../helpers/images.js';
 
 const MiB = 1024 * 1024;
@@ -73,5 +76,59 @@ describe('errors name the CLI\'s flags', () => {
     assert.equal(again.code, 1);
     assert.match(again.stderr, /already exist.*pass --force to replace them; nothing was written/);
     assert.doesNotMatch(again.stderr, /overwrite/);
+  });
+});
+
+describe('--retry-lock: a backup that meets another process\'s lock', () => {
+  /** Runs `vmvault <args>` and resolves once its stderr matches `re` (with what it printed so far). */
+  const runUntil = (args: string[], re: RegExp) => {
+    const p = spawnCli(args, env);
+    let err = '';
+    const seen = new Promise<string>((resolve) => {
+      p.stderr!.on('data', (b: Buffer) => { err += String(b); if (re.test(err)) resolve(err); });
+      void p.finally(() => resolve(err));
+    });
+    return { p, seen };
+  };
+
+  test('waits for gc\'s lock and backs up once it is released; without the flag it fails at once; a bad duration names the flag', async () => {
+    const repo = await Repository.open(new LocalStorage(env.VMVAULT_REPOSITORY!), env.VMVAULT_PASSWORD!, { cacheDir: false });
+    const gc = await acquireLock(repo, 'exclusive', { purpose: 'garbage collection' });
+    try {
+      const at = await cli(['backup', '--vm', 'web', '--disk', disk], env);
+      assert.equal(at.code, 1);
+      assert.match(at.stderr, /the repository is locked \(exclusive lock for garbage collection by .*\): try again when that finishes/);
+      const bad = await cli(['--retry-lock', '5', 'backup', '--vm', 'web', '--disk', disk], env);
+      assert.equal(bad.code, 1);
+      assert.match(bad.stderr, /--retry-lock: "5" is not a duration: no unit after 5 .*; or seconds, e.g\. 90s/);
+      const { p, seen } = runUntil(['--retry-lock', '2min', 'backup', '--vm', 'web', '--disk', disk, '--json'], /waiting for the repository's lock/);
+      assert.match(await seen, /warning: backup of web is waiting for the repository's lock \(exclusive lock for garbage collection by .*\), up to 1\d\d s more/);
+      await gc.release();
+      const r = await p;
+      assert.equal(r.exitCode, 0, String(r.stderr));
+      const made = JSON.parse(String(r.stdout)) as { id: string };
+      const out = join(dir.path, 'after-wait');
+      await mkdir(out);
+      await cliJson(['restore', made.id, '--to', out], env);
+      assert.deepEqual(await readLocks(repo), []);
+    } finally {
+      await gc.release();
+    }
+  });
+
+  test('Ctrl-C while waiting ends the backup at once and leaves no lock of its own', async () => {
+    const repo = await Repository.open(new LocalStorage(env.VMVAULT_REPOSITORY!), env.VMVAULT_PASSWORD!, { cacheDir: false });
+    const gc = await acquireLock(repo, 'exclusive', { purpose: 'garbage collection' });
+    try {
+      const { p, seen } = runUntil(['--retry-lock', '1h', 'backup', '--vm', 'web', '--disk', disk], /waiting for the repository's lock/);
+      assert.match(await seen, /up to 3\d\d\d s more/);
+      p.kill('SIGINT');
+      const r = await p;
+      assert.equal(r.exitCode, 1, String(r.stderr));
+      assert.match(String(r.stderr), /the backup was interrupted \(SIGINT\)/);
+      assert.deepEqual((await readLocks(repo)).map((l) => l.lock?.purpose), ['garbage collection']);
+    } finally {
+      await gc.release();
+    }
   });
 });

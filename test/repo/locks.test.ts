@@ -16,6 +16,7 @@ import { faulty, httpError, networkError, type FaultyStorage } from '../../src/s
 import { readOnly } from '../../src/storage/read-only.js';
 import { writeRefusal } from '../../src/storage/refusal.js';
 import type { Storage } from '../../src/storage/storage.js';
+import { waitFor } from '../helpers/procs.js';
 
 async function repo(): Promise<{ repo: Repository; dir: string; cleanup(): Promise<void> }> {
   const dir = await mkdtemp(join(tmpdir(), 'vmvault-locks-'));
@@ -285,6 +286,61 @@ test('a lock whose holder is gone from this host (a gc killed) refuses with the 
     // Nothing removes it behind the operator's back: it stands until unlock (or its expiry).
     const held = await acquireLock(r, 'shared', { purpose: 'restore' }).catch(() => undefined);
     assert.equal(held, undefined, 'the dead exclusive lock still stands until unlock');
+  } finally {
+    await cleanup();
+  }
+});
+
+test('a lock wait (--retry-lock): a backup waits for gc to finish and gc for the backups, trying again; no wait fails at once', async () => {
+  const { repo: r, dir, cleanup } = await repo();
+  try {
+    const warnings: string[] = [];
+    const waiting = await Repository.open(new LocalStorage(dir), 'pw', { cacheDir: false, onWarning: (m) => warnings.push(m), lockWait: { ms: 30_000 } });
+    const gc = await acquireLock(r, 'exclusive', { purpose: 'garbage collection' });
+    await assert.rejects(acquireLock(r, 'shared', { purpose: 'backup of web' }), (e: VmvaultError) => e.code === 'LOCKED' && !/waited/.test(e.message), 'no wait: at once');
+    const backup = acquireLock(waiting, 'shared', { purpose: 'backup of web' });
+    // The waiter says once what it waits for, and leaves no lock of its own while it waits.
+    await waitFor('the waiter\'s notice', () => warnings.length > 0, 20_000, undefined, 10);
+    assert.match(warnings[0]!, /^backup of web is waiting for the repository's lock \(exclusive lock for garbage collection by .* pid \d+ since .*\), up to \d+ s more$/);
+    await new Promise((res) => setTimeout(res, 700)); // at least one more try (the first delay is 0.25-0.75 s)
+    assert.equal(warnings.length, 1, 'said once while the holder stays the same');
+    assert.deepEqual((await readLocks(r)).map((l) => l.lock?.purpose), ['garbage collection'], 'only the holder\'s lock stands while the waiter waits');
+    await gc.release();
+    const held = await backup;
+    assert.deepEqual((await readLocks(r)).map((l) => l.lock?.purpose), ['backup of web']);
+    // The other way round: gc waits for the backup.
+    const gcWaits = acquireLock(waiting, 'exclusive', { purpose: 'garbage collection' });
+    await waitFor('gc\'s notice', () => warnings.length > 1, 20_000, undefined, 10);
+    assert.match(warnings[1]!, /^garbage collection is waiting for the repository's lock \(shared lock for backup of web by /);
+    await held.release();
+    await (await gcWaits).release();
+    assert.deepEqual(await readLocks(r), []);
+  } finally {
+    await cleanup();
+  }
+});
+
+test('a lock wait ends: LOCKED saying how long it waited; its signal (Ctrl-C) ends it at once with its reason; a damaged lock is never waited for', async () => {
+  const { repo: r, dir, cleanup } = await repo();
+  try {
+    const open = (lockWait: { ms: number; signal?: AbortSignal }) => Repository.open(new LocalStorage(dir), 'pw', { cacheDir: false, onWarning: () => {}, lockWait });
+    const gc = await acquireLock(r, 'exclusive', { purpose: 'garbage collection' });
+    const began = Date.now();
+    await assert.rejects(acquireLock(await open({ ms: 1500 }), 'shared', { purpose: 'backup of web' }),
+      (e: VmvaultError) => e.code === 'LOCKED' && e.retriable && /exclusive lock for garbage collection.*\(waited \d+ s for it, as --retry-lock allows: a longer wait may be enough\)$/.test(e.message));
+    assert.ok(Date.now() - began >= 1500, 'waited the whole wait');
+    const stop = new AbortController();
+    const reason = new VmvaultError('BAD_INPUT', 'the backup was interrupted (SIGINT): nothing was saved');
+    const interrupted = acquireLock(await open({ ms: 600_000, signal: stop.signal }), 'shared', { purpose: 'backup of web' });
+    setTimeout(() => stop.abort(reason), 300);
+    await assert.rejects(interrupted, (e) => e === reason, 'the signal\'s reason, not a ten-minute wait');
+    assert.deepEqual((await readLocks(r)).map((l) => l.lock?.purpose), ['garbage collection'], 'nothing left by the waiters');
+    await gc.release();
+    // A lock that cannot be read needs "vmvault unlock": gc's refusal comes at once, however long the wait.
+    await writeFile(join(dir, 'locks', '0123456789abcdef0123456789abcdef'), 'not a lock');
+    const at = Date.now();
+    await assert.rejects(acquireLock(await open({ ms: 600_000 }), 'exclusive', { purpose: 'gc' }), (e: VmvaultError) => e.code === 'LOCKED' && /cannot be read/.test(e.message));
+    assert.ok(Date.now() - at < 60_000, 'not waited for');
   } finally {
     await cleanup();
   }
