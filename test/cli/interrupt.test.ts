@@ -7,6 +7,7 @@
  * Every case ends with no lock in the repository and nothing committed.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { chmod, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
@@ -29,6 +30,15 @@ const pids = async () => (await readFile(pidsFile(), 'utf8').catch(() => '')).sp
 const locks = async () => readdir(join(dir.path, 'repo', 'locks')).catch(() => []);
 const manifests = async () => (await cliJson<unknown[]>(['backups'], env)).length;
 
+/** What process `pid` has read so far (/proc/PID/io rchar), 0 when it cannot be told. */
+const readBytes = (pid: number): number => {
+  try {
+    return Number(/^rchar: (\d+)$/m.exec(readFileSync(`/proc/${pid}/io`, 'utf8'))?.[1] ?? 0);
+  } catch {
+    return 0;
+  }
+};
+
 const alive = (pid: number) => {
   try {
     process.kill(pid, 0);
@@ -39,11 +49,11 @@ const alive = (pid: number) => {
 };
 
 /** SIGSTOPs the qemu-nbd this command started (the newest still running) once `ready` says so. */
-async function stopQemuNbd(p: Proc, ready: () => Promise<boolean>): Promise<number> {
+async function stopQemuNbd(p: Proc, ready: (pid: number) => Promise<boolean>): Promise<number> {
   const known = new Set(await pids());
   const mine = async () => (await pids()).filter((pid) => !known.has(pid) && alive(pid)).at(-1);
   await waitFor('qemu-nbd to start', mine, 60_000, p.output);
-  await waitFor('the command to be under way', ready, 60_000, p.output, 10);
+  await waitFor('the command to be under way', async () => { const pid = await mine(); return pid !== undefined && ready(pid); }, 60_000, p.output, 10);
   const pid = await waitFor('qemu-nbd to run', mine, 10_000, p.output);
   process.kill(pid, 'SIGSTOP');
   stopped.add(pid);
@@ -123,7 +133,8 @@ describe('a qemu-nbd that stops answering', { timeout: 300_000 }, () => {
   test('fails a backup of a vmdk within the reply timeout: nothing committed, no lock', async () => {
     const before = await manifests();
     const p = start(['backup', '--vm', 'v', '--disk', `root=${vmdk}`, '--format', 'vmdk'], { ...env, VMVAULT_NBD_REPLY_TIMEOUT_MS: '2000' });
-    await stopQemuNbd(p, async () => { await new Promise((r) => setTimeout(r, 500)); return true; });
+    // Stopped once it serves the backup's reads (it has read 8 MiB of the image), not before it listens.
+    await stopQemuNbd(p, async (pid) => readBytes(pid) > 8 * MiB);
     const r = await p;
     assert.notEqual(r.exitCode, 0, p.output());
     assert.match(p.output(), new RegExp(`qemu-nbd for ${vmdk.replace(/[.]/g, '\\.')} did not answer for 2 s`));

@@ -75,10 +75,13 @@ for (const b of all) {
       await execa('dd', ['if=/dev/urandom', `of=${raw}`, 'bs=1M', 'count=200', 'status=none']);
       const child = spawnCli(['backup', '--vm', 'killed', '--disk', raw], env);
       const locks = async () => [...(await objects(repo)).keys()].filter((n) => n.startsWith('locks/'));
-      for (let i = 0; i < 400 && (await locks()).length === 0; i++) await new Promise((r) => setTimeout(r, 25));
-      assert.equal((await locks()).length, 1, 'the backup took its lock');
-      child.kill('SIGKILL');
-      await child;
+      try {
+        for (let i = 0; i < 2400 && (await locks()).length === 0; i++) await new Promise((r) => setTimeout(r, 25));
+        assert.equal((await locks()).length, 1, 'the backup took its lock');
+      } finally {
+        child.kill('SIGKILL');
+        await child;
+      }
       const gc = await cli(['gc'], env);
       assert.match(gc.stderr, /locked .*backup of killed/, 'the lock is live: it has not expired');
       const unlocked = await cli(['unlock'], env);

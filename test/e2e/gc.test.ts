@@ -6,6 +6,7 @@ import { execa } from 'execa';
 import { openStorage } from '../../src/storage/open.js';
 import { makeImage } from '../helpers/images.js';
 import { cli, cliJson, spawnCli } from '../helpers/cli.js';
+import { waitFor } from '../helpers/procs.js';
 import { e2eFile, backupJson, initRepo, objects } from './harness.js';
 
 const MiB = 1024 * 1024;
@@ -58,19 +59,29 @@ for (const b of all) {
       await st.close();
 
       const child = spawnCli(['backup', '--vm', 'big', '--disk', raw, '--json'], env);
-      for (let i = 0; i < 400 && chunkNames(await objects(repo)).length < 4; i++) await new Promise((r) => setTimeout(r, 25));
-      // Freeze the backup half-way, so gc certainly starts while it runs, however loaded the machine.
-      assert.ok(child.kill('SIGSTOP'));
-      let during;
       try {
-        during = await cli(['gc'], env);
+        // Three chunks of its own beside the orphan's: the backup holds its lock and is under way.
+        await waitFor('the backup to store its first chunks', async () => chunkNames(await objects(repo)).length >= 4, 60_000, undefined, 25);
+        // Freeze the backup half-way, so gc certainly starts while it runs, however loaded the machine.
+        assert.ok(child.kill('SIGSTOP'));
+        let during;
+        try {
+          during = await cli(['gc'], env);
+        } finally {
+          child.kill('SIGCONT');
+        }
+        assert.notEqual(during.code, 0, 'gc refuses while a backup holds its shared lock');
+        assert.match(during.stderr, /locked.*backup of big/);
+        const done = await child;
+        assert.equal(done.exitCode, 0, String(done.stderr));
       } finally {
-        child.kill('SIGCONT');
+        // A failure above: the backup ends before its repository is removed.
+        if (child.exitCode === null) {
+          child.kill('SIGCONT');
+          child.kill('SIGKILL');
+          await child;
+        }
       }
-      assert.notEqual(during.code, 0, 'gc refuses while a backup holds its shared lock');
-      assert.match(during.stderr, /locked.*backup of big/);
-      const done = await child;
-      assert.equal(done.exitCode, 0, String(done.stderr));
       const after1 = await cliJson(['gc'], env);
       assert.equal(after1.chunksDeleted, 1, 'only the orphan chunk is garbage');
       const v = await cli(['verify', '--read-data'], env);

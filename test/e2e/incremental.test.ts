@@ -88,8 +88,13 @@ describe('incremental backups of offline images', () => {
     const img = await makeImage(work, 'crash.qcow2', 'qcow2', 64 * MiB, BASE);
     await backupAndCheck(env, img);
     // A qemu program that writes and is then killed leaves the bitmap marked in-use.
-    const writer = execa('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x99 ${8 * MiB} ${MiB}`, '-c', 'sleep 60000', img], { reject: false });
-    await new Promise((r) => setTimeout(r, 1500));
+    // Its output line-buffered (stdbuf): killed once it says it has written (the image open, its bitmap marked in use), however slow its start.
+    const writer = execa('stdbuf', ['-oL', 'qemu-io', '-f', 'qcow2', '-c', `write -P 0x99 ${8 * MiB} ${MiB}`, '-c', 'sleep 60000', img], { reject: false });
+    let said = '';
+    await new Promise<void>((resolve) => {
+      writer.stdout!.on('data', (b: Buffer) => { said += String(b); if (/wrote 1048576\/1048576 bytes/.test(said)) resolve(); });
+      void writer.finally(() => resolve());
+    });
     writer.kill('SIGKILL');
     await writer;
     const info = await imageInfo(img, 'qcow2');

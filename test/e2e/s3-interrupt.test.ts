@@ -52,8 +52,8 @@ test('SIGINT during a backup to S3, then a restore from it, cuts the chunk reque
     const interrupted = async (args: string[], method: 'PUT' | 'GET', what: string) => {
       const isHeld = (q: ProxiedRequest) => q.method === method && q.path.includes('/chunks/');
       proxy.delayFor = (m, path) => (m === method && path.includes('/chunks/') ? HELD_MS : 0);
+      const p = start(args, env);
       try {
-        const p = start(args, env);
         await waitFor(`chunk ${method}s to be under way`, () => proxy.log.filter(isHeld).length >= 2, 60_000, p.output);
         const at = Date.now();
         p.kill('SIGINT');
@@ -69,6 +69,11 @@ test('SIGINT during a backup to S3, then a restore from it, cuts the chunk reque
         return p.output();
       } finally {
         proxy.delayFor = undefined;
+        // A failure above: the command ends before the test's files are removed.
+        if (p.exitCode === null && p.signalCode === null) {
+          p.kill('SIGKILL');
+          await p;
+        }
       }
     };
 

@@ -58,7 +58,10 @@ test('a worker shutting down during a backup to S3 cuts its chunk uploads, hands
     proxy.delayFor = (method, path) => (method === 'PUT' && path.includes('/chunks/') ? HELD_MS : 0);
     const first = await startHostWorker({ host, redisUrl: redis.url, repoUrl, passphrase: PASSWORD, logger: silent, progressIntervalMs: 0, closeTimeoutMs: 300 });
     const job = await enqueueBackup(q.queue, { vm: 'slow', disks: [{ path: src, format: 'qcow2' }] });
-    await waitFor('chunk uploads to be under way', () => proxy.log.filter(isChunkPut).length >= 2, 60_000);
+    await waitFor('chunk uploads to be under way', () => proxy.log.filter(isChunkPut).length >= 2, 60_000).catch(async (err: unknown) => {
+      await first.close(); // not left running past the test
+      throw err;
+    });
     const at = Date.now();
     await first.close();
     const took = Date.now() - at;

@@ -50,11 +50,15 @@ test('the scheduler enqueues verify and gc on their schedules, under the same id
   const maintenance = { verify: { schedule: '* * * * * *', readData: 'rotate 3' }, gc: { schedule: '*/2 * * * * *' } };
   const s1 = new Scheduler({ policiesDir: dir, select: () => ({ vms: [], unknown: [] }), enqueueBackup: async () => {}, maintenance, enqueueMaintenance, log });
   const s2 = new Scheduler({ policiesDir: dir, select: () => ({ vms: [], unknown: [] }), enqueueBackup: async () => {}, maintenance, enqueueMaintenance, log });
+  let bothFrom = Infinity;
+  let bothTo = 0;
   try {
     await s1.start();
     await s2.start();
+    bothFrom = Date.now();
     await sleep(3300);
   } finally {
+    bothTo = Date.now();
     await s1.stop();
     await s2.stop();
     await rm(dir, { recursive: true, force: true });
@@ -63,11 +67,17 @@ test('the scheduler enqueues verify and gc on their schedules, under the same id
   const gcs = [...jobs.values()].filter((r) => r[0]!.payload.kind === 'gc');
   assert.ok(verifies.length >= 3, [...jobs.keys()].join(' '));
   assert.ok(gcs.length >= 1 && gcs.length < verifies.length);
+  let bothSaw = 0;
   for (const [id, reqs] of jobs) {
     assert.match(id, /^maintenance\+(verify|gc)\+\d+$/);
+    // A slot while both ran (not one that came between the two starts or the two stops).
+    const t = reqs[0]!.slot.getTime();
+    if (t < bothFrom || t + 500 > bothTo) continue;
+    bothSaw++;
     assert.equal(reqs.length, 2, `${id}: one per replica, same id`);
     assert.deepEqual(reqs[0]!.payload, reqs[1]!.payload);
   }
+  assert.ok(bothSaw >= 2, `${bothSaw} slot(s) came while both replicas ran`);
   const subsets = verifies.map((r) => r[0]!).sort((a, b) => a.slot.getTime() - b.slot.getTime()).map((j) => j.payload.kind === 'verify' ? j.payload.readDataSubset : '');
   assert.ok(subsets.every((x) => /^[123]\/3$/.test(x ?? '')), subsets.join(','));
   assert.notEqual(subsets[0], subsets[1], 'consecutive runs read different slices');

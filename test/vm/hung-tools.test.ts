@@ -90,11 +90,11 @@ exec sleep 1000
   }
 
   it('a qemu-img snapshot -c that hangs is stopped after the metadata bound: the error names it, the image and the clean check; the new bitmap is removed again', async () => {
-    process.env.VMVAULT_TOOL_TIMEOUTS = 'metadata=1500';
+    process.env.VMVAULT_TOOL_TIMEOUTS = 'metadata=4000';
     const img = await makeImage(dir.path, 'snap.qcow2', 'qcow2', 8 * MiB, DATA);
     await hang('^snapshot -q -c ');
     await failsWithin(img, 30_000, (err) => err instanceof WriterStopped && err.checksClean && err.code === 'QEMU' &&
-      new RegExp(`^qemu-img snapshot -c vmvault-[0-9a-f]+ did not finish within 1.5 s on ${img} and was stopped \\(its storage may not be answering.*; ` +
+      new RegExp(`^qemu-img snapshot -c vmvault-[0-9a-f]+ did not finish within 4 s on ${img} and was stopped \\(its storage may not be answering.*; ` +
         'since then the image checks clean \\(qemu-img check.*Check the storage before the next backup').test(err.message));
     assert.deepEqual(await oursIn(img), { bitmaps: [], snapshots: [] }, 'no snapshot; the bitmap added before it removed');
     assert.deepEqual(await imageCheck(img), { corruptions: 0 });
@@ -106,17 +106,17 @@ exec sleep 1000
   });
 
   it('a qemu-img bitmap --add that hangs leaves the image byte for byte as it was', async () => {
-    process.env.VMVAULT_TOOL_TIMEOUTS = 'metadata=1000';
+    process.env.VMVAULT_TOOL_TIMEOUTS = 'metadata=4000';
     const img = await makeImage(dir.path, 'bitmap.qcow2', 'qcow2', 8 * MiB, DATA);
     const bytes = await fs.readFile(img);
     await hang('^bitmap --add ');
     await failsWithin(img, 30_000, (err) => err instanceof WriterStopped && err.checksClean &&
-      err.message.startsWith(`qemu-img bitmap --add vmvault-`) && err.message.includes(`within 1 s on ${img} and was stopped`));
+      err.message.startsWith(`qemu-img bitmap --add vmvault-`) && err.message.includes(`within 4 s on ${img} and was stopped`));
     assert.equal(Buffer.compare(await fs.readFile(img), bytes), 0);
   });
 
   it('a stopped writer after which the check finds corruption says so, and nothing more is written to the image', async () => {
-    process.env.VMVAULT_TOOL_TIMEOUTS = 'metadata=1000';
+    process.env.VMVAULT_TOOL_TIMEOUTS = 'metadata=4000';
     const img = await makeImage(dir.path, 'bad.qcow2', 'qcow2', 8 * MiB, DATA);
     await hang('^snapshot -q -c ');
     // The check before the first write is the real one; the one after the stopped snapshot finds damage.
