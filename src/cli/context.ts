@@ -74,8 +74,21 @@ export function retryNotice(say: (message: string) => void, everyMs = 30_000, no
 }
 
 export async function openRepository(opts: GlobalOptions, io: { signal?: AbortSignal } = {}): Promise<Repository> {
-  const storage = storageFor(opts, io.signal);
-  const pass = await passphraseAndSource(opts.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ');
+  return openAt(repositoryUrl(opts), opts, { file: opts.passwordFile, env: 'VMVAULT_PASSWORD', prompt: 'repository passphrase: ' }, io);
+}
+
+/**
+ * The repository a command reads from besides its own (`vmvault copy --from-repo`): its
+ * passphrase from `--from-password-file` or VMVAULT_FROM_PASSWORD; the global options
+ * (--no-lock, --retry-lock) apply to it too.
+ */
+export async function openSourceRepository(url: string, passwordFile: string | undefined, opts: GlobalOptions, io: { signal?: AbortSignal } = {}): Promise<Repository> {
+  return openAt(url, opts, { file: passwordFile, env: 'VMVAULT_FROM_PASSWORD', prompt: 'source repository passphrase: ' }, io);
+}
+
+async function openAt(url: string, opts: GlobalOptions, secret: { file: string | undefined; env: string; prompt: string }, io: { signal?: AbortSignal }): Promise<Repository> {
+  const storage = storageFor({ ...opts, repo: url }, io.signal);
+  const pass = await passphraseAndSource(secret.file, secret.env, secret.prompt);
   const cache = keyCacheFor(pass.source);
   const wait = lockWaitMs(opts);
   return Repository.open(storage, pass.text, {

@@ -19,6 +19,7 @@ import { registerTokenCommands } from './commands/token.js'; // token create (is
 import { registerStatusCommand } from './commands/status.js'; // status (issue 12)
 import { registerDrillCommand } from './commands/drill.js'; // restore drills (issue 13)
 import { registerBitmapCommands } from './commands/bitmaps.js'; // dirty bitmaps of repositories that are gone
+import { registerCopyCommand } from './commands/copy.js'; // off-site copies
 
 export function buildProgram(): Command {
   const program = new Command('vmvault')
@@ -43,6 +44,7 @@ export function buildProgram(): Command {
   registerStatusCommand(program); // status (issue 12)
   registerDrillCommand(program, globals); // restore drills (issue 13)
   registerBitmapCommands(program, globals); // dirty bitmaps of repositories that are gone
+  registerCopyCommand(program, globals); // copy backups between repositories
   return program;
 }
 

@@ -635,6 +635,11 @@ export class Repository {
    * only their own backup), and read again next time.
    */
   async vmBackups(vm: string): Promise<BackupSummary[]> {
+    return (await this.backupSummaries()).filter((s) => s.vm === vm);
+  }
+
+  /** Summaries of every backup whose manifest can be read, oldest first (see vmBackups). */
+  async backupSummaries(): Promise<BackupSummary[]> {
     const ids = await this.backupIds();
     const cache = this.summaryCache();
     const out: BackupSummary[] = [];
@@ -649,7 +654,7 @@ export class Repository {
         }
         await cache?.put(id, Buffer.from(JSON.stringify(summary)));
       }
-      if (summary.vm === vm) out.push(summary);
+      out.push(summary);
     });
     await cache?.retain(ids);
     return out.sort((a, b) => a.time.localeCompare(b.time) || a.id.localeCompare(b.id));

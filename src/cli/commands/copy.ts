@@ -1,0 +1,42 @@
+/** `vmvault copy`: copy backups from another repository into this one (an off-site copy). */
+import type { Command } from 'commander';
+import { copyBackups, type CopiedBackup, type SkippedBackup } from '../../pipeline/copy.js';
+import { formatBytes } from '../format.js';
+import { onInterrupt } from '../interrupt.js';
+import { openRepository, openSourceRepository, type GlobalOptions } from '../context.js';
+import { print } from '../output.js';
+
+export function registerCopyCommand(program: Command, globals: () => GlobalOptions): void {
+  program
+    .command('copy [ids...]')
+    .description('copy backups from another repository into this one (--repo), skipping those it has; only the chunks it lacks are uploaded')
+    .requiredOption('--from-repo <url>', 'the repository to copy from')
+    .option('--from-password-file <file>', "file holding the source repository's passphrase (env VMVAULT_FROM_PASSWORD)")
+    .option('--vm <name>', "only this VM's backups (repeatable)", (v: string, all: string[] = []) => [...all, v])
+    .option('--json', 'print what was copied and skipped as JSON')
+    .action(async (ids: string[], o: { fromRepo: string; fromPasswordFile?: string; vm?: string[]; json?: boolean }) => {
+      const interrupt = new AbortController();
+      const to = await openRepository(globals(), { signal: interrupt.signal });
+      const from = await openSourceRepository(o.fromRepo, o.fromPasswordFile, globals(), { signal: interrupt.signal });
+      const stop = onInterrupt({
+        what: 'the copy', outcome: 'the backups copied before it stand; the one under way was not committed', controller: interrupt,
+        stopping: 'stopping the copy', leftovers: () => [],
+      });
+      const line = (b: CopiedBackup | SkippedBackup) => 'skipped' in b
+        ? `skipped ${b.id.slice(0, 12)}${b.vm ? ` of ${b.vm} (${b.time})` : ''}: ${b.skipped}`
+        : `copied ${b.id.slice(0, 12)} of ${b.vm} (${b.time}): read ${b.chunksRead} chunk(s), uploaded ${b.chunksUploaded} (${formatBytes(b.bytesUploaded)}), ${b.chunksKnown} known from an earlier copy`;
+      let result;
+      try {
+        result = await copyBackups(from, to, {
+          ids, ...(o.vm ? { vms: o.vm } : {}), signal: stop.signal,
+          ...(o.json ? {} : { onBackup: (b: CopiedBackup | SkippedBackup) => process.stdout.write(`${line(b)}\n`) }),
+        });
+      } finally {
+        stop.dispose();
+      }
+      const unreadable = result.skipped.filter((s) => s.unreadable);
+      print(o.json, result, () => `copied ${result.copied.length} backup(s), skipped ${result.skipped.length}`);
+      // A backup the source could not read was not copied: the exit status makes it seen.
+      if (unreadable.length) process.exitCode = 1;
+    });
+}

@@ -1,0 +1,218 @@
+/**
+ * Copies backups from one repository to another (an off-site copy: restic's `copy`,
+ * Proxmox Backup Server's sync jobs). The two repositories have their own keys, so
+ * their chunk ids differ for the same data: each chunk is read from the source,
+ * authenticated and re-hashed there (openChunk), named with the destination's id key,
+ * sealed with its key and uploaded unless the destination has it (its chunk index,
+ * then one stat, as a backup does). A copy keeps its backup's id, so that what the
+ * two repositories share can be told at a glance, and so that the copies already made
+ * say how the source's chunk ids map to the destination's: a VM's next backup is
+ * copied by reading only the chunks its newest copied backup does not have (bounded
+ * by that disk, like an incremental backup), each of those taken on the destination's
+ * word after one stat.
+ *
+ * Commits as a backup does: the chunks first, then their index entries, then the
+ * manifest, under the destination's shared lock (gc cannot delete what the copy
+ * reuses) and the source's read lock. A chunk the source cannot produce (missing,
+ * damaged) fails that backup's copy, naming it; nothing of it is committed, and the
+ * backups copied before it stand. A copy carries no dirty bitmap or file stamp: those
+ * speak of the source's chain, and the first backup made into the destination itself
+ * reads its disks in full.
+ */
+import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
+import { chunkId } from '../crypto/chunk-id.js';
+import { openChunk, sealChunk, sealedChunkBound } from '../repo/chunk.js';
+import type { ChunkIndex } from '../repo/chunk-index.js';
+import { withLock, withReadLock, type HeldLock } from '../repo/locks.js';
+import type { DiskEntry, Manifest } from '../repo/manifest.js';
+import { mapLimit, resolvePrefix, type Repository } from '../repo/repository.js';
+
+/** Chunks read, sealed and uploaded at once (each needs three chunk-sized buffers). */
+const IN_FLIGHT = 4;
+
+export interface CopyOptions {
+  /** Backups to copy, by id or unique prefix; none: every backup (of `vms`, when given). */
+  ids?: readonly string[];
+  /** Only these VMs' backups. */
+  vms?: readonly string[];
+  signal?: AbortSignal;
+  /** Called after each backup copied or skipped. */
+  onBackup?: (b: CopiedBackup | SkippedBackup) => void;
+}
+
+export interface CopiedBackup {
+  id: string;
+  vm: string;
+  time: string;
+  /** Chunks read from the source (decrypted and re-hashed). */
+  chunksRead: number;
+  /** Of those, chunks the destination did not have: sealed and uploaded. */
+  chunksUploaded: number;
+  bytesUploaded: number;
+  /** Chunks known from a copy made before (the destination's word, checked by one stat each): not read. */
+  chunksKnown: number;
+}
+
+/** `unreadable`: its source manifest cannot be read (not copied, and worth a look); else the destination has it, or it was pruned meanwhile. */
+export interface SkippedBackup { id: string; vm?: string; time?: string; skipped: string; unreadable: boolean }
+
+export interface CopyResult { copied: CopiedBackup[]; skipped: SkippedBackup[] }
+
+export async function copyBackups(from: Repository, to: Repository, opts: CopyOptions = {}): Promise<CopyResult> {
+  if (from.id === to.id) {
+    throw new VmvaultError('BAD_INPUT', `the source and the destination are the same repository (${from.id.slice(0, 12)}): a copy needs another one`);
+  }
+  if (from.chunkSize !== to.chunkSize) {
+    throw new VmvaultError('BAD_INPUT', `the source repository's chunks are ${from.chunkSize} bytes and the destination's ${to.chunkSize}: ` +
+      'a copy keeps chunk boundaries; make the destination with "vmvault init --chunk-size" equal to the source\'s; nothing was copied');
+  }
+  return withReadLock(from, 'copy (source)', () =>
+    withLock(to, 'shared', { purpose: `copy from repository ${from.id.slice(0, 12)}` }, (lock) => run(from, to, opts, lock)));
+}
+
+async function run(from: Repository, to: Repository, opts: CopyOptions, lock: HeldLock): Promise<CopyResult> {
+  const sourceIds = await from.backupIds();
+  const have = new Set(await to.backupIds());
+  const chosen = new Set((opts.ids ?? []).map((p) => resolvePrefix(p, sourceIds, 'backup')));
+  // Summaries select and order; each manifest is read whole only when its turn comes.
+  const summaries = await from.backupSummaries();
+  const readable = new Set(summaries.map((s) => s.id));
+  const result: CopyResult = { copied: [], skipped: [] };
+  // A manifest that cannot be read is not copied, and said so: "every backup" must not quietly mean fewer.
+  for (const id of chosen.size ? chosen : opts.vms?.length ? [] : sourceIds) {
+    if (readable.has(id)) continue;
+    const s = { id, skipped: 'its manifest cannot be read in the source ("vmvault backups" there says why)', unreadable: true };
+    result.skipped.push(s);
+    opts.onBackup?.(s);
+  }
+  const wanted = summaries
+    .filter((m) => (!chosen.size || chosen.has(m.id)) && (!opts.vms?.length || opts.vms.includes(m.vm)))
+    .sort((a, b) => a.vm.localeCompare(b.vm) || a.time.localeCompare(b.time) || a.id.localeCompare(b.id));
+  if (opts.vms?.length) {
+    const found = new Set(wanted.map((m) => m.vm));
+    const unknown = opts.vms.filter((vm) => !found.has(vm));
+    if (unknown.length) throw new NotFoundError(`the source repository has no backup of ${unknown.map((v) => `"${v}"`).join(', ')}${chosen.size ? ' among those given' : ''}; nothing was copied`);
+  }
+  const known = await to.chunkIndex({ beforeWrite: () => lock.check() });
+  const slots = Array.from({ length: IN_FLIGHT }, () => ({
+    sealed: Buffer.allocUnsafeSlow(sealedChunkBound(from.chunkSize)),
+    plain: Buffer.allocUnsafeSlow(from.chunkSize),
+    out: Buffer.allocUnsafeSlow(sealedChunkBound(to.chunkSize)),
+  }));
+  /** Source chunk id → destination chunk id, for the VM being copied. */
+  let map = new Map<string, string>();
+  let vm: string | undefined;
+  for (const summary of wanted) {
+    opts.signal?.throwIfAborted();
+    if (have.has(summary.id)) {
+      const s = { id: summary.id, vm: summary.vm, time: summary.time, skipped: 'the destination has it', unreadable: false };
+      result.skipped.push(s);
+      opts.onBackup?.(s);
+      continue;
+    }
+    let m: Manifest;
+    try {
+      m = await from.loadManifest(summary.id);
+    } catch (err) {
+      if (!(err instanceof NotFoundError || err instanceof IntegrityError)) throw err;
+      const gone = err instanceof NotFoundError;
+      const s = { id: summary.id, vm: summary.vm, time: summary.time, skipped: gone ? 'pruned from the source meanwhile' : err.message, unreadable: !gone };
+      result.skipped.push(s);
+      opts.onBackup?.(s);
+      continue;
+    }
+    if (m.vm !== vm) {
+      vm = m.vm;
+      map = await mapFromCopies(from, to, m, sourceIds, have);
+    }
+    const copied = await copyOne(from, to, m, map, known, slots, opts.signal);
+    await known.flush(true);
+    await lock.confirm();
+    await to.saveManifest(copied.manifest);
+    have.add(m.id);
+    result.copied.push(copied.report);
+    opts.onBackup?.(copied.report);
+  }
+  return result;
+}
+
+/**
+ * How the source's chunk ids map to the destination's, from the newest backup of `m`'s
+ * VM (before it) that both repositories hold: its two manifests, disk by disk and chunk
+ * by chunk. Empty when there is none, or the two do not line up (then every chunk is read).
+ */
+async function mapFromCopies(from: Repository, to: Repository, m: Manifest, sourceIds: string[], have: Set<string>): Promise<Map<string, string>> {
+  const map = new Map<string, string>();
+  const history = (await to.vmBackups(m.vm))
+    .filter((b) => b.time <= m.time && b.id !== m.id && have.has(b.id) && sourceIds.includes(b.id))
+    .sort((a, b) => b.time.localeCompare(a.time));
+  const pair = history[0];
+  if (!pair) return map;
+  let mine: Manifest;
+  let theirs: Manifest;
+  try {
+    [mine, theirs] = await Promise.all([from.loadManifest(pair.id), to.loadManifest(pair.id)]);
+  } catch (err) {
+    if (err instanceof NotFoundError || err instanceof IntegrityError) return map; // read in full instead
+    throw err;
+  }
+  for (const d of mine.disks) {
+    const other = theirs.disks.find((x) => x.name === d.name);
+    if (!other || other.chunks.length !== d.chunks.length) continue;
+    d.chunks.forEach((id, i) => {
+      const to = other.chunks[i];
+      if (id && to) map.set(id, to);
+    });
+  }
+  return map;
+}
+
+interface Slot { sealed: Buffer; plain: Buffer; out: Buffer }
+
+async function copyOne(from: Repository, to: Repository, m: Manifest, map: Map<string, string>, known: ChunkIndex, slots: Slot[], signal: AbortSignal | undefined): Promise<{ manifest: Manifest; report: CopiedBackup }> {
+  const report: CopiedBackup = { id: m.id, vm: m.vm, time: m.time, chunksRead: 0, chunksUploaded: 0, bytesUploaded: 0, chunksKnown: 0 };
+  const fromKeys = from.workerInit().keys;
+  const toKeys = to.workerInit().keys;
+  const unique = [...new Set(m.disks.flatMap((d) => d.chunks.filter((c): c is string => c !== null)))];
+  // A chunk mapped by an earlier copy stands on the destination's word (a stat, once per session).
+  const taken = unique.filter((id) => map.has(id));
+  const lacking = new Set<string>();
+  await mapLimit(taken, 16, async (id) => {
+    signal?.throwIfAborted();
+    if (await known.present(map.get(id)!)) report.chunksKnown++;
+    else lacking.add(id);
+  });
+  const toRead = unique.filter((id) => !map.has(id) || lacking.has(id));
+  const free = [...slots];
+  await mapLimit(toRead, slots.length, async (id) => {
+    signal?.throwIfAborted();
+    const slot = free.pop()!;
+    try {
+      const n = await from.getChunkSealedInto(id, slot.sealed, signal ? { signal } : {});
+      const plain = openChunk(fromKeys, from.id, id, slot.sealed.subarray(0, n), slot.plain);
+      report.chunksRead++;
+      const theirs = chunkId(toKeys, plain);
+      if (!(await known.present(theirs))) {
+        const sealed = sealChunk(toKeys, to.id, theirs, plain, to.compressionLevel, slot.out);
+        await to.putChunk(theirs, sealed, signal ? { signal } : {});
+        known.add(theirs);
+        report.chunksUploaded++;
+        report.bytesUploaded += sealed.length;
+      }
+      map.set(id, theirs);
+    } catch (err) {
+      if (err instanceof IntegrityError) {
+        throw new IntegrityError(`backup ${m.id.slice(0, 12)} of ${m.vm} cannot be copied: ${err.message}; nothing of it was committed ` +
+          '(run "vmvault verify" on the source repository)', { cause: err });
+      }
+      throw err;
+    } finally {
+      free.push(slot);
+    }
+  });
+  const disks: DiskEntry[] = m.disks.map(({ bitmap: _b, fileStamp: _f, chainStamps: _c, ...d }) => ({
+    ...d,
+    chunks: d.chunks.map((id) => (id === null ? null : map.get(id)!)),
+  }));
+  return { manifest: { ...m, disks }, report };
+}

@@ -1,0 +1,113 @@
+/**
+ * `vmvault copy`: backups of a directory repository copied to an S3 one (another key,
+ * so other chunk ids), through the real CLI, restored from the copy and compared with
+ * the images as they were backed up; the second copy of a VM reads only what changed.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFile, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { execa } from 'execa';
+import { makeImage, writePattern } from '../helpers/images.js';
+import { cli, cliJson } from '../helpers/cli.js';
+import { e2eFile, backupJson, initRepo, objects, PASSWORD } from './harness.js';
+
+const MiB = 1024 * 1024;
+const { all, work } = await e2eFile('vmvault-copy-');
+const local = all.find((b) => b.name === 'local')!;
+const s3 = all.find((b) => b.name === 's3')!;
+
+interface Copied { id: string; vm: string; chunksRead: number; chunksUploaded: number; chunksKnown: number; bytesUploaded: number }
+interface Result { copied: Copied[]; skipped: Array<{ id: string; skipped: string; unreadable: boolean }> }
+
+/** Six chunks of data (4 MiB chunks), each its own pattern, and two of zeros. */
+const six = (base: number) => Array.from({ length: 6 }, (_, i) => ({ offset: i * 4 * MiB, length: MiB, pattern: base + i }));
+
+test('copy to S3: restores identical from the copy, the second copy of a VM reads and uploads only the chunk that changed, a copy made is skipped', async () => {
+  const src = await initRepo(local);
+  const dst = await initRepo(s3);
+  const env = { ...dst.env, VMVAULT_FROM_PASSWORD: PASSWORD };
+  const web = await makeImage(work, 'web.qcow2', 'qcow2', 32 * MiB, six(0x10));
+  const b1 = await backupJson(src.env, 'web', [web]);
+  await copyFile(web, join(work, 'web-1.qcow2'));
+  await writePattern(web, 'qcow2', 4 * MiB + MiB, MiB, 0x77);
+  const b2 = await backupJson(src.env, 'web', [web]);
+  await copyFile(web, join(work, 'web-2.qcow2'));
+  const db = await makeImage(work, 'db.qcow2', 'qcow2', 16 * MiB, [{ offset: 0, length: MiB, pattern: 0x51 }, { offset: 8 * MiB, length: MiB, pattern: 0x52 }]);
+  const b3 = await backupJson(src.env, 'db', [db]);
+
+  // One backup by its id's prefix: every chunk read and uploaded.
+  const first = await cliJson<Result>(['copy', '--from-repo', src.repo, b1.id.slice(0, 12)], env);
+  assert.deepEqual(first.copied.map((c) => [c.id, c.vm, c.chunksRead, c.chunksUploaded, c.chunksKnown]), [[b1.id, 'web', 6, 6, 0]]);
+  // The VM's next backup: only the changed chunk is read; the five others are known from the first copy.
+  const second = await cliJson<Result>(['copy', '--from-repo', src.repo, '--vm', 'web'], env);
+  assert.deepEqual(second.copied.map((c) => [c.id, c.chunksRead, c.chunksUploaded, c.chunksKnown]), [[b2.id, 1, 1, 5]]);
+  assert.deepEqual(second.skipped.map((s) => [s.id, s.skipped, s.unreadable]), [[b1.id, 'the destination has it', false]]);
+  const stored = [...(await objects(dst.repo)).keys()].filter((n) => n.startsWith('chunks/'));
+  assert.equal(stored.length, 7, 'each distinct chunk uploaded once');
+  // Everything else: the other VM's backup; a text run says what it does.
+  const rest = await cli(['copy', '--from-repo', src.repo], env);
+  assert.equal(rest.code, 0, rest.stderr);
+  assert.match(rest.stdout, new RegExp(`copied ${b3.id.slice(0, 12)} of db .*: read 2 chunk\\(s\\), uploaded 2 `));
+  assert.match(rest.stdout, /copied 1 backup\(s\), skipped 2/);
+
+  // The copies keep their ids, VMs and times, and restore identical from the destination alone.
+  const listed = await cliJson<Array<{ id: string; vm: string; time: string }>>(['backups'], dst.env);
+  const original = await cliJson<Array<{ id: string; vm: string; time: string }>>(['backups'], src.env);
+  const brief = (l: Array<{ id: string; vm: string; time: string }>) => l.map((b) => `${b.id} ${b.vm} ${b.time}`).sort();
+  assert.deepEqual(brief(listed), brief(original));
+  for (const [b, image] of [[b1, join(work, 'web-1.qcow2')], [b2, join(work, 'web-2.qcow2')], [b3, db]] as const) {
+    const to = join(work, `restored-${b.id.slice(0, 8)}`);
+    await mkdir(to);
+    const r = await cliJson<{ files: Array<{ kind: string; path: string }> }>(['restore', b.id, '--to', to, '--format', 'qcow2'], dst.env);
+    const disks = r.files.filter((f) => f.kind === 'disk');
+    assert.equal(disks.length, 1);
+    await execa('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', image, disks[0]!.path]);
+  }
+  const verified = await cli(['verify', '--read-data'], dst.env);
+  assert.equal(verified.code, 0, verified.stdout + verified.stderr);
+  // A copy carries no dirty bitmap of the source's chain: the first backup made into the destination reads in full.
+  const direct = await backupJson(dst.env, 'web', [web]);
+  assert.equal(direct.disks[0].mode, 'full');
+});
+
+test('copy refuses what it cannot do, and a damaged source chunk fails only that backup: named, nothing of it committed', async () => {
+  const src = await initRepo(local);
+  const dst = await initRepo(local);
+  const env = { ...dst.env, VMVAULT_FROM_PASSWORD: PASSWORD };
+  const img = await makeImage(work, 'bad.qcow2', 'qcow2', 32 * MiB, six(0x30));
+  const good = await backupJson(src.env, 'ok', [await makeImage(work, 'ok.qcow2', 'qcow2', 8 * MiB, [{ offset: 0, length: MiB, pattern: 0x61 }])]);
+  const chunksOf = async () => [...(await objects(src.repo)).keys()].filter((n) => n.startsWith('chunks/'));
+  const before = new Set(await chunksOf());
+  const bad = await backupJson(src.env, 'bad', [img]);
+  const badChunks = (await chunksOf()).filter((n) => !before.has(n));
+  assert.equal(badChunks.length, 6);
+
+  const wrong = await cli(['copy', '--from-repo', src.repo], { ...env, VMVAULT_FROM_PASSWORD: 'not the passphrase' });
+  assert.equal(wrong.code, 1);
+  assert.match(wrong.stderr, new RegExp(`wrong passphrase: it opens none of the 1 readable key\\(s\\) of the repository at ${src.repo}`));
+  const itself = await cli(['copy', '--from-repo', dst.repo], { ...env, VMVAULT_FROM_PASSWORD: PASSWORD });
+  assert.match(itself.stderr, /the source and the destination are the same repository/);
+  const small = await initRepo(local, ['--chunk-size', '1M']);
+  const sizes = await cli(['copy', '--from-repo', src.repo], { ...small.env, VMVAULT_FROM_PASSWORD: PASSWORD });
+  assert.equal(sizes.code, 1);
+  assert.match(sizes.stderr, /the source repository's chunks are 4194304 bytes and the destination's 1048576: .*nothing was copied/);
+  const unknown = await cli(['copy', '--from-repo', src.repo, '--vm', 'nosuch'], env);
+  assert.match(unknown.stderr, /the source repository has no backup of "nosuch"; nothing was copied/);
+
+  // One of the bad backup's chunks, altered in the source.
+  const chunk = badChunks[3]!.split('/').pop()!;
+  const file = join(src.repo, badChunks[3]!);
+  const bytes = await readFile(file);
+  bytes[bytes.length - 1]! ^= 0x40;
+  await writeFile(file, bytes);
+  const failed = await cli(['copy', '--from-repo', src.repo], env);
+  assert.equal(failed.code, 1, failed.stdout);
+  assert.match(failed.stderr, new RegExp(`backup ${bad.id.slice(0, 12)} of bad cannot be copied: chunk chunks/${chunk.slice(0, 2)}/${chunk} .*nothing of it was committed`));
+  const there = (await cliJson<Array<{ id: string }>>(['backups'], dst.env)).map((b) => b.id);
+  assert.deepEqual(there, [], 'the bad backup sorts first (by VM name): nothing was committed before it failed');
+  // Only the good one then.
+  const only = await cliJson<Result>(['copy', '--from-repo', src.repo, '--vm', 'ok'], env);
+  assert.deepEqual(only.copied.map((c) => c.id), [good.id]);
+  assert.deepEqual((await cliJson<Array<{ id: string }>>(['backups'], dst.env)).map((b) => b.id), [good.id]);
+});
