@@ -15,7 +15,10 @@
  * manifest, under the destination's shared lock (gc cannot delete what the copy
  * reuses) and the source's read lock. A chunk the source cannot produce (missing,
  * damaged) fails that backup's copy, naming it; nothing of it is committed, and the
- * backups copied before it stand. A copy carries no dirty bitmap or file stamp: those
+ * backups copied before it stand. A backup named by id that the destination lists but
+ * cannot read (its manifest damaged there) is copied again, which puts back a good
+ * manifest. A copy
+ * carries no dirty bitmap or file stamp: those
  * speak of the source's chain, and the first backup made into the destination itself
  * reads its disks in full.
  */
@@ -51,6 +54,8 @@ export interface CopiedBackup {
   bytesUploaded: number;
   /** Chunks known from a copy made before (the destination's word, checked by one stat each): not read. */
   chunksKnown: number;
+  /** The destination had this backup, but its manifest there could not be read: the copy replaced it. */
+  replaced?: true;
 }
 
 /** `unreadable`: its source manifest cannot be read (not copied, and worth a look); else the destination has it, or it was pruned meanwhile. */
@@ -72,8 +77,20 @@ export async function copyBackups(from: Repository, to: Repository, opts: CopyOp
 
 async function run(from: Repository, to: Repository, opts: CopyOptions, lock: HeldLock): Promise<CopyResult> {
   const sourceIds = await from.backupIds();
-  const have = new Set(await to.backupIds());
+  const listed = new Set(await to.backupIds());
   const chosen = new Set((opts.ids ?? []).map((p) => resolvePrefix(p, sourceIds, 'backup')));
+  // What the destination has: a backup named by id is also read there, and copied again
+  // when its manifest cannot be read, which puts a good one back (the others are taken
+  // on the listing's word: reading every manifest at each run would cost too much).
+  const have = new Set(listed);
+  await mapLimit([...chosen].filter((id) => listed.has(id)), 8, async (id) => {
+    try {
+      await to.loadManifest(id);
+    } catch (err) {
+      if (err instanceof IntegrityError) have.delete(id);
+      else if (!(err instanceof NotFoundError)) throw err;
+    }
+  });
   // Summaries select and order; each manifest is read whole only when its turn comes.
   const summaries = await from.backupSummaries();
   const readable = new Set(summaries.map((s) => s.id));
@@ -126,6 +143,7 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
       map = await mapFromCopies(from, to, m, sourceIds, have);
     }
     const copied = await copyOne(from, to, m, map, known, slots, opts.signal);
+    if (listed.has(m.id)) copied.report.replaced = true;
     await known.flush(true);
     await lock.confirm();
     await to.saveManifest(copied.manifest);

@@ -17,7 +17,7 @@ const { all, work } = await e2eFile('vmvault-copy-');
 const local = all.find((b) => b.name === 'local')!;
 const s3 = all.find((b) => b.name === 's3')!;
 
-interface Copied { id: string; vm: string; chunksRead: number; chunksUploaded: number; chunksKnown: number; bytesUploaded: number }
+interface Copied { id: string; vm: string; chunksRead: number; chunksUploaded: number; chunksKnown: number; bytesUploaded: number; replaced?: true }
 interface Result { copied: Copied[]; skipped: Array<{ id: string; skipped: string; unreadable: boolean }> }
 
 /** Six chunks of data (4 MiB chunks), each its own pattern, and two of zeros. */
@@ -110,4 +110,19 @@ test('copy refuses what it cannot do, and a damaged source chunk fails only that
   const only = await cliJson<Result>(['copy', '--from-repo', src.repo, '--vm', 'ok'], env);
   assert.deepEqual(only.copied.map((c) => c.id), [good.id]);
   assert.deepEqual((await cliJson<Array<{ id: string }>>(['backups'], dst.env)).map((b) => b.id), [good.id]);
+  // Its manifest damaged in the destination: a copy naming it puts a good one back.
+  const manifest = join(dst.repo, 'backups', good.id);
+  const sealed = await readFile(manifest);
+  sealed[sealed.length - 5]! ^= 0x01;
+  await writeFile(manifest, sealed);
+  const shown = await cliJson<Array<{ id: string; damaged?: string }>>(['backups'], dst.env);
+  assert.deepEqual(shown.map((b) => [b.id, !!b.damaged]), [[good.id, true]], 'the copy is listed as damaged');
+  // A run over every backup takes the listing's word; one naming the backup reads it there too.
+  assert.deepEqual((await cliJson<Result>(['copy', '--from-repo', src.repo, '--vm', 'ok'], env)).copied, []);
+  const healed = await cliJson<Result>(['copy', '--from-repo', src.repo, good.id], env);
+  assert.deepEqual(healed.copied.map((c) => [c.id, c.chunksRead, c.chunksUploaded, c.replaced]), [[good.id, 1, 0, true]]);
+  assert.deepEqual((await cliJson<Array<{ id: string; damaged?: string }>>(['backups'], dst.env)).map((b) => [b.id, !!b.damaged]), [[good.id, false]]);
+  const to = join(work, 'healed');
+  await mkdir(to);
+  await cliJson(['restore', good.id, '--to', to], dst.env);
 });

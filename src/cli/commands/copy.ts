@@ -24,7 +24,7 @@ export function registerCopyCommand(program: Command, globals: () => GlobalOptio
       });
       const line = (b: CopiedBackup | SkippedBackup) => 'skipped' in b
         ? `skipped ${b.id.slice(0, 12)}${b.vm ? ` of ${b.vm} (${b.time})` : ''}: ${b.skipped}`
-        : `copied ${b.id.slice(0, 12)} of ${b.vm} (${b.time}): read ${b.chunksRead} chunk(s), uploaded ${b.chunksUploaded} (${formatBytes(b.bytesUploaded)}), ${b.chunksKnown} known from an earlier copy`;
+        : `copied ${b.id.slice(0, 12)} of ${b.vm} (${b.time}): read ${b.chunksRead} chunk(s), uploaded ${b.chunksUploaded} (${formatBytes(b.bytesUploaded)}), ${b.chunksKnown} known from an earlier copy${b.replaced ? '; its damaged manifest in this repository was replaced' : ''}`;
       let result;
       try {
         result = await copyBackups(from, to, {
