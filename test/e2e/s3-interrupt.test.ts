@@ -6,11 +6,12 @@
  * exit within seconds, say it was interrupted, leave no lock and no manifest (no
  * restored file), and the proxy must see the held requests closed by the client. The
  * backup run afterwards through the same repository completes and restores identical
- * (what the cut uploads may have left is only unreferenced).
+ * (what the cut uploads may have left is only unreferenced). A copy of it to another
+ * repository, with the chunk GETs held, is cut the same way.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { compareImages } from '../../src/disk/qemu.js';
@@ -52,9 +53,11 @@ test('SIGINT during a backup to S3, then a restore from it, cuts the chunk reque
     const interrupted = async (args: string[], method: 'PUT' | 'GET', what: string) => {
       const isHeld = (q: ProxiedRequest) => q.method === method && q.path.includes('/chunks/');
       proxy.delayFor = (m, path) => (m === method && path.includes('/chunks/') ? HELD_MS : 0);
+      const since = proxy.log.length; // this command's requests only
+      const mine = () => proxy.log.slice(since).filter(isHeld);
       const p = start(args, env);
       try {
-        await waitFor(`chunk ${method}s to be under way`, () => proxy.log.filter(isHeld).length >= 2, 60_000, p.output);
+        await waitFor(`chunk ${method}s to be under way`, () => mine().length >= 2, 60_000, p.output);
         const at = Date.now();
         p.kill('SIGINT');
         const r = await p;
@@ -62,7 +65,7 @@ test('SIGINT during a backup to S3, then a restore from it, cuts the chunk reque
         assert.notEqual(r.exitCode, 0, p.output());
         assert.ok(took < 15_000, `the ${what} took ${took} ms to stop (chunk ${method}s are held ${HELD_MS} ms)`);
         assert.match(p.output(), new RegExp(`the ${what} was interrupted \\(SIGINT\\)`));
-        const held = proxy.log.filter(isHeld);
+        const held = mine();
         console.log(`# s3 interrupt: the ${what} stopped ${took} ms after SIGINT; ${held.length} chunk ${method}(s) were held`);
         await waitFor(`the held ${method}s to be closed by the client`, () => held.every((h) => h.end !== undefined && h.end - h.start < HELD_MS / 2), 5000, p.output);
         assert.ok(held.every((h) => h.status === undefined), 'none was answered');
@@ -96,6 +99,23 @@ test('SIGINT during a backup to S3, then a restore from it, cuts the chunk reque
     const restored = await cliJson(['restore', made.id, '--to', join(work, 'out')], env);
     const cmp = await compareImages(src, restored.files[0].path, 'qcow2', 'qcow2');
     assert.ok(cmp.identical, cmp.output);
+
+    // A copy of it to a directory repository, reading the S3 one: cut at SIGINT as well,
+    // nothing committed in the destination and no lock left in either.
+    const dest = join(work, 'copy-dest');
+    assert.equal((await cli(['--repo', dest, 'init', '--kdf', 'weak', '--chunk-size', '256K'], env)).code, 0);
+    const fromPass = join(work, 'from-pass');
+    await writeFile(fromPass, PASSWORD);
+    assert.match(await interrupted(['--repo', dest, 'copy', '--from-repo', repo, '--from-password-file', fromPass, '--json'], 'GET', 'copy'),
+      /the backups copied before it stand; the one under way was not committed/);
+    assert.deepEqual(await readdir(join(dest, 'backups')).catch(() => []), [], 'nothing committed in the destination');
+    assert.deepEqual(await readdir(join(dest, 'locks')).catch(() => []), [], 'no lock left in the destination');
+    const source = openStorage(s3.repoUrl('interrupt'));
+    try {
+      for await (const o of source.list('locks/')) assert.fail(`lock ${o.name} left in the source`);
+    } finally {
+      await source.close();
+    }
   } finally {
     await proxy.down();
   }
