@@ -1,6 +1,6 @@
 /**
  * The maintenance worker: consumes the shared queue (prune, gc, verify), which any
- * host may run. Prune finds its policy by name in the policies directory, and hands
+ * host may run (copy, too: every host's configuration needs the same maintenance.copy). Prune finds its policy by name in the policies directory, and hands
  * prune the other policies there and the inventory (to resolve tags): an on-demand
  * backup goes only when every policy selecting its VM would remove it. GC takes
  * the repository's exclusive lock; while backups hold shared ones it fails with a
@@ -9,7 +9,8 @@
  */
 import { Worker } from 'bullmq';
 import { pino, type Logger } from 'pino';
-import { IntegrityError, NotFoundError } from '../src/errors.js';
+import { IntegrityError, NotFoundError, VmvaultError } from '../src/errors.js';
+import { copyBackups } from '../src/pipeline/copy.js';
 import { loadPolicies } from '../src/policy/load.js';
 import type { Policy } from '../src/policy/schema.js';
 import { selectionOf, type InventoryVm } from '../src/policy/select.js';
@@ -38,6 +39,12 @@ export interface MaintenanceWorkerOptions {
   inventory?: () => readonly InventoryVm[];
   logger?: Logger;
   stalledIntervalMs?: number;
+  /**
+   * Where `copy` jobs copy the repository's backups (config maintenance.copy.to), with its
+   * passphrase: read at each job, so a worker whose copy settings are wrong still runs
+   * the other jobs, and its copy jobs fail saying why.
+   */
+  copyTo?: () => Promise<{ url: string; passphrase: string }>;
 }
 
 export interface MaintenanceWorker { close(): Promise<void> }
@@ -105,6 +112,28 @@ async function run(repo: Repository, options: MaintenanceWorkerOptions, p: Maint
           'Put a good copy of each back, or run "vmvault repair --remove" if those backups are lost, then run gc again');
       }
       return report;
+    }
+    case 'copy': {
+      if (!options.copyTo) {
+        throw new VmvaultError('BAD_INPUT', 'a copy job reached a worker whose configuration has no maintenance.copy.to: give every host\'s configuration the same maintenance.copy');
+      }
+      const where = await options.copyTo();
+      const to = await Repository.open(openStorage(where.url), where.passphrase);
+      try {
+        const result = await copyBackups(repo, to);
+        for (const s of result.skipped.filter((x) => x.unreadable)) log.warn({ backup: s.id }, `not copied: ${s.skipped}`);
+        const unreadable = result.skipped.filter((x) => x.unreadable);
+        if (unreadable.length) {
+          throw new IntegrityError(`copied ${result.copied.length} backup(s), but ${unreadable.length} could not be read in this repository and were not copied ` +
+            `(${unreadable.map((x) => x.id.slice(0, 12)).join(', ')}): "vmvault backups" says why`);
+        }
+        return {
+          to: to.storage.location, copied: result.copied.map((c) => c.id), skipped: result.skipped.length,
+          chunksUploaded: result.copied.reduce((n, c) => n + c.chunksUploaded, 0), bytesUploaded: result.copied.reduce((n, c) => n + c.bytesUploaded, 0),
+        };
+      } finally {
+        await to.storage.close();
+      }
     }
     case 'verify': {
       const report = await verify(repo, {

@@ -169,6 +169,7 @@ export const LinkSchema = z.object({
 
 export const PruneRequest = z.strictObject({ policy: z.string().min(1), vms: z.array(z.string().min(1)).optional(), dryRun: z.boolean().default(false) }).openapi('PruneRequest');
 export const GcRequest = z.strictObject({ dryRun: z.boolean().default(false) }).openapi('GcRequest');
+export const CopyRequest = z.strictObject({}).openapi('CopyRequest');
 export const VerifyRequest = z.strictObject({
   readData: z.boolean().default(false),
   readDataSubset: z.string().min(1).max(16).optional().openapi({ description: 'read only k/n of the chunks (1/7 … 7/7 cover each once) or p% at random' }),

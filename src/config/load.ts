@@ -12,7 +12,7 @@ import { VmvaultError } from '../errors.js';
 import { hideFromTools } from '../tool-env.js';
 import { formatProblem, validateYaml, type PolicyProblem, type YamlFileKind } from '../policy/load.js';
 import { parseRepositoryUrl } from '../storage/open.js';
-import { checkConfig, CONFIG_KEYS, configSchema, DEFAULT_POLICIES_DIR, effectiveDiskName, type Config, type VmConfig } from './schema.js';
+import { checkConfig, CONFIG_KEYS, configSchema, DEFAULT_POLICIES_DIR, effectiveDiskName, type Config, type RepositoryConfig, type VmConfig } from './schema.js';
 
 /** One problem in the configuration file; `line` and `col` are 1-based. */
 export type ConfigProblem = PolicyProblem;
@@ -47,11 +47,11 @@ export function parseConfig(text: string, file: string, options: { host?: string
   const parsed = result.value;
   const dir = dirname(resolve(file));
   const repo = parsed.repository;
+  const copy = parsed.maintenance.copy;
   const config: Config = {
     ...parsed,
-    repository: repo && (repo.passwordFile !== undefined
-      ? { url: relativeRepository(repo.url, dir), passwordFile: resolve(dir, repo.passwordFile) }
-      : { url: relativeRepository(repo.url, dir), passwordEnv: repo.passwordEnv }),
+    repository: repo && relativeTo(repo, dir),
+    maintenance: { ...parsed.maintenance, ...(copy ? { copy: { ...copy, to: relativeTo(copy.to, dir) } } : {}) },
     stateDir: resolve(dir, parsed.stateDir),
     policiesDir: resolve(dir, parsed.policiesDir ?? DEFAULT_POLICIES_DIR),
     policiesDirDefaulted: parsed.policiesDir === undefined,
@@ -67,11 +67,20 @@ export function parseConfig(text: string, file: string, options: { host?: string
   return config;
 }
 
+/** A repository's URL (a directory) and password file, relative to the configuration's directory. */
+function relativeTo(repo: RepositoryConfig, dir: string): RepositoryConfig {
+  return repo.passwordFile !== undefined
+    ? { url: relativeRepository(repo.url, dir), passwordFile: resolve(dir, repo.passwordFile) }
+    : { url: relativeRepository(repo.url, dir), passwordEnv: repo.passwordEnv };
+}
+
 /** The environment variables the configuration takes a secret from. */
 export function secretEnvNames(config: Config): string[] {
   const repo = config.repository;
+  const copyTo = config.maintenance.copy?.to;
   return [
     ...(repo && 'passwordEnv' in repo && repo.passwordEnv ? [repo.passwordEnv] : []),
+    ...(copyTo && 'passwordEnv' in copyTo && copyTo.passwordEnv ? [copyTo.passwordEnv] : []),
     ...(config.alerts?.webhooks ?? []).flatMap((w) => (w.secretEnv ? [w.secretEnv] : [])),
     ...(config.alerts?.email?.smtp.passwordEnv ? [config.alerts.email.smtp.passwordEnv] : []),
   ];

@@ -189,7 +189,9 @@ const maintenanceSchema = z.strictObject({
       .default('none'),
   }, { error: 'expected { schedule, readData }' }).optional(),
   gc: z.strictObject({ schedule: cronSchedule }, { error: 'expected { schedule }' }).optional(),
-}, { error: 'expected { timezone?, verify?: { schedule, readData }, gc?: { schedule } }' });
+  /** An off-site copy: the service's repository copied into `to` (vmvault copy), each run one job. */
+  copy: z.strictObject({ schedule: cronSchedule, to: repositorySchema }, { error: 'expected { schedule, to: { url, passwordFile or passwordEnv } }' }).optional(),
+}, { error: 'expected { timezone?, verify?: { schedule, readData }, gc?: { schedule }, copy?: { schedule, to } }' });
 
 export const configSchema = z.strictObject({
   repository: repositorySchema.optional(),
@@ -228,7 +230,7 @@ export type Config = Omit<Parsed, 'vms' | 'api' | 'policiesDir'> & {
 export const CONFIG_KEYS: readonly string[] = [
   ...Object.keys(configSchema.shape), 'url', 'passwordFile', 'passwordEnv',
   ...Object.keys(vmSchema.shape), ...Object.keys(diskSchema.shape), ...Object.keys(apiSchema.shape), 'role', 'sha256', 'restoreRoots', 'exportAddress',
-  ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData', ...ALERT_KEYS,
+  ...Object.keys(maintenanceSchema.shape), 'schedule', 'readData', 'to', ...ALERT_KEYS,
   'sentinels', 'cluster', 'username', 'password', 'sentinelPassword', 'db', 'tls', 'port',
 ];
 

@@ -69,6 +69,8 @@ export const maintenancePayloadSchema = z.discriminatedUnion('kind', [
     readDataSubset: nonEmpty.refine(isSubset, 'expected k/n (e.g. 1/7) or a percentage (e.g. 10%)').optional(),
     backups: z.array(nonEmpty).optional(),
   }).refine((p) => !(p.readData && p.readDataSubset), { path: ['readDataSubset'], message: 'readData reads every chunk: leave out readDataSubset or readData' }),
+  /** Copies the repository's backups to the worker configuration's maintenance.copy.to (no secret travels in the job). */
+  z.strictObject({ kind: z.literal('copy') }),
 ]);
 
 function isSubset(text: string): boolean {

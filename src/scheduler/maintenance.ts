@@ -1,5 +1,5 @@
 /**
- * The maintenance schedule (config `maintenance:`): verify and gc at set times, each
+ * The maintenance schedule (config `maintenance:`): verify, gc and an off-site copy at set times, each
  * run one job on the shared maintenance queue under an id derived from its kind and
  * slot, so scheduler replicas enqueue it once. Deciding what a slot's job is, is pure.
  *
@@ -17,11 +17,13 @@ export interface MaintenanceSchedule {
   timezone?: string | undefined;
   verify?: { schedule: string; readData: string } | undefined;
   gc?: { schedule: string } | undefined;
+  copy?: { schedule: string } | undefined;
 }
 
 export type MaintenancePayload =
   | { kind: 'verify'; readData: boolean; readDataSubset?: string }
-  | { kind: 'gc'; dryRun: false };
+  | { kind: 'gc'; dryRun: false }
+  | { kind: 'copy' };
 
 export interface MaintenanceJobRequest { jobId: string; slot: Date; payload: MaintenancePayload }
 
@@ -41,6 +43,7 @@ export function rotationSlice(schedule: string, slot: Date, n: number): number {
 export function maintenanceJob(kind: MaintenancePayload['kind'], s: MaintenanceSchedule, slot: Date): MaintenanceJobRequest {
   const at = new Date(Math.floor(slot.getTime() / 1000) * 1000);
   if (kind === 'gc') return { jobId: maintenanceJobId('gc', at), slot: at, payload: { kind: 'gc', dryRun: false } };
+  if (kind === 'copy') return { jobId: maintenanceJobId('copy', at), slot: at, payload: { kind: 'copy' } };
   const readData = s.verify?.readData ?? 'none';
   const rotate = /^rotate (\d+)$/.exec(readData);
   const payload: MaintenancePayload = readData === 'all' ? { kind: 'verify', readData: true }
@@ -53,7 +56,7 @@ export function maintenanceJob(kind: MaintenancePayload['kind'], s: MaintenanceS
 /** One node-cron task per scheduled kind; `fire` enqueues (and reports its own errors). */
 export function scheduleMaintenance(s: MaintenanceSchedule, fire: (job: MaintenanceJobRequest) => void): ScheduledTask[] {
   const tasks: ScheduledTask[] = [];
-  for (const kind of ['verify', 'gc'] as const) {
+  for (const kind of ['verify', 'gc', 'copy'] as const) {
     const schedule = s[kind]?.schedule;
     if (!schedule) continue;
     tasks.push(cron.schedule(schedule, (ctx) => fire(maintenanceJob(kind, s, ctx.date)), {

@@ -22,7 +22,7 @@ import { pino, type Logger } from 'pino';
 import { passphrase as readPassphrase } from '../config/passphrase.js';
 import { parseConfig, selectVms } from '../config/load.js';
 import { VmInventory } from '../config/inventory.js';
-import type { Config } from '../config/schema.js';
+import type { Config, RepositoryConfig } from '../config/schema.js';
 import { NAME_RE } from '../policy/schema.js';
 import { errnoCode, errorMessage, VmvaultError } from '../errors.js';
 import { checkNoEviction, closeRedis, createConnection } from '../queue/connection.js';
@@ -77,6 +77,11 @@ export function stopDeadlineMs(env: NodeJS.ProcessEnv): number {
 export async function repositoryFrom(config: Config): Promise<{ url: string; passphrase: string }> {
   const r = config.repository;
   if (!r) throw new VmvaultError('BAD_INPUT', 'no repository in the configuration: add repository: { url, passwordFile } (or run "vmvault up", which makes one in its state directory)');
+  return openingOf(r);
+}
+
+/** A configured repository's URL and passphrase (from its passwordFile or passwordEnv). */
+async function openingOf(r: RepositoryConfig): Promise<{ url: string; passphrase: string }> {
   const pass = 'passwordFile' in r && r.passwordFile !== undefined
     ? await readPassphrase(r.passwordFile, 'VMVAULT_PASSWORD', 'repository passphrase: ')
     : await readPassphrase(undefined, (r as { passwordEnv: string }).passwordEnv, 'repository passphrase: ');
@@ -267,6 +272,7 @@ export async function runWorker(
     // Live under up (the VM file adds to config.vms); a worker of another host knows its configuration's VMs only.
     inventory: () => config.vms,
     ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
+    ...(config.maintenance.copy ? { copyTo: () => openingOf(config.maintenance.copy!.to) } : {}),
   }).catch(async (err: unknown) => {
     await worker.close();
     throw err;

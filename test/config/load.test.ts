@@ -7,7 +7,7 @@ import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VmvaultError } from '../../src/errors.js';
-import { ConfigFileError, configPathFrom, loadConfig, parseConfig, selectVms, vmsOnHost } from '../../src/config/load.js';
+import { ConfigFileError, configPathFrom, loadConfig, parseConfig, secretEnvNames, selectVms, vmsOnHost } from '../../src/config/load.js';
 
 /** At the repository's top level: above dist/test/config/, or the working directory when built elsewhere. */
 const EXAMPLE = [fileURLToPath(new URL('../../../vmvault.example.yaml', import.meta.url)), join(process.cwd(), 'vmvault.example.yaml')]
@@ -208,6 +208,17 @@ describe('problems, each at its FILE:LINE:COL', () => {
     for (const bad of ['rotate 0', '0%', '150%']) {
       assert.match(problems(`maintenance:\n  verify: { schedule: "0 4 * * *", readData: "${bad}" }\n`)[0]!, /maintenance\.verify\.readData/, bad);
     }
+  });
+
+  test('maintenance.copy: a schedule and the repository copied to, its directory and password file relative to the file; its password variable kept from the tools', () => {
+    const c = parseConfig('maintenance:\n  copy:\n    schedule: "0 6 * * *"\n    to: { url: offsite, passwordFile: offsite.pass }\n', '/etc/vmvault/c.yaml');
+    assert.deepEqual(c.maintenance.copy, { schedule: '0 6 * * *', to: { url: '/etc/vmvault/offsite', passwordFile: '/etc/vmvault/offsite.pass' } });
+    const s3 = parseConfig('maintenance:\n  copy: { schedule: "0 6 * * *", to: { url: "s3://offsite/vmvault", passwordEnv: OFFSITE_PASS } }\n', 'c.yaml');
+    assert.deepEqual(s3.maintenance.copy?.to, { url: 's3://offsite/vmvault', passwordEnv: 'OFFSITE_PASS' });
+    assert.ok(secretEnvNames(s3).includes('OFFSITE_PASS'));
+    const lines = problems('maintenance:\n  copy: { schedule: "0 6 * * *" }\n');
+    assert.ok(lines.some((l) => /maintenance\.copy.*to/.test(l)), lines.join('\n'));
+    assert.ok(problems('maintenance:\n  copy: { schedule: "0 6 * * *", to: { url: x, passwordFile: a, passwordEnv: B } }\n').some((l) => /not both/.test(l)));
   });
 
   test('several problems in one file are all reported, in file order', () => {

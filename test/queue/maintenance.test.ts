@@ -76,4 +76,9 @@ test('backups under a policy are pruned by maintenance jobs; gc and verify run a
   const unknown = await mq.finished(await enqueueMaintenance(mq.queue, { kind: 'prune', policy: 'nope' }));
   assert.equal(unknown.attemptsMade, 1);
   assert.match(unknown.failedReason ?? '', /policy "nope" is not among the valid policies/);
+
+  // A copy job on a worker whose configuration has no maintenance.copy.to: failed at once, saying so.
+  const nowhere = await mq.finished(await enqueueMaintenance(mq.queue, { kind: 'copy' }));
+  assert.equal(nowhere.attemptsMade, 1);
+  assert.match(nowhere.failedReason ?? '', /a copy job reached a worker whose configuration has no maintenance\.copy\.to/);
 });

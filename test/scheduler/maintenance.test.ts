@@ -41,6 +41,9 @@ test('a slot\'s job: id from kind and slot, payload from readData', () => {
   assert.deepEqual(rotating.payload, { kind: 'verify', readData: false, readDataSubset: `${rotationSlice('0 4 * * *', slot, 7)}/7` });
   assert.equal(rotating.jobId, 'maintenance+verify+1748750400');
   assertJobId(rotating.jobId);
+  const copy = maintenanceJob('copy', { copy: { schedule: '0 6 * * *' } }, slot);
+  assert.deepEqual(copy, { jobId: 'maintenance+copy+1748750400', slot: new Date('2025-06-01T04:00:00Z'), payload: { kind: 'copy' } });
+  assertJobId(copy.jobId);
 });
 
 test('the scheduler enqueues verify and gc on their schedules, under the same ids from two replicas, and stops', async () => {

@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pino } from 'pino';
@@ -23,6 +24,8 @@ import { startRedis, type TestRedis } from '../../helpers/redis.js';
 export const TOKENS = { viewer: 'viewer-token-0123456789', operator: 'operator-token-0123456789', admin: 'admin-token-0123456789' } as const;
 export type Role = keyof typeof TOKENS;
 const PASSPHRASE = 'routes test passphrase';
+/** The off-site repository's (copy jobs write to DIR/offsite). */
+export const OFFSITE_PASSPHRASE = 'routes test off-site passphrase';
 const MiB = 1024 * 1024;
 export const WEB_WRITES = [{ offset: 0, length: MiB, pattern: 0x5a }, { offset: 5 * MiB, length: 2 * MiB, pattern: 0xa5 }];
 
@@ -82,7 +85,15 @@ export async function startFixture(opts: { workers?: boolean } = {}): Promise<Fi
   let maintenance: MaintenanceWorker | undefined;
   if (opts.workers) {
     host = await startHostWorker({ host: 'hosta', redisUrl: redis.url, repoUrl, passphrase: PASSPHRASE, restoreRoots: [restoreRoot], stateDir: join(dir, 'state'), logger, progressIntervalMs: 100 });
-    maintenance = await startMaintenanceWorker({ redisUrl: redis.url, repoUrl, passphrase: PASSPHRASE, policiesDir, logger, inventory: () => config.vms });
+    maintenance = await startMaintenanceWorker({
+      redisUrl: redis.url, repoUrl, passphrase: PASSPHRASE, policiesDir, logger, inventory: () => config.vms,
+      // The off-site repository of copy jobs: made at the first copy.
+      copyTo: async () => {
+        const url = join(dir, 'offsite');
+        if (!existsSync(join(url, 'config'))) await Repository.init(new LocalStorage(url), OFFSITE_PASSPHRASE, { kdf: 'weak' });
+        return { url, passphrase: OFFSITE_PASSPHRASE };
+      },
+    });
   }
 
   const call: Fixture['call'] = async (method, path, o = {}) => {

@@ -1,9 +1,12 @@
-/** /v1/maintenance in-process, with a real maintenance worker: prune, gc and verify jobs, and bad input. */
+/** /v1/maintenance in-process, with a real maintenance worker: prune, gc, verify and copy jobs, and bad input. */
 import assert from 'node:assert/strict';
 import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { assertError, backupWeb, listedBackups, startFixture, type Fixture } from './fixture.js';
+import { Repository } from '../../../src/repo/repository.js';
+import { LocalStorage } from '../../../src/storage/local.js';
+import { verify } from '../../../src/pipeline/verify.js';
+import { assertError, backupWeb, listedBackups, OFFSITE_PASSPHRASE, startFixture, type Fixture } from './fixture.js';
 
 let f: Fixture;
 let ids: string[];
@@ -30,6 +33,18 @@ describe('/v1/maintenance', () => {
     await listedBackups(f, '', (items) => items.length === 2 && items.every((b) => b.verification?.status === 'ok'));
     await run('/v1/maintenance/gc', { dryRun: true });
     assert.equal((await f.call('GET', '/v1/backups', { role: 'viewer' })).body.items.length, 2);
+  });
+
+  test('copy copies every backup to the off-site repository, readable there with its own key; the next run copies nothing again', async () => {
+    const first = await run('/v1/maintenance/copy');
+    assert.deepEqual([[...first.result.copied].sort(), first.result.skipped], [[...ids].sort(), 0]);
+    assert.ok(first.result.chunksUploaded > 0);
+    const offsite = await Repository.open(new LocalStorage(join(f.dir, 'offsite')), OFFSITE_PASSPHRASE, { cacheDir: false });
+    assert.deepEqual((await offsite.backupIds()).sort(), [...ids].sort());
+    const checked = await verify(offsite, { readData: true });
+    assert.deepEqual([checked.ok, checked.backupsChecked], [true, 2]);
+    const again = await run('/v1/maintenance/copy');
+    assert.deepEqual([again.result.copied, again.result.skipped, again.result.chunksUploaded], [[], 2, 0]);
   });
 
   test('the retention preview says what prune will do, with the rules that keep each backup', async () => {
