@@ -155,16 +155,19 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
 }
 
 /**
- * How the source's chunk ids map to the destination's, from the newest backup of `m`'s
- * VM (before it) that both repositories hold: its two manifests, disk by disk and chunk
- * by chunk. Empty when there is none, or the two do not line up (then every chunk is read).
+ * How the source's chunk ids map to the destination's, from the backup of `m`'s VM
+ * nearest to it in time that both repositories hold (most often the one just before):
+ * its two manifests, disk by disk and chunk by chunk. Empty when there is none, or the
+ * two do not line up (then every chunk is read).
  */
 async function mapFromCopies(from: Repository, to: Repository, m: Manifest, sourceIds: string[], have: Set<string>): Promise<Map<string, string>> {
   const map = new Map<string, string>();
-  const history = (await to.vmBackups(m.vm))
-    .filter((b) => b.time <= m.time && b.id !== m.id && have.has(b.id) && sourceIds.includes(b.id))
-    .sort((a, b) => b.time.localeCompare(a.time));
-  const pair = history[0];
+  const inSource = new Set(sourceIds);
+  const at = Date.parse(m.time);
+  const apart = (b: { time: string }) => Math.abs(Date.parse(b.time) - at);
+  const pair = (await to.vmBackups(m.vm))
+    .filter((b) => b.id !== m.id && have.has(b.id) && inSource.has(b.id))
+    .sort((a, b) => apart(a) - apart(b))[0];
   if (!pair) return map;
   let mine: Manifest;
   let theirs: Manifest;
