@@ -118,21 +118,22 @@ async function run(repo: Repository, options: MaintenanceWorkerOptions, p: Maint
         throw new VmvaultError('BAD_INPUT', 'a copy job reached a worker whose configuration has no maintenance.copy.to: give every host\'s configuration the same maintenance.copy');
       }
       const where = await options.copyTo();
-      const to = await Repository.open(openStorage(where.url), where.passphrase);
+      const storage = openStorage(where.url);
       try {
+        const to = await Repository.open(storage, where.passphrase);
         const result = await copyBackups(repo, to);
-        for (const s of result.skipped.filter((x) => x.unreadable)) log.warn({ backup: s.id }, `not copied: ${s.skipped}`);
-        const unreadable = result.skipped.filter((x) => x.unreadable);
-        if (unreadable.length) {
-          throw new IntegrityError(`copied ${result.copied.length} backup(s), but ${unreadable.length} could not be read in this repository and were not copied ` +
-            `(${unreadable.map((x) => x.id.slice(0, 12)).join(', ')}): "vmvault backups" says why`);
+        const failed = result.skipped.filter((x) => x.failed);
+        for (const s of failed) log.warn({ backup: s.id }, `not copied: ${s.skipped}`);
+        if (failed.length) {
+          throw new IntegrityError(`copied ${result.copied.length} backup(s), but ${failed.length} could not be copied: ` +
+            failed.map((x) => `${x.id.slice(0, 12)}: ${x.skipped}`).join('; '));
         }
         return {
           to: to.storage.location, copied: result.copied.map((c) => c.id), skipped: result.skipped.length,
           chunksUploaded: result.copied.reduce((n, c) => n + c.chunksUploaded, 0), bytesUploaded: result.copied.reduce((n, c) => n + c.bytesUploaded, 0),
         };
       } finally {
-        await to.storage.close();
+        await storage.close();
       }
     }
     case 'verify': {

@@ -49,7 +49,8 @@ const repositoryUrl = z.string({ error: 'expected a repository URL' }).superRefi
   }
 });
 
-const repositorySchema = z
+/** A repository and where its passphrase comes from; `needsPassword`: one of passwordFile or passwordEnv must be given (no default variable). */
+const repositoryOf = (needsPassword: boolean) => z
   .strictObject({
     url: repositoryUrl,
     passwordFile: nonEmpty('a password file path').optional(),
@@ -59,10 +60,14 @@ const repositorySchema = z
     if (r.passwordFile !== undefined && r.passwordEnv !== undefined) {
       ctx.addIssue({ code: 'custom', path: ['passwordEnv'], message: 'the password comes from passwordFile or passwordEnv, not both: remove one' });
     }
+    if (needsPassword && r.passwordFile === undefined && r.passwordEnv === undefined) {
+      ctx.addIssue({ code: 'custom', message: 'give passwordFile or passwordEnv: this repository has a passphrase of its own' });
+    }
   })
   .transform((r) => (r.passwordFile !== undefined
     ? { url: r.url, passwordFile: r.passwordFile }
     : { url: r.url, passwordEnv: r.passwordEnv ?? DEFAULT_PASSWORD_ENV }));
+const repositorySchema = repositoryOf(false);
 
 const redisUrl = z.string({ error: 'expected a Redis URL' }).superRefine((url, ctx) => {
   try {
@@ -190,7 +195,7 @@ const maintenanceSchema = z.strictObject({
   }, { error: 'expected { schedule, readData }' }).optional(),
   gc: z.strictObject({ schedule: cronSchedule }, { error: 'expected { schedule }' }).optional(),
   /** An off-site copy: the service's repository copied into `to` (vmvault copy), each run one job. */
-  copy: z.strictObject({ schedule: cronSchedule, to: repositorySchema }, { error: 'expected { schedule, to: { url, passwordFile or passwordEnv } }' }).optional(),
+  copy: z.strictObject({ schedule: cronSchedule, to: repositoryOf(true) }, { error: 'expected { schedule, to: { url, passwordFile or passwordEnv } }' }).optional(),
 }, { error: 'expected { timezone?, verify?: { schedule, readData }, gc?: { schedule }, copy?: { schedule, to } }' });
 
 export const configSchema = z.strictObject({

@@ -7,15 +7,18 @@
  * then one stat, as a backup does). A copy keeps its backup's id, so that what the
  * two repositories share can be told at a glance, and so that the copies already made
  * say how the source's chunk ids map to the destination's: a VM's next backup is
- * copied by reading only the chunks its newest copied backup does not have (bounded
- * by that disk, like an incremental backup), each of those taken on the destination's
- * word after one stat.
+ * copied by reading only the chunks the copied backup nearest to it in time does not
+ * have (bounded by that disk, like an incremental backup), the others taken on the
+ * destination's word after one stat. A run copies, per VM, the backups newer than the
+ * newest one the destination has (as Proxmox Backup Server's sync does), so that what
+ * the destination's own retention pruned is not copied again; backups named by id are
+ * copied whatever their age.
  *
  * Commits as a backup does: the chunks first, then their index entries, then the
  * manifest, under the destination's shared lock (gc cannot delete what the copy
  * reuses) and the source's read lock. A chunk the source cannot produce (missing,
- * damaged) fails that backup's copy, naming it; nothing of it is committed, and the
- * backups copied before it stand. A backup named by id that the destination lists but
+ * damaged) fails that backup's copy, naming it: nothing of it is committed, and the
+ * run goes on with the next backup (and reports the failure at its end). A backup named by id that the destination lists but
  * cannot read (its manifest damaged there) is copied again, which puts back a good
  * manifest. A copy
  * carries no dirty bitmap or file stamp: those
@@ -27,7 +30,7 @@ import { chunkId } from '../crypto/chunk-id.js';
 import { openChunk, sealChunk, sealedChunkBound } from '../repo/chunk.js';
 import type { ChunkIndex } from '../repo/chunk-index.js';
 import { withLock, withReadLock, type HeldLock } from '../repo/locks.js';
-import type { DiskEntry, Manifest } from '../repo/manifest.js';
+import { UnreadableManifestError, type DiskEntry, type Manifest } from '../repo/manifest.js';
 import { mapLimit, resolvePrefix, type Repository } from '../repo/repository.js';
 
 /** Chunks read, sealed and uploaded at once (each needs three chunk-sized buffers). */
@@ -58,8 +61,13 @@ export interface CopiedBackup {
   replaced?: true;
 }
 
-/** `unreadable`: its source manifest cannot be read (not copied, and worth a look); else the destination has it, or it was pruned meanwhile. */
-export interface SkippedBackup { id: string; vm?: string; time?: string; skipped: string; unreadable: boolean }
+/**
+ * A backup not copied, and why. `failed`: the source cannot produce it (its manifest or
+ * one of its chunks cannot be read): worth a look, and the run's exit status says so.
+ * Otherwise the destination has it, or a newer backup of its VM (the destination's
+ * retention pruned it, or it was never wanted there), or it was pruned meanwhile.
+ */
+export interface SkippedBackup { id: string; vm?: string; time?: string; skipped: string; failed: boolean }
 
 export interface CopyResult { copied: CopiedBackup[]; skipped: SkippedBackup[] }
 
@@ -81,26 +89,35 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
   const chosen = new Set((opts.ids ?? []).map((p) => resolvePrefix(p, sourceIds, 'backup')));
   // What the destination has: a backup named by id is also read there, and copied again
   // when its manifest cannot be read, which puts a good one back (the others are taken
-  // on the listing's word: reading every manifest at each run would cost too much).
+  // on the listing's word: reading every manifest at each run would cost too much). One
+  // another vmvault wrote (it authenticates) is never replaced.
   const have = new Set(listed);
   await mapLimit([...chosen].filter((id) => listed.has(id)), 8, async (id) => {
     try {
       await to.loadManifest(id);
     } catch (err) {
-      if (err instanceof IntegrityError) have.delete(id);
-      else if (!(err instanceof NotFoundError)) throw err;
+      if (err instanceof IntegrityError && !(err instanceof UnreadableManifestError)) have.delete(id);
+      else if (!(err instanceof NotFoundError || err instanceof IntegrityError)) throw err;
     }
   });
+  const result: CopyResult = { copied: [], skipped: [] };
+  const skip = (s: SkippedBackup) => {
+    result.skipped.push(s);
+    opts.onBackup?.(s);
+  };
   // Summaries select and order; each manifest is read whole only when its turn comes.
   const summaries = await from.backupSummaries();
   const readable = new Set(summaries.map((s) => s.id));
-  const result: CopyResult = { copied: [], skipped: [] };
-  // A manifest that cannot be read is not copied, and said so: "every backup" must not quietly mean fewer.
+  // A manifest that cannot be read is not copied, and said so: "every backup" must not
+  // quietly mean fewer. (Gone since the listing: pruned, nothing to say.)
   for (const id of chosen.size ? chosen : opts.vms?.length ? [] : sourceIds) {
     if (readable.has(id)) continue;
-    const s = { id, skipped: 'its manifest cannot be read in the source ("vmvault backups" there says why)', unreadable: true };
-    result.skipped.push(s);
-    opts.onBackup?.(s);
+    const problem = await from.loadManifest(id).then(() => undefined, (err: unknown) => {
+      if (err instanceof NotFoundError) return null;
+      if (err instanceof IntegrityError) return err.message;
+      throw err;
+    });
+    if (problem) skip({ id, skipped: problem, failed: true });
   }
   const wanted = summaries
     .filter((m) => (!chosen.size || chosen.has(m.id)) && (!opts.vms?.length || opts.vms.includes(m.vm)))
@@ -110,6 +127,9 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
     const unknown = opts.vms.filter((vm) => !found.has(vm));
     if (unknown.length) throw new NotFoundError(`the source repository has no backup of ${unknown.map((v) => `"${v}"`).join(', ')}${chosen.size ? ' among those given' : ''}; nothing was copied`);
   }
+  // Per VM, the newest backup the destination has: older ones are not copied again unless named.
+  const newest = new Map<string, string>();
+  for (const s of summaries) if (have.has(s.id) && s.time > (newest.get(s.vm) ?? '')) newest.set(s.vm, s.time);
   const known = await to.chunkIndex({ beforeWrite: () => lock.check() });
   const slots = Array.from({ length: IN_FLIGHT }, () => ({
     sealed: Buffer.allocUnsafeSlow(sealedChunkBound(from.chunkSize)),
@@ -121,10 +141,13 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
   let vm: string | undefined;
   for (const summary of wanted) {
     opts.signal?.throwIfAborted();
+    const brief = { id: summary.id, vm: summary.vm, time: summary.time };
     if (have.has(summary.id)) {
-      const s = { id: summary.id, vm: summary.vm, time: summary.time, skipped: 'the destination has it', unreadable: false };
-      result.skipped.push(s);
-      opts.onBackup?.(s);
+      skip({ ...brief, skipped: 'the destination has it', failed: false });
+      continue;
+    }
+    if (!chosen.has(summary.id) && summary.time < (newest.get(summary.vm) ?? '')) {
+      skip({ ...brief, skipped: 'the destination has a newer backup of this VM (this one was pruned there, or not wanted): copy it by id to have it', failed: false });
       continue;
     }
     let m: Manifest;
@@ -133,16 +156,22 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
     } catch (err) {
       if (!(err instanceof NotFoundError || err instanceof IntegrityError)) throw err;
       const gone = err instanceof NotFoundError;
-      const s = { id: summary.id, vm: summary.vm, time: summary.time, skipped: gone ? 'pruned from the source meanwhile' : err.message, unreadable: !gone };
-      result.skipped.push(s);
-      opts.onBackup?.(s);
+      skip({ ...brief, skipped: gone ? 'pruned from the source meanwhile' : err.message, failed: !gone });
       continue;
     }
     if (m.vm !== vm) {
       vm = m.vm;
       map = await mapFromCopies(from, to, m, sourceIds, have);
     }
-    const copied = await copyOne(from, to, m, map, known, slots, opts.signal);
+    let copied: Awaited<ReturnType<typeof copyOne>>;
+    try {
+      copied = await copyOne(from, to, m, map, known, slots, opts.signal);
+    } catch (err) {
+      // A chunk the source cannot produce costs this backup only: the next one may not use it.
+      if (!(err instanceof IntegrityError) || opts.signal?.aborted) throw err;
+      skip({ ...brief, skipped: err.message, failed: true });
+      continue;
+    }
     if (listed.has(m.id)) copied.report.replaced = true;
     await known.flush(true);
     await lock.confirm();
@@ -205,32 +234,44 @@ async function copyOne(from: Repository, to: Repository, m: Manifest, map: Map<s
   });
   const toRead = unique.filter((id) => !map.has(id) || lacking.has(id));
   const free = [...slots];
+  // The first failure stops the other tasks (their requests cut), and every task has
+  // ended before it is thrown: none still uses a slot, or writes, once the caller goes on.
+  let failure: unknown;
+  const stop = new AbortController();
+  const cut = signal ? AbortSignal.any([signal, stop.signal]) : stop.signal;
   await mapLimit(toRead, slots.length, async (id) => {
-    signal?.throwIfAborted();
+    if (failure !== undefined) return;
     const slot = free.pop()!;
     try {
-      const n = await from.getChunkSealedInto(id, slot.sealed, signal ? { signal } : {});
+      cut.throwIfAborted();
+      const n = await from.getChunkSealedInto(id, slot.sealed, { signal: cut });
       const plain = openChunk(fromKeys, from.id, id, slot.sealed.subarray(0, n), slot.plain);
       report.chunksRead++;
       const theirs = chunkId(toKeys, plain);
       if (!(await known.present(theirs))) {
         const sealed = sealChunk(toKeys, to.id, theirs, plain, to.compressionLevel, slot.out);
-        await to.putChunk(theirs, sealed, signal ? { signal } : {});
+        await to.putChunk(theirs, sealed, { signal: cut });
         known.add(theirs);
         report.chunksUploaded++;
         report.bytesUploaded += sealed.length;
+        await known.flush(false); // a long copy indexes as it goes, and checks its lock doing so
       }
       map.set(id, theirs);
     } catch (err) {
-      if (err instanceof IntegrityError) {
-        throw new IntegrityError(`backup ${m.id.slice(0, 12)} of ${m.vm} cannot be copied: ${err.message}; nothing of it was committed ` +
-          '(run "vmvault verify" on the source repository)', { cause: err });
-      }
-      throw err;
+      failure ??= err;
+      stop.abort(err);
     } finally {
       free.push(slot);
     }
   });
+  if (failure !== undefined) {
+    if (signal?.aborted) throw signal.reason;
+    if (failure instanceof IntegrityError) {
+      throw new IntegrityError(`backup ${m.id.slice(0, 12)} of ${m.vm} cannot be copied: ${failure.message}; nothing of it was committed ` +
+        '(run "vmvault verify" on the source repository)', { cause: failure });
+    }
+    throw failure;
+  }
   const disks: DiskEntry[] = m.disks.map(({ bitmap: _b, fileStamp: _f, chainStamps: _c, ...d }) => ({
     ...d,
     chunks: d.chunks.map((id) => (id === null ? null : map.get(id)!)),

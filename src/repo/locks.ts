@@ -193,7 +193,8 @@ export const LOCK_RETRY_MAX_MS = 15_000;
 
 /** Another live process holds a lock this one excludes (not damage: worth waiting for). */
 class HeldElsewhere extends VmvaultError {
-  constructor(message: string, readonly who: string) {
+  /** `gone`: every holder is a process this host's process table proves dead: its lock stays until unlock or expiry, not worth waiting for. */
+  constructor(message: string, readonly who: string, readonly gone: boolean) {
     super('LOCKED', message, { retriable: true });
   }
 }
@@ -201,8 +202,8 @@ class HeldElsewhere extends VmvaultError {
 /**
  * Takes a lock of `kind`. When another process holds one it excludes: LOCKED at once, or,
  * with a lock wait (opts.wait, else the repository's), once that wait is over, having
- * tried again meanwhile. A damaged lock, a refused write or a storage failure is never
- * waited for.
+ * tried again meanwhile. A damaged lock, a lock whose holder this host proves gone (it
+ * needs unlock), a refused write or a storage failure is never waited for.
  */
 export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOptions): Promise<HeldLock> {
   const wait = opts.wait ?? repo.lockWait;
@@ -214,7 +215,7 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
     try {
       return await tryLock(repo, kind, opts);
     } catch (err) {
-      if (!(err instanceof HeldElsewhere)) throw err;
+      if (!(err instanceof HeldElsewhere) || err.gone) throw err;
       const left = started + wait.ms - Date.now();
       const waited = `${Math.round((Date.now() - started) / 1000)} s`;
       if (left <= 0) {
@@ -277,7 +278,7 @@ async function tryLock(repo: Repository, kind: LockKind, opts: LockOptions): Pro
     const advice = dead.length === conflicts.length
       ? `process${dead.length === 1 ? ` ${dead[0]!.lock.pid} is` : `es ${dead.map((c) => c.lock.pid).join(', ')} are`} gone from this host (killed or crashed): run "vmvault unlock" to remove ${dead.length === 1 ? 'its lock' : 'their locks'}, then try again (or wait: a lock expires ${Math.round(ttl / 60_000)} minutes after its last refresh)`
       : 'try again when that finishes; a lock whose holder crashed expires by itself';
-    throw new HeldElsewhere(`the repository is locked (${who}): ${advice}`, who);
+    throw new HeldElsewhere(`the repository is locked (${who}): ${advice}`, who, dead.length === conflicts.length);
   }
   if (damaged.length && kind === 'exclusive') {
     await repo.storage.delete(lockName(id));

@@ -80,6 +80,22 @@ export async function repositoryFrom(config: Config): Promise<{ url: string; pas
   return openingOf(r);
 }
 
+/**
+ * The off-site repository of maintenance.copy and its passphrase, read at each copy job
+ * and never prompted for (a worker on a terminal would wait there, unseen): a missing
+ * file or variable fails the job, saying which and where.
+ */
+async function copyTarget(r: RepositoryConfig): Promise<{ url: string; passphrase: string }> {
+  if ('passwordFile' in r && r.passwordFile !== undefined) return openingOf(r);
+  const name = (r as { passwordEnv: string }).passwordEnv;
+  const value = process.env[name];
+  if (!value) {
+    throw new VmvaultError('BAD_INPUT', `maintenance.copy.to: the environment variable ${name} (the passphrase of the repository copied to) is not set ` +
+      `for this worker on ${hostname()}: set it in the worker's environment, or give maintenance.copy.to.passwordFile`);
+  }
+  return { url: r.url, passphrase: value };
+}
+
 /** A configured repository's URL and passphrase (from its passwordFile or passwordEnv). */
 async function openingOf(r: RepositoryConfig): Promise<{ url: string; passphrase: string }> {
   const pass = 'passwordFile' in r && r.passwordFile !== undefined
@@ -272,7 +288,7 @@ export async function runWorker(
     // Live under up (the VM file adds to config.vms); a worker of another host knows its configuration's VMs only.
     inventory: () => config.vms,
     ...(stalledMs ? { stalledIntervalMs: stalledMs } : {}),
-    ...(config.maintenance.copy ? { copyTo: () => openingOf(config.maintenance.copy!.to) } : {}),
+    ...(config.maintenance.copy ? { copyTo: () => copyTarget(config.maintenance.copy!.to) } : {}),
   }).catch(async (err: unknown) => {
     await worker.close();
     throw err;

@@ -219,6 +219,8 @@ describe('problems, each at its FILE:LINE:COL', () => {
     const lines = problems('maintenance:\n  copy: { schedule: "0 6 * * *" }\n');
     assert.ok(lines.some((l) => /maintenance\.copy.*to/.test(l)), lines.join('\n'));
     assert.ok(problems('maintenance:\n  copy: { schedule: "0 6 * * *", to: { url: x, passwordFile: a, passwordEnv: B } }\n').some((l) => /not both/.test(l)));
+    // No default variable: the repository copied to has a passphrase of its own.
+    assert.ok(problems('maintenance:\n  copy: { schedule: "0 6 * * *", to: { url: x } }\n').some((l) => /maintenance\.copy\.to: give passwordFile or passwordEnv/.test(l)));
   });
 
   test('several problems in one file are all reported, in file order', () => {

@@ -18,12 +18,12 @@ const local = all.find((b) => b.name === 'local')!;
 const s3 = all.find((b) => b.name === 's3')!;
 
 interface Copied { id: string; vm: string; chunksRead: number; chunksUploaded: number; chunksKnown: number; bytesUploaded: number; replaced?: true }
-interface Result { copied: Copied[]; skipped: Array<{ id: string; skipped: string; unreadable: boolean }> }
+interface Result { copied: Copied[]; skipped: Array<{ id: string; skipped: string; failed: boolean }> }
 
 /** Six chunks of data (4 MiB chunks), each its own pattern, and two of zeros. */
 const six = (base: number) => Array.from({ length: 6 }, (_, i) => ({ offset: i * 4 * MiB, length: MiB, pattern: base + i }));
 
-test('copy to S3: restores identical from the copy, the second copy of a VM reads and uploads only the chunk that changed, a copy made is skipped', async () => {
+test('copy to S3: restores identical from the copy, the second copy of a VM reads and uploads only the chunk that changed, a copy made or pruned there is not made again', async () => {
   const src = await initRepo(local);
   const dst = await initRepo(s3);
   const env = { ...dst.env, VMVAULT_FROM_PASSWORD: PASSWORD };
@@ -42,14 +42,25 @@ test('copy to S3: restores identical from the copy, the second copy of a VM read
   // The VM's next backup: only the changed chunk is read; the five others are known from the first copy.
   const second = await cliJson<Result>(['copy', '--from-repo', src.repo, '--vm', 'web'], env);
   assert.deepEqual(second.copied.map((c) => [c.id, c.chunksRead, c.chunksUploaded, c.chunksKnown]), [[b2.id, 1, 1, 5]]);
-  assert.deepEqual(second.skipped.map((s) => [s.id, s.skipped, s.unreadable]), [[b1.id, 'the destination has it', false]]);
+  assert.deepEqual(second.skipped.map((s) => [s.id, s.skipped, s.failed]), [[b1.id, 'the destination has it', false]]);
   const stored = [...(await objects(dst.repo)).keys()].filter((n) => n.startsWith('chunks/'));
   assert.equal(stored.length, 7, 'each distinct chunk uploaded once');
   // Everything else: the other VM's backup; a text run says what it does.
   const rest = await cli(['copy', '--from-repo', src.repo], env);
   assert.equal(rest.code, 0, rest.stderr);
   assert.match(rest.stdout, new RegExp(`copied ${b3.id.slice(0, 12)} of db .*: read 2 chunk\\(s\\), uploaded 2 `));
-  assert.match(rest.stdout, /copied 1 backup\(s\), skipped 2/);
+  assert.match(rest.stdout, /copied 1 backup\(s\); 0 could not be copied; skipped 2 /);
+
+  // The destination's retention prunes web's first copy: the next run does not bring it back;
+  // named by id, it comes back, reading only the chunk its nearest copied backup lacks.
+  const policy = join(work, 'keep1.yaml');
+  await writeFile(policy, 'name: keep1\nschedule: "0 2 * * *"\nselect:\n  vms: [web]\nretention:\n  keepLast: 1\n');
+  assert.equal((await cli(['prune', '--policy', policy], dst.env)).code, 0);
+  const after = await cliJson<Result>(['copy', '--from-repo', src.repo], env);
+  assert.deepEqual(after.copied, []);
+  assert.match(after.skipped.find((x) => x.id === b1.id)?.skipped ?? '', /the destination has a newer backup of this VM/);
+  const back = await cliJson<Result>(['copy', '--from-repo', src.repo, b1.id], env);
+  assert.deepEqual(back.copied.map((c) => [c.id, c.chunksRead, c.chunksUploaded, c.chunksKnown]), [[b1.id, 1, 0, 5]]);
 
   // The copies keep their ids, VMs and times, and restore identical from the destination alone.
   const listed = await cliJson<Array<{ id: string; vm: string; time: string }>>(['backups'], dst.env);
@@ -71,7 +82,7 @@ test('copy to S3: restores identical from the copy, the second copy of a VM read
   assert.equal(direct.disks[0].mode, 'full');
 });
 
-test('copy refuses what it cannot do, and a damaged source chunk fails only that backup: named, nothing of it committed', async () => {
+test('copy refuses what it cannot do; a damaged source chunk fails only that backup (named, nothing of it committed) and the run goes on', async () => {
   const src = await initRepo(local);
   const dst = await initRepo(local);
   const env = { ...dst.env, VMVAULT_FROM_PASSWORD: PASSWORD };
@@ -101,15 +112,13 @@ test('copy refuses what it cannot do, and a damaged source chunk fails only that
   const bytes = await readFile(file);
   bytes[bytes.length - 1]! ^= 0x40;
   await writeFile(file, bytes);
+  // The whole run: the bad backup is not copied, named with its chunk; the good one is.
   const failed = await cli(['copy', '--from-repo', src.repo], env);
   assert.equal(failed.code, 1, failed.stdout);
-  assert.match(failed.stderr, new RegExp(`backup ${bad.id.slice(0, 12)} of bad cannot be copied: chunk chunks/${chunk.slice(0, 2)}/${chunk} .*nothing of it was committed`));
-  const there = (await cliJson<Array<{ id: string }>>(['backups'], dst.env)).map((b) => b.id);
-  assert.deepEqual(there, [], 'the bad backup sorts first (by VM name): nothing was committed before it failed');
-  // Only the good one then.
-  const only = await cliJson<Result>(['copy', '--from-repo', src.repo, '--vm', 'ok'], env);
-  assert.deepEqual(only.copied.map((c) => c.id), [good.id]);
-  assert.deepEqual((await cliJson<Array<{ id: string }>>(['backups'], dst.env)).map((b) => b.id), [good.id]);
+  assert.match(failed.stderr, new RegExp(`not copied: ${bad.id.slice(0, 12)} of bad .*: backup ${bad.id.slice(0, 12)} of bad cannot be copied: chunk chunks/${chunk.slice(0, 2)}/${chunk} .*nothing of it was committed`));
+  assert.match(failed.stdout, new RegExp(`copied ${good.id.slice(0, 12)} of ok `));
+  assert.match(failed.stdout, /copied 1 backup\(s\); 1 could not be copied; skipped 0 /);
+  assert.deepEqual((await cliJson<Array<{ id: string }>>(['backups'], dst.env)).map((b) => b.id), [good.id], 'nothing of the bad one was committed');
   // Its manifest damaged in the destination: a copy naming it puts a good one back.
   const manifest = join(dst.repo, 'backups', good.id);
   const sealed = await readFile(manifest);

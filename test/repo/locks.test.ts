@@ -286,6 +286,10 @@ test('a lock whose holder is gone from this host (a gc killed) refuses with the 
     // Nothing removes it behind the operator's back: it stands until unlock (or its expiry).
     const held = await acquireLock(r, 'shared', { purpose: 'restore' }).catch(() => undefined);
     assert.equal(held, undefined, 'the dead exclusive lock still stands until unlock');
+    // Not worth waiting for (--retry-lock): refused at once, with the way out.
+    const at = Date.now();
+    await assert.rejects(acquireLock(r, 'shared', { purpose: 'backup of web', wait: { ms: 600_000 } }), (e: VmvaultError) => e.code === 'LOCKED' && /run "vmvault unlock"/.test(e.message));
+    assert.ok(Date.now() - at < 60_000, 'not waited for');
   } finally {
     await cleanup();
   }
