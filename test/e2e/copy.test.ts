@@ -134,4 +134,8 @@ test('copy refuses what it cannot do; a damaged source chunk fails only that bac
   const to = join(work, 'healed');
   await mkdir(to);
   await cliJson(['restore', good.id, '--to', to], dst.env);
+  // --no-lock reads the source without a lock; the destination, which is written, still takes its own.
+  const unlocked = await cli(['--no-lock', 'copy', '--from-repo', src.repo, good.id], env);
+  assert.equal(unlocked.code, 0, unlocked.stderr);
+  assert.match(unlocked.stdout, /copied 0 backup\(s\); 0 could not be copied; skipped 1 /);
 });
