@@ -30,16 +30,9 @@ rm -rf "$W" && mkdir -p "$W/app" "$W/out"
 cp -a "$ROOT/bin" "$ROOT/dist" "$ROOT/package.json" "$W/app/" && ln -s "$ROOT/node_modules" "$W/app/node_modules"
 VMVAULT=$W/app/bin/vmvault.js
 load=$(cut -d' ' -f1 /proc/loadavg)
-# The same 2% change as perf-image.sh, on both copies of the disk.
-change() {
-  local c=()
-  for i in 0 1 2 3 4; do
-    c+=(-c "write -P $((0x61 + i)) $(((13 + 19 * i) * 4 * MiB)) 1M")
-    c+=(-c "write -P $((0x71 + i)) $((1024 * MiB + (7 + 16 * i) * 4 * MiB)) 1M")
-  done
-  qemu-io -f qcow2 "${c[@]}" "$W/disk.qcow2" >/dev/null
-  qemu-io -f raw "${c[@]}" "$W/disk.raw" >/dev/null
-}
+# change: the 2% change of bench/perf-lib.sh, on both copies of the disk.
+source "$HERE/perf-lib.sh"
+change() { change_disk "$W/disk.qcow2" "$W/disk.raw"; }
 # Both source repositories are read once before each copy (in the page cache, as a nightly
 # copy right after the backups finds them), and earlier writes are flushed.
 timed() {

@@ -42,18 +42,9 @@ fresh_disks() {
   cat "$IMAGE" >"$W/disk.qcow2"
   qemu-img convert -f qcow2 -O raw "$IMAGE" "$W/disk.raw"
 }
-# change: 2% of the disk changed (40 MiB of chunks): 1 MiB of a new byte pattern in each of 10
-# chunk-sized regions, 5 in the random data and 5 in the text; the same writes, through
-# qemu-io, on both copies (the qcow2 one as qcow2, so its dirty bitmap records them).
-change() {
-  local c=()
-  for i in 0 1 2 3 4; do
-    c+=(-c "write -P $((0x61 + i)) $(((13 + 19 * i) * 4 * MiB)) 1M")
-    c+=(-c "write -P $((0x71 + i)) $((1024 * MiB + (7 + 16 * i) * 4 * MiB)) 1M")
-  done
-  qemu-io -f qcow2 "${c[@]}" "$W/disk.qcow2" >/dev/null
-  qemu-io -f raw "${c[@]}" "$W/disk.raw" >/dev/null
-}
+# change: the 2% change of bench/perf-lib.sh, on both copies of the disk.
+source "$HERE/perf-lib.sh"
+change() { change_disk "$W/disk.qcow2" "$W/disk.raw"; }
 
 # warm_repo DIR: a restore's input is its repository, read once before it as a backup's file is.
 # vmvault writes its chunks around the page cache (O_DIRECT), restic through it: unread, vmvault's
