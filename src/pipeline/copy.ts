@@ -18,19 +18,18 @@
  * manifest, under the destination's shared lock (gc cannot delete what the copy
  * reuses) and the source's read lock. A chunk the source cannot produce (missing,
  * damaged) fails that backup's copy, naming it: nothing of it is committed, and the
- * run goes on with the next backup (and reports the failure at its end). A backup named by id that the destination lists but
- * cannot read (its manifest damaged there) is copied again, which puts back a good
- * manifest. A copy
- * carries no dirty bitmap or file stamp: those
- * speak of the source's chain, and the first backup made into the destination itself
- * reads its disks in full.
+ * run goes on with the next backup (and reports the failure at its end). A backup
+ * named by id that the destination lists but cannot read (its manifest damaged there)
+ * is copied again, which puts back a good manifest. A copy carries no dirty bitmap or
+ * file stamp: those speak of the source's chain, and the first backup made into the
+ * destination itself reads its disks in full.
  */
 import { IntegrityError, NotFoundError, VmvaultError } from '../errors.js';
 import { chunkId } from '../crypto/chunk-id.js';
 import { openChunk, sealChunk, sealedChunkBound } from '../repo/chunk.js';
 import type { ChunkIndex } from '../repo/chunk-index.js';
 import { withLock, withReadLock, type HeldLock } from '../repo/locks.js';
-import { UnreadableManifestError, type DiskEntry, type Manifest } from '../repo/manifest.js';
+import { UnreadableManifestError, type BackupSummary, type DiskEntry, type Manifest } from '../repo/manifest.js';
 import { mapLimit, resolvePrefix, type Repository } from '../repo/repository.js';
 
 /** Chunks read, sealed and uploaded at once (each needs three chunk-sized buffers). */
@@ -106,7 +105,7 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
     opts.onBackup?.(s);
   };
   // Summaries select and order; each manifest is read whole only when its turn comes.
-  const summaries = await from.backupSummaries();
+  const summaries = await from.backupSummaries(sourceIds);
   const readable = new Set(summaries.map((s) => s.id));
   // A manifest that cannot be read is not copied, and said so: "every backup" must not
   // quietly mean fewer. (Gone since the listing: pruned, nothing to say.)
@@ -127,6 +126,9 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
     const unknown = opts.vms.filter((vm) => !found.has(vm));
     if (unknown.length) throw new NotFoundError(`the source repository has no backup of ${unknown.map((v) => `"${v}"`).join(', ')}${chosen.size ? ' among those given' : ''}; nothing was copied`);
   }
+  // What the destination's backups are, once (the chunk maps below look for pairs among them).
+  const inDestination = await to.backupSummaries([...listed]);
+  const inSource = new Set(sourceIds);
   // Per VM, the newest backup the destination has: older ones are not copied again unless named.
   const newest = new Map<string, string>();
   for (const s of summaries) if (have.has(s.id) && s.time > (newest.get(s.vm) ?? '')) newest.set(s.vm, s.time);
@@ -161,7 +163,7 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
     }
     if (m.vm !== vm) {
       vm = m.vm;
-      map = await mapFromCopies(from, to, m, sourceIds, have);
+      map = await mapFromCopies(from, to, m, inDestination.filter((b) => b.vm === m.vm && have.has(b.id) && inSource.has(b.id)));
     }
     let copied: Awaited<ReturnType<typeof copyOne>>;
     try {
@@ -185,18 +187,15 @@ async function run(from: Repository, to: Repository, opts: CopyOptions, lock: He
 
 /**
  * How the source's chunk ids map to the destination's, from the backup of `m`'s VM
- * nearest to it in time that both repositories hold (most often the one just before):
- * its two manifests, disk by disk and chunk by chunk. Empty when there is none, or the
- * two do not line up (then every chunk is read).
+ * nearest to it in time that both repositories hold (`both`: its backups in the
+ * destination that the source has too): its two manifests, disk by disk and chunk by
+ * chunk. Empty when there is none, or the two do not line up (then every chunk is read).
  */
-async function mapFromCopies(from: Repository, to: Repository, m: Manifest, sourceIds: string[], have: Set<string>): Promise<Map<string, string>> {
+async function mapFromCopies(from: Repository, to: Repository, m: Manifest, both: BackupSummary[]): Promise<Map<string, string>> {
   const map = new Map<string, string>();
-  const inSource = new Set(sourceIds);
   const at = Date.parse(m.time);
   const apart = (b: { time: string }) => Math.abs(Date.parse(b.time) - at);
-  const pair = (await to.vmBackups(m.vm))
-    .filter((b) => b.id !== m.id && have.has(b.id) && inSource.has(b.id))
-    .sort((a, b) => apart(a) - apart(b))[0];
+  const pair = both.filter((b) => b.id !== m.id).sort((a, b) => apart(a) - apart(b))[0];
   if (!pair) return map;
   let mine: Manifest;
   let theirs: Manifest;

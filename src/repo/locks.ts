@@ -27,6 +27,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
+import { setTimeout as sleep } from 'node:timers/promises';
 import * as z from 'zod';
 import { IntegrityError, NotFoundError, VmvaultError, errorMessage } from '../errors.js';
 import { writeRefusal } from '../storage/refusal.js';
@@ -231,18 +232,8 @@ export async function acquireLock(repo: Repository, kind: LockKind, opts: LockOp
 
 /** Waits `ms`, or until the wait's signal aborts (then throws its reason). */
 async function pause(ms: number, wait: LockWait): Promise<void> {
-  const signal = wait.signal;
-  signal?.throwIfAborted();
-  await new Promise<void>((resolve, reject) => {
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal!.reason);
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener('abort', onAbort, { once: true });
+  await sleep(ms, undefined, wait.signal ? { signal: wait.signal } : {}).catch((err: unknown) => {
+    throw wait.signal?.aborted ? wait.signal.reason : err;
   });
 }
 

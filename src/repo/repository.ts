@@ -638,9 +638,13 @@ export class Repository {
     return (await this.backupSummaries()).filter((s) => s.vm === vm);
   }
 
-  /** Summaries of every backup whose manifest can be read, oldest first (see vmBackups). */
-  async backupSummaries(): Promise<BackupSummary[]> {
-    const ids = await this.backupIds();
+  /**
+   * Summaries of every backup whose manifest can be read, oldest first (see vmBackups).
+   * `ids`: the whole listing of backups/, when the caller has just made it (the cache
+   * keeps only the summaries of those ids).
+   */
+  async backupSummaries(ids?: readonly string[]): Promise<BackupSummary[]> {
+    ids ??= await this.backupIds();
     const cache = this.summaryCache();
     const out: BackupSummary[] = [];
     await mapLimit(ids, 16, async (id) => {
